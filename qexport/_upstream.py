@@ -1,0 +1,55 @@
+"""Two small additions to torch that make `invoke_quant` regions exportable (installed on import).
+
+1. `InvokeQuant.__fx_create_arg__`: upstream's public `InvokeQuant()(fn, ...)` passes itself as
+   `quant_options`; fx turns that frozen dataclass into a `call_function` node targeting the class,
+   with no `meta["val"]`, which the export verifier rejects ("Node.meta invoke_quant is missing val
+   field") and serde cannot write. fx's documented hook for "how does this value appear in a graph"
+   is `__fx_create_arg__`; we lower the options to a plain dict literal, which every consumer
+   (verifier, serde, run_decompositions, aot_eager) already handles.
+2. Inductor's `canonicalize_quant_mapping` asserts that `quant_options` is such a node. We give it
+   one back: a pre-step turns a dict `quant_options` into the transient `InvokeQuant(...)` node the
+   pass expects (unknown keys, like qexport's own payload, are dropped there), so torch.compile with
+   Inductor and AOTInductor keep upstream's behaviour, `codegen_low_precision` honoured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch._higher_order_ops import InvokeQuant
+
+_INSTALLED = False
+
+
+def _invoke_quant_fx_create_arg(self: InvokeQuant, tracer: torch.fx.Tracer) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _quant_options_to_node(gm: torch.fx.GraphModule) -> None:
+    fields = {f.name for f in dataclasses.fields(InvokeQuant)}
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_quant_packed):
+        opts = node.kwargs.get("quant_options")
+        if isinstance(opts, dict):
+            with gm.graph.inserting_before(node):
+                opts_node = gm.graph.call_function(InvokeQuant, (), {k: v for k, v in opts.items() if k in fields})
+            node.update_kwarg("quant_options", opts_node)
+
+
+def install() -> None:
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    InvokeQuant.__fx_create_arg__ = _invoke_quant_fx_create_arg  # type: ignore[attr-defined]
+
+    from torch._inductor.fx_passes import joint_graph
+
+    upstream = joint_graph.canonicalize_quant_mapping
+
+    def canonicalize_quant_mapping(gm: torch.fx.GraphModule) -> None:
+        _quant_options_to_node(gm)
+        upstream(gm)
+
+    canonicalize_quant_mapping.__wrapped__ = upstream  # type: ignore[attr-defined]
+    joint_graph.canonicalize_quant_mapping = canonicalize_quant_mapping
+    _INSTALLED = True

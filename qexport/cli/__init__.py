@@ -1,0 +1,54 @@
+"""The `qexport` command line. Each subcommand lives in its own module exposing
+`register(subparsers)` (adds its parser and sets `func`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import QExportError
+
+# Subcommand modules, in the order `--help` lists them; a missing module is skipped so the CLI
+# works while a backend is being written.
+SUBCOMMANDS = ("export", "inspect", "compile", "partition", "verify", "bench", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qexport",
+        description="Quantize, export and lower PyTorch models: .pt2, AOTInductor, ExecuTorch, ONNX.",
+    )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"qexport {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name.replace('-', '_')}_cmd")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(f"{name}_cmd"):
+                continue
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QExportError as e:
+        print(f"qexport {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"qexport {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

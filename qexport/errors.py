@@ -1,0 +1,73 @@
+"""One exception hierarchy for everything qexport refuses.
+
+Every error names what was wrong and what to do about it, and is raised before any work is done
+(no partial files, no half-quantized models).
+"""
+
+from __future__ import annotations
+
+
+class QExportError(Exception):
+    """Root of every error qexport raises on purpose."""
+
+
+class SchemeError(QExportError):
+    """A scheme could not be resolved or is inconsistent."""
+
+
+class UnknownSchemeError(SchemeError, KeyError):
+    """A scheme name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidSchemeError(SchemeError, ValueError):
+    """A scheme parameter out of range, or one that does not fit the module it is applied to."""
+
+
+class UnsupportedModuleError(QExportError, TypeError):
+    """A module the scheme cannot quantize was selected."""
+
+
+class CalibrationError(QExportError, ValueError):
+    """A static scheme without (usable) calibration data."""
+
+
+class NothingToQuantizeError(QExportError, ValueError):
+    """quantize() found no module to replace."""
+
+
+class ExportError(QExportError):
+    """torch.export could not capture the model, or the result is not what qexport needs."""
+
+
+class RegionFormatError(QExportError):
+    """A graph node that claims to be a qexport region but cannot be read."""
+
+
+class ArtifactError(QExportError):
+    """An artifact on disk could not be read or written."""
+
+
+class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """The file exists but is not a readable artifact (not a zip, truncated, damaged)."""
+
+
+class ManifestMismatchError(ArtifactError):
+    """The manifest stored in an artifact does not describe the graph stored beside it."""
+
+
+class UnsupportedVersionError(ArtifactError):
+    """A format or schema version newer than this qexport can read."""
+
+
+class LoweringError(QExportError):
+    """A backend could not lower a program."""
+
+
+__all__ = [name for name in dir() if name.endswith("Error")]

@@ -1,0 +1,48 @@
+"""`export(model, args)`: torch.export with the checks qexport's later stages rely on."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+from .quantize import quantized_modules
+from .passes import canonicalize_region_operands
+from .regions import iter_region_nodes
+
+
+def export(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    strict: bool = False,
+) -> torch.export.ExportedProgram:
+    """`torch.export.export` of a (quantized) model: one `invoke_quant` HOP per quantized module.
+
+    The result is a plain ExportedProgram (verifier-clean, `run_decompositions()`-able).
+    """
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export() takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        raise ExportError(f"args must be a tuple of example inputs, got {type(args).__name__}; write (x,) for one input")
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
+    except Exception as e:  # torch's messages are long; keep them, but say which stage failed
+        raise ExportError(f"torch.export failed ({'strict' if strict else 'non-strict'}): {type(e).__name__}: {e}") from e
+    finally:
+        model.train(was_training)
+    expected = len(quantized_modules(model))
+    found = sum(1 for _ in iter_region_nodes(ep))
+    if found < expected:
+        raise ExportError(
+            f"the model has {expected} quantized modules but the exported graph has {found} regions; "
+            f"a quantized module that is called more than once, or not at all, is not exported as one region"
+        )
+    canonicalize_region_operands(ep)
+    return ep

@@ -1,0 +1,69 @@
+"""The report every backend returns: one record per region saying where it went and, if it was not
+taken by the accelerated path, why (in words a user can act on). Shared by all backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..schemes import Scheme
+
+
+@dataclass(frozen=True)
+class RegionReport:
+    name: str
+    scheme: Scheme | None
+    backend: str
+    delegated: bool
+    reason: str = ""
+    kernel: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scheme": self.scheme.to_dict() if self.scheme else None,
+            "backend": self.backend,
+            "delegated": self.delegated,
+            "reason": self.reason,
+            "kernel": self.kernel,
+        }
+
+
+@dataclass
+class LoweringReport:
+    target: str
+    path: str
+    regions: list[RegionReport] = field(default_factory=list)
+    delegated_nodes: int = 0
+    total_nodes: int = 0
+    bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_delegated(self) -> bool:
+        return all(r.delegated for r in self.regions)
+
+    def table(self) -> str:
+        from ..cli._table import format_table
+
+        rows = [
+            [r.name, r.scheme.name if r.scheme else "?", r.backend, "yes" if r.delegated else "no", r.kernel, r.reason]
+            for r in self.regions
+        ]
+        head = format_table(["region", "scheme", "backend", "delegated", "kernel", "reason"], rows)
+        nodes = f"{self.delegated_nodes}/{self.total_nodes} nodes delegated, " if self.total_nodes else ""
+        return f"{head}\n{self.target}: {self.path} ({nodes}{self.bytes:,} bytes)"
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "path": self.path,
+            "regions": [r.to_dict() for r in self.regions],
+            "delegated_nodes": self.delegated_nodes,
+            "total_nodes": self.total_nodes,
+            "bytes": self.bytes,
+            **self.extra,
+        }

@@ -1,0 +1,54 @@
+"""Graph passes over exported programs that every backend relies on. Each returns whether it changed
+the graph, in the manner of onnx-ir's PassResult."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import RegionFormatError
+from .regions import iter_region_nodes, region_payload
+
+
+def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
+    """Put every region's operands in the order its payload's `roles` names.
+
+    Why: strict export (Dynamo) lifts a HOP body's inputs in the order the body first *uses* them,
+    not the order they were passed, so `roles` would no longer line up with the node's operands.
+    Each quantized tensor is a buffer named `<module>.<role>`, which identifies it; the one
+    operand that is not such a buffer is the activation input.
+    """
+    sig = ep.graph_signature
+    buffers = {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_parameters", {})}
+    changed = False
+    for node in iter_region_nodes(ep):
+        payload = region_payload(node)
+        if payload is None or not payload.get("module"):
+            continue
+        roles = payload["roles"]
+        operands = list(node.args[1:])
+        by_role: dict[str, object] = {}
+        for a in operands:
+            fqn = buffers.get(a.name) if isinstance(a, torch.fx.Node) else None
+            prefix = payload["module"] + "."
+            role = fqn[len(prefix):] if fqn and fqn.startswith(prefix) else "input"
+            if role in by_role:
+                raise RegionFormatError(f"region {payload['module']}: two operands claim role {role!r}")
+            by_role[role] = a
+        if sorted(by_role) != sorted(roles):
+            raise RegionFormatError(
+                f"region {payload['module']}: operands {sorted(by_role)} do not match its roles {sorted(roles)}"
+            )
+        perm = [operands.index(by_role[r]) for r in roles]
+        if perm == list(range(len(operands))):
+            continue
+        sub = getattr(ep.graph_module, node.args[0].target)
+        phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        anchor = next(n for n in sub.graph.nodes if n.op != "placeholder")
+        for i in perm:
+            anchor.prepend(phs[i])
+        sub.recompile()
+        node.args = (node.args[0], *(operands[i] for i in perm))
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return changed

@@ -1,0 +1,51 @@
+"""Activation quantization shared by every family (written once; families only pick it by fields).
+
+All functions are fake-quant (quantize then dequantize in float) so the reference stays runnable
+everywhere; backends replace them with real integer/fp8 kernels chosen by the scheme.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_EPS = torch.finfo(torch.float32).eps
+INT8_MIN, INT8_MAX = -128, 127
+FP8_E4M3_MAX = 448.0
+
+
+def int8_asym_qparams(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int8 scale/zero point covering [mn, mx] (and 0, so zero is exact)."""
+    mn = mn.clamp(max=0)
+    mx = mx.clamp(min=0)
+    scale = ((mx - mn) / (INT8_MAX - INT8_MIN)).clamp(min=_EPS)
+    zero_point = (INT8_MIN - torch.round(mn / scale)).clamp(INT8_MIN, INT8_MAX)
+    return scale, zero_point
+
+
+def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero_point, INT8_MIN, INT8_MAX)
+    return (q - zero_point) * scale
+
+
+def dynamic_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Per-token (last dim) or per-tensor dynamic asymmetric int8 fake quantization."""
+    xf = x.float()
+    if per_token:
+        mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    else:
+        mn, mx = xf.amin(), xf.amax()
+    scale, zp = int8_asym_qparams(mn, mx)
+    return fake_quant_int8(xf, scale, zp).to(x.dtype)
+
+
+def static_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return fake_quant_int8(x.float(), scale, zero_point.float()).to(x.dtype)
+
+
+def dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Per-row (token) or per-tensor dynamic float8_e4m3fn fake quantization."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
+    scale = (amax / FP8_E4M3_MAX).clamp(min=_EPS)
+    q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)

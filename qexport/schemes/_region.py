@@ -1,0 +1,64 @@
+"""The region function: what one `invoke_quant` region computes, composed from a scheme's math.
+
+Written once for every family: quantize the activation (if the scheme says so), dequantize the
+weight, run the module's op in the scheme's compute dtype, quantize the output (static schemes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _activation as act
+from ._scheme import Scheme
+from .registry import math_for
+
+
+def quantize_input(scheme: Scheme, x: torch.Tensor, t: Mapping[str, torch.Tensor], op: str) -> torch.Tensor:
+    if scheme.activation == "none":
+        return x
+    if scheme.activation == "static":
+        return act.static_int8(x, t["input_scale"], t["input_zero_point"])
+    # Conv activations have no token axis: dynamic schemes quantize them per tensor.
+    per_token = scheme.act_granularity == "per_token" and op != "conv2d"
+    if scheme.act_dtype == "float8_e4m3fn":
+        return act.dynamic_fp8(x, per_token)
+    return act.dynamic_int8(x, per_token)
+
+
+def apply_op(op: str, p: Mapping[str, Any], x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if op == "linear":
+        return F.linear(x, w, bias)
+    if op == "conv2d":
+        return F.conv2d(x, w, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+    if op == "embedding":
+        return F.embedding(x, w, p.get("padding_idx"))
+    raise ValueError(f"unknown region op {op!r}")
+
+
+def make_region_fn(
+    scheme: Scheme, op: str, op_params: Mapping[str, Any], roles: Sequence[str], weight_shape: Sequence[int]
+) -> Callable[..., tuple[torch.Tensor]]:
+    """fn(input, *tensors in `roles` order) -> (output,) — the body of one region."""
+    math = math_for(scheme)
+    cd = scheme.torch_compute_dtype
+    roles = tuple(roles)
+    shape = tuple(weight_shape)
+    out_dtype = getattr(torch, op_params.get("out_dtype", "float32"))
+
+    def region(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor]:
+        t = dict(zip(roles, tensors))
+        w = math.dequantize_weight(scheme, t, shape).to(cd)
+        if op == "embedding":
+            return (apply_op(op, op_params, x, w, None).to(out_dtype),)
+        xq = quantize_input(scheme, x, t, op).to(cd)
+        bias = t.get("bias")
+        y = apply_op(op, op_params, xq, w, None if bias is None else bias.to(cd))
+        if scheme.activation == "static":
+            y = act.static_int8(y.float(), t["output_scale"], t["output_zero_point"])
+        return (y.to(x.dtype),)
+
+    region.__qualname__ = region.__name__ = f"{scheme.name}_{op}_region"
+    return region

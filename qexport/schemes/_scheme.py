@@ -1,0 +1,188 @@
+"""The `Scheme` record and the `SchemeMath` contract every scheme family implements.
+
+A `Scheme` is pure data: it is what travels inside graphs and artifacts (`to_dict()` is JSON-safe).
+The math behind it (quantize a weight, dequantize it, quantize activations) lives in one
+`SchemeMath` object per family, found through the registry by `scheme.family`.
+
+Versioning follows torch.export's serde: SCHEME_VERSION is bumped when a field changes meaning or
+is removed; a new optional field (with a default) keeps the version. `from_dict` refuses versions
+newer than this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..errors import InvalidSchemeError, UnsupportedVersionError
+
+SCHEME_VERSION = 1
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACTIVATIONS = ("none", "dynamic", "static")
+ACT_GRANULARITIES = ("per_token", "per_tensor")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# Ops a quantized module can wrap in a region; "custom" is a region written by hand with invoke_quant.
+OPS = ("linear", "conv2d", "embedding")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a weight (and optionally the activation) is quantized. JSON-safe and versioned."""
+
+    name: str
+    family: str
+    weight_dtype: str
+    bits: int
+    granularity: str
+    group_size: int | None = None
+    symmetric: bool = True
+    qmin: float = -127
+    qmax: float = 127
+    activation: str = "none"
+    act_dtype: str | None = None
+    act_granularity: str | None = None
+    act_symmetric: bool | None = None
+    compute_dtype: str = "float32"
+    version: int = SCHEME_VERSION
+
+    FIELDS: ClassVar[tuple[str, ...]] = ()  # filled below
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in Scheme.FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Scheme":
+        if not isinstance(data, Mapping):
+            raise InvalidSchemeError(f"a scheme dict was expected, got {type(data).__name__}")
+        version = data.get("version", SCHEME_VERSION)
+        if not isinstance(version, int) or version > SCHEME_VERSION:
+            raise UnsupportedVersionError(
+                f"scheme {data.get('name')!r} has schema version {version}; this qexport reads "
+                f"versions up to {SCHEME_VERSION}: upgrade qexport"
+            )
+        unknown = set(data) - set(cls.FIELDS)
+        if unknown:
+            raise InvalidSchemeError(f"unknown scheme field(s) {sorted(unknown)}; known: {list(cls.FIELDS)}")
+        missing = {"name", "family", "weight_dtype", "bits", "granularity"} - set(data)
+        if missing:
+            raise InvalidSchemeError(f"scheme dict lacks required field(s) {sorted(missing)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "Scheme":
+        unknown = set(changes) - set(Scheme.FIELDS)
+        if unknown:
+            raise InvalidSchemeError(
+                f"{self.name}: unknown parameter(s) {sorted(unknown)}; valid parameters: "
+                f"{[f for f in Scheme.FIELDS if f not in ('name', 'family', 'version')]}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)
+
+    @property
+    def is_weight_only(self) -> bool:
+        return self.activation == "none"
+
+    def params(self) -> dict[str, Any]:
+        """The fields that differ from the registered scheme of the same name (for reports)."""
+        from . import registry
+
+        try:
+            base = registry.get(self.name)
+        except Exception:  # a scheme that is not registered here: every field is a parameter
+            return {k: v for k, v in self.to_dict().items() if k not in ("name", "version")}
+        return {k: v for k, v in self.to_dict().items() if getattr(base, k) != v}
+
+    def describe(self) -> str:
+        """A short human label, e.g. `int4_weight_only(g128, asym, bf16)`."""
+        parts = [self.granularity.replace("per_", "")]
+        if self.group_size:
+            parts[-1] = f"g{self.group_size}"
+        parts.append("sym" if self.symmetric else "asym")
+        if self.activation != "none":
+            parts.append(f"act={self.activation}:{self.act_granularity}")
+        parts.append(self.compute_dtype.replace("float", "fp").replace("bfp16", "bf16"))
+        return f"{self.name}({', '.join(parts)})"
+
+
+Scheme.FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
+
+
+class SchemeMath:
+    """Reference math for one family of schemes: the single place a scheme's numerics are defined.
+
+    Tensors of a quantized weight are passed around as an ordered dict role -> tensor; the roles a
+    family produces are listed in `weight_roles` and are what backends read (by role, never by position).
+    """
+
+    family: str = ""
+    weight_roles: tuple[str, ...] = ("weight", "weight_scale")
+    supported_ops: frozenset[str] = frozenset(OPS)
+    #: documented tolerance of this family vs its own reference (relative to output max-abs),
+    #: used by verify and by backend numerics tests
+    tolerance: float = 1e-3
+
+    def supports(self, scheme: Scheme, op: str) -> bool:
+        # Embedding inputs are indices: there is no activation to quantize.
+        return op in self.supported_ops and not (op == "embedding" and scheme.activation != "none")
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self, scheme: Scheme) -> None:
+        """Raise InvalidSchemeError if the scheme's fields are inconsistent for this family."""
+        _check_common(scheme)
+
+    def check_weight(self, scheme: Scheme, op: str, weight_shape: tuple[int, ...], where: str) -> None:
+        """Raise InvalidSchemeError if a weight of this shape cannot be quantized by the scheme."""
+        if scheme.granularity == "per_group":
+            k = reduction_dim_size(op, weight_shape)
+            if scheme.group_size is None or k % scheme.group_size:
+                raise InvalidSchemeError(
+                    f"{where}: {scheme.name} group_size={scheme.group_size} does not divide the "
+                    f"{op} reduction dimension {k}; pick a group_size that divides {k} or exclude "
+                    f"this module with filter_fn"
+                )
+
+    # -- weights --------------------------------------------------------------------------
+    def quantize_weight(self, scheme: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize_weight(self, scheme: Scheme, q: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def reduction_dim_size(op: str, weight_shape: tuple[int, ...]) -> int:
+    """The dimension groups run along: in_features (linear), in_ch*kh*kw (conv2d), embedding_dim."""
+    k = 1
+    for d in weight_shape[1:]:
+        k *= d
+    return k
+
+
+def _check_common(s: Scheme) -> None:
+    def bad(msg: str) -> None:
+        raise InvalidSchemeError(f"{s.name}: {msg}")
+
+    if s.granularity not in GRANULARITIES:
+        bad(f"granularity={s.granularity!r} is not one of {GRANULARITIES}")
+    if s.granularity == "per_group":
+        if not isinstance(s.group_size, int) or isinstance(s.group_size, bool) or s.group_size <= 0:
+            bad(f"group_size={s.group_size!r} must be a positive int for per_group granularity")
+    elif s.group_size is not None:
+        bad(f"group_size={s.group_size} is only meaningful with granularity='per_group'")
+    if s.activation not in ACTIVATIONS:
+        bad(f"activation={s.activation!r} is not one of {ACTIVATIONS}")
+    if s.activation != "none":
+        if s.act_granularity not in ACT_GRANULARITIES:
+            bad(f"act_granularity={s.act_granularity!r} is not one of {ACT_GRANULARITIES}")
+        if s.act_dtype is None:
+            bad("act_dtype must be set when activations are quantized")
+    if s.compute_dtype not in COMPUTE_DTYPES:
+        bad(f"compute_dtype={s.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+    if not s.qmin < s.qmax:
+        bad(f"qmin={s.qmin} must be below qmax={s.qmax}")

@@ -1,0 +1,65 @@
+"""int8 family: per-channel symmetric int8 weights; activations none / dynamic / static.
+
+Schemes: int8_weight_only, int8_dynamic, int8_static.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import InvalidSchemeError
+from ._scheme import Scheme, SchemeMath
+from .registry import _register_builtin
+
+
+class Int8Math(SchemeMath):
+    family = "int8"
+    weight_roles = ("weight", "weight_scale")
+    tolerance = 2e-2
+
+    def validate(self, s: Scheme) -> None:
+        super().validate(s)
+        if s.bits != 8 or s.weight_dtype != "int8":
+            raise InvalidSchemeError(f"{s.name}: bits={s.bits} ({s.weight_dtype}) is not supported; int8 schemes use bits=8")
+        if s.granularity not in ("per_channel", "per_tensor"):
+            raise InvalidSchemeError(f"{s.name}: granularity={s.granularity!r}; int8 weights are per_channel or per_tensor")
+        if not s.symmetric:
+            raise InvalidSchemeError(f"{s.name}: int8 weights are symmetric (symmetric=True); use int4_weight_only for zero points")
+        if not (-128 <= s.qmin and s.qmax <= 127):
+            raise InvalidSchemeError(f"{s.name}: qmin/qmax {s.qmin}/{s.qmax} outside int8 [-128, 127]")
+        if s.activation == "static" and (s.act_dtype != "int8" or s.act_granularity != "per_tensor"):
+            raise InvalidSchemeError(f"{s.name}: static activations are per_tensor int8")
+        if s.activation == "dynamic" and s.act_dtype != "int8":
+            raise InvalidSchemeError(f"{s.name}: dynamic activations of the int8 family are int8")
+
+    def quantize_weight(self, s: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = weight.detach().float().reshape(weight.shape[0], -1)
+        amax = w.abs().amax(1) if s.granularity == "per_channel" else w.abs().amax().reshape(1)
+        scale = (amax / s.qmax).clamp(min=torch.finfo(torch.float32).eps)
+        q = torch.clamp(torch.round(w / scale[:, None]), s.qmin, s.qmax).to(torch.int8)
+        return {"weight": q.reshape(weight.shape), "weight_scale": scale}
+
+    def dequantize_weight(self, s: Scheme, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        scale = t["weight_scale"].reshape(-1, *([1] * (len(shape) - 1)))
+        return t["weight"].float() * scale
+
+
+INT8 = Int8Math()
+_COMMON = dict(family="int8", weight_dtype="int8", bits=8, granularity="per_channel", symmetric=True, qmin=-127, qmax=127)
+
+# bf16 activations: the CPU and CUDA int8 weight-only kernels are fast only in bf16 (fp32 activations
+# make aten._weight_int8pack_mm 18x slower on CPU, see FINDINGS.md).
+INT8_WEIGHT_ONLY = Scheme(name="int8_weight_only", compute_dtype="bfloat16", **_COMMON)
+# Asymmetric per-token int8 activations: XNNPACK's qd8 and ExecuTorch's choose_qparams_per_token_asymmetric.
+INT8_DYNAMIC = Scheme(
+    name="int8_dynamic", activation="dynamic", act_dtype="int8", act_granularity="per_token", act_symmetric=False, **_COMMON
+)
+# Per-tensor asymmetric int8 inputs and outputs from calibration, as PT2E's XNNPACKQuantizer does.
+INT8_STATIC = Scheme(
+    name="int8_static", activation="static", act_dtype="int8", act_granularity="per_tensor", act_symmetric=False, **_COMMON
+)
+
+for _s in (INT8_WEIGHT_ONLY, INT8_DYNAMIC, INT8_STATIC):
+    _register_builtin(_s, INT8)

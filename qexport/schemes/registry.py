@@ -1,0 +1,108 @@
+"""The one scheme registry: scheme names -> `Scheme` records, families -> `SchemeMath`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidSchemeError, UnknownSchemeError
+from ._scheme import Scheme, SchemeMath
+
+_SCHEMES: dict[str, Scheme] = {}
+_FAMILIES: dict[str, SchemeMath] = {}
+_BUILTINS: set[str] = set()
+
+
+def register_family(math: SchemeMath) -> SchemeMath:
+    if not math.family:
+        raise InvalidSchemeError(f"{type(math).__name__}.family must be a non-empty string")
+    _FAMILIES[math.family] = math
+    return math
+
+
+def register(scheme: Scheme, math: SchemeMath | None = None, *, overwrite: bool = False) -> Scheme:
+    """Add a scheme (and, for a new family, its math) to the registry; returns the scheme.
+
+    A user scheme either reuses a built-in family (`math=None`, e.g. a per-tensor int8 variant) or
+    brings its own `SchemeMath` subclass whose `family` equals `scheme.family`.
+    """
+    if not isinstance(scheme, Scheme):
+        raise InvalidSchemeError(f"register() takes a qexport.Scheme, got {type(scheme).__name__}")
+    if math is not None:
+        if math.family != scheme.family:
+            raise InvalidSchemeError(
+                f"scheme {scheme.name!r} has family {scheme.family!r} but its math is for family {math.family!r}"
+            )
+        register_family(math)
+    if scheme.family not in _FAMILIES:
+        raise InvalidSchemeError(
+            f"scheme {scheme.name!r} names family {scheme.family!r}, which has no math registered; "
+            f"pass math=YourSchemeMath() or use one of {sorted(_FAMILIES)}"
+        )
+    if scheme.name in _SCHEMES and not overwrite:
+        if _SCHEMES[scheme.name] == scheme:
+            return scheme
+        raise InvalidSchemeError(
+            f"a different scheme named {scheme.name!r} is already registered; pick another name or pass overwrite=True"
+        )
+    if scheme.name in _BUILTINS and overwrite:
+        raise InvalidSchemeError(f"{scheme.name!r} is a built-in scheme and cannot be replaced")
+    _FAMILIES[scheme.family].validate(scheme)
+    _SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def _register_builtin(scheme: Scheme, math: SchemeMath) -> None:
+    register(scheme, math)
+    _BUILTINS.add(scheme.name)
+
+
+def unregister(name: str) -> None:
+    """Remove a user scheme (built-ins stay)."""
+    if name in _BUILTINS:
+        raise InvalidSchemeError(f"{name!r} is a built-in scheme and cannot be unregistered")
+    _SCHEMES.pop(name, None)
+
+
+def names() -> list[str]:
+    return sorted(_SCHEMES)
+
+
+def builtin_names() -> list[str]:
+    return sorted(_BUILTINS)
+
+
+def get(scheme: "str | Scheme", **params: Any) -> Scheme:
+    """The registered scheme `scheme` with `params` overridden and validated.
+
+    Accepts a name or a `Scheme` (returned validated, with `params` applied).
+    """
+    if isinstance(scheme, Scheme):
+        base = scheme
+    elif isinstance(scheme, str):
+        if scheme not in _SCHEMES:
+            import difflib
+
+            close = difflib.get_close_matches(scheme, _SCHEMES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownSchemeError(
+                f"unknown scheme {scheme!r}.{hint} Known schemes: {', '.join(names())}; "
+                f"add your own with qexport.schemes.register()"
+            )
+        base = _SCHEMES[scheme]
+    else:
+        raise UnknownSchemeError(f"a scheme is a name or a qexport.Scheme, got {type(scheme).__name__}")
+    if "name" in params or "family" in params:
+        raise InvalidSchemeError("name and family cannot be overridden; register a new scheme instead")
+    resolved = base.replace(**params) if params else base
+    math_for(resolved).validate(resolved)
+    return resolved
+
+
+def math_for(scheme: Scheme) -> SchemeMath:
+    try:
+        return _FAMILIES[scheme.family]
+    except KeyError:
+        raise UnknownSchemeError(
+            f"scheme {scheme.name!r} belongs to family {scheme.family!r}, which is not registered in this "
+            f"process; import the module that registers it before loading or lowering"
+        ) from None

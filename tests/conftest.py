@@ -1,0 +1,106 @@
+"""Shared small models and inputs. Models are tiny so every backend (and AOTI compiles) stays fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qexport
+
+torch.manual_seed(0)
+
+
+class MLP(nn.Module):
+    def __init__(self, dims=(64, 128, 32)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class EmbedNet(nn.Module):
+    def __init__(self, vocab=100, dim=64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, 32)
+
+    def forward(self, idx):
+        return self.fc(self.emb(idx)).mean(1)
+
+
+class Block(nn.Module):
+    """A transformer block: attention (q, k, v, o projections) and an MLP."""
+
+    def __init__(self, dim=64, heads=4, hidden=128):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.ln1(x)
+        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=128, dim=64, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+def quantized(model: nn.Module, scheme, example, **kw) -> nn.Module:
+    """Quantize `model` (a fresh instance) with calibration on `example` when the scheme needs it."""
+    s = qexport.schemes.get(scheme) if isinstance(scheme, str) else scheme
+    if s.activation == "static":
+        kw.setdefault("calibration_data", [example])
+    return qexport.quantize(model.eval(), s, **kw)
+
+
+# Parameters that make every built-in scheme applicable to the small models above (in_features 64).
+SCHEME_ARGS = {"int4_weight_only": {"group_size": 32}, "nf4": {"group_size": 32}}
+
+
+def scheme_for(name: str):
+    return qexport.schemes.get(name, **SCHEME_ARGS.get(name, {}))
+
+
+@pytest.fixture(params=qexport.schemes.builtin_names())
+def builtin_scheme(request):
+    return scheme_for(request.param)
+
+
+@pytest.fixture
+def mlp_input():
+    return torch.randn(4, 64)
