@@ -20,10 +20,29 @@ from .schemes import Scheme, SchemeMath  # noqa: E402
 
 __version__ = "0.1.0"
 
+# Stage entry points, imported on first use so `import qexport` stays light and each backend's
+# heavy imports (Inductor, executorch, onnx) happen only when that backend is used.
+_LAZY = {
+    "save": "serializers", "load": "serializers", "inspect": "serializers",
+    "compile": "qexport.lower.aoti", "load_compiled": "qexport.lower.aoti",
+    "to_executorch": "qexport.lower.executorch",
+    "to_onnx": "qexport.lower.onnx",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qexport' has no attribute {name!r}")
+
+
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "CalibrationError", "CorruptArtifactError", "ExportError",
     "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
     "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
     "SchemeMath", "UnknownSchemeError", "UnsupportedModuleError", "UnsupportedVersionError",
-    "__version__", "export", "invoke_quant", "quantize", "regions", "schemes",
+    "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
+    "regions", "save", "schemes", "to_executorch", "to_onnx",
 ]
