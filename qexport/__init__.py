@@ -11,7 +11,8 @@ from . import schemes  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactError, ArtifactNotFoundError, CalibrationError, CorruptArtifactError, ExportError,
     InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
-    RegionFormatError, SchemeError, UnknownSchemeError, UnsupportedModuleError, UnsupportedVersionError,
+    RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
+    UnsupportedVersionError,
 )
 from .export import export  # noqa: E402
 from .quantize import QuantizedModule, quantize  # noqa: E402
@@ -42,7 +43,7 @@ __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "CalibrationError", "CorruptArtifactError", "ExportError",
     "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
     "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
-    "SchemeMath", "UnknownSchemeError", "UnsupportedModuleError", "UnsupportedVersionError",
+    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
     "regions", "save", "schemes", "to_executorch", "to_onnx",
 ]

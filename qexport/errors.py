@@ -70,4 +70,8 @@ class LoweringError(QExportError):
     """A backend could not lower a program."""
 
 
+class UnsafeArtifactError(ArtifactError):
+    """An archive that would run pickled code on load (pickled tensors, objects or example inputs)."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]
