@@ -19,6 +19,9 @@ from .schemes._activation import int8_asym_qparams
 FilterFn = Callable[[nn.Module, str], bool]
 
 _OPS: dict[type, str] = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+# Weight-bearing layers a user may select with filter_fn that have no region op (yet): refused loudly.
+# Linear subclasses (e.g. MultiheadAttention's out_proj, whose weight is read directly) are left alone.
+_UNSUPPORTED_LAYERS = (nn.modules.conv._ConvNd, nn.EmbeddingBag, nn.RNNBase, nn.Bilinear)
 
 
 def _op_params(module: nn.Module) -> dict[str, Any]:
@@ -88,30 +91,27 @@ class QuantizedModule(nn.Module):
 def _select(
     model: nn.Module, scheme: Scheme, filter_fn: FilterFn | None
 ) -> list[tuple[str, nn.Module, str]]:
+    """The (fqn, module, op) to quantize among the Linear / Conv2d / Embedding layers. Without
+    filter_fn: every one the scheme supports. With filter_fn: those it keeps; keeping one the scheme
+    cannot take is an error (the user asked for something that cannot happen)."""
     math = math_for(scheme)
+    supported = sorted(o for o in math.supported_ops if math.supports(scheme, o))
     chosen = []
     for fqn, m in model.named_modules():
-        if isinstance(m, QuantizedModule):
-            continue
         op = _OPS.get(type(m))
-        if filter_fn is not None:
-            if not filter_fn(m, fqn):
-                continue
-            if op is None:
-                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) or not list(m.children()):
-                    if len(list(m.parameters(recurse=False))):
-                        raise UnsupportedModuleError(
-                            f"{fqn or '<root>'}: {type(m).__name__} cannot be quantized; qexport quantizes "
-                            f"nn.Linear, nn.Conv2d and nn.Embedding. Make filter_fn return False for it."
-                        )
-                continue
-            if not math.supports(scheme, op):
+        if filter_fn is not None and isinstance(m, _UNSUPPORTED_LAYERS) and op is None and filter_fn(m, fqn):
+            raise UnsupportedModuleError(
+                f"{fqn}: {type(m).__name__} cannot be quantized (qexport quantizes nn.Linear, nn.Conv2d "
+                f"and nn.Embedding); make filter_fn return False for it"
+            )
+        if op is None or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        if not math.supports(scheme, op):
+            if filter_fn is not None:
                 raise UnsupportedModuleError(
-                    f"{fqn}: scheme {scheme.name} cannot quantize {type(m).__name__} (it supports "
-                    f"{sorted(o for o in math.supported_ops if math.supports(scheme, o))}). "
-                    f"Make filter_fn return False for it or pick another scheme."
+                    f"{fqn}: scheme {scheme.name} cannot quantize {type(m).__name__} (it quantizes "
+                    f"{supported} layers); make filter_fn return False for it or pick another scheme"
                 )
-        elif op is None or not math.supports(scheme, op):
             continue
         _check_module(m, fqn, scheme, op)
         chosen.append((fqn, m, op))

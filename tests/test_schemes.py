@@ -1,0 +1,187 @@
+"""Scheme records, the registry, and each built-in family's reference math."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qexport
+from qexport import InvalidSchemeError, Scheme, UnknownSchemeError, UnsupportedVersionError
+from qexport.schemes import SchemeMath, math_for
+
+BUILTINS = ["fp8_e4m3", "int4_weight_only", "int8_dynamic", "int8_static", "int8_weight_only", "nf4"]
+
+
+def test_builtin_names():
+    assert set(BUILTINS) <= set(qexport.schemes.names())
+    assert qexport.schemes.builtin_names() == BUILTINS
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_to_dict_is_json_and_round_trips(name):
+    s = qexport.schemes.get(name)
+    d = s.to_dict()
+    assert list(d) == list(Scheme.FIELDS)  # keys are the field names
+    again = Scheme.from_dict(json.loads(json.dumps(d)))
+    assert again == s and hash(again) == hash(s)
+    assert d["version"] == qexport.schemes.SCHEME_VERSION
+
+
+def test_get_overrides_and_validates():
+    s = qexport.schemes.get("int4_weight_only", group_size=64)
+    assert s.group_size == 64 and s.name == "int4_weight_only"
+    assert qexport.schemes.get(s) is s  # a Scheme is accepted wherever a name is
+    assert s.params() == {"group_size": 64}
+
+
+@pytest.mark.parametrize(
+    "name, params, match",
+    [
+        ("int4_weight_only", {"group_size": 48}, "group_size=48 is not supported; choose one of"),
+        ("int4_weight_only", {"bits": 3}, "bits=3 .* is not supported"),
+        ("int8_weight_only", {"bits": 4}, "bits=4 .* is not supported"),
+        ("int8_weight_only", {"granularity": "per_block"}, "granularity='per_block' is not one of"),
+        ("int8_weight_only", {"symmetric": False}, "int8 weights are symmetric"),
+        ("int8_weight_only", {"qmin": 10, "qmax": 5}, "qmin=10 must be below qmax=5"),
+        ("int8_weight_only", {"compute_dtype": "float64"}, "compute_dtype='float64' is not one of"),
+        ("int8_weight_only", {"colour": "red"}, r"unknown parameter\(s\) \['colour'\]"),
+        ("nf4", {"activation": "dynamic", "act_dtype": "int8", "act_granularity": "per_token"}, "weight-only"),
+        ("fp8_e4m3", {"qmax": 1000.0}, "outside float8_e4m3fn range"),
+    ],
+)
+def test_invalid_parameters(name, params, match):
+    with pytest.raises(InvalidSchemeError, match=match):
+        qexport.schemes.get(name, **params)
+
+
+def test_unknown_scheme_suggests():
+    with pytest.raises(UnknownSchemeError, match=r"unknown scheme 'int8_weightonly'.*Did you mean 'int8_weight_only'"):
+        qexport.schemes.get("int8_weightonly")
+    assert isinstance(UnknownSchemeError("x"), qexport.QExportError)
+
+
+def test_from_dict_errors():
+    d = qexport.schemes.get("nf4").to_dict()
+    with pytest.raises(UnsupportedVersionError, match="schema version 99"):
+        Scheme.from_dict({**d, "version": 99})
+    with pytest.raises(InvalidSchemeError, match="unknown scheme field"):
+        Scheme.from_dict({**d, "extra": 1})
+    with pytest.raises(InvalidSchemeError, match="lacks required field"):
+        Scheme.from_dict({"name": "x"})
+
+
+# -- reference math: round-trip error bounds per scheme --------------------------------------------
+# Relative max error |w - deq(q(w))| / max|w| for a Gaussian weight; bounds from the format's step.
+BOUNDS = {
+    "int8_weight_only": 1 / 127 / 2 + 1e-6,  # half a step of amax/127 per channel
+    "int8_dynamic": 1 / 127 / 2 + 1e-6,
+    "int8_static": 1 / 127 / 2 + 1e-6,
+    "int4_weight_only": 1 / 15 / 2 * 2 + 1e-6,  # half a step of range/15 per group, range <= 2*amax
+    "fp8_e4m3": 2**-4 + 1e-6,  # e4m3 has 3 mantissa bits: relative step 2^-3, half of it
+    "nf4": 0.5 * max(b - a for a, b in zip(qexport.schemes.nf4.NF4_CODEBOOK, qexport.schemes.nf4.NF4_CODEBOOK[1:])) + 1e-6,  # widest gap between NF4 codes, halved
+}
+
+
+def _weight_cases():
+    for name in BUILTINS:
+        s = qexport.schemes.get(name)
+        yield name, (32, 64)
+        if math_for(s).supports(s, "conv2d"):
+            yield name, (16, 8, 3, 3)
+
+
+@pytest.mark.parametrize("name, shape", list(_weight_cases()))
+def test_weight_round_trip_error(name, shape):
+    s = qexport.schemes.get(name)
+    if s.granularity == "per_group":
+        s = qexport.schemes.get(name, group_size=32)
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    math = math_for(s)
+    q = math.quantize_weight(s, w)
+    assert set(q) == set(math.weight_roles)
+    deq = math.dequantize_weight(s, q, tuple(w.shape))
+    assert deq.shape == w.shape
+    # per-row (or per-group) error relative to that row's (group's) amax
+    rows = w.reshape(w.shape[0], -1)
+    err = (deq.reshape_as(rows) - rows).abs().amax(1) / rows.abs().amax(1)
+    assert err.max().item() <= BOUNDS[name], err.max()
+
+
+def test_storage_sizes():
+    w = torch.randn(64, 256)
+    for name, nbytes in [("int8_weight_only", 64 * 256), ("int4_weight_only", 64 * 128), ("nf4", 64 * 128), ("fp8_e4m3", 64 * 256)]:
+        s = qexport.schemes.get(name)
+        q = math_for(s).quantize_weight(s, w)
+        assert q["weight"].nbytes == nbytes, name
+    s = qexport.schemes.get("int4_weight_only", group_size=32)
+    q = math_for(s).quantize_weight(s, w)
+    assert q["weight"].dtype == torch.uint8 and q["weight_scale"].shape == (64, 8)
+    assert q["weight_zero_point"].max() <= 15
+
+
+def test_int4_symmetric_variant():
+    s = qexport.schemes.get("int4_weight_only", symmetric=True, group_size=32)
+    q = math_for(s).quantize_weight(s, torch.randn(8, 64))
+    assert (q["weight_zero_point"] == 8).all()
+
+
+def test_nf4_codes_are_codebook_nearest():
+    s = qexport.schemes.get("nf4", group_size=32)
+    w = torch.linspace(-1, 1, 64).reshape(2, 32)
+    q = math_for(s).quantize_weight(s, w)
+    deq = math_for(s).dequantize_weight(s, q, (2, 32))
+    book = torch.tensor(qexport.schemes.nf4.NF4_CODEBOOK)
+    assert torch.isin(deq / q["weight_scale"].repeat_interleave(32, 1), book).all()
+
+
+class Int6Math(SchemeMath):
+    family = "test_int6"
+    weight_roles = ("weight", "weight_scale")
+    supported_ops = frozenset({"linear"})
+    tolerance = 5e-2
+
+    def quantize_weight(self, s, w):
+        scale = w.abs().amax(1) / 31
+        return {"weight": torch.round(w / scale[:, None]).clamp(-31, 31).to(torch.int8), "weight_scale": scale}
+
+    def dequantize_weight(self, s, t, shape):
+        return t["weight"].float() * t["weight_scale"][:, None]
+
+
+@pytest.fixture
+def int6():
+    s = Scheme(name="test_int6", family="test_int6", weight_dtype="int8", bits=6, granularity="per_channel", qmin=-31, qmax=31)
+    qexport.schemes.register(s, Int6Math())
+    yield s
+    qexport.schemes.unregister("test_int6")
+
+
+def test_user_scheme_registers_and_validates(int6):
+    assert "test_int6" in qexport.schemes.names()
+    assert qexport.schemes.get("test_int6") == int6
+    with pytest.raises(InvalidSchemeError, match="already registered"):
+        qexport.schemes.register(int6.replace(qmax=30))
+    with pytest.raises(InvalidSchemeError, match="built-in scheme"):
+        qexport.schemes.unregister("nf4")
+    with pytest.raises(InvalidSchemeError, match="has no math registered"):
+        qexport.schemes.register(Scheme(name="x", family="nowhere", weight_dtype="int8", bits=8, granularity="per_channel"))
+    with pytest.raises(InvalidSchemeError, match="math is for family"):
+        qexport.schemes.register(Scheme(name="y", family="other", weight_dtype="int8", bits=8, granularity="per_channel"), Int6Math())
+
+
+def test_user_scheme_reusing_a_builtin_family():
+    s = Scheme(name="test_int8_per_tensor", family="int8", weight_dtype="int8", bits=8, granularity="per_tensor")
+    qexport.schemes.register(s)
+    try:
+        q = math_for(s).quantize_weight(s, torch.randn(4, 8))
+        assert q["weight_scale"].shape == (1,)
+    finally:
+        qexport.schemes.unregister(s.name)
+
+
+def test_describe():
+    assert qexport.schemes.get("int4_weight_only").describe() == "int4_weight_only(g128, asym, bf16)"
+    assert "act=dynamic:per_token" in qexport.schemes.get("int8_dynamic").describe()
