@@ -1,0 +1,335 @@
+"""The qexport manifest: a versioned JSON record of every region an artifact holds.
+
+Every qexport artifact (.pt2, AOTI package, .pte, .onnx) embeds one, so `qexport.inspect` can say
+what each region is (scheme, module, bytes) without building or running the model, and a loader can
+check that the graph it deserialized is the one the manifest describes.
+
+Versioning follows torch.export's serde (`torch/_export/serde/schema.py`): MANIFEST_VERSION is bumped
+when a field is removed or changes meaning; a new optional field keeps the version, and readers ignore
+keys they do not know. A reader refuses a manifest newer than MANIFEST_VERSION, naming the version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from qexport.errors import (
+    ArtifactError, CorruptArtifactError, ManifestMismatchError, QExportError, UnsupportedVersionError,
+)
+from qexport.regions import Region, _shape, iter_region_nodes, regions as graph_regions
+from qexport.schemes import Scheme
+
+MANIFEST_VERSION = 1
+FORMAT_TAG = "qexport-manifest"
+ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
+
+Shape = tuple[int | str, ...]
+
+
+def _where(source: str | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def _shapes(value: Any, what: str) -> tuple[Shape, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in value):
+        raise ValueError(f"{what} must be a list of shapes, got {value!r}")
+    out = []
+    for s in value:
+        if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in s):
+            raise ValueError(f"{what}: a dimension must be an int or a symbol name, got {s!r}")
+        out.append(tuple(s))
+    return tuple(out)
+
+
+def _nonneg_int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    """One region as the manifest records it."""
+
+    name: str
+    scheme: Scheme
+    module_path: str
+    op: str
+    #: bytes of the region's quantized tensors (weight, scales, zero points, codebook, static qparams;
+    #: not the float bias, which is stored as it was)
+    weight_bytes: int
+    #: bytes of the float weight the region replaced (0 for a hand-written region)
+    float_bytes: int
+    input_shapes: tuple[Shape, ...]
+    output_shapes: tuple[Shape, ...]
+    op_params: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    weight_shape: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scheme": self.scheme.to_dict(),
+            "module_path": self.module_path,
+            "op": self.op,
+            "op_params": dict(self.op_params),
+            "weight_shape": list(self.weight_shape) if self.weight_shape is not None else None,
+            "weight_bytes": self.weight_bytes,
+            "float_bytes": self.float_bytes,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "output_shapes": [list(s) for s in self.output_shapes],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RegionRecord":
+        """Raises ValueError on a malformed record and the scheme's own errors on a bad scheme."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a region record must be an object, got {type(data).__name__}")
+        for key in ("name", "scheme", "module_path", "op", "weight_bytes", "float_bytes", "input_shapes", "output_shapes"):
+            if key not in data:
+                raise ValueError(f"region record lacks {key!r}")
+        name = _str(data["name"], "region name")
+        op_params = data.get("op_params") or {}
+        if not isinstance(op_params, Mapping):
+            raise ValueError(f"region {name}: op_params must be an object")
+        ws = data.get("weight_shape")
+        if ws is not None and not (isinstance(ws, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in ws)):
+            raise ValueError(f"region {name}: weight_shape must be a list of ints or null")
+        return cls(
+            name=name,
+            scheme=Scheme.from_dict(data["scheme"]),
+            module_path=_str(data["module_path"], f"region {name}: module_path"),
+            op=_str(data["op"], f"region {name}: op"),
+            weight_bytes=_nonneg_int(data["weight_bytes"], f"region {name}: weight_bytes"),
+            float_bytes=_nonneg_int(data["float_bytes"], f"region {name}: float_bytes"),
+            input_shapes=_shapes(data["input_shapes"], f"region {name}: input_shapes"),
+            output_shapes=_shapes(data["output_shapes"], f"region {name}: output_shapes"),
+            op_params=dict(op_params),
+            weight_shape=tuple(ws) if ws is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a qexport artifact holds: its regions, the versions that wrote it, and byte totals."""
+
+    version: int
+    artifact: str
+    qexport_version: str
+    torch_version: str
+    regions: tuple[RegionRecord, ...]
+    #: sum of the regions' weight_bytes
+    quantized_bytes: int
+    #: sum of the float weight bytes those regions replaced
+    float_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: every other tensor of the program (float biases, unquantized parameters, buffers, constants)
+    other_bytes: int = 0
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def from_program(cls, ep: torch.export.ExportedProgram, artifact: str = "pt2", **extra: Any) -> "Manifest":
+        """The manifest of `ep`'s regions (read from the graph) and tensors (its state and constants)."""
+        if not isinstance(ep, torch.export.ExportedProgram):
+            raise ArtifactError(f"a manifest describes an ExportedProgram, got {type(ep).__name__}")
+        if artifact not in ARTIFACT_KINDS:
+            raise ArtifactError(f"artifact={artifact!r} is not one of {ARTIFACT_KINDS}")
+        try:
+            json.dumps(extra, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"manifest extra fields must be JSON-serializable: {e}") from None
+        import qexport
+
+        tensors = _program_tensors(ep)
+        records = []
+        for region, node in zip(graph_regions(ep), iter_region_nodes(ep)):
+            if region.scheme is None:
+                raise ArtifactError(
+                    f"region {region.name} uses scheme {region.scheme_name!r}, which is not registered here; "
+                    f"register it (qexport.schemes.register) before saving"
+                )
+            fqns = _region_tensor_fqns(ep, region, node)
+            records.append(
+                RegionRecord(
+                    name=region.name,
+                    scheme=region.scheme,
+                    module_path=region.module_path,
+                    op=region.op,
+                    weight_bytes=sum(tensors[f].nbytes for f in fqns if not f.endswith(".bias")),
+                    float_bytes=_float_bytes(region),
+                    input_shapes=_activation_shapes(ep, node),
+                    output_shapes=region.output_shapes,
+                    op_params=dict(region.op_params),
+                    weight_shape=region.weight_shape,
+                )
+            )
+        quantized = sum(r.weight_bytes for r in records)
+        return cls(
+            version=MANIFEST_VERSION,
+            artifact=artifact,
+            qexport_version=qexport.__version__,
+            torch_version=torch.__version__,
+            regions=tuple(records),
+            quantized_bytes=quantized,
+            float_bytes=sum(r.float_bytes for r in records),
+            extra=dict(extra),
+            other_bytes=sum(t.nbytes for t in tensors.values()) - quantized,
+        )
+
+    # -- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_TAG,
+            "version": self.version,
+            "artifact": self.artifact,
+            "qexport_version": self.qexport_version,
+            "torch_version": self.torch_version,
+            "quantized_bytes": self.quantized_bytes,
+            "float_bytes": self.float_bytes,
+            "other_bytes": self.other_bytes,
+            "regions": [r.to_dict() for r in self.regions],
+            "extra": dict(self.extra),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str | None = None) -> "Manifest":
+        where = _where(source)
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT_TAG:
+            raise CorruptArtifactError(f"{where}not a qexport manifest (no \"format\": \"{FORMAT_TAG}\")")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CorruptArtifactError(f"{where}manifest version {version!r} is not a positive int")
+        if version > MANIFEST_VERSION:
+            raise UnsupportedVersionError(
+                f"{where}manifest version {version} is newer than this qexport reads (up to "
+                f"{MANIFEST_VERSION}); it was written by qexport {data.get('qexport_version', '?')}: upgrade qexport"
+            )
+        try:
+            regions = data.get("regions")
+            if not isinstance(regions, list):
+                raise ValueError("'regions' must be a list")
+            extra = data.get("extra", {})
+            if not isinstance(extra, dict):
+                raise ValueError("'extra' must be an object")
+            artifact = _str(data.get("artifact"), "artifact")
+            if artifact not in ARTIFACT_KINDS:
+                raise ValueError(f"artifact {artifact!r} is not one of {ARTIFACT_KINDS}")
+            return cls(
+                version=version,
+                artifact=artifact,
+                qexport_version=_str(data.get("qexport_version"), "qexport_version"),
+                torch_version=_str(data.get("torch_version"), "torch_version"),
+                regions=tuple(RegionRecord.from_dict(r) for r in regions),
+                quantized_bytes=_nonneg_int(data.get("quantized_bytes"), "quantized_bytes"),
+                float_bytes=_nonneg_int(data.get("float_bytes"), "float_bytes"),
+                extra=extra,
+                other_bytes=_nonneg_int(data.get("other_bytes", 0), "other_bytes"),
+            )
+        except UnsupportedVersionError as e:  # a scheme of a newer schema version
+            raise UnsupportedVersionError(f"{where}{e}") from None
+        except (ValueError, TypeError, QExportError) as e:
+            raise CorruptArtifactError(f"{where}malformed manifest: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: "str | bytes", *, source: str | None = None) -> "Manifest":
+        """Parse a manifest; `source` (the artifact's path) prefixes every error message."""
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise CorruptArtifactError(f"{_where(source)}the manifest is not valid JSON: {e}") from None
+        return cls.from_dict(data, source=source)
+
+    # -- checking ---------------------------------------------------------------------------
+    def check_against(self, ep: torch.export.ExportedProgram, *, source: str | None = None) -> None:
+        """Raise ManifestMismatchError unless `ep`'s regions are this manifest's (names and schemes, in order)."""
+        where = _where(source)
+        try:
+            found = [(r.name, r.scheme) for r in graph_regions(ep)]
+        except UnsupportedVersionError as e:
+            raise UnsupportedVersionError(f"{where}{e}") from None
+        except QExportError as e:
+            raise ManifestMismatchError(f"{where}the graph's regions cannot be read: {e}") from None
+        expected = [(r.name, r.scheme) for r in self.regions]
+        if found == expected:
+            return
+        if len(found) != len(expected):
+            problem = f"the manifest lists {len(expected)} regions, the graph has {len(found)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(expected, found)) if a != b)
+            (en, es), (fn, fs) = expected[i], found[i]
+            problem = (
+                f"region {i} is {en!r} ({es.describe()}) in the manifest but {fn!r} "
+                f"({fs.describe() if fs else 'unknown scheme'}) in the graph"
+            )
+        raise ManifestMismatchError(
+            f"{where}the manifest does not describe the graph stored beside it: {problem}; the artifact "
+            f"was modified after it was written: re-export and save it again"
+        )
+
+    def region(self, name: str) -> RegionRecord:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(f"no region named {name!r}; regions: {[r.name for r in self.regions]}")
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in ep.state_dict.items() if isinstance(v, torch.Tensor)}
+    out.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def _region_tensor_fqns(ep: torch.export.ExportedProgram, region: Region, node: torch.fx.Node) -> list[str]:
+    """The program tensors a region consumes: `<module>.<role>` for quantized modules; for a
+    hand-written region, whichever of its operands are lifted parameters, buffers or constants."""
+    tensors = _program_tensors(ep)
+    if region.module_path:
+        fqns = [f"{region.module_path}.{role}" for role in region.roles if role != "input"]
+        if all(f in tensors for f in fqns):
+            return fqns
+    lifted = _lifted(ep)
+    return [lifted[a.name] for a in node.args[1:] if isinstance(a, torch.fx.Node) and lifted.get(a.name) in tensors]
+
+
+def _lifted(ep: torch.export.ExportedProgram) -> dict[str, str]:
+    sig = ep.graph_signature
+    return {
+        **sig.inputs_to_parameters, **sig.inputs_to_buffers,
+        **getattr(sig, "inputs_to_lifted_tensor_constants", {}),
+    }
+
+
+def _activation_shapes(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> tuple[Shape, ...]:
+    """Shapes of the region's operands that are not program state (its activations)."""
+    lifted = _lifted(ep)
+    vals = [
+        a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node) and a.name not in lifted
+    ]
+    return tuple(_shape(v) for v in vals if isinstance(v, torch.Tensor))
+
+
+def _float_bytes(region: Region) -> int:
+    if region.weight_shape is None:
+        return 0
+    dtype = getattr(torch, str(region.op_params.get("out_dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
+    return math.prod(region.weight_shape) * dtype.itemsize
+
