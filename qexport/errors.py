@@ -74,4 +74,12 @@ class UnsafeArtifactError(ArtifactError):
     """An archive that would run pickled code on load (pickled tensors, objects or example inputs)."""
 
 
+class UsageError(QExportError, ValueError):
+    """A command-line argument that cannot be understood (input spec, --scheme-arg, TARGET)."""
+
+
+class BackendUnavailableError(QExportError, ImportError):
+    """A stage (serializer or backend) that this installation does not provide."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]
