@@ -1,0 +1,318 @@
+"""Scheme-aware kernels: a table, per (scheme, device, op), from a region to the best kernel.
+
+Upstream Inductor inlines an `invoke_quant` region and ignores its scheme, so every quantized model
+compiles into generic dequantize-then-matmul code (70x slower than the right kernel on CPU, see
+FINDINGS.md). This table is where a scheme picks its kernel before Inductor runs.
+
+Registering a kernel (one module per device: `cpu.py`, `cuda.py`; imported by `_load_tables`)::
+
+    @register_kernel("int8_weight_only", "cpu", "linear")      # a scheme name or a family name
+    def int8pack(ctx: KernelContext) -> KernelChoice | Decline:
+        if ctx.input_dtype not in (torch.float32, torch.bfloat16):
+            return Decline("int8pack_mm needs float activations")
+        scale = ctx.tensor("weight_scale").to(torch.bfloat16)           # repacked once, here
+        return KernelChoice(
+            name="aten._weight_int8pack_mm",
+            why="bf16 activations (the scheme's compute dtype)",
+            body=lambda x, w, s, *b: ...,                                # ordinary aten / custom ops
+            operands=("weight", ("weight_scale_bf16", scale), *ctx.optional("bias")),
+        )
+
+`choose(ctx)` returns a `KernelChoice` (take the region), a `Decline(reason)` or None (let the next
+registered kernel, then Inductor's own fusion of the region, take it). Candidates are tried in
+registration order, scheme-name entries before family entries.
+
+A `KernelChoice` says what replaces the region: `body(input, *operands)` is traced with make_fx
+over the region's fake values (so dynamic dims stay symbolic) and its nodes replace the region's
+`invoke_quant_packed` + `getitem` in the parent graph. Each operand is either a role of the region
+(its existing buffer) or `(suffix, tensor)`: a tensor computed at compile time (a repacked weight)
+that becomes a buffer `<module>.<suffix>` of the rewritten program, so it is a constant of the
+compiled package and never recomputed per call. Buffers no longer used by any node are dropped.
+Every node copied in is tagged `meta["custom"]["qexport_region"] = {"module", "scheme", "kernel"}`.
+
+A kernel's numerics must stay within `math_for(scheme).tolerance` of the scheme's reference math
+(the region body); backends test that per scheme and device.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ...errors import LoweringError
+from ...regions import Region, iter_region_nodes, read_region
+
+__all__ = [
+    "Decline", "KernelChoice", "KernelContext", "KernelDecision", "apply_kernels", "choose_kernels",
+    "kernels_for", "register_kernel", "unregister_kernel",
+]
+
+Operand = Union[str, tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What replaces a region: `body(input, *operands) -> output`, built from ordinary ops."""
+
+    name: str
+    why: str
+    body: Callable[..., torch.Tensor]
+    operands: Sequence[Operand] = ()
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A kernel that cannot take this region, and why (reaches the user's report)."""
+
+    reason: str
+
+
+@dataclass
+class KernelContext:
+    """What a `choose` function may look at: the region, its real tensors and where it will run."""
+
+    program: torch.export.ExportedProgram
+    node: torch.fx.Node
+    region: Region
+    device: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def scheme(self):
+        return self.region.scheme
+
+    @property
+    def input_val(self) -> torch.Tensor:
+        """The fake value of the activation input (its dtype, rank and symbolic shape)."""
+        return self.node.args[1].meta["val"]
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.input_val.dtype
+
+    def has(self, role: str) -> bool:
+        return role in self.region.roles
+
+    def optional(self, role: str) -> tuple[str, ...]:
+        """`(role,)` if the region has it, else `()`: for splicing optional roles into operands."""
+        return (role,) if self.has(role) else ()
+
+    def tensor(self, role: str) -> torch.Tensor:
+        """The real tensor behind a role (a buffer, parameter or constant of the program)."""
+        arg = self.node.args[1 + self.region.roles.index(role)]
+        return _real_tensor(self.program, arg)
+
+
+@dataclass(frozen=True)
+class KernelDecision:
+    """The outcome for one region: the choice taken, or why Inductor's fusion keeps it."""
+
+    region: Region
+    choice: KernelChoice | None
+    reason: str = ""
+
+
+Choose = Callable[[KernelContext], "KernelChoice | Decline | None"]
+_TABLE: dict[tuple[str, str, str], list[tuple[str, Choose]]] = {}
+_LOADED: set[str] = set()
+
+
+def register_kernel(scheme_or_family: str, device: str, op: str, choose: Choose | None = None, *, name: str | None = None):
+    """Register `choose` for regions of a scheme (or a whole family) on a device ("cpu"/"cuda") and op.
+
+    Usable as a decorator. `name` (default: the function's name) identifies the entry for
+    `unregister_kernel`.
+    """
+
+    def add(fn: Choose) -> Choose:
+        key = (scheme_or_family, device, op)
+        entry = name or getattr(fn, "__name__", repr(fn))
+        _TABLE.setdefault(key, [])
+        _TABLE[key] = [e for e in _TABLE[key] if e[0] != entry] + [(entry, fn)]
+        return fn
+
+    return add(choose) if choose is not None else add
+
+
+def unregister_kernel(scheme_or_family: str, device: str, op: str, name: str) -> None:
+    key = (scheme_or_family, device, op)
+    _TABLE[key] = [e for e in _TABLE.get(key, []) if e[0] != name]
+
+
+def _load_tables(device: str) -> None:
+    if device in _LOADED:
+        return
+    _LOADED.add(device)
+    try:
+        importlib.import_module(f"{__name__}.{device}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{device}":
+            raise
+
+
+def kernels_for(region: Region, device: str) -> list[tuple[str, Choose]]:
+    """Candidates for a region, scheme-name entries first, then its family's."""
+    _load_tables(device)
+    if region.scheme is None:
+        return []
+    out = list(_TABLE.get((region.scheme.name, device, region.op), []))
+    if region.scheme.family != region.scheme.name:
+        out += _TABLE.get((region.scheme.family, device, region.op), [])
+    return out
+
+
+def choose_kernels(
+    program: torch.export.ExportedProgram, device: str, options: Mapping[str, Any] | None = None
+) -> list[tuple[torch.fx.Node, KernelDecision]]:
+    """Ask the table about every region of `program`; changes nothing."""
+    options = dict(options or {})
+    out = []
+    for i, node in enumerate(iter_region_nodes(program)):
+        region = read_region(node, i)
+        reasons = []
+        choice = None
+        candidates = kernels_for(region, device)
+        for _, choose in candidates:
+            r = choose(KernelContext(program, node, region, device, options))
+            if isinstance(r, KernelChoice):
+                choice = r
+                break
+            if isinstance(r, Decline):
+                reasons.append(r.reason)
+        if choice is None and not candidates:
+            s = region.scheme.name if region.scheme else region.scheme_name
+            reasons.append(f"no {device} kernel registered for {s} {region.op}")
+        out.append((node, KernelDecision(region, choice, "; ".join(reasons))))
+    return out
+
+
+def apply_kernels(
+    program: torch.export.ExportedProgram, device: str, options: Mapping[str, Any] | None = None
+) -> tuple[torch.export.ExportedProgram, list[KernelDecision]]:
+    """Replace each region the table can take by its kernel; returns a new program and the decisions.
+
+    Regions nobody takes stay `invoke_quant_packed` (Inductor fuses them). `program` is not changed.
+    """
+    ep = _copy_program(program)
+    decisions = choose_kernels(ep, device, options)
+    taken = [(n, d) for n, d in decisions if d.choice is not None]
+    for node, d in taken:
+        _replace_region(ep, node, d.region, d.choice)
+    if taken:
+        _drop_unused_state(ep)
+        ep.graph_module.graph.lint()
+        ep.graph_module.recompile()
+    return ep, [d for _, d in decisions]
+
+
+# -- program surgery ------------------------------------------------------------------------
+
+def _copy_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    # The graph is copied; tensors are shared (rewrites only add or drop state, never mutate it).
+    return ep._update(
+        copy.deepcopy(ep.graph_module), copy.deepcopy(ep.graph_signature),
+        state_dict=dict(ep.state_dict), constants=dict(ep.constants),
+    )
+
+
+def _real_tensor(ep: torch.export.ExportedProgram, arg: Any) -> torch.Tensor:
+    spec = next((s for s in ep.graph_signature.input_specs if getattr(s.arg, "name", None) == getattr(arg, "name", None)), None)
+    if spec is None or spec.kind == InputKind.USER_INPUT:
+        raise LoweringError(f"operand {arg} of a region is not a buffer, parameter or constant of the program")
+    if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in ep.state_dict:
+        return ep.state_dict[spec.target]
+    return ep.constants[spec.target]
+
+
+def _add_buffer(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tensor, fake_mode) -> torch.fx.Node:
+    """A new persistent buffer placeholder, placed after the existing state (placeholders and
+    input_specs must stay in the same order)."""
+    graph = ep.graph_module.graph
+    specs = list(ep.graph_signature.input_specs)
+    first_user = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs))
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    name = "b_" + fqn.replace(".", "_")
+    if first_user < len(placeholders):
+        ctx = graph.inserting_before(placeholders[first_user])
+    else:
+        ctx = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(next(iter(graph.nodes)))
+    with ctx:
+        ph = graph.placeholder(name)
+    ph.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    specs.insert(first_user, InputSpec(InputKind.BUFFER, TensorArgument(ph.name), target=fqn, persistent=True))
+    ep.graph_signature.input_specs[:] = specs
+    ep.state_dict[fqn] = tensor
+    return ph
+
+
+def _replace_region(ep: torch.export.ExportedProgram, node: torch.fx.Node, region: Region, choice: KernelChoice) -> None:
+    graph = ep.graph_module.graph
+    operand_vals = [a.meta["val"] for a in node.args[1:]]
+    fake_mode = detect_fake_mode(operand_vals)
+    args: list[torch.fx.Node] = [node.args[1]]
+    for op in choice.operands:
+        if isinstance(op, str):
+            if op not in region.roles:
+                raise LoweringError(f"kernel {choice.name} for {region.name} asks for role {op!r}; the region has {list(region.roles)}")
+            args.append(node.args[1 + region.roles.index(op)])
+        else:
+            suffix, tensor = op
+            prefix = f"{region.module_path}." if region.module_path else f"{region.name}."
+            args.append(_add_buffer(ep, prefix + suffix, tensor, fake_mode))
+    with fake_mode:
+        traced = make_fx(choice.body, tracing_mode="real")(*(a.meta["val"] for a in args))
+    getitems = [u for u in node.users if u.target is operator.getitem]
+    if len(getitems) != len(node.users) or any(g.args[1] != 0 for g in getitems):
+        raise LoweringError(f"region {region.name}: kernels replace single-output regions only")
+    tag = {"module": region.module_path, "scheme": region.scheme.name if region.scheme else region.scheme_name, "kernel": choice.name}
+    with graph.inserting_before(node):
+        val_map = dict(zip(traced.graph.find_nodes(op="placeholder"), args))
+        out = graph.graph_copy(traced.graph, val_map)
+        for new in list(val_map.values()):
+            if new not in args:
+                custom = dict(new.meta.get("custom") or {})
+                custom["qexport_region"] = tag
+                new.meta["custom"] = custom
+                new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    for g in getitems:
+        for spec in ep.graph_signature.output_specs:
+            if getattr(spec.arg, "name", None) == g.name:
+                spec.arg = TensorArgument(out.name)
+        g.replace_all_uses_with(out)
+        graph.erase_node(g)
+    sub = node.args[0]
+    graph.erase_node(node)
+    if sub.op == "get_attr" and not sub.users:
+        target = sub.target
+        graph.erase_node(sub)
+        if hasattr(ep.graph_module, target):
+            delattr(ep.graph_module, target)
+
+
+def _drop_unused_state(ep: torch.export.ExportedProgram) -> bool:
+    """Remove state placeholders nothing reads any more (a weight replaced by its repacked copy)."""
+    graph = ep.graph_module.graph
+    unused = {n.name: n for n in graph.find_nodes(op="placeholder") if not n.users}
+    keep, changed = [], False
+    for spec in ep.graph_signature.input_specs:
+        name = getattr(spec.arg, "name", None)
+        if spec.kind != InputKind.USER_INPUT and name in unused:
+            graph.erase_node(unused[name])
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                ep.state_dict.pop(spec.target, None)
+            else:
+                ep.constants.pop(spec.target, None)
+            changed = True
+        else:
+            keep.append(spec)
+    ep.graph_signature.input_specs[:] = keep
+    return changed
