@@ -22,9 +22,13 @@ def int8_asym_qparams(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor,
     return scale, zero_point
 
 
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """int8 codes of x, still in x's float dtype (kernels that take real int8 call `.to(torch.int8)`)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, INT8_MIN, INT8_MAX)
+
+
 def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / scale) + zero_point, INT8_MIN, INT8_MAX)
-    return (q - zero_point) * scale
+    return (quantize_int8(x, scale, zero_point) - zero_point) * scale
 
 
 def dynamic_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
@@ -42,10 +46,15 @@ def static_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) 
     return fake_quant_int8(x.float(), scale, zero_point.float()).to(x.dtype)
 
 
-def dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
-    """Per-row (token) or per-tensor dynamic float8_e4m3fn fake quantization."""
+def quantize_fp8(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic float8_e4m3fn quantization: (codes, fp32 scale), the scale per row (token) or per tensor."""
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
     scale = (amax / FP8_E4M3_MAX).clamp(min=_EPS)
-    q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Per-row (token) or per-tensor dynamic float8_e4m3fn fake quantization."""
+    q, scale = quantize_fp8(x, per_token)
     return (q.float() * scale).to(x.dtype)
