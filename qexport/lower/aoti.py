@@ -1,0 +1,235 @@
+"""AOTInductor lowering for servers: `compile(program, "model.pt2", device="cpu")` and `load_compiled`.
+
+Pipeline (each step a small function, all checks before the first one that costs time):
+
+1. resolve the program (an ExportedProgram or a qexport `.pt2`), check device, options and output;
+2. `plan`: ask the kernel table (`qexport.lower.kernels`) which kernel takes each region;
+3. `apply_kernels`: replace the taken regions by those kernels' ops, repacking weights once, here,
+   into buffers of the program; the other regions stay `invoke_quant_packed`, which Inductor fuses
+   (with `codegen_low_precision` honoured, see `qexport/_upstream.py`);
+4. `torch._inductor.aoti_compile_and_package` into a temporary file beside the output, then the
+   qexport manifest (regions, schemes and the kernel each got) is added as the archive's extra file
+   `extra/qexport/manifest.json`, where `qexport.inspect` reads it, and the file is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from os import PathLike
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import ArtifactError, LoweringError, QExportError
+from ..regions import iter_region_nodes
+from .kernels import KernelDecision, apply_kernels, choose_kernels
+from .report import LoweringReport, RegionReport
+
+__all__ = ["DEVICES", "compile", "load_compiled", "plan"]
+
+DEVICES = ("cpu", "cuda")
+#: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
+KERNELS_OPTION = "qexport.kernels"
+KERNEL_MODES = ("auto", "inductor")
+
+Progress = Callable[[str], None]
+
+
+def _resolve_program(program_or_path: Any) -> torch.export.ExportedProgram:
+    if isinstance(program_or_path, torch.export.ExportedProgram):
+        return program_or_path
+    if isinstance(program_or_path, (str, PathLike)):
+        import serializers
+
+        return serializers.load(program_or_path)
+    raise LoweringError(
+        f"compile() takes an ExportedProgram or the path of a qexport .pt2, got {type(program_or_path).__name__}"
+    )
+
+
+def _check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `options` into (qexport's, Inductor's), refusing unknown keys before any work."""
+    if device not in DEVICES:
+        raise LoweringError(f"device={device!r} is not one of {DEVICES}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoweringError("device='cuda' but this torch sees no CUDA device; compile on a GPU machine or use device='cpu'")
+    if options is not None and not isinstance(options, Mapping):
+        raise LoweringError(f"options must be a dict of Inductor configs, got {type(options).__name__}")
+    ours = {k: v for k, v in (options or {}).items() if k.startswith("qexport.")}
+    inductor = {k: v for k, v in (options or {}).items() if not k.startswith("qexport.")}
+    unknown = set(ours) - {KERNELS_OPTION}
+    if unknown:
+        raise LoweringError(f"unknown qexport option(s) {sorted(unknown)}; known: [{KERNELS_OPTION!r}]")
+    if ours.get(KERNELS_OPTION, "auto") not in KERNEL_MODES:
+        raise LoweringError(f"{KERNELS_OPTION}={ours[KERNELS_OPTION]!r} is not one of {KERNEL_MODES}")
+    from torch._inductor import config
+
+    known = set(config.get_config_copy())
+    bad = sorted(k for k in inductor if k not in known)
+    if bad:
+        raise LoweringError(f"unknown Inductor option(s) {bad}; see torch._inductor.config for valid names")
+    if "aot_inductor.output_path" in inductor or "aot_inductor.package" in inductor:
+        raise LoweringError("aot_inductor.output_path / aot_inductor.package are set by qexport.compile; pass `output` instead")
+    return ours, inductor
+
+
+def _example_inputs(ep: torch.export.ExportedProgram, device: str) -> tuple[tuple, dict]:
+    """The program's example inputs on `device`; a program loaded without them gets zeros of its
+    placeholders' shapes (AOTInductor needs concrete inputs to trace, not particular values)."""
+    if ep.example_inputs is not None:
+        args, kwargs = ep.example_inputs
+    else:
+        user = set(ep.graph_signature.user_inputs)
+        vals = [n.meta["val"] for n in ep.graph.find_nodes(op="placeholder") if n.name in user]
+        hint = lambda d: int(d.node.hint) if isinstance(d, torch.SymInt) else int(d)  # noqa: E731
+        args = tuple(torch.zeros([hint(d) for d in v.shape], dtype=v.dtype) for v in vals)
+        kwargs = {}
+        if len(ep.call_spec.in_spec.children_specs) == 2 and ep.call_spec.in_spec.children_specs[1].num_children:
+            raise LoweringError("the program takes keyword inputs and carries no example inputs; re-export it with qexport.export")
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tuple(torch.utils._pytree.tree_map(move, list(args))), torch.utils._pytree.tree_map(move, dict(kwargs))
+
+
+def _report(decisions: list[KernelDecision], device: str, path: str) -> LoweringReport:
+    regions = [
+        RegionReport(
+            name=d.region.name,
+            scheme=d.region.scheme,
+            backend=f"aoti-{device}",
+            delegated=d.choice is not None,
+            reason=(d.choice.why if d.choice else (d.reason or "no kernel took it")) + ("" if d.choice else "; Inductor fuses the region"),
+            kernel=d.choice.name if d.choice else "inductor",
+        )
+        for d in decisions
+    ]
+    return LoweringReport(target=f"aoti-{device}", path=path, regions=regions)
+
+
+def plan(
+    program_or_path: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None
+) -> LoweringReport:
+    """Which kernel each region would get, without compiling (what `qexport compile` prints first)."""
+    ours, _ = _check_options(device, options)
+    ep = _resolve_program(program_or_path)
+    if ours.get(KERNELS_OPTION, "auto") == "inductor":
+        from ..regions import regions
+
+        decisions = [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(ep)]
+    else:
+        decisions = [d for _, d in choose_kernels(ep, device, ours)]
+    return _report(decisions, device, "")
+
+
+def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
+    program_or_path: Any,
+    output: "str | PathLike[str]",
+    *,
+    device: str = "cpu",
+    options: Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Compile a quantized program into an AOTInductor package at `output` (a `.pt2`); returns its path.
+
+    `program_or_path` is an ExportedProgram or a qexport `.pt2`. Each region is lowered by the kernel
+    the (scheme, device) table picks; `options` are Inductor configs, plus `"qexport.kernels":
+    "inductor"` to skip the table (every region fused by Inductor, for comparison). The package
+    embeds qexport's manifest (`qexport.inspect(output)` lists regions, schemes and kernels) and
+    loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. The file appears
+    complete or not at all. `progress(message)` is called at each stage.
+    """
+    from serializers._atomic import atomic_path, check_writable
+    from serializers.manifest import Manifest
+    from serializers.pt2 import MANIFEST_NAME
+
+    say = progress or (lambda _msg: None)
+    ours, inductor_options = _check_options(device, options)
+    out = check_writable(output, ".pt2")
+    ep = _resolve_program(program_or_path)
+    if not any(True for _ in iter_region_nodes(ep)):
+        say("the program has no quantized regions; compiling it as it is")
+
+    t0 = time.perf_counter()
+    work = ep
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        from .kernels import _copy_program
+
+        work = move_to_device_pass(_copy_program(ep), device)
+    if ours.get(KERNELS_OPTION, "auto") == "inductor":
+        from ..regions import regions
+
+        lowered, decisions = work, [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(work)]
+    else:
+        lowered, decisions = apply_kernels(work, device, ours)
+    report = _report(decisions, device, str(out))
+    taken = sum(d.choice is not None for d in decisions)
+    say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")
+    # The manifest describes the regions as exported (the lowered graph no longer has them), plus
+    # where each one went.
+    manifest = Manifest.from_program(
+        ep, "aoti", device=device, kernels=[r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} for r in report.regions],
+        inductor_options={k: v for k, v in inductor_options.items() if _json_safe(v)},
+    )
+    args, kwargs = _example_inputs(lowered, device)
+    lowered.example_inputs = (tuple(args), kwargs)
+    t_plan = time.perf_counter() - t0
+    say("Inductor: generating and compiling C++ (this takes tens of seconds)")
+    with atomic_path(out) as tmp:
+        t1 = time.perf_counter()
+        try:
+            torch._inductor.aoti_compile_and_package(lowered, package_path=str(tmp), inductor_configs=dict(inductor_options))
+        except QExportError:
+            raise
+        except Exception as e:
+            raise LoweringError(f"AOTInductor failed to compile the program ({type(e).__name__}: {e})") from e
+        t_compile = time.perf_counter() - t1
+        _embed_manifest(tmp, MANIFEST_NAME, manifest)
+    say(f"wrote {out} ({out.stat().st_size:,} bytes; prepare {t_plan:.1f} s, Inductor {t_compile:.1f} s)")
+    return str(out)
+
+
+def _json_safe(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
+    """Add the manifest as `<root>/extra/<name>`, torch's place for extra files in a pt2 archive.
+
+    Why not package_pt2(extra_files=...): aoti_compile_and_package packages the compiled files itself
+    and takes no extra files; appending one stored member leaves every record torch wrote untouched.
+    """
+    from torch.export.pt2_archive.constants import EXTRA_DIR
+
+    with zipfile.ZipFile(package, "a", compression=zipfile.ZIP_STORED) as z:
+        roots = {n.split("/", 1)[0] for n in z.namelist()}
+        if len(roots) != 1:
+            raise ArtifactError(f"{package}: AOTInductor wrote an archive with roots {sorted(roots)}; expected one")
+        z.writestr(f"{roots.pop()}/{EXTRA_DIR}{name}", manifest.to_json())
+
+
+def load_compiled(path: "str | PathLike[str]", **loader_options: Any) -> Any:
+    """Load a package written by `compile`: returns torch's runner (call it like the model).
+
+    `loader_options` go to `torch._inductor.aoti_load_package` (e.g. `run_single_threaded=True`).
+    """
+    import serializers
+
+    manifest = serializers.inspect(path)  # refuses a missing, damaged or non-qexport file first
+    if manifest.artifact != "aoti":
+        raise ArtifactError(f"{path}: a qexport {manifest.artifact} artifact, not an AOTInductor package; use qexport.load")
+    try:
+        return torch._inductor.aoti_load_package(os.fspath(path), **loader_options)
+    except Exception as e:
+        raise LoweringError(
+            f"{path}: AOTInductor could not load the package ({type(e).__name__}: {e}); it was compiled by "
+            f"torch {manifest.torch_version} for {manifest.extra.get('device', '?')}; this is torch {torch.__version__}"
+        ) from e
