@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import zipfile
 from os import PathLike
 from pathlib import Path
@@ -212,12 +213,16 @@ class _Archive:
         if data:
             try:
                 torch.load(io.BytesIO(data), weights_only=True)
-            except Exception as e:
+            except pickle.UnpicklingError as e:
+                if "Weights only load failed" not in str(e):
+                    raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({e})") from None
                 # torch retries this with weights_only=False, which would run whatever the pickle says
                 raise UnsafeArtifactError(
-                    f"{p}: the stored example inputs do not load with weights_only=True ({type(e).__name__}); "
-                    f"refusing to unpickle them"
+                    f"{p}: the stored example inputs hold objects other than tensors and containers "
+                    f"(weights_only=True refuses them); refusing to unpickle them"
                 ) from None
+            except Exception as e:
+                raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({type(e).__name__}: {e})") from None
 
 
 # -- load / inspect ---------------------------------------------------------------------------
