@@ -1,0 +1,163 @@
+"""Upstream's InvokeQuant keeps its torch.compile behaviour with qexport imported, and now exports.
+
+The compile tests mirror pytorch's test/higher_order_ops/test_invoke_quant.py, with operands passed
+unpacked: its packed `(x, y)` form fails on torch 2.13 with or without qexport ("gn() missing 1 required
+positional argument").
+"""
+
+from __future__ import annotations
+
+import logging
+import unittest.mock
+
+import pytest
+import torch
+from torch._higher_order_ops import InvokeQuant
+from torch._inductor.pattern_matcher import Arg, CallFunction, Ignored, Match, PatternMatcherPass, register_graph_pattern
+from torch.export import Dim
+
+import qexport  # noqa: F401  (installs the fixes)
+from qexport.regions import HOP_TARGETS
+
+invoke_quant_tracer = InvokeQuant()
+BACKENDS = ["eager", "aot_eager", "inductor"]
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simple(backend):
+    def gn(x, y):
+        return (torch.mul(x, y) + y,)
+
+    def fn(x, y):
+        return invoke_quant_tracer(gn, x, y, scheme="nf4", quant_options=invoke_quant_tracer)[0]
+
+    x, y = torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(torch.compile(fn, backend=backend)(x, y), gn(x, y)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_construct_inline(backend):
+    def gn(x, y):
+        return (torch.mul(x, y) + y,)
+
+    def fn(x, y):
+        return InvokeQuant(codegen_low_precision=False)(gn, x, y, scheme="nf4")[0]
+
+    x, y = torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(torch.compile(fn, backend=backend)(x, y), gn(x, y)[0])
+
+
+def test_multiple_inductor_keeps_scheme_in_post_grad_graph():
+    torch._logging.set_logs(post_grad_graphs=True)
+    try:
+        def gn(x, y):
+            return torch.mul(x, y) + y
+
+        def fn(x, y, z):
+            return invoke_quant_tracer(gn, x, y, scheme="nf4") + invoke_quant_tracer(gn, y, z, scheme="nf4")
+
+        x, y, z = torch.randn(8), torch.randn(8), torch.randn(8)
+        logger = logging.getLogger("torch._inductor")
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger.addHandler(handler)
+        try:
+            res = torch.compile(fn, backend="inductor")(x, y, z)
+        finally:
+            logger.removeHandler(handler)
+        torch.testing.assert_close(res, fn(x, y, z))
+        logs = "\n".join(r.getMessage() for r in records)
+        assert logs.count("torch.ops.higher_order.invoke_quant(") >= 2 and "nf4" in logs
+    finally:
+        torch._logging.set_logs()
+
+
+def _count_nf4_mm_matches(fn, *args) -> int:
+    counter = 0
+    test_pass = PatternMatcherPass()
+
+    @register_graph_pattern(
+        CallFunction(torch.ops.aten.mm, CallFunction(torch.ops.higher_order.invoke_quant, Ignored(), Ignored(), Ignored(), scheme="nf4"), Arg()),
+        pass_dict=test_pass,
+    )
+    def quant_matching(match: Match, *a, **kw):
+        nonlocal counter
+        counter += 1
+
+    with unittest.mock.patch("torch._inductor.config.post_grad_custom_pre_pass", test_pass.apply):
+        torch.compile(fn)(*args)
+    return counter
+
+
+def test_pattern_matching_upstream_form():
+    def gn(x, y):
+        return torch.mul(x, y) + y
+
+    x, y, z = (torch.randn(64, 64) for _ in range(3))
+    assert _count_nf4_mm_matches(lambda x, y, z: invoke_quant_tracer(gn, x, y, scheme="nf4") @ z, x, y, z) == 1
+    torch._dynamo.reset()
+    assert _count_nf4_mm_matches(lambda x, y, z: invoke_quant_tracer(gn, x, y) @ z, x, y, z) == 0
+
+
+def test_pattern_matching_qexport_regions():
+    """qexport's own regions (dict quant_options with the scheme payload) match the same patterns."""
+
+    def gn(x, y):
+        return torch.mul(x, y) + y
+
+    def fn(x, y, z):
+        return qexport.invoke_quant(gn, x, y, scheme="nf4") @ z
+
+    x, y, z = (torch.randn(64, 64) for _ in range(3))
+    assert _count_nf4_mm_matches(fn, x, y, z) == 1
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+@pytest.mark.parametrize("clp", [True, False])
+def test_public_invoke_quant_exports_saves_and_loads(strict, clp, tmp_path):
+    """FINDINGS: without qexport this fails with 'Node.meta invoke_quant is missing val field'."""
+
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            return InvokeQuant(codegen_low_precision=clp)(lambda a, b: (a * b + b,), x, y, scheme="nf4")[0]
+
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    ep = torch.export.export(M(), (x, y), strict=strict, dynamic_shapes=({0: Dim("b")}, {0: Dim("b")}))
+    (node,) = [n for n in ep.graph.nodes if n.op == "call_function" and n.target in HOP_TARGETS]
+    assert node.kwargs["scheme"] == "nf4"
+    assert node.kwargs["quant_options"] == {"codegen_low_precision": clp}
+    torch.testing.assert_close(ep.module()(x, y), x * y + y)
+    ep.run_decompositions()
+    torch.export.save(ep, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2")
+    (node,) = [n for n in loaded.graph.nodes if n.op == "call_function" and n.target in HOP_TARGETS]
+    assert node.kwargs["quant_options"] == {"codegen_low_precision": clp}
+    torch.testing.assert_close(loaded.module()(x, y), x * y + y)
+    (r,) = qexport.regions(loaded)
+    assert r.scheme.name == "nf4" and r.codegen_low_precision is clp
+
+
+def test_canonicalize_keeps_codegen_low_precision():
+    """The Inductor pre-step hands upstream's pass an InvokeQuant built from the dict."""
+    from torch._inductor.fx_passes import joint_graph
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return InvokeQuant(codegen_low_precision=False)(lambda a: (a.sin(),), x, scheme="nf4")[0]
+
+    gm = torch.export.export(M(), (torch.randn(3),)).module()
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = make_fx(gm)(torch.randn(3))
+    joint_graph.canonicalize_quant_mapping(g)
+    (n,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.invoke_quant]
+    assert n.meta["quant_options"] == InvokeQuant(codegen_low_precision=False)
+    assert not [x for x in g.graph.nodes if x.target is InvokeQuant]
