@@ -1,0 +1,339 @@
+"""ExecuTorch backend: `to_executorch(program, "model.pte", backend="xnnpack"|"portable") -> LoweringReport`.
+
+Each region is lowered from its scheme (never from the ops inside it):
+
+* int8_static / int8_dynamic Linear and Conv2d become the `quantized_decomposed` Q/DQ patterns that
+  PT2E's XNNPACKQuantizer produces (static: per-tensor Q/DQ around the op and on its output; dynamic:
+  `choose_qparams_per_token_asymmetric` + per-token Q/DQ for Linear, the per-tensor `choose_qparams`
+  form for Conv2d; weights: per-channel `dequantize_per_channel` of the int8 buffer), which XNNPACK's
+  partitioner delegates as qs8 / qd8-f32-qc8w kernels.
+* every other region (weight-only schemes, nf4, fp8, embeddings, hand-written regions) runs its
+  own reference subgraph, inlined, on ExecuTorch's portable kernels: correct, not accelerated, and its
+  report record says why and what to change to get it delegated.
+
+The region pass is `qexport.lower._inline.inline_regions`; a few small edge-compat passes follow.
+The program's qexport manifest travels inside the .pte as a constant method (`MANIFEST_METHOD`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import ArtifactError, BackendUnavailableError, LoweringError
+from ..regions import Region, regions as graph_regions
+from ..schemes import Scheme
+from ._inline import RegionSite, inline_regions, region_of
+from .report import LoweringReport, RegionReport
+
+BACKENDS = ("xnnpack", "portable")
+#: the .pte method that returns the qexport manifest (JSON, as a uint8 tensor)
+MANIFEST_METHOD = "qexport_manifest"
+
+qd = torch.ops.quantized_decomposed
+_EPS = torch.finfo(torch.float32).eps
+
+
+# -- per-scheme lowering ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """What a region becomes, decided from its scheme before any graph is touched."""
+
+    lower: Callable[[RegionSite], torch.fx.Node]
+    kernel: str
+    #: the backend is expected to take it; if not, the partitioner's own words become the reason
+    delegable: bool
+    reason: str = ""
+
+
+def _weight_dq(site: RegionSite) -> torch.fx.Node:
+    """Per-channel int8 weight: the `dequantize_per_channel(weight, scale, zero_point)` XNNPACK reads
+    as a qc8w constant. Its zero point must be a program constant, so one is added."""
+    s = site.region.scheme
+    scale = site.value("weight_scale")
+    zp = site.constant(f"_qexport_{_ident(site.region.name)}_weight_zero_point", torch.zeros(scale.shape, dtype=torch.int64))
+    return site.call(
+        qd.dequantize_per_channel.default, site.operands["weight"], site.operands["weight_scale"], zp, 0,
+        int(s.qmin), int(s.qmax), torch.int8,
+    )
+
+
+def _apply_op(site: RegionSite, x: torch.fx.Node, w: torch.fx.Node) -> torch.fx.Node:
+    r = site.region
+    bias = site.operands.get("bias")
+    if r.op == "linear":
+        return site.call(torch.ops.aten.linear.default, x, w, bias)
+    p = r.op_params
+    conv = torch.ops.aten.conv2d.padding if isinstance(p["padding"], str) else torch.ops.aten.conv2d.default
+    return site.call(conv, x, w, bias, list(p["stride"]), p["padding"], list(p["dilation"]), int(p["groups"]))
+
+
+def _lower_int8_static(site: RegionSite) -> torch.fx.Node:
+    def qdq(x: torch.fx.Node, which: str) -> torch.fx.Node:
+        scale, zp = float(site.value(f"{which}_scale")), int(site.value(f"{which}_zero_point"))
+        q = site.call(qd.quantize_per_tensor.default, x, scale, zp, -128, 127, torch.int8)
+        return site.call(qd.dequantize_per_tensor.default, q, scale, zp, -128, 127, torch.int8)
+
+    y = _apply_op(site, qdq(site.input, "input"), _weight_dq(site))
+    return qdq(y, "output")
+
+
+def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
+    x = site.input
+    if site.region.op == "conv2d":  # conv activations have no token axis: per tensor (as the scheme says)
+        qp = site.call(qd.choose_qparams.tensor, x, -128, 127, _EPS, torch.int8)
+        scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
+        q = site.call(qd.quantize_per_tensor.tensor, x, scale, zp, -128, 127, torch.int8)
+        xdq = site.call(qd.dequantize_per_tensor.tensor, q, scale, zp, -128, 127, torch.int8)
+    else:
+        qp = site.call(qd.choose_qparams_per_token_asymmetric.default, x, torch.int8)
+        scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
+        q = site.call(qd.quantize_per_token.default, x, scale, zp, -128, 127, torch.int8)
+        xdq = site.call(qd.dequantize_per_token.default, q, scale, zp, -128, 127, torch.int8, torch.float32)
+    return _apply_op(site, xdq, _weight_dq(site))
+
+
+def _reference(site: RegionSite) -> torch.fx.Node:
+    return site.inline_reference()
+
+
+_PORTABLE = "runs its reference decomposition on ExecuTorch's portable kernels"
+_INT8_OPS = ("linear", "conv2d")
+
+#: (family, activation) -> (lowering, kernel name under XNNPACK); schemes with no entry run their reference
+_QDQ_LOWERINGS: dict[tuple[str, str], tuple[Callable[[RegionSite], torch.fx.Node], str]] = {
+    ("int8", "static"): (_lower_int8_static, "qs8 {op} (static int8 Q/DQ)"),
+    ("int8", "dynamic"): (_lower_int8_dynamic, "qd8-f32-qc8w {op} (dynamic int8 Q/DQ)"),
+}
+
+#: why XNNPACK does not take a scheme family, in words a user can act on
+_NOT_XNNPACK: dict[tuple[str, str], str] = {
+    ("int8", "none"): (
+        "XNNPACK (ExecuTorch) takes int8 weights only with int8 activations; int8_weight_only keeps float "
+        "activations, so it " + _PORTABLE + " (weights stay int8). Quantize with int8_dynamic to delegate it"
+    ),
+    ("int4", "none"): (
+        "XNNPACK's 4-bit kernels need int8 dynamic activations and symmetric weights; int4_weight_only has "
+        "float activations and per-group zero points, so it " + _PORTABLE + ". Quantize with int8_dynamic "
+        "to delegate it"
+    ),
+    ("nf4", "none"): (
+        "XNNPACK has no codebook (NF4) weights, so it " + _PORTABLE + ". Quantize with int8_dynamic to delegate it"
+    ),
+    ("fp8", "dynamic"): (
+        "neither XNNPACK nor ExecuTorch's portable kernels have float8 arithmetic: fp8 weights are widened to "
+        "bfloat16 (exactly) and the fp8 activation rounding is emulated in float, on portable kernels. "
+        "Quantize with int8_dynamic to delegate it"
+    ),
+}
+
+
+def plan_region(region: Region, backend: str) -> RegionPlan:
+    """Decide from the region's scheme what it becomes on `backend` (ExecuTorch)."""
+    s = region.scheme
+    if s is None:
+        raise LoweringError(
+            f"region {region.name} uses scheme {region.scheme_name!r}, which is not registered in this process; "
+            f"import the module that registers it before lowering"
+        )
+    key = (s.family, s.activation)
+    entry = _QDQ_LOWERINGS.get(key)
+    dtype_ok = region.input_dtypes[:1] == ("float32",)
+    if entry is not None and region.op in _INT8_OPS and dtype_ok:
+        lower, kernel = entry
+        kernel = kernel.format(op=region.op)
+        if backend == "xnnpack":
+            return RegionPlan(lower, f"XNNPACK {kernel}", delegable=True)
+        return RegionPlan(lower, "portable + quantized Q/DQ kernels", delegable=False,
+                          reason="backend='portable' delegates nothing; use backend='xnnpack' to accelerate it")
+    if backend == "portable":
+        return RegionPlan(_reference, "portable (reference decomposition)", delegable=False,
+                          reason="backend='portable' delegates nothing; the region " + _PORTABLE)
+    if entry is not None and not dtype_ok:
+        why = (f"its input is {region.input_dtypes[0] if region.input_dtypes else '?'}; XNNPACK's int8 patterns take "
+               f"float32 activations, so it {_PORTABLE}. Export the model in float32 to delegate it")
+    elif region.op == "embedding":
+        why = f"XNNPACK has no embedding kernel; the region {_PORTABLE} (its weights stay quantized in the .pte)"
+    elif entry is not None:
+        why = f"XNNPACK has no {s.name} {region.op} pattern; the region {_PORTABLE}"
+    elif region.op == "custom":
+        why = f"a hand-written region (op='custom') has no XNNPACK pattern; it {_PORTABLE}"
+    else:
+        why = _NOT_XNNPACK.get(key, f"XNNPACK has no kernel for scheme family {s.family!r}; the region {_PORTABLE}")
+    return RegionPlan(_reference, "portable (reference decomposition)", delegable=False, reason=why)
+
+
+# -- edge-compat passes -------------------------------------------------------------------------
+
+def rshift_as_floor_divide(gm: torch.fx.GraphModule) -> bool:
+    """`x >> k` on the unsigned 4-bit codes -> `x // 2**k`.
+
+    Why: torch records `>>` as `aten.__rshift__.Scalar`, which is not Core ATen, so `to_edge` rejects
+    it; floor division of a non-negative integer by 2**k is the same value and is Core ATen with a
+    portable kernel.
+    """
+    changed = False
+    for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.__rshift__.Scalar):
+        n.target = torch.ops.aten.div.Tensor_mode
+        n.args = (n.args[0], 2 ** int(n.args[1]))
+        n.kwargs = {"rounding_mode": "floor"}
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+def _ident(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _make_constant(ep: torch.export.ExportedProgram, graph: torch.fx.Graph, name: str, data: torch.Tensor) -> torch.fx.Node:
+    from executorch.backends.transforms.utils import create_constant_placeholder
+    from torch.export.graph_signature import InputKind
+
+    return create_constant_placeholder(ep, graph, name, InputKind.CONSTANT_TENSOR, data)
+
+
+def _load_program(program_or_path: "torch.export.ExportedProgram | str | PathLike[str]") -> torch.export.ExportedProgram:
+    if isinstance(program_or_path, torch.export.ExportedProgram):
+        return program_or_path
+    if isinstance(program_or_path, (str, PathLike)):
+        import serializers
+
+        return serializers.load(program_or_path)
+    raise LoweringError(
+        f"to_executorch() takes an ExportedProgram or the path of a .pt2 written by qexport.save, got "
+        f"{type(program_or_path).__name__}"
+    )
+
+
+class _WhyNoPartition(logging.Handler):
+    """Collects the reasons XNNPACK's partitioner logs (`WhyNoPartition`, at DEBUG) for rejected nodes."""
+
+    LOGGER = "executorch.backends.xnnpack"
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.by_region: dict[str, list[str]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        node, reason = getattr(record.msg, "node", None), getattr(record.msg, "reason", None)
+        if isinstance(node, torch.fx.Node) and reason:
+            region = region_of(node)
+            if region is not None:
+                self.by_region.setdefault(region, []).append(f"{node.target}: {reason}")
+
+    def __enter__(self) -> "_WhyNoPartition":
+        self._logger = logging.getLogger(self.LOGGER)
+        self._level, self._propagate = self._logger.level, self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+        self._logger.propagate = self._propagate
+
+
+def _delegation(edge_gm: torch.fx.GraphModule) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """region -> backend id that took some of its nodes; region -> its compute ops left outside delegates."""
+    taken: dict[str, str] = {}
+    left: dict[str, list[str]] = {}
+    for node in edge_gm.graph.nodes:
+        if node.op == "get_attr" and hasattr(getattr(edge_gm, node.target, None), "backend_id"):
+            lowered = getattr(edge_gm, node.target)
+            for inner in lowered.original_module.graph.nodes:
+                if (r := region_of(inner)) is not None:
+                    taken.setdefault(r, lowered.backend_id)
+        elif node.op == "call_function" and (r := region_of(node)) is not None:
+            name = str(getattr(node.target, "__name__", node.target))
+            if any(k in name for k in ("linear", "addmm", "mm", "convolution", "embedding", "index")):
+                left.setdefault(r, []).append(name)
+    return taken, left
+
+
+def to_executorch(
+    program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
+    output: "str | PathLike[str]",
+    *,
+    backend: str = "xnnpack",
+) -> LoweringReport:
+    """Lower a qexport program (or `.pt2`) to an ExecuTorch `.pte` at `output`; returns the report of
+    where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
+    nothing (every op runs on ExecuTorch's portable and quantized kernels)."""
+    from serializers._atomic import atomic_path, check_writable
+
+    if backend not in BACKENDS:
+        raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
+    out = check_writable(output, ".pte")
+    ep = _load_program(program_or_path)
+    try:
+        from executorch.exir import to_edge_transform_and_lower
+        import executorch.kernels.quantized  # noqa: F401  (registers the quantized_decomposed out-variants)
+    except ImportError as e:
+        raise BackendUnavailableError(f"to_executorch needs the executorch package ({e}); pip install executorch") from None
+
+    found = graph_regions(ep)
+    plans = {r.name: plan_region(r, backend) for r in found}
+    import serializers
+
+    manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend)
+
+    ep = copy.deepcopy(ep)  # the caller's program stays as it was
+    inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
+    rshift_as_floor_divide(ep.graph_module)
+
+    partitioners = []
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        partitioners.append(XnnpackPartitioner())
+    manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
+    try:
+        with _WhyNoPartition() as why:
+            edge = to_edge_transform_and_lower(
+                ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: manifest_bytes}
+            )
+        edge_gm = edge.exported_program().graph_module
+        et = edge.to_executorch()
+    except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
+        raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
+
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge_gm)
+    taken, left = _delegation(edge_gm)
+    records = []
+    for r in found:
+        plan = plans[r.name]
+        delegated = r.name in taken and not left.get(r.name)
+        reason = plan.reason
+        if plan.delegable and not delegated:
+            said = "; ".join(dict.fromkeys(why.by_region.get(r.name, [])))
+            reason = f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable kernels"
+        records.append(RegionReport(
+            name=r.name, scheme=r.scheme, backend=taken.get(r.name, "portable") if delegated else "portable",
+            delegated=delegated, reason="" if delegated else reason, kernel=plan.kernel if delegated or not plan.delegable else "portable",
+        ))
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            et.write_to_file(f)
+    return LoweringReport(
+        target=f"executorch/{backend}", path=str(out), regions=records,
+        delegated_nodes=info.num_delegated_nodes,
+        total_nodes=info.num_delegated_nodes + info.num_non_delegated_nodes,
+        bytes=out.stat().st_size,
+        extra={"delegated_subgraphs": info.num_delegated_subgraphs},
+    )
