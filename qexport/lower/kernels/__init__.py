@@ -269,6 +269,12 @@ def _replace_region(ep: torch.export.ExportedProgram, node: torch.fx.Node, regio
             args.append(_add_buffer(ep, prefix + suffix, tensor, fake_mode))
     with fake_mode:
         traced = make_fx(choice.body, tracing_mode="real")(*(a.meta["val"] for a in args))
+    # graph_copy copies get_attr nodes but not what they name: a body with control flow (torch.cond's
+    # branch graphs) needs its submodules moved into the program under fresh names.
+    for attr in traced.graph.find_nodes(op="get_attr"):
+        fresh = f"{attr.target}_{region.node_name}"
+        setattr(ep.graph_module, fresh, getattr(traced, attr.target))
+        attr.target = fresh
     getitems = [u for u in node.users if u.target is operator.getitem]
     if len(getitems) != len(node.users) or any(g.args[1] != 0 for g in getitems):
         raise LoweringError(f"region {region.name}: kernels replace single-output regions only")
