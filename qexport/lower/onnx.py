@@ -1,0 +1,353 @@
+"""`to_onnx(program, "model.onnx")`: an ONNX model whose quantized regions are QDQ onnxruntime runs.
+
+The route: torch's own exporter (`torch.onnx.export(..., dynamo=True)`) translates everything outside
+the regions; a custom translation for `invoke_quant_packed` leaves one placeholder node per region
+(domain `qexport.pending`), which survives the exporter's version conversion and optimizer untouched;
+then `lower_regions`, an onnx-ir pass, replaces each placeholder by what its scheme says
+(`onnx_regions.py`): spliced into the main graph, or kept as one ONNX local function per region
+(domain `qexport.region`) whose metadata_props carry the scheme.
+
+Why placeholders rather than translating regions inside the exporter: the exporter's public path always
+runs the version converter, whose first step inlines every local function (FINDINGS.md), so functions
+built during translation never reach the file; after export the graph is ours to edit with onnx-ir's
+public API, and the weights can be re-laid out (4-bit codes as UINT4, MatMul's [in, out]) as new
+initializers, which a translation function cannot add.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from os import PathLike
+from pathlib import Path
+from typing import Any, Mapping
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import torch
+
+from ..errors import ArtifactError, LoweringError, QExportError
+from ..regions import Region, regions as graph_regions
+from .onnx_regions import BLOCKED_QDQ_OPSET, Emitter, Lowering, plan_region
+from .report import LoweringReport, RegionReport
+
+#: opset used when none is given: the first with blocked (int4) and float8-output QuantizeLinear
+DEFAULT_OPSET = BLOCKED_QDQ_OPSET
+#: torch.onnx's translations are written for opset 18 and newer
+MIN_OPSET = 18
+PENDING_DOMAIN = "qexport.pending"
+REGION_DOMAIN = "qexport.region"
+MANIFEST_KEY = "qexport.manifest"
+SCHEME_KEY = "qexport.scheme"
+REGION_KEY = "qexport.region"
+
+
+def to_onnx(
+    program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
+    output: "str | PathLike[str]",
+    *,
+    keep_regions: bool = False,
+    opset: int | None = None,
+) -> LoweringReport:
+    """Write `program_or_path` (an ExportedProgram from `qexport.export`, or a qexport `.pt2`) as an
+    ONNX model at `output` and report what each region became.
+
+    Each region is emitted from its scheme: int8 as QuantizeLinear/DequantizeLinear (per-axis weights,
+    static or dynamic activations), int4 as blocked DequantizeLinear (opset >= 21), fp8 as float8 QDQ,
+    nf4 as a float decomposition (the report says why). `keep_regions=True` keeps each region as an ONNX
+    local function carrying its scheme in metadata_props; onnxruntime runs both forms. The qexport
+    manifest is embedded in the model's metadata_props (`qexport.inspect(output)` reads it back).
+    The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
+    """
+    from serializers._atomic import atomic_path, check_writable
+
+    opset = _check_opset(opset)
+    out = check_writable(output, ".onnx")
+    ep = _load_program(program_or_path)
+    found = graph_regions(ep)
+    # Every region's lowering is decided (and every refusal raised) before the export starts.
+    plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset) for r in found}
+    by_name = {r.name: r for r in found}
+
+    model, references = _export_with_placeholders(ep, opset)
+    emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
+    _finalize(model, keep_regions)
+    reports = [_region_report(by_name[name], plans[name]) for name in by_name]
+    model.metadata_props[MANIFEST_KEY] = _manifest_json(ep, opset, keep_regions, reports)
+
+    with atomic_path(out) as tmp:
+        ir.save(model, tmp)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:  # checker and shape-inference errors have several types
+            raise LoweringError(f"{out}: the ONNX model failed onnx.checker (full_check): {type(e).__name__}: {e}") from None
+        size = tmp.stat().st_size
+    return LoweringReport(
+        target="onnx",
+        path=str(out),
+        regions=reports,
+        delegated_nodes=sum(n for name, n in emitted.items() if plans[name] is not None and plans[name].native),
+        total_nodes=sum(1 for _ in model.graph.all_nodes()) + sum(len(f) for f in model.functions.values()),
+        bytes=size,
+        extra={"opset": opset, "keep_regions": keep_regions},
+    )
+
+
+# -- checks and inputs --------------------------------------------------------------------------------
+def _check_opset(opset: int | None) -> int:
+    if opset is None:
+        return DEFAULT_OPSET
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise LoweringError(
+            f"opset={opset!r} is not supported: choose an int from {MIN_OPSET} to {newest} "
+            f"(int4 and fp8 regions need {BLOCKED_QDQ_OPSET}+; default {DEFAULT_OPSET})"
+        )
+    return opset
+
+
+def _load_program(program_or_path: Any) -> torch.export.ExportedProgram:
+    if isinstance(program_or_path, torch.export.ExportedProgram):
+        return program_or_path
+    if isinstance(program_or_path, (str, PathLike)):
+        import serializers
+
+        return serializers.load(program_or_path)
+    raise LoweringError(
+        f"to_onnx takes an ExportedProgram (from qexport.export) or the path of a qexport .pt2, "
+        f"got {type(program_or_path).__name__}"
+    )
+
+
+def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    return {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+
+
+# -- export -------------------------------------------------------------------------------------------
+def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> tuple[ir.Model, dict[str, ir.Function]]:
+    """torch.onnx.export of `ep` with each region left as a `qexport.pending::Region` node.
+
+    Returns the model and, per region, the exporter's translation of the region's own subgraph (its
+    reference math), used for regions whose scheme has no ONNX lowering here.
+    """
+    # torch's helper for emitting an arbitrary node from a translation (its own HOP translations,
+    # cond/scan, use it); onnxscript's Opset would demand a registered schema for the placeholder.
+    from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
+
+    references: dict[str, ir.Function] = {}
+    count = [0]
+
+    # Unannotated on purpose: the exporter infers an ONNX signature from annotations and warns on these.
+    def region_placeholder(subgraph, *operands, scheme=None, quant_options=None):
+        payload = (quant_options or {}).get("qexport") or {}
+        name = payload.get("module") or f"region_{count[0]}"
+        count[0] += 1
+        references[name] = subgraph
+        return call_op("Region", *operands, _domain=PENDING_DOMAIN, _num_outputs=len(subgraph.outputs), region=name)
+
+    table = {torch.ops.higher_order.invoke_quant_packed: region_placeholder, **_reduction_fixes()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                ep, dynamo=True, custom_translation_table=table, opset_version=opset, verbose=False, optimize=True,
+            )
+    except QExportError:
+        raise
+    except Exception as e:  # the exporter wraps its failures in its own error types
+        raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {_first_lines(str(e))}") from e
+    return program.model, references
+
+
+def _reduction_fixes() -> dict[Any, Any]:
+    """amin/amax over all dims: torchlib's translations make `dim` required although its default is []
+    (`Required parameter 'dim' is not provided` for `x.amin()`, which per-tensor dynamic activations use
+    in every region's reference subgraph, and the exporter translates those subgraphs too)."""
+    from onnxscript import opset18 as op
+
+    def reduce(onnx_reduce):
+        def translation(self, dim=(), keepdim=False):
+            if dim:
+                return onnx_reduce(self, op.Constant(value_ints=list(dim)), keepdims=int(keepdim))
+            return onnx_reduce(self, keepdims=int(keepdim))
+
+        return translation
+
+    return {torch.ops.aten.amin.default: reduce(op.ReduceMin), torch.ops.aten.amax.default: reduce(op.ReduceMax)}
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    return "\n".join(text.strip().splitlines()[:n])
+
+
+# -- the region pass ----------------------------------------------------------------------------------
+def lower_regions(
+    model: ir.Model,
+    regions: Mapping[str, Region],
+    plans: Mapping[str, Lowering | None],
+    tensors: Mapping[str, torch.Tensor],
+    references: Mapping[str, ir.Function],
+    *,
+    keep_regions: bool,
+    opset: int,
+) -> dict[str, int]:
+    """Replace every `qexport.pending::Region` placeholder of `model` by its region's lowering.
+
+    keep_regions=False splices the region's nodes into the main graph; True makes each region a local
+    function `qexport.region::<name>` (metadata_props: the scheme and the region record) and leaves a
+    call in its place. Regions without a plan use their reference subgraph. Returns, per region, how
+    many nodes it became; an empty dict means the model had no placeholders (nothing changed).
+    """
+    graph = model.graph
+    placeholders = [n for n in graph if n.domain == PENDING_DOMAIN]
+    emitted: dict[str, int] = {}
+    taken_names: set[str] = set()
+    for node in placeholders:
+        name = node.attributes["region"].as_string()
+        if name not in regions:
+            raise LoweringError(f"the exported ONNX graph has a region {name!r} the program does not list")
+        region, plan = regions[name], plans[name]
+        old_inputs = [v for v in node.inputs[1:] if v is not None]
+        if plan is None:
+            body = references[name]
+            fn = _reference_function(body, region, _function_name(name, taken_names))
+            call = ir.Node(fn.domain, fn.name, list(node.inputs), num_outputs=len(node.outputs))
+            model.functions[fn.identifier()] = fn
+            graph.insert_before(node, call)
+            new_outputs = list(call.outputs)
+            emitted[name] = len(body)
+        else:
+            weights = plan.weights(_region_tensors(region, tensors))
+            new_outputs, emitted[name] = _emit(model, node, plan, weights, keep_regions, _function_name(name, taken_names), opset)
+        for old, new in zip(node.outputs, new_outputs):
+            new.name, new.type, new.shape = old.name, old.type, old.shape
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        for v in old_inputs:  # the stored layout gave way to the ONNX one
+            if v.is_initializer() and not v.uses() and v.name in graph.initializers:
+                del graph.initializers[v.name]
+    if not keep_regions:
+        common_passes.InlinePass()(model)  # reference regions were emitted as calls
+    return emitted
+
+
+def _region_tensors(region: Region, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = f"{region.module_path}."
+    out = {r: tensors[prefix + r] for r in region.roles if r != "input" and prefix + r in tensors}
+    missing = [r for r in region.roles if r != "input" and r not in out]
+    if missing:
+        raise LoweringError(f"region {region.name}: the program has no buffers for roles {missing} (expected {prefix}<role>)")
+    return out
+
+
+def _emit(
+    model: ir.Model, node: ir.Node, plan: Lowering, weights: Mapping[str, ir.Tensor], keep_regions: bool, fname: str, opset: int
+) -> tuple[list[ir.Value], int]:
+    graph = model.graph
+    x = node.inputs[0]
+    assert x is not None
+    inits: dict[str, ir.Value] = {}
+    for role, tensor in weights.items():
+        vname = _free_initializer_name(graph, f"{plan.region.module_path}.{role}")
+        value = ir.Value(name=vname, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        graph.register_initializer(value)
+        inits[role] = value
+    e = Emitter(opset)
+    if not keep_regions:
+        y = plan.emit(e, x, inits)
+        graph.insert_before(node, e.nodes)
+        return [y], len(e.nodes)
+    fx = ir.Value(name="input", shape=x.shape, type=x.type)
+    fw = {role: ir.Value(name=role, shape=v.shape, type=v.type) for role, v in inits.items()}
+    y = plan.emit(e, fx, fw)
+    y.name = "output"
+    fn = ir.Function(
+        REGION_DOMAIN, fname,
+        graph=ir.Graph([fx, *fw.values()], [y], nodes=e.nodes, opset_imports={"": opset}, name=fname),
+        attributes=[],
+    )
+    _describe_function(fn, plan.region, plan)
+    model.functions[fn.identifier()] = fn
+    call = ir.Node(REGION_DOMAIN, fname, [x, *inits.values()], num_outputs=1)
+    graph.insert_before(node, call)
+    return list(call.outputs), len(e.nodes)
+
+
+def _reference_function(body: ir.Function, region: Region, fname: str) -> ir.Function:
+    body.domain, body.name = REGION_DOMAIN, fname
+    _describe_function(body, region, None)
+    return body
+
+
+def _describe_function(fn: ir.Function, region: Region, plan: Lowering | None) -> None:
+    scheme = region.scheme
+    fn.metadata_props[SCHEME_KEY] = json.dumps(scheme.to_dict() if scheme else {"name": region.scheme_name})
+    fn.metadata_props[REGION_KEY] = json.dumps(_region_record(region, plan))
+    label = scheme.describe() if scheme else region.scheme_name
+    fn.doc_string = f"qexport region {region.name}: {region.op} quantized with {label}; {_kernel(plan)}"
+
+
+def _region_record(region: Region, plan: Lowering | None) -> dict[str, Any]:
+    return {
+        "name": region.name, "module_path": region.module_path, "op": region.op, "op_params": region.op_params,
+        "roles": list(region.roles), "weight_shape": list(region.weight_shape) if region.weight_shape else None,
+        "native": bool(plan and plan.native), "kernel": _kernel(plan), "reason": _reason(region, plan),
+    }
+
+
+def _kernel(plan: Lowering | None) -> str:
+    return plan.kernel if plan else "reference math (torch.onnx's translation of the region subgraph)"
+
+
+def _reason(region: Region, plan: Lowering | None) -> str:
+    if plan is not None:
+        return plan.reason
+    family = region.scheme.family if region.scheme else region.scheme_name
+    return (f"no ONNX lowering for scheme family {family!r} (qexport.lower.onnx_regions.register_onnx_lowering adds one); "
+            f"its reference math runs as float ops")
+
+
+def _function_name(name: str, taken: set[str]) -> str:
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "region"
+    fname, i = base, 1
+    while fname in taken:
+        fname, i = f"{base}_{i}", i + 1
+    taken.add(fname)
+    return fname
+
+
+def _free_initializer_name(graph: ir.Graph, name: str) -> str:
+    candidate, i = name, 1
+    while candidate in graph.initializers:
+        candidate, i = f"{name}.onnx{i}", i + 1
+    return candidate
+
+
+def _finalize(model: ir.Model, keep_regions: bool) -> None:
+    """Drop what the regions left behind and name every value (ONNX requires names)."""
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedFunctionsPass()(model)
+    model.opset_imports.pop(PENDING_DOMAIN, None)
+    if model.functions:
+        model.opset_imports[REGION_DOMAIN] = 1
+    common_passes.NameFixPass()(model)
+
+
+# -- report and manifest ------------------------------------------------------------------------------
+def _region_report(region: Region, plan: Lowering | None) -> RegionReport:
+    return RegionReport(
+        name=region.name, scheme=region.scheme, backend="onnx", delegated=bool(plan and plan.native),
+        reason=_reason(region, plan), kernel=_kernel(plan),
+    )
+
+
+def _manifest_json(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, reports: list[RegionReport]) -> str:
+    from serializers.manifest import Manifest
+
+    lowering = {r.name: {"native": r.delegated, "kernel": r.kernel, "reason": r.reason} for r in reports}
+    return Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, lowering=lowering).to_json()
+
+
+__all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]

@@ -1,0 +1,381 @@
+"""ONNX lowerings of regions, one per scheme family: what each region becomes in the ONNX graph.
+
+A region is emitted in the order its reference math runs (`schemes/_region.py`): quantize the input as
+the scheme says, dequantize the weight, run the op, quantize the output (static schemes). Those steps
+are expressed with ONNX's own quantization operators wherever ONNX has them, because runtimes
+(onnxruntime's QDQ transformers, TensorRT, QNN...) recognise QuantizeLinear/DequantizeLinear around
+MatMul/Conv/Gemm and run integer kernels; where ONNX has no operator for a format (NormalFloat4, or
+4-bit blocks before opset 21) the weight is dequantized with ordinary float operators, and the region's
+record says so.
+
+The ONNX form of each step is written against the scheme's fields, mirroring `_activation.py` and the
+families' `dequantize_weight`; the numerics tests hold it to `math_for(scheme).tolerance` of the eager
+reference. Adding a family means registering one `FamilyLowering` here (`register_onnx_lowering`).
+
+Weights of linear regions are stored transposed ([in, out]), the layout of ONNX MatMul's B input, so
+no Transpose stands between a weight's DequantizeLinear and its MatMul (onnxruntime's QDQ and
+MatMulNBits fusions match DQ -> MatMul directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from ..errors import LoweringError
+from ..regions import Region
+from ..schemes import Scheme
+from ..schemes._activation import FP8_E4M3_MAX, INT8_MAX, INT8_MIN, _EPS
+from ..schemes._packing import unpack_uint4
+
+#: first opset with blocked (block_size) DequantizeLinear, 4-bit types and QuantizeLinear(output_dtype)
+BLOCKED_QDQ_OPSET = 21
+
+
+class Emitter:
+    """Records the nodes of one region (an `ir.tape.Tape` plus the constants a region needs).
+
+    Constants are Constant nodes, not initializers, so the same recording can become a function body
+    (ONNX functions cannot own initializers) or be spliced into the main graph.
+    """
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.tape = ir.tape.Tape()
+
+    def op(self, op_type: str, *inputs: ir.Value | None, **attributes: Any) -> ir.Value:
+        attrs = {k: v for k, v in attributes.items() if v is not None}
+        return self.tape.op(op_type, list(inputs), attributes=attrs or None)
+
+    def op_multi(self, op_type: str, *inputs: ir.Value | None, num_outputs: int, **attributes: Any) -> list[ir.Value]:
+        return list(self.tape.op_multi_out(op_type, list(inputs), attributes=attributes or None, num_outputs=num_outputs))
+
+    def const(self, value: Any, dtype: Any = np.float32) -> ir.Value:
+        return self.op("Constant", value=ir.tensor(np.asarray(value, dtype=dtype)))
+
+    @property
+    def nodes(self) -> tuple[ir.Node, ...]:
+        return tuple(self.tape.nodes)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy, float8 as ml_dtypes' float8 (numpy has none; bfloat16 is widened exactly)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy()
+    return t.numpy()
+
+
+def _as_kn(op: str, a: np.ndarray) -> np.ndarray:
+    """Linear weights (and their per-row/per-block metadata) go to MatMul's [in, out] layout."""
+    return np.ascontiguousarray(a.T) if op == "linear" and a.ndim == 2 else a
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """What one region becomes: `native` when it is QDQ a runtime can turn into integer kernels."""
+
+    region: Region
+    family: "FamilyLowering"
+    native: bool
+    kernel: str
+    reason: str = ""
+
+    @property
+    def scheme(self) -> Scheme:
+        assert self.region.scheme is not None
+        return self.region.scheme
+
+    def weights(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
+        """The region's tensors in their ONNX form, by name (suffix of `<module>.`)."""
+        return self.family.weights(self, tensors)
+
+    def emit(self, e: Emitter, x: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
+        """Record the region's nodes; `w` are the values of `weights()`. Returns the output value."""
+        s, op, r = self.scheme, self.region.op, self.region
+        weight = self.family.dequantize(e, self, w)
+        if op == "embedding":
+            y = e.op("Gather", weight, x, axis=0)
+        else:
+            xq = quantize_input(e, s, op, x, w)
+            y = apply_op(e, r, xq, weight, w.get("bias"))
+            if s.activation == "static":
+                y = e.op("DequantizeLinear", e.op("QuantizeLinear", y, w["output_scale"], w["output_zero_point"]),
+                         w["output_scale"], w["output_zero_point"])
+        out_dtype = r.output_dtypes[0] if r.output_dtypes else "float32"
+        if out_dtype != "float32":
+            y = e.op("Cast", y, to=ir.DataType.from_numpy(np.dtype(getattr(ml_dtypes, out_dtype, out_dtype))))
+        return y
+
+
+# -- shared steps (the ONNX form of schemes/_region.py and _activation.py) ----------------------------
+def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
+    if s.activation == "none":
+        return x
+    if s.activation == "static":
+        scale, zp = w["input_scale"], w["input_zero_point"]
+        return e.op("DequantizeLinear", e.op("QuantizeLinear", x, scale, zp), scale, zp)
+    per_token = s.act_granularity == "per_token" and op != "conv2d"
+    if s.act_dtype == "float8_e4m3fn":
+        return _dynamic_fp8(e, x, per_token)
+    if not per_token:
+        # uint8 DynamicQuantizeLinear is int8_asym_qparams shifted by 128: same codes, same grid.
+        q, scale, zp = e.op_multi("DynamicQuantizeLinear", x, num_outputs=3)
+        return e.op("DequantizeLinear", q, scale, zp)
+    return _per_token(e, x, _per_token_int8)
+
+
+def _per_token(e: Emitter, x: ir.Value, quantize) -> ir.Value:
+    """Fake-quantize each row of the last dim: rows of a [-1, K] view are per-axis (axis 0) QDQ."""
+    rows = e.op("Reshape", x, e.const([-1, 0], np.int64))
+    return e.op("Reshape", quantize(e, rows), e.op("Shape", x))
+
+
+def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
+    # int8_asym_qparams: the range always covers 0, scale floored at eps, zero point saturated.
+    axes = e.const([1], np.int64)
+    zero = e.const(0.0)
+    mn = e.op("Min", e.op("ReduceMin", rows, axes, keepdims=0), zero)
+    mx = e.op("Max", e.op("ReduceMax", rows, axes, keepdims=0), zero)
+    scale = e.op("Max", e.op("Div", e.op("Sub", mx, mn), e.const(float(INT8_MAX - INT8_MIN))), e.const(_EPS))
+    zp = e.op("Sub", e.const(float(INT8_MIN)), e.op("Round", e.op("Div", mn, scale)))
+    zp = e.op("Cast", e.op("Clip", zp, e.const(float(INT8_MIN)), e.const(float(INT8_MAX))), to=ir.DataType.INT8)
+    return e.op("DequantizeLinear", e.op("QuantizeLinear", rows, scale, zp, axis=0), scale, zp, axis=0)
+
+
+def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
+    def fake_quant(e: Emitter, rows: ir.Value) -> ir.Value:
+        amax = e.op("ReduceMax", e.op("Abs", rows), e.const([1], np.int64) if per_token else None, keepdims=0)
+        scale = e.op("Max", e.op("Div", amax, e.const(FP8_E4M3_MAX)), e.const(_EPS))
+        axis = 0 if per_token else None
+        q = e.op("QuantizeLinear", rows, scale, axis=axis, output_dtype=ir.DataType.FLOAT8E4M3FN, saturate=1)
+        return e.op("DequantizeLinear", q, scale, axis=axis)
+
+    return _per_token(e, x, fake_quant) if per_token else fake_quant(e, x)
+
+
+def apply_op(e: Emitter, r: Region, x: ir.Value, w: ir.Value, bias: ir.Value | None) -> ir.Value:
+    p = r.op_params
+    if r.op == "linear":
+        y = e.op("MatMul", x, w)
+        return y if bias is None else e.op("Add", y, bias)
+    if r.op == "conv2d":
+        kh, kw = r.weight_shape[2:] if r.weight_shape else (1, 1)
+        attrs: dict[str, Any] = dict(strides=list(p["stride"]), dilations=list(p["dilation"]), group=int(p["groups"]))
+        pad = p["padding"]
+        if pad == "same":  # torch puts the odd pixel at the end, as SAME_UPPER does
+            attrs["auto_pad"] = "SAME_UPPER"
+        else:
+            ph, pw = (0, 0) if pad == "valid" else pad
+            attrs["pads"] = [ph, pw, ph, pw]
+        attrs["kernel_shape"] = [kh, kw]
+        return e.op("Conv", x, w, bias, **attrs)
+    raise LoweringError(f"region {r.name}: op {r.op!r} has no ONNX lowering")
+
+
+# -- families ---------------------------------------------------------------------------------------
+class FamilyLowering:
+    """How one scheme family's weights are stored and dequantized in ONNX."""
+
+    def plan(self, region: Region, opset: int) -> Lowering:
+        raise NotImplementedError
+
+    def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
+        raise NotImplementedError
+
+
+def _activation_weights(lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Bias and static activation qparams (int8 zero points: ONNX takes them as int8, like the codes)."""
+    out: dict[str, np.ndarray] = {}
+    if "bias" in t:
+        out["bias"] = _np(t["bias"]).astype(np.float32)
+    for side in ("input", "output"):
+        if f"{side}_scale" in t:
+            out[f"{side}_scale"] = _np(t[f"{side}_scale"]).astype(np.float32).reshape(())
+            out[f"{side}_zero_point"] = _np(t[f"{side}_zero_point"]).astype(np.int8).reshape(())
+    return out
+
+
+def _describe_activation(s: Scheme, op: str) -> str:
+    if s.activation == "static":
+        return "static int8 activations (QuantizeLinear/DequantizeLinear on input and output)"
+    if s.activation == "dynamic":
+        per_token = s.act_granularity == "per_token" and op != "conv2d"
+        if s.act_dtype == "float8_e4m3fn":
+            return f"dynamic {'per-token' if per_token else 'per-tensor'} float8 activations"
+        if per_token:
+            return "dynamic per-token int8 activations (per-row QuantizeLinear with computed scales)"
+        return "dynamic per-tensor int8 activations (DynamicQuantizeLinear)"
+    return "float activations"
+
+
+_OP_NAMES = {"linear": "MatMul", "conv2d": "Conv", "embedding": "Gather"}
+
+
+class Int8Lowering(FamilyLowering):
+    """int8 weights: per-axis (or per-tensor) DequantizeLinear, opset 13+."""
+
+    def plan(self, region: Region, opset: int) -> Lowering:
+        s = region.scheme
+        assert s is not None
+        gran = "per-channel" if s.granularity == "per_channel" else "per-tensor"
+        kernel = f"QDQ {_OP_NAMES[region.op]}: {gran} int8 weights, {_describe_activation(s, region.op)}"
+        reason = ""
+        if s.compute_dtype != "float32" and s.activation == "none":
+            reason = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
+        return Lowering(region, self, native=True, kernel=kernel, reason=reason)
+
+    def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
+        op = lw.region.op
+        scale = _np(t["weight_scale"]).astype(np.float32)
+        out = {"weight": _as_kn(op, _np(t["weight"])), "weight_scale": scale.reshape(()) if scale.size == 1 and lw.scheme.granularity == "per_tensor" else scale}
+        out.update(_activation_weights(lw, t))
+        return {k: ir.tensor(v) for k, v in out.items()}
+
+    def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
+        per_tensor = lw.scheme.granularity == "per_tensor"
+        # the output-channel axis: last for MatMul's [in, out], first for conv and embedding rows
+        axis = None if per_tensor else (1 if lw.region.op == "linear" else 0)
+        return e.op("DequantizeLinear", w["weight"], w["weight_scale"], axis=axis)
+
+
+def _blocked_float(
+    e: Emitter, values: ir.Value, scale: ir.Value, zero_point: ir.Value | None, op: str, gs: int, shape: tuple[int, ...]
+) -> ir.Value:
+    """(values - zero_point) * scale, per block of `gs` along the reduction dim (float decomposition).
+
+    Linear weights are [K, N] with per-block tensors [K/gs, N]; embedding tables [V, D] with [V, D/gs].
+    """
+    rows, k = shape[0], shape[1]
+    blocked, unsq, full = ([k // gs, gs, rows], [1], [k, rows]) if op == "linear" else ([rows, k // gs, gs], [2], [rows, k])
+    v = e.op("Reshape", values, e.const(blocked, np.int64))
+    if zero_point is not None:
+        v = e.op("Sub", v, e.op("Unsqueeze", e.op("Cast", zero_point, to=ir.DataType.FLOAT), e.const(unsq, np.int64)))
+    v = e.op("Mul", v, e.op("Unsqueeze", scale, e.const(unsq, np.int64)))
+    return e.op("Reshape", v, e.const(full, np.int64))
+
+
+class Int4Lowering(FamilyLowering):
+    """uint4 weights with per-block scales and zero points: blocked DequantizeLinear (opset 21)."""
+
+    def plan(self, region: Region, opset: int) -> Lowering:
+        s = region.scheme
+        assert s is not None
+        note = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
+        if opset >= BLOCKED_QDQ_OPSET:
+            return Lowering(region, self, True, f"blocked DequantizeLinear (uint4, block {s.group_size}) -> {_OP_NAMES[region.op]}", note)
+        return Lowering(
+            region, self, False, f"float dequantization (uint8 codes) -> {_OP_NAMES[region.op]}",
+            f"opset {opset} has no 4-bit types or blocked DequantizeLinear (opset {BLOCKED_QDQ_OPSET}+); "
+            f"codes are stored one per byte and dequantized with Sub/Mul; export with opset>={BLOCKED_QDQ_OPSET} for QDQ",
+        )
+
+    def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
+        op = lw.region.op
+        codes = _as_kn(op, unpack_uint4(t["weight"]).numpy())
+        zp = _as_kn(op, _np(t["weight_zero_point"]))
+        scale = _as_kn(op, _np(t["weight_scale"]).astype(np.float32))
+        if lw.native:
+            out = {"weight": ir.tensor(codes.astype(ml_dtypes.uint4)), "weight_zero_point": ir.tensor(zp.astype(ml_dtypes.uint4))}
+        else:
+            out = {"weight": ir.tensor(codes), "weight_zero_point": ir.tensor(zp)}
+        out["weight_scale"] = ir.tensor(scale)
+        out.update({k: ir.tensor(v) for k, v in _activation_weights(lw, t).items()})
+        return out
+
+    def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
+        gs = lw.scheme.group_size
+        axis = 0 if lw.region.op == "linear" else 1
+        if lw.native:
+            return e.op("DequantizeLinear", w["weight"], w["weight_scale"], w["weight_zero_point"], axis=axis, block_size=gs)
+        codes = e.op("Cast", w["weight"], to=ir.DataType.FLOAT)
+        return _blocked_float(e, codes, w["weight_scale"], w["weight_zero_point"], lw.region.op, gs, tuple(lw.region.weight_shape))
+
+
+class Nf4Lowering(FamilyLowering):
+    """NormalFloat4: ONNX has no such type, so codes index the 16-entry codebook (Gather) and are
+    scaled by their block's absmax (float decomposition)."""
+
+    def plan(self, region: Region, opset: int) -> Lowering:
+        codes = "uint4" if opset >= BLOCKED_QDQ_OPSET else "uint8"
+        return Lowering(
+            region, self, False, f"float dequantization ({codes} codes -> Gather codebook, Mul absmax) -> {_OP_NAMES[region.op]}",
+            "ONNX has no NormalFloat4 type or operator: the weight is dequantized with Gather/Mul in float32 "
+            "and runs as a float op",
+        )
+
+    def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
+        op = lw.region.op
+        codes = _as_kn(op, unpack_uint4(t["weight"]).numpy())
+        out = {
+            "weight": ir.tensor(codes.astype(ml_dtypes.uint4) if "uint4" in lw.kernel else codes),
+            "weight_scale": ir.tensor(_as_kn(op, _np(t["weight_scale"]).astype(np.float32))),
+            "weight_codebook": ir.tensor(_np(t["weight_codebook"]).astype(np.float32)),
+        }
+        out.update({k: ir.tensor(v) for k, v in _activation_weights(lw, t).items()})
+        return out
+
+    def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
+        gs = lw.scheme.group_size
+        shape = tuple(lw.region.weight_shape)
+        idx = e.op("Cast", w["weight"], to=ir.DataType.INT32)
+        values = e.op("Gather", w["weight_codebook"], idx, axis=0)
+        return _blocked_float(e, values, w["weight_scale"], None, lw.region.op, gs, shape)
+
+
+class Fp8Lowering(FamilyLowering):
+    """float8_e4m3fn weights and dynamic float8 activations: QDQ with FLOAT8E4M3FN (opset 21)."""
+
+    def plan(self, region: Region, opset: int) -> Lowering:
+        s = region.scheme
+        assert s is not None
+        if opset < BLOCKED_QDQ_OPSET:
+            raise LoweringError(
+                f"region {region.name}: {s.name} needs opset>={BLOCKED_QDQ_OPSET} (QuantizeLinear with "
+                f"output_dtype=FLOAT8E4M3FN for its dynamic activations); export with opset={BLOCKED_QDQ_OPSET} or newer"
+            )
+        return Lowering(
+            region, self, True, f"QDQ {_OP_NAMES[region.op]}: float8_e4m3fn weights, {_describe_activation(s, region.op)}",
+            f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)",
+        )
+
+    def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
+        scale = _np(t["weight_scale"]).astype(np.float32)
+        out = {"weight": _as_kn(lw.region.op, _np(t["weight"])),
+               "weight_scale": scale.reshape(()) if lw.scheme.granularity == "per_tensor" else scale}
+        out.update(_activation_weights(lw, t))
+        return {k: ir.tensor(v) for k, v in out.items()}
+
+    def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
+        axis = None if lw.scheme.granularity == "per_tensor" else 1
+        return e.op("DequantizeLinear", w["weight"], w["weight_scale"], axis=axis)
+
+
+ONNX_LOWERINGS: dict[str, FamilyLowering] = {
+    "int8": Int8Lowering(), "int4": Int4Lowering(), "nf4": Nf4Lowering(), "fp8": Fp8Lowering(),
+}
+
+
+def register_onnx_lowering(family: str, lowering: FamilyLowering) -> None:
+    """Give a scheme family (a user's) an ONNX form; regions of unknown families fall back to their
+    reference math as torch.onnx translates it."""
+    ONNX_LOWERINGS[family] = lowering
+
+
+def plan_region(region: Region, opset: int) -> Lowering | None:
+    """The lowering of one region, or None when its family has no ONNX form here (reference fallback)."""
+    if region.scheme is None or region.scheme.family not in ONNX_LOWERINGS or region.weight_shape is None:
+        return None
+    if region.op not in _OP_NAMES:
+        return None
+    return ONNX_LOWERINGS[region.scheme.family].plan(region, opset)
