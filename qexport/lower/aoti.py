@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ArtifactError, LoweringError, QExportError
 from ..regions import iter_region_nodes
-from .kernels import KernelDecision, apply_kernels, choose_kernels
+from .kernels import KernelDecision, apply_kernels, choose_kernels, inductor_options_for
 from .report import LoweringReport, RegionReport
 
 __all__ = ["DEVICES", "compile", "load_compiled", "plan"]
@@ -166,6 +166,8 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         lowered, decisions = work, [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(work)]
     else:
         lowered, decisions = apply_kernels(work, device, ours)
+        if any(d.choice is not None for d in decisions):
+            inductor_options = {**inductor_options_for(device), **inductor_options}
     report = _report(decisions, device, str(out))
     taken = sum(d.choice is not None for d in decisions)
     say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")

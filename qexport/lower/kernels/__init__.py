@@ -52,6 +52,7 @@ from ...regions import Region, iter_region_nodes, read_region
 
 __all__ = [
     "Decline", "KernelChoice", "KernelContext", "KernelDecision", "apply_kernels", "choose_kernels",
+    "inductor_options_for",
     "kernels_for", "register_kernel", "unregister_kernel",
 ]
 
@@ -156,6 +157,15 @@ def _load_tables(device: str) -> None:
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{device}":
             raise
+
+
+def inductor_options_for(device: str) -> dict[str, Any]:
+    """Inductor configs a device's kernels rely on (its module's `INDUCTOR_OPTIONS`, e.g. coordinate
+    descent tuning for CUDA GEMVs); `compile` puts the caller's options over them."""
+    _load_tables(device)
+    module = importlib.import_module(__name__)
+    table = getattr(module, device, None)
+    return dict(getattr(table, "INDUCTOR_OPTIONS", {}))
 
 
 def kernels_for(region: Region, device: str) -> list[tuple[str, Choose]]:
