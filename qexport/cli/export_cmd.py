@@ -1,0 +1,135 @@
+"""`qexport export TARGET --scheme NAME --input SHAPE ... -o OUT.pt2`: quantize a model and save
+its exported program."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError, UsageError
+from ._common import (
+    INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, input_path, output_path,
+    parse_input_spec, parse_scheme_args, stage,
+)
+from ._table import format_table
+
+#: random calibration batches when --calibrate is given without a file
+CALIBRATION_BATCHES = 8
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="quantize a model and save it as a .pt2 program",
+        description="Build the model TARGET, quantize it with a scheme, torch.export it on example inputs "
+        "and save the program (one invoke_quant region per quantized layer) as a .pt2 file.",
+        epilog="example: qexport export qexport.models:TinyNet --scheme int4_weight_only --scheme-arg "
+        "group_size=32 --input 1x256 -o tinynet.pt2",
+    )
+    p.add_argument("target", metavar="TARGET",
+                   help="package.module:callable (or file.py:callable) returning an nn.Module, e.g. qexport.models:TinyNet")
+    p.add_argument("--scheme", required=True, help="scheme name (see docs/schemes.md), e.g. int8_weight_only")
+    p.add_argument("--scheme-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scheme parameter, e.g. group_size=64 (repeatable)")
+    p.add_argument("--input", action="append", required=True, metavar="SHAPE[:DTYPE[:HIGH]]", help=INPUT_SPEC_HELP)
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="export dim 0 of every input as a dynamic batch dimension")
+    p.add_argument("--calibrate", nargs="?", const="random", default=None, metavar="INPUTS.pt",
+                   help="calibrate static schemes: on random inputs of the --input shapes, or on a file saved "
+                   "with torch.save holding a list of batches (each a tensor or a tuple of tensors)")
+    p.add_argument("--strict", action="store_true", help="use strict (Dynamo) export instead of non-strict")
+    p.add_argument("--seed", type=int, default=0, help="seed for random example and calibration inputs")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.pt2", help="where to write the program")
+    p.set_defaults(func=run)
+
+
+def load_calibration(path: str, n_inputs: int) -> list[tuple[torch.Tensor, ...]]:
+    """Batches from a torch.save file: a list (or tuple) of tensors or of tuples of tensors.
+    Loaded with weights_only=True: a calibration file never runs code."""
+    p = input_path(path, "--calibrate file")
+    try:
+        data = torch.load(p, weights_only=True)
+    except Exception as e:
+        raise CalibrationError(f"--calibrate {path}: not a tensor file torch.load can read safely ({type(e).__name__}); "
+                               "save a list of batches with torch.save([x1, x2, ...], path)") from None
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    if not isinstance(data, (list, tuple)) or not data:
+        raise CalibrationError(f"--calibrate {path}: expected a non-empty list of batches, got {type(data).__name__}")
+    batches = []
+    for i, b in enumerate(data):
+        b = (b,) if isinstance(b, torch.Tensor) else b
+        if not isinstance(b, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in b):
+            raise CalibrationError(f"--calibrate {path}: batch {i} is not a tensor or a tuple of tensors")
+        if len(b) != n_inputs:
+            raise CalibrationError(f"--calibrate {path}: batch {i} has {len(b)} tensors, the model takes {n_inputs} (--input)")
+        batches.append(tuple(b))
+    return batches
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every argument is checked before the model is built, so a typo costs nothing and writes nothing.
+    specs = [parse_input_spec(s) for s in args.input]
+    scheme_params = parse_scheme_args(args.scheme, args.scheme_arg)
+    from ..schemes import get
+
+    scheme = get(args.scheme, **scheme_params)
+    out = output_path(args.output, (".pt2",), "-o")
+    if scheme.activation == "static" and args.calibrate is None:
+        raise CalibrationError(f"scheme {scheme.name} quantizes activations statically: add --calibrate "
+                               "(random inputs) or --calibrate INPUTS.pt")
+    calib_file = load_calibration(args.calibrate, len(specs)) if args.calibrate not in (None, "random") else None
+    save = stage("save")
+
+    progress = Progress(total=5)
+    with progress.step(f"building {args.target}"):
+        model = build_model(args.target)
+    g = torch.Generator().manual_seed(args.seed)
+    high = default_int_high(model)
+    # A size-1 dim cannot be traced as dynamic (torch.export specializes it): trace batch 2 instead.
+    batch = max(2, specs[0].shape[0]) if args.dynamic_batch else None
+    example = tuple(s.make(g, high, batch) for s in specs)
+    with progress.step("checking the model runs on the example inputs"):
+        # One eager call catches wrong shapes / dtypes with the model's own message, before
+        # quantization and before torch.export (whose failure logs a page of fake-tensor traces).
+        try:
+            with torch.no_grad():
+                model(*example)
+        except Exception as e:
+            shown = ", ".join(_traced(specs, batch))
+            raise UsageError(f"{args.target} fails on the example inputs {shown} (check --input): "
+                             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    with progress.step(f"quantizing with {scheme.describe()}"):
+        calib: Any = None
+        if scheme.activation == "static":
+            calib = calib_file or [tuple(s.make(g, high) for s in specs) for _ in range(CALIBRATION_BATCHES)]
+        from ..quantize import quantize
+
+        quantize(model, scheme, calibration_data=calib)
+    with progress.step("exporting"):
+        from ..export import export
+
+        dynamic = tuple({0: torch.export.Dim("batch")} for _ in specs) if args.dynamic_batch else None
+        ep = export(model, example, dynamic_shapes=dynamic, strict=args.strict)
+    with progress.step(f"saving {out}"):
+        save(ep, out)
+    print_regions(ep)
+    print(f"wrote {out} ({fmt_bytes(Path(out).stat().st_size)}), inputs: {', '.join(map(str, _traced(specs, batch)))}"
+          + (" (dim 0 dynamic)" if args.dynamic_batch else ""))
+    return 0
+
+
+def _traced(specs: list[InputSpec], batch: int | None) -> list[str]:
+    return [str(InputSpec((batch, *s.shape[1:]), s.dtype, s.high) if batch else s) for s in specs]
+
+
+def print_regions(ep: torch.export.ExportedProgram) -> None:
+    from ..regions import regions
+
+    rows = [[r.module_path or r.name, r.scheme.describe() if r.scheme else r.scheme_name, r.op,
+             "x".join(map(str, r.input_shapes[0])) if r.input_shapes else "", "x".join(map(str, r.output_shapes[0])) if r.output_shapes else ""]
+            for r in regions(ep)]
+    print(format_table(["region", "scheme", "op", "input", "output"], rows))

@@ -1,0 +1,62 @@
+"""`qexport verify REFERENCE.pt2 ARTIFACT...`: run every artifact on the reference program's inputs
+and check its outputs against the scheme's documented tolerance."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import Progress, fmt_err
+from ._table import format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check artifacts against the reference program, within the scheme's tolerance",
+        description="Run each ARTIFACT (.pt2, AOTI package, .pte, .onnx) on the same inputs as REFERENCE "
+        "(generated from its input shapes; token-id inputs stay within their embedding) and compare "
+        "outputs. Passes when max|artifact - reference| / max|reference| is within the loosest tolerance "
+        "of the reference's schemes. Exits 1 if any artifact fails.",
+        epilog="example: qexport verify model.pt2 model_aoti.pt2 model.pte model.onnx",
+    )
+    p.add_argument("reference", metavar="REFERENCE.pt2", help="the exported program (from qexport export)")
+    p.add_argument("artifacts", metavar="ARTIFACT", nargs="+", help="artifacts to check")
+    p.add_argument("--seed", type=int, default=0, help="seed for the generated inputs")
+    p.add_argument("--regions", action="store_true",
+                   help="also print region-by-region errors (for .pt2 artifacts; other runtimes fuse regions away)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runners import verify
+
+    progress = Progress(total=len(args.artifacts))
+    try:
+        out = verify(args.reference, args.artifacts, seed=args.seed, on_artifact=lambda p: progress.advance(f"running {p}"))
+    except BaseException:
+        progress.close(ok=False)
+        raise
+    progress.close()
+    print(verify_table(out))
+    if args.regions:
+        for r in out:
+            if r.regions:
+                print(f"\n{r.path}: per region")
+                print(format_table(["region", "module", "max abs", "rel"],
+                                   [[e.name, e.module_path, fmt_err(e.max_abs), fmt_err(e.rel)] for e in r.regions]))
+    failed = [r for r in out if not r.passed]
+    tol = out[0].tolerance if out else None
+    print(f"{len(out) - len(failed)}/{len(out)} passed (tolerance {tol:g}, relative to the reference's max-abs output)")
+    return 1 if failed else 0
+
+
+def verify_table(results) -> str:
+    rows = []
+    for r in results:
+        worst = max((e.rel for e in r.regions), default=None) if r.regions else None
+        rows.append([
+            str(r.path), r.kind, fmt_err(r.max_abs), fmt_err(r.rel), f"{r.tolerance:g}",
+            "pass" if r.passed else "FAIL", fmt_err(worst) if worst is not None else "-",
+            r.error or ("" if r.passed else "error above tolerance"),
+        ])
+    return format_table(["artifact", "kind", "max abs", "rel", "tolerance", "result", "worst region rel", "note"], rows)

@@ -1,0 +1,535 @@
+"""Run any qexport artifact: one loader for `.pt2` programs, AOTInductor packages, ExecuTorch `.pte`
+and ONNX files, plus what `verify`, `bench` and the demo build on it (example inputs from a program,
+comparison against the scheme's tolerance, median latency).
+
+Every runner takes and returns a *flat* list of tensors (the program's user inputs in graph order,
+its outputs flattened), because that is the one calling convention all four runtimes share.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import zipfile
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CorruptArtifactError, QExportError
+
+ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
+#: used when a program has no quantized region (an fp32 model against its own lowering)
+FLOAT_TOLERANCE = 1e-3
+
+Flat = list[torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# kinds
+
+
+def artifact_kind(path: "str | PathLike[str]") -> str:
+    """'pt2' (an ExportedProgram archive), 'aoti' (an AOTInductor package), 'pte' or 'onnx', told
+    from the file's content, not its name (AOTI packages and programs are both `.pt2` zips)."""
+    p = _readable(path)
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[4:8] == b"ET12":  # ExecuTorch's flatbuffer file identifier
+        return "pte"
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CorruptArtifactError(f"{p}: a damaged zip archive ({e})") from None
+        if any("/data/aotinductor/" in n or n.startswith("data/aotinductor/") for n in names):
+            return "aoti"
+        return "pt2"
+    if p.suffix == ".onnx":
+        return "onnx"
+    raise CorruptArtifactError(
+        f"{p}: not a qexport artifact (expected a .pt2 program, an AOTI package, a .pte or an .onnx file)"
+    )
+
+
+def _readable(path: "str | PathLike[str]") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactNotFoundError(f"{p}: no such file")
+    if not p.is_file():
+        raise ArtifactError(f"{p}: not a file")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# runners
+
+
+@dataclass
+class InputInfo:
+    """What a runner knows about one of its inputs: enough to generate a valid example."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    #: integer inputs are drawn from [0, high); None means "not an index": filled with ones (masks)
+    high: int | None = None
+
+    def make(self, generator: torch.Generator) -> torch.Tensor:
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, generator=generator).to(self.dtype)
+        if self.high is None or self.dtype == torch.bool:
+            return torch.ones(self.shape, dtype=self.dtype)
+        return torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
+
+
+@dataclass
+class Runner:
+    """A loaded artifact: `runner(flat_inputs) -> flat_outputs`."""
+
+    kind: str
+    path: Path
+    call: Callable[[Flat], Flat]
+    #: the ExportedProgram for a .pt2 (lets verify compare region by region)
+    program: torch.export.ExportedProgram | None = None
+    inputs: list[InputInfo] | None = None
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
+        return self.call(list(inputs))
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def load(path: "str | PathLike[str]") -> Runner:
+    """Load any qexport artifact as a Runner. Raises ArtifactError subclasses for unreadable files
+    and BackendUnavailableError when the runtime it needs is not installed."""
+    p = _readable(path)
+    kind = artifact_kind(p)
+    try:
+        return _LOADERS[kind](p)
+    except QExportError:
+        raise
+    except Exception as e:  # runtimes raise RuntimeError for anything; name the file and the kind
+        raise CorruptArtifactError(f"{p}: cannot be loaded as {kind}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def load_program(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
+    """The ExportedProgram in a .pt2 (qexport.load, which checks the manifest; a .pt2 without a
+    qexport manifest, e.g. an fp32 baseline, loads through torch.export.load)."""
+    from .cli._common import stage
+
+    p = _readable(path)
+    try:
+        qload = stage("load")
+    except BackendUnavailableError:
+        qload = None
+    if qload is not None:
+        try:
+            return qload(p)
+        except QExportError as e:
+            if not _is_missing_manifest(e):
+                raise
+    try:
+        return torch.export.load(str(p))
+    except Exception as e:
+        raise CorruptArtifactError(f"{p}: not a readable .pt2 program: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _is_missing_manifest(e: QExportError) -> bool:
+    # serializers say "no qexport manifest" for a plain torch archive (an fp32 baseline, say),
+    # which is still worth running; any other refusal (damaged, unsafe, mismatched) stands.
+    return "no qexport manifest" in str(e) or "without a qexport manifest" in str(e)
+
+
+def _load_pt2(p: Path) -> Runner:
+    return program_runner(load_program(p), p)
+
+
+def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None) -> Runner:
+    """A Runner over an in-memory ExportedProgram (eager, through `ep.module()`)."""
+    module = ep.module()
+
+    def call(flat: Flat) -> Flat:
+        args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+        with torch.no_grad():
+            return _flat_tensors(module(*args, **kwargs))
+
+    return Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep))
+
+
+def _load_aoti(p: Path) -> Runner:
+    from .cli._common import stage
+
+    try:
+        compiled = stage("load_compiled")(str(p))
+    except QExportError as e:
+        if not _is_missing_manifest(e):
+            raise
+        compiled = torch._inductor.aoti_load_package(str(p))  # a plain torch package (fp32 baseline)
+    loader = getattr(compiled, "loader", None)
+
+    def call(flat: Flat) -> Flat:
+        with torch.no_grad():
+            if loader is not None:  # AOTICompiledModel: the flat calling convention is native
+                return _flat_tensors(loader.boxed_run(list(flat)))
+            return _flat_tensors(compiled(*flat))
+
+    return Runner("aoti", p, call)
+
+
+_ET_DTYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64, 5: torch.float16,
+              6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
+
+
+def _load_pte(p: Path) -> Runner:
+    try:
+        from executorch.runtime import Runtime
+    except ImportError as e:
+        raise BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
+    try:  # the portable quantized kernels, for regions no delegate took
+        import executorch.kernels.quantized  # noqa: F401
+    except Exception:
+        pass
+    program = Runtime.get().load_program(str(p))
+    method = program.load_method("forward")
+    if method is None:
+        raise CorruptArtifactError(f"{p}: the program has no 'forward' method")
+    meta = method.metadata
+    inputs = []
+    for i in range(meta.num_inputs()):
+        t = meta.input_tensor_meta(i)
+        inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), _ET_DTYPES.get(int(t.dtype()), torch.float32)))
+
+    def call(flat: Flat) -> Flat:
+        return _flat_tensors(method.execute([x.contiguous() for x in flat]))
+
+    return Runner("pte", p, call, inputs=inputs)
+
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(int8)": torch.int8,
+               "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool, "tensor(double)": torch.float64}
+
+
+def _load_onnx(p: Path) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
+    session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    inputs = [
+        InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))
+        for i in session.get_inputs()
+    ]
+
+    def call(flat: Flat) -> Flat:
+        if len(flat) != len(names):
+            raise ArtifactError(f"{p}: the model takes {len(names)} inputs ({', '.join(names)}), got {len(flat)}")
+        feed = {n: x.detach().contiguous().numpy() for n, x in zip(names, flat)}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+    return Runner("onnx", p, call, inputs=inputs)
+
+
+_LOADERS: dict[str, Callable[[Path], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}
+
+
+def _flat_tensors(out: Any) -> Flat:
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
+    """The program's user inputs (graph order), with concrete shapes: a dynamic dim takes its
+    lower bound (at least 2, so it stays dynamic-looking), capped by its upper bound.
+
+    Integer inputs that index an embedding (a region with op "embedding" or aten.embedding) are
+    drawn from [0, rows); other integer and bool inputs (attention masks) are ones."""
+    from .regions import iter_region_nodes, region_payload
+
+    high: dict[str, int] = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            w, idx = node.args[0], node.args[1]
+            rows = w.meta["val"].shape[0] if isinstance(w, torch.fx.Node) and "val" in w.meta else None
+            if isinstance(idx, torch.fx.Node) and isinstance(rows, int):
+                high[idx.name] = min(high.get(idx.name, rows), rows)
+    for node in iter_region_nodes(ep):
+        payload = region_payload(node) or {}
+        if payload.get("op") == "embedding" and payload.get("weight_shape") and isinstance(node.args[1], torch.fx.Node):
+            rows = int(payload["weight_shape"][0])
+            high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
+    user = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ArtifactError(f"input {node.name} is not a tensor ({type(val).__name__}); verify and bench need tensor inputs")
+        shape = tuple(_concrete_dim(d, ep) for d in val.shape)
+        out.append(InputInfo(node.name, shape, val.dtype, high.get(node.name)))
+    return out
+
+
+def _concrete_dim(d: Any, ep: torch.export.ExportedProgram) -> int:
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr
+    vr = ep.range_constraints.get(expr)
+    lo = int(vr.lower) if vr is not None else 2
+    v = max(lo, 2)
+    try:
+        hi = int(vr.upper) if vr is not None else None
+    except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's / torch's infinity
+        hi = None
+    return min(v, hi) if hi is not None else v
+
+
+def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
+    g = torch.Generator().manual_seed(seed)
+    return [i.make(g) for i in infos]
+
+
+# --------------------------------------------------------------------------------------------------
+# verify
+
+
+@dataclass
+class RegionError:
+    name: str
+    module_path: str
+    max_abs: float
+    rel: float
+
+
+@dataclass
+class VerifyResult:
+    path: Path
+    kind: str
+    tolerance: float
+    max_abs: float | None = None
+    rel: float | None = None
+    error: str | None = None
+    regions: list[RegionError] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.rel is not None and self.rel <= self.tolerance
+
+
+def tolerance_for(ep: torch.export.ExportedProgram) -> tuple[float, list[str]]:
+    """The loosest documented tolerance among the program's schemes (and their names)."""
+    from .regions import regions
+    from .schemes import math_for
+
+    schemes = {r.scheme.name: r.scheme for r in regions(ep) if r.scheme is not None}
+    if not schemes:
+        return FLOAT_TOLERANCE, []
+    return max(math_for(s).tolerance for s in schemes.values()), sorted(schemes)
+
+
+def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(max-abs error, max-abs error relative to the expected outputs' max-abs) over all outputs.
+    Raises ArtifactError when the outputs do not line up (count or shape)."""
+    if len(expected) != len(got):
+        raise ArtifactError(f"returned {len(got)} outputs, the reference {len(expected)}")
+    max_abs, scale = 0.0, 0.0
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if tuple(e.shape) != tuple(g.shape):
+            raise ArtifactError(f"output {i} has shape {tuple(g.shape)}, the reference {tuple(e.shape)}")
+        e, g = e.detach().float(), g.detach().float()
+        if e.numel():
+            max_abs = max(max_abs, (e - g).abs().max().item())
+            scale = max(scale, e.abs().max().item())
+    return max_abs, max_abs / max(scale, 1e-12)
+
+
+def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
+    """Each region's first output when the program runs on `flat`, keyed by module path (or node name)."""
+    from .regions import HOP_TARGETS, region_payload
+
+    gm = ep.module()
+    captured: dict[str, tuple[str, torch.Tensor]] = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target in HOP_TARGETS:
+                payload = region_payload(n) or {}
+                key = payload.get("module") or n.name
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                captured[key] = (n.name, first.detach())
+            return out
+
+    args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+    flat_args = pytree.arg_tree_leaves(*args, **kwargs)
+    with torch.no_grad():
+        Capture(gm).run(*flat_args)
+    return captured
+
+
+def verify(
+    reference: "str | PathLike[str] | torch.export.ExportedProgram",
+    artifacts: Sequence["str | PathLike[str]"],
+    *,
+    seed: int = 0,
+    per_region: bool = True,
+    on_artifact: Callable[[Path], Any] | None = None,
+) -> list[VerifyResult]:
+    """Run each artifact on the same inputs as the reference program (generated from its input
+    specs) and compare outputs, against the loosest tolerance of the reference's schemes.
+
+    An artifact that cannot be loaded or run gives a failed result with the reason; a missing
+    path is an error before any work. Region-by-region errors are reported for `.pt2` artifacts
+    (the other runtimes fuse regions away)."""
+    paths = [_readable(a) for a in artifacts]
+    if isinstance(reference, torch.export.ExportedProgram):
+        ref = reference
+    else:
+        rp = _readable(reference)
+        kind = artifact_kind(rp)
+        if kind != "pt2":
+            raise ArtifactError(f"{rp}: the reference must be an exported program (.pt2 from qexport export), not {kind}")
+        ref = load_program(rp)
+    tol, _ = tolerance_for(ref)
+    infos = program_inputs(ref)
+    flat = make_inputs(infos, seed)
+    ref_runner = program_runner(ref)
+    expected = ref_runner(flat)
+    ref_regions = region_outputs(ref, flat) if per_region else {}
+    results = []
+    for p in paths:
+        if on_artifact is not None:
+            on_artifact(p)
+        res = VerifyResult(p, "?", tol)
+        try:
+            runner = load(p)
+            res.kind = runner.kind
+            got = runner([x.clone() for x in flat])
+            res.max_abs, res.rel = compare(expected, got)
+            if per_region and runner.program is not None and ref_regions:
+                res.regions = _region_errors(ref_regions, region_outputs(runner.program, flat))
+        except QExportError as e:
+            res.error = str(e)
+        except Exception as e:  # a runtime failing on this input is a verification failure, not a crash
+            res.error = f"{type(e).__name__}: {_first_line(e)}"
+        results.append(res)
+    return results
+
+
+def _region_errors(ref: dict, got: dict) -> list[RegionError]:
+    out = []
+    for key, (name, e) in ref.items():
+        if key not in got:
+            continue
+        g = got[key][1]
+        if e.shape != g.shape:
+            continue
+        max_abs, rel = compare([e], [g])
+        out.append(RegionError(name, key, max_abs, rel))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+
+
+@dataclass
+class BenchResult:
+    path: Path
+    kind: str
+    size: int
+    median_s: float | None = None
+    p10_s: float | None = None
+    p90_s: float | None = None
+    iters: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, min_iters: int = 10, min_time_s: float = 0.5,
+              max_iters: int = 10_000) -> list[float]:
+    """Per-call wall times (seconds): `warmup` untimed calls, then at least `min_iters` calls and
+    at least `min_time_s` seconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_inputs(runners: Sequence[Runner], seed: int = 0) -> Flat:
+    """One input set for every runner: from the first runner that describes its inputs (put the
+    .pt2 first: it knows which integer inputs are token ids)."""
+    for r in runners:
+        if r.inputs is not None:
+            return make_inputs(r.inputs, seed)
+    raise ArtifactError("none of the artifacts describes its inputs (AOTI packages do not); add the .pt2 "
+                        "to the list or pass --input")
+
+
+def bench(
+    artifacts: Sequence["str | PathLike[str]"],
+    *,
+    inputs: Flat | None = None,
+    seed: int = 0,
+    warmup: int = 3,
+    min_iters: int = 10,
+    min_time_s: float = 0.5,
+    on_artifact: Callable[[Path], Any] | None = None,
+) -> list[BenchResult]:
+    """Median latency and size of each artifact, all on the same inputs, in one run. An artifact
+    that fails to load or run gets a result with `.error` set."""
+    paths = [_readable(a) for a in artifacts]
+    runners: list[Runner | BenchResult] = []
+    for p in paths:
+        try:
+            runners.append(load(p))
+        except QExportError as e:
+            runners.append(BenchResult(p, "?", p.stat().st_size, error=str(e)))
+    if inputs is None:
+        inputs = bench_inputs([r for r in runners if isinstance(r, Runner)], seed)
+    results = []
+    for r in runners:
+        if isinstance(r, BenchResult):
+            results.append(r)
+            continue
+        if on_artifact is not None:
+            on_artifact(r.path)
+        res = BenchResult(r.path, r.kind, r.size)
+        try:
+            times = time_call(lambda: r(inputs), warmup=warmup, min_iters=min_iters, min_time_s=min_time_s)
+            q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+            res.median_s, res.p10_s, res.p90_s, res.iters = statistics.median(times), q[0], q[-1], len(times)
+        except QExportError as e:
+            res.error = str(e)
+        except Exception as e:
+            res.error = f"{type(e).__name__}: {_first_line(e)}"
+        results.append(res)
+    return results
+
+
+__all__ = [
+    "ARTIFACT_KINDS", "BenchResult", "InputInfo", "RegionError", "Runner", "VerifyResult", "artifact_kind", "bench",
+    "compare", "load", "load_program", "make_inputs", "program_inputs", "program_runner", "tolerance_for", "verify",
+]
