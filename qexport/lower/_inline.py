@@ -18,8 +18,9 @@ happened to each region.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch._guards import detect_fake_mode
@@ -54,6 +55,7 @@ class RegionSite:
         self._make_constant = make_constant
         self._fake_mode = detect_fake_mode([n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"])
         self._emitted: list[torch.fx.Node] = []
+        self._anchor = node
 
     # -- reading ----------------------------------------------------------------------------
     @property
@@ -65,7 +67,9 @@ class RegionSite:
 
     def value(self, role: str) -> torch.Tensor:
         """The real tensor behind a constant operand (a buffer, parameter or lifted constant)."""
-        node = self.operands[role]
+        return self.value_of(self.operands[role], role)
+
+    def value_of(self, node: torch.fx.Node, role: str = "") -> torch.Tensor:
         sig = self.ep.graph_signature
         for table, store in (
             (sig.inputs_to_buffers, self.ep.state_dict),
@@ -76,21 +80,35 @@ class RegionSite:
                 fqn = table[node.name]
                 return (store.get(fqn) if fqn in store else self.ep.constants[fqn]).detach()
         raise LoweringError(
-            f"region {self.region.name}: operand {role!r} ({node.name}) is not a constant of the program; "
+            f"region {self.region.name}: operand {role or node.name!r} ({node.name}) is not a constant of the program; "
             f"this backend needs the region's quantized tensors as buffers (export the quantized model with qexport.export)"
         )
 
     # -- emitting ---------------------------------------------------------------------------
     def call(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        """Emit `target(*args, **kwargs)` before the region node, with meta["val"] computed under the
-        program's fake mode (what export itself records) and the region tag."""
-        with self.graph.inserting_before(self.node):
+        """Emit `target(*args, **kwargs)` before the region node (or the node given to `before`), with
+        meta["val"] computed under the program's fake mode (what export itself records) and the region tag."""
+        with self.graph.inserting_before(self._anchor):
             out = self.graph.call_function(target, args, kwargs)
         fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], (args, kwargs))
         with self._fake_mode:
             out.meta["val"] = target(*fake_args, **fake_kwargs)
         self._stamp(out)
         return out
+
+    @contextlib.contextmanager
+    def before(self, node: torch.fx.Node) -> Iterator[None]:
+        """Emit at `node` instead (to rewrite nodes `inline_reference` already copied)."""
+        previous, self._anchor = self._anchor, node
+        try:
+            yield
+        finally:
+            self._anchor = previous
+
+    @property
+    def emitted(self) -> list[torch.fx.Node]:
+        """The nodes emitted for this region so far (emission order), erased ones left out."""
+        return [n for n in self._emitted if not n._erased]
 
     def constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
         """A new constant input of the program (e.g. a zero-point tensor a kernel pattern requires)."""

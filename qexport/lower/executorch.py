@@ -105,6 +105,46 @@ def _reference(site: RegionSite) -> torch.fx.Node:
     return site.inline_reference()
 
 
+_FP8 = torch.float8_e4m3fn
+_FP8_MANTISSA_BITS = 3
+_FP8_MIN_NORMAL_EXP = -6
+
+
+def _lower_fp8_reference(site: RegionSite) -> torch.fx.Node:
+    """The fp8 region's reference subgraph with its float8 casts replaced, because ExecuTorch has no
+    float8 kernels (the portable `_to_dim_order_copy` rejects Float8_e4m3fn at run time):
+
+    * the fp8 weight buffer is widened to bfloat16 at lowering time: every e4m3 value is exactly a
+      bfloat16, so the reference's `weight.float()` sees the same numbers;
+    * the activation round trip `v.to(float8_e4m3fn).float()` (v already clamped to ±448 by the
+      reference) becomes round-to-nearest-even on e4m3's grid, computed in float: the grid step is
+      2**(floor(log2|v|) - 3), with subnormals sharing the step of 2**-6.
+    """
+    out = site.inline_reference()
+    aten = torch.ops.aten
+    wide: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in site.emitted:
+        for src in n.all_input_nodes:
+            if src.op == "placeholder" and src.meta["val"].dtype == _FP8:
+                if src not in wide:
+                    name = f"_qexport_{_ident(site.region.name)}_{src.name}_bf16"
+                    wide[src] = site.constant(name, site.value_of(src).to(torch.bfloat16))
+                n.replace_input_with(src, wide[src])
+        val = n.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.dtype == _FP8):
+            continue
+        src = n.args[0]
+        with site.before(n):
+            mag = site.call(aten.clamp.default, site.call(aten.abs.default, src), 2.0 ** _FP8_MIN_NORMAL_EXP)
+            exp = site.call(aten.floor.default, site.call(aten.log2.default, mag))
+            step = site.call(aten.pow.Scalar, 2.0, site.call(aten.sub.Tensor, exp, _FP8_MANTISSA_BITS))
+            units = site.call(aten.round.default, site.call(aten.div.Tensor, src, step))
+            rounded = site.call(aten.mul.Tensor, units, step)
+        n.replace_all_uses_with(rounded)
+        site.graph.erase_node(n)
+    return out
+
+
 _PORTABLE = "runs its reference decomposition on ExecuTorch's portable kernels"
 _INT8_OPS = ("linear", "conv2d")
 
@@ -129,11 +169,13 @@ _NOT_XNNPACK: dict[tuple[str, str], str] = {
         "XNNPACK has no codebook (NF4) weights, so it " + _PORTABLE + ". Quantize with int8_dynamic to delegate it"
     ),
     ("fp8", "dynamic"): (
-        "neither XNNPACK nor ExecuTorch's portable kernels have float8 arithmetic: fp8 weights are widened to "
-        "bfloat16 (exactly) and the fp8 activation rounding is emulated in float, on portable kernels. "
-        "Quantize with int8_dynamic to delegate it"
+        "neither XNNPACK nor ExecuTorch's portable kernels have float8 arithmetic: its weights are widened to "
+        "bfloat16 (exactly, 2x the fp8 bytes) and the fp8 activation rounding is computed in float, on portable "
+        "kernels. Quantize with int8_dynamic to delegate it"
     ),
 }
+#: families whose reference subgraph needs rewriting before ExecuTorch can run it
+_REFERENCE_LOWERINGS: dict[str, Callable[[RegionSite], torch.fx.Node]] = {"fp8": _lower_fp8_reference}
 
 
 def plan_region(region: Region, backend: str) -> RegionPlan:
@@ -146,6 +188,7 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
         )
     key = (s.family, s.activation)
     entry = _QDQ_LOWERINGS.get(key)
+    reference = _REFERENCE_LOWERINGS.get(s.family, _reference)
     dtype_ok = region.input_dtypes[:1] == ("float32",)
     if entry is not None and region.op in _INT8_OPS and dtype_ok:
         lower, kernel = entry
@@ -155,7 +198,7 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
         return RegionPlan(lower, "portable + quantized Q/DQ kernels", delegable=False,
                           reason="backend='portable' delegates nothing; use backend='xnnpack' to accelerate it")
     if backend == "portable":
-        return RegionPlan(_reference, "portable (reference decomposition)", delegable=False,
+        return RegionPlan(reference, "portable (reference decomposition)", delegable=False,
                           reason="backend='portable' delegates nothing; the region " + _PORTABLE)
     if entry is not None and not dtype_ok:
         why = (f"its input is {region.input_dtypes[0] if region.input_dtypes else '?'}; XNNPACK's int8 patterns take "
@@ -168,7 +211,7 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
         why = f"a hand-written region (op='custom') has no XNNPACK pattern; it {_PORTABLE}"
     else:
         why = _NOT_XNNPACK.get(key, f"XNNPACK has no kernel for scheme family {s.family!r}; the region {_PORTABLE}")
-    return RegionPlan(_reference, "portable (reference decomposition)", delegable=False, reason=why)
+    return RegionPlan(reference, "portable (reference decomposition)", delegable=False, reason=why)
 
 
 # -- edge-compat passes -------------------------------------------------------------------------
@@ -189,6 +232,26 @@ def rshift_as_floor_divide(gm: torch.fx.GraphModule) -> bool:
     if changed:
         gm.recompile()
     return changed
+
+
+def drop_unused_constants(ep: torch.export.ExportedProgram) -> bool:
+    """Remove constant inputs no node reads any more.
+
+    Why: lowering replaces some region tensors (static activation scales become literals of the Q/DQ
+    ops, fp8 weights get a bfloat16 copy); left in the program they would still be serialized into the
+    .pte, and a float8 tensor there is one ExecuTorch cannot hold.
+    """
+    from executorch.backends.transforms.utils import delete_constant_placeholder
+
+    sig = ep.graph_signature
+    constants = {**sig.inputs_to_buffers, **sig.inputs_to_parameters, **sig.inputs_to_lifted_tensor_constants}
+    unused = [n for n in ep.graph.nodes if n.op == "placeholder" and not n.users and n.name in constants
+              and n.name not in sig.buffers_to_mutate.values()]
+    for n in unused:
+        delete_constant_placeholder(ep, n)
+    if unused:
+        ep.graph_module.recompile()
+    return bool(unused)
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -294,6 +357,7 @@ def to_executorch(
     ep = copy.deepcopy(ep)  # the caller's program stays as it was
     inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
     rshift_as_floor_divide(ep.graph_module)
+    drop_unused_constants(ep)
 
     partitioners = []
     if backend == "xnnpack":
