@@ -226,11 +226,16 @@ def apply_kernels(
 # -- program surgery ------------------------------------------------------------------------
 
 def _copy_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    # The graph is copied; tensors are shared (rewrites only add or drop state, never mutate it).
-    return ep._update(
-        copy.deepcopy(ep.graph_module), copy.deepcopy(ep.graph_signature),
-        state_dict=dict(ep.state_dict), constants=dict(ep.constants),
-    )
+    """A copy whose graph can be rewritten; tensors are shared (rewrites add or drop state, never mutate it)."""
+    gm = copy.deepcopy(ep.graph_module)
+    sig = copy.deepcopy(ep.graph_signature)
+    # Copying a graph re-derives node names and avoids Python builtins, so nn.Sequential's input
+    # `input` becomes `input_1`; the signature must follow or the verifier rejects the program.
+    renamed = {a.name: b.name for a, b in zip(ep.graph.nodes, gm.graph.nodes) if a.name != b.name}
+    for spec in (*sig.input_specs, *sig.output_specs):
+        if getattr(spec.arg, "name", None) in renamed:
+            spec.arg = type(spec.arg)(renamed[spec.arg.name])
+    return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
 
 
 def _real_tensor(ep: torch.export.ExportedProgram, arg: Any) -> torch.Tensor:

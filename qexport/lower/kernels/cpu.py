@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ...schemes import _activation as act
 from ...schemes._packing import unpack_uint4
 from . import Decline, KernelChoice, KernelContext, register_kernel
 
@@ -85,6 +86,57 @@ def int4_weight_int4pack_mm_for_cpu(ctx: KernelContext) -> KernelChoice | Declin
     return KernelChoice(
         name="aten._weight_int4pack_mm_for_cpu",
         why=f"tinygemm int4 layout packed at compile time, {scheme.compute_dtype} activations",
+        body=body,
+        operands=operands,
+    )
+
+
+@register_kernel("int8", "cpu", "linear")
+def int8_activations_int_mm(ctx: KernelContext) -> KernelChoice | Decline | None:
+    """int8 x int8 -> int32 (aten._int_mm) for dynamic and static int8 activations.
+
+    With asymmetric activations x = (qx - zx) * sx and symmetric weights w = qw * sw,
+    x @ w.T = sx * sw * (qx @ qw.T - zx * colsum(qw)): the zero point costs one rank-1 correction
+    with the weight's column sums, computed here once.
+    """
+    scheme = ctx.scheme
+    if scheme.activation not in ("dynamic", "static") or scheme.act_dtype != "int8":
+        return None
+    if ctx.input_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
+    weight = ctx.tensor("weight")
+    n = weight.shape[0]
+    w_scale = ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous()
+    colsum = weight.to(torch.int32).sum(1)
+    operands: list = ["weight", ("weight_scale_f32", w_scale), ("weight_colsum", colsum)]
+    static = scheme.activation == "static"
+    if static:
+        operands += ["input_scale", "input_zero_point", "output_scale", "output_zero_point"]
+    if ctx.has("bias"):
+        operands.append(("bias_f32", ctx.tensor("bias").float()))
+    per_token = scheme.act_granularity == "per_token"
+
+    def body(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, cs: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        x2 = _as_2d(x).float()
+        if static:
+            s, zp, out_s, out_zp, *bias = rest
+            zp = zp.float()
+        else:
+            bias = list(rest)
+            mn, mx = (x2.amin(-1, keepdim=True), x2.amax(-1, keepdim=True)) if per_token else (x2.amin(), x2.amax())
+            s, zp = act.int8_asym_qparams(mn, mx)
+        q = act.quantize_int8(x2, s, zp).to(torch.int8)
+        acc = aten._int_mm(q, w.t()) - zp.to(torch.int32) * cs
+        y = acc.float() * (s * ws)
+        if bias:
+            y = y + bias[0]
+        if static:
+            y = act.static_int8(y, out_s, out_zp)
+        return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+    return KernelChoice(
+        name="aten._int_mm",
+        why=f"int8 x int8 -> int32 with {scheme.activation} {scheme.act_granularity} activations, zero point folded via weight column sums",
         body=body,
         operands=operands,
     )
