@@ -1,0 +1,79 @@
+"""`qexport partition IN.pt2 --target xnnpack|portable|onnx -o OUT`: lower a .pt2 for an edge runtime
+and print where each region went (delegated or not, and why not)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UsageError
+from ._common import Progress, fmt_bytes, input_path, output_path, stage
+
+
+@dataclass(frozen=True)
+class Target:
+    """One `--target`: the file it writes and the lowering that writes it (a LoweringReport back)."""
+
+    suffix: str
+    lower: Callable[[Path, Path, argparse.Namespace], Any]
+    runtime: str
+
+
+def _executorch(backend: str) -> Callable[[Path, Path, argparse.Namespace], Any]:
+    def lower(src: Path, out: Path, args: argparse.Namespace) -> Any:
+        return stage("to_executorch")(src, out, backend=backend)
+
+    return lower
+
+
+def _onnx(src: Path, out: Path, args: argparse.Namespace) -> Any:
+    return stage("to_onnx")(src, out)
+
+
+#: --target -> how to lower; a backend adds its entry here
+TARGETS: dict[str, Target] = {
+    "xnnpack": Target(".pte", _executorch("xnnpack"), "ExecuTorch (XNNPACK delegate)"),
+    "portable": Target(".pte", _executorch("portable"), "ExecuTorch (portable kernels only)"),
+    "onnx": Target(".onnx", _onnx, "ONNX Runtime"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "partition",
+        help="lower a .pt2 for an edge runtime (ExecuTorch .pte, ONNX) and report what was delegated",
+        description=(
+            "Lower a qexport .pt2 for an edge runtime. Each quantized region is lowered from its scheme; "
+            "the table says, per region, whether the accelerated backend took it and, if not, why and what "
+            "to change."
+        ),
+    )
+    p.add_argument("input", metavar="IN.pt2", help="a .pt2 written by qexport export / qexport.save")
+    p.add_argument("--target", required=True, choices=sorted(TARGETS), help="what to lower for")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (.pte or .onnx)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="print only the output path")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    target = TARGETS[args.target]
+    src = input_path(args.input, "IN.pt2")
+    out = output_path(args.output, (target.suffix,), f"--target {args.target} output")
+    if src.resolve() == out.resolve():
+        raise UsageError("the output must differ from IN.pt2")
+    progress = Progress(total=1, enabled=not (args.quiet or args.json))
+    with progress.step(f"lower {src} for {target.runtime}"):
+        report = target.lower(src, out, args)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    elif args.quiet:
+        print(out)
+    else:
+        print(report.table())
+        delegated = sum(r.delegated for r in report.regions)
+        print(f"{delegated}/{len(report.regions)} regions delegated; wrote {out} ({fmt_bytes(report.bytes)})")
+    return 0
