@@ -227,7 +227,10 @@ def _load_onnx(p: Path) -> Runner:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
-    session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # Same thread budget as torch, so `bench --threads N` compares like with like.
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     inputs = [
         InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))
