@@ -104,3 +104,20 @@ def builtin_scheme(request):
 @pytest.fixture
 def mlp_input():
     return torch.randn(4, 64)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`qexport demo` run once per session through the CLI's main(): (exit code, stdout, out dir).
+    Shared by the CLI and runner tests: it leaves one artifact of every kind (.pt2, AOTI package,
+    .pte, .onnx, and an fp32 .pt2), and its AOTI compile is the slow part (~20 s)."""
+    import contextlib
+    import io
+
+    from qexport.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["demo", "--out", str(out), "--bench-time", "0.1"])
+    return code, buf.getvalue(), out
