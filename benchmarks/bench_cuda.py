@@ -1,0 +1,314 @@
+"""CUDA speed of quantized AOTInductor packages vs the bf16 package, in ONE run on the lent GPU.
+
+Model: 4 x Linear(4096, 4096, bias=False) in bf16 (an LLM projection stack), input [M, 4096] bf16
+with M dynamic (1..4096): ONE package per variant serves every M. Each variant is compiled with
+qexport.compile(device="cuda"), loaded with qexport.load_compiled, checked against the eager
+quantized model and timed at M in {1, 16, 256, 4096} with triton.testing.do_bench (median, L2
+flushed before every call). Ratios are bf16 AOTI latency / variant latency, same card, same run.
+
+    python benchmarks/bench_cuda.py --out DIR            # the package table: cuda.md, cuda.json, cuda_speedup.png
+    python benchmarks/bench_cuda.py --lab --out DIR      # per-layer kernel candidates and crossovers: lab.md, lab.json
+
+On the lent machine compile with CXX=/usr/bin/g++ (GPU_BASELINE.md: packages built with the image's
+newer GCC segfault on load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import qexport  # noqa: E402
+
+VARIANTS = [  # (label, scheme, params, compile options)
+    ("int8_weight_only", "int8_weight_only", {}, None),
+    ("int8_weight_only [upstream Inductor fusion]", "int8_weight_only", {}, {"qexport.kernels": "inductor"}),
+    ("int4_weight_only g128", "int4_weight_only", {"group_size": 128}, None),
+    ("fp8_e4m3", "fp8_e4m3", {}, None),
+    ("int8_dynamic", "int8_dynamic", {}, None),
+    ("nf4 [Inductor fusion]", "nf4", {}, None),
+]
+MS = (1, 16, 256, 4096)
+TARGETS = {  # issue 7: (variant, M) -> minimum speed-up over bf16
+    ("int8_weight_only", 1): 1.6,
+    ("int4_weight_only g128", 1): 2.0,
+    ("fp8_e4m3", 4096): 1.5,
+}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref|: the measure the schemes' tolerances are written in."""
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3  # µs
+
+
+def card() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+# -- the package table ----------------------------------------------------------------------------
+
+def stack(dim: int, layers: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(dim, dim, bias=False) for _ in range(layers))).to(torch.bfloat16).eval()
+
+
+def run_table(out: str, dim: int, only: list[str]) -> None:
+    tmp = tempfile.mkdtemp(prefix="bench_cuda.")
+    base = stack(dim)
+    example = torch.randn(16, dim, dtype=torch.bfloat16)
+    dyn = ({0: torch.export.Dim("m", min=1, max=4096)},)
+    inputs = {m: torch.randn(m, dim, dtype=torch.bfloat16, device="cuda") for m in MS}
+    rows: list[dict] = []
+
+    def record(label: str, path: str, eager, compile_s: float, planned: str) -> None:
+        row: dict = {"variant": label, "compile_s": compile_s, "bytes": os.path.getsize(path), "kernels": planned}
+        t = time.perf_counter()
+        runner = qexport.load_compiled(path) if "bf16" not in label else torch._inductor.aoti_load_package(path)
+        row["load_s"] = time.perf_counter() - t
+        with torch.no_grad():
+            for m, x in inputs.items():
+                y = runner(x)
+                y = y[0] if isinstance(y, (list, tuple)) else y
+                if eager is not None:
+                    row[f"err_M{m}"] = rel_err(y, eager(x))
+                row[f"us_M{m}"] = bench(lambda: runner(x))
+        print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        rows.append(row)
+        del runner
+        torch.cuda.empty_cache()
+
+    print(f"== bf16 ({card()})", flush=True)
+    ep = torch.export.export(base.cuda(), (example.cuda(),), dynamic_shapes=dyn)
+    path = os.path.join(tmp, "bf16.pt2")
+    t = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(ep, package_path=path)
+    record("bf16", path, None, time.perf_counter() - t, "cuBLAS (Inductor default)")
+    base = base.cpu()
+
+    for label, name, params, options in VARIANTS:
+        if only and label not in only:
+            continue
+        print(f"== {label}", flush=True)
+        try:
+            scheme = qexport.schemes.get(name, **params)
+            qm = qexport.quantize(copy.deepcopy(base), scheme).cuda()
+            ep = qexport.export(qm, (example.cuda(),), dynamic_shapes=dyn)
+            from qexport.lower.aoti import plan
+
+            planned = plan(ep, device="cuda", options=options).regions[0].kernel
+            path = os.path.join(tmp, f"{len(rows)}.pt2")
+            t = time.perf_counter()
+            qexport.compile(ep, path, device="cuda", options=options)
+            record(label, path, qm, time.perf_counter() - t, planned)
+        except Exception as e:  # a variant that fails is reported, not fatal
+            traceback.print_exc()
+            rows.append({"variant": label, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+        torch.cuda.empty_cache()
+
+    write_table(out, dim, rows)
+
+
+def write_table(out: str, dim: int, rows: list[dict]) -> None:
+    bf = next(r for r in rows if r["variant"] == "bf16")
+    lines = [
+        f"4 x Linear({dim}, {dim}, bias=False), bf16 activations, one AOTInductor package per variant (dynamic M), "
+        f"{card()}. Median µs per call (triton do_bench, L2 flushed); ×bf16 = bf16 µs / variant µs.",
+        "",
+        "| variant | kernels | " + " | ".join(f"M={m} µs | ×bf16" for m in MS) + " | max rel err vs eager | compile s | load s | MB |",
+        "|" + "---|" * (2 + 2 * len(MS) + 4),
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:200]} |")
+            continue
+        cells = [r["variant"], r["kernels"]]
+        for m in MS:
+            cells += [f"{r[f'us_M{m}']:.1f}", f"{bf[f'us_M{m}'] / r[f'us_M{m}']:.2f}×"]
+        errs = [r[k] for k in r if k.startswith("err_M")]
+        cells += [f"{max(errs):.1e}" if errs else "-", f"{r['compile_s']:.0f}", f"{r['load_s']:.1f}", f"{r['bytes'] / 1e6:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Targets (issue 7):"]
+    for (v, m), goal in TARGETS.items():
+        r = next((r for r in rows if r["variant"] == v and "error" not in r), None)
+        got = bf[f"us_M{m}"] / r[f"us_M{m}"] if r else float("nan")
+        lines.append(f"- {v} at M={m}: {got:.2f}× (target ≥ {goal}×) {'met' if got >= goal else 'NOT met'}")
+    slower = [f"{r['variant']} M={m} ({bf[f'us_M{m}'] / r[f'us_M{m}']:.2f}×)" for r in rows if "error" not in r and r["variant"] != "bf16"
+              and "upstream" not in r["variant"] and "nf4" not in r["variant"] for m in MS if r[f"us_M{m}"] > bf[f"us_M{m}"]]
+    lines.append(f"- slower than bf16: {', '.join(slower) if slower else 'none'}")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, "cuda.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "cuda.json"), "w") as f:
+        json.dump({"card": card(), "dim": dim, "rows": rows}, f, indent=1)
+    plot(out, rows, bf)
+
+
+def plot(out: str, rows: list[dict], bf: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        if "error" in r or r["variant"] == "bf16":
+            continue
+        ax.plot(MS, [bf[f"us_M{m}"] / r[f"us_M{m}"] for m in MS], marker="o", label=r["variant"])
+    ax.axhline(1.0, color="k", lw=1, ls="--", label="bf16 AOTI")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(MS, [str(m) for m in MS])
+    ax.set_xlabel("M (rows of the activation)")
+    ax.set_ylabel("speed-up over bf16 AOTI (×)")
+    ax.set_title(f"4 x Linear(4096), AOTInductor, {torch.cuda.get_device_name(0)}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cuda_speedup.png"), dpi=120)
+
+
+# -- the kernel lab: per-layer candidates, to place the crossovers ---------------------------------
+
+SMALL_TILES = [(16, 32, 256, 1, 4, 4), (16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
+               (32, 64, 128, 1, 4, 4), (64, 64, 128, 1, 4, 4)]
+LARGE_TILES = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)]
+LAB_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+
+
+def run_lab(out: str, dim: int) -> None:
+    from qexport.lower.kernels import cuda as C
+    from qexport.schemes import _activation as act, math_for
+
+    torch.manual_seed(0)
+    n = k = dim
+    w = torch.randn(n, k, device="cuda") * 0.02
+    s8 = qexport.schemes.get("int8_weight_only")
+    s4 = qexport.schemes.get("int4_weight_only", group_size=128)
+    t8 = math_for(s8).quantize_weight(s8, w)
+    t4 = math_for(s4).quantize_weight(s4, w)
+    wb = w.bfloat16()
+    w8ref = math_for(s8).dequantize_weight(s8, t8, (n, k)).bfloat16()
+    w4ref = math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16()
+    packed, sz = C.tinygemm_operands(t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 8)
+    sf8 = qexport.schemes.get("fp8_e4m3")
+    tf8 = math_for(sf8).quantize_weight(sf8, w)
+    wf8, sbf8 = tf8["weight"], tf8["weight_scale"].reshape(1, -1).contiguous()
+    ws8 = t8["weight"].to(torch.int32).sum(1).float()
+    res: dict[str, dict[int, float]] = {}
+    errs: dict[str, float] = {}
+
+    def put(name: str, m: int, fn, ref=None) -> None:
+        try:
+            y = fn()
+            if ref is not None and name not in errs:
+                errs[name] = rel_err(y, ref)
+            res.setdefault(name, {})[m] = bench(fn)
+        except Exception as e:
+            res.setdefault(name, {})[m] = float("nan")
+            errs.setdefault(name + " ERROR", 0.0)
+            print(f"   {name} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+    def compiled(fn, **opts):
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True, **opts})
+
+    fp8_body = lambda x: torch._scaled_mm(*(lambda q, s: (q, wf8.t(), s.reshape(-1, 1).contiguous()))(*act.quantize_fp8(x, True)), sbf8, None, None, torch.bfloat16, True)  # noqa: E731
+
+    def int_mm_body(x):
+        xf = x.float()
+        sx, zp = act.int8_asym_qparams(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True))
+        q = act.quantize_int8(xf, sx, zp).to(torch.int8)
+        pad = max(17 - q.shape[0], 0)
+        acc = torch._int_mm(torch.cat([q, q.new_zeros((pad, k))]), t8["weight"].t())[: q.shape[0]]
+        return (sx * t8["weight_scale"] * (acc.float() - zp * ws8)).to(torch.bfloat16)
+
+    for m in LAB_MS:
+        print(f"== M={m}", flush=True)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref8 = x @ w8ref.t()
+        ref4 = x @ w4ref.t()
+        put("bf16 cuBLAS", m, lambda: x @ wb.t())
+        if m <= 16:
+            f = compiled(C.int8_gemv)
+            put("int8 GEMV (Inductor, coord. descent)", m, lambda: f(x, t8["weight"], t8["weight_scale"]), ref8)
+        tiles = (SMALL_TILES if m <= 256 else []) + (LARGE_TILES if m >= 64 else [])
+        for tile in tiles:
+            put(f"int8 Triton {tile}", m, lambda: C.triton_int8_mm(x, t8["weight"], t8["weight_scale"], tile=tile), ref8)
+            put(f"int4 Triton {tile}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, tile=tile), ref4)
+        if m <= 256:
+            put("int4 tinygemm (ikt 8)", m, lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz), ref4)
+        if m in (1, 16, 256, 4096):
+            f = compiled(fp8_body)
+            put("fp8 quant+_scaled_mm rowwise fast-acc (Inductor)", m, lambda: f(x), x @ (wf8.float() * sbf8.t()).bfloat16().t())
+        if m in (16, 32, 256, 4096):
+            f = compiled(int_mm_body)
+            put("int8 dyn quant+_int_mm (Inductor)", m, lambda: f(x), ref8)
+        if m >= 256:
+            f = compiled(lambda x: x @ math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16().t())
+            put("int4 dequant+cuBLAS (Inductor)", m, lambda: f(x), ref4)
+    res = {k: v for k, v in res.items() if v}
+    write_lab(out, res, errs)
+
+
+def write_lab(out: str, res: dict, errs: dict) -> None:
+    lines = [f"One layer {4096}x{4096}, median µs (do_bench, L2 flushed), {card()}.", "",
+             "| kernel | rel err | " + " | ".join(f"M={m}" for m in LAB_MS) + " |", "|" + "---|" * (2 + len(LAB_MS))]
+    for name, by_m in res.items():
+        e = errs.get(name)
+        lines.append(f"| {name} | {e:.1e} | " if e is not None else f"| {name} | - | ")
+        lines[-1] += " | ".join(f"{by_m[m]:.1f}" if m in by_m else "" for m in LAB_MS) + " |"
+    lines += ["", "Best per M:"]
+    for m in LAB_MS:
+        cands = sorted((v[m], k) for k, v in res.items() if m in v and v[m] == v[m])
+        bf = res.get("bf16 cuBLAS", {}).get(m)
+        lines.append(f"- M={m}: " + ", ".join(f"{k} {t:.1f}" for t, k in cands[:4]) + (f" (bf16 {bf:.1f})" if bf else ""))
+    for fam in ("int8 Triton", "int4 Triton"):
+        for lo, hi in ((1, 16), (32, 256), (1024, 4096)):
+            tiles = [k for k in res if k.startswith(fam)]
+            scored = sorted((sum(res[t].get(m, 1e9) for m in LAB_MS if lo <= m <= hi), t) for t in tiles)
+            if scored:
+                lines.append(f"- {fam} best tile for M in [{lo},{hi}]: {scored[0][1]}")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, "lab.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "lab.json"), "w") as f:
+        json.dump({"card": card(), "res": {k: {str(m): t for m, t in v.items()} for k, v in res.items()}, "errs": errs}, f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--lab", action="store_true", help="per-layer kernel candidates instead of the package table")
+    ap.add_argument("--only", default="", help="comma list of variant labels (debugging)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_cuda.py needs a CUDA device")
+    os.makedirs(args.out, exist_ok=True)
+    if args.lab:
+        run_lab(args.out, args.dim)
+    else:
+        run_table(args.out, args.dim, [s for s in args.only.split(",") if s])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""CUDA lowering: the kernel table's CUDA entries (qexport/lower/kernels/cuda.py) and qexport.compile
+with device="cuda".
+
+The graph rewrites (which kernel, which branch, torch.cond where M's range spans a crossover) and the
+kernels that have CPU implementations (`_int_mm`, `_scaled_mm`) are checked here on any machine; the
+packages themselves are compiled and run only where CUDA is (marked `cuda`, skipped elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+import qexport
+from qexport.lower.kernels import apply_kernels, cuda as cuda_kernels
+from qexport.schemes import math_for
+
+from conftest import MLP, TinyTransformer, quantized, scheme_for
+
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# Rows that reach every branch of every CUDA entry: GEMV / tinygemm, small-M Triton tiles, large-M tiles.
+ROWS = (1, 6, 40, 300)
+DYN = ({0: torch.export.Dim("m", min=1, max=1024)},)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def _conds(ep: torch.export.ExportedProgram) -> int:
+    return len(ep.graph_module.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond))
+
+
+def _exported(name: str, rows: int, dynamic: bool, dims=(64, 128, 32)):
+    torch.manual_seed(0)
+    x = torch.randn(rows, dims[0])
+    m = quantized(MLP(dims), scheme_for(name), (x,))
+    return m, qexport.export(m, (x,), dynamic_shapes=DYN if dynamic else None)
+
+
+# -- on any machine -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["int8_dynamic", "fp8_e4m3"])
+def test_cuda_rewrite_matches_eager_on_cpu(name):
+    """The kernel bodies (real int8 / fp8 GEMMs, padding for _int_mm) agree with the scheme's
+    reference math at every row count; run through the rewritten program on the CPU."""
+    m, ep = _exported(name, 8, dynamic=True)
+    lowered, decisions = apply_kernels(ep, "cuda")
+    assert [d.choice is not None for d in decisions] == [True, True], [d.reason for d in decisions]
+    tol = math_for(scheme_for(name)).tolerance
+    for rows in ROWS:
+        x = torch.randn(rows, 64)
+        assert rel_err(lowered.module()(x), m(x)) <= tol, rows
+
+
+def test_dynamic_rows_spanning_a_crossover_branch_with_cond():
+    _, ep = _exported("int8_dynamic", 8, dynamic=True)
+    lowered, _ = apply_kernels(ep, "cuda")
+    assert _conds(lowered) == 2  # one per region: GEMV below the crossover, _int_mm above
+    assert not lowered.graph_module.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_quant_packed)
+
+
+@pytest.mark.parametrize("rows,kernel", [(1, "mul"), (32, "_int_mm")])
+def test_static_rows_build_only_the_branch_they_need(rows, kernel):
+    _, ep = _exported("int8_dynamic", rows, dynamic=False)
+    lowered, _ = apply_kernels(ep, "cuda")
+    assert _conds(lowered) == 0
+    targets = {str(n.target) for n in lowered.graph_module.graph.nodes if n.op == "call_function"}
+    assert any(kernel in t for t in targets), targets
+    assert not any("_int_mm" in t for t in targets) if kernel != "_int_mm" else True
+
+
+def test_kernel_nodes_are_tagged_with_their_region():
+    _, ep = _exported("fp8_e4m3", 8, dynamic=True)
+    lowered, _ = apply_kernels(ep, "cuda")
+    tagged = [n for n in lowered.graph_module.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
+    mm = [n for n in tagged if n.target is torch.ops.aten._scaled_mm.default]
+    assert len(mm) == 2
+    assert {n.meta["custom"]["qexport_region"]["module"] for n in mm} == {"layers.0", "layers.1"}
+
+
+def test_declines_say_why():
+    _, ep = _exported("int8_dynamic", 4, dynamic=False, dims=(60, 32))
+    _, decisions = apply_kernels(ep, "cuda")
+    assert decisions[0].choice is None and "in_features=60 is not a multiple of 8" in decisions[0].reason
+
+
+# -- on a CUDA device ---------------------------------------------------------------------------
+
+# Layers big enough for the real kernels' shapes (K a multiple of every tile depth) yet quick to compile.
+CUDA_DIMS = (256, 512, 128)
+SCHEMES_WITH_CUDA_KERNELS = {"int8_weight_only", "int4_weight_only", "fp8_e4m3", "int8_dynamic"}
+
+
+@pytest.fixture(scope="module", params=qexport.schemes.builtin_names())
+def cuda_package(request, tmp_path_factory):
+    """(eager quantized model on CUDA, loaded package, plan) for one built-in scheme; compiled once."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from qexport.lower.aoti import plan
+
+    name = request.param
+    torch.manual_seed(0)
+    x = torch.randn(16, CUDA_DIMS[0])
+    m = quantized(MLP(CUDA_DIMS), scheme_for(name), (x,)).cuda()
+    ep = qexport.export(m, (x.cuda(),), dynamic_shapes=DYN)
+    path = tmp_path_factory.mktemp("cuda") / f"{name}.pt2"
+    qexport.compile(ep, path, device="cuda")
+    return name, m, qexport.load_compiled(path), plan(ep, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_package_matches_eager_quantized_model(cuda_package):
+    name, m, runner, planned = cuda_package
+    tol = math_for(scheme_for(name)).tolerance
+    with torch.no_grad():
+        for rows in ROWS:
+            x = torch.randn(rows, CUDA_DIMS[0], device="cuda")
+            y = runner(x)
+            y = y[0] if isinstance(y, (list, tuple)) else y
+            assert y.shape == (rows, CUDA_DIMS[-1])
+            assert rel_err(y, m(x)) <= tol, (name, rows, rel_err(y, m(x)))
+    taken = [r.kernel != "inductor" for r in planned.regions]
+    assert all(taken) if name in SCHEMES_WITH_CUDA_KERNELS else not any(taken), [(r.kernel, r.reason) for r in planned.regions]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])
+def test_cuda_transformer_with_3d_activations(name, tmp_path):
+    torch.manual_seed(0)
+    idx = torch.randint(0, 128, (2, 8), device="cuda")
+    m = quantized(TinyTransformer(), scheme_for(name), (idx.cpu(),)).cuda()
+    ep = qexport.export(m, (idx,))
+    path = qexport.compile(ep, tmp_path / "t.pt2", device="cuda")
+    with torch.no_grad():
+        y = qexport.load_compiled(path)(idx)
+        assert rel_err(y[0] if isinstance(y, (list, tuple)) else y, m(idx)) <= math_for(scheme_for(name)).tolerance
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tinygemm_layout_dequantizes_to_the_scheme():
+    """The compile-time conversion (tinygemm's (q - 8) * s + z convention) reproduces the scheme's
+    w = (q - zp) * s: multiplying the identity recovers the dequantized weight."""
+    s = qexport.schemes.get("int4_weight_only", group_size=128)
+    torch.manual_seed(0)
+    t = math_for(s).quantize_weight(s, torch.randn(256, 512))
+    packed, sz = cuda_kernels.tinygemm_operands(t["weight"], t["weight_scale"], t["weight_zero_point"], 8)
+    eye = torch.eye(512, device="cuda", dtype=torch.bfloat16)
+    got = torch.ops.aten._weight_int4pack_mm(eye, packed, 128, sz).t()
+    want = math_for(s).dequantize_weight(s, t, (256, 512)).cuda()
+    assert rel_err(got, want) <= 1e-2
