@@ -104,11 +104,20 @@ class Lowering:
         if op == "embedding":
             y = e.op("Gather", weight, x, axis=0)
         else:
-            xq = quantize_input(e, s, op, x, w)
+            # Linear regions run on a [-1, in] view: onnxruntime turns 2-D MatMul+Add into Gemm and
+            # its QDQ form into QGemm, while for 3-D inputs its MatMulAddFusion reshapes around cloned
+            # QuantizeLinear nodes and then fails its own type check ("output_dtype INT8 does not
+            # match y_zero_point type UINT8") on MiniLM.
+            flat = op == "linear" and len(r.input_shapes[0] if r.input_shapes else ()) != 2
+            xin = e.op("Reshape", x, e.const([-1, r.weight_shape[1]], np.int64)) if flat else x
+            xq = quantize_input(e, s, op, xin, w)
             y = apply_op(e, r, xq, weight, w.get("bias"))
             if s.activation == "static":
                 y = e.op("DequantizeLinear", e.op("QuantizeLinear", y, w["output_scale"], w["output_zero_point"]),
                          w["output_scale"], w["output_zero_point"])
+            if flat:
+                lead = e.op("Shape", x, end=-1)
+                y = e.op("Reshape", y, e.op("Concat", lead, e.const([r.weight_shape[0]], np.int64), axis=0))
         out_dtype = r.output_dtypes[0] if r.output_dtypes else "float32"
         if out_dtype != "float32":
             y = e.op("Cast", y, to=ir.DataType.from_numpy(np.dtype(getattr(ml_dtypes, out_dtype, out_dtype))))
@@ -195,14 +204,22 @@ class FamilyLowering:
 
 
 def _activation_weights(lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Bias and static activation qparams (int8 zero points: ONNX takes them as int8, like the codes)."""
+    """Bias and static activation qparams.
+
+    Static activations are emitted as uint8 with the zero point shifted by 128: the same grid as the
+    scheme's int8 codes (q_u8 = q_s8 + 128), so identical numerics. Why: onnxruntime's CPU kernels take
+    uint8 activations and rewrite int8 QDQ to uint8 itself, but on opset 21 that rewrite misses the
+    Q nodes its QDQ propagation inserts ("output_dtype INT8 does not match y_zero_point type UINT8"
+    on a transformer block).
+    """
     out: dict[str, np.ndarray] = {}
     if "bias" in t:
         out["bias"] = _np(t["bias"]).astype(np.float32)
     for side in ("input", "output"):
         if f"{side}_scale" in t:
             out[f"{side}_scale"] = _np(t[f"{side}_scale"]).astype(np.float32).reshape(())
-            out[f"{side}_zero_point"] = _np(t[f"{side}_zero_point"]).astype(np.int8).reshape(())
+            zp = _np(t[f"{side}_zero_point"]).astype(np.int32).reshape(()) - INT8_MIN
+            out[f"{side}_zero_point"] = zp.astype(np.uint8)
     return out
 
 
