@@ -294,7 +294,8 @@ class _WhyNoPartition(logging.Handler):
         if isinstance(node, torch.fx.Node) and reason:
             region = region_of(node)
             if region is not None:
-                self.by_region.setdefault(region, []).append(f"{node.target}: {reason}")
+                op = getattr(node.target, "__name__", str(node.target))
+                self.by_region.setdefault(region, []).append(f"{op}: {reason}")
 
     def __enter__(self) -> "_WhyNoPartition":
         self._logger = logging.getLogger(self.LOGGER)
@@ -386,7 +387,9 @@ def to_executorch(
         reason = plan.reason
         if plan.delegable and not delegated:
             said = "; ".join(dict.fromkeys(why.by_region.get(r.name, [])))
-            reason = f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable kernels"
+            reason = (f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable "
+                      f"kernels. Try another scheme for this layer (e.g. int8_static) or leave it in float with "
+                      f"quantize(filter_fn=...)")
         records.append(RegionReport(
             name=r.name, scheme=r.scheme, backend=taken.get(r.name, "portable") if delegated else "portable",
             delegated=delegated, reason="" if delegated else reason, kernel=plan.kernel if delegated or not plan.delegable else "portable",

@@ -1,0 +1,258 @@
+"""ExecuTorch backend: .pte files run by ExecuTorch's runtime match the eager quantized model within each
+scheme's tolerance; int8_static / int8_dynamic regions are delegated to XNNPACK; every other region
+runs and its report says why it was not delegated; the manifest travels inside the .pte."""
+
+from __future__ import annotations
+
+import json
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+import qexport
+from qexport.errors import ArtifactError, ArtifactNotFoundError, LoweringError
+from qexport.lower import executorch as et_lower
+from qexport.lower._inline import inline_regions, region_of
+from qexport.schemes import math_for
+
+from conftest import ConvNet, EmbedNet, MLP, quantized, scheme_for
+
+pytest.importorskip("executorch")
+from executorch.runtime import Runtime  # noqa: E402
+
+INPUTS = {
+    "mlp": lambda: torch.randn(4, 64, generator=torch.Generator().manual_seed(1)),
+    "conv": lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)),
+    "embed": lambda: torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(3)),
+}
+MODELS = {"mlp": MLP, "conv": ConvNet, "embed": EmbedNet}
+
+
+class DepthwiseNet(nn.Module):
+    """A depthwise conv: XNNPACK refuses it with dynamic int8 activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.dw(x)))
+
+
+def run_pte(path, x: torch.Tensor) -> torch.Tensor:
+    return Runtime.get().load_program(str(path)).load_method("forward").execute([x])[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+class Lowered:
+    """One model quantized, exported and lowered; the .pte's output on the example input."""
+
+    def __init__(self, tmp, scheme_name: str, model: str, backend: str):
+        torch.manual_seed(0)
+        x = INPUTS[model]()
+        self.scheme = scheme_for(scheme_name)
+        self.model = quantized(MODELS[model](), self.scheme, (x,))
+        self.ep = qexport.export(self.model, (x,))
+        self.path = tmp / f"{scheme_name}_{model}_{backend}.pte"
+        self.report = qexport.to_executorch(self.ep, self.path, backend=backend)
+        with torch.no_grad():
+            self.expected = self.model(x)
+        self.out = run_pte(self.path, x)
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pte")
+    cache: dict[tuple[str, str, str], Lowered] = {}
+
+    def get(scheme: str, model: str = "mlp", backend: str = "xnnpack") -> Lowered:
+        key = (scheme, model, backend)
+        if key not in cache:
+            cache[key] = Lowered(tmp, *key)
+        return cache[key]
+
+    return get
+
+
+# -- numerics -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", qexport.schemes.builtin_names())
+def test_pte_matches_eager_within_scheme_tolerance(lowered, scheme):
+    low = lowered(scheme)
+    assert low.out.shape == low.expected.shape
+    assert rel_err(low.out, low.expected) <= math_for(low.scheme).tolerance
+
+
+@pytest.mark.parametrize(
+    "scheme,model",
+    [("int8_static", "conv"), ("int8_dynamic", "conv"), ("int8_weight_only", "embed"), ("nf4", "embed")],
+)
+def test_conv_and_embedding_regions_match_eager(lowered, scheme, model):
+    low = lowered(scheme, model)
+    assert rel_err(low.out, low.expected) <= math_for(low.scheme).tolerance
+
+
+@pytest.mark.parametrize("scheme", ["int8_static", "int4_weight_only", "fp8_e4m3"])
+def test_portable_backend_runs_and_delegates_nothing(lowered, scheme):
+    low = lowered(scheme, backend="portable")
+    assert rel_err(low.out, low.expected) <= math_for(low.scheme).tolerance
+    assert low.report.delegated_nodes == 0 and low.report.total_nodes > 0
+    assert low.report.regions and not any(r.delegated for r in low.report.regions)
+    assert all("backend='portable'" in r.reason for r in low.report.regions)
+
+
+# -- delegation and the report ------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic"])
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_int8_activation_schemes_are_fully_delegated_to_xnnpack(lowered, scheme, model):
+    report = lowered(scheme, model).report
+    names = [r.name for r in qexport.regions(lowered(scheme, model).ep)]
+    assert [r.name for r in report.regions] == names
+    for r in report.regions:
+        assert r.delegated, r
+        assert r.backend == "XnnpackBackend" and r.kernel.startswith("XNNPACK") and r.reason == ""
+    assert report.all_delegated
+    assert 0 < report.delegated_nodes <= report.total_nodes
+    assert report.extra["delegated_subgraphs"] >= 1
+
+
+@pytest.mark.parametrize(
+    "scheme,hint",
+    [
+        ("int8_weight_only", "int8 activations"),
+        ("int4_weight_only", "zero points"),
+        ("nf4", "NF4"),
+        ("fp8_e4m3", "float8"),
+    ],
+)
+def test_undelegated_regions_say_why_and_what_to_do(lowered, scheme, hint):
+    report = lowered(scheme).report
+    assert report.regions and not any(r.delegated for r in report.regions)
+    for r in report.regions:
+        assert r.backend == "portable"
+        assert hint in r.reason and "int8_dynamic" in r.reason
+
+
+def test_embedding_region_reason_names_the_missing_kernel(lowered):
+    report = lowered("int8_weight_only", "embed").report
+    emb = next(r for r in report.regions if r.name == "emb")
+    assert not emb.delegated and "no embedding kernel" in emb.reason
+
+
+def test_partitioner_rejection_reaches_the_report(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 6)
+    model = quantized(DepthwiseNet(), scheme_for("int8_dynamic"), (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "dw.pte")
+    by_name = {r.name: r for r in report.regions}
+    assert by_name["pw"].delegated
+    assert not by_name["dw"].delegated
+    assert "did not take it" in by_name["dw"].reason
+    assert "standard 2D convolutions for dynamic quantization" in by_name["dw"].reason
+    assert rel_err(run_pte(tmp_path / "dw.pte", x), model(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
+
+
+def test_report_table_and_dict(lowered):
+    report = lowered("int8_weight_only", "embed").report
+    table = report.table()
+    for r in report.regions:
+        assert r.name in table
+    assert "nodes delegated" in table and f"{report.bytes:,} bytes" in table
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["target"] == "executorch/xnnpack" and len(d["regions"]) == 2
+    assert report.bytes == report_path_size(report)
+
+
+def report_path_size(report) -> int:
+    import os
+
+    return os.path.getsize(report.path)
+
+
+# -- manifest, inputs, errors -------------------------------------------------------------------
+
+def test_manifest_travels_inside_the_pte(lowered):
+    low = lowered("int8_dynamic", "conv")
+    manifest = qexport.inspect(low.path)
+    assert manifest.artifact == "pte"
+    assert manifest.extra["backend"] == "xnnpack"
+    assert [(r.name, r.scheme) for r in manifest.regions] == [(r.name, r.scheme) for r in qexport.regions(low.ep)]
+    method_names = Runtime.get().load_program(str(low.path)).method_names
+    assert et_lower.MANIFEST_METHOD in method_names
+
+
+def test_input_program_is_left_untouched(lowered):
+    low = lowered("int8_static")
+    assert len(qexport.regions(low.ep)) == 2  # still two HOP regions after lowering a copy
+
+
+def test_lowers_from_a_pt2_path(tmp_path):
+    torch.manual_seed(0)
+    x = INPUTS["mlp"]()
+    model = quantized(MLP(), scheme_for("int8_dynamic"), (x,))
+    qexport.save(qexport.export(model, (x,)), tmp_path / "m.pt2")
+    report = qexport.to_executorch(tmp_path / "m.pt2", tmp_path / "m.pte")
+    assert report.all_delegated
+    assert rel_err(run_pte(tmp_path / "m.pte", x), model(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
+
+
+def test_errors_are_raised_before_any_work(tmp_path, lowered):
+    ep = lowered("int8_static").ep
+    with pytest.raises(LoweringError, match="backend='coreml' is not one of"):
+        qexport.to_executorch(ep, tmp_path / "x.pte", backend="coreml")
+    with pytest.raises(ArtifactError, match=r"must end with \.pte"):
+        qexport.to_executorch(ep, tmp_path / "x.onnx")
+    with pytest.raises(ArtifactNotFoundError, match="does not exist"):
+        qexport.to_executorch(ep, tmp_path / "missing" / "x.pte")
+    with pytest.raises(LoweringError, match="ExportedProgram or the path"):
+        qexport.to_executorch(object(), tmp_path / "x.pte")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_lowering_leaves_no_file(tmp_path, lowered, monkeypatch):
+    import executorch.exir
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(executorch.exir, "to_edge_transform_and_lower", broken)
+    with pytest.raises(LoweringError, match="ExecuTorch lowering failed.*boom"):
+        qexport.to_executorch(lowered("int8_static").ep, tmp_path / "x.pte")
+    assert not list(tmp_path.iterdir())
+
+
+# -- the passes on their own --------------------------------------------------------------------
+
+def test_inline_regions_tags_every_node_and_leaves_no_hop():
+    torch.manual_seed(0)
+    x = INPUTS["mlp"]()
+    model = quantized(MLP(), scheme_for("int4_weight_only"), (x,))
+    ep = qexport.export(model, (x,))
+    n_regions = len(qexport.regions(ep))
+    assert inline_regions(ep)
+    assert qexport.regions(ep) == []
+    tagged = {region_of(n) for n in ep.graph.nodes if region_of(n)}
+    assert tagged == {"layers.0", "layers.1"} and n_regions == 2
+    assert not any(n.target is operator.getitem for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(x), model(x))
+    assert not inline_regions(ep)  # nothing left to do
+
+
+def test_rshift_as_floor_divide_keeps_values():
+    class Shift(nn.Module):
+        def forward(self, x):
+            return x >> 4
+
+    x = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    ep = torch.export.export(Shift(), (x,))
+    assert et_lower.rshift_as_floor_divide(ep.graph_module)
+    assert not ep.graph.find_nodes(op="call_function", target=torch.ops.aten.__rshift__.Scalar)
+    torch.testing.assert_close(ep.module()(x), x >> 4)
+    assert not et_lower.rshift_as_floor_divide(ep.graph_module)
