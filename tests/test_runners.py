@@ -1,0 +1,142 @@
+"""qexport.runners: one loader for every artifact kind, inputs from a program, verify and bench."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qexport
+from qexport import runners
+from qexport.errors import ArtifactError, ArtifactNotFoundError, CorruptArtifactError
+from qexport.models import TinyNet, TinyTransformer
+
+
+@pytest.fixture(scope="module")
+def tt_program(tmp_path_factory):
+    """TinyTransformer, int4 g32, dynamic batch, saved with qexport.save: (path, program, eager model)."""
+    model = qexport.quantize(TinyTransformer(), qexport.schemes.get("int4_weight_only", group_size=32))
+    x = torch.randint(0, 256, (2, 16))
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    path = tmp_path_factory.mktemp("runners") / "tt.pt2"
+    qexport.save(ep, path)
+    return path, ep, model
+
+
+@pytest.fixture(scope="module")
+def demo_artifacts(demo_run):
+    code, _, out = demo_run
+    assert code == 0
+    return {kind: out / name for kind, name in
+            (("pt2", "model.pt2"), ("aoti", "model_aoti.pt2"), ("pte", "model.pte"), ("onnx", "model.onnx"), ("fp32", "model_fp32.pt2"))}
+
+
+def test_program_inputs_index_embeddings_and_concretize_dynamic_dims(tt_program):
+    _, ep, _ = tt_program
+    (info,) = runners.program_inputs(ep)
+    assert info.dtype == torch.int64
+    assert info.high == 256  # token ids stay inside the (quantized) embedding table
+    assert info.shape == (2, 16)  # the dynamic batch takes its lower bound, raised to 2
+    x = runners.make_inputs([info], seed=0)[0]
+    assert x.min() >= 0 and x.max() < 256
+    assert torch.equal(x, runners.make_inputs([info], seed=0)[0])
+
+
+def test_pt2_runner_matches_eager_model(tt_program):
+    path, _, model = tt_program
+    r = runners.load(path)
+    assert r.kind == "pt2" and r.program is not None and r.size == path.stat().st_size
+    x = runners.make_inputs(r.inputs)
+    (y,) = r(x)
+    torch.testing.assert_close(y, model(*x))
+
+
+@pytest.mark.parametrize("kind", ["pt2", "aoti", "pte", "onnx"])
+def test_every_kind_loads_and_matches_the_program(demo_artifacts, kind):
+    path = demo_artifacts[kind]
+    assert runners.artifact_kind(path) == kind
+    ref = runners.load(demo_artifacts["pt2"])
+    r = runners.load(path)
+    assert r.kind == kind
+    x = runners.make_inputs(ref.inputs, seed=3)
+    max_abs, rel = runners.compare(ref(x), r(x))
+    tol, names = runners.tolerance_for(ref.program)
+    assert names == ["int8_dynamic"] and tol == qexport.schemes.math_for(qexport.schemes.get("int8_dynamic")).tolerance
+    assert rel <= tol, (kind, max_abs, rel)
+
+
+def test_pte_and_onnx_runners_describe_their_inputs(demo_artifacts):
+    for kind in ("pte", "onnx"):
+        (info,) = runners.load(demo_artifacts[kind]).inputs
+        assert info.shape == (1, 256) and info.dtype == torch.float32
+
+
+def test_plain_torch_archive_loads_without_manifest(tmp_path):
+    ep = torch.export.export(TinyNet().eval(), (torch.randn(1, 256),))
+    path = tmp_path / "plain.pt2"
+    torch.export.save(ep, str(path))
+    r = runners.load(path)
+    x = runners.make_inputs(r.inputs)
+    torch.testing.assert_close(r(x)[0], ep.module()(*x))
+
+
+def test_verify_passes_within_tolerance_with_region_errors(tt_program):
+    path, _, _ = tt_program
+    (res,) = runners.verify(path, [path])
+    assert res.passed and res.rel == 0.0 and res.tolerance == 0.05
+    assert len(res.regions) == 1 + 2 * 4 + 1  # embedding, 4 linears per block, head
+    assert all(e.rel == 0.0 for e in res.regions)
+
+
+def test_verify_fails_a_different_model_and_reports_unloadable_files(demo_artifacts, tmp_path):
+    other = tmp_path / "other.pt2"  # same shapes, other weights
+    qexport.save(qexport.export(TinyNet(seed=1), (torch.randn(1, 256),)), other)
+    bad = tmp_path / "damaged.pte"
+    bad.write_bytes(demo_artifacts["pte"].read_bytes()[:200])
+    fp32, wrong, broken = runners.verify(demo_artifacts["pt2"], [demo_artifacts["fp32"], other, bad])
+    # int8_dynamic costs TinyNet ~1 % of its output range: the float model passes at the int8 tolerance
+    assert fp32.passed and 0 < fp32.rel < fp32.tolerance
+    assert not wrong.passed and wrong.error is None and wrong.rel > 0.5
+    assert not broken.passed and broken.error and "damaged.pte" in broken.error
+
+
+def test_verify_errors_before_work(demo_artifacts, tmp_path):
+    with pytest.raises(ArtifactNotFoundError, match="nope.onnx"):
+        runners.verify(demo_artifacts["pt2"], [tmp_path / "nope.onnx"])
+    with pytest.raises(ArtifactError, match="reference must be an exported program"):
+        runners.verify(demo_artifacts["pte"], [demo_artifacts["pt2"]])
+
+
+def test_artifact_kind_refuses_unknown_files(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    with pytest.raises(CorruptArtifactError, match="not a qexport artifact"):
+        runners.artifact_kind(f)
+    with pytest.raises(ArtifactNotFoundError):
+        runners.load(tmp_path / "missing.pt2")
+    z = tmp_path / "cut.pt2"
+    z.write_bytes(b"PK\x03\x04" + b"\0" * 30)
+    with pytest.raises(CorruptArtifactError):
+        runners.load(z)
+
+
+def test_compare_refuses_mismatched_outputs():
+    with pytest.raises(ArtifactError, match="2 outputs"):
+        runners.compare([torch.zeros(2)], [torch.zeros(2), torch.zeros(2)])
+    with pytest.raises(ArtifactError, match="shape"):
+        runners.compare([torch.zeros(2)], [torch.zeros(3)])
+    assert runners.compare([torch.tensor([2.0, -4.0])], [torch.tensor([2.0, -3.0])]) == (1.0, 0.25)
+
+
+def test_bench_same_inputs_side_by_side(demo_artifacts):
+    paths = [demo_artifacts[k] for k in ("pt2", "pte", "onnx")]
+    results = runners.bench(paths, min_time_s=0.0, min_iters=3, warmup=1)
+    assert [r.kind for r in results] == ["pt2", "pte", "onnx"]
+    for r, p in zip(results, paths):
+        assert r.error is None and r.median_s > 0 and r.iters >= 3 and r.size == p.stat().st_size
+
+
+def test_bench_needs_inputs_from_somewhere(demo_artifacts):
+    with pytest.raises(ArtifactError, match="describes its inputs"):
+        runners.bench([demo_artifacts["aoti"]], min_time_s=0.0, min_iters=1, warmup=0)
+    (r,) = runners.bench([demo_artifacts["aoti"]], inputs=[torch.randn(1, 256)], min_time_s=0.0, min_iters=2, warmup=0)
+    assert r.kind == "aoti" and r.median_s > 0
