@@ -30,7 +30,7 @@ def _executorch(backend: str) -> Callable[[Path, Path, argparse.Namespace], Any]
 
 
 def _onnx(src: Path, out: Path, args: argparse.Namespace) -> Any:
-    return stage("to_onnx")(src, out)
+    return stage("to_onnx")(src, out, keep_regions=args.keep_regions, opset=args.opset)
 
 
 #: --target -> how to lower; a backend adds its entry here
@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="IN.pt2", help="a .pt2 written by qexport export / qexport.save")
     p.add_argument("--target", required=True, choices=sorted(TARGETS), help="what to lower for")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write (.pte or .onnx)")
+    p.add_argument("--keep-regions", action="store_true",
+                   help="onnx: keep each region as an ONNX local function whose metadata carries its scheme")
+    p.add_argument("--opset", type=int, default=None, help="onnx: the ONNX opset (default 21; int4/fp8 QDQ need 21+)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(func=run)
