@@ -621,3 +621,23 @@ def test_save_refuses_what_load_would_refuse(cases, tmp_path, monkeypatch):
     with pytest.raises(UnsafeArtifactError, match="example inputs cannot be stored without pickling"):
         qexport.save(ep, tmp_path / "m.pt2")
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_debug_metadata_left_out_of_the_file_only(cases, tmp_path):
+    """Region bodies' copies of the call's stack trace are not written (the HOP node keeps its own);
+    keep_stack_traces=False drops them all; the program in memory is untouched either way."""
+    ep = cases["int4_weight_only"].ep
+    body = getattr(ep.graph_module, hop_nodes(ep)[0].args[0].target)
+    before = [dict(n.meta) for n in body.graph.nodes]
+    assert any("stack_trace" in m for m in before)
+    qexport.save(ep, tmp_path / "a.pt2")
+    qexport.save(ep, tmp_path / "b.pt2", keep_stack_traces=False)
+    assert [dict(n.meta) for n in body.graph.nodes] == before
+    a, b = qexport.load(tmp_path / "a.pt2"), qexport.load(tmp_path / "b.pt2")
+    assert hop_nodes(a)[0].meta.get("stack_trace") == hop_nodes(ep)[0].meta["stack_trace"]
+    a_body = getattr(a.graph_module, hop_nodes(a)[0].args[0].target)
+    assert not any(n.meta.get("stack_trace") for n in a_body.graph.nodes)
+    assert not any(n.meta.get("stack_trace") for n in b.graph.nodes)
+    assert (tmp_path / "b.pt2").stat().st_size < (tmp_path / "a.pt2").stat().st_size
+    x = cases["int4_weight_only"].args
+    torch.testing.assert_close(b.module()(*x), cases["int4_weight_only"].expected, rtol=0, atol=0)

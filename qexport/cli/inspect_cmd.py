@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = inspect(args.file)
     if args.json:
-        print(manifest.to_json())
+        print(json.dumps(manifest.to_dict(), indent=1))
         return 0
     rows = [
         (
