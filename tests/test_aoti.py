@@ -1,0 +1,275 @@
+"""AOTInductor lowering (qexport.compile / load_compiled / plan) and the CPU kernel table.
+
+Every built-in scheme is compiled once (module-scoped fixture) on TinyTransformer, whose regions are
+linear layers with 3-D inputs and an embedding, exported with dynamic batch and sequence dims; the
+package then runs on a shape it was not traced with and must match the eager quantized model within
+the scheme's documented tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import qexport
+import serializers
+from qexport.errors import ArtifactError, ArtifactNotFoundError, LoweringError
+from qexport.lower import aoti
+from qexport.lower.kernels import Decline, KernelChoice, apply_kernels, register_kernel, unregister_kernel
+from qexport.regions import iter_region_nodes
+from qexport.schemes import math_for
+
+from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
+
+SCHEMES = qexport.schemes.builtin_names()
+# The kernel each scheme's linear regions get on CPU (measured fastest: docs/benchmarks/aoti_cpu.md).
+EXPECTED_LINEAR_KERNEL = {
+    "int8_weight_only": "aten._weight_int8pack_mm",
+    "int4_weight_only": "aten._weight_int4pack_mm_for_cpu",
+    "int8_dynamic": "aten._int_mm",
+    "int8_static": "aten._int_mm",
+    "fp8_e4m3": "inductor",
+    "nf4": "inductor",
+}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def dynamic_tokens():
+    return ({0: torch.export.Dim("batch", max=16), 1: torch.export.Dim("seq", min=2, max=64)},)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("aoti")
+
+
+@pytest.fixture(scope="module")
+def built(workdir):
+    """scheme -> (eager quantized model, exported program, package path); one AOTI compile each.
+
+    int8_weight_only goes through a saved .pt2 (compile from a path); the others from the program.
+    """
+    out = {}
+    for name in SCHEMES:
+        torch.manual_seed(0)
+        idx = torch.randint(0, 128, (2, 8))
+        model = quantized(TinyTransformer(), scheme_for(name), idx)
+        ep = qexport.export(model, (idx,), dynamic_shapes=dynamic_tokens())
+        source = ep
+        if name == "int8_weight_only":
+            source = workdir / f"{name}_program.pt2"
+            qexport.save(ep, source)
+        path = qexport.compile(source, workdir / f"{name}.pt2", device="cpu")
+        out[name] = (model, ep, path)
+    return out
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_numerics_match_eager_on_new_shapes(built, name):
+    model, _, path = built[name]
+    runner = qexport.load_compiled(path)
+    tol = math_for(scheme_for(name)).tolerance
+    for shape in [(1, 5), (3, 17)]:  # neither is the traced (2, 8): dynamic batch and sequence
+        idx = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(idx)
+        y = runner(idx)
+        assert y.shape == ref.shape
+        assert rel_err(y, ref) <= tol, f"{name} {shape}: {rel_err(y, ref):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_inspect_lists_regions_schemes_and_kernels(built, name):
+    _, ep, path = built[name]
+    manifest = qexport.inspect(path)
+    assert manifest.artifact == "aoti"
+    assert [(r.name, r.scheme) for r in manifest.regions] == [(r.name, r.scheme) for r in qexport.regions(ep)]
+    kernels = {k["name"]: k["kernel"] for k in manifest.extra["kernels"]}
+    assert manifest.extra["device"] == "cpu"
+    for region in qexport.regions(ep):
+        expected = EXPECTED_LINEAR_KERNEL[name] if region.op == "linear" else "inductor"
+        assert kernels[region.name] == expected, region.name
+
+
+def test_package_loads_with_torch_alone(built):
+    _, _, path = built["int4_weight_only"]
+    runner = torch._inductor.aoti_load_package(path)
+    assert runner(torch.randint(0, 128, (1, 4))).shape == (1, 4, 128)
+
+
+# -- the rewrite itself (no compile) ------------------------------------------------------------
+
+def _targets(ep) -> list:
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def test_int4_weights_are_repacked_once_into_buffers(built):
+    _, ep, _ = built["int4_weight_only"]
+    lowered, decisions = apply_kernels(ep, "cpu")
+    linear = [d for d in decisions if d.region.op == "linear"]
+    targets = _targets(lowered)
+    assert targets.count(torch.ops.aten._weight_int4pack_mm_for_cpu.default) == len(linear) == 13
+    # Packing happened here, not in the graph: no per-call conversion or unpacking remains.
+    assert torch.ops.aten._convert_weight_to_int4pack_for_cpu.default not in targets
+    assert sum(1 for _ in iter_region_nodes(lowered)) == 1  # the embedding stays a region for Inductor
+    for d in linear:
+        m = d.region.module_path
+        packed = lowered.state_dict[f"{m}.weight_int4pack"]
+        assert packed.dtype == torch.int32 or packed.dtype == torch.uint8
+        assert f"{m}.weight" not in lowered.state_dict  # the unpacked weight is dropped
+        assert lowered.state_dict[f"{m}.weight_scales_and_zeros"].dtype == torch.bfloat16
+    tagged = [n for n in lowered.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
+    assert {n.meta["custom"]["qexport_region"]["kernel"] for n in tagged} == {"aten._weight_int4pack_mm_for_cpu"}
+    # the original program is untouched
+    assert sum(1 for _ in iter_region_nodes(ep)) == 14 and "blocks.0.q.weight" in ep.state_dict
+
+
+def test_int8_weight_only_uses_bf16_activations(built):
+    _, ep, _ = built["int8_weight_only"]
+    lowered, _ = apply_kernels(ep, "cpu")
+    mms = [n for n in lowered.graph.nodes if n.target == torch.ops.aten._weight_int8pack_mm.default]
+    assert len(mms) == 13
+    assert all(n.args[0].meta["val"].dtype == torch.bfloat16 for n in mms)
+    assert all(n.args[2].meta["val"].dtype == torch.bfloat16 for n in mms)
+
+
+def test_conv_regions_fall_back_to_inductor_and_match(workdir):
+    x = torch.randn(2, 3, 16, 16)
+    model = quantized(ConvNet(), scheme_for("int8_static"), x)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=8)},))
+    report = aoti.plan(ep)
+    assert [(r.name, r.kernel) for r in report.regions] == [
+        ("conv1", "inductor"), ("conv2", "inductor"), ("fc", "aten._int_mm")
+    ]
+    assert "no cpu kernel registered for int8_static conv2d" in report.regions[0].reason
+    lowered, _ = apply_kernels(ep, "cpu")
+    x2 = torch.randn(5, 3, 16, 16)
+    assert rel_err(lowered.module()(x2), model(x2)) <= math_for(scheme_for("int8_static")).tolerance
+
+
+def test_inductor_only_option_keeps_every_region():
+    x = torch.randn(4, 64)
+    ep = qexport.export(quantized(MLP(), scheme_for("int8_weight_only"), x), (x,))
+    report = aoti.plan(ep, options={"qexport.kernels": "inductor"})
+    assert [r.kernel for r in report.regions] == ["inductor", "inductor"]
+
+
+# -- the kernel table mechanism -------------------------------------------------------------------
+
+@pytest.fixture
+def custom_scheme():
+    s = qexport.schemes.register(qexport.schemes.get("int8_weight_only").replace(name="test_aoti_int8_pt", granularity="per_tensor"))
+    yield s
+    qexport.schemes.unregister(s.name)
+
+
+def test_register_kernel_scheme_entry_wins_over_family(custom_scheme):
+    x = torch.randn(4, 64)
+    model = quantized(MLP(), custom_scheme, x)
+    ep = qexport.export(model, (x,))
+    calls = []
+
+    @register_kernel("test_aoti_int8_pt", "cpu", "linear")
+    def dequant_then_mm(ctx):
+        calls.append(ctx.region.name)
+        if ctx.region.name == "layers.1":
+            return Decline("test: second layer declined")
+        w = ctx.tensor("weight").float() * ctx.tensor("weight_scale").float()  # a float copy, for the test only
+        return KernelChoice("test.float_mm", "test kernel", lambda x, w, *b: torch.nn.functional.linear(x, w, *b),
+                            operands=(("weight_f32", w), *ctx.optional("bias")))
+
+    try:
+        lowered, decisions = apply_kernels(ep, "cpu")
+    finally:
+        unregister_kernel("test_aoti_int8_pt", "cpu", "linear", "dequant_then_mm")
+    assert calls == ["layers.0", "layers.1"]
+    assert decisions[0].choice.name == "test.float_mm"
+    # declined by the scheme entry, then taken by the family's int8 kernel
+    assert decisions[1].choice.name == "aten._weight_int8pack_mm"
+    assert "layers.0.weight_f32" in lowered.state_dict
+    assert rel_err(lowered.module()(x), model(x)) <= math_for(custom_scheme).tolerance
+    # per-tensor scale expanded to one per output channel for int8pack_mm
+    assert lowered.state_dict["layers.1.weight_scale_bfloat16"].shape == (32,)
+
+
+def test_decline_reason_reaches_the_report():
+    s = qexport.schemes.get("int8_weight_only", compute_dtype="float32")
+    x = torch.randn(4, 64)
+    ep = qexport.export(quantized(MLP(), s, x), (x,))
+    report = aoti.plan(ep)
+    assert all(r.kernel == "inductor" and "fp32 activations" in r.reason for r in report.regions)
+
+
+# -- errors, before any work, and no partial files ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_program():
+    x = torch.randn(4, 64)
+    return qexport.export(quantized(MLP(), scheme_for("int8_weight_only"), x), (x,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"device": "tpu"}, LoweringError, "device='tpu' is not one of"),
+        ({"options": {"max_autotun": True}}, LoweringError, "unknown Inductor option"),
+        ({"options": {"qexport.kernel": "auto"}}, LoweringError, "unknown qexport option"),
+        ({"options": {"qexport.kernels": "fast"}}, LoweringError, "is not one of"),
+        ({"options": {"aot_inductor.output_path": "x"}}, LoweringError, "set by qexport.compile"),
+    ],
+)
+def test_bad_arguments_refused_before_work(small_program, tmp_path, monkeypatch, kwargs, error, match):
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(error, match=match):
+        qexport.compile(small_program, tmp_path / "out.pt2", **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_gpu_is_refused(small_program, tmp_path):
+    with pytest.raises(LoweringError, match="no CUDA device"):
+        qexport.compile(small_program, tmp_path / "out.pt2", device="cuda")
+
+
+def test_bad_paths_refused(small_program, tmp_path):
+    with pytest.raises(ArtifactError, match="must end with .pt2"):
+        qexport.compile(small_program, tmp_path / "out.so")
+    with pytest.raises(ArtifactNotFoundError, match="does not exist"):
+        qexport.compile(small_program, tmp_path / "missing" / "out.pt2")
+    with pytest.raises(ArtifactNotFoundError):
+        qexport.compile(tmp_path / "nope.pt2", tmp_path / "out.pt2")
+    with pytest.raises(LoweringError, match="ExportedProgram or the path"):
+        qexport.compile(torch.nn.Linear(2, 2), tmp_path / "out.pt2")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_compile_leaves_nothing(small_program, tmp_path, monkeypatch):
+    def fail(ep, package_path, **_):
+        Path(package_path).write_bytes(b"partial")
+        raise RuntimeError("C++ compiler crashed")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
+    with pytest.raises(LoweringError, match="C\\+\\+ compiler crashed"):
+        qexport.compile(small_program, tmp_path / "out.pt2")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_compiled_refuses_a_plain_pt2(small_program, tmp_path):
+    path = tmp_path / "program.pt2"
+    qexport.save(small_program, path)
+    with pytest.raises(ArtifactError, match="not an AOTInductor package"):
+        qexport.load_compiled(path)
+    with pytest.raises(ArtifactNotFoundError):
+        qexport.load_compiled(tmp_path / "missing.pt2")
+
+
+def test_inspect_of_a_torch_only_aoti_package_says_who_wrote_it(small_program, tmp_path):
+    path = torch._inductor.aoti_compile_and_package(small_program, package_path=str(tmp_path / "plain.pt2"))
+    with pytest.raises(qexport.CorruptArtifactError, match="not written by qexport.compile"):
+        serializers.inspect(path)
