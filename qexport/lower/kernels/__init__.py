@@ -284,6 +284,7 @@ def _replace_region(ep: torch.export.ExportedProgram, node: torch.fx.Node, regio
             args.append(_add_buffer(ep, prefix + suffix, tensor, fake_mode))
     with fake_mode:
         traced = make_fx(choice.body, tracing_mode="real")(*(a.meta["val"] for a in args))
+    fold_static_cond_operands(traced)
     # graph_copy copies get_attr nodes but not what they name: a body with control flow (torch.cond's
     # branch graphs) needs its submodules moved into the program under fresh names.
     for attr in traced.graph.find_nodes(op="get_attr"):
@@ -317,6 +318,35 @@ def _replace_region(ep: torch.export.ExportedProgram, node: torch.fx.Node, regio
         graph.erase_node(sub)
         if hasattr(ep.graph_module, target):
             delattr(ep.graph_module, target)
+
+
+def fold_static_cond_operands(gm: torch.fx.GraphModule) -> bool:
+    """Bake the Python-int operands make_fx gives `torch.cond` (sizes that are static) into its branches.
+
+    Why: Inductor's cond lowering (torch 2.11, `ir.Conditional.create`) asserts that every operand is
+    a graph node and fails the AOTI compile otherwise.
+    """
+    changed = False
+    for mod in list(gm.modules()):
+        if not isinstance(mod, torch.fx.GraphModule):
+            continue
+        for node in mod.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond):
+            pred, true_fn, false_fn, operands = node.args
+            static = {i: o for i, o in enumerate(operands) if not isinstance(o, torch.fx.Node)}
+            if not static:
+                continue
+            for branch in (true_fn, false_fn):
+                sub = getattr(mod, branch.target)
+                for i, ph in enumerate(list(sub.graph.find_nodes(op="placeholder"))):
+                    if i in static:
+                        ph.replace_all_uses_with(static[i])
+                        sub.graph.erase_node(ph)
+                sub.recompile()
+            node.args = (pred, true_fn, false_fn, tuple(o for i, o in enumerate(operands) if i not in static))
+            changed = True
+        if changed:
+            mod.recompile()
+    return changed
 
 
 def _drop_unused_state(ep: torch.export.ExportedProgram) -> bool:
