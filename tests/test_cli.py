@@ -1,0 +1,283 @@
+"""The `qexport` command line: export / verify / bench / demo, their help, tables, exit codes and
+one-line errors (no traceback, no file left behind)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qexport
+from qexport.cli import build_parser, main
+from qexport.cli._common import (
+    InputSpec, import_target, parse_input_spec, parse_scheme_args, stage,
+)
+from qexport.errors import BackendUnavailableError, UsageError
+
+MINE = ("export", "verify", "bench", "demo")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, command: str, *needles: str) -> str:
+    assert code == 1
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"qexport {command}: error: "), err
+    for n in needles:
+        assert n in last, (n, last)
+    return last
+
+
+# -- parsing helpers ------------------------------------------------------------------------------
+
+def test_parse_input_spec():
+    assert parse_input_spec("1x256") == InputSpec((1, 256), torch.float32)
+    assert parse_input_spec("4,3,32,32:bf16") == InputSpec((4, 3, 32, 32), torch.bfloat16)
+    assert parse_input_spec("1x16:int64:256") == InputSpec((1, 16), torch.int64, 256)
+    for bad, msg in (("", "SHAPE"), ("1xa", "not dimensions"), ("0x4", "positive"), ("2x4:float99", "unknown dtype"),
+                     ("2x4:float32:9", "integer inputs"), ("2x4:int64:-1", "positive integer"), ("1:2:3:4", "SHAPE")):
+        with pytest.raises(UsageError, match=msg):
+            parse_input_spec(bad)
+
+
+def test_make_input_respects_dtype_and_high():
+    g = torch.Generator().manual_seed(0)
+    x = parse_input_spec("3x50:int64:7").make(g, default_high=1000)
+    assert x.dtype == torch.int64 and x.max() < 7
+    assert parse_input_spec("2x5:int32").make(g, default_high=3).max() < 3
+    assert parse_input_spec("2x5").make(g, batch=4).shape == (4, 5)
+
+
+def test_parse_scheme_args_coerces_to_field_types():
+    assert parse_scheme_args("int4_weight_only", ["group_size=64"]) == {"group_size": 64}
+    assert parse_scheme_args("int8_dynamic", ["act_symmetric=true", "compute-dtype=bfloat16"]) == {
+        "act_symmetric": True, "compute_dtype": "bfloat16"}
+    assert parse_scheme_args("int8_weight_only", ["qmax=100", "group_size=none"]) == {"qmax": 100, "group_size": None}
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        parse_scheme_args("int8_weight_only", ["group_size"])
+    with pytest.raises(UsageError, match="no parameter 'groupsize'"):
+        parse_scheme_args("int4_weight_only", ["groupsize=64"])
+    with pytest.raises(UsageError, match="is a boolean"):
+        parse_scheme_args("int8_weight_only", ["symmetric=maybe"])
+    with pytest.raises(UsageError, match="is an integer"):
+        parse_scheme_args("int8_weight_only", ["bits=eight"])
+    with pytest.raises(qexport.UnknownSchemeError, match="int9"):
+        parse_scheme_args("int9", [])
+
+
+def test_import_target(tmp_path):
+    from qexport.models import TinyNet
+
+    assert import_target("qexport.models:TinyNet") is TinyNet
+    f = tmp_path / "mymodel.py"
+    f.write_text("import torch\nclass Net(torch.nn.Sequential):\n    def __init__(self):\n        super().__init__(torch.nn.Linear(8, 4))\n")
+    assert import_target(f"{f}:Net").__name__ == "Net"
+    for bad, msg in (("qexport.models", "expected package.module:callable"), ("nosuch_pkg.mod:X", "no module named 'nosuch_pkg'"),
+                     ("qexport.models:Nope", "has no attribute 'Nope'"), (f"{tmp_path}/none.py:X", "does not exist")):
+        with pytest.raises(UsageError, match=msg):
+            import_target(bad)
+
+
+def test_stage_names_a_missing_backend(monkeypatch):
+    from qexport.cli import _common
+
+    monkeypatch.setitem(_common.STAGES, "to_onnx", ("qexport.lower.not_written_yet", "ONNX backend (issue 6)"))
+    with pytest.raises(BackendUnavailableError, match="ONNX backend .* not available"):
+        stage("to_onnx")
+    assert callable(stage("save"))
+
+
+# -- help -----------------------------------------------------------------------------------------
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    listed = parser._subparsers._group_actions[0].choices
+    assert set(MINE) <= set(listed)
+    for name in listed:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: qexport {name}"), name
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "qexport", "export", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--scheme-arg" in r.stdout
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """`qexport export` of TinyTransformer (token ids, dynamic batch) with int4 g32."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("cli") / "tt.pt2"
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
+        code = main(["export", "qexport.models:TinyTransformer", "--scheme", "int4_weight_only", "--scheme-arg",
+                     "group_size=32", "--input", "1x16:int64", "--dynamic-batch", "-o", str(out)])
+    return code, buf.getvalue(), err.getvalue(), out
+
+
+def test_export_writes_a_program_and_prints_its_regions(exported):
+    code, out, err, path = exported
+    assert code == 0, err
+    assert path.is_file()
+    ep = qexport.load(path)
+    regs = qexport.regions(ep)
+    assert len(regs) == 10 and {r.scheme.group_size for r in regs} == {32}
+    assert "int4_weight_only(g32" in out and "blocks.1.down" in out and f"wrote {path}" in out
+    assert "[5/5] saving" in err  # progress
+    # the program runs at another batch size and equals the eager quantized model
+    model = qexport.quantize(qexport.models.TinyTransformer(), qexport.schemes.get("int4_weight_only", group_size=32))
+    x = torch.randint(0, 256, (3, 16))
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_export_static_scheme_with_calibration_file(capsys, tmp_path):
+    calib = tmp_path / "calib.pt"
+    torch.save([torch.randn(4, 256) for _ in range(3)], calib)
+    out = tmp_path / "static.pt2"
+    code, stdout, err = run_cli(capsys, "export", "qexport.models:TinyNet", "--scheme", "int8_static", "--input", "1x256",
+                                "--calibrate", str(calib), "-o", str(out))
+    assert code == 0, err
+    (r0, *_) = qexport.regions(qexport.load(out))
+    assert r0.scheme.name == "int8_static" and "input_scale" in r0.roles
+    out2 = tmp_path / "static_random.pt2"
+    code, _, err = run_cli(capsys, "export", "qexport.models:TinyNet", "--scheme", "int8_static", "--input", "1x256",
+                           "--calibrate", "-o", str(out2))
+    assert code == 0 and out2.is_file(), err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["nosuch_pkg.models:Net", "--scheme", "int8_weight_only", "--input", "1x256"], ["no module named 'nosuch_pkg'"]),
+    (["qexport.models:Nope", "--scheme", "int8_weight_only", "--input", "1x256"], ["no attribute 'Nope'", "TinyNet"]),
+    (["qexport.models", "--scheme", "int8_weight_only", "--input", "1x256"], ["package.module:callable"]),
+    (["qexport.models:TinyNet", "--scheme", "int9", "--input", "1x256"], ["unknown scheme 'int9'"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_weight_onyl", "--input", "1x256"], ["Did you mean 'int8_weight_only'"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1xq"], ["--input '1xq'"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x255"], ["fails on the example inputs 1x255"]),
+    (["qexport.models:TinyNet", "--scheme", "int4_weight_only", "--scheme-arg", "group_size=48", "--input", "1x256"],
+     ["group_size=48"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_static", "--input", "1x256"], ["add --calibrate"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256", "--calibrate", "/nonexistent.pt"],
+     ["/nonexistent.pt", "no such file"]),
+])
+def test_export_user_mistakes_are_one_line_and_leave_no_file(capsys, tmp_path, argv, needles):
+    out = tmp_path / "out.pt2"
+    code, _, err = run_cli(capsys, "export", *argv, "-o", str(out))
+    assert_one_line_error(code, err, "export", *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_bad_output_and_calibration_files(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256",
+                           "-o", str(tmp_path / "x.onnx"))
+    assert_one_line_error(code, err, "export", "must end with .pt2")
+    code, _, err = run_cli(capsys, "export", "qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256",
+                           "-o", str(tmp_path / "no" / "x.pt2"))
+    assert_one_line_error(code, err, "export", "does not exist")
+    junk = tmp_path / "calib.pt"
+    junk.write_text("not a tensor file")
+    code, _, err = run_cli(capsys, "export", "qexport.models:TinyNet", "--scheme", "int8_static", "--input", "1x256",
+                           "--calibrate", str(junk), "-o", str(tmp_path / "x.pt2"))
+    assert_one_line_error(code, err, "export", "torch.load can read safely")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt"]
+
+
+def test_missing_required_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "qexport.models:TinyNet", "--input", "1x256", "-o", "x.pt2"])
+    assert e.value.code == 2 and "--scheme" in capsys.readouterr().err
+
+
+# -- verify / bench -------------------------------------------------------------------------------
+
+def test_verify_and_bench_an_exported_program(capsys, exported):
+    path = exported[3]
+    code, out, _ = run_cli(capsys, "verify", str(path), str(path), "--regions")
+    assert code == 0
+    assert "pass" in out and "1/1 passed (tolerance 0.05" in out and "blocks.0.qkv" in out
+    code, out, _ = run_cli(capsys, "bench", str(path), "--min-time", "0", "--min-iters", "2", "--warmup", "0")
+    assert code == 0 and "median" in out and str(path) in out
+
+
+def test_verify_all_demo_artifacts_and_a_failing_one(capsys, demo_run, tmp_path):
+    _, _, d = demo_run
+    arts = [str(d / n) for n in ("model_aoti.pt2", "model.pte", "model.onnx")]
+    code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), *arts)
+    assert code == 0 and "3/3 passed" in out
+    other = tmp_path / "other.pt2"
+    qexport.save(qexport.export(qexport.models.TinyNet(seed=7), (torch.randn(1, 256),)), other)
+    code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), arts[1], str(other))
+    assert code == 1 and "FAIL" in out and "1/2 passed" in out
+
+
+def test_verify_and_bench_user_mistakes(capsys, demo_run, tmp_path):
+    _, _, d = demo_run
+    code, _, err = run_cli(capsys, "verify", str(d / "model.pt2"), str(tmp_path / "missing.pte"))
+    assert_one_line_error(code, err, "verify", "missing.pte", "no such file")
+    code, _, err = run_cli(capsys, "verify", str(d / "model.onnx"), str(d / "model.pt2"))
+    assert_one_line_error(code, err, "verify", "reference must be an exported program")
+    junk = tmp_path / "junk.txt"
+    junk.write_text("x")
+    code, _, err = run_cli(capsys, "verify", str(junk), str(d / "model.pt2"))
+    assert_one_line_error(code, err, "verify", "not a qexport artifact")
+    code, _, err = run_cli(capsys, "bench", str(tmp_path / "missing.onnx"))
+    assert_one_line_error(code, err, "bench", "missing.onnx")
+    code, _, err = run_cli(capsys, "bench", str(d / "model_aoti.pt2"))
+    assert_one_line_error(code, err, "bench", "--input")
+    code, _, err = run_cli(capsys, "bench", str(d / "model.pte"), "--input", "1x256:float77")
+    assert_one_line_error(code, err, "bench", "unknown dtype")
+
+
+def test_bench_side_by_side_table(capsys, demo_run):
+    _, _, d = demo_run
+    arts = [str(d / n) for n in ("model.pt2", "model_aoti.pt2", "model.pte", "model.onnx")]
+    code, out, err = run_cli(capsys, "bench", *arts, "--min-time", "0.05", "--min-iters", "3", "--threads", "1")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:4] == ["artifact", "kind", "size", "median"]
+    assert [ln.split()[1] for ln in lines[2:]] == ["pt2", "aoti", "pte", "onnx"]
+    assert "[4/4] timing" in err
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+def test_demo_prints_one_table_and_leaves_every_artifact(demo_run):
+    code, out, d = demo_run
+    assert code == 0, out
+    names = {p.name for p in d.iterdir()}
+    assert {"model.pt2", "model_aoti.pt2", "model.pte", "model.onnx", "model_fp32.pt2"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left
+    table = out.strip().splitlines()
+    assert table[0].split()[:3] == ["artifact", "kind", "size"]
+    rows = {ln.split()[0]: ln for ln in table[2:] if ln.startswith("model")}
+    assert set(rows) == {"model_fp32.pt2", "model.pt2", "model_aoti.pt2", "model.pte", "model.onnx"}
+    for name in ("model.pt2", "model_aoti.pt2", "model.pte", "model.onnx"):
+        assert rows[name].split()[9] == "pass", rows[name]
+    assert "int8_dynamic" in table[-1] and "tolerance 0.02" in table[-1]
+
+
+def test_demo_fails_loudly_before_work_when_a_backend_is_missing(capsys, monkeypatch, tmp_path):
+    from qexport.cli import _common
+
+    monkeypatch.setitem(_common.STAGES, "to_executorch", ("qexport.lower.not_written_yet", "ExecuTorch backend (issue 5)"))
+    out = tmp_path / "demo"
+    code, _, err = run_cli(capsys, "demo", "--out", str(out))
+    assert_one_line_error(code, err, "demo", "ExecuTorch backend")
+    assert not out.exists()
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--backends", "aoti,tflite")
+    assert_one_line_error(code, err, "demo", "tflite")
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--scheme", "int5")
+    assert_one_line_error(code, err, "demo", "unknown scheme 'int5'")
