@@ -187,9 +187,12 @@ def plot(out: str, rows: list[dict], bf: dict) -> None:
 
 # -- the kernel lab: per-layer candidates, to place the crossovers ---------------------------------
 
-SMALL_TILES = [(16, 32, 256, 1, 4, 4), (16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
-               (32, 64, 128, 1, 4, 4), (64, 64, 128, 1, 4, 4)]
-LARGE_TILES = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, swap_ab)
+SMALL_TILES = [(16, 32, 256, 1, 4, 4, 0), (16, 32, 128, 1, 4, 4, 0), (16, 64, 256, 1, 4, 3, 0), (32, 64, 128, 1, 4, 4, 0),
+               (16, 64, 256, 1, 4, 4, 1), (16, 128, 128, 1, 4, 4, 1), (32, 64, 256, 1, 4, 4, 1), (32, 128, 128, 1, 4, 4, 1),
+               (64, 64, 128, 1, 4, 4, 1), (64, 128, 128, 1, 4, 4, 1)]
+LARGE_TILES = [(128, 128, 64, 8, 4, 4, 0), (64, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 8, 3, 1),
+               (128, 256, 64, 8, 8, 3, 1), (256, 128, 64, 8, 8, 3, 1)]
 LAB_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 
@@ -202,15 +205,17 @@ def run_lab(out: str, dim: int) -> None:
     w = torch.randn(n, k, device="cuda") * 0.02
     s8 = qexport.schemes.get("int8_weight_only")
     s4 = qexport.schemes.get("int4_weight_only", group_size=128)
+    sf8 = qexport.schemes.get("fp8_e4m3")
     t8 = math_for(s8).quantize_weight(s8, w)
     t4 = math_for(s4).quantize_weight(s4, w)
+    tf8 = math_for(sf8).quantize_weight(sf8, w)
     wb = w.bfloat16()
     w8ref = math_for(s8).dequantize_weight(s8, t8, (n, k)).bfloat16()
     w4ref = math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16()
+    wf8ref = math_for(sf8).dequantize_weight(sf8, tf8, (n, k)).bfloat16()
     packed, sz = C.tinygemm_operands(t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 8)
-    sf8 = qexport.schemes.get("fp8_e4m3")
-    tf8 = math_for(sf8).quantize_weight(sf8, w)
-    wf8, sbf8 = tf8["weight"], tf8["weight_scale"].reshape(1, -1).contiguous()
+    wf8, sf8v = tf8["weight"], tf8["weight_scale"].float().contiguous()
+    sbf8 = sf8v.reshape(1, -1).contiguous()
     ws8 = t8["weight"].to(torch.int32).sum(1).float()
     res: dict[str, dict[int, float]] = {}
     errs: dict[str, float] = {}
@@ -218,19 +223,20 @@ def run_lab(out: str, dim: int) -> None:
     def put(name: str, m: int, fn, ref=None) -> None:
         try:
             y = fn()
-            if ref is not None and name not in errs:
-                errs[name] = rel_err(y, ref)
+            if ref is not None:
+                errs[name] = max(errs.get(name, 0.0), rel_err(y, ref))
             res.setdefault(name, {})[m] = bench(fn)
         except Exception as e:
             res.setdefault(name, {})[m] = float("nan")
-            errs.setdefault(name + " ERROR", 0.0)
             print(f"   {name} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
     def compiled(fn, **opts):
         torch._dynamo.reset()
         return torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True, **opts})
 
-    fp8_body = lambda x: torch._scaled_mm(*(lambda q, s: (q, wf8.t(), s.reshape(-1, 1).contiguous()))(*act.quantize_fp8(x, True)), sbf8, None, None, torch.bfloat16, True)  # noqa: E731
+    def fp8_scaled(x):
+        q, sa = act.quantize_fp8(x, True)
+        return torch._scaled_mm(q, wf8.t(), sa.reshape(-1, 1).contiguous(), sbf8, None, None, torch.bfloat16, True)
 
     def int_mm_body(x):
         xf = x.float()
@@ -240,30 +246,40 @@ def run_lab(out: str, dim: int) -> None:
         acc = torch._int_mm(torch.cat([q, q.new_zeros((pad, k))]), t8["weight"].t())[: q.shape[0]]
         return (sx * t8["weight_scale"] * (acc.float() - zp * ws8)).to(torch.bfloat16)
 
+    deq8 = lambda x: x @ math_for(s8).dequantize_weight(s8, t8, (n, k)).to(x.dtype).t()  # noqa: E731
+    deq4 = lambda x: x @ math_for(s4).dequantize_weight(s4, t4, (n, k)).to(x.dtype).t()  # noqa: E731
     for m in LAB_MS:
         print(f"== M={m}", flush=True)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref8 = x @ w8ref.t()
-        ref4 = x @ w4ref.t()
+        ref8, ref4 = x @ w8ref.t(), x @ w4ref.t()
+        xf8 = act.dynamic_fp8(x, True)
+        reff8 = xf8 @ wf8ref.t()
         put("bf16 cuBLAS", m, lambda: x @ wb.t())
-        if m <= 16:
+        if m <= 2:
             f = compiled(C.int8_gemv)
             put("int8 GEMV (Inductor, coord. descent)", m, lambda: f(x, t8["weight"], t8["weight_scale"]), ref8)
         tiles = (SMALL_TILES if m <= 256 else []) + (LARGE_TILES if m >= 64 else [])
         for tile in tiles:
-            put(f"int8 Triton {tile}", m, lambda: C.triton_int8_mm(x, t8["weight"], t8["weight_scale"], tile=tile), ref8)
-            put(f"int4 Triton {tile}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, tile=tile), ref4)
-        if m <= 256:
+            put(f"int8 Triton {tile}", m, lambda: C.triton_weight_mm(x, t8["weight"], t8["weight_scale"], tile), ref8)
+            put(f"int4 Triton {tile}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, tile), ref4)
+            if m <= 64:
+                put(f"fp8w Triton {tile}", m, lambda: C.triton_weight_mm(xf8, wf8, sf8v, tile), reff8)
+        if m <= 32:
             put("int4 tinygemm (ikt 8)", m, lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz), ref4)
-        if m in (1, 16, 256, 4096):
-            f = compiled(fp8_body)
-            put("fp8 quant+_scaled_mm rowwise fast-acc (Inductor)", m, lambda: f(x), x @ (wf8.float() * sbf8.t()).bfloat16().t())
+        if m in (1, 16, 32, 64, 256, 4096):
+            f = compiled(fp8_scaled)
+            put("fp8 quant+_scaled_mm rowwise (Inductor)", m, lambda: f(x), reff8)
         if m in (16, 32, 256, 4096):
             f = compiled(int_mm_body)
             put("int8 dyn quant+_int_mm (Inductor)", m, lambda: f(x), ref8)
-        if m >= 256:
-            f = compiled(lambda x: x @ math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16().t())
+        if m >= 32:
+            f = compiled(deq8)
+            put("int8 dequant+cuBLAS (Inductor)", m, lambda: f(x), ref8)
+            f = compiled(deq4)
             put("int4 dequant+cuBLAS (Inductor)", m, lambda: f(x), ref4)
+        if m in (256, 4096):
+            f = compiled(deq8, max_autotune=True)
+            put("int8 dequant+mm (Inductor max-autotune)", m, lambda: f(x), ref8)
     res = {k: v for k, v in res.items() if v}
     write_lab(out, res, errs)
 
@@ -280,7 +296,7 @@ def write_lab(out: str, res: dict, errs: dict) -> None:
         cands = sorted((v[m], k) for k, v in res.items() if m in v and v[m] == v[m])
         bf = res.get("bf16 cuBLAS", {}).get(m)
         lines.append(f"- M={m}: " + ", ".join(f"{k} {t:.1f}" for t, k in cands[:4]) + (f" (bf16 {bf:.1f})" if bf else ""))
-    for fam in ("int8 Triton", "int4 Triton"):
+    for fam in ("int8 Triton", "int4 Triton", "fp8w Triton"):
         for lo, hi in ((1, 16), (32, 256), (1024, 4096)):
             tiles = [k for k in res if k.startswith(fam)]
             scored = sorted((sum(res[t].get(m, 1e9) for m in LAB_MS if lo <= m <= hi), t) for t in tiles)

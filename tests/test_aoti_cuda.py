@@ -71,6 +71,18 @@ def test_static_rows_build_only_the_branch_they_need(rows, kernel):
     assert not any("_int_mm" in t for t in targets) if kernel != "_int_mm" else True
 
 
+@pytest.mark.parametrize("lo,hi,conds", [(1, 1024, 1), (1, 4, 0), (8, 1024, 0)])
+def test_buckets_follow_the_exported_row_range(lo, hi, conds):
+    """Only the buckets the program's range for M reaches are built (M=1 counts although export
+    traces dynamic dims as >= 2)."""
+    torch.manual_seed(0)
+    m = quantized(MLP(), scheme_for("int8_dynamic"), (torch.randn(8, 64),))
+    ep = qexport.export(m, (torch.randn(max(lo, 2), 64),), dynamic_shapes=({0: torch.export.Dim("m", min=lo, max=hi)},))
+    lowered, decisions = apply_kernels(ep, "cuda")
+    assert _conds(lowered) == 2 * conds
+    assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= cuda_kernels.PLANS["int8_dynamic"][0][0])
+
+
 def test_kernel_nodes_are_tagged_with_their_region():
     _, ep = _exported("fp8_e4m3", 8, dynamic=True)
     lowered, _ = apply_kernels(ep, "cuda")
