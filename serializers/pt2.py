@@ -153,6 +153,8 @@ class _Archive:
             self.zip = zipfile.ZipFile(p)
         except zipfile.BadZipFile as e:
             raise CorruptArtifactError(f"{p}: not a zip archive, or a truncated one ({e}); a .pt2 is the zip torch.export.save writes") from None
+        except PermissionError as e:
+            raise ArtifactError(f"{p}: cannot be read: {e.strerror}") from None
         except Exception as e:
             raise CorruptArtifactError(f"{p}: unreadable zip structure ({type(e).__name__}: {e})") from None
         try:

@@ -133,6 +133,12 @@ def test_round_trip_in_process(cases, key):
     assert [r.scheme for r in case.manifest.regions] == [r.scheme for r in qexport.regions(case.ep)]
 
 
+def test_torch_returns_the_manifest_as_an_extra_file(cases):
+    extra = {MANIFEST_NAME: ""}
+    torch.export.load(cases["int8_dynamic"].path, extra_files=extra)
+    assert Manifest.from_json(extra[MANIFEST_NAME]) == cases["int8_dynamic"].manifest
+
+
 def test_user_scheme_survives(cases, user_scheme):
     m = qexport.inspect(cases["user"].path)
     assert {r.scheme for r in m.regions} == {user_scheme}
