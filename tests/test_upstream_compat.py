@@ -161,3 +161,17 @@ def test_canonicalize_keeps_codegen_low_precision():
     (n,) = [n for n in g.graph.nodes if n.target is torch.ops.higher_order.invoke_quant]
     assert n.meta["quant_options"] == InvokeQuant(codegen_low_precision=False)
     assert not [x for x in g.graph.nodes if x.target is InvokeQuant]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic", "nf4"])
+def test_quantized_model_under_torch_compile(backend, scheme):
+    """qexport regions under torch.compile: eager, aot_eager and Inductor match the eager model."""
+    from conftest import MLP, quantized, scheme_for
+
+    x = torch.randn(4, 64)
+    model = quantized(MLP(), scheme_for(scheme), (x,))
+    want = model(x)
+    got = torch.compile(model, backend=backend)(x)
+    tol = qexport.schemes.math_for(model.layers[0].scheme).tolerance
+    assert ((got - want).abs().max() / want.abs().max()).item() <= (1e-6 if backend != "inductor" else tol)

@@ -19,7 +19,7 @@ def register_family(math: SchemeMath) -> SchemeMath:
     return math
 
 
-def register(scheme: Scheme, math: SchemeMath | None = None, *, overwrite: bool = False) -> Scheme:
+def register(scheme: Scheme, math: "SchemeMath | type[SchemeMath] | None" = None, *, overwrite: bool = False) -> Scheme:
     """Add a scheme (and, for a new family, its math) to the registry; returns the scheme.
 
     A user scheme either reuses a built-in family (`math=None`, e.g. a per-tensor int8 variant) or
@@ -27,6 +27,10 @@ def register(scheme: Scheme, math: SchemeMath | None = None, *, overwrite: bool 
     """
     if not isinstance(scheme, Scheme):
         raise InvalidSchemeError(f"register() takes a qexport.Scheme, got {type(scheme).__name__}")
+    if isinstance(math, type) and issubclass(math, SchemeMath):
+        math = math()
+    if math is not None and not isinstance(math, SchemeMath):
+        raise InvalidSchemeError(f"math must be a qexport.SchemeMath (subclass or instance), got {type(math).__name__}")
     if math is not None:
         if math.family != scheme.family:
             raise InvalidSchemeError(
