@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ArtifactError, LoweringError, QExportError
 from ..regions import iter_region_nodes
-from .kernels import KernelDecision, apply_kernels, choose_kernels, inductor_options_for
+from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
 from .report import LoweringReport, RegionReport
 
 __all__ = ["DEVICES", "compile", "load_compiled", "plan"]
@@ -153,13 +153,11 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         say("the program has no quantized regions; compiling it as it is")
 
     t0 = time.perf_counter()
-    work = ep
+    work = _copy_program(ep)  # the caller's program is never changed (example inputs, device)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
-        from .kernels import _copy_program
-
-        work = move_to_device_pass(_copy_program(ep), device)
+        work = move_to_device_pass(work, device)
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
         from ..regions import regions
 
