@@ -163,13 +163,13 @@ def test_embedding_regions(tmp_path, name):
     assert _rel_err(_run(tmp_path / "e.onnx", x), m(x)) <= math_for(scheme_for(name)).tolerance
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["inlined", "functions"])
-def test_transformer_int8_static(tmp_path, keep):
+@pytest.mark.parametrize("name, keep", [("int8_static", False), ("int8_static", True), ("int8_dynamic", False), ("fp8_e4m3", True)])
+def test_transformer_3d_activations(tmp_path, name, keep):
     x = torch.randint(0, 128, (2, 8))
-    m, ep = _export(TinyTransformer(), "int8_static", x)
+    m, ep = _export(TinyTransformer(), name, x)
     qexport.to_onnx(ep, tmp_path / "t.onnx", keep_regions=keep)
-    x = torch.randint(0, 128, (3, 8))
-    assert _rel_err(_run(tmp_path / "t.onnx", x), m(x)) <= math_for(scheme_for("int8_static")).tolerance
+    x = torch.randint(0, 128, (3, 8))  # per-token qparams over [batch, seq] rows, batch dynamic
+    assert _rel_err(_run(tmp_path / "t.onnx", x), m(x)) <= math_for(scheme_for(name)).tolerance
 
 
 def test_int4_before_opset_21_is_a_float_decomposition_with_its_reason(tmp_path):

@@ -138,13 +138,9 @@ def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, 
         # uint8 DynamicQuantizeLinear is int8_asym_qparams shifted by 128: same codes, same grid.
         q, scale, zp = e.op_multi("DynamicQuantizeLinear", x, num_outputs=3)
         return e.op("DequantizeLinear", q, scale, zp)
-    return _per_token(e, x, _per_token_int8)
-
-
-def _per_token(e: Emitter, x: ir.Value, quantize) -> ir.Value:
-    """Fake-quantize each row of the last dim: rows of a [-1, K] view are per-axis (axis 0) QDQ."""
-    rows = e.op("Reshape", x, e.const([-1, 0], np.int64))
-    return e.op("Reshape", quantize(e, rows), e.op("Shape", x))
+    # Only linear regions quantize per token, and they run on a [-1, in] view (Lowering.emit): a token
+    # is a row, and per-row qparams are per-axis (axis 0) QuantizeLinear/DequantizeLinear.
+    return _per_token_int8(e, x)
 
 
 def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
@@ -160,14 +156,12 @@ def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
 
 
 def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
-    def fake_quant(e: Emitter, rows: ir.Value) -> ir.Value:
-        amax = e.op("ReduceMax", e.op("Abs", rows), e.const([1], np.int64) if per_token else None, keepdims=0)
-        scale = e.op("Max", e.op("Div", amax, e.const(FP8_E4M3_MAX)), e.const(_EPS))
-        axis = 0 if per_token else None
-        q = e.op("QuantizeLinear", rows, scale, axis=axis, output_dtype=ir.DataType.FLOAT8E4M3FN, saturate=1)
-        return e.op("DequantizeLinear", q, scale, axis=axis)
-
-    return _per_token(e, x, fake_quant) if per_token else fake_quant(e, x)
+    """_activation.dynamic_fp8: scale amax/448 (floored at eps) per row or per tensor, saturating cast."""
+    amax = e.op("ReduceMax", e.op("Abs", x), e.const([1], np.int64) if per_token else None, keepdims=0)
+    scale = e.op("Max", e.op("Div", amax, e.const(FP8_E4M3_MAX)), e.const(_EPS))
+    axis = 0 if per_token else None
+    q = e.op("QuantizeLinear", x, scale, axis=axis, output_dtype=ir.DataType.FLOAT8E4M3FN, saturate=1)
+    return e.op("DequantizeLinear", q, scale, axis=axis)
 
 
 def apply_op(e: Emitter, r: Region, x: ir.Value, w: ir.Value, bias: ir.Value | None) -> ir.Value:
