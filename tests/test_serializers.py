@@ -629,19 +629,20 @@ def test_save_refuses_what_load_would_refuse(cases, tmp_path, monkeypatch):
 
 
 def test_debug_metadata_left_out_of_the_file_only(cases, tmp_path):
-    """Region bodies' copies of the call's stack trace are not written (the HOP node keeps its own);
-    keep_stack_traces=False drops them all; the program in memory is untouched either way."""
+    """Region bodies' copies of the call's debug metadata are never written (the HOP node keeps its
+    own); stack traces are dropped by default and kept with keep_stack_traces=True; the program in
+    memory is untouched either way."""
     ep = cases["int4_weight_only"].ep
     body = getattr(ep.graph_module, hop_nodes(ep)[0].args[0].target)
     before = [dict(n.meta) for n in body.graph.nodes]
     assert any("stack_trace" in m for m in before)
-    qexport.save(ep, tmp_path / "a.pt2")
-    qexport.save(ep, tmp_path / "b.pt2", keep_stack_traces=False)
+    qexport.save(ep, tmp_path / "a.pt2", keep_stack_traces=True)
+    qexport.save(ep, tmp_path / "b.pt2")
     assert [dict(n.meta) for n in body.graph.nodes] == before
     a, b = qexport.load(tmp_path / "a.pt2"), qexport.load(tmp_path / "b.pt2")
     assert hop_nodes(a)[0].meta.get("stack_trace") == hop_nodes(ep)[0].meta["stack_trace"]
     a_body = getattr(a.graph_module, hop_nodes(a)[0].args[0].target)
-    assert not any(n.meta.get("stack_trace") for n in a_body.graph.nodes)
+    assert not any(n.meta.get(k) for n in a_body.graph.nodes for k in ("stack_trace", "nn_module_stack", "source_fn_stack"))
     assert not any(n.meta.get("stack_trace") for n in b.graph.nodes)
     assert (tmp_path / "b.pt2").stat().st_size < (tmp_path / "a.pt2").stat().st_size
     x = cases["int4_weight_only"].args
