@@ -19,8 +19,9 @@ from conftest import MLP, TinyTransformer, quantized, scheme_for
 
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-# Rows that reach every branch of every CUDA entry: GEMV / tinygemm, small-M Triton tiles, large-M tiles.
-ROWS = (1, 6, 40, 300)
+# Rows that reach every bucket of every CUDA plan (cuda_kernels.PLANS): 1 GEMV, 6 tinygemm or the
+# 16-row tile, 20 / 40 / 100 the wider Triton tiles, 300 dequant + cuBLAS or the fp8/int8 GEMMs.
+ROWS = (1, 6, 20, 40, 100, 300)
 DYN = ({0: torch.export.Dim("m", min=1, max=1024)},)
 
 
@@ -46,11 +47,16 @@ def test_cuda_rewrite_matches_eager_on_cpu(name):
     """The kernel bodies (real int8 / fp8 GEMMs, padding for _int_mm) agree with the scheme's
     reference math at every row count; run through the rewritten program on the CPU."""
     m, ep = _exported(name, 8, dynamic=True)
+    # Where CUDA is, the same rewrite runs there (its Triton buckets have no CPU implementation).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        m = m.cuda()
+        ep = qexport.export(m, (torch.randn(8, 64, device=device),), dynamic_shapes=DYN)
     lowered, decisions = apply_kernels(ep, "cuda")
     assert [d.choice is not None for d in decisions] == [True, True], [d.reason for d in decisions]
     tol = math_for(scheme_for(name)).tolerance
     for rows in ROWS:
-        x = torch.randn(rows, 64)
+        x = torch.randn(rows, 64, device=device)
         assert rel_err(lowered.module()(x), m(x)) <= tol, rows
 
 
@@ -84,12 +90,13 @@ def test_buckets_follow_the_exported_row_range(lo, hi, conds):
 
 
 def test_kernel_nodes_are_tagged_with_their_region():
-    _, ep = _exported("fp8_e4m3", 8, dynamic=True)
+    _, ep = _exported("int8_dynamic", 32, dynamic=False)
     lowered, _ = apply_kernels(ep, "cuda")
     tagged = [n for n in lowered.graph_module.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
-    mm = [n for n in tagged if n.target is torch.ops.aten._scaled_mm.default]
+    mm = [n for n in tagged if n.target is torch.ops.aten._int_mm.default]
     assert len(mm) == 2
     assert {n.meta["custom"]["qexport_region"]["module"] for n in mm} == {"layers.0", "layers.1"}
+    assert {n.meta["custom"]["qexport_region"]["kernel"] for n in mm} == {"_int_mm"}
 
 
 def test_declines_say_why():

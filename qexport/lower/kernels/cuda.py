@@ -29,16 +29,25 @@ from . import Decline, KernelChoice, KernelContext, register_kernel
 aten = torch.ops.aten
 
 # Tiles: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, swap_ab). Narrow N tiles at small
-# M so that 4096 output columns still make >= 128 programs for the H100's 132 SMs.
-SMALL_M_TILE = (16, 32, 256, 1, 4, 4, 0)
-INT4_SMALL_M_TILE = (16, 32, 128, 1, 4, 4, 0)
+# M so that 4096 output columns still make >= 128 programs for the H100's 132 SMs; swap_ab where the
+# MMA's M side is better filled by weight rows than by activation rows.
+TILE_M16_K256 = (16, 32, 256, 1, 4, 4, 0)
+TILE_M16_K128 = (16, 32, 128, 1, 4, 4, 0)
+TILE_M16_N64 = (16, 64, 256, 1, 4, 3, 0)
+TILE_M32_N64 = (32, 64, 128, 1, 4, 4, 0)
+TILE_M64_SWAP = (64, 64, 128, 1, 4, 4, 1)
 
-# (max rows, kernel) per family, in row order; the last bucket has no bound. From the per-layer
-# kernel lab of benchmarks/bench_cuda.py (--lab) on the H100.
+# (max rows, kernel) per family, in row order; the last bucket has no bound. Each bucket is the
+# fastest kernel at those rows in the per-layer lab (benchmarks/bench_cuda.py --lab, 4096x4096, H100,
+# docs/benchmarks/cuda.md). Above the last Triton bucket cuBLAS on a freshly dequantized weight wins:
+# these Triton GEMMs reach ~60% of cuBLAS when compute-bound.
 PLANS: dict[str, list[tuple[int | None, Any]]] = {
-    "int8_weight_only": [(1, "gemv"), (32, ("triton", SMALL_M_TILE)), (None, "dequant_mm")],
-    "int4": [(8, "tinygemm"), (32, ("triton", INT4_SMALL_M_TILE)), (None, "dequant_mm")],
-    "fp8": [(16, ("triton", SMALL_M_TILE)), (None, "scaled_mm")],
+    "int8_weight_only": [
+        (1, "gemv"), (16, ("triton", TILE_M16_K256)), (32, ("triton", TILE_M16_K128)),
+        (64, ("triton", TILE_M16_N64)), (256, ("triton", TILE_M64_SWAP)), (None, "dequant_mm"),
+    ],
+    "int4": [(8, "tinygemm"), (32, ("triton", TILE_M16_K128)), (128, ("triton", TILE_M32_N64)), (None, "dequant_mm")],
+    "fp8": [(16, ("triton", TILE_M16_K256)), (None, "scaled_mm")],
     "int8_dynamic": [(4, "gemv"), (None, "int_mm")],
 }
 # aten._int_mm on CUDA needs more than 16 rows; fewer are padded with zero rows.
@@ -115,7 +124,7 @@ def reachable(plan: Sequence[tuple[int | None, Any]], rows: tuple[int, float]) -
 
 def plan_note(plan: Sequence[tuple[int | None, Any]]) -> tuple[str, str]:
     """(short kernel name, what runs at which M) for reports."""
-    name = " | ".join(KERNEL_NAMES[_kind(k)] for _, k in plan)
+    name = " / ".join(dict.fromkeys(KERNEL_NAMES[_kind(k)] for _, k in plan))
     parts, lo = [], 1
     for max_m, kernel in plan:
         span = f"M>={lo}" if max_m is None else (f"M<={max_m}" if lo == 1 else f"{lo}<=M<={max_m}")
@@ -177,7 +186,8 @@ if triton is not None:
                 z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
                 w = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(a.dtype)
             else:
-                b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0)
+                # No `other`: Triton cannot cast a fill value to fp8; masked rows are never stored.
+                b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None])
                 w = b.to(a.dtype)
             if SWAP_AB:
                 acc = tl.dot(w, tl.trans(a), acc)
