@@ -102,3 +102,14 @@ def test_minilm_reduced(tmp_path, capsys):
     assert by["int4_weight_only", "onnx"]["bytes"] < 0.3 * by["int8_dynamic", "onnx"]["bytes"]  # embeddings too
     out = capsys.readouterr().out
     assert "cosine vs fp32" in out and "minilm_int4_weight_only.onnx" in out
+
+
+def test_schemes_doc_is_in_sync_with_the_registry_and_backends():
+    """docs/schemes.md is generated; regenerate it with `.venv/bin/python docs/gen_schemes.py`."""
+    spec = importlib.util.spec_from_file_location("gen_schemes", EXAMPLES.parent / "docs" / "gen_schemes.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = gen.render()
+    for name in qexport.schemes.builtin_names():
+        assert f"| `{name}` |" in text
+    assert gen.DOC.read_text() == text, "docs/schemes.md is out of date: run .venv/bin/python docs/gen_schemes.py"
