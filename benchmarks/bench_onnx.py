@@ -92,6 +92,12 @@ def time_session(path: str, feeds: dict[str, np.ndarray], iters: int) -> tuple[f
     return statistics.median(times) * 1e6, out
 
 
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of the last-dim vectors (tokens, or MLP outputs) of two outputs."""
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return float(np.mean((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+
 def bench_model(label, make, example, calib, schemes, iters, tmp) -> list[dict]:
     """example: kwargs dict of the model's inputs at batch 1; calib: list of kwargs dicts."""
     feeds = {k: v.numpy() for k, v in example.items()}
@@ -102,29 +108,33 @@ def bench_model(label, make, example, calib, schemes, iters, tmp) -> list[dict]:
     t32, y32 = time_session(p32, feeds, iters)
     rows.append({"model": label, "variant": "fp32", "us": t32, "ratio": 1.0, "bytes": os.path.getsize(p32)})
     print(f"{label:8s} fp32            {t32:9.0f} us  {os.path.getsize(p32) / 1e6:7.1f} MB", flush=True)
+    ref32 = make()(**example).detach().float().numpy()
     for name in schemes:
         model = qexport.quantize(make(), name, calibration_data=calib if qexport.schemes.get(name).activation == "static" else None)
+        ref = model(**example).detach().float().numpy()
         ep = qexport.export(model, (), example)
         path = os.path.join(tmp, f"{label}_{name}.onnx")
         t0 = time.perf_counter()
         report = qexport.to_onnx(ep, path)
         export_s = time.perf_counter() - t0
         us, y = time_session(path, feeds, iters)
-        ref = model(**example).detach().float().numpy()
         err = float(np.abs(y - ref).max() / np.abs(ref).max())
-        err32 = float(np.abs(y - y32).max() / np.abs(y32).max())
         rows.append({"model": label, "variant": name, "us": us, "ratio": t32 / us, "bytes": os.path.getsize(path),
-                     "rel_err_vs_eager_quantized": err, "rel_err_vs_fp32": err32, "export_s": export_s,
-                     "native_regions": sum(r.delegated for r in report.regions), "regions": len(report.regions)})
-        print(f"{label:8s} {name:15s} {us:9.0f} us  {os.path.getsize(path) / 1e6:7.1f} MB  fp32/variant {t32 / us:5.2f}x  "
-              f"err vs eager {err:.1e}  export {export_s:.1f}s", flush=True)
+                     "rel_err_vs_eager_quantized": err, "mean_abs_err_vs_eager_quantized": float(np.abs(y - ref).mean()),
+                     "cos_vs_fp32_onnx": _cos(y, ref32), "cos_vs_fp32_eager_quantized": _cos(ref, ref32),
+                     "export_s": export_s, "native_regions": sum(r.delegated for r in report.regions),
+                     "regions": len(report.regions)})
+        print(f"{label:8s} {name:17s} {us:9.0f} us  {os.path.getsize(path) / 1e6:6.1f} MB  fp32/variant {t32 / us:5.2f}x  "
+              f"max rel err vs eager {err:.1e} (mean abs {rows[-1]['mean_abs_err_vs_eager_quantized']:.1e})  "
+              f"cos vs fp32: onnx {rows[-1]['cos_vs_fp32_onnx']:.4f} eager {rows[-1]['cos_vs_fp32_eager_quantized']:.4f}  "
+              f"export {export_s:.1f}s", flush=True)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--schemes", default="int8_static,int8_dynamic,int8_weight_only,int4_weight_only")
+    ap.add_argument("--schemes", default="int8_static,int8_dynamic,int8_weight_only,int4_weight_only,fp8_e4m3,nf4")
     ap.add_argument("--no-minilm", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

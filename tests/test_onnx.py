@@ -75,7 +75,8 @@ def test_mlp_numerics_within_scheme_tolerance(mlp_artifacts, name, keep):
 #: (op, what must be in the model) per scheme: the region is emitted from its scheme
 EXPECTED = {
     "int8_weight_only": ({"DequantizeLinear": 2}, onnx.TensorProto.INT8, True),
-    "int8_dynamic": ({"DequantizeLinear": 4, "QuantizeLinear": 2, "ReduceMin": 2}, onnx.TensorProto.INT8, True),
+    # per-token int8: integer MatMul of the quantized rows, no weight DequantizeLinear
+    "int8_dynamic": ({"MatMulInteger": 2, "QuantizeLinear": 2, "ReduceMin": 2, "DequantizeLinear": 0}, onnx.TensorProto.INT8, True),
     "int8_static": ({"DequantizeLinear": 6, "QuantizeLinear": 4}, onnx.TensorProto.INT8, True),
     "int4_weight_only": ({"DequantizeLinear": 2}, onnx.TensorProto.UINT4, True),
     "fp8_e4m3": ({"DequantizeLinear": 4, "QuantizeLinear": 2}, onnx.TensorProto.FLOAT8E4M3FN, True),
@@ -100,7 +101,7 @@ def test_regions_are_emitted_from_their_scheme(mlp_artifacts, name, keep):
     # the first region's weight DequantizeLinear: in the main graph, or in its function (input "weight")
     fn = [n for f in model.functions if f.name == "layers_0" for n in f.node if n.input and n.input[0] == "weight"]
     dq = [n for n in [*model.graph.node, *fn] if n.op_type == "DequantizeLinear" and n.input[0] in ("layers.0.weight", "weight")]
-    if name.startswith("int8"):  # per-channel: the out-features axis of MatMul's [in, out] weight
+    if name in ("int8_weight_only", "int8_static"):  # per-channel: the out-features axis of MatMul's [in, out] weight
         assert {a.name: a.i for a in dq[0].attribute}["axis"] == 1
     if name == "int4_weight_only":
         attrs = {a.name: a.i for a in dq[0].attribute}

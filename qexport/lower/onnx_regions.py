@@ -100,7 +100,7 @@ class Lowering:
     def emit(self, e: Emitter, x: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
         """Record the region's nodes; `w` are the values of `weights()`. Returns the output value."""
         s, op, r = self.scheme, self.region.op, self.region
-        weight = self.family.dequantize(e, self, w)
+        weight = None if self.family.integer_linear(self) else self.family.dequantize(e, self, w)
         if op == "embedding":
             y = e.op("Gather", weight, x, axis=0)
         else:
@@ -110,8 +110,10 @@ class Lowering:
             # match y_zero_point type UINT8") on MiniLM.
             flat = op == "linear" and len(r.input_shapes[0] if r.input_shapes else ()) != 2
             xin = e.op("Reshape", x, e.const([-1, r.weight_shape[1]], np.int64)) if flat else x
-            xq = quantize_input(e, s, op, xin, w)
-            y = apply_op(e, r, xq, weight, w.get("bias"))
+            if self.family.integer_linear(self):
+                y = per_token_int8_linear(e, xin, w)
+            else:
+                y = apply_op(e, r, quantize_input(e, s, op, xin, w), weight, w.get("bias"))
             if s.activation == "static":
                 y = e.op("DequantizeLinear", e.op("QuantizeLinear", y, w["output_scale"], w["output_zero_point"]),
                          w["output_scale"], w["output_zero_point"])
@@ -143,16 +145,46 @@ def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, 
     return _per_token_int8(e, x)
 
 
-def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
-    # int8_asym_qparams: the range always covers 0, scale floored at eps, zero point saturated.
+def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tuple[ir.Value, ir.Value]:
+    """int8_asym_qparams per row: the range always covers 0, scale floored at eps, zero point saturated.
+
+    unsigned=True gives the same grid as uint8 (codes and zero point + 128), the activation type of
+    onnxruntime's fast integer GEMM (u8 x s8).
+    """
     axes = e.const([1], np.int64)
     zero = e.const(0.0)
     mn = e.op("Min", e.op("ReduceMin", rows, axes, keepdims=0), zero)
     mx = e.op("Max", e.op("ReduceMax", rows, axes, keepdims=0), zero)
     scale = e.op("Max", e.op("Div", e.op("Sub", mx, mn), e.const(float(INT8_MAX - INT8_MIN))), e.const(_EPS))
     zp = e.op("Sub", e.const(float(INT8_MIN)), e.op("Round", e.op("Div", mn, scale)))
-    zp = e.op("Cast", e.op("Clip", zp, e.const(float(INT8_MIN)), e.const(float(INT8_MAX))), to=ir.DataType.INT8)
+    zp = e.op("Clip", zp, e.const(float(INT8_MIN)), e.const(float(INT8_MAX)))
+    if unsigned:
+        return scale, e.op("Cast", e.op("Sub", zp, e.const(float(INT8_MIN))), to=ir.DataType.UINT8)
+    return scale, e.op("Cast", zp, to=ir.DataType.INT8)
+
+
+def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
+    scale, zp = _per_token_qparams(e, rows)
     return e.op("DequantizeLinear", e.op("QuantizeLinear", rows, scale, zp, axis=0), scale, zp, axis=0)
+
+
+def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
+    """DQ(x) @ DQ(w) + b for per-token asymmetric int8 x and per-channel symmetric int8 w, in integers:
+    (q - zp) @ w = q @ w - zp * colsum(w), so MatMulInteger needs no per-row zero point, then one
+    float rescale by s_x[row] * s_w[col].
+
+    Why not QDQ: onnxruntime fuses QDQ MatMuls only with constant activation scales (static) or
+    per-tensor DynamicQuantizeLinear; a per-token QDQ MatMul dequantizes the weight on every call
+    (330x slower than fp32 on MLP 1024-2048-2048-256 here).
+    """
+    scale, zp = _per_token_qparams(e, rows, unsigned=True)
+    q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
+    acc = e.op("MatMulInteger", q, w["weight"])
+    one = e.const([1], np.int64)
+    correction = e.op("Mul", e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.INT32), one), w["weight_colsum"])
+    y = e.op("Cast", e.op("Sub", acc, correction), to=ir.DataType.FLOAT)
+    y = e.op("Mul", y, e.op("Mul", e.op("Unsqueeze", scale, one), w["weight_scale"]))
+    return y if w.get("bias") is None else e.op("Add", y, w["bias"])
 
 
 def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
@@ -195,6 +227,10 @@ class FamilyLowering:
 
     def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
         raise NotImplementedError
+
+    def integer_linear(self, lw: Lowering) -> bool:
+        """Whether the region's linear runs as integer ops (per_token_int8_linear) instead of QDQ."""
+        return False
 
 
 def _activation_weights(lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -241,6 +277,8 @@ class Int8Lowering(FamilyLowering):
         assert s is not None
         gran = "per-channel" if s.granularity == "per_channel" else "per-tensor"
         kernel = f"QDQ {_OP_NAMES[region.op]}: {gran} int8 weights, {_describe_activation(s, region.op)}"
+        if region.op == "linear" and s.activation == "dynamic" and s.act_granularity == "per_token":
+            kernel = f"MatMulInteger: per-token int8 activations (QuantizeLinear with computed scales) x {gran} int8 weights, int32 accumulation"
         reason = ""
         if s.compute_dtype != "float32" and s.activation == "none":
             reason = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
@@ -255,6 +293,9 @@ class Int8Lowering(FamilyLowering):
         # DQ(weight) into QGemm/QLinearConv only when the zero point is there (without it the DQ runs
         # on every call, ~350x slower on a 2048x2048 layer here).
         out = {"weight": _as_kn(op, _np(t["weight"])), "weight_scale": scale, "weight_zero_point": np.zeros(scale.shape, np.int8)}
+        if self.integer_linear(lw):
+            del out["weight_zero_point"]
+            out["weight_colsum"] = out["weight"].astype(np.int32).sum(0, dtype=np.int32)
         out.update(_activation_weights(lw, t))
         return {k: ir.tensor(v) for k, v in out.items()}
 
@@ -263,6 +304,11 @@ class Int8Lowering(FamilyLowering):
         # the output-channel axis: last for MatMul's [in, out], first for conv and embedding rows
         axis = None if per_tensor else (1 if lw.region.op == "linear" else 0)
         return e.op("DequantizeLinear", w["weight"], w["weight_scale"], w["weight_zero_point"], axis=axis)
+
+    def integer_linear(self, lw: Lowering) -> bool:
+        s = lw.scheme
+        return (lw.region.op == "linear" and s.activation == "dynamic" and s.act_dtype == "int8"
+                and s.act_granularity == "per_token")
 
 
 def _blocked_float(
