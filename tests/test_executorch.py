@@ -256,3 +256,16 @@ def test_rshift_as_floor_divide_keeps_values():
     assert not ep.graph.find_nodes(op="call_function", target=torch.ops.aten.__rshift__.Scalar)
     torch.testing.assert_close(ep.module()(x), x >> 4)
     assert not et_lower.rshift_as_floor_divide(ep.graph_module)
+
+
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "fp8_e4m3"])
+def test_dynamic_batch(tmp_path, scheme):
+    torch.manual_seed(0)
+    x = INPUTS["mlp"]()
+    model = quantized(MLP(), scheme_for(scheme), (x,))
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    qexport.to_executorch(ep, tmp_path / "dyn.pte")
+    method = Runtime.get().load_program(str(tmp_path / "dyn.pte")).load_method("forward")
+    for batch in (1, 7, 32):
+        xb = torch.randn(batch, 64)
+        assert rel_err(method.execute([xb])[0], model(xb)) <= math_for(scheme_for(scheme)).tolerance
