@@ -53,14 +53,14 @@ class DemoResult:
     def table(self) -> str:
         from .cli._table import format_table
 
-        base = next((r.latency_s for r in self.rows if r.passed is None and r.latency_s), None)
+        # No speed-up column: the only float baseline here runs eagerly, and a ratio against it would
+        # credit the compilers' overhead savings to quantization.
         rows = [
-            [r.artifact.name, r.kind, fmt_bytes(r.size), fmt_seconds(r.latency_s),
-             f"{base / r.latency_s:.2f}x" if base and r.latency_s else "-", fmt_err(r.max_abs), fmt_err(r.rel),
+            [r.artifact.name, r.kind, fmt_bytes(r.size), fmt_seconds(r.latency_s), fmt_err(r.max_abs), fmt_err(r.rel),
              {True: "pass", False: "FAIL", None: "-"}[r.passed], r.note]
             for r in self.rows
         ]
-        head = format_table(["artifact", "kind", "size", "latency", "speed vs fp32 eager", "max abs err", "rel err", "verify", "note"], rows)
+        head = format_table(["artifact", "kind", "size", "latency", "max abs err", "rel err", "verify", "note"], rows)
         return (f"{head}\nscheme {self.scheme.describe()}, tolerance {self.tolerance:g} (relative to the .pt2's "
                 f"max-abs output); artifacts in {self.out_dir}")
 
