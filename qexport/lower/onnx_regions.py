@@ -100,6 +100,8 @@ class Lowering:
     def emit(self, e: Emitter, x: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
         """Record the region's nodes; `w` are the values of `weights()`. Returns the output value."""
         s, op, r = self.scheme, self.region.op, self.region
+        if op != "embedding" and r.input_dtypes and r.input_dtypes[0] != "float32":
+            x = e.op("Cast", x, to=ir.DataType.FLOAT)  # regions compute in float32 here (see reasons)
         weight = None if self.family.integer_linear(self) else self.family.dequantize(e, self, w)
         if op == "embedding":
             y = e.op("Gather", weight, x, axis=0)
