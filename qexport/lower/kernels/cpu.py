@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ...schemes import _activation as act
+from ...schemes import _activation as act, math_for
+from ...schemes._region import apply_op, quantize_input
 from ...schemes._packing import unpack_uint4
 from . import Decline, KernelChoice, KernelContext, register_kernel
 
@@ -137,6 +138,38 @@ def int8_activations_int_mm(ctx: KernelContext) -> KernelChoice | Decline | None
     return KernelChoice(
         name="aten._int_mm",
         why=f"int8 x int8 -> int32 with {scheme.activation} {scheme.act_granularity} activations, zero point folded via weight column sums",
+        body=body,
+        operands=operands,
+    )
+
+
+@register_kernel("fp8", "cpu", "linear")
+def fp8_weights_decoded_at_compile_time(ctx: KernelContext) -> KernelChoice | Decline | None:
+    """fp8 weights widened once, here, to the compute dtype; activations keep the scheme's fp8 rounding.
+
+    Why: this CPU has no fp8 matmul (aten._scaled_mm on CPU took ~200 ms for one 4096x4096 layer)
+    and Inductor's fusion re-decodes every weight on every call (about 7x slower than fp32 at batch 1).
+    fp8 -> bf16 is exact, so numerics equal the reference; the package holds 2 bytes per weight.
+    """
+    scheme = ctx.scheme
+    cd = scheme.torch_compute_dtype
+    if not ctx.input_dtype.is_floating_point:
+        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
+    shape = tuple(ctx.region.weight_shape or ctx.tensor("weight").shape)
+    roles = [r for r in ctx.region.roles if r not in ("input", "bias")]
+    w = math_for(scheme).dequantize_weight(scheme, {r: ctx.tensor(r) for r in roles}, shape).to(cd)
+    operands: list = [("weight_" + str(cd).removeprefix("torch."), w)]
+    if ctx.has("bias"):
+        operands.append(("bias_" + str(cd).removeprefix("torch."), ctx.tensor("bias").to(cd)))
+    op, op_params = ctx.region.op, ctx.region.op_params
+
+    def body(x: torch.Tensor, w: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
+        xq = quantize_input(scheme, x, {}, op).to(cd)
+        return apply_op(op, op_params, xq, w, bias[0] if bias else None).to(x.dtype)
+
+    return KernelChoice(
+        name=f"aten.linear ({scheme.compute_dtype} weights decoded at compile time)",
+        why="no fp8 matmul on CPU: weights widened once at compile time (2 bytes/weight in the package), fp8 activation rounding kept",
         body=body,
         operands=operands,
     )
