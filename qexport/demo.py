@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli._common import Progress, fmt_bytes, fmt_err, fmt_seconds, import_target, stage
+from .cli._common import Progress, fmt_bytes, fmt_err, fmt_seconds, import_target
+from .runners import stage
 from .errors import UsageError
 
 BACKENDS = ("aoti", "pte", "onnx")

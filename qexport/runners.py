@@ -8,6 +8,7 @@ its outputs flattened), because that is the one calling convention all four runt
 
 from __future__ import annotations
 
+import importlib
 import statistics
 import time
 import zipfile
@@ -26,6 +27,36 @@ ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
 FLOAT_TOLERANCE = 1e-3
 
 Flat = list[torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+# What each stage needs installed; `stage()` turns a missing module into one clear line.
+STAGES = {
+    "save": ("serializers.pt2", ".pt2 serializer"),
+    "load": ("serializers.pt2", ".pt2 serializer"),
+    "compile": ("qexport.lower.aoti", "AOTInductor backend"),
+    "load_compiled": ("qexport.lower.aoti", "AOTInductor backend"),
+    "to_executorch": ("qexport.lower.executorch", "ExecuTorch backend"),
+    "to_onnx": ("qexport.lower.onnx", "ONNX backend"),
+}
+
+
+def stage(name: str) -> Any:
+    """`qexport.<name>` (save, compile, to_executorch, ...), or BackendUnavailableError if this
+    installation does not provide it."""
+    module, what = STAGES[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise BackendUnavailableError(f"the {what} is not available in this installation ({module} is missing)") from None
+        raise BackendUnavailableError(f"the {what} cannot be imported: {e}") from e
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise BackendUnavailableError(f"the {what} does not provide {name}() yet ({module})")
+    return fn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,8 +158,6 @@ def _first_line(e: BaseException) -> str:
 def load_program(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
     """The ExportedProgram in a .pt2 (qexport.load, which checks the manifest; a .pt2 without a
     qexport manifest, e.g. an fp32 baseline, loads through torch.export.load)."""
-    from .cli._common import stage
-
     p = _readable(path)
     try:
         qload = stage("load")
@@ -169,8 +198,6 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
 
 
 def _load_aoti(p: Path) -> Runner:
-    from .cli._common import stage
-
     try:
         compiled = stage("load_compiled")(str(p))
     except QExportError as e:
@@ -534,5 +561,5 @@ def bench(
 
 __all__ = [
     "ARTIFACT_KINDS", "BenchResult", "InputInfo", "RegionError", "Runner", "VerifyResult", "artifact_kind", "bench",
-    "compare", "load", "load_program", "make_inputs", "program_inputs", "program_runner", "tolerance_for", "verify",
+    "STAGES", "compare", "load", "load_program", "make_inputs", "program_inputs", "program_runner", "stage", "tolerance_for", "verify",
 ]

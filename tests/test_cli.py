@@ -11,9 +11,8 @@ import torch
 
 import qexport
 from qexport.cli import build_parser, main
-from qexport.cli._common import (
-    InputSpec, import_target, parse_input_spec, parse_scheme_args, stage,
-)
+from qexport.cli._common import InputSpec, import_target, parse_input_spec, parse_scheme_args
+from qexport.runners import stage
 from qexport.errors import BackendUnavailableError, UsageError
 
 MINE = ("export", "verify", "bench", "demo")
@@ -86,9 +85,9 @@ def test_import_target(tmp_path):
 
 
 def test_stage_names_a_missing_backend(monkeypatch):
-    from qexport.cli import _common
+    from qexport import runners
 
-    monkeypatch.setitem(_common.STAGES, "to_onnx", ("qexport.lower.not_written_yet", "ONNX backend (issue 6)"))
+    monkeypatch.setitem(runners.STAGES, "to_onnx", ("qexport.lower.not_written_yet", "ONNX backend"))
     with pytest.raises(BackendUnavailableError, match="ONNX backend .* not available"):
         stage("to_onnx")
     assert callable(stage("save"))
@@ -270,9 +269,9 @@ def test_demo_prints_one_table_and_leaves_every_artifact(demo_run):
 
 
 def test_demo_fails_loudly_before_work_when_a_backend_is_missing(capsys, monkeypatch, tmp_path):
-    from qexport.cli import _common
+    from qexport import runners
 
-    monkeypatch.setitem(_common.STAGES, "to_executorch", ("qexport.lower.not_written_yet", "ExecuTorch backend (issue 5)"))
+    monkeypatch.setitem(runners.STAGES, "to_executorch", ("qexport.lower.not_written_yet", "ExecuTorch backend"))
     out = tmp_path / "demo"
     code, _, err = run_cli(capsys, "demo", "--out", str(out))
     assert_one_line_error(code, err, "demo", "ExecuTorch backend")

@@ -18,7 +18,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, ArtifactNotFoundError, BackendUnavailableError, UsageError
+from ..errors import ArtifactError, ArtifactNotFoundError, UsageError
+from ..runners import STAGES, stage  # noqa: F401  (re-exported for the subcommands)
 
 # --------------------------------------------------------------------------------------------------
 # --input SHAPE[:DTYPE[:HIGH]]
@@ -220,33 +221,6 @@ def input_path(path: str, what: str = "file") -> Path:
     if not p.is_file():
         raise ArtifactError(f"{what} {path!r}: not a file")
     return p
-
-
-# What each stage needs installed; `stage()` turns a missing module into one clear line.
-STAGES = {
-    "save": ("serializers.pt2", ".pt2 serializer (issue 3)"),
-    "load": ("serializers.pt2", ".pt2 serializer (issue 3)"),
-    "compile": ("qexport.lower.aoti", "AOTInductor backend (issue 4)"),
-    "load_compiled": ("qexport.lower.aoti", "AOTInductor backend (issue 4)"),
-    "to_executorch": ("qexport.lower.executorch", "ExecuTorch backend (issue 5)"),
-    "to_onnx": ("qexport.lower.onnx", "ONNX backend (issue 6)"),
-}
-
-
-def stage(name: str) -> Any:
-    """`qexport.<name>` (save, compile, to_executorch, ...), or BackendUnavailableError if this
-    installation does not provide it."""
-    module, what = STAGES[name]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            raise BackendUnavailableError(f"the {what} is not available in this installation ({module} is missing)") from None
-        raise BackendUnavailableError(f"the {what} cannot be imported: {e}") from e
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise BackendUnavailableError(f"the {what} does not provide {name}() yet ({module})")
-    return fn
 
 
 # --------------------------------------------------------------------------------------------------
