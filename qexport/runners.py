@@ -146,6 +146,8 @@ def load(path: "str | PathLike[str]") -> Runner:
         return _LOADERS[kind](p)
     except QExportError:
         raise
+    except ImportError as e:  # the installation, not the file
+        raise BackendUnavailableError(f"{p}: loading a {kind} artifact failed on an import: {e}") from e
     except Exception as e:  # runtimes raise RuntimeError for anything; name the file and the kind
         raise CorruptArtifactError(f"{p}: cannot be loaded as {kind}: {type(e).__name__}: {_first_line(e)}") from e
 
