@@ -160,6 +160,7 @@ def test_embedding_regions(tmp_path, name):
     m, ep = _export(EmbedNet(), name, x)
     report = qexport.to_onnx(ep, tmp_path / "e.onnx", keep_regions=True)
     assert [r.name for r in report.regions] == ["emb", "fc"]
+    assert "rows" in report.regions[0].kernel  # rows are gathered, then dequantized (not the whole table)
     x = torch.randint(0, 100, (3, 5))
     assert _rel_err(_run(tmp_path / "e.onnx", x), m(x)) <= math_for(scheme_for(name)).tolerance
 

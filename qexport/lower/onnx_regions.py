@@ -102,10 +102,15 @@ class Lowering:
         s, op, r = self.scheme, self.region.op, self.region
         if op != "embedding" and r.input_dtypes and r.input_dtypes[0] != "float32":
             x = e.op("Cast", x, to=ir.DataType.FLOAT)  # regions compute in float32 here (see reasons)
-        weight = None if self.family.integer_linear(self) else self.family.dequantize(e, self, w)
         if op == "embedding":
-            y = e.op("Gather", weight, x, axis=0)
+            # Gather the rows first, then dequantize only them: dequantizing the table would cost a
+            # whole vocabulary (30522x384 for MiniLM) per call.
+            ids = e.op("Reshape", x, e.const([-1], np.int64))
+            rows = self.family.embedding_rows(e, self, w, ids)
+            dim = e.const([r.weight_shape[1]], np.int64)
+            y = e.op("Reshape", rows, e.op("Concat", e.op("Shape", x), dim, axis=0))
         else:
+            weight = None if self.family.integer_linear(self) else self.family.dequantize(e, self, w)
             # Linear regions run on a [-1, in] view: onnxruntime turns 2-D MatMul+Add into Gemm and
             # its QDQ form into QGemm, while for 3-D inputs its MatMulAddFusion reshapes around cloned
             # QuantizeLinear nodes and then fails its own type check ("output_dtype INT8 does not
@@ -246,6 +251,10 @@ class FamilyLowering:
         """Whether the region's linear runs as integer ops (per_token_int8_linear) instead of QDQ."""
         return False
 
+    def embedding_rows(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value], ids: ir.Value) -> ir.Value:
+        """The dequantized table rows `ids` (1-D) of an embedding region, [len(ids), dim] float."""
+        raise NotImplementedError
+
 
 def _activation_weights(lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Bias and static activation qparams.
@@ -291,6 +300,8 @@ class Int8Lowering(FamilyLowering):
         assert s is not None
         gran = "per-channel" if s.granularity == "per_channel" else "per-tensor"
         kernel = f"QDQ {_OP_NAMES[region.op]}: {gran} int8 weights, {_describe_activation(s, region.op)}"
+        if region.op == "embedding":
+            kernel = f"Gather int8 rows -> DequantizeLinear ({gran}; only the looked-up rows)"
         if region.op == "linear" and s.activation == "dynamic" and s.act_granularity == "per_token":
             kernel = f"MatMulInteger: per-token int8 activations (QuantizeLinear with computed scales) x {gran} int8 weights, int32 accumulation"
         reason = ""
@@ -319,6 +330,13 @@ class Int8Lowering(FamilyLowering):
         axis = None if per_tensor else (1 if lw.region.op == "linear" else 0)
         return e.op("DequantizeLinear", w["weight"], w["weight_scale"], w["weight_zero_point"], axis=axis)
 
+    def embedding_rows(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value], ids: ir.Value) -> ir.Value:
+        rows = e.op("Gather", w["weight"], ids, axis=0)
+        if lw.scheme.granularity == "per_tensor":
+            return e.op("DequantizeLinear", rows, w["weight_scale"], w["weight_zero_point"])
+        scale, zp = (e.op("Gather", w[k], ids, axis=0) for k in ("weight_scale", "weight_zero_point"))
+        return e.op("DequantizeLinear", rows, scale, zp, axis=0)
+
     def integer_linear(self, lw: Lowering) -> bool:
         s = lw.scheme
         return (lw.region.op == "linear" and s.activation == "dynamic" and s.act_dtype == "int8"
@@ -330,15 +348,29 @@ def _blocked_float(
 ) -> ir.Value:
     """(values - zero_point) * scale, per block of `gs` along the reduction dim (float decomposition).
 
-    Linear weights are [K, N] with per-block tensors [K/gs, N]; embedding tables [V, D] with [V, D/gs].
+    Linear weights are [K, N] with per-block tensors [K/gs, N]; embedding rows [M, D] with [M, D/gs].
     """
     rows, k = shape[0], shape[1]
-    blocked, unsq, full = ([k // gs, gs, rows], [1], [k, rows]) if op == "linear" else ([rows, k // gs, gs], [2], [rows, k])
+    blocked, unsq, full = ([k // gs, gs, rows], [1], [k, rows]) if op == "linear" else ([-1, k // gs, gs], [2], [-1, k])
     v = e.op("Reshape", values, e.const(blocked, np.int64))
     if zero_point is not None:
         v = e.op("Sub", v, e.op("Unsqueeze", e.op("Cast", zero_point, to=ir.DataType.FLOAT), e.const(unsq, np.int64)))
     v = e.op("Mul", v, e.op("Unsqueeze", scale, e.const(unsq, np.int64)))
     return e.op("Reshape", v, e.const(full, np.int64))
+
+
+def _unpack_rows(e: Emitter, packed: ir.Value, dim: int) -> ir.Value:
+    """[M, D/2] bytes in the schemes' packing (schemes/_packing.py: even element in the high nibble)
+    -> [M, D] uint8 codes. Embedding tables keep that byte layout because ONNX Gather has no 4-bit types."""
+    hi = e.op("BitShift", packed, e.const(4, np.uint8), direction="RIGHT")
+    lo = e.op("BitwiseAnd", packed, e.const(15, np.uint8))
+    axis = e.const([2], np.int64)
+    pairs = e.op("Concat", e.op("Unsqueeze", hi, axis), e.op("Unsqueeze", lo, axis), axis=2)
+    return e.op("Reshape", pairs, e.const([-1, dim], np.int64))
+
+
+def _embedding_4bit_weights(lw: Lowering, t: Mapping[str, torch.Tensor], roles: tuple[str, ...]) -> dict[str, ir.Tensor]:
+    return {r: ir.tensor(_np(t[r]).astype(np.float32) if r == "weight_scale" else _np(t[r])) for r in roles}
 
 
 class Int4Lowering(FamilyLowering):
@@ -348,6 +380,10 @@ class Int4Lowering(FamilyLowering):
         s = region.scheme
         assert s is not None
         note = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
+        if region.op == "embedding":
+            return Lowering(region, self, False, "Gather packed rows -> unpack (BitShift/BitwiseAnd) -> float dequantization",
+                            "ONNX Gather has no 4-bit types: the looked-up rows are gathered as packed bytes and "
+                            "dequantized with Sub/Mul in float32")
         if opset >= BLOCKED_QDQ_OPSET:
             return Lowering(region, self, True, f"blocked DequantizeLinear (uint4, block {s.group_size}) -> {_OP_NAMES[region.op]}", note)
         return Lowering(
@@ -358,6 +394,8 @@ class Int4Lowering(FamilyLowering):
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
         op = lw.region.op
+        if op == "embedding":
+            return _embedding_4bit_weights(lw, t, ("weight", "weight_scale", "weight_zero_point"))
         codes = _as_kn(op, unpack_uint4(t["weight"]).numpy())
         zp = _as_kn(op, _np(t["weight_zero_point"]))
         scale = _as_kn(op, _np(t["weight_scale"]).astype(np.float32))
@@ -377,6 +415,12 @@ class Int4Lowering(FamilyLowering):
         codes = e.op("Cast", w["weight"], to=ir.DataType.FLOAT)
         return _blocked_float(e, codes, w["weight_scale"], w["weight_zero_point"], lw.region.op, gs, tuple(lw.region.weight_shape))
 
+    def embedding_rows(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value], ids: ir.Value) -> ir.Value:
+        shape = tuple(lw.region.weight_shape)
+        codes = e.op("Cast", _unpack_rows(e, e.op("Gather", w["weight"], ids, axis=0), shape[1]), to=ir.DataType.FLOAT)
+        scale, zp = (e.op("Gather", w[k], ids, axis=0) for k in ("weight_scale", "weight_zero_point"))
+        return _blocked_float(e, codes, scale, zp, "embedding", lw.scheme.group_size, shape)
+
 
 class Nf4Lowering(FamilyLowering):
     """NormalFloat4: ONNX has no such type, so codes index the 16-entry codebook (Gather) and are
@@ -384,6 +428,10 @@ class Nf4Lowering(FamilyLowering):
 
     def plan(self, region: Region, opset: int) -> Lowering:
         codes = "uint4" if opset >= BLOCKED_QDQ_OPSET else "uint8"
+        if region.op == "embedding":
+            return Lowering(region, self, False, "Gather packed rows -> unpack -> Gather codebook, Mul absmax",
+                            "ONNX has no NormalFloat4 type or operator: the looked-up rows are dequantized with "
+                            "Gather/Mul in float32")
         return Lowering(
             region, self, False, f"float dequantization ({codes} codes -> Gather codebook, Mul absmax) -> {_OP_NAMES[region.op]}",
             "ONNX has no NormalFloat4 type or operator: the weight is dequantized with Gather/Mul in float32 "
@@ -392,6 +440,8 @@ class Nf4Lowering(FamilyLowering):
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
         op = lw.region.op
+        if op == "embedding":
+            return _embedding_4bit_weights(lw, t, ("weight", "weight_scale", "weight_codebook"))
         codes = _as_kn(op, unpack_uint4(t["weight"]).numpy())
         out = {
             "weight": ir.tensor(codes.astype(ml_dtypes.uint4) if "uint4" in lw.kernel else codes),
@@ -407,6 +457,12 @@ class Nf4Lowering(FamilyLowering):
         idx = e.op("Cast", w["weight"], to=ir.DataType.INT32)
         values = e.op("Gather", w["weight_codebook"], idx, axis=0)
         return _blocked_float(e, values, w["weight_scale"], None, lw.region.op, gs, shape)
+
+    def embedding_rows(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value], ids: ir.Value) -> ir.Value:
+        shape = tuple(lw.region.weight_shape)
+        codes = e.op("Cast", _unpack_rows(e, e.op("Gather", w["weight"], ids, axis=0), shape[1]), to=ir.DataType.INT32)
+        values = e.op("Gather", w["weight_codebook"], codes, axis=0)
+        return _blocked_float(e, values, e.op("Gather", w["weight_scale"], ids, axis=0), None, "embedding", lw.scheme.group_size, shape)
 
 
 class Fp8Lowering(FamilyLowering):
