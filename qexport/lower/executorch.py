@@ -105,6 +105,40 @@ def _reference(site: RegionSite) -> torch.fx.Node:
     return site.inline_reference()
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
+
+
+def compute_in_float32(site: RegionSite) -> bool:
+    """Drop the bf16/fp16 casts of a region the reference computes in a low-precision compute dtype.
+
+    Why: ExecuTorch has no fast bf16 GEMM — XNNPACK's partitioner takes fp32 linears only and the
+    portable bf16 linear is a plain loop (all-MiniLM-L6-v2 int4_weight_only: 35 s per call). In float32
+    the region is at least as accurate as the scheme's bf16 compute, and XNNPACK can run its matmul with
+    the weight dequantized at run time (`force_non_static_weights_for_f32_linear`).
+    """
+    changed = False
+    for n in site.emitted:
+        if n.op != "call_function" or n.target not in _CASTS:
+            continue
+        dtype = n.kwargs.get("dtype", n.args[1] if len(n.args) > 1 else None)
+        src = n.args[0]
+        if dtype in _LOW_PRECISION and src.meta["val"].dtype == torch.float32:
+            n.replace_all_uses_with(src)
+            site.graph.erase_node(n)
+            changed = True
+    return changed
+
+
+def _in_float32(lower: Callable[[RegionSite], torch.fx.Node]) -> Callable[[RegionSite], torch.fx.Node]:
+    def lower_in_float32(site: RegionSite) -> torch.fx.Node:
+        out = lower(site)
+        compute_in_float32(site)
+        return out
+
+    return lower_in_float32
+
+
 _FP8 = torch.float8_e4m3fn
 _FP8_MANTISSA_BITS = 3
 _FP8_MIN_NORMAL_EXP = -6
@@ -145,7 +179,8 @@ def _lower_fp8_reference(site: RegionSite) -> torch.fx.Node:
     return out
 
 
-_PORTABLE = "runs its reference decomposition on ExecuTorch's portable kernels"
+_PORTABLE = ("falls back to its reference decomposition (weights dequantized on every call, the matmul in "
+             "float32, on XNNPACK where it takes it)")
 _INT8_OPS = ("linear", "conv2d")
 
 #: (family, activation) -> (lowering, kernel name under XNNPACK); schemes with no entry run their reference
@@ -197,6 +232,8 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
             return RegionPlan(lower, f"XNNPACK {kernel}", delegable=True)
         return RegionPlan(lower, "portable + quantized Q/DQ kernels", delegable=False,
                           reason="backend='portable' delegates nothing; use backend='xnnpack' to accelerate it")
+    if s.compute_dtype != "float32" and dtype_ok:
+        reference = _in_float32(reference)
     if backend == "portable":
         return RegionPlan(reference, "portable (reference decomposition)", delegable=False,
                           reason="backend='portable' delegates nothing; the region " + _PORTABLE)
@@ -311,8 +348,12 @@ class _WhyNoPartition(logging.Handler):
         self._logger.propagate = self._propagate
 
 
-def _delegation(edge_gm: torch.fx.GraphModule) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """region -> backend id that took some of its nodes; region -> its compute ops left outside delegates."""
+#: the edge ops that carry a region's op (what must sit inside a delegate for the region to count)
+_ANCHORS = {"linear": ("linear", "mm"), "conv2d": ("convolution",), "embedding": ("embedding", "index")}
+
+
+def _delegation(edge_gm: torch.fx.GraphModule, ops: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """region -> backend id that took some of its nodes; region -> its anchor ops left outside delegates."""
     taken: dict[str, str] = {}
     left: dict[str, list[str]] = {}
     for node in edge_gm.graph.nodes:
@@ -323,7 +364,8 @@ def _delegation(edge_gm: torch.fx.GraphModule) -> tuple[dict[str, str], dict[str
                     taken.setdefault(r, lowered.backend_id)
         elif node.op == "call_function" and (r := region_of(node)) is not None:
             name = str(getattr(node.target, "__name__", node.target))
-            if any(k in name for k in ("linear", "addmm", "mm", "convolution", "embedding", "index")):
+            anchors = _ANCHORS.get(ops.get(r, ""), tuple(a for v in _ANCHORS.values() for a in v))
+            if any(k in name for k in anchors):
                 left.setdefault(r, []).append(name)
     return taken, left
 
@@ -364,7 +406,8 @@ def to_executorch(
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        partitioners.append(XnnpackPartitioner())
+        # The second pass takes the fp32 linears whose weight a fallback region dequantizes at run time.
+        partitioners += [XnnpackPartitioner(), XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)]
     manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
     try:
         with _WhyNoPartition() as why:
@@ -379,21 +422,26 @@ def to_executorch(
     from executorch.devtools.backend_debug import get_delegation_info
 
     info = get_delegation_info(edge_gm)
-    taken, left = _delegation(edge_gm)
+    taken, left = _delegation(edge_gm, {r.name: r.op for r in found})
     records = []
     for r in found:
         plan = plans[r.name]
-        delegated = r.name in taken and not left.get(r.name)
+        # the region's GEMM/conv ran inside a delegate and none of its compute ops stayed outside
+        in_delegate = r.name in taken and not left.get(r.name)
+        if plan.delegable and in_delegate:
+            records.append(RegionReport(r.name, r.scheme, taken[r.name], True, "", plan.kernel))
+            continue
         reason = plan.reason
-        if plan.delegable and not delegated:
+        if plan.delegable:
             said = "; ".join(dict.fromkeys(why.by_region.get(r.name, [])))
             reason = (f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable "
                       f"kernels. Try another scheme for this layer (e.g. int8_static) or leave it in float with "
                       f"quantize(filter_fn=...)")
-        records.append(RegionReport(
-            name=r.name, scheme=r.scheme, backend=taken.get(r.name, "portable") if delegated else "portable",
-            delegated=delegated, reason="" if delegated else reason, kernel=plan.kernel if delegated or not plan.delegable else "portable",
-        ))
+        if in_delegate:  # a fallback whose fp32 matmul XNNPACK took: the quantized form still is not delegated
+            backend_name, kernel = f"portable+{taken[r.name]}", f"dequantize per call + XNNPACK fp32 {r.op}"
+        else:
+            backend_name, kernel = "portable", "portable" if plan.delegable else plan.kernel
+        records.append(RegionReport(r.name, r.scheme, backend_name, False, reason, kernel))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             et.write_to_file(f)
