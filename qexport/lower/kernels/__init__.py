@@ -286,11 +286,22 @@ def _replace_region(ep: torch.export.ExportedProgram, node: torch.fx.Node, regio
         traced = make_fx(choice.body, tracing_mode="real")(*(a.meta["val"] for a in args))
     fold_static_cond_operands(traced)
     # graph_copy copies get_attr nodes but not what they name: a body with control flow (torch.cond's
-    # branch graphs) needs its submodules moved into the program under fresh names.
-    for attr in traced.graph.find_nodes(op="get_attr"):
-        fresh = f"{attr.target}_{region.node_name}"
-        setattr(ep.graph_module, fresh, getattr(traced, attr.target))
+    # branch graphs) needs its submodules moved into the program. Every one, nested too, gets a name
+    # unique in the program: make_fx names each level's branches true_graph_0/false_graph_0, and
+    # AOTInductor generates one function per subgraph name, so nested branches of the same name
+    # silently ran one another's code (seen on CUDA: the M=4096 branch ran the M<=16 kernel).
+    for i, (mod, attr) in enumerate(
+        (m, a) for m in list(traced.modules()) if isinstance(m, torch.fx.GraphModule) for a in m.graph.find_nodes(op="get_attr")
+    ):
+        fresh = f"{attr.target}_{region.node_name}_{i}"
+        sub = getattr(mod, attr.target)
+        setattr(ep.graph_module if mod is traced else mod, fresh, sub)
+        if mod is not traced:
+            delattr(mod, attr.target)
         attr.target = fresh
+    for mod in traced.modules():
+        if isinstance(mod, torch.fx.GraphModule):
+            mod.recompile()
     getitems = [u for u in node.users if u.target is operator.getitem]
     if len(getitems) != len(node.users) or any(g.args[1] != 0 for g in getitems):
         raise LoweringError(f"region {region.name}: kernels replace single-output regions only")
