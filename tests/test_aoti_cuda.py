@@ -89,6 +89,22 @@ def test_buckets_follow_the_exported_row_range(lo, hi, conds):
     assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= cuda_kernels.PLANS["int8_dynamic"][0][0])
 
 
+def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
+    """Three buckets make two nested conds per region, each branch graph under its own name
+    (AOTInductor generates one function per subgraph name)."""
+    monkeypatch.setitem(cuda_kernels.PLANS, "int8_dynamic", [(4, "gemv"), (16, "int_mm"), (None, "gemv")])
+    m, ep = _exported("int8_dynamic", 8, dynamic=True)
+    lowered, _ = apply_kernels(ep, "cuda")
+    graphs = [g for g in lowered.graph_module.modules() if isinstance(g, torch.fx.GraphModule)]
+    conds = [n for g in graphs for n in g.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)]
+    assert len(conds) == 4
+    targets = [n.target for g in graphs for n in g.graph.find_nodes(op="get_attr")]
+    assert len(targets) == len(set(targets)) == 8
+    for rows in (1, 8, 40):
+        x = torch.randn(rows, 64)
+        assert rel_err(lowered.module()(x), m(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
+
+
 def test_kernel_nodes_are_tagged_with_their_region():
     _, ep = _exported("int8_dynamic", 32, dynamic=False)
     lowered, _ = apply_kernels(ep, "cuda")

@@ -78,16 +78,23 @@ def by_rows(
     dynamic one (a Python `if` would specialise the whole program to one side). `branches` must
     already be cut to the buckets the row count can reach (`reachable`)."""
     m = x2d.shape[0]
+    if not isinstance(m, torch.SymInt):
+        return next(fn for max_m, fn in branches if max_m is None or m <= max_m)(x2d, *operands)
+    return _cond_chain(x2d, branches, operands)
+
+
+def _cond_chain(x2d: torch.Tensor, branches: Sequence[tuple[int | None, Callable[..., torch.Tensor]]], operands: tuple) -> torch.Tensor:
     (max_m, fn), rest = branches[0], branches[1:]
     if max_m is None or not rest:
         return fn(x2d, *operands)
-    if isinstance(m, int):
-        return fn(x2d, *operands) if m <= max_m else by_rows(x2d, rest, *operands)
 
+    # No static check in here: torch.cond traces its branches with Dynamo, which presents the row
+    # count to `isinstance` as a plain int, so a check would collapse the nested buckets into one
+    # (seen on the H100: the M=4096 branch ran the 16-row kernel).
     def above(x: torch.Tensor, *ops: torch.Tensor) -> torch.Tensor:
-        return by_rows(x, rest, *ops)
+        return _cond_chain(x, rest, ops)
 
-    return torch.cond(m <= max_m, fn, above, (x2d, *operands))
+    return torch.cond(x2d.shape[0] <= max_m, fn, above, (x2d, *operands))
 
 
 def row_range(ctx: KernelContext) -> tuple[int, float]:
