@@ -17,10 +17,8 @@ initializers, which a translation function cannot add.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from os import PathLike
-from pathlib import Path
 from typing import Any, Mapping
 
 import onnx
@@ -28,7 +26,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
-from ..errors import ArtifactError, LoweringError, QExportError
+from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
+
+from ..errors import LoweringError, QExportError
 from ..regions import Region, regions as graph_regions
 from .onnx_regions import BLOCKED_QDQ_OPSET, Emitter, Lowering, plan_region
 from .report import LoweringReport, RegionReport
@@ -38,10 +38,6 @@ DEFAULT_OPSET = BLOCKED_QDQ_OPSET
 #: torch.onnx's translations are written for opset 18 and newer
 MIN_OPSET = 18
 PENDING_DOMAIN = "qexport.pending"
-REGION_DOMAIN = "qexport.region"
-MANIFEST_KEY = "qexport.manifest"
-SCHEME_KEY = "qexport.scheme"
-REGION_KEY = "qexport.region"
 
 
 def to_onnx(
@@ -54,9 +50,10 @@ def to_onnx(
     """Write `program_or_path` (an ExportedProgram from `qexport.export`, or a qexport `.pt2`) as an
     ONNX model at `output` and report what each region became.
 
-    Each region is emitted from its scheme: int8 as QuantizeLinear/DequantizeLinear (per-axis weights,
-    static or dynamic activations), int4 as blocked DequantizeLinear (opset >= 21), fp8 as float8 QDQ,
-    nf4 as a float decomposition (the report says why). `keep_regions=True` keeps each region as an ONNX
+    Each region is emitted from its scheme (qexport/lower/onnx_regions.py): int8 as
+    QuantizeLinear/DequantizeLinear (per-axis weights; static activations; per-token dynamic ones as
+    MatMulInteger), int4 as blocked DequantizeLinear (opset >= 21), fp8 as float8 QDQ, nf4 as a float
+    decomposition (the report says why). `keep_regions=True` keeps each region as an ONNX
     local function carrying its scheme in metadata_props; onnxruntime runs both forms. The qexport
     manifest is embedded in the model's metadata_props (`qexport.inspect(output)` reads it back).
     The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
@@ -70,12 +67,13 @@ def to_onnx(
     # Every region's lowering is decided (and every refusal raised) before the export starts.
     plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset) for r in found}
     by_name = {r.name: r for r in found}
+    reports = [_region_report(by_name[name], plans[name]) for name in by_name]
+    manifest = _manifest_json(ep, opset, keep_regions, reports)
 
     model, references = _export_with_placeholders(ep, opset)
     emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
-    _finalize(model, keep_regions)
-    reports = [_region_report(by_name[name], plans[name]) for name in by_name]
-    model.metadata_props[MANIFEST_KEY] = _manifest_json(ep, opset, keep_regions, reports)
+    _finalize(model)
+    model.metadata_props[MANIFEST_KEY] = manifest
 
     with atomic_path(out) as tmp:
         ir.save(model, tmp)
@@ -338,7 +336,7 @@ def _free_initializer_name(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
-def _finalize(model: ir.Model, keep_regions: bool) -> None:
+def _finalize(model: ir.Model) -> None:
     """Drop what the regions left behind and name every value (ONNX requires names)."""
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedFunctionsPass()(model)
