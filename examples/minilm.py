@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with torch.no_grad():
         fp32 = encoder(**tokens)
     print(f"all-MiniLM-L6-v2: {len(flat[0])} sentences, padded to {flat[0].shape[1]} tokens")
+    if not args.no_bench:
+        with torch.no_grad():
+            times = runners.time_call(lambda: encoder(**tokens), warmup=1, min_iters=3, min_time_s=0.5)
+        print(f"fp32 eager (transformers): {sorted(times)[len(times) // 2] * 1e3:.1f} ms per batch")
 
     rows: list[dict[str, Any]] = []
     for name in schemes:
