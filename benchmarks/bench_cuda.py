@@ -72,10 +72,11 @@ def stack(dim: int, layers: int = 4) -> nn.Module:
     return nn.Sequential(*(nn.Linear(dim, dim, bias=False) for _ in range(layers))).to(torch.bfloat16).eval()
 
 
-def run_table(out: str, dim: int, only: list[str]) -> None:
+def run_table(out: str, dim: int, only: list[str], hint: int = 16) -> None:
     tmp = tempfile.mkdtemp(prefix="bench_cuda.")
     base = stack(dim)
-    example = torch.randn(16, dim, dtype=torch.bfloat16)
+    # The example's row count is the size hint Inductor tunes generated kernels for (dynamic M).
+    example = torch.randn(hint, dim, dtype=torch.bfloat16)
     dyn = ({0: torch.export.Dim("m", min=1, max=4096)},)
     inputs = {m: torch.randn(m, dim, dtype=torch.bfloat16, device="cuda") for m in MS}
     rows: list[dict] = []
@@ -107,6 +108,7 @@ def run_table(out: str, dim: int, only: list[str]) -> None:
     t = time.perf_counter()
     torch._inductor.aoti_compile_and_package(ep, package_path=path)
     bf16_runner = record("bf16", path, None, time.perf_counter() - t, "cuBLAS (Inductor default)")
+    rows[0]["hint"] = hint
     bf16_row = dict(rows[-1])
     base = base.cpu()
 
@@ -137,7 +139,8 @@ def run_table(out: str, dim: int, only: list[str]) -> None:
 def write_table(out: str, dim: int, rows: list[dict]) -> None:
     bf = next(r for r in rows if r["variant"] == "bf16")
     lines = [
-        f"4 x Linear({dim}, {dim}, bias=False), bf16 activations, one AOTInductor package per variant (dynamic M), "
+        f"4 x Linear({dim}, {dim}, bias=False), bf16 activations, one AOTInductor package per variant (dynamic M 1..4096, "
+        f"example rows {rows[0].get('hint', 16)}), "
         f"{card()}. Median µs per call (triton do_bench, L2 flushed); ×bf16 = bf16 µs / variant µs.",
         "",
         "| variant | kernels | " + " | ".join(f"M={m} µs | ×bf16" for m in MS) + " | max rel err vs eager | compile s | load s | MB |",
@@ -363,6 +366,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--lab", action="store_true", help="per-layer kernel candidates instead of the package table")
     ap.add_argument("--only", default="", help="comma list of variant labels (debugging)")
+    ap.add_argument("--hint", type=int, default=16, help="rows of the example input (Inductor's size hint)")
     ap.add_argument("--profile", default="", help="a variant label: list the kernels its package runs")
     ap.add_argument("--profile-m", default="256,4096")
     args = ap.parse_args()
@@ -374,7 +378,7 @@ def main() -> None:
     elif args.lab:
         run_lab(args.out, args.dim)
     else:
-        run_table(args.out, args.dim, [s for s in args.only.split(",") if s])
+        run_table(args.out, args.dim, [s for s in args.only.split(",") if s], args.hint)
 
 
 if __name__ == "__main__":
