@@ -220,6 +220,11 @@ def test_verify_all_demo_artifacts_and_a_failing_one(capsys, demo_run, tmp_path)
     qexport.save(qexport.export(qexport.models.TinyNet(seed=7), (torch.randn(1, 256),)), other)
     code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), arts[1], str(other))
     assert code == 1 and "FAIL" in out and "1/2 passed" in out
+    # an explicit model-level bound replaces the family's
+    code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), str(d / "model_fp32.pt2"), "--tolerance", "1e-4")
+    assert code == 1 and "FAIL" in out and "tolerance 0.0001 from --tolerance" in out
+    code, _, err = run_cli(capsys, "verify", str(d / "model.pt2"), arts[1], "--tolerance", "0")
+    assert_one_line_error(code, err, "verify", "--tolerance must be positive")
 
 
 def test_verify_and_bench_user_mistakes(capsys, demo_run, tmp_path):
