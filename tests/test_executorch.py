@@ -145,6 +145,7 @@ def test_embedding_region_reason_names_the_missing_kernel(lowered):
     report = lowered("int8_weight_only", "embed").report
     emb = next(r for r in report.regions if r.name == "emb")
     assert not emb.delegated and "no embedding kernel" in emb.reason
+    assert emb.kernel == "portable (gather quantized rows, dequantize them)"
 
 
 def test_partitioner_rejection_reaches_the_report(tmp_path):
@@ -270,3 +271,30 @@ def test_dynamic_batch(tmp_path, scheme):
     for batch in (1, 7, 32):
         xb = torch.randn(batch, 64)
         assert rel_err(method.execute([xb])[0], model(xb)) <= math_for(scheme_for(scheme)).tolerance
+
+
+class SideBranch(nn.Module):
+    """A quantized layer whose output nothing uses (like BERT's pooler under mean pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 32)
+        self.unused = nn.Linear(64, 256)
+
+    def forward(self, x):
+        self.unused(x)
+        return self.fc(x)
+
+
+def test_a_region_nothing_uses_is_reported_as_removed(tmp_path):
+    torch.manual_seed(0)
+    x = INPUTS["mlp"]()
+    model = quantized(SideBranch(), scheme_for("int8_dynamic"), (x,))
+    ep = qexport.export(model, (x,))
+    assert len(qexport.regions(ep)) == 2
+    report = qexport.to_executorch(ep, tmp_path / "side.pte")
+    by_name = {r.name: r for r in report.regions}
+    assert by_name["fc"].delegated
+    assert not by_name["unused"].delegated and by_name["unused"].kernel == "removed (dead code)"
+    assert "nothing in the program uses its output" in by_name["unused"].reason
+    assert report.bytes < 64 * 256  # the unused layer's int8 weights are not in the .pte

@@ -142,6 +142,29 @@ class RegionSite:
             raise LoweringError(f"region {self.region.name}: only single-output regions can be inlined, got {outs!r}")
         return outs[0]
 
+    def trace(self, fn: Callable[..., Any], *args: torch.fx.Node) -> Any:
+        """Emit what `fn(*args)` computes: traced by make_fx on the arguments' fake values, its nodes
+        copied in place (e.g. a scheme's own `dequantize_weight` applied to other tensors)."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        with self._fake_mode:
+            gm = make_fx(fn)(*(a.meta["val"] for a in args))
+        env: dict[torch.fx.Node, Any] = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), args))
+        result: Any = None
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                result = n.args[0]
+                break
+            if n.op == "get_attr":
+                raise LoweringError(f"region {self.region.name}: {fn} created a constant while traced; pass it as an argument")
+            with self.graph.inserting_before(self._anchor):
+                copied = self.graph.node_copy(n, lambda a: env[a])
+            self._stamp(copied)
+            env[n] = copied
+        return pytree.tree_map_only(torch.fx.Node, lambda a: env[a], result)
+
     def _stamp(self, node: torch.fx.Node) -> None:
         node.meta["custom"] = {**node.meta.get("custom", {}), **self.tag}
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):

@@ -22,14 +22,13 @@ import logging
 import operator
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import ArtifactError, BackendUnavailableError, LoweringError
+from ..errors import BackendUnavailableError, LoweringError
 from ..regions import Region, regions as graph_regions
-from ..schemes import Scheme
+from ..schemes import math_for
 from ._inline import RegionSite, inline_regions, region_of
 from .report import LoweringReport, RegionReport
 
@@ -103,6 +102,36 @@ def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
 
 def _reference(site: RegionSite) -> torch.fx.Node:
     return site.inline_reference()
+
+
+#: roles holding one row per embedding table row (everything else, like nf4's codebook, is shared)
+_TABLE_ROLES = ("weight", "weight_scale", "weight_zero_point")
+
+
+def _lower_embedding_rows_first(site: RegionSite) -> torch.fx.Node:
+    """A weight-only embedding: gather the quantized rows the indices select, then dequantize only those
+    with the scheme's own `dequantize_weight`, in float32.
+
+    Why: the reference dequantizes the whole table on every call before the lookup (all-MiniLM-L6-v2:
+    30522 x 384 values per call on portable kernels); row-wise dequantization gives the same rows.
+    """
+    r, aten = site.region, torch.ops.aten
+    idx = site.input.meta["val"]
+    if not isinstance(idx.numel(), int) or r.weight_shape is None or len(r.weight_shape) != 2:
+        return site.inline_reference()  # symbolic index count: make_fx would need the program's shape env
+    n, (rows, dim) = idx.numel(), r.weight_shape
+    flat = site.call(aten.view.default, site.input, [n])
+    roles = [role for role in r.roles[1:] if role != "bias"]
+    gathered = [
+        site.call(aten.index_select.default, site.operands[role], 0, flat)
+        if role in _TABLE_ROLES and site.operands[role].meta["val"].shape[0] == rows else site.operands[role]
+        for role in roles
+    ]
+    scheme, math = r.scheme, math_for(r.scheme)
+    w = site.trace(lambda *ts: math.dequantize_weight(scheme, dict(zip(roles, ts)), (n, dim)).float(), *gathered)
+    out = site.call(aten.view.default, w, [*idx.shape, dim])
+    out_dtype = getattr(torch, r.op_params.get("out_dtype", "float32"))
+    return out if out_dtype == torch.float32 else site.call(aten._to_copy.default, out, dtype=out_dtype)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -232,10 +261,13 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
             return RegionPlan(lower, f"XNNPACK {kernel}", delegable=True)
         return RegionPlan(lower, "portable + quantized Q/DQ kernels", delegable=False,
                           reason="backend='portable' delegates nothing; use backend='xnnpack' to accelerate it")
-    if s.compute_dtype != "float32" and dtype_ok:
+    fallback_kernel = "portable (reference decomposition)"
+    if region.op == "embedding" and s.activation == "none" and s.family != "fp8":
+        reference, fallback_kernel = _lower_embedding_rows_first, "portable (gather quantized rows, dequantize them)"
+    elif s.compute_dtype != "float32" and dtype_ok:
         reference = _in_float32(reference)
     if backend == "portable":
-        return RegionPlan(reference, "portable (reference decomposition)", delegable=False,
+        return RegionPlan(reference, fallback_kernel, delegable=False,
                           reason="backend='portable' delegates nothing; the region " + _PORTABLE)
     if entry is not None and not dtype_ok:
         why = (f"its input is {region.input_dtypes[0] if region.input_dtypes else '?'}; XNNPACK's int8 patterns take "
@@ -248,7 +280,7 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
         why = f"a hand-written region (op='custom') has no XNNPACK pattern; it {_PORTABLE}"
     else:
         why = _NOT_XNNPACK.get(key, f"XNNPACK has no kernel for scheme family {s.family!r}; the region {_PORTABLE}")
-    return RegionPlan(reference, "portable (reference decomposition)", delegable=False, reason=why)
+    return RegionPlan(reference, fallback_kernel, delegable=False, reason=why)
 
 
 # -- edge-compat passes -------------------------------------------------------------------------
@@ -352,22 +384,28 @@ class _WhyNoPartition(logging.Handler):
 _ANCHORS = {"linear": ("linear", "mm"), "conv2d": ("convolution",), "embedding": ("embedding", "index")}
 
 
-def _delegation(edge_gm: torch.fx.GraphModule, ops: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """region -> backend id that took some of its nodes; region -> its anchor ops left outside delegates."""
+def _delegation(
+    edge_gm: torch.fx.GraphModule, ops: dict[str, str]
+) -> tuple[dict[str, str], dict[str, list[str]], set[str]]:
+    """region -> backend id that took some of its nodes; region -> its anchor ops left outside delegates;
+    the regions with any node left in the program."""
     taken: dict[str, str] = {}
     left: dict[str, list[str]] = {}
+    present: set[str] = set()
     for node in edge_gm.graph.nodes:
         if node.op == "get_attr" and hasattr(getattr(edge_gm, node.target, None), "backend_id"):
             lowered = getattr(edge_gm, node.target)
             for inner in lowered.original_module.graph.nodes:
                 if (r := region_of(inner)) is not None:
                     taken.setdefault(r, lowered.backend_id)
+                    present.add(r)
         elif node.op == "call_function" and (r := region_of(node)) is not None:
+            present.add(r)
             name = str(getattr(node.target, "__name__", node.target))
             anchors = _ANCHORS.get(ops.get(r, ""), tuple(a for v in _ANCHORS.values() for a in v))
             if any(k in name for k in anchors):
                 left.setdefault(r, []).append(name)
-    return taken, left
+    return taken, left, present
 
 
 def to_executorch(
@@ -422,10 +460,15 @@ def to_executorch(
     from executorch.devtools.backend_debug import get_delegation_info
 
     info = get_delegation_info(edge_gm)
-    taken, left = _delegation(edge_gm, {r.name: r.op for r in found})
+    taken, left, present = _delegation(edge_gm, {r.name: r.op for r in found})
     records = []
     for r in found:
         plan = plans[r.name]
+        if r.name not in present:
+            records.append(RegionReport(r.name, r.scheme, "-", False, kernel="removed (dead code)", reason=(
+                "nothing in the program uses its output, so it was removed with its weights; it costs nothing "
+                "at run time")))
+            continue
         # the region's GEMM/conv ran inside a delegate and none of its compute ops stayed outside
         in_delegate = r.name in taken and not left.get(r.name)
         if plan.delegable and in_delegate:
