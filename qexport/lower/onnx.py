@@ -259,7 +259,7 @@ def _emit(
         value = ir.Value(name=vname, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         graph.register_initializer(value)
         inits[role] = value
-    e = Emitter(opset)
+    e = Emitter()
     if not keep_regions:
         y = plan.emit(e, x, inits)
         graph.insert_before(node, e.nodes)

@@ -6,7 +6,8 @@ are expressed with ONNX's own quantization operators wherever ONNX has them, bec
 (onnxruntime's QDQ transformers, TensorRT, QNN...) recognise QuantizeLinear/DequantizeLinear around
 MatMul/Conv/Gemm and run integer kernels; where ONNX has no operator for a format (NormalFloat4, or
 4-bit blocks before opset 21) the weight is dequantized with ordinary float operators, and the region's
-record says so.
+record says so. Per-token dynamic int8 linears are the one exception to QDQ: they are integer
+MatMuls (`per_token_int8_linear`), because no runtime fuses per-row dynamic QDQ.
 
 The ONNX form of each step is written against the scheme's fields, mirroring `_activation.py` and the
 families' `dequantize_weight`; the numerics tests hold it to `math_for(scheme).tolerance` of the eager
@@ -14,7 +15,7 @@ reference. Adding a family means registering one `FamilyLowering` here (`registe
 
 Weights of linear regions are stored transposed ([in, out]), the layout of ONNX MatMul's B input, so
 no Transpose stands between a weight's DequantizeLinear and its MatMul (onnxruntime's QDQ and
-MatMulNBits fusions match DQ -> MatMul directly).
+MatMulNBits fusions match DQ -> MatMul directly); fp8 keeps [out, in] for Gemm (`gemm_layout`).
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ class Emitter:
     (ONNX functions cannot own initializers) or be spliced into the main graph.
     """
 
-    def __init__(self, opset: int) -> None:
-        self.opset = opset
+    def __init__(self) -> None:
         self.tape = ir.tape.Tape()
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes: Any) -> ir.Value:
