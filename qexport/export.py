@@ -29,14 +29,17 @@ def export(
         raise ExportError(f"export() takes an nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise ExportError(f"args must be a tuple of example inputs, got {type(args).__name__}; write (x,) for one input")
-    was_training = model.training
+    # Deployment export is inference: trace in eval mode, then give every module its own mode back
+    # (model.train(flag) would also flip submodules the user had put in eval, e.g. turning dropout on).
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as e:  # torch's messages are long; keep them, but say which stage failed
         raise ExportError(f"torch.export failed ({'strict' if strict else 'non-strict'}): {type(e).__name__}: {e}") from e
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     expected = len(quantized_modules(model))
     found = sum(1 for _ in iter_region_nodes(ep))
     if found < expected:

@@ -146,7 +146,7 @@ def _calibrate(
 
     handles = [m.register_forward_hook(hook(fqn)) for fqn, m, _ in chosen]
     n = 0
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
@@ -159,7 +159,8 @@ def _calibrate(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     if n == 0:
         raise CalibrationError("calibration_data is empty; pass at least one batch of example inputs")
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -222,6 +223,7 @@ def quantize(
             tensors["bias"] = m.bias.detach().clone()
         q = QuantizedModule(scheme, op, _op_params(m), tuple(m.weight.shape), tensors, fqn)
         q.to(m.weight.device)
+        q.train(m.training)
         _set_submodule(model, fqn, q)
     return model
 

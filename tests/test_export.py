@@ -183,3 +183,14 @@ def test_invoke_quant_eager_just_calls():
     assert calls == [1] and torch.equal(out, torch.full((2,), 2.0))
     with pytest.raises(qexport.UnknownSchemeError):
         invoke_quant(lambda x: x, torch.ones(2), scheme="nope")
+
+
+def test_export_restores_each_modules_mode():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8))
+    qexport.quantize(model, "int8_weight_only")
+    model.train()
+    model[1].eval()  # the user's choice for this one submodule
+    qexport.export(model, (torch.randn(2, 8),))
+    assert model.training and not model[1].training and model[0].training
+    dropouts = [n for n in qexport.export(model, (torch.randn(2, 8),)).graph.nodes if n.target == torch.ops.aten.dropout.default]
+    assert all(n.args[2] is False for n in dropouts)  # traced in eval mode
