@@ -7,8 +7,10 @@ Each region is lowered from its scheme (never from the ops inside it):
   `choose_qparams_per_token_asymmetric` + per-token Q/DQ for Linear, the per-tensor `choose_qparams`
   form for Conv2d; weights: per-channel `dequantize_per_channel` of the int8 buffer), which XNNPACK's
   partitioner delegates as qs8 / qd8-f32-qc8w kernels.
-* every other region (weight-only schemes, nf4, fp8, embeddings, hand-written regions) runs its
-  own reference subgraph, inlined, on ExecuTorch's portable kernels: correct, not accelerated, and its
+* every other region (weight-only schemes, nf4, fp8, embeddings, hand-written regions) falls back to
+  its own reference subgraph, inlined and computed in float32: the weights stay quantized in the .pte
+  and are dequantized on every call by portable kernels, XNNPACK still runs the fp32 matmul where it
+  can (embeddings dequantize only the rows they gather). Correct, not a quantized kernel, and the
   report record says why and what to change to get it delegated.
 
 The region pass is `qexport.lower._inline.inline_regions`; a few small edge-compat passes follow.
@@ -234,8 +236,8 @@ _NOT_XNNPACK: dict[tuple[str, str], str] = {
     ),
     ("fp8", "dynamic"): (
         "neither XNNPACK nor ExecuTorch's portable kernels have float8 arithmetic: its weights are widened to "
-        "bfloat16 (exactly, 2x the fp8 bytes) and the fp8 activation rounding is computed in float, on portable "
-        "kernels. Quantize with int8_dynamic to delegate it"
+        "bfloat16 (exactly, 2x the fp8 bytes), the fp8 activation rounding is computed in float and the matmul "
+        "runs in fp32. Quantize with int8_dynamic to delegate it"
     ),
 }
 #: families whose reference subgraph needs rewriting before ExecuTorch can run it
@@ -273,7 +275,8 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
         why = (f"its input is {region.input_dtypes[0] if region.input_dtypes else '?'}; XNNPACK's int8 patterns take "
                f"float32 activations, so it {_PORTABLE}. Export the model in float32 to delegate it")
     elif region.op == "embedding":
-        why = f"XNNPACK has no embedding kernel; the region {_PORTABLE} (its weights stay quantized in the .pte)"
+        why = ("XNNPACK has no embedding kernel; the region gathers the quantized rows it needs and dequantizes "
+               "them on portable kernels (its weights stay quantized in the .pte)")
     elif entry is not None:
         why = f"XNNPACK has no {s.name} {region.op} pattern; the region {_PORTABLE}"
     elif region.op == "custom":
