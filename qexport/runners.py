@@ -128,9 +128,15 @@ class Runner:
     #: the ExportedProgram for a .pt2 (lets verify compare region by region)
     program: torch.export.ExportedProgram | None = None
     inputs: list[InputInfo] | None = None
+    #: flat inputs -> {module path: (region name, first output)}, where the runtime exposes regions
+    #: (a .pt2, an .onnx written with keep_regions=True); None elsewhere
+    region_call: Callable[[Flat], dict[str, tuple[str, torch.Tensor]]] | None = None
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
         return self.call(list(inputs))
+
+    def region_outputs(self, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]] | None:
+        return self.region_call(list(inputs)) if self.region_call is not None else None
 
     @property
     def size(self) -> int:
@@ -196,7 +202,8 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
         with torch.no_grad():
             return _flat_tensors(module(*args, **kwargs))
 
-    return Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep))
+    return Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep),
+                  region_call=lambda flat: region_outputs(ep, flat))
 
 
 def _load_aoti(p: Path) -> Runner:
@@ -266,13 +273,56 @@ def _load_onnx(p: Path) -> Runner:
         for i in session.get_inputs()
     ]
 
-    def call(flat: Flat) -> Flat:
+    def feed(flat: Flat) -> dict[str, Any]:
         if len(flat) != len(names):
             raise ArtifactError(f"{p}: the model takes {len(names)} inputs ({', '.join(names)}), got {len(flat)}")
-        feed = {n: x.detach().contiguous().numpy() for n, x in zip(names, flat)}
-        return [torch.from_numpy(o) for o in session.run(None, feed)]
+        return {n: x.detach().contiguous().numpy() for n, x in zip(names, flat)}
 
-    return Runner("onnx", p, call, inputs=inputs)
+    def call(flat: Flat) -> Flat:
+        return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
+
+    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(p, options, feed))
+
+
+def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, Any]]):
+    """For an .onnx that keeps its regions as local functions: a second session whose outputs also
+    include every region call's output, keyed by the module path its metadata records."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        from serializers.onnx import REGION_DOMAIN, REGION_KEY
+    except ImportError:  # no qexport ONNX format here: nothing names the regions
+        return None
+    model = onnx.load(str(p), load_external_data=False)
+    meta = {}
+    for f in model.functions:
+        if f.domain == REGION_DOMAIN:
+            props = {m.key: m.value for m in f.metadata_props}
+            try:
+                meta[f.name] = json.loads(props.get(REGION_KEY, "{}")).get("module_path") or f.name
+            except ValueError:
+                meta[f.name] = f.name
+    calls = [(n.output[0], meta.get(n.op_type, n.op_type), n.op_type) for n in model.graph.node
+             if n.domain == REGION_DOMAIN and n.output]
+    if not calls:
+        return None
+    session = None
+
+    def region_call(flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
+        nonlocal session
+        if session is None:  # built on first use: most runs never ask for regions
+            full = onnx.load(str(p))
+            known = {o.name for o in full.graph.output}
+            full.graph.output.extend(onnx.helper.make_empty_tensor_value_info(out) for out, _, _ in calls if out not in known)
+            session = ort.InferenceSession(full.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(None, feed(flat))))
+        return {module: (fname, torch.from_numpy(values[out])) for out, module, fname in calls}
+
+    return region_call
 
 
 _LOADERS: dict[str, Callable[[Path], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}
@@ -429,8 +479,9 @@ def verify(
     specs) and compare outputs, against the loosest tolerance of the reference's schemes.
 
     An artifact that cannot be loaded or run gives a failed result with the reason; a missing
-    path is an error before any work. Region-by-region errors are reported for `.pt2` artifacts
-    (the other runtimes fuse regions away). `tolerance` replaces the schemes' bound: the family
+    path is an error before any work. Region-by-region errors are reported where the artifact
+    exposes its regions: a `.pt2`, an `.onnx` written with keep_regions=True (AOTI and ExecuTorch
+    fuse them away). `tolerance` replaces the schemes' bound: the family
     tolerances bound one region, and errors compound over a deep model."""
     if tolerance is not None and not tolerance > 0:
         raise ArtifactError(f"tolerance must be positive, got {tolerance}")
@@ -459,8 +510,8 @@ def verify(
             res.kind = runner.kind
             got = runner([x.clone() for x in flat])
             res.max_abs, res.rel = compare(expected, got)
-            if per_region and runner.program is not None and ref_regions:
-                res.regions = _region_errors(ref_regions, region_outputs(runner.program, flat))
+            if per_region and ref_regions and runner.region_call is not None:
+                res.regions = _region_errors(ref_regions, runner.region_outputs(flat))
         except QExportError as e:
             res.error = str(e)
         except Exception as e:  # a runtime failing on this input is a verification failure, not a crash

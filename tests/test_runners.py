@@ -140,3 +140,18 @@ def test_bench_needs_inputs_from_somewhere(demo_artifacts):
         runners.bench([demo_artifacts["aoti"]], min_time_s=0.0, min_iters=1, warmup=0)
     (r,) = runners.bench([demo_artifacts["aoti"]], inputs=[torch.randn(1, 256)], min_time_s=0.0, min_iters=2, warmup=0)
     assert r.kind == "aoti" and r.median_s > 0
+
+
+def test_onnx_with_kept_regions_is_verified_region_by_region(demo_artifacts, tmp_path):
+    kept = tmp_path / "kept.onnx"
+    qexport.to_onnx(demo_artifacts["pt2"], kept, keep_regions=True)
+    r = runners.load(kept)
+    x = runners.make_inputs(runners.load(demo_artifacts["pt2"]).inputs)
+    by_module = r.region_outputs(x)
+    assert sorted(by_module) == ["layers.0", "layers.1", "layers.2"]
+    assert by_module["layers.0"][1].shape == (1, 512)
+    assert runners.load(demo_artifacts["onnx"]).region_outputs(x) is None  # regions inlined: not exposed
+    kept_res, plain_res = runners.verify(demo_artifacts["pt2"], [kept, demo_artifacts["onnx"]])
+    assert kept_res.passed and [e.module_path for e in kept_res.regions] == ["layers.0", "layers.1", "layers.2"]
+    assert all(e.rel <= kept_res.tolerance for e in kept_res.regions)
+    assert plain_res.passed and plain_res.regions is None

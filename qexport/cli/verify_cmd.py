@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="relative bound to use instead of the schemes' (theirs bound one region; errors "
                    "compound over deep models)")
     p.add_argument("--regions", action="store_true",
-                   help="also print region-by-region errors (for .pt2 artifacts; other runtimes fuse regions away)")
+                   help="also print region-by-region errors, where the artifact exposes its regions (.pt2, and "
+                   ".onnx written with --keep-regions; AOTI and ExecuTorch fuse them away)")
     p.set_defaults(func=run)
 
 
