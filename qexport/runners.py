@@ -164,28 +164,23 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_program(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
-    """The ExportedProgram in a .pt2 (qexport.load, which checks the manifest; a .pt2 without a
-    qexport manifest, e.g. an fp32 baseline, loads through torch.export.load)."""
+    """The ExportedProgram in a qexport `.pt2` (through qexport.load: the archive is checked, nothing
+    is unpickled, the manifest must match the graph)."""
     p = _readable(path)
     try:
-        qload = stage("load")
-    except BackendUnavailableError:
-        qload = None
-    if qload is not None:
-        try:
-            return qload(p)
-        except QExportError as e:
-            if not _is_missing_manifest(e):
-                raise
-    try:
-        return torch.export.load(str(p))
-    except Exception as e:
-        raise CorruptArtifactError(f"{p}: not a readable .pt2 program: {type(e).__name__}: {_first_line(e)}") from e
+        return stage("load")(p)
+    except QExportError as e:
+        if _is_missing_manifest(e):
+            # A plain torch archive may hold pickled example inputs, which torch.export.load would
+            # unpickle; qexport only runs files it can check.
+            raise ArtifactError(
+                f"{p}: not written by qexport (no manifest); if you trust it, re-save it with "
+                f"qexport.save(torch.export.load(path), path)"
+            ) from None
+        raise
 
 
 def _is_missing_manifest(e: QExportError) -> bool:
-    # serializers say "no qexport manifest" for a plain torch archive (an fp32 baseline, say),
-    # which is still worth running; any other refusal (damaged, unsafe, mismatched) stands.
     return "no qexport manifest" in str(e) or "without a qexport manifest" in str(e)
 
 
@@ -210,9 +205,10 @@ def _load_aoti(p: Path) -> Runner:
     try:
         compiled = stage("load_compiled")(str(p))
     except QExportError as e:
-        if not _is_missing_manifest(e):
-            raise
-        compiled = torch._inductor.aoti_load_package(str(p))  # a plain torch package (fp32 baseline)
+        if _is_missing_manifest(e):
+            raise ArtifactError(f"{p}: an AOTInductor package not written by qexport (no manifest); compile the "
+                                f"program with qexport.compile, which also takes a program without regions") from None
+        raise
     loader = getattr(compiled, "loader", None)
 
     def call(flat: Flat) -> Flat:

@@ -70,10 +70,14 @@ def test_pte_and_onnx_runners_describe_their_inputs(demo_artifacts):
         assert info.shape == (1, 256) and info.dtype == torch.float32
 
 
-def test_plain_torch_archive_loads_without_manifest(tmp_path):
+def test_plain_torch_archive_is_refused_with_the_fix(tmp_path):
+    """torch.export.load would unpickle a plain archive's example inputs: only qexport files run."""
     ep = torch.export.export(TinyNet().eval(), (torch.randn(1, 256),))
     path = tmp_path / "plain.pt2"
     torch.export.save(ep, str(path))
+    with pytest.raises(ArtifactError, match=r"not written by qexport .*qexport.save\(torch.export.load"):
+        runners.load(path)
+    qexport.save(torch.export.load(str(path)), path)  # the documented fix
     r = runners.load(path)
     x = runners.make_inputs(r.inputs)
     torch.testing.assert_close(r(x)[0], ep.module()(*x))
