@@ -9,10 +9,10 @@ _upstream.install()
 
 from . import schemes  # noqa: E402
 from .errors import (  # noqa: E402
-    ArtifactError, ArtifactNotFoundError, CalibrationError, CorruptArtifactError, ExportError,
+    ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
     InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
-    UnsupportedVersionError,
+    UnsupportedVersionError, UsageError,
 )
 from .export import export  # noqa: E402
 from .quantize import QuantizedModule, quantize  # noqa: E402
@@ -40,10 +40,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ArtifactError", "ArtifactNotFoundError", "CalibrationError", "CorruptArtifactError", "ExportError",
+    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
     "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
     "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
-    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError",
+    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
     "regions", "save", "schemes", "to_executorch", "to_onnx",
 ]
