@@ -14,6 +14,7 @@ Pipeline (each step a small function, all checks before the first one that costs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,6 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import ArtifactError, LoweringError, QExportError
-from ..regions import iter_region_nodes
 from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
 from .report import LoweringReport, RegionReport
 
@@ -149,7 +149,10 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     ours, inductor_options = _check_options(device, options)
     out = check_writable(output, ".pt2")
     ep = _resolve_program(program_or_path)
-    if not any(True for _ in iter_region_nodes(ep)):
+    # The manifest describes the regions as exported (the lowered graph no longer has them); built
+    # first because it refuses a region whose scheme is not registered here.
+    manifest = Manifest.from_program(ep, "aoti", device=device)
+    if not manifest.regions:
         say("the program has no quantized regions; compiling it as it is")
 
     t0 = time.perf_counter()
@@ -169,12 +172,11 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     report = _report(decisions, device, str(out))
     taken = sum(d.choice is not None for d in decisions)
     say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")
-    # The manifest describes the regions as exported (the lowered graph no longer has them), plus
-    # where each one went.
-    manifest = Manifest.from_program(
-        ep, "aoti", device=device, kernels=[r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} for r in report.regions],
-        inductor_options={k: v for k, v in inductor_options.items() if _json_safe(v)},
-    )
+    manifest = dataclasses.replace(manifest, extra={
+        **manifest.extra,
+        "kernels": [r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} for r in report.regions],
+        "inductor_options": {k: v for k, v in inductor_options.items() if _json_safe(v)},
+    })
     args, kwargs = _example_inputs(lowered, device)
     lowered.example_inputs = (tuple(args), kwargs)
     t_plan = time.perf_counter() - t0
