@@ -118,7 +118,31 @@ def plot_onnx(data: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def plot_minilm(data: dict[str, Any], out: Path) -> list[Path]:
+    rows = data["rows"]
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 1.2 * len(schemes) + 1.6))
+    h = 0.8 / len(backends)
+    colors = ("#a5a5a5", "#4472c4", "#ed7d31", "#70ad47", "#7030a0")
+    for k, b in enumerate(backends):
+        vals = [next((r["cos_mean"] for r in rows if r["scheme"] == s and r["backend"] == b), 0) for s in schemes]
+        ax.barh([i + (k - (len(backends) - 1) / 2) * h for i in range(len(schemes))], vals, height=h, label=b,
+                color=colors[k % len(colors)])
+    ax.set_yticks(range(len(schemes)), [s.split("(")[0] for s in schemes], fontsize=8)
+    ax.invert_yaxis()
+    lo = min(r["cos_mean"] for r in rows)
+    ax.set_xlim(max(0.0, lo - 0.02), 1.002)
+    ax.set_xlabel("sentence-embedding cosine vs fp32 (mean), higher is better")
+    ax.set_title(f"all-MiniLM-L6-v2 on every backend ({data.get('sentences', '?')} sentences)\n{_machine(data)}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    path = out / "minilm_backends.png"
+    _save(fig, path)
+    return [path]
+
+
 PLOTTERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
+    "minilm.json": plot_minilm,
     "numerics.json": plot_numerics,
     "sizes.json": plot_sizes,
     "executorch.json": plot_executorch,

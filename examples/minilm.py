@@ -3,6 +3,7 @@ backend; sentence embeddings compared with the fp32 model by cosine similarity.
 
     .venv/bin/python examples/minilm.py [--out DIR] [--schemes int8_dynamic,int4_weight_only]
                                         [--backends pt2,aoti,pte,onnx] [--sentences N] [--no-bench]
+                                        [--json benchmarks/results/minilm.json]
 
 For each scheme: quantize -> qexport.export(model, (), kwargs=tokens, strict=False) -> .pt2 ->
 AOTInductor package / ExecuTorch .pte / ONNX; each artifact embeds the same sentences, and the table
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
     ap.add_argument("--sentences", type=int, default=len(SENTENCES), help="how many of the built-in sentences")
     ap.add_argument("--no-bench", action="store_true", help="skip latency measurement")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON (benchmarks/make_plots.py reads it)")
     args = ap.parse_args(argv)
     schemes = [s for s in args.schemes.split(",") if s]
     backends = tuple(b for b in BACKENDS if b in args.backends.split(","))
@@ -123,6 +125,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"{r['cos_vs_pt2_min']:.5f}", f"{r['rel_vs_pt2']:.2e} ({r['tolerance']:g}){'' if r['within_tolerance'] else ' over'}",
           fmt_seconds(r["latency_s"])] for r in rows]))
     print("latency: the whole batch, median, torch's default threads; .pt2 runs the eager reference math")
+    if args.json:
+        import json
+        import platform
+
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"model": "all-MiniLM-L6-v2", "sentences": len(flat[0]), "torch": torch.__version__,
+                       "machine": f"{platform.machine()} {os.cpu_count()} cores", "rows": rows}, f, indent=1)
+        os.replace(tmp, args.json)
     return rows
 
 
