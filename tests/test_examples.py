@@ -109,7 +109,11 @@ def test_schemes_doc_is_in_sync_with_the_registry_and_backends():
     spec = importlib.util.spec_from_file_location("gen_schemes", EXAMPLES.parent / "docs" / "gen_schemes.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    text = gen.render()
+    rows = gen._matrix()
+    text = gen.render(rows)
     for name in qexport.schemes.builtin_names():
         assert f"| `{name}` |" in text
     assert gen.DOC.read_text() == text, "docs/schemes.md is out of date: run .venv/bin/python docs/gen_schemes.py"
+    readme = gen.README.read_text()
+    assert gen.README_BEGIN in readme
+    assert gen.render_readme(readme, rows) == readme, "README.md's matrix is out of date: run .venv/bin/python docs/gen_schemes.py"
