@@ -80,6 +80,8 @@ def by_rows(
     m = x2d.shape[0]
     if not isinstance(m, torch.SymInt):
         return next(fn for max_m, fn in branches if max_m is None or m <= max_m)(x2d, *operands)
+    if len(branches) <= 2:
+        return _cond_chain(x2d, branches, operands)
     # Every region traces the same nested-branch code object; Dynamo's automatic dynamic shapes
     # would turn the next region's weight sizes symbolic (seen: KeyError Max(1, s16) tracing int4).
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
