@@ -1,0 +1,54 @@
+"""Plot the speed-up over bf16 AOTI of every variant in one or more runs of bench_cuda.py.
+
+Each variant's ratio is taken against the bf16 package of its own run (same card, same process);
+where a variant appears in several runs the last file given wins.
+
+    python benchmarks/plot_cuda.py RUN1/cuda.json [RUN2/cuda.json ...] -o docs/benchmarks/cuda_speedup.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios: dict[str, dict[int, float]] = {}
+    card = ""
+    for path in args.runs:
+        with open(path) as f:
+            run = json.load(f)
+        card = run["card"].split(" (")[0]
+        bf = next(r for r in run["rows"] if r["variant"] == "bf16")
+        ms = sorted(int(k[4:]) for k in bf if k.startswith("us_M"))
+        for r in run["rows"]:
+            if "error" in r or r["variant"].startswith("bf16"):
+                continue
+            ratios[r["variant"]] = {m: bf[f"us_M{m}"] / r[f"us_M{m}"] for m in ms}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for variant, by_m in ratios.items():
+        ms = sorted(by_m)
+        ax.plot(ms, [by_m[m] for m in ms], marker="o", label=variant, ls="--" if "[" in variant else "-")
+    ax.axhline(1.0, color="k", lw=1, ls=":", label="bf16 AOTI")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("M (rows of the activation); one package per variant serves every M")
+    ax.set_ylabel("speed-up over bf16 AOTI (×)")
+    ax.set_title(f"4 x Linear(4096, 4096), AOTInductor, {card}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
