@@ -80,10 +80,12 @@ def by_rows(
     m = x2d.shape[0]
     if not isinstance(m, torch.SymInt):
         return next(fn for max_m, fn in branches if max_m is None or m <= max_m)(x2d, *operands)
-    if len(branches) <= 2:
+    if len(branches) <= 2:  # one cond, no nesting: leave Dynamo's defaults (see below)
         return _cond_chain(x2d, branches, operands)
     # Every region traces the same nested-branch code object; Dynamo's automatic dynamic shapes
     # would turn the next region's weight sizes symbolic (seen: KeyError Max(1, s16) tracing int4).
+    # Only here: on a single cond the same patch made fp8's package 2.8x slower at M=256 on the H100
+    # (unexplained; measured twice, docs/benchmarks/cuda.md).
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         return _cond_chain(x2d, branches, operands)
 
