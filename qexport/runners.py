@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CorruptArtifactError, QExportError
+from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
+from serializers.inspect import check_readable
 
 ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
 #: used when a program has no quantized region (an fp32 model against its own lowering)
@@ -66,7 +67,7 @@ def stage(name: str) -> Any:
 def artifact_kind(path: "str | PathLike[str]") -> str:
     """'pt2' (an ExportedProgram archive), 'aoti' (an AOTInductor package), 'pte' or 'onnx', told
     from the file's content, not its name (AOTI packages and programs are both `.pt2` zips)."""
-    p = _readable(path)
+    p = check_readable(path)
     with open(p, "rb") as f:
         head = f.read(8)
     if head[4:8] == b"ET12":  # ExecuTorch's flatbuffer file identifier
@@ -85,15 +86,6 @@ def artifact_kind(path: "str | PathLike[str]") -> str:
     raise CorruptArtifactError(
         f"{p}: not a qexport artifact (expected a .pt2 program, an AOTI package, a .pte or an .onnx file)"
     )
-
-
-def _readable(path: "str | PathLike[str]") -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ArtifactNotFoundError(f"{p}: no such file")
-    if not p.is_file():
-        raise ArtifactError(f"{p}: not a file")
-    return p
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +138,7 @@ class Runner:
 def load(path: "str | PathLike[str]") -> Runner:
     """Load any qexport artifact as a Runner. Raises ArtifactError subclasses for unreadable files
     and BackendUnavailableError when the runtime it needs is not installed."""
-    p = _readable(path)
+    p = check_readable(path)
     kind = artifact_kind(p)
     try:
         return _LOADERS[kind](p)
@@ -166,7 +158,7 @@ def _first_line(e: BaseException) -> str:
 def load_program(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
     """The ExportedProgram in a qexport `.pt2` (through qexport.load: the archive is checked, nothing
     is unpickled, the manifest must match the graph)."""
-    p = _readable(path)
+    p = check_readable(path)
     try:
         return stage("load")(p)
     except QExportError as e:
@@ -481,11 +473,11 @@ def verify(
     tolerances bound one region, and errors compound over a deep model."""
     if tolerance is not None and not tolerance > 0:
         raise ArtifactError(f"tolerance must be positive, got {tolerance}")
-    paths = [_readable(a) for a in artifacts]
+    paths = [check_readable(a) for a in artifacts]
     if isinstance(reference, torch.export.ExportedProgram):
         ref = reference
     else:
-        rp = _readable(reference)
+        rp = check_readable(reference)
         kind = artifact_kind(rp)
         if kind != "pt2":
             raise ArtifactError(f"{rp}: the reference must be an exported program (.pt2 from qexport export), not {kind}")
@@ -583,7 +575,7 @@ def bench(
 ) -> list[BenchResult]:
     """Median latency and size of each artifact, all on the same inputs, in one run. An artifact
     that fails to load or run gets a result with `.error` set."""
-    paths = [_readable(a) for a in artifacts]
+    paths = [check_readable(a) for a in artifacts]
     runners: list[Runner | BenchResult] = []
     for p in paths:
         try:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, ArtifactNotFoundError, UsageError
+from ..errors import ArtifactError, UsageError
 from ..runners import STAGES, stage  # noqa: F401  (re-exported for the subcommands)
 
 # --------------------------------------------------------------------------------------------------
@@ -201,26 +201,24 @@ def build_model(target: str) -> nn.Module:
 
 def output_path(path: str, suffixes: Sequence[str], what: str = "output") -> Path:
     """Check, before any work, that an output file can be written at `path`."""
+    from serializers._atomic import check_writable
+
     p = Path(path)
     if suffixes and p.suffix not in suffixes:
         raise UsageError(f"{what} {path!r} must end with {' or '.join(suffixes)}")
-    if p.is_dir():
-        raise UsageError(f"{what} {path!r} is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ArtifactNotFoundError(f"{what} {path!r}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise ArtifactError(f"{what} {path!r}: directory {parent} is not writable")
-    return p
+    try:
+        return check_writable(p)
+    except ArtifactError as e:
+        raise type(e)(f"{what}: {e}") from None
 
 
 def input_path(path: str, what: str = "file") -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ArtifactNotFoundError(f"{what} {path!r}: no such file")
-    if not p.is_file():
-        raise ArtifactError(f"{what} {path!r}: not a file")
-    return p
+    from serializers.inspect import check_readable
+
+    try:
+        return check_readable(path)
+    except ArtifactError as e:
+        raise type(e)(f"{what}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
