@@ -29,17 +29,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import qexport  # noqa: E402
 
 
-class MLP(nn.Module):
-    def __init__(self, dims=(1024, 2048, 2048, 256)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+def MLP() -> nn.Module:
+    """The MLP 1024-2048-2048-256 with ReLU between layers (qexport's built-in TinyNet, resized)."""
+    from qexport.models import TinyNet
 
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
+    return TinyNet((1024, 2048, 2048, 256))
 
 
 class ConvNet(nn.Module):

@@ -7,21 +7,16 @@ import torch
 from torch import nn
 
 import qexport
+from qexport.models import TinyNet
 
 torch.manual_seed(0)
 
 
-class MLP(nn.Module):
-    def __init__(self, dims=(64, 128, 32)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+class MLP(TinyNet):
+    """qexport's built-in MLP (ReLU between Linear layers), small by default."""
 
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
+    def __init__(self, dims=(64, 128, 32)):
+        super().__init__(dims)
 
 
 class ConvNet(nn.Module):
