@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import ArtifactError, LoweringError, QExportError
+from . import resolve_program
 from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
 from .report import LoweringReport, RegionReport
 
@@ -37,18 +38,6 @@ KERNELS_OPTION = "qexport.kernels"
 KERNEL_MODES = ("auto", "inductor")
 
 Progress = Callable[[str], None]
-
-
-def _resolve_program(program_or_path: Any) -> torch.export.ExportedProgram:
-    if isinstance(program_or_path, torch.export.ExportedProgram):
-        return program_or_path
-    if isinstance(program_or_path, (str, PathLike)):
-        import serializers
-
-        return serializers.load(program_or_path)
-    raise LoweringError(
-        f"compile() takes an ExportedProgram or the path of a qexport .pt2, got {type(program_or_path).__name__}"
-    )
 
 
 def _check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -114,7 +103,7 @@ def plan(
 ) -> LoweringReport:
     """Which kernel each region would get, without compiling (what `qexport compile` prints first)."""
     ours, _ = _check_options(device, options)
-    ep = _resolve_program(program_or_path)
+    ep = resolve_program(program_or_path, "plan")
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
         from ..regions import regions
 
@@ -148,7 +137,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     say = progress or (lambda _msg: None)
     ours, inductor_options = _check_options(device, options)
     out = check_writable(output, ".pt2")
-    ep = _resolve_program(program_or_path)
+    ep = resolve_program(program_or_path, "compile")
     # The manifest describes the regions as exported (the lowered graph no longer has them); built
     # first because it refuses a region whose scheme is not registered here.
     manifest = Manifest.from_program(ep, "aoti", device=device)

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..errors import BackendUnavailableError, LoweringError
+from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from ..schemes import math_for
 from ._inline import RegionSite, inline_regions, region_of
@@ -339,19 +340,6 @@ def _make_constant(ep: torch.export.ExportedProgram, graph: torch.fx.Graph, name
     return create_constant_placeholder(ep, graph, name, InputKind.CONSTANT_TENSOR, data)
 
 
-def _load_program(program_or_path: "torch.export.ExportedProgram | str | PathLike[str]") -> torch.export.ExportedProgram:
-    if isinstance(program_or_path, torch.export.ExportedProgram):
-        return program_or_path
-    if isinstance(program_or_path, (str, PathLike)):
-        import serializers
-
-        return serializers.load(program_or_path)
-    raise LoweringError(
-        f"to_executorch() takes an ExportedProgram or the path of a .pt2 written by qexport.save, got "
-        f"{type(program_or_path).__name__}"
-    )
-
-
 class _WhyNoPartition(logging.Handler):
     """Collects the reasons XNNPACK's partitioner logs (`WhyNoPartition`, at DEBUG) for rejected nodes."""
 
@@ -425,7 +413,7 @@ def to_executorch(
     if backend not in BACKENDS:
         raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
     out = check_writable(output, ".pte")
-    ep = _load_program(program_or_path)
+    ep = resolve_program(program_or_path, "to_executorch")
     try:
         from executorch.exir import to_edge_transform_and_lower
         import executorch.kernels.quantized  # noqa: F401  (registers the quantized_decomposed out-variants)

@@ -29,6 +29,7 @@ import torch
 from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
 
 from ..errors import LoweringError, QExportError
+from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from .onnx_regions import BLOCKED_QDQ_OPSET, Emitter, Lowering, plan_region
 from .report import LoweringReport, RegionReport
@@ -62,7 +63,7 @@ def to_onnx(
 
     opset = _check_opset(opset)
     out = check_writable(output, ".onnx")
-    ep = _load_program(program_or_path)
+    ep = resolve_program(program_or_path, "to_onnx")
     found = graph_regions(ep)
     # Every region's lowering is decided (and every refusal raised) before the export starts.
     plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset) for r in found}
@@ -104,19 +105,6 @@ def _check_opset(opset: int | None) -> int:
             f"(int4 and fp8 regions need {BLOCKED_QDQ_OPSET}+; default {DEFAULT_OPSET})"
         )
     return opset
-
-
-def _load_program(program_or_path: Any) -> torch.export.ExportedProgram:
-    if isinstance(program_or_path, torch.export.ExportedProgram):
-        return program_or_path
-    if isinstance(program_or_path, (str, PathLike)):
-        import serializers
-
-        return serializers.load(program_or_path)
-    raise LoweringError(
-        f"to_onnx takes an ExportedProgram (from qexport.export) or the path of a qexport .pt2, "
-        f"got {type(program_or_path).__name__}"
-    )
 
 
 def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
