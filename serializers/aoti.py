@@ -7,7 +7,6 @@ never loads the shared library.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 from torch.export.pt2_archive import constants as C
@@ -16,7 +15,7 @@ from qexport.errors import CorruptArtifactError
 
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
-from .pt2 import MANIFEST_NAME, ZIP_MAGIC, _Archive
+from .pt2 import MANIFEST_NAME, ZIP_MAGIC, _Archive, has_aoti_code
 
 
 def read_manifest(path: "str | Path") -> Manifest:
@@ -33,13 +32,7 @@ def read_manifest(path: "str | Path") -> Manifest:
 
 
 def _sniff(p: Path, head: bytes) -> bool:
-    if not head.startswith(ZIP_MAGIC):
-        return False
-    try:
-        with zipfile.ZipFile(p) as z:
-            return any(f"/{C.AOTINDUCTOR_DIR}" in n for n in z.namelist())
-    except Exception:  # damaged zips are the pt2 reader's to report
-        return False
+    return head.startswith(ZIP_MAGIC) and has_aoti_code(p) is True
 
 
 register_reader("aoti", _sniff, read_manifest)

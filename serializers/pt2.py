@@ -300,15 +300,19 @@ def read_manifest(path: "str | PathLike[str]") -> Manifest:
         return archive.manifest()
 
 
-def _sniff(p: Path, head: bytes) -> bool:
-    if not head.startswith(ZIP_MAGIC):
-        return False
+def has_aoti_code(p: Path) -> bool | None:
+    """Whether a zip holds AOTInductor code (an AOTI package is a pt2 archive too); None if damaged.
+    The pt2 and aoti readers both sniff with this, so they never both claim, or both refuse, a file."""
     try:
         with zipfile.ZipFile(p) as z:
-            # An AOTInductor package is a pt2 archive too; its own reader (serializers.aoti) takes it.
-            return not any(f"/{C.AOTINDUCTOR_DIR}" in n for n in z.namelist())
-    except Exception:  # damaged: claim it, so the user hears what is wrong with it
-        return True
+            return any(f"/{C.AOTINDUCTOR_DIR}" in n for n in z.namelist())
+    except Exception:
+        return None
+
+
+def _sniff(p: Path, head: bytes) -> bool:
+    # Damaged zips are claimed here, so the user hears what is wrong with them.
+    return head.startswith(ZIP_MAGIC) and has_aoti_code(p) is not True
 
 
 register_reader("pt2", _sniff, read_manifest)
