@@ -20,8 +20,9 @@ from conftest import MLP, TinyTransformer, quantized, scheme_for
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # Rows that reach every bucket of every CUDA plan (cuda_kernels.PLANS): 1 GEMV, 6 tinygemm or the
-# 16-row tile, 20 / 40 / 100 the wider Triton tiles, 300 dequant + cuBLAS or the fp8/int8 GEMMs.
-ROWS = (1, 6, 20, 40, 100, 300)
+# 16-row tile, 20 / 40 / 100 / 200 the wider Triton tiles, 300 dequant + cuBLAS, cuBLAS on bf16
+# weights or the fp8/int8 GEMMs, 600 the int8 GEMM's widest tile.
+ROWS = (1, 6, 20, 40, 100, 200, 300, 600)
 DYN = ({0: torch.export.Dim("m", min=1, max=1024)},)
 
 
@@ -42,6 +43,16 @@ def _exported(name: str, rows: int, dynamic: bool, dims=(64, 128, 32)):
 
 # -- on any machine -----------------------------------------------------------------------------
 
+GEMV_THEN_INT_MM = [(4, "gemv"), (None, "int_mm")]
+
+
+@pytest.fixture
+def gemv_then_int_mm(monkeypatch):
+    """int8_dynamic with a two-bucket plan whatever the tuned tables say (with Triton, per-token
+    int8_dynamic runs Triton GEMMs at every M): the rewrite mechanics, not the tables, are tested."""
+    for key in ("int8_dynamic", "int8_dynamic_per_tensor"):
+        monkeypatch.setitem(cuda_kernels.PLANS, key, GEMV_THEN_INT_MM)
+
 @pytest.mark.parametrize("name", ["int8_dynamic", "fp8_e4m3"])
 def test_cuda_rewrite_matches_eager_on_cpu(name):
     """The kernel bodies (real int8 / fp8 GEMMs, padding for _int_mm) agree with the scheme's
@@ -60,7 +71,7 @@ def test_cuda_rewrite_matches_eager_on_cpu(name):
         assert rel_err(lowered.module()(x), m(x)) <= tol, rows
 
 
-def test_dynamic_rows_spanning_a_crossover_branch_with_cond():
+def test_dynamic_rows_spanning_a_crossover_branch_with_cond(gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", 8, dynamic=True)
     lowered, _ = apply_kernels(ep, "cuda")
     assert _conds(lowered) == 2  # one per region: GEMV below the crossover, _int_mm above
@@ -68,7 +79,7 @@ def test_dynamic_rows_spanning_a_crossover_branch_with_cond():
 
 
 @pytest.mark.parametrize("rows,kernel", [(1, "mul"), (32, "_int_mm")])
-def test_static_rows_build_only_the_branch_they_need(rows, kernel):
+def test_static_rows_build_only_the_branch_they_need(rows, kernel, gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", rows, dynamic=False)
     lowered, _ = apply_kernels(ep, "cuda")
     assert _conds(lowered) == 0
@@ -78,7 +89,7 @@ def test_static_rows_build_only_the_branch_they_need(rows, kernel):
 
 
 @pytest.mark.parametrize("lo,hi,conds", [(1, 1024, 1), (1, 4, 0), (8, 1024, 0)])
-def test_buckets_follow_the_exported_row_range(lo, hi, conds):
+def test_buckets_follow_the_exported_row_range(lo, hi, conds, gemv_then_int_mm):
     """Only the buckets the program's range for M reaches are built (M=1 counts although export
     traces dynamic dims as >= 2)."""
     torch.manual_seed(0)
@@ -86,13 +97,14 @@ def test_buckets_follow_the_exported_row_range(lo, hi, conds):
     ep = qexport.export(m, (torch.randn(max(lo, 2), 64),), dynamic_shapes=({0: torch.export.Dim("m", min=lo, max=hi)},))
     lowered, decisions = apply_kernels(ep, "cuda")
     assert _conds(lowered) == 2 * conds
-    assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= cuda_kernels.PLANS["int8_dynamic"][0][0])
+    assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= GEMV_THEN_INT_MM[0][0])
 
 
 def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
     """Three buckets make two nested conds per region, each branch graph under its own name
     (AOTInductor generates one function per subgraph name)."""
-    monkeypatch.setitem(cuda_kernels.PLANS, "int8_dynamic", [(4, "gemv"), (16, "int_mm"), (None, "gemv")])
+    for key in ("int8_dynamic", "int8_dynamic_per_tensor"):
+        monkeypatch.setitem(cuda_kernels.PLANS, key, [(4, "gemv"), (16, "int_mm"), (None, "gemv")])
     m, ep = _exported("int8_dynamic", 8, dynamic=True)
     lowered, _ = apply_kernels(ep, "cuda")
     graphs = [g for g in lowered.graph_module.modules() if isinstance(g, torch.fx.GraphModule)]
@@ -105,7 +117,7 @@ def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
         assert rel_err(lowered.module()(x), m(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
 
 
-def test_kernel_nodes_are_tagged_with_their_region():
+def test_kernel_nodes_are_tagged_with_their_region(gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", 32, dynamic=False)
     lowered, _ = apply_kernels(ep, "cuda")
     tagged = [n for n in lowered.graph_module.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
@@ -113,6 +125,33 @@ def test_kernel_nodes_are_tagged_with_their_region():
     assert len(mm) == 2
     assert {n.meta["custom"]["qexport_region"]["module"] for n in mm} == {"layers.0", "layers.1"}
     assert {n.meta["custom"]["qexport_region"]["kernel"] for n in mm} == {"_int_mm"}
+
+
+@pytest.mark.parametrize("family", sorted(cuda_kernels.LARGE_M_FROM))
+@pytest.mark.parametrize("large_m", [None, "bf16_weights", "dequant"])
+def test_large_m_policy_shapes_the_weight_only_plan(family, large_m):
+    """By default rows above LARGE_M_FROM go to cuBLAS on bf16 weights; "dequant" keeps the whole
+    quantized plan (Triton tiles, then dequantize per call)."""
+    from qexport.lower.kernels import KernelContext
+    from qexport.regions import iter_region_nodes, read_region
+
+    _, ep = _exported("int8_dynamic", 8, dynamic=True)
+    n = next(iter(iter_region_nodes(ep)))
+    options = {} if large_m is None else {"qexport.large_m": large_m}
+    plan = cuda_kernels.weight_only_plan(family, KernelContext(ep, n, read_region(n, 0), "cuda", options))
+    kinds = [cuda_kernels._kind(k) for _, k in plan]
+    if large_m == "dequant":
+        assert plan == cuda_kernels.reachable(cuda_kernels.PLANS[family], (1, 1024)) and "bf16_weights" not in kinds
+    else:
+        assert kinds[-1] == "bf16_weights" and kinds.count("bf16_weights") == 1
+        assert max(m for m, _ in plan[:-1]) == cuda_kernels.LARGE_M_FROM[family]
+
+
+def test_large_m_option_is_checked_before_any_work(tmp_path):
+    _, ep = _exported("int8_dynamic", 8, dynamic=False)
+    with pytest.raises(qexport.errors.LoweringError, match=r"qexport.large_m='fast' is not one of \('bf16_weights', 'dequant'\)"):
+        qexport.compile(ep, tmp_path / "o.pt2", options={"qexport.large_m": "fast"})
+    assert not list(tmp_path.iterdir())
 
 
 def test_declines_say_why():
@@ -188,3 +227,55 @@ def test_tinygemm_layout_dequantizes_to_the_scheme():
     got = torch.ops.aten._weight_int4pack_mm(eye, packed, 128, sz).t()
     want = math_for(s).dequantize_weight(s, t, (256, 512)).cuda()
     assert rel_err(got, want) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])
+@pytest.mark.parametrize("large_m", ["bf16_weights", "dequant"])
+def test_cuda_large_m_policies_match_eager(name, large_m, tmp_path):
+    """Both policies, every bucket: the bf16 copy is the scheme's own dequantization (so it must match
+    the reference to bf16 rounding), "dequant" keeps no such copy in the package."""
+    torch.manual_seed(0)
+    x = torch.randn(16, CUDA_DIMS[0])
+    m = quantized(MLP(CUDA_DIMS), scheme_for(name), (x,)).cuda()
+    ep = qexport.export(m, (x.cuda(),), dynamic_shapes=DYN)
+    options = {"qexport.large_m": large_m}
+    lowered, decisions = apply_kernels(qexport.export(m, (x.cuda(),), dynamic_shapes=DYN), "cuda", options)
+    copies = [n for n in lowered.graph_signature.buffers if n.endswith("weight_bf16")]
+    assert len(copies) == (2 if large_m == "bf16_weights" else 0), lowered.graph_signature.buffers
+    assert all(("cuBLAS on bf16 weights" in d.choice.name) == (large_m == "bf16_weights") for d in decisions)
+    runner = qexport.load_compiled(qexport.compile(ep, tmp_path / "p.pt2", device="cuda", options=options))
+    with torch.no_grad():
+        for rows in ROWS:
+            xr = torch.randn(rows, CUDA_DIMS[0], device="cuda")
+            y = runner(xr)
+            y = y[0] if isinstance(y, (list, tuple)) else y
+            assert rel_err(y, m(xr)) <= math_for(scheme_for(name)).tolerance, (rows, large_m)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (300, 4096), (7, 5000)])
+def test_row_quantizers_are_the_reference_math(rows, cols, dtype):
+    """The Triton row quantizers give the same codes, scales and zero points as `_activation`'s
+    fake-quant math (columns not a power of two exercise their masks; an all-positive row and a
+    zero row their clamps)."""
+    from qexport.schemes import _activation as act
+
+    x = (torch.randn(rows, cols, device="cuda") * 3).to(dtype)
+    x[0, :3] = 0.0
+    if rows > 2:
+        x[1] = x[1].abs()
+        x[2] = 0.0
+    q, s = torch.ops.qexport.fp8_quantize_rows(x)
+    q_ref, s_ref = act.quantize_fp8(x, per_token=True)
+    assert torch.equal(s, s_ref) and s.shape == (rows, 1)
+    assert torch.equal(q.float(), q_ref.float())
+
+    q, s, z = torch.ops.qexport.int8_quantize_rows(x)
+    xf = x.float()
+    s_ref, z_ref = act.int8_asym_qparams(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True))
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    assert q.dtype == torch.int8 and torch.equal(q.float(), act.quantize_int8(xf, s_ref, z_ref))

@@ -36,6 +36,13 @@ DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
 KERNEL_MODES = ("auto", "inductor")
+#: how CUDA weight-only kernels serve row counts where a bf16 GEMM beats every quantized kernel
+#: (compute-bound M): "bf16_weights" keeps weights decoded at compile time for those rows (never
+#: slower than bf16, +2 bytes per weight in the package and on the GPU); "dequant" decodes them per
+#: call (the memory of the quantized weights only, slower than bf16 there). See kernels/cuda.py.
+LARGE_M_OPTION = "qexport.large_m"
+LARGE_M_MODES = ("bf16_weights", "dequant")
+OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES}
 
 Progress = Callable[[str], None]
 
@@ -50,11 +57,12 @@ def _check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict
         raise LoweringError(f"options must be a dict of Inductor configs, got {type(options).__name__}")
     ours = {k: v for k, v in (options or {}).items() if k.startswith("qexport.")}
     inductor = {k: v for k, v in (options or {}).items() if not k.startswith("qexport.")}
-    unknown = set(ours) - {KERNELS_OPTION}
+    unknown = set(ours) - set(OPTION_MODES)
     if unknown:
-        raise LoweringError(f"unknown qexport option(s) {sorted(unknown)}; known: [{KERNELS_OPTION!r}]")
-    if ours.get(KERNELS_OPTION, "auto") not in KERNEL_MODES:
-        raise LoweringError(f"{KERNELS_OPTION}={ours[KERNELS_OPTION]!r} is not one of {KERNEL_MODES}")
+        raise LoweringError(f"unknown qexport option(s) {sorted(unknown)}; known: {sorted(OPTION_MODES)}")
+    for key, value in ours.items():
+        if value not in OPTION_MODES[key]:
+            raise LoweringError(f"{key}={value!r} is not one of {OPTION_MODES[key]}")
     from torch._inductor import config
 
     known = set(config.get_config_copy())
@@ -125,7 +133,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
 
     `program_or_path` is an ExportedProgram or a qexport `.pt2`. Each region is lowered by the kernel
     the (scheme, device) table picks; `options` are Inductor configs, plus `"qexport.kernels":
-    "inductor"` to skip the table (every region fused by Inductor, for comparison). The package
+    "inductor"` to skip the table (every region fused by Inductor, for comparison) and, on CUDA,
+    `"qexport.large_m": "dequant"` for weight-only packages that hold only quantized weights (the
+    default "bf16_weights" also keeps bf16 weights for the row counts where cuBLAS wins). The package
     embeds qexport's manifest (`qexport.inspect(output)` lists regions, schemes and kernels) and
     loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. The file appears
     complete or not at all. `progress(message)` is called at each stage.
