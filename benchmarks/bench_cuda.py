@@ -4,7 +4,10 @@ Model: 4 x Linear(4096, 4096, bias=False) in bf16 (an LLM projection stack), inp
 with M dynamic (1..4096): ONE package per variant serves every M. Each variant is compiled with
 qexport.compile(device="cuda"), loaded with qexport.load_compiled, checked against the eager
 quantized model and timed at M in {1, 16, 256, 4096} with triton.testing.do_bench (median, L2
-flushed before every call). Ratios are bf16 AOTI latency / variant latency, same card, same run.
+flushed before every call), then timed again in further round-robin rounds over all packages; each
+figure is the median of its rounds. Ratios are bf16 AOTI latency / variant latency, same card, same
+run. torchao's equivalents (benchmarks/_torchao.py) are built the same way where torchao imports
+(on the lent GPU: carry the torchao 0.17 wheel, see docs/benchmarks/cuda.md).
 
     python benchmarks/bench_cuda.py --out DIR            # the package table: cuda.md, cuda.json, cuda_speedup.png
     python benchmarks/bench_cuda.py --lab --out DIR      # per-layer kernel candidates and crossovers: lab.md, lab.json
@@ -215,13 +218,14 @@ def write_table(out: str, dim: int, rows: list[dict]) -> None:
         got = bf[f"us_M{m}"] / r[f"us_M{m}"]
         lines.append(f"- {v} at M={m}: {got:.2f}× (target ≥ {goal}×) {'met' if got >= goal else 'NOT met'}")
     # The target is about qexport's defaults: not the comparison rows ([options], torchao, bf16) nor nf4,
-    # which has no CUDA kernel. "Slower" means by more than the bf16 package's own spread over the
-    # rounds of this run (at least 2 %).
-    noise = max([0.02] + [max(bf[f"samples_M{m}"]) / min(bf[f"samples_M{m}"]) - 1 for m in MS])
+    # which has no CUDA kernel. "Slower" means by more than 2 %: the medians of the same package
+    # moved by up to ~1 % between runs, while single samples had 1.6x outliers (a sample-spread
+    # threshold read 62 % once, hiding everything).
+    noise = 0.02
     judged = [r for r in rows if "error" not in r and "[" not in r["variant"] and not r["variant"].startswith(("bf16", "torchao", "nf4"))]
     slower = [f"{r['variant']} M={m} ({bf[f'us_M{m}'] / r[f'us_M{m}']:.2f}×)" for r in judged for m in MS
               if bf[f"us_M{m}"] / r[f"us_M{m}"] < 1 - noise]
-    lines.append(f"- slower than bf16 by more than the run's noise ({noise:.1%}): {', '.join(slower) if slower else 'none'}")
+    lines.append(f"- slower than bf16 by more than {noise:.0%}: {', '.join(slower) if slower else 'none'}")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(out, "cuda.md"), "w") as f:
