@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the package runs (default: cpu)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="an Inductor config (torch._inductor.config name), or qexport.kernels=inductor to skip the "
-        "kernel table; repeatable",
+        help="an Inductor config (torch._inductor.config name), qexport.kernels=inductor to skip the "
+        "kernel table, or qexport.large_m=dequant for CUDA weight-only packages without bf16 weights "
+        "for large batches; repeatable",
     )
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(func=run)
