@@ -74,6 +74,7 @@ def test_quiet_prints_only_the_path(program_file, tmp_path, capsys, monkeypatch)
         (["--option", "max_autotun=true"], "unknown Inductor option"),
         (["--option", "novalue"], "expected KEY=VALUE"),
         (["--option", "qexport.kernels=fast"], "is not one of"),
+        (["--option", "qexport.large_m=fast"], "qexport.large_m='fast' is not one of ('bf16_weights', 'dequant')"),
     ],
 )
 def test_bad_options_fail_before_loading(program_file, tmp_path, capsys, argv, message):

@@ -57,9 +57,11 @@ TILE_I8_M512 = (128, 64, 128, 8, 8, 4, 1)
 TILE_I8_LARGE = (128, 128, 128, 8, 4, 3, 0)
 
 # (max rows, kernel) per family, in row order; the last bucket has no bound. Each bucket is the
-# fastest kernel at those rows in the per-layer lab (benchmarks/bench_cuda.py --lab, 4096x4096, H100,
-# docs/benchmarks/cuda.md). Above the last Triton bucket cuBLAS on a freshly dequantized weight wins:
-# these Triton GEMMs reach ~60% of cuBLAS when compute-bound.
+# fastest kernel at those rows in the per-layer sweeps (benchmarks/cuda_tiles.py and bench_cuda.py
+# --lab, 4096x4096, H100, docs/benchmarks/cuda.md). The weight-only plans are the memory-lean ones
+# (`qexport.large_m="dequant"`): above the last Triton bucket cuBLAS on a freshly dequantized weight
+# wins, as these Triton GEMMs reach ~60-77 % of cuBLAS when compute-bound; `weight_only_plan` cuts
+# them at LARGE_M_FROM for the default policy.
 PLANS: dict[str, list[tuple[int | None, Any]]] = {
     "int8_weight_only": [
         (1, "gemv"), (16, ("triton", TILE_M16_K256)), (32, ("triton", TILE_M16_K128)),
