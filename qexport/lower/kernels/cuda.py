@@ -48,13 +48,13 @@ TILE_M16_N64 = (16, 64, 256, 1, 4, 3, 0)
 TILE_M32_N64 = (32, 64, 128, 1, 4, 4, 0)
 TILE_M64_SWAP = (64, 64, 128, 8, 4, 4, 1)
 TILE_M128_SWAP = (128, 64, 128, 8, 4, 4, 1)
-TILE_FP8_M32 = (16, 64, 256, 8, 4, 4, 1)
-TILE_FP8_M128 = (64, 64, 256, 8, 4, 4, 1)
-TILE_FP8_M256 = (128, 64, 256, 8, 4, 4, 1)
-TILE_I8_M32 = (16, 64, 256, 8, 4, 4, 1)
-TILE_I8_M128 = (32, 64, 256, 8, 4, 4, 1)
-TILE_I8_M512 = (128, 64, 128, 8, 8, 4, 1)
-TILE_I8_LARGE = (128, 128, 128, 8, 4, 3, 0)
+# 8-bit x 8-bit (fp8 or int8 activation codes): deeper K tiles, the weight rows on the MMA's M side.
+TILE_Q8_M16_SWAP = (16, 64, 256, 8, 4, 4, 1)  # fp8 and int8 sweeps' best up to 32 rows
+TILE_Q8_M32_SWAP = (32, 64, 256, 8, 4, 4, 1)
+TILE_Q8_M64_SWAP = (64, 64, 256, 8, 4, 4, 1)
+TILE_Q8_M128_SWAP = (128, 64, 256, 8, 4, 4, 1)
+TILE_Q8_M128_K128_SWAP = (128, 64, 128, 8, 8, 4, 1)
+TILE_Q8_M128_N128 = (128, 128, 128, 8, 4, 3, 0)
 
 # (max rows, kernel) per family, in row order; the last bucket has no bound. Each bucket is the
 # fastest kernel at those rows in the per-layer sweeps (benchmarks/cuda_tiles.py and bench_cuda.py
@@ -73,7 +73,7 @@ PLANS: dict[str, list[tuple[int | None, Any]]] = {
     # the tensor cores; up to 256 rows in our Triton GEMM (14-17 µs per layer where `_scaled_mm` takes
     # 18 on the GPU and, in a package, as long again on the host choosing its cuBLASLt algorithm).
     "fp8": [
-        (32, ("triton_fp8", TILE_FP8_M32)), (128, ("triton_fp8", TILE_FP8_M128)), (256, ("triton_fp8", TILE_FP8_M256)),
+        (32, ("triton_fp8", TILE_Q8_M16_SWAP)), (128, ("triton_fp8", TILE_Q8_M64_SWAP)), (256, ("triton_fp8", TILE_Q8_M128_SWAP)),
         (None, "scaled_mm"),
     ],
     # One scale for the whole activation needs a grid-wide reduction first, left to Inductor: the
@@ -83,8 +83,8 @@ PLANS: dict[str, list[tuple[int | None, Any]]] = {
     # with the zero-point correction and scales in its epilogue (lab, 4096x4096: 15 µs at M=1, 17.6 at
     # 256, 124.5 at 4096 where bf16 takes 22, 27 and 178, and `_int_mm` alone 170 at 4096).
     "int8_dynamic": [
-        (32, ("triton_int8", TILE_I8_M32)), (128, ("triton_int8", TILE_I8_M128)),
-        (512, ("triton_int8", TILE_I8_M512)), (None, ("triton_int8", TILE_I8_LARGE)),
+        (32, ("triton_int8", TILE_Q8_M16_SWAP)), (128, ("triton_int8", TILE_Q8_M32_SWAP)),
+        (512, ("triton_int8", TILE_Q8_M128_K128_SWAP)), (None, ("triton_int8", TILE_Q8_M128_N128)),
     ],
     # One scale for the whole activation: its reduction left to Inductor, then `_int_mm`.
     "int8_dynamic_per_tensor": [(4, "gemv"), (None, "int_mm")],
