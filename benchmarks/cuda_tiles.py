@@ -104,7 +104,7 @@ def quantize_rows(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, ...]:
     from qexport.schemes import _activation as act
     if not int8:
         return act.quantize_fp8(x.float(), True)
-    sx, zp = act.int8_asym_qparams(x.float().amin(-1, keepdim=True), x.float().amax(-1, keepdim=True))
+    sx, zp = act.dynamic_int8_qparams(x.float(), True)
     return act.quantize_int8(x.float(), sx, zp).to(torch.int8), sx, zp
 
 

@@ -31,14 +31,18 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return (quantize_int8(x, scale, zero_point) - zero_point) * scale
 
 
+def dynamic_int8_qparams(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of dynamic asymmetric int8 over float x's range, per token (last dim) or
+    per tensor: what every kernel quantizing activations at run time must reproduce."""
+    if per_token:
+        return int8_asym_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+    return int8_asym_qparams(x.amin(), x.amax())
+
+
 def dynamic_int8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     """Per-token (last dim) or per-tensor dynamic asymmetric int8 fake quantization."""
     xf = x.float()
-    if per_token:
-        mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    else:
-        mn, mx = xf.amin(), xf.amax()
-    scale, zp = int8_asym_qparams(mn, mx)
+    scale, zp = dynamic_int8_qparams(xf, per_token)
     return fake_quant_int8(xf, scale, zp).to(x.dtype)
 
 

@@ -124,8 +124,7 @@ def int8_activations_int_mm(ctx: KernelContext) -> KernelChoice | Decline | None
             zp = zp.float()
         else:
             bias = list(rest)
-            mn, mx = (x2.amin(-1, keepdim=True), x2.amax(-1, keepdim=True)) if per_token else (x2.amin(), x2.amax())
-            s, zp = act.int8_asym_qparams(mn, mx)
+            s, zp = act.dynamic_int8_qparams(x2, per_token)
         q = act.quantize_int8(x2, s, zp).to(torch.int8)
         acc = aten._int_mm(q, w.t()) - zp.to(torch.int32) * cs
         y = acc.float() * (s * ws)

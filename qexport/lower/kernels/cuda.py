@@ -661,11 +661,7 @@ def int8_dynamic_int_mm_cuda(ctx: KernelContext) -> KernelChoice | Decline | Non
 
     def int_mm(x2d: torch.Tensor, t: dict) -> torch.Tensor:
         xf = x2d.float()
-        if per_token:
-            mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-        else:
-            mn, mx = xf.amin(), xf.amax()
-        sx, zp = act.int8_asym_qparams(mn, mx)
+        sx, zp = act.dynamic_int8_qparams(xf, per_token)
         q = act.quantize_int8(xf, sx, zp).to(torch.int8)
         m = q.shape[0]
         pad = torch.sym_max(_INT_MM_MIN_M - m, 0)
