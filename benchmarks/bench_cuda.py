@@ -232,30 +232,9 @@ def write_table(out: str, dim: int, rows: list[dict]) -> None:
         f.write(text + "\n")
     with open(os.path.join(out, "cuda.json"), "w") as f:
         json.dump({"card": card(), "dim": dim, "rows": rows}, f, indent=1)
-    plot(out, rows, bf)
+    import plot_cuda
 
-
-def plot(out: str, rows: list[dict], bf: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
-        if "error" in r or r["variant"].startswith("bf16"):
-            continue
-        ax.plot(MS, [bf[f"us_M{m}"] / r[f"us_M{m}"] for m in MS], marker="o", label=r["variant"])
-    ax.axhline(1.0, color="k", lw=1, ls="--", label="bf16 AOTI")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(MS, [str(m) for m in MS])
-    ax.set_xlabel("M (rows of the activation)")
-    ax.set_ylabel("speed-up over bf16 AOTI (×)")
-    ax.set_title(f"4 x Linear(4096), AOTInductor, {torch.cuda.get_device_name(0)}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "cuda_speedup.png"), dpi=120)
+    plot_cuda.plot([{"card": card(), "dim": dim, "rows": rows}], os.path.join(out, "cuda_speedup.png"))
 
 
 # -- the kernel lab: per-layer candidates, to place the crossovers ---------------------------------

@@ -12,22 +12,18 @@ import argparse
 import json
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("-o", "--output", required=True)
-    args = ap.parse_args()
+def plot(runs: list[dict], output: str) -> None:
+    """One line per variant of `runs` (bench_cuda.py's cuda.json contents), its speed-up over the bf16
+    package of its own run; a variant in several runs takes the last."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ratios: dict[str, dict[int, float]] = {}
-    card = ""
-    for path in args.runs:
-        with open(path) as f:
-            run = json.load(f)
-        card = run["card"].split(" (")[0]
+    card, dim = "", 4096
+    for run in runs:
+        card, dim = run["card"].split(" (")[0], run.get("dim", dim)
         bf = next(r for r in run["rows"] if r["variant"] == "bf16")
         ms = sorted(int(k[4:]) for k in bf if k.startswith("us_M"))
         for r in run["rows"]:
@@ -45,11 +41,23 @@ def main() -> None:
     ax.set_xticks(ms, [str(m) for m in ms])
     ax.set_xlabel("M (rows of the activation); one package per variant serves every M")
     ax.set_ylabel("speed-up over bf16 AOTI (×)")
-    ax.set_title(f"4 x Linear(4096, 4096), AOTInductor, {card}")
+    ax.set_title(f"4 x Linear({dim}, {dim}), AOTInductor, {card}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
+    fig.savefig(output, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args()
+    runs = []
+    for path in args.runs:
+        with open(path) as f:
+            runs.append(json.load(f))
+    plot(runs, args.output)
 
 
 if __name__ == "__main__":
