@@ -122,22 +122,7 @@ class RegionSite:
     def inline_reference(self) -> torch.fx.Node:
         """Copy the region's own subgraph (its scheme's reference math) in place of the region."""
         sub = getattr(self.ep.graph_module, self.node.args[0].target)
-        env: dict[torch.fx.Node, Any] = {}
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        for ph, arg in zip(placeholders, self.node.args[1:]):
-            env[ph] = arg
-        result = None
-        for n in sub.graph.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.op == "output":
-                result = n.args[0]
-                break
-            with self.graph.inserting_before(self.node):
-                copied = self.graph.node_copy(n, lambda a: env[a])
-            self._stamp(copied)
-            env[n] = copied
-        outs = pytree.tree_map_only(torch.fx.Node, lambda a: env[a], result)
+        outs = self._copy_in(sub.graph, self.node.args[1:], self.node)
         if not isinstance(outs, (tuple, list)) or len(outs) != 1:
             raise LoweringError(f"region {self.region.name}: only single-output regions can be inlined, got {outs!r}")
         return outs[0]
@@ -149,21 +134,25 @@ class RegionSite:
 
         with self._fake_mode:
             gm = make_fx(fn)(*(a.meta["val"] for a in args))
-        env: dict[torch.fx.Node, Any] = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), args))
-        result: Any = None
-        for n in gm.graph.nodes:
+        constants_error = f"region {self.region.name}: {fn} created a constant while traced; pass it as an argument"
+        return self._copy_in(gm.graph, args, self._anchor, constants_error)
+
+    def _copy_in(self, src: torch.fx.Graph, args: Any, before: torch.fx.Node, constants_error: str | None = None) -> Any:
+        """Copy `src`'s nodes, its placeholders bound to `args`, in front of `before`, each stamped;
+        returns `src`'s output in terms of the copies. `constants_error`: refuse get_attr nodes with it."""
+        env: dict[torch.fx.Node, Any] = dict(zip((n for n in src.nodes if n.op == "placeholder"), args))
+        for n in src.nodes:
             if n.op == "placeholder":
                 continue
             if n.op == "output":
-                result = n.args[0]
-                break
-            if n.op == "get_attr":
-                raise LoweringError(f"region {self.region.name}: {fn} created a constant while traced; pass it as an argument")
-            with self.graph.inserting_before(self._anchor):
+                return pytree.tree_map_only(torch.fx.Node, lambda a: env[a], n.args[0])
+            if n.op == "get_attr" and constants_error:
+                raise LoweringError(constants_error)
+            with self.graph.inserting_before(before):
                 copied = self.graph.node_copy(n, lambda a: env[a])
             self._stamp(copied)
             env[n] = copied
-        return pytree.tree_map_only(torch.fx.Node, lambda a: env[a], result)
+        return None
 
     def _stamp(self, node: torch.fx.Node) -> None:
         node.meta["custom"] = {**node.meta.get("custom", {}), **self.tag}
