@@ -226,15 +226,21 @@ def write_table(out: str, dim: int, rows: list[dict]) -> None:
     slower = [f"{r['variant']} M={m} ({bf[f'us_M{m}'] / r[f'us_M{m}']:.2f}×)" for r in judged for m in MS
               if bf[f"us_M{m}"] / r[f"us_M{m}"] < 1 - noise]
     lines.append(f"- slower than bf16 by more than {noise:.0%}: {', '.join(slower) if slower else 'none'}")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(out, "cuda.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out, "cuda.json"), "w") as f:
-        json.dump({"card": card(), "dim": dim, "rows": rows}, f, indent=1)
+    run = {"card": card(), "dim": dim, "rows": rows}
+    write_report(out, "cuda", lines, run)
     import plot_cuda
 
-    plot_cuda.plot([{"card": card(), "dim": dim, "rows": rows}], os.path.join(out, "cuda_speedup.png"))
+    plot_cuda.plot([run], os.path.join(out, "cuda_speedup.png"))
+
+
+def write_report(out: str, stem: str, lines: list[str], data: dict) -> None:
+    """Print the markdown and write it and the raw data as OUT/STEM.md and OUT/STEM.json."""
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=1)
 
 
 # -- the kernel lab: per-layer candidates, to place the crossovers ---------------------------------
@@ -354,12 +360,7 @@ def write_lab(out: str, res: dict, errs: dict) -> None:
             scored = sorted((sum(res[t].get(m, 1e9) for m in LAB_MS if lo <= m <= hi), t) for t in tiles)
             if scored:
                 lines.append(f"- {fam} best tile for M in [{lo},{hi}]: {scored[0][1]}")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(out, "lab.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out, "lab.json"), "w") as f:
-        json.dump({"card": card(), "res": {k: {str(m): t for m, t in v.items()} for k, v in res.items()}, "errs": errs}, f, indent=1)
+    write_report(out, "lab", lines, {"card": card(), "res": {k: {str(m): t for m, t in v.items()} for k, v in res.items()}, "errs": errs})
 
 
 def spin_up(seconds: float = 1.0) -> None:
