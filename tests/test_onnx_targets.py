@@ -1,0 +1,155 @@
+"""ONNX targets: int8 regions are exact under onnxruntime's default session on every CPU class.
+
+onnxruntime's x86 u8 x s8 kernels saturate 16-bit pair sums on CPUs without VNNI; the default target
+("portable") stores int8 weights as uint8 + 128 so its u8 x u8 kernels run instead. The AVX2 case is
+checked for real by running onnxruntime under `qemu-x86_64 -cpu Haswell` (an AVX2 CPU without
+AVX-512/VNNI, whose cpuid onnxruntime dispatches on), whatever CPU runs the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qexport
+from qexport import _cpu
+from qexport.errors import LoweringError, TargetMismatchError
+from qexport.lower.onnx import host_target
+from qexport.schemes import math_for
+
+from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
+
+INT8_ACT = ("int8_static", "int8_dynamic")
+MODELS = {"mlp": (lambda: MLP((256, 512, 64)), lambda: torch.randn(16, 256) * 3),
+          "conv": (ConvNet, lambda: torch.randn(2, 3, 16, 16) * 3),
+          "transformer": (TinyTransformer, lambda: torch.randint(0, 128, (2, 16)))}
+
+
+def _weights(path) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(model, scheme, target) -> (path, input, eager quantized output), one export per model and scheme."""
+    d = tmp_path_factory.mktemp("targets")
+    out = {}
+    for mname, (make, example) in MODELS.items():
+        for scheme in INT8_ACT:
+            torch.manual_seed(0)
+            x = example()
+            m = quantized(make(), scheme_for(scheme), x)
+            ep = qexport.export(m, (x,))
+            ref = m(x).detach().numpy()
+            for target in ("portable", "x86_vnni"):
+                path = d / f"{mname}_{scheme}_{target}.onnx"
+                qexport.to_onnx(ep, path, target=target)
+                out[mname, scheme, target] = (path, x.numpy(), ref)
+    return out
+
+
+@pytest.mark.parametrize("scheme", INT8_ACT)
+def test_portable_stores_int8_weights_as_uint8_plus_128(files, scheme):
+    portable = _weights(files["mlp", scheme, "portable"][0])
+    signed = _weights(files["mlp", scheme, "x86_vnni"][0])
+    u8, s8 = onnx.numpy_helper.to_array(portable["layers.0.weight"]), onnx.numpy_helper.to_array(signed["layers.0.weight"])
+    assert u8.dtype == np.uint8 and s8.dtype == np.int8
+    np.testing.assert_array_equal(u8.astype(np.int16) - 128, s8)  # same codes, same grid
+    zp = onnx.numpy_helper.to_array(portable["layers.0.weight_zero_point"])
+    assert zp.dtype == np.uint8 and (zp == 128).all()
+    if scheme == "int8_dynamic":  # MatMulInteger takes B's zero point; signed weights need none
+        assert "layers.0.weight_zero_point" not in signed
+
+
+def test_manifest_and_report_record_the_target(files, tmp_path):
+    for target in ("portable", "x86_vnni"):
+        manifest = qexport.inspect(files["mlp", "int8_static", target][0])
+        assert manifest.extra["target"] == target
+        kernel = manifest.extra["lowering"]["layers.0"]["kernel"]
+        assert ("uint8 (+128" in kernel) is (target == "portable")
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    ep = qexport.export(quantized(MLP(), scheme_for("int8_dynamic"), x), (x,))
+    report = qexport.to_onnx(ep, tmp_path / "h.onnx", target="host")
+    assert report.extra["target"] == host_target() == qexport.inspect(tmp_path / "h.onnx").extra["target"]
+
+
+@pytest.mark.parametrize("key", [(m, s) for m in MODELS for s in INT8_ACT], ids=lambda k: f"{k[0]}-{k[1]}")
+def test_portable_is_exact_here_under_default_session_options(files, key):
+    import onnxruntime as ort
+
+    path, x, ref = files[(*key, "portable")]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.abs(y - ref).max() / np.abs(ref).max() <= math_for(scheme_for(key[1])).tolerance
+
+
+def test_runner_refuses_a_file_written_for_other_cpus(files, monkeypatch):
+    from qexport import runners
+
+    monkeypatch.setattr(_cpu, "arch", lambda: "x86_64")
+    monkeypatch.setattr(_cpu, "has_int8_dot", lambda: False)
+    with pytest.raises(TargetMismatchError, match=r"target 'x86_vnni'.*without VNNI.*target='portable'"):
+        runners.load(files["mlp", "int8_static", "x86_vnni"][0])
+    assert runners.load(files["mlp", "int8_static", "portable"][0]).kind == "onnx"
+    monkeypatch.setattr(_cpu, "has_int8_dot", lambda: True)
+    assert runners.load(files["mlp", "int8_static", "x86_vnni"][0]).kind == "onnx"
+
+
+@pytest.mark.parametrize("target", ["avx2", "", None, 3])
+def test_unknown_target_refused_before_work(tmp_path, target):
+    ep = qexport.export(quantized(MLP(), scheme_for("int8_dynamic"), torch.randn(2, 64)), (torch.randn(2, 64),))
+    with pytest.raises(LoweringError, match="not an ONNX target: choose one of"):
+        qexport.to_onnx(ep, tmp_path / "t.onnx", target=target)
+    assert list(tmp_path.iterdir()) == []
+
+
+_QEMU = shutil.which("qemu-x86_64")
+_PROBE = textwrap.dedent("""
+    import json, sys, numpy as np, onnxruntime as ort
+    out = {}
+    for key, path, x, ref in json.load(open(sys.argv[1])):
+        s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        y = s.run(None, {s.get_inputs()[0].name: np.load(x)})[0]
+        r = np.load(ref)
+        out[key] = float(np.abs(y - r).max() / np.abs(r).max())
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="emulates an x86-64 AVX2 CPU: needs an x86-64 host")
+@pytest.mark.skipif(_QEMU is None, reason="needs qemu-x86_64 (Debian's qemu-user; scripts/setup.sh installs it)")
+def test_avx2_cpu_without_vnni_portable_exact_signed_saturates(files, tmp_path):
+    """Under an emulated Haswell (AVX2, no AVX-512, no VNNI) onnxruntime computes every portable file
+    within tolerance, while the same regions with signed weights saturate: the emulation reproduces
+    the bug, so the first half is a real check."""
+    jobs = []
+    for (mname, scheme, target), (path, x, ref) in files.items():
+        np.save(tmp_path / f"{mname}_{scheme}_x.npy", x)
+        np.save(tmp_path / f"{mname}_{scheme}_ref.npy", ref)
+        jobs.append([f"{mname}/{scheme}/{target}", str(path), str(tmp_path / f"{mname}_{scheme}_x.npy"),
+                     str(tmp_path / f"{mname}_{scheme}_ref.npy")])
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "probe.py").write_text(_PROBE)
+    cap = subprocess.run([_QEMU, "-cpu", "Haswell", sys.executable, "-c",
+                          "import torch; print(torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True)
+    assert cap.stdout.strip() == "AVX2", cap.stderr[-2000:]
+    run = subprocess.run([_QEMU, "-cpu", "Haswell", sys.executable, str(tmp_path / "probe.py"), str(tmp_path / "jobs.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    for key, err in errors.items():
+        mname, scheme, target = key.split("/")
+        if target == "portable":
+            assert err <= math_for(scheme_for(scheme)).tolerance, (key, err)
+    saturated = [k for k, err in errors.items() if k.endswith("x86_vnni") and err > math_for(scheme_for("int8_static")).tolerance]
+    assert len(saturated) >= 3, errors
