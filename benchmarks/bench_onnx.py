@@ -107,8 +107,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
 
 
-def bench_model(label, make, example, calib, schemes, iters, threads, tmp) -> list[dict]:
-    """example: kwargs dict of the model's inputs at batch 1; calib: list of kwargs dicts."""
+def bench_model(label, make, example, calib, schemes, iters, threads, tmp, targets=("portable",)) -> list[dict]:
+    """example: kwargs dict of the model's inputs at batch 1; calib: list of kwargs dicts. Each scheme is
+    written once per ONNX target (variant `scheme[target]` when there are several)."""
     feeds = {k: v.numpy() for k, v in example.items()}
     ep32 = torch.export.export(make(), (), example, strict=False)
     paths = {"fp32": os.path.join(tmp, f"{label}_fp32.onnx")}
@@ -119,18 +120,20 @@ def bench_model(label, make, example, calib, schemes, iters, threads, tmp) -> li
         model = qexport.quantize(make(), name, calibration_data=calib if qexport.schemes.get(name).activation == "static" else None)
         ref = model(**example).detach().float().numpy()
         ep = qexport.export(model, (), example)
-        paths[name] = os.path.join(tmp, f"{label}_{name}.onnx")
-        t0 = time.perf_counter()
-        report = qexport.to_onnx(ep, paths[name])
-        info[name] = {"ref": ref, "export_s": time.perf_counter() - t0,
-                      "native_regions": sum(r.delegated for r in report.regions), "regions": len(report.regions)}
+        for target in targets:
+            variant = name if len(targets) == 1 else f"{name}[{target}]"
+            paths[variant] = os.path.join(tmp, f"{label}_{name}_{target}.onnx")
+            t0 = time.perf_counter()
+            report = qexport.to_onnx(ep, paths[variant], target=target)
+            info[variant] = {"ref": ref, "export_s": time.perf_counter() - t0, "target": report.extra["target"],
+                             "native_regions": sum(r.delegated for r in report.regions), "regions": len(report.regions)}
     sessions = {k: session(p, threads) for k, p in paths.items()}
     outs = {k: run(sess, feeds) for k, sess in sessions.items()}
     us = time_interleaved(sessions, feeds, iters)
     rows = []
     for name in paths:
         row = {"model": label, "variant": name, "us": us[name], "ratio": us["fp32"] / us[name], "bytes": os.path.getsize(paths[name])}
-        line = f"{label:8s} {name:17s} {us[name]:9.0f} us  {row['bytes'] / 1e6:6.1f} MB  fp32/variant {row['ratio']:5.2f}x"
+        line = f"{label:8s} {name:28s} {us[name]:9.0f} us  {row['bytes'] / 1e6:6.1f} MB  fp32/variant {row['ratio']:5.2f}x"
         if name != "fp32":
             y, ref = outs[name], info[name]["ref"]
             row.update({
@@ -152,6 +155,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--schemes", default="int8_static,int8_dynamic,int8_weight_only,int4_weight_only,fp8_e4m3,nf4")
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--targets", default="portable",
+                    help="ONNX targets to write each scheme for, comma-separated (portable, x86_vnni, arm64, host)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1: steadier on a shared box)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -174,7 +179,8 @@ def main() -> None:
             return self.net(x)
 
     calib = [{"x": torch.randn(8, 1024)} for _ in range(4)]
-    rows = bench_model("mlp", lambda: MLPKw().eval(), {"x": torch.randn(1, 1024)}, calib, schemes, args.iters, args.threads, tmp)
+    targets = [t for t in args.targets.split(",") if t]
+    rows = bench_model("mlp", lambda: MLPKw().eval(), {"x": torch.randn(1, 1024)}, calib, schemes, args.iters, args.threads, tmp, targets)
     if not args.no_minilm:
         base, example, calib = minilm()
         state = base.state_dict()
@@ -183,8 +189,11 @@ def main() -> None:
             m = minilm_model_copy(base, state)
             return _Last(m).eval()
 
-        rows += bench_model("minilm", make_minilm, example, calib, schemes, max(20, args.iters // 4), args.threads, tmp)
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "onnxruntime": ort.__version__,
+        rows += bench_model("minilm", make_minilm, example, calib, schemes, max(20, args.iters // 4), args.threads, tmp, targets)
+    from qexport import _cpu
+
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {_cpu.describe()}, torch capability "
+                       f"{torch.backends.cpu.get_cpu_capability()}", "onnxruntime": ort.__version__,
             "torch": torch.__version__, "threads": args.threads}
     if args.json:
         with open(args.json, "w") as f:
