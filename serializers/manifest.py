@@ -150,6 +150,10 @@ class Manifest:
             raise ArtifactError(f"manifest extra fields must be JSON-serializable: {e}") from None
         import qexport
 
+        from qexport.signature import program_inputs
+
+        # what a runtime holding only the compiled file needs to check a request (qexport.serve)
+        extra.setdefault("inputs", [i.to_json() for i in program_inputs(ep)])
         tensors = _program_tensors(ep)
         records = []
         for region, node in zip(graph_regions(ep), iter_region_nodes(ep)):

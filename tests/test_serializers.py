@@ -297,7 +297,8 @@ def test_check_against_names_the_difference(cases):
 
 def test_manifest_extra_must_be_json(cases):
     ep = cases["int8_weight_only"].ep
-    assert Manifest.from_program(ep, note="ok", n=[1, 2]).extra == {"note": "ok", "n": [1, 2]}
+    extra = Manifest.from_program(ep, note="ok", n=[1, 2]).extra
+    assert extra == {"note": "ok", "n": [1, 2], "inputs": [{"name": "x", "dtype": "float32", "shape": [4, 64]}]}
     with pytest.raises(ArtifactError, match="JSON-serializable"):
         Manifest.from_program(ep, bad=object())
     with pytest.raises(ArtifactError, match="artifact='tar'"):
@@ -324,7 +325,7 @@ def test_hand_written_region_counts_its_lifted_tensors(tmp_path):
     assert (r.op, r.module_path, r.name) == ("custom", "", "region_0")
     assert r.weight_bytes == 16 * 16 + 16 * 4 and r.float_bytes == 0
     assert r.input_shapes == ((2, 16),)
-    assert m.extra == {"author": "test"}
+    assert m.extra == {"author": "test", "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 16]}]}
     torch.testing.assert_close(qexport.load(path).module()(x), model(x), rtol=0, atol=0)
 
 

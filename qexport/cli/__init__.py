@@ -11,7 +11,7 @@ from ..errors import QExportError
 
 # Subcommand modules, in the order `--help` lists them; a missing module is skipped so the CLI
 # works while a backend is being written.
-SUBCOMMANDS = ("export", "inspect", "compile", "partition", "verify", "bench", "demo")
+SUBCOMMANDS = ("export", "inspect", "compile", "partition", "verify", "bench", "serve", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

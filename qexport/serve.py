@@ -1,0 +1,410 @@
+"""`qexport serve ARTIFACT`: a compiled artifact behind Ray Serve, with dynamic batching.
+
+qexport does not grow a server of its own: Ray Serve brings replicas, autoscaling, multi-node clusters
+and request batching, and the artifact runs through the same `qexport.runners` loader that `verify`
+and `bench` use (AOTI packages, `.pte`, `.onnx`, `.pt2`). Two deployments:
+
+- `Ingress` (HTTP, FastAPI): `/predict`, `/health`, `/info`. Every request is decoded and checked
+  against the artifact's input signature (the manifest's `inputs`: dtype, rank, static sizes, dynamic
+  bounds) and the body-size limit *here*, so a malformed request gets a 4xx and never reaches a model
+  replica. A model replica that dies mid-request is retried on another one; when none answers, the
+  client gets a 503 it can retry.
+- `Model` (N replicas): `serve.batch` gathers concurrent requests and runs them as one call along the
+  dynamic batch dim (dim 0 of every input), then splits the outputs back per request.
+
+Batching is only done where it cannot change a result: every input's dim 0 must be dynamic (the same
+dim), and no region may quantize activations per tensor at run time (a per-tensor dynamic scale is
+computed over the whole batch, so a batched request would round differently than alone). `/info`
+says whether batching is on and why not.
+
+Wire formats: JSON `{"inputs": [nested lists, one per input]}` (or `{"inputs": {name: list}}`) answered
+with `{"outputs": [...], "shapes": [...], "dtypes": [...]}`; `.npz` bodies (Content-Type
+`application/x-npz`, arrays named like the inputs or arr_0...) answered in `.npz`; one `.npy` body
+(`application/x-npy`) for single-input models. Numbers, not pickles: `.npy`/`.npz` are read with
+`allow_pickle=False`.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
+# (`request: Request`) at definition time, and Request is imported inside build_app.
+import asyncio
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from os import PathLike
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import BackendUnavailableError, QExportError, UsageError
+from .signature import InputSpec
+
+#: request bodies larger than this are refused with 413 before they are read
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+JSON, NPY, NPZ = "application/json", "application/x-npy", "application/x-npz"
+
+
+class BadRequest(QExportError):
+    """A request the server refuses before the model sees it: `status` is the HTTP code (4xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    path: str
+    replicas: int = 1
+    max_batch: int = 32
+    batch_wait_ms: float = 2.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: attempts on other replicas when the one serving a request dies
+    retries: int = 3
+
+    def check(self) -> "ServeConfig":
+        for name, lo in (("replicas", 1), ("max_batch", 1), ("max_body_bytes", 1), ("retries", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise UsageError(f"{name}={v!r}: must be an int >= {lo}")
+        if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
+            raise UsageError(f"batch_wait_ms={self.batch_wait_ms!r}: must be a number of milliseconds in [0, 10000]")
+        return self
+
+
+# -- the artifact's contract ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Signature:
+    """What a request must look like, and whether requests may be batched."""
+
+    inputs: tuple[InputSpec, ...]
+    batching: bool
+    why_not_batched: str = ""
+    #: the largest batch the artifact takes along dim 0 (None: unbounded)
+    max_rows: int | None = None
+
+
+def signature(manifest: Any) -> Signature:
+    """The request signature of an artifact from its manifest (`extra["inputs"]`, written by every
+    backend since qexport 0.1; an artifact without it must be re-written to be served)."""
+    raw = manifest.extra.get("inputs")
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(
+            "this artifact's manifest has no input signature (written by an older qexport); re-run "
+            "qexport compile / partition on its .pt2 to serve it"
+        )
+    try:
+        specs = tuple(InputSpec.from_json(d) for d in raw)
+    except ValueError as e:
+        raise UsageError(f"the artifact's input signature is unreadable: {e}") from None
+    firsts = [s.shape[0] if s.shape else None for s in specs]
+    why = ""
+    if any(d is None or not d.dynamic for d in firsts):
+        why = "not every input has a dynamic dim 0"
+    elif len({d.name for d in firsts}) != 1:
+        why = "the inputs' dim 0 are different dynamic dims"
+    else:
+        for r in manifest.regions:
+            s = r.scheme
+            if s.activation == "dynamic" and (s.act_granularity == "per_tensor" or r.op == "conv2d"):
+                why = (f"region {r.name} quantizes activations per tensor at run time: a batch shares one scale, "
+                       f"so a request batched with others would round differently than alone")
+                break
+    max_rows = firsts[0].max if firsts and firsts[0] is not None and firsts[0].dynamic else None
+    return Signature(specs, batching=not why, why_not_batched=why, max_rows=max_rows)
+
+
+# -- requests ------------------------------------------------------------------------------------------
+def decode(body: bytes, content_type: str, sig: Signature) -> list[np.ndarray]:
+    """The request's input arrays, checked against the signature (BadRequest otherwise)."""
+    kind = (content_type or JSON).split(";")[0].strip().lower()
+    if kind == NPY:
+        arrays = [_load_npy(body)]
+    elif kind == NPZ:
+        arrays = _load_npz(body, sig)
+    elif kind in (JSON, "text/json", ""):
+        arrays = _load_json(body, sig)
+    else:
+        raise BadRequest(415, f"Content-Type {kind!r} is not served: send {JSON}, {NPZ} or {NPY}")
+    return check(arrays, sig)
+
+
+def _load_npy(body: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError for damaged files
+        raise BadRequest(400, f"the body is not a readable .npy array ({type(e).__name__}: {e})") from None
+
+
+def _load_npz(body: bytes, sig: Signature) -> list[np.ndarray]:
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as z:
+            files = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise BadRequest(400, f"the body is not a readable .npz archive ({type(e).__name__}: {e})") from None
+    names = [s.name for s in sig.inputs]
+    if set(files) == set(names):
+        return [files[n] for n in names]
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if set(files) == set(positional):
+        return [files[n] for n in positional]
+    raise BadRequest(400, f"the .npz holds {sorted(files)}; expected the inputs {names} (or arr_0..arr_{len(names) - 1})")
+
+
+def _load_json(body: bytes, sig: Signature) -> list[np.ndarray]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the body is not JSON ({e})") from None
+    values = doc.get("inputs") if isinstance(doc, dict) else None
+    names = [s.name for s in sig.inputs]
+    if isinstance(values, dict):
+        if set(values) != set(names):
+            raise BadRequest(400, f"'inputs' names {sorted(values)}; expected {names}")
+        values = [values[n] for n in names]
+    if not isinstance(values, list):
+        raise BadRequest(400, 'expected a JSON object {"inputs": [one nested list per input]}')
+    out = []
+    for spec, v in zip(sig.inputs, values):
+        try:
+            a = np.asarray(v)
+        except ValueError as e:  # ragged nesting
+            raise BadRequest(400, f"input {spec.name}: not a rectangular array ({e})") from None
+        if a.dtype == object or a.dtype.kind in "USV":
+            raise BadRequest(400, f"input {spec.name}: expected numbers, got {a.dtype.name} data (ragged lists or strings)")
+        out.append(a)
+    if len(values) != len(sig.inputs):
+        raise BadRequest(400, f"got {len(values)} inputs, the model takes {len(sig.inputs)} ({', '.join(names)})")
+    return out
+
+
+def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
+    """Count, rank, sizes (static sizes exact, dynamic within bounds, dim 0 shared) and dtype kind."""
+    if len(arrays) != len(sig.inputs):
+        raise BadRequest(400, f"got {len(arrays)} inputs, the model takes {len(sig.inputs)} "
+                              f"({', '.join(s.describe() for s in sig.inputs)})")
+    out = []
+    for spec, a in zip(sig.inputs, arrays):
+        want = np.dtype(str(spec.torch_dtype).removeprefix("torch.")) if spec.dtype != "bfloat16" else np.dtype(np.float32)
+        if a.ndim != len(spec.shape) or not all(d.accepts(n) for d, n in zip(spec.shape, a.shape)):
+            raise BadRequest(400, f"input {spec.name}: shape {list(a.shape)} does not fit {spec.describe()}")
+        if not _same_kind(a.dtype, want):
+            raise BadRequest(400, f"input {spec.name}: {a.dtype.name} values where the model takes {spec.dtype}")
+        out.append(np.ascontiguousarray(a, dtype=want))
+    return out
+
+
+def _same_kind(have: np.dtype, want: np.dtype) -> bool:
+    if want.kind == "f":
+        return have.kind in "fiub"
+    if want.kind in "iu":
+        return have.kind in "iub"
+    if want.kind == "b":
+        return have.kind == "b"
+    return have == want
+
+
+def encode(outputs: Sequence[np.ndarray], accept: str, request_kind: str) -> tuple[bytes, str]:
+    """The response body: .npz when asked for (Accept or the request's own format), else JSON."""
+    binary = NPZ in (accept or "") or request_kind.split(";")[0].strip().lower() in (NPZ, NPY)
+    if binary:
+        buf = io.BytesIO()
+        np.savez(buf, *outputs)
+        return buf.getvalue(), NPZ
+    doc = {"outputs": [o.tolist() for o in outputs], "shapes": [list(o.shape) for o in outputs],
+           "dtypes": [o.dtype.name for o in outputs]}
+    return json.dumps(doc).encode(), JSON
+
+
+# -- batching -------------------------------------------------------------------------------------------
+def run_batched(call, requests: Sequence[list[np.ndarray]], max_rows: int | None) -> list[list[np.ndarray]]:
+    """Run requests that share shapes beyond dim 0 as one call (chunks of at most `max_rows` rows),
+    splitting every output along dim 0; requests whose outputs do not follow dim 0 run alone."""
+    results: list[list[np.ndarray] | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, arrays in enumerate(requests):
+        groups.setdefault(tuple((a.dtype.str, a.shape[1:]) for a in arrays), []).append(i)
+    for members in groups.values():
+        chunk: list[int] = []
+        rows = 0
+        for i in members + [-1]:
+            n = requests[i][0].shape[0] if i >= 0 else 0
+            if i < 0 or (chunk and max_rows is not None and rows + n > max_rows):
+                _run_chunk(call, requests, chunk, results)
+                chunk, rows = [], 0
+            if i >= 0:
+                chunk.append(i)
+                rows += n
+    return results  # type: ignore[return-value]
+
+
+def _run_chunk(call, requests, chunk: list[int], results: list) -> None:
+    if not chunk:
+        return
+    if len(chunk) == 1:
+        results[chunk[0]] = call(requests[chunk[0]])
+        return
+    sizes = [requests[i][0].shape[0] for i in chunk]
+    stacked = [np.concatenate([requests[i][k] for i in chunk]) for k in range(len(requests[chunk[0]]))]
+    outs = call(stacked)
+    if not all(o.ndim and o.shape[0] == sum(sizes) for o in outs):  # an output that does not follow the batch
+        for i in chunk:
+            results[i] = call(requests[i])
+        return
+    bounds = np.cumsum([0, *sizes])
+    for j, i in enumerate(chunk):
+        results[i] = [o[bounds[j]:bounds[j + 1]] for o in outs]
+
+
+# -- Ray Serve ------------------------------------------------------------------------------------------
+def _ray():
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise BackendUnavailableError(f"qexport serve needs Ray Serve: pip install 'qexport[serve]' ({e})") from None
+    return ray, serve
+
+
+def build_app(config: ServeConfig):
+    """The Ray Serve application for `config` (bind it with `serve.run`). Reads and checks the
+    artifact's manifest here, so a bad path or an unservable artifact fails before Ray starts anything."""
+    import serializers
+
+    config = config.check()
+    manifest = serializers.inspect(config.path)
+    sig = signature(manifest)
+    ray, serve = _ray()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    path = os.path.abspath(os.fspath(config.path))  # replicas may start in another working directory
+    info = {
+        "artifact": manifest.artifact, "path": path, "qexport_version": manifest.qexport_version,
+        "inputs": [s.to_json() for s in sig.inputs], "batching": sig.batching,
+        "why_not_batched": sig.why_not_batched, "config": asdict(config),
+        "regions": [{"name": r.name, "op": r.op, "scheme": r.scheme.name, "describe": r.scheme.describe()} for r in manifest.regions],
+        "lowering": manifest.extra.get("lowering"),
+    }
+    max_rows = min(config.max_batch, sig.max_rows) if sig.max_rows is not None else config.max_batch
+
+    # Serve's default of 5 requests in flight per replica makes its router back off and retry as soon as
+    # clients outnumber that (64 clients: 8 req/s where 1 client got 57): requests wait in the replica's
+    # queue instead, where a batching replica also needs a batch's worth of them.
+    @serve.deployment(num_replicas=config.replicas, max_ongoing_requests=max(64, 2 * config.max_batch),
+                      ray_actor_options={"num_cpus": 0})
+    class Model:
+        def __init__(self) -> None:
+            from . import runners
+            import torch
+
+            self.runner = runners.load(path)
+            self.torch = torch
+            self.batches: list[int] = []
+            self.run.set_max_batch_size(max(1, config.max_batch if sig.batching else 1))
+            self.run.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
+
+        def _call(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+            outs = self.runner([self.torch.from_numpy(a) for a in arrays])
+            return [o.detach().float().numpy() if o.dtype == self.torch.bfloat16 else o.detach().numpy() for o in outs]
+
+        @serve.batch(max_batch_size=1)
+        async def run(self, requests: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+            self.batches.append(len(requests))
+            return run_batched(self._call, requests, max_rows)
+
+        async def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+            return await self.run(arrays)
+
+        def stats(self) -> dict[str, Any]:
+            return {"pid": os.getpid(), "batches": len(self.batches), "requests": sum(self.batches),
+                    "largest_batch": max(self.batches, default=0)}
+
+    app = FastAPI(title="qexport serve", description=f"{manifest.artifact} artifact {os.path.basename(path)}")
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(app)
+    class Ingress:
+        def __init__(self, model) -> None:
+            self.model = model
+
+        @app.get("/health")
+        async def health(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/info")
+        async def info(self) -> dict[str, Any]:
+            return info
+
+        @app.get("/stats")
+        async def stats(self) -> dict[str, Any]:
+            return await self.model.stats.remote()
+
+        @app.post("/predict")
+        async def predict(self, request: Request):
+            try:
+                length = int(request.headers.get("content-length") or 0)
+            except ValueError:
+                return JSONResponse({"error": "a Content-Length that is not a number"}, status_code=400)
+            if length > config.max_body_bytes:
+                return JSONResponse({"error": f"the body ({length} bytes) is over the limit of {config.max_body_bytes}; "
+                                              f"split the batch or raise --max-body-bytes"}, status_code=413)
+            body = await request.body()
+            if len(body) > config.max_body_bytes:
+                return JSONResponse({"error": f"the body is over the limit of {config.max_body_bytes} bytes"}, status_code=413)
+            kind = request.headers.get("content-type", JSON)
+            try:
+                arrays = decode(body, kind, sig)
+            except BadRequest as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status)
+            outputs = await self._with_retries(arrays)
+            if isinstance(outputs, Response):
+                return outputs
+            data, media = encode(outputs, request.headers.get("accept", ""), kind)
+            return Response(content=data, media_type=media)
+
+        async def _with_retries(self, arrays):
+            from ray.exceptions import RayActorError
+
+            unavailable = (RayActorError,) + tuple(
+                e for e in (getattr(ray.exceptions, "ActorUnavailableError", None),) if e is not None)
+            for attempt in range(config.retries + 1):
+                try:
+                    return await self.model.remote(arrays)
+                except unavailable:  # the replica died under the request: another one takes it
+                    await asyncio.sleep(0.05 * 2 ** attempt)
+                except Exception as e:  # the model itself failed on a valid request
+                    return JSONResponse({"error": f"the model failed: {type(e).__name__}: {str(e)[:500]}"}, status_code=500)
+            return JSONResponse({"error": "no model replica answered; retry the request"}, status_code=503,
+                                headers={"Retry-After": "1"})
+
+    return Ingress.bind(Model.bind())
+
+
+def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+        blocking: bool = True) -> str:
+    """Start (or join, with `address`) a Ray cluster and serve the artifact; returns the base URL.
+    With blocking=True it serves until interrupted, then shuts the application down."""
+    app = build_app(config)
+    ray, serve = _ray()
+    if not ray.is_initialized():
+        # a cluster of one started here stays on loopback; joining one uses the cluster's own addresses
+        local = {"num_cpus": max(2, os.cpu_count() or 2), "_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **({} if address else local))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="qexport", route_prefix="/")
+    url = f"http://{host}:{port}"
+    if blocking:
+        try:
+            while True:
+                import time
+
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+    return url
+
+
+__all__ = ["BadRequest", "ServeConfig", "Signature", "build_app", "check", "decode", "encode", "run", "run_batched", "signature"]

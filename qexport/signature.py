@@ -1,0 +1,100 @@
+"""The user inputs of a program as plain data: name, dtype and shape, with each dynamic dim's name and
+bounds. Recorded in every artifact's manifest (`extra["inputs"]`), so a runtime that holds only the
+compiled file (an AOTI package has no graph to ask) can still check a request before the model sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: what a dynamic dim's upper bound is recorded as when it has none
+UNBOUNDED = None
+
+
+@dataclass(frozen=True)
+class DimSpec:
+    """One dim: `size` for a static dim, else `name` with `min`/`max` (max None: unbounded)."""
+
+    size: int | None = None
+    name: str | None = None
+    min: int = 0
+    max: int | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.size is None
+
+    def accepts(self, n: int) -> bool:
+        if not self.dynamic:
+            return n == self.size
+        return n >= self.min and (self.max is None or n <= self.max)
+
+    def describe(self) -> str:
+        if not self.dynamic:
+            return str(self.size)
+        return f"{self.name}[{self.min}..{'' if self.max is None else self.max}]"
+
+    def to_json(self) -> Any:
+        return self.size if not self.dynamic else {"name": self.name, "min": self.min, "max": self.max}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "DimSpec":
+        if isinstance(d, int) and not isinstance(d, bool):
+            return cls(size=d)
+        if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("min"), int) \
+                and (d.get("max") is None or isinstance(d.get("max"), int)):
+            return cls(name=d["name"], min=d["min"], max=d["max"])
+        raise ValueError(f"a dim is an int or {{name, min, max}}, got {d!r}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str
+    shape: tuple[DimSpec, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(d.describe() for d in self.shape)}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": [d.to_json() for d in self.shape]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "InputSpec":
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("dtype"), str) \
+                or not isinstance(d.get("shape"), list) or not isinstance(getattr(torch, d["dtype"], None), torch.dtype):
+            raise ValueError(f"an input is {{name, dtype, shape}} with a torch dtype name, got {d!r}")
+        return cls(d["name"], d["dtype"], tuple(DimSpec.from_json(x) for x in d["shape"]))
+
+
+def program_inputs(ep: torch.export.ExportedProgram) -> list[InputSpec]:
+    """The program's tensor user inputs in graph order (non-tensor inputs are left out)."""
+    user = set(ep.graph_signature.user_inputs)
+    out = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep) for d in val.shape)))
+    return out
+
+
+def _dim(d: Any, ep: torch.export.ExportedProgram) -> DimSpec:
+    if isinstance(d, int):
+        return DimSpec(size=d)
+    expr = d.node.expr
+    vr = ep.range_constraints.get(expr)
+    lo = int(vr.lower) if vr is not None else 0
+    try:
+        hi = int(vr.upper) if vr is not None else UNBOUNDED
+    except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's / torch's infinity
+        hi = UNBOUNDED
+    return DimSpec(name=str(expr), min=lo, max=hi)

@@ -1,0 +1,251 @@
+"""qexport serve: request checks (no Ray), batching, and one real Ray Serve application on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+import qexport
+from qexport.serve import NPY, NPZ, BadRequest, ServeConfig, decode, encode, run_batched, signature
+from qexport.errors import UsageError
+
+from conftest import ConvNet, MLP, quantized, scheme_for
+
+BATCH = torch.export.Dim("batch", max=64)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    m = quantized(MLP(), scheme_for("int8_dynamic"), x)
+    ep = qexport.export(m, (x,), dynamic_shapes=({0: BATCH},))
+    qexport.to_onnx(ep, d / "mlp.onnx")
+    xc = torch.randn(2, 3, 8, 8)
+    conv = qexport.export(quantized(ConvNet(), scheme_for("int8_dynamic"), xc), (xc,), dynamic_shapes=({0: BATCH},))
+    qexport.save(conv, d / "conv.pt2")
+    static = qexport.export(m, (x,))
+    qexport.save(static, d / "static.pt2")
+    return {"dir": d, "model": m, "mlp": d / "mlp.onnx", "conv": d / "conv.pt2", "static": d / "static.pt2"}
+
+
+def _sig(path):
+    return signature(qexport.inspect(path))
+
+
+def test_signature_and_when_batching_is_safe(artifacts):
+    sig = _sig(artifacts["mlp"])
+    assert [s.name for s in sig.inputs] == ["x"] and sig.inputs[0].shape[1].size == 64
+    assert sig.inputs[0].shape[0].dynamic and sig.max_rows == 64 and sig.batching
+    conv = _sig(artifacts["conv"])  # per-tensor dynamic activations: a batch would share one scale
+    assert not conv.batching and "per tensor" in conv.why_not_batched
+    static = _sig(artifacts["static"])
+    assert not static.batching and "dynamic dim 0" in static.why_not_batched
+
+
+def test_decode_accepts_json_list_json_dict_npz_npy(artifacts):
+    sig = _sig(artifacts["mlp"])
+    x = np.random.randn(3, 64).astype(np.float32)
+    for body, kind in ((json.dumps({"inputs": [x.tolist()]}).encode(), "application/json"),
+                       (json.dumps({"inputs": {"x": x.tolist()}}).encode(), "application/json; charset=utf-8")):
+        (got,) = decode(body, kind, sig)
+        np.testing.assert_array_equal(got, x)
+    for key in ("x", "arr_0"):
+        buf = io.BytesIO()
+        np.savez(buf, **{key: x})
+        np.testing.assert_array_equal(decode(buf.getvalue(), NPZ, sig)[0], x)
+    buf = io.BytesIO()
+    np.save(buf, x.astype(np.float64))  # float64 is cast to the model's float32
+    assert decode(buf.getvalue(), NPY, sig)[0].dtype == np.float32
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("body, kind, status, message", [
+    (b"{bad", "application/json", 400, "not JSON"),
+    (b"[1, 2]", "application/json", 400, "expected a JSON object"),
+    (json.dumps({"inputs": []}).encode(), "application/json", 400, "got 0 inputs"),
+    (json.dumps({"inputs": [[[1.0] * 63]]}).encode(), "application/json", 400, r"shape \[1, 63\] does not fit x: float32\[.*64\]"),
+    (json.dumps({"inputs": [[[1.0] * 64] * 65]}).encode(), "application/json", 400, r"shape \[65, 64\]"),
+    (json.dumps({"inputs": [[[1.0] * 64, [1.0]]]}).encode(), "application/json", 400, "rectangular|numbers"),
+    (json.dumps({"inputs": [[["a"] * 64]]}).encode(), "application/json", 400, "expected numbers"),
+    (json.dumps({"inputs": {"y": [[1.0] * 64]}}).encode(), "application/json", 400, "expected \\['x'\\]"),
+    (b"\x93NUMPY garbage", NPY, 400, "not a readable .npy"),
+    (_npy(np.array([object()], dtype=object)), NPY, 400, "not a readable .npy"),  # pickles are never loaded
+    (b"PK\x03\x04junk", NPZ, 400, "not a readable .npz"),
+    (b"x", "text/plain", 415, "not served"),
+])
+def test_bad_requests_are_refused_with_4xx(artifacts, body, kind, status, message):
+    with pytest.raises(BadRequest, match=message) as e:
+        decode(body, kind, _sig(artifacts["mlp"]))
+    assert e.value.status == status
+
+
+def test_integer_inputs_take_integers_only():
+    from qexport.serve import Signature, check
+    from qexport.signature import DimSpec, InputSpec
+
+    sig = Signature((InputSpec("ids", "int64", (DimSpec(name="b", min=1, max=8), DimSpec(size=4))),), batching=True)
+    assert check([np.ones((2, 4), np.int32)], sig)[0].dtype == np.int64
+    with pytest.raises(BadRequest, match="float64 values where the model takes int64"):
+        check([np.ones((2, 4))], sig)
+
+
+def test_run_batched_equals_one_call_per_request():
+    w = np.random.randn(8, 3).astype(np.float32)
+    calls = []
+
+    def call(arrays):
+        calls.append(arrays[0].shape[0])
+        return [arrays[0] @ w]
+
+    reqs = [[np.random.randn(n, 8).astype(np.float32)] for n in (1, 3, 2, 5, 1)]
+    reqs.append([np.random.randn(2, 9).astype(np.float32)[:, :8].copy()])  # same shape: one group
+    out = run_batched(call, reqs, max_rows=6)
+    for r, o in zip(reqs, out):
+        np.testing.assert_allclose(o[0], r[0] @ w, rtol=1e-6)
+    assert max(calls) <= 6 and len(calls) < len(reqs)
+
+    def total(arrays):  # an output that does not follow the batch dim: every request runs alone
+        return [arrays[0].sum(keepdims=True).reshape(())]
+
+    assert [float(o[0]) for o in run_batched(total, reqs[:3], None)] == pytest.approx([float(r[0].sum()) for r in reqs[:3]], rel=1e-5)
+
+
+def test_encode_json_and_npz():
+    y = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body, media = encode([y], "", "application/json")
+    assert media == "application/json" and json.loads(body) == {"outputs": [y.tolist()], "shapes": [[2, 3]], "dtypes": ["float32"]}
+    body, media = encode([y], NPZ, "application/json")
+    with np.load(io.BytesIO(body)) as z:
+        np.testing.assert_array_equal(z["arr_0"], y)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"replicas": 0}, "replicas=0"), ({"max_batch": 0}, "max_batch=0"), ({"batch_wait_ms": -1}, "batch_wait_ms"),
+    ({"max_body_bytes": True}, "max_body_bytes"),
+])
+def test_bad_config_refused(artifacts, kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        ServeConfig(str(artifacts["mlp"]), **kwargs).check()
+
+
+# -- one real server ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body, kind="application/json", accept=""):
+    req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": kind, "Accept": accept})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers.get("content-type"), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-type"), e.read()
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    pytest.importorskip("ray.serve", reason="needs qexport[serve] (scripts/setup.sh installs it)")
+    import ray
+    from ray import serve
+
+    from qexport.serve import run
+
+    port = _free_port()
+    url = run(ServeConfig(str(artifacts["mlp"]), replicas=2, max_batch=16, batch_wait_ms=5), port=port, blocking=False)
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _get(url, route):
+    with urllib.request.urlopen(url + route, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_served_outputs_equal_the_local_runner(server, artifacts):
+    from qexport import runners
+
+    local = runners.load(artifacts["mlp"])
+    x = np.random.randn(5, 64).astype(np.float32)
+    status, media, body = _post(server, json.dumps({"inputs": [x.tolist()]}).encode())
+    assert status == 200 and media.startswith("application/json")
+    np.testing.assert_allclose(np.array(json.loads(body)["outputs"][0], np.float32), local([torch.from_numpy(x)])[0].numpy(), rtol=1e-6, atol=1e-6)
+    buf = io.BytesIO()
+    np.savez(buf, x=x)
+    status, media, body = _post(server, buf.getvalue(), NPZ)
+    with np.load(io.BytesIO(body)) as z:
+        np.testing.assert_array_equal(z["arr_0"], local([torch.from_numpy(x)])[0].numpy())
+    assert _get(server, "/health") == {"status": "ok"}
+    info = _get(server, "/info")
+    assert info["artifact"] == "onnx" and info["batching"] and [r["scheme"] for r in info["regions"]] == ["int8_dynamic"] * 2
+
+
+def test_concurrent_requests_are_batched_and_each_answer_is_its_own(server, artifacts):
+    from qexport import runners
+
+    local = runners.load(artifacts["mlp"])
+    xs = [np.random.randn(1 + i % 3, 64).astype(np.float32) for i in range(64)]
+
+    def one(x):
+        status, _, body = _post(server, json.dumps({"inputs": [x.tolist()]}).encode())
+        return status, np.array(json.loads(body)["outputs"][0], np.float32)
+
+    with ThreadPoolExecutor(32) as ex:
+        results = list(ex.map(one, xs))
+    for x, (status, y) in zip(xs, results):
+        assert status == 200
+        np.testing.assert_allclose(y, local([torch.from_numpy(x)])[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert _get(server, "/stats")["largest_batch"] > 1
+
+
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server):
+    bad = [(b"{bad", "application/json"), (json.dumps({"inputs": [[[1.0] * 3]]}).encode(), "application/json"),
+           (b"junk", NPZ), (b"x", "text/plain"), (b"\x00" * 64, NPY)]
+    codes = [_post(server, body, kind)[0] for body, kind in bad * 10]
+    assert all(400 <= c < 500 for c in codes), codes
+    assert _post(server, json.dumps({"inputs": [[[0.5] * 64]]}).encode())[0] == 200
+
+
+def test_a_killed_replica_loses_no_request(server):
+    """Kill one of the two model replicas while requests are in flight: each request is answered (retried
+    on the other replica) or gets a 503 a client can retry; none is lost or wrong."""
+    x = np.random.randn(2, 64).astype(np.float32)
+    body = json.dumps({"inputs": [x.tolist()]}).encode()
+    ref = json.loads(_post(server, body)[2])["outputs"]
+    pid = _get(server, "/stats")["pid"]
+
+    def one(i):
+        if i == 20:
+            os.kill(pid, signal.SIGKILL)
+        status, _, out = _post(server, body)
+        return status, (json.loads(out)["outputs"] if status == 200 else None)
+
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(80)))
+    assert all(s in (200, 503) for s, _ in results), [s for s, _ in results]
+    assert all(out == ref for s, out in results if s == 200)
+    assert sum(s == 200 for s, _ in results) >= 60
+    deadline = time.time() + 60
+    while _post(server, body)[0] != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    assert _post(server, body)[0] == 200
