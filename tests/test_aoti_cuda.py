@@ -47,6 +47,7 @@ def _exported(name: str, rows: int, dynamic: bool, dims=(64, 128, 32)):
 # -- on any machine -----------------------------------------------------------------------------
 
 GEMV_THEN_INT_MM = [(4, "gemv"), (None, "int_mm")]
+STATIC = {"qexport.cuda_plan": "static"}  # where a GPU is, plans are tuned there instead of read from PLANS
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_cuda_rewrite_matches_eager_on_cpu(name):
 
 def test_dynamic_rows_spanning_a_crossover_branch_with_cond(gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", 8, dynamic=True)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 2  # one per region: GEMV below the crossover, _int_mm above
     assert not lowered.graph_module.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_quant_packed)
 
@@ -84,7 +85,7 @@ def test_dynamic_rows_spanning_a_crossover_branch_with_cond(gemv_then_int_mm):
 @pytest.mark.parametrize("rows,kernel", [(1, "mul"), (32, "_int_mm")])
 def test_static_rows_build_only_the_branch_they_need(rows, kernel, gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", rows, dynamic=False)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 0
     targets = {str(n.target) for n in lowered.graph_module.graph.nodes if n.op == "call_function"}
     assert any(kernel in t for t in targets), targets
@@ -98,7 +99,7 @@ def test_buckets_follow_the_exported_row_range(lo, hi, conds, gemv_then_int_mm):
     torch.manual_seed(0)
     m = quantized(MLP(), scheme_for("int8_dynamic"), (torch.randn(8, 64),))
     ep = qexport.export(m, (torch.randn(max(lo, 2), 64),), dynamic_shapes=({0: torch.export.Dim("m", min=lo, max=hi)},))
-    lowered, decisions = apply_kernels(ep, "cuda")
+    lowered, decisions = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 2 * conds
     assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= GEMV_THEN_INT_MM[0][0])
 
@@ -109,7 +110,7 @@ def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
     for key in ("int8_dynamic", "int8_dynamic_per_tensor"):
         monkeypatch.setitem(cuda_kernels.PLANS, key, [(4, "gemv"), (16, "int_mm"), (None, "gemv")])
     m, ep = _exported("int8_dynamic", 8, dynamic=True)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     graphs = [g for g in lowered.graph_module.modules() if isinstance(g, torch.fx.GraphModule)]
     conds = [n for g in graphs for n in g.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)]
     assert len(conds) == 4
@@ -122,7 +123,7 @@ def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
 
 def test_kernel_nodes_are_tagged_with_their_region(gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", 32, dynamic=False)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     tagged = [n for n in lowered.graph_module.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
     mm = [n for n in tagged if n.target is torch.ops.aten._int_mm.default]
     assert len(mm) == 2

@@ -282,11 +282,16 @@ def tuned_or_static(
                 if not rel_err(y, ref) <= tol:  # a tile that miscomputes here (NaN too) is never picked
                     return float("nan")
                 return cuda_tune.bench_us(lambda: fn(x, t))
-        except Exception:  # e.g. a tile over this card's shared memory: not a candidate here
+        except Exception as e:  # e.g. a tile over this card's shared memory: not a candidate here
+            state["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             return float("nan")
 
-    plan, info = cuda_tune.tune(key, probes, candidates, timer)
-    torch._dynamo.reset()
+    try:
+        plan, info = cuda_tune.tune(key, probes, candidates, timer)
+    except RuntimeError as e:  # nothing ran at some row count: the static plan, and why
+        return static, f"static plan: tuning on {torch.cuda.get_device_name()} failed ({e}; last error: {state.get('error')})"
+    finally:
+        torch._dynamo.reset()
     how = "cached" if info["cached"] else "tuned now"
     return reachable(plan, rows), f"plan tuned on {torch.cuda.get_device_name()} ({how}, {cuda_tune.PLAN_OPTION}='tuned')"
 
