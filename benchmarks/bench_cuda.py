@@ -4,7 +4,7 @@ Model: 4 x Linear(4096, 4096, bias=False) in bf16 (an LLM projection stack), inp
 with M dynamic (1..4096): ONE package per variant serves every M. Each variant is compiled with
 qexport.compile(device="cuda") (default options unless its label says otherwise), loaded with
 qexport.load_compiled, checked against the eager quantized model and timed at M in {1, 16, 256, 4096}
-with triton.testing.do_bench (median, L2 flushed before every call) two ways: a plain call of the
+with CUDA events (median, L2 flushed by a read before every call; cuda_tune.time_us) two ways: a plain call of the
 runner (host overhead included) and a replay of a CUDA graph captured from it (what a server's decode
 loop runs); then again in further round-robin rounds over all packages, each figure the median of its
 rounds. Ratios are bf16 AOTI latency / variant latency, same card, same run. Also per package: its
@@ -69,11 +69,22 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench(fn) -> float:
-    from triton.testing import do_bench
+    from qexport.lower.kernels.cuda_tune import time_us
 
     # A long warm-up: after seconds of host-side compiling the GPU's clocks have dropped, and 25 ms of
-    # work did not bring them back (single 2-8x outliers in the first lab run).
-    return float(do_bench(fn, warmup=300, rep=100, return_mode="median")) * 1e3  # µs
+    # work did not bring them back (single 2-8x outliers in the first lab run). The L2 is flushed by a
+    # read, not do_bench's write (see time_us).
+    return time_us(fn, warmup_ms=300, rep_ms=100)
+
+
+def flush_check(dim: int) -> str:
+    """One bf16 layer at M=1 timed with do_bench's write flush and with time_us's read flush."""
+    from triton.testing import do_bench
+
+    w = torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+    written = float(do_bench(lambda: x @ w.t(), warmup=100, rep=100, return_mode="median")) * 1e3
+    return f"bf16 {dim}x{dim} M=1 per layer: {written:.1f} µs flushing L2 by writes (do_bench), {bench(lambda: x @ w.t()):.1f} by reads"
 
 
 def card() -> str:
@@ -140,7 +151,7 @@ def run_table(out: str, dim: int, only: list[str], hint: int = 16, torchao: bool
 
     timed: list = []
     bandwidth = copy_bandwidth()
-    print(f"== copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    print(f"== copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); {flush_check(dim)}", flush=True)
 
     def time_once(row: dict, runner, graphs: dict) -> None:
         spin_up(0.3)
@@ -274,7 +285,7 @@ def write_table(out: str, dim: int, rows: list[dict], bandwidth: float) -> None:
     lines = [
         f"4 x Linear({dim}, {dim}, bias=False), bf16 activations, one AOTInductor package per variant (dynamic M 1..4096, "
         f"example rows {rows[0].get('hint', 16)}), {card()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write). "
-        f"Median µs (triton do_bench, L2 flushed; the median of {len(bf['samples_M1'])} round(s) over all packages); "
+        f"Median µs (CUDA events, L2 flushed by a read before each call; the median of {len(bf['samples_M1'])} round(s) over all packages); "
         "×bf16 = bf16 µs / variant µs.",
         "",
         "Per call (`runner(x)`, host overhead included):",

@@ -119,7 +119,8 @@ INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
 # The CUDA-core GEMV's tiles, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): one activation row per program
 # up to 4 rows, four up to 16; ~32-64 fp32 products per thread in flight.
-GEMV_TILES = ((1, 4, 1024, 4), (1, 8, 1024, 8), (1, 16, 512, 8), (1, 32, 256, 8), (4, 4, 512, 4), (4, 8, 256, 4), (4, 16, 256, 8))
+GEMV_TILES = ((1, 2, 2048, 4), (1, 4, 1024, 4), (1, 4, 2048, 8), (1, 8, 1024, 8), (1, 16, 512, 8), (1, 32, 256, 8),
+              (4, 4, 512, 4), (4, 8, 256, 4), (4, 16, 256, 8))
 
 # Kernels made of plain aten ops that Inductor fuses in the package: the tuner times them compiled.
 INDUCTOR_FUSED = {"gemv", "dequant_mm", "int_mm"}
