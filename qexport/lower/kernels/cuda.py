@@ -9,7 +9,10 @@ or with `qexport.cuda_plan="static"`. The report and the manifest say which plan
 
 - "gemv": a broadcast-multiply-sum that Inductor fuses (weight load, dequant, reduction) into one
   Triton reduction kernel, tuned by coordinate descent at compile time (`INDUCTOR_OPTIONS`);
-- "tinygemm": `aten._weight_int4pack_mm`, weights converted to its layout once, at compile time;
+- ("triton_gemv", tile): `qexport::weight_only_gemv`, a few rows on the CUDA cores (no MMA), int8 /
+  fp8 / packed int4 weights dequantized and reduced in fp32 registers;
+- "tinygemm": `aten._weight_int4pack_mm`, weights converted to its layout once, at compile time (a
+  second copy beside the scheme's layout: a candidate only with `qexport.large_m="bf16_weights"`);
 - ("triton", tile): `qexport::weight_only_mm`, a Triton GEMM that reads int8 / fp8 / packed int4
   weights and dequantizes each tile in registers;
 - ("triton_fp8", tile): the same GEMM on fp8 activation codes with per-row scales, fp8 x fp8 on the
@@ -77,7 +80,7 @@ Q8_TILES = ((TILE_Q8_M16_SWAP, 1, 256), (TILE_Q8_M32_SWAP, 1, 256), (TILE_Q8_M64
 # --lab, 4096x4096, H100, docs/benchmarks/cuda.md). The weight-only plans are the memory-lean ones
 # (`qexport.large_m="dequant"`): above the last Triton bucket cuBLAS on a freshly dequantized weight
 # wins, as these Triton GEMMs reach ~60-77 % of cuBLAS when compute-bound; `weight_only_plan` cuts
-# them at LARGE_M_FROM for the default policy.
+# them at LARGE_M_FROM under `qexport.large_m="bf16_weights"`. Used where no GPU tunes (cuda_tune).
 PLANS: dict[str, list[tuple[int | None, Any]]] = {
     "int8_weight_only": [
         (1, "gemv"), (16, ("triton", TILE_M16_K256)), (32, ("triton", TILE_M16_K128)),
