@@ -41,18 +41,22 @@ def _quant_options_to_node(gm: torch.fx.GraphModule) -> None:
             node.update_kwarg("quant_options", opts_node)
 
 
-def install() -> None:
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    InvokeQuant.__fx_create_arg__ = _invoke_quant_fx_create_arg  # type: ignore[attr-defined]
-
+def pt2_archive_constants_compat() -> None:
+    """Give torch < 2.12 the archive constant the `.pt2` reader checks members against."""
     from torch.export.pt2_archive import constants
 
     # torch 2.11 writes no opaque-object members, so its archives never start with this name; without
     # it every `qexport.load` there failed with AttributeError before reading the archive.
     if not hasattr(constants, "OPAQUE_OBJ_FILENAME_PREFIX"):
         constants.OPAQUE_OBJ_FILENAME_PREFIX = OPAQUE_OBJ_FILENAME_PREFIX
+
+
+def install() -> None:
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    InvokeQuant.__fx_create_arg__ = _invoke_quant_fx_create_arg  # type: ignore[attr-defined]
+    pt2_archive_constants_compat()
 
     from torch._inductor.fx_passes import joint_graph
 
