@@ -265,22 +265,23 @@ def tuned_or_static(
     state: dict = {}
 
     def setup() -> dict:  # the operands of every candidate, on the GPU; built only on a cache miss
-        if not state:
+        if "t" not in state:
             ops = operands({_kind(c.kernel) for c in candidates} | {_kind(kn) for _, kn in static})
             state["t"] = {o if isinstance(o, str) else o[0]: (ctx.tensor(o) if isinstance(o, str) else o[1]).cuda() for o in ops}
         return state["t"]
 
     def timer(kernel: Any, m: int) -> float:
-        t = setup()
         fn = build(kernel)
         if _kind(kernel) in INDUCTOR_FUSED:
             # As the package runs it: fused by Inductor. Dynamo caches per code object and these
             # closures share one, so its cache is reset first (else past 8 entries it runs eager).
             torch._dynamo.reset()
+            state["compiled"] = True
             fn = torch.compile(fn, dynamic=False, options=INDUCTOR_OPTIONS)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref_kernel = next(kn for max_m, kn in reachable(static, (m, m)) if max_m is None or m <= max_m)
         try:
+            t = setup()
             with torch.no_grad():
                 y, ref = fn(x, t), build(ref_kernel)(x, t)
                 if not rel_err(y, ref) <= tol:  # a tile that miscomputes here (NaN too) is never picked
@@ -295,7 +296,8 @@ def tuned_or_static(
     except RuntimeError as e:  # nothing ran at some row count: the static plan, and why
         return static, f"static plan: tuning on {torch.cuda.get_device_name()} failed ({e}; last error: {state.get('error')})"
     finally:
-        torch._dynamo.reset()
+        if state.get("compiled"):  # leave no tuning closures in Dynamo's caches
+            torch._dynamo.reset()
     how = "cached" if info["cached"] else "tuned now"
     return reachable(plan, rows), f"plan tuned on {torch.cuda.get_device_name()} ({how}, {cuda_tune.PLAN_OPTION}='tuned')"
 
