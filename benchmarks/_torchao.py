@@ -102,7 +102,9 @@ def build(label: str, model: nn.Module, example: torch.Tensor, dynamic_shapes: A
         try:
             ep = torch.export.export(qm, (example,), dynamic_shapes=dynamic_shapes)
             torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=_INDUCTOR)
-            return torch._inductor.aoti_load_package(package_path), f"{config_name} + quantize_ + export + AOTI"
+            # Single-threaded, as qexport's CUDA packages load: the default runner cannot be graph-captured.
+            runner = torch._inductor.aoti_load_package(package_path, run_single_threaded=True)
+            return runner, f"{config_name} + quantize_ + export + AOTI"
         except Exception as e:  # a subclass export/AOTI cannot lower: still time torchao, on its other route
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:80]
     compiled = torch.compile(qm, dynamic=True, options=_INDUCTOR)

@@ -10,6 +10,9 @@
    one back: a pre-step turns a dict `quant_options` into the transient `InvokeQuant(...)` node the
    pass expects (unknown keys, like qexport's own payload, are dropped there), so torch.compile with
    Inductor and AOTInductor keep upstream's behaviour, `codegen_low_precision` honoured.
+
+And one name older torch lacks: `torch.export.pt2_archive.constants.OPAQUE_OBJ_FILENAME_PREFIX`
+(torch 2.11, the CUDA image's, has no opaque objects), which the `.pt2` reader checks members against.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from torch._higher_order_ops import InvokeQuant
 
 _INSTALLED = False
+#: torch >= 2.12's value (torch/csrc/export/pt2_archive_constants.h)
+OPAQUE_OBJ_FILENAME_PREFIX = "opaque_obj_"
 
 
 def _invoke_quant_fx_create_arg(self: InvokeQuant, tracer: torch.fx.Tracer) -> dict:
@@ -36,11 +41,22 @@ def _quant_options_to_node(gm: torch.fx.GraphModule) -> None:
             node.update_kwarg("quant_options", opts_node)
 
 
+def pt2_archive_constants_compat() -> None:
+    """Give torch < 2.12 the archive constant the `.pt2` reader checks members against."""
+    from torch.export.pt2_archive import constants
+
+    # torch 2.11 writes no opaque-object members, so its archives never start with this name; without
+    # it every `qexport.load` there failed with AttributeError before reading the archive.
+    if not hasattr(constants, "OPAQUE_OBJ_FILENAME_PREFIX"):
+        constants.OPAQUE_OBJ_FILENAME_PREFIX = OPAQUE_OBJ_FILENAME_PREFIX
+
+
 def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
     InvokeQuant.__fx_create_arg__ = _invoke_quant_fx_create_arg  # type: ignore[attr-defined]
+    pt2_archive_constants_compat()
 
     from torch._inductor.fx_passes import joint_graph
 

@@ -8,11 +8,14 @@ packages themselves are compiled and run only where CUDA is (marked `cuda`, skip
 
 from __future__ import annotations
 
+import json
+import math
+
 import torch
 import pytest
 
 import qexport
-from qexport.lower.kernels import apply_kernels, cuda as cuda_kernels
+from qexport.lower.kernels import apply_kernels, cuda as cuda_kernels, cuda_tune
 from qexport.schemes import math_for
 
 from conftest import MLP, TinyTransformer, quantized, scheme_for
@@ -44,6 +47,7 @@ def _exported(name: str, rows: int, dynamic: bool, dims=(64, 128, 32)):
 # -- on any machine -----------------------------------------------------------------------------
 
 GEMV_THEN_INT_MM = [(4, "gemv"), (None, "int_mm")]
+STATIC = {"qexport.cuda_plan": "static"}  # where a GPU is, plans are tuned there instead of read from PLANS
 
 
 @pytest.fixture
@@ -73,7 +77,7 @@ def test_cuda_rewrite_matches_eager_on_cpu(name):
 
 def test_dynamic_rows_spanning_a_crossover_branch_with_cond(gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", 8, dynamic=True)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 2  # one per region: GEMV below the crossover, _int_mm above
     assert not lowered.graph_module.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_quant_packed)
 
@@ -81,7 +85,7 @@ def test_dynamic_rows_spanning_a_crossover_branch_with_cond(gemv_then_int_mm):
 @pytest.mark.parametrize("rows,kernel", [(1, "mul"), (32, "_int_mm")])
 def test_static_rows_build_only_the_branch_they_need(rows, kernel, gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", rows, dynamic=False)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 0
     targets = {str(n.target) for n in lowered.graph_module.graph.nodes if n.op == "call_function"}
     assert any(kernel in t for t in targets), targets
@@ -95,7 +99,7 @@ def test_buckets_follow_the_exported_row_range(lo, hi, conds, gemv_then_int_mm):
     torch.manual_seed(0)
     m = quantized(MLP(), scheme_for("int8_dynamic"), (torch.randn(8, 64),))
     ep = qexport.export(m, (torch.randn(max(lo, 2), 64),), dynamic_shapes=({0: torch.export.Dim("m", min=lo, max=hi)},))
-    lowered, decisions = apply_kernels(ep, "cuda")
+    lowered, decisions = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 2 * conds
     assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= GEMV_THEN_INT_MM[0][0])
 
@@ -106,7 +110,7 @@ def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
     for key in ("int8_dynamic", "int8_dynamic_per_tensor"):
         monkeypatch.setitem(cuda_kernels.PLANS, key, [(4, "gemv"), (16, "int_mm"), (None, "gemv")])
     m, ep = _exported("int8_dynamic", 8, dynamic=True)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     graphs = [g for g in lowered.graph_module.modules() if isinstance(g, torch.fx.GraphModule)]
     conds = [n for g in graphs for n in g.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)]
     assert len(conds) == 4
@@ -119,7 +123,7 @@ def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
 
 def test_kernel_nodes_are_tagged_with_their_region(gemv_then_int_mm):
     _, ep = _exported("int8_dynamic", 32, dynamic=False)
-    lowered, _ = apply_kernels(ep, "cuda")
+    lowered, _ = apply_kernels(ep, "cuda", STATIC)
     tagged = [n for n in lowered.graph_module.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
     mm = [n for n in tagged if n.target is torch.ops.aten._int_mm.default]
     assert len(mm) == 2
@@ -130,8 +134,8 @@ def test_kernel_nodes_are_tagged_with_their_region(gemv_then_int_mm):
 @pytest.mark.parametrize("family", sorted(cuda_kernels.LARGE_M_FROM))
 @pytest.mark.parametrize("large_m", [None, "bf16_weights", "dequant"])
 def test_large_m_policy_shapes_the_weight_only_plan(family, large_m):
-    """By default rows above LARGE_M_FROM go to cuBLAS on bf16 weights; "dequant" keeps the whole
-    quantized plan (Triton tiles, then dequantize per call)."""
+    """By default ("dequant") the whole quantized plan (Triton tiles, then dequantize per call);
+    with "bf16_weights" rows above LARGE_M_FROM go to cuBLAS on bf16 weights."""
     from qexport.lower.kernels import KernelContext
     from qexport.regions import iter_region_nodes, read_region
 
@@ -140,7 +144,7 @@ def test_large_m_policy_shapes_the_weight_only_plan(family, large_m):
     options = {} if large_m is None else {"qexport.large_m": large_m}
     plan = cuda_kernels.weight_only_plan(family, KernelContext(ep, n, read_region(n, 0), "cuda", options))
     kinds = [cuda_kernels._kind(k) for _, k in plan]
-    if large_m == "dequant":
+    if large_m in (None, "dequant"):
         assert plan == cuda_kernels.reachable(cuda_kernels.PLANS[family], (1, 1024)) and "bf16_weights" not in kinds
     else:
         assert kinds[-1] == "bf16_weights" and kinds.count("bf16_weights") == 1
@@ -152,6 +156,70 @@ def test_large_m_option_is_checked_before_any_work(tmp_path):
     with pytest.raises(qexport.errors.LoweringError, match=r"qexport.large_m='fast' is not one of \('bf16_weights', 'dequant'\)"):
         qexport.compile(ep, tmp_path / "o.pt2", options={"qexport.large_m": "fast"})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback used where no GPU is present")
+def test_without_a_gpu_the_static_plan_is_used_and_said():
+    _, ep = _exported("int8_dynamic", 8, dynamic=True)
+    for options in ({}, {"qexport.cuda_plan": "static"}):
+        _, decisions = apply_kernels(ep, "cuda", options)
+        assert all(d.choice.why.endswith("]") and "static plan" in d.choice.why and "tuned" not in d.choice.why for d in decisions)
+        if cuda_kernels.triton is not None:  # Triton without a GPU: the tunable plan falls back
+            want = "no CUDA device to tune on" if not options else "qexport.cuda_plan='static'"
+            assert all(want in d.choice.why for d in decisions)
+
+
+def test_cuda_plan_option_is_checked_before_any_work(tmp_path):
+    _, ep = _exported("int8_dynamic", 8, dynamic=False)
+    with pytest.raises(qexport.errors.LoweringError, match=r"qexport.cuda_plan='fast' is not one of \('tuned', 'static'\)"):
+        qexport.compile(ep, tmp_path / "o.pt2", options={"qexport.cuda_plan": "fast"})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def plan_cache(tmp_path, monkeypatch):
+    """An empty tuning cache of the test's own (memory and disk)."""
+    monkeypatch.setenv("QEXPORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cuda_tune, "_MEMORY", {})
+    return tmp_path / "cache" / "cuda_plans.json"
+
+
+def test_tuning_keeps_the_fastest_kernel_per_probe_and_caches_it(plan_cache):
+    """Buckets end at the log-midpoint between probes; a candidate that failed (NaN) or is outside
+    its rows is never picked; the incumbent keeps its rows within STICKY; the cache answers next time."""
+    times = {  # µs by (kernel, rows)
+        "a": {1: 5.0, 16: 9.0, 256: 50.0},
+        "b": {1: math.nan, 16: 8.9, 256: 40.0},  # failed at 1; within 3 % of "a" at 16: "a" keeps 16
+        "c": {1: 7.0, 16: 1.0, 256: 1.0},  # would win above 1 row, where it is no candidate
+    }
+    calls = []
+
+    def timer(kernel, m):
+        calls.append((kernel, m))
+        return times[kernel][m]
+
+    cands = [cuda_tune.Candidate("a"), cuda_tune.Candidate("b"), cuda_tune.Candidate("c", max_rows=1)]
+    plan, info = cuda_tune.tune("key", (1, 16, 256), cands, timer)
+    assert plan == [(64, "a"), (None, "b")] and not info["cached"]
+    assert ("c", 1) in calls and ("c", 16) not in calls
+    assert json.loads(plan_cache.read_text())["key"]["plan"] == [[64, "a"], [None, "b"]]
+    cuda_tune._MEMORY.clear()  # from disk, as a fresh process would
+    calls.clear()
+    again, info = cuda_tune.tune("key", (1, 16, 256), cands, timer)
+    assert again == plan and info["cached"] and not calls
+    with pytest.raises(RuntimeError, match="no candidate kernel ran at 16 rows"):
+        cuda_tune.tune("other", (16,), [cuda_tune.Candidate("c")], lambda k, m: math.nan)
+
+
+def test_tuned_tiles_round_trip_through_the_cache(plan_cache):
+    tile = cuda_kernels.TILE_M16_K256
+    plan, _ = cuda_tune.tune("k", (1, 4096), [cuda_tune.Candidate(("triton", tile)), cuda_tune.Candidate("gemv", max_rows=1)],
+                             lambda k, m: 1.0 if k == "gemv" else 2.0)
+    cuda_tune._MEMORY.clear()
+    again, _ = cuda_tune.tune("k", (1, 4096), [], lambda k, m: math.nan)
+    assert plan == again == [(64, "gemv"), (None, ("triton", tile))]
+    assert cuda_tune.probes_for((1, float("inf"))) == cuda_tune.PROBE_ROWS
+    assert cuda_tune.probes_for((8, 100)) == (8, 16, 64, 100)
 
 
 def test_declines_say_why():
@@ -180,8 +248,70 @@ def cuda_package(request, tmp_path_factory):
     m = quantized(MLP(CUDA_DIMS), scheme_for(name), (x,)).cuda()
     ep = qexport.export(m, (x.cuda(),), dynamic_shapes=DYN)
     path = tmp_path_factory.mktemp("cuda") / f"{name}.pt2"
-    qexport.compile(ep, path, device="cuda")
-    return name, m, qexport.load_compiled(path), plan(ep, device="cuda")
+    # The default (tuned) plans, from fewer probes than a user's compile: the suite checks their
+    # numerics and capture, not which kernel wins (the H200 run of the full probes took > 5 min).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_tune, "PROBE_ROWS", (1, 64, 1024))
+        qexport.compile(ep, path, device="cuda")
+        planned = plan(ep, device="cuda")
+    return name, m, qexport.load_compiled(path), planned
+
+
+def _first(y):
+    return y[0] if isinstance(y, (list, tuple)) else y
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_package_replays_in_a_cuda_graph(cuda_package):
+    """`load_compiled`'s runner captures (CUDA packages load single-threaded); a replay on new input
+    in the captured buffer gives what a plain call on that input gives, at two row counts."""
+    name, m, runner, _ = cuda_package
+    tol = math_for(scheme_for(name)).tolerance
+    with torch.no_grad():
+        for rows in (1, 64):
+            x = torch.randn(rows, CUDA_DIMS[0], device="cuda")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+                runner(x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = _first(runner(x))
+            for _ in range(2):
+                x.copy_(torch.randn_like(x))
+                graph.replay()
+                torch.cuda.synchronize()
+                want = _first(runner(x))
+                assert torch.equal(y, want), (name, rows, rel_err(y, want))
+                assert rel_err(y, m(x)) <= tol, (name, rows)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_plan_is_tuned_on_the_card_cached_and_recorded(plan_cache, tmp_path):
+    from qexport.lower.aoti import plan
+
+    torch.manual_seed(0)
+    x = torch.randn(16, CUDA_DIMS[0])
+    m = quantized(MLP(CUDA_DIMS), scheme_for("int8_weight_only"), (x,)).cuda()
+    ep = qexport.export(m, (x.cuda(),), dynamic_shapes=DYN)
+    path = qexport.compile(ep, tmp_path / "p.pt2", device="cuda")
+    reasons = [k["reason"] for k in qexport.inspect(path).extra["kernels"]]
+    card = torch.cuda.get_device_name()
+    assert all(f"plan tuned on {card} (tuned now" in r for r in reasons), reasons
+    entries = json.loads(plan_cache.read_text())
+    assert len(entries) == 2 and all(k.startswith(card) and "int8_weight_only" in k for k in entries)  # one per weight shape
+    cuda_tune._MEMORY.clear()
+    assert all(f"plan tuned on {card} (cached" in r.reason for r in plan(ep, device="cuda").regions)
+    static = plan(ep, device="cuda", options={"qexport.cuda_plan": "static"})
+    assert all("qexport.cuda_plan='static'" in r.reason for r in static.regions)
+    with torch.no_grad():
+        runner = qexport.load_compiled(path)
+        for rows in ROWS:
+            xr = torch.randn(rows, CUDA_DIMS[0], device="cuda")
+            assert rel_err(_first(runner(xr)), m(xr)) <= math_for(scheme_for("int8_weight_only")).tolerance, rows
 
 
 @pytest.mark.cuda
@@ -232,15 +362,16 @@ def test_tinygemm_layout_dequantizes_to_the_scheme():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])
-@pytest.mark.parametrize("large_m", ["bf16_weights", "dequant"])
+@pytest.mark.parametrize("large_m", [None, "bf16_weights", "dequant"])
 def test_cuda_large_m_policies_match_eager(name, large_m, tmp_path):
     """Both policies, every bucket: the bf16 copy is the scheme's own dequantization (so it must match
-    the reference to bf16 rounding), "dequant" keeps no such copy in the package."""
+    the reference to bf16 rounding); the default, "dequant", keeps no such copy in the package."""
     torch.manual_seed(0)
     x = torch.randn(16, CUDA_DIMS[0])
     m = quantized(MLP(CUDA_DIMS), scheme_for(name), (x,)).cuda()
     ep = qexport.export(m, (x.cuda(),), dynamic_shapes=DYN)
-    options = {"qexport.large_m": large_m}
+    # The static plans: which kernels a tuned plan picks depends on the card.
+    options = {"qexport.cuda_plan": "static", **({} if large_m is None else {"qexport.large_m": large_m})}
     lowered, decisions = apply_kernels(qexport.export(m, (x.cuda(),), dynamic_shapes=DYN), "cuda", options)
     copies = [n for n in lowered.graph_signature.buffers if n.endswith("weight_bf16")]
     assert len(copies) == (2 if large_m == "bf16_weights" else 0), lowered.graph_signature.buffers

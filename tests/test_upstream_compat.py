@@ -175,3 +175,20 @@ def test_quantized_model_under_torch_compile(backend, scheme):
     got = torch.compile(model, backend=backend)(x)
     tol = qexport.schemes.math_for(model.layers[0].scheme).tolerance
     assert ((got - want).abs().max() / want.abs().max()).item() <= (1e-6 if backend != "inductor" else tol)
+
+
+def test_pt2_loads_where_torch_lacks_the_opaque_object_constant(monkeypatch, tmp_path):
+    """torch 2.11 (the CUDA image's) has no OPAQUE_OBJ_FILENAME_PREFIX; every qexport.load failed
+    there with AttributeError. The shim supplies it, and a saved program loads."""
+    from torch.export.pt2_archive import constants
+
+    from conftest import MLP, quantized, scheme_for
+    from qexport import _upstream
+
+    monkeypatch.delattr(constants, "OPAQUE_OBJ_FILENAME_PREFIX")
+    _upstream.pt2_archive_constants_compat()
+    assert constants.OPAQUE_OBJ_FILENAME_PREFIX == "opaque_obj_"
+    x = torch.randn(4, 64)
+    ep = qexport.export(quantized(MLP(), scheme_for("int8_weight_only"), (x,)), (x,))
+    qexport.save(ep, tmp_path / "m.pt2")
+    assert torch.equal(qexport.load(tmp_path / "m.pt2").module()(x), ep.module()(x))

@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="an Inductor config (torch._inductor.config name), qexport.kernels=inductor to skip the "
-        "kernel table, or qexport.large_m=dequant for CUDA weight-only packages without bf16 weights "
-        "for large batches; repeatable",
+        "kernel table, qexport.large_m=bf16_weights for CUDA weight-only packages that also keep bf16 "
+        "weights for large batches, or qexport.cuda_plan=static to skip tuning on the GPU; repeatable",
     )
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(func=run)

@@ -28,6 +28,7 @@ import torch
 from ..errors import ArtifactError, LoweringError, QExportError
 from . import resolve_program
 from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
+from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
 __all__ = ["DEVICES", "compile", "load_compiled", "plan"]
@@ -36,13 +37,13 @@ DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
 KERNEL_MODES = ("auto", "inductor")
-#: how CUDA weight-only kernels serve row counts where a bf16 GEMM beats every quantized kernel
-#: (compute-bound M): "bf16_weights" keeps weights decoded at compile time for those rows (never
-#: slower than bf16, +2 bytes per weight in the package and on the GPU); "dequant" decodes them per
-#: call (the memory of the quantized weights only, slower than bf16 there). See kernels/cuda.py.
+#: how CUDA weight-only kernels serve compute-bound row counts: "dequant" (the default) keeps only
+#: the quantized weights and decodes them per call (in the Triton GEMM's main loop or before cuBLAS);
+#: "bf16_weights" also keeps them decoded at compile time for those rows (+2 bytes per weight in the
+#: package and on the GPU, cuBLAS's bf16 speed there). See kernels/cuda.py.
 LARGE_M_OPTION = "qexport.large_m"
 LARGE_M_MODES = ("bf16_weights", "dequant")
-OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES}
+OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUDA_PLAN_OPTION: CUDA_PLAN_MODES}
 
 Progress = Callable[[str], None]
 
@@ -134,8 +135,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     `program_or_path` is an ExportedProgram or a qexport `.pt2`. Each region is lowered by the kernel
     the (scheme, device) table picks; `options` are Inductor configs, plus `"qexport.kernels":
     "inductor"` to skip the table (every region fused by Inductor, for comparison) and, on CUDA,
-    `"qexport.large_m": "dequant"` for weight-only packages that hold only quantized weights (the
-    default "bf16_weights" also keeps bf16 weights for the row counts where cuBLAS wins). The package
+    `"qexport.large_m": "bf16_weights"` to also keep bf16 copies of weight-only weights for the
+    compute-bound row counts (the default "dequant" holds only quantized weights) and
+    `"qexport.cuda_plan": "static"` to skip tuning the row buckets on the GPU (default "tuned"). The package
     embeds qexport's manifest (`qexport.inspect(output)` lists regions, schemes and kernels) and
     loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. The file appears
     complete or not at all. `progress(message)` is called at each stage.
@@ -220,13 +222,20 @@ def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
 def load_compiled(path: "str | PathLike[str]", **loader_options: Any) -> Any:
     """Load a package written by `compile`: returns torch's runner (call it like the model).
 
-    `loader_options` go to `torch._inductor.aoti_load_package` (e.g. `run_single_threaded=True`).
+    `loader_options` go to `torch._inductor.aoti_load_package`. A CUDA package loads with
+    `run_single_threaded=True` unless told otherwise, so its runner can be captured in a CUDA graph
+    (call it from one thread at a time; pass `run_single_threaded=False` for torch's thread-safe one).
     """
     import serializers
 
     manifest = serializers.inspect(path)  # refuses a missing, damaged or non-qexport file first
     if manifest.artifact != "aoti":
         raise ArtifactError(f"{path}: a qexport {manifest.artifact} artifact, not an AOTInductor package; use qexport.load")
+    if manifest.extra.get("device") == "cuda":
+        # torch's default runner syncs its pool of model instances through CUDA events, which fails
+        # under stream capture ("operation not permitted when stream is capturing") and poisons the
+        # context; the single-threaded runner captures and replays correctly (H200, torch 2.11).
+        loader_options = {"run_single_threaded": True, **loader_options}
     try:
         return torch._inductor.aoti_load_package(os.fspath(path), **loader_options)
     except Exception as e:

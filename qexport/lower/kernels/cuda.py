@@ -1,22 +1,28 @@
 """CUDA kernels for the AOTInductor backend (see `kernels/__init__.py` for the contract).
 
-Measured on the lent H100 (docs/benchmarks/cuda.md): the weight-only families are memory-bound at
-small M (rows of the activation) and compute-bound at large M, and no one kernel wins at both ends,
-so each family has a PLAN: row buckets, each with the kernel that won there.
+The weight-only families are memory-bound at small M (rows of the activation) and compute-bound at
+large M, and no one kernel wins at both ends, so each family has a PLAN: row buckets, each with the
+kernel that won there. Plans are TUNED on the GPU that compiles the package (`cuda_tune`: each
+candidate below timed on the region's weights at a few row counts, cached per card and torch/Triton
+version); `PLANS` are the static fallback, measured on the lent H100, used where no GPU is present
+or with `qexport.cuda_plan="static"`. The report and the manifest say which plan a region got.
 
 - "gemv": a broadcast-multiply-sum that Inductor fuses (weight load, dequant, reduction) into one
   Triton reduction kernel, tuned by coordinate descent at compile time (`INDUCTOR_OPTIONS`);
-- "tinygemm": `aten._weight_int4pack_mm`, weights converted to its layout once, at compile time;
+- ("triton_gemv", tile): `qexport::weight_only_gemv`, a few rows on the CUDA cores (no MMA), int8 /
+  fp8 / packed int4 weights dequantized and reduced in fp32 registers;
+- "tinygemm": `aten._weight_int4pack_mm`, weights converted to its layout once, at compile time (a
+  second copy beside the scheme's layout: a candidate only with `qexport.large_m="bf16_weights"`);
 - ("triton", tile): `qexport::weight_only_mm`, a Triton GEMM that reads int8 / fp8 / packed int4
   weights and dequantizes each tile in registers;
 - ("triton_fp8", tile): the same GEMM on fp8 activation codes with per-row scales, fp8 x fp8 on the
   tensor cores (no cuBLASLt algorithm search per call, which made `_scaled_mm` host-bound below ~512 rows);
 - "dequant_mm": the scheme's own dequantization (one fused Inductor kernel) then cuBLAS;
-- "bf16_weights": cuBLAS on weights the scheme's math decoded to bf16 once, at compile time: where
-  the GEMM is compute-bound no kernel reading quantized weights beats cuBLAS on bf16 ones (the lab's
-  Triton GEMM reached 77 % of cuBLAS at M=4096 even on bf16 weights), so the rows the compile
-  option `qexport.large_m` ("bf16_weights", the default) hands to this kernel run exactly as fast as
-  bf16, at +2 bytes per weight; `qexport.large_m="dequant"` keeps only quantized weights;
+- "bf16_weights": cuBLAS on weights the scheme's math decoded to bf16 once, at compile time, only
+  with `qexport.large_m="bf16_weights"` (+2 bytes per weight in the package and on the GPU): where
+  the GEMM is compute-bound no kernel reading quantized weights matched cuBLAS on bf16 ones (the H100
+  lab's Triton GEMM reached 77 % of cuBLAS at M=4096). The default, "dequant", keeps only the
+  quantized weights: those rows take the Triton GEMM's large tiles or dequant+cuBLAS, whichever tunes faster;
 - "scaled_mm": fp8 activations quantized per row (`qexport::fp8_quantize_rows`, one Triton program per
   row: Inductor's reduction, tuned for the example's row count, took 48 µs where this takes 22 at
   M=4096), then `aten._scaled_mm` rowwise;
@@ -30,12 +36,15 @@ crossover `torch.cond` picks at run time (AOTInductor compiles every branch into
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ...schemes import _activation as act, math_for
 from . import Decline, KernelChoice, KernelContext, register_kernel
+from . import cuda_tune
+from .cuda_tune import Candidate
 
 aten = torch.ops.aten
 
@@ -56,12 +65,22 @@ TILE_Q8_M128_SWAP = (128, 64, 256, 8, 4, 4, 1)
 TILE_Q8_M128_K128_SWAP = (128, 64, 128, 8, 8, 4, 1)
 TILE_Q8_M128_N128 = (128, 128, 128, 8, 4, 3, 0)
 
+# Candidates the tuner times (cuda_tune), by the rows they can win at: the small tiles and the
+# swapped large ones (the dequantized weight is then wgmma's register operand, see the kernel).
+WO_SMALL_TILES = (TILE_M16_K256, TILE_M16_K128, TILE_M16_N64, TILE_M32_N64, (16, 64, 256, 1, 4, 4, 1), (32, 64, 256, 1, 4, 4, 1),
+                  TILE_M64_SWAP, TILE_M128_SWAP)
+WO_LARGE_TILES = ((128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 3, 1), (128, 128, 64, 8, 4, 4, 0),
+                  (256, 128, 64, 8, 8, 3, 1))
+Q8_TILES = ((TILE_Q8_M16_SWAP, 1, 256), (TILE_Q8_M32_SWAP, 1, 256), (TILE_Q8_M64_SWAP, 16, 1024), (TILE_Q8_M128_SWAP, 64, None),
+            (TILE_Q8_M128_K128_SWAP, 64, None), (TILE_Q8_M128_N128, 64, None), ((128, 256, 128, 8, 8, 3, 0), 256, None),
+            ((128, 128, 128, 8, 8, 3, 1), 256, None))
+
 # (max rows, kernel) per family, in row order; the last bucket has no bound. Each bucket is the
 # fastest kernel at those rows in the per-layer sweeps (benchmarks/cuda_tiles.py and bench_cuda.py
 # --lab, 4096x4096, H100, docs/benchmarks/cuda.md). The weight-only plans are the memory-lean ones
 # (`qexport.large_m="dequant"`): above the last Triton bucket cuBLAS on a freshly dequantized weight
 # wins, as these Triton GEMMs reach ~60-77 % of cuBLAS when compute-bound; `weight_only_plan` cuts
-# them at LARGE_M_FROM for the default policy.
+# them at LARGE_M_FROM under `qexport.large_m="bf16_weights"`. Used where no GPU tunes (cuda_tune).
 PLANS: dict[str, list[tuple[int | None, Any]]] = {
     "int8_weight_only": [
         (1, "gemv"), (16, ("triton", TILE_M16_K256)), (32, ("triton", TILE_M16_K128)),
@@ -89,7 +108,7 @@ PLANS: dict[str, list[tuple[int | None, Any]]] = {
     # One scale for the whole activation: its reduction left to Inductor, then `_int_mm`.
     "int8_dynamic_per_tensor": [(4, "gemv"), (None, "int_mm")],
 }
-# With `qexport.large_m="bf16_weights"` (the default) a weight-only plan stops at these rows and cuBLAS
+# With `qexport.large_m="bf16_weights"` and the static plans a weight-only plan stops at these rows and cuBLAS
 # on bf16 weights takes the rest: above them the lab's best quantized kernel no longer beats cuBLAS
 # (int8 at M=64: Triton 22.4 vs 22.0 µs; int4 at M=32: 22.5 vs 21.8 µs).
 LARGE_M_FROM = {"int8_weight_only": 32, "int4": 16}
@@ -101,8 +120,17 @@ _INT_MM_MIN_M = 17
 # (GPU_BASELINE.md: 143 µs -> 12 µs for one 4096x4096 int8 layer at M=1).
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
+# The CUDA-core GEMV's tiles, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): one activation row per program
+# up to 4 rows, four up to 16; ~32-64 fp32 products per thread in flight.
+GEMV_TILES = ((1, 2, 2048, 4), (1, 4, 1024, 4), (1, 4, 2048, 8), (1, 8, 1024, 8), (1, 16, 512, 8), (1, 32, 256, 8),
+              (4, 4, 512, 4), (4, 8, 256, 4), (4, 16, 256, 8))
+
+# Kernels made of plain aten ops that Inductor fuses in the package: the tuner times them compiled.
+INDUCTOR_FUSED = {"gemv", "dequant_mm", "int_mm"}
+LARGE_M_DEFAULT = "dequant"
+
 KERNEL_NAMES = {
-    "gemv": "Inductor GEMV", "tinygemm": "tinygemm", "triton": "Triton GEMM", "triton_fp8": "Triton fp8 GEMM", "triton_int8": "Triton int8 GEMM",
+    "gemv": "Inductor GEMV", "triton_gemv": "Triton GEMV", "tinygemm": "tinygemm", "triton": "Triton GEMM", "triton_fp8": "Triton fp8 GEMM", "triton_int8": "Triton int8 GEMM",
     "dequant_mm": "dequant+cuBLAS",
     "bf16_weights": "cuBLAS on bf16 weights",
     "scaled_mm": "_scaled_mm rowwise", "int_mm": "_int_mm",
@@ -181,10 +209,14 @@ def reachable(plan: Sequence[tuple[int | None, Any]], rows: tuple[int, float]) -
     return [*out[:-1], (None, out[-1][1])]
 
 
+def large_m(ctx: KernelContext) -> str:
+    return ctx.options.get("qexport.large_m", LARGE_M_DEFAULT)
+
+
 def weight_only_plan(family: str, ctx: KernelContext) -> list[tuple[int | None, Any]]:
-    """The family's buckets for the rows `ctx`'s program accepts, under its `qexport.large_m` policy."""
+    """The family's static buckets for the rows `ctx`'s program accepts, under its `qexport.large_m` policy."""
     plan = PLANS[family]
-    if ctx.options.get("qexport.large_m", "bf16_weights") == "bf16_weights":
+    if large_m(ctx) == "bf16_weights":
         cut, kept = LARGE_M_FROM[family], []
         for max_m, kernel in plan:  # the bucket that spans the cut ends at it
             kept.append((cut if max_m is None or max_m >= cut else max_m, kernel))
@@ -194,8 +226,8 @@ def weight_only_plan(family: str, ctx: KernelContext) -> list[tuple[int | None, 
     return reachable(plan, row_range(ctx))
 
 
-def plan_note(plan: Sequence[tuple[int | None, Any]]) -> tuple[str, str]:
-    """(short kernel name, what runs at which M) for reports."""
+def plan_note(plan: Sequence[tuple[int | None, Any]], source: str = "") -> tuple[str, str]:
+    """(short kernel name, what runs at which M, and which plan it is) for reports and the manifest."""
     name = " / ".join(dict.fromkeys(KERNEL_NAMES[_kind(k)] for _, k in plan))
     parts, lo = [], 1
     for max_m, kernel in plan:
@@ -203,7 +235,75 @@ def plan_note(plan: Sequence[tuple[int | None, Any]]) -> tuple[str, str]:
         parts.append(f"{span}: {KERNEL_NAMES[_kind(kernel)]}")
         lo = (max_m or 0) + 1
     how = "; ".join(parts) + (" (torch.cond at run time)" if len(plan) > 1 else "")
-    return name, how
+    return name, how + (f" [{source}]" if source else "")
+
+
+def tuned_or_static(
+    family: str,
+    ctx: KernelContext,
+    static: list[tuple[int | None, Any]],
+    candidates: Sequence[Candidate],
+    build: Callable[[Any], Callable[..., torch.Tensor]],
+    operands: Callable[[set], list],
+    cast: torch.dtype | None,
+) -> tuple[list[tuple[int | None, Any]], str]:
+    """The family's buckets for the rows `ctx`'s program accepts and a note saying where they came
+    from: tuned on this GPU (`cuda_tune`) when one is present, else `static` (already `reachable`).
+    `build(kernel)(x2d, t)` runs a kernel on `t` = {operand name: tensor} for `operands(kinds)`."""
+    rows = row_range(ctx)
+    if ctx.options.get(cuda_tune.PLAN_OPTION, "tuned") == "static":
+        return static, f"static plan, {cuda_tune.PLAN_OPTION}='static'"
+    if triton is None or not torch.cuda.is_available():
+        return static, "static plan (H100-measured): no CUDA device to tune on"
+    probes = cuda_tune.probes_for(rows)
+    w = ctx.tensor("weight")
+    dtype = cast or ctx.input_dtype
+    key = " | ".join([cuda_tune.device_key(), family, json.dumps(ctx.scheme.to_dict(), sort_keys=True),
+                      f"weight {list(w.shape)} {w.dtype}", f"x {dtype}", f"large_m {large_m(ctx)}", f"probes {list(probes)}"])
+    k = int(ctx.input_val.shape[-1])
+    tol = math_for(ctx.scheme).tolerance
+    state: dict = {}
+
+    def setup() -> dict:  # the operands of every candidate, on the GPU; built only on a cache miss
+        if "t" not in state:
+            ops = operands({_kind(c.kernel) for c in candidates} | {_kind(kn) for _, kn in static})
+            state["t"] = {o if isinstance(o, str) else o[0]: (ctx.tensor(o) if isinstance(o, str) else o[1]).cuda() for o in ops}
+        return state["t"]
+
+    def timer(kernel: Any, m: int) -> float:
+        fn = build(kernel)
+        if _kind(kernel) in INDUCTOR_FUSED:
+            # As the package runs it: fused by Inductor. Dynamo caches per code object and these
+            # closures share one, so its cache is reset first (else past 8 entries it runs eager).
+            torch._dynamo.reset()
+            state["compiled"] = True
+            fn = torch.compile(fn, dynamic=False, options=INDUCTOR_OPTIONS)
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref_kernel = next(kn for max_m, kn in reachable(static, (m, m)) if max_m is None or m <= max_m)
+        try:
+            t = setup()
+            with torch.no_grad():
+                y, ref = fn(x, t), build(ref_kernel)(x, t)
+                if not rel_err(y, ref) <= tol:  # a tile that miscomputes here (NaN too) is never picked
+                    return float("nan")
+                return cuda_tune.bench_us(lambda: fn(x, t))
+        except Exception as e:  # e.g. a tile over this card's shared memory: not a candidate here
+            state["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            return float("nan")
+
+    try:
+        plan, info = cuda_tune.tune(key, probes, candidates, timer)
+    except RuntimeError as e:  # nothing ran at some row count: the static plan, and why
+        return static, f"static plan: tuning on {torch.cuda.get_device_name()} failed ({e}; last error: {state.get('error')})"
+    finally:
+        if state.get("compiled"):  # leave no tuning closures in Dynamo's caches
+            torch._dynamo.reset()
+    how = "cached" if info["cached"] else "tuned now"
+    return reachable(plan, rows), f"plan tuned on {torch.cuda.get_device_name()} ({how}, {cuda_tune.PLAN_OPTION}='tuned')"
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
 # -- the Triton weight-only GEMM -------------------------------------------------------------------
@@ -340,6 +440,69 @@ if triton is not None:
         )
         return y
 
+    # M is the dynamic dim, as above.
+    @triton.jit(do_not_specialize=["M"])
+    def _weight_only_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        INT4: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # y[M, N] = x @ dequant(w)^T for a few rows, on the CUDA cores: the memory-bound case, where
+        # an MMA tile would idle and what counts is weight bytes in flight. Each program streams
+        # BLOCK_N weight rows over K once for BLOCK_M activation rows (a second grid axis covers more
+        # rows, re-reading the weight), dequantizing and reducing in fp32 registers.
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
+            if INT4:
+                offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
+                q = tl.interleave((b >> 4) & 0xF, b & 0xF).to(tl.float32)  # the even element sits in the high nibble
+                if BLOCK_K <= GROUP_K:
+                    g = k0 // GROUP_K
+                    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+                    z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
+                    w = (q - z[:, None]) * s[:, None]
+                else:
+                    G: tl.constexpr = BLOCK_K // GROUP_K
+                    offs_g = k0 // GROUP_K + tl.arange(0, G)
+                    sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+                    zg = tl.load(z_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+                    w = tl.reshape((tl.reshape(q, (BLOCK_N, G, GROUP_K)) - zg[:, :, None]) * sg[:, :, None], (BLOCK_N, BLOCK_K))
+            else:
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None]).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        if not INT4:  # per-channel scale: once per output instead of once per weight
+            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+    @torch.library.triton_op("qexport::weight_only_gemv", mutates_args=())
+    def weight_only_gemv(
+        x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, int4: bool, group_k: int,
+        tile: list[int],
+    ) -> torch.Tensor:
+        """`weight_only_mm`'s math for few rows without the tensor cores: `tile` = (BLOCK_M, BLOCK_N,
+        BLOCK_K, num_warps); K % BLOCK_K == 0 and, for int4, BLOCK_K divides or is a multiple of group_k."""
+        m, k = x.shape
+        n = weight.shape[0]
+        y = x.new_empty((m, n))
+        bm, bn, bk, nw = tile
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+
+        torch.library.wrap_triton(_weight_only_gemv_kernel)[grid](
+            x, weight, scale, zero_point, y, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
+            INT4=int4, GROUP_K=group_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw,
+        )
+        return y
+
     # M is the dynamic dim, as above; rows index in int64 so that M * K may pass 2**31.
     @triton.jit(do_not_specialize=["M"])
     def _fp8_quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
@@ -427,6 +590,24 @@ def triton_int4_mm(x2d: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch
     return torch.ops.qexport.weight_only_mm(x2d.contiguous(), w, s, z, True, group_size, _fit_tile(x2d, tile, group_size))
 
 
+def _fit_gemv_tile(k: int, tile: Sequence[int], group_size: int | None = None) -> list[int]:
+    bm, bn, bk, nw = tile
+    while k % bk or (group_size and bk > group_size and bk % group_size):  # no K mask; whole groups per tile
+        bk //= 2
+    return [bm, bn, bk, nw]
+
+
+def triton_gemv(x2d: torch.Tensor, t: dict, tile: Sequence[int], int4_group: int | None = None) -> torch.Tensor:
+    """The GEMV on int8 / fp8 weights with a per-channel scale (t: weight, weight_scale_per_channel) or,
+    with `int4_group`, on the scheme's packed int4 (t: weight, weight_scale, weight_zero_point)."""
+    k = int(x2d.shape[1])
+    if int4_group:
+        w, s, z = (t[r] for r in _INT4_ROLES)
+        return torch.ops.qexport.weight_only_gemv(x2d.contiguous(), w, s, z, True, int4_group, _fit_gemv_tile(k, tile, int4_group))
+    s = t["weight_scale_per_channel"]
+    return torch.ops.qexport.weight_only_gemv(x2d.contiguous(), t["weight"], s, s, False, 0, _fit_gemv_tile(k, tile))
+
+
 # -- entries ----------------------------------------------------------------------------------
 
 def _check_linear(ctx: KernelContext, k_multiple: int) -> Decline | None:
@@ -455,7 +636,8 @@ def int8_gemv(x2d: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tens
 
 
 def _choice(
-    plan: list, build: Callable[[Any], Callable[..., torch.Tensor]], operands: list, bias: list, cast: torch.dtype | None
+    plan: list, build: Callable[[Any], Callable[..., torch.Tensor]], operands: list, bias: list, cast: torch.dtype | None,
+    source: str = "",
 ) -> KernelChoice:
     """A KernelChoice running `build(kernel)(x2d, t)` for each bucket of `plan`, where `t` maps each
     operand's name (its role, or its suffix for a tensor computed here) to its tensor; the input is
@@ -472,7 +654,7 @@ def _choice(
         x2d = _as_2d(x) if cast is None else _as_2d(x).to(cast)
         return _finish(by_rows(x2d, branches, *ops[: len(names)]), x, ops[len(names):])
 
-    name, how = plan_note(plan)
+    name, how = plan_note(plan, source)
     return KernelChoice(name=name, why=how, body=body, operands=[*operands, *bias])
 
 
@@ -498,14 +680,15 @@ def int8_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
     if declined:
         return declined
     scheme, shape = ctx.scheme, tuple(ctx.tensor("weight").shape)
-    plan = weight_only_plan("int8_weight_only", ctx)
-    kinds = {_kind(k) for _, k in plan}
-    operands: list = []
-    if kinds - {"bf16_weights"}:
-        scale = ctx.tensor("weight_scale").float().reshape(-1).expand(shape[0]).contiguous()
-        operands += ["weight", ("weight_scale_per_channel", scale)]
-    if "bf16_weights" in kinds:
-        operands.append(_decoded(ctx, ("weight", "weight_scale"), shape))
+
+    def operands_for(kinds: set) -> list:
+        operands: list = []
+        if kinds - {"bf16_weights"}:
+            scale = ctx.tensor("weight_scale").float().reshape(-1).expand(shape[0]).contiguous()
+            operands += ["weight", ("weight_scale_per_channel", scale)]
+        if "bf16_weights" in kinds:
+            operands.append(_decoded(ctx, ("weight", "weight_scale"), shape))
+        return operands
 
     def build(kernel: Any) -> Callable[..., torch.Tensor]:
         kind = _kind(kernel)
@@ -513,6 +696,8 @@ def int8_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
             return lambda x, t: int8_gemv(x, t["weight"], t["weight_scale_per_channel"])
         if kind == "triton":
             return lambda x, t: triton_weight_mm(x, t["weight"], t["weight_scale_per_channel"], kernel[1])
+        if kind == "triton_gemv":
+            return lambda x, t: triton_gemv(x, t, kernel[1])
         if kind == "bf16_weights":
             return _cublas_bf16
 
@@ -522,7 +707,23 @@ def int8_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
 
         return dequant_mm
 
-    return _choice(plan, build, operands, _bias(ctx, torch.bfloat16), torch.bfloat16)
+    candidates = [Candidate("gemv", max_rows=1), *weight_only_candidates(ctx)]
+    plan, source = tuned_or_static(
+        "int8_weight_only", ctx, weight_only_plan("int8_weight_only", ctx), candidates, build, operands_for, torch.bfloat16
+    )
+    operands = operands_for({_kind(k) for _, k in plan})
+    return _choice(plan, build, operands, _bias(ctx, torch.bfloat16), torch.bfloat16, source)
+
+
+def weight_only_candidates(ctx: KernelContext) -> list[Candidate]:
+    """The Triton GEMV and GEMM tiles and dequant+cuBLAS, plus cuBLAS on bf16 weights where the policy keeps them."""
+    out = [Candidate(("triton_gemv", t), min_rows=1 if t[0] == 1 else 2, max_rows=4 if t[0] == 1 else 16) for t in GEMV_TILES]
+    out += [Candidate(("triton", t), max_rows=256) for t in WO_SMALL_TILES]
+    out += [Candidate(("triton", t), min_rows=64) for t in WO_LARGE_TILES]
+    out.append(Candidate("dequant_mm", min_rows=256))
+    if large_m(ctx) == "bf16_weights":
+        out.append(Candidate("bf16_weights", min_rows=16))
+    return out
 
 
 def tinygemm_operands(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, inner_k_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,18 +751,19 @@ def int4_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
     n, k = ctx.tensor("weight").shape[0], ctx.tensor("weight").shape[1] * 2
     if n % 8:
         return Decline(f"out_features={n} is not a multiple of 8 (tinygemm's N tile)")
-    plan = weight_only_plan("int4", ctx)
-    kinds = {_kind(kn) for _, kn in plan}
-    operands: list = []
-    if "tinygemm" in kinds:
-        # tinygemm needs K % (16 * inner_k_tiles) == 0; 8 tiles is its fastest layout.
-        inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
-        packed, sz = tinygemm_operands(*(ctx.tensor(r) for r in _INT4_ROLES), inner_k_tiles)
-        operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz)]
-    if kinds & {"triton", "dequant_mm"}:
-        operands += list(_INT4_ROLES)
-    if "bf16_weights" in kinds:
-        operands.append(_decoded(ctx, _INT4_ROLES, (n, k)))
+
+    def operands_for(kinds: set) -> list:
+        operands: list = []
+        if "tinygemm" in kinds:
+            # tinygemm needs K % (16 * inner_k_tiles) == 0; 8 tiles is its fastest layout.
+            inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+            packed, sz = tinygemm_operands(*(ctx.tensor(r) for r in _INT4_ROLES), inner_k_tiles)
+            operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz)]
+        if kinds & {"triton", "triton_gemv", "dequant_mm"}:
+            operands += list(_INT4_ROLES)
+        if "bf16_weights" in kinds:
+            operands.append(_decoded(ctx, _INT4_ROLES, (n, k)))
+        return operands
 
     def build(kernel: Any) -> Callable[..., torch.Tensor]:
         kind = _kind(kernel)
@@ -569,6 +771,8 @@ def int4_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
             return lambda x, t: aten._weight_int4pack_mm(x.contiguous(), t["weight_int4pack"], gs, t["weight_scales_and_zeros"])
         if kind == "triton":
             return lambda x, t: triton_int4_mm(x, *(t[r] for r in _INT4_ROLES), gs, kernel[1])
+        if kind == "triton_gemv":
+            return lambda x, t: triton_gemv(x, t, kernel[1], gs)
         if kind == "bf16_weights":
             return _cublas_bf16
 
@@ -578,7 +782,12 @@ def int4_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
 
         return dequant_mm
 
-    return _choice(plan, build, operands, _bias(ctx, torch.bfloat16), torch.bfloat16)
+    # tinygemm reads its own layout, a second copy of the weights beside the scheme's that the other
+    # kernels read: a candidate only where the policy keeps extra copies anyway.
+    candidates = [*([Candidate("tinygemm", max_rows=64)] if large_m(ctx) == "bf16_weights" else []), *weight_only_candidates(ctx)]
+    plan, source = tuned_or_static("int4", ctx, weight_only_plan("int4", ctx), candidates, build, operands_for, torch.bfloat16)
+    operands = operands_for({_kind(kn) for _, kn in plan})
+    return _choice(plan, build, operands, _bias(ctx, torch.bfloat16), torch.bfloat16, source)
 
 
 @register_kernel("fp8", "cuda", "linear")
@@ -597,6 +806,7 @@ def fp8_scaled_mm_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
     per_token = scheme.act_granularity == "per_token"
     plan = reachable(PLANS["fp8" if per_token else "fp8_per_tensor"], row_range(ctx))
     # fp8 tensor-core dots take K in steps of 32; without Triton only cuBLASLt's GEMM is left.
+    tunable = per_token and triton is not None and not ctx.tensor("weight").shape[1] % 32
     if triton is None or ctx.tensor("weight").shape[1] % 32:
         plan = [(None, "scaled_mm")]
     cd = scheme.torch_compute_dtype
@@ -627,7 +837,12 @@ def fp8_scaled_mm_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
             )
         return scaled_mm
 
-    return _choice(plan, build, ["weight", ("weight_scale_row", scale_b)], _bias(ctx, cd), None)
+    operands = ["weight", ("weight_scale_row", scale_b)]
+    source = "static plan"
+    if tunable:
+        candidates = [*(Candidate(("triton_fp8", t), lo, hi or 1 << 30) for t, lo, hi in Q8_TILES), Candidate("scaled_mm", min_rows=16)]
+        plan, source = tuned_or_static("fp8", ctx, plan, candidates, build, lambda kinds: operands, None)
+    return _choice(plan, build, operands, _bias(ctx, cd), None, source)
 
 
 @register_kernel("int8_dynamic", "cuda", "linear")
@@ -647,6 +862,7 @@ def int8_dynamic_int_mm_cuda(ctx: KernelContext) -> KernelChoice | Decline | Non
     w_sum = w.to(torch.int32).sum(1).float()
     plan = reachable(PLANS["int8_dynamic" if per_token else "int8_dynamic_per_tensor"], row_range(ctx))
     # int8 tensor-core dots take K in steps of 32; without Triton, cuBLAS's `_int_mm` is left.
+    tunable = per_token and triton is not None and not w.shape[1] % 32
     if triton is None or w.shape[1] % 32:
         plan = reachable(PLANS["int8_dynamic_per_tensor"], row_range(ctx))
 
@@ -669,9 +885,14 @@ def int8_dynamic_int_mm_cuda(ctx: KernelContext) -> KernelChoice | Decline | Non
         return (sx * t["weight_scale_per_channel"] * (acc.float() - zp * t["weight_row_sum"])).to(cd)
 
     operands = ["weight", ("weight_scale_per_channel", scale), ("weight_row_sum", w_sum)]
+
     def build(kernel: Any) -> Callable[..., torch.Tensor]:
         if _kind(kernel) == "triton_int8":
             return lambda x, t: triton_int8(x, t, kernel[1])
         return gemv if _kind(kernel) == "gemv" else int_mm
 
-    return _choice(plan, build, operands, _bias(ctx, cd), None)
+    source = "static plan"
+    if tunable:
+        candidates = [*(Candidate(("triton_int8", t), lo, hi or 1 << 30) for t, lo, hi in Q8_TILES), Candidate("int_mm", min_rows=256)]
+        plan, source = tuned_or_static("int8_dynamic", ctx, plan, candidates, build, lambda kinds: operands, None)
+    return _choice(plan, build, operands, _bias(ctx, cd), None, source)
