@@ -98,7 +98,7 @@ def seal(package: Path, manifest: Manifest) -> Manifest:
     digests = {n[len(root):]: sha256(d) for n, d in members}
     sealed = replace(manifest, members=digests)
     text = sealed.to_json().encode("utf-8")
-    write_archive([*members, (root + MANIFEST_MEMBER, text)], package, _COMMENT_PREFIX + sha256(text).encode())
+    write_archive([*members, (root + MANIFEST_MEMBER, text)], package, manifest_comment(text))
     return sealed
 
 
@@ -122,10 +122,13 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
     if not infos:
         raise CorruptArtifactError(f"{p}: an empty zip archive")
     names = [i.filename for i in infos]
+    formats = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
+    if len(formats) != 1:
+        raise CorruptArtifactError(f"{p}: a zip, but not a torch.export archive (no single archive_format record)")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise UnsafeArtifactError(f"{p}: members named twice ({', '.join(map(repr, dup[:3]))}); readers disagree on which copy counts")
-    root = names[0].split("/", 1)[0]
+    root = formats[0].split("/", 1)[0]
     rel = []
     for i in infos:
         n = i.filename
@@ -138,10 +141,10 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
         if parts[0] != root or len(parts) < 2:
             raise UnsafeArtifactError(f"{p}: member {n!r} is outside the archive's root folder {root + '/'!r}")
         mode = i.external_attr >> 16
-        if i.is_dir() or (mode and not stat.S_ISREG(mode)):
+        if i.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise UnsafeArtifactError(f"{p}: member {n!r} is a link or a folder, not a file")
         if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 0x1:
-            raise CorruptArtifactError(f"{p}: member {n!r} is compressed or encrypted; qexport stores members as they are")
+            raise CorruptArtifactError(f"{p}: member {n!r} is compressed or encrypted, not stored as torch.export.save stores it")
         rel.append(n[len(root) + 1:])
     return root + "/", rel
 
@@ -155,7 +158,7 @@ def _kind(rel: list[str]) -> str:
 
 
 def _manifest(p: Path, z: zipfile.ZipFile, root: str, text: bytes) -> Manifest:
-    if z.comment != _COMMENT_PREFIX + sha256(text).encode():
+    if z.comment != manifest_comment(text):
         raise CorruptArtifactError(
             f"{p}: the manifest's digest (the archive comment) does not match the manifest; the file was "
             f"damaged or edited after qexport wrote it (or it was written by a qexport without digests: re-save it)"
@@ -165,8 +168,8 @@ def _manifest(p: Path, z: zipfile.ZipFile, root: str, text: bytes) -> Manifest:
 
 def _no_manifest(p: Path) -> CorruptArtifactError:
     return CorruptArtifactError(
-        f"{p}: no qexport manifest ({MANIFEST_MEMBER}); the file was not written by qexport (torch.export.load "
-        f"reads plain torch archives; if you trust it, re-save it with qexport.save)"
+        f"{p}: no qexport manifest ({MANIFEST_MEMBER}); the file was not written by qexport.save or qexport.compile "
+        f"(torch.export.load reads plain torch archives; if you trust it, re-save it with qexport.save)"
     )
 
 
@@ -199,7 +202,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     with _open_zip(path, io.BytesIO(data)) as z:
         try:
             root, rel = _check_names(path, z)
-            members = {r: z.read(root + r) for r in rel}  # zipfile checks each CRC as it reads
+            members = {r: _read_member(path, z, root + r) for r in rel}
         except QExportError:
             raise
         except Exception as e:  # BadZipFile (CRC), EOFError, OSError, struct.error, ... on damage
@@ -219,6 +222,20 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     archive = Archive(path, _kind(rel), root, members, manifest, data)
     check(archive)
     return archive
+
+
+def _read_member(p: Path, z: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return z.read(name)  # zipfile checks the CRC as it reads
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):
+            raise CorruptArtifactError(f"{p}: member {name!r} is damaged (CRC mismatch)") from None
+        raise
+
+
+def manifest_comment(text: bytes) -> bytes:
+    """The archive comment that records the manifest's own digest."""
+    return _COMMENT_PREFIX + sha256(text).encode()
 
 
 def _check_digests(p: Path, manifest: Manifest, members: dict[str, bytes]) -> None:
@@ -246,3 +263,26 @@ def check_allowed(archive: Archive, allowed: Callable[[str], bool], what: str) -
     for name in archive.members:
         if name not in ARCHIVE_RECORDS and name != MANIFEST_MEMBER and not allowed(name):
             raise UnsafeArtifactError(f"{archive.path}: member {name!r} does not belong in {what}")
+
+
+def reseal(members: Sequence[tuple[str, bytes]], dest: "str | PathLike[str]") -> Path:
+    """Write `members` (full names) in qexport's layout with fresh digests in the manifest and the
+    comment: what anyone can do who edits an archive on purpose. Tests and the fuzzer use it to
+    reach the checks that sit behind the digests; a manifest that is not a JSON object is kept as is."""
+    import json
+
+    out = list(members)
+    at = [i for i, (n, _) in enumerate(out) if n.endswith("/" + MANIFEST_MEMBER)]
+    text = out[at[-1]][1] if at else b""
+    if at:
+        root = out[at[-1]][0][: -len(MANIFEST_MEMBER)]
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            data["members"] = {n[len(root):]: sha256(d) for n, d in out if n.startswith(root) and n != root + MANIFEST_MEMBER}
+            text = json.dumps(data, separators=(",", ":")).encode()
+            out[at[-1]] = (out[at[-1]][0], text)
+    write_archive(out, dest, manifest_comment(text))
+    return Path(dest)
