@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
+from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError, UnsafeArtifactError
 from serializers.inspect import check_readable
 
 ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
@@ -135,13 +135,14 @@ class Runner:
         return self.path.stat().st_size
 
 
-def load(path: "str | PathLike[str]") -> Runner:
+def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> Runner:
     """Load any qexport artifact as a Runner. Raises ArtifactError subclasses for unreadable files
-    and BackendUnavailableError when the runtime it needs is not installed."""
+    and BackendUnavailableError when the runtime it needs is not installed. `expected_sha256` (hex,
+    what `sha256sum` prints) pins the file: any other file is refused with UnsafeArtifactError."""
     p = check_readable(path)
     kind = artifact_kind(p)
     try:
-        return _LOADERS[kind](p)
+        return _LOADERS[kind](p, expected_sha256)
     except QExportError:
         raise
     except ImportError as e:  # the installation, not the file
@@ -155,12 +156,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def load_program(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
+def load_program(path: "str | PathLike[str]", expected_sha256: str | None = None) -> torch.export.ExportedProgram:
     """The ExportedProgram in a qexport `.pt2` (through qexport.load: the archive is checked, nothing
     is unpickled, the manifest must match the graph)."""
     p = check_readable(path)
     try:
-        return stage("load")(p)
+        return stage("load")(p, expected_sha256=expected_sha256)
     except QExportError as e:
         if _is_missing_manifest(e):
             # A plain torch archive may hold pickled example inputs, which torch.export.load would
@@ -176,8 +177,8 @@ def _is_missing_manifest(e: QExportError) -> bool:
     return "no qexport manifest" in str(e) or "without a qexport manifest" in str(e)
 
 
-def _load_pt2(p: Path) -> Runner:
-    return program_runner(load_program(p), p)
+def _load_pt2(p: Path, expected_sha256: str | None) -> Runner:
+    return program_runner(load_program(p, expected_sha256), p)
 
 
 def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None) -> Runner:
@@ -193,9 +194,9 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
                   region_call=lambda flat: region_outputs(ep, flat))
 
 
-def _load_aoti(p: Path) -> Runner:
+def _load_aoti(p: Path, expected_sha256: str | None) -> Runner:
     try:
-        compiled = stage("load_compiled")(str(p))
+        compiled = stage("load_compiled")(str(p), expected_sha256=expected_sha256)
     except QExportError as e:
         if _is_missing_manifest(e):
             raise ArtifactError(f"{p}: an AOTInductor package not written by qexport (no manifest); compile the "
@@ -216,16 +217,16 @@ _ET_DTYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: 
               6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
 
 
-def _load_pte(p: Path) -> Runner:
+def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
     try:
-        from executorch.runtime import Runtime
+        from serializers.pte import open_program
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
     try:  # the portable quantized kernels, for regions no delegate took
         import executorch.kernels.quantized  # noqa: F401
     except Exception:
         pass
-    program = Runtime.get().load_program(str(p))
+    program = open_program(p, expected_sha256=expected_sha256)
     method = program.load_method("forward")
     if method is None:
         raise CorruptArtifactError(f"{p}: the program has no 'forward' method")
@@ -246,11 +247,13 @@ _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool, "tensor(double)": torch.float64}
 
 
-def _load_onnx(p: Path) -> Runner:
+def _load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
+    if expected_sha256 is not None:
+        _check_pinned(p, expected_sha256)
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()
@@ -313,7 +316,15 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
     return region_call
 
 
-_LOADERS: dict[str, Callable[[Path], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}
+def _check_pinned(p: Path, expected_sha256: str) -> None:
+    import hashlib
+
+    got = hashlib.sha256(p.read_bytes()).hexdigest()
+    if got != expected_sha256.strip().lower():
+        raise UnsafeArtifactError(f"{p}: SHA-256 is {got}, not the expected {expected_sha256}; this is not the file you pinned")
+
+
+_LOADERS: dict[str, Callable[[Path, "str | None"], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}
 
 
 def _flat_tensors(out: Any) -> Flat:

@@ -1,16 +1,31 @@
-"""`inspect` reader for ExecuTorch `.pte` files written by `qexport.to_executorch`.
+"""ExecuTorch `.pte` files written by `qexport.to_executorch`: the `inspect` reader and
+`open_program`, the one way qexport hands a `.pte` to the runtime.
 
 The manifest travels inside the program as a constant method (`qexport_manifest`, the JSON as a uint8
 tensor), so it is read through ExecuTorch's own runtime: loading that one method does not initialize
 `forward` or its delegates.
+
+The runtime verifies the flatbuffer (Verification.InternalConsistency, its default) but still aborts
+the process on some damaged programs (an ET_CHECK while initializing a method; seen as SIGABRT), and a
+Python caller cannot catch that. So the first load of a file's bytes happens in a forked child that
+loads the program and every method; only bytes that survived it (the same bytes, never re-read from
+disk) reach the runtime in this process. A fork costs tens of ms here; a fresh interpreter would
+cost seconds of imports. A `.pte` carries no checksum: damage the runtime accepts loads (see
+docs/security.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
+import sys
+import time
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
-from qexport.errors import BackendUnavailableError, CorruptArtifactError
+from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, UnsafeArtifactError
 
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
@@ -19,6 +34,10 @@ from .manifest import Manifest
 MANIFEST_METHOD = "qexport_manifest"
 #: a .pte is a flatbuffer whose file identifier (bytes 4..8) is "ET" + a two-digit schema version
 _IDENT_PREFIX = b"ET"
+#: a child that has not finished loading after this long is taken for a hang
+PROBE_TIMEOUT_S = 120.0
+#: SHA-256 of the bytes a child loaded cleanly in this process
+_PROBED: set[str] = set()
 
 
 def _sniff(p: Path, head: bytes) -> bool:
@@ -26,17 +45,72 @@ def _sniff(p: Path, head: bytes) -> bool:
     return len(ident) == 4 and ident.startswith(_IDENT_PREFIX) and ident[2:].isdigit()
 
 
-def read_manifest(path: "str | PathLike[str]") -> Manifest:
-    """The qexport manifest embedded in a `.pte`."""
+def _load_all(runtime: Any, data: bytes) -> None:
+    program = runtime.load_program(data)
+    for name in program.method_names:
+        program.load_method(name)
+
+
+def _probe(p: Path, runtime: Any, data: bytes) -> None:
+    """Load `data` (program and every method) in a child process; raise if the child dies."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in _PROBED:
+        return
+    if not hasattr(os, "fork"):  # no fork here: the first load stays in-process
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's code
+        code = 1
+        try:
+            _load_all(runtime, data)
+            code = 0
+        except BaseException:
+            pass
+        os._exit(code)
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise CorruptArtifactError(f"{p}: ExecuTorch did not finish loading this program in {PROBE_TIMEOUT_S:.0f} s")
+        time.sleep(0.002)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        raise CorruptArtifactError(f"{p}: a damaged ExecuTorch program: the runtime died loading it ({name}) in a child process")
+    _PROBED.add(digest)  # exit 1 (a Python exception) is reported by the in-process load that follows
+
+
+def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> Any:
+    """The `executorch.runtime.Program` of a `.pte`, from bytes a child process loaded first (see
+    the module's docstring). `expected_sha256` (hex) pins the file's digest."""
     p = check_readable(path)
     try:
         from executorch.runtime import Runtime
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
     try:
-        program = Runtime.get().load_program(p)
+        data = p.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.strip().lower():
+        raise UnsafeArtifactError(f"{p}: SHA-256 is {hashlib.sha256(data).hexdigest()}, not the expected {expected_sha256}")
+    runtime = Runtime.get()
+    _probe(p, runtime, data)
+    try:
+        return runtime.load_program(data)
     except Exception as e:  # the runtime's loader reports damage as RuntimeError/ValueError with a code
         raise CorruptArtifactError(f"{p}: ExecuTorch cannot load this program ({type(e).__name__}: {e})") from None
+
+
+def read_manifest(path: "str | PathLike[str]") -> Manifest:
+    """The qexport manifest embedded in a `.pte`."""
+    p = check_readable(path)
+    program = open_program(p)
     if MANIFEST_METHOD not in program.method_names:
         raise CorruptArtifactError(
             f"{p}: an ExecuTorch program without a qexport manifest (no {MANIFEST_METHOD!r} method; methods: "
