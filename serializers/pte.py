@@ -10,8 +10,12 @@ the process on some damaged programs (an ET_CHECK while initializing a method; s
 Python caller cannot catch that. So the first load of a file's bytes happens in a forked child that
 loads the program and every method; only bytes that survived it (the same bytes, never re-read from
 disk) reach the runtime in this process. A fork costs tens of ms here; a fresh interpreter would
-cost seconds of imports. A `.pte` carries no checksum: damage the runtime accepts loads (see
-docs/security.md).
+cost seconds of imports.
+
+ExecuTorch files carry no checksum, and a third of damaged files load and run with other outputs.
+`seal` appends one: TRAILER_MAGIC and the SHA-256 of everything before it, past the end of the
+program and its segments, where the runtime does not look; `open_program` checks it and hands the
+runtime the bytes before it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ MANIFEST_METHOD = "qexport_manifest"
 _IDENT_PREFIX = b"ET"
 #: a child that has not finished loading after this long is taken for a hang
 PROBE_TIMEOUT_S = 120.0
+#: the checksum trailer: these bytes, then the SHA-256 (raw, 32 bytes) of the program before them
+TRAILER_MAGIC = b"\0qexport-sha256:"
+_TRAILER = len(TRAILER_MAGIC) + 32
 #: SHA-256 of the bytes a child loaded cleanly in this process
 _PROBED: set[str] = set()
 
@@ -43,6 +50,26 @@ _PROBED: set[str] = set()
 def _sniff(p: Path, head: bytes) -> bool:
     ident = head[4:8]
     return len(ident) == 4 and ident.startswith(_IDENT_PREFIX) and ident[2:].isdigit()
+
+
+def seal(path: Path) -> None:
+    """Append the checksum trailer to the `.pte` just written at `path`."""
+    data = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(TRAILER_MAGIC + hashlib.sha256(data).digest())
+
+
+def _unseal(p: Path, data: bytes) -> bytes:
+    """The program bytes of a sealed `.pte`; refuses a missing or wrong checksum."""
+    body, magic, digest = data[:-_TRAILER], data[-_TRAILER:-32], data[-32:]
+    if len(data) < _TRAILER or magic != TRAILER_MAGIC:
+        raise CorruptArtifactError(
+            f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), or not written by "
+            f"qexport.to_executorch (or by one older than its checksum); re-export it"
+        )
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptArtifactError(f"{p}: the program does not match its checksum; the file was damaged after it was written: re-export it")
+    return body
 
 
 def _load_all(runtime: Any, data: bytes) -> None:
@@ -99,6 +126,7 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
         raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.strip().lower():
         raise UnsafeArtifactError(f"{p}: SHA-256 is {hashlib.sha256(data).hexdigest()}, not the expected {expected_sha256}")
+    data = _unseal(p, data)
     runtime = Runtime.get()
     _probe(p, runtime, data)
     try:
