@@ -236,7 +236,7 @@ def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
         t = meta.input_tensor_meta(i)
         inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), _ET_DTYPES.get(int(t.dtype()), torch.float32)))
 
-    def call(flat: Flat) -> Flat:
+    def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
         return _flat_tensors(method.execute([x.contiguous() for x in flat]))
 
     return Runner("pte", p, call, inputs=inputs)

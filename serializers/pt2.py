@@ -113,6 +113,9 @@ def _debug_meta_dropped(ep: torch.export.ExportedProgram, *, stack_traces: bool)
 
 def _check_picklefree(ep: torch.export.ExportedProgram, p: Path) -> None:
     """Refuse, before writing, a program whose archive `load` would refuse as unsafe."""
+    from qexport._validate import check_state
+
+    check_state(ep, str(p))
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     for kind, items in (("state", ep.state_dict.items()), ("constant", ep.constants.items())):

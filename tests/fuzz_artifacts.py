@@ -19,8 +19,9 @@ Mutation classes:
   crash, run code or escape.
 - hostile: files built to run a pickle payload or write outside the extraction folder (duplicated
   members whose first copy is a pickle, a second program, pickled weights, `..`/absolute/symlink
-  member names) plus, for AOTI, a swapped shared library resealed (native code: loads by design,
-  refused only with a pinned digest, which the worker also tries).
+  member names, tensor metadata promising 16 GB over an empty member) plus, for AOTI, a damaged
+  shared library resealed with fresh digests: native code by design, so the worker opens it only
+  with the original's digest pinned, which must refuse it.
 
 Counted for every file: payloads executed (marker folders a payload would create), files written
 outside the sandbox's extraction folders, crashes, hangs, exceptions other than QExportError, and
@@ -309,20 +310,32 @@ def worker() -> None:
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     torch.manual_seed(0)
-    x = torch.randn(4, 64)
+    x = [torch.randn(4, 64)]  # build_artifacts' model; replaced by the first base artifact's own inputs
     baseline: dict[str, list] = {}
     print(json.dumps({"ready": True}), file=reply, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         p = req["path"]
         res: dict[str, str] = {}
+        if req.get("pinned_only"):  # native code by design: only the pinned load may open it
+            try:
+                runners.load(p, expected_sha256=req["sha"])
+                res["pinned"] = "ok"
+            except QExportError as e:
+                res["pinned"] = type(e).__name__
+            except Exception as e:
+                res["pinned"] = f"ESCAPED {type(e).__name__}: {str(e)[:200]}"
+            print(json.dumps(res), file=reply, flush=True)
+            continue
         for name, fn in (("inspect", qexport.inspect), ("load", runners.load)):
             try:
                 out = fn(p)
                 res[name] = "ok"
                 if name == "load":
+                    if req.get("base") and out.inputs is not None and not baseline:
+                        x = runners.make_inputs(out.inputs)
                     try:
-                        got = out([x.clone()])
+                        got = out([t.clone() for t in x])
                         got = [t.float().flatten()[:64].tolist() for t in got]
                         if req.get("base"):
                             baseline[req["kind"]] = got
@@ -372,11 +385,11 @@ class Worker:
         line = self.proc.stdout.readline()
         return json.loads(line) if line else None
 
-    def open(self, path: Path, kind: str, sha: str | None, base: bool = False) -> dict:
+    def open(self, path: Path, kind: str, sha: str | None, base: bool = False, pinned_only: bool = False) -> dict:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"path": str(path), "kind": kind, "sha": sha, "base": base}) + "\n")
+        self.proc.stdin.write(json.dumps({"path": str(path), "kind": kind, "sha": sha, "base": base, "pinned_only": pinned_only}) + "\n")
         self.proc.stdin.flush()
         res = self._read(HANG_S)
         if res is not None:
@@ -452,11 +465,11 @@ def run(artifacts: dict[str, Path], cases: int, seed: int, sandbox: Path, log=pr
                 path = sandbox / "files" / f"{case}{SUFFIX[kind]}"
                 path.write_bytes(blob)
                 before = _snapshot(sandbox)
-                res = worker_.open(path, kind, sha)
+                res = worker_.open(path, kind, sha, pinned_only=op == "swapped_so_resealed")
                 after = _snapshot(sandbox)
                 path.unlink()
                 counts[f"{cls}"] += 1
-                outcome = res.get("fatal") or res.get("load", "?")
+                outcome = res.get("fatal") or res.get("load") or f"pinned {res.get('pinned')}"
                 bad = []
                 if "fatal" in res:
                     bad.append("crash" if res["fatal"].startswith("CRASH") else "hang")
@@ -470,14 +483,14 @@ def run(artifacts: dict[str, Path], cases: int, seed: int, sandbox: Path, log=pr
                     bad.append("written_outside")
                     shutil.rmtree(sandbox / "escaped")
                     (sandbox / "escaped").mkdir()
+                if res.get("pinned") == "ok":
+                    bad.append("pinned_digest_accepted_another_file")
                 if res.get("load") == "ok":
                     counts[f"{cls}_loaded"] += 1
                     if res.get("outputs") == "different":
                         counts[f"{cls}_loaded_different_outputs"] += 1
                     if cls == "damage" and kind in ("pt2", "aoti"):
                         bad.append("damaged_loaded")
-                    if res.get("pinned") == "ok":
-                        bad.append("pinned_digest_accepted_another_file")
                 if "run" in res:
                     counts[f"{cls}_run_{res['run']}"] += 1
                 counts[f"{cls}:{outcome.split(':')[0]}"] += 1

@@ -188,6 +188,8 @@ def build_model(target: str) -> nn.Module:
             raise UsageError(f"TARGET {target!r} is a {type(obj).__name__}, not a callable that returns an nn.Module")
         try:
             obj = obj()
+        except SystemExit as e:  # sys:exit would end the CLI with status 0 having written nothing
+            raise UsageError(f"TARGET {target!r}: calling it exited the program (SystemExit {e.code!r}); it must return a torch.nn.Module") from None
         except Exception as e:
             raise UsageError(f"TARGET {target!r}: calling it with no arguments failed: {type(e).__name__}: {e}") from e
     if not isinstance(obj, nn.Module):
@@ -293,6 +295,8 @@ class Progress:
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
+    if n >= 10**15:  # past any real artifact (and past what a float holds, for a manifest's numbers)
+        return f"{str(n)[:4]}… ({len(str(n))}-digit) B"
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= div:
             return f"{n / div:.2f} {unit}"
