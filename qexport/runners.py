@@ -213,13 +213,10 @@ def _load_aoti(p: Path, expected_sha256: str | None) -> Runner:
     return Runner("aoti", p, call)
 
 
-_ET_DTYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64, 5: torch.float16,
-              6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
-
 
 def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
     try:
-        from serializers.pte import open_program
+        from serializers.pte import ET_DTYPES, open_program
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
     try:  # the portable quantized kernels, for regions no delegate took
@@ -234,7 +231,7 @@ def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
     inputs = []
     for i in range(meta.num_inputs()):
         t = meta.input_tensor_meta(i)
-        inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), _ET_DTYPES.get(int(t.dtype()), torch.float32)))
+        inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
 
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
         return _flat_tensors(method.execute([x.contiguous() for x in flat]))

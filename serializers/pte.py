@@ -7,8 +7,9 @@ tensor), so it is read through ExecuTorch's own runtime: loading that one method
 
 The runtime verifies the flatbuffer (Verification.InternalConsistency, its default) but still aborts
 the process on some damaged programs (an ET_CHECK while initializing a method; seen as SIGABRT), and a
-Python caller cannot catch that. So the first load of a file's bytes happens in a forked child that
-loads the program and every method; only bytes that survived it (the same bytes, never re-read from
+Python caller cannot catch that, nor a crash in the first execution of a method whose operator
+arguments are damaged. So the first load of a file's bytes happens in a forked child that loads the
+program and every method and runs `forward` once on zeros; only bytes that survived it (the same bytes, never re-read from
 disk) reach the runtime in this process. A fork costs tens of ms here; a fresh interpreter would
 cost seconds of imports.
 
@@ -72,14 +73,31 @@ def _unseal(p: Path, data: bytes) -> bytes:
     return body
 
 
+#: ExecuTorch ScalarType codes -> torch dtypes (the runtime's method metadata reports codes)
+ET_DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64",
+             11: "bool", 15: "bfloat16"}
+
+
 def _load_all(runtime: Any, data: bytes) -> None:
+    """Load the program and every method, and run `forward` once on zeros of its input shapes:
+    damaged operator arguments that pass the verifier crash the first execution, not the load."""
+    import torch
+
     program = runtime.load_program(data)
     for name in program.method_names:
-        program.load_method(name)
+        method = program.load_method(name)
+        if name != "forward":
+            continue
+        meta = method.metadata
+        inputs = []
+        for i in range(meta.num_inputs()):
+            t = meta.input_tensor_meta(i)
+            inputs.append(torch.zeros(tuple(t.sizes()), dtype=getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
+        method.execute(inputs)
 
 
 def _probe(p: Path, runtime: Any, data: bytes) -> None:
-    """Load `data` (program and every method) in a child process; raise if the child dies."""
+    """Load `data` (see _load_all) in a child process; raise if the child dies."""
     digest = hashlib.sha256(data).hexdigest()
     if digest in _PROBED:
         return
@@ -108,7 +126,7 @@ def _probe(p: Path, runtime: Any, data: bytes) -> None:
         time.sleep(0.002)
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
-        raise CorruptArtifactError(f"{p}: a damaged ExecuTorch program: the runtime died loading it ({name}) in a child process")
+        raise CorruptArtifactError(f"{p}: a damaged ExecuTorch program: the runtime died ({name}) loading it, or running forward once on zeros, in a child process")
     _PROBED.add(digest)  # exit 1 (a Python exception) is reported by the in-process load that follows
 
 
