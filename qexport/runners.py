@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -313,6 +313,14 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
     return region_call
 
 
+def _pin(pins: "Mapping[str | PathLike[str], str] | None", p: Path) -> str | None:
+    """The pinned digest of `p` in `pins` (keys compared as resolved paths)."""
+    if not pins:
+        return None
+    resolved = {Path(k).resolve(): v for k, v in pins.items()}
+    return resolved.get(p.resolve())
+
+
 def _check_pinned(p: Path, expected_sha256: str) -> None:
     import hashlib
 
@@ -470,6 +478,7 @@ def verify(
     per_region: bool = True,
     tolerance: float | None = None,
     on_artifact: Callable[[Path], Any] | None = None,
+    expected_sha256: "Mapping[str | PathLike[str], str] | None" = None,
 ) -> list[VerifyResult]:
     """Run each artifact on the same inputs as the reference program (generated from its input
     specs) and compare outputs, against the loosest tolerance of the reference's schemes.
@@ -478,7 +487,8 @@ def verify(
     path is an error before any work. Region-by-region errors are reported where the artifact
     exposes its regions: a `.pt2`, an `.onnx` written with keep_regions=True (AOTI and ExecuTorch
     fuse them away). `tolerance` replaces the schemes' bound: the family
-    tolerances bound one region, and errors compound over a deep model."""
+    tolerances bound one region, and errors compound over a deep model. `expected_sha256` maps
+    paths (the reference's too) to the SHA-256 each must have (see `load`)."""
     if tolerance is not None and not tolerance > 0:
         raise ArtifactError(f"tolerance must be positive, got {tolerance}")
     paths = [check_readable(a) for a in artifacts]
@@ -489,7 +499,7 @@ def verify(
         kind = artifact_kind(rp)
         if kind != "pt2":
             raise ArtifactError(f"{rp}: the reference must be an exported program (.pt2 from qexport export), not {kind}")
-        ref = load_program(rp)
+        ref = load_program(rp, _pin(expected_sha256, rp))
     tol = tolerance if tolerance is not None else tolerance_for(ref)[0]
     infos = program_inputs(ref)
     flat = make_inputs(infos, seed)
@@ -502,7 +512,7 @@ def verify(
             on_artifact(p)
         res = VerifyResult(p, "?", tol)
         try:
-            runner = load(p)
+            runner = load(p, expected_sha256=_pin(expected_sha256, p))
             res.kind = runner.kind
             got = runner([x.clone() for x in flat])
             res.max_abs, res.rel = compare(expected, got)
@@ -580,14 +590,16 @@ def bench(
     min_iters: int = 10,
     min_time_s: float = 0.5,
     on_artifact: Callable[[Path], Any] | None = None,
+    expected_sha256: "Mapping[str | PathLike[str], str] | None" = None,
 ) -> list[BenchResult]:
     """Median latency and size of each artifact, all on the same inputs, in one run. An artifact
-    that fails to load or run gets a result with `.error` set."""
+    that fails to load or run gets a result with `.error` set. `expected_sha256` maps paths to the
+    SHA-256 each must have (see `load`)."""
     paths = [check_readable(a) for a in artifacts]
     runners: list[Runner | BenchResult] = []
     for p in paths:
         try:
-            runners.append(load(p))
+            runners.append(load(p, expected_sha256=_pin(expected_sha256, p)))
         except QExportError as e:
             runners.append(BenchResult(p, "?", p.stat().st_size, error=str(e)))
     if inputs is None:

@@ -374,3 +374,15 @@ def test_inspect_prints_hostile_manifest_text_escaped(pt2, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b]0;owned" in out and "401-digit" in out
+
+
+def test_cli_pins(demo, capsys):
+    from qexport.cli import main
+
+    pkg = demo / "model_aoti.pt2"
+    sha = hashlib.sha256(pkg.read_bytes()).hexdigest()
+    assert main(["verify", str(demo / "model.pt2"), str(pkg), "--expected-sha256", f"{pkg}={sha}"]) == 0
+    assert main(["verify", str(demo / "model.pt2"), str(pkg), "--expected-sha256", f"{pkg}={'0' * 64}"]) == 1
+    assert f"SHA-256 is {sha}, not the expected" in capsys.readouterr().out
+    assert main(["bench", str(pkg), "--expected-sha256", f"other.pt2={sha}"]) == 1
+    assert "other.pt2 is not one of the files given" in capsys.readouterr().err

@@ -292,6 +292,25 @@ class Progress:
         self.close(ok=True)
 
 
+PIN_HELP = ("FILE=SHA256: refuse FILE unless its SHA-256 (what sha256sum prints) is this one; repeatable. "
+            "An AOTI package is native code: pin the digest you got from a source you trust (docs/security.md)")
+
+
+def parse_pins(values: Sequence[str] | None, files: Sequence[str]) -> dict[str, str]:
+    """`--expected-sha256 FILE=HEX` values as {FILE: hex}; FILE must be one of `files`."""
+    pins: dict[str, str] = {}
+    known = {Path(f).resolve() for f in files}
+    for value in values or ():
+        path, sep, digest = value.rpartition("=")
+        digest = digest.strip().lower()
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise UsageError(f"--expected-sha256 {value!r}: expected FILE=SHA256 with a 64-hex-digit SHA-256")
+        if Path(path).resolve() not in known:
+            raise UsageError(f"--expected-sha256 {value!r}: {path} is not one of the files given")
+        pins[path] = digest
+    return pins
+
+
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
