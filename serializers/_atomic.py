@@ -34,7 +34,7 @@ def sweep_stale(directory: "str | PathLike[str]") -> None:
     Never raises: a directory we cannot list or write is left as it is."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            m = _TMP_RE.fullmatch(entry.name)
+            m = _TMP_RE.fullmatch(entry.name) if entry.name.startswith(".") else None
             if m and int(m.group(1)) != os.getpid() and entry.is_dir(follow_symlinks=False) and not _alive(int(m.group(1))):
                 shutil.rmtree(entry.path, ignore_errors=True)
 

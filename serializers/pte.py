@@ -107,6 +107,9 @@ def _probe(p: Path, runtime: Any, data: bytes) -> None:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's code
+        import faulthandler
+
+        faulthandler.disable()  # its death is reported by the parent, not as a dump of the parent's stack
         code = 1
         try:
             _load_all(runtime, data)

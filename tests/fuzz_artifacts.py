@@ -173,8 +173,11 @@ def _member_edit(members: list[tuple[str, bytes]], rng: random.Random, op: str) 
 
 
 def _plain_zip(members: list[tuple[str, bytes]]) -> bytes:
+    import warnings
+
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name": the point of the case
         for n, d in members:
             z.writestr(zipfile.ZipInfo(n), d)
     return buf.getvalue()
