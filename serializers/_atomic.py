@@ -5,9 +5,11 @@ does not remove."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from os import PathLike
 from pathlib import Path
@@ -15,8 +17,10 @@ from typing import Iterator
 
 from qexport.errors import ArtifactError, ArtifactNotFoundError
 
-#: `.<name>.<writer pid>.<random>.tmp`, the folder atomic_path writes in
-_TMP_RE = re.compile(r"\..+\.(\d+)\.[a-z0-9_]+\.tmp")
+#: `.<name>.<writer pid>@<host>.<random>.tmp`, the folder atomic_path writes in; the host tag keeps
+#: a process from judging the pids of another machine (or container) sharing the directory
+_TMP_RE = re.compile(r"\..+\.(\d+)@([0-9a-f]{8})\.[a-z0-9_]+\.tmp")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _alive(pid: int) -> bool:
@@ -35,7 +39,8 @@ def sweep_stale(directory: "str | PathLike[str]") -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             m = _TMP_RE.fullmatch(entry.name) if entry.name.startswith(".") else None
-            if m and int(m.group(1)) != os.getpid() and entry.is_dir(follow_symlinks=False) and not _alive(int(m.group(1))):
+            if (m and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and entry.is_dir(follow_symlinks=False)
+                    and not _alive(int(m.group(1)))):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -63,7 +68,7 @@ def atomic_path(path: "str | PathLike[str]") -> Iterator[Path]:
     parent = p.parent if str(p.parent) else Path(".")
     sweep_stale(parent)
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=parent))
     except OSError as e:  # a read-only file system passes os.access on some mounts
         raise ArtifactError(f"{p}: cannot write in {parent}: {e.strerror or e}") from None
     tmp = tmpdir / p.name

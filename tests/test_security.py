@@ -277,14 +277,18 @@ def _dead_pid() -> int:
 
 
 def test_a_killed_writers_folder_is_swept_by_the_next_write_and_load(pt2, tmp_path):
+    from serializers._atomic import _HOST
+
     ep = qexport.load(pt2)
-    dead = tmp_path / f".model.pt2.{_dead_pid()}.abc_123.tmp"
+    dead = tmp_path / f".model.pt2.{_dead_pid()}@{_HOST}.abc_123.tmp"
     dead.mkdir()
     (dead / "model.pt2").write_bytes(b"PK\x03\x04 half")
-    live = tmp_path / f".model.pt2.{os.getppid()}.def_456.tmp"  # a running writer's folder is kept
+    live = tmp_path / f".model.pt2.{os.getppid()}@{_HOST}.def_456.tmp"  # a running writer's folder is kept
     live.mkdir()
+    elsewhere = tmp_path / f".model.pt2.{_dead_pid()}@00000000.ghi_789.tmp"  # another machine's pid: not ours to judge
+    elsewhere.mkdir()
     qexport.save(ep, tmp_path / "model.pt2")
-    assert sorted(os.listdir(tmp_path)) == sorted(["model.pt2", live.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.pt2", live.name, elsewhere.name])
     dead.mkdir()
     qexport.inspect(tmp_path / "model.pt2")
     assert not dead.exists()
