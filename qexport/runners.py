@@ -249,12 +249,13 @@ def _load_onnx(p: Path, expected_sha256: str | None) -> Runner:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
-    if expected_sha256 is not None:
-        _check_pinned(p, expected_sha256)
+    from serializers.onnx import read_checked
+
+    data = read_checked(p, expected_sha256)
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     inputs = [
         InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))
@@ -269,10 +270,10 @@ def _load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     def call(flat: Flat) -> Flat:
         return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
 
-    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(p, options, feed))
+    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(data, options, feed))
 
 
-def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, Any]]):
+def _onnx_region_call(data: bytes, options: Any, feed: Callable[[Flat], dict[str, Any]]):
     """For an .onnx that keeps its regions as local functions: a second session whose outputs also
     include every region call's output, keyed by the module path its metadata records."""
     import json
@@ -284,7 +285,7 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
         from serializers.onnx import REGION_DOMAIN, REGION_KEY
     except ImportError:  # no qexport ONNX format here: nothing names the regions
         return None
-    model = onnx.load(str(p), load_external_data=False)
+    model = onnx.load_model_from_string(data)
     meta = {}
     for f in model.functions:
         if f.domain == REGION_DOMAIN:
@@ -302,7 +303,7 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
     def region_call(flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
         nonlocal session
         if session is None:  # built on first use: most runs never ask for regions
-            full = onnx.load(str(p))
+            full = onnx.load_model_from_string(data)
             known = {o.name for o in full.graph.output}
             full.graph.output.extend(onnx.helper.make_empty_tensor_value_info(out) for out, _, _ in calls if out not in known)
             session = ort.InferenceSession(full.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -319,14 +320,6 @@ def _pin(pins: "Mapping[str | PathLike[str], str] | None", p: Path) -> str | Non
         return None
     resolved = {Path(k).resolve(): v for k, v in pins.items()}
     return resolved.get(p.resolve())
-
-
-def _check_pinned(p: Path, expected_sha256: str) -> None:
-    import hashlib
-
-    got = hashlib.sha256(p.read_bytes()).hexdigest()
-    if got != expected_sha256.strip().lower():
-        raise UnsafeArtifactError(f"{p}: SHA-256 is {got}, not the expected {expected_sha256}; this is not the file you pinned")
 
 
 _LOADERS: dict[str, Callable[[Path, "str | None"], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}

@@ -13,9 +13,9 @@ Mutation classes:
 - damage: what a disk, a cut download or a careless tool does: bit flips, truncations, overwritten
   or inserted blocks, for zips also members duplicated / removed / renamed / with JSON fields of
   another type, rewritten by Python's zipfile (digests left as they were); for .pte also flatbuffer
-  offsets moved. None of these may load for .pt2 and AOTI.
+  offsets moved. None of these may load (.pte and .onnx carry a checksum trailer).
 - rewrite: the same member edits, resealed with fresh digests (what anyone editing a file on purpose
-  can do), and for .pte damaged programs given a fresh checksum: these may load; they must not
+  can do), and for .pte and .onnx damaged files given a fresh checksum: these may load; they must not
   crash, run code or escape.
 - hostile: files built to run a pickle payload or write outside the extraction folder (duplicated
   members whose first copy is a pickle, a second program, pickled weights, `..`/absolute/symlink
@@ -110,6 +110,8 @@ def _raw(data: bytes, rng: random.Random, op: str) -> bytes:
 
 RAW_OPS = ("flip", "truncate", "block", "zeros", "insert", "delete")
 PTE_OPS = RAW_OPS + ("fb_offset",) * 4
+#: the module that seals each kind that carries a checksum trailer, and the trailer's length there
+_SEALS = {"pte": ("serializers.pte", "_TRAILER"), "onnx": ("serializers.onnx", "_TRAILER")}
 MEMBER_OPS = ("duplicate", "remove", "rename", "json_type", "member_flip")
 
 
@@ -272,14 +274,16 @@ def mutations(kind: str, data: bytes, n: int, seed: int, sandbox: Path):
             else:
                 stale = op == "member_flip" or rng.random() < 0.5  # qexport's layout, digests as they were
                 yield f"{kind}{i}", "damage", op, _resealed_stale(edited, members) if stale else _plain_zip(edited), marker
-        elif kind == "pte" and r >= 5:  # a damaged program with a fresh checksum: reaches the runtime
-            from serializers.pte import _TRAILER, seal
+        elif kind in ("pte", "onnx") and r >= 5:  # damage under a fresh checksum: reaches the runtime
+            import importlib
 
-            op = PTE_OPS[i % len(PTE_OPS)]
+            seal, trailer = _SEALS[kind]
+            module = importlib.import_module(seal)
+            op = (PTE_OPS if kind == "pte" else RAW_OPS)[i % len(PTE_OPS if kind == "pte" else RAW_OPS)]
             with tempfile.TemporaryDirectory() as d:
-                q = Path(d) / "x.pte"
-                q.write_bytes(_raw(data[:-_TRAILER], rng, op))
-                seal(q)
+                q = Path(d) / "x"
+                q.write_bytes(_raw(data[:-getattr(module, trailer)], rng, op))
+                module.seal(q)
                 yield f"{kind}{i}", "rewrite", op, q.read_bytes(), marker
         else:
             ops = PTE_OPS if kind == "pte" else RAW_OPS
