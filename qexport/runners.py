@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError, UnsafeArtifactError
+from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from serializers.inspect import check_readable
 
 ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
@@ -211,7 +211,6 @@ def _load_aoti(p: Path, expected_sha256: str | None) -> Runner:
             return _flat_tensors(compiled(*flat))
 
     return Runner("aoti", p, call)
-
 
 
 def _load_pte(p: Path, expected_sha256: str | None) -> Runner:

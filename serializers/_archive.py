@@ -48,6 +48,14 @@ def sha256(data: "bytes | memoryview") -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_pin(path: Path, data: bytes, expected_sha256: str | None) -> None:
+    """Refuse `data` (the whole file at `path`) unless its SHA-256 is the pinned one (every kind)."""
+    if expected_sha256 is not None and sha256(data) != expected_sha256.strip().lower():
+        raise UnsafeArtifactError(
+            f"{path}: SHA-256 is {sha256(data)}, not the expected {expected_sha256}; this is not the file you pinned"
+        )
+
+
 @dataclass(frozen=True)
 class Archive:
     """A qexport zip artifact, read and checked: `data` is the whole file (what torch gets), `members`
@@ -195,10 +203,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
         data = path.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{path}: cannot be read: {e.strerror or e}") from None
-    if expected_sha256 is not None:
-        got = sha256(data)
-        if got != expected_sha256.strip().lower():
-            raise UnsafeArtifactError(f"{path}: SHA-256 is {got}, not the expected {expected_sha256}; this is not the file you pinned")
+    check_pin(path, data, expected_sha256)
     with _open_zip(path, io.BytesIO(data)) as z:
         try:
             root, rel = _check_names(path, z)

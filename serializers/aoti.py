@@ -22,7 +22,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator
 
-from qexport.errors import CorruptArtifactError, UnsafeArtifactError
+from qexport.errors import CorruptArtifactError
 
 from ._archive import AOTI_PREFIX, ZIP_MAGIC, Archive, check_allowed, read_archive, read_manifest as _read_manifest
 from .inspect import check_readable, register_reader

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
+from qexport.errors import ArtifactError, CorruptArtifactError
 from qexport.schemes import Scheme
 
+from ._archive import check_pin
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
 
@@ -47,8 +48,7 @@ def read_checked(path: "str | Path", expected_sha256: str | None = None) -> byte
         data = p.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.strip().lower():
-        raise UnsafeArtifactError(f"{p}: SHA-256 is {hashlib.sha256(data).hexdigest()}, not the expected {expected_sha256}; this is not the file you pinned")
+    check_pin(p, data, expected_sha256)
     body, head, digest = data[:-_TRAILER], data[-_TRAILER:-32], data[-32:]
     if len(data) < _TRAILER or head != _TRAILER_HEAD:
         raise CorruptArtifactError(

@@ -26,13 +26,11 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch.export.pt2_archive import constants as C
 
-from qexport.errors import (
-    ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError,
-)
+from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 
 from qexport.regions import iter_region_nodes
 
-from ._archive import MANIFEST_MEMBER, ZIP_MAGIC, Archive, check_allowed, read_archive, seal
+from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
 from ._archive import read_manifest as _read_manifest
 from ._atomic import atomic_path, check_writable
 from .inspect import check_readable, register_reader

@@ -30,8 +30,9 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, UnsafeArtifactError
+from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError
 
+from ._archive import check_pin
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
 
@@ -145,8 +146,7 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
         data = p.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.strip().lower():
-        raise UnsafeArtifactError(f"{p}: SHA-256 is {hashlib.sha256(data).hexdigest()}, not the expected {expected_sha256}")
+    check_pin(p, data, expected_sha256)
     data = _unseal(p, data)
     runtime = Runtime.get()
     _probe(p, runtime, data)

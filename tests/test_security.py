@@ -3,10 +3,8 @@ bad user input fails before any work with a QExportError (docs/security.md)."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
-import io
 import json
 import os
 import subprocess
