@@ -174,7 +174,12 @@ def _manifest(p: Path, z: zipfile.ZipFile, root: str, text: bytes) -> Manifest:
     return Manifest.from_json(text, source=str(p))
 
 
-def _no_manifest(p: Path) -> CorruptArtifactError:
+def _no_manifest(p: Path, kind: str) -> CorruptArtifactError:
+    if kind == "aoti":
+        return CorruptArtifactError(
+            f"{p}: an AOTInductor package without a qexport manifest ({MANIFEST_MEMBER}); it was not written by "
+            f"qexport.compile (load it with torch._inductor.aoti_load_package if you trust it: it is native code)"
+        )
     return CorruptArtifactError(
         f"{p}: no qexport manifest ({MANIFEST_MEMBER}); the file was not written by qexport.save or qexport.compile "
         f"(torch.export.load reads plain torch archives; if you trust it, re-save it with qexport.save)"
@@ -188,7 +193,7 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
         try:
             root, rel = _check_names(path, z)
             if MANIFEST_MEMBER not in rel:
-                raise _no_manifest(path)
+                raise _no_manifest(path, _kind(rel))
             return _kind(rel), _manifest(path, z, root, z.read(root + MANIFEST_MEMBER))
         except QExportError:
             raise
@@ -213,7 +218,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
         except Exception as e:  # BadZipFile (CRC), EOFError, OSError, struct.error, ... on damage
             raise CorruptArtifactError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
         if MANIFEST_MEMBER not in members:
-            raise _no_manifest(path)
+            raise _no_manifest(path, _kind(rel))
         manifest = _manifest(path, z, root, members[MANIFEST_MEMBER])
         comment = z.comment
     canonical = io.BytesIO()
