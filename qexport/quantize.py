@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from . import _validate
 from .errors import CalibrationError, NothingToQuantizeError, UnsupportedModuleError
 from .regions import invoke_quant
 from .schemes import Scheme, get as get_scheme, make_region_fn, math_for
@@ -119,6 +120,7 @@ def _select(
 
 
 def _check_module(m: nn.Module, fqn: str, scheme: Scheme, op: str) -> None:
+    _validate.check_modules([(fqn, m, op)])
     if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
         raise UnsupportedModuleError(f"{fqn}: Conv2d padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
@@ -150,12 +152,14 @@ def _calibrate(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in data:
+            for batch in _validate.calibration_batches(data):
                 if isinstance(batch, Mapping):
                     model(**batch)
                 else:
                     model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
                 n += 1
+    except Exception as e:
+        raise _validate.calibration_failed(e, n) from e
     finally:
         for h in handles:
             h.remove()

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -135,13 +135,14 @@ class Runner:
         return self.path.stat().st_size
 
 
-def load(path: "str | PathLike[str]") -> Runner:
+def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> Runner:
     """Load any qexport artifact as a Runner. Raises ArtifactError subclasses for unreadable files
-    and BackendUnavailableError when the runtime it needs is not installed."""
+    and BackendUnavailableError when the runtime it needs is not installed. `expected_sha256` (hex,
+    what `sha256sum` prints) pins the file: any other file is refused with UnsafeArtifactError."""
     p = check_readable(path)
     kind = artifact_kind(p)
     try:
-        return _LOADERS[kind](p)
+        return _LOADERS[kind](p, expected_sha256)
     except QExportError:
         raise
     except ImportError as e:  # the installation, not the file
@@ -155,12 +156,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def load_program(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
+def load_program(path: "str | PathLike[str]", expected_sha256: str | None = None) -> torch.export.ExportedProgram:
     """The ExportedProgram in a qexport `.pt2` (through qexport.load: the archive is checked, nothing
     is unpickled, the manifest must match the graph)."""
     p = check_readable(path)
     try:
-        return stage("load")(p)
+        return stage("load")(p, expected_sha256=expected_sha256)
     except QExportError as e:
         if _is_missing_manifest(e):
             # A plain torch archive may hold pickled example inputs, which torch.export.load would
@@ -176,8 +177,8 @@ def _is_missing_manifest(e: QExportError) -> bool:
     return "no qexport manifest" in str(e) or "without a qexport manifest" in str(e)
 
 
-def _load_pt2(p: Path) -> Runner:
-    return program_runner(load_program(p), p)
+def _load_pt2(p: Path, expected_sha256: str | None) -> Runner:
+    return program_runner(load_program(p, expected_sha256), p)
 
 
 def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None) -> Runner:
@@ -193,9 +194,9 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
                   region_call=lambda flat: region_outputs(ep, flat))
 
 
-def _load_aoti(p: Path) -> Runner:
+def _load_aoti(p: Path, expected_sha256: str | None) -> Runner:
     try:
-        compiled = stage("load_compiled")(str(p))
+        compiled = stage("load_compiled")(str(p), expected_sha256=expected_sha256)
     except QExportError as e:
         if _is_missing_manifest(e):
             raise ArtifactError(f"{p}: an AOTInductor package not written by qexport (no manifest); compile the "
@@ -212,20 +213,16 @@ def _load_aoti(p: Path) -> Runner:
     return Runner("aoti", p, call)
 
 
-_ET_DTYPES = {0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64, 5: torch.float16,
-              6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16}
-
-
-def _load_pte(p: Path) -> Runner:
+def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
     try:
-        from executorch.runtime import Runtime
+        from serializers.pte import ET_DTYPES, open_program
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
     try:  # the portable quantized kernels, for regions no delegate took
         import executorch.kernels.quantized  # noqa: F401
     except Exception:
         pass
-    program = Runtime.get().load_program(str(p))
+    program = open_program(p, expected_sha256=expected_sha256)
     method = program.load_method("forward")
     if method is None:
         raise CorruptArtifactError(f"{p}: the program has no 'forward' method")
@@ -233,9 +230,9 @@ def _load_pte(p: Path) -> Runner:
     inputs = []
     for i in range(meta.num_inputs()):
         t = meta.input_tensor_meta(i)
-        inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), _ET_DTYPES.get(int(t.dtype()), torch.float32)))
+        inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
 
-    def call(flat: Flat) -> Flat:
+    def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
         return _flat_tensors(method.execute([x.contiguous() for x in flat]))
 
     return Runner("pte", p, call, inputs=inputs)
@@ -246,20 +243,21 @@ _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool, "tensor(double)": torch.float64}
 
 
-def _load_onnx(p: Path) -> Runner:
+def _load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
-    from serializers.onnx import read_manifest
+    from serializers.onnx import read_checked, read_manifest
 
     from .lower.onnx import check_target_runs_here
 
-    check_target_runs_here(read_manifest(p).extra.get("target"), str(p))
+    data = read_checked(p, expected_sha256)
+    check_target_runs_here(read_manifest(p, data).extra.get("target"), str(p))
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     inputs = [
         InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))
@@ -274,10 +272,10 @@ def _load_onnx(p: Path) -> Runner:
     def call(flat: Flat) -> Flat:
         return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
 
-    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(p, options, feed))
+    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(data, options, feed))
 
 
-def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, Any]]):
+def _onnx_region_call(data: bytes, options: Any, feed: Callable[[Flat], dict[str, Any]]):
     """For an .onnx that keeps its regions as local functions: a second session whose outputs also
     include every region call's output, keyed by the module path its metadata records."""
     import json
@@ -289,7 +287,7 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
         from serializers.onnx import REGION_DOMAIN, REGION_KEY
     except ImportError:  # no qexport ONNX format here: nothing names the regions
         return None
-    model = onnx.load(str(p), load_external_data=False)
+    model = onnx.load_model_from_string(data)
     meta = {}
     for f in model.functions:
         if f.domain == REGION_DOMAIN:
@@ -307,7 +305,7 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
     def region_call(flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
         nonlocal session
         if session is None:  # built on first use: most runs never ask for regions
-            full = onnx.load(str(p))
+            full = onnx.load_model_from_string(data)
             known = {o.name for o in full.graph.output}
             full.graph.output.extend(onnx.helper.make_empty_tensor_value_info(out) for out, _, _ in calls if out not in known)
             session = ort.InferenceSession(full.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -318,7 +316,15 @@ def _onnx_region_call(p: Path, options: Any, feed: Callable[[Flat], dict[str, An
     return region_call
 
 
-_LOADERS: dict[str, Callable[[Path], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}
+def _pin(pins: "Mapping[str | PathLike[str], str] | None", p: Path) -> str | None:
+    """The pinned digest of `p` in `pins` (keys compared as resolved paths)."""
+    if not pins:
+        return None
+    resolved = {Path(k).resolve(): v for k, v in pins.items()}
+    return resolved.get(p.resolve())
+
+
+_LOADERS: dict[str, Callable[[Path, "str | None"], Runner]] = {"pt2": _load_pt2, "aoti": _load_aoti, "pte": _load_pte, "onnx": _load_onnx}
 
 
 def _flat_tensors(out: Any) -> Flat:
@@ -467,6 +473,7 @@ def verify(
     per_region: bool = True,
     tolerance: float | None = None,
     on_artifact: Callable[[Path], Any] | None = None,
+    expected_sha256: "Mapping[str | PathLike[str], str] | None" = None,
 ) -> list[VerifyResult]:
     """Run each artifact on the same inputs as the reference program (generated from its input
     specs) and compare outputs, against the loosest tolerance of the reference's schemes.
@@ -475,7 +482,8 @@ def verify(
     path is an error before any work. Region-by-region errors are reported where the artifact
     exposes its regions: a `.pt2`, an `.onnx` written with keep_regions=True (AOTI and ExecuTorch
     fuse them away). `tolerance` replaces the schemes' bound: the family
-    tolerances bound one region, and errors compound over a deep model."""
+    tolerances bound one region, and errors compound over a deep model. `expected_sha256` maps
+    paths (the reference's too) to the SHA-256 each must have (see `load`)."""
     if tolerance is not None and not tolerance > 0:
         raise ArtifactError(f"tolerance must be positive, got {tolerance}")
     paths = [check_readable(a) for a in artifacts]
@@ -486,7 +494,7 @@ def verify(
         kind = artifact_kind(rp)
         if kind != "pt2":
             raise ArtifactError(f"{rp}: the reference must be an exported program (.pt2 from qexport export), not {kind}")
-        ref = load_program(rp)
+        ref = load_program(rp, _pin(expected_sha256, rp))
     tol = tolerance if tolerance is not None else tolerance_for(ref)[0]
     infos = program_inputs(ref)
     flat = make_inputs(infos, seed)
@@ -499,7 +507,7 @@ def verify(
             on_artifact(p)
         res = VerifyResult(p, "?", tol)
         try:
-            runner = load(p)
+            runner = load(p, expected_sha256=_pin(expected_sha256, p))
             res.kind = runner.kind
             got = runner([x.clone() for x in flat])
             res.max_abs, res.rel = compare(expected, got)
@@ -577,14 +585,16 @@ def bench(
     min_iters: int = 10,
     min_time_s: float = 0.5,
     on_artifact: Callable[[Path], Any] | None = None,
+    expected_sha256: "Mapping[str | PathLike[str], str] | None" = None,
 ) -> list[BenchResult]:
     """Median latency and size of each artifact, all on the same inputs, in one run. An artifact
-    that fails to load or run gets a result with `.error` set."""
+    that fails to load or run gets a result with `.error` set. `expected_sha256` maps paths to the
+    SHA-256 each must have (see `load`)."""
     paths = [check_readable(a) for a in artifacts]
     runners: list[Runner | BenchResult] = []
     for p in paths:
         try:
-            runners.append(load(p))
+            runners.append(load(p, expected_sha256=_pin(expected_sha256, p)))
         except QExportError as e:
             runners.append(BenchResult(p, "?", p.stat().st_size, error=str(e)))
     if inputs is None:

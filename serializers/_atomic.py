@@ -1,16 +1,47 @@
-"""Atomic file writes: an artifact appears under its name complete, or not at all."""
+"""Atomic file writes: an artifact appears under its name complete, or not at all, and a writer
+killed half-way (kill -9, power loss) leaves nothing that the next write or load in that directory
+does not remove."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from os import PathLike
 from pathlib import Path
 from typing import Iterator
 
 from qexport.errors import ArtifactError, ArtifactNotFoundError
+
+#: `.<name>.<writer pid>@<host>.<random>.tmp`, the folder atomic_path writes in; the host tag keeps
+#: a process from judging the pids of another machine (or container) sharing the directory
+_TMP_RE = re.compile(r"\..+\.(\d+)@([0-9a-f]{8})\.[a-z0-9_]+\.tmp")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(directory: "str | PathLike[str]") -> None:
+    """Remove the temporary folders of writers that died (their pid is gone) from `directory`.
+    Never raises: a directory we cannot list or write is left as it is."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            m = _TMP_RE.fullmatch(entry.name) if entry.name.startswith(".") else None
+            if (m and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and entry.is_dir(follow_symlinks=False)
+                    and not _alive(int(m.group(1)))):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def check_writable(path: "str | PathLike[str]", suffix: str | None = None) -> Path:
@@ -34,14 +65,22 @@ def atomic_path(path: "str | PathLike[str]") -> Iterator[Path]:
     anything from the name, like torch's archive root folder, see the final one); on success it
     is renamed over `path` with os.replace, on any failure it is removed."""
     p = Path(path)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else "."))
+    parent = p.parent if str(p.parent) else Path(".")
+    sweep_stale(parent)
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{p.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=parent))
+    except OSError as e:  # a read-only file system passes os.access on some mounts
+        raise ArtifactError(f"{p}: cannot write in {parent}: {e.strerror or e}") from None
     tmp = tmpdir / p.name
     try:
         yield tmp
         if not tmp.is_file():
             raise ArtifactError(f"{p}: the writer produced no file")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except OSError as e:
+            raise ArtifactError(f"{p}: cannot be written: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

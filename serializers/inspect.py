@@ -75,6 +75,9 @@ def check_readable(path: "str | PathLike[str]") -> Path:
         raise ArtifactNotFoundError(f"{p}: no such file")
     if not p.is_file():
         raise ArtifactError(f"{p}: not a file")
+    from ._atomic import sweep_stale
+
+    sweep_stale(p.parent if str(p.parent) else ".")
     return p
 
 

@@ -135,6 +135,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: every other tensor of the program (float biases, unquantized parameters, buffers, constants)
     other_bytes: int = 0
+    #: zip artifacts (.pt2, AOTI): SHA-256 (hex) of every other member, by name under the archive root
+    members: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -203,6 +205,7 @@ class Manifest:
             "other_bytes": self.other_bytes,
             "regions": [r.to_dict() for r in self.regions],
             "extra": dict(self.extra),
+            **({"members": dict(self.members)} if self.members else {}),
         }
 
     def to_json(self) -> str:
@@ -241,6 +244,7 @@ class Manifest:
                 float_bytes=_nonneg_int(data.get("float_bytes"), "float_bytes"),
                 extra=extra,
                 other_bytes=_nonneg_int(data.get("other_bytes", 0), "other_bytes"),
+                members=_digests(data.get("members", {})),
             )
         except UnsupportedVersionError as e:  # a scheme of a newer schema version
             raise UnsupportedVersionError(f"{where}{e}") from None
@@ -288,6 +292,15 @@ class Manifest:
             if r.name == name:
                 return r
         raise KeyError(f"no region named {name!r}; regions: {[r.name for r in self.regions]}")
+
+
+def _digests(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+        for k, v in value.items()
+    ):
+        raise ValueError("'members' must map member names to SHA-256 hex digests")
+    return dict(value)
 
 
 def _reject_constant(token: str) -> Any:

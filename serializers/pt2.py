@@ -1,23 +1,22 @@
 """`.pt2` artifacts: `save(ep, path)` / `load(path)` through torch.export's own archive, with the
 qexport manifest stored inside it as an extra file.
 
-The file is exactly what `torch.export.save` writes (a zip of JSON graph, raw tensor bytes and
-`extra/` files), so `torch.export.load(path)` reads it too; regions need nothing registered, since
-the HOP is torch's own and its scheme and options are a plain JSON dict. The manifest lives at
-`<root>/extra/qexport/manifest.json`.
+The members are exactly what `torch.export.save` writes (a zip of JSON graph, raw tensor bytes and
+`extra/` files), repacked by `serializers._archive.seal` with the manifest (and the SHA-256 of every
+member) at `<root>/extra/qexport/manifest.json`; `torch.export.load(path)` reads it too, and regions
+need nothing registered, since the HOP is torch's own and its options are a plain JSON dict.
 
-`load` never hands torch a file it has not checked first. torch's loader trusts its input: it
-unpickles tensor subclasses, torchbind/opaque objects and (after a failed `weights_only` attempt)
-the sample inputs with `weights_only=False`, and it raises whatever its parsers raise on damage. So
-the archive is verified with Python's zipfile (every member's CRC) and its payload configs are read
-before torch sees it; anything that would be unpickled is refused.
+`load` never hands torch a byte it has not checked. torch's loader trusts its input: it unpickles
+tensor subclasses, torchbind/opaque objects and (after a failed `weights_only` attempt) the sample
+inputs with `weights_only=False`, allocates what payload metadata promises, and raises whatever its
+parsers raise on damage. So the archive goes through `serializers._archive.read_archive` with this
+kind's check (`_check_program`) and torch gets the checked bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import pickle
 import zipfile
 from os import PathLike
@@ -27,25 +26,19 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch.export.pt2_archive import constants as C
 
-from qexport.errors import (
-    ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError,
-)
+from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 
 from qexport.regions import iter_region_nodes
 
+from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
+from ._archive import read_manifest as _read_manifest
 from ._atomic import atomic_path, check_writable
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
 
 #: the manifest's name among torch.export's `extra_files` (stored under `<root>/extra/`)
 MANIFEST_NAME = "qexport/manifest.json"
-ZIP_MAGIC = b"PK\x03\x04"
 MODEL_NAME = "model"  # the name torch.export.save gives the one program it writes
-
-
-def manifest_extra_files(manifest: Manifest) -> dict[str, str]:
-    """`extra_files` for torch.export.save / package_pt2 that embed `manifest` where readers look."""
-    return {MANIFEST_NAME: manifest.to_json()}
 
 
 # -- save -------------------------------------------------------------------------------------
@@ -71,9 +64,10 @@ def save(
     _check_picklefree(ep, p)
     with atomic_path(p) as tmp, _debug_meta_dropped(ep, stack_traces=not keep_stack_traces):
         try:
-            torch.export.save(ep, tmp, extra_files=manifest_extra_files(manifest))
+            torch.export.save(ep, tmp)
         except Exception as e:
             raise ArtifactError(f"{p}: torch.export.save failed: {type(e).__name__}: {e}") from e
+        manifest = seal(tmp, manifest)
     return manifest
 
 
@@ -117,6 +111,9 @@ def _debug_meta_dropped(ep: torch.export.ExportedProgram, *, stack_traces: bool)
 
 def _check_picklefree(ep: torch.export.ExportedProgram, p: Path) -> None:
     """Refuse, before writing, a program whose archive `load` would refuse as unsafe."""
+    from qexport._validate import check_state
+
+    check_state(ep, str(p))
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     for kind, items in (("state", ep.state_dict.items()), ("constant", ep.constants.items())):
@@ -144,160 +141,124 @@ def _check_picklefree(ep: torch.export.ExportedProgram, p: Path) -> None:
             ) from None
 
 
-# -- reading the archive ----------------------------------------------------------------------
+# -- checking the archive ----------------------------------------------------------------------
 
-class _Archive:
-    """A torch.export zip archive opened with Python's zipfile, checked before torch reads it."""
+#: members a program archive holds besides its payloads (names under the archive root)
+PROGRAM_RECORDS = frozenset({
+    C.MODELS_FILENAME_FORMAT.format(MODEL_NAME),
+    C.WEIGHTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME),
+    C.CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME),
+    C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME),
+})
+_PAYLOAD_DEVICES = ("cpu", "cuda")
 
-    def __init__(self, p: Path, *, verify: bool) -> None:
-        self.path = p
-        try:
-            self.zip = zipfile.ZipFile(p)
-        except zipfile.BadZipFile as e:
-            raise CorruptArtifactError(f"{p}: not a zip archive, or a truncated one ({e}); a .pt2 is the zip torch.export.save writes") from None
-        except PermissionError as e:
-            raise ArtifactError(f"{p}: cannot be read: {e.strerror}") from None
-        except Exception as e:
-            raise CorruptArtifactError(f"{p}: unreadable zip structure ({type(e).__name__}: {e})") from None
-        try:
-            self._index(verify)
-        except Exception:
-            self.zip.close()
-            raise
 
-    def _index(self, verify: bool) -> None:
-        p = self.path
-        try:
-            infos = self.zip.infolist()
-            names = [i.filename for i in infos]
-            size = p.stat().st_size
-            for i in infos:
-                # torch writes every member stored (uncompressed): a compressed member or one larger
-                # than the file is damage (or a zip bomb), not something torch.export.save wrote.
-                if i.compress_type != zipfile.ZIP_STORED or i.file_size > size:
-                    raise CorruptArtifactError(f"{p}: member {i.filename!r} is not stored as torch.export.save stores it")
-            formats = [n for n in names if n.endswith("/" + C.ARCHIVE_FORMAT_PATH) and n.count("/") == 1]
-            if len(formats) != 1:
-                raise CorruptArtifactError(f"{p}: a zip, but not a torch.export archive (no {C.ARCHIVE_FORMAT_PATH} record)")
-            self.root = formats[0].split("/")[0] + "/"
-            if any(not n.startswith(self.root) for n in names):
-                raise CorruptArtifactError(f"{p}: archive members outside its root folder {self.root!r}")
-            self.names = {n[len(self.root):] for n in names}
-            if verify:
-                bad = self.zip.testzip()
-                if bad is not None:
-                    raise CorruptArtifactError(f"{p}: member {bad!r} is damaged (CRC mismatch)")
-            if self.read_text(C.ARCHIVE_FORMAT_PATH) != C.ARCHIVE_FORMAT_VALUE:
-                raise CorruptArtifactError(f"{p}: archive_format is not {C.ARCHIVE_FORMAT_VALUE!r}")
-        except QExportError:
-            raise
-        except Exception as e:  # zipfile raises BadZipFile, EOFError, OSError, struct.error, ... on damage
-            raise CorruptArtifactError(f"{p}: damaged archive ({type(e).__name__}: {e})") from None
-
-    def __enter__(self) -> "_Archive":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.zip.close()
-
-    def read(self, name: str) -> bytes:
-        if name not in self.names:
-            raise CorruptArtifactError(f"{self.path}: the archive has no {name!r} record")
-        try:
-            return self.zip.read(self.root + name)
-        except Exception as e:
-            raise CorruptArtifactError(f"{self.path}: record {name!r} is damaged ({type(e).__name__}: {e})") from None
-
-    def read_text(self, name: str) -> str:
-        try:
-            return self.read(name).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorruptArtifactError(f"{self.path}: record {name!r} is not UTF-8 text") from None
-
-    def read_json(self, name: str) -> Any:
-        try:
-            return json.loads(self.read_text(name))
-        except (ValueError, RecursionError) as e:
-            raise CorruptArtifactError(f"{self.path}: record {name!r} is not valid JSON ({e})") from None
-
-    def has_aoti(self) -> bool:
-        return any(n.startswith(C.AOTINDUCTOR_DIR) for n in self.names)
-
-    def manifest(self) -> Manifest:
-        name = C.EXTRA_DIR + MANIFEST_NAME
-        if name not in self.names:
-            raise CorruptArtifactError(
-                f"{self.path}: no qexport manifest ({name}); the file was not written by qexport.save "
-                f"(torch.export.load reads plain torch archives)"
-            )
-        return Manifest.from_json(self.read(name), source=str(self.path))
-
-    def check_loadable(self) -> None:
-        """Raise unless torch's loader would read only JSON and raw tensor bytes (no pickle, no .so)."""
-        p = self.path
-        if self.has_aoti():
-            raise UnsafeArtifactError(f"{p}: holds AOTInductor compiled code; load it with qexport.load_compiled")
-        models = sorted(n for n in self.names if n.startswith(C.MODELS_DIR) and n.endswith(".json"))
-        if models != [C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)]:
-            raise CorruptArtifactError(f"{p}: expected one program {C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)}, found {models}")
-        for legacy in (f"{C.WEIGHTS_DIR}{MODEL_NAME}.pt", f"{C.CONSTANTS_DIR}{MODEL_NAME}.pt"):
-            if legacy in self.names:
-                raise UnsafeArtifactError(f"{p}: legacy pickled {legacy}; re-save it with qexport.save")
-        for config_name, kind in (
-            (C.WEIGHTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME), "weight"),
-            (C.CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME), "constant"),
-        ):
-            config = self.read_json(config_name)
-            entries = config.get("config") if isinstance(config, dict) else None
-            if not isinstance(entries, dict):
-                raise CorruptArtifactError(f"{p}: {config_name} has no 'config' object")
-            for fqn, meta in entries.items():
-                path_name = meta.get("path_name") if isinstance(meta, dict) else None
-                if not isinstance(path_name, str):
-                    raise CorruptArtifactError(f"{p}: {config_name}: entry {fqn!r} is malformed")
-                if meta.get("use_pickle") or path_name.startswith((C.CUSTOM_OBJ_FILENAME_PREFIX, C.OPAQUE_OBJ_FILENAME_PREFIX)):
-                    raise UnsafeArtifactError(
-                        f"{p}: {kind} {fqn!r} is pickled ({path_name}); qexport does not unpickle artifacts"
-                    )
-        sample = C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)
-        data = self.read(sample)
-        if data:
-            try:
-                torch.load(io.BytesIO(data), weights_only=True)
-            except pickle.UnpicklingError as e:
-                if "Weights only load failed" not in str(e):
-                    raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({e})") from None
-                # torch retries this with weights_only=False, which would run whatever the pickle says
+def _check_program(archive: Archive) -> None:
+    """The `.pt2` kind: exactly one program, payloads that are raw tensor bytes large enough for what
+    their metadata promises, example inputs torch can read without unpickling code."""
+    p = archive.path
+    if archive.kind != "pt2":
+        raise UnsafeArtifactError(f"{p}: holds AOTInductor compiled code; load it with qexport.load_compiled")
+    payloads: set[str] = set()
+    for config_name, folder, kind in (
+        (C.WEIGHTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME), C.WEIGHTS_DIR, "weight"),
+        (C.CONSTANTS_CONFIG_FILENAME_FORMAT.format(MODEL_NAME), C.CONSTANTS_DIR, "constant"),
+    ):
+        config = archive.json(config_name)
+        entries = config.get("config") if isinstance(config, dict) else None
+        if not isinstance(entries, dict):
+            raise CorruptArtifactError(f"{p}: {config_name} has no 'config' object")
+        for fqn, meta in entries.items():
+            path_name = meta.get("path_name") if isinstance(meta, dict) else None
+            if not isinstance(path_name, str) or "/" in path_name:
+                raise CorruptArtifactError(f"{p}: {config_name}: entry {fqn!r} is malformed")
+            if meta.get("use_pickle") is not False or path_name.startswith((C.CUSTOM_OBJ_FILENAME_PREFIX, C.OPAQUE_OBJ_FILENAME_PREFIX)):
                 raise UnsafeArtifactError(
-                    f"{p}: the stored example inputs hold objects other than tensors and containers "
-                    f"(weights_only=True refuses them); refusing to unpickle them"
-                ) from None
-            except Exception as e:
-                raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({type(e).__name__}: {e})") from None
+                    f"{p}: {kind} {fqn!r} is pickled ({path_name}); qexport does not unpickle artifacts"
+                )
+            member = folder + path_name
+            if member not in archive.members:
+                raise CorruptArtifactError(f"{p}: {kind} {fqn!r} has no payload {member!r}")
+            _check_payload_size(p, f"{kind} {fqn!r}", meta.get("tensor_meta"), len(archive.members[member]))
+            payloads.add(member)
+    check_allowed(archive, lambda n: n in PROGRAM_RECORDS or n in payloads, "a qexport program (one program, its payloads)")
+    for n in PROGRAM_RECORDS:
+        if n not in archive.members:
+            raise CorruptArtifactError(f"{p}: the archive has no {n!r} record")
+    if archive.members[C.ARCHIVE_FORMAT_PATH] != C.ARCHIVE_FORMAT_VALUE.encode():
+        raise CorruptArtifactError(f"{p}: archive_format is not {C.ARCHIVE_FORMAT_VALUE!r}")
+    _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
+
+
+def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:
+    """torch allocates what a payload's metadata says (zeros for an empty member); refuse metadata
+    that promises more bytes than the member holds before it does."""
+    from torch._export.serde.schema import ScalarType
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    def ints(values: Any) -> list[int]:
+        if not isinstance(values, list) or not all(isinstance(v, dict) and set(v) == {"as_int"} for v in values):
+            raise ValueError("not a list of ints")
+        out = [v["as_int"] for v in values]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
+            raise ValueError("negative or non-integer")
+        return out
+
+    try:
+        if not isinstance(meta, dict):
+            raise ValueError("no tensor_meta")
+        dtype = _SERIALIZE_TO_TORCH_DTYPE[ScalarType(meta["dtype"])]
+        sizes, strides, (offset,) = ints(meta["sizes"]), ints(meta["strides"]), ints([meta["storage_offset"]])
+        device = meta["device"]["type"]
+        if len(sizes) != len(strides) or device not in _PAYLOAD_DEVICES:
+            raise ValueError(f"{len(sizes)} sizes, {len(strides)} strides, device {device!r}")
+    except Exception as e:
+        raise CorruptArtifactError(f"{p}: {what}: malformed tensor metadata ({type(e).__name__}: {e})") from None
+    span = 0 if 0 in sizes else offset + 1 + sum((n - 1) * s for n, s in zip(sizes, strides))
+    need = span * dtype.itemsize
+    if need > nbytes or (nbytes == 0) != (need == 0) or nbytes % dtype.itemsize:
+        raise CorruptArtifactError(
+            f"{p}: {what}: its metadata ({sizes}, {dtype}) needs {need:,} bytes but its payload holds {nbytes:,}"
+        )
+
+
+def _check_sample_inputs(p: Path, data: bytes) -> None:
+    if not data:
+        return
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({e})") from None
+        # torch retries this with weights_only=False, which would run whatever the pickle says
+        raise UnsafeArtifactError(
+            f"{p}: the stored example inputs hold objects other than tensors and containers "
+            f"(weights_only=True refuses them); refusing to unpickle them"
+        ) from None
+    except Exception as e:
+        raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({type(e).__name__}: {e})") from None
 
 
 # -- load / inspect ---------------------------------------------------------------------------
 
-def load(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
-    """Read a `.pt2` written by `save`: the archive is verified, nothing is unpickled, and the
-    program's regions are checked against the manifest."""
+def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> torch.export.ExportedProgram:
+    """Read a `.pt2` written by `save`: the archive is verified (layout, CRCs, the manifest's member
+    digests, one program, payload sizes), nothing is unpickled, and the program's regions are checked
+    against the manifest. `expected_sha256` (hex) pins the whole file's digest."""
     p = check_readable(path)
-    with _Archive(p, verify=True) as archive:
-        manifest = archive.manifest()
-        archive.check_loadable()
+    archive = read_archive(p, _check_program, expected_sha256=expected_sha256)
     try:
-        ep = torch.export.load(p)
+        # the checked bytes, not the path: the file may change between the check and the load
+        ep = torch.export.load(io.BytesIO(archive.data))
     except Exception as e:  # torch's deserializer raises anything its parsers raise
         raise CorruptArtifactError(f"{p}: torch.export.load could not deserialize the program ({type(e).__name__}: {e})") from None
-    manifest.check_against(ep, source=str(p))
+    archive.manifest.check_against(ep, source=str(p))
     return ep
 
 
 def read_manifest(path: "str | PathLike[str]") -> Manifest:
     """The manifest of a qexport `.pt2` (or AOTI package) without loading its program."""
-    p = check_readable(path)
-    with _Archive(p, verify=False) as archive:
-        return archive.manifest()
+    return _read_manifest(check_readable(path))[1]
 
 
 def has_aoti_code(p: Path) -> bool | None:

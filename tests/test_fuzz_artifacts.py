@@ -1,9 +1,10 @@
 """Fuzzing qexport.load / qexport.inspect with damaged copies of a real artifact (seeded).
 
-Two kinds of damage: raw bytes of the file (truncations, bit flips, overwritten blocks: what a bad
-disk or a cut download does) and members rewritten inside a structurally valid zip with correct CRCs
-(what reaches torch's own parsers). Whatever the damage, only a QExportError may escape, and no call
-may hang.
+Two kinds of damage in-process: raw bytes of the file (truncations, bit flips, overwritten blocks:
+what a bad disk or a cut download does) and members rewritten inside a structurally valid zip with
+correct CRCs (what reaches torch's own parsers). Whatever the damage, only a QExportError may escape,
+and no call may hang. Then a slice of `tests/fuzz_artifacts.py` (every kind, hostile files too, in a
+worker process so a crash is counted; the full run's figures are in docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from qexport import QExportError
 from conftest import MLP, quantized, scheme_for
 
 SEED = 20261126
-RAW_CASES = 360
-MEMBER_CASES = 180
+RAW_CASES = 180
+MEMBER_CASES = 90
+SLICE_CASES = 50
 HANG_SECONDS = 20
 
 
@@ -118,3 +120,22 @@ def test_member_damage(artifact, tmp_path):
     # damage to the JSON that describes the program (graph, payload configs, manifest) is always caught
     described = [r for r in results if r[1] == "load" and r[0].endswith(".json") and r[0].split(":")[1] == "truncate"]
     assert described and all(r[2] != "ok" for r in described)
+
+
+def test_fuzz_slice_every_kind(demo_run, tmp_path):
+    """50 seeded mutations per kind (damage, rewrites with fresh digests, hostile constructions):
+    no payload runs, nothing is written outside the sandbox's extraction folders, nothing crashes or
+    hangs, only QExportErrors escape, and no damaged .pt2 or AOTI package loads."""
+    import fuzz_artifacts
+
+    d = demo_run[2]
+    artifacts = {"pt2": d / "model.pt2", "aoti": d / "model_aoti.pt2", "pte": d / "model.pte", "onnx": d / "model.onnx"}
+    report = fuzz_artifacts.run(artifacts, SLICE_CASES, fuzz_artifacts.SEED, tmp_path / "sandbox", log=lambda *_: None)
+    bad = {k: v["bad_examples"] for k, v in report["kinds"].items() if v["bad_examples"]}
+    assert not bad, bad
+    assert report["extraction_folders_left"] == 0
+    for kind in ("pt2", "aoti"):
+        counts = report["kinds"][kind]["counts"]
+        assert counts["damage"] == 35 and counts["hostile"] == 5 and counts.get("damage_loaded", 0) == 0
+    for kind in ("pte", "onnx"):  # the checksum trailer
+        assert report["kinds"][kind]["counts"].get("damage_loaded", 0) == 0

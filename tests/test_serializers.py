@@ -30,6 +30,7 @@ from qexport.quantize import quantized_modules
 from qexport.regions import HOP_TARGETS
 from qexport.schemes import Scheme, SchemeMath
 from serializers import MANIFEST_VERSION, Manifest, RegionRecord
+from serializers import _archive
 from serializers.pt2 import MANIFEST_NAME
 
 from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
@@ -384,19 +385,21 @@ def test_inspect_unknown_file_lists_kinds(tmp_path):
 # -- refusing files ------------------------------------------------------------------------------
 
 def rezip(src: Path, dst: Path, mutate: Callable[[str, bytes], bytes | None] = lambda n, d: d,
-          add: dict[str, bytes] | None = None, compression: int = zipfile.ZIP_STORED) -> Path:
-    """Rewrite a .pt2 with valid zip structure and CRCs but changed contents (None drops a member)."""
+          add: dict[str, bytes] | None = None, compression: int | None = None) -> Path:
+    """Rewrite a .pt2 with changed contents (None drops a member) as a hostile author would: valid
+    CRCs, qexport's layout, fresh member digests in the manifest (so the checks behind the digests
+    are reached). With `compression`, a plain zipfile rewrite instead."""
     with zipfile.ZipFile(src) as z:
         members = [(i.filename, z.read(i.filename)) for i in z.infolist()]
     root = members[0][0].split("/")[0]
-    with zipfile.ZipFile(dst, "w", compression) as out:
-        for name, data in members:
-            new = mutate(name.split("/", 1)[1], data)
-            if new is not None:
-                out.writestr(name, new)
-        for name, data in (add or {}).items():
-            out.writestr(f"{root}/{name}", data)
-    return dst
+    out = [(name, mutate(name.split("/", 1)[1], data)) for name, data in members]
+    out = [(n, d) for n, d in out if d is not None] + [(f"{root}/{n}", d) for n, d in (add or {}).items()]
+    if compression is not None:
+        with zipfile.ZipFile(dst, "w", compression) as z:
+            for name, data in out:
+                z.writestr(name, data)
+        return dst
+    return _archive.reseal(out, dst)
 
 
 MANIFEST_MEMBER = "extra/" + MANIFEST_NAME

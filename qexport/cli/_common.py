@@ -188,6 +188,8 @@ def build_model(target: str) -> nn.Module:
             raise UsageError(f"TARGET {target!r} is a {type(obj).__name__}, not a callable that returns an nn.Module")
         try:
             obj = obj()
+        except SystemExit as e:  # sys:exit would end the CLI with status 0 having written nothing
+            raise UsageError(f"TARGET {target!r}: calling it exited the program (SystemExit {e.code!r}); it must return a torch.nn.Module") from None
         except Exception as e:
             raise UsageError(f"TARGET {target!r}: calling it with no arguments failed: {type(e).__name__}: {e}") from e
     if not isinstance(obj, nn.Module):
@@ -290,9 +292,30 @@ class Progress:
         self.close(ok=True)
 
 
+PIN_HELP = ("FILE=SHA256: refuse FILE unless its SHA-256 (what sha256sum prints) is this one; repeatable. "
+            "An AOTI package is native code: pin the digest you got from a source you trust (docs/security.md)")
+
+
+def parse_pins(values: Sequence[str] | None, files: Sequence[str]) -> dict[str, str]:
+    """`--expected-sha256 FILE=HEX` values as {FILE: hex}; FILE must be one of `files`."""
+    pins: dict[str, str] = {}
+    known = {Path(f).resolve() for f in files}
+    for value in values or ():
+        path, sep, digest = value.rpartition("=")
+        digest = digest.strip().lower()
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise UsageError(f"--expected-sha256 {value!r}: expected FILE=SHA256 with a 64-hex-digit SHA-256")
+        if Path(path).resolve() not in known:
+            raise UsageError(f"--expected-sha256 {value!r}: {path} is not one of the files given")
+        pins[path] = digest
+    return pins
+
+
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
+    if n >= 10**15:  # past any real artifact (and past what a float holds, for a manifest's numbers)
+        return f"{str(n)[:4]}… ({len(str(n))}-digit) B"
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= div:
             return f"{n / div:.2f} {unit}"

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from ..errors import UsageError
-from ._common import INPUT_SPEC_HELP, Progress, fmt_bytes, fmt_seconds, parse_input_spec
+from ._common import INPUT_SPEC_HELP, PIN_HELP, Progress, fmt_bytes, fmt_seconds, parse_input_spec, parse_pins
 from ._table import format_table
 
 
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float, default=0.5, help="and at least this many seconds (default 0.5)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expected-sha256", action="append", default=None, metavar="FILE=SHA256", help=PIN_HELP)
     p.set_defaults(func=run)
 
 
@@ -43,10 +44,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    pins = parse_pins(args.expected_sha256, args.artifacts)
     progress = Progress(total=len(args.artifacts))
     try:
         results = bench(args.artifacts, inputs=inputs, seed=args.seed, warmup=args.warmup, min_iters=args.min_iters,
-                        min_time_s=args.min_time, on_artifact=lambda p: progress.advance(f"timing {p}"))
+                        min_time_s=args.min_time, on_artifact=lambda p: progress.advance(f"timing {p}"), expected_sha256=pins)
     except BaseException:
         progress.close(ok=False)
         raise

@@ -34,8 +34,18 @@ def _shape(shapes) -> str:
     return " ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes) or "-"
 
 
+def _clean(value, limit: int = 160) -> str:
+    """Manifest text as it may reach a terminal: control characters (escape sequences) shown escaped,
+    long text cut. A manifest is the file's author's text, not ours."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _ratio(q: int, f: int) -> str:
-    return f"{q / f:.3f}x" if f else "-"
+    try:
+        return f"{q / f:.3f}x" if f else "-"
+    except OverflowError:  # byte counts are the author's numbers: any int JSON can hold
+        return "-"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,17 +56,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(manifest.to_dict(), indent=1))
         return 0
     rows = [
-        (
+        tuple(_clean(cell) for cell in (
             r.module_path or r.name, r.op, r.scheme.describe(), _params(r.scheme),
             list(r.weight_shape) if r.weight_shape else "-", _shape(r.input_shapes),
             fmt_bytes(r.weight_bytes), fmt_bytes(r.float_bytes) if r.float_bytes else "-", _ratio(r.weight_bytes, r.float_bytes),
-        )
+        ))
         for r in manifest.regions
     ]
-    print(
+    print(_clean(
         f"{args.file}: {manifest.artifact} artifact, manifest v{manifest.version}, written by qexport "
-        f"{manifest.qexport_version} with torch {manifest.torch_version}"
-    )
+        f"{manifest.qexport_version} with torch {manifest.torch_version}", limit=400,
+    ))
     print(format_table(("module", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio"), rows))
     print(
         f"total: {len(manifest.regions)} regions, {fmt_bytes(manifest.quantized_bytes)} quantized replacing "
@@ -64,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
         f"other tensors {fmt_bytes(manifest.other_bytes)}; file {fmt_bytes(os.path.getsize(args.file))}"
     )
     if manifest.extra:
-        print(f"extra: {json.dumps(manifest.extra, sort_keys=True)}")
+        print(_clean(f"extra: {json.dumps(manifest.extra, sort_keys=True)}", limit=2000))
     return 0

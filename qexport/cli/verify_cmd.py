@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from ._common import Progress, fmt_err
+from ._common import PIN_HELP, Progress, fmt_err, parse_pins
 from ._table import format_table
 
 
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--regions", action="store_true",
                    help="also print region-by-region errors, where the artifact exposes its regions (.pt2, and "
                    ".onnx written with --keep-regions; AOTI and ExecuTorch fuse them away)")
+    p.add_argument("--expected-sha256", action="append", default=None, metavar="FILE=SHA256", help=PIN_HELP)
     p.set_defaults(func=run)
 
 
@@ -37,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tolerance is not None and not args.tolerance > 0:
         raise UsageError(f"--tolerance must be positive, got {args.tolerance}")
+    pins = parse_pins(args.expected_sha256, [args.reference, *args.artifacts])
     progress = Progress(total=len(args.artifacts))
     try:
-        out = verify(args.reference, args.artifacts, seed=args.seed, tolerance=args.tolerance, on_artifact=lambda p: progress.advance(f"running {p}"))
+        out = verify(args.reference, args.artifacts, seed=args.seed, tolerance=args.tolerance,
+                     on_artifact=lambda p: progress.advance(f"running {p}"), expected_sha256=pins)
     except BaseException:
         progress.close(ok=False)
         raise

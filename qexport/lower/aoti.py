@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-import zipfile
 from os import PathLike
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -205,30 +203,39 @@ def _json_safe(v: Any) -> bool:
 
 
 def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
-    """Add the manifest as `<root>/extra/<name>`, torch's place for extra files in a pt2 archive.
+    """Add the manifest as `<root>/extra/<name>`, torch's place for extra files in a pt2 archive,
+    with the SHA-256 of every member torch wrote (the `.so` included), in qexport's zip layout.
 
     Why not package_pt2(extra_files=...): aoti_compile_and_package packages the compiled files itself
-    and takes no extra files; appending one stored member leaves every record torch wrote untouched.
+    and takes no extra files; `seal` repacks them byte for byte and adds the manifest.
     """
+    from serializers._archive import MANIFEST_MEMBER, seal
     from torch.export.pt2_archive.constants import EXTRA_DIR
 
-    with zipfile.ZipFile(package, "a", compression=zipfile.ZIP_STORED) as z:
-        roots = {n.split("/", 1)[0] for n in z.namelist()}
-        if len(roots) != 1:
-            raise ArtifactError(f"{package}: AOTInductor wrote an archive with roots {sorted(roots)}; expected one")
-        z.writestr(f"{roots.pop()}/{EXTRA_DIR}{name}", manifest.to_json())
+    if EXTRA_DIR + name != MANIFEST_MEMBER:
+        raise ArtifactError(f"the manifest belongs at {MANIFEST_MEMBER}, not {EXTRA_DIR + name}")
+    seal(package, manifest)
 
 
-def load_compiled(path: "str | PathLike[str]", **loader_options: Any) -> Any:
+def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = None, **loader_options: Any) -> Any:
     """Load a package written by `compile`: returns torch's runner (call it like the model).
 
-    `loader_options` go to `torch._inductor.aoti_load_package`. A CUDA package loads with
-    `run_single_threaded=True` unless told otherwise, so its runner can be captured in a CUDA graph
-    (call it from one thread at a time; pass `run_single_threaded=False` for torch's thread-safe one).
+    The package is native code. Before anything is loaded, every member is checked against the
+    SHA-256 its manifest records (UnsafeArtifactError on a mismatch) and torch gets the checked copy,
+    unpacked in a private folder; `expected_sha256` (hex, what `sha256sum` prints) also pins the
+    whole file, so a package rebuilt by someone else with fresh digests is refused too (see
+    docs/security.md). `loader_options` go to `torch._inductor.aoti_load_package`. A CUDA package
+    loads with `run_single_threaded=True` unless told otherwise, so its runner can be captured in a
+    CUDA graph (call it from one thread at a time; pass `run_single_threaded=False` for torch's
+    thread-safe one).
     """
+    from serializers.aoti import load_package
+    from serializers.inspect import check_readable
+
+    p = check_readable(path)
     import serializers
 
-    manifest = serializers.inspect(path)  # refuses a missing, damaged or non-qexport file first
+    manifest = serializers.inspect(p)  # names what a non-AOTI or non-qexport file is, first
     if manifest.artifact != "aoti":
         raise ArtifactError(f"{path}: a qexport {manifest.artifact} artifact, not an AOTInductor package; use qexport.load")
     if manifest.extra.get("device") == "cuda":
@@ -237,9 +244,12 @@ def load_compiled(path: "str | PathLike[str]", **loader_options: Any) -> Any:
         # context; the single-threaded runner captures and replays correctly (H200, torch 2.11).
         loader_options = {"run_single_threaded": True, **loader_options}
     try:
-        return torch._inductor.aoti_load_package(os.fspath(path), **loader_options)
+        compiled, manifest = load_package(p, expected_sha256=expected_sha256, **loader_options)
+    except QExportError:
+        raise
     except Exception as e:
         raise LoweringError(
             f"{path}: AOTInductor could not load the package ({type(e).__name__}: {e}); it was compiled by "
             f"torch {manifest.torch_version} for {manifest.extra.get('device', '?')}; this is torch {torch.__version__}"
         ) from e
+    return compiled

@@ -479,6 +479,9 @@ def to_executorch(
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             et.write_to_file(f)
+        from serializers.pte import seal
+
+        seal(tmp)
     return LoweringReport(
         target=f"executorch/{backend}", path=str(out), regions=records,
         delegated_nodes=info.num_delegated_nodes,

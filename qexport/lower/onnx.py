@@ -90,6 +90,9 @@ def to_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:  # checker and shape-inference errors have several types
             raise LoweringError(f"{out}: the ONNX model failed onnx.checker (full_check): {type(e).__name__}: {e}") from None
+        from serializers.onnx import seal
+
+        seal(tmp)
         size = tmp.stat().st_size
     return LoweringReport(
         target="onnx",

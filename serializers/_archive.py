@@ -1,0 +1,298 @@
+"""The one reader, and the one writer, of qexport's zip artifacts (a `.pt2` program, an AOTInductor
+package). Every entry point that hands such a file to torch goes through `read_archive` first.
+
+Why torch never reads the file itself: torch's zip reader (miniz, `PyTorchFileReader`) and Python's
+`zipfile` disagree on hostile zips (with two members of one name torch reads the first, zipfile the
+last; bytes outside the central directory, overlapping members, ...), so checking with one reader and
+loading with the other checks nothing. Here the file is read once into memory, every member is
+checked (names, the kind's allow-list, CRCs, the SHA-256 digests the manifest records), and the file
+must be byte for byte what `write_archive` makes of those members. torch is then handed exactly
+those bytes (a BytesIO, or a copy in a private folder for the AOTI loader, which reads only paths):
+a canonical archive of checked members, which every zip reader parses the same way.
+
+The manifest member cannot hold its own digest; the archive comment holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, replace
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Sequence
+
+from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError
+
+from .manifest import Manifest
+
+ZIP_MAGIC = b"PK\x03\x04"
+#: the manifest, relative to the archive's root folder (torch.export's `extra/` place for extra files)
+MANIFEST_MEMBER = "extra/qexport/manifest.json"
+#: members torch's archive writer adds to every pt2 archive
+ARCHIVE_RECORDS = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"})
+AOTI_PREFIX = "data/aotinductor/"
+_COMMENT_PREFIX = b"qexport-manifest-sha256:"
+# Pinned so a file's layout depends on its members only (not on the clock or the Python version).
+_DATE = (1980, 1, 1, 0, 0, 0)
+_MODE = (stat.S_IFREG | 0o644) << 16
+_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}|\.data")
+
+Check = Callable[["Archive"], None]
+
+
+def sha256(data: "bytes | memoryview") -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_pin(path: Path, data: bytes, expected_sha256: str | None) -> None:
+    """Refuse `data` (the whole file at `path`) unless its SHA-256 is the pinned one (every kind)."""
+    if expected_sha256 is not None and sha256(data) != expected_sha256.strip().lower():
+        raise UnsafeArtifactError(
+            f"{path}: SHA-256 is {sha256(data)}, not the expected {expected_sha256}; this is not the file you pinned"
+        )
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A qexport zip artifact, read and checked: `data` is the whole file (what torch gets), `members`
+    its members by name relative to `root`, in file order."""
+
+    path: Path
+    kind: str
+    root: str
+    members: dict[str, bytes]
+    manifest: Manifest
+    data: bytes
+
+    def json(self, name: str) -> object:
+        import json
+
+        try:
+            return json.loads(self.members[name].decode("utf-8"))
+        except KeyError:
+            raise CorruptArtifactError(f"{self.path}: the archive has no {name!r} record") from None
+        except (ValueError, RecursionError) as e:
+            raise CorruptArtifactError(f"{self.path}: record {name!r} is not valid JSON ({e})") from None
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+def write_archive(members: Sequence[tuple[str, bytes]], dest: "str | PathLike[str] | io.BytesIO", comment: bytes = b"") -> None:
+    """Write `members` (full names, in order) as the one layout `read_archive` accepts: stored, no
+    timestamps, regular files, no extra fields."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, _DATE)
+            info.create_system = 3
+            info.external_attr = _MODE
+            z.writestr(info, data)
+        z.comment = comment
+
+
+def seal(package: Path, manifest: Manifest) -> Manifest:
+    """Rewrite the zip torch just wrote at `package` in qexport's layout, with `manifest` (given the
+    SHA-256 of every member) at MANIFEST_MEMBER; returns that manifest."""
+    with zipfile.ZipFile(package) as z:
+        names = z.namelist()
+        roots = {n.split("/", 1)[0] for n in names}
+        if len(roots) != 1:
+            raise ArtifactError(f"{package}: torch wrote an archive with roots {sorted(roots)}; expected one")
+        root = roots.pop() + "/"
+        members = [(n, z.read(n)) for n in names if n != root + MANIFEST_MEMBER]
+    digests = {n[len(root):]: sha256(d) for n, d in members}
+    sealed = replace(manifest, members=digests)
+    text = sealed.to_json().encode("utf-8")
+    write_archive([*members, (root + MANIFEST_MEMBER, text)], package, manifest_comment(text))
+    return sealed
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+def _open_zip(p: Path, source: "Path | io.BytesIO") -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(source)
+    except zipfile.BadZipFile as e:
+        raise CorruptArtifactError(f"{p}: not a zip archive, or a truncated one ({e})") from None
+    except PermissionError as e:
+        raise ArtifactError(f"{p}: cannot be read: {e.strerror}") from None
+    except Exception as e:  # zipfile raises OSError, struct.error, ValueError, ... on damage
+        raise CorruptArtifactError(f"{p}: unreadable zip structure ({type(e).__name__}: {e})") from None
+
+
+def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
+    """(root folder, member names relative to it); refuses every name that could land outside the
+    folder it is extracted to, or that two readers could resolve differently."""
+    infos = z.infolist()
+    if not infos:
+        raise CorruptArtifactError(f"{p}: an empty zip archive")
+    names = [i.filename for i in infos]
+    formats = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
+    if len(formats) != 1:
+        raise CorruptArtifactError(f"{p}: a zip, but not a torch.export archive (no single archive_format record)")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UnsafeArtifactError(f"{p}: members named twice ({', '.join(map(repr, dup[:3]))}); readers disagree on which copy counts")
+    root = formats[0].split("/", 1)[0]
+    rel = []
+    for i in infos:
+        n = i.filename
+        parts = n.split("/")
+        if n.startswith("/") or "\\" in n or "\x00" in n or any(part in ("", ".", "..") for part in parts):
+            raise UnsafeArtifactError(f"{p}: member name {n!r} is absolute, empty or climbs out of its folder")
+        # torch names the root folder after the file, so it may hold any printable character
+        if not _safe_root(parts[0]) or not all(_SAFE_PART.fullmatch(part) for part in parts[1:]):
+            raise UnsafeArtifactError(f"{p}: member name {n!r} has characters qexport never writes")
+        if parts[0] != root or len(parts) < 2:
+            raise UnsafeArtifactError(f"{p}: member {n!r} is outside the archive's root folder {root + '/'!r}")
+        mode = i.external_attr >> 16
+        if i.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+            raise UnsafeArtifactError(f"{p}: member {n!r} is a link or a folder, not a file")
+        if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 0x1:
+            raise CorruptArtifactError(f"{p}: member {n!r} is compressed or encrypted, not stored as torch.export.save stores it")
+        rel.append(n[len(root) + 1:])
+    return root + "/", rel
+
+
+def _safe_root(name: str) -> bool:
+    return 0 < len(name) <= 255 and name.isprintable() and name not in (".", "..")
+
+
+def _kind(rel: list[str]) -> str:
+    return "aoti" if any(n.startswith(AOTI_PREFIX) for n in rel) else "pt2"
+
+
+def _manifest(p: Path, z: zipfile.ZipFile, root: str, text: bytes) -> Manifest:
+    if z.comment != manifest_comment(text):
+        raise CorruptArtifactError(
+            f"{p}: the manifest's digest (the archive comment) does not match the manifest; the file was "
+            f"damaged or edited after qexport wrote it (or it was written by a qexport without digests: re-save it)"
+        )
+    return Manifest.from_json(text, source=str(p))
+
+
+def _no_manifest(p: Path, kind: str) -> CorruptArtifactError:
+    if kind == "aoti":
+        return CorruptArtifactError(
+            f"{p}: an AOTInductor package without a qexport manifest ({MANIFEST_MEMBER}); it was not written by "
+            f"qexport.compile (load it with torch._inductor.aoti_load_package if you trust it: it is native code)"
+        )
+    return CorruptArtifactError(
+        f"{p}: no qexport manifest ({MANIFEST_MEMBER}); the file was not written by qexport.save or qexport.compile "
+        f"(torch.export.load reads plain torch archives; if you trust it, re-save it with qexport.save)"
+    )
+
+
+def read_manifest(path: Path) -> tuple[str, Manifest]:
+    """(kind, manifest) of a qexport zip without reading its other members (what `inspect` needs);
+    names are checked as in `read_archive`."""
+    with _open_zip(path, path) as z:
+        try:
+            root, rel = _check_names(path, z)
+            if MANIFEST_MEMBER not in rel:
+                raise _no_manifest(path, _kind(rel))
+            return _kind(rel), _manifest(path, z, root, z.read(root + MANIFEST_MEMBER))
+        except QExportError:
+            raise
+        except Exception as e:
+            raise CorruptArtifactError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
+
+
+def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None) -> Archive:
+    """Read and check the qexport zip at `path`; `check(archive)` is its kind's allow-list and
+    payload check (raising QExportError). Raises before torch sees a byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read: {e.strerror or e}") from None
+    check_pin(path, data, expected_sha256)
+    with _open_zip(path, io.BytesIO(data)) as z:
+        try:
+            root, rel = _check_names(path, z)
+            members = {r: _read_member(path, z, root + r) for r in rel}
+        except QExportError:
+            raise
+        except Exception as e:  # BadZipFile (CRC), EOFError, OSError, struct.error, ... on damage
+            raise CorruptArtifactError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
+        if MANIFEST_MEMBER not in members:
+            raise _no_manifest(path, _kind(rel))
+        manifest = _manifest(path, z, root, members[MANIFEST_MEMBER])
+        comment = z.comment
+    canonical = io.BytesIO()
+    write_archive([(root + r, d) for r, d in members.items()], canonical, comment)
+    if canonical.getvalue() != data:
+        raise CorruptArtifactError(
+            f"{path}: the zip's headers are not the ones qexport writes (damaged, or repacked by another tool); "
+            f"re-save it with qexport"
+        )
+    _check_digests(path, manifest, members)
+    archive = Archive(path, _kind(rel), root, members, manifest, data)
+    check(archive)
+    return archive
+
+
+def _read_member(p: Path, z: zipfile.ZipFile, name: str) -> bytes:
+    try:
+        return z.read(name)  # zipfile checks the CRC as it reads
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):
+            raise CorruptArtifactError(f"{p}: member {name!r} is damaged (CRC mismatch)") from None
+        raise
+
+
+def manifest_comment(text: bytes) -> bytes:
+    """The archive comment that records the manifest's own digest."""
+    return _COMMENT_PREFIX + sha256(text).encode()
+
+
+def _check_digests(p: Path, manifest: Manifest, members: dict[str, bytes]) -> None:
+    if not manifest.members:
+        raise UnsafeArtifactError(
+            f"{p}: the manifest records no member digests (written by an older qexport); re-save or re-compile it"
+        )
+    listed = set(manifest.members)
+    present = set(members) - {MANIFEST_MEMBER}
+    if listed != present:
+        extra, missing = sorted(present - listed), sorted(listed - present)
+        raise UnsafeArtifactError(
+            f"{p}: the archive's members are not the ones qexport wrote (unexpected: {extra[:3]}, missing: {missing[:3]})"
+        )
+    for name in members:
+        if name != MANIFEST_MEMBER and sha256(members[name]) != manifest.members[name]:
+            raise UnsafeArtifactError(
+                f"{p}: member {name!r} does not match the SHA-256 its manifest records; the file was damaged or "
+                f"a member was replaced after qexport wrote it"
+            )
+
+
+def check_allowed(archive: Archive, allowed: Callable[[str], bool], what: str) -> None:
+    """Refuse any member the kind does not name (the per-kind allow-list)."""
+    for name in archive.members:
+        if name not in ARCHIVE_RECORDS and name != MANIFEST_MEMBER and not allowed(name):
+            raise UnsafeArtifactError(f"{archive.path}: member {name!r} does not belong in {what}")
+
+
+def reseal(members: Sequence[tuple[str, bytes]], dest: "str | PathLike[str]") -> Path:
+    """Write `members` (full names) in qexport's layout with fresh digests in the manifest and the
+    comment: what anyone can do who edits an archive on purpose. Tests and the fuzzer use it to
+    reach the checks that sit behind the digests; a manifest that is not a JSON object is kept as is."""
+    import json
+
+    out = list(members)
+    at = [i for i, (n, _) in enumerate(out) if n.endswith("/" + MANIFEST_MEMBER)]
+    text = out[at[-1]][1] if at else b""
+    if at:
+        root = out[at[-1]][0][: -len(MANIFEST_MEMBER)]
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            data["members"] = {n[len(root):]: sha256(d) for n, d in out if n.startswith(root) and n != root + MANIFEST_MEMBER}
+            text = json.dumps(data, separators=(",", ":")).encode()
+            out[at[-1]] = (out[at[-1]][0], text)
+    write_archive(out, dest, manifest_comment(text))
+    return Path(dest)

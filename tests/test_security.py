@@ -1,0 +1,390 @@
+"""Opening an artifact never runs code, never writes outside its folder, never crashes the process;
+bad user input fails before any work with a QExportError (docs/security.md)."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qexport
+from qexport import (
+    ArtifactError, CalibrationError, CorruptArtifactError, ExportError, UnsafeArtifactError, UnsupportedModuleError,
+    UsageError, runners,
+)
+from qexport.models import TinyNet
+from serializers import _archive
+from serializers._archive import MANIFEST_MEMBER
+
+from conftest import MLP, quantized, scheme_for
+from fuzz_artifacts import pickle_payload
+
+
+@pytest.fixture(scope="module")
+def pt2(tmp_path_factory) -> Path:
+    x = torch.randn(4, 64)
+    path = tmp_path_factory.mktemp("sec") / "model.pt2"
+    qexport.save(qexport.export(quantized(MLP(), scheme_for("int8_weight_only"), (x,)), (x,)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run) -> Path:
+    return demo_run[2]
+
+
+def members(path: Path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, z.read(i.filename)) for i in z.infolist()]
+
+
+def stale(edited: list[tuple[str, bytes]], original: Path, dst: Path) -> Path:
+    """qexport's layout around edited members, with the manifest (and its digests) as written."""
+    text = next(d for n, d in members(original) if n.endswith(MANIFEST_MEMBER))
+    _archive.write_archive(edited, dst, _archive.manifest_comment(text))
+    return dst
+
+
+def with_manifest(ms: list[tuple[str, bytes]], edit) -> list[tuple[str, bytes]]:
+    def one(n, d):
+        if not n.endswith(MANIFEST_MEMBER):
+            return d
+        m = json.loads(d)
+        edit(m)
+        return json.dumps(m).encode()
+
+    return [(n, one(n, d)) for n, d in ms]
+
+
+@pytest.fixture
+def torch_never_reads(monkeypatch):
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("torch read a refused archive"))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: pytest.fail("torch loaded a refused package"))
+
+
+# -- the archive reader --------------------------------------------------------------------------
+
+def test_duplicate_member_whose_first_copy_is_a_pickle(pt2, tmp_path, torch_never_reads):
+    """torch reads the first of two same-named members, zipfile the last: refused whichever is checked."""
+    marker = tmp_path / "ran"
+    ms = members(pt2)
+    root = ms[0][0].split("/")[0]
+    evil = [(f"{root}/data/sample_inputs/model.pt", pickle_payload(str(marker)))] + ms
+    for dst in (_archive.reseal(evil, tmp_path / "a.pt2"), stale(evil, pt2, tmp_path / "b.pt2")):
+        for fn in (qexport.load, runners.load, qexport.inspect):
+            with pytest.raises(UnsafeArtifactError, match="members named twice"):
+                fn(dst)
+    assert not marker.exists()
+
+
+def test_a_second_program_is_refused(pt2, tmp_path, torch_never_reads):
+    marker = tmp_path / "ran"
+    ms = members(pt2)
+    root = ms[0][0].split("/")[0]
+    model = next(d for n, d in ms if n.endswith("models/model.json"))
+    p = _archive.reseal(ms + [(f"{root}/models/evil.json", model), (f"{root}/data/sample_inputs/evil.pt", pickle_payload(str(marker)))],
+                        tmp_path / "two.pt2")
+    with pytest.raises(UnsafeArtifactError, match=r"member 'models/evil.json' does not belong in a qexport program"):
+        qexport.load(p)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("{root}/../escaped", "climbs out"),
+    ("/tmp/escaped", "absolute"),
+    ("{root}/data\\..\\escaped", "absolute, empty or climbs out"),
+    ("{root}/data/weights/weight_0/../../x", "climbs out"),
+    ("other/x", "outside the archive's root folder"),
+    ("{root}/data/we\x1bights", "characters qexport never writes"),
+])
+def test_member_names_that_could_land_elsewhere(pt2, tmp_path, torch_never_reads, name, words):
+    ms = members(pt2)
+    root = ms[0][0].split("/")[0]
+    p = _archive.reseal(ms + [(name.format(root=root), b"x")], tmp_path / "n.pt2")
+    with pytest.raises(UnsafeArtifactError, match=words):
+        qexport.load(p)
+
+
+def test_symlink_member(pt2, tmp_path, torch_never_reads):
+    p = tmp_path / "link.pt2"
+    with zipfile.ZipFile(p, "w") as z:
+        for n, d in members(pt2):
+            z.writestr(zipfile.ZipInfo(n), d)
+        link = zipfile.ZipInfo(members(pt2)[0][0].split("/")[0] + "/data/link")
+        link.external_attr = 0o120777 << 16
+        z.writestr(link, "/etc/passwd")
+    with pytest.raises(UnsafeArtifactError, match="is a link or a folder"):
+        qexport.load(p)
+
+
+def test_a_replaced_member_fails_its_digest(pt2, tmp_path, torch_never_reads):
+    ms = [(n, bytes(len(d)) if n.endswith("weights/weight_0") else d) for n, d in members(pt2)]
+    with pytest.raises(UnsafeArtifactError, match=r"member 'data/weights/weight_0' does not match the SHA-256"):
+        qexport.load(stale(ms, pt2, tmp_path / "swapped.pt2"))
+
+
+def test_damaged_zip_headers_are_refused(pt2, tmp_path, torch_never_reads):
+    """A flipped bit in a timestamp touches no member; the file still is not what qexport wrote."""
+    data = bytearray(pt2.read_bytes())
+    data[10] ^= 1  # the first local header's modification time
+    p = tmp_path / "headers.pt2"
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match="headers are not the ones qexport writes"):
+        qexport.load(p)
+
+
+def test_edited_manifest_fails_its_digest(pt2, tmp_path):
+    p = stale(with_manifest(members(pt2), lambda m: m["extra"].update(x=1)), pt2, tmp_path / "m.pt2")
+    for fn in (qexport.load, qexport.inspect):
+        with pytest.raises(CorruptArtifactError, match="manifest's digest .* does not match"):
+            fn(p)
+
+
+def test_huge_tensor_metadata_over_an_empty_member(pt2, tmp_path, monkeypatch):
+    def edit(n, d):
+        if n.endswith("model_weights_config.json"):
+            cfg = json.loads(d)
+            meta = cfg["config"]["layers.0.weight"]["tensor_meta"]
+            meta["sizes"], meta["strides"] = [{"as_int": 1 << 20}, {"as_int": 1 << 14}], [{"as_int": 1 << 14}, {"as_int": 1}]
+            return json.dumps(cfg).encode()
+        return b"" if n.endswith("weights/weight_0") else d
+
+    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "huge.pt2")
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("torch would allocate 16 GB"))
+    with pytest.raises(CorruptArtifactError, match=r"weight 'layers.0.weight': its metadata .* needs 17,179,869,184 bytes but its payload holds 0"):
+        qexport.load(p)
+
+
+def test_a_manifest_without_digests_is_refused(pt2, tmp_path):
+    ms = with_manifest(members(pt2), lambda m: m.pop("members"))
+    text = next(d for n, d in ms if n.endswith(MANIFEST_MEMBER))
+    _archive.write_archive(ms, tmp_path / "old.pt2", _archive.manifest_comment(text))
+    with pytest.raises(UnsafeArtifactError, match="records no member digests .*re-save"):
+        qexport.load(tmp_path / "old.pt2")
+
+
+def test_pinned_digest(pt2, tmp_path):
+    sha = hashlib.sha256(pt2.read_bytes()).hexdigest()
+    assert qexport.load(pt2, expected_sha256=sha.upper()) is not None
+    assert runners.load(pt2, expected_sha256=sha).kind == "pt2"
+    # a file rebuilt with fresh digests passes every other check; the pin still refuses it
+    rebuilt = _archive.reseal(with_manifest(members(pt2), lambda m: m["extra"].update(x=1)), tmp_path / "rebuilt.pt2")
+    qexport.load(rebuilt)
+    with pytest.raises(UnsafeArtifactError, match=f"not the expected {sha}"):
+        qexport.load(rebuilt, expected_sha256=sha)
+
+
+# -- AOTI packages -------------------------------------------------------------------------------
+
+def _tmp_children() -> set[str]:
+    import tempfile
+
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("qexport-aoti.")}
+
+
+def test_aoti_swapped_library_is_never_loaded(demo, tmp_path, torch_never_reads):
+    src = demo / "model_aoti.pt2"
+    def flip(d: bytes) -> bytes:
+        mid = len(d) // 2
+        return d[:mid] + bytes([d[mid] ^ 0xFF]) + d[mid + 1:]
+
+    ms = [(n, flip(d) if n.endswith(".so") else d) for n, d in members(src)]
+    p = stale(ms, src, tmp_path / "swapped.pt2")
+    for fn in (qexport.load_compiled, runners.load):
+        with pytest.raises(UnsafeArtifactError, match=r"\.so' does not match the SHA-256"):
+            fn(p)
+
+
+def test_aoti_escaping_member_writes_nothing(demo, tmp_path, torch_never_reads):
+    src = demo / "model_aoti.pt2"
+    ms = members(src)
+    root = ms[0][0].split("/")[0]
+    target = tmp_path / "escaped"
+    p = _archive.reseal(ms + [(f"{root}/data/aotinductor/model/../../../{'../' * 20}{str(target).lstrip('/')}", b"x")],
+                        tmp_path / "escape.pt2")
+    with pytest.raises(UnsafeArtifactError, match="climbs out"):
+        qexport.load_compiled(p)
+    assert not target.exists()
+
+
+def test_aoti_pinned_digest_and_private_folder(demo, tmp_path):
+    src = demo / "model_aoti.pt2"
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    with pytest.raises(UnsafeArtifactError, match="not the expected"):
+        qexport.load_compiled(src, expected_sha256="0" * 64)
+    # a dead process's extraction folder is swept by the next load
+    import tempfile
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Path(tempfile.gettempdir()) / f"qexport-aoti.{child.stdout.strip()}.left"
+    (dead / "aotinductor_x").mkdir(parents=True)
+    before = _tmp_children() - {dead.name}
+    compiled = qexport.load_compiled(src, expected_sha256=sha)
+    assert not dead.exists()
+    mine = _tmp_children() - before
+    assert len(mine) == 1, "torch unpacks the package inside qexport's private folder"
+    inputs = runners.make_inputs(runners.load(demo / "model.pt2").inputs)
+    out = torch.utils._pytree.tree_leaves(compiled(*inputs))
+    assert out and all(torch.isfinite(t).all() for t in out)
+    del compiled
+    gc.collect()
+    assert _tmp_children() - before == set()
+
+
+# -- .pte ----------------------------------------------------------------------------------------
+
+def test_pte_checksum(demo, tmp_path):
+    data = (demo / "model.pte").read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    (tmp_path / "flip.pte").write_bytes(bytes(flipped))
+    (tmp_path / "cut.pte").write_bytes(data[:-7])
+    with pytest.raises(CorruptArtifactError, match="does not match its checksum"):
+        runners.load(tmp_path / "flip.pte")
+    with pytest.raises(CorruptArtifactError, match="no qexport checksum"):
+        qexport.inspect(tmp_path / "cut.pte")
+
+
+def test_a_runtime_abort_is_caught_in_the_child(demo, tmp_path, monkeypatch):
+    """The first load of a file's bytes runs in a forked child: an abort there is an error here."""
+    import serializers.pte as pte
+
+    p = tmp_path / "m.pte"
+    p.write_bytes((demo / "model.pte").read_bytes())
+    monkeypatch.setattr(pte, "_PROBED", set())
+    monkeypatch.setattr(pte, "_load_all", lambda runtime, data: os.abort())
+    with pytest.raises(CorruptArtifactError, match=r"the runtime died \(SIGABRT\) loading it"):
+        runners.load(p)
+    monkeypatch.undo()
+    assert runners.load(p).kind == "pte"
+
+
+# -- atomic writes -------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_a_killed_writers_folder_is_swept_by_the_next_write_and_load(pt2, tmp_path):
+    from serializers._atomic import _HOST
+
+    ep = qexport.load(pt2)
+    dead = tmp_path / f".model.pt2.{_dead_pid()}@{_HOST}.abc_123.tmp"
+    dead.mkdir()
+    (dead / "model.pt2").write_bytes(b"PK\x03\x04 half")
+    live = tmp_path / f".model.pt2.{os.getppid()}@{_HOST}.def_456.tmp"  # a running writer's folder is kept
+    live.mkdir()
+    elsewhere = tmp_path / f".model.pt2.{_dead_pid()}@00000000.ghi_789.tmp"  # another machine's pid: not ours to judge
+    elsewhere.mkdir()
+    qexport.save(ep, tmp_path / "model.pt2")
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.pt2", live.name, elsewhere.name])
+    dead.mkdir()
+    qexport.inspect(tmp_path / "model.pt2")
+    assert not dead.exists()
+
+
+def test_a_real_kill_during_save_leaves_nothing_after_the_next_load(pt2, tmp_path):
+    code = (
+        "import os, signal, torch, qexport\n"
+        f"ep = qexport.load({str(pt2)!r})\n"
+        "real = torch.export.save\n"
+        "def save(ep, f, **kw):\n"
+        "    real(ep, f, **kw)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.export.save = save\n"
+        f"qexport.save(ep, {str(tmp_path / 'model.pt2')!r})\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert r.returncode == -9
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")], "the killed writer left its folder"
+    (tmp_path / "model.pt2").write_bytes(pt2.read_bytes())
+    qexport.load(tmp_path / "model.pt2")
+    assert os.listdir(tmp_path) == ["model.pt2"]
+
+
+# -- bad user input ------------------------------------------------------------------------------
+
+def _meta_mlp():
+    with torch.device("meta"):
+        return TinyNet((64, 128, 32))
+
+
+def _nan_mlp():
+    m = TinyNet((64, 128, 32))
+    m.layers[0].weight.data[0, 0] = float("nan")
+    return m
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: qexport.quantize(nn.Sequential(nn.Linear(64, 0)), "int8_weight_only"), UnsupportedModuleError, "zero-size weight"),
+    (lambda: qexport.quantize(_nan_mlp(), "int8_weight_only"), UnsupportedModuleError, "layers.0.weight holds NaN or inf"),
+    (lambda: qexport.quantize(_meta_mlp(), "int8_weight_only"), UnsupportedModuleError, "on the meta device"),
+    (lambda: qexport.quantize(TinyNet((64, 128, 32)), "int8_static", calibration_data=[(torch.randn(4, 10),)]),
+     CalibrationError, r"raised on calibration batch 0 \(RuntimeError"),
+    (lambda: qexport.quantize(TinyNet((64, 128, 32)), "int8_static", calibration_data=3), CalibrationError, "must be an iterable"),
+    (lambda: qexport.quantize(TinyNet((64, 128, 32)), "int8_static", calibration_data=[(torch.full((4, 64), float("nan")),)]),
+     CalibrationError, "batch 0 holds NaN or inf"),
+    (lambda: qexport.export(_meta_mlp(), (torch.randn(4, 64),)), ExportError, "layers.0.weight is on the meta device"),
+    (lambda: qexport.export(qexport.quantize(TinyNet((64, 128, 32)), "int8_weight_only"), (torch.ones(4, 64, dtype=torch.int64),)),
+     ExportError, "gets a torch.int64 activation"),
+])
+def test_bad_input_fails_first_with_the_fix(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_bad_input_leaves_the_model_as_it_was():
+    m = TinyNet((64, 128, 32))
+    with pytest.raises(CalibrationError):
+        qexport.quantize(m, "int8_static", calibration_data=[(torch.randn(4, 64),), (torch.randn(4, 10),)])
+    assert all(type(layer) is nn.Linear for layer in m.layers if not isinstance(layer, nn.ReLU))
+
+
+def test_cli_target_that_exits():
+    from qexport.cli._common import build_model
+
+    with pytest.raises(UsageError, match=r"sys:exit.*exited the program"):
+        build_model("sys:exit")
+
+
+def test_save_where_nothing_can_be_written(pt2):
+    with pytest.raises(ArtifactError, match="cannot write in /proc"):
+        qexport.save(qexport.load(pt2), "/proc/model.pt2")
+
+
+def test_inspect_prints_hostile_manifest_text_escaped(pt2, tmp_path, capsys):
+    from qexport.cli import main
+
+    def edit(m):
+        m["regions"][0]["module_path"] = "\x1b]0;owned\x07\x1b[2J" + "A" * 500
+        m["regions"][0]["weight_bytes"] = 10 ** 400
+        m["quantized_bytes"] = 10 ** 400
+        m["extra"]["note"] = "\x1b[31mred"
+
+    p = _archive.reseal(with_manifest(members(pt2), edit), tmp_path / "loud.pt2")
+    assert main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;owned" in out and "401-digit" in out
+
+
+def test_cli_pins(demo, capsys):
+    from qexport.cli import main
+
+    pkg = demo / "model_aoti.pt2"
+    sha = hashlib.sha256(pkg.read_bytes()).hexdigest()
+    assert main(["verify", str(demo / "model.pt2"), str(pkg), "--expected-sha256", f"{pkg}={sha}"]) == 0
+    assert main(["verify", str(demo / "model.pt2"), str(pkg), "--expected-sha256", f"{pkg}={'0' * 64}"]) == 1
+    assert f"SHA-256 is {sha}, not the expected" in capsys.readouterr().out
+    assert main(["bench", str(pkg), "--expected-sha256", f"other.pt2={sha}"]) == 1
+    assert "other.pt2 is not one of the files given" in capsys.readouterr().err
