@@ -355,31 +355,10 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
         if payload.get("op") == "embedding" and payload.get("weight_shape") and isinstance(node.args[1], torch.fx.Node):
             rows = int(payload["weight_shape"][0])
             high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
-    user = set(ep.graph_signature.user_inputs)
-    out = []
-    for node in ep.graph.nodes:
-        if node.op != "placeholder" or node.name not in user:
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise ArtifactError(f"input {node.name} is not a tensor ({type(val).__name__}); verify and bench need tensor inputs")
-        shape = tuple(_concrete_dim(d, ep) for d in val.shape)
-        out.append(InputInfo(node.name, shape, val.dtype, high.get(node.name)))
-    return out
+    from .signature import program_inputs as signature
 
-
-def _concrete_dim(d: Any, ep: torch.export.ExportedProgram) -> int:
-    if isinstance(d, int):
-        return d
-    expr = d.node.expr
-    vr = ep.range_constraints.get(expr)
-    lo = int(vr.lower) if vr is not None else 2
-    v = max(lo, 2)
-    try:
-        hi = int(vr.upper) if vr is not None else None
-    except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's / torch's infinity
-        hi = None
-    return min(v, hi) if hi is not None else v
+    return [InputInfo(i.name, tuple(d.example() for d in i.shape), i.torch_dtype, high.get(i.name))
+            for i in signature(ep, require_tensors=True)]
 
 
 def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:

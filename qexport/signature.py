@@ -32,6 +32,14 @@ class DimSpec:
             return n == self.size
         return n >= self.min and (self.max is None or n <= self.max)
 
+    def example(self) -> int:
+        """A size to make an example input with: the lower bound, at least 2 (so the dim still looks
+        dynamic to the runtime), capped by the upper bound."""
+        if not self.dynamic:
+            return self.size  # type: ignore[return-value]
+        v = max(self.min, 2)
+        return min(v, self.max) if self.max is not None else v
+
     def describe(self) -> str:
         if not self.dynamic:
             return str(self.size)
@@ -74,14 +82,19 @@ class InputSpec:
         return cls(d["name"], d["dtype"], tuple(DimSpec.from_json(x) for x in d["shape"]))
 
 
-def program_inputs(ep: torch.export.ExportedProgram) -> list[InputSpec]:
-    """The program's tensor user inputs in graph order (non-tensor inputs are left out)."""
+def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = False) -> list[InputSpec]:
+    """The program's tensor user inputs in graph order; other inputs are left out, or refused with
+    `require_tensors` (what runs an artifact on generated inputs needs tensors)."""
+    from .errors import ArtifactError
+
     user = set(ep.graph_signature.user_inputs)
     out = []
     for node in ep.graph.nodes:
         if node.op != "placeholder" or node.name not in user:
             continue
         val = node.meta.get("val")
+        if require_tensors and not isinstance(val, torch.Tensor):
+            raise ArtifactError(f"input {node.name} is not a tensor ({type(val).__name__}); verify and bench need tensor inputs")
         if isinstance(val, torch.Tensor):
             out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep) for d in val.shape)))
     return out
