@@ -10,7 +10,7 @@ _upstream.install()
 from . import schemes  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
-    InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
+    IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
     UnsupportedVersionError, UsageError,
 )
@@ -41,7 +41,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
-    "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
+    "IncompatibleCPUError", "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
     "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
     "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",

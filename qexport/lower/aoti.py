@@ -25,12 +25,13 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ArtifactError, LoweringError, QExportError
+from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
+from .cpu_target import CPUTarget, compile_target, missing_features
 from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
 from .report import LoweringReport, RegionReport
 
-__all__ = ["DEVICES", "compile", "load_compiled", "plan"]
+__all__ = ["DEVICES", "check_cpu", "compile", "load_compiled", "plan"]
 
 DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
@@ -171,9 +172,20 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     report = _report(decisions, device, str(out))
     taken = sum(d.choice is not None for d in decisions)
     say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")
+    target = {}
+    if device == "cpu":
+        cpu = compile_target(inductor_options.get("cpp.march"))
+        if cpu.march != "native":  # a forced ISA: the C++ too, or the package would not run on that class of CPU
+            inductor_options = {**inductor_options, "cpp.march": cpu.march}
+        target = {"cpu_target": cpu.to_dict()}
+        say(f"target CPU: {cpu.describe()}")
     manifest = dataclasses.replace(manifest, extra={
         **manifest.extra,
-        "kernels": [r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} for r in report.regions],
+        **target,
+        "kernels": [
+            r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} | dict(d.choice.details if d.choice else {})
+            for r, d in zip(report.regions, decisions)
+        ],
         "inductor_options": {k: v for k, v in inductor_options.items() if _json_safe(v)},
     })
     args, kwargs = _example_inputs(lowered, device)
@@ -217,16 +229,41 @@ def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
         z.writestr(f"{roots.pop()}/{EXTRA_DIR}{name}", manifest.to_json())
 
 
+def check_cpu(manifest: Any, path: Any = "the package") -> None:
+    """Refuse a CPU package this CPU cannot run, before its code is loaded.
+
+    Why refuse rather than fall back: the package's C++ was compiled for its target's instruction
+    set (`-march=native` unless the ISA was forced); run on a CPU without it, the process dies with
+    SIGILL, which no fallback can catch. Packages without a target record (older qexport) pass."""
+    record = manifest.extra.get("cpu_target")
+    if manifest.extra.get("device") != "cpu" or not isinstance(record, dict):
+        return
+    try:
+        target = CPUTarget.from_dict(record)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: malformed cpu_target in the manifest: {e}") from None
+    lacking = missing_features(target)
+    if lacking:
+        raise IncompatibleCPUError(
+            f"{path}: compiled for {target.describe()}; this CPU ({torch.backends.cpu.get_cpu_capability()}) lacks "
+            f"{', '.join(lacking)}. Compile it on this machine, or for a whole class of CPUs with the ISA forced, "
+            f"e.g. ATEN_CPU_CAPABILITY=avx2 qexport compile ... (runs on any AVX2 x86-64)"
+        )
+
+
 def load_compiled(path: "str | PathLike[str]", **loader_options: Any) -> Any:
     """Load a package written by `compile`: returns torch's runner (call it like the model).
 
     `loader_options` go to `torch._inductor.aoti_load_package` (e.g. `run_single_threaded=True`).
+    A CPU package whose manifest says it was compiled for instructions this CPU lacks is refused with
+    IncompatibleCPUError before its code is loaded (`check_cpu`).
     """
     import serializers
 
     manifest = serializers.inspect(path)  # refuses a missing, damaged or non-qexport file first
     if manifest.artifact != "aoti":
         raise ArtifactError(f"{path}: a qexport {manifest.artifact} artifact, not an AOTInductor package; use qexport.load")
+    check_cpu(manifest, path)
     try:
         return torch._inductor.aoti_load_package(os.fspath(path), **loader_options)
     except Exception as e:
