@@ -41,8 +41,9 @@ torch.manual_seed(0)
 model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4))).eval()
 calib = [(torch.randn(8, 64),)]
 for i, (name, kw) in enumerate([("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32}),
-                                ("int8_dynamic", {}), ("int8_static", {"calibration_data": calib})]):
-    qexport.quantize(model, name, filter_fn=lambda m, fqn, i=i: fqn == str(i), **kw)
+                                ("int8_dynamic", {}), ("int8_static", {})]):
+    qexport.quantize(model, qexport.schemes.get(name, **kw), filter_fn=lambda m, fqn, i=i: fqn == str(i),
+                     calibration_data=calib if name == "int8_static" else None)
 ep = qexport.export(model, (torch.randn(2, 64),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=256)},))
 path = qexport.compile(ep, sys.argv[1])
 runner = qexport.load_compiled(path)
@@ -185,10 +186,17 @@ def _ops(ep) -> set:
     return {n.target for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes if n.op == "call_function"}
 
 
-@pytest.mark.parametrize("target", [AVX2_TARGET, VNNI_TARGET], ids=["avx2", "avx512_vnni_bf16"])
-@pytest.mark.parametrize("large_m", ["bf16_weights", "dequant"])
-@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only", "int8_dynamic", "int8_static", "fp8_e4m3"])
+CASES = [
+    *((name, target, "bf16_weights") for name in ("int8_weight_only", "int4_weight_only", "int8_dynamic", "int8_static", "fp8_e4m3")
+      for target in ("avx2", "avx512_vnni_bf16")),
+    *((name, "avx2", "dequant") for name in ("int8_weight_only", "int4_weight_only", "int8_dynamic")),
+    ("int8_weight_only", "avx512_vnni_bf16", "dequant"),
+]
+
+
+@pytest.mark.parametrize("name, target, large_m", CASES)
 def test_plan_per_isa_matches_eager_in_every_bucket(dynamic_programs, monkeypatch, target, large_m, name):
+    target = {"avx2": AVX2_TARGET, "avx512_vnni_bf16": VNNI_TARGET}[target]
     monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
     qm, ep, scheme = dynamic_programs[name]
     lowered, decisions = apply_kernels(ep, "cpu", {"qexport.large_m": large_m})
@@ -198,8 +206,10 @@ def test_plan_per_isa_matches_eager_in_every_bucket(dynamic_programs, monkeypatc
     int_mm = torch.ops.aten._int_mm.default in ops
     assert int_mm == (target is VNNI_TARGET and name in ("int8_dynamic", "int8_static"))
     decoded = [k for k in lowered.state_dict if k.endswith(("weight_float32", "weight_bfloat16"))]
-    if large_m == "dequant" and name != "fp8_e4m3":
-        assert not decoded  # only quantized weights in the package
+    if large_m == "dequant":
+        assert not decoded and plan[-1]["kernel"].endswith("decoded per call")  # only quantized weights in the package
+    else:
+        assert bool(decoded) == any("compile time" in b["kernel"] for b in plan)
     if len(plan) > 1:
         assert torch.ops.higher_order.cond in ops
     tol = math_for(scheme).tolerance
