@@ -60,6 +60,19 @@ def machine() -> dict:
             "torch": torch.__version__, "cores": os.cpu_count()}
 
 
+def read_bandwidth_gbs(mb: int = 256, rounds: int = 5) -> float:
+    """One thread's read bandwidth (GB/s): an fp32 sum over a buffer far larger than the caches, the
+    bound a batch-1 GEMV approaches (the weight-bytes floor = weight bytes / this)."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        c = time.thread_time()
+        x.sum()
+        best = min(best, time.thread_time() - c)
+    return x.nbytes / best / 1e9
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
 
@@ -261,6 +274,7 @@ def main() -> None:
         kernel_sweep(args.dim, args.rows, args.rounds)
         return
     info = machine()
+    info["read_gbs_1_thread"] = round(read_bandwidth_gbs(), 1)
     print(json.dumps(info), flush=True)
     tmp = tempfile.mkdtemp(prefix="bench_aoti.")
     results = {}

@@ -104,9 +104,8 @@ def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_pa
     assert manifest.extra["inductor_options"]["cpp.march"] == march
     kernels = {k["name"]: k for k in manifest.extra["kernels"]}
     assert {k["isa"] for k in kernels.values()} == {plan_isa}
-    # no VNNI: int8 activations go through int8 codes / fp32 weights, never aten._int_mm
-    assert [b["kernel"] for b in kernels["2"]["plan"]] == [
-        "int8 codes into aten._weight_int8pack_mm", "float32 GEMM on weights decoded at compile time"]
+    # no VNNI: int8 activations through the fp32 GEMM (the reference's arithmetic), never aten._int_mm
+    assert [b["kernel"] for b in kernels["2"]["plan"]] == ["float32 GEMM on weights decoded at compile time"]
     assert [b["max_m"] for b in kernels["0"]["plan"]] == [24, None]
     # The C++ really is for that ISA: no AVX-512 registers (nor AVX ones at the baseline).
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(_shared_library(path, tmp_path))],
@@ -222,16 +221,13 @@ def test_plan_per_isa_matches_eager_in_every_bucket(dynamic_programs, monkeypatc
             assert rel_err(module(x), qm(x)) <= tol, (m, plan)
 
 
-def test_int8_codes_kernel_is_exact_integer_math(monkeypatch):
-    """The AVX2 int8-activation kernel: codes minus zero point are integers in [-255, 255], exact in
-    bf16, so the integer dot product is the reference's up to the kernel's bf16 output rounding."""
-    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: AVX2_TARGET)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 128)).eval()
-    qm = qexport.quantize(model, "int8_dynamic")
-    ep = qexport.export(qm, (torch.randn(2, 256),))
-    lowered, decisions = apply_kernels(ep, "cpu")
-    assert decisions[0].choice.name == "int8 codes into aten._weight_int8pack_mm"
-    x = torch.randn(2, 256) * 3
-    with torch.no_grad():
-        assert rel_err(lowered.module()(x), qm(x)) <= 2 ** -8
+def test_fp8_rounding_by_arithmetic_equals_the_cast():
+    """The CPU fp8 kernel rounds activations arithmetically (vectorised); it must give what the cast
+    gives for every e4m3 value, every midpoint between two (ties to even) and random values."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()].sort().values
+    mids = (codes[1:] + codes[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(100_000, generator=g) * 10 ** (torch.rand(100_000, generator=g) * 6.6 - 4)
+    v = torch.cat([codes, mids, -mids, spread]).clamp(-448, 448)
+    assert torch.equal(cpu_kernels.fp8_e4m3_round(v), v.to(torch.float8_e4m3fn).float())

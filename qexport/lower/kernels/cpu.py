@@ -7,9 +7,6 @@ compile target (`qexport.lower.cpu_target`: this CPU, capped by ATEN_CPU_CAPABIL
 - "int8pack": `aten._weight_int8pack_mm`, int8 weights read directly, bf16/fp16 activations;
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, weights repacked at compile time (tinygemm layout);
 - "int_mm": `aten._int_mm` (int8 x int8 -> int32): fast only with VNNI (oneDNN's s8s8 GEMM);
-- "int8pack_codes": int8 activation codes minus their zero point (integers in [-255, 255], exact in
-  bf16) into `_weight_int8pack_mm` with unit scales, both scales applied in fp32 after: the int8
-  activation schemes' integer math without VNNI;
 - "float_weights": the target's fastest float GEMM (bf16 with AVX512-BF16/AMX, else fp32) on weights
   the scheme's own math decoded once, at compile time; activations keep the scheme's rounding;
 - "dequant": the same GEMM on weights decoded per call (with `qexport.large_m="dequant"`: only the
@@ -45,14 +42,17 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 
 # (max rows, kernel) per family and ISA class, in row order; the last bucket has no bound.
 # AVX2: _weight_int8pack_mm / _int4pack 1.10x fp32 at M=24, 0.99x at 32, 0.79x at 128 (the fp32
-# GEMM is compute-bound first), so fp32 weights above 24. _int_mm without VNNI: 0.49x fp32 at M=1,
-# 0.05x at M=128 on the real AVX2 machine, never used there.
+# GEMM is compute-bound first), so fp32 weights above 24. int8 activations: _int_mm without VNNI ran
+# at 0.49x fp32 at M=1 and 0.05x at M=128 on the real AVX2 machine; their codes minus zero point
+# (integers, exact in bf16) through _weight_int8pack_mm ran at 2.6x fp32 at M=1 but its bf16 output
+# rounding left 4 x Linear(2048) 1.6-2.5 % from the reference, over int8's 2e-2: the fp32 GEMM on
+# decoded weights (the reference's own arithmetic) at every M.
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
 # _int_mm 3.0-5.7x at every M.
 PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
     "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(24, "int8pack"), (None, "float_weights")]},
     "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(24, "int4pack"), (None, "float_weights")]},
-    "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(24, "int8pack_codes"), (None, "float_weights")]},
+    "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(None, "float_weights")]},
     "fp8": {AVX512_VNNI_BF16: [(None, "float_weights")], AVX2: [(None, "float_weights")]},
 }
 # With `qexport.large_m="dequant"` (keep only quantized weights) decoding per call replaces the
@@ -62,7 +62,6 @@ DEQUANT_FROM = {AVX512_VNNI_BF16: 32, AVX2: 64}
 
 KERNEL_NAMES = {
     "int8pack": "aten._weight_int8pack_mm", "int4pack": "aten._weight_int4pack_mm_for_cpu", "int_mm": "aten._int_mm",
-    "int8pack_codes": "int8 codes into aten._weight_int8pack_mm",
     "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
 }
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
@@ -87,8 +86,8 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     plan = PLANS[family][isa]
     policy = ctx.options.get("qexport.large_m", "bf16_weights")
     if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
-        quantized = [k for _, k in plan if k != "float_weights"][-1]
-        plan = [(DEQUANT_FROM[isa], quantized), (None, "dequant")]
+        quantized = [k for _, k in plan if k != "float_weights"]
+        plan = [(DEQUANT_FROM[isa], quantized[-1]), (None, "dequant")] if quantized else [(None, "dequant")]
     return reachable(plan, row_range(ctx))
 
 
@@ -152,6 +151,28 @@ def _decoded(ctx: KernelContext, roles: tuple[str, ...], dtype: torch.dtype) -> 
     return ("weight_" + _dtype_name(dtype), w.to(scheme.torch_compute_dtype).to(dtype).contiguous())
 
 
+def fp8_e4m3_round(v: torch.Tensor) -> torch.Tensor:
+    """fp32 `v`, already within +-448, rounded to the nearest float8_e4m3fn value, ties to even: the
+    value `v.to(torch.float8_e4m3fn).float()` gives, by arithmetic Inductor vectorises.
+
+    Why: Inductor's C++ converts to fp8 one element at a time (3.8 ms for a [512, 2048] activation with
+    AVX2, 8 % of that layer's fp32 GEMM, which made fp8 0.93x fp32); this costs what int8 rounding does.
+    The step between e4m3 values near v is 2^(max(exponent(v), -6) - 3) (3 mantissa bits; below 2^-6 the
+    subnormals' fixed step 2^-9); dividing by a power of two is exact and torch.round rounds half to even.
+    """
+    exponent = ((v.view(torch.int32) >> 23) & 0xFF) - 127
+    step = ((torch.clamp(exponent, min=-6) - 3 + 127) << 23).view(torch.float32)
+    return torch.round(v / step) * step
+
+
+def _dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """`act.dynamic_fp8` with the cast replaced by `fp8_e4m3_round` (same values)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
+    scale = (amax / act.FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).eps)
+    return (fp8_e4m3_round((xf / scale).clamp(-act.FP8_E4M3_MAX, act.FP8_E4M3_MAX)) * scale).to(x.dtype)
+
+
 def _float_kernels(ctx: KernelContext, roles: tuple[str, ...], gemm: torch.dtype) -> dict[str, Callable]:
     """"float_weights" and "dequant": the activation with the scheme's rounding (fake-quantized as the
     reference does), then `gemm`-dtype F.linear."""
@@ -160,8 +181,12 @@ def _float_kernels(ctx: KernelContext, roles: tuple[str, ...], gemm: torch.dtype
     math, cd = math_for(scheme), scheme.torch_compute_dtype
     wname = "weight_" + _dtype_name(gemm)
 
+    fp8 = scheme.activation == "dynamic" and scheme.act_dtype == "float8_e4m3fn"
+    per_token = scheme.act_granularity == "per_token" and op != "conv2d"
+
     def activation(x: torch.Tensor, t: dict) -> torch.Tensor:
-        return quantize_input(scheme, x, t, op).to(cd).to(gemm)
+        xq = _dynamic_fp8(x, per_token) if fp8 else quantize_input(scheme, x, t, op)
+        return xq.to(cd).to(gemm)
 
     def linear(x: torch.Tensor, w: torch.Tensor, t: dict) -> torch.Tensor:
         b = t.get("bias")
@@ -188,7 +213,7 @@ def _operands(ctx: KernelContext, plan: list, roles: tuple[str, ...], gemm: torc
         ops.append(_decoded(ctx, roles, gemm))
     if "dequant" in kinds:
         ops += [r for r in roles if r not in ops]
-    if static_inputs and kinds & {"float_weights", "dequant", "int_mm", "int8pack_codes"}:
+    if static_inputs and kinds & {"float_weights", "dequant", "int_mm"}:
         ops += ["input_scale", "input_zero_point"]
     return ops
 
@@ -263,7 +288,7 @@ def int8_activations_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
 
     With asymmetric activations x = (qx - zx) * sx and symmetric weights w = qw * sw,
     x @ w.T = sx * sw * (qx @ qw.T - zx * colsum(qw)): with `_int_mm` the zero point costs one rank-1
-    correction with the weight's column sums (computed here once); "int8pack_codes" feeds qx - zx itself.
+    correction with the weight's column sums (computed here once).
     """
     scheme = ctx.scheme
     if scheme.activation not in ("dynamic", "static") or scheme.act_dtype != "int8":
@@ -280,35 +305,25 @@ def int8_activations_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     weight = ctx.tensor("weight")
     n = weight.shape[0]
     operands = _operands(ctx, plan, roles, gemm, static)
-    if kinds & {"int_mm", "int8pack_codes"}:
+    if "int_mm" in kinds:
         if "weight" not in operands:
             operands.append("weight")
         operands.append(("weight_scale_f32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous()))
-    if "int_mm" in kinds:
         operands.append(("weight_colsum", weight.to(torch.int32).sum(1)))
-    if "int8pack_codes" in kinds:
-        operands.append(("weight_unit_scale", torch.ones(n, dtype=torch.bfloat16)))
     per_token = scheme.act_granularity == "per_token"
     cd = scheme.torch_compute_dtype
 
-    def codes(x2: torch.Tensor, t: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def int_mm(x: torch.Tensor, t: dict) -> torch.Tensor:
+        x2 = x.float()
         if static:
             s, zp = t["input_scale"], t["input_zero_point"].float()
         else:
             s, zp = act.dynamic_int8_qparams(x2, per_token)
-        return act.quantize_int8(x2, s, zp), s, zp
-
-    def int_mm(x: torch.Tensor, t: dict) -> torch.Tensor:
-        q, s, zp = codes(x.float(), t)
+        q = act.quantize_int8(x2, s, zp)
         acc = aten._int_mm(q.to(torch.int8), t["weight"].t()) - zp.to(torch.int32) * t["weight_colsum"]
         return _plus_bias(acc.float() * (s * t["weight_scale_f32"]), t, cd)
 
-    def int8pack_codes(x: torch.Tensor, t: dict) -> torch.Tensor:
-        q, s, zp = codes(x.float(), t)
-        acc = aten._weight_int8pack_mm((q - zp).to(torch.bfloat16), t["weight"], t["weight_unit_scale"])
-        return _plus_bias(acc.float() * (s * t["weight_scale_f32"]), t, cd)
-
-    kernels = {**_float_kernels(ctx, roles, gemm), "int_mm": int_mm, "int8pack_codes": int8pack_codes}
+    kernels = {**_float_kernels(ctx, roles, gemm), "int_mm": int_mm}
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
