@@ -138,8 +138,10 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     `"qexport.large_m": "dequant"` for weight-only packages that hold only quantized weights (the
     default "bf16_weights" also keeps bf16 weights for the row counts where cuBLAS wins). The package
     embeds qexport's manifest (`qexport.inspect(output)` lists regions, schemes and kernels) and
-    loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. The file appears
-    complete or not at all. `progress(message)` is called at each stage.
+    loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. On CPU the kernels and
+    the C++ are for the target CPU: this one, capped by `ATEN_CPU_CAPABILITY` (`avx2`: any AVX2
+    x86-64; see `qexport.lower.cpu_target`), recorded as the manifest's `extra.cpu_target`. The file
+    appears complete or not at all. `progress(message)` is called at each stage.
     """
     from serializers._atomic import atomic_path, check_writable
     from serializers.manifest import Manifest
