@@ -21,7 +21,6 @@ import torch
 
 import qexport
 from qexport.errors import IncompatibleCPUError
-from qexport.lower import aoti
 from qexport.lower import cpu_target
 from qexport.lower.cpu_target import CPUTarget
 from qexport.lower.kernels import apply_kernels

@@ -37,10 +37,11 @@ DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
 KERNEL_MODES = ("auto", "inductor")
-#: how CUDA weight-only kernels serve row counts where a bf16 GEMM beats every quantized kernel
-#: (compute-bound M): "bf16_weights" keeps weights decoded at compile time for those rows (never
-#: slower than bf16, +2 bytes per weight in the package and on the GPU); "dequant" decodes them per
-#: call (the memory of the quantized weights only, slower than bf16 there). See kernels/cuda.py.
+#: how weight-only kernels serve row counts where a float GEMM beats every quantized kernel
+#: (compute-bound M): "bf16_weights" keeps weights decoded at compile time for those rows (CUDA: bf16,
+#: never slower than bf16, +2 bytes per weight; CPU: the target's fastest GEMM dtype, bf16 or fp32);
+#: "dequant" decodes them per call (the memory of the quantized weights only, slower there). See
+#: kernels/cuda.py and kernels/cpu.py.
 LARGE_M_OPTION = "qexport.large_m"
 LARGE_M_MODES = ("bf16_weights", "dequant")
 OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES}

@@ -21,7 +21,7 @@ everywhere and, on the ISAs measured, never slower than fp32.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
