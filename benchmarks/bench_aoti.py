@@ -1,14 +1,21 @@
-"""AOTInductor on CPU: fp32 vs qexport (every built-in scheme) vs torchao, in ONE run.
+"""AOTInductor on CPU: every built-in scheme with a CPU kernel vs the fp32 AOTI package, per row count.
 
-Model: a stack of 4 x Linear(4096, 4096) (bias on), inputs [M, 4096] with M dynamic; every variant is
-one AOTI package, compiled here, loaded with aoti_load_package and timed at each batch (median of
-repeated calls after warm-up). Ratios are fp32 AOTI latency / variant latency, measured in this run.
-qexport schemes are compiled twice where a scheme kernel takes the regions: with the kernel table
-("auto") and with every region left to Inductor's fusion ("inductor"), which is what upstream does.
+Models: 4 x Linear(2048, 2048) (bias on), input [M, 2048]; and all-MiniLM-L6-v2 (every Linear
+quantized), input ids [1, M]. M is a dynamic dim, so one package per variant serves every M, with
+the kernel table's row buckets (torch.cond) inside. Every package is compiled in this run, then
+timed in interleaved rounds (variants in a fresh random order each round); the figure per (variant,
+M) is the median CPU time of the calling thread per call (one intra-op thread: on a shared box the
+thread's CPU time is what the kernels cost, wall time is what the neighbours cost), and the ratio is
+fp32 AOTI / variant, both from this run.
 
-    .venv/bin/python benchmarks/bench_aoti.py [--dim 4096] [--batches 1,32] [--json PATH] [--minilm]
+    .venv/bin/python benchmarks/bench_aoti.py [--models linear,minilm] [--rows 1,16,128,512] [--json PATH]
+    .venv/bin/python benchmarks/bench_aoti.py --emulate avx2 ...   # compile AND run with the ISA capped
+    .venv/bin/python benchmarks/bench_aoti.py --kernels            # per-layer kernel sweep (the crossovers)
 
-Also (--minilm): compile time of all-MiniLM-L6-v2 quantized int8_weight_only (target < 120 s).
+`--emulate avx2` re-runs this script with ATEN_CPU_CAPABILITY=avx2 (torch's kernels, Inductor's vector
+ISA and, through qexport's CPU target, -march=x86-64-v3), ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN) and
+MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL), i.e. an AVX2 machine without VNNI or AVX512-BF16 emulated by
+capping the ISA of the host.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,225 +39,252 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 import qexport  # noqa: E402
-from qexport.lower.aoti import plan  # noqa: E402
+from qexport.lower.cpu_target import compile_target  # noqa: E402
 
 SCHEMES = [
     ("int8_weight_only", {}),
     ("int4_weight_only", {"group_size": 32}),
-    ("int4_weight_only", {}),
     ("int8_dynamic", {}),
     ("int8_static", {}),
     ("fp8_e4m3", {}),
-    ("nf4", {}),
 ]
+EMULATE = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
-def stack(dim: int, layers: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*(nn.Linear(dim, dim) for _ in range(layers))).eval()
+def machine() -> dict:
+    t = compile_target()
+    flags = {f: f in t.requires for f in ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")}
+    return {"cpu": torch.cpu.get_capabilities().get("cpu_name", platform.processor()) if hasattr(torch.cpu, "get_capabilities") else platform.processor(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "target": t.describe(), "flags": flags,
+            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
+            "torch": torch.__version__, "cores": os.cpu_count()}
+
+
+def read_bandwidth_gbs(mb: int = 256, rounds: int = 5) -> float:
+    """One thread's read bandwidth (GB/s): an fp32 sum over a buffer far larger than the caches, the
+    bound a batch-1 GEMV approaches (the weight-bytes floor = weight bytes / this)."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        c = time.thread_time()
+        x.sum()
+        best = min(best, time.thread_time() - c)
+    return x.nbytes / best / 1e9
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-def compile_ep(ep, path: str, options=None) -> float:
-    t = time.perf_counter()
-    qexport.compile(ep, path, options=options)
-    return time.perf_counter() - t
+# -- models ---------------------------------------------------------------------------------------
+
+def linear_model(dim: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(dim, dim) for _ in range(4))).eval()
+    example = torch.randn(2, dim)
+    dyn = ({0: torch.export.Dim("m", min=1, max=4096)},)
+    calib = [(torch.randn(16, dim),) for _ in range(4)]
+    make = lambda m: (torch.randn(m, dim, generator=torch.Generator().manual_seed(m)),)  # noqa: E731
+    return model, (example,), {}, dyn, calib, make, None
 
 
-def aoti_plain(ep, path: str) -> float:
+def minilm_model(dim: int):
+    from _minilm import CALIBRATION, load_model, load_tokenizer, tokenize
+
+    model = load_model().eval()
+    tok = load_tokenizer()
+    example = tokenize(["a short example"], tok, max_length=8)
+    example = {k: v[:, :8] for k, v in example.items()}
+    seq = torch.export.Dim("seq", min=1, max=512)
+    dyn = {k: {1: seq} for k in example}
+    calib = [dict(tokenize([s], tok)) for s in CALIBRATION[:4]]
+
+    def make(m: int):
+        g = torch.Generator().manual_seed(m)
+        ids = torch.randint(1000, 20000, (1, m), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    only_linear = lambda mod, fqn: isinstance(mod, nn.Linear)  # noqa: E731
+    return model, (), dict(example), dyn, calib, make, only_linear
+
+
+MODELS = {"linear": linear_model, "minilm": minilm_model}
+
+
+def _out(y):
+    y = y[0] if isinstance(y, (list, tuple)) else y
+    return getattr(y, "last_hidden_state", y)
+
+
+def bench_model(name: str, args, tmp: str) -> dict:
+    model, ex_args, ex_kwargs, dyn, calib, make, filter_fn = MODELS[name](args.dim)
+    variants: list[tuple[str, object, object]] = []  # (label, path, eager model)
+    print(f"== {name}: compiling", flush=True)
     t = time.perf_counter()
-    torch._inductor.aoti_compile_and_package(ep, package_path=path)
-    return time.perf_counter() - t
+    ep = torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
+    path = qexport.compile(ep, os.path.join(tmp, f"{name}_fp32.pt2"))
+    print(f"   fp32 {time.perf_counter() - t:.0f} s", flush=True)
+    variants.append(("fp32", path, model))
+    rows: dict[str, dict] = {}
+    for scheme_name, params in SCHEMES:
+        scheme = qexport.schemes.get(scheme_name, **params)
+        label = scheme_name + (f" g{params['group_size']}" if "group_size" in params else "")
+        try:
+            kw = {"calibration_data": calib} if scheme.activation == "static" else {}
+            qm = qexport.quantize(copy.deepcopy(model), scheme, filter_fn=filter_fn, **kw)
+            qep = qexport.export(qm, ex_args, ex_kwargs, dynamic_shapes=dyn)
+            t = time.perf_counter()
+            path = qexport.compile(qep, os.path.join(tmp, f"{name}_{scheme_name}.pt2"))
+            manifest = qexport.inspect(path)
+            linear = next(k for k in manifest.extra["kernels"] if k.get("plan"))
+            rows[label] = {"compile_s": round(time.perf_counter() - t, 1), "bytes": os.path.getsize(path),
+                           "kernel": linear["kernel"], "plan": linear["plan"], "isa": linear["isa"]}
+            variants.append((label, path, qm))
+            print(f"   {label}: {rows[label]['compile_s']:.0f} s, {linear['reason']}", flush=True)
+        except Exception as e:  # a variant that cannot be built is reported, not fatal
+            traceback.print_exc()
+            rows[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    rows["fp32"] = {"bytes": os.path.getsize(variants[0][1])}
+
+    inputs = {m: make(m) for m in args.rows}
+    runners = []
+    with torch.no_grad():
+        for label, path, eager in variants:
+            runner = qexport.load_compiled(path)
+            runners.append((label, runner))
+            for m, x in inputs.items():
+                a, k = (x, {}) if isinstance(x, tuple) else ((), x)
+                rows[label][f"err_vs_eager_M{m}"] = rel_err(_out(runner(*a, **k)), _out(eager(*a, **k)))
+    samples: dict = {}
+    order = random.Random(0)
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for label, runner in order.sample(runners, len(runners)):
+                for m, x in inputs.items():
+                    a, k = (x, {}) if isinstance(x, tuple) else ((), x)
+                    runner(*a, **k)
+                    for _ in range(args.calls if m <= 16 else 1):
+                        c = time.thread_time()
+                        runner(*a, **k)
+                        samples.setdefault((label, m), []).append(time.thread_time() - c)
+    for label, _ in runners:
+        for m in args.rows:
+            rows[label][f"ms_M{m}"] = statistics.median(samples[(label, m)]) * 1e3
+    for label, r in rows.items():
+        for m in args.rows:
+            if f"ms_M{m}" in r:
+                r[f"x_fp32_M{m}"] = rows["fp32"][f"ms_M{m}"] / r[f"ms_M{m}"]
+    return rows
+
+
+def table(name: str, rows: dict, ms: list[int]) -> str:
+    out = [f"| {name} | MB | " + " | ".join(f"M={m} ms (×fp32)" for m in ms) + " | err vs eager (worst M) | kernel per rows |",
+           "|---|---|" + "---|" * len(ms) + "---|---|"]
+    for label, r in rows.items():
+        if "error" in r:
+            out.append(f"| {label} | failed: {r['error'][:100]} |")
+            continue
+        cells = [f"{r[f'ms_M{m}']:.2f} ({r[f'x_fp32_M{m}']:.2f}×)" for m in ms]
+        errs = [r.get(f"err_vs_eager_M{m}", 0.0) for m in ms]
+        plan = "; ".join(f"{'≤' + str(b['max_m']) if b['max_m'] else 'rest'}: {b['kernel']}" for b in r.get("plan", [])) or "fp32 GEMM"
+        out.append(f"| {label} | {r['bytes'] / 1e6:.1f} | " + " | ".join(cells) + f" | {max(errs):.1e} | {plan} |")
+    return "\n".join(out)
+
+
+# -- the per-layer sweep the plans' crossovers come from ------------------------------------------
+
+def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
+    """Eager per-layer timings of every CPU candidate kernel, ratios to the fp32 GEMM."""
+    import torch.nn.functional as F
+
+    aten = torch.ops.aten
+    torch.manual_seed(0)
+    w, b = torch.randn(dim, dim), torch.randn(dim)
+    s = w.abs().amax(1) / 127
+    w8 = torch.clamp(torch.round(w / s[:, None]), -127, 127).to(torch.int8)
+    wdq, w16, s16 = w8.float() * s[:, None], w.bfloat16(), s.bfloat16()
+    gs = 32
+    wg = w.reshape(dim, dim // gs, gs)
+    sc = ((wg.amax(-1) - wg.amin(-1)) / 15).clamp(min=1e-6)
+    zp = torch.round(-wg.amin(-1) / sc).clamp(0, 15)
+    codes = torch.clamp(torch.round(wg / sc[..., None]) + zp[..., None], 0, 15).to(torch.int32).reshape(dim, dim)
+    packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack([sc, (8 - zp) * sc], -1).transpose(0, 1).contiguous().bfloat16()
+    cs = w8.to(torch.int32).sum(1)
+    ones = torch.ones(dim, dtype=torch.bfloat16)
+
+    def dyn_q(x):
+        from qexport.schemes import _activation as act
+
+        sx, z = act.dynamic_int8_qparams(x, True)
+        return act.quantize_int8(x, sx, z), sx, z
+
+    cands = {
+        "fp32 GEMM": lambda x: F.linear(x, w, b),
+        "bf16 GEMM": lambda x: F.linear(x.bfloat16(), w16).float() + b,
+        "int8pack (bf16 act)": lambda x: aten._weight_int8pack_mm(x.bfloat16(), w8, s16).float() + b,
+        "int4pack g32": lambda x: aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, gs, sz).float() + b,
+        "dequant int8 + fp32 GEMM": lambda x: F.linear(x, w8.float() * s[:, None], b),
+        "dequant int8 + bf16 GEMM": lambda x: F.linear(x.bfloat16(), w8.bfloat16() * s16[:, None]).float() + b,
+        "int_mm (dyn int8 act)": lambda x: (lambda q, sx, z: (aten._int_mm(q.to(torch.int8), w8.t()) - z.to(torch.int32) * cs).float() * (sx * s) + b)(*dyn_q(x)),
+        "int8 codes into int8pack": lambda x: (lambda q, sx, z: aten._weight_int8pack_mm((q - z).bfloat16(), w8, ones).float() * (sx * s) + b)(*dyn_q(x)),
+        "dyn int8 act + fp32 weights": lambda x: (lambda q, sx, z: F.linear((q - z) * sx, wdq, b))(*dyn_q(x)),
+    }
+    xs = {m: torch.randn(m, dim) for m in rows}
+    res: dict = {}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, f in cands.items():
+                for m in rows:
+                    f(xs[m])
+                    for _ in range(6 if m <= 16 else 2):
+                        c = time.thread_time()
+                        f(xs[m])
+                        res.setdefault((name, m), []).append(time.thread_time() - c)
+    print(json.dumps(machine()))
+    print(f"one {dim}x{dim} layer, eager, 1 thread, median ms (×fp32)")
+    print("| kernel | " + " | ".join(f"M={m}" for m in rows) + " |\n|---|" + "---|" * len(rows))
+    for name in cands:
+        cells = []
+        for m in rows:
+            t, fp = statistics.median(res[(name, m)]), statistics.median(res[("fp32 GEMM", m)])
+            cells.append(f"{t * 1e3:.3f} ({fp / t:.2f}×)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--models", default="linear,minilm")
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--rows", default="1,16,128,512")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=3, help="timed calls per round at M <= 16 (one above)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--minilm", action="store_true")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads (default 1: on a shared box a 2-thread OpenMP barrier waits for a "
-                    "descheduled thread, and that, not the kernel, decides the time)")
-    ap.add_argument("--only", default="", help="comma list; run only variants whose name contains one of them")
+    ap.add_argument("--emulate", choices=sorted(EMULATE), default=None,
+                    help="re-run with the host's ISA capped (compile and run)")
+    ap.add_argument("--kernels", action="store_true", help="per-layer kernel sweep instead of the packages")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    torch.set_num_threads(args.threads)
-    dim = args.dim
+    if args.emulate and not all(os.environ.get(k) == v for k, v in EMULATE[args.emulate].items()):
+        env = {**os.environ, **EMULATE[args.emulate]}
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+    torch.set_num_threads(1)
+    args.rows = [int(m) for m in args.rows.split(",")]
+    if args.kernels:
+        kernel_sweep(args.dim, args.rows, args.rounds)
+        return
+    info = machine()
+    info["read_gbs_1_thread"] = round(read_bandwidth_gbs(), 1)
+    print(json.dumps(info), flush=True)
     tmp = tempfile.mkdtemp(prefix="bench_aoti.")
-    base = stack(dim)
-    example = torch.randn(2, dim)
-    dyn = ({0: torch.export.Dim("m", min=1, max=4096)},)
-    inputs = {b: torch.randn(b, dim) for b in batches}
-    with torch.no_grad():
-        ref = {b: base(x) for b, x in inputs.items()}
-    rows: list[dict] = []
-
-    built: list[tuple[dict, str, torch.dtype, object]] = []
-
-    def measure(name: str, build) -> None:
-        """Compile one variant now; it is timed later, interleaved with all the others."""
-        if args.only and not any(k in name for k in args.only.split(",")):
-            return
-        path = os.path.join(tmp, f"v{len(rows)}.pt2")
-        print(f"== {name}", flush=True)
-        row: dict = {"variant": name}
-        rows.append(row)
-        try:
-            compile_s, cast, eager = build(path)
-            row.update(compile_s=round(compile_s, 1), bytes=os.path.getsize(path))
-            built.append((row, path, cast, eager))
-            print(f"   compiled in {compile_s:.1f} s, {os.path.getsize(path) / 1e6:.1f} MB", flush=True)
-        except Exception as e:  # a variant that cannot be built is reported, not fatal
-            traceback.print_exc()
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-
-    def time_all() -> None:
-        """Median latency per (variant, batch). The dev box is shared, so variants are timed in
-        interleaved rounds: a busy spell slows every variant a little instead of one a lot."""
-        runners = []
-        for row, path, cast, eager in built:
-            runner = torch._inductor.aoti_load_package(path)
-            runners.append((row, runner, cast))
-            with torch.no_grad():
-                for b, x in inputs.items():
-                    y = runner(x.to(cast))
-                    row[f"err_vs_fp32_b{b}"] = rel_err(y, ref[b])
-                    if eager is not None:
-                        row[f"err_vs_eager_b{b}"] = rel_err(y, eager(x.to(cast)))
-        samples: dict = {}
-        order = random.Random(0)
-        with torch.no_grad():
-            for _ in range(args.rounds):
-                # a fresh order each round, so no variant always runs right after the fp32 one
-                for row, runner, cast in order.sample(runners, len(runners)):
-                    for b, x in inputs.items():
-                        xi = x.to(cast)
-                        runner(xi)
-                        for _ in range(5 if b == 1 else 2):
-                            t, c = time.perf_counter(), time.thread_time()
-                            runner(xi)
-                            c, t = time.thread_time() - c, time.perf_counter() - t
-                            samples.setdefault((row["variant"], b), []).append((t, c))
-        for row, _, _ in runners:
-            for b in inputs:
-                wall, cpu = zip(*samples[(row["variant"], b)])
-                row[f"wall_ms_b{b}"] = statistics.median(wall) * 1e3
-                # CPU time of the calling thread: with one intra-op thread the kernels run on it, and
-                # time other processes take from the core is not counted.
-                row[f"ms_b{b}"] = statistics.median(cpu) * 1e3 if args.threads == 1 else row[f"wall_ms_b{b}"]
-            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-
-    def fp32(path):
-        ep = torch.export.export(base, (example,), dynamic_shapes=dyn)
-        return aoti_plain(ep, path), torch.float32, None
-
-    def bf16(path):
-        m = copy.deepcopy(base).to(torch.bfloat16)
-        ep = torch.export.export(m, (example.bfloat16(),), dynamic_shapes=dyn)
-        return aoti_plain(ep, path), torch.bfloat16, None
-
-    measure("fp32", fp32)
-    measure("bf16", bf16)
-
-    for scheme_name, params in SCHEMES:
-        scheme = qexport.schemes.get(scheme_name, **params)
-        kw = {"calibration_data": [example]} if scheme.activation == "static" else {}
-        qm = qexport.quantize(copy.deepcopy(base), scheme, **kw)
-        ep = qexport.export(qm, (example,), dynamic_shapes=dyn)
-        label = scheme_name + (f" g{params['group_size']}" if "group_size" in params else (f" g{scheme.group_size}" if scheme.group_size else ""))
-        planned = plan(ep)
-        kernel = planned.regions[0].kernel
-        measure(f"qexport {label} [{kernel}]", lambda p: (compile_ep(ep, p), torch.float32, qm))
-        if kernel != "inductor":
-            measure(f"qexport {label} [inductor fusion]", lambda p: (compile_ep(ep, p, {"qexport.kernels": "inductor"}), torch.float32, qm))
-
-    # torchao: its CPU paths for the same formats, then AOTI (as its docs do: quantize_, export, compile).
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        for dtype in (torch.float32, torch.bfloat16):
-            def ao_int8(path, dtype=dtype):
-                m = copy.deepcopy(base).to(dtype)
-                quantize_(m, Int8WeightOnlyConfig())
-                ep = torch.export.export(m, (example.to(dtype),), dynamic_shapes=dyn)
-                return aoti_plain(ep, path), dtype, None
-
-            measure(f"torchao int8_weight_only {str(dtype).removeprefix('torch.')}", ao_int8)
-    except ImportError as e:
-        rows.append({"variant": "torchao int8_weight_only", "error": str(e)})
-    try:
-        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
-        from torchao.quantization import quantize_
-
-        for gs in (32, 128):
-            def ao_int4(path, gs=gs):
-                m = copy.deepcopy(base).to(torch.bfloat16)
-                quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=gs))
-                ep = torch.export.export(m, (example.bfloat16(),), dynamic_shapes=dyn)
-                return aoti_plain(ep, path), torch.bfloat16, None
-
-            measure(f"torchao int4_weight_only g{gs} bf16 (Int4OpaqueTensor)", ao_int4)
-    except ImportError as e:
-        rows.append({"variant": "torchao int4_weight_only", "error": str(e)})
-
-    time_all()
-    minilm = None
-    if args.minilm:
-        minilm = bench_minilm(tmp)
-
-    fp = next((r for r in rows if r["variant"] == "fp32" and "error" not in r), None)
-    print()
-    what = "median thread CPU time" if args.threads == 1 else "median wall time"
-    print(f"4 x Linear({dim}, {dim}), AOTInductor CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {what}")
-    head = "| variant | compile s | size MB | " + " | ".join(f"M={b} ms | ×fp32 M={b} | wall M={b} ms" for b in batches) + " | rel err vs eager (M=1) |"
-    print(head)
-    print("|" + "---|" * (3 + 3 * len(batches) + 1))
-    for r in rows:
-        if "error" in r or "ms_b" + str(batches[0]) not in r:
-            print(f"| {r['variant']} | failed: {r.get('error', '?')[:120]} |")
-            continue
-        cells = [r["variant"], f"{r['compile_s']:.0f}", f"{r['bytes'] / 1e6:.1f}"]
-        for b in batches:
-            cells.append(f"{r[f'ms_b{b}']:.2f}")
-            cells.append(f"{fp[f'ms_b{b}'] / r[f'ms_b{b}']:.2f}×" if fp else "-")
-            cells.append(f"{r[f'wall_ms_b{b}']:.2f}")
-        e = r.get(f"err_vs_eager_b{batches[0]}")
-        cells.append(f"{e:.1e}" if e is not None else "-")
-        print("| " + " | ".join(cells) + " |")
-    if minilm:
-        print(f"\nall-MiniLM-L6-v2 int8_weight_only: compile {minilm['compile_s']:.1f} s, rel err vs eager {minilm['err']:.1e}")
+    results = {}
+    for name in args.models.split(","):
+        results[name] = bench_model(name, args, tmp)
+        print()
+        print(table({"linear": f"4 × Linear({args.dim})", "minilm": "all-MiniLM-L6-v2 [1, M]"}[name], results[name], args.rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "timing": what, "dim": dim, "rows": rows, "minilm": minilm}, f, indent=1)
-
-
-def bench_minilm(tmp: str) -> dict:
-    from _minilm import SENTENCES, load_model, load_tokenizer, tokenize
-
-    model = load_model()
-    tokens = tokenize(SENTENCES[:4], load_tokenizer())
-    qm = qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    seq = torch.export.Dim("seq", min=2, max=512)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    dyn = {k: {0: batch, 1: seq} for k in tokens}
-    ep = qexport.export(qm, (), dict(tokens), dynamic_shapes=dyn)
-    path = os.path.join(tmp, "minilm.pt2")
-    t = time.perf_counter()
-    qexport.compile(ep, path)
-    compile_s = time.perf_counter() - t
-    runner = qexport.load_compiled(path)
-    with torch.no_grad():
-        ref = qm(**tokens).last_hidden_state
-        out = runner(**tokens)
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    out = getattr(out, "last_hidden_state", out)
-    return {"compile_s": compile_s, "bytes": os.path.getsize(path), "err": rel_err(out, ref)}
+            json.dump({"machine": info, "rows_M": args.rows, "rounds": args.rounds, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ _upstream.install()
 from . import schemes  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
-    InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
-    RegionFormatError, SchemeError, TargetMismatchError, UnknownSchemeError, UnsafeArtifactError,
-    UnsupportedModuleError, UnsupportedVersionError, UsageError,
+    IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
+    RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
+    UnsupportedVersionError, UsageError,
 )
 from .export import export  # noqa: E402
 from .quantize import QuantizedModule, quantize  # noqa: E402
@@ -41,7 +41,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
-    "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
+    "IncompatibleCPUError", "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
     "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
     "SchemeMath", "TargetMismatchError", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",

@@ -1,7 +1,8 @@
 """The demo pipeline: one built-in model through every stage, checked and timed.
 
-quantize -> export -> save .pt2 -> compile (AOTInductor, CPU) -> ExecuTorch .pte -> ONNX ->
-verify every artifact against the .pt2 -> bench them all -> one table.
+quantize -> export -> save .pt2 -> compile (AOTInductor, CPU; the fp32 model too) -> ExecuTorch .pte
+-> ONNX -> verify every artifact against the .pt2 and the fp32 model -> bench them all, each
+relative to the fp32 AOTI package -> one table.
 `qexport demo` calls `run_demo`; examples and tests can call it too.
 """
 
@@ -24,7 +25,8 @@ DEFAULT_MODEL = "qexport.models:TinyNet"
 DEFAULT_SCHEME = "int8_dynamic"
 # Stages each backend needs, checked before any work so a missing backend fails loudly and first.
 _NEEDS = {"aoti": ("compile", "load_compiled"), "pte": ("to_executorch",), "onnx": ("to_onnx",)}
-_FILES = {"pt2": "model.pt2", "aoti": "model_aoti.pt2", "pte": "model.pte", "onnx": "model.onnx", "fp32": "model_fp32.pt2"}
+_FILES = {"pt2": "model.pt2", "aoti": "model_aoti.pt2", "pte": "model.pte", "onnx": "model.onnx", "fp32": "model_fp32.pt2",
+          "fp32_aoti": "model_fp32_aoti.pt2"}
 
 
 @dataclass
@@ -35,8 +37,12 @@ class DemoRow:
     latency_s: float | None
     max_abs: float | None
     rel: float | None
-    passed: bool | None  # None: the fp32 baseline, which is not held to the scheme's tolerance
+    passed: bool | None  # None: the fp32 baselines, which are not held to the scheme's tolerance
     note: str = ""
+    #: fp32 AOTI latency / this row's latency (None without an fp32 AOTI package)
+    speedup: float | None = None
+    #: relative error against the unquantized model's outputs
+    rel_vs_fp32: float | None = None
 
 
 @dataclass
@@ -54,14 +60,16 @@ class DemoResult:
     def table(self) -> str:
         from .cli._table import format_table
 
-        # No speed-up column: the only float baseline here runs eagerly, and a ratio against it would
-        # credit the compilers' overhead savings to quantization.
+        # Speed relative to the fp32 model compiled the same way (AOTI), not to eager fp32: a ratio
+        # against eager would credit the compilers' overhead savings to quantization.
         rows = [
             [r.artifact.name, r.kind, fmt_bytes(r.size), fmt_seconds(r.latency_s), fmt_err(r.max_abs), fmt_err(r.rel),
-             {True: "pass", False: "FAIL", None: "-"}[r.passed], r.note]
+             {True: "pass", False: "FAIL", None: "-"}[r.passed], f"{r.speedup:.2f}x" if r.speedup else "-",
+             fmt_err(r.rel_vs_fp32), r.note]
             for r in self.rows
         ]
-        head = format_table(["artifact", "kind", "size", "latency", "max abs err", "rel err", "verify", "note"], rows)
+        head = format_table(["artifact", "kind", "size", "latency", "max abs err", "rel err", "verify", "vs fp32 AOTI",
+                             "rel err vs fp32", "note"], rows)
         return (f"{head}\nscheme {self.scheme.describe()}, tolerance {self.tolerance:g} (relative to the .pt2's "
                 f"max-abs output); artifacts in {self.out_dir}")
 
@@ -101,7 +109,7 @@ def run_demo(
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / v for k, v in _FILES.items()}
-    steps = 5 + len(backends)
+    steps = 5 + len(backends) + ("aoti" in backends)
     progress = progress or Progress(total=steps)
 
     with progress.step(f"quantizing {model} with {resolved.describe()}"):
@@ -127,6 +135,9 @@ def run_demo(
     if "aoti" in backends:
         with progress.step("compiling with AOTInductor for CPU (tens of seconds)"):
             fns["compile"](paths["pt2"], paths["aoti"], device="cpu")
+        # The row every speed is measured against: is the quantized package faster than fp32 here?
+        with progress.step("compiling the fp32 baseline with AOTInductor for CPU"):
+            fns["compile"](paths["fp32"], paths["fp32_aoti"], device="cpu")
     if "pte" in backends:
         with progress.step("lowering to ExecuTorch (XNNPACK)"):
             result.reports["pte"] = fns["to_executorch"](paths["pt2"], paths["pte"], backend="xnnpack")
@@ -135,29 +146,35 @@ def run_demo(
             result.reports["onnx"] = fns["to_onnx"](paths["pt2"], paths["onnx"])
 
     artifacts = [paths["pt2"]] + [paths[b] for b in backends]
-    with progress.step("verifying every artifact against the .pt2"):
-        checks = {r.path: r for r in verify(paths["pt2"], artifacts + [paths["fp32"]], per_region=False)}
+    baselines = [paths["fp32"]] + ([paths["fp32_aoti"]] if "aoti" in backends else [])
+    with progress.step("verifying every artifact against the .pt2 (and the fp32 model)"):
+        checks = {r.path: r for r in verify(paths["pt2"], artifacts + baselines, per_region=False, baseline=paths["fp32"])}
     with progress.step("benchmarking"):
         saved_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         try:
-            timings = {r.path: r for r in bench(artifacts + [paths["fp32"]], min_time_s=bench_time_s, min_iters=5)}
+            timings = {r.path: r for r in bench(artifacts + baselines, min_time_s=bench_time_s, min_iters=5)}
         finally:
             torch.set_num_threads(saved_threads)
     result.tolerance = next(iter(checks.values())).tolerance
-    for p in [paths["fp32"]] + artifacts:
+    fp32_aoti = timings[paths["fp32_aoti"]].median_s if "aoti" in backends else None
+    for p in baselines + artifacts:
         c, t = checks[p], timings[p]
-        fp32_row = p == paths["fp32"]
+        fp32_row = p in baselines
         note = c.error or t.error or ""
-        if fp32_row and not note:
+        if p == paths["fp32"] and not note:
             note = "baseline; its error vs the .pt2 is what quantization costs"
+        elif p == paths.get("fp32_aoti") and not note:
+            note = "baseline for speed: the unquantized model, compiled the same way"
         elif p.suffix in (".pte", ".onnx") and not note:
             rep = result.reports.get(p.suffix[1:])
             if rep is not None and rep.regions:
                 note = f"{sum(r.delegated for r in rep.regions)}/{len(rep.regions)} regions on {rep.target} kernels"
-        result.rows.append(DemoRow(p, "fp32 (eager)" if fp32_row else c.kind, p.stat().st_size, t.median_s, c.max_abs, c.rel,
-                                   None if fp32_row else c.passed, note))
+        kind = {paths["fp32"]: "fp32 (eager)", paths["fp32_aoti"]: "fp32 (aoti)"}.get(p, c.kind)
+        speedup = fp32_aoti / t.median_s if fp32_aoti and t.median_s else None
+        result.rows.append(DemoRow(p, kind, p.stat().st_size, t.median_s, c.max_abs, c.rel,
+                                   None if fp32_row else c.passed, note, speedup, c.rel_vs_baseline))
     return result
 
 

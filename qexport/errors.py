@@ -66,6 +66,10 @@ class UnsupportedVersionError(ArtifactError):
     """A format or schema version newer than this qexport can read."""
 
 
+class IncompatibleCPUError(ArtifactError):
+    """An AOTInductor package compiled for CPU features (AVX-512, VNNI, AMX, ...) this CPU lacks."""
+
+
 class LoweringError(QExportError):
     """A backend could not lower a program."""
 

@@ -387,6 +387,8 @@ class VerifyResult:
     rel: float | None = None
     error: str | None = None
     regions: list[RegionError] | None = None
+    #: relative error against the unquantized (fp32) program's outputs, when verify had one
+    rel_vs_baseline: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -453,6 +455,7 @@ def verify(
     tolerance: float | None = None,
     on_artifact: Callable[[Path], Any] | None = None,
     expected_sha256: "Mapping[str | PathLike[str], str] | None" = None,
+    baseline: "str | PathLike[str] | torch.export.ExportedProgram | None" = None,
 ) -> list[VerifyResult]:
     """Run each artifact on the same inputs as the reference program (generated from its input
     specs) and compare outputs, against the loosest tolerance of the reference's schemes.
@@ -462,7 +465,9 @@ def verify(
     exposes its regions: a `.pt2`, an `.onnx` written with keep_regions=True (AOTI and ExecuTorch
     fuse them away). `tolerance` replaces the schemes' bound: the family
     tolerances bound one region, and errors compound over a deep model. `expected_sha256` maps
-    paths (the reference's too) to the SHA-256 each must have (see `load`)."""
+    paths (the reference's too) to the SHA-256 each must have (see `load`). `baseline` (the unquantized
+    program, e.g. the demo's model_fp32.pt2) adds each artifact's error against the float model
+    (`rel_vs_baseline`): what quantization plus lowering cost, next to what lowering alone cost."""
     if tolerance is not None and not tolerance > 0:
         raise ArtifactError(f"tolerance must be positive, got {tolerance}")
     paths = [check_readable(a) for a in artifacts]
@@ -480,6 +485,10 @@ def verify(
     ref_runner = program_runner(ref)
     expected = ref_runner(flat)
     ref_regions = region_outputs(ref, flat) if per_region else {}
+    float_out = None
+    if baseline is not None:
+        base = baseline if isinstance(baseline, torch.export.ExportedProgram) else load_program(check_readable(baseline))
+        float_out = program_runner(base)([x.clone() for x in flat])
     results = []
     for p in paths:
         if on_artifact is not None:
@@ -490,6 +499,8 @@ def verify(
             res.kind = runner.kind
             got = runner([x.clone() for x in flat])
             res.max_abs, res.rel = compare(expected, got)
+            if float_out is not None:
+                res.rel_vs_baseline = compare(float_out, got)[1]
             if per_region and ref_regions and runner.region_call is not None:
                 res.regions = _region_errors(ref_regions, runner.region_outputs(flat))
         except QExportError as e:

@@ -18,6 +18,8 @@ import qexport
 import serializers
 from qexport.errors import ArtifactError, ArtifactNotFoundError, LoweringError
 from qexport.lower import aoti
+from qexport.lower.cpu_target import CPUTarget, compile_target
+from qexport.lower.kernels import cpu as cpu_kernels
 from qexport.lower.kernels import Decline, KernelChoice, apply_kernels, register_kernel, unregister_kernel
 from qexport.regions import iter_region_nodes
 from qexport.schemes import math_for
@@ -25,14 +27,12 @@ from qexport.schemes import math_for
 from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
 
 SCHEMES = qexport.schemes.builtin_names()
-# The kernel each scheme's linear regions get on CPU (measured fastest: docs/benchmarks/aoti_cpu.md).
-EXPECTED_LINEAR_KERNEL = {
-    "int8_weight_only": "aten._weight_int8pack_mm",
-    "int4_weight_only": "aten._weight_int4pack_mm_for_cpu",
-    "int8_dynamic": "aten._int_mm",
-    "int8_static": "aten._int_mm",
-    "fp8_e4m3": "aten.linear (bfloat16 weights decoded at compile time)",
-    "nf4": "inductor",
+# The CPU table's family of each scheme's linear regions (None: no CPU kernel, Inductor fuses them).
+# The kernels per row bucket depend on the compile target's ISA: tests/test_aoti_isa.py checks them
+# per forced ISA; here the package must record the plan the table gives for this machine.
+CPU_FAMILY = {
+    "int8_weight_only": "int8_weight_only", "int4_weight_only": "int4", "int8_dynamic": "int8_activations",
+    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None,
 }
 
 
@@ -96,11 +96,25 @@ def test_inspect_lists_regions_schemes_and_kernels(built, name):
     manifest = qexport.inspect(path)
     assert manifest.artifact == "aoti"
     assert [(r.name, r.scheme) for r in manifest.regions] == [(r.name, r.scheme) for r in qexport.regions(ep)]
-    kernels = {k["name"]: k["kernel"] for k in manifest.extra["kernels"]}
+    records = {k["name"]: k for k in manifest.extra["kernels"]}
     assert manifest.extra["device"] == "cpu"
+    target = CPUTarget.from_dict(manifest.extra["cpu_target"])
+    assert target == compile_target()
+    isa = cpu_kernels.plan_isa(target)
+    planned = {r.name: r.kernel for r in aoti.plan(ep).regions}
     for region in qexport.regions(ep):
-        expected = EXPECTED_LINEAR_KERNEL[name] if region.op == "linear" else "inductor"
-        assert kernels[region.name] == expected, region.name
+        record = records[region.name]
+        assert record["kernel"] == planned[region.name], region.name
+        if region.op != "linear" or CPU_FAMILY[name] is None:
+            assert record["kernel"] == "inductor" and "plan" not in record, region.name
+            continue
+        # batch and sequence are dynamic up to 16 x 64 rows: every bucket of the ISA's plan is reachable
+        table = cpu_kernels.PLANS[CPU_FAMILY[name]][isa]
+        assert record["isa"] == isa
+        assert [b["max_m"] for b in record["plan"]] == [m for m, _ in table], region.name
+        gemm = cpu_kernels.gemm_dtype(target, scheme_for(name).torch_compute_dtype)
+        names = [cpu_kernels.KERNEL_NAMES[k].format(dtype=str(gemm).removeprefix("torch.")) for _, k in table]
+        assert [b["kernel"] for b in record["plan"]] == names, region.name
 
 
 def test_package_loads_with_torch_alone(built):
@@ -112,7 +126,9 @@ def test_package_loads_with_torch_alone(built):
 # -- the rewrite itself (no compile) ------------------------------------------------------------
 
 def _targets(ep) -> list:
-    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    """call_function targets of the program, torch.cond's branches (the row buckets) included."""
+    return [n.target for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes if n.op == "call_function"]
 
 
 def test_int4_weights_are_repacked_once_into_buffers(built):
@@ -120,7 +136,7 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
     lowered, decisions = apply_kernels(ep, "cpu")
     linear = [d for d in decisions if d.region.op == "linear"]
     targets = _targets(lowered)
-    assert targets.count(torch.ops.aten._weight_int4pack_mm_for_cpu.default) == len(linear) == 13
+    assert targets.count(torch.ops.quantized.int4mm_packed_weight_cpu.default) == len(linear) == 13
     # Packing happened here, not in the graph: no per-call conversion or unpacking remains.
     assert torch.ops.aten._convert_weight_to_int4pack_for_cpu.default not in targets
     assert sum(1 for _ in iter_region_nodes(lowered)) == 1  # the embedding stays a region for Inductor
@@ -131,7 +147,8 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
         assert f"{m}.weight" not in lowered.state_dict  # the unpacked weight is dropped
         assert lowered.state_dict[f"{m}.weight_scales_and_zeros"].dtype == torch.bfloat16
     tagged = [n for n in lowered.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
-    assert {n.meta["custom"]["qexport_region"]["kernel"] for n in tagged} == {"aten._weight_int4pack_mm_for_cpu"}
+    assert {n.meta["custom"]["qexport_region"]["kernel"] for n in tagged} == {d.choice.name for d in linear}
+    assert all(d.choice.name.startswith("aten._weight_int4pack_mm_for_cpu") for d in linear)
     # the original program is untouched
     assert sum(1 for _ in iter_region_nodes(ep)) == 14 and "blocks.0.q.weight" in ep.state_dict
 
@@ -139,7 +156,8 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
 def test_int8_weight_only_uses_bf16_activations(built):
     _, ep, _ = built["int8_weight_only"]
     lowered, _ = apply_kernels(ep, "cpu")
-    mms = [n for n in lowered.graph.nodes if n.target == torch.ops.aten._weight_int8pack_mm.default]
+    mms = [n for m in lowered.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+           for n in m.graph.nodes if n.target == torch.ops.aten._weight_int8pack_mm.default]
     assert len(mms) == 13
     assert all(n.args[0].meta["val"].dtype == torch.bfloat16 for n in mms)
     assert all(n.args[2].meta["val"].dtype == torch.bfloat16 for n in mms)
@@ -150,9 +168,8 @@ def test_conv_regions_fall_back_to_inductor_and_match(workdir):
     model = quantized(ConvNet(), scheme_for("int8_static"), x)
     ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=8)},))
     report = aoti.plan(ep)
-    assert [(r.name, r.kernel) for r in report.regions] == [
-        ("conv1", "inductor"), ("conv2", "inductor"), ("fc", "aten._int_mm")
-    ]
+    assert [(r.name, r.kernel) for r in report.regions][:2] == [("conv1", "inductor"), ("conv2", "inductor")]
+    assert report.regions[2].kernel != "inductor"  # which kernel depends on the ISA (test_aoti_isa.py)
     assert "no cpu kernel registered for int8_static conv2d" in report.regions[0].reason
     lowered, _ = apply_kernels(ep, "cpu")
     x2 = torch.randn(5, 3, 16, 16)

@@ -223,6 +223,11 @@ def test_verify_all_demo_artifacts_and_a_failing_one(capsys, demo_run, tmp_path)
     # an explicit model-level bound replaces the family's
     code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), str(d / "model_fp32.pt2"), "--tolerance", "1e-4")
     assert code == 1 and "FAIL" in out and "tolerance 0.0001 from --tolerance" in out
+    # --baseline adds each artifact's error against the unquantized model
+    code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), arts[0], str(d / "model_fp32_aoti.pt2"), "--baseline", str(d / "model_fp32.pt2"))
+    assert code == 0 and "rel vs fp32" in out.splitlines()[0]
+    vs_fp32 = {ln.split()[0]: float(ln.split()[7]) for ln in out.splitlines()[2:4]}
+    assert vs_fp32[str(d / "model_fp32_aoti.pt2")] < 1e-3 < vs_fp32[arts[0]]
     code, _, err = run_cli(capsys, "verify", str(d / "model.pt2"), arts[1], "--tolerance", "0")
     assert_one_line_error(code, err, "verify", "--tolerance must be positive")
 
@@ -262,14 +267,21 @@ def test_demo_prints_one_table_and_leaves_every_artifact(demo_run):
     code, out, d = demo_run
     assert code == 0, out
     names = {p.name for p in d.iterdir()}
-    assert {"model.pt2", "model_aoti.pt2", "model.pte", "model.onnx", "model_fp32.pt2"} <= names
+    assert {"model.pt2", "model_aoti.pt2", "model.pte", "model.onnx", "model_fp32.pt2", "model_fp32_aoti.pt2"} <= names
     assert not [n for n in names if n.startswith(".")]  # no temporary files left
     table = out.strip().splitlines()
     assert table[0].split()[:3] == ["artifact", "kind", "size"]
+    assert "vs fp32 AOTI" in table[0] and "rel err vs fp32" in table[0]
     rows = {ln.split()[0]: ln for ln in table[2:] if ln.startswith("model")}
-    assert set(rows) == {"model_fp32.pt2", "model.pt2", "model_aoti.pt2", "model.pte", "model.onnx"}
+    assert set(rows) == {"model_fp32.pt2", "model_fp32_aoti.pt2", "model.pt2", "model_aoti.pt2", "model.pte", "model.onnx"}
     for name in ("model.pt2", "model_aoti.pt2", "model.pte", "model.onnx"):
-        assert rows[name].split()[8] == "pass", rows[name]
+        cells = rows[name].split()
+        assert cells[8] == "pass", rows[name]
+        assert cells[9].endswith("x") and float(cells[9][:-1]) > 0, rows[name]  # speed vs the fp32 AOTI package
+        assert float(cells[10]) > 0, rows[name]  # quantization error vs the fp32 model
+    fp32_aoti = rows["model_fp32_aoti.pt2"].split()  # its kind, "fp32 (aoti)", is two words
+    assert fp32_aoti[1:3] == ["fp32", "(aoti)"] and fp32_aoti[9] == "-" and fp32_aoti[10] == "1.00x"
+    assert float(fp32_aoti[11]) < 1e-3  # the fp32 package vs the fp32 model
     assert "int8_dynamic" in table[-1] and "tolerance 0.02" in table[-1]
 
 

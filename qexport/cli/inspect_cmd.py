@@ -73,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
         f"{fmt_bytes(manifest.float_bytes)} float ({_ratio(manifest.quantized_bytes, manifest.float_bytes)}); "
         f"other tensors {fmt_bytes(manifest.other_bytes)}; file {fmt_bytes(os.path.getsize(args.file))}"
     )
+    target = manifest.extra.get("cpu_target")
+    if isinstance(target, dict):
+        from qexport.lower.cpu_target import CPUTarget
+
+        try:
+            print(f"compiled for: {CPUTarget.from_dict(target).describe()} (loading needs: {' '.join(target.get('requires', [])) or '-'})")
+        except ValueError as e:
+            print(f"compiled for: unreadable cpu_target ({e})")
     if manifest.extra:
         print(_clean(f"extra: {json.dumps(manifest.extra, sort_keys=True)}", limit=2000))
     return 0

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=None, metavar="REL",
                    help="relative bound to use instead of the schemes' (theirs bound one region; errors "
                    "compound over deep models)")
+    p.add_argument("--baseline", default=None, metavar="FP32.pt2",
+                   help="the unquantized exported program: also report each artifact's error against it")
     p.add_argument("--regions", action="store_true",
                    help="also print region-by-region errors, where the artifact exposes its regions (.pt2, and "
                    ".onnx written with --keep-regions; AOTI and ExecuTorch fuse them away)")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     pins = parse_pins(args.expected_sha256, [args.reference, *args.artifacts])
     progress = Progress(total=len(args.artifacts))
     try:
-        out = verify(args.reference, args.artifacts, seed=args.seed, tolerance=args.tolerance,
+        out = verify(args.reference, args.artifacts, seed=args.seed, tolerance=args.tolerance, baseline=args.baseline,
                      on_artifact=lambda p: progress.advance(f"running {p}"), expected_sha256=pins)
     except BaseException:
         progress.close(ok=False)
@@ -63,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
 
 def verify_table(results) -> str:
     rows = []
+    baseline = any(r.rel_vs_baseline is not None for r in results)
     for r in results:
         worst = max((e.rel for e in r.regions), default=None) if r.regions else None
         rows.append([
             str(r.path), r.kind, fmt_err(r.max_abs), fmt_err(r.rel), f"{r.tolerance:g}",
             "pass" if r.passed else "FAIL", fmt_err(worst) if worst is not None else "-",
+            *([fmt_err(r.rel_vs_baseline) if r.rel_vs_baseline is not None else "-"] if baseline else []),
             r.error or ("" if r.passed else "error above tolerance"),
         ])
-    return format_table(["artifact", "kind", "max abs", "rel", "tolerance", "result", "worst region rel", "note"], rows)
+    head = ["artifact", "kind", "max abs", "rel", "tolerance", "result", "worst region rel", *(["rel vs fp32"] if baseline else []), "note"]
+    return format_table(head, rows)

@@ -23,22 +23,24 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ArtifactError, LoweringError, QExportError
+from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
+from .cpu_target import CPUTarget, compile_target, missing_features
 from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
-__all__ = ["DEVICES", "compile", "load_compiled", "plan"]
+__all__ = ["DEVICES", "check_cpu", "compile", "load_compiled", "plan"]
 
 DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
 KERNEL_MODES = ("auto", "inductor")
-#: how CUDA weight-only kernels serve compute-bound row counts: "dequant" (the default) keeps only
-#: the quantized weights and decodes them per call (in the Triton GEMM's main loop or before cuBLAS);
-#: "bf16_weights" also keeps them decoded at compile time for those rows (+2 bytes per weight in the
-#: package and on the GPU, cuBLAS's bf16 speed there). See kernels/cuda.py.
+#: how weight-only kernels serve row counts where a float GEMM beats every quantized kernel
+#: (compute-bound M): "dequant" (the default) keeps only the quantized weights and decodes them per
+#: call (CUDA: in the Triton GEMM's main loop or before cuBLAS); "bf16_weights" also keeps them decoded
+#: at compile time for those rows (CUDA: bf16, cuBLAS's speed, +2 bytes per weight in the package and
+#: on the GPU; CPU: the target's fastest GEMM dtype, bf16 or fp32). See kernels/cuda.py and kernels/cpu.py.
 LARGE_M_OPTION = "qexport.large_m"
 LARGE_M_MODES = ("bf16_weights", "dequant")
 OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUDA_PLAN_OPTION: CUDA_PLAN_MODES}
@@ -137,8 +139,10 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     compute-bound row counts (the default "dequant" holds only quantized weights) and
     `"qexport.cuda_plan": "static"` to skip tuning the row buckets on the GPU (default "tuned"). The package
     embeds qexport's manifest (`qexport.inspect(output)` lists regions, schemes and kernels) and
-    loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. The file appears
-    complete or not at all. `progress(message)` is called at each stage.
+    loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. On CPU the kernels and
+    the C++ are for the target CPU: this one, capped by `ATEN_CPU_CAPABILITY` (`avx2`: any AVX2
+    x86-64; see `qexport.lower.cpu_target`), recorded as the manifest's `extra.cpu_target`. The file
+    appears complete or not at all. `progress(message)` is called at each stage.
     """
     from serializers._atomic import atomic_path, check_writable
     from serializers.manifest import Manifest
@@ -171,9 +175,20 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     report = _report(decisions, device, str(out))
     taken = sum(d.choice is not None for d in decisions)
     say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")
+    target = {}
+    if device == "cpu":
+        cpu = compile_target(inductor_options.get("cpp.march"))
+        if cpu.march != "native":  # a forced ISA: the C++ too, or the package would not run on that class of CPU
+            inductor_options = {**inductor_options, "cpp.march": cpu.march}
+        target = {"cpu_target": cpu.to_dict()}
+        say(f"target CPU: {cpu.describe()}")
     manifest = dataclasses.replace(manifest, extra={
         **manifest.extra,
-        "kernels": [r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} for r in report.regions],
+        **target,
+        "kernels": [
+            r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} | dict(d.choice.details if d.choice else {})
+            for r, d in zip(report.regions, decisions)
+        ],
         "inductor_options": {k: v for k, v in inductor_options.items() if _json_safe(v)},
     })
     args, kwargs = _example_inputs(lowered, device)
@@ -217,6 +232,28 @@ def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
     seal(package, manifest)
 
 
+def check_cpu(manifest: Any, path: Any = "the package") -> None:
+    """Refuse a CPU package this CPU cannot run, before its code is loaded.
+
+    Why refuse rather than fall back: the package's C++ was compiled for its target's instruction
+    set (`-march=native` unless the ISA was forced); run on a CPU without it, the process dies with
+    SIGILL, which no fallback can catch. Packages without a target record (older qexport) pass."""
+    record = manifest.extra.get("cpu_target")
+    if manifest.extra.get("device") != "cpu" or not isinstance(record, dict):
+        return
+    try:
+        target = CPUTarget.from_dict(record)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: malformed cpu_target in the manifest: {e}") from None
+    lacking = missing_features(target)
+    if lacking:
+        raise IncompatibleCPUError(
+            f"{path}: compiled for {target.describe()}; this CPU ({torch.backends.cpu.get_cpu_capability()}) lacks "
+            f"{', '.join(lacking)}. Compile it on this machine, or for a whole class of CPUs with the ISA forced, "
+            f"e.g. ATEN_CPU_CAPABILITY=avx2 qexport compile ... (runs on any AVX2 x86-64)"
+        )
+
+
 def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = None, **loader_options: Any) -> Any:
     """Load a package written by `compile`: returns torch's runner (call it like the model).
 
@@ -243,6 +280,7 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
         # under stream capture ("operation not permitted when stream is capturing") and poisons the
         # context; the single-threaded runner captures and replays correctly (H200, torch 2.11).
         loader_options = {"run_single_threaded": True, **loader_options}
+    check_cpu(manifest, path)
     try:
         compiled, manifest = load_package(p, expected_sha256=expected_sha256, **loader_options)
     except QExportError:

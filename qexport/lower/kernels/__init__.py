@@ -67,6 +67,8 @@ class KernelChoice:
     why: str
     body: Callable[..., torch.Tensor]
     operands: Sequence[Operand] = ()
+    #: JSON-safe facts about the choice for the package's manifest (e.g. a row-bucket plan and its ISA)
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

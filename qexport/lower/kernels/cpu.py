@@ -1,174 +1,347 @@
 """CPU kernels for the AOTInductor backend (see `kernels/__init__.py` for the contract).
 
-Measured on the dev box (docs/benchmarks/aoti_cpu.md): the weight-only families are memory-bound,
-so the kernel that reads the quantized bytes directly wins; everything a kernel here does not take
-falls back to Inductor's fusion of the region.
+No one kernel wins at every row count (M, the activation's rows) on every CPU, so, as on CUDA, each
+family has a PLAN: row buckets, each with the kernel that was fastest there, per ISA class of the
+compile target (`qexport.lower.cpu_target`: this CPU, capped by ATEN_CPU_CAPABILITY). Kernels:
+
+- "int8pack": `aten._weight_int8pack_mm`, int8 weights read directly, bf16/fp16 activations;
+- "int4pack": `aten._weight_int4pack_mm_for_cpu`, weights repacked at compile time (tinygemm layout);
+- "int_mm": `aten._int_mm` (int8 x int8 -> int32): fast only with VNNI (oneDNN's s8s8 GEMM);
+- "float_weights": the target's fastest float GEMM (bf16 with AVX512-BF16/AMX, else fp32) on weights
+  the scheme's own math decoded once, at compile time; activations keep the scheme's rounding;
+- "dequant": the same GEMM on weights decoded per call (with `qexport.large_m="dequant"`: only the
+  quantized weights are kept).
+
+Buckets the program's range for M rules out are not built; where it spans several, `torch.cond`
+picks at run time. Crossovers come from `benchmarks/bench_aoti.py --kernels` (2048x2048 layer, one
+thread, docs/benchmarks/aoti_cpu.md) and name the ISA they were measured on; a target of another
+class gets the plan that assumes the least (AVX2: no VNNI, no bf16 dot products), which is correct
+everywhere and, on the ISAs measured, never slower than fp32.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 from ...schemes import _activation as act, math_for
-from ...schemes._region import apply_op, quantize_input
 from ...schemes._packing import unpack_uint4
+from ...schemes._region import quantize_input
+from ..cpu_target import CPUTarget, compile_target
 from . import Decline, KernelChoice, KernelContext, register_kernel
+from .cuda import by_rows, reachable, row_range  # the row-bucket machinery both device tables share
 
 aten = torch.ops.aten
 
+#: the ISA classes plans were measured on (docs/benchmarks/aoti_cpu.md)
+AVX512_VNNI_BF16 = "AVX512 VNNI BF16"  # AMD EPYC (Zen 4 class), native
+AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2; agrees with
+# the issue's figures from a real AVX2 machine (int8pack 3.1x / 1.5x / 0.74x fp32 at M = 1 / 16 / 128)
+
+# (max rows, kernel) per family and ISA class, in row order; the last bucket has no bound.
+# AVX2: _weight_int8pack_mm / _int4pack 1.10x fp32 at M=24, 0.99x at 32, 0.79x at 128 (the fp32
+# GEMM is compute-bound first), so fp32 weights above 24. int8 activations: _int_mm without VNNI ran
+# at 0.49x fp32 at M=1 and 0.05x at M=128 on the real AVX2 machine; their codes minus zero point
+# (integers, exact in bf16) through _weight_int8pack_mm ran at 2.6x fp32 at M=1 but its bf16 output
+# rounding left 4 x Linear(2048) 1.6-2.5 % from the reference, over int8's 2e-2: the fp32 GEMM on
+# decoded weights (the reference's own arithmetic) at every M.
+# AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
+# _int_mm 3.0-5.7x at every M.
+PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
+    "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(24, "int8pack"), (None, "float_weights")]},
+    "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(24, "int4pack"), (None, "float_weights")]},
+    "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(None, "float_weights")]},
+    "fp8": {AVX512_VNNI_BF16: [(None, "float_weights")], AVX2: [(None, "float_weights")]},
+}
+# With `qexport.large_m="dequant"` (keep only quantized weights) decoding per call replaces the
+# decoded-weights bucket above these rows: the quantized kernel wins up to them (AVX2: int8pack 0.88x
+# at M=64 where dequant+fp32 is 0.80x, 0.79x vs 0.87x at 128; AVX512 VNNI BF16: 1.9x vs 2.5x at 64).
+DEQUANT_FROM = {AVX512_VNNI_BF16: 32, AVX2: 64}
+
+KERNEL_NAMES = {
+    "int8pack": "aten._weight_int8pack_mm", "int4pack": "aten._weight_int4pack_mm_for_cpu", "int_mm": "aten._int_mm",
+    "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
+}
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
 # aten._weight_int8pack_mm is 18x slower than with bf16 (FINDINGS.md), slower than Inductor's fusion.
 _FAST_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def plan_isa(target: CPUTarget) -> str:
+    """The measured ISA class whose plans serve `target`."""
+    return AVX512_VNNI_BF16 if target.vnni and target.bf16_gemm else AVX2
+
+
+def gemm_dtype(target: CPUTarget, compute: torch.dtype) -> torch.dtype:
+    """The float GEMM dtype for a scheme computing in `compute`: bf16 only where the CPU has bf16
+    dot products (an AVX2 bf16 GEMM runs at ~0.3x fp32 from M=16 on)."""
+    return compute if compute == torch.bfloat16 and target.bf16_gemm else torch.float32
+
+
+def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[int | None, str]]:
+    """The family's buckets for the rows `ctx`'s program accepts, on `target`, under `qexport.large_m`."""
+    isa = plan_isa(target)
+    plan = PLANS[family][isa]
+    policy = ctx.options.get("qexport.large_m", "bf16_weights")
+    if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
+        quantized = [k for _, k in plan if k != "float_weights"]
+        plan = [(DEQUANT_FROM[isa], quantized[-1]), (None, "dequant")] if quantized else [(None, "dequant")]
+    return reachable(plan, row_range(ctx))
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _choice(
+    ctx: KernelContext, target: CPUTarget, plan: list[tuple[int | None, str]],
+    build: Callable[[str], Callable[[torch.Tensor, dict], torch.Tensor]], operands: list, gemm: torch.dtype,
+) -> KernelChoice:
+    """A KernelChoice running `build(kernel)(x2d, t)` for each bucket of `plan`, where `t` maps each
+    operand's name (its role, or the suffix of a tensor computed here) to its tensor (the bias, if
+    any, as "bias"); every kernel returns [M, N] in the compute dtype, bias added. Then the static
+    schemes' output rounding, and the input's dtype and shape."""
+    scheme, n = ctx.scheme, ctx.tensor("weight").shape[0]
+    if ctx.has("bias"):  # in the compute dtype, as the reference adds it
+        operands = [*operands, ("bias_" + _dtype_name(scheme.torch_compute_dtype), ctx.tensor("bias").to(scheme.torch_compute_dtype))]
+    names = [o if isinstance(o, str) else o[0] for o in operands]
+    names = ["bias" if nm.startswith("bias_") else nm for nm in names]
+    static = scheme.activation == "static"
+    extra = ["output_scale", "output_zero_point"] if static else []
+
+    def named(fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda x2d, *ts: fn(x2d, dict(zip(names, ts)))
+
+    branches = [(max_m, named(build(kernel))) for max_m, kernel in plan]
+
+    def body(x: torch.Tensor, *ops: torch.Tensor) -> torch.Tensor:
+        y = by_rows(_as_2d(x), branches, *ops[: len(names)])
+        if static:
+            y = act.static_int8(y.float(), *ops[len(names):])
+        return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+    isa = plan_isa(target)
+    label = lambda k: KERNEL_NAMES[k].format(dtype=_dtype_name(gemm))  # noqa: E731
+    spans, lo = [], 1
+    for max_m, kernel in plan:
+        spans.append(((f"M>={lo}" if max_m is None else (f"M<={max_m}" if lo == 1 else f"{lo}<=M<={max_m}")), kernel))
+        lo = (max_m or 0) + 1
+    how = "; ".join(f"{s}: {label(k)}" for s, k in spans) + (" (torch.cond at run time)" if len(plan) > 1 else "")
+    return KernelChoice(
+        name=" / ".join(dict.fromkeys(label(k) for _, k in plan)),
+        why=f"{how}; plan for {isa} (target: {target.describe()})",
+        body=body,
+        operands=[*operands, *extra],
+        details={"isa": isa, "plan": [{"max_m": m, "kernel": label(k)} for m, k in plan]},
+    )
+
+
+def _decoded(ctx: KernelContext, roles: tuple[str, ...], dtype: torch.dtype) -> tuple[str, torch.Tensor]:
+    """The "float_weights" operand: the scheme's own dequantization, run once here."""
+    scheme = ctx.scheme
+    shape = tuple(ctx.region.weight_shape or ctx.tensor("weight").shape)
+    w = math_for(scheme).dequantize_weight(scheme, {r: ctx.tensor(r) for r in roles}, shape)
+    # Round through the compute dtype first, so the fp32 GEMM sees the reference's weights.
+    return ("weight_" + _dtype_name(dtype), w.to(scheme.torch_compute_dtype).to(dtype).contiguous())
+
+
+def fp8_e4m3_round(v: torch.Tensor) -> torch.Tensor:
+    """fp32 `v`, already within +-448, rounded to the nearest float8_e4m3fn value, ties to even: the
+    value `v.to(torch.float8_e4m3fn).float()` gives, by arithmetic Inductor vectorises.
+
+    Why: Inductor's C++ converts to fp8 one element at a time (3.8 ms for a [512, 2048] activation with
+    AVX2, 8 % of that layer's fp32 GEMM, which made fp8 0.93x fp32); this costs what int8 rounding does.
+    The step between e4m3 values near v is 2^(max(exponent(v), -6) - 3) (3 mantissa bits; below 2^-6 the
+    subnormals' fixed step 2^-9); dividing by a power of two is exact and torch.round rounds half to even.
+    """
+    exponent = ((v.view(torch.int32) >> 23) & 0xFF) - 127
+    step = ((torch.clamp(exponent, min=-6) - 3 + 127) << 23).view(torch.float32)
+    return torch.round(v / step) * step
+
+
+def _dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """`act.dynamic_fp8` with the cast replaced by `fp8_e4m3_round` (same values)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
+    scale = (amax / act.FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).eps)
+    return (fp8_e4m3_round((xf / scale).clamp(-act.FP8_E4M3_MAX, act.FP8_E4M3_MAX)) * scale).to(x.dtype)
+
+
+def _float_kernels(ctx: KernelContext, roles: tuple[str, ...], gemm: torch.dtype) -> dict[str, Callable]:
+    """"float_weights" and "dequant": the activation with the scheme's rounding (fake-quantized as the
+    reference does), then `gemm`-dtype F.linear."""
+    scheme, op = ctx.scheme, ctx.region.op
+    shape = tuple(ctx.region.weight_shape or ctx.tensor("weight").shape)
+    math, cd = math_for(scheme), scheme.torch_compute_dtype
+    wname = "weight_" + _dtype_name(gemm)
+
+    fp8 = scheme.activation == "dynamic" and scheme.act_dtype == "float8_e4m3fn"
+    per_token = scheme.act_granularity == "per_token" and op != "conv2d"
+
+    def activation(x: torch.Tensor, t: dict) -> torch.Tensor:
+        xq = _dynamic_fp8(x, per_token) if fp8 else quantize_input(scheme, x, t, op)
+        return xq.to(cd).to(gemm)
+
+    def linear(x: torch.Tensor, w: torch.Tensor, t: dict) -> torch.Tensor:
+        b = t.get("bias")
+        return F.linear(activation(x, t), w, None if b is None else b.to(gemm)).to(cd)
+
+    def float_weights(x: torch.Tensor, t: dict) -> torch.Tensor:
+        return linear(x, t[wname], t)
+
+    def dequant(x: torch.Tensor, t: dict) -> torch.Tensor:
+        return linear(x, math.dequantize_weight(scheme, {r: t[r] for r in roles}, shape).to(cd).to(gemm), t)
+
+    return {"float_weights": float_weights, "dequant": dequant}
+
+
+def _plus_bias(y: torch.Tensor, t: dict, cd: torch.dtype) -> torch.Tensor:
+    b = t.get("bias")
+    return (y if b is None else y + b.to(y.dtype)).to(cd)
+
+
+def _operands(ctx: KernelContext, plan: list, roles: tuple[str, ...], gemm: torch.dtype, static_inputs: bool) -> list:
+    kinds = {k for _, k in plan}
+    ops: list = []
+    if "float_weights" in kinds:
+        ops.append(_decoded(ctx, roles, gemm))
+    if "dequant" in kinds:
+        ops += [r for r in roles if r not in ops]
+    if static_inputs and kinds & {"float_weights", "dequant", "int_mm"}:
+        ops += ["input_scale", "input_zero_point"]
+    return ops
+
+
+def _check_float_input(ctx: KernelContext) -> Decline | None:
+    if ctx.input_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
+    return None
+
+
 @register_kernel("int8", "cpu", "linear")
-def int8_weight_only_int8pack_mm(ctx: KernelContext) -> KernelChoice | Decline | None:
+def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     scheme = ctx.scheme
     if scheme.activation != "none":
         return None
     cd = scheme.torch_compute_dtype
     if cd not in _FAST_WEIGHT_ONLY_DTYPES:
         return Decline(f"compute_dtype={scheme.compute_dtype}: _weight_int8pack_mm is slow with fp32 activations")
-    if not ctx.input_dtype.is_floating_point:
-        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
-    weight = ctx.tensor("weight")
-    n = weight.shape[0]
-    # Per-tensor schemes store one scale; the kernel takes one per output channel in the activation dtype.
-    scale = ctx.tensor("weight_scale").reshape(-1).expand(n).to(cd).contiguous()
-    operands: list = ["weight", ("weight_scale_" + str(cd).removeprefix("torch."), scale)]
-    if ctx.has("bias"):
-        operands.append(("bias_" + str(cd).removeprefix("torch."), ctx.tensor("bias").to(cd)))
+    declined = _check_float_input(ctx)
+    if declined:
+        return declined
+    target = compile_target()
+    plan = cpu_plan("int8_weight_only", ctx, target)
+    gemm = gemm_dtype(target, cd)
+    roles = ("weight", "weight_scale")
+    operands = _operands(ctx, plan, roles, gemm, False)
+    if "int8pack" in {k for _, k in plan}:
+        n = ctx.tensor("weight").shape[0]
+        # Per-tensor schemes store one scale; the kernel takes one per output channel in the activation dtype.
+        scale = ctx.tensor("weight_scale").reshape(-1).expand(n).to(cd).contiguous()
+        operands = [*(["weight"] if "weight" not in operands else []), *operands, ("weight_scale_" + _dtype_name(cd), scale)]
+    kernels = _float_kernels(ctx, roles, gemm)
+    kernels["int8pack"] = lambda x, t: _plus_bias(aten._weight_int8pack_mm(x.to(cd), t["weight"], t["weight_scale_" + _dtype_name(cd)]), t, cd)
+    return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
-    def body(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
-        y = aten._weight_int8pack_mm(_as_2d(x).to(cd), w, s)
-        if bias:
-            y = y + bias[0]
-        return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
-    return KernelChoice(
-        name="aten._weight_int8pack_mm",
-        why=f"reads int8 weights directly, {scheme.compute_dtype} activations (the scheme's compute dtype)",
-        body=body,
-        operands=operands,
-    )
+_INT4_ROLES = ("weight", "weight_scale", "weight_zero_point")
 
 
 @register_kernel("int4", "cpu", "linear")
-def int4_weight_int4pack_mm_for_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
+def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     scheme = ctx.scheme
+    declined = _check_float_input(ctx)
+    if declined:
+        return declined
     cd = scheme.torch_compute_dtype
-    if not ctx.input_dtype.is_floating_point:
-        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
-    weight = ctx.tensor("weight")
-    n, k = weight.shape[0], weight.shape[1] * 2
+    target = compile_target()
+    plan = cpu_plan("int4", ctx, target)
+    gemm = gemm_dtype(target, cd)
+    operands = _operands(ctx, plan, _INT4_ROLES, gemm, False)
     gs = scheme.group_size
-    # Repacked once, here: the tinygemm layout and its (scale, zero) pairs become buffers of the program.
-    codes = unpack_uint4(weight).to(torch.int32)
-    packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # innerKTiles is unused on CPU
-    scale = ctx.tensor("weight_scale").float()
-    zp = ctx.tensor("weight_zero_point").float()
-    # tinygemm dequantizes w = (q - 8) * s + z; the scheme's w = (q - zp) * s, so z = (8 - zp) * s.
-    scales_and_zeros = torch.stack([scale, (8 - zp) * scale], -1).transpose(0, 1).contiguous().to(cd)
-    operands: list = [("weight_int4pack", packed), ("weight_scales_and_zeros", scales_and_zeros)]
-    if ctx.has("bias"):
-        operands.append(("bias_" + str(cd).removeprefix("torch."), ctx.tensor("bias").to(cd)))
-
-    def body(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
-        y = aten._weight_int4pack_mm_for_cpu(_as_2d(x).to(cd).contiguous(), w, gs, sz)
-        if bias:
-            y = y + bias[0]
-        return y.reshape(*x.shape[:-1], n).to(x.dtype)
-
-    assert k == scheme.group_size * scale.shape[1]
-    return KernelChoice(
-        name="aten._weight_int4pack_mm_for_cpu",
-        why=f"tinygemm int4 layout packed at compile time, {scheme.compute_dtype} activations",
-        body=body,
-        operands=operands,
-    )
+    if "int4pack" in {k for _, k in plan}:
+        # Repacked once, here: the tinygemm layout and its (scale, zero) pairs become buffers of the program.
+        packed = aten._convert_weight_to_int4pack_for_cpu(unpack_uint4(ctx.tensor("weight")).to(torch.int32), 1)  # innerKTiles is unused on CPU
+        scale = ctx.tensor("weight_scale").float()
+        zp = ctx.tensor("weight_zero_point").float()
+        # tinygemm dequantizes w = (q - 8) * s + z; the scheme's w = (q - zp) * s, so z = (8 - zp) * s.
+        sz = torch.stack([scale, (8 - zp) * scale], -1).transpose(0, 1).contiguous().to(cd)
+        operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz), ("weight_group_size", torch.tensor(gs))]
+    kernels = _float_kernels(ctx, _INT4_ROLES, gemm)
+    # The tensor-group-size form of aten._weight_int4pack_mm_for_cpu (what Inductor lowers that op to),
+    # the group size a buffer: Inductor's lowering makes it a graph constant, which AOTInductor does not
+    # declare inside torch.cond branches (torch 2.13: "true_graph_0_constant0 was not declared").
+    kernels["int4pack"] = lambda x, t: _plus_bias(torch.ops.quantized.int4mm_packed_weight_cpu(
+        x.to(cd).contiguous(), t["weight_int4pack"], t["weight_group_size"], t["weight_scales_and_zeros"]), t, cd)
+    return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
 @register_kernel("int8", "cpu", "linear")
-def int8_activations_int_mm(ctx: KernelContext) -> KernelChoice | Decline | None:
-    """int8 x int8 -> int32 (aten._int_mm) for dynamic and static int8 activations.
+def int8_activations_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
+    """int8 activations (dynamic per token / per tensor, static per tensor) with int8 weights.
 
     With asymmetric activations x = (qx - zx) * sx and symmetric weights w = qw * sw,
-    x @ w.T = sx * sw * (qx @ qw.T - zx * colsum(qw)): the zero point costs one rank-1 correction
-    with the weight's column sums, computed here once.
+    x @ w.T = sx * sw * (qx @ qw.T - zx * colsum(qw)): with `_int_mm` the zero point costs one rank-1
+    correction with the weight's column sums (computed here once).
     """
     scheme = ctx.scheme
     if scheme.activation not in ("dynamic", "static") or scheme.act_dtype != "int8":
         return None
-    if ctx.input_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
+    declined = _check_float_input(ctx)
+    if declined:
+        return declined
+    target = compile_target()
+    plan = cpu_plan("int8_activations", ctx, target)
+    kinds = {k for _, k in plan}
+    gemm = gemm_dtype(target, scheme.torch_compute_dtype)
+    roles = ("weight", "weight_scale")
+    static = scheme.activation == "static"
     weight = ctx.tensor("weight")
     n = weight.shape[0]
-    w_scale = ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous()
-    colsum = weight.to(torch.int32).sum(1)
-    operands: list = ["weight", ("weight_scale_f32", w_scale), ("weight_colsum", colsum)]
-    static = scheme.activation == "static"
-    if static:
-        operands += ["input_scale", "input_zero_point", "output_scale", "output_zero_point"]
-    if ctx.has("bias"):
-        operands.append(("bias_f32", ctx.tensor("bias").float()))
+    operands = _operands(ctx, plan, roles, gemm, static)
+    if "int_mm" in kinds:
+        if "weight" not in operands:
+            operands.append("weight")
+        operands.append(("weight_scale_f32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous()))
+        operands.append(("weight_colsum", weight.to(torch.int32).sum(1)))
     per_token = scheme.act_granularity == "per_token"
+    cd = scheme.torch_compute_dtype
 
-    def body(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, cs: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        x2 = _as_2d(x).float()
+    def int_mm(x: torch.Tensor, t: dict) -> torch.Tensor:
+        x2 = x.float()
         if static:
-            s, zp, out_s, out_zp, *bias = rest
-            zp = zp.float()
+            s, zp = t["input_scale"], t["input_zero_point"].float()
         else:
-            bias = list(rest)
             s, zp = act.dynamic_int8_qparams(x2, per_token)
-        q = act.quantize_int8(x2, s, zp).to(torch.int8)
-        acc = aten._int_mm(q, w.t()) - zp.to(torch.int32) * cs
-        y = acc.float() * (s * ws)
-        if bias:
-            y = y + bias[0]
-        if static:
-            y = act.static_int8(y, out_s, out_zp)
-        return y.reshape(*x.shape[:-1], n).to(x.dtype)
+        q = act.quantize_int8(x2, s, zp)
+        acc = aten._int_mm(q.to(torch.int8), t["weight"].t()) - zp.to(torch.int32) * t["weight_colsum"]
+        return _plus_bias(acc.float() * (s * t["weight_scale_f32"]), t, cd)
 
-    return KernelChoice(
-        name="aten._int_mm",
-        why=f"int8 x int8 -> int32 with {scheme.activation} {scheme.act_granularity} activations, zero point folded via weight column sums",
-        body=body,
-        operands=operands,
-    )
+    kernels = {**_float_kernels(ctx, roles, gemm), "int_mm": int_mm}
+    return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
 @register_kernel("fp8", "cpu", "linear")
 def fp8_weights_decoded_at_compile_time(ctx: KernelContext) -> KernelChoice | Decline | None:
-    """fp8 weights widened once, here, to the compute dtype; activations keep the scheme's fp8 rounding.
+    """fp8 weights widened once, here, to the target's GEMM dtype; activations keep the scheme's fp8 rounding.
 
-    Why: this CPU has no fp8 matmul (aten._scaled_mm on CPU took ~200 ms for one 4096x4096 layer)
-    and Inductor's fusion re-decodes every weight on every call (about 7x slower than fp32 at batch 1).
-    fp8 -> bf16 is exact, so numerics equal the reference; the package holds 2 bytes per weight.
+    Why: no CPU has an fp8 matmul worth calling (aten._scaled_mm on CPU took ~200 ms for one 4096x4096
+    layer) and Inductor's fusion re-decodes every weight on every call (about 7x slower than fp32 at
+    batch 1). fp8 -> bf16 is exact, so numerics equal the reference; the package holds 2 bytes per
+    weight (bf16, with AVX512-BF16/AMX) or 4 (fp32, elsewhere: a bf16 GEMM on AVX2 runs at ~0.3x fp32).
     """
-    scheme = ctx.scheme
-    cd = scheme.torch_compute_dtype
-    if not ctx.input_dtype.is_floating_point:
-        return Decline(f"input dtype {ctx.input_dtype} is not floating point")
-    shape = tuple(ctx.region.weight_shape or ctx.tensor("weight").shape)
-    roles = [r for r in ctx.region.roles if r not in ("input", "bias")]
-    w = math_for(scheme).dequantize_weight(scheme, {r: ctx.tensor(r) for r in roles}, shape).to(cd)
-    operands: list = [("weight_" + str(cd).removeprefix("torch."), w)]
-    if ctx.has("bias"):
-        operands.append(("bias_" + str(cd).removeprefix("torch."), ctx.tensor("bias").to(cd)))
-    op, op_params = ctx.region.op, ctx.region.op_params
-
-    def body(x: torch.Tensor, w: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
-        xq = quantize_input(scheme, x, {}, op).to(cd)
-        return apply_op(op, op_params, xq, w, bias[0] if bias else None).to(x.dtype)
-
-    return KernelChoice(
-        name=f"aten.linear ({scheme.compute_dtype} weights decoded at compile time)",
-        why="no fp8 matmul on CPU: weights widened once at compile time (2 bytes/weight in the package), fp8 activation rounding kept",
-        body=body,
-        operands=operands,
-    )
+    declined = _check_float_input(ctx)
+    if declined:
+        return declined
+    target = compile_target()
+    plan = cpu_plan("fp8", ctx, target)
+    gemm = gemm_dtype(target, ctx.scheme.torch_compute_dtype)
+    roles = tuple(r for r in ctx.region.roles if r not in ("input", "bias"))
+    operands = _operands(ctx, plan, roles, gemm, False)
+    return _choice(ctx, target, plan, _float_kernels(ctx, roles, gemm).__getitem__, operands, gemm)

@@ -1,0 +1,232 @@
+"""The AOTI CPU plan per target ISA, the target recorded in the package, and the load-time check.
+
+The forced-ISA tests compile in a subprocess with ATEN_CPU_CAPABILITY set (torch reads it once, at
+start-up), so a kernel or a plan that assumes AVX-512 / VNNI fails here on any machine: one package
+per ISA, holding one region of each int family, checked against the eager quantized model at row
+counts on both sides of the AVX2 crossover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import qexport
+from qexport.errors import IncompatibleCPUError
+from qexport.lower import cpu_target
+from qexport.lower.cpu_target import CPUTarget
+from qexport.lower.kernels import apply_kernels
+from qexport.lower.kernels import cpu as cpu_kernels
+from qexport.schemes import math_for
+
+ROOT = Path(__file__).resolve().parents[1]
+AVX512_HOST = frozenset({"sse", "sse2", "avx", "avx2", "fma3", "f16c", "avx512_f", "avx512_bw", "avx512_vnni", "avx512_bf16", "avx_vnni"})
+X86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA levels")
+
+# One layer per int family (a region each); dims are multiples of the kernels' tiles.
+MIXED_MODEL = """
+import copy, json, sys, torch
+from torch import nn
+import qexport
+torch.manual_seed(0)
+model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4))).eval()
+calib = [(torch.randn(8, 64),)]
+for i, (name, kw) in enumerate([("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32}),
+                                ("int8_dynamic", {}), ("int8_static", {})]):
+    qexport.quantize(model, qexport.schemes.get(name, **kw), filter_fn=lambda m, fqn, i=i: fqn == str(i),
+                     calibration_data=calib if name == "int8_static" else None)
+ep = qexport.export(model, (torch.randn(2, 64),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=256)},))
+path = qexport.compile(ep, sys.argv[1])
+runner = qexport.load_compiled(path)
+errs = {}
+for m in (1, 3, 40):
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+    with torch.no_grad():
+        ref = model(x)
+    errs[m] = float((runner(x) - ref).abs().max() / ref.abs().max())
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "errs": errs}))
+"""
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+class _Forced(dict):
+    """capability -> (the subprocess's JSON line, package path), compiled on first use."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.workdir = workdir
+
+    def __missing__(self, capability: str):
+        path = self.workdir / f"mixed_{capability}.pt2"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-c", MIXED_MODEL, str(path)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        self[capability] = (json.loads(proc.stdout.strip().splitlines()[-1]), path)
+        return self[capability]
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory):
+    return _Forced(tmp_path_factory.mktemp("aoti_isa"))
+
+
+def _shared_library(path: Path, out: Path) -> Path:
+    with zipfile.ZipFile(path) as z:
+        name = next(n for n in z.namelist() if n.endswith(".so"))
+        target = out / Path(name).name
+        target.write_bytes(z.read(name))
+    return target
+
+
+@X86
+@pytest.mark.parametrize("capability, march, plan_isa", [("avx2", "x86-64-v3", "AVX2"), ("default", "x86-64", "AVX2")])
+def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_path, capability, march, plan_isa):
+    result, path = forced[capability]
+    assert result["capability"] == capability.upper()
+    tol = math_for(qexport.schemes.get("int4_weight_only")).tolerance  # the loosest of the four regions
+    assert all(e <= tol for e in result["errs"].values()), result["errs"]
+    manifest = qexport.inspect(path)
+    target = CPUTarget.from_dict(manifest.extra["cpu_target"])
+    assert (target.capability, target.march, target.forced) == (capability.upper(), march, True)
+    assert not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in target.requires)
+    assert manifest.extra["inductor_options"]["cpp.march"] == march
+    kernels = {k["name"]: k for k in manifest.extra["kernels"]}
+    assert {k["isa"] for k in kernels.values()} == {plan_isa}
+    # no VNNI: int8 activations through the fp32 GEMM (the reference's arithmetic), never aten._int_mm
+    assert [b["kernel"] for b in kernels["2"]["plan"]] == ["float32 GEMM on weights decoded at compile time"]
+    assert [b["max_m"] for b in kernels["0"]["plan"]] == [24, None]
+    # The C++ really is for that ISA: no AVX-512 registers (nor AVX ones at the baseline).
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(_shared_library(path, tmp_path))],
+                         capture_output=True, text=True, check=True).stdout
+    assert "%zmm" not in asm
+    if capability == "default":
+        assert "%ymm" not in asm
+
+
+@X86
+def test_package_for_a_wider_cpu_is_refused_before_loading(forced, monkeypatch):
+    _, path = forced["avx2"]
+    assert qexport.load_compiled(path)(torch.randn(2, 64)).shape == (2, 64)  # this CPU has AVX2
+    monkeypatch.setattr(cpu_target, "host_features", lambda: frozenset({"sse", "sse2", "avx"}))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(IncompatibleCPUError, match=r"lacks avx2, bmi, bmi2, f16c, fma3.*ATEN_CPU_CAPABILITY=avx2"):
+        qexport.load_compiled(path)
+
+
+@X86
+def test_inspect_cli_shows_the_target(forced, capsys):
+    from qexport.cli import main
+
+    _, path = forced["avx2"]
+    assert main(["inspect", str(path)]) == 0
+    assert "compiled for: x86_64 AVX2 (forced by ATEN_CPU_CAPABILITY), -march=x86-64-v3" in capsys.readouterr().out
+
+
+# -- the target and the plan, in this process (no compile) --------------------------------------
+
+@X86
+@pytest.mark.parametrize("capability, march, kept", [("AVX2", "x86-64-v3", {"avx2", "fma3"}), ("DEFAULT", "x86-64", set())])
+def test_forced_capability_caps_the_target(monkeypatch, capability, march, kept):
+    monkeypatch.setattr(cpu_target, "host_features", lambda: AVX512_HOST)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability.lower())
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_MARCH", raising=False)
+    t = cpu_target.compile_target()
+    assert (t.capability, t.march, t.forced) == (capability, march, True)
+    assert kept <= set(t.requires) and not {"avx512_f", "avx512_vnni", "avx512_bf16", "avx_vnni"} & set(t.requires)
+    assert not t.vnni and not t.bf16_gemm and cpu_kernels.plan_isa(t) == "AVX2"
+    assert cpu_target.compile_target("haswell").march == "haswell"  # the caller's cpp.march wins
+
+
+@X86
+def test_native_target_requires_what_march_native_may_use(monkeypatch):
+    monkeypatch.setattr(cpu_target, "host_features", lambda: AVX512_HOST)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_MARCH", raising=False)
+    t = cpu_target.compile_target()
+    assert (t.march, t.forced, set(t.requires)) == ("native", False, set(AVX512_HOST))
+    assert cpu_kernels.plan_isa(t) == "AVX512 VNNI BF16"
+    assert cpu_target.missing_features(t, AVX512_HOST - {"avx512_vnni"}) == ["avx512_vnni"]
+    assert CPUTarget.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+
+
+AVX2_TARGET = CPUTarget("x86_64", "AVX2", "x86-64-v3", ("avx", "avx2", "fma3"), forced=True)
+VNNI_TARGET = CPUTarget("x86_64", "AVX512", "native", tuple(sorted(AVX512_HOST)))
+
+
+@pytest.fixture(scope="module")
+def dynamic_programs():
+    torch.manual_seed(0)
+    out = {}
+    for name, kw in [("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32}), ("int8_dynamic", {}), ("int8_static", {}), ("fp8_e4m3", {})]:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+        cal = {"calibration_data": [(torch.randn(16, 64),)]} if name == "int8_static" else {}
+        scheme = qexport.schemes.get(name, **kw)
+        qm = qexport.quantize(model, scheme, **cal)
+        ep = qexport.export(qm, (torch.randn(2, 64),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=512)},))
+        out[name] = (qm, ep, scheme)
+    return out
+
+
+def _ops(ep) -> set:
+    return {n.target for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes if n.op == "call_function"}
+
+
+CASES = [
+    *((name, target, "bf16_weights") for name in ("int8_weight_only", "int4_weight_only", "int8_dynamic", "int8_static", "fp8_e4m3")
+      for target in ("avx2", "avx512_vnni_bf16")),
+    *((name, "avx2", "dequant") for name in ("int8_weight_only", "int4_weight_only", "int8_dynamic")),
+    ("int8_weight_only", "avx512_vnni_bf16", "dequant"),
+]
+
+
+@pytest.mark.parametrize("name, target, large_m", CASES)
+def test_plan_per_isa_matches_eager_in_every_bucket(dynamic_programs, monkeypatch, target, large_m, name):
+    target = {"avx2": AVX2_TARGET, "avx512_vnni_bf16": VNNI_TARGET}[target]
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
+    qm, ep, scheme = dynamic_programs[name]
+    lowered, decisions = apply_kernels(ep, "cpu", {"qexport.large_m": large_m})
+    plan = decisions[0].choice.details["plan"]
+    assert decisions[0].choice.details["isa"] == cpu_kernels.plan_isa(target)
+    ops = _ops(lowered)
+    int_mm = torch.ops.aten._int_mm.default in ops
+    assert int_mm == (target is VNNI_TARGET and name in ("int8_dynamic", "int8_static"))
+    decoded = [k for k in lowered.state_dict if k.endswith(("weight_float32", "weight_bfloat16"))]
+    if large_m == "dequant":
+        assert not decoded and plan[-1]["kernel"].endswith("decoded per call")  # only quantized weights in the package
+    else:
+        assert bool(decoded) == any("compile time" in b["kernel"] for b in plan)
+    if len(plan) > 1:
+        assert torch.ops.higher_order.cond in ops
+    tol = math_for(scheme).tolerance
+    bounds = [b["max_m"] for b in plan]
+    rows = sorted({1, *(b for b in bounds if b), *((b + 1) for b in bounds if b)})  # both sides of each crossover
+    module = lowered.module()
+    for m in rows:
+        x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+        with torch.no_grad():
+            assert rel_err(module(x), qm(x)) <= tol, (m, plan)
+
+
+def test_fp8_rounding_by_arithmetic_equals_the_cast():
+    """The CPU fp8 kernel rounds activations arithmetically (vectorised); it must give what the cast
+    gives for every e4m3 value, every midpoint between two (ties to even) and random values."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()].sort().values
+    mids = (codes[1:] + codes[:-1]) / 2
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(100_000, generator=g) * 10 ** (torch.rand(100_000, generator=g) * 6.6 - 4)
+    v = torch.cat([codes, mids, -mids, spread]).clamp(-448, 448)
+    assert torch.equal(cpu_kernels.fp8_e4m3_round(v), v.to(torch.float8_e4m3fn).float())
