@@ -190,9 +190,9 @@ def main() -> None:
             return _Last(m).eval()
 
         rows += bench_model("minilm", make_minilm, example, calib, schemes, max(20, args.iters // 4), args.threads, tmp, targets)
-    from qexport import _cpu
+    from qexport.lower.cpu_target import describe_host
 
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {_cpu.describe()}, torch capability "
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {describe_host()}, torch capability "
                        f"{torch.backends.cpu.get_cpu_capability()}", "onnxruntime": ort.__version__,
             "torch": torch.__version__, "threads": args.threads}
     if args.json:

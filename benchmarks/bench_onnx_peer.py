@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import qexport  # noqa: E402
-from qexport import _cpu  # noqa: E402
+from qexport.lower.cpu_target import describe_host  # noqa: E402
 from qexport.lower.onnx import host_target  # noqa: E402
 
 from _minilm import CALIBRATION, SENTENCES, SentenceEncoder, load_model, load_tokenizer, tokenize  # noqa: E402
@@ -112,7 +112,7 @@ def main() -> None:
     feeds = {k: v.numpy() for k, v in example.items()}
     us = time_interleaved(sessions, feeds, args.iters)
     machine = (f"{platform.machine()} {os.cpu_count()} cores, torch capability {torch.backends.cpu.get_cpu_capability()}, "
-               f"{_cpu.describe()}")
+               f"{describe_host()}")
     print(f"MiniLM sentence embeddings, {len(SENTENCES)} sentences, batch {BATCH} x {SEQ} tokens; {machine}; "
           f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} thread(s)")
     rows = []

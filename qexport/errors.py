@@ -67,7 +67,8 @@ class UnsupportedVersionError(ArtifactError):
 
 
 class IncompatibleCPUError(ArtifactError):
-    """An AOTInductor package compiled for CPU features (AVX-512, VNNI, AMX, ...) this CPU lacks."""
+    """An artifact built for CPUs this one is not: an AOTInductor package compiled for features
+    (AVX-512, VNNI, AMX, ...) it lacks, an ONNX file whose int8 form is wrong on it."""
 
 
 class LoweringError(QExportError):
@@ -76,10 +77,6 @@ class LoweringError(QExportError):
 
 class UnsafeArtifactError(ArtifactError):
     """An archive that would run pickled code on load (pickled tensors, objects or example inputs)."""
-
-
-class TargetMismatchError(ArtifactError):
-    """An artifact built for CPUs this machine is not (its kernels would be wrong or not run here)."""
 
 
 class UsageError(QExportError, ValueError):

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import qexport
-from qexport import _cpu
-from qexport.errors import LoweringError, TargetMismatchError
+from qexport.errors import IncompatibleCPUError, LoweringError
+from qexport.lower import cpu_target
 from qexport.lower.onnx import host_target
 from qexport.schemes import math_for
 
@@ -96,12 +96,12 @@ def test_portable_is_exact_here_under_default_session_options(files, key):
 def test_runner_refuses_a_file_written_for_other_cpus(files, monkeypatch):
     from qexport import runners
 
-    monkeypatch.setattr(_cpu, "arch", lambda: "x86_64")
-    monkeypatch.setattr(_cpu, "has_int8_dot", lambda: False)
-    with pytest.raises(TargetMismatchError, match=r"target 'x86_vnni'.*without VNNI.*target='portable'"):
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_target, "has_int8_dot", lambda: False)
+    with pytest.raises(IncompatibleCPUError, match=r"target 'x86_vnni'.*without VNNI.*target='portable'"):
         runners.load(files["mlp", "int8_static", "x86_vnni"][0])
     assert runners.load(files["mlp", "int8_static", "portable"][0]).kind == "onnx"
-    monkeypatch.setattr(_cpu, "has_int8_dot", lambda: True)
+    monkeypatch.setattr(cpu_target, "has_int8_dot", lambda: True)
     assert runners.load(files["mlp", "int8_static", "x86_vnni"][0]).kind == "onnx"
 
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["CPUTarget", "compile_target", "host_features", "missing_features"]
+__all__ = ["CPUTarget", "compile_target", "describe_host", "has_int8_dot", "host_features", "missing_features"]
 
 #: features (names as `torch.cpu.get_capabilities()` spells them) that each forced capability keeps;
 #: None keeps everything the CPU has
@@ -123,3 +123,19 @@ def missing_features(target: CPUTarget, host: frozenset[str] | None = None) -> l
     if target.arch != platform.machine():
         return [f"arch {target.arch}"]
     return [f for f in target.requires if f not in host]
+
+
+def has_int8_dot() -> bool:
+    """Whether this CPU adds u8 x s8 products without 16-bit saturation: VNNI on x86 (AVX512-VNNI or
+    AVX-VNNI; onnxruntime's fused int8 kernels saturate without it), always on ARM64."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return True
+    return bool({"avx512_vnni", "avx_vnni"} & host_features())
+
+
+def describe_host() -> str:
+    """One phrase for messages: this CPU's architecture and int8 dot-product support."""
+    arch = platform.machine()
+    if arch in ("x86_64", "AMD64"):
+        return f"x86-64 {torch.backends.cpu.get_cpu_capability()} {'with' if has_int8_dot() else 'without'} VNNI"
+    return arch

@@ -17,6 +17,7 @@ initializers, which a translation function cannot add.
 from __future__ import annotations
 
 import json
+import platform
 import warnings
 from os import PathLike
 from typing import Any, Mapping
@@ -28,7 +29,7 @@ import torch
 
 from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
 
-from ..errors import LoweringError, QExportError, TargetMismatchError
+from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering, plan_region
@@ -132,22 +133,22 @@ def resolve_target(target: str) -> str:
 
 def host_target() -> str:
     """The fastest ONNX target that is exact on this machine's CPU."""
-    from .. import _cpu
+    from .cpu_target import has_int8_dot
 
-    if _cpu.arch() == "arm64":
+    if platform.machine() in ("aarch64", "arm64"):
         return "arm64"
-    return "x86_vnni" if _cpu.has_int8_dot() else DEFAULT_TARGET
+    return "x86_vnni" if has_int8_dot() else DEFAULT_TARGET
 
 
 def check_target_runs_here(target: str | None, source: str) -> None:
     """Refuse to run a file written for CPUs this one is not (its int8 kernels would saturate)."""
     if target in (None, DEFAULT_TARGET) or target not in ONNX_TARGETS or target == host_target():
         return
-    from .. import _cpu
+    from .cpu_target import describe_host
 
-    raise TargetMismatchError(
+    raise IncompatibleCPUError(
         f"{source}: written for ONNX target {target!r} ({ONNX_TARGETS[target].exact_on}), but this CPU is "
-        f"{_cpu.describe()}: onnxruntime would compute its int8 regions wrongly here. Re-export it with "
+        f"{describe_host()}: onnxruntime would compute its int8 regions wrongly here. Re-export it with "
         f"qexport.to_onnx(..., target='portable'), which is exact on every CPU"
     )
 
