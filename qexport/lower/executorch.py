@@ -74,7 +74,8 @@ def _apply_op(site: RegionSite, x: torch.fx.Node, w: torch.fx.Node) -> torch.fx.
     if r.op == "linear":
         return site.call(torch.ops.aten.linear.default, x, w, bias)
     p = r.op_params
-    conv = torch.ops.aten.conv2d.padding if isinstance(p["padding"], str) else torch.ops.aten.conv2d.default
+    conv = torch.ops.aten.conv1d if r.op == "conv1d" else torch.ops.aten.conv2d
+    conv = conv.padding if isinstance(p["padding"], str) else conv.default
     return site.call(conv, x, w, bias, list(p["stride"]), p["padding"], list(p["dilation"]), int(p["groups"]))
 
 
@@ -90,7 +91,7 @@ def _lower_int8_static(site: RegionSite) -> torch.fx.Node:
 
 def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
     x = site.input
-    if site.region.op == "conv2d":  # conv activations have no token axis: per tensor (as the scheme says)
+    if site.region.op.startswith("conv"):  # conv activations have no token axis: per tensor (as the scheme says)
         qp = site.call(qd.choose_qparams.tensor, x, -128, 127, _EPS, torch.int8)
         scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
         q = site.call(qd.quantize_per_tensor.tensor, x, scale, zp, -128, 127, torch.int8)
@@ -213,7 +214,7 @@ def _lower_fp8_reference(site: RegionSite) -> torch.fx.Node:
 
 _PORTABLE = ("falls back to its reference decomposition (weights dequantized on every call, the matmul in "
              "float32, on XNNPACK where it takes it)")
-_INT8_OPS = ("linear", "conv2d")
+_INT8_OPS = ("linear", "conv1d", "conv2d")
 
 #: (family, activation) -> (lowering, kernel name under XNNPACK); schemes with no entry run their reference
 _QDQ_LOWERINGS: dict[tuple[str, str], tuple[Callable[[RegionSite], torch.fx.Node], str]] = {
@@ -372,7 +373,7 @@ class _WhyNoPartition(logging.Handler):
 
 
 #: the edge ops that carry a region's op (what must sit inside a delegate for the region to count)
-_ANCHORS = {"linear": ("linear", "mm"), "conv2d": ("convolution",), "embedding": ("embedding", "index")}
+_ANCHORS = {"linear": ("linear", "mm"), "conv1d": ("convolution",), "conv2d": ("convolution",), "embedding": ("embedding", "index")}
 
 
 def _delegation(
