@@ -15,7 +15,7 @@ from .errors import (  # noqa: E402
     UnsupportedVersionError, UsageError,
 )
 from .export import export  # noqa: E402
-from .quantize import QuantizedModule, quantize  # noqa: E402
+from .quantize import LayerDecision, QuantizationSummary, QuantizedModule, quantize  # noqa: E402
 from .regions import Region, invoke_quant, regions  # noqa: E402
 from .schemes import Scheme, SchemeMath  # noqa: E402
 
@@ -41,8 +41,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
-    "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
-    "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
+    "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
+    "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
     "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
     "regions", "save", "schemes", "to_executorch", "to_onnx",
