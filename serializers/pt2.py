@@ -31,6 +31,7 @@ from qexport.errors import (
     ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError,
 )
 
+from qexport._containers import register_program_containers
 from qexport.regions import iter_region_nodes
 
 from ._atomic import atomic_path, check_writable
@@ -285,6 +286,7 @@ def load(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
     with _Archive(p, verify=True) as archive:
         manifest = archive.manifest()
         archive.check_loadable()
+        register_program_containers(archive.read_json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)))
     try:
         ep = torch.export.load(p)
     except Exception as e:  # torch's deserializer raises anything its parsers raise

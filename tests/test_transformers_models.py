@@ -1,0 +1,144 @@
+"""Models people bring, at test size: transformers GPT-2, Llama, BERT, ViT and ResNet built from
+configs (no hub), quantized with a mixed recipe and taken through every backend, numerics checked
+against the eager quantized model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import qexport
+from qexport import runners
+
+pytest.importorskip("transformers")
+import hf_models as hf  # noqa: E402
+
+#: int8_dynamic for linear and conv layers (XNNPACK / QGemm / _int_mm kernels), int8 weight-only for
+#: embeddings (indices have no activation to quantize)
+RECIPE = {nn.Linear: "int8_dynamic", nn.Conv2d: "int8_dynamic", nn.Embedding: "int8_weight_only"}
+MODELS = {
+    "gpt2": (hf.gpt2, hf.token_ids),
+    "llama": (hf.llama, hf.token_ids),
+    "bert": (hf.bert, hf.token_ids),
+    "vit": (hf.vit, hf.pixels),
+    "resnet": (hf.resnet, hf.pixels),
+}
+#: bound of every backend vs the eager quantized model, relative to the output's max-abs (int8 rounding
+#: of activations may flip by one step where a backend's float order differs)
+TOLERANCE = 2e-2
+
+
+class Zoo(nn.Module):
+    """The five models in one program, so each backend compiles once for all of them (an AOTI compile
+    or ExecuTorch lowering has a fixed cost of seconds): outputs are the models' first outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models = nn.ModuleDict({name: build() for name, (build, _) in MODELS.items()})
+
+    def forward(self, ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(ids if MODELS[name][1] is hf.token_ids else pixels)[0] for name, m in self.models.items())
+
+
+class Exported:
+    def __init__(self, tmp) -> None:
+        self.x = (hf.token_ids(), hf.pixels())
+        self.model = qexport.quantize(Zoo(), RECIPE)
+        with torch.no_grad():
+            self.expected = self.model(*self.x)
+        self.ep = qexport.export(self.model, self.x)
+        self.pt2 = tmp / "zoo.pt2"
+        qexport.save(self.ep, self.pt2)
+        self.tmp = tmp
+        self._artifacts: dict[str, object] = {}
+
+    def artifact(self, backend: str):
+        if backend == "pt2":
+            return self.pt2
+        if backend not in self._artifacts:
+            path = self.tmp / {"aoti": "zoo_aoti.pt2", "pte": "zoo.pte", "onnx": "zoo.onnx"}[backend]
+            {"aoti": qexport.compile, "pte": qexport.to_executorch, "onnx": qexport.to_onnx}[backend](self.ep, path)
+            self._artifacts[backend] = path
+        return self._artifacts[backend]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return Exported(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_pt2(tmp_path_factory):
+    """GPT-2 alone (its output is a transformers ModelOutput): the model, its input and its .pt2."""
+    model = qexport.quantize(hf.gpt2(), RECIPE)
+    x = hf.token_ids()
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2.pt2"
+    qexport.save(qexport.export(model, (x,)), path)
+    return model, x, path
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def test_every_weight_layer_is_quantized(zoo):
+    summary = zoo.model.qexport_summary
+    assert not [d for d in summary.skipped if d.op is not None], str(summary)
+    kinds = {d.layer_type for d in summary.quantized}
+    assert {"Conv1D", "Linear", "Conv2d", "Embedding"} <= kinds
+    assert len(qexport.regions(zoo.ep)) == len(summary.quantized)
+    for name in MODELS:
+        assert any(d.module.startswith(f"models.{name}.") for d in summary.quantized), name
+
+
+@pytest.mark.parametrize("backend", ["pt2", "aoti", "pte", "onnx"])
+def test_backend_matches_eager_quantized(zoo, backend):
+    got = runners.load(zoo.artifact(backend))(list(zoo.x))
+    assert len(got) == len(MODELS)
+    for name, g, expected in zip(MODELS, got, zoo.expected):
+        assert g.shape == expected.shape, name
+        assert rel_err(g, expected) < TOLERANCE, (name, backend, rel_err(g, expected))
+
+
+def test_tied_weight_stored_once(gpt2_pt2, tmp_path):
+    """GPT-2's wte / lm_head share one int8 table: the .pt2 is smaller than the same model untied by
+    at least the table (so is the AOTI package; the .pte and .onnx keep a second, re-laid-out copy:
+    see docs/concepts.md)."""
+    model, x, path = gpt2_pt2
+    assert model.transformer.wte.weight is model.lm_head.weight
+    untied = qexport.quantize(hf.gpt2(tie=False), RECIPE)
+    qexport.save(qexport.export(untied, (x,)), tmp_path / "untied.pt2")
+    assert os.path.getsize(tmp_path / "untied.pt2") - os.path.getsize(path) >= hf.VOCAB * 32
+    ep = qexport.load(path)
+    head = ep.state_dict["lm_head.weight"]
+    tied = [n for n, t in ep.state_dict.items() if t.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()]
+    assert sorted(tied) == ["lm_head.weight", "transformer.wte.weight"]
+
+
+FRESH = textwrap.dedent("""
+    import sys, torch, qexport
+    from qexport import runners
+    assert "transformers" not in sys.modules
+    x = torch.load(sys.argv[2])
+    out = qexport.load(sys.argv[1]).module()(x)
+    print(type(out).__module__, type(out).__name__)
+    torch.testing.assert_close(runners.load(sys.argv[1])([x])[0], out[0])
+""")
+
+
+def test_fresh_process_loads_transformers_outputs(gpt2_pt2, tmp_path):
+    """A process that never imported transformers loads and runs the .pt2: the output container is
+    registered from the allow-list."""
+    _, x, path = gpt2_pt2
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, "-c", FRESH, str(path), str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["transformers.modeling_outputs", "CausalLMOutputWithCrossAttentions"]
