@@ -124,7 +124,10 @@ def test_tied_weight_stored_once(gpt2_pt2, tmp_path):
 FRESH = textwrap.dedent("""
     import sys, torch, qexport
     from qexport import runners
+    from qexport.cli import main
     assert "transformers" not in sys.modules
+    assert main(["verify", sys.argv[1], sys.argv[1]]) == 0
+    assert main(["bench", sys.argv[1], "--warmup", "0", "--min-iters", "1", "--min-time", "0"]) == 0
     x = torch.load(sys.argv[2])
     out = qexport.load(sys.argv[1]).module()(x)
     print(type(out).__module__, type(out).__name__)
@@ -133,8 +136,8 @@ FRESH = textwrap.dedent("""
 
 
 def test_fresh_process_loads_transformers_outputs(gpt2_pt2, tmp_path):
-    """A process that never imported transformers loads and runs the .pt2: the output container is
-    registered from the allow-list."""
+    """A process that never imported transformers verifies, benchmarks (the CLI), loads and runs the
+    .pt2: the output container is registered from the allow-list."""
     _, x, path = gpt2_pt2
     torch.save(x, tmp_path / "x.pt")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
@@ -142,3 +145,18 @@ def test_fresh_process_loads_transformers_outputs(gpt2_pt2, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-2:] == ["transformers.modeling_outputs", "CausalLMOutputWithCrossAttentions"]
+    assert "1/1 passed" in run.stdout
+
+
+def test_container_allow_list(tmp_path, monkeypatch):
+    """Only ModelOutput subclasses of allow-listed modules are registered; a name outside the list is
+    never imported."""
+    from qexport._containers import register_output_containers, spec_type_names
+
+    (tmp_path / "planted.py").write_text("raise SystemExit('imported a module named by a file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert register_output_containers(["planted.Evil", "transformers.modeling_outputs.torch",
+                                       "transformers.modeling_outputs._private", "os.system"]) == []
+    spec = '[1, {"type": "a.B", "context": "[]", "children_spec": [{"type": "c.D", "children_spec": []}]}]'
+    assert sorted(spec_type_names(spec)) == ["a.B", "c.D"]
+    assert list(spec_type_names("not json")) == []
