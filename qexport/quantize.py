@@ -51,7 +51,7 @@ class _Layer:
 
     def weight(self, m: nn.Module) -> torch.Tensor:
         w = m.weight.detach()
-        return w.t() if self.transposed else w
+        return w.t().contiguous() if self.transposed else w
 
     def params(self, m: nn.Module) -> dict[str, Any]:
         dtype = str(m.weight.dtype).removeprefix("torch.")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ._quiet import native_stderr
 from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from serializers.inspect import check_readable
 
@@ -226,7 +227,8 @@ def _load_pte(p: Path) -> Runner:
     except Exception:
         pass
     program = Runtime.get().load_program(str(p))
-    method = program.load_method("forward")
+    with native_stderr():
+        method = program.load_method("forward")
     if method is None:
         raise CorruptArtifactError(f"{p}: the program has no 'forward' method")
     meta = method.metadata

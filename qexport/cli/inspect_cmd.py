@@ -6,8 +6,7 @@ import argparse
 import json
 import os
 
-from ._common import fmt_bytes
-from ._dims import rename
+from ..errors import ArtifactNotFoundError
 from ._table import format_table
 
 
@@ -32,6 +31,8 @@ def _params(scheme) -> str:
 
 
 def _shape(shapes, dim_names) -> str:
+    from ._dims import rename
+
     return rename(" ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes), dim_names) or "-"
 
 
@@ -40,7 +41,11 @@ def _ratio(q: int, f: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.file):  # answered before importing torch (seconds)
+        raise ArtifactNotFoundError(f"{args.file}: no such file")
     from serializers import inspect
+
+    from ._common import fmt_bytes
 
     manifest = inspect(args.file)
     if args.json:
