@@ -36,7 +36,13 @@ _SUBMODULES = ("schemes", "models", "runners", "lower", "demo")
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as e:
+            from ._extras import missing_extra
+
+            raise (missing_extra(e, f"qexport.{name}") or e) from None
+        return getattr(module, name)
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'qexport' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ._extras import missing_extra
 from ._quiet import native_stderr
 from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from serializers.inspect import check_readable
@@ -52,6 +53,8 @@ def stage(name: str) -> Any:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
+        if (extra := missing_extra(e, f"the {what}")) is not None:
+            raise extra from None
         if e.name and module.startswith(e.name):
             raise BackendUnavailableError(f"the {what} is not available in this installation ({module} is missing)") from None
         raise BackendUnavailableError(f"the {what} cannot be imported: {e}") from e
@@ -221,7 +224,7 @@ def _load_pte(p: Path) -> Runner:
     try:
         from executorch.runtime import Runtime
     except ImportError as e:
-        raise BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
+        raise missing_extra(e, f"{p}: running a .pte") or BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
     try:  # the portable quantized kernels, for regions no delegate took
         import executorch.kernels.quantized  # noqa: F401
     except Exception:
@@ -252,7 +255,7 @@ def _load_onnx(p: Path) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
+        raise missing_extra(e, f"{p}: running an .onnx file") or BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
+from qexport._extras import missing_extra
 from qexport.errors import BackendUnavailableError, CorruptArtifactError
 
 from .inspect import check_readable, register_reader
@@ -32,7 +33,7 @@ def read_manifest(path: "str | PathLike[str]") -> Manifest:
     try:
         from executorch.runtime import Runtime
     except ImportError as e:
-        raise BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
+        raise missing_extra(e, f"{p}: reading a .pte") or BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
     try:
         program = Runtime.get().load_program(p)
     except Exception as e:  # the runtime's loader reports damage as RuntimeError/ValueError with a code

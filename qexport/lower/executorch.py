@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from .._extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
@@ -419,7 +420,7 @@ def to_executorch(
         from executorch.exir import to_edge_transform_and_lower
         import executorch.kernels.quantized  # noqa: F401  (registers the quantized_decomposed out-variants)
     except ImportError as e:
-        raise BackendUnavailableError(f"to_executorch needs the executorch package ({e}); pip install executorch") from None
+        raise missing_extra(e, "to_executorch") or BackendUnavailableError(f"to_executorch cannot import executorch ({e})") from None
 
     found = graph_regions(ep)
     plans = {r.name: plan_region(r, backend) for r in found}
