@@ -67,9 +67,14 @@ def register_output_containers(type_names: Iterable[str]) -> list[str]:
     return done
 
 
-def register_program_containers(model_json: Any) -> list[str]:
-    """Register the allow-listed containers named by a serialized program's (models/<name>.json)
-    input and output specs."""
+def register_program_containers(model_json: "bytes | str | Any") -> list[str]:
+    """Register the allow-listed containers named by a serialized program's (models/<name>.json, raw
+    or parsed) input and output specs. Unparseable JSON registers nothing: torch's loader reports it."""
+    if isinstance(model_json, (bytes, str)):
+        try:
+            model_json = json.loads(model_json)
+        except (ValueError, RecursionError):
+            return []
     names: list[str] = []
     graph_module = model_json.get("graph_module") if isinstance(model_json, dict) else None
     for entry in (graph_module or {}).get("module_call_graph") or ():

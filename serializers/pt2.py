@@ -286,7 +286,7 @@ def load(path: "str | PathLike[str]") -> torch.export.ExportedProgram:
     with _Archive(p, verify=True) as archive:
         manifest = archive.manifest()
         archive.check_loadable()
-        register_program_containers(archive.read_json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)))
+        register_program_containers(archive.read(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)))
     try:
         ep = torch.export.load(p)
     except Exception as e:  # torch's deserializer raises anything its parsers raise

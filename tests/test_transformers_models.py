@@ -107,14 +107,20 @@ def test_backend_matches_eager_quantized(zoo, backend):
 
 
 def test_tied_weight_stored_once(gpt2_pt2, tmp_path):
-    """GPT-2's wte / lm_head share one int8 table: the .pt2 is smaller than the same model untied by
-    at least the table (so is the AOTI package; the .pte and .onnx keep a second, re-laid-out copy:
-    see docs/concepts.md)."""
+    """GPT-2's wte / lm_head share one int8 table: the .pt2 and the .onnx are smaller than the same
+    model untied by at least the table (so is the AOTI package; the .pte keeps a second copy packed
+    by XNNPACK: see docs/concepts.md)."""
     model, x, path = gpt2_pt2
     assert model.transformer.wte.weight is model.lm_head.weight
     untied = qexport.quantize(hf.gpt2(tie=False), RECIPE)
-    qexport.save(qexport.export(untied, (x,)), tmp_path / "untied.pt2")
+    untied_ep = qexport.export(untied, (x,))
+    qexport.save(untied_ep, tmp_path / "untied.pt2")
     assert os.path.getsize(tmp_path / "untied.pt2") - os.path.getsize(path) >= hf.VOCAB * 32
+    qexport.to_onnx(path, tmp_path / "tied.onnx")
+    qexport.to_onnx(untied_ep, tmp_path / "untied.onnx")
+    assert os.path.getsize(tmp_path / "untied.onnx") - os.path.getsize(tmp_path / "tied.onnx") >= hf.VOCAB * 32
+    got = runners.load(tmp_path / "tied.onnx")([x])[0]  # lm_head reads the table through a Transpose
+    assert rel_err(got, model(x).logits) < TOLERANCE
     ep = qexport.load(path)
     head = ep.state_dict["lm_head.weight"]
     tied = [n for n, t in ep.state_dict.items() if t.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()]
