@@ -437,8 +437,11 @@ def to_executorch(
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        # The second pass takes the fp32 linears whose weight a fallback region dequantizes at run time.
-        partitioners += [XnnpackPartitioner(), XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)]
+        partitioners.append(XnnpackPartitioner())
+        # A second pass takes the fp32 linears whose weight a fallback region dequantizes at run time;
+        # partitioning is a large share of lowering time, so only when there is such a region.
+        if any(r.op == "linear" and not plans[r.name].delegable for r in found):
+            partitioners.append(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
     manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
     try:
         with _WhyNoPartition() as why:
