@@ -148,20 +148,27 @@ class _RecipeTable:
         found = [self.single] if self.single else [s for _, s in self.names] + list(self.types.values())
         return [s for s in found if s is not None]
 
-    def lookup(self, fqn: str, m: nn.Module) -> tuple[bool, Scheme | None, str]:
-        """(matched, scheme, which entry) for one module."""
+    def lookup(self, fqn: str, m: nn.Module) -> "_Match | None":
+        """The entry that decides `m`'s scheme, None if no entry does."""
         if self.single is not None:
-            return True, self.single, ""
+            return _Match(self.single, "", by_name=False)
         for key, s in self.names:
             if key == fqn:
-                return True, s, repr(key)
+                return _Match(s, repr(key), by_name=True)
         for key, s in self.names:
             if fnmatch.fnmatchcase(fqn, key):
-                return True, s, repr(key)
+                return _Match(s, repr(key), by_name=True)
         for cls in _type_key_mro(m):
             if cls in self.types:
-                return True, self.types[cls], cls.__name__
-        return False, None, ""
+                return _Match(self.types[cls], cls.__name__, by_name=False)
+        return None
+
+
+@dataclass(frozen=True)
+class _Match:
+    scheme: Scheme | None
+    entry: str  # the recipe key, as the summary names it
+    by_name: bool  # a name key selects the module explicitly: refusing it is an error, not a skip
 
 
 def _weight_only(scheme: Scheme) -> Scheme:
@@ -319,18 +326,19 @@ def _plan(
         if filter_fn is not None and not explicit:
             skip("filter_fn returned False", layer.op if layer else None)
             continue
-        matched, scheme, entry = table.lookup(fqn, m)
-        explicit = explicit or (matched and entry.startswith("'"))
+        match = table.lookup(fqn, m)
+        explicit = explicit or (match is not None and match.by_name)
         if layer is None:
             if explicit:
                 raise UnsupportedModuleError(f"{fqn}: {why_not}; make filter_fn (or the recipe) leave it out")
             skip(why_not)
             continue
-        if not matched:
+        if match is None:
             skip("no recipe entry matches it", layer.op)
             continue
+        scheme = match.scheme
         if scheme is None:
-            skip(f"recipe entry {entry} maps it to None", layer.op)
+            skip(f"recipe entry {match.entry} maps it to None", layer.op)
             continue
         math = math_for(scheme)
         if not math.supports(scheme, layer.op):
