@@ -151,16 +151,16 @@ class _RecipeTable:
     def lookup(self, fqn: str, m: nn.Module) -> "_Match | None":
         """The entry that decides `m`'s scheme, None if no entry does."""
         if self.single is not None:
-            return _Match(self.single, "", by_name=False)
+            return _Match(self.single, "", exact=False)
         for key, s in self.names:
             if key == fqn:
-                return _Match(s, repr(key), by_name=True)
+                return _Match(s, repr(key), exact=True)
         for key, s in self.names:
             if fnmatch.fnmatchcase(fqn, key):
-                return _Match(s, repr(key), by_name=True)
+                return _Match(s, repr(key), exact=False)
         for cls in _type_key_mro(m):
             if cls in self.types:
-                return _Match(self.types[cls], cls.__name__, by_name=False)
+                return _Match(self.types[cls], cls.__name__, exact=False)
         return None
 
 
@@ -168,7 +168,7 @@ class _RecipeTable:
 class _Match:
     scheme: Scheme | None
     entry: str  # the recipe key, as the summary names it
-    by_name: bool  # a name key selects the module explicitly: refusing it is an error, not a skip
+    exact: bool  # a key naming the module exactly selects it: refusing it is an error, not a skip
 
 
 def _weight_only(scheme: Scheme) -> Scheme:
@@ -304,7 +304,7 @@ def _plan(
 ) -> tuple[list[_Choice], list[LayerDecision]]:
     """The layers to quantize (with their scheme) and the decision for every weight-bearing layer.
 
-    An explicit selection (filter_fn, a recipe entry naming the module) of something that cannot be
+    An explicit selection (filter_fn, a recipe key equal to the module's name) of something that cannot be
     quantized is an error; a layer merely not taken by the default selection is reported as skipped."""
     read_directly = _read_directly(model)
     chosen: list[_Choice] = []
@@ -327,7 +327,7 @@ def _plan(
             skip("filter_fn returned False", layer.op if layer else None)
             continue
         match = table.lookup(fqn, m)
-        explicit = explicit or (match is not None and match.by_name)
+        explicit = explicit or (match is not None and match.exact)
         if layer is None:
             if explicit:
                 raise UnsupportedModuleError(f"{fqn}: {why_not}; make filter_fn (or the recipe) leave it out")

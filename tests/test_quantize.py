@@ -294,3 +294,10 @@ def test_recipe_errors(recipe, exc, match):
     with pytest.raises(exc, match=match):
         qexport.quantize(model, recipe)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not quantized_modules(model)
+
+
+def test_recipe_glob_skips_what_an_exact_name_would_refuse():
+    model = EmbedNet().eval()
+    qexport.quantize(model, {"*": "int8_dynamic"})  # a glob is a broad selection: the embedding is skipped
+    assert type(model.emb) is nn.Embedding and isinstance(model.fc, QuantizedModule)
+    assert "indices" in model.qexport_summary.skipped[0].reason
