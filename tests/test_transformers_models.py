@@ -1,6 +1,6 @@
 """Models people bring, at test size: transformers GPT-2, Llama, BERT, ViT and ResNet built from
-configs (no hub), quantized with a mixed recipe and taken through every backend, numerics checked
-against the eager quantized model."""
+configs (no hub) and an nn.Conv1d stack, quantized with a mixed recipe and taken through every backend,
+numerics checked against the eager quantized model."""
 
 from __future__ import annotations
 
@@ -21,8 +21,24 @@ import hf_models as hf  # noqa: E402
 
 #: int8_dynamic for linear and conv layers (XNNPACK / QGemm / _int_mm kernels), int8 weight-only for
 #: embeddings (indices have no activation to quantize)
-RECIPE = {nn.Linear: "int8_dynamic", nn.Conv2d: "int8_dynamic", nn.Embedding: "int8_weight_only"}
+RECIPE = {nn.Linear: "int8_dynamic", nn.Conv1d: "int8_dynamic", nn.Conv2d: "int8_dynamic", nn.Embedding: "int8_weight_only"}
+
+
+class Conv1dNet(nn.Module):
+    """An nn.Conv1d stack (audio front ends), over the pixels read as 3 channels of 256 samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.conv = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 4, 5, stride=2, groups=4))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.conv(pixels.flatten(2)),)
+
+
 MODELS = {
+    "conv1d": (Conv1dNet, hf.pixels),
     "gpt2": (hf.gpt2, hf.token_ids),
     "llama": (hf.llama, hf.token_ids),
     "bert": (hf.bert, hf.token_ids),
@@ -91,7 +107,7 @@ def test_every_weight_layer_is_quantized(zoo):
     summary = zoo.model.qexport_summary
     assert not [d for d in summary.skipped if d.op is not None], str(summary)
     kinds = {d.layer_type for d in summary.quantized}
-    assert {"Conv1D", "Linear", "Conv2d", "Embedding"} <= kinds
+    assert {"Conv1D", "Linear", "Conv1d", "Conv2d", "Embedding"} <= kinds
     assert len(qexport.regions(zoo.ep)) == len(summary.quantized)
     for name in MODELS:
         assert any(d.module.startswith(f"models.{name}.") for d in summary.quantized), name
