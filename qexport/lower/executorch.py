@@ -34,6 +34,7 @@ from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from ..schemes import math_for
 from ._inline import RegionSite, inline_regions, region_of
+from ._stages import Stages
 from .report import LoweringReport, RegionReport
 
 BACKENDS = ("xnnpack", "portable")
@@ -406,10 +407,12 @@ def to_executorch(
     output: "str | PathLike[str]",
     *,
     backend: str = "xnnpack",
+    progress: bool = True,
 ) -> LoweringReport:
     """Lower a qexport program (or `.pt2`) to an ExecuTorch `.pte` at `output`; returns the report of
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
-    nothing (every op runs on ExecuTorch's portable and quantized kernels)."""
+    nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
+    seconds are named on stderr unless `progress=False`."""
     from serializers._atomic import atomic_path, check_writable
 
     if backend not in BACKENDS:
@@ -427,11 +430,13 @@ def to_executorch(
     import serializers
 
     manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend)
+    stage = Stages("to_executorch", enabled=progress)
 
-    ep = copy.deepcopy(ep)  # the caller's program stays as it was
-    inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
-    rshift_as_floor_divide(ep.graph_module)
-    drop_unused_constants(ep)
+    with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
+        ep = copy.deepcopy(ep)  # the caller's program stays as it was
+        inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
+        rshift_as_floor_divide(ep.graph_module)
+        drop_unused_constants(ep)
 
     partitioners = []
     if backend == "xnnpack":
@@ -444,12 +449,13 @@ def to_executorch(
             partitioners.append(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
     manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
     try:
-        with _WhyNoPartition() as why:
+        with _WhyNoPartition() as why, stage(f"to_edge_transform_and_lower ({backend})"):
             edge = to_edge_transform_and_lower(
                 ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: manifest_bytes}
             )
         edge_gm = edge.exported_program().graph_module
-        et = edge.to_executorch()
+        with stage("to_executorch (memory planning, serialization)"):
+            et = edge.to_executorch()
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
         raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
 
