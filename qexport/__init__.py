@@ -3,46 +3,72 @@ AOTInductor, ExecuTorch and ONNX."""
 
 from __future__ import annotations
 
-from . import _upstream
+import importlib
+import sys
+import types
 
-_upstream.install()
-
-from . import schemes  # noqa: E402
-from .errors import (  # noqa: E402
+from .errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
     IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
     UnsupportedVersionError, UsageError,
 )
-from .export import export  # noqa: E402
-from .quantize import QuantizedModule, quantize  # noqa: E402
-from .regions import Region, invoke_quant, regions  # noqa: E402
-from .schemes import Scheme, SchemeMath  # noqa: E402
 
 __version__ = "0.1.0"
 
-# Stage entry points, imported on first use so `import qexport` stays light and each backend's
-# heavy imports (Inductor, executorch, onnx) happen only when that backend is used.
+# Everything but the errors is imported on first use: `import qexport` (and the CLI's argument checks,
+# e.g. `qexport inspect missing.pt2`) stays free of torch, and each backend's heavy imports (Inductor,
+# executorch, onnx) happen only when that backend is used. torch's additions (_upstream.install) come
+# with qexport.regions, which every stage imports.
 _LAZY = {
+    "export": "qexport.export",
+    "quantize": "qexport.quantize", "QuantizedModule": "qexport.quantize", "QuantizationSummary": "qexport.quantize",
+    "LayerDecision": "qexport.quantize",
+    "Region": "qexport.regions", "invoke_quant": "qexport.regions", "regions": "qexport.regions",
+    "Scheme": "qexport.schemes", "SchemeMath": "qexport.schemes",
     "save": "serializers", "load": "serializers", "inspect": "serializers",
     "compile": "qexport.lower.aoti", "load_compiled": "qexport.lower.aoti",
     "to_executorch": "qexport.lower.executorch",
     "to_onnx": "qexport.lower.onnx",
 }
+_SUBMODULES = ("schemes", "models", "runners", "lower", "demo")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ImportError as e:
+            from ._extras import missing_extra
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+            raise (missing_extra(e, f"qexport.{name}") or e) from None
+        return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'qexport' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing the submodule qexport.export (or .quantize, .regions) makes the import system set
+        # that name on the package to the module, shadowing the function of the same name: keep the
+        # function (resolved by __getattr__), as an eager `from .export import export` used to.
+        if name in _LAZY and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
-    "IncompatibleCPUError", "InvalidSchemeError", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
-    "QExportError", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
+    "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
+    "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
     "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
     "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
     "regions", "save", "schemes", "to_executorch", "to_onnx",

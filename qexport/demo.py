@@ -140,7 +140,7 @@ def run_demo(
             fns["compile"](paths["fp32"], paths["fp32_aoti"], device="cpu")
     if "pte" in backends:
         with progress.step("lowering to ExecuTorch (XNNPACK)"):
-            result.reports["pte"] = fns["to_executorch"](paths["pt2"], paths["pte"], backend="xnnpack")
+            result.reports["pte"] = fns["to_executorch"](paths["pt2"], paths["pte"], backend="xnnpack", progress=False)
     if "onnx" in backends:
         with progress.step("lowering to ONNX"):
             result.reports["onnx"] = fns["to_onnx"](paths["pt2"], paths["onnx"])

@@ -15,10 +15,15 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
     Why: strict export (Dynamo) lifts a HOP body's inputs in the order the body first *uses* them,
     not the order they were passed, so `roles` would no longer line up with the node's operands.
     Each quantized tensor is a buffer named `<module>.<role>`, which identifies it; the one
-    operand that is not such a buffer is the activation input.
+    operand that is not such a buffer is the activation input. A tied weight (one tensor registered
+    in several quantized modules) is lifted as one placeholder per name but the graph reads only one
+    of them, so an operand answers to every name of its tensor.
     """
     sig = ep.graph_signature
     buffers = {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_parameters", {})}
+    names_of: dict[int, list[str]] = {}
+    for fqn, t in ep.state_dict.items():
+        names_of.setdefault(id(t), []).append(fqn)
     changed = False
     for node in iter_region_nodes(ep):
         payload = region_payload(node)
@@ -27,10 +32,12 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
         roles = payload["roles"]
         operands = list(node.args[1:])
         by_role: dict[str, object] = {}
+        prefix = payload["module"] + "."
         for a in operands:
             fqn = buffers.get(a.name) if isinstance(a, torch.fx.Node) else None
-            prefix = payload["module"] + "."
-            role = fqn[len(prefix):] if fqn and fqn.startswith(prefix) else "input"
+            names = names_of.get(id(ep.state_dict.get(fqn)), [fqn]) if fqn else []
+            own = next((n for n in names if n.startswith(prefix)), None)
+            role = own[len(prefix):] if own else "input"
             if role in by_role:
                 raise RegionFormatError(f"region {payload['module']}: two operands claim role {role!r}")
             by_role[role] = a

@@ -1,12 +1,21 @@
-"""`quantize(model, scheme)`: swap Linear / Conv2d / Embedding for modules that run one region each.
+"""`quantize(model, recipe)`: swap the weight-bearing layers of a model for modules that run one region each.
 
-The float weights are dropped; the quantized tensors are buffers (so `state_dict`, `.pt2` files and
-memory shrink accordingly). Every check runs before the first module is touched.
+Layers taken: `nn.Linear` and its subclasses, transformers' `Conv1D` (GPT-2's projections, a Linear
+with its weight stored [in, out]), `nn.Conv1d`, `nn.Conv2d` and `nn.Embedding`. The float weights are
+dropped; the quantized tensors are buffers (so `state_dict`, `.pt2` files and memory shrink
+accordingly). A parameter shared by several layers (GPT-2's tied `wte` / `lm_head`) is quantized once
+and its tensors are shared by every region that reads it. Every check runs before the first module is
+touched, and the model gets a `QuantizationSummary` (`model.qexport_summary`) saying what was
+quantized and what was skipped, and why.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+import fnmatch
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import nn
@@ -18,30 +27,221 @@ from .schemes import Scheme, get as get_scheme, make_region_fn, math_for
 from .schemes._activation import int8_asym_qparams
 
 FilterFn = Callable[[nn.Module, str], bool]
+#: a scheme for every layer it can take, or {nn.Module subclass | module-name glob: scheme or None}
+Recipe = Union[str, Scheme, Mapping[Union[type, str], Union[str, Scheme, None]]]
 
-_OPS: dict[type, str] = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
-# Weight-bearing layers a user may select with filter_fn that have no region op (yet): refused loudly.
-# Linear subclasses (e.g. MultiheadAttention's out_proj, whose weight is read directly) are left alone.
+# Weight-bearing layers with no region op (yet): reported as skipped; selecting one with filter_fn is an error.
 _UNSUPPORTED_LAYERS = (nn.modules.conv._ConvNd, nn.EmbeddingBag, nn.RNNBase, nn.Bilinear)
 
 
-def _op_params(module: nn.Module) -> dict[str, Any]:
-    dtype = str(module.weight.dtype).removeprefix("torch.")
-    if isinstance(module, nn.Conv2d):
-        return {
-            "stride": list(module.stride),
-            "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
-            "dilation": list(module.dilation),
-            "groups": module.groups,
-            "out_dtype": dtype,
-        }
-    if isinstance(module, nn.Embedding):
-        return {"padding_idx": module.padding_idx, "out_dtype": dtype}
-    return {"out_dtype": dtype}
+# -- the layers a region can replace ------------------------------------------------------------------
 
+def _hf_conv1d() -> type | None:
+    """transformers' Conv1D class if transformers is loaded (a model built from it has loaded it):
+    qexport never imports transformers itself."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """How one kind of layer becomes a region: its op and its weight in the op's layout."""
+
+    op: str
+    transposed: bool = False  # weight stored [in, out] (transformers' Conv1D): the region takes weight.T
+
+    def weight(self, m: nn.Module) -> torch.Tensor:
+        w = m.weight.detach()
+        return w.t().contiguous() if self.transposed else w
+
+    def params(self, m: nn.Module) -> dict[str, Any]:
+        dtype = str(m.weight.dtype).removeprefix("torch.")
+        if self.op in ("conv1d", "conv2d"):
+            return {
+                "stride": list(m.stride),
+                "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                "dilation": list(m.dilation),
+                "groups": m.groups,
+                "out_dtype": dtype,
+            }
+        if self.op == "embedding":
+            return {"padding_idx": m.padding_idx, "out_dtype": dtype}
+        return {"out_dtype": dtype}
+
+
+_LINEAR, _CONV1D_HF = _Layer("linear"), _Layer("linear", transposed=True)
+_LAYERS: dict[type, _Layer] = {
+    nn.Conv1d: _Layer("conv1d"), nn.Conv2d: _Layer("conv2d"), nn.Embedding: _Layer("embedding"),
+}
+
+
+def _layer_of(m: nn.Module) -> tuple[_Layer | None, str]:
+    """The layer kind of `m`, or None and why it is not one (empty for modules that carry no weight)."""
+    hf = _hf_conv1d()
+    if hf is not None and isinstance(m, hf):
+        return _CONV1D_HF, ""
+    if isinstance(m, nn.Linear):
+        if type(m).forward is not nn.Linear.forward:
+            return None, (f"{type(m).__name__} overrides nn.Linear.forward; replacing it would drop its own "
+                          f"computation (select another module or quantize the layers it calls)")
+        return _LINEAR, ""
+    layer = _LAYERS.get(type(m))
+    if layer is not None:
+        return layer, ""
+    if isinstance(m, _UNSUPPORTED_LAYERS):
+        return None, f"{type(m).__name__} has no region op (qexport quantizes Linear, Conv1D, Conv1d, Conv2d, Embedding)"
+    return None, ""
+
+
+def _read_directly(model: nn.Module) -> dict[str, str]:
+    """fqn -> why: layers whose weight their parent reads without calling them (replacing them would
+    change nothing the parent computes, or break it)."""
+    out = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out[fqn] = "its in_proj weights are parameters of the attention, not layers a region can replace"
+            out[f"{fqn}.out_proj" if fqn else "out_proj"] = (
+                "nn.MultiheadAttention reads out_proj.weight directly instead of calling the layer")
+    return out
+
+
+# -- recipes ----------------------------------------------------------------------------------------
+
+def _type_key_mro(m: nn.Module) -> tuple[type, ...]:
+    """The classes a type key is matched against: transformers' Conv1D counts as an nn.Linear."""
+    mro = type(m).__mro__
+    hf = _hf_conv1d()
+    return (type(m), nn.Linear, *mro[1:]) if hf is not None and isinstance(m, hf) else mro
+
+
+class _RecipeTable:
+    """Which scheme each module gets. Precedence (first that applies wins):
+    1. a name key equal to the module's fully qualified name;
+    2. the first name key (in the mapping's order) that matches it as a glob (`fnmatch`: `*` spans dots);
+    3. the type key nearest the module's class in its MRO (`nn.Linear` also matches subclasses and
+       transformers' Conv1D);
+    4. nothing: the module is left as is ("no recipe entry").
+    A value of None leaves the matched modules unquantized."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.single: Scheme | None = None
+        self.names: list[tuple[str, Scheme | None]] = []
+        self.types: dict[type, Scheme | None] = {}
+        if isinstance(recipe, (str, Scheme)):
+            self.single = get_scheme(recipe)
+            return
+        if not isinstance(recipe, Mapping) or not recipe:
+            raise UnsupportedModuleError(
+                f"a recipe is a scheme (name or qexport.Scheme) or a non-empty dict {{nn.Module type or module-name "
+                f"glob: scheme}}, got {recipe!r}"[:300])
+        for key, value in recipe.items():
+            scheme = None if value is None else get_scheme(value)
+            if isinstance(key, str):
+                self.names.append((key, scheme))
+            elif isinstance(key, type) and issubclass(key, nn.Module):
+                self.types[key] = scheme
+            else:
+                raise UnsupportedModuleError(
+                    f"recipe key {key!r}: a key is an nn.Module subclass (e.g. nn.Linear) or a module-name glob "
+                    f"(e.g. 'lm_head' or 'encoder.*.attn.*')")
+
+    def schemes(self) -> list[Scheme]:
+        found = [self.single] if self.single else [s for _, s in self.names] + list(self.types.values())
+        return [s for s in found if s is not None]
+
+    def lookup(self, fqn: str, m: nn.Module) -> "_Match | None":
+        """The entry that decides `m`'s scheme, None if no entry does."""
+        if self.single is not None:
+            return _Match(self.single, "", exact=False)
+        for key, s in self.names:
+            if key == fqn:
+                return _Match(s, repr(key), exact=True)
+        for key, s in self.names:
+            if fnmatch.fnmatchcase(fqn, key):
+                return _Match(s, repr(key), exact=False)
+        for cls in _type_key_mro(m):
+            if cls in self.types:
+                return _Match(self.types[cls], cls.__name__, exact=False)
+        return None
+
+
+@dataclass(frozen=True)
+class _Match:
+    scheme: Scheme | None
+    entry: str  # the recipe key, as the summary names it
+    exact: bool  # a key naming the module exactly selects it: refusing it is an error, not a skip
+
+
+def _weight_only(scheme: Scheme) -> Scheme:
+    """The scheme's weights with float activations (what an embedding tied to its linear can take)."""
+    return scheme if scheme.activation == "none" else scheme.replace(
+        activation="none", act_dtype=None, act_granularity=None, act_symmetric=None)
+
+
+def _for_op(scheme: Scheme, op: str) -> Scheme:
+    """The scheme a region records: conv activations have no token axis, so a per-token dynamic scheme
+    quantizes them per tensor (schemes/_region.py), and the region says so."""
+    if op.startswith("conv") and scheme.activation == "dynamic" and scheme.act_granularity == "per_token":
+        return scheme.replace(act_granularity="per_tensor")
+    return scheme
+
+
+def _weight_key(scheme: Scheme) -> tuple:
+    """Schemes with equal keys quantize a weight to the same tensors (so tied layers can share them)."""
+    return (scheme.family, scheme.weight_dtype, scheme.bits, scheme.granularity, scheme.group_size,
+            scheme.symmetric, scheme.qmin, scheme.qmax)
+
+
+# -- the summary ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What quantize() did with one weight-bearing layer."""
+
+    module: str
+    layer_type: str
+    op: str | None
+    scheme: Scheme | None  # None: skipped
+    reason: str = ""  # why skipped (or a note on a quantized one, e.g. its tied weight)
+    tied_to: str | None = None  # the layer whose quantized tensors this one shares
+
+
+@dataclass(frozen=True)
+class QuantizationSummary:
+    """Every weight-bearing layer quantize() saw: what was quantized (with which scheme) and what was
+    skipped and why. `str()` gives the per-type table the CLI prints."""
+
+    decisions: tuple[LayerDecision, ...] = field(default_factory=tuple)
+
+    @property
+    def quantized(self) -> list[LayerDecision]:
+        return [d for d in self.decisions if d.scheme is not None]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        return [d for d in self.decisions if d.scheme is None]
+
+    def rows(self) -> list[tuple[str, int, str, str]]:
+        """(layer type, count, scheme or 'skipped', reason or note), one row per distinct group."""
+        groups = Counter(
+            (d.layer_type, d.scheme.describe() if d.scheme else "skipped",
+             d.reason if d.scheme is None or not d.tied_to else f"tied weight shared with {d.tied_to}")
+            for d in self.decisions
+        )
+        return [(t, n, s, why) for (t, s, why), n in groups.items()]
+
+    def __str__(self) -> str:
+        from .cli._table import format_table
+
+        head = f"quantized {len(self.quantized)} of {len(self.decisions)} weight layers"
+        rows = [[t, str(n), s, why] for t, n, s, why in self.rows()]
+        return head + "\n" + format_table(["layer type", "count", "scheme", "note"], rows)
+
+
+# -- the quantized module ---------------------------------------------------------------------------
 
 class QuantizedModule(nn.Module):
-    """A Linear / Conv2d / Embedding whose forward is one `invoke_quant` region."""
+    """A Linear / Conv1D / Conv1d / Conv2d / Embedding whose forward is one `invoke_quant` region."""
 
     def __init__(
         self,
@@ -89,50 +289,128 @@ class QuantizedModule(nn.Module):
         return f"{self.op}, weight={list(self.weight_shape)}, scheme={self.scheme.describe()}"
 
 
-def _select(
-    model: nn.Module, scheme: Scheme, filter_fn: FilterFn | None
-) -> list[tuple[str, nn.Module, str]]:
-    """The (fqn, module, op) to quantize among the Linear / Conv2d / Embedding layers. Without
-    filter_fn: every one the scheme supports. With filter_fn: those it keeps; keeping one the scheme
-    cannot take is an error (the user asked for something that cannot happen)."""
-    math = math_for(scheme)
-    supported = sorted(o for o in math.supported_ops if math.supports(scheme, o))
-    chosen = []
+# -- selection --------------------------------------------------------------------------------------
+
+@dataclass
+class _Choice:
+    fqn: str
+    module: nn.Module
+    layer: _Layer
+    scheme: Scheme
+    tied_to: str | None = None
+
+
+def _plan(
+    model: nn.Module, table: _RecipeTable, filter_fn: FilterFn | None
+) -> tuple[list[_Choice], list[LayerDecision]]:
+    """The layers to quantize (with their scheme) and the decision for every weight-bearing layer.
+
+    An explicit selection (filter_fn, a recipe key equal to the module's name) of something that cannot be
+    quantized is an error; a layer merely not taken by the default selection is reported as skipped."""
+    read_directly = _read_directly(model)
+    chosen: list[_Choice] = []
+    skipped: dict[str, LayerDecision] = {}
+    op_refused: dict[str, tuple[nn.Module, _Layer, Scheme]] = {}  # scheme cannot take the op (tie candidates)
     for fqn, m in model.named_modules():
-        op = _OPS.get(type(m))
-        if filter_fn is not None and isinstance(m, _UNSUPPORTED_LAYERS) and op is None and filter_fn(m, fqn):
-            raise UnsupportedModuleError(
-                f"{fqn}: {type(m).__name__} cannot be quantized (qexport quantizes nn.Linear, nn.Conv2d "
-                f"and nn.Embedding); make filter_fn return False for it"
-            )
-        if op is None or (filter_fn is not None and not filter_fn(m, fqn)):
+        layer, why_not = _layer_of(m)
+        if layer is None and not why_not and fqn not in read_directly:
             continue
-        if not math.supports(scheme, op):
-            if filter_fn is not None:
+        kind = type(m).__name__
+
+        def skip(reason: str, op: str | None = None) -> None:
+            skipped[fqn] = LayerDecision(fqn, kind, op, None, reason)
+
+        if fqn in read_directly:
+            skip(read_directly[fqn], layer.op if layer else None)
+            continue
+        explicit = filter_fn is not None and filter_fn(m, fqn)
+        if filter_fn is not None and not explicit:
+            skip("filter_fn returned False", layer.op if layer else None)
+            continue
+        match = table.lookup(fqn, m)
+        explicit = explicit or (match is not None and match.exact)
+        if layer is None:
+            if explicit:
+                raise UnsupportedModuleError(f"{fqn}: {why_not}; make filter_fn (or the recipe) leave it out")
+            skip(why_not)
+            continue
+        if match is None:
+            skip("no recipe entry matches it", layer.op)
+            continue
+        scheme = match.scheme
+        if scheme is None:
+            skip(f"recipe entry {match.entry} maps it to None", layer.op)
+            continue
+        math = math_for(scheme)
+        if not math.supports(scheme, layer.op):
+            if explicit:
+                supported = sorted(o for o in math.supported_ops if math.supports(scheme, o))
                 raise UnsupportedModuleError(
-                    f"{fqn}: scheme {scheme.name} cannot quantize {type(m).__name__} (it quantizes "
-                    f"{supported} layers); make filter_fn return False for it or pick another scheme"
-                )
+                    f"{fqn}: scheme {scheme.name} cannot quantize {kind} (it quantizes {supported} layers); "
+                    f"make filter_fn (or the recipe) leave it out or pick another scheme")
+            skip(_why_op_refused(scheme, layer.op), layer.op)
+            op_refused[fqn] = (m, layer, scheme)
             continue
-        _check_module(m, fqn, scheme, op)
-        chosen.append((fqn, m, op))
-    return chosen
+        _check_module(m, fqn, scheme, layer)
+        chosen.append(_Choice(fqn, m, layer, _for_op(scheme, layer.op)))
+    _tie(chosen, skipped, op_refused, model)
+    order = {fqn: i for i, (fqn, _) in enumerate(model.named_modules())}
+    decisions = [LayerDecision(c.fqn, type(c.module).__name__, c.layer.op, c.scheme, tied_to=c.tied_to) for c in chosen]
+    decisions += list(skipped.values())
+    decisions.sort(key=lambda d: order[d.module])
+    return chosen, decisions
 
 
-def _check_module(m: nn.Module, fqn: str, scheme: Scheme, op: str) -> None:
-    _validate.check_modules([(fqn, m, op)])
-    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-        raise UnsupportedModuleError(f"{fqn}: Conv2d padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
+def _why_op_refused(scheme: Scheme, op: str) -> str:
+    if op == "embedding" and scheme.activation != "none":
+        return (f"{scheme.name} quantizes activations and an embedding's input is indices; give embeddings a "
+                f"weight-only scheme in a recipe, e.g. {{nn.Embedding: 'int8_weight_only'}}")
+    return f"{scheme.name} has no {op} form"
+
+
+def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: dict, model: nn.Module) -> None:
+    """Tied weights are quantized once: the first chosen layer reading a parameter owns its tensors,
+    later ones share them (`tied_to`) when their scheme quantizes weights the same way. A layer the
+    scheme refused only for its op (an embedding under a dynamic-activation scheme) whose weight is
+    tied to a quantized layer takes the weight-only form of that scheme, so the weight is stored once."""
+    owners: dict[tuple[int, bool], _Choice] = {}
+    for c in chosen:
+        key = (id(c.module.weight), c.layer.transposed)
+        owner = owners.setdefault(key, c)
+        if owner is not c and _weight_key(owner.scheme) == _weight_key(c.scheme):
+            c.tied_to = owner.fqn
+    for fqn, (m, layer, scheme) in op_refused.items():
+        owner = owners.get((id(m.weight), layer.transposed))
+        if owner is None:
+            continue
+        ws = _weight_only(owner.scheme)
+        if not math_for(ws).supports(ws, layer.op):
+            continue
+        _check_module(m, fqn, ws, layer)
+        del skipped[fqn]
+        chosen.append(_Choice(fqn, m, layer, ws, tied_to=owner.fqn))
+    # a tied parameter left float beside its quantized twin is stored twice: say so
+    for fqn, d in list(skipped.items()):
+        m = model.get_submodule(fqn)
+        owner = next((o for (pid, _), o in owners.items() if pid == id(getattr(m, "weight", None))), None)
+        if owner is not None:
+            skipped[fqn] = LayerDecision(d.module, d.layer_type, d.op, None,
+                                         f"{d.reason}; its weight is tied to {owner.fqn}, so it is stored twice "
+                                         f"(float here, quantized there)")
+
+
+def _check_module(m: nn.Module, fqn: str, scheme: Scheme, layer: _Layer) -> None:
+    _validate.check_modules([(fqn, m, layer.op)])
+    if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
+        raise UnsupportedModuleError(f"{fqn}: {type(m).__name__} padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
         raise UnsupportedModuleError(f"{fqn}: Embedding with max_norm or sparse=True is not supported")
     if not m.weight.dtype.is_floating_point:
         raise UnsupportedModuleError(f"{fqn}: weight dtype {m.weight.dtype} is not floating point")
-    math_for(scheme).check_weight(scheme, op, tuple(m.weight.shape), fqn)
+    math_for(scheme).check_weight(scheme, layer.op, tuple(layer.weight(m).shape), fqn)
 
 
-def _calibrate(
-    model: nn.Module, chosen: list[tuple[str, nn.Module, str]], data: Iterable[Any]
-) -> dict[str, dict[str, torch.Tensor]]:
+def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> dict[str, dict[str, torch.Tensor]]:
     """Run the float model on `data`, recording input/output ranges of every chosen module."""
     ranges: dict[str, list[torch.Tensor]] = {}
 
@@ -146,7 +424,7 @@ def _calibrate(
 
         return record
 
-    handles = [m.register_forward_hook(hook(fqn)) for fqn, m, _ in chosen]
+    handles = [c.module.register_forward_hook(hook(c.fqn)) for c in chosen]
     n = 0
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -168,15 +446,15 @@ def _calibrate(
     if n == 0:
         raise CalibrationError("calibration_data is empty; pass at least one batch of example inputs")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for fqn, _, _ in chosen:
-        if f"{fqn}/input" not in ranges:
-            raise CalibrationError(f"{fqn} never ran during calibration; its activation range is unknown")
+    for c in chosen:
+        if f"{c.fqn}/input" not in ranges:
+            raise CalibrationError(f"{c.fqn} never ran during calibration; its activation range is unknown")
         t: dict[str, torch.Tensor] = {}
         for key in ("input", "output"):
-            scale, zp = int8_asym_qparams(*ranges[f"{fqn}/{key}"])
+            scale, zp = int8_asym_qparams(*ranges[f"{c.fqn}/{key}"])
             t[f"{key}_scale"] = scale.float()
             t[f"{key}_zero_point"] = zp.to(torch.int32)
-        out[fqn] = t
+        out[c.fqn] = t
     return out
 
 
@@ -188,47 +466,60 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 def quantize(
     model: nn.Module,
-    scheme: "str | Scheme",
+    scheme: Recipe,
     *,
     filter_fn: FilterFn | None = None,
     calibration_data: Iterable[Any] | None = None,
 ) -> nn.Module:
-    """Replace the model's Linear / Conv2d / Embedding modules (those `filter_fn(module, fqn)` keeps,
-    by default every one the scheme supports) by quantized modules, in place; returns the model.
+    """Replace the model's Linear (and subclasses), transformers Conv1D, Conv1d, Conv2d and Embedding
+    modules by quantized modules, in place; returns the model, with `model.qexport_summary` (a
+    `QuantizationSummary`) saying what was quantized and what was skipped, and why.
 
+    `scheme` is one scheme (a name or `Scheme`: every layer it can take) or a recipe mapping
+    `nn.Module` subclasses and module-name globs to schemes (or None to leave them float), e.g.
+    `{nn.Linear: "int8_dynamic", nn.Embedding: "int8_weight_only", "lm_head": None}`; see
+    `_RecipeTable` for which entry wins. `filter_fn(module, fqn)`, when given, must also keep a layer.
     `calibration_data` (an iterable of argument tuples, or kwarg dicts) is required by static schemes.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}")
-    scheme = get_scheme(scheme)
-    math = math_for(scheme)
-    if scheme.activation == "static" and calibration_data is None:
+    table = _RecipeTable(scheme)
+    static = [s.name for s in table.schemes() if s.activation == "static"]
+    if static and calibration_data is None:
         raise CalibrationError(
-            f"scheme {scheme.name} quantizes activations statically and needs calibration_data: an "
+            f"scheme {static[0]} quantizes activations statically and needs calibration_data: an "
             f"iterable of example argument tuples, e.g. calibration_data=[(x,) for x in batches]"
         )
-    if isinstance(model, (nn.Linear, nn.Conv2d, nn.Embedding)):
+    if _layer_of(model)[0] is not None:
         raise UnsupportedModuleError(
-            "quantize() replaces submodules in place; wrap a bare Linear/Conv2d/Embedding in a container "
+            "quantize() replaces submodules in place; wrap a bare Linear/Conv/Embedding in a container "
             "(e.g. nn.Sequential(layer))"
         )
-    chosen = _select(model, scheme, filter_fn)
+    chosen, decisions = _plan(model, table, filter_fn)
     if not chosen:
+        names = ", ".join(s.name for s in table.schemes()) or "the recipe"
+        reasons = sorted({f"{d.layer_type}: {d.reason}" for d in decisions})
         raise NothingToQuantizeError(
-            f"no module to quantize with {scheme.name}: it quantizes "
-            f"{sorted(o for o in math.supported_ops if math.supports(scheme, o))} layers and none "
-            f"{'passed filter_fn' if filter_fn else 'was found'}"
+            f"no module to quantize with {names}: "
+            + (f"{'; '.join(reasons[:4])}" if reasons else "the model has no Linear, Conv1D, Conv1d, Conv2d or "
+               "Embedding layer")
+            + (" (none passed filter_fn)" if filter_fn else "")
         )
-    act = _calibrate(model, chosen, calibration_data) if scheme.activation == "static" else {}
-    for fqn, m, op in chosen:
-        tensors = math.quantize_weight(scheme, m.weight)
-        tensors.update(act.get(fqn, {}))
-        if op != "embedding" and getattr(m, "bias", None) is not None:
+    act = _calibrate(model, [c for c in chosen if c.scheme.activation == "static"], calibration_data) if static else {}
+    shared: dict[str, dict[str, torch.Tensor]] = {}
+    for c in chosen:
+        m, math = c.module, math_for(c.scheme)
+        weight = c.layer.weight(m)
+        tensors = dict(shared[c.tied_to]) if c.tied_to else math.quantize_weight(c.scheme, weight)
+        shared.setdefault(c.fqn, {k: v for k, v in tensors.items()})
+        tensors.update(act.get(c.fqn, {}))
+        if c.layer.op != "embedding" and getattr(m, "bias", None) is not None:
             tensors["bias"] = m.bias.detach().clone()
-        q = QuantizedModule(scheme, op, _op_params(m), tuple(m.weight.shape), tensors, fqn)
+        q = QuantizedModule(c.scheme, c.layer.op, c.layer.params(m), tuple(weight.shape), tensors, c.fqn)
         q.to(m.weight.device)
         q.train(m.training)
-        _set_submodule(model, fqn, q)
+        _set_submodule(model, c.fqn, q)
+    model.qexport_summary = QuantizationSummary(tuple(decisions))
     return model
 
 

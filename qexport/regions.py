@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch._higher_order_ops import invoke_quant_packed
 
+from . import _upstream
 from .errors import RegionFormatError, UnsupportedVersionError
 from .schemes import Scheme, get as get_scheme
 
@@ -28,6 +29,8 @@ REGION_FORMAT = 1
 PAYLOAD_KEY = "qexport"
 
 HOP_TARGETS = (torch.ops.higher_order.invoke_quant_packed, torch.ops.higher_order.invoke_quant)
+
+_upstream.install()  # every stage imports this module: torch gets its two additions before any region exists
 
 
 def invoke_quant(

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ._extras import missing_extra
+from ._quiet import native_stderr
 from .errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from serializers.inspect import check_readable
 
@@ -51,6 +53,8 @@ def stage(name: str) -> Any:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
+        if (extra := missing_extra(e, f"the {what}")) is not None:
+            raise extra from None
         if e.name and module.startswith(e.name):
             raise BackendUnavailableError(f"the {what} is not available in this installation ({module} is missing)") from None
         raise BackendUnavailableError(f"the {what} cannot be imported: {e}") from e
@@ -217,13 +221,14 @@ def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
     try:
         from serializers.pte import ET_DTYPES, open_program
     except ImportError as e:
-        raise BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
+        raise missing_extra(e, f"{p}: running a .pte") or BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
     try:  # the portable quantized kernels, for regions no delegate took
         import executorch.kernels.quantized  # noqa: F401
     except Exception:
         pass
     program = open_program(p, expected_sha256=expected_sha256)
-    method = program.load_method("forward")
+    with native_stderr():
+        method = program.load_method("forward")
     if method is None:
         raise CorruptArtifactError(f"{p}: the program has no 'forward' method")
     meta = method.metadata
@@ -247,7 +252,7 @@ def _load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
+        raise missing_extra(e, f"{p}: running an .onnx file") or BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
     from serializers.onnx import read_checked, read_manifest
 
     from .lower.onnx import check_target_runs_here

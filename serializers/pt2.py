@@ -28,6 +28,7 @@ from torch.export.pt2_archive import constants as C
 
 from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 
+from qexport._containers import register_program_containers
 from qexport.regions import iter_region_nodes
 
 from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
@@ -247,6 +248,7 @@ def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> 
     against the manifest. `expected_sha256` (hex) pins the whole file's digest."""
     p = check_readable(path)
     archive = read_archive(p, _check_program, expected_sha256=expected_sha256)
+    register_program_containers(archive.members[C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)])
     try:
         # the checked bytes, not the path: the file may change between the check and the load
         ep = torch.export.load(io.BytesIO(archive.data))

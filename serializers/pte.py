@@ -30,6 +30,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from qexport._extras import missing_extra
 from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError
 
 from ._archive import check_pin
@@ -141,7 +142,7 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
     try:
         from executorch.runtime import Runtime
     except ImportError as e:
-        raise BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
+        raise missing_extra(e, f"{p}: reading a .pte") or BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
     try:
         data = p.read_bytes()
     except OSError as e:

@@ -104,8 +104,8 @@ def test_calibration_with_kwargs_batches():
      r"layers.0: int4_weight_only group_size=128 does not divide the linear reduction dimension 48"),
     (lambda: qexport.quantize(EmbedNet(), "int8_dynamic", filter_fn=lambda m, n: True), UnsupportedModuleError,
      r"emb: scheme int8_dynamic cannot quantize Embedding"),
-    (lambda: qexport.quantize(nn.Sequential(nn.Conv1d(3, 3, 1)), "int8_weight_only", filter_fn=lambda m, n: True),
-     UnsupportedModuleError, "Conv1d cannot be quantized"),
+    (lambda: qexport.quantize(nn.Sequential(nn.Conv3d(3, 3, 1)), "int8_weight_only", filter_fn=lambda m, n: True),
+     UnsupportedModuleError, "0: Conv3d has no region op"),
     (lambda: qexport.quantize(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")), "int8_weight_only"),
      UnsupportedModuleError, "padding_mode='reflect'"),
     (lambda: qexport.quantize(nn.Sequential(nn.ReLU()), "int8_weight_only"), NothingToQuantizeError, "no module to quantize"),
@@ -132,3 +132,172 @@ def test_transformer_one_region_per_linear():
     qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
     n_linear = sum(type(m) is nn.Linear for m in TinyTransformer().modules())
     assert len(quantized_modules(model)) == n_linear == 13
+
+
+# -- what models people bring are made of ----------------------------------------------------------
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass that keeps Linear.forward (as many libraries' wrappers do)."""
+
+
+class LoraLikeLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sub = ScaledLinear(16, 16)
+        self.own = LoraLikeLinear(16, 16)
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.conv(x.view(x.shape[0], 4, 4)).flatten(1)[:, :16]
+        y = self.sub(x) + self.own(y)
+        return self.attn(y[:, None], y[:, None], y[:, None])[0][:, 0]
+
+
+def test_linear_subclasses_conv1d_and_what_is_skipped_with_reasons():
+    model = Mixed().eval()
+    x = torch.randn(3, 16)
+    ref = model(x)
+    qexport.quantize(model, "int8_dynamic")
+    assert isinstance(model.sub, QuantizedModule) and model.sub.op == "linear"
+    assert isinstance(model.conv, QuantizedModule) and model.conv.op == "conv1d"
+    # conv activations have no token axis: the region records the per-tensor math it runs
+    assert model.conv.scheme.act_granularity == "per_tensor" and "per_tensor" in model.conv.scheme.describe()
+    assert model.sub.scheme.act_granularity == "per_token"
+    assert type(model.own) is LoraLikeLinear and type(model.attn.out_proj) is not QuantizedModule
+    summary = model.qexport_summary
+    why = {d.module: d.reason for d in summary.skipped}
+    assert "overrides nn.Linear.forward" in why["own"]
+    assert "reads out_proj.weight directly" in why["attn.out_proj"]
+    assert "in_proj" in why["attn"]
+    assert {d.module for d in summary.quantized} == {"sub", "conv"}
+    text = str(summary)
+    assert "quantized 2 of 5 weight layers" in text and "LoraLikeLinear" in text and "Conv1d" in text
+    assert rel_err(model(x), ref) < 0.05
+
+
+def test_conv1d_region_matches_reference_math():
+    conv = nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2).eval()
+    x = torch.randn(2, 4, 9)
+    model = nn.Sequential(conv)
+    w = conv.weight.detach().clone()
+    qexport.quantize(model, "int8_weight_only")
+    q = model[0]
+    wq = (q.weight.float() * q.weight_scale.float()[:, None, None]).bfloat16()
+    expect = torch.nn.functional.conv1d(x.bfloat16(), wq, q.bias.bfloat16(), 2, 1, 1, 2).float()
+    torch.testing.assert_close(model(x), expect, rtol=0, atol=0)
+    assert rel_err(model(x), torch.nn.functional.conv1d(x, w, conv.bias, 2, 1, 1, 2)) < 0.02
+
+
+@pytest.fixture
+def hf():
+    pytest.importorskip("transformers")
+    import hf_models
+
+    return hf_models
+
+
+def test_gpt2_conv1d_projections_are_linear_regions_and_filter_fn_sees_them(hf):
+    model = hf.gpt2()
+    ids = hf.token_ids()
+    ref = model(ids).logits
+    seen = []
+    qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: seen.append(type(m).__name__) or "c_fc" in fqn)
+    assert "Conv1D" in seen
+    (name, q), = quantized_modules(model)
+    assert name == "transformer.h.0.mlp.c_fc" and q.op == "linear" and q.weight_shape == (128, 32)  # [out, in]
+    assert rel_err(model(ids).logits, ref) < 0.02
+
+    model = hf.gpt2()
+    qexport.quantize(model, "int8_dynamic")
+    kinds = {type(model.get_submodule(d.module)).__name__ for d in model.qexport_summary.quantized}
+    assert len(quantized_modules(model)) == 6  # 4 Conv1D, lm_head and (tied, weight-only) wte
+    assert rel_err(model(ids).logits, ref) < 0.05
+    assert {d.module for d in model.qexport_summary.skipped} == {"transformer.wpe"}
+    assert "indices" in model.qexport_summary.skipped[0].reason
+
+
+def test_tied_weight_quantized_once_and_shared(hf):
+    model = hf.gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    qexport.quantize(model, "int8_dynamic")
+    wte, head = model.transformer.wte, model.lm_head
+    assert wte.weight is head.weight and wte.weight_scale is head.weight_scale  # one tensor, two regions
+    assert wte.scheme.activation == "none" and head.scheme.activation == "dynamic"
+    tied = {d.module: d.tied_to for d in model.qexport_summary.decisions}
+    assert tied["transformer.wte"] == "lm_head"
+
+    def saved_bytes(m):
+        import io
+        buf = io.BytesIO()
+        torch.save(m.state_dict(), buf)
+        return buf.tell()
+
+    recipe = {nn.Embedding: "int8_weight_only", nn.Linear: "int8_dynamic"}
+    tied, untied = qexport.quantize(hf.gpt2(), recipe), qexport.quantize(hf.gpt2(tie=False), recipe)
+    assert tied.transformer.wte.weight is tied.lm_head.weight
+    assert untied.transformer.wte.weight is not untied.lm_head.weight
+    assert saved_bytes(untied) - saved_bytes(tied) >= hf.VOCAB * 32  # the int8 table is stored once
+
+
+def test_tied_weight_left_float_is_reported(hf):
+    model = hf.gpt2()
+    qexport.quantize(model, {"lm_head": "int8_weight_only"})
+    (wte,) = [d for d in model.qexport_summary.skipped if d.module == "transformer.wte"]
+    assert "no recipe entry" in wte.reason and "tied to lm_head, so it is stored twice" in wte.reason
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+def test_recipe_precedence():
+    model = TinyTransformer().eval()  # emb, blocks.{0,1}.{q,k,v,o,up,down}, head
+    qexport.quantize(model, {
+        nn.Linear: "int8_dynamic",
+        nn.Embedding: scheme_for("int4_weight_only"),
+        "blocks.*.up": "int8_weight_only",  # a glob beats a type
+        "blocks.1.*": None,  # None leaves the matches float
+        "blocks.1.up": "int8_static",  # an exact name beats every glob, whatever the order
+    }, calibration_data=[(torch.randint(0, 128, (2, 8)),)])
+    got = {n: q.scheme.name for n, q in quantized_modules(model)}
+    assert got["emb"] == "int4_weight_only" and got["head"] == "int8_dynamic"
+    assert got["blocks.0.q"] == "int8_dynamic" and got["blocks.0.up"] == "int8_weight_only"
+    assert got["blocks.1.up"] == "int8_static"
+    assert "blocks.1.q" not in got and type(model.blocks[1].q) is nn.Linear
+    why = {d.module: d.reason for d in model.qexport_summary.skipped}
+    assert why["blocks.1.q"] == "recipe entry 'blocks.1.*' maps it to None"
+
+
+def test_recipe_type_nearest_in_mro_and_no_entry():
+    model = nn.Sequential(ScaledLinear(8, 8), nn.Linear(8, 8), nn.Embedding(4, 8)).eval()
+    qexport.quantize(model, {nn.Linear: "int8_dynamic", ScaledLinear: "int8_weight_only"})
+    assert model[0].scheme.name == "int8_weight_only" and model[1].scheme.name == "int8_dynamic"
+    assert type(model[2]) is nn.Embedding
+    assert model.qexport_summary.skipped[0].reason == "no recipe entry matches it"
+
+
+@pytest.mark.parametrize("recipe, exc, match", [
+    ({nn.Linear: "int8_static"}, CalibrationError, "int8_static quantizes activations statically"),
+    ({nn.Linear: "int9"}, UnknownSchemeError, "unknown scheme 'int9'"),
+    ({3: "int8_dynamic"}, UnsupportedModuleError, "recipe key 3: a key is an nn.Module subclass"),
+    ({}, UnsupportedModuleError, "a recipe is a scheme"),
+    ({"emb": "int8_dynamic"}, UnsupportedModuleError, "emb: scheme int8_dynamic cannot quantize Embedding"),
+    ({"nothing.*": "int8_dynamic"}, NothingToQuantizeError, "no recipe entry matches it"),
+])
+def test_recipe_errors(recipe, exc, match):
+    model = EmbedNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        qexport.quantize(model, recipe)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not quantized_modules(model)
+
+
+def test_recipe_glob_skips_what_an_exact_name_would_refuse():
+    model = EmbedNet().eval()
+    qexport.quantize(model, {"*": "int8_dynamic"})  # a glob is a broad selection: the embedding is skipped
+    assert type(model.emb) is nn.Embedding and isinstance(model.fc, QuantizedModule)
+    assert "indices" in model.qexport_summary.skipped[0].reason

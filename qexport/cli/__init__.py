@@ -9,12 +9,16 @@ import sys
 
 from ..errors import QExportError
 
+VERBOSE_HELP = "also print the warnings and log lines of torch, torchao, executorch and onnx that qexport hides"
+
 # Subcommand modules, in the order `--help` lists them; a missing module is skipped so the CLI
 # works while a backend is being written.
 SUBCOMMANDS = ("export", "inspect", "compile", "partition", "verify", "bench", "serve", "demo")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that subcommand's (the others' modules are not imported, so a
+    command checks its arguments before paying for torch and the backends)."""
     p = argparse.ArgumentParser(
         prog="qexport",
         description="Quantize, export and lower PyTorch models: .pt2, AOTInductor, ExecuTorch, ONNX.",
@@ -22,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     p.add_argument("--version", action="version", version=f"qexport {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else (only,):
         try:
             mod = importlib.import_module(f"{__name__}.{name.replace('-', '_')}_cmd")
         except ModuleNotFoundError as e:
@@ -31,15 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.register(sub)
+    for command in sub.choices.values():  # -v is accepted after the command too
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not args.verbose:
+        from .._quiet import install
+
+        install()
     try:
         return int(args.func(args) or 0)
     except QExportError as e:

@@ -14,6 +14,7 @@ from ._common import (
     INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, input_path, output_path,
     parse_input_spec, parse_scheme_args, stage,
 )
+from ._dims import DYNAMIC_HELP, dynamic_shapes, parse_dynamic, rename, resolve, symbol_names, traced_shape
 from ._table import format_table
 
 #: random calibration batches when --calibrate is given without a file
@@ -35,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scheme parameter, e.g. group_size=64 (repeatable)")
     p.add_argument("--input", action="append", required=True, metavar="SHAPE[:DTYPE[:HIGH]]", help=INPUT_SPEC_HELP)
-    p.add_argument("--dynamic-batch", action="store_true",
-                   help="export dim 0 of every input as a dynamic batch dimension")
+    p.add_argument("--dynamic", action="append", default=[], metavar="[INPUT.]DIM[:NAME]", help=DYNAMIC_HELP)
+    p.add_argument("--dynamic-batch", action="store_true", help="same as --dynamic 0:batch")
     p.add_argument("--calibrate", nargs="?", const="random", default=None, metavar="INPUTS.pt",
                    help="calibrate static schemes: on random inputs of the --input shapes, or on a file saved "
                    "with torch.save holding a list of batches (each a tensor or a tuple of tensors)")
@@ -73,6 +74,8 @@ def load_calibration(path: str, n_inputs: int) -> list[tuple[torch.Tensor, ...]]
 def run(args: argparse.Namespace) -> int:
     # Every argument is checked before the model is built, so a typo costs nothing and writes nothing.
     specs = [parse_input_spec(s) for s in args.input]
+    dims = resolve(parse_dynamic(args.dynamic + (["0:batch"] if args.dynamic_batch else [])), [s.shape for s in specs])
+    specs = [InputSpec(traced_shape(s.shape, d), s.dtype, s.high) for s, d in zip(specs, dims)]
     scheme_params = parse_scheme_args(args.scheme, args.scheme_arg)
     from ..schemes import get
 
@@ -89,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args.target)
     g = torch.Generator().manual_seed(args.seed)
     high = default_int_high(model)
-    # A size-1 dim cannot be traced as dynamic (torch.export specializes it): trace batch 2 instead.
-    batch = max(2, specs[0].shape[0]) if args.dynamic_batch else None
-    example = tuple(s.make(g, high, batch) for s in specs)
+    example = tuple(s.make(g, high) for s in specs)
     with progress.step("checking the model runs on the example inputs"):
         # One eager call catches wrong shapes / dtypes with the model's own message, before
         # quantization and before torch.export (whose failure logs a page of fake-tensor traces).
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 model(*example)
         except Exception as e:
-            shown = ", ".join(_traced(specs, batch))
+            shown = ", ".join(map(str, specs))
             raise UsageError(f"{args.target} fails on the example inputs {shown} (check --input): "
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     with progress.step(f"quantizing with {scheme.describe()}"):
@@ -112,24 +113,25 @@ def run(args: argparse.Namespace) -> int:
     with progress.step("exporting"):
         from ..export import export
 
-        dynamic = tuple({0: torch.export.Dim("batch")} for _ in specs) if args.dynamic_batch else None
-        ep = export(model, example, dynamic_shapes=dynamic, strict=args.strict)
+        ep = export(model, example, dynamic_shapes=dynamic_shapes(dims), strict=args.strict)
+    names = symbol_names(ep, dims)
     with progress.step(f"saving {out}"):
-        save(ep, out)
-    print_regions(ep)
-    print(f"wrote {out} ({fmt_bytes(Path(out).stat().st_size)}), inputs: {', '.join(map(str, _traced(specs, batch)))}"
-          + (" (dim 0 dynamic)" if args.dynamic_batch else ""))
+        save(ep, out, extra={"dim_names": names} if names else None)
+    print(model.qexport_summary)
+    print_regions(ep, names)
+    shown = ["x".join(d.get(i, str(n)) for i, n in enumerate(s.shape)) + ":" + str(s).split(":", 1)[1]
+             for s, d in zip(specs, dims)]
+    print(f"wrote {out} ({fmt_bytes(Path(out).stat().st_size)}), inputs: {', '.join(shown)}"
+          + (f" (traced at {', '.join(map(str, specs))})" if any(dims) else ""))
     return 0
 
 
-def _traced(specs: list[InputSpec], batch: int | None) -> list[str]:
-    return [str(InputSpec((batch, *s.shape[1:]), s.dtype, s.high) if batch else s) for s in specs]
-
-
-def print_regions(ep: torch.export.ExportedProgram) -> None:
+def print_regions(ep: torch.export.ExportedProgram, dim_names: dict[str, str] | None = None) -> None:
     from ..regions import regions
 
+    def shape(shapes) -> str:
+        return "x".join(rename(str(d), dim_names or {}) for d in shapes[0]) if shapes else ""
+
     rows = [[r.module_path or r.name, r.scheme.describe() if r.scheme else r.scheme_name, r.op,
-             "x".join(map(str, r.input_shapes[0])) if r.input_shapes else "", "x".join(map(str, r.output_shapes[0])) if r.output_shapes else ""]
-            for r in regions(ep)]
+             shape(r.input_shapes), shape(r.output_shapes)] for r in regions(ep)]
     print(format_table(["region", "scheme", "op", "input", "output"], rows))

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from ._common import fmt_bytes
+from ..errors import ArtifactNotFoundError
 from ._table import format_table
 
 
@@ -30,8 +30,10 @@ def _params(scheme) -> str:
     return ", ".join(f"{k}={v}" for k, v in scheme.params().items()) or "-"
 
 
-def _shape(shapes) -> str:
-    return " ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes) or "-"
+def _shape(shapes, dim_names) -> str:
+    from ._dims import rename
+
+    return rename(" ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes), dim_names) or "-"
 
 
 def _clean(value, limit: int = 160) -> str:
@@ -49,16 +51,21 @@ def _ratio(q: int, f: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.file):  # answered before importing torch (seconds)
+        raise ArtifactNotFoundError(f"{args.file}: no such file")
     from serializers import inspect
+
+    from ._common import fmt_bytes
 
     manifest = inspect(args.file)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=1))
         return 0
+    dim_names = manifest.extra.get("dim_names") if isinstance(manifest.extra.get("dim_names"), dict) else {}
     rows = [
         tuple(_clean(cell) for cell in (
             r.module_path or r.name, r.op, r.scheme.describe(), _params(r.scheme),
-            list(r.weight_shape) if r.weight_shape else "-", _shape(r.input_shapes),
+            list(r.weight_shape) if r.weight_shape else "-", _shape(r.input_shapes, dim_names),
             fmt_bytes(r.weight_bytes), fmt_bytes(r.float_bytes) if r.float_bytes else "-", _ratio(r.weight_bytes, r.float_bytes),
         ))
         for r in manifest.regions

@@ -24,7 +24,7 @@ class Target:
 
 def _executorch(backend: str) -> Callable[[Path, Path, argparse.Namespace], Any]:
     def lower(src: Path, out: Path, args: argparse.Namespace) -> Any:
-        return stage("to_executorch")(src, out, backend=backend)
+        return stage("to_executorch")(src, out, backend=backend, progress=False)  # the CLI shows its own steps
 
     return lower
 

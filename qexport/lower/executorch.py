@@ -28,11 +28,13 @@ from typing import Callable
 
 import torch
 
+from .._extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from ..schemes import math_for
 from ._inline import RegionSite, inline_regions, region_of
+from ._stages import Stages
 from .report import LoweringReport, RegionReport
 
 BACKENDS = ("xnnpack", "portable")
@@ -74,7 +76,8 @@ def _apply_op(site: RegionSite, x: torch.fx.Node, w: torch.fx.Node) -> torch.fx.
     if r.op == "linear":
         return site.call(torch.ops.aten.linear.default, x, w, bias)
     p = r.op_params
-    conv = torch.ops.aten.conv2d.padding if isinstance(p["padding"], str) else torch.ops.aten.conv2d.default
+    conv = torch.ops.aten.conv1d if r.op == "conv1d" else torch.ops.aten.conv2d
+    conv = conv.padding if isinstance(p["padding"], str) else conv.default
     return site.call(conv, x, w, bias, list(p["stride"]), p["padding"], list(p["dilation"]), int(p["groups"]))
 
 
@@ -90,7 +93,7 @@ def _lower_int8_static(site: RegionSite) -> torch.fx.Node:
 
 def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
     x = site.input
-    if site.region.op == "conv2d":  # conv activations have no token axis: per tensor (as the scheme says)
+    if site.region.op.startswith("conv"):  # conv activations have no token axis: per tensor (as the scheme says)
         qp = site.call(qd.choose_qparams.tensor, x, -128, 127, _EPS, torch.int8)
         scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
         q = site.call(qd.quantize_per_tensor.tensor, x, scale, zp, -128, 127, torch.int8)
@@ -213,7 +216,7 @@ def _lower_fp8_reference(site: RegionSite) -> torch.fx.Node:
 
 _PORTABLE = ("falls back to its reference decomposition (weights dequantized on every call, the matmul in "
              "float32, on XNNPACK where it takes it)")
-_INT8_OPS = ("linear", "conv2d")
+_INT8_OPS = ("linear", "conv1d", "conv2d")
 
 #: (family, activation) -> (lowering, kernel name under XNNPACK); schemes with no entry run their reference
 _QDQ_LOWERINGS: dict[tuple[str, str], tuple[Callable[[RegionSite], torch.fx.Node], str]] = {
@@ -372,7 +375,7 @@ class _WhyNoPartition(logging.Handler):
 
 
 #: the edge ops that carry a region's op (what must sit inside a delegate for the region to count)
-_ANCHORS = {"linear": ("linear", "mm"), "conv2d": ("convolution",), "embedding": ("embedding", "index")}
+_ANCHORS = {"linear": ("linear", "mm"), "conv1d": ("convolution",), "conv2d": ("convolution",), "embedding": ("embedding", "index")}
 
 
 def _delegation(
@@ -404,10 +407,12 @@ def to_executorch(
     output: "str | PathLike[str]",
     *,
     backend: str = "xnnpack",
+    progress: bool = True,
 ) -> LoweringReport:
     """Lower a qexport program (or `.pt2`) to an ExecuTorch `.pte` at `output`; returns the report of
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
-    nothing (every op runs on ExecuTorch's portable and quantized kernels)."""
+    nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
+    seconds are named on stderr unless `progress=False`."""
     from serializers._atomic import atomic_path, check_writable
 
     if backend not in BACKENDS:
@@ -418,33 +423,39 @@ def to_executorch(
         from executorch.exir import to_edge_transform_and_lower
         import executorch.kernels.quantized  # noqa: F401  (registers the quantized_decomposed out-variants)
     except ImportError as e:
-        raise BackendUnavailableError(f"to_executorch needs the executorch package ({e}); pip install executorch") from None
+        raise missing_extra(e, "to_executorch") or BackendUnavailableError(f"to_executorch cannot import executorch ({e})") from None
 
     found = graph_regions(ep)
     plans = {r.name: plan_region(r, backend) for r in found}
     import serializers
 
     manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend)
+    stage = Stages("to_executorch", enabled=progress)
 
-    ep = copy.deepcopy(ep)  # the caller's program stays as it was
-    inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
-    rshift_as_floor_divide(ep.graph_module)
-    drop_unused_constants(ep)
+    with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
+        ep = copy.deepcopy(ep)  # the caller's program stays as it was
+        inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
+        rshift_as_floor_divide(ep.graph_module)
+        drop_unused_constants(ep)
 
     partitioners = []
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        # The second pass takes the fp32 linears whose weight a fallback region dequantizes at run time.
-        partitioners += [XnnpackPartitioner(), XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)]
+        partitioners.append(XnnpackPartitioner())
+        # A second pass takes the fp32 linears whose weight a fallback region dequantizes at run time;
+        # partitioning is a large share of lowering time, so only when there is such a region.
+        if any(r.op == "linear" and not plans[r.name].delegable for r in found):
+            partitioners.append(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
     manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
     try:
-        with _WhyNoPartition() as why:
+        with _WhyNoPartition() as why, stage(f"to_edge_transform_and_lower ({backend})"):
             edge = to_edge_transform_and_lower(
                 ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: manifest_bytes}
             )
         edge_gm = edge.exported_program().graph_module
-        et = edge.to_executorch()
+        with stage("to_executorch (memory planning, serialization)"):
+            et = edge.to_executorch()
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
         raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
 

@@ -33,6 +33,7 @@ from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering, plan_region
+from .onnx_shared import share_tied_initializers
 from .report import LoweringReport, RegionReport
 
 #: opset used when none is given: the first with blocked (int4) and float8-output QuantizeLinear
@@ -374,6 +375,7 @@ def _finalize(model: ir.Model) -> None:
     """Drop what the regions left behind and name every value (ONNX requires names)."""
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedFunctionsPass()(model)
+    share_tied_initializers(model)
     model.opset_imports.pop(PENDING_DOMAIN, None)
     if model.functions:
         model.opset_imports[REGION_DOMAIN] = 1

@@ -167,7 +167,7 @@ def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, 
     if s.activation == "static":
         scale, zp = w["input_scale"], w["input_zero_point"]
         return e.op("DequantizeLinear", e.op("QuantizeLinear", x, scale, zp), scale, zp)
-    per_token = s.act_granularity == "per_token" and op != "conv2d"
+    per_token = s.act_granularity == "per_token" and not op.startswith("conv")
     if s.act_dtype == "float8_e4m3fn":
         return _dynamic_fp8(e, x, per_token)
     if not per_token:
@@ -248,16 +248,16 @@ def apply_op(e: Emitter, r: Region, x: ir.Value, w: ir.Value, bias: ir.Value | N
         # with Sum). Quantized activations keep Add, which QGemm needs.
         weight_only = r.scheme is not None and r.scheme.activation == "none"
         return e.op("Sum" if weight_only else "Add", y, bias)
-    if r.op == "conv2d":
-        kh, kw = r.weight_shape[2:] if r.weight_shape else (1, 1)
+    if r.op in ("conv1d", "conv2d"):
+        kernel = list(r.weight_shape[2:]) if r.weight_shape else [1] * (1 if r.op == "conv1d" else 2)
         attrs: dict[str, Any] = dict(strides=list(p["stride"]), dilations=list(p["dilation"]), group=int(p["groups"]))
         pad = p["padding"]
         if pad == "same":  # torch puts the odd pixel at the end, as SAME_UPPER does
             attrs["auto_pad"] = "SAME_UPPER"
         else:
-            ph, pw = (0, 0) if pad == "valid" else pad
-            attrs["pads"] = [ph, pw, ph, pw]
-        attrs["kernel_shape"] = [kh, kw]
+            begin = [0] * len(kernel) if pad == "valid" else list(pad)
+            attrs["pads"] = begin + begin
+        attrs["kernel_shape"] = kernel
         return e.op("Conv", x, w, bias, **attrs)
     raise LoweringError(f"region {r.name}: op {r.op!r} has no ONNX lowering")
 
@@ -311,7 +311,7 @@ def _describe_activation(s: Scheme, op: str) -> str:
     if s.activation == "static":
         return "static int8 activations (QuantizeLinear/DequantizeLinear on input and output)"
     if s.activation == "dynamic":
-        per_token = s.act_granularity == "per_token" and op != "conv2d"
+        per_token = s.act_granularity == "per_token" and not op.startswith("conv")
         if s.act_dtype == "float8_e4m3fn":
             return f"dynamic {'per-token' if per_token else 'per-tensor'} float8 activations"
         if per_token:
@@ -320,7 +320,7 @@ def _describe_activation(s: Scheme, op: str) -> str:
     return "float activations"
 
 
-_OP_NAMES = {"linear": "MatMul", "conv2d": "Conv", "embedding": "Gather"}
+_OP_NAMES = {"linear": "MatMul", "conv1d": "Conv", "conv2d": "Conv", "embedding": "Gather"}
 
 
 class Int8Lowering(FamilyLowering):

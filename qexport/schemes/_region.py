@@ -22,7 +22,7 @@ def quantize_input(scheme: Scheme, x: torch.Tensor, t: Mapping[str, torch.Tensor
     if scheme.activation == "static":
         return act.static_int8(x, t["input_scale"], t["input_zero_point"])
     # Conv activations have no token axis: dynamic schemes quantize them per tensor.
-    per_token = scheme.act_granularity == "per_token" and op != "conv2d"
+    per_token = scheme.act_granularity == "per_token" and not op.startswith("conv")
     if scheme.act_dtype == "float8_e4m3fn":
         return act.dynamic_fp8(x, per_token)
     return act.dynamic_int8(x, per_token)
@@ -31,8 +31,9 @@ def quantize_input(scheme: Scheme, x: torch.Tensor, t: Mapping[str, torch.Tensor
 def apply_op(op: str, p: Mapping[str, Any], x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if op == "linear":
         return F.linear(x, w, bias)
-    if op == "conv2d":
-        return F.conv2d(x, w, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+    if op in ("conv1d", "conv2d"):
+        conv = F.conv1d if op == "conv1d" else F.conv2d
+        return conv(x, w, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
     if op == "embedding":
         return F.embedding(x, w, p.get("padding_idx"))
     raise ValueError(f"unknown region op {op!r}")

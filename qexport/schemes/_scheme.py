@@ -26,7 +26,7 @@ ACTIVATIONS = ("none", "dynamic", "static")
 ACT_GRANULARITIES = ("per_token", "per_tensor")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Ops a quantized module can wrap in a region; "custom" is a region written by hand with invoke_quant.
-OPS = ("linear", "conv2d", "embedding")
+OPS = ("linear", "conv1d", "conv2d", "embedding")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ class SchemeMath:
 
 
 def reduction_dim_size(op: str, weight_shape: tuple[int, ...]) -> int:
-    """The dimension groups run along: in_features (linear), in_ch*kh*kw (conv2d), embedding_dim."""
+    """The dimension groups run along: in_features (linear), in_ch*k (conv1d), in_ch*kh*kw (conv2d),
+    embedding_dim."""
     k = 1
     for d in weight_shape[1:]:
         k *= d

@@ -1,0 +1,83 @@
+"""The dependency warnings a clean qexport command does not print, in one place, each with the upstream
+reason it is noise. `qexport -v ...` shows them all. Only the exact messages below are dropped; any
+other warning or log line of these libraries still gets through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from typing import Iterator
+
+#: (logger, message pattern, why it is noise)
+LOG_LINES: tuple[tuple[str, str, str], ...] = (
+    ("torchao", r"Failed to load .*\.so",
+     "torchao 0.18's wheel ships CUDA/mxfp8 extensions built for other Python and CUDA versions; it tries each "
+     "on import and logs the failure, and qexport uses none of them"),
+    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported",
+     "torchao 0.18 registers its Enums (KernelPreference, ...) as pytree constants, which torch 2.13 deprecates"),
+    ("torch.onnx._internal.exporter._registration", r"torchvision is not installed",
+     "torch.onnx's exporter registers torchvision's detection ops when it can and logs each one it cannot"),
+)
+#: (warning category, message pattern, why it is noise)
+WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     "torch 2.13 deprecates LeafSpec, and deep copies of programs (torch.export, executorch) still make "
+     "TreeSpec's copyreg reduction check it: one warning per copied spec"),
+)
+#: native stderr lines of ExecuTorch's runtime, printed by C++ while a method loads
+NATIVE_LINES = re.compile(
+    r"^\[cpuinfo_utils\.cpp:\d+\] .*$",  # XNNPACK's threadpool probing ARM `midr` files on x86 (one line each)
+    re.MULTILINE,
+)
+
+_quiet = False
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def install() -> None:
+    """Drop the known noise for the rest of the process (the CLI calls this unless -v)."""
+    global _quiet
+    if _quiet:
+        return
+    for logger, pattern, _why in LOG_LINES:
+        logging.getLogger(logger).addFilter(_DropMessages(pattern))
+    for category, pattern, _why in WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    _quiet = True
+
+
+@contextlib.contextmanager
+def native_stderr() -> Iterator[None]:
+    """Around a native call that prints known noise to the C stderr (fd 2): capture what it prints and
+    pass on every line but the known ones. Does nothing unless `install()` ran."""
+    if not _quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = NATIVE_LINES.sub("", captured.read().decode(errors="replace"))
+            text = "\n".join(line for line in text.splitlines() if line.strip())
+            if text:
+                print(text, file=sys.stderr)

@@ -1,0 +1,59 @@
+"""A clean CLI run prints no dependency noise (qexport/_quiet.py), -v brings it back; argument checks
+come before heavy imports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from qexport import _quiet
+
+NOISE = ("Failed to load", "is an Enum subclass", "LeafSpec", "torchvision is not installed", "cpuinfo_utils")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+
+
+def test_filters_drop_only_the_known_messages(caplog, capfd, monkeypatch):
+    _quiet.install()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: nope")
+        logging.getLogger("torchao").warning("something else")
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning("torchvision is not installed. Skipping x")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        monkeypatch.setattr(_quiet, "_quiet", False)  # install again inside this catch_warnings scope
+        _quiet.install()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("a real FutureWarning", FutureWarning)
+    assert [str(w.message) for w in seen] == ["a real FutureWarning"]
+    with _quiet.native_stderr():
+        os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\nreal native error\n")
+    assert capfd.readouterr().err.strip() == "real native error"
+
+
+def test_missing_file_answers_before_torch_is_imported(tmp_path):
+    code = ("import sys; from qexport.cli import main; rc = main(['inspect', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.pt2")], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert run.stdout.split() == ["1", "False"]
+    assert "missing.pt2: no such file" in run.stderr
+
+
+def test_cli_run_is_quiet_and_verbose_is_not(demo_run):
+    code, _, out = demo_run
+    assert code == 0
+    argv = [sys.executable, "-m", "qexport", "verify", str(out / "model.pt2"), str(out / "model.pte"), str(out / "model.onnx")]
+    quiet = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr
+    loud = subprocess.run(argv + ["-v"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert loud.returncode == 0 and any(n in loud.stderr for n in NOISE)

@@ -1,0 +1,184 @@
+"""Models people bring, at test size: transformers GPT-2, Llama, BERT, ViT and ResNet built from
+configs (no hub) and an nn.Conv1d stack, quantized with a mixed recipe and taken through every backend,
+numerics checked against the eager quantized model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import qexport
+from qexport import runners
+
+pytest.importorskip("transformers")
+import hf_models as hf  # noqa: E402
+
+#: int8_dynamic for linear and conv layers (XNNPACK / QGemm / _int_mm kernels), int8 weight-only for
+#: embeddings (indices have no activation to quantize)
+RECIPE = {nn.Linear: "int8_dynamic", nn.Conv1d: "int8_dynamic", nn.Conv2d: "int8_dynamic", nn.Embedding: "int8_weight_only"}
+
+
+class Conv1dNet(nn.Module):
+    """An nn.Conv1d stack (audio front ends), over the pixels read as 3 channels of 256 samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.conv = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 4, 5, stride=2, groups=4))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.conv(pixels.flatten(2)),)
+
+
+MODELS = {
+    "conv1d": (Conv1dNet, hf.pixels),
+    "gpt2": (hf.gpt2, hf.token_ids),
+    "llama": (hf.llama, hf.token_ids),
+    "bert": (hf.bert, hf.token_ids),
+    "vit": (hf.vit, hf.pixels),
+    "resnet": (hf.resnet, hf.pixels),
+}
+#: bound of every backend vs the eager quantized model, relative to the output's max-abs (int8 rounding
+#: of activations may flip by one step where a backend's float order differs)
+TOLERANCE = 2e-2
+
+
+class Zoo(nn.Module):
+    """The five models in one program, so each backend compiles once for all of them (an AOTI compile
+    or ExecuTorch lowering has a fixed cost of seconds): outputs are the models' first outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models = nn.ModuleDict({name: build() for name, (build, _) in MODELS.items()})
+
+    def forward(self, ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(ids if MODELS[name][1] is hf.token_ids else pixels)[0] for name, m in self.models.items())
+
+
+class Exported:
+    def __init__(self, tmp) -> None:
+        self.x = (hf.token_ids(), hf.pixels())
+        self.model = qexport.quantize(Zoo(), RECIPE)
+        with torch.no_grad():
+            self.expected = self.model(*self.x)
+        self.ep = qexport.export(self.model, self.x)
+        self.pt2 = tmp / "zoo.pt2"
+        qexport.save(self.ep, self.pt2)
+        self.tmp = tmp
+        self._artifacts: dict[str, object] = {}
+
+    def artifact(self, backend: str):
+        if backend == "pt2":
+            return self.pt2
+        if backend not in self._artifacts:
+            path = self.tmp / {"aoti": "zoo_aoti.pt2", "pte": "zoo.pte", "onnx": "zoo.onnx"}[backend]
+            {"aoti": qexport.compile, "pte": qexport.to_executorch, "onnx": qexport.to_onnx}[backend](self.ep, path)
+            self._artifacts[backend] = path
+        return self._artifacts[backend]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return Exported(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_pt2(tmp_path_factory):
+    """GPT-2 alone (its output is a transformers ModelOutput): the model, its input and its .pt2."""
+    model = qexport.quantize(hf.gpt2(), RECIPE)
+    x = hf.token_ids()
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2.pt2"
+    qexport.save(qexport.export(model, (x,)), path)
+    return model, x, path
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def test_every_weight_layer_is_quantized(zoo):
+    summary = zoo.model.qexport_summary
+    assert not [d for d in summary.skipped if d.op is not None], str(summary)
+    kinds = {d.layer_type for d in summary.quantized}
+    assert {"Conv1D", "Linear", "Conv1d", "Conv2d", "Embedding"} <= kinds
+    assert len(qexport.regions(zoo.ep)) == len(summary.quantized)
+    for name in MODELS:
+        assert any(d.module.startswith(f"models.{name}.") for d in summary.quantized), name
+
+
+@pytest.mark.parametrize("backend", ["pt2", "aoti", "pte", "onnx"])
+def test_backend_matches_eager_quantized(zoo, backend):
+    got = runners.load(zoo.artifact(backend))(list(zoo.x))
+    assert len(got) == len(MODELS)
+    for name, g, expected in zip(MODELS, got, zoo.expected):
+        assert g.shape == expected.shape, name
+        assert rel_err(g, expected) < TOLERANCE, (name, backend, rel_err(g, expected))
+
+
+def test_tied_weight_stored_once(gpt2_pt2, tmp_path):
+    """GPT-2's wte / lm_head share one int8 table: the .pt2 and the .onnx are smaller than the same
+    model untied by at least the table (so is the AOTI package; the .pte keeps a second copy packed
+    by XNNPACK: see docs/concepts.md)."""
+    model, x, path = gpt2_pt2
+    assert model.transformer.wte.weight is model.lm_head.weight
+    untied = qexport.quantize(hf.gpt2(tie=False), RECIPE)
+    untied_ep = qexport.export(untied, (x,))
+    qexport.save(untied_ep, tmp_path / "untied.pt2")
+    assert os.path.getsize(tmp_path / "untied.pt2") - os.path.getsize(path) >= hf.VOCAB * 32
+    qexport.to_onnx(path, tmp_path / "tied.onnx")
+    qexport.to_onnx(untied_ep, tmp_path / "untied.onnx")
+    assert os.path.getsize(tmp_path / "untied.onnx") - os.path.getsize(tmp_path / "tied.onnx") >= hf.VOCAB * 32
+    got = runners.load(tmp_path / "tied.onnx")([x])[0]  # lm_head reads the table through a Transpose
+    assert rel_err(got, model(x).logits) < TOLERANCE
+    ep = qexport.load(path)
+    head = ep.state_dict["lm_head.weight"]
+    tied = [n for n, t in ep.state_dict.items() if t.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()]
+    assert sorted(tied) == ["lm_head.weight", "transformer.wte.weight"]
+
+
+FRESH = textwrap.dedent("""
+    import sys, torch, qexport
+    from qexport import runners
+    from qexport.cli import main
+    assert "transformers" not in sys.modules
+    assert main(["verify", sys.argv[1], sys.argv[1]]) == 0
+    assert main(["bench", sys.argv[1], "--warmup", "0", "--min-iters", "1", "--min-time", "0"]) == 0
+    x = torch.load(sys.argv[2])
+    out = qexport.load(sys.argv[1]).module()(x)
+    print(type(out).__module__, type(out).__name__)
+    torch.testing.assert_close(runners.load(sys.argv[1])([x])[0], out[0])
+""")
+
+
+def test_fresh_process_loads_transformers_outputs(gpt2_pt2, tmp_path):
+    """A process that never imported transformers verifies, benchmarks (the CLI), loads and runs the
+    .pt2: the output container is registered from the allow-list."""
+    _, x, path = gpt2_pt2
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, "-c", FRESH, str(path), str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["transformers.modeling_outputs", "CausalLMOutputWithCrossAttentions"]
+    assert "1/1 passed" in run.stdout
+
+
+def test_container_allow_list(tmp_path, monkeypatch):
+    """Only ModelOutput subclasses of allow-listed modules are registered; a name outside the list is
+    never imported."""
+    from qexport._containers import register_output_containers, spec_type_names
+
+    (tmp_path / "planted.py").write_text("raise SystemExit('imported a module named by a file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert register_output_containers(["planted.Evil", "transformers.modeling_outputs.torch",
+                                       "transformers.modeling_outputs._private", "os.system"]) == []
+    spec = '[1, {"type": "a.B", "context": "[]", "children_spec": [{"type": "c.D", "children_spec": []}]}]'
+    assert sorted(spec_type_names(spec)) == ["a.B", "c.D"]
+    assert list(spec_type_names("not json")) == []
