@@ -141,7 +141,27 @@ def plot_minilm(data: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
+def plot_serve(data: dict[str, Any], out: Path) -> list[Path]:
+    """qexport serve: throughput vs concurrent clients, per (replicas, batching), from bench_serve.py."""
+    rows = [r for r in data["rows"] if r.get("run") == "throughput"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for replicas in sorted({r["replicas"] for r in rows}):
+        for max_batch in sorted({r["max_batch"] for r in rows}):
+            pts = sorted((r["clients"], r["rps"]) for r in rows if r["replicas"] == replicas and r["max_batch"] == max_batch)
+            label = f"{replicas} replica{'s' if replicas > 1 else ''}, " + ("no batching" if max_batch == 1 else f"max batch {max_batch}")
+            ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", linestyle="-" if max_batch > 1 else "--", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("answered requests / s")
+    ax.set_title(f"qexport serve, MLP {'-'.join(map(str, data.get('model', [])))} int8_dynamic\n{_machine(data)}", fontsize=9)
+    ax.legend(fontsize=8)
+    path = out / "serve_throughput.png"
+    _save(fig, path)
+    return [path]
+
+
 PLOTTERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
+    "serve.json": plot_serve,
     "minilm.json": plot_minilm,
     "numerics.json": plot_numerics,
     "sizes.json": plot_sizes,
