@@ -264,6 +264,14 @@ class QuantizedModule(nn.Module):
         self._region = make_region_fn(scheme, op, self.op_params, self.roles, self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op != "embedding" and not x.dtype.is_floating_point:
+            # e.g. transformers' ViTPatchEmbeddings casts pixels to `projection.weight.dtype`, which is
+            # now the int8 codes' dtype: computing on truncated integers would be silently wrong
+            raise UnsupportedModuleError(
+                f"{self.module_path}: the quantized {self.op} got a {x.dtype} input; the model likely casts its "
+                f"input to this layer's weight dtype (now the quantized codes'). Leave this layer float: "
+                f"quantize(model, {{..., {self.module_path!r}: None}})"
+            )
         return invoke_quant(
             self._region,
             x,

@@ -226,8 +226,8 @@ def _load_pte(p: Path, expected_sha256: str | None) -> Runner:
         import executorch.kernels.quantized  # noqa: F401
     except Exception:
         pass
-    program = open_program(p, expected_sha256=expected_sha256)
-    with native_stderr():
+    with native_stderr():  # the runtime's cpuinfo lines come from the probe child and the load alike
+        program = open_program(p, expected_sha256=expected_sha256)
         method = program.load_method("forward")
     if method is None:
         raise CorruptArtifactError(f"{p}: the program has no 'forward' method")

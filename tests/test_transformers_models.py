@@ -22,6 +22,8 @@ import hf_models as hf  # noqa: E402
 #: int8_dynamic for linear and conv layers (XNNPACK / QGemm / _int_mm kernels), int8 weight-only for
 #: embeddings (indices have no activation to quantize)
 RECIPE = {nn.Linear: "int8_dynamic", nn.Conv1d: "int8_dynamic", nn.Conv2d: "int8_dynamic", nn.Embedding: "int8_weight_only"}
+#: ViT's patch embedding casts the pixels to `projection.weight.dtype` (int8 once quantized): left float
+ZOO_RECIPE = {**RECIPE, "models.vit.vit.embeddings.patch_embeddings.projection": None}
 
 
 class Conv1dNet(nn.Module):
@@ -65,7 +67,7 @@ class Zoo(nn.Module):
 class Exported:
     def __init__(self, tmp) -> None:
         self.x = (hf.token_ids(), hf.pixels())
-        self.model = qexport.quantize(Zoo(), RECIPE)
+        self.model = qexport.quantize(Zoo(), ZOO_RECIPE)
         with torch.no_grad():
             self.expected = self.model(*self.x)
         self.ep = qexport.export(self.model, self.x)
@@ -105,7 +107,8 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def test_every_weight_layer_is_quantized(zoo):
     summary = zoo.model.qexport_summary
-    assert not [d for d in summary.skipped if d.op is not None], str(summary)
+    skipped = [d for d in summary.skipped if d.op is not None]
+    assert [d.module for d in skipped] == ["models.vit.vit.embeddings.patch_embeddings.projection"], str(summary)
     kinds = {d.layer_type for d in summary.quantized}
     assert {"Conv1D", "Linear", "Conv1d", "Conv2d", "Embedding"} <= kinds
     assert len(qexport.regions(zoo.ep)) == len(summary.quantized)
@@ -182,3 +185,13 @@ def test_container_allow_list(tmp_path, monkeypatch):
     spec = '[1, {"type": "a.B", "context": "[]", "children_spec": [{"type": "c.D", "children_spec": []}]}]'
     assert sorted(spec_type_names(spec)) == ["a.B", "c.D"]
     assert list(spec_type_names("not json")) == []
+
+
+def test_a_layer_whose_input_is_cast_to_its_weight_dtype_fails_loudly():
+    """transformers' ViT casts pixels to `projection.weight.dtype`: quantizing that conv must not give
+    silently wrong numbers, eager or exported."""
+    from qexport.errors import UnsupportedModuleError
+
+    model = qexport.quantize(hf.vit(), RECIPE)
+    with pytest.raises(UnsupportedModuleError, match=r"patch_embeddings.projection.*torch.int8 input.*: None"):
+        model(hf.pixels())

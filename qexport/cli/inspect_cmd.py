@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         f"{manifest.qexport_version} with torch {manifest.torch_version}", limit=400,
     ))
     print(format_table(("module", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio"), rows))
+    inputs = _inputs(manifest.extra.get("inputs"), dim_names)
+    if inputs:
+        print(_clean(f"inputs: {inputs}", limit=2000))
     print(
         f"total: {len(manifest.regions)} regions, {fmt_bytes(manifest.quantized_bytes)} quantized replacing "
         f"{fmt_bytes(manifest.float_bytes)} float ({_ratio(manifest.quantized_bytes, manifest.float_bytes)}); "
@@ -88,6 +91,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"compiled for: {CPUTarget.from_dict(target).describe()} (loading needs: {' '.join(target.get('requires', [])) or '-'})")
         except ValueError as e:
             print(f"compiled for: unreadable cpu_target ({e})")
-    if manifest.extra:
-        print(_clean(f"extra: {json.dumps(manifest.extra, sort_keys=True)}", limit=2000))
+    rest = {k: v for k, v in manifest.extra.items() if k != "inputs" or not inputs}
+    if rest:
+        print(_clean(f"extra: {json.dumps(rest, sort_keys=True)}", limit=2000))
     return 0
+
+
+def _inputs(raw: object, dim_names: dict) -> str:
+    """The program's input signature (manifest `inputs`), dynamic dims by their names where known."""
+    from qexport.signature import InputSpec
+
+    from ._dims import rename
+
+    try:
+        specs = [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []
+    except ValueError:
+        return ""
+    return rename(", ".join(s.describe() for s in specs), dim_names)
