@@ -249,3 +249,28 @@ def test_a_killed_replica_loses_no_request(server):
     while _post(server, body)[0] != 200 and time.time() < deadline:
         time.sleep(0.5)
     assert _post(server, body)[0] == 200
+
+
+def test_an_aoti_package_is_served_like_any_artifact(server, demo_run):
+    """The demo's AOTI package (AOTI first, per the docs) as a second application on the same cluster."""
+    from ray import serve
+
+    from qexport import runners
+    from qexport.serve import build_app
+
+    code, _, out = demo_run
+    assert code == 0
+    path = out / "model_aoti.pt2"
+    serve.run(build_app(ServeConfig(str(path), max_batch=8)), name="aoti", route_prefix="/aoti")
+    try:
+        info = _get(server, "/aoti/info")
+        # the demo exports a static batch of one: served unbatched, and /info says why
+        assert info["artifact"] == "aoti" and not info["batching"] and "dynamic dim 0" in info["why_not_batched"]
+        spec = info["inputs"][0]
+        x = np.random.randn(*spec["shape"]).astype(np.float32)
+        status, _, body = _post(server + "/aoti", json.dumps({"inputs": [x.tolist()]}).encode())
+        assert status == 200
+        want = runners.load(path)([torch.from_numpy(x)])[0].numpy()
+        np.testing.assert_allclose(np.array(json.loads(body)["outputs"][0], np.float32), want, rtol=1e-5, atol=1e-5)
+    finally:
+        serve.delete("aoti")
