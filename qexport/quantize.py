@@ -265,12 +265,13 @@ class QuantizedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op != "embedding" and not x.dtype.is_floating_point:
-            # e.g. transformers' ViTPatchEmbeddings casts pixels to `projection.weight.dtype`, which is
-            # now the int8 codes' dtype: computing on truncated integers would be silently wrong
+            # Computing on integers would be silently wrong: an integer example input, or a model that
+            # casts its input to this layer's weight dtype, now the codes' (transformers' ViT patch
+            # embedding reads projection.weight.dtype)
             raise UnsupportedModuleError(
-                f"{self.module_path}: the quantized {self.op} got a {x.dtype} input; the model likely casts its "
-                f"input to this layer's weight dtype (now the quantized codes'). Leave this layer float: "
-                f"quantize(model, {{..., {self.module_path!r}: None}})"
+                f"{self.module_path}: the quantized {self.op} gets a {x.dtype} activation: pass floating-point "
+                f"inputs (e.g. x.float()); if the model itself casts its input to this layer's weight dtype, "
+                f"leave the layer float: quantize(model, {{..., {self.module_path!r}: None}})"
             )
         return invoke_quant(
             self._region,

@@ -296,3 +296,26 @@ def reseal(members: Sequence[tuple[str, bytes]], dest: "str | PathLike[str]") ->
             out[at[-1]] = (out[at[-1]][0], text)
     write_archive(out, dest, manifest_comment(text))
     return Path(dest)
+
+
+# -- checksum trailers (.pte, .onnx: formats that carry no checksum of their own) ------------------------
+def seal_trailer(path: Path, head: bytes) -> None:
+    """Append `head` and the SHA-256 of the file so far to the file just written at `path`."""
+    data = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(head + hashlib.sha256(data).digest())
+
+
+def unseal_trailer(p: Path, data: bytes, head: bytes, what: str, writer: str) -> bytes:
+    """`data` without its trailer (see seal_trailer), refusing a missing or wrong checksum; `what` names
+    the payload ("model", "program") and `writer` the qexport call that writes the format."""
+    size = len(head) + 32
+    body, found, digest = data[:-size], data[-size:-32], data[-32:]
+    if len(data) < size or found != head:
+        raise CorruptArtifactError(
+            f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), edited by another "
+            f"tool, or not written by {writer} (or by one older than its checksum); re-export it"
+        )
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptArtifactError(f"{p}: the {what} does not match its checksum; the file was damaged after it was written: re-export it")
+    return body

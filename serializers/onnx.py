@@ -13,7 +13,6 @@ through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from qexport.errors import ArtifactError, CorruptArtifactError
 from qexport.schemes import Scheme
 
-from ._archive import check_pin
+from ._archive import check_pin, seal_trailer, unseal_trailer
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
 
@@ -31,14 +30,11 @@ SCHEME_KEY = "qexport.scheme"
 REGION_KEY = "qexport.region"
 #: the checksum's protobuf field: the largest number protobuf allows, length-delimited (wire type 2)
 _TRAILER_HEAD = bytes.fromhex("faffffff0f") + bytes([48]) + b"qexport-sha256:\0"
-_TRAILER = len(_TRAILER_HEAD) + 32
 
 
 def seal(path: Path) -> None:
     """Append the checksum field to the `.onnx` just written at `path`."""
-    data = path.read_bytes()
-    with open(path, "ab") as f:
-        f.write(_TRAILER_HEAD + hashlib.sha256(data).digest())
+    seal_trailer(path, _TRAILER_HEAD)
 
 
 def read_checked(path: "str | Path", expected_sha256: str | None = None) -> bytes:
@@ -49,15 +45,7 @@ def read_checked(path: "str | Path", expected_sha256: str | None = None) -> byte
     except OSError as e:
         raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
     check_pin(p, data, expected_sha256)
-    body, head, digest = data[:-_TRAILER], data[-_TRAILER:-32], data[-32:]
-    if len(data) < _TRAILER or head != _TRAILER_HEAD:
-        raise CorruptArtifactError(
-            f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), edited by another "
-            f"tool, or not written by qexport.to_onnx (or by one older than its checksum); re-export it"
-        )
-    if hashlib.sha256(body).digest() != digest:
-        raise CorruptArtifactError(f"{p}: the model does not match its checksum; the file was damaged after it was written: re-export it")
-    return body
+    return unseal_trailer(p, data, _TRAILER_HEAD, "model", "qexport.to_onnx")
 
 
 def _load(p: Path, data: bytes | None = None) -> Any:

@@ -33,7 +33,7 @@ from typing import Any
 from qexport._extras import missing_extra
 from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError
 
-from ._archive import check_pin
+from ._archive import check_pin, seal_trailer, unseal_trailer
 from .inspect import check_readable, register_reader
 from .manifest import Manifest
 
@@ -45,7 +45,6 @@ _IDENT_PREFIX = b"ET"
 PROBE_TIMEOUT_S = 120.0
 #: the checksum trailer: these bytes, then the SHA-256 (raw, 32 bytes) of the program before them
 TRAILER_MAGIC = b"\0qexport-sha256:"
-_TRAILER = len(TRAILER_MAGIC) + 32
 #: SHA-256 of the bytes a child loaded cleanly in this process
 _PROBED: set[str] = set()
 
@@ -57,22 +56,7 @@ def _sniff(p: Path, head: bytes) -> bool:
 
 def seal(path: Path) -> None:
     """Append the checksum trailer to the `.pte` just written at `path`."""
-    data = path.read_bytes()
-    with open(path, "ab") as f:
-        f.write(TRAILER_MAGIC + hashlib.sha256(data).digest())
-
-
-def _unseal(p: Path, data: bytes) -> bytes:
-    """The program bytes of a sealed `.pte`; refuses a missing or wrong checksum."""
-    body, magic, digest = data[:-_TRAILER], data[-_TRAILER:-32], data[-32:]
-    if len(data) < _TRAILER or magic != TRAILER_MAGIC:
-        raise CorruptArtifactError(
-            f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), or not written by "
-            f"qexport.to_executorch (or by one older than its checksum); re-export it"
-        )
-    if hashlib.sha256(body).digest() != digest:
-        raise CorruptArtifactError(f"{p}: the program does not match its checksum; the file was damaged after it was written: re-export it")
-    return body
+    seal_trailer(path, TRAILER_MAGIC)
 
 
 #: ExecuTorch ScalarType codes -> torch dtypes (the runtime's method metadata reports codes)
@@ -148,7 +132,7 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
     except OSError as e:
         raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
     check_pin(p, data, expected_sha256)
-    data = _unseal(p, data)
+    data = unseal_trailer(p, data, TRAILER_MAGIC, "program", "qexport.to_executorch")
     runtime = Runtime.get()
     _probe(p, runtime, data)
     try:

@@ -110,8 +110,9 @@ def _raw(data: bytes, rng: random.Random, op: str) -> bytes:
 
 RAW_OPS = ("flip", "truncate", "block", "zeros", "insert", "delete")
 PTE_OPS = RAW_OPS + ("fb_offset",) * 4
-#: the module that seals each kind that carries a checksum trailer, and the trailer's length there
-_SEALS = {"pte": ("serializers.pte", "_TRAILER"), "onnx": ("serializers.onnx", "_TRAILER")}
+#: the module that seals each kind that carries a checksum trailer, and the trailer's head there
+#: (the trailer is the head and a SHA-256: serializers._archive.seal_trailer)
+_SEALS = {"pte": ("serializers.pte", "TRAILER_MAGIC"), "onnx": ("serializers.onnx", "_TRAILER_HEAD")}
 MEMBER_OPS = ("duplicate", "remove", "rename", "json_type", "member_flip")
 
 
@@ -282,7 +283,7 @@ def mutations(kind: str, data: bytes, n: int, seed: int, sandbox: Path):
             op = (PTE_OPS if kind == "pte" else RAW_OPS)[i % len(PTE_OPS if kind == "pte" else RAW_OPS)]
             with tempfile.TemporaryDirectory() as d:
                 q = Path(d) / "x"
-                q.write_bytes(_raw(data[:-getattr(module, trailer)], rng, op))
+                q.write_bytes(_raw(data[:-(len(getattr(module, trailer)) + 32)], rng, op))
                 module.seal(q)
                 yield f"{kind}{i}", "rewrite", op, q.read_bytes(), marker
         else:

@@ -193,5 +193,5 @@ def test_a_layer_whose_input_is_cast_to_its_weight_dtype_fails_loudly():
     from qexport.errors import UnsupportedModuleError
 
     model = qexport.quantize(hf.vit(), RECIPE)
-    with pytest.raises(UnsupportedModuleError, match=r"patch_embeddings.projection.*torch.int8 input.*: None"):
+    with pytest.raises(UnsupportedModuleError, match=r"patch_embeddings.projection.*torch.int8 activation.*: None"):
         model(hf.pixels())
