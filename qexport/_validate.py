@@ -113,20 +113,22 @@ def check_region_inputs(ep: torch.export.ExportedProgram) -> None:
     that reaches one traces into a program that computes in, and returns, integers."""
     from .regions import iter_region_nodes, region_payload
 
+    lifted = set(ep.graph_signature.inputs_to_parameters) | set(ep.graph_signature.inputs_to_buffers)
+    lifted |= set(getattr(ep.graph_signature, "inputs_to_lifted_tensor_constants", {}))
     for node in iter_region_nodes(ep):
         payload = region_payload(node) or {}
         if payload.get("op") == "embedding":
             continue
-        # the activation is the region's first operand (role "input"); weights may come in as parameters,
-        # buffers, lifted constants or get_attr nodes, whatever their dtype
-        a = node.args[1] if len(node.args) > 1 else None
-        val = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
-            where = payload.get("module") or node.name
-            raise ExportError(
-                f"region {where} ({payload.get('op', '?')}) gets a {val.dtype} activation: an example input of a "
-                f"dtype the model cannot take; pass floating-point inputs (e.g. x.float())"
-            )
+        for a in node.args[1:]:
+            val = a.meta.get("val") if isinstance(a, torch.fx.Node) and a.name not in lifted else None
+            if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+                where = payload.get("module") or node.name
+                raise ExportError(
+                    f"region {where} ({payload.get('op', '?')}) gets a {val.dtype} activation: an example input of a "
+                    f"dtype the model cannot take; pass floating-point inputs (e.g. x.float())"
+                )
+            if isinstance(val, torch.Tensor):
+                break  # the first activation operand is the one the region computes on
 
 
 def check_state(ep: torch.export.ExportedProgram, where: str) -> None:
