@@ -27,7 +27,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -37,7 +36,7 @@ import qexport  # noqa: E402
 from qexport.lower.cpu_target import describe_host  # noqa: E402
 from qexport.lower.onnx import host_target  # noqa: E402
 
-from _minilm import CALIBRATION, SENTENCES, SentenceEncoder, load_model, load_tokenizer, tokenize  # noqa: E402
+from _minilm import SENTENCES, SentenceEncoder, load_model, load_tokenizer, tokenize  # noqa: E402
 from bench_onnx import fp32_onnx, run, session, time_interleaved  # noqa: E402
 
 BATCH, SEQ = 4, 64

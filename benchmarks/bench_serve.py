@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import tempfile
 import time
 

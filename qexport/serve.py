@@ -31,7 +31,6 @@ import io
 import json
 import os
 from dataclasses import asdict, dataclass
-from os import PathLike
 from typing import Any, Sequence
 
 import numpy as np

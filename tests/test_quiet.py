@@ -9,7 +9,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
 
 from qexport import _quiet
 

@@ -40,7 +40,7 @@ import copy
 import importlib
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch._guards import detect_fake_mode
