@@ -245,7 +245,8 @@ def test_a_killed_replica_loses_no_request(server):
     with ThreadPoolExecutor(8) as ex:
         results = list(ex.map(one, range(80)))
     assert all(s in (200, 503) for s, _ in results), [s for s, _ in results]
-    assert all(out == ref for s, out in results if s == 200)
+    # batched with other requests a row may take another float path through the epilogue: close, not equal
+    assert all(np.allclose(out, ref, rtol=1e-5, atol=1e-6) for s, out in results if s == 200)
     assert sum(s == 200 for s, _ in results) >= 60
     deadline = time.time() + 60
     while _post(server, body)[0] != 200 and time.time() < deadline:
