@@ -29,8 +29,19 @@ from qexport.schemes import math_for
 from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
 
 INT8_ACT = ("int8_static", "int8_dynamic")
+class Conv1dNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(8, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(2))
+
+
 MODELS = {"mlp": (lambda: MLP((256, 512, 64)), lambda: torch.randn(16, 256) * 3),
           "conv": (ConvNet, lambda: torch.randn(2, 3, 16, 16) * 3),
+          "conv1d": (Conv1dNet, lambda: torch.randn(2, 8, 32) * 3),
           "transformer": (TinyTransformer, lambda: torch.randint(0, 128, (2, 16)))}
 
 
@@ -68,6 +79,8 @@ def test_portable_stores_int8_weights_as_uint8_plus_128(files, scheme):
     assert zp.dtype == np.uint8 and (zp == 128).all()
     if scheme == "int8_dynamic":  # MatMulInteger takes B's zero point; signed weights need none
         assert "layers.0.weight_zero_point" not in signed
+    for model, name in (("conv", "conv1.weight"), ("conv1d", "conv.weight")):  # every conv op, not only 2-D
+        assert _weights(files[model, scheme, "portable"][0])[name].data_type == onnx.TensorProto.UINT8, (model, name)
 
 
 def test_manifest_and_report_record_the_target(files, tmp_path):

@@ -348,7 +348,7 @@ class Int8Lowering(FamilyLowering):
         case OnnxTarget is about); float activations never reach an integer kernel."""
         s = region.scheme
         return (not target.signed_int8_weights and s is not None and s.activation in ("dynamic", "static")
-                and s.act_dtype == "int8" and region.op in ("linear", "conv2d"))
+                and s.act_dtype == "int8" and (region.op == "linear" or region.op.startswith("conv")))
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
         op = lw.region.op
@@ -361,15 +361,16 @@ class Int8Lowering(FamilyLowering):
         codes = _as_kn(op, _np(t["weight"]))
         out = {"weight": codes, "weight_scale": scale, "weight_zero_point": np.zeros(scale.shape, np.int8)}
         out.update(_activation_weights(lw, t))
-        if self.unsigned_weights(lw.region, lw.target):
+        unsigned = self.unsigned_weights(lw.region, lw.target)
+        if unsigned:
             out["weight"] = (codes.astype(np.int16) - INT8_MIN).astype(np.uint8)
             out["weight_zero_point"] = np.full(scale.shape, -INT8_MIN, np.uint8)
         if self.integer_linear(lw):
-            # MatMulInteger takes B's zero point whole (one, where the weights are stored unsigned), and
-            # the zero-point correction and the bias become one [2, out] matrix (per_token_int8_linear).
-            zp = out.pop("weight_zero_point").reshape(-1)[:1].reshape(())
-            if zp.dtype == np.uint8:
-                out["weight_zero_point"] = zp
+            # MatMulInteger takes B's zero point as one scalar (none for signed weights), and the
+            # zero-point correction and the bias become one [2, out] matrix (per_token_int8_linear).
+            out["weight_zero_point"] = np.array(-INT8_MIN, np.uint8)
+            if not unsigned:
+                del out["weight_zero_point"]
             colsum = codes.astype(np.int64).sum(0)
             bias = out.pop("bias", np.zeros(colsum.shape, np.float32))
             out["weight_affine"] = np.stack([-(colsum * scale.reshape(-1)).astype(np.float32), bias])
