@@ -226,14 +226,14 @@ def run_batched(call, requests: Sequence[list[np.ndarray]], max_rows: int | None
     for members in groups.values():
         chunk: list[int] = []
         rows = 0
-        for i in members + [-1]:
-            n = requests[i][0].shape[0] if i >= 0 else 0
-            if i < 0 or (chunk and max_rows is not None and rows + n > max_rows):
+        for i in members:
+            n = requests[i][0].shape[0]
+            if chunk and max_rows is not None and rows + n > max_rows:
                 _run_chunk(call, requests, chunk, results)
                 chunk, rows = [], 0
-            if i >= 0:
-                chunk.append(i)
-                rows += n
+            chunk.append(i)
+            rows += n
+        _run_chunk(call, requests, chunk, results)
     return results  # type: ignore[return-value]
 
 
