@@ -24,9 +24,10 @@ from qexport.errors import (
 from qexport.regions import Region, _shape, iter_region_nodes, regions as graph_regions
 from qexport.schemes import Scheme
 
+from . import kinds
+
 MANIFEST_VERSION = 1
 FORMAT_TAG = "qexport-manifest"
-ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
 
 Shape = tuple[int | str, ...]
 
@@ -144,8 +145,8 @@ class Manifest:
         """The manifest of `ep`'s regions (read from the graph) and tensors (its state and constants)."""
         if not isinstance(ep, torch.export.ExportedProgram):
             raise ArtifactError(f"a manifest describes an ExportedProgram, got {type(ep).__name__}")
-        if artifact not in ARTIFACT_KINDS:
-            raise ArtifactError(f"artifact={artifact!r} is not one of {ARTIFACT_KINDS}")
+        if artifact not in kinds.names():
+            raise ArtifactError(f"artifact={artifact!r} is not one of {kinds.names()}")
         try:
             json.dumps(extra, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -232,8 +233,8 @@ class Manifest:
             if not isinstance(extra, dict):
                 raise ValueError("'extra' must be an object")
             artifact = _str(data.get("artifact"), "artifact")
-            if artifact not in ARTIFACT_KINDS:
-                raise ValueError(f"artifact {artifact!r} is not one of {ARTIFACT_KINDS}")
+            if artifact not in kinds.names():
+                raise ValueError(f"artifact {artifact!r} is not one of {kinds.names()}")
             return cls(
                 version=version,
                 artifact=artifact,

@@ -33,8 +33,7 @@ from qexport.regions import iter_region_nodes
 
 from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
 from ._archive import read_manifest as _read_manifest
-from ._atomic import atomic_path, check_writable
-from .inspect import check_readable, register_reader
+from .files import atomic_path, check_readable, check_writable
 from .manifest import Manifest
 
 #: the manifest's name among torch.export's `extra_files` (stored under `<root>/extra/`)
@@ -273,9 +272,6 @@ def has_aoti_code(p: Path) -> bool | None:
         return None
 
 
-def _sniff(p: Path, head: bytes) -> bool:
+def sniff(p: Path, head: bytes) -> bool:
     # Damaged zips are claimed here, so the user hears what is wrong with them.
     return head.startswith(ZIP_MAGIC) and has_aoti_code(p) is not True
-
-
-register_reader("pt2", _sniff, read_manifest)

@@ -14,7 +14,8 @@ Each region is lowered from its scheme (never from the ops inside it):
   report record says why and what to change to get it delegated.
 
 The region pass is `qexport.lower._inline.inline_regions`; a few small edge-compat passes follow.
-The program's qexport manifest travels inside the .pte as a constant method (`MANIFEST_METHOD`).
+The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
+builds (`manifest_methods`), writes and reads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from typing import Callable
 
 import torch
 
+from serializers import pte
+from serializers.pte import MANIFEST_METHOD  # noqa: F401  (the method that returns the manifest)
+
 from .._extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
@@ -38,8 +42,6 @@ from ._stages import Stages
 from .report import LoweringReport, RegionReport
 
 BACKENDS = ("xnnpack", "portable")
-#: the .pte method that returns the qexport manifest (JSON, as a uint8 tensor)
-MANIFEST_METHOD = "qexport_manifest"
 
 qd = torch.ops.quantized_decomposed
 _EPS = torch.finfo(torch.float32).eps
@@ -413,7 +415,7 @@ def to_executorch(
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
     nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
     seconds are named on stderr unless `progress=False`."""
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     if backend not in BACKENDS:
         raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -447,11 +449,10 @@ def to_executorch(
         # partitioning is a large share of lowering time, so only when there is such a region.
         if any(r.op == "linear" and not plans[r.name].delegable for r in found):
             partitioners.append(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
-    manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
     try:
         with _WhyNoPartition() as why, stage(f"to_edge_transform_and_lower ({backend})"):
             edge = to_edge_transform_and_lower(
-                ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: manifest_bytes}
+                ep, partitioner=partitioners or None, constant_methods=pte.manifest_methods(manifest)
             )
         edge_gm = edge.exported_program().graph_module
         with stage("to_executorch (memory planning, serialization)"):
@@ -488,11 +489,7 @@ def to_executorch(
             backend_name, kernel = "portable", "portable" if plan.delegable else plan.kernel
         records.append(RegionReport(r.name, r.scheme, backend_name, False, reason, kernel))
     with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            et.write_to_file(f)
-        from serializers.pte import seal
-
-        seal(tmp)
+        pte.write(et, tmp)
     return LoweringReport(
         target=f"executorch/{backend}", path=str(out), regions=records,
         delegated_nodes=info.num_delegated_nodes,

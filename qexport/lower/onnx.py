@@ -16,7 +16,6 @@ initializers, which a translation function cannot add.
 
 from __future__ import annotations
 
-import json
 import platform
 import warnings
 from os import PathLike
@@ -27,7 +26,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
-from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
+from serializers import onnx as onnx_file
+from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, SCHEME_KEY  # noqa: F401  (MANIFEST_KEY, SCHEME_KEY: re-exported)
 
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
@@ -68,7 +68,7 @@ def to_onnx(
     The manifest records the target and `qexport.runners` refuses to run a file on CPUs it is wrong on.
     The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
     """
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     opset = _check_opset(opset)
     target = resolve_target(target)
@@ -79,22 +79,20 @@ def to_onnx(
     plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset, target) for r in found}
     by_name = {r.name: r for r in found}
     reports = [_region_report(by_name[name], plans[name]) for name in by_name]
-    manifest = _manifest_json(ep, opset, keep_regions, target, reports)
+    manifest = _manifest(ep, opset, keep_regions, target, reports)
 
     model, references = _export_with_placeholders(ep, opset)
     emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
     _finalize(model)
-    model.metadata_props[MANIFEST_KEY] = manifest
 
-    with atomic_path(out) as tmp:
-        ir.save(model, tmp)
+    def check(path: "PathLike[str]") -> None:
         try:
-            onnx.checker.check_model(str(tmp), full_check=True)
+            onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:  # checker and shape-inference errors have several types
             raise LoweringError(f"{out}: the ONNX model failed onnx.checker (full_check): {type(e).__name__}: {e}") from None
-        from serializers.onnx import seal
 
-        seal(tmp)
+    with atomic_path(out) as tmp:
+        onnx_file.write(model, tmp, manifest, check=check)
         size = tmp.stat().st_size
     return LoweringReport(
         target="onnx",
@@ -329,8 +327,7 @@ def _reference_function(body: ir.Function, region: Region, fname: str, opset: in
 
 def _describe_function(fn: ir.Function, region: Region, plan: Lowering | None) -> None:
     scheme = region.scheme
-    fn.metadata_props[SCHEME_KEY] = json.dumps(scheme.to_dict() if scheme else {"name": region.scheme_name})
-    fn.metadata_props[REGION_KEY] = json.dumps(_region_record(region, plan))
+    onnx_file.describe_region(fn, scheme.to_dict() if scheme else {"name": region.scheme_name}, _region_record(region, plan))
     label = scheme.describe() if scheme else region.scheme_name
     fn.doc_string = f"qexport region {region.name}: {region.op} quantized with {label}; {_kernel(plan)}"
 
@@ -390,15 +387,13 @@ def _region_report(region: Region, plan: Lowering | None) -> RegionReport:
     )
 
 
-def _manifest_json(
+def _manifest(
     ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, reports: list[RegionReport]
-) -> str:
+) -> Any:
     from serializers.manifest import Manifest
 
     lowering = {r.name: {"native": r.delegated, "kernel": r.kernel, "reason": r.reason} for r in reports}
-    return Manifest.from_program(
-        ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target, lowering=lowering
-    ).to_json()
+    return Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target, lowering=lowering)
 
 
 __all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]
