@@ -387,7 +387,7 @@ LAB_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 def run_lab(out: str, dim: int) -> None:
     from qexport.lower.kernels import cuda as C
-    from qexport.schemes import _activation as act, math_for
+    from qexport.schemes import activation as act, math_for
 
     torch.manual_seed(0)
     n = k = dim

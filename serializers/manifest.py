@@ -21,7 +21,7 @@ import torch
 from qexport.errors import (
     ArtifactError, CorruptArtifactError, ManifestMismatchError, QExportError, UnsupportedVersionError,
 )
-from qexport.regions import Region, _shape, iter_region_nodes, regions as graph_regions
+from qexport.regions import Region, iter_region_nodes, regions as graph_regions, tensor_shape
 from qexport.schemes import Scheme
 
 from . import kinds
@@ -340,7 +340,7 @@ def _activation_shapes(ep: torch.export.ExportedProgram, node: torch.fx.Node) ->
     vals = [
         a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node) and a.name not in lifted
     ]
-    return tuple(_shape(v) for v in vals if isinstance(v, torch.Tensor))
+    return tuple(tensor_shape(v) for v in vals if isinstance(v, torch.Tensor))
 
 
 def _float_bytes(region: Region) -> int:

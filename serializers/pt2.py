@@ -28,7 +28,7 @@ from torch.export.pt2_archive import constants as C
 
 from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 
-from qexport._containers import register_program_containers
+from .containers import register_program_containers
 from qexport.regions import iter_region_nodes
 
 from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
@@ -111,7 +111,7 @@ def _debug_meta_dropped(ep: torch.export.ExportedProgram, *, stack_traces: bool)
 
 def _check_picklefree(ep: torch.export.ExportedProgram, p: Path) -> None:
     """Refuse, before writing, a program whose archive `load` would refuse as unsafe."""
-    from qexport._validate import check_state
+    from qexport.validate import check_state
 
     check_state(ep, str(p))
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass

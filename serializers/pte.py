@@ -30,7 +30,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from qexport._extras import missing_extra
+from qexport.extras import missing_extra
 from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError
 
 from ._archive import check_pin, seal_trailer, unseal_trailer

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, UsageError
-from ..runners import STAGES, stage  # noqa: F401  (re-exported for the subcommands)
+from ..runtime import STAGES, stage  # noqa: F401  (re-exported for the subcommands)
 
 # --------------------------------------------------------------------------------------------------
 # --input SHAPE[:DTYPE[:HIGH]]

@@ -32,7 +32,7 @@ import torch
 from serializers import pte
 from serializers.pte import MANIFEST_METHOD  # noqa: F401  (the method that returns the manifest)
 
-from .._extras import missing_extra
+from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions

@@ -14,7 +14,7 @@ import torch
 from serializers import kinds
 from serializers.files import check_readable
 
-from .._extras import missing_extra
+from ..extras import missing_extra
 from .._quiet import native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from .runner import Flat, InputInfo, Runner, flat_tensors, program_runner
