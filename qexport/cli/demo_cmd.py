@@ -117,9 +117,8 @@ def run_demo(
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    pt2 = kinds.get("pt2")
     paths = {k: out / kinds.get(k).file_name() for k in ("pt2", *backends)}
-    fp32_path = out / pt2.file_name("model_fp32")
+    fp32_path = out / kinds.get("pt2").file_name("model_fp32")
     speed_path = out / kinds.get(SPEED_BASELINE).file_name("model_fp32") if SPEED_BASELINE in backends else None
     progress = progress or Progress(total=_steps(backends))
 
