@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import qexport  # noqa: E402
 from qexport.lower.kernels import cuda as C, cuda_tune  # noqa: E402
-from qexport.schemes import _activation as act, math_for  # noqa: E402
+from qexport.schemes import math_for  # noqa: E402
 
 MS = (1, 4, 16, 64, 256, 1024, 4096)
 GEMV_M1 = [(1, 2, 2048, 4), (1, 4, 1024, 4), (1, 1, 4096, 4), (1, 2, 4096, 8), (1, 4, 4096, 8), (1, 1, 4096, 2),
@@ -45,7 +45,7 @@ def rel(y, r):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--fbgemm", action="store_true")
+    ap.add_argument("--fbgemm", action="store_true", help="also time fbgemm-gpu-genai's bf16i4bf16_rowwise (pip-installed)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--gemv", action="store_true", help="only the few-row kernels")
     args = ap.parse_args()
@@ -87,8 +87,11 @@ def main() -> None:
     if args.fbgemm:
         try:
             import glob
-            so = glob.glob("/tmp/site/fbgemm_gpu/experimental/gen_ai/*.so")[0]
-            torch.ops.load_library(so)
+            import importlib.util
+
+            # The library alone: fbgemm_gpu's package __init__ also wants its non-genai wheel.
+            root = os.path.dirname(importlib.util.find_spec("fbgemm_gpu").origin)
+            torch.ops.load_library(glob.glob(os.path.join(root, "experimental", "gen_ai", "*.so"))[0])
             fb = torch.ops.fbgemm
             print("fbgemm loaded:", str(fb.bf16i4bf16_rowwise.default._schema), flush=True)
         except Exception as e:
