@@ -14,12 +14,12 @@ import torch
 from ..errors import LoweringError
 from ._contract import (
     Backend, Decline, PlanContext, RegionPlan, backends, get_backend, lowerings_for, plan_regions, register_backend,
-    register_lowering, unregister_lowering,
+    register_lowering, unregister_backend, unregister_lowering,
 )
 
 __all__ = [
     "Backend", "Decline", "PlanContext", "RegionPlan", "backends", "get_backend", "lowerings_for", "plan_regions",
-    "register_backend", "register_lowering", "resolve_program", "unregister_lowering",
+    "register_backend", "register_lowering", "resolve_program", "unregister_backend", "unregister_lowering",
 ]
 
 

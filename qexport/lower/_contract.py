@@ -16,7 +16,8 @@ A lowering (a scheme family's, or a user's) is one function::
         return RegionPlan(taken=True, kernel="QDQ MatMul", lowering=...)
 
 Entries registered for the scheme's name are asked before its family's, each list in registration
-order; the first RegionPlan wins, a Decline's reason is kept, None passes. When no entry plans the
+order; the first RegionPlan wins, a Decline's reason is kept (it leads the reason of a plan that is not
+taken), None passes. When no entry plans the
 region, the backend's `fallback` does (AOTI: Inductor fuses it; ExecuTorch and ONNX: the region's
 reference math). A backend is declared once with `register_backend`; qexport's own are imported from
 `_BUILTIN` the first time they are asked about.
@@ -36,7 +37,7 @@ from ..regions import Region, iter_region_nodes, read_region
 
 __all__ = [
     "Backend", "Decline", "PlanContext", "RegionPlan", "backends", "get_backend", "lowerings_for", "plan_regions",
-    "register_backend", "register_lowering", "unregister_lowering",
+    "register_backend", "register_lowering", "unregister_backend", "unregister_lowering",
 ]
 
 #: qexport's backends -> the module whose import declares them and registers their lowerings
@@ -151,6 +152,13 @@ def register_backend(name: str, *, title: str, fallback: Fallback | None = None,
     return backend
 
 
+def unregister_backend(name: str) -> None:
+    """Forget a backend and every lowering registered for it."""
+    _BACKENDS.pop(name, None)
+    for key in [k for k in _REGISTRY if k[1] == name]:
+        del _REGISTRY[key]
+
+
 def _load(name: str) -> None:
     module = _BUILTIN.get(name)
     if module is None or name in _LOADED:
@@ -233,6 +241,8 @@ def _plan_one(b: Backend, ctx: PlanContext) -> RegionPlan:
     for entry, plan in candidates:
         r = plan(ctx)
         if isinstance(r, RegionPlan):
+            if reasons and not r.taken:  # what the better entries said is part of why it is not taken
+                r = dataclasses.replace(r, reason="; ".join([*reasons, r.reason] if r.reason else reasons))
             return r
         if isinstance(r, Decline):
             reasons.append(r.reason)
