@@ -170,7 +170,7 @@ def test_conv_regions_fall_back_to_inductor_and_match(workdir):
     report = aoti.plan(ep)
     assert [(r.name, r.kernel) for r in report.regions][:2] == [("conv1", "inductor"), ("conv2", "inductor")]
     assert report.regions[2].kernel != "inductor"  # which kernel depends on the ISA (test_aoti_isa.py)
-    assert "no cpu kernel registered for int8_static conv2d" in report.regions[0].reason
+    assert "no aoti-cpu lowering registered for int8_static conv2d" in report.regions[0].reason
     lowered, _ = apply_kernels(ep, "cpu")
     x2 = torch.randn(5, 3, 16, 16)
     assert rel_err(lowered.module()(x2), model(x2)) <= math_for(scheme_for("int8_static")).tolerance

@@ -28,12 +28,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from ..errors import LoweringError
 from ..regions import Region, iter_region_nodes, read_region
+
+if TYPE_CHECKING:
+    from serializers.manifest import LoweringRecord
 
 __all__ = [
     "Backend", "Decline", "PlanContext", "RegionPlan", "backends", "get_backend", "lowerings_for", "plan_regions",
@@ -73,7 +76,7 @@ class RegionPlan:
     region: Region | None = field(default=None, compare=False, repr=False)
     backend: str = ""
 
-    def record(self, **changes: Any):
+    def record(self, **changes: Any) -> "LoweringRecord":
         """The manifest's record of this plan (`changes` override fields, e.g. the delegate that ran it)."""
         from serializers.manifest import LoweringRecord
 
@@ -118,11 +121,16 @@ Plan = Callable[[PlanContext], "RegionPlan | Decline | None"]
 Fallback = Callable[[PlanContext, list, bool], RegionPlan]
 
 
-def _default_fallback(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionPlan:
+def unclaimed_reason(ctx: PlanContext, reasons: list[str], registered: bool) -> str:
+    """Why no entry planned the region: the entries' reasons, or that the backend has none for it."""
     r = ctx.region
     if not registered:
         reasons = [*reasons, f"no {ctx.backend} lowering registered for {r.scheme.name if r.scheme else r.scheme_name} {r.op}"]
-    return RegionPlan(taken=False, kernel="none", reason="; ".join(reasons) or "no lowering took it")
+    return "; ".join(reasons) or "no lowering took it"
+
+
+def _default_fallback(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionPlan:
+    return RegionPlan(taken=False, kernel="none", reason=unclaimed_reason(ctx, reasons, registered))
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ artifact's manifest stores) with the region's name and scheme."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..schemes import Scheme
+
+if TYPE_CHECKING:
+    from serializers.manifest import LoweringRecord
 
 
 @dataclass(frozen=True)
@@ -22,12 +25,12 @@ class RegionReport:
     details: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_record(cls, name: str, scheme: Scheme | None, record: Any) -> "RegionReport":
-        """The report line of a region from its lowering record (a LoweringRecord)."""
+    def from_record(cls, name: str, scheme: Scheme | None, record: "LoweringRecord") -> "RegionReport":
+        """The report line of a region from its lowering record."""
         return cls(name, scheme, record.backend, record.taken, record.reason, record.kernel, dict(record.details))
 
-    def record(self) -> Any:
-        """This line as the manifest's LoweringRecord."""
+    def record(self) -> "LoweringRecord":
+        """This line as the manifest's lowering record."""
         from serializers.manifest import LoweringRecord
 
         return LoweringRecord(self.backend, self.delegated, self.kernel, self.reason, dict(self.details))

@@ -53,7 +53,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ...errors import LoweringError
 from ...regions import Region, iter_region_nodes
 from .._contract import (
-    Decline, PlanContext, RegionPlan, get_backend, plan_regions, register_backend, register_lowering, unregister_lowering,
+    Decline, PlanContext, RegionPlan, get_backend, plan_regions, register_backend, register_lowering, unclaimed_reason,
+    unregister_lowering,
 )
 
 __all__ = [
@@ -94,10 +95,7 @@ Choose = Callable[[KernelContext], "KernelChoice | Decline | None"]
 
 
 def _inductor_fuses(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionPlan:
-    if not registered:
-        s = ctx.region.scheme
-        reasons = [*reasons, f"no {ctx.backend.removeprefix('aoti-')} kernel registered for {s.name if s else ctx.region.scheme_name} {ctx.region.op}"]
-    return RegionPlan(taken=False, kernel="inductor", reason=("; ".join(reasons) or "no kernel took it") + "; Inductor fuses the region")
+    return RegionPlan(taken=False, kernel="inductor", reason=unclaimed_reason(ctx, reasons, registered) + "; Inductor fuses the region")
 
 
 for _device in ("cpu", "cuda"):
