@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from ..errors import LoweringError
+from .._extras import missing_extra
+from ..errors import BackendUnavailableError, LoweringError
 from ..regions import Region, iter_region_nodes, read_region
 
 if TYPE_CHECKING:
@@ -174,9 +175,9 @@ def _load(name: str) -> None:
     _LOADED.add(name)
     try:
         importlib.import_module(module)
-    except ImportError:  # an optional extra (onnx, executorch) that is not installed: the backend is absent
+    except ImportError as e:  # an optional extra (onnx, executorch) that is not installed: the backend is absent
         _LOADED.discard(name)
-        raise
+        raise missing_extra(e, f"backend {name!r}") or e
 
 
 def get_backend(name: str) -> Backend:
@@ -192,7 +193,7 @@ def backends() -> list[Backend]:
     for name in _BUILTIN:
         try:
             _load(name)
-        except ImportError:
+        except (ImportError, BackendUnavailableError):
             pass
     return list(_BACKENDS.values())
 

@@ -25,7 +25,7 @@ import logging
 import operator
 from dataclasses import dataclass
 from os import PathLike
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -38,6 +38,9 @@ from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_
 from ._inline import RegionSite, inline_regions, region_of
 from ._stages import Stages
 from .report import LoweringReport, RegionReport
+
+if TYPE_CHECKING:
+    from serializers.manifest import LoweringRecord
 
 BACKENDS = ("xnnpack", "portable")
 #: the .pte method that returns the qexport manifest (JSON, as a uint8 tensor)
@@ -420,21 +423,21 @@ def _manifest_bytes(manifest) -> torch.Tensor:
     return torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
 
 
-def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _WhyNoPartition) -> list[RegionReport]:
-    """Each region's report line: its plan, checked against where its nodes went after partitioning."""
+def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _WhyNoPartition) -> list[LoweringRecord]:
+    """Each region's lowering record: its plan, checked against where its nodes went after partitioning."""
     taken, left, present = _delegation(edge_gm, {p.region.name: p.region.op for p in planned})
     records = []
     for plan in planned:
         r = plan.region
         if r.name not in present:
-            records.append(RegionReport(r.name, r.scheme, "-", False, kernel="removed (dead code)", reason=(
+            records.append(plan.record(backend="-", taken=False, kernel="removed (dead code)", reason=(
                 "nothing in the program uses its output, so it was removed with its weights; it costs nothing "
                 "at run time")))
             continue
         # the region's GEMM/conv ran inside a delegate and none of its compute ops stayed outside
         in_delegate = r.name in taken and not left.get(r.name)
         if plan.taken and in_delegate:
-            records.append(RegionReport(r.name, r.scheme, taken[r.name], True, plan.reason, plan.kernel, dict(plan.details)))
+            records.append(plan.record(backend=taken[r.name]))
             continue
         reason = plan.reason
         if plan.taken:
@@ -446,7 +449,7 @@ def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _Why
             backend_name, kernel = f"portable+{taken[r.name]}", f"dequantize per call + XNNPACK fp32 {r.op}"
         else:
             backend_name, kernel = "portable", "portable" if plan.taken else plan.kernel
-        records.append(RegionReport(r.name, r.scheme, backend_name, False, reason, kernel, dict(plan.details)))
+        records.append(plan.record(backend=backend_name, taken=False, kernel=kernel, reason=reason))
     return records
 
 
@@ -505,7 +508,7 @@ def to_executorch(
         records = _records(planned, edge_gm, why)
         # The manifest carries what happened to each region, known only once the partitioners ran; the
         # constant methods are emitted by to_executorch from the edge manager's dict (no public setter).
-        edge._config_methods[MANIFEST_METHOD] = _manifest_bytes(manifest.with_lowering([r.record() for r in records]))
+        edge._config_methods[MANIFEST_METHOD] = _manifest_bytes(manifest.with_lowering(records))
         with stage("to_executorch (memory planning, serialization)"):
             et = edge.to_executorch()
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
@@ -521,7 +524,8 @@ def to_executorch(
 
         seal(tmp)
     return LoweringReport(
-        target=f"executorch/{backend}", path=str(out), regions=records,
+        target=f"executorch/{backend}", path=str(out),
+        regions=[RegionReport.from_record(p.region.name, p.region.scheme, rec) for p, rec in zip(planned, records)],
         delegated_nodes=info.num_delegated_nodes,
         total_nodes=info.num_delegated_nodes + info.num_non_delegated_nodes,
         bytes=out.stat().st_size,
