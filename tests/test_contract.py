@@ -131,7 +131,7 @@ def declined_nf4():
     qexport.schemes.unregister(scheme.name)
 
 
-def test_a_declined_region_carries_its_reason_into_every_artifact(declined_nf4, tmp_path):
+def test_a_declined_region_carries_its_reason_into_every_artifact(declined_nf4, tmp_path, capsys):
     from qexport.lower import aoti
 
     ep = _program(declined_nf4, dims=(64, 64, 32))
@@ -155,6 +155,15 @@ def test_a_declined_region_carries_its_reason_into_every_artifact(declined_nf4, 
     assert by_kind["aoti"] == f"{DECLINED}; Inductor fuses the region"
     assert "XNNPACK has no codebook (NF4) weights" in by_kind["pte"]
     assert "ONNX has no NormalFloat4 type" in by_kind["onnx"]
+    # `qexport inspect` shows the record of any lowered artifact
+    from qexport.cli import main
+
+    for suffix in ("pt2", "pte", "onnx"):
+        assert main(["inspect", str(tmp_path / f"m.{suffix}")]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1].split()[-2:] == ["taken", "kernel"], suffix
+        kernel = qexport.inspect(tmp_path / f"m.{suffix}").regions[0].lowering.kernel
+        assert out[3].rstrip().endswith(kernel) and " no " in out[3], (suffix, out[3])
 
 
 # -- manifests written before the record existed ----------------------------------------------------------------
