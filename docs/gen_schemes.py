@@ -33,15 +33,13 @@ LAYERS = {
 }
 
 
-def _region(scheme: qexport.Scheme, op: str):
+def _program(scheme: qexport.Scheme, op: str):
     make, example = LAYERS[op]
     torch.manual_seed(0)
     model = nn.Sequential(make()).eval()
     x = example()
     qexport.quantize(model, scheme, calibration_data=[(x,)] if scheme.activation == "static" else None)
-    ep = qexport.export(model, (x,))
-    (region,) = qexport.regions(ep)
-    return ep, region
+    return qexport.export(model, (x,))
 
 
 def _cell(ep, backend) -> str:
@@ -70,7 +68,7 @@ def _matrix() -> tuple[list[str], list[tuple[str, ...]]]:
         math = qexport.schemes.math_for(s)
         for op in OPS:
             if math.supports(s, op):
-                ep, _ = _region(s, op)
+                ep = _program(s, op)
                 rows.append((s.name, op, *(_cell(ep, b) for b in backends())))
     return columns, rows
 
