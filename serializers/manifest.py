@@ -242,6 +242,12 @@ class Manifest:
         """This manifest with each region's lowering record (one per region, in the regions' order)."""
         if len(records) != len(self.regions):
             raise ArtifactError(f"{len(records)} lowering records for {len(self.regions)} regions")
+        for region, record in zip(self.regions, records):
+            try:
+                json.dumps(record.to_dict(), allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ArtifactError(f"region {region.name}: its lowering record must be JSON-serializable ({e}); "
+                                    f"a lowering's details hold plain JSON values") from None
         return dataclasses.replace(
             self, regions=tuple(dataclasses.replace(r, lowering=rec) for r, rec in zip(self.regions, records))
         )

@@ -101,6 +101,13 @@ def test_contract_errors_name_the_problem(toy):
         plan_regions(ep, TOY)
 
 
+def test_details_must_be_json(toy):
+    ep = _program("int8_dynamic")
+    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: RegionPlan(True, "k", details={"t": torch.ones(1)}), name="bad")
+    with pytest.raises(qexport.ArtifactError, match=r"region layers.0: its lowering record must be JSON-serializable"):
+        to_toy(ep)
+
+
 def test_builtin_backends_are_in_the_registry():
     names = {b.name: b for b in qexport.lower.backends()}
     assert {"aoti-cpu", "aoti-cuda", "executorch", "onnx"} <= set(names)
