@@ -410,3 +410,30 @@ def test_row_quantizers_are_the_reference_math(rows, cols, dtype):
     s_ref, z_ref = act.int8_asym_qparams(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True))
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
     assert q.dtype == torch.int8 and torch.equal(q.float(), act.quantize_int8(xf, s_ref, z_ref))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name,group", [("int8_weight_only", None), ("int4_weight_only", 32), ("int4_weight_only", 128)])
+def test_triton_weight_only_kernels_decode_the_scheme(name, group):
+    """The GEMV (every tile the tuner may pick) and the tensor-core GEMM (a small and a large tile)
+    on the scheme's own tensors, at row counts and an output width no tile divides: the exponent-trick
+    decode of int8 / packed int4 codes is the scheme's dequantization."""
+    s = qexport.schemes.get(name, **({"group_size": group} if group else {}))
+    n, k = 196, 1024
+    torch.manual_seed(0)
+    t = {r: v.cuda() for r, v in math_for(s).quantize_weight(s, torch.randn(n, k) * 0.02).items()}
+    w = math_for(s).dequantize_weight(s, t, (n, k)).float()
+    if group is None:
+        t["weight_scale_per_channel"] = t["weight_scale"].float().reshape(-1).expand(n).contiguous()
+    for rows in (1, 3, 5, 17):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.t()
+        for tile in cuda_kernels.GEMV_TILES:
+            assert rel_err(cuda_kernels.triton_gemv(x, t, tile, group), ref) <= 1e-2, (rows, tile)
+        for tile in (cuda_kernels.TILE_M16_K256, (16, 32, 256, 1, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1)):
+            if group is None:
+                y = cuda_kernels.triton_weight_mm(x, t["weight"], t["weight_scale_per_channel"], tile)
+            else:
+                y = cuda_kernels.triton_int4_mm(x, t["weight"], t["weight_scale"], t["weight_zero_point"], group, tile)
+            assert rel_err(y, ref) <= 1e-2, (rows, tile)
