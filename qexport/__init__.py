@@ -27,6 +27,8 @@ _LAZY = {
     "Region": "qexport.regions", "invoke_quant": "qexport.regions", "regions": "qexport.regions",
     "Scheme": "qexport.schemes", "SchemeMath": "qexport.schemes",
     "inspect": "serializers",
+    "register_lowering": "qexport.lower", "register_backend": "qexport.lower", "plan_regions": "qexport.lower",
+    "RegionPlan": "qexport.lower", "Decline": "qexport.lower", "PlanContext": "qexport.lower",
 }
 #: attribute -> module; the demo is a CLI command that is also a library call (qexport.demo.run_demo)
 _SUBMODULES = {"schemes": "qexport.schemes", "models": "qexport.models", "runners": "qexport.runners",
@@ -74,10 +76,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
+    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "Decline",
+    "ExportError",
     "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
-    "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
-    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
-    "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
-    "regions", "save", "schemes", "to_executorch", "to_onnx",
+    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "RegionPlan",
+    "Scheme", "SchemeError", "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError",
+    "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "inspect", "invoke_quant", "load",
+    "load_compiled", "plan_regions", "quantize", "regions", "register_backend", "register_lowering", "save", "schemes",
+    "to_executorch", "to_onnx",
 ]

@@ -67,6 +67,15 @@ def manifest_methods(manifest: Manifest) -> dict[str, Any]:
     return {MANIFEST_METHOD: torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)}
 
 
+def replace_manifest(edge: Any, manifest: Manifest) -> None:
+    """Swap the manifest method of an `EdgeProgramManager` made with `manifest_methods` for `manifest`
+    (one completed after partitioning), before `to_executorch` serializes it."""
+    if MANIFEST_METHOD not in edge._config_methods:
+        raise ArtifactError(f"the edge program has no {MANIFEST_METHOD!r} method to replace; build it with manifest_methods()")
+    # to_executorch emits the constant methods from the manager's own dict, which has no public setter.
+    edge._config_methods.update(manifest_methods(manifest))
+
+
 def write(program: Any, path: Path) -> None:
     """Write an `ExecutorchProgramManager` (whose constant methods came from `manifest_methods`) to
     `path`, sealed with the checksum trailer."""
