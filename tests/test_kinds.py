@@ -50,6 +50,13 @@ def test_the_demo_and_the_stages_come_from_the_table():
     assert runners.ARTIFACT_KINDS == kinds.names() == ("pt2", "aoti", "pte", "onnx")
 
 
+def test_the_hostile_file_fuzzer_covers_every_kind():
+    import fuzz_artifacts
+
+    assert fuzz_artifacts.KINDS == kinds.names()
+    assert fuzz_artifacts.SUFFIX == {k.name: k.suffix for k in kinds.kinds()}
+
+
 def test_table_errors(tmp_path):
     with pytest.raises(ArtifactError, match=r"no artifact kind 'tflite'; qexport knows pt2, aoti, pte, onnx"):
         kinds.get("tflite")
