@@ -124,7 +124,7 @@ class Runner:
     #: the ExportedProgram for a .pt2 (lets verify compare region by region)
     program: torch.export.ExportedProgram | None = None
     inputs: list[InputInfo] | None = None
-    #: flat inputs -> {module path: (region name, first output)}, where the runtime exposes regions
+    #: flat inputs -> {region name: (node or function name, first output)}, where the runtime exposes regions
     #: (a .pt2, an .onnx written with keep_regions=True); None elsewhere
     region_call: Callable[[Flat], dict[str, tuple[str, torch.Tensor]]] | None = None
 
@@ -282,7 +282,7 @@ def _load_onnx(p: Path, expected_sha256: str | None) -> Runner:
 
 def _onnx_region_call(data: bytes, options: Any, feed: Callable[[Flat], dict[str, Any]]):
     """For an .onnx that keeps its regions as local functions: a second session whose outputs also
-    include every region call's output, keyed by the module path its metadata records."""
+    include every region call's output, keyed by the region name its metadata records."""
     import json
 
     import onnx
@@ -298,7 +298,8 @@ def _onnx_region_call(data: bytes, options: Any, feed: Callable[[Flat], dict[str
         if f.domain == REGION_DOMAIN:
             props = {m.key: m.value for m in f.metadata_props}
             try:
-                meta[f.name] = json.loads(props.get(REGION_KEY, "{}")).get("module_path") or f.name
+                record = json.loads(props.get(REGION_KEY, "{}"))
+                meta[f.name] = record.get("name") or record.get("module_path") or f.name
             except ValueError:
                 meta[f.name] = f.name
     calls = [(n.output[0], meta.get(n.op_type, n.op_type), n.op_type) for n in model.graph.node
@@ -356,9 +357,9 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
             if isinstance(idx, torch.fx.Node) and isinstance(rows, int):
                 high[idx.name] = min(high.get(idx.name, rows), rows)
     for node in iter_region_nodes(ep):
-        payload = region_payload(node) or {}
-        if payload.get("op") == "embedding" and payload.get("weight_shape") and isinstance(node.args[1], torch.fx.Node):
-            rows = int(payload["weight_shape"][0])
+        payload = region_payload(node)
+        if payload and payload.op == "embedding" and payload.weight_shape and isinstance(node.args[1], torch.fx.Node):
+            rows = int(payload.weight_shape[0])
             high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
     from .signature import program_inputs as signature
 
@@ -428,7 +429,7 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> tu
 
 
 def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
-    """Each region's first output when the program runs on `flat`, keyed by module path (or node name)."""
+    """Each region's first output when the program runs on `flat`, keyed by region name (or node name)."""
     from .regions import HOP_TARGETS, region_payload
 
     gm = ep.module()
@@ -438,8 +439,8 @@ def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tu
         def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
             if n.op == "call_function" and n.target in HOP_TARGETS:
-                payload = region_payload(n) or {}
-                key = payload.get("module") or n.name
+                payload = region_payload(n)
+                key = (payload.name or payload.module if payload else None) or n.name
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 captured[key] = (n.name, first.detach())
             return out
