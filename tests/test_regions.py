@@ -92,15 +92,21 @@ def test_a_weight_shape_that_is_not_ints_is_refused():
         RegionPayload.from_dict({**d, "weight_shape": ["x"]})
 
 
-def test_programs_without_recorded_names_get_the_same_names(twice, tmp_path):
-    """A .pt2 of format 1.0 (written before names were recorded) reads with the same names."""
-    _, ep, _ = twice
+def _format_1_0(ep):
+    """`ep` as qexport wrote it before region names were recorded (payload format 1.0)."""
     old = copy_program(ep)
     for node, _ in region_nodes(old):
         opts = dict(node.kwargs["quant_options"])
         d = dict(opts["qexport"])
         del d["name"], d["format_minor"]
         node.kwargs = {**node.kwargs, "quant_options": {**opts, "qexport": d}}
+    return old
+
+
+def test_programs_without_recorded_names_get_the_same_names(twice, tmp_path):
+    """A .pt2 of format 1.0 (written before names were recorded) reads with the same names."""
+    _, ep, _ = twice
+    old = _format_1_0(ep)
     assert [region_payload(n).name for n, _ in region_nodes(old)] == [None] * 3
     assert [r.name for r in qexport.regions(old)] == ["fc", "fc_1", "head"]
     qexport.save(old, tmp_path / "old.pt2")
@@ -148,6 +154,12 @@ def test_shared_module_through_onnx_functions(twice, tmp_path):
     # per region, the kept functions line up with the program's regions (keyed by name)
     res = runners.verify(ep, [path])[0]
     assert res.passed and sorted(e.module_path for e in res.regions) == ["fc", "fc_1", "head"]
+    # the exporter's translation sees only a node's arguments: names come from the payload, which
+    # to_onnx records on a copy when the program lacks them
+    old = _format_1_0(ep)
+    qexport.to_onnx(old, tmp_path / "old.onnx", keep_regions=True)
+    assert sorted(f.name for f in onnx.load(str(tmp_path / "old.onnx")).functions) == ["fc", "fc_1", "head"]
+    assert [region_payload(n).name for n, _ in region_nodes(old)] == [None] * 3
 
 
 def test_shared_module_through_executorch(twice, tmp_path):

@@ -171,9 +171,10 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
 
     # Unannotated on purpose: the exporter infers an ONNX signature from annotations and warns on these.
     def region_placeholder(subgraph, *operands, scheme=None, quant_options=None):
-        payload = (quant_options or {}).get(PAYLOAD_KEY)
-        # to_onnx stamped every payload with its region's unique name (`with_region_names`)
-        name = (RegionPayload.from_dict(payload).name if payload else None) or f"region_{count[0]}"
+        raw = (quant_options or {}).get(PAYLOAD_KEY)
+        payload = RegionPayload.from_dict(raw) if raw else None
+        # to_onnx recorded every region's unique name in its payload (`with_region_names`)
+        name = (payload.name or payload.module if payload else None) or f"region_{count[0]}"
         count[0] += 1
         references[name] = subgraph
         return call_op("Region", *operands, _domain=PENDING_DOMAIN, _num_outputs=len(subgraph.outputs), region=name)
