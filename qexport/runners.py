@@ -430,17 +430,17 @@ def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> tu
 
 def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
     """Each region's first output when the program runs on `flat`, keyed by region name (or node name)."""
-    from .regions import HOP_TARGETS, region_payload
+    from .regions import HOP_TARGETS, region_nodes
 
-    gm = ep.module()
+    gm = ep.module()  # unlifting keeps node names
+    names = {node.name: region.name for node, region in region_nodes(ep)}
     captured: dict[str, tuple[str, torch.Tensor]] = {}
 
     class Capture(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
             if n.op == "call_function" and n.target in HOP_TARGETS:
-                payload = region_payload(n)
-                key = (payload.name or payload.module if payload else None) or n.name
+                key = names.get(n.name, n.name)
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 captured[key] = (n.name, first.detach())
             return out

@@ -32,6 +32,7 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.utils import _pytree as pytree
 
 from ..errors import LoweringError
+from ..passes import name_regions
 from ..regions import Region, region_nodes, region_payload
 
 #: meta["custom"] key of every node emitted for a region: {"region", "module", "scheme", "kernel"}
@@ -351,8 +352,6 @@ def with_region_names(ep: torch.export.ExportedProgram) -> torch.export.Exported
     copy where they do (`qexport.passes.name_regions`), for a backend that reads names from nodes alone."""
     if all(p is None or p.name == r.name for p, r in ((region_payload(n), r) for n, r in region_nodes(ep))):
         return ep
-    from ..passes import name_regions
-
     ep = copy_program(ep)
     name_regions(ep)
     return ep
