@@ -44,9 +44,9 @@ def test_aoti_spliced_nodes_keep_the_regions_module_stack_and_trace(int8_mlp):
     model, ep = int8_mlp
     before = _region_meta(ep)
     assert all(stack and trace for stack, trace in before.values())
-    lowered, decisions = apply_kernels(ep, "cpu")
-    assert all(d.choice is not None for d in decisions) and not list(region_nodes(lowered))
-    _check_spliced(lowered, before, {d.region.name: d.choice.name for d in decisions})
+    lowered, plans = apply_kernels(ep, "cpu")
+    assert all(p.taken for p in plans) and not list(region_nodes(lowered))
+    _check_spliced(lowered, before, {p.region.name: p.kernel for p in plans})
     # the repacked tensors are buffers named after their region; the weights they replace are gone
     added = [s.target for s in lowered.graph_signature.input_specs if s.target and s.target not in ep.state_dict]
     assert added and all(t.split(".")[0] == "layers" and t.rsplit(".", 1)[0] in before for t in added)

@@ -129,9 +129,8 @@ def test_shared_module_through_aoti(twice, tmp_path):
     model, ep, expected = twice
     path = qexport.compile(ep, tmp_path / "twice.pt2", device="cpu")
     manifest = qexport.inspect(path)
-    kernels = manifest.extra["kernels"]
-    assert [k["name"] for k in kernels] == ["fc", "fc_1", "head"]
-    assert all(k["kernel"] != "inductor" for k in kernels)
+    assert [(r.name, r.module_path) for r in manifest.regions] == [("fc", "fc"), ("fc_1", "fc"), ("head", "head")]
+    assert all(r.lowering.taken and r.lowering.kernel != "inductor" for r in manifest.regions)
     got = torch._inductor.aoti_load_package(str(path))(X)
     got = got[0] if isinstance(got, (list, tuple)) else got
     assert _rel(got, expected) <= math_for(scheme_for(SCHEME)).tolerance
