@@ -10,7 +10,7 @@ from torch import nn
 from . import validate
 from .errors import ExportError
 from .quantize import quantized_modules
-from .passes import canonicalize_region_operands
+from .passes import canonicalize_region_operands, name_regions
 from .regions import iter_region_nodes
 
 
@@ -51,4 +51,5 @@ def export(
         )
     validate.check_region_inputs(ep)
     canonicalize_region_operands(ep)
+    name_regions(ep)
     return ep

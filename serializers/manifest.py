@@ -204,7 +204,7 @@ class Manifest:
         # what a runtime holding only the compiled file needs to check a request (qexport.serve)
         extra.setdefault("inputs", [i.to_json() for i in program_inputs(ep)])
         tensors = _program_tensors(ep)
-        records = []
+        records, weights, floats = [], {}, {}
         for region, node in zip(graph_regions(ep), iter_region_nodes(ep)):
             if region.scheme is None:
                 raise ArtifactError(
@@ -212,6 +212,9 @@ class Manifest:
                     f"register it (qexport.schemes.register) before saving"
                 )
             fqns = _region_tensor_fqns(ep, region, node)
+            # a module called twice is two regions reading one set of weights: the totals count them once
+            weights.update({f: tensors[f].nbytes for f in fqns if not f.endswith(".bias")})
+            floats[region.module_path or region.name] = _float_bytes(region)
             records.append(
                 RegionRecord(
                     name=region.name,
@@ -226,7 +229,7 @@ class Manifest:
                     weight_shape=region.weight_shape,
                 )
             )
-        quantized = sum(r.weight_bytes for r in records)
+        quantized = sum(weights.values())
         return cls(
             version=MANIFEST_VERSION,
             artifact=artifact,
@@ -234,7 +237,7 @@ class Manifest:
             torch_version=torch.__version__,
             regions=tuple(records),
             quantized_bytes=quantized,
-            float_bytes=sum(r.float_bytes for r in records),
+            float_bytes=sum(floats.values()),
             extra=dict(extra),
             other_bytes=sum(t.nbytes for t in tensors.values()) - quantized,
         )

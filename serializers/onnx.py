@@ -129,13 +129,14 @@ class CheckedModel:
         return _manifest(self.path, self.proto)
 
     def region_calls(self) -> list[tuple[str, str, str]]:
-        """(output value, module path, function name) of every call of a region kept as a local
-        function, in graph order; the module path comes from the region record (the function's name
-        where the record does not say)."""
+        """(output value, region name, function name) of every call of a region kept as a local
+        function, in graph order; the region name comes from the region record (its module path in
+        files written before region names were unique, else the function's name)."""
         module_of = {}
         for name, props in _region_props(self.proto).items():
             try:
-                module_of[name] = json.loads(props.get(REGION_KEY, "{}")).get("module_path") or name
+                record = json.loads(props.get(REGION_KEY, "{}"))
+                module_of[name] = record.get("name") or record.get("module_path") or name
             except (ValueError, AttributeError):
                 module_of[name] = name
         return [(n.output[0], module_of.get(n.op_type, n.op_type), n.op_type) for n in self.proto.graph.node

@@ -27,7 +27,8 @@ from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExport
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
 from ._contract import RegionPlan, plan_regions
-from .kernels import _copy_program, apply_kernels, inductor_options_for
+from ._graph import copy_program
+from .kernels import apply_kernels, inductor_options_for
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
@@ -155,7 +156,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         say("the program has no quantized regions; compiling it as it is")
 
     t0 = time.perf_counter()
-    work = _copy_program(ep)  # the caller's program is never changed (example inputs, device)
+    work = copy_program(ep)  # the caller's program is never changed (example inputs, device)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 

@@ -31,8 +31,9 @@ from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, SCHEME_KEY  # noqa: F4
 
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
-from ..regions import Region
+from ..regions import PAYLOAD_KEY, Region, RegionPayload
 from ._contract import RegionPlan, plan_regions
+from ._graph import region_state, with_region_names
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
 from .report import LoweringReport, RegionReport
@@ -74,7 +75,7 @@ def to_onnx(
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
-    ep = resolve_program(program_or_path, "to_onnx")
+    ep = with_region_names(resolve_program(program_or_path, "to_onnx"))
     # Every region's lowering is decided (and every refusal raised) before the export starts.
     planned = plan_regions(ep, "onnx", {"opset": opset, "target": target})
     by_name = {p.region.name: p.region for p in planned}
@@ -83,7 +84,7 @@ def to_onnx(
     manifest = _manifest(ep, opset, keep_regions, target, [p.record() for p in planned])
 
     model, references = _export_with_placeholders(ep, opset)
-    emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
+    emitted = lower_regions(model, by_name, plans, region_state(ep), references, keep_regions=keep_regions, opset=opset)
     _finalize(model)
 
     def check(path: "PathLike[str]") -> None:
@@ -153,10 +154,6 @@ def check_target_runs_here(target: str | None, source: str) -> None:
     )
 
 
-def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
-    return {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
-
-
 # -- export -------------------------------------------------------------------------------------------
 def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> tuple[ir.Model, dict[str, ir.Function]]:
     """torch.onnx.export of `ep` with each region left as a `qexport.pending::Region` node.
@@ -173,8 +170,10 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
 
     # Unannotated on purpose: the exporter infers an ONNX signature from annotations and warns on these.
     def region_placeholder(subgraph, *operands, scheme=None, quant_options=None):
-        payload = (quant_options or {}).get("qexport") or {}
-        name = payload.get("module") or f"region_{count[0]}"
+        raw = (quant_options or {}).get(PAYLOAD_KEY)
+        payload = RegionPayload.from_dict(raw) if raw else None
+        # to_onnx recorded every region's unique name in its payload (`with_region_names`)
+        name = (payload.name or payload.module if payload else None) or f"region_{count[0]}"
         count[0] += 1
         references[name] = subgraph
         return call_op("Region", *operands, _domain=PENDING_DOMAIN, _num_outputs=len(subgraph.outputs), region=name)
@@ -219,7 +218,7 @@ def lower_regions(
     model: ir.Model,
     regions: Mapping[str, Region],
     plans: Mapping[str, RegionPlan],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
     references: Mapping[str, ir.Function],
     *,
     keep_regions: bool,
@@ -229,7 +228,8 @@ def lower_regions(
 
     keep_regions=False splices the region's nodes into the main graph; True makes each region a local
     function `qexport.region::<name>` (metadata_props: the scheme and the region record) and leaves a
-    call in its place. Regions whose plan has no `Lowering` use their reference subgraph. Returns, per region, how
+    call in its place. Regions whose plan has no `Lowering` use their reference subgraph. `tensors`: region
+    name -> role -> the tensor behind that operand (`_graph.region_state`). Returns, per region, how
     many nodes it became; an empty dict means the model had no placeholders (nothing changed).
     """
     graph = model.graph
@@ -273,12 +273,14 @@ def _drop_unused_initializers(graph: ir.Graph, values: list[ir.Value]) -> None:
             del graph.initializers[v.name]
 
 
-def _region_tensors(region: Region, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = f"{region.module_path}."
-    out = {r: tensors[prefix + r] for r in region.roles if r != "input" and prefix + r in tensors}
+def _region_tensors(region: Region, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {r: t for r, t in tensors.get(region.name, {}).items() if r != "input"}
     missing = [r for r in region.roles if r != "input" and r not in out]
     if missing:
-        raise LoweringError(f"region {region.name}: the program has no buffers for roles {missing} (expected {prefix}<role>)")
+        raise LoweringError(
+            f"region {region.name}: operands {missing} are not buffers of the program; export the quantized model "
+            f"with qexport.export"
+        )
     return out
 
 

@@ -199,7 +199,7 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
 
 def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:
     """For an .onnx that keeps its regions as local functions: a second session whose outputs also
-    include every region call's output, keyed by the module path its metadata records."""
+    include every region call's output, keyed by the region name its metadata records."""
     import onnxruntime as ort
 
     calls = model.region_calls()

@@ -42,7 +42,7 @@ class Runner:
     #: the ExportedProgram for a .pt2 (lets verify compare region by region)
     program: torch.export.ExportedProgram | None = None
     inputs: list[InputInfo] | None = None
-    #: flat inputs -> {module path: (region name, first output)}, where the runtime exposes regions
+    #: flat inputs -> {region name: (node or function name, first output)}, where the runtime exposes regions
     #: (a .pt2, an .onnx written with keep_regions=True); None elsewhere
     region_call: Callable[[Flat], dict[str, tuple[str, torch.Tensor]]] | None = None
 
@@ -75,18 +75,18 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
 
 
 def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
-    """Each region's first output when the program runs on `flat`, keyed by module path (or node name)."""
-    from ..regions import HOP_TARGETS, region_payload
+    """Each region's first output when the program runs on `flat`, keyed by region name (or node name)."""
+    from ..regions import HOP_TARGETS, region_nodes
 
-    gm = ep.module()
+    gm = ep.module()  # unlifting keeps node names
+    names = {node.name: region.name for node, region in region_nodes(ep)}
     captured: dict[str, tuple[str, torch.Tensor]] = {}
 
     class Capture(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
             if n.op == "call_function" and n.target in HOP_TARGETS:
-                payload = region_payload(n) or {}
-                key = payload.get("module") or n.name
+                key = names.get(n.name, n.name)
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 captured[key] = (n.name, first.detach())
             return out
@@ -119,9 +119,9 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
             if isinstance(idx, torch.fx.Node) and isinstance(rows, int):
                 high[idx.name] = min(high.get(idx.name, rows), rows)
     for node in iter_region_nodes(ep):
-        payload = region_payload(node) or {}
-        if payload.get("op") == "embedding" and payload.get("weight_shape") and isinstance(node.args[1], torch.fx.Node):
-            rows = int(payload["weight_shape"][0])
+        payload = region_payload(node)
+        if payload and payload.op == "embedding" and payload.weight_shape and isinstance(node.args[1], torch.fx.Node):
+            rows = int(payload.weight_shape[0])
             high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
     return [InputInfo(i.name, tuple(d.example() for d in i.shape), i.torch_dtype, high.get(i.name))
             for i in signature(ep, require_tensors=True)]
