@@ -9,7 +9,8 @@ import types
 
 from .errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
-    IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
+    GenerationError, IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NotALanguageModelError,
+    NothingToQuantizeError, QExportError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
     UnsupportedVersionError, UsageError,
 )
@@ -30,8 +31,10 @@ _LAZY = {
     "compile": "qexport.lower.aoti", "load_compiled": "qexport.lower.aoti",
     "to_executorch": "qexport.lower.executorch",
     "to_onnx": "qexport.lower.onnx",
+    "export_lm": "qexport.generation", "generate": "qexport.generation", "GenerationResult": "qexport.generation",
+    "GenerationSpec": "qexport.generation",
 }
-_SUBMODULES = ("schemes", "models", "runners", "lower", "demo")
+_SUBMODULES = ("schemes", "models", "runners", "lower", "demo", "generation")
 
 
 def __getattr__(name: str):
@@ -67,9 +70,9 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
-    "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
+    "GenerationError", "GenerationResult", "GenerationSpec", "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NotALanguageModelError", "NothingToQuantizeError",
     "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
     "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
-    "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
+    "__version__", "compile", "export", "export_lm", "generate", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
     "regions", "save", "schemes", "to_executorch", "to_onnx",
 ]
