@@ -1,15 +1,18 @@
 """Decoder language models, token by token: `export_lm` exports a (quantized) transformers causal LM
 with a static KV cache, and `generate` runs greedy generation through any artifact made from it.
 
-The layout ("static_cache"): one program, `(input_ids [1, T], cache_position [T]) -> logits [1, vocab]`
-(the last position's), whose keys and values live in mutable buffers of `max_cache_len` positions.
-T is dynamic (1..max_cache_len): a prompt is one call (prefill), each new token one call of T = 1
-(decode). torch.export records the buffer writes, and AOTInductor and ExecuTorch keep the buffers
-between calls, so every artifact kind runs the same loop on the same two inputs.
+Two layouts, one program each, with T dynamic in [1, max_cache_len]: a prompt is one call (prefill),
+each new token one call of T = 1 (decode).
+- "static_cache" (default): `(input_ids [1, T], cache_position [T]) -> logits [1, vocab]` (the last
+  position's); keys and values live in mutable buffers of `max_cache_len` positions. torch.export
+  records the writes, and the .pt2, AOTInductor and ExecuTorch keep the buffers between calls.
+- "static_cache_io": the same cache passed in and returned, `(input_ids, cache_position, k_0, v_0,
+  ...) -> (logits, k_0', v_0', ...)`, for runtimes without state: ONNX.
 
-What `generate` needs beyond the file's inputs (the cache length, the vocabulary, the end-of-sequence
-ids, the layout) is a `GenerationSpec`, which travels in the program (`graph_module.meta["custom"]`,
-kept by torch.export's serializer) into every artifact's manifest as `extra["generation"]`.
+What `generate` needs beyond the file's inputs (the layout, the cache length and shapes, the
+vocabulary, the end-of-sequence ids) is a `GenerationSpec`, which travels in the program
+(`graph_module.meta["custom"]`, kept by torch.export's serializer) into every artifact's manifest as
+`extra["generation"]`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from .errors import ArtifactError, CorruptArtifactError, ExportError, Generation
 from serializers.manifest import GENERATION_META
 
 #: the layouts `generate` can run; see the module docstring
-LAYOUTS = ("static_cache",)
+LAYOUTS = ("static_cache", "static_cache_io")
+#: export_lm's `cache=` choices and the layout each makes
+CACHE_LAYOUTS = {"buffers": "static_cache", "io": "static_cache_io"}
 SPEC_FORMAT = 1
 #: the dynamic prompt-length dim's name, as the manifest's input table shows it
 PROMPT_DIM = "prompt_len"
@@ -40,11 +45,17 @@ class GenerationSpec:
     vocab_size: int
     eos_token_ids: tuple[int, ...] = ()
     layout: str = "static_cache"
+    #: "static_cache_io": the shape of each cache input (k_0, v_0, k_1, ...) and their dtype
+    cache_shapes: tuple[tuple[int, ...], ...] = ()
+    cache_dtype: str = "float32"
     format: int = SPEC_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "layout": self.layout, "max_cache_len": self.max_cache_len,
-                "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids)}
+        out = {"format": self.format, "layout": self.layout, "max_cache_len": self.max_cache_len,
+               "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids)}
+        if self.layout == "static_cache_io":
+            out.update(cache_shapes=[list(s) for s in self.cache_shapes], cache_dtype=self.cache_dtype)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "the artifact") -> "GenerationSpec":
@@ -67,46 +78,69 @@ class GenerationSpec:
         eos = data.get("eos_token_ids", [])
         if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
             raise CorruptArtifactError(f"{source}: generation record: eos_token_ids must be a list of ints, got {eos!r}")
-        if data.get("layout") not in LAYOUTS:
-            raise CorruptArtifactError(f"{source}: generation record: layout {data.get('layout')!r} is not one of {LAYOUTS}")
+        layout = data.get("layout")
+        if layout not in LAYOUTS:
+            raise CorruptArtifactError(f"{source}: generation record: layout {layout!r} is not one of {LAYOUTS}")
+        shapes, dtype = data.get("cache_shapes", []), data.get("cache_dtype", "float32")
+        if not isinstance(shapes, list) or not all(
+                isinstance(sh, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sh)
+                for sh in shapes) or (layout == "static_cache_io") != bool(shapes):
+            raise CorruptArtifactError(f"{source}: generation record: cache_shapes {shapes!r} do not fit layout {layout!r}")
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CorruptArtifactError(f"{source}: generation record: cache_dtype {dtype!r} is not a torch dtype")
         return cls(max_cache_len=count("max_cache_len", 1), vocab_size=count("vocab_size", 1),
-                   eos_token_ids=tuple(eos), layout=data["layout"], format=count("format", 1))
+                   eos_token_ids=tuple(eos), layout=layout, cache_shapes=tuple(tuple(sh) for sh in shapes),
+                   cache_dtype=dtype, format=count("format", 1))
+
+    def empty_cache(self) -> list[torch.Tensor]:
+        """The cache a "static_cache_io" program starts from (what it holds beyond a position is masked)."""
+        return [torch.zeros(sh, dtype=getattr(torch, self.cache_dtype)) for sh in self.cache_shapes]
 
 
 # -- export -------------------------------------------------------------------------------------------
 
 class StaticCacheLM(nn.Module):
-    """A transformers causal LM over a StaticCache held in this module's buffers: the module
-    `TorchExportableModuleWithStaticCache` (transformers.integrations.executorch) builds, returning
-    only the last position's logits (`logits_to_keep=1`: a prompt's other rows would cost a
-    [T, hidden] x [hidden, vocab] GEMM that greedy decoding throws away)."""
+    """A transformers causal LM over a StaticCache: the module `TorchExportableModuleWithStaticCache`
+    (transformers.integrations.executorch) builds, returning only the last position's logits
+    (`logits_to_keep=1`: a prompt's other rows would cost a [T, hidden] x [hidden, vocab] GEMM that
+    greedy decoding throws away). With `cache_io` the cache is passed in and returned instead of held
+    in buffers (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, max_cache_len: int) -> None:
+    def __init__(self, model: nn.Module, max_cache_len: int, cache_io: bool = False) -> None:
         super().__init__()
         from transformers.cache_utils import StaticCache
         from transformers.configuration_utils import get_head_shapes
 
-        self.model = model
+        self.model, self.cache_io = model, cache_io
         config = model.config.get_text_config()
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         heads, head_dim = get_head_shapes(config)
         self.cache.early_initialization(1, heads, head_dim, _float_dtype(model), torch.device("cpu"))
-        for i, layer in enumerate(self.cache.layers):
-            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
-            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+        if not cache_io:
+            for i, layer in enumerate(self.cache.layers):
+                self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+                self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    def example_cache(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(t) for layer in self.cache.layers for t in (layer.keys, layer.values)]
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *cache: torch.Tensor) -> Any:
         for i, layer in enumerate(self.cache.layers):
-            # Non-strict export swaps this module's buffers for fakes but not the cache layers' own
-            # references to the same tensors, which it would then lift as constants that are written
-            # in place (AOTInductor: "mutating a non-functional tensor"); read them from the module.
-            layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
-            layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
-            # where this call's tokens go: the cache then needs no reset between generations
-            layer.cumulative_length.copy_(cache_position[0])
+            if self.cache_io:
+                # copies: written in place, the inputs would be mutated, which ONNX cannot say
+                layer.keys, layer.values = cache[2 * i].clone(), cache[2 * i + 1].clone()
+            else:
+                # Non-strict export swaps this module's buffers for fakes but not the cache layers' own
+                # references to the same tensors, which it would lift as constants written in place
+                # (AOTInductor: "mutating a non-functional tensor"); read them from the module.
+                layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
+            # where this call's tokens go, from the call itself: no state to reset between generations
+            layer.cumulative_length = cache_position[0].clone()
         out = self.model(input_ids=input_ids, attention_mask=None, cache=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+        logits = out.logits[:, -1, :]
+        if not self.cache_io:
+            return logits
+        return (logits, *(t for layer in self.cache.layers for t in (layer.keys, layer.values)))
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -148,33 +182,41 @@ def _eos_ids(model: nn.Module, text: Any) -> tuple[int, ...]:
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
-def export_lm(model: nn.Module, *, max_cache_len: int = 256, strict: bool = False) -> torch.export.ExportedProgram:
+def export_lm(
+    model: nn.Module, *, max_cache_len: int = 256, cache: str = "buffers", strict: bool = False
+) -> torch.export.ExportedProgram:
     """Export a transformers decoder-only LM (quantized with `qexport.quantize` first, or float) for
-    token-by-token generation: one program over a static KV cache of `max_cache_len` positions,
-    `(input_ids [1, T], cache_position [T]) -> logits [1, vocab]` with T dynamic in [1, max_cache_len].
+    token-by-token generation over a static KV cache of `max_cache_len` positions: `(input_ids [1, T],
+    cache_position [T]) -> logits [1, vocab]`, T dynamic in [1, max_cache_len].
 
+    `cache="buffers"` (default) keeps the cache in mutable buffers of the program (the .pt2, AOTI
+    and ExecuTorch keep them between calls); `cache="io"` passes it in and out as tensors, for ONNX.
     Every quantized projection is one region, as with `qexport.export`. The program records what
-    `generate` needs (`GenerationSpec`: cache length, vocabulary, end-of-sequence ids, layout), and
-    `save`, `compile`, `to_executorch` carry it into their artifact's manifest. The model itself is
-    left as it was."""
+    `generate` needs (`GenerationSpec`), and `save`, `compile`, `to_executorch`, `to_onnx` carry it
+    into their artifact's manifest. The model itself is left as it was."""
     text = _check_lm(model, max_cache_len)
+    if cache not in CACHE_LAYOUTS:
+        raise ExportError(f"cache={cache!r} is not one of {sorted(CACHE_LAYOUTS)} ('io' for ONNX)")
     from .export import export
 
     modes = {m: m.training for m in model.modules()}
-    wrapper = StaticCacheLM(model.eval(), max_cache_len)
+    wrapper = StaticCacheLM(model.eval(), max_cache_len, cache_io=cache == "io")
     prompt = torch.export.Dim(PROMPT_DIM, min=1, max=max_cache_len)
-    example = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "cache_position": torch.arange(2)}
+    states = wrapper.example_cache() if cache == "io" else []
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), *states)
+    dims = ({1: prompt}, {0: prompt}, *([(None,) * len(states)] if states else []))  # *cache is one vararg tuple
     try:
         # Without grad: the cache writes would otherwise record a leaf that requires grad being written
         # in place (norm weights are Parameters), which ExecuTorch's passes refuse.
         with torch.no_grad():
-            ep = export(wrapper, (), example, dynamic_shapes={"input_ids": {1: prompt}, "cache_position": {0: prompt}},
-                        strict=strict)
+            ep = export(wrapper, args, dynamic_shapes=dims, strict=strict)
     finally:
         for m, training in modes.items():
             m.training = training
     logits = next(n for n in ep.graph.nodes if n.op == "output").args[0][0].meta["val"]
-    spec = GenerationSpec(max_cache_len=max_cache_len, vocab_size=int(logits.shape[-1]), eos_token_ids=_eos_ids(model, text))
+    spec = GenerationSpec(max_cache_len=max_cache_len, vocab_size=int(logits.shape[-1]), eos_token_ids=_eos_ids(model, text),
+                          layout=CACHE_LAYOUTS[cache], cache_shapes=tuple(tuple(t.shape) for t in states),
+                          cache_dtype=str(states[0].dtype).removeprefix("torch.") if states else "float32")
     ep.graph_module.meta.setdefault("custom", {})[GENERATION_META] = spec.to_dict()
     return ep
 
@@ -259,9 +301,10 @@ def generate(
     *,
     stop_at_eos: bool = True,
     expected_sha256: str | None = None,
+    spec: GenerationSpec | None = None,
 ) -> GenerationResult:
     """Greedy generation through an artifact of `export_lm`: a `.pt2`, an AOTInductor package, a
-    `.pte` (path), a `qexport.runners.Runner` already loaded, or the ExportedProgram itself.
+    `.pte`, an `.onnx` (path), a `qexport.runners.Runner` already loaded, or the ExportedProgram itself.
 
     The prompt is one call (its time is `prefill_s`), each further token one call of one token
     (`decode_tokens_per_s`). Stops after `max_new_tokens` tokens, or at an end-of-sequence token of the
@@ -269,11 +312,12 @@ def generate(
     against the artifact's vocabulary and cache length before anything runs (GenerationError), and an
     artifact that is not a generating LM is refused (NotALanguageModelError). A runner keeps its cache
     between calls; each generation overwrites it from position 0, so one runner serves many prompts
-    (one at a time)."""
+    (one at a time). `spec` stands in for the manifest's record when the runner's file has none (a
+    program with the same signature lowered by another tool)."""
     from . import runners
 
     prompt = _prompt(prompt_ids)
-    spec = generation_spec(artifact_or_runner)
+    spec = spec if spec is not None else generation_spec(artifact_or_runner)
     source = "the program" if isinstance(artifact_or_runner, torch.export.ExportedProgram) else str(
         artifact_or_runner.path if isinstance(artifact_or_runner, runners.Runner) else artifact_or_runner)
     check_request(spec, prompt, max_new_tokens, source)
@@ -286,23 +330,25 @@ def generate(
     return _greedy(runner, spec, prompt, max_new_tokens, stop_at_eos)
 
 
-def _next_token(runner: Any, spec: GenerationSpec, ids: list[int], start: int) -> int:
-    out = runner([torch.tensor([ids], dtype=torch.long), torch.arange(start, start + len(ids), dtype=torch.long)])
-    logits = out[0] if out else None
-    if logits is None or logits.shape[-1] != spec.vocab_size:
-        raise ArtifactError(f"{runner.path}: returned {None if logits is None else list(logits.shape)} where its generation "
-                            f"record promises logits over {spec.vocab_size} tokens")
-    return int(logits.reshape(-1, spec.vocab_size)[-1].argmax())
-
-
 def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_at_eos: bool) -> GenerationResult:
     eos = set(spec.eos_token_ids) if stop_at_eos else set()
+    cache = spec.empty_cache()
+
+    def next_token(ids: list[int], start: int) -> int:
+        nonlocal cache
+        out = runner([torch.tensor([ids], dtype=torch.long), torch.arange(start, start + len(ids), dtype=torch.long), *cache])
+        if len(out) != 1 + len(cache) or out[0].shape[-1] != spec.vocab_size:
+            raise ArtifactError(f"{runner.path}: returned {[list(o.shape) for o in out][:3]} where its generation record "
+                                f"promises logits over {spec.vocab_size} tokens and {len(cache)} cache tensors")
+        cache = out[1:]
+        return int(out[0].reshape(-1, spec.vocab_size)[-1].argmax())
+
     t0 = time.perf_counter()
-    tokens = [_next_token(runner, spec, prompt, 0)]
+    tokens = [next_token(prompt, 0)]
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     while len(tokens) < n and tokens[-1] not in eos:
-        tokens.append(_next_token(runner, spec, tokens[-1:], len(prompt) + len(tokens) - 1))
+        tokens.append(next_token(tokens[-1:], len(prompt) + len(tokens) - 1))
     decoded = len(tokens) - 1
     rate = decoded / (time.perf_counter() - t1) if decoded else None
     return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)

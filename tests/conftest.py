@@ -148,3 +148,11 @@ def lm_pte(lm_program):
     path = lm_program[2].with_name("lm.pte")
     qexport.to_executorch(lm_program[2], path, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def lm_onnx(lm_program):
+    """The same quantized model exported with its cache as inputs and outputs (ONNX has no state)."""
+    path = lm_program[2].with_name("lm.onnx")
+    qexport.to_onnx(qexport.export_lm(lm_program[0], max_cache_len=LM_CACHE, cache="io"), path)
+    return path

@@ -1,5 +1,6 @@
 """Token-by-token generation: `export_lm` (a static KV cache in mutable buffers, dynamic prompt length)
-and `generate` through the .pt2, the AOTI package and the .pte. Greedy tokens must equal transformers'
+and `generate` through the .pt2, the AOTI package and the .pte, and the .onnx (its cache as inputs and
+outputs). Greedy tokens must equal transformers'
 own greedy generation of the same quantized model (its dynamic cache, eager) for 32 tokens."""
 
 from __future__ import annotations
@@ -87,6 +88,18 @@ def test_pte_tokens_equal_eager(lm_pte, lm_reference):
     assert qexport.generate(lm_pte, PROMPT, N, stop_at_eos=False).tokens == lm_reference
 
 
+def test_onnx_tokens_equal_eager(lm_onnx, lm_reference):
+    spec = qexport.inspect(lm_onnx).extra["generation"]
+    assert spec["layout"] == "static_cache_io" and spec["cache_shapes"] == [[1, 2, LM_CACHE, 16]] * 4
+    assert qexport.generate(lm_onnx, PROMPT, N, stop_at_eos=False).tokens == lm_reference
+
+
+def test_onnx_refuses_a_program_that_keeps_its_cache_in_buffers(lm_program, tmp_path):
+    with pytest.raises(qexport.LoweringError, match=r"writes state between calls \(key_cache_0.*export_lm\(model, cache='io'\)"):
+        qexport.to_onnx(lm_program[1], tmp_path / "lm.onnx")
+    assert not (tmp_path / "lm.onnx").exists()
+
+
 def test_one_runner_serves_many_prompts_and_the_whole_cache(lm_program, lm_reference):
     """Each generation writes the cache from position 0, so nothing is reset in between; a prompt
     of one token and one that fills the cache both run."""
@@ -148,6 +161,8 @@ def test_export_lm_refuses_what_it_cannot_export():
         qexport.export_lm(hf.causal_lm("llama"), max_cache_len=65)
     with pytest.raises(ExportError, match="int >= 2"):
         qexport.export_lm(hf.causal_lm("llama"), max_cache_len=1)
+    with pytest.raises(ExportError, match="cache='disk' is not one of"):
+        qexport.export_lm(hf.causal_lm("llama"), max_cache_len=8, cache="disk")
 
 
 def test_a_damaged_generation_record(lm_program):

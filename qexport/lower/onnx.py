@@ -29,6 +29,7 @@ import torch
 
 from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
 
+from .._validate import written_state
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
@@ -74,6 +75,12 @@ def to_onnx(
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
     ep = resolve_program(program_or_path, "to_onnx")
+    if written := written_state(ep):
+        raise LoweringError(
+            f"the program writes state between calls ({', '.join(written[:4])}{', ...' if len(written) > 4 else ''}); an "
+            f"ONNX model has none, so those writes would be lost. Pass the state in and out as tensors instead "
+            f"(a language model: qexport.export_lm(model, cache='io'))"
+        )
     found = graph_regions(ep)
     # Every region's lowering is decided (and every refusal raised) before the export starts.
     plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset, target) for r in found}
