@@ -108,12 +108,20 @@ class StaticCacheLM(nn.Module):
 
     def __init__(self, model: nn.Module, max_cache_len: int, cache_io: bool = False) -> None:
         super().__init__()
-        from transformers.cache_utils import StaticCache
+        from transformers.cache_utils import DummyLayer, StaticCache, StaticLayer, StaticSlidingWindowLayer
         from transformers.configuration_utils import get_head_shapes
 
         self.model, self.cache_io = model, cache_io
         config = model.config.get_text_config()
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
+        for i, layer in enumerate(self.cache.layers):
+            # as transformers' export module does: a sliding-window layer's update branches on data,
+            # which export cannot capture (generation past the window then differs from the model's);
+            # a KV-sharing layer never reads its own cache
+            if isinstance(layer, StaticSlidingWindowLayer):
+                self.cache.layers[i] = StaticLayer(max_cache_len)
+            elif isinstance(layer, DummyLayer):
+                self.cache.layers[i] = StaticLayer(0)
         heads, head_dim = get_head_shapes(config)
         self.cache.early_initialization(1, heads, head_dim, _float_dtype(model), torch.device("cpu"))
         if not cache_io:
