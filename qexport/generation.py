@@ -338,8 +338,22 @@ def generate(
     return _greedy(runner, spec, prompt, max_new_tokens, stop_at_eos)
 
 
+def _check_inputs(runner: Any, spec: GenerationSpec) -> None:
+    """The record must describe the program it sits beside (before its cache shapes are allocated)."""
+    if runner.inputs is None:  # AOTI packages do not list their inputs
+        return
+    found = [tuple(i.shape) for i in runner.inputs[2:]]
+    if len(runner.inputs) != 2 + len(spec.cache_shapes) or any(
+            a != b for a, b in zip(found, spec.cache_shapes)):
+        raise CorruptArtifactError(
+            f"{runner.path}: its generation record ({spec.layout}, {len(spec.cache_shapes)} cache tensors) does not "
+            f"describe its inputs ({len(runner.inputs)}: {[i.name for i in runner.inputs][:4]}...); re-export it"
+        )
+
+
 def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_at_eos: bool) -> GenerationResult:
     eos = set(spec.eos_token_ids) if stop_at_eos else set()
+    _check_inputs(runner, spec)
     cache = spec.empty_cache()
 
     def next_token(ids: list[int], start: int) -> int:

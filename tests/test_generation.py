@@ -37,7 +37,7 @@ def test_every_projection_is_a_region(lm_program):
     model, ep, _ = lm_program
     linears = [r for r in qexport.regions(ep) if r.op == "linear"]
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
-    assert {r.scheme.name for r in qexport.regions(ep)} == {"int8_weight_only"}
+    assert {r.scheme.name for r in qexport.regions(ep)} == {"int8_dynamic"}
     # the cache is state the program writes, one key and one value buffer per layer
     mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
     assert {f"{kv}_cache_{i}" for kv in ("key", "value") for i in range(2)} <= mutated
@@ -45,7 +45,8 @@ def test_every_projection_is_a_region(lm_program):
     (dim,) = ep.range_constraints.values()
     assert (dim.lower, dim.upper) == (1, LM_CACHE)
     # the user's model is left as it was: its regions keep the paths they were quantized under
-    assert next(m for m in model.modules() if isinstance(m, qexport.QuantizedModule)).module_path == "model.embed_tokens"
+    assert next(m for m in model.modules() if isinstance(m, qexport.QuantizedModule)).module_path == \
+        "model.layers.0.self_attn.q_proj"
 
 
 def test_manifest_records_what_generation_needs(lm_program):
@@ -58,9 +59,9 @@ def test_manifest_records_what_generation_needs(lm_program):
     assert qexport.inspect(again).extra["generation"] == spec
 
 
-@pytest.mark.parametrize("arch,scheme", [("llama", "int8_dynamic"), ("qwen2", "int8_weight_only"), ("gpt2", "int8_dynamic")])
+@pytest.mark.parametrize("arch,scheme", [("llama", "int4_weight_only"), ("qwen2", "int8_weight_only"), ("gpt2", "int8_dynamic")])
 def test_program_tokens_equal_eager(arch, scheme, tmp_path):
-    model = qexport.quantize(hf.causal_lm(arch), scheme)
+    model = qexport.quantize(hf.causal_lm(arch), qexport.schemes.get(scheme, **({"group_size": 32} if "int4" in scheme else {})))
     ep = qexport.export_lm(model, max_cache_len=LM_CACHE)
     qexport.save(ep, tmp_path / "lm.pt2")
     expected = hf.greedy_tokens(model, PROMPT, N)
@@ -84,8 +85,10 @@ def test_aoti_tokens_equal_eager(lm_aoti, lm_reference):
 
 @pytest.mark.slow
 def test_pte_tokens_equal_eager(lm_pte, lm_reference):
-    assert qexport.inspect(lm_pte).extra["generation"]["max_cache_len"] == LM_CACHE
-    assert qexport.generate(lm_pte, PROMPT, N, stop_at_eos=False).tokens == lm_reference
+    path, report = lm_pte
+    assert all(r.delegated and r.backend == "XnnpackBackend" for r in report.regions), report
+    assert qexport.inspect(path).extra["generation"]["max_cache_len"] == LM_CACHE
+    assert qexport.generate(path, PROMPT, N, stop_at_eos=False).tokens == lm_reference
 
 
 def test_onnx_tokens_equal_eager(lm_onnx, lm_reference):
@@ -111,6 +114,13 @@ def test_one_runner_serves_many_prompts_and_the_whole_cache(lm_program, lm_refer
     assert qexport.generate(runner, [11], 3, stop_at_eos=False).tokens == hf.greedy_tokens(model, [11], 3)
     long = [(7 * i) % hf.LM_VOCAB for i in range(LM_CACHE - 1)]
     assert qexport.generate(runner, long, 2, stop_at_eos=False).tokens == hf.greedy_tokens(model, long, 2)
+
+
+def test_verify_and_bench_feed_positions(lm_program):
+    """Example inputs for an LM program write distinct cache slots (ones would write two tokens to one
+    slot, which runtimes resolve differently)."""
+    ids, positions = runners.make_inputs(runners.program_inputs(lm_program[1]))
+    assert positions.tolist() == list(range(ids.shape[1])) and ids.max() < hf.LM_VOCAB
 
 
 def test_stops_at_end_of_sequence(lm_program, lm_reference):
@@ -170,7 +180,11 @@ def test_a_damaged_generation_record(lm_program):
     ep.graph_module.meta["custom"]["qexport.generation"]["max_cache_len"] = "big"
     with pytest.raises(qexport.CorruptArtifactError, match="max_cache_len must be an int"):
         qexport.generate(ep, PROMPT, 4)
-    ep.graph_module.meta["custom"]["qexport.generation"].update(max_cache_len=8, format=99)
+    record = ep.graph_module.meta["custom"]["qexport.generation"]
+    record.update(max_cache_len=LM_CACHE, layout="static_cache_io", cache_shapes=[[1, 2, 10**6, 10**6]])
+    with pytest.raises(qexport.CorruptArtifactError, match="does not describe its inputs"):  # nothing allocated
+        qexport.generate(ep, PROMPT, 4)
+    record.update(format=99)
     with pytest.raises(qexport.UnsupportedVersionError, match="format 99"):
         qexport.generate(ep, PROMPT, 4)
 
