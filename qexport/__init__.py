@@ -31,6 +31,8 @@ _LAZY = {
     "compile": "qexport.lower.aoti", "load_compiled": "qexport.lower.aoti",
     "to_executorch": "qexport.lower.executorch",
     "to_onnx": "qexport.lower.onnx",
+    "register_lowering": "qexport.lower", "register_backend": "qexport.lower", "plan_regions": "qexport.lower",
+    "RegionPlan": "qexport.lower", "Decline": "qexport.lower", "PlanContext": "qexport.lower",
     "export_lm": "qexport.generation", "generate": "qexport.generation", "GenerationResult": "qexport.generation",
     "GenerationSpec": "qexport.generation",
 }
@@ -69,10 +71,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
-    "GenerationError", "GenerationResult", "GenerationSpec", "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NotALanguageModelError", "NothingToQuantizeError",
-    "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
-    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
-    "__version__", "compile", "export", "export_lm", "generate", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
-    "regions", "save", "schemes", "to_executorch", "to_onnx",
+    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "Decline",
+    "ExportError", "GenerationError", "GenerationResult", "GenerationSpec",
+    "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError",
+    "NotALanguageModelError", "NothingToQuantizeError",
+    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "RegionPlan",
+    "Scheme", "SchemeError", "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError",
+    "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "export_lm", "generate", "inspect", "invoke_quant", "load",
+    "load_compiled", "plan_regions", "quantize", "regions", "register_backend", "register_lowering", "save", "schemes",
+    "to_executorch", "to_onnx",
 ]
