@@ -208,13 +208,13 @@ def main() -> None:
               "prompt": args.prompt, "new_tokens": args.new, "rounds": args.rounds, "group_size": GROUP,
               "note": "ratios on a shared machine (other jobs ran at the same time); medians of interleaved rounds"},
               "rows": rows}
-    try:
-        import executorch
-        import torchao
+    from importlib.metadata import PackageNotFoundError, version
 
-        result["meta"].update(executorch=getattr(executorch, "__version__", "?"), torchao=torchao.__version__)
-    except ImportError:
-        pass
+    for package in ("executorch", "torchao", "transformers"):
+        try:
+            result["meta"][package] = version(package)
+        except PackageNotFoundError:
+            pass
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
