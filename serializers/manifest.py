@@ -27,13 +27,14 @@ import torch
 from qexport.errors import (
     ArtifactError, CorruptArtifactError, ManifestMismatchError, QExportError, UnsupportedVersionError,
 )
-from qexport.regions import Region, _shape, iter_region_nodes, regions as graph_regions
+from qexport.regions import Region, iter_region_nodes, regions as graph_regions, tensor_shape
 from qexport.schemes import Scheme
+
+from . import kinds
 
 MANIFEST_VERSION = 1
 MANIFEST_MINOR = 1
 FORMAT_TAG = "qexport-manifest"
-ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
 #: the key under the program's `graph_module.meta["custom"]` (which torch.export's serializer keeps)
 #: holding what token-by-token generation needs (qexport.generation); copied into `extra["generation"]`
 GENERATION_META = "qexport.generation"
@@ -193,8 +194,8 @@ class Manifest:
         """The manifest of `ep`'s regions (read from the graph) and tensors (its state and constants)."""
         if not isinstance(ep, torch.export.ExportedProgram):
             raise ArtifactError(f"a manifest describes an ExportedProgram, got {type(ep).__name__}")
-        if artifact not in ARTIFACT_KINDS:
-            raise ArtifactError(f"artifact={artifact!r} is not one of {ARTIFACT_KINDS}")
+        if artifact not in kinds.names():
+            raise ArtifactError(f"artifact={artifact!r} is not one of {kinds.names()}")
         try:
             json.dumps(extra, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -298,8 +299,8 @@ class Manifest:
             if not isinstance(extra, dict):
                 raise ValueError("'extra' must be an object")
             artifact = _str(data.get("artifact"), "artifact")
-            if artifact not in ARTIFACT_KINDS:
-                raise ValueError(f"artifact {artifact!r} is not one of {ARTIFACT_KINDS}")
+            if artifact not in kinds.names():
+                raise ValueError(f"artifact {artifact!r} is not one of {kinds.names()}")
             records = _with_legacy_lowering([RegionRecord.from_dict(r) for r in regions], extra)
             return cls(
                 version=version,
@@ -428,7 +429,7 @@ def _activation_shapes(ep: torch.export.ExportedProgram, node: torch.fx.Node) ->
     vals = [
         a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node) and a.name not in lifted
     ]
-    return tuple(_shape(v) for v in vals if isinstance(v, torch.Tensor))
+    return tuple(tensor_shape(v) for v in vals if isinstance(v, torch.Tensor))
 
 
 def _float_bytes(region: Region) -> int:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from .._extras import missing_extra
+from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from ..regions import Region, iter_region_nodes, read_region
 

@@ -14,7 +14,8 @@ Each region is lowered from its scheme (never from the ops inside it):
   report record says why and what to change to get it delegated.
 
 The region pass is `qexport.lower._inline.inline_regions`; a few small edge-compat passes follow.
-The program's qexport manifest travels inside the .pte as a constant method (`MANIFEST_METHOD`).
+The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
+builds (`manifest_methods`), writes and reads.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .._extras import missing_extra
+from serializers import pte
+from serializers.pte import MANIFEST_METHOD  # noqa: F401  (the method that returns the manifest)
+
+from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
@@ -43,8 +47,6 @@ if TYPE_CHECKING:
     from serializers.manifest import LoweringRecord
 
 BACKENDS = ("xnnpack", "portable")
-#: the .pte method that returns the qexport manifest (JSON, as a uint8 tensor)
-MANIFEST_METHOD = "qexport_manifest"
 
 qd = torch.ops.quantized_decomposed
 _EPS = torch.finfo(torch.float32).eps
@@ -419,10 +421,6 @@ def _delegation(
     return taken, left, present
 
 
-def _manifest_bytes(manifest) -> torch.Tensor:
-    return torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
-
-
 def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _WhyNoPartition) -> list[LoweringRecord]:
     """Each region's lowering record: its plan, checked against where its nodes went after partitioning."""
     taken, left, present = _delegation(edge_gm, {p.region.name: p.region.op for p in planned})
@@ -464,7 +462,7 @@ def to_executorch(
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
     nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
     seconds are named on stderr unless `progress=False`."""
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     if backend not in BACKENDS:
         raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -502,13 +500,12 @@ def to_executorch(
     try:
         with _WhyNoPartition() as why, stage(f"to_edge_transform_and_lower ({backend})"):
             edge = to_edge_transform_and_lower(
-                ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: _manifest_bytes(manifest)}
+                ep, partitioner=partitioners or None, constant_methods=pte.manifest_methods(manifest)
             )
         edge_gm = edge.exported_program().graph_module
         records = _records(planned, edge_gm, why)
-        # The manifest carries what happened to each region, known only once the partitioners ran; the
-        # constant methods are emitted by to_executorch from the edge manager's dict (no public setter).
-        edge._config_methods[MANIFEST_METHOD] = _manifest_bytes(manifest.with_lowering(records))
+        # The manifest carries what happened to each region, known only once the partitioners ran.
+        pte.replace_manifest(edge, manifest.with_lowering(records))
         with stage("to_executorch (memory planning, serialization)"):
             et = edge.to_executorch()
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
@@ -518,11 +515,7 @@ def to_executorch(
 
     info = get_delegation_info(edge_gm)
     with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            et.write_to_file(f)
-        from serializers.pte import seal
-
-        seal(tmp)
+        pte.write(et, tmp)
     return LoweringReport(
         target=f"executorch/{backend}", path=str(out),
         regions=[RegionReport.from_record(p.region.name, p.region.scheme, rec) for p, rec in zip(planned, records)],

@@ -16,7 +16,6 @@ initializers, which a translation function cannot add.
 
 from __future__ import annotations
 
-import json
 import platform
 import warnings
 from os import PathLike
@@ -27,9 +26,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
-from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
+from serializers import onnx as onnx_file
+from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, SCHEME_KEY  # noqa: F401  (MANIFEST_KEY, SCHEME_KEY: re-exported)
 
-from .._validate import written_state
+from ..validate import written_state
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from ..regions import Region
@@ -70,7 +70,7 @@ def to_onnx(
     The manifest records the target and `qexport.runners` refuses to run a file on CPUs it is wrong on.
     The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
     """
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     opset = _check_opset(opset)
     target = resolve_target(target)
@@ -87,22 +87,20 @@ def to_onnx(
     by_name = {p.region.name: p.region for p in planned}
     plans: dict[str, RegionPlan] = {p.region.name: p for p in planned}
     reports = [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in planned]
-    manifest = _manifest_json(ep, opset, keep_regions, target, [p.record() for p in planned])
+    manifest = _manifest(ep, opset, keep_regions, target, [p.record() for p in planned])
 
     model, references = _export_with_placeholders(ep, opset)
     emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
     _finalize(model)
-    model.metadata_props[MANIFEST_KEY] = manifest
 
-    with atomic_path(out) as tmp:
-        ir.save(model, tmp)
+    def check(path: "PathLike[str]") -> None:
         try:
-            onnx.checker.check_model(str(tmp), full_check=True)
+            onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:  # checker and shape-inference errors have several types
             raise LoweringError(f"{out}: the ONNX model failed onnx.checker (full_check): {type(e).__name__}: {e}") from None
-        from serializers.onnx import seal
 
-        seal(tmp)
+    with atomic_path(out) as tmp:
+        onnx_file.write(model, tmp, manifest, check=check)
         size = tmp.stat().st_size
     return LoweringReport(
         target="onnx",
@@ -339,8 +337,7 @@ def _reference_function(body: ir.Function, region: Region, plan: RegionPlan, fna
 
 def _describe_function(fn: ir.Function, region: Region, plan: RegionPlan) -> None:
     scheme = region.scheme
-    fn.metadata_props[SCHEME_KEY] = json.dumps(scheme.to_dict() if scheme else {"name": region.scheme_name})
-    fn.metadata_props[REGION_KEY] = json.dumps({
+    onnx_file.describe_region(fn, scheme.to_dict() if scheme else {"name": region.scheme_name}, {
         "name": region.name, "module_path": region.module_path, "op": region.op, "op_params": region.op_params,
         "roles": list(region.roles), "weight_shape": list(region.weight_shape) if region.weight_shape else None,
         "lowering": plan.record().to_dict(),
@@ -377,11 +374,11 @@ def _finalize(model: ir.Model) -> None:
 
 
 # -- manifest ----------------------------------------------------------------------------------------
-def _manifest_json(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, records: list) -> str:
+def _manifest(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, records: list) -> Any:
     from serializers.manifest import Manifest
 
     manifest = Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target)
-    return manifest.with_lowering(records).to_json()
+    return manifest.with_lowering(records)
 
 
 __all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]
