@@ -203,6 +203,16 @@ def export_lm(
     `generate` needs (`GenerationSpec`), and `save`, `compile`, `to_executorch`, `to_onnx` carry it
     into their artifact's manifest. The model itself is left as it was."""
     text = _check_lm(model, max_cache_len)
+    try:
+        from transformers.cache_utils import StaticCache  # noqa: F401
+        from transformers.configuration_utils import get_head_shapes  # noqa: F401
+    except ImportError as e:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"export_lm needs transformers 5 (its StaticCache with early_initialization and get_head_shapes; tested "
+            f"with 5.24): {e}. pip install 'transformers>=5.24'"
+        ) from None
     if cache not in CACHE_LAYOUTS:
         raise ExportError(f"cache={cache!r} is not one of {sorted(CACHE_LAYOUTS)} ('io' for ONNX)")
     from .export import export
