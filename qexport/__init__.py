@@ -9,7 +9,8 @@ import types
 
 from .errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
-    IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NothingToQuantizeError, QExportError,
+    GenerationError, IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NotALanguageModelError,
+    NothingToQuantizeError, QExportError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
     UnsupportedVersionError, UsageError,
 )
@@ -29,10 +30,12 @@ _LAZY = {
     "inspect": "serializers",
     "register_lowering": "qexport.lower", "register_backend": "qexport.lower", "plan_regions": "qexport.lower",
     "RegionPlan": "qexport.lower", "Decline": "qexport.lower", "PlanContext": "qexport.lower",
+    "export_lm": "qexport.generation", "generate": "qexport.generation", "GenerationResult": "qexport.generation",
+    "GenerationSpec": "qexport.generation",
 }
 #: attribute -> module; the demo is a CLI command that is also a library call (qexport.demo.run_demo)
 _SUBMODULES = {"schemes": "qexport.schemes", "models": "qexport.models", "runners": "qexport.runners",
-               "lower": "qexport.lower", "demo": "qexport.cli.demo_cmd"}
+               "lower": "qexport.lower", "demo": "qexport.cli.demo_cmd", "generation": "qexport.generation"}
 
 
 def __getattr__(name: str):
@@ -77,11 +80,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "Decline",
-    "ExportError",
-    "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
+    "ExportError", "GenerationError", "GenerationResult", "GenerationSpec",
+    "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError",
+    "NotALanguageModelError", "NothingToQuantizeError",
     "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "RegionPlan",
     "Scheme", "SchemeError", "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError",
-    "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "inspect", "invoke_quant", "load",
+    "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "export_lm", "generate", "inspect", "invoke_quant", "load",
     "load_compiled", "plan_regions", "quantize", "regions", "register_backend", "register_lowering", "save", "schemes",
     "to_executorch", "to_onnx",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ def export(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
+        with _paths_from(model):
+            ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as e:  # torch's messages are long; keep them, but say which stage failed
         raise ExportError(f"torch.export failed ({'strict' if strict else 'non-strict'}): {type(e).__name__}: {e}") from e
     finally:
@@ -53,3 +55,21 @@ def export(
     canonicalize_region_operands(ep)
     name_regions(ep)
     return ep
+
+
+@contextlib.contextmanager
+def _paths_from(model: nn.Module) -> Iterator[None]:
+    """Name each quantized module's region by its path from `model` while it is traced.
+
+    Why: a region finds its tensors as `<module path>.<role>` among the program's buffers, which are
+    named from the exported root; a model quantized and then wrapped (`export_lm`'s cache module, a
+    user's pre/post-processing module) was quantized under other paths."""
+    found = quantized_modules(model)
+    saved = {m: m.module_path for _, m in found}
+    for fqn, m in found:
+        m.module_path = fqn
+    try:
+        yield
+    finally:
+        for m, path in saved.items():
+            m.module_path = path

@@ -139,3 +139,19 @@ def check_state(ep: torch.export.ExportedProgram, where: str) -> None:
                 why = _no_data(t)
                 if why:
                     raise ArtifactError(f"{where}: {kind} {fqn!r} {why}; the file would hold no weights. Export a model with real weights")
+
+
+def written_state(ep: torch.export.ExportedProgram) -> list[str]:
+    """The buffers (and lifted constants) a program writes: state kept between calls, such as a KV
+    cache. Read from the signature of a functionalized program and from the in-place ops of one that
+    is not (torch.export's default IR keeps `index_copy_` and friends until decompositions run)."""
+    sig = ep.graph_signature
+    state = {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    written = set(getattr(sig, "buffers_to_mutate", {}).values())
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable and node.args and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].name in state and schema.arguments and schema.arguments[0].alias_info is not None \
+                and schema.arguments[0].alias_info.is_write:
+            written.add(state[node.args[0].name])
+    return sorted(written)

@@ -35,6 +35,9 @@ from . import kinds
 MANIFEST_VERSION = 1
 MANIFEST_MINOR = 1
 FORMAT_TAG = "qexport-manifest"
+#: the key under the program's `graph_module.meta["custom"]` (which torch.export's serializer keeps)
+#: holding what token-by-token generation needs (qexport.generation); copied into `extra["generation"]`
+GENERATION_META = "qexport.generation"
 
 Shape = tuple[int | str, ...]
 
@@ -203,6 +206,8 @@ class Manifest:
 
         # what a runtime holding only the compiled file needs to check a request (qexport.serve)
         extra.setdefault("inputs", [i.to_json() for i in program_inputs(ep)])
+        if (generation := ep.graph_module.meta.get("custom", {}).get(GENERATION_META)) is not None:
+            extra.setdefault("generation", generation)
         tensors = _program_tensors(ep)
         records, weights, floats = [], {}, {}
         for region, node in zip(graph_regions(ep), iter_region_nodes(ep)):

@@ -23,7 +23,7 @@ LAYERS = (
      "qexport.passes", "qexport.quantize", "qexport.export"),
     ("serializers",),
     ("qexport.lower",),
-    ("qexport.runtime", "qexport.runners", "qexport.serve"),
+    ("qexport.runtime", "qexport.runners", "qexport.serve", "qexport.generation"),
     ("qexport.cli", "qexport.__main__"),
 )
 #: the package facade sits above everything (its imports are lazy)

@@ -34,6 +34,7 @@ from . import resolve_program
 from ..regions import PAYLOAD_KEY, Region, RegionPayload
 from ._contract import RegionPlan, plan_regions
 from ._graph import region_state, with_region_names
+from ..validate import written_state
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
 from .report import LoweringReport, RegionReport
@@ -76,6 +77,12 @@ def to_onnx(
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
     ep = with_region_names(resolve_program(program_or_path, "to_onnx"))
+    if written := written_state(ep):
+        raise LoweringError(
+            f"the program writes state between calls ({', '.join(written[:4])}{', ...' if len(written) > 4 else ''}); an "
+            f"ONNX model has none, so those writes would be lost. Pass the state in and out as tensors instead "
+            f"(a language model: qexport.export_lm(model, cache='io'))"
+        )
     # Every region's lowering is decided (and every refusal raised) before the export starts.
     planned = plan_regions(ep, "onnx", {"opset": opset, "target": target})
     by_name = {p.region.name: p.region for p in planned}

@@ -23,8 +23,13 @@ class InputInfo:
     dtype: torch.dtype
     #: integer inputs are drawn from [0, high); None means "not an index": filled with ones (masks)
     high: int | None = None
+    #: token positions (where a KV cache writes): 0, 1, ... as a generation's first call has them; ones
+    #: would write two tokens to one cache slot, which runtimes resolve differently
+    positions: bool = False
 
     def make(self, generator: torch.Generator) -> torch.Tensor:
+        if self.positions:
+            return torch.arange(self.shape[-1], dtype=self.dtype).expand(self.shape).contiguous()
         if self.dtype.is_floating_point:
             return torch.randn(self.shape, generator=generator).to(self.dtype)
         if self.high is None or self.dtype == torch.bool:
@@ -123,8 +128,13 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
         if payload and payload.op == "embedding" and payload.weight_shape and isinstance(node.args[1], torch.fx.Node):
             rows = int(payload.weight_shape[0])
             high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
-    return [InputInfo(i.name, tuple(d.example() for d in i.shape), i.torch_dtype, high.get(i.name))
-            for i in signature(ep, require_tensors=True)]
+    infos = [InputInfo(i.name, tuple(d.example() for d in i.shape), i.torch_dtype, high.get(i.name))
+             for i in signature(ep, require_tensors=True)]
+    from serializers.manifest import GENERATION_META
+
+    if GENERATION_META in ep.graph_module.meta.get("custom", {}) and len(infos) > 1:
+        infos[1].positions = True  # a generating LM's inputs are (input_ids, cache_position, ...): qexport.generation
+    return infos
 
 
 def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
