@@ -143,6 +143,8 @@ def bench_model(name: str, args, tmp: str) -> dict:
     variants.append(("fp32", path, model))
     rows: dict[str, dict] = {}
     for scheme_name, params in SCHEMES:
+        if args.schemes and scheme_name not in args.schemes:
+            continue
         scheme = qexport.schemes.get(scheme_name, **params)
         label = scheme_name + (f" g{params['group_size']}" if "group_size" in params else "")
         try:
@@ -276,6 +278,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="linear,minilm")
     ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--schemes", default="", help="comma-separated subset of the built-in schemes (default: all)")
     ap.add_argument("--rows", default="1,16,128,512")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=3, help="timed calls per round at M <= 16 (one above)")
@@ -289,6 +292,7 @@ def main() -> None:
         sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
     torch.set_num_threads(1)
     args.rows = [int(m) for m in args.rows.split(",")]
+    args.schemes = [s for s in args.schemes.split(",") if s]
     if args.kernels:
         kernel_sweep(args.dim, args.rows, args.rounds)
         return

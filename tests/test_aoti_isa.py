@@ -276,3 +276,28 @@ def test_int8_activation_kernels_are_as_exact_as_the_reference(monkeypatch, targ
         crossed = lambda v: int(((v - exact).abs() > step / 2).sum())  # noqa: E731
         assert float((y - exact).abs().max()) <= step * 1.001
         assert crossed(y) <= max(crossed(ref), 3), (crossed(y), crossed(ref))
+
+
+@pytest.mark.parametrize("group_size", [8, 32, 64, 256])
+def test_int4_loop_layout_computes_the_grouped_product(group_size):
+    """The one-row int4 kernel (AVX2 plan) over its word layout, every nibble position and group split."""
+    g = torch.Generator().manual_seed(group_size)
+    n, k = 24, 512
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    scale, zp = torch.rand(n, k // group_size, generator=g), torch.randint(0, 16, (n, k // group_size), generator=g).float()
+    w = ((codes.reshape(n, -1, group_size) - zp[..., None]) * scale[..., None]).reshape(n, k)
+    x = torch.randn(1, k, generator=g)
+    y = cpu_kernels._int4_loop(x, *cpu_kernels._int4_words(codes, scale, zp, group_size))
+    assert rel_err(y, x @ w.T) < 1e-5
+
+
+def test_int4_loop_is_left_out_where_its_layout_does_not_fit(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: AVX2_TARGET)
+    for k, expect in [(128, ["Inductor C++ loop over int4 codes", "aten._weight_int4pack_mm_for_cpu"]), (96, ["aten._weight_int4pack_mm_for_cpu"])]:
+        qm = qexport.quantize(torch.nn.Sequential(torch.nn.Linear(k, 16)).eval(), qexport.schemes.get("int4_weight_only", group_size=32))
+        ep = qexport.export(qm, (torch.randn(2, k),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=512)},))
+        lowered, decisions = apply_kernels(ep, "cpu")
+        assert [b["kernel"] for b in decisions[0].choice.details["plan"]][:-1] == expect
+        x = torch.randn(1, k)
+        with torch.no_grad():
+            assert rel_err(lowered.module()(x), qm(x)) <= math_for(qexport.schemes.get("int4_weight_only")).tolerance
