@@ -233,6 +233,11 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
     packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = torch.stack([sc, (8 - zp) * sc], -1).transpose(0, 1).contiguous().bfloat16()
     cs = w8.to(torch.int32).sum(1)
+    from qexport.lower.kernels import cpu as cpu_kernels
+
+    torch._inductor.config.cpp.march = compile_target().march  # the C++ of the target's ISA class, as packages get
+    words = cpu_kernels._int4_words(codes, sc, zp, gs)
+    int4_loop = torch.compile(cpu_kernels._int4_loop, dynamic=False)
     ones = torch.ones(dim, dtype=torch.bfloat16)
 
     def dyn_q(x):
@@ -246,6 +251,7 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
         "bf16 GEMM": lambda x: F.linear(x.bfloat16(), w16).float() + b,
         "int8pack (bf16 act)": lambda x: aten._weight_int8pack_mm(x.bfloat16(), w8, s16).float() + b,
         "int4pack g32": lambda x: aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, gs, sz).float() + b,
+        "int4 loop g32 (Inductor, M=1 only)": lambda x: int4_loop(x.bfloat16().float(), *words) + b,
         "dequant int8 + fp32 GEMM": lambda x: F.linear(x, w8.float() * s[:, None], b),
         "dequant int8 + bf16 GEMM": lambda x: F.linear(x.bfloat16(), w8.bfloat16() * s16[:, None]).float() + b,
         "int_mm (dyn int8 act)": lambda x: (lambda q, sx, z: (aten._int_mm(q.to(torch.int8), w8.t()) - z.to(torch.int32) * cs).float() * (sx * s) + b)(*dyn_q(x)),
@@ -258,6 +264,8 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
         for _ in range(rounds):
             for name, f in cands.items():
                 for m in rows:
+                    if "M=1 only" in name and m != 1:
+                        continue
                     f(xs[m])
                     for _ in range(6 if m <= 16 else 2):
                         c = time.thread_time()
@@ -269,6 +277,9 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
     for name in cands:
         cells = []
         for m in rows:
+            if (name, m) not in res:
+                cells.append("–")
+                continue
             t, fp = statistics.median(res[(name, m)]), statistics.median(res[("fp32 GEMM", m)])
             cells.append(f"{t * 1e3:.3f} ({fp / t:.2f}×)")
         print(f"| {name} | " + " | ".join(cells) + " |")
