@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.nn.functional as F
 
 from ...schemes import _activation as act, math_for
@@ -63,13 +64,6 @@ PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
 # at M=64 where dequant+fp32 is 0.80x, 0.79x vs 0.87x at 128; AVX512 VNNI BF16: 1.9x vs 2.5x at 64).
 DEQUANT_FROM = {AVX512_VNNI_BF16: 32, AVX2: 64}
 
-# Inductor inlines a pointwise value into every loop that reads it unless it is "heavy" (CPU default:
-# over 50 ops), and GCC cannot hoist it out (the loop's store may alias its loads): the per-row scale and
-# zero point of dynamic activations (two divisions and a rounding of each row's min / max) were
-# recomputed for every vector of 8 elements, ~6 % of a 384-wide layer. A lower threshold stores them
-# once per row: MiniLM int8_dynamic, AVX2, 0.94x -> 0.99x fp32 AOTI at 128 tokens, 0.95x -> 0.99x at 512.
-INDUCTOR_OPTIONS = {"realize_opcount_threshold": 4}
-
 KERNEL_NAMES = {
     "int8pack": "aten._weight_int8pack_mm", "int4pack": "aten._weight_int4pack_mm_for_cpu", "int_mm": "aten._int_mm",
     "int4_loop": "Inductor C++ loop over int4 codes",
@@ -100,6 +94,18 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
         quantized = [(m, k) for m, k in plan if k != "float_weights"]
         plan = [*quantized[:-1], (DEQUANT_FROM[isa], quantized[-1][1]), (None, "dequant")] if quantized else [(None, "dequant")]
     return reachable(plan, row_range(ctx))
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """`t` (per-row quantization parameters), which Inductor must write to a buffer once.
+
+    Why: Inductor inlines a light pointwise value into every loop that reads it, and GCC cannot hoist
+    it out of the vector loop (the loop's store may alias its loads), so each row's scale and zero
+    point (two divisions and a rounding of its min / max) were recomputed for every 8 elements: ~6 %
+    of a 384-wide layer's time on AVX2 (MiniLM int8_dynamic 0.91x fp32 AOTI at 128 tokens). A
+    stride requirement is Inductor's own way to make a value a buffer; eagerly it returns `t`.
+    """
+    return torch.ops.prims.inductor_force_stride_order(t, t.stride())
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +186,7 @@ def _dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     """`act.dynamic_fp8` with the cast replaced by `fp8_e4m3_round` (same values)."""
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
-    scale = (amax / act.FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).eps)
+    scale = _stored((amax / act.FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).eps))
     return (fp8_e4m3_round((xf / scale).clamp(-act.FP8_E4M3_MAX, act.FP8_E4M3_MAX)) * scale).to(x.dtype)
 
 
@@ -195,8 +201,16 @@ def _float_kernels(ctx: KernelContext, roles: tuple[str, ...], gemm: torch.dtype
     fp8 = scheme.activation == "dynamic" and scheme.act_dtype == "float8_e4m3fn"
     per_token = scheme.act_granularity == "per_token" and op != "conv2d"
 
+    int8_dynamic = scheme.activation == "dynamic" and not fp8
+
     def activation(x: torch.Tensor, t: dict) -> torch.Tensor:
-        xq = _dynamic_fp8(x, per_token) if fp8 else quantize_input(scheme, x, t, op)
+        if fp8:
+            xq = _dynamic_fp8(x, per_token)
+        elif int8_dynamic:  # act.dynamic_int8, its parameters stored once per row
+            xf = x.float()
+            xq = act.fake_quant_int8(xf, *map(_stored, act.dynamic_int8_qparams(xf, per_token))).to(x.dtype)
+        else:
+            xq = quantize_input(scheme, x, t, op)
         return xq.to(cd).to(gemm)
 
     def linear(x: torch.Tensor, w: torch.Tensor, t: dict) -> torch.Tensor:
@@ -387,7 +401,7 @@ def int8_activations_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         if static:
             s, zp = t["input_scale"], t["input_zero_point"].float()
         else:
-            s, zp = act.dynamic_int8_qparams(x2, per_token)
+            s, zp = map(_stored, act.dynamic_int8_qparams(x2, per_token))
         q = act.quantize_int8(x2, s, zp)
         acc = aten._int_mm(q.to(torch.int8), t["weight"].t()) - zp.to(torch.int32) * t["weight_colsum"]
         return _plus_bias(acc.float() * (s * t["weight_scale_f32"]), t, cd)
