@@ -154,7 +154,8 @@ def bench_model(name: str, args, tmp: str) -> dict:
             t = time.perf_counter()
             path = qexport.compile(qep, os.path.join(tmp, f"{name}_{scheme_name}.pt2"))
             manifest = qexport.inspect(path)
-            linear = next(k for k in manifest.extra["kernels"] if k.get("plan"))
+            linear = next({"kernel": r.lowering.kernel, "reason": r.lowering.reason, **r.lowering.details}
+                          for r in manifest.regions if r.lowering.details.get("plan"))
             rows[label] = {"compile_s": round(time.perf_counter() - t, 1), "bytes": os.path.getsize(path),
                            "kernel": linear["kernel"], "plan": linear["plan"], "isa": linear["isa"]}
             variants.append((label, path, qm))
@@ -241,7 +242,7 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
     ones = torch.ones(dim, dtype=torch.bfloat16)
 
     def dyn_q(x):
-        from qexport.schemes import _activation as act
+        from qexport.schemes import activation as act
 
         sx, z = act.dynamic_int8_qparams(x, True)
         return act.quantize_int8(x, sx, z), sx, z

@@ -131,7 +131,8 @@ def region_payload(node: torch.fx.Node) -> dict[str, Any] | None:
     return payload
 
 
-def _shape(t: Any) -> tuple[int | str, ...]:
+def tensor_shape(t: Any) -> tuple[int | str, ...]:
+    """A tensor's shape as a manifest records it: ints, and symbol names for dynamic dims."""
     return tuple(int(d) if isinstance(d, int) or (hasattr(d, "node") and d.node.is_constant()) else str(d) for d in t.shape)
 
 
@@ -181,9 +182,9 @@ def read_region(node: torch.fx.Node, index: int) -> Region:
         op=payload["op"] if payload else "custom",
         op_params=dict(payload["op_params"]) if payload else {},
         roles=roles,
-        input_shapes=tuple(_shape(v) for v in ins if isinstance(v, torch.Tensor)),
+        input_shapes=tuple(tensor_shape(v) for v in ins if isinstance(v, torch.Tensor)),
         input_dtypes=tuple(str(v.dtype).removeprefix("torch.") for v in ins if isinstance(v, torch.Tensor)),
-        output_shapes=tuple(_shape(v) for v in outs),
+        output_shapes=tuple(tensor_shape(v) for v in outs),
         output_dtypes=tuple(str(v.dtype).removeprefix("torch.") for v in outs),
         codegen_low_precision=bool(clp),
         node_name=node.name,
