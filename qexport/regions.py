@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch._higher_order_ops import invoke_quant_packed
+from torch.export.graph_signature import InputKind
 
 from . import _upstream
 from .errors import RegionFormatError, UnsupportedVersionError
@@ -270,6 +271,22 @@ def region_nodes(program: Any) -> list[tuple[torch.fx.Node, Region]]:
         taken.add(name)
         out.append((node, read_region(node, index, name)))
     return out
+
+
+#: the input kinds that are program state (what `operand_state` answers for)
+STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def operand_state(ep: torch.export.ExportedProgram, operand: Any) -> tuple[str, torch.Tensor] | None:
+    """`(fqn, tensor)` when `operand` (a node of `ep`'s graph) is one of its parameters, buffers or
+    lifted constants, else None (a user input, a computed value). Followed through the signature, so
+    a tied weight answers with the name the graph reads it under."""
+    name = getattr(operand, "name", None)
+    spec = next((s for s in ep.graph_signature.input_specs if getattr(s.arg, "name", None) == name), None)
+    if spec is None or spec.kind not in STATE_KINDS:
+        return None
+    store = ep.state_dict if spec.target in ep.state_dict else ep.constants
+    return spec.target, store[spec.target]
 
 
 def regions(program: Any) -> list[Region]:

@@ -111,16 +111,14 @@ def check_export_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]
 def check_region_inputs(ep: torch.export.ExportedProgram) -> None:
     """After tracing: every linear/conv region gets floating activations. An integer example input
     that reaches one traces into a program that computes in, and returns, integers."""
-    from .regions import iter_region_nodes, region_payload
+    from .regions import iter_region_nodes, operand_state, region_payload
 
-    lifted = set(ep.graph_signature.inputs_to_parameters) | set(ep.graph_signature.inputs_to_buffers)
-    lifted |= set(getattr(ep.graph_signature, "inputs_to_lifted_tensor_constants", {}))
     for node in iter_region_nodes(ep):
         payload = region_payload(node)
         if payload is not None and payload.op == "embedding":
             continue
         for a in node.args[1:]:
-            val = a.meta.get("val") if isinstance(a, torch.fx.Node) and a.name not in lifted else None
+            val = a.meta.get("val") if isinstance(a, torch.fx.Node) and operand_state(ep, a) is None else None
             if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
                 where = payload.module if payload and payload.module else node.name
                 raise ExportError(

@@ -27,7 +27,7 @@ import torch
 from qexport.errors import (
     ArtifactError, CorruptArtifactError, ManifestMismatchError, QExportError, UnsupportedVersionError,
 )
-from qexport.regions import Region, iter_region_nodes, regions as graph_regions, tensor_shape
+from qexport.regions import Region, operand_state, region_nodes, tensor_shape
 from qexport.schemes import Scheme
 
 from . import kinds
@@ -210,7 +210,7 @@ class Manifest:
             extra.setdefault("generation", generation)
         tensors = _program_tensors(ep)
         records, weights, floats = [], {}, {}
-        for region, node in zip(graph_regions(ep), iter_region_nodes(ep)):
+        for node, region in region_nodes(ep):
             if region.scheme is None:
                 raise ArtifactError(
                     f"region {region.name} uses scheme {region.scheme_name!r}, which is not registered here; "
@@ -336,7 +336,7 @@ class Manifest:
         """Raise ManifestMismatchError unless `ep`'s regions are this manifest's (names and schemes, in order)."""
         where = _where(source)
         try:
-            found = [(r.name, r.scheme) for r in graph_regions(ep)]
+            found = [(r.name, r.scheme) for _, r in region_nodes(ep)]
         except UnsupportedVersionError as e:
             raise UnsupportedVersionError(f"{where}{e}") from None
         except QExportError as e:
@@ -414,24 +414,12 @@ def _region_tensor_fqns(ep: torch.export.ExportedProgram, region: Region, node: 
         fqns = [f"{region.module_path}.{role}" for role in region.roles if role != "input"]
         if all(f in tensors for f in fqns):
             return fqns
-    lifted = _lifted(ep)
-    return [lifted[a.name] for a in node.args[1:] if isinstance(a, torch.fx.Node) and lifted.get(a.name) in tensors]
-
-
-def _lifted(ep: torch.export.ExportedProgram) -> dict[str, str]:
-    sig = ep.graph_signature
-    return {
-        **sig.inputs_to_parameters, **sig.inputs_to_buffers,
-        **getattr(sig, "inputs_to_lifted_tensor_constants", {}),
-    }
+    return [state[0] for a in node.args[1:] if (state := operand_state(ep, a)) is not None and state[0] in tensors]
 
 
 def _activation_shapes(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> tuple[Shape, ...]:
     """Shapes of the region's operands that are not program state (its activations)."""
-    lifted = _lifted(ep)
-    vals = [
-        a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node) and a.name not in lifted
-    ]
+    vals = [a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node) and operand_state(ep, a) is None]
     return tuple(tensor_shape(v) for v in vals if isinstance(v, torch.Tensor))
 
 

@@ -9,7 +9,8 @@ operator") and has no schema for the HOP. The edits they need live here, once:
   nodes `lower(site)` emits through a `RegionSite` (`site.call`, `site.trace`, `site.inline_reference`);
 * `add_constant` -- a new tensor (a repacked weight, a zero point) as a buffer of the program;
 * `drop_unused_state` -- remove the state nothing reads any more (a weight replaced by its repacked copy);
-* `state_tensor` -- the real tensor behind an operand (a parameter, buffer or lifted constant);
+* `state_tensor` -- the real tensor behind an operand (a parameter, buffer or lifted constant; built on
+  `regions.operand_state`, the lookup the export checks and the manifest use too);
   `region_state` -- every such operand of every region, by role.
 
 Every spliced node stands where the region stood: it carries the region node's `nn_module_stack`,
@@ -33,13 +34,12 @@ from torch.utils import _pytree as pytree
 
 from ..errors import LoweringError
 from ..passes import name_regions
-from ..regions import Region, region_nodes, region_payload
+from ..regions import STATE_KINDS, Region, operand_state, region_nodes, region_payload
 
 #: meta["custom"] key of every node emitted for a region: {"region", "module", "scheme", "kernel"}
 REGION_TAG = "qexport_region"
 #: what a spliced node inherits from the region node it replaces
 _INHERITED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
-_STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 
 def region_tag(node: torch.fx.Node) -> dict[str, str] | None:
@@ -70,28 +70,21 @@ def copy_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
 
 
-def _state_spec(ep: torch.export.ExportedProgram, node: Any) -> InputSpec | None:
-    name = getattr(node, "name", None)
-    spec = next((s for s in ep.graph_signature.input_specs if getattr(s.arg, "name", None) == name), None)
-    return spec if spec is not None and spec.kind in _STATE_KINDS else None
-
-
 def is_state(ep: torch.export.ExportedProgram, node: Any) -> bool:
     """Whether `node` is a parameter, buffer or lifted constant of `ep` (not a user input)."""
-    return _state_spec(ep, node) is not None
+    return operand_state(ep, node) is not None
 
 
 def state_tensor(ep: torch.export.ExportedProgram, node: Any, what: str = "") -> torch.Tensor:
     """The real tensor behind `node`: a parameter, buffer or lifted constant of `ep`."""
-    spec = _state_spec(ep, node)
-    if spec is None:
+    state = operand_state(ep, node)
+    if state is None:
         raise LoweringError(
             f"{what or 'operand'} ({getattr(node, 'name', node)}) is not a parameter, buffer or constant of the "
             f"program; this backend needs the region's quantized tensors as buffers (export the quantized model "
             f"with qexport.export)"
         )
-    store = ep.state_dict if spec.target in ep.state_dict else ep.constants
-    return store[spec.target].detach()
+    return state[1].detach()
 
 
 def add_constant(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tensor) -> torch.fx.Node:
@@ -133,7 +126,7 @@ def drop_unused_state(ep: torch.export.ExportedProgram) -> bool:
     keep, dropped = [], []
     for spec in ep.graph_signature.input_specs:
         name = getattr(spec.arg, "name", None)
-        if spec.kind in _STATE_KINDS and name in unused and spec.target not in mutated:
+        if spec.kind in STATE_KINDS and name in unused and spec.target not in mutated:
             graph.erase_node(unused[name])
             dropped.append(spec.target)
         else:
