@@ -195,7 +195,9 @@ def backends() -> list[Backend]:
             _load(name)
         except (ImportError, BackendUnavailableError):
             pass
-    return list(_BACKENDS.values())
+    # in _BUILTIN's order, not import order (which backend module a run imported first varies)
+    rank = {name: i for i, name in enumerate(_BUILTIN)}
+    return sorted(_BACKENDS.values(), key=lambda b: rank.get(b.name, len(rank)))
 
 
 def register_lowering(scheme_or_family: str, backend: str, op: str, plan: Plan | None = None, *, name: str | None = None):
