@@ -160,6 +160,31 @@ def plot_serve(data: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
+def plot_llm(data: dict[str, Any], out: Path) -> list[Path]:
+    """bench_llm.py: decode tokens/s and prefill speed of each artifact, relative to fp32 AOTI."""
+    rows = data["rows"]
+    meta = data["meta"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8), sharey=True)
+    labels = [r["variant"] for r in rows]
+    for ax, key, title in ((axes[0], "decode_vs_fp32_aoti", "decode tokens/s"), (axes[1], "prefill_speedup_vs_fp32_aoti",
+                                                                                 f"prefill ({meta['prompt']} tokens)")):
+        values = [r[key] for r in rows]
+        colors = ["#a5a5a5" if r["kind"] == "aoti" and "fp32" in r["variant"] else "#ed7d31" if r["kind"] == "peer"
+                  else "#4472c4" for r in rows]
+        ax.barh(range(len(rows)), values, color=colors)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}×", va="center", fontsize=8)
+        ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"{title}: × fp32 AOTI (higher is better)", fontsize=9)
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"Llama {meta['params'] / 1e6:.0f} M, batch 1, {meta['threads']} thread, greedy: speed vs fp32 AOTI "
+                 f"(ratios of one interleaved run on a shared machine)\n{_machine(data)}", fontsize=9)
+    path = out / "llm_speed.png"
+    _save(fig, path)
+    return [path]
+
+
 PLOTTERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
     "serve.json": plot_serve,
     "minilm.json": plot_minilm,
@@ -168,6 +193,7 @@ PLOTTERS: dict[str, Callable[[dict[str, Any], Path], list[Path]]] = {
     "executorch.json": plot_executorch,
     "aoti.json": plot_aoti,
     "onnx.json": plot_onnx,
+    "llm.json": plot_llm,
 }
 
 

@@ -83,6 +83,15 @@ class UsageError(QExportError, ValueError):
     """A command-line argument that cannot be understood (input spec, --scheme-arg, TARGET)."""
 
 
+class NotALanguageModelError(ArtifactError):
+    """`generate` was given an artifact that was not exported for generation (no generation record)."""
+
+
+class GenerationError(QExportError, ValueError):
+    """A generation request the artifact cannot serve: token ids outside its vocabulary, a prompt
+    and token count beyond its KV cache, an empty prompt."""
+
+
 class BackendUnavailableError(QExportError, ImportError):
     """A stage (serializer or backend) that this installation does not provide."""
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from . import _validate
+from . import validate
 from .errors import ExportError
 from .quantize import quantized_modules
-from .passes import canonicalize_region_operands
+from .passes import canonicalize_region_operands, name_regions
 from .regions import iter_region_nodes
 
 
@@ -30,13 +31,14 @@ def export(
         raise ExportError(f"export() takes an nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise ExportError(f"args must be a tuple of example inputs, got {type(args).__name__}; write (x,) for one input")
-    _validate.check_export_inputs(model, args, kwargs)
+    validate.check_export_inputs(model, args, kwargs)
     # Deployment export is inference: trace in eval mode, then give every module its own mode back
     # (model.train(flag) would also flip submodules the user had put in eval, e.g. turning dropout on).
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
+        with _paths_from(model):
+            ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as e:  # torch's messages are long; keep them, but say which stage failed
         raise ExportError(f"torch.export failed ({'strict' if strict else 'non-strict'}): {type(e).__name__}: {e}") from e
     finally:
@@ -49,6 +51,25 @@ def export(
             f"the model has {expected} quantized modules but the exported graph has {found} regions; "
             f"a quantized module that is called more than once, or not at all, is not exported as one region"
         )
-    _validate.check_region_inputs(ep)
+    validate.check_region_inputs(ep)
     canonicalize_region_operands(ep)
+    name_regions(ep)
     return ep
+
+
+@contextlib.contextmanager
+def _paths_from(model: nn.Module) -> Iterator[None]:
+    """Name each quantized module's region by its path from `model` while it is traced.
+
+    Why: a region finds its tensors as `<module path>.<role>` among the program's buffers, which are
+    named from the exported root; a model quantized and then wrapped (`export_lm`'s cache module, a
+    user's pre/post-processing module) was quantized under other paths."""
+    found = quantized_modules(model)
+    saved = {m: m.module_path for _, m in found}
+    for fqn, m in found:
+        m.module_path = fqn
+    try:
+        yield
+    finally:
+        for m, path in saved.items():
+            m.module_path = path

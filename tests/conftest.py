@@ -116,3 +116,44 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(buf):
         code = main(["demo", "--out", str(out), "--bench-time", "0.1"])
     return code, buf.getvalue(), out
+
+
+# -- generation: a quantized decoder LM and its artifacts, built once per session --------------------
+
+LM_CACHE = 48
+
+
+@pytest.fixture(scope="session")
+def lm_program(tmp_path_factory):
+    """(quantized Llama, its export_lm program, its .pt2 path): int8_dynamic (fp32 compute, integer
+    GEMMs every backend computes exactly: XNNPACK delegates them), a 48-position cache."""
+    from hf_models import causal_lm
+
+    model = qexport.quantize(causal_lm("llama"), "int8_dynamic")
+    ep = qexport.export_lm(model, max_cache_len=LM_CACHE)
+    path = tmp_path_factory.mktemp("lm") / "lm.pt2"
+    qexport.save(ep, path)
+    return model, ep, path
+
+
+@pytest.fixture(scope="session")
+def lm_aoti(lm_program):
+    """The .pt2 above compiled by AOTInductor for this CPU (the slow part: Inductor's C++)."""
+    path = lm_program[2].with_name("lm_aoti.pt2")
+    qexport.compile(lm_program[2], path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lm_pte(lm_program):
+    """(the .pt2 above lowered to ExecuTorch with XNNPACK, its lowering report)."""
+    path = lm_program[2].with_name("lm.pte")
+    return path, qexport.to_executorch(lm_program[2], path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def lm_onnx(lm_program):
+    """The same quantized model exported with its cache as inputs and outputs (ONNX has no state)."""
+    path = lm_program[2].with_name("lm.onnx")
+    qexport.to_onnx(qexport.export_lm(lm_program[0], max_cache_len=LM_CACHE, cache="io"), path)
+    return path

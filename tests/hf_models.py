@@ -60,3 +60,35 @@ def token_ids(seq: int = 8, batch: int = 1) -> torch.Tensor:
 
 def pixels(batch: int = 1, size: int = 16) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+#: decoder LMs for generation tests: hidden 64, two layers, grouped-query attention where the
+#: architecture has it. initializer_range 0.3 so random weights give varied greedy tokens (at
+#: transformers' default 0.02 they repeat one token, which would not exercise the cache)
+LM_VOCAB = 96
+LM_POSITIONS = 64
+_LM = dict(vocab_size=LM_VOCAB, bos_token_id=0, eos_token_id=1, initializer_range=0.3)
+
+
+@_seeded
+def causal_lm(arch: str = "llama"):
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=LM_POSITIONS, **_LM))
+    raise ValueError(arch)
+
+
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy generation (its dynamic cache, eager): the reference."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -13,7 +13,7 @@ VERBOSE_HELP = "also print the warnings and log lines of torch, torchao, executo
 
 # Subcommand modules, in the order `--help` lists them; a missing module is skipped so the CLI
 # works while a backend is being written.
-SUBCOMMANDS = ("export", "inspect", "compile", "partition", "verify", "bench", "serve", "demo")
+SUBCOMMANDS = ("export", "inspect", "compile", "partition", "verify", "bench", "generate", "serve", "demo")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 Pipeline (each step a small function, all checks before the first one that costs time):
 
 1. resolve the program (an ExportedProgram or a qexport `.pt2`), check device, options and output;
-2. `plan`: ask the kernel table (`qexport.lower.kernels`) which kernel takes each region;
+2. `plan`: ask the backend contract (`plan_regions` on `aoti-<device>`, whose entries are the kernel
+   table of `qexport.lower.kernels`) which kernel takes each region;
 3. `apply_kernels`: replace the taken regions by those kernels' ops, repacking weights once, here,
    into buffers of the program; the other regions stay `invoke_quant_packed`, which Inductor fuses
    (with `codegen_low_precision` honoured, see `qexport/_upstream.py`);
@@ -18,7 +19,6 @@ import dataclasses
 import json
 import time
 from os import PathLike
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -26,11 +26,13 @@ import torch
 from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
-from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
+from ._contract import RegionPlan, plan_regions
+from ._graph import copy_program
+from .kernels import apply_kernels, inductor_options_for
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
-__all__ = ["DEVICES", "check_cpu", "compile", "load_compiled", "plan"]
+__all__ = ["DEVICES", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
 
 DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
@@ -48,7 +50,7 @@ OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUD
 Progress = Callable[[str], None]
 
 
-def _check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split `options` into (qexport's, Inductor's), refusing unknown keys before any work."""
     if device not in DEVICES:
         raise LoweringError(f"device={device!r} is not one of {DEVICES}")
@@ -92,34 +94,29 @@ def _example_inputs(ep: torch.export.ExportedProgram, device: str) -> tuple[tupl
     return tuple(torch.utils._pytree.tree_map(move, list(args))), torch.utils._pytree.tree_map(move, dict(kwargs))
 
 
-def _report(decisions: list[KernelDecision], device: str, path: str) -> LoweringReport:
-    regions = [
-        RegionReport(
-            name=d.region.name,
-            scheme=d.region.scheme,
-            backend=f"aoti-{device}",
-            delegated=d.choice is not None,
-            reason=(d.choice.why if d.choice else (d.reason or "no kernel took it")) + ("" if d.choice else "; Inductor fuses the region"),
-            kernel=d.choice.name if d.choice else "inductor",
-        )
-        for d in decisions
-    ]
+def _report(plans: list[RegionPlan], device: str, path: str) -> LoweringReport:
+    regions = [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in plans]
     return LoweringReport(target=f"aoti-{device}", path=path, regions=regions)
+
+
+def _all_to_inductor(ep: torch.export.ExportedProgram, device: str) -> list[RegionPlan]:
+    from ..regions import regions
+
+    return [RegionPlan(False, "inductor", f"{KERNELS_OPTION}='inductor'; Inductor fuses the region", region=r,
+                       backend=f"aoti-{device}") for r in regions(ep)]
 
 
 def plan(
     program_or_path: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None
 ) -> LoweringReport:
     """Which kernel each region would get, without compiling (what `qexport compile` prints first)."""
-    ours, _ = _check_options(device, options)
+    ours, _ = check_options(device, options)
     ep = resolve_program(program_or_path, "plan")
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
-        from ..regions import regions
-
-        decisions = [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(ep)]
+        plans = _all_to_inductor(ep, device)
     else:
-        decisions = [d for _, d in choose_kernels(ep, device, ours)]
-    return _report(decisions, device, "")
+        plans = plan_regions(ep, f"aoti-{device}", ours)
+    return _report(plans, device, "")
 
 
 def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
@@ -144,12 +141,12 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     x86-64; see `qexport.lower.cpu_target`), recorded as the manifest's `extra.cpu_target`. The file
     appears complete or not at all. `progress(message)` is called at each stage.
     """
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.aoti import write_manifest
+    from serializers.files import atomic_path, check_writable
     from serializers.manifest import Manifest
-    from serializers.pt2 import MANIFEST_NAME
 
     say = progress or (lambda _msg: None)
-    ours, inductor_options = _check_options(device, options)
+    ours, inductor_options = check_options(device, options)
     out = check_writable(output, ".pt2")
     ep = resolve_program(program_or_path, "compile")
     # The manifest describes the regions as exported (the lowered graph no longer has them); built
@@ -159,22 +156,19 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         say("the program has no quantized regions; compiling it as it is")
 
     t0 = time.perf_counter()
-    work = _copy_program(ep)  # the caller's program is never changed (example inputs, device)
+    work = copy_program(ep)  # the caller's program is never changed (example inputs, device)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
         work = move_to_device_pass(work, device)
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
-        from ..regions import regions
-
-        lowered, decisions = work, [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(work)]
+        lowered, plans = work, _all_to_inductor(work, device)
     else:
-        lowered, decisions = apply_kernels(work, device, ours)
-        if any(d.choice is not None for d in decisions):
+        lowered, plans = apply_kernels(work, device, ours)
+        if any(p.taken for p in plans):
             inductor_options = {**inductor_options_for(device), **inductor_options}
-    report = _report(decisions, device, str(out))
-    taken = sum(d.choice is not None for d in decisions)
-    say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")
+    taken = sum(p.taken for p in plans)
+    say(f"kernels: {taken}/{len(plans)} regions to scheme kernels, {len(plans) - taken} to Inductor fusion")
     target = {}
     if device == "cpu":
         cpu = compile_target(inductor_options.get("cpp.march"))
@@ -182,13 +176,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
             inductor_options = {**inductor_options, "cpp.march": cpu.march}
         target = {"cpu_target": cpu.to_dict()}
         say(f"target CPU: {cpu.describe()}")
-    manifest = dataclasses.replace(manifest, extra={
+    manifest = dataclasses.replace(manifest.with_lowering([p.record() for p in plans]), extra={
         **manifest.extra,
         **target,
-        "kernels": [
-            r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} | dict(d.choice.details if d.choice else {})
-            for r, d in zip(report.regions, decisions)
-        ],
         "inductor_options": {k: v for k, v in inductor_options.items() if _json_safe(v)},
     })
     args, kwargs = _example_inputs(lowered, device)
@@ -204,7 +194,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         except Exception as e:
             raise LoweringError(f"AOTInductor failed to compile the program ({type(e).__name__}: {e})") from e
         t_compile = time.perf_counter() - t1
-        _embed_manifest(tmp, MANIFEST_NAME, manifest)
+        write_manifest(tmp, manifest)
     say(f"wrote {out} ({out.stat().st_size:,} bytes; prepare {t_plan:.1f} s, Inductor {t_compile:.1f} s)")
     return str(out)
 
@@ -215,21 +205,6 @@ def _json_safe(v: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
-    """Add the manifest as `<root>/extra/<name>`, torch's place for extra files in a pt2 archive,
-    with the SHA-256 of every member torch wrote (the `.so` included), in qexport's zip layout.
-
-    Why not package_pt2(extra_files=...): aoti_compile_and_package packages the compiled files itself
-    and takes no extra files; `seal` repacks them byte for byte and adds the manifest.
-    """
-    from serializers._archive import MANIFEST_MEMBER, seal
-    from torch.export.pt2_archive.constants import EXTRA_DIR
-
-    if EXTRA_DIR + name != MANIFEST_MEMBER:
-        raise ArtifactError(f"the manifest belongs at {MANIFEST_MEMBER}, not {EXTRA_DIR + name}")
-    seal(package, manifest)
 
 
 def check_cpu(manifest: Any, path: Any = "the package") -> None:

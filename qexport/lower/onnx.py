@@ -16,7 +16,6 @@ initializers, which a translation function cannot add.
 
 from __future__ import annotations
 
-import json
 import platform
 import warnings
 from os import PathLike
@@ -27,12 +26,16 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
-from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
+from serializers import onnx as onnx_file
+from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, SCHEME_KEY  # noqa: F401  (MANIFEST_KEY, SCHEME_KEY: re-exported)
 
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
-from ..regions import Region, regions as graph_regions
-from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering, plan_region
+from ..regions import PAYLOAD_KEY, Region, RegionPayload
+from ._contract import RegionPlan, plan_regions
+from ._graph import region_state, with_region_names
+from ..validate import written_state
+from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
 from .report import LoweringReport, RegionReport
 
@@ -68,39 +71,43 @@ def to_onnx(
     The manifest records the target and `qexport.runners` refuses to run a file on CPUs it is wrong on.
     The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
     """
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
-    ep = resolve_program(program_or_path, "to_onnx")
-    found = graph_regions(ep)
+    ep = with_region_names(resolve_program(program_or_path, "to_onnx"))
+    if written := written_state(ep):
+        raise LoweringError(
+            f"the program writes state between calls ({', '.join(written[:4])}{', ...' if len(written) > 4 else ''}); an "
+            f"ONNX model has none, so those writes would be lost. Pass the state in and out as tensors instead "
+            f"(a language model: qexport.export_lm(model, cache='io'))"
+        )
     # Every region's lowering is decided (and every refusal raised) before the export starts.
-    plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset, target) for r in found}
-    by_name = {r.name: r for r in found}
-    reports = [_region_report(by_name[name], plans[name]) for name in by_name]
-    manifest = _manifest_json(ep, opset, keep_regions, target, reports)
+    planned = plan_regions(ep, "onnx", {"opset": opset, "target": target})
+    by_name = {p.region.name: p.region for p in planned}
+    plans: dict[str, RegionPlan] = {p.region.name: p for p in planned}
+    reports = [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in planned]
+    manifest = _manifest(ep, opset, keep_regions, target, [p.record() for p in planned])
 
     model, references = _export_with_placeholders(ep, opset)
-    emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
+    emitted = lower_regions(model, by_name, plans, region_state(ep), references, keep_regions=keep_regions, opset=opset)
     _finalize(model)
-    model.metadata_props[MANIFEST_KEY] = manifest
 
-    with atomic_path(out) as tmp:
-        ir.save(model, tmp)
+    def check(path: "PathLike[str]") -> None:
         try:
-            onnx.checker.check_model(str(tmp), full_check=True)
+            onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:  # checker and shape-inference errors have several types
             raise LoweringError(f"{out}: the ONNX model failed onnx.checker (full_check): {type(e).__name__}: {e}") from None
-        from serializers.onnx import seal
 
-        seal(tmp)
+    with atomic_path(out) as tmp:
+        onnx_file.write(model, tmp, manifest, check=check)
         size = tmp.stat().st_size
     return LoweringReport(
         target="onnx",
         path=str(out),
         regions=reports,
-        delegated_nodes=sum(n for name, n in emitted.items() if plans[name] is not None and plans[name].native),
+        delegated_nodes=sum(n for name, n in emitted.items() if plans[name].taken),
         total_nodes=sum(1 for _ in model.graph.all_nodes()) + sum(len(f) for f in model.functions.values()),
         bytes=size,
         extra={"opset": opset, "keep_regions": keep_regions, "target": target},
@@ -154,10 +161,6 @@ def check_target_runs_here(target: str | None, source: str) -> None:
     )
 
 
-def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
-    return {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
-
-
 # -- export -------------------------------------------------------------------------------------------
 def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> tuple[ir.Model, dict[str, ir.Function]]:
     """torch.onnx.export of `ep` with each region left as a `qexport.pending::Region` node.
@@ -174,8 +177,10 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
 
     # Unannotated on purpose: the exporter infers an ONNX signature from annotations and warns on these.
     def region_placeholder(subgraph, *operands, scheme=None, quant_options=None):
-        payload = (quant_options or {}).get("qexport") or {}
-        name = payload.get("module") or f"region_{count[0]}"
+        raw = (quant_options or {}).get(PAYLOAD_KEY)
+        payload = RegionPayload.from_dict(raw) if raw else None
+        # to_onnx recorded every region's unique name in its payload (`with_region_names`)
+        name = (payload.name or payload.module if payload else None) or f"region_{count[0]}"
         count[0] += 1
         references[name] = subgraph
         return call_op("Region", *operands, _domain=PENDING_DOMAIN, _num_outputs=len(subgraph.outputs), region=name)
@@ -219,8 +224,8 @@ def _first_lines(text: str, n: int = 6) -> str:
 def lower_regions(
     model: ir.Model,
     regions: Mapping[str, Region],
-    plans: Mapping[str, Lowering | None],
-    tensors: Mapping[str, torch.Tensor],
+    plans: Mapping[str, RegionPlan],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
     references: Mapping[str, ir.Function],
     *,
     keep_regions: bool,
@@ -230,7 +235,8 @@ def lower_regions(
 
     keep_regions=False splices the region's nodes into the main graph; True makes each region a local
     function `qexport.region::<name>` (metadata_props: the scheme and the region record) and leaves a
-    call in its place. Regions without a plan use their reference subgraph. Returns, per region, how
+    call in its place. Regions whose plan has no `Lowering` use their reference subgraph. `tensors`: region
+    name -> role -> the tensor behind that operand (`_graph.region_state`). Returns, per region, how
     many nodes it became; an empty dict means the model had no placeholders (nothing changed).
     """
     graph = model.graph
@@ -243,16 +249,17 @@ def lower_regions(
             raise LoweringError(f"the exported ONNX graph has a region {name!r} the program does not list")
         region, plan = regions[name], plans[name]
         old_inputs = [v for v in node.inputs[1:] if v is not None]
-        if plan is None:
+        lowering: Lowering | None = plan.lowering
+        if lowering is None:
             body = references[name]
-            fn = _reference_function(body, region, _function_name(name, taken_names), opset)
+            fn = _reference_function(body, region, plan, _function_name(name, taken_names), opset)
             call = ir.Node(fn.domain, fn.name, list(node.inputs), num_outputs=len(node.outputs))
             model.functions[fn.identifier()] = fn
             graph.insert_before(node, call)
             new_outputs = list(call.outputs)
             emitted[name] = len(body)
         else:
-            weights = plan.weights(_region_tensors(region, tensors))
+            weights = lowering.weights(_region_tensors(region, tensors))
             # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
             for i in range(1, len(node.inputs)):
                 node.replace_input_with(i, None)
@@ -273,49 +280,52 @@ def _drop_unused_initializers(graph: ir.Graph, values: list[ir.Value]) -> None:
             del graph.initializers[v.name]
 
 
-def _region_tensors(region: Region, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = f"{region.module_path}."
-    out = {r: tensors[prefix + r] for r in region.roles if r != "input" and prefix + r in tensors}
+def _region_tensors(region: Region, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {r: t for r, t in tensors.get(region.name, {}).items() if r != "input"}
     missing = [r for r in region.roles if r != "input" and r not in out]
     if missing:
-        raise LoweringError(f"region {region.name}: the program has no buffers for roles {missing} (expected {prefix}<role>)")
+        raise LoweringError(
+            f"region {region.name}: operands {missing} are not buffers of the program; export the quantized model "
+            f"with qexport.export"
+        )
     return out
 
 
 def _emit(
-    model: ir.Model, node: ir.Node, plan: Lowering, weights: Mapping[str, ir.Tensor], keep_regions: bool, fname: str, opset: int
+    model: ir.Model, node: ir.Node, plan: RegionPlan, weights: Mapping[str, ir.Tensor], keep_regions: bool, fname: str, opset: int
 ) -> tuple[list[ir.Value], int]:
+    lowering: Lowering = plan.lowering
     graph = model.graph
     x = node.inputs[0]
     assert x is not None
     inits: dict[str, ir.Value] = {}
     for role, tensor in weights.items():
-        vname = _free_initializer_name(graph, f"{plan.region.module_path}.{role}")
+        vname = _free_initializer_name(graph, f"{lowering.region.module_path}.{role}")
         value = ir.Value(name=vname, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         graph.register_initializer(value)
         inits[role] = value
     e = Emitter()
     if not keep_regions:
-        y = plan.emit(e, x, inits)
+        y = lowering.emit(e, x, inits)
         graph.insert_before(node, e.nodes)
         return [y], len(e.nodes)
     fx = ir.Value(name="input", shape=x.shape, type=x.type)
     fw = {role: ir.Value(name=role, shape=v.shape, type=v.type) for role, v in inits.items()}
-    y = plan.emit(e, fx, fw)
+    y = lowering.emit(e, fx, fw)
     y.name = "output"
     fn = ir.Function(
         REGION_DOMAIN, fname,
         graph=ir.Graph([fx, *fw.values()], [y], nodes=e.nodes, opset_imports={"": opset}, name=fname),
         attributes=[],
     )
-    _describe_function(fn, plan.region, plan)
+    _describe_function(fn, lowering.region, plan)
     model.functions[fn.identifier()] = fn
     call = ir.Node(REGION_DOMAIN, fname, [x, *inits.values()], num_outputs=1)
     graph.insert_before(node, call)
     return list(call.outputs), len(e.nodes)
 
 
-def _reference_function(body: ir.Function, region: Region, fname: str, opset: int) -> ir.Function:
+def _reference_function(body: ir.Function, region: Region, plan: RegionPlan, fname: str, opset: int) -> ir.Function:
     body.domain, body.name = REGION_DOMAIN, fname
     # The exporter stamps subgraph functions with torchlib's opset (18) and only converts what is still
     # used after its optimizer, which these no longer were; the checker wants one default opset.
@@ -323,36 +333,19 @@ def _reference_function(body: ir.Function, region: Region, fname: str, opset: in
     for n in body:
         if n.domain == "":
             n.version = None
-    _describe_function(body, region, None)
+    _describe_function(body, region, plan)
     return body
 
 
-def _describe_function(fn: ir.Function, region: Region, plan: Lowering | None) -> None:
+def _describe_function(fn: ir.Function, region: Region, plan: RegionPlan) -> None:
     scheme = region.scheme
-    fn.metadata_props[SCHEME_KEY] = json.dumps(scheme.to_dict() if scheme else {"name": region.scheme_name})
-    fn.metadata_props[REGION_KEY] = json.dumps(_region_record(region, plan))
-    label = scheme.describe() if scheme else region.scheme_name
-    fn.doc_string = f"qexport region {region.name}: {region.op} quantized with {label}; {_kernel(plan)}"
-
-
-def _region_record(region: Region, plan: Lowering | None) -> dict[str, Any]:
-    return {
+    onnx_file.describe_region(fn, scheme.to_dict() if scheme else {"name": region.scheme_name}, {
         "name": region.name, "module_path": region.module_path, "op": region.op, "op_params": region.op_params,
         "roles": list(region.roles), "weight_shape": list(region.weight_shape) if region.weight_shape else None,
-        "native": bool(plan and plan.native), "kernel": _kernel(plan), "reason": _reason(region, plan),
-    }
-
-
-def _kernel(plan: Lowering | None) -> str:
-    return plan.kernel if plan else "reference math (torch.onnx's translation of the region subgraph)"
-
-
-def _reason(region: Region, plan: Lowering | None) -> str:
-    if plan is not None:
-        return plan.reason
-    family = region.scheme.family if region.scheme else region.scheme_name
-    return (f"no ONNX lowering for scheme family {family!r} (qexport.lower.onnx_regions.register_onnx_lowering adds one); "
-            f"its reference math runs as float ops")
+        "lowering": plan.record().to_dict(),
+    })
+    label = scheme.describe() if scheme else region.scheme_name
+    fn.doc_string = f"qexport region {region.name}: {region.op} quantized with {label}; {plan.kernel}"
 
 
 def _function_name(name: str, taken: set[str]) -> str:
@@ -382,23 +375,12 @@ def _finalize(model: ir.Model) -> None:
     common_passes.NameFixPass()(model)
 
 
-# -- report and manifest ------------------------------------------------------------------------------
-def _region_report(region: Region, plan: Lowering | None) -> RegionReport:
-    return RegionReport(
-        name=region.name, scheme=region.scheme, backend="onnx", delegated=bool(plan and plan.native),
-        reason=_reason(region, plan), kernel=_kernel(plan),
-    )
-
-
-def _manifest_json(
-    ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, reports: list[RegionReport]
-) -> str:
+# -- manifest ----------------------------------------------------------------------------------------
+def _manifest(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, records: list) -> Any:
     from serializers.manifest import Manifest
 
-    lowering = {r.name: {"native": r.delegated, "kernel": r.kernel, "reason": r.reason} for r in reports}
-    return Manifest.from_program(
-        ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target, lowering=lowering
-    ).to_json()
+    manifest = Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target)
+    return manifest.with_lowering(records)
 
 
 __all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]

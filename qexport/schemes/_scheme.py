@@ -91,11 +91,8 @@ class Scheme:
 
     def params(self) -> dict[str, Any]:
         """The fields that differ from the registered scheme of the same name (for reports)."""
-        from . import registry
-
-        try:
-            base = registry.get(self.name)
-        except Exception:  # a scheme that is not registered here: every field is a parameter
+        base = REGISTERED.get(self.name)
+        if base is None:  # a scheme that is not registered here: every field is a parameter
             return {k: v for k, v in self.to_dict().items() if k not in ("name", "version")}
         return {k: v for k, v in self.to_dict().items() if getattr(base, k) != v}
 
@@ -112,6 +109,10 @@ class Scheme:
 
 
 Scheme.FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
+
+#: name -> the registered Scheme, filled by `registry.register`; it lives here, below the registry,
+#: so a scheme can compare itself with its registered version (`params`) without importing the registry
+REGISTERED: dict[str, Scheme] = {}
 
 
 class SchemeMath:

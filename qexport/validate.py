@@ -111,20 +111,18 @@ def check_export_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]
 def check_region_inputs(ep: torch.export.ExportedProgram) -> None:
     """After tracing: every linear/conv region gets floating activations. An integer example input
     that reaches one traces into a program that computes in, and returns, integers."""
-    from .regions import iter_region_nodes, region_payload
+    from .regions import iter_region_nodes, operand_state, region_payload
 
-    lifted = set(ep.graph_signature.inputs_to_parameters) | set(ep.graph_signature.inputs_to_buffers)
-    lifted |= set(getattr(ep.graph_signature, "inputs_to_lifted_tensor_constants", {}))
     for node in iter_region_nodes(ep):
-        payload = region_payload(node) or {}
-        if payload.get("op") == "embedding":
+        payload = region_payload(node)
+        if payload is not None and payload.op == "embedding":
             continue
         for a in node.args[1:]:
-            val = a.meta.get("val") if isinstance(a, torch.fx.Node) and a.name not in lifted else None
+            val = a.meta.get("val") if isinstance(a, torch.fx.Node) and operand_state(ep, a) is None else None
             if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
-                where = payload.get("module") or node.name
+                where = payload.module if payload and payload.module else node.name
                 raise ExportError(
-                    f"region {where} ({payload.get('op', '?')}) gets a {val.dtype} activation: an example input of a "
+                    f"region {where} ({payload.op if payload else '?'}) gets a {val.dtype} activation: an example input of a "
                     f"dtype the model cannot take; pass floating-point inputs (e.g. x.float())"
                 )
             if isinstance(val, torch.Tensor):
@@ -139,3 +137,19 @@ def check_state(ep: torch.export.ExportedProgram, where: str) -> None:
                 why = _no_data(t)
                 if why:
                     raise ArtifactError(f"{where}: {kind} {fqn!r} {why}; the file would hold no weights. Export a model with real weights")
+
+
+def written_state(ep: torch.export.ExportedProgram) -> list[str]:
+    """The buffers (and lifted constants) a program writes: state kept between calls, such as a KV
+    cache. Read from the signature of a functionalized program and from the in-place ops of one that
+    is not (torch.export's default IR keeps `index_copy_` and friends until decompositions run)."""
+    sig = ep.graph_signature
+    state = {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    written = set(getattr(sig, "buffers_to_mutate", {}).values())
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable and node.args and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].name in state and schema.arguments and schema.arguments[0].alias_info is not None \
+                and schema.arguments[0].alias_info.is_write:
+            written.add(state[node.args[0].name])
+    return sorted(written)

@@ -1,0 +1,223 @@
+"""Decoder-LM generation at batch 1: prefill time and decode tokens/s of a Llama-architecture model
+(random weights from a config: speed does not depend on them), every artifact timed in ONE run.
+
+Variants, all exported with `qexport.export_lm` (a static KV cache in mutable buffers, the same cache
+length) except the peer:
+- fp32 AOTI: the float model, compiled by AOTInductor (the reference every ratio is taken against);
+- qexport AOTI CPU: int8_weight_only, int4_weight_only (g32), int8_dynamic, and
+  int8_dynamic_int4_weight when this qexport registers it;
+- qexport .pte (ExecuTorch, XNNPACK): int8_dynamic (and int8_dynamic_int4_weight when registered);
+- the ExecuTorch peer: torchao's 8da4w (`quantize_(model, Int8DynamicActivationIntxWeightConfig(int4,
+  PerGroup(32)))`) on the same wrapped model, exported and lowered with
+  `to_edge_transform_and_lower(XnnpackPartitioner())`.
+
+Each round generates `--new` tokens after a `--prompt`-token prompt through every artifact, in an order
+that rotates between rounds, so machine load drifts hit every variant alike; medians over rounds.
+Artifacts are kept in `--work` and reused by later runs (delete them after changing the code).
+
+    .venv/bin/python benchmarks/bench_llm.py [--layers 12] [--rounds 5] [--prompt 32] [--new 32] [--threads 1]
+        [--work /tmp/bench_llm] [--json benchmarks/results/llm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import qexport  # noqa: E402
+from qexport import runners  # noqa: E402
+from qexport.generation import GenerationSpec, StaticCacheLM, generate  # noqa: E402
+
+CACHE = 256
+GROUP = 32
+
+
+def llama(layers: int) -> torch.nn.Module:
+    """~125 M parameters at 12 layers: hidden 768, MLP 2048, 12 heads (4 KV heads), vocabulary 32000,
+    embeddings and LM head untied (as Llama's)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=CACHE,
+                                   tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def has_scheme(name: str) -> bool:
+    return name in qexport.schemes.names()
+
+
+def variants() -> list[tuple[str, str, str | None]]:
+    """(label, artifact kind, scheme or None for float / the peer)."""
+    out = [("fp32 AOTI", "aoti", None), ("qexport AOTI int8_weight_only", "aoti", "int8_weight_only"),
+           (f"qexport AOTI int4_weight_only g{GROUP}", "aoti", "int4_weight_only"),
+           ("qexport AOTI int8_dynamic", "aoti", "int8_dynamic")]
+    if has_scheme("int8_dynamic_int4_weight"):
+        out.append((f"qexport AOTI int8_dynamic_int4_weight g{GROUP}", "aoti", "int8_dynamic_int4_weight"))
+    out.append(("qexport .pte int8_dynamic (XNNPACK)", "pte", "int8_dynamic"))
+    if has_scheme("int8_dynamic_int4_weight"):
+        out.append((f"qexport .pte int8_dynamic_int4_weight g{GROUP} (XNNPACK)", "pte", "int8_dynamic_int4_weight"))
+    out.append((f"ExecuTorch torchao 8da4w g{GROUP} .pte (XNNPACK)", "peer", None))
+    return out
+
+
+def scheme(name: str):
+    return qexport.schemes.get(name, group_size=GROUP) if "int4" in name else qexport.schemes.get(name)
+
+
+def build(label: str, kind: str, name: str | None, layers: int, work: Path) -> tuple[Path, dict[str, Any]]:
+    path = work / (label.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "") + (".pte" if kind != "aoti" else ".pt2"))
+    info: dict[str, Any] = {}
+    if path.exists():
+        return path, {"reused": True}
+    t = time.perf_counter()
+    model = llama(layers)
+    if kind == "peer":
+        info.update(peer_pte(model, path))
+    else:
+        if name is not None:
+            qexport.quantize(model, scheme(name))
+        ep = qexport.export_lm(model, max_cache_len=CACHE)
+        if kind == "aoti":
+            qexport.compile(ep, path)
+        else:
+            report = qexport.to_executorch(ep, path, progress=False)
+            info["regions_delegated"] = f"{sum(r.delegated for r in report.regions)}/{len(report.regions)}"
+            info["delegated_nodes"] = f"{report.delegated_nodes}/{report.total_nodes}"
+    info["build_s"] = round(time.perf_counter() - t, 1)
+    del model
+    gc.collect()
+    return path, info
+
+
+def peer_pte(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """torchao's 8da4w on the same model and cache wrapper, lowered the way ExecuTorch's own examples do."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+    wrapper = StaticCacheLM(model, CACHE)
+    quantize_(wrapper, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP)))
+    prompt = torch.export.Dim("prompt_len", min=1, max=CACHE)
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)),
+                                 dynamic_shapes=({1: prompt}, {0: prompt}), strict=False)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        info = get_delegation_info(edge.exported_program().graph_module)
+        et = edge.to_executorch()
+    with open(path, "wb") as f:
+        et.write_to_file(f)
+    return {"delegated_nodes": f"{info.num_delegated_nodes}/{info.num_delegated_nodes + info.num_non_delegated_nodes}"}
+
+
+def open_runner(path: Path, kind: str) -> Callable:
+    if kind != "peer":
+        return runners.load(path)
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return runners.Runner("pte", path, lambda flat: list(method.execute([x.contiguous() for x in flat])))
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    flags = open("/proc/cpuinfo").read()
+    return {"cpu": model, "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_vnni": "avx512_vnni" in flags, "machine": f"{model}, {os.cpu_count()} cores, "
+            f"{torch.backends.cpu.get_cpu_capability()}{' + VNNI' if 'avx512_vnni' in flags else ''}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op and XNNPACK threads (default 1: on a shared machine more threads add noise)")
+    ap.add_argument("--work", default="/tmp/bench_llm")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of variant labels to keep")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    # The runtime's pybindings expose no public knob for the threadpool; this is what its own tests use.
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    chosen = [v for v in variants() if args.only is None or any(k in v[0] for k in args.only.split(","))]
+    params = sum(p.numel() for p in llama(args.layers).parameters())
+    print(f"Llama, {args.layers} layers, {params / 1e6:.0f} M parameters; cache {CACHE}; prompt {args.prompt}, "
+          f"{args.new} new tokens; {args.threads} thread(s)", flush=True)
+
+    built: dict[str, tuple[Path, str, dict[str, Any]]] = {}
+    for label, kind, name in chosen:
+        print(f"building {label} ...", flush=True)
+        path, info = build(label, kind, name, args.layers, work)
+        info["bytes"] = path.stat().st_size
+        built[label] = (path, kind, info)
+        print(f"  {path.name}: {info}", flush=True)
+
+    spec = GenerationSpec(max_cache_len=CACHE, vocab_size=32000)
+    loaded = {label: open_runner(path, kind) for label, (path, kind, _) in built.items()}
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 32000, (args.prompt,), generator=g).tolist()
+    tokens: dict[str, list[int]] = {}
+    for label, r in loaded.items():  # warm-up: first calls allocate, page in weights, build kernels' packs
+        tokens[label] = generate(r, prompt, args.new, stop_at_eos=False, spec=spec).tokens
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in loaded}
+    labels = list(loaded)
+    for rnd in range(args.rounds):
+        for label in labels[rnd % len(labels):] + labels[:rnd % len(labels)]:
+            res = generate(loaded[label], prompt, args.new, stop_at_eos=False, spec=spec)
+            samples[label].append((res.prefill_s, res.decode_tokens_per_s))
+        print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+
+    base = "fp32 AOTI"
+    med = {label: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for label, v in samples.items()}
+    rows = []
+    for label, (prefill, rate) in med.items():
+        path, kind, info = built[label]
+        row = {"variant": label, "kind": kind, "prefill_ms": prefill * 1e3, "decode_tokens_per_s": rate,
+               "decode_vs_fp32_aoti": rate / med[base][1] if base in med else None,
+               "prefill_speedup_vs_fp32_aoti": med[base][0] / prefill if base in med else None,
+               "same_tokens_as_fp32": (sum(a == b for a, b in zip(tokens[label], tokens[base])) if base in tokens else None),
+               **info}
+        rows.append(row)
+        print(f"{label:55s} prefill {prefill * 1e3:8.1f} ms  decode {rate:7.1f} tok/s  "
+              f"x{row['decode_vs_fp32_aoti'] or float('nan'):.2f} decode, x{row['prefill_speedup_vs_fp32_aoti'] or float('nan'):.2f} "
+              f"prefill vs fp32 AOTI  {info.get('bytes', 0) / 1e6:.0f} MB", flush=True)
+    result = {"machine": machine()["machine"], "meta": {**machine(), "torch": torch.__version__,
+              "threads": args.threads, "layers": args.layers, "params": params, "cache": CACHE,
+              "prompt": args.prompt, "new_tokens": args.new, "rounds": args.rounds, "group_size": GROUP,
+              "note": "ratios on a shared machine (other jobs ran at the same time); medians of interleaved rounds"},
+              "rows": rows}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("executorch", "torchao", "transformers"):
+        try:
+            result["meta"][package] = version(package)
+        except PackageNotFoundError:
+            pass
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""Decoder language models, token by token: `export_lm` exports a (quantized) transformers causal LM
+with a static KV cache, and `generate` runs greedy generation through any artifact made from it.
+
+Two layouts, one program each, with T dynamic in [1, max_cache_len]: a prompt is one call (prefill),
+each new token one call of T = 1 (decode).
+- "static_cache" (default): `(input_ids [1, T], cache_position [T]) -> logits [1, vocab]` (the last
+  position's); keys and values live in mutable buffers of `max_cache_len` positions. torch.export
+  records the writes, and the .pt2, AOTInductor and ExecuTorch keep the buffers between calls.
+- "static_cache_io": the same cache passed in and returned, `(input_ids, cache_position, k_0, v_0,
+  ...) -> (logits, k_0', v_0', ...)`, for runtimes without state: ONNX.
+
+What `generate` needs beyond the file's inputs (the layout, the cache length and shapes, the
+vocabulary, the end-of-sequence ids) is a `GenerationSpec`, which travels in the program
+(`graph_module.meta["custom"]`, kept by torch.export's serializer) into every artifact's manifest as
+`extra["generation"]`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ArtifactError, CorruptArtifactError, ExportError, GenerationError, NotALanguageModelError
+from serializers.manifest import GENERATION_META
+
+#: the layouts `generate` can run; see the module docstring
+LAYOUTS = ("static_cache", "static_cache_io")
+#: export_lm's `cache=` choices and the layout each makes
+CACHE_LAYOUTS = {"buffers": "static_cache", "io": "static_cache_io"}
+SPEC_FORMAT = 1
+#: the dynamic prompt-length dim's name, as the manifest's input table shows it
+PROMPT_DIM = "prompt_len"
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What a generating runtime needs to know about a program, beyond its inputs."""
+
+    max_cache_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    layout: str = "static_cache"
+    #: "static_cache_io": the shape of each cache input (k_0, v_0, k_1, ...) and their dtype
+    cache_shapes: tuple[tuple[int, ...], ...] = ()
+    cache_dtype: str = "float32"
+    format: int = SPEC_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": self.format, "layout": self.layout, "max_cache_len": self.max_cache_len,
+               "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids)}
+        if self.layout == "static_cache_io":
+            out.update(cache_shapes=[list(s) for s in self.cache_shapes], cache_dtype=self.cache_dtype)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "the artifact") -> "GenerationSpec":
+        """Raises UnsupportedVersionError for a newer format, CorruptArtifactError for a malformed record."""
+        from .errors import UnsupportedVersionError
+
+        if not isinstance(data, dict):
+            raise CorruptArtifactError(f"{source}: the generation record is not an object")
+        fmt = data.get("format")
+        if isinstance(fmt, int) and fmt > SPEC_FORMAT:
+            raise UnsupportedVersionError(f"{source}: generation record format {fmt} is newer than this qexport reads "
+                                          f"({SPEC_FORMAT}); upgrade qexport")
+
+        def count(key: str, low: int) -> int:
+            v = data.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise CorruptArtifactError(f"{source}: generation record: {key} must be an int >= {low}, got {v!r}")
+            return v
+
+        eos = data.get("eos_token_ids", [])
+        if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raise CorruptArtifactError(f"{source}: generation record: eos_token_ids must be a list of ints, got {eos!r}")
+        layout = data.get("layout")
+        if layout not in LAYOUTS:
+            raise CorruptArtifactError(f"{source}: generation record: layout {layout!r} is not one of {LAYOUTS}")
+        shapes, dtype = data.get("cache_shapes", []), data.get("cache_dtype", "float32")
+        if not isinstance(shapes, list) or not all(
+                isinstance(sh, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sh)
+                for sh in shapes) or (layout == "static_cache_io") != bool(shapes):
+            raise CorruptArtifactError(f"{source}: generation record: cache_shapes {shapes!r} do not fit layout {layout!r}")
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CorruptArtifactError(f"{source}: generation record: cache_dtype {dtype!r} is not a torch dtype")
+        return cls(max_cache_len=count("max_cache_len", 1), vocab_size=count("vocab_size", 1),
+                   eos_token_ids=tuple(eos), layout=layout, cache_shapes=tuple(tuple(sh) for sh in shapes),
+                   cache_dtype=dtype, format=count("format", 1))
+
+    def empty_cache(self) -> list[torch.Tensor]:
+        """The cache a "static_cache_io" program starts from (what it holds beyond a position is masked)."""
+        return [torch.zeros(sh, dtype=getattr(torch, self.cache_dtype)) for sh in self.cache_shapes]
+
+
+# -- export -------------------------------------------------------------------------------------------
+
+class StaticCacheLM(nn.Module):
+    """A transformers causal LM over a StaticCache: the module `TorchExportableModuleWithStaticCache`
+    (transformers.integrations.executorch) builds, returning only the last position's logits
+    (`logits_to_keep=1`: a prompt's other rows would cost a [T, hidden] x [hidden, vocab] GEMM that
+    greedy decoding throws away). With `cache_io` the cache is passed in and returned instead of held
+    in buffers (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, max_cache_len: int, cache_io: bool = False) -> None:
+        super().__init__()
+        from transformers.cache_utils import DummyLayer, StaticCache, StaticLayer, StaticSlidingWindowLayer
+        from transformers.configuration_utils import get_head_shapes
+
+        self.model, self.cache_io = model, cache_io
+        config = model.config.get_text_config()
+        self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
+        for i, layer in enumerate(self.cache.layers):
+            # as transformers' export module does: a sliding-window layer's update branches on data,
+            # which export cannot capture (generation past the window then differs from the model's);
+            # a KV-sharing layer never reads its own cache
+            if isinstance(layer, StaticSlidingWindowLayer):
+                self.cache.layers[i] = StaticLayer(max_cache_len)
+            elif isinstance(layer, DummyLayer):
+                self.cache.layers[i] = StaticLayer(0)
+        heads, head_dim = get_head_shapes(config)
+        self.cache.early_initialization(1, heads, head_dim, _float_dtype(model), torch.device("cpu"))
+        if not cache_io:
+            for i, layer in enumerate(self.cache.layers):
+                self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+                self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+
+    def example_cache(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(t) for layer in self.cache.layers for t in (layer.keys, layer.values)]
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, *cache: torch.Tensor) -> Any:
+        for i, layer in enumerate(self.cache.layers):
+            if self.cache_io:
+                # copies: written in place, the inputs would be mutated, which ONNX cannot say
+                layer.keys, layer.values = cache[2 * i].clone(), cache[2 * i + 1].clone()
+            else:
+                # Non-strict export swaps this module's buffers for fakes but not the cache layers' own
+                # references to the same tensors, which it would lift as constants written in place
+                # (AOTInductor: "mutating a non-functional tensor"); read them from the module.
+                layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
+            # where this call's tokens go, from the call itself: no state to reset between generations
+            layer.cumulative_length = cache_position[0].clone()
+        out = self.model(input_ids=input_ids, attention_mask=None, cache=self.cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        if not self.cache_io:
+            return logits
+        return (logits, *(t for layer in self.cache.layers for t in (layer.keys, layer.values)))
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def _check_lm(model: Any, max_cache_len: Any) -> Any:
+    """The model's text config; ExportError for what `export_lm` cannot take."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or config is None or not hasattr(config, "get_text_config"):
+        raise ExportError(
+            f"export_lm takes a transformers causal LM (e.g. LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel), "
+            f"got {type(model).__name__}; for other models use qexport.export"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ExportError(f"{type(model).__name__} is an encoder-decoder model; export_lm takes decoder-only LMs")
+    if not any(base.__name__ == "GenerationMixin" for base in type(model).__mro__):
+        raise ExportError(f"{type(model).__name__} does not generate text (no language-modelling head); "
+                          f"export_lm takes a *ForCausalLM / *LMHeadModel")
+    if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 2:
+        raise ExportError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
+    text = config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if positions is not None and max_cache_len > positions:
+        raise ExportError(
+            f"max_cache_len={max_cache_len} is beyond the {positions} positions {type(model).__name__} was configured "
+            f"for (max_position_embeddings); choose max_cache_len <= {positions}"
+        )
+    return text
+
+
+def _eos_ids(model: nn.Module, text: Any) -> tuple[int, ...]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(text, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+def export_lm(
+    model: nn.Module, *, max_cache_len: int = 256, cache: str = "buffers", strict: bool = False
+) -> torch.export.ExportedProgram:
+    """Export a transformers decoder-only LM (quantized with `qexport.quantize` first, or float) for
+    token-by-token generation over a static KV cache of `max_cache_len` positions: `(input_ids [1, T],
+    cache_position [T]) -> logits [1, vocab]`, T dynamic in [1, max_cache_len].
+
+    `cache="buffers"` (default) keeps the cache in mutable buffers of the program (the .pt2, AOTI
+    and ExecuTorch keep them between calls); `cache="io"` passes it in and out as tensors, for ONNX.
+    Every quantized projection is one region, as with `qexport.export`. The program records what
+    `generate` needs (`GenerationSpec`), and `save`, `compile`, `to_executorch`, `to_onnx` carry it
+    into their artifact's manifest. The model itself is left as it was."""
+    text = _check_lm(model, max_cache_len)
+    try:
+        from transformers.cache_utils import StaticCache  # noqa: F401
+        from transformers.configuration_utils import get_head_shapes  # noqa: F401
+    except ImportError as e:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"export_lm needs transformers 5 (its StaticCache with early_initialization and get_head_shapes; tested "
+            f"with 5.24): {e}. pip install 'transformers>=5.24'"
+        ) from None
+    if cache not in CACHE_LAYOUTS:
+        raise ExportError(f"cache={cache!r} is not one of {sorted(CACHE_LAYOUTS)} ('io' for ONNX)")
+    from .export import export
+
+    modes = {m: m.training for m in model.modules()}
+    wrapper = StaticCacheLM(model.eval(), max_cache_len, cache_io=cache == "io")
+    prompt = torch.export.Dim(PROMPT_DIM, min=1, max=max_cache_len)
+    states = wrapper.example_cache() if cache == "io" else []
+    args = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), *states)
+    dims = ({1: prompt}, {0: prompt}, *([(None,) * len(states)] if states else []))  # *cache is one vararg tuple
+    try:
+        # Without grad: the cache writes would otherwise record a leaf that requires grad being written
+        # in place (norm weights are Parameters), which ExecuTorch's passes refuse.
+        with torch.no_grad():
+            ep = export(wrapper, args, dynamic_shapes=dims, strict=strict)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    logits = next(n for n in ep.graph.nodes if n.op == "output").args[0][0].meta["val"]
+    spec = GenerationSpec(max_cache_len=max_cache_len, vocab_size=int(logits.shape[-1]), eos_token_ids=_eos_ids(model, text),
+                          layout=CACHE_LAYOUTS[cache], cache_shapes=tuple(tuple(t.shape) for t in states),
+                          cache_dtype=str(states[0].dtype).removeprefix("torch.") if states else "float32")
+    ep.graph_module.meta.setdefault("custom", {})[GENERATION_META] = spec.to_dict()
+    return ep
+
+
+# -- generate -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Greedy generation's output: the new tokens (the prompt not included) and its speed."""
+
+    tokens: list[int]
+    #: seconds of the prompt's call (the first token included)
+    prefill_s: float
+    #: tokens per second over the single-token calls (None when only one token was generated)
+    decode_tokens_per_s: float | None
+    prompt_len: int = 0
+    #: whether generation stopped on an end-of-sequence token before max_new_tokens
+    stopped_at_eos: bool = False
+
+
+def generation_spec(artifact: Any) -> GenerationSpec:
+    """The GenerationSpec of an artifact path, a `runners.Runner`, or an ExportedProgram;
+    NotALanguageModelError when it has none."""
+    from . import runners
+
+    if isinstance(artifact, torch.export.ExportedProgram):
+        record, source = artifact.graph_module.meta.get("custom", {}).get(GENERATION_META), "the program"
+    else:
+        import serializers
+
+        path = artifact.path if isinstance(artifact, runners.Runner) else artifact
+        source = str(path)
+        record = serializers.inspect(path).extra.get("generation")
+    if record is None:
+        raise NotALanguageModelError(
+            f"{source}: not a generating language model (its manifest has no generation record); export the "
+            f"model with qexport.export_lm(model, max_cache_len=...) and save/compile/lower that program"
+        )
+    return GenerationSpec.from_dict(record, source)
+
+
+def _prompt(prompt_ids: Any) -> list[int]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+            raise GenerationError(f"prompt_ids must be one sequence of integer token ids ([T] or [1, T]), got a "
+                                  f"{prompt_ids.dtype} tensor of shape {list(prompt_ids.shape)}")
+        return [int(t) for t in prompt_ids.tolist()]
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+        raise GenerationError(f"prompt_ids must be a list of token ids (ints), got {type(prompt_ids).__name__}; "
+                              f"tokenize text first")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+        raise GenerationError(f"prompt_ids must be ints, got {[type(t).__name__ for t in prompt_ids][:3]}...")
+    return list(prompt_ids)
+
+
+def check_request(spec: GenerationSpec, prompt: list[int], max_new_tokens: Any, source: str = "the artifact") -> None:
+    """GenerationError unless `prompt` and `max_new_tokens` fit the artifact's vocabulary and cache."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not prompt:
+        raise GenerationError("the prompt is empty; give at least one token id")
+    bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
+    if bad:
+        raise GenerationError(f"token ids {bad[:5]} are outside {source}'s vocabulary [0, {spec.vocab_size})")
+    # the prompt takes positions 0..P-1 and each new token but the last one more position
+    need = len(prompt) + max_new_tokens - 1
+    if need > spec.max_cache_len:
+        fits = spec.max_cache_len - len(prompt) + 1
+        raise GenerationError(
+            f"a prompt of {len(prompt)} tokens and {max_new_tokens} new tokens need {need} cache positions; {source} "
+            f"holds {spec.max_cache_len}. " + (f"Ask for at most {fits} new tokens" if fits >= 1 else "Shorten the prompt")
+            + " or export with a larger max_cache_len"
+        )
+
+
+def generate(
+    artifact_or_runner: "str | PathLike[str] | Any",
+    prompt_ids: "Sequence[int] | torch.Tensor",
+    max_new_tokens: int = 32,
+    *,
+    stop_at_eos: bool = True,
+    expected_sha256: str | None = None,
+    spec: GenerationSpec | None = None,
+) -> GenerationResult:
+    """Greedy generation through an artifact of `export_lm`: a `.pt2`, an AOTInductor package, a
+    `.pte`, an `.onnx` (path), a `qexport.runners.Runner` already loaded, or the ExportedProgram itself.
+
+    The prompt is one call (its time is `prefill_s`), each further token one call of one token
+    (`decode_tokens_per_s`). Stops after `max_new_tokens` tokens, or at an end-of-sequence token of the
+    model's generation config when `stop_at_eos` (that token is returned). The request is checked
+    against the artifact's vocabulary and cache length before anything runs (GenerationError), and an
+    artifact that is not a generating LM is refused (NotALanguageModelError). A runner keeps its cache
+    between calls; each generation overwrites it from position 0, so one runner serves many prompts
+    (one at a time). `spec` stands in for the manifest's record when the runner's file has none (a
+    program with the same signature lowered by another tool)."""
+    from . import runners
+
+    prompt = _prompt(prompt_ids)
+    spec = spec if spec is not None else generation_spec(artifact_or_runner)
+    source = "the program" if isinstance(artifact_or_runner, torch.export.ExportedProgram) else str(
+        artifact_or_runner.path if isinstance(artifact_or_runner, runners.Runner) else artifact_or_runner)
+    check_request(spec, prompt, max_new_tokens, source)
+    if isinstance(artifact_or_runner, runners.Runner):
+        runner = artifact_or_runner
+    elif isinstance(artifact_or_runner, torch.export.ExportedProgram):
+        runner = runners.program_runner(artifact_or_runner)
+    else:
+        runner = runners.load(artifact_or_runner, expected_sha256=expected_sha256)
+    return _greedy(runner, spec, prompt, max_new_tokens, stop_at_eos)
+
+
+def _check_inputs(runner: Any, spec: GenerationSpec) -> None:
+    """The record must describe the program it sits beside (before its cache shapes are allocated)."""
+    if runner.inputs is None:  # AOTI packages do not list their inputs
+        return
+    found = [tuple(i.shape) for i in runner.inputs[2:]]
+    if len(runner.inputs) != 2 + len(spec.cache_shapes) or any(
+            a != b for a, b in zip(found, spec.cache_shapes)):
+        raise CorruptArtifactError(
+            f"{runner.path}: its generation record ({spec.layout}, {len(spec.cache_shapes)} cache tensors) does not "
+            f"describe its inputs ({len(runner.inputs)}: {[i.name for i in runner.inputs][:4]}...); re-export it"
+        )
+
+
+def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_at_eos: bool) -> GenerationResult:
+    eos = set(spec.eos_token_ids) if stop_at_eos else set()
+    _check_inputs(runner, spec)
+    cache = spec.empty_cache()
+
+    def next_token(ids: list[int], start: int) -> int:
+        nonlocal cache
+        out = runner([torch.tensor([ids], dtype=torch.long), torch.arange(start, start + len(ids), dtype=torch.long), *cache])
+        if len(out) != 1 + len(cache) or out[0].shape[-1] != spec.vocab_size:
+            raise ArtifactError(f"{runner.path}: returned {[list(o.shape) for o in out][:3]} where its generation record "
+                                f"promises logits over {spec.vocab_size} tokens and {len(cache)} cache tensors")
+        cache = out[1:]
+        return int(out[0].reshape(-1, spec.vocab_size)[-1].argmax())
+
+    t0 = time.perf_counter()
+    tokens = [next_token(prompt, 0)]
+    prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    while len(tokens) < n and tokens[-1] not in eos:
+        tokens.append(next_token(tokens[-1:], len(prompt) + len(tokens) - 1))
+    decoded = len(tokens) - 1
+    rate = decoded / (time.perf_counter() - t1) if decoded else None
+    return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)
+
+
+__all__ = ["GenerationResult", "GenerationSpec", "StaticCacheLM", "check_request", "export_lm", "generate", "generation_spec"]

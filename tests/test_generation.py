@@ -1,0 +1,220 @@
+"""Token-by-token generation: `export_lm` (a static KV cache in mutable buffers, dynamic prompt length)
+and `generate` through the .pt2, the AOTI package and the .pte, and the .onnx (its cache as inputs and
+outputs). Greedy tokens must equal transformers'
+own greedy generation of the same quantized model (its dynamic cache, eager) for 32 tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qexport
+from qexport import runners
+from qexport.cli import main
+from qexport.errors import ExportError, GenerationError, NotALanguageModelError
+
+pytest.importorskip("transformers")
+import hf_models as hf  # noqa: E402
+from conftest import LM_CACHE, MLP  # noqa: E402
+
+PROMPT = [3, 4, 5, 6, 7]
+N = 32
+
+
+@pytest.fixture(scope="session")
+def lm_reference(lm_program):
+    model = lm_program[0]
+    tokens = hf.greedy_tokens(model, PROMPT, N)
+    assert len(set(tokens)) >= 10, f"the test model's greedy tokens barely vary ({tokens}); the test would be weak"
+    return tokens
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+def test_every_projection_is_a_region(lm_program):
+    model, ep, _ = lm_program
+    linears = [r for r in qexport.regions(ep) if r.op == "linear"]
+    assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    assert {r.scheme.name for r in qexport.regions(ep)} == {"int8_dynamic"}
+    # the cache is state the program writes, one key and one value buffer per layer
+    mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
+    assert {f"{kv}_cache_{i}" for kv in ("key", "value") for i in range(2)} <= mutated
+    # the prompt length is dynamic, up to the cache
+    (dim,) = ep.range_constraints.values()
+    assert (dim.lower, dim.upper) == (1, LM_CACHE)
+    # the user's model is left as it was: its regions keep the paths they were quantized under
+    assert next(m for m in model.modules() if isinstance(m, qexport.QuantizedModule)).module_path == \
+        "model.layers.0.self_attn.q_proj"
+
+
+def test_manifest_records_what_generation_needs(lm_program):
+    spec = qexport.inspect(lm_program[2]).extra["generation"]
+    assert spec == {"format": 1, "layout": "static_cache", "max_cache_len": LM_CACHE, "vocab_size": hf.LM_VOCAB,
+                    "eos_token_ids": [1]}
+    # and it survives load -> save
+    again = lm_program[2].with_name("again.pt2")
+    qexport.save(qexport.load(lm_program[2]), again)
+    assert qexport.inspect(again).extra["generation"] == spec
+
+
+@pytest.mark.parametrize("arch,scheme", [("llama", "int4_weight_only"), ("qwen2", "int8_weight_only"), ("gpt2", "int8_dynamic")])
+def test_program_tokens_equal_eager(arch, scheme, tmp_path):
+    model = qexport.quantize(hf.causal_lm(arch), qexport.schemes.get(scheme, **({"group_size": 32} if "int4" in scheme else {})))
+    ep = qexport.export_lm(model, max_cache_len=LM_CACHE)
+    qexport.save(ep, tmp_path / "lm.pt2")
+    expected = hf.greedy_tokens(model, PROMPT, N)
+    assert len(set(expected)) >= 8, expected
+    assert qexport.generate(tmp_path / "lm.pt2", PROMPT, N, stop_at_eos=False).tokens == expected
+
+
+# -- each artifact kind -------------------------------------------------------------------------------
+
+def test_pt2_tokens_equal_eager(lm_program, lm_reference):
+    result = qexport.generate(lm_program[2], PROMPT, N, stop_at_eos=False)
+    assert result.tokens == lm_reference
+    assert result.prompt_len == len(PROMPT) and result.prefill_s > 0 and result.decode_tokens_per_s > 0
+
+
+@pytest.mark.slow
+def test_aoti_tokens_equal_eager(lm_aoti, lm_reference):
+    assert qexport.inspect(lm_aoti).extra["generation"]["max_cache_len"] == LM_CACHE
+    assert qexport.generate(lm_aoti, PROMPT, N, stop_at_eos=False).tokens == lm_reference
+
+
+@pytest.mark.slow
+def test_pte_tokens_equal_eager(lm_pte, lm_reference):
+    path, report = lm_pte
+    assert all(r.delegated and r.backend == "XnnpackBackend" for r in report.regions), report
+    assert qexport.inspect(path).extra["generation"]["max_cache_len"] == LM_CACHE
+    assert qexport.generate(path, PROMPT, N, stop_at_eos=False).tokens == lm_reference
+
+
+def test_onnx_tokens_equal_eager(lm_onnx, lm_reference):
+    spec = qexport.inspect(lm_onnx).extra["generation"]
+    assert spec["layout"] == "static_cache_io" and spec["cache_shapes"] == [[1, 2, LM_CACHE, 16]] * 4
+    assert qexport.generate(lm_onnx, PROMPT, N, stop_at_eos=False).tokens == lm_reference
+
+
+def test_onnx_refuses_a_program_that_keeps_its_cache_in_buffers(lm_program, tmp_path):
+    with pytest.raises(qexport.LoweringError, match=r"writes state between calls \(key_cache_0.*export_lm\(model, cache='io'\)"):
+        qexport.to_onnx(lm_program[1], tmp_path / "lm.onnx")
+    assert not (tmp_path / "lm.onnx").exists()
+
+
+def test_one_runner_serves_many_prompts_and_the_whole_cache(lm_program, lm_reference):
+    """Each generation writes the cache from position 0, so nothing is reset in between; a prompt
+    of one token and one that fills the cache both run."""
+    model, _, path = lm_program
+    runner = runners.load(path)
+    other = qexport.generate(runner, [9, 8], 6, stop_at_eos=False)
+    assert other.tokens == hf.greedy_tokens(model, [9, 8], 6)
+    assert qexport.generate(runner, PROMPT, N, stop_at_eos=False).tokens == lm_reference
+    assert qexport.generate(runner, [11], 3, stop_at_eos=False).tokens == hf.greedy_tokens(model, [11], 3)
+    long = [(7 * i) % hf.LM_VOCAB for i in range(LM_CACHE - 1)]
+    assert qexport.generate(runner, long, 2, stop_at_eos=False).tokens == hf.greedy_tokens(model, long, 2)
+
+
+def test_verify_and_bench_feed_positions(lm_program):
+    """Example inputs for an LM program write distinct cache slots (ones would write two tokens to one
+    slot, which runtimes resolve differently)."""
+    ids, positions = runners.make_inputs(runners.program_inputs(lm_program[1]))
+    assert positions.tolist() == list(range(ids.shape[1])) and ids.max() < hf.LM_VOCAB
+
+
+def test_stops_at_end_of_sequence(lm_program, lm_reference):
+    ep = copy.deepcopy(lm_program[1])
+    ep.graph_module.meta["custom"]["qexport.generation"]["eos_token_ids"] = [lm_reference[3]]
+    result = qexport.generate(ep, PROMPT, N)
+    assert result.tokens == lm_reference[:4] and result.stopped_at_eos
+    assert qexport.generate(ep, PROMPT, 6, stop_at_eos=False).tokens == lm_reference[:6]
+
+
+# -- refusals, before any work ------------------------------------------------------------------------
+
+def test_requests_the_artifact_cannot_serve_are_refused_before_loading(lm_program, monkeypatch):
+    path = lm_program[2]
+
+    def no_load(*a, **k):
+        raise AssertionError("the artifact was loaded before the request was checked")
+
+    monkeypatch.setattr(runners, "load", no_load)
+    cases = [
+        (list(range(1, 40)), 20, f"need 58 cache positions; {path} holds {LM_CACHE}. Ask for at most 10 new tokens"),
+        (list(range(1, 50)), 1, "Shorten the prompt"),
+        ([3, hf.LM_VOCAB], 4, f"token ids [{hf.LM_VOCAB}] are outside"),
+        ([-1], 4, "outside"),
+        ([], 4, "prompt is empty"),
+        ([3], 0, "max_new_tokens must be an int >= 1"),
+        ("hello", 4, "tokenize text first"),
+        (torch.tensor([[1.0, 2.0]]), 4, "integer token ids"),
+    ]
+    for prompt, n, needle in cases:
+        with pytest.raises(GenerationError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            qexport.generate(path, prompt, n)
+
+
+def test_an_artifact_that_is_not_a_language_model(tmp_path):
+    model = qexport.quantize(MLP().eval(), "int8_dynamic")
+    qexport.save(qexport.export(model, (torch.randn(2, 64),)), tmp_path / "mlp.pt2")
+    with pytest.raises(NotALanguageModelError, match="export_lm"):
+        qexport.generate(tmp_path / "mlp.pt2", [1, 2], 4)
+
+
+def test_export_lm_refuses_what_it_cannot_export():
+    with pytest.raises(ExportError, match="transformers causal LM"):
+        qexport.export_lm(MLP())
+    with pytest.raises(ExportError, match="does not generate text"):
+        qexport.export_lm(hf.bert())
+    with pytest.raises(ExportError, match="max_cache_len <= 64"):
+        qexport.export_lm(hf.causal_lm("llama"), max_cache_len=65)
+    with pytest.raises(ExportError, match="int >= 2"):
+        qexport.export_lm(hf.causal_lm("llama"), max_cache_len=1)
+    with pytest.raises(ExportError, match="cache='disk' is not one of"):
+        qexport.export_lm(hf.causal_lm("llama"), max_cache_len=8, cache="disk")
+
+
+def test_a_damaged_generation_record(lm_program):
+    ep = copy.deepcopy(lm_program[1])
+    ep.graph_module.meta["custom"]["qexport.generation"]["max_cache_len"] = "big"
+    with pytest.raises(qexport.CorruptArtifactError, match="max_cache_len must be an int"):
+        qexport.generate(ep, PROMPT, 4)
+    record = ep.graph_module.meta["custom"]["qexport.generation"]
+    record.update(max_cache_len=LM_CACHE, layout="static_cache_io", cache_shapes=[[1, 2, 10**6, 10**6]])
+    with pytest.raises(qexport.CorruptArtifactError, match="does not describe its inputs"):  # nothing allocated
+        qexport.generate(ep, PROMPT, 4)
+    record.update(format=99)
+    with pytest.raises(qexport.UnsupportedVersionError, match="format 99"):
+        qexport.generate(ep, PROMPT, 4)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def test_cli_generate(lm_program, lm_reference, capsys):
+    code = main(["generate", str(lm_program[2]), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", str(N), "--no-eos"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == ",".join(map(str, lm_reference))
+    assert lines[1].startswith(f"prompt {len(PROMPT)} tokens: prefill ") and "tokens/s" in lines[1]
+    assert err == ""
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompt-ids", "1,x"], "not integers"),
+    (["--prompt-ids", "1,2", "-n", "0"], "must be >= 1"),
+    (["--prompt-ids", "1,2", "-n", str(LM_CACHE)], "Ask for at most 47 new tokens"),
+])
+def test_cli_generate_errors(lm_program, capsys, argv, needle):
+    code = main(["generate", str(lm_program[2]), *argv])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.strip().startswith("qexport generate: error: ") and needle in err, err
+
+
+def test_cli_generate_not_a_language_model(tmp_path, capsys):
+    qexport.save(qexport.export(MLP().eval(), (torch.randn(2, 64),)), tmp_path / "mlp.pt2")
+    code = main(["generate", str(tmp_path / "mlp.pt2"), "--prompt-ids", "1,2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "not a generating language model" in err and len(err.strip().splitlines()) == 1
