@@ -556,7 +556,7 @@ def quantize(
         s = calibrated[0]
         why = "quantizes activations statically" if s.activation == "static" else "fits its weights with GPTQ"
         raise CalibrationError(
-            f"scheme {s.describe()} {why} and needs calibration_data: an iterable of example argument "
+            f"scheme {s.name} {why} and needs calibration_data: an iterable of example argument "
             f"tuples, e.g. calibration_data=[(x,) for x in batches]"
             + ("" if s.activation == "static" else "; algorithm='hqq' needs none")
         )

@@ -33,6 +33,7 @@ from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region, regions as graph_regions
 from ..schemes import math_for
+from ..schemes._packing import unpack_uint4
 from ._inline import RegionSite, inline_regions, region_of
 from ._stages import Stages
 from .report import LoweringReport, RegionReport
@@ -91,7 +92,7 @@ def _lower_int8_static(site: RegionSite) -> torch.fx.Node:
     return qdq(y, "output")
 
 
-def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
+def _dynamic_input(site: RegionSite) -> torch.fx.Node:
     x = site.input
     if site.region.op.startswith("conv"):  # conv activations have no token axis: per tensor (as the scheme says)
         qp = site.call(qd.choose_qparams.tensor, x, -128, 127, _EPS, torch.int8)
@@ -103,7 +104,28 @@ def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
         scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
         q = site.call(qd.quantize_per_token.default, x, scale, zp, -128, 127, torch.int8)
         xdq = site.call(qd.dequantize_per_token.default, q, scale, zp, -128, 127, torch.int8, torch.float32)
-    return _apply_op(site, xdq, _weight_dq(site))
+    return xdq
+
+
+def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
+    return _apply_op(site, _dynamic_input(site), _weight_dq(site))
+
+
+def _lower_int8_dynamic_int4_weight(site: RegionSite) -> torch.fx.Node:
+    """Per-token int8 activations x blockwise int4 weights: the `dequantize_per_channel_group` of int8
+    codes in [-8, 7] (torchao's 8da4w pattern) that XNNPACK takes as qb4w (it packs the codes two per
+    byte and keeps the group scales in bf16, as the scheme stores them). The scheme's symmetric zero
+    point 8 is subtracted here, once: qb4w has no per-block zero point."""
+    r, ident = site.region, _ident(site.region.name)
+    codes = unpack_uint4(site.value("weight")).to(torch.int8) - 8
+    scale = site.value("weight_scale").float()
+    w = site.call(
+        qd.dequantize_per_channel_group.default, site.constant(f"_qexport_{ident}_weight_int4", codes),
+        site.constant(f"_qexport_{ident}_weight_group_scale", scale),
+        site.constant(f"_qexport_{ident}_weight_group_zero_point", torch.zeros(scale.shape, dtype=torch.int8)),
+        -8, 7, torch.int8, r.scheme.group_size, torch.float32,
+    )
+    return _apply_op(site, _dynamic_input(site), w)
 
 
 def _reference(site: RegionSite) -> torch.fx.Node:
@@ -222,6 +244,7 @@ _INT8_OPS = ("linear", "conv1d", "conv2d")
 _QDQ_LOWERINGS: dict[tuple[str, str], tuple[Callable[[RegionSite], torch.fx.Node], str]] = {
     ("int8", "static"): (_lower_int8_static, "qs8 {op} (static int8 Q/DQ)"),
     ("int8", "dynamic"): (_lower_int8_dynamic, "qd8-f32-qc8w {op} (dynamic int8 Q/DQ)"),
+    ("int4", "dynamic"): (_lower_int8_dynamic_int4_weight, "qd8-f32-qb4w {op} (dynamic int8 x blockwise int4)"),
 }
 
 #: why XNNPACK does not take a scheme family, in words a user can act on
@@ -232,8 +255,8 @@ _NOT_XNNPACK: dict[tuple[str, str], str] = {
     ),
     ("int4", "none"): (
         "XNNPACK's 4-bit kernels need int8 dynamic activations and symmetric weights; int4_weight_only has "
-        "float activations and per-group zero points, so it " + _PORTABLE + ". Quantize with int8_dynamic "
-        "to delegate it"
+        "float activations and per-group zero points, so it " + _PORTABLE + ". Quantize with "
+        "int8_dynamic_int4_weight to delegate it"
     ),
     ("nf4", "none"): (
         "XNNPACK has no codebook (NF4) weights, so it " + _PORTABLE + ". Quantize with int8_dynamic to delegate it"
@@ -258,6 +281,8 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
         )
     key = (s.family, s.activation)
     entry = _QDQ_LOWERINGS.get(key)
+    if key == ("int4", "dynamic") and not s.symmetric:
+        entry = None  # qb4w has no per-block zero points: the reference runs, and the reason says why
     reference = _REFERENCE_LOWERINGS.get(s.family, _reference)
     dtype_ok = region.input_dtypes[:1] == ("float32",)
     if entry is not None and region.op in _INT8_OPS and dtype_ok:
@@ -283,6 +308,9 @@ def plan_region(region: Region, backend: str) -> RegionPlan:
                "them on portable kernels (its weights stay quantized in the .pte)")
     elif entry is not None:
         why = f"XNNPACK has no {s.name} {region.op} pattern; the region {_PORTABLE}"
+    elif key == ("int4", "dynamic"):
+        why = (f"XNNPACK's qb4w weights have no per-block zero point and {s.name} has symmetric=False, so it "
+               f"{_PORTABLE}. Keep symmetric=True to delegate it")
     elif region.op == "custom":
         why = f"a hand-written region (op='custom') has no XNNPACK pattern; it {_PORTABLE}"
     else:
