@@ -32,7 +32,7 @@ SCHEMES = qexport.schemes.builtin_names()
 # per forced ISA; here the package must record the plan the table gives for this machine.
 CPU_FAMILY = {
     "int8_weight_only": "int8_weight_only", "int4_weight_only": "int4", "int8_dynamic": "int8_activations",
-    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None,
+    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None, "int8_dynamic_int4_weight": "int4",
 }
 
 

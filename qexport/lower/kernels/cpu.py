@@ -274,11 +274,24 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         sz = torch.stack([scale, (8 - zp) * scale], -1).transpose(0, 1).contiguous().to(cd)
         operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz), ("weight_group_size", torch.tensor(gs))]
     kernels = _float_kernels(ctx, _INT4_ROLES, gemm)
+
     # The tensor-group-size form of aten._weight_int4pack_mm_for_cpu (what Inductor lowers that op to),
     # the group size a buffer: Inductor's lowering makes it a graph constant, which AOTInductor does not
     # declare inside torch.cond branches (torch 2.13: "true_graph_0_constant0 was not declared").
-    kernels["int4pack"] = lambda x, t: _plus_bias(torch.ops.quantized.int4mm_packed_weight_cpu(
-        x.to(cd).contiguous(), t["weight_int4pack"], t["weight_group_size"], t["weight_scales_and_zeros"]), t, cd)
+    def int4mm(x: torch.Tensor, t: dict) -> torch.Tensor:
+        return torch.ops.quantized.int4mm_packed_weight_cpu(
+            x.contiguous(), t["weight_int4pack"], t["weight_group_size"], t["weight_scales_and_zeros"])
+
+    def int4pack(x: torch.Tensor, t: dict) -> torch.Tensor:
+        if scheme.activation == "none":
+            return _plus_bias(int4mm(x.to(cd), t), t, cd)
+        # int8_dynamic_int4_weight: the token's centred int8 codes (integers within +-255, exact in any
+        # float dtype) through the int4 GEMM, its scale applied after: the reference's numbers.
+        xf = x.float()
+        s, zp = act.dynamic_int8_qparams(xf, True)
+        return _plus_bias(int4mm((act.quantize_int8(xf, s, zp) - zp).to(cd), t) * s.to(cd), t, cd)
+
+    kernels["int4pack"] = int4pack
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
