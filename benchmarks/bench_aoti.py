@@ -137,7 +137,8 @@ def bench_model(name: str, args, tmp: str) -> dict:
             t = time.perf_counter()
             path = qexport.compile(qep, os.path.join(tmp, f"{name}_{scheme_name}.pt2"))
             manifest = qexport.inspect(path)
-            linear = next(k for k in manifest.extra["kernels"] if k.get("plan"))
+            linear = next({"kernel": r.lowering.kernel, "reason": r.lowering.reason, **r.lowering.details}
+                          for r in manifest.regions if r.lowering.details.get("plan"))
             rows[label] = {"compile_s": round(time.perf_counter() - t, 1), "bytes": os.path.getsize(path),
                            "kernel": linear["kernel"], "plan": linear["plan"], "isa": linear["isa"]}
             variants.append((label, path, qm))

@@ -16,7 +16,8 @@ lent GPU: carry the torchao 0.17 wheel, see docs/benchmarks/cuda.md).
 
     python benchmarks/bench_cuda.py --out DIR            # the package table: cuda.md, cuda.json, cuda_speedup.png
     python benchmarks/bench_cuda.py --tune --out DIR     # only tune the plans (qexport.compile would), print them
-    python benchmarks/bench_cuda.py --lab --out DIR      # per-layer kernel candidates and crossovers: lab.md, lab.json
+
+Per-layer kernel candidates (what the tuner chooses among) are timed by benchmarks/cuda_lab.py.
 
 On the lent machine compile with CXX=/usr/bin/g++ (GPU_BASELINE.md: packages built with the image's
 newer GCC segfault on load).
@@ -104,6 +105,21 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / (us * 1e-6)
 
 
+def copy_graph_us(total_bytes: int, layers: int = 4) -> float:
+    """µs of one CUDA-graph replay of `layers` device copies that together move `total_bytes` (half read,
+    half written): what a package with no arithmetic at all, one kernel per layer, takes under the
+    same timer. The M=1 floor below ignores the per-kernel cost this includes (launch, ramp, tail)."""
+    half = max(total_bytes // layers // 2, 1)
+    bufs = [(torch.empty(half, dtype=torch.uint8, device="cuda").random_(), torch.empty(half, dtype=torch.uint8, device="cuda"))
+            for _ in range(layers)]
+    copies = lambda: [dst.copy_(src) for src, dst in bufs]  # noqa: E731
+    graph, _ = capture(lambda x: copies(), None)
+    us = bench(graph.replay)
+    del bufs, graph
+    torch.cuda.empty_cache()
+    return us
+
+
 def gpu_used() -> int:
     """Bytes in use on the device (every allocator: AOTInductor holds constants outside torch's)."""
     torch.cuda.synchronize()
@@ -184,6 +200,7 @@ def run_table(out: str, dim: int, only: list[str], hint: int = 16, torchao: bool
                     break
         if row.get("weight_bytes"):
             row["floor_us_M1"] = row["weight_bytes"] / bandwidth * 1e6
+            row["copy_graph_us"] = copy_graph_us(row["weight_bytes"])
         time_once(row, runner, graphs)
         print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
@@ -303,9 +320,10 @@ def write_table(out: str, dim: int, rows: list[dict], bandwidth: float) -> None:
         errs = [r[k] for k in r if k.startswith("err_M")]
         cells.append(f"{max(errs):.1e}" if errs else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "CUDA-graph replay (one captured `runner(x)` per M, `graph.replay()` timed); floor = weight bytes / copy bandwidth:",
-              "", "| variant | " + " | ".join(f"M={m} µs | ×bf16" for m in MS) + " | M=1 floor µs | M=1 ÷ floor |",
-              "|" + "---|" * (3 + 2 * len(MS))]
+    lines += ["", "CUDA-graph replay (one captured `runner(x)` per M, `graph.replay()` timed); floor = weight bytes / copy bandwidth; "
+              "copy graph = one replay of 4 device copies moving the weight bytes (`copy_graph_us`):",
+              "", "| variant | " + " | ".join(f"M={m} µs | ×bf16" for m in MS) + " | M=1 floor µs | M=1 ÷ floor | copy graph µs |",
+              "|" + "---|" * (4 + 2 * len(MS))]
     for r in ok:
         if "replay_us_M1" not in r:
             lines.append(f"| {r['variant']} | not capturable: {r.get('replay_error', '?')} |")
@@ -314,7 +332,8 @@ def write_table(out: str, dim: int, rows: list[dict], bandwidth: float) -> None:
         for m in MS:
             cells += [f"{r.get(f'replay_us_M{m}', float('nan')):.1f}", f"{ratio(r, 'replay_us', m):.2f}×"]
         floor = r.get("floor_us_M1")
-        cells += [f"{floor:.1f}" if floor else "-", f"{r['replay_us_M1'] / floor:.2f}×" if floor else "-"]
+        cells += [f"{floor:.1f}" if floor else "-", f"{r['replay_us_M1'] / floor:.2f}×" if floor else "-",
+                  f"{r['copy_graph_us']:.1f}" if r.get("copy_graph_us") else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Size and memory (GPU memory: device-wide bytes in use after the load minus before):", "",
               "| variant | package MB | ×bf16 | GPU MB after load | ×bf16 | weights MB | compile s | (of it tuning s) | load s | plan |",
@@ -372,126 +391,6 @@ def write_report(out: str, stem: str, lines: list[str], data: dict) -> None:
         f.write(text + "\n")
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(data, f, indent=1)
-
-
-# -- the kernel lab: per-layer candidates, to place the crossovers ---------------------------------
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, swap_ab)
-SMALL_TILES = [(16, 32, 256, 1, 4, 4, 0), (16, 32, 128, 1, 4, 4, 0), (16, 64, 256, 1, 4, 3, 0), (32, 64, 128, 1, 4, 4, 0),
-               (16, 64, 256, 1, 4, 4, 1), (16, 128, 128, 1, 4, 4, 1), (32, 64, 256, 1, 4, 4, 1), (32, 128, 128, 1, 4, 4, 1),
-               (64, 64, 128, 1, 4, 4, 1), (64, 128, 128, 1, 4, 4, 1)]
-LARGE_TILES = [(128, 128, 64, 8, 4, 4, 0), (64, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 8, 3, 1),
-               (128, 256, 64, 8, 8, 3, 1), (256, 128, 64, 8, 8, 3, 1)]
-LAB_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
-
-
-def run_lab(out: str, dim: int) -> None:
-    from qexport.lower.kernels import cuda as C
-    from qexport.schemes import _activation as act, math_for
-
-    torch.manual_seed(0)
-    n = k = dim
-    w = torch.randn(n, k, device="cuda") * 0.02
-    s8 = qexport.schemes.get("int8_weight_only")
-    s4 = qexport.schemes.get("int4_weight_only", group_size=128)
-    sf8 = qexport.schemes.get("fp8_e4m3")
-    t8 = math_for(s8).quantize_weight(s8, w)
-    t4 = math_for(s4).quantize_weight(s4, w)
-    tf8 = math_for(sf8).quantize_weight(sf8, w)
-    wb = w.bfloat16()
-    w8ref = math_for(s8).dequantize_weight(s8, t8, (n, k)).bfloat16()
-    w4ref = math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16()
-    wf8ref = math_for(sf8).dequantize_weight(sf8, tf8, (n, k)).bfloat16()
-    packed, sz = C.tinygemm_operands(t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 8)
-    wf8, sf8v = tf8["weight"], tf8["weight_scale"].float().contiguous()
-    sbf8 = sf8v.reshape(1, -1).contiguous()
-    ws8 = t8["weight"].to(torch.int32).sum(1).float()
-    res: dict[str, dict[int, float]] = {}
-    errs: dict[str, float] = {}
-
-    def put(name: str, m: int, fn, ref=None) -> None:
-        try:
-            y = fn()
-            if ref is not None:
-                errs[name] = max(errs.get(name, 0.0), rel_err(y, ref))
-            res.setdefault(name, {})[m] = bench(fn)
-        except Exception as e:
-            res.setdefault(name, {})[m] = float("nan")
-            print(f"   {name} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-
-    def compiled(fn, **opts):
-        torch._dynamo.reset()
-        return torch.compile(fn, dynamic=False, options={"coordinate_descent_tuning": True, **opts})
-
-    def fp8_scaled(x):
-        q, sa = act.quantize_fp8(x, True)
-        return torch._scaled_mm(q, wf8.t(), sa.reshape(-1, 1).contiguous(), sbf8, None, None, torch.bfloat16, True)
-
-    def int_mm_body(x):
-        xf = x.float()
-        sx, zp = act.dynamic_int8_qparams(xf, True)
-        q = act.quantize_int8(xf, sx, zp).to(torch.int8)
-        pad = max(17 - q.shape[0], 0)
-        acc = torch._int_mm(torch.cat([q, q.new_zeros((pad, k))]), t8["weight"].t())[: q.shape[0]]
-        return (sx * t8["weight_scale"] * (acc.float() - zp * ws8)).to(torch.bfloat16)
-
-    deq8 = lambda x: x @ math_for(s8).dequantize_weight(s8, t8, (n, k)).to(x.dtype).t()  # noqa: E731
-    deq4 = lambda x: x @ math_for(s4).dequantize_weight(s4, t4, (n, k)).to(x.dtype).t()  # noqa: E731
-    for m in LAB_MS:
-        print(f"== M={m}", flush=True)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ref8, ref4 = x @ w8ref.t(), x @ w4ref.t()
-        xf8 = act.dynamic_fp8(x, True)
-        reff8 = xf8 @ wf8ref.t()
-        put("bf16 cuBLAS", m, lambda: x @ wb.t())
-        if m <= 2:
-            f = compiled(C.int8_gemv)
-            put("int8 GEMV (Inductor, coord. descent)", m, lambda: f(x, t8["weight"], t8["weight_scale"]), ref8)
-        tiles = (SMALL_TILES if m <= 256 else []) + (LARGE_TILES if m >= 64 else [])
-        for tile in tiles:
-            put(f"int8 Triton {tile}", m, lambda: C.triton_weight_mm(x, t8["weight"], t8["weight_scale"], tile), ref8)
-            put(f"int4 Triton {tile}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, tile), ref4)
-            if m <= 64:
-                put(f"fp8w Triton {tile}", m, lambda: C.triton_weight_mm(xf8, wf8, sf8v, tile), reff8)
-        if m <= 32:
-            put("int4 tinygemm (ikt 8)", m, lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz), ref4)
-        if m in (1, 16, 32, 64, 256, 4096):
-            f = compiled(fp8_scaled)
-            put("fp8 quant+_scaled_mm rowwise (Inductor)", m, lambda: f(x), reff8)
-        if m in (16, 32, 256, 4096):
-            f = compiled(int_mm_body)
-            put("int8 dyn quant+_int_mm (Inductor)", m, lambda: f(x), ref8)
-        if m >= 32:
-            f = compiled(deq8)
-            put("int8 dequant+cuBLAS (Inductor)", m, lambda: f(x), ref8)
-            f = compiled(deq4)
-            put("int4 dequant+cuBLAS (Inductor)", m, lambda: f(x), ref4)
-        if m in (256, 4096):
-            f = compiled(deq8, max_autotune=True)
-            put("int8 dequant+mm (Inductor max-autotune)", m, lambda: f(x), ref8)
-    res = {k: v for k, v in res.items() if v}
-    write_lab(out, res, errs)
-
-
-def write_lab(out: str, res: dict, errs: dict) -> None:
-    lines = [f"One layer {4096}x{4096}, median µs (do_bench, L2 flushed), {card()}.", "",
-             "| kernel | rel err | " + " | ".join(f"M={m}" for m in LAB_MS) + " |", "|" + "---|" * (2 + len(LAB_MS))]
-    for name, by_m in res.items():
-        e = errs.get(name)
-        lines.append(f"| {name} | {e:.1e} | " if e is not None else f"| {name} | - | ")
-        lines[-1] += " | ".join(f"{by_m[m]:.1f}" if m in by_m else "" for m in LAB_MS) + " |"
-    lines += ["", "Best per M:"]
-    for m in LAB_MS:
-        cands = sorted((v[m], k) for k, v in res.items() if m in v and v[m] == v[m])
-        bf = res.get("bf16 cuBLAS", {}).get(m)
-        lines.append(f"- M={m}: " + ", ".join(f"{k} {t:.1f}" for t, k in cands[:4]) + (f" (bf16 {bf:.1f})" if bf else ""))
-    for fam in ("int8 Triton", "int4 Triton", "fp8w Triton"):
-        for lo, hi in ((1, 16), (32, 256), (1024, 4096)):
-            tiles = [k for k in res if k.startswith(fam)]
-            scored = sorted((sum(res[t].get(m, 1e9) for m in LAB_MS if lo <= m <= hi), t) for t in tiles)
-            if scored:
-                lines.append(f"- {fam} best tile for M in [{lo},{hi}]: {scored[0][1]}")
-    write_report(out, "lab", lines, {"card": card(), "res": {k: {str(m): t for m, t in v.items()} for k, v in res.items()}, "errs": errs})
 
 
 def spin_up(seconds: float = 1.0) -> None:
@@ -562,7 +461,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--lab", action="store_true", help="per-layer kernel candidates instead of the package table")
     ap.add_argument("--only", default="", help="comma list of variant labels (debugging)")
     ap.add_argument("--hint", type=int, default=16, help="rows of the example input (Inductor's size hint)")
     ap.add_argument("--no-torchao", action="store_true", help="leave out torchao's rows (benchmarks/_torchao.py)")
@@ -576,8 +474,6 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.profile:
         run_profile(args.out, args.dim, args.profile, [int(m) for m in args.profile_m.split(",")])
-    elif args.lab:
-        run_lab(args.out, args.dim)
     elif args.tune:
         run_tune(args.out, args.dim, [s for s in args.only.split(",") if s])
     else:

@@ -2,8 +2,8 @@
 compact support matrix in README.md.
 
 The matrix is not written by hand: for each (scheme, op) a one-layer model is quantized and exported,
-and each backend's own planner is asked what it would do with the region (the same functions the
-lowerings call), so the page cannot drift from the code. tests/test_examples.py fails when the
+and every backend the contract knows (`qexport.lower.backends()`, one column each) plans the region
+with `plan_regions`, the call the lowerings make, so the page cannot drift from the code. tests/test_examples.py fails when the
 committed page differs from what this prints.
 
     .venv/bin/python docs/gen_schemes.py            # rewrite docs/schemes.md
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import qexport
+from qexport.regions import iter_region_nodes, read_region
 
 DOC = Path(__file__).resolve().parent / "schemes.md"
 OPS = ("linear", "conv2d", "embedding")
@@ -32,80 +33,64 @@ LAYERS = {
 }
 
 
-def _region(scheme: qexport.Scheme, op: str):
+def _program(scheme: qexport.Scheme, op: str):
     make, example = LAYERS[op]
     torch.manual_seed(0)
     model = nn.Sequential(make()).eval()
     x = example()
     qexport.quantize(model, scheme, calibration_data=[(x,)] if scheme.activation == "static" else None)
-    ep = qexport.export(model, (x,))
-    (region,) = qexport.regions(ep)
-    return ep, region
+    return qexport.export(model, (x,))
 
 
-def _aoti_cpu(ep) -> str:
-    from qexport.lower.aoti import plan
+def _cell(ep, backend) -> str:
+    """What `backend` makes of the program's one region: its kernel, bold when the backend takes it."""
+    from qexport.lower import lowerings_for, plan_regions
 
-    (r,) = plan(ep, device="cpu").regions
-    return f"**{r.kernel}**" if r.delegated else "Inductor fusion"
+    if backend.plans_anywhere:
+        (p,) = plan_regions(ep, backend.name)
+        return f"**{p.kernel}**" if p.taken else p.kernel
+    # Plans made on the target hardware (CUDA tunes on the GPU): the candidates, in the order asked.
+    (node,) = iter_region_nodes(ep)
+    region = read_region(node, 0)
+    fallback = backend.fallback(backend.context(ep, node, region, backend.name, {}), [], True).kernel
+    names = [name for name, _ in lowerings_for(region, backend.name)]
+    return ", ".join(f"**{n}**" for n in names) + f" (else {fallback})" if names else fallback
 
 
-def _matrix() -> list[tuple[str, str, str, str, str, str]]:
-    """(scheme, op, AOTI CPU, AOTI CUDA, ExecuTorch, ONNX) cells, bold where a dedicated kernel runs."""
+def _matrix() -> tuple[list[str], list[tuple[str, ...]]]:
+    """Column titles, and (scheme, op, one cell per backend) rows, bold where a dedicated kernel runs."""
+    from qexport.lower import backends
+
+    columns = [b.title + ("" if b.plans_anywhere else " (candidates)") for b in backends()]
     rows = []
     for name in qexport.schemes.builtin_names():
         s = qexport.schemes.get(name)
         math = qexport.schemes.math_for(s)
         for op in OPS:
             if math.supports(s, op):
-                ep, region = _region(s, op)
-                rows.append((s.name, op, _aoti_cpu(ep), _aoti_cuda_candidates(region), _executorch(region), _onnx(region)))
-    return rows
+                ep = _program(s, op)
+                rows.append((s.name, op, *(_cell(ep, b) for b in backends())))
+    return columns, rows
 
 
 README = DOC.parent.parent / "README.md"
 README_BEGIN, README_END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 
 
-def render_readme(readme: str, rows: list[tuple[str, ...]] | None = None) -> str:
+def render_readme(readme: str, matrix: tuple[list[str], list[tuple[str, ...]]] | None = None) -> str:
     """README.md with its compact support matrix (between the markers) regenerated."""
-    rows = _matrix() if rows is None else rows
+    columns, rows = _matrix() if matrix is None else matrix
     cell = lambda c: "**kernel**" if c.startswith("**") else "fallback"  # noqa: E731
     table = [
         README_BEGIN,
-        "| scheme | op | AOTI CPU | AOTI CUDA | ExecuTorch XNNPACK | ONNX Runtime |",
-        "|---|---|---|---|---|---|",
+        "| scheme | op | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
         *(f"| `{r[0]}` | {r[1]} | " + " | ".join(cell(c) for c in r[2:]) + " |" for r in rows),
         README_END,
     ]
     head, _, rest = readme.partition(README_BEGIN)
     _, _, tail = rest.partition(README_END)
     return head + "\n".join(table) + tail
-
-
-def _aoti_cuda_candidates(region) -> str:
-    # Planning for CUDA needs a CUDA device; the table's candidates for the region do not.
-    from qexport.lower.kernels import kernels_for
-
-    names = [name for name, _ in kernels_for(region, "cuda")]
-    return ", ".join(f"**{n}**" for n in names) + " (else Inductor)" if names else "Inductor fusion"
-
-
-def _executorch(region) -> str:
-    from qexport.lower.executorch import plan_region
-
-    p = plan_region(region, "xnnpack")
-    return f"**{p.kernel}**" if p.delegable else "portable (reference)"
-
-
-def _onnx(region) -> str:
-    from qexport.lower.onnx import DEFAULT_OPSET
-    from qexport.lower.onnx_regions import plan_region
-
-    p = plan_region(region, DEFAULT_OPSET)
-    if p is None:
-        return "float ops (reference)"
-    return f"**{p.kernel}**" if p.native else p.kernel
 
 
 def _bits_per_weight(scheme: qexport.Scheme) -> str:
@@ -115,11 +100,11 @@ def _bits_per_weight(scheme: qexport.Scheme) -> str:
     return f"{sum(v.nbytes for v in t.values()) * 8 / w.numel():.2f}"
 
 
-def render(rows: list[tuple[str, ...]] | None = None) -> str:
-    rows = _matrix() if rows is None else rows
+def render(matrix: tuple[list[str], list[tuple[str, ...]]] | None = None) -> str:
+    columns, rows = _matrix() if matrix is None else matrix
     schemes = [qexport.schemes.get(n) for n in qexport.schemes.builtin_names()]
     out = [
-        "<!-- GENERATED by docs/gen_schemes.py from the scheme registry and the backends' planners; do not edit. -->",
+        "<!-- GENERATED by docs/gen_schemes.py from the scheme registry and the backend contract's registry; do not edit. -->",
         "# Schemes and what each backend does with them",
         "",
         "## Built-in schemes",
@@ -143,15 +128,15 @@ def render(rows: list[tuple[str, ...]] | None = None) -> str:
         "",
         "## Support matrix",
         "",
-        "What each backend's planner chooses for a one-layer model at batch 1 (a linear 256→256, a 3×3 conv",
+        "What each backend plans (`qexport.plan_regions`) for a one-layer model at batch 1 (a linear 256→256, a 3×3 conv",
         "16→32, an embedding 512×256). **Bold**: a dedicated kernel for the scheme; otherwise the region still",
         "runs, correctly, through the named fallback (`qexport compile` / `qexport partition` print the reason",
         "per region). The CUDA column lists the kernels the table tries, in order; which one runs depends on",
         "the number of rows and is decided at compile time on a GPU. Numerics of every cell are covered by the",
         "backends' own tests; a `.pt2` runs the reference math everywhere.",
         "",
-        "| scheme | op | AOTInductor CPU | AOTInductor CUDA (candidates) | ExecuTorch (XNNPACK) | ONNX (onnxruntime) |",
-        "|---|---|---|---|---|---|",
+        "| scheme | op | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     out += [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in rows]
     out.append("")
@@ -162,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate docs/schemes.md")
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/schemes.md is out of date")
     args = ap.parse_args(argv)
-    rows = _matrix()
-    pages = {DOC: render(rows), README: render_readme(README.read_text(), rows)}
+    matrix = _matrix()
+    pages = {DOC: render(matrix), README: render_readme(README.read_text(), matrix)}
     stale = [p for p, text in pages.items() if (p.read_text() if p.exists() else "") != text]
     if args.check:
         for p in stale:

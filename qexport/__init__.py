@@ -30,6 +30,8 @@ _LAZY = {
     "compile": "qexport.lower.aoti", "load_compiled": "qexport.lower.aoti",
     "to_executorch": "qexport.lower.executorch",
     "to_onnx": "qexport.lower.onnx",
+    "register_lowering": "qexport.lower", "register_backend": "qexport.lower", "plan_regions": "qexport.lower",
+    "RegionPlan": "qexport.lower", "Decline": "qexport.lower", "PlanContext": "qexport.lower",
 }
 _SUBMODULES = ("schemes", "models", "runners", "lower", "demo")
 
@@ -66,10 +68,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "ExportError",
+    "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "Decline",
+    "ExportError",
     "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError", "NothingToQuantizeError",
-    "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "Scheme", "SchemeError",
-    "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError", "UnsupportedVersionError", "UsageError",
-    "__version__", "compile", "export", "inspect", "invoke_quant", "load", "load_compiled", "quantize",
-    "regions", "save", "schemes", "to_executorch", "to_onnx",
+    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "RegionPlan",
+    "Scheme", "SchemeError", "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError",
+    "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "inspect", "invoke_quant", "load",
+    "load_compiled", "plan_regions", "quantize", "regions", "register_backend", "register_lowering", "save", "schemes",
+    "to_executorch", "to_onnx",
 ]

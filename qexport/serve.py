@@ -283,7 +283,7 @@ def build_app(config: ServeConfig):
         "inputs": [s.to_json() for s in sig.inputs], "batching": sig.batching,
         "why_not_batched": sig.why_not_batched, "config": asdict(config),
         "regions": [{"name": r.name, "op": r.op, "scheme": r.scheme.name, "describe": r.scheme.describe()} for r in manifest.regions],
-        "lowering": manifest.extra.get("lowering"),
+        "lowering": {r.name: r.lowering.to_dict() for r in manifest.regions if r.lowering is not None} or None,
     }
     max_rows = min(config.max_batch, sig.max_rows) if sig.max_rows is not None else config.max_batch
 

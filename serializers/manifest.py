@@ -5,16 +5,22 @@ what each region is (scheme, module, bytes) without building or running the mode
 check that the graph it deserialized is the one the manifest describes.
 
 Versioning follows torch.export's serde (`torch/_export/serde/schema.py`): MANIFEST_VERSION is bumped
-when a field is removed or changes meaning; a new optional field keeps the version, and readers ignore
-keys they do not know. A reader refuses a manifest newer than MANIFEST_VERSION, naming the version.
+when a field is removed or changes meaning; a new optional field bumps only MANIFEST_MINOR (written,
+never required), and readers ignore keys they do not know. A reader refuses a manifest newer than
+MANIFEST_VERSION, naming the version.
+
+Minor versions of version 1: 0, the first; 1, each region's `lowering` record (what the backend made of
+it, the same keys in every artifact kind). Older AOTI packages and ONNX files kept those facts in
+`extra["kernels"]` / `extra["lowering"]`; `from_dict` reads them into the region records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -25,6 +31,7 @@ from qexport.regions import Region, _shape, iter_region_nodes, regions as graph_
 from qexport.schemes import Scheme
 
 MANIFEST_VERSION = 1
+MANIFEST_MINOR = 1
 FORMAT_TAG = "qexport-manifest"
 ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
 
@@ -59,6 +66,41 @@ def _str(value: Any, what: str) -> str:
 
 
 @dataclass(frozen=True)
+class LoweringRecord:
+    """What a backend made of one region (`qexport.lower.RegionPlan.record()`, then what the backend
+    observed): the same keys in every artifact's manifest and in `LoweringReport`."""
+
+    #: where the region runs: the backend ("aoti-cpu", "onnx") or, for ExecuTorch, the delegate that took it
+    backend: str
+    #: the backend's accelerated path took it (a scheme kernel, a delegate, QDQ a runtime fuses)
+    taken: bool
+    kernel: str
+    #: why it was not taken (or, when taken, why this kernel), in words a user can act on
+    reason: str = ""
+    #: JSON-safe facts the backend reports (a CPU row-bucket plan and its ISA, a tuned CUDA plan, an ONNX target)
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "taken": self.taken, "kernel": self.kernel, "reason": self.reason,
+                "details": dict(self.details)}
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "lowering record") -> "LoweringRecord":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{what} must be an object, got {type(data).__name__}")
+        taken, details = data.get("taken"), data.get("details") or {}
+        if not isinstance(taken, bool):
+            raise ValueError(f"{what}: 'taken' must be true or false, got {taken!r}")
+        if not isinstance(details, Mapping):
+            raise ValueError(f"{what}: 'details' must be an object")
+        return cls(
+            backend=_str(data.get("backend"), f"{what}: backend"), taken=taken,
+            kernel=_str(data.get("kernel"), f"{what}: kernel"), reason=_str(data.get("reason", ""), f"{what}: reason"),
+            details=dict(details),
+        )
+
+
+@dataclass(frozen=True)
 class RegionRecord:
     """One region as the manifest records it."""
 
@@ -75,6 +117,8 @@ class RegionRecord:
     output_shapes: tuple[Shape, ...]
     op_params: Mapping[str, Any] = field(default_factory=dict, compare=False)
     weight_shape: tuple[int, ...] | None = None
+    #: what the artifact's backend made of the region (None in a .pt2, which is not lowered)
+    lowering: LoweringRecord | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +132,7 @@ class RegionRecord:
             "float_bytes": self.float_bytes,
             "input_shapes": [list(s) for s in self.input_shapes],
             "output_shapes": [list(s) for s in self.output_shapes],
+            **({"lowering": self.lowering.to_dict()} if self.lowering is not None else {}),
         }
 
     @classmethod
@@ -116,6 +161,7 @@ class RegionRecord:
             output_shapes=_shapes(data["output_shapes"], f"region {name}: output_shapes"),
             op_params=dict(op_params),
             weight_shape=tuple(ws) if ws is not None else None,
+            lowering=LoweringRecord.from_dict(data["lowering"], f"region {name}: lowering") if data.get("lowering") is not None else None,
         )
 
 
@@ -192,11 +238,26 @@ class Manifest:
             other_bytes=sum(t.nbytes for t in tensors.values()) - quantized,
         )
 
+    def with_lowering(self, records: "Sequence[LoweringRecord]") -> "Manifest":
+        """This manifest with each region's lowering record (one per region, in the regions' order)."""
+        if len(records) != len(self.regions):
+            raise ArtifactError(f"{len(records)} lowering records for {len(self.regions)} regions")
+        for region, record in zip(self.regions, records):
+            try:
+                json.dumps(record.to_dict(), allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ArtifactError(f"region {region.name}: its lowering record must be JSON-serializable ({e}); "
+                                    f"a lowering's details hold plain JSON values") from None
+        return dataclasses.replace(
+            self, regions=tuple(dataclasses.replace(r, lowering=rec) for r, rec in zip(self.regions, records))
+        )
+
     # -- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_TAG,
             "version": self.version,
+            "minor_version": MANIFEST_MINOR,
             "artifact": self.artifact,
             "qexport_version": self.qexport_version,
             "torch_version": self.torch_version,
@@ -234,12 +295,13 @@ class Manifest:
             artifact = _str(data.get("artifact"), "artifact")
             if artifact not in ARTIFACT_KINDS:
                 raise ValueError(f"artifact {artifact!r} is not one of {ARTIFACT_KINDS}")
+            records = _with_legacy_lowering([RegionRecord.from_dict(r) for r in regions], extra)
             return cls(
                 version=version,
                 artifact=artifact,
                 qexport_version=_str(data.get("qexport_version"), "qexport_version"),
                 torch_version=_str(data.get("torch_version"), "torch_version"),
-                regions=tuple(RegionRecord.from_dict(r) for r in regions),
+                regions=tuple(records),
                 quantized_bytes=_nonneg_int(data.get("quantized_bytes"), "quantized_bytes"),
                 float_bytes=_nonneg_int(data.get("float_bytes"), "float_bytes"),
                 extra=extra,
@@ -292,6 +354,28 @@ class Manifest:
             if r.name == name:
                 return r
         raise KeyError(f"no region named {name!r}; regions: {[r.name for r in self.regions]}")
+
+
+def _with_legacy_lowering(records: list[RegionRecord], extra: Mapping[str, Any]) -> list[RegionRecord]:
+    """Regions of a minor-0 manifest get their lowering record from where qexport kept it then: an AOTI
+    package's `extra["kernels"]` (one flat dict per region, in order) or an ONNX file's
+    `extra["lowering"]` ({region: {native, kernel, reason}}). Anything malformed there is left out."""
+    if not records or any(r.lowering is not None for r in records):
+        return records
+    found: list[LoweringRecord | None] = [None] * len(records)
+    kernels, onnx = extra.get("kernels"), extra.get("lowering")
+    try:
+        if isinstance(kernels, list) and len(kernels) == len(records):
+            known = {"name", "scheme", "backend", "delegated", "kernel", "reason"}
+            found = [LoweringRecord.from_dict({**k, "taken": k.get("delegated"),
+                                               "details": {x: v for x, v in k.items() if x not in known}})
+                     if isinstance(k, Mapping) and k.get("name") == r.name else None for k, r in zip(kernels, records)]
+        elif isinstance(onnx, Mapping):
+            found = [LoweringRecord.from_dict({**onnx[r.name], "backend": "onnx", "taken": onnx[r.name].get("native")})
+                     if isinstance(onnx.get(r.name), Mapping) else None for r in records]
+    except ValueError:
+        return records
+    return [dataclasses.replace(r, lowering=f) for r, f in zip(records, found)]
 
 
 def _digests(value: Any) -> dict[str, str]:

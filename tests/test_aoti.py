@@ -96,7 +96,7 @@ def test_inspect_lists_regions_schemes_and_kernels(built, name):
     manifest = qexport.inspect(path)
     assert manifest.artifact == "aoti"
     assert [(r.name, r.scheme) for r in manifest.regions] == [(r.name, r.scheme) for r in qexport.regions(ep)]
-    records = {k["name"]: k for k in manifest.extra["kernels"]}
+    records = {r.name: {"kernel": r.lowering.kernel, **r.lowering.details} for r in manifest.regions}
     assert manifest.extra["device"] == "cpu"
     target = CPUTarget.from_dict(manifest.extra["cpu_target"])
     assert target == compile_target()
@@ -147,8 +147,8 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
         assert f"{m}.weight" not in lowered.state_dict  # the unpacked weight is dropped
         assert lowered.state_dict[f"{m}.weight_scales_and_zeros"].dtype == torch.bfloat16
     tagged = [n for n in lowered.graph.nodes if "qexport_region" in (n.meta.get("custom") or {})]
-    assert {n.meta["custom"]["qexport_region"]["kernel"] for n in tagged} == {d.choice.name for d in linear}
-    assert all(d.choice.name.startswith("aten._weight_int4pack_mm_for_cpu") for d in linear)
+    assert {n.meta["custom"]["qexport_region"]["kernel"] for n in tagged} == {d.kernel for d in linear}
+    assert all(d.kernel.startswith("aten._weight_int4pack_mm_for_cpu") for d in linear)
     # the original program is untouched
     assert sum(1 for _ in iter_region_nodes(ep)) == 14 and "blocks.0.q.weight" in ep.state_dict
 
@@ -170,7 +170,7 @@ def test_conv_regions_fall_back_to_inductor_and_match(workdir):
     report = aoti.plan(ep)
     assert [(r.name, r.kernel) for r in report.regions][:2] == [("conv1", "inductor"), ("conv2", "inductor")]
     assert report.regions[2].kernel != "inductor"  # which kernel depends on the ISA (test_aoti_isa.py)
-    assert "no cpu kernel registered for int8_static conv2d" in report.regions[0].reason
+    assert "no aoti-cpu lowering registered for int8_static conv2d" in report.regions[0].reason
     lowered, _ = apply_kernels(ep, "cpu")
     x2 = torch.randn(5, 3, 16, 16)
     assert rel_err(lowered.module()(x2), model(x2)) <= math_for(scheme_for("int8_static")).tolerance
@@ -212,9 +212,9 @@ def test_register_kernel_scheme_entry_wins_over_family(custom_scheme):
     finally:
         unregister_kernel("test_aoti_int8_pt", "cpu", "linear", "dequant_then_mm")
     assert calls == ["layers.0", "layers.1"]
-    assert decisions[0].choice.name == "test.float_mm"
+    assert decisions[0].kernel == "test.float_mm"
     # declined by the scheme entry, then taken by the family's int8 kernel
-    assert decisions[1].choice.name == "aten._weight_int8pack_mm"
+    assert decisions[1].kernel == "aten._weight_int8pack_mm"
     assert "layers.0.weight_f32" in lowered.state_dict
     assert rel_err(lowered.module()(x), model(x)) <= math_for(custom_scheme).tolerance
     # per-tensor scale expanded to one per output channel for int8pack_mm

@@ -68,7 +68,7 @@ def test_cuda_rewrite_matches_eager_on_cpu(name):
         m = m.cuda()
         ep = qexport.export(m, (torch.randn(8, 64, device=device),), dynamic_shapes=DYN)
     lowered, decisions = apply_kernels(ep, "cuda")
-    assert [d.choice is not None for d in decisions] == [True, True], [d.reason for d in decisions]
+    assert [d.taken for d in decisions] == [True, True], [d.reason for d in decisions]
     tol = math_for(scheme_for(name)).tolerance
     for rows in ROWS:
         x = torch.randn(rows, 64, device=device)
@@ -101,7 +101,7 @@ def test_buckets_follow_the_exported_row_range(lo, hi, conds, gemv_then_int_mm):
     ep = qexport.export(m, (torch.randn(max(lo, 2), 64),), dynamic_shapes=({0: torch.export.Dim("m", min=lo, max=hi)},))
     lowered, decisions = apply_kernels(ep, "cuda", STATIC)
     assert _conds(lowered) == 2 * conds
-    assert ("Inductor GEMV" in decisions[0].choice.name) == (lo <= GEMV_THEN_INT_MM[0][0])
+    assert ("Inductor GEMV" in decisions[0].kernel) == (lo <= GEMV_THEN_INT_MM[0][0])
 
 
 def test_nested_buckets_are_all_built_under_unique_names(monkeypatch):
@@ -163,10 +163,10 @@ def test_without_a_gpu_the_static_plan_is_used_and_said():
     _, ep = _exported("int8_dynamic", 8, dynamic=True)
     for options in ({}, {"qexport.cuda_plan": "static"}):
         _, decisions = apply_kernels(ep, "cuda", options)
-        assert all(d.choice.why.endswith("]") and "static plan" in d.choice.why and "tuned" not in d.choice.why for d in decisions)
+        assert all(d.reason.endswith("]") and "static plan" in d.reason and "tuned" not in d.reason for d in decisions)
         if cuda_kernels.triton is not None:  # Triton without a GPU: the tunable plan falls back
             want = "no CUDA device to tune on" if not options else "qexport.cuda_plan='static'"
-            assert all(want in d.choice.why for d in decisions)
+            assert all(want in d.reason for d in decisions)
 
 
 def test_cuda_plan_option_is_checked_before_any_work(tmp_path):
@@ -225,7 +225,7 @@ def test_tuned_tiles_round_trip_through_the_cache(plan_cache):
 def test_declines_say_why():
     _, ep = _exported("int8_dynamic", 4, dynamic=False, dims=(60, 32))
     _, decisions = apply_kernels(ep, "cuda")
-    assert decisions[0].choice is None and "in_features=60 is not a multiple of 8" in decisions[0].reason
+    assert not decisions[0].taken and "in_features=60 is not a multiple of 8" in decisions[0].reason
 
 
 # -- on a CUDA device ---------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_cuda_plan_is_tuned_on_the_card_cached_and_recorded(plan_cache, tmp_path
     m = quantized(MLP(CUDA_DIMS), scheme_for("int8_weight_only"), (x,)).cuda()
     ep = qexport.export(m, (x.cuda(),), dynamic_shapes=DYN)
     path = qexport.compile(ep, tmp_path / "p.pt2", device="cuda")
-    reasons = [k["reason"] for k in qexport.inspect(path).extra["kernels"]]
+    reasons = [r.lowering.reason for r in qexport.inspect(path).regions]
     card = torch.cuda.get_device_name()
     assert all(f"plan tuned on {card} (tuned now" in r for r in reasons), reasons
     entries = json.loads(plan_cache.read_text())
@@ -375,7 +375,7 @@ def test_cuda_large_m_policies_match_eager(name, large_m, tmp_path):
     lowered, decisions = apply_kernels(qexport.export(m, (x.cuda(),), dynamic_shapes=DYN), "cuda", options)
     copies = [n for n in lowered.graph_signature.buffers if n.endswith("weight_bf16")]
     assert len(copies) == (2 if large_m == "bf16_weights" else 0), lowered.graph_signature.buffers
-    assert all(("cuBLAS on bf16 weights" in d.choice.name) == (large_m == "bf16_weights") for d in decisions)
+    assert all(("cuBLAS on bf16 weights" in d.kernel) == (large_m == "bf16_weights") for d in decisions)
     runner = qexport.load_compiled(qexport.compile(ep, tmp_path / "p.pt2", device="cuda", options=options))
     with torch.no_grad():
         for rows in ROWS:
@@ -410,3 +410,30 @@ def test_row_quantizers_are_the_reference_math(rows, cols, dtype):
     s_ref, z_ref = act.int8_asym_qparams(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True))
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
     assert q.dtype == torch.int8 and torch.equal(q.float(), act.quantize_int8(xf, s_ref, z_ref))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name,group", [("int8_weight_only", None), ("int4_weight_only", 32), ("int4_weight_only", 128)])
+def test_triton_weight_only_kernels_decode_the_scheme(name, group):
+    """The GEMV (every tile the tuner may pick) and the tensor-core GEMM (a small and a large tile)
+    on the scheme's own tensors, at row counts and an output width no tile divides: the exponent-trick
+    decode of int8 / packed int4 codes is the scheme's dequantization."""
+    s = qexport.schemes.get(name, **({"group_size": group} if group else {}))
+    n, k = 196, 1024
+    torch.manual_seed(0)
+    t = {r: v.cuda() for r, v in math_for(s).quantize_weight(s, torch.randn(n, k) * 0.02).items()}
+    w = math_for(s).dequantize_weight(s, t, (n, k)).float()
+    if group is None:
+        t["weight_scale_per_channel"] = t["weight_scale"].float().reshape(-1).expand(n).contiguous()
+    for rows in (1, 3, 5, 17):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.t()
+        for tile in cuda_kernels.GEMV_TILES:
+            assert rel_err(cuda_kernels.triton_gemv(x, t, tile, group), ref) <= 1e-2, (rows, tile)
+        for tile in (cuda_kernels.TILE_M16_K256, (16, 32, 256, 1, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1)):
+            if group is None:
+                y = cuda_kernels.triton_weight_mm(x, t["weight"], t["weight_scale_per_channel"], tile)
+            else:
+                y = cuda_kernels.triton_int4_mm(x, t["weight"], t["weight_scale"], t["weight_zero_point"], group, tile)
+            assert rel_err(y, ref) <= 1e-2, (rows, tile)

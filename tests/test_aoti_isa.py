@@ -101,7 +101,7 @@ def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_pa
     assert (target.capability, target.march, target.forced) == (capability.upper(), march, True)
     assert not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in target.requires)
     assert manifest.extra["inductor_options"]["cpp.march"] == march
-    kernels = {k["name"]: k for k in manifest.extra["kernels"]}
+    kernels = {r.name: {"kernel": r.lowering.kernel, **r.lowering.details} for r in manifest.regions}
     assert {k["isa"] for k in kernels.values()} == {plan_isa}
     # no VNNI: int8 activations through the fp32 GEMM (the reference's arithmetic), never aten._int_mm
     assert [b["kernel"] for b in kernels["2"]["plan"]] == ["float32 GEMM on weights decoded at compile time"]
@@ -198,8 +198,8 @@ def test_plan_per_isa_matches_eager_in_every_bucket(dynamic_programs, monkeypatc
     monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
     qm, ep, scheme = dynamic_programs[name]
     lowered, decisions = apply_kernels(ep, "cpu", {"qexport.large_m": large_m})
-    plan = decisions[0].choice.details["plan"]
-    assert decisions[0].choice.details["isa"] == cpu_kernels.plan_isa(target)
+    plan = decisions[0].details["plan"]
+    assert decisions[0].details["isa"] == cpu_kernels.plan_isa(target)
     ops = _ops(lowered)
     int_mm = torch.ops.aten._int_mm.default in ops
     assert int_mm == (target is VNNI_TARGET and name in ("int8_dynamic", "int8_static"))

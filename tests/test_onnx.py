@@ -157,7 +157,7 @@ def test_inspect_reads_regions_and_schemes(mlp_artifacts, keep):
     assert manifest.artifact == "onnx"
     assert [(r.name, r.scheme) for r in manifest.regions] == [(r.name, r.scheme) for r in qexport.regions(ep)]
     assert manifest.extra["keep_regions"] is keep and manifest.extra["opset"] == 21
-    assert manifest.extra["lowering"]["layers.0"]["kernel"] == report.regions[0].kernel
+    assert manifest.region("layers.0").lowering.kernel == report.regions[0].kernel
     assert report.bytes == path.stat().st_size
 
 

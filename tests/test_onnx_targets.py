@@ -87,7 +87,7 @@ def test_manifest_and_report_record_the_target(files, tmp_path):
     for target in ("portable", "x86_vnni"):
         manifest = qexport.inspect(files["mlp", "int8_static", target][0])
         assert manifest.extra["target"] == target
-        kernel = manifest.extra["lowering"]["layers.0"]["kernel"]
+        kernel = manifest.region("layers.0").lowering.kernel
         assert ("uint8 (+128" in kernel) is (target == "portable")
     torch.manual_seed(0)
     x = torch.randn(2, 64)

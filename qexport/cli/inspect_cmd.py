@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="list the quantized regions of an artifact (.pt2, AOTI package, .pte, .onnx)",
         description="Print the regions recorded in a qexport artifact's manifest: scheme, parameters, "
-        "module path and bytes, with totals. Reads only the manifest; the model is not loaded.",
+        "module path and bytes, with totals, and for a lowered artifact whether its backend's accelerated "
+        "path took each region and the kernel that runs it. Reads only the manifest; the model is not loaded.",
     )
     p.add_argument("file", metavar="FILE", help="a file written by qexport (save, compile, to_executorch, to_onnx)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a table")
@@ -62,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(manifest.to_dict(), indent=1))
         return 0
     dim_names = manifest.extra.get("dim_names") if isinstance(manifest.extra.get("dim_names"), dict) else {}
+    # a lowered artifact's regions carry what its backend made of them (the same record for every kind)
+    lowered = any(r.lowering is not None for r in manifest.regions)
     rows = [
         tuple(_clean(cell) for cell in (
             r.module_path or r.name, r.op, r.scheme.describe(), _params(r.scheme),
             list(r.weight_shape) if r.weight_shape else "-", _shape(r.input_shapes, dim_names),
             fmt_bytes(r.weight_bytes), fmt_bytes(r.float_bytes) if r.float_bytes else "-", _ratio(r.weight_bytes, r.float_bytes),
+            *((("yes" if r.lowering.taken else "no", r.lowering.kernel) if r.lowering else ("-", "-")) if lowered else ()),
         ))
         for r in manifest.regions
     ]
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         f"{args.file}: {manifest.artifact} artifact, manifest v{manifest.version}, written by qexport "
         f"{manifest.qexport_version} with torch {manifest.torch_version}", limit=400,
     ))
-    print(format_table(("module", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio"), rows))
+    head = ("module", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio")
+    print(format_table(head + (("taken", "kernel") if lowered else ()), rows))
     inputs = _inputs(manifest.extra.get("inputs"), dim_names)
     if inputs:
         print(_clean(f"inputs: {inputs}", limit=2000))

@@ -3,7 +3,8 @@
 Pipeline (each step a small function, all checks before the first one that costs time):
 
 1. resolve the program (an ExportedProgram or a qexport `.pt2`), check device, options and output;
-2. `plan`: ask the kernel table (`qexport.lower.kernels`) which kernel takes each region;
+2. `plan`: ask the backend contract (`plan_regions` on `aoti-<device>`, whose entries are the kernel
+   table of `qexport.lower.kernels`) which kernel takes each region;
 3. `apply_kernels`: replace the taken regions by those kernels' ops, repacking weights once, here,
    into buffers of the program; the other regions stay `invoke_quant_packed`, which Inductor fuses
    (with `codegen_low_precision` honoured, see `qexport/_upstream.py`);
@@ -26,7 +27,8 @@ import torch
 from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
-from .kernels import KernelDecision, _copy_program, apply_kernels, choose_kernels, inductor_options_for
+from ._contract import RegionPlan, plan_regions
+from .kernels import _copy_program, apply_kernels, inductor_options_for
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
@@ -92,19 +94,16 @@ def _example_inputs(ep: torch.export.ExportedProgram, device: str) -> tuple[tupl
     return tuple(torch.utils._pytree.tree_map(move, list(args))), torch.utils._pytree.tree_map(move, dict(kwargs))
 
 
-def _report(decisions: list[KernelDecision], device: str, path: str) -> LoweringReport:
-    regions = [
-        RegionReport(
-            name=d.region.name,
-            scheme=d.region.scheme,
-            backend=f"aoti-{device}",
-            delegated=d.choice is not None,
-            reason=(d.choice.why if d.choice else (d.reason or "no kernel took it")) + ("" if d.choice else "; Inductor fuses the region"),
-            kernel=d.choice.name if d.choice else "inductor",
-        )
-        for d in decisions
-    ]
+def _report(plans: list[RegionPlan], device: str, path: str) -> LoweringReport:
+    regions = [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in plans]
     return LoweringReport(target=f"aoti-{device}", path=path, regions=regions)
+
+
+def _all_to_inductor(ep: torch.export.ExportedProgram, device: str) -> list[RegionPlan]:
+    from ..regions import regions
+
+    return [RegionPlan(False, "inductor", f"{KERNELS_OPTION}='inductor'; Inductor fuses the region", region=r,
+                       backend=f"aoti-{device}") for r in regions(ep)]
 
 
 def plan(
@@ -114,12 +113,10 @@ def plan(
     ours, _ = _check_options(device, options)
     ep = resolve_program(program_or_path, "plan")
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
-        from ..regions import regions
-
-        decisions = [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(ep)]
+        plans = _all_to_inductor(ep, device)
     else:
-        decisions = [d for _, d in choose_kernels(ep, device, ours)]
-    return _report(decisions, device, "")
+        plans = plan_regions(ep, f"aoti-{device}", ours)
+    return _report(plans, device, "")
 
 
 def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
@@ -165,16 +162,13 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
 
         work = move_to_device_pass(work, device)
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
-        from ..regions import regions
-
-        lowered, decisions = work, [KernelDecision(r, None, f"{KERNELS_OPTION}='inductor'") for r in regions(work)]
+        lowered, plans = work, _all_to_inductor(work, device)
     else:
-        lowered, decisions = apply_kernels(work, device, ours)
-        if any(d.choice is not None for d in decisions):
+        lowered, plans = apply_kernels(work, device, ours)
+        if any(p.taken for p in plans):
             inductor_options = {**inductor_options_for(device), **inductor_options}
-    report = _report(decisions, device, str(out))
-    taken = sum(d.choice is not None for d in decisions)
-    say(f"kernels: {taken}/{len(decisions)} regions to scheme kernels, {len(decisions) - taken} to Inductor fusion")
+    taken = sum(p.taken for p in plans)
+    say(f"kernels: {taken}/{len(plans)} regions to scheme kernels, {len(plans) - taken} to Inductor fusion")
     target = {}
     if device == "cpu":
         cpu = compile_target(inductor_options.get("cpp.march"))
@@ -182,13 +176,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
             inductor_options = {**inductor_options, "cpp.march": cpu.march}
         target = {"cpu_target": cpu.to_dict()}
         say(f"target CPU: {cpu.describe()}")
-    manifest = dataclasses.replace(manifest, extra={
+    manifest = dataclasses.replace(manifest.with_lowering([p.record() for p in plans]), extra={
         **manifest.extra,
         **target,
-        "kernels": [
-            r.to_dict() | {"scheme": r.scheme.name if r.scheme else None} | dict(d.choice.details if d.choice else {})
-            for r, d in zip(report.regions, decisions)
-        ],
         "inductor_options": {k: v for k, v in inductor_options.items() if _json_safe(v)},
     })
     args, kwargs = _example_inputs(lowered, device)

@@ -20,23 +20,28 @@ The program's qexport manifest travels inside the .pte as a constant method (`MA
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import operator
 from dataclasses import dataclass
 from os import PathLike
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .._extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
-from ..regions import Region, regions as graph_regions
+from ..regions import Region
 from ..schemes import math_for
 from ..schemes._packing import unpack_uint4
+from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
 from ._inline import RegionSite, inline_regions, region_of
 from ._stages import Stages
 from .report import LoweringReport, RegionReport
+
+if TYPE_CHECKING:
+    from serializers.manifest import LoweringRecord
 
 BACKENDS = ("xnnpack", "portable")
 #: the .pte method that returns the qexport manifest (JSON, as a uint8 tensor)
@@ -47,17 +52,10 @@ _EPS = torch.finfo(torch.float32).eps
 
 
 # -- per-scheme lowering ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RegionPlan:
-    """What a region becomes, decided from its scheme before any graph is touched."""
-
-    lower: Callable[[RegionSite], torch.fx.Node]
-    kernel: str
-    #: the backend is expected to take it; if not, the partitioner's own words become the reason
-    delegable: bool
-    reason: str = ""
-
+# Plans are the backend contract's (`_contract.RegionPlan` from entries registered on backend
+# "executorch"): `lowering` is the RegionSite rewrite, `taken` means XNNPACK is expected to delegate it
+# (if its partitioner does not, its own words become the reason). backend="portable" lowers the same
+# graph and delegates nothing (`_portable`).
 
 def _weight_dq(site: RegionSite) -> torch.fx.Node:
     """Per-channel int8 weight: the `dequantize_per_channel(weight, scale, zero_point)` XNNPACK reads
@@ -238,84 +236,112 @@ def _lower_fp8_reference(site: RegionSite) -> torch.fx.Node:
 
 _PORTABLE = ("falls back to its reference decomposition (weights dequantized on every call, the matmul in "
              "float32, on XNNPACK where it takes it)")
-_INT8_OPS = ("linear", "conv1d", "conv2d")
+_FLOAT32_ONLY = "XNNPACK's int8 patterns take float32 activations"
+_DELEGATE_IT = "Quantize with int8_dynamic to delegate it"
+_QDQ_KERNELS = {"static": "qs8 {op} (static int8 Q/DQ)", "dynamic": "qd8-f32-qc8w {op} (dynamic int8 Q/DQ)"}
+_QDQ_LOWERINGS = {"static": _lower_int8_static, "dynamic": _lower_int8_dynamic}
 
-#: (family, activation) -> (lowering, kernel name under XNNPACK); schemes with no entry run their reference
-_QDQ_LOWERINGS: dict[tuple[str, str], tuple[Callable[[RegionSite], torch.fx.Node], str]] = {
-    ("int8", "static"): (_lower_int8_static, "qs8 {op} (static int8 Q/DQ)"),
-    ("int8", "dynamic"): (_lower_int8_dynamic, "qd8-f32-qc8w {op} (dynamic int8 Q/DQ)"),
-    ("int4", "dynamic"): (_lower_int8_dynamic_int4_weight, "qd8-f32-qb4w {op} (dynamic int8 x blockwise int4)"),
-}
 
-#: why XNNPACK does not take a scheme family, in words a user can act on
-_NOT_XNNPACK: dict[tuple[str, str], str] = {
-    ("int8", "none"): (
-        "XNNPACK (ExecuTorch) takes int8 weights only with int8 activations; int8_weight_only keeps float "
-        "activations, so it " + _PORTABLE + " (weights stay int8). Quantize with int8_dynamic to delegate it"
-    ),
-    ("int4", "none"): (
-        "XNNPACK's 4-bit kernels need int8 dynamic activations and symmetric weights; int4_weight_only has "
-        "float activations and per-group zero points, so it " + _PORTABLE + ". Quantize with "
-        "int8_dynamic_int4_weight to delegate it"
-    ),
-    ("nf4", "none"): (
-        "XNNPACK has no codebook (NF4) weights, so it " + _PORTABLE + ". Quantize with int8_dynamic to delegate it"
-    ),
-    ("fp8", "dynamic"): (
+def plan_int8_qdq(ctx: PlanContext) -> RegionPlan | Decline | None:
+    """int8 weights with int8 activations: the Q/DQ pattern XNNPACK's partitioner delegates."""
+    r, s = ctx.region, ctx.region.scheme
+    if s.activation == "none":
+        return Decline("XNNPACK (ExecuTorch) takes int8 weights only with int8 activations; int8_weight_only keeps "
+                       f"float activations, so it {_PORTABLE} (weights stay int8). {_DELEGATE_IT}")
+    if s.activation not in _QDQ_LOWERINGS:
+        return None
+    if r.input_dtypes[:1] != ("float32",):
+        return Decline(f"its input is {r.input_dtypes[0] if r.input_dtypes else '?'}; {_FLOAT32_ONLY}, so it "
+                       f"{_PORTABLE}. Export the model in float32 to delegate it")
+    return RegionPlan(True, "XNNPACK " + _QDQ_KERNELS[s.activation].format(op=r.op), lowering=_QDQ_LOWERINGS[s.activation])
+
+
+def plan_int4(ctx: PlanContext) -> RegionPlan | Decline:
+    """int4 linears: XNNPACK's qd8-f32-qb4w takes per-token int8 activations x symmetric int4 weights."""
+    r, s = ctx.region, ctx.region.scheme
+    if s.activation == "none":
+        return Decline("XNNPACK's 4-bit kernels need int8 dynamic activations and symmetric weights; int4_weight_only "
+                       f"has float activations and per-group zero points, so it {_PORTABLE}. Quantize with "
+                       "int8_dynamic_int4_weight to delegate it")
+    if not s.symmetric:
+        return Decline(f"XNNPACK's qb4w weights have no per-block zero point and {s.name} has symmetric=False, so it "
+                       f"{_PORTABLE}. Keep symmetric=True to delegate it")
+    if r.input_dtypes[:1] != ("float32",):
+        return Decline(f"its input is {r.input_dtypes[0] if r.input_dtypes else '?'}; {_FLOAT32_ONLY}, so it "
+                       f"{_PORTABLE}. Export the model in float32 to delegate it")
+    return RegionPlan(True, "XNNPACK qd8-f32-qb4w linear (dynamic int8 x blockwise int4)",
+                      lowering=_lower_int8_dynamic_int4_weight)
+
+
+def _declines(reason: str) -> Callable[[PlanContext], Decline]:
+    def decline(ctx: PlanContext) -> Decline:
+        return Decline(reason)
+
+    return decline
+
+
+def plan_fp8(ctx: PlanContext) -> RegionPlan:
+    """fp8 has no ExecuTorch kernels at all: its reference, with the float8 casts rewritten."""
+    return _reference_plan(ctx.region, _lower_fp8_reference, (
         "neither XNNPACK nor ExecuTorch's portable kernels have float8 arithmetic: its weights are widened to "
         "bfloat16 (exactly, 2x the fp8 bytes), the fp8 activation rounding is computed in float and the matmul "
-        "runs in fp32. Quantize with int8_dynamic to delegate it"
-    ),
-}
-#: families whose reference subgraph needs rewriting before ExecuTorch can run it
-_REFERENCE_LOWERINGS: dict[str, Callable[[RegionSite], torch.fx.Node]] = {"fp8": _lower_fp8_reference}
+        "runs in fp32. Quantize with int8_dynamic to delegate it"))
 
 
-def plan_region(region: Region, backend: str) -> RegionPlan:
-    """Decide from the region's scheme what it becomes on `backend` (ExecuTorch)."""
-    s = region.scheme
-    if s is None:
+_INT8_OPS = ("linear", "conv1d", "conv2d")
+for _op in _INT8_OPS:
+    register_lowering("int8", "executorch", _op, plan_int8_qdq)
+    register_lowering("nf4", "executorch", _op, _declines(
+        f"XNNPACK has no codebook (NF4) weights, so it {_PORTABLE}. {_DELEGATE_IT}"), name="nf4_codebook")
+for _op in (*_INT8_OPS, "embedding"):
+    register_lowering("fp8", "executorch", _op, plan_fp8)
+register_lowering("int4", "executorch", "linear", plan_int4)
+
+
+def _reference_plan(region: Region, reference: Callable[[RegionSite], torch.fx.Node], why: str) -> RegionPlan:
+    """The region's reference math on portable kernels (embeddings gather their quantized rows first)."""
+    s, kernel = region.scheme, "portable (reference decomposition)"
+    if region.op == "embedding" and s.activation == "none" and s.family != "fp8":
+        reference, kernel = _lower_embedding_rows_first, "portable (gather quantized rows, dequantize them)"
+    elif s.compute_dtype != "float32" and region.input_dtypes[:1] == ("float32",):
+        reference = _in_float32(reference)
+    return RegionPlan(False, kernel, why, lowering=reference)
+
+
+def _fallback(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionPlan:
+    r = ctx.region
+    if r.scheme is None:
         raise LoweringError(
-            f"region {region.name} uses scheme {region.scheme_name!r}, which is not registered in this process; "
+            f"region {r.name} uses scheme {r.scheme_name!r}, which is not registered in this process; "
             f"import the module that registers it before lowering"
         )
-    key = (s.family, s.activation)
-    entry = _QDQ_LOWERINGS.get(key)
-    if key == ("int4", "dynamic") and not s.symmetric:
-        entry = None  # qb4w has no per-block zero points: the reference runs, and the reason says why
-    reference = _REFERENCE_LOWERINGS.get(s.family, _reference)
-    dtype_ok = region.input_dtypes[:1] == ("float32",)
-    if entry is not None and region.op in _INT8_OPS and dtype_ok:
-        lower, kernel = entry
-        kernel = kernel.format(op=region.op)
-        if backend == "xnnpack":
-            return RegionPlan(lower, f"XNNPACK {kernel}", delegable=True)
-        return RegionPlan(lower, "portable + quantized Q/DQ kernels", delegable=False,
-                          reason="backend='portable' delegates nothing; use backend='xnnpack' to accelerate it")
-    fallback_kernel = "portable (reference decomposition)"
-    if region.op == "embedding" and s.activation == "none" and s.family != "fp8":
-        reference, fallback_kernel = _lower_embedding_rows_first, "portable (gather quantized rows, dequantize them)"
-    elif s.compute_dtype != "float32" and dtype_ok:
-        reference = _in_float32(reference)
-    if backend == "portable":
-        return RegionPlan(reference, fallback_kernel, delegable=False,
-                          reason="backend='portable' delegates nothing; the region " + _PORTABLE)
-    if entry is not None and not dtype_ok:
-        why = (f"its input is {region.input_dtypes[0] if region.input_dtypes else '?'}; XNNPACK's int8 patterns take "
-               f"float32 activations, so it {_PORTABLE}. Export the model in float32 to delegate it")
-    elif region.op == "embedding":
+    if reasons:
+        why = "; ".join(reasons)
+    elif r.op == "embedding":
         why = ("XNNPACK has no embedding kernel; the region gathers the quantized rows it needs and dequantizes "
                "them on portable kernels (its weights stay quantized in the .pte)")
-    elif entry is not None:
-        why = f"XNNPACK has no {s.name} {region.op} pattern; the region {_PORTABLE}"
-    elif key == ("int4", "dynamic"):
-        why = (f"XNNPACK's qb4w weights have no per-block zero point and {s.name} has symmetric=False, so it "
-               f"{_PORTABLE}. Keep symmetric=True to delegate it")
-    elif region.op == "custom":
+    elif r.op == "custom":
         why = f"a hand-written region (op='custom') has no XNNPACK pattern; it {_PORTABLE}"
     else:
-        why = _NOT_XNNPACK.get(key, f"XNNPACK has no kernel for scheme family {s.family!r}; the region {_PORTABLE}")
-    return RegionPlan(reference, fallback_kernel, delegable=False, reason=why)
+        why = f"XNNPACK has no {r.scheme.name} {r.op} pattern; the region {_PORTABLE}"
+    return _reference_plan(r, _reference, why)
+
+
+register_backend("executorch", title="ExecuTorch (XNNPACK)", fallback=_fallback)
+
+
+def _portable(plan: RegionPlan) -> RegionPlan:
+    """The plan under backend="portable": the same graph, nothing delegated."""
+    if plan.taken:
+        return dataclasses.replace(plan, taken=False, kernel="portable + quantized Q/DQ kernels", reason=(
+            "backend='portable' delegates nothing; use backend='xnnpack' to accelerate it"))
+    return dataclasses.replace(plan, reason="backend='portable' delegates nothing; the region " + _PORTABLE)
+
+
+def plan(ep: torch.export.ExportedProgram, backend: str = "xnnpack") -> list[RegionPlan]:
+    """What each region of `ep` becomes on ExecuTorch with `backend`, decided from its scheme."""
+    plans = plan_regions(ep, "executorch")
+    return [_portable(p) for p in plans] if backend == "portable" else plans
 
 
 # -- edge-compat passes -------------------------------------------------------------------------
@@ -430,6 +456,40 @@ def _delegation(
     return taken, left, present
 
 
+def _manifest_bytes(manifest) -> torch.Tensor:
+    return torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
+
+
+def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _WhyNoPartition) -> list[LoweringRecord]:
+    """Each region's lowering record: its plan, checked against where its nodes went after partitioning."""
+    taken, left, present = _delegation(edge_gm, {p.region.name: p.region.op for p in planned})
+    records = []
+    for plan in planned:
+        r = plan.region
+        if r.name not in present:
+            records.append(plan.record(backend="-", taken=False, kernel="removed (dead code)", reason=(
+                "nothing in the program uses its output, so it was removed with its weights; it costs nothing "
+                "at run time")))
+            continue
+        # the region's GEMM/conv ran inside a delegate and none of its compute ops stayed outside
+        in_delegate = r.name in taken and not left.get(r.name)
+        if plan.taken and in_delegate:
+            records.append(plan.record(backend=taken[r.name]))
+            continue
+        reason = plan.reason
+        if plan.taken:
+            said = "; ".join(dict.fromkeys(why.by_region.get(r.name, [])))
+            reason = (f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable "
+                      f"kernels. Try another scheme for this layer (e.g. int8_static) or leave it in float with "
+                      f"quantize(filter_fn=...)")
+        if in_delegate:  # a fallback whose fp32 matmul XNNPACK took: the quantized form still is not delegated
+            backend_name, kernel = f"portable+{taken[r.name]}", f"dequantize per call + XNNPACK fp32 {r.op}"
+        else:
+            backend_name, kernel = "portable", "portable" if plan.taken else plan.kernel
+        records.append(plan.record(backend=backend_name, taken=False, kernel=kernel, reason=reason))
+    return records
+
+
 def to_executorch(
     program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
     output: "str | PathLike[str]",
@@ -453,8 +513,9 @@ def to_executorch(
     except ImportError as e:
         raise missing_extra(e, "to_executorch") or BackendUnavailableError(f"to_executorch cannot import executorch ({e})") from None
 
-    found = graph_regions(ep)
-    plans = {r.name: plan_region(r, backend) for r in found}
+    planned = plan(ep, backend)
+    found = [p.region for p in planned]
+    plans = {p.region.name: p for p in planned}
     import serializers
 
     manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend)
@@ -462,7 +523,7 @@ def to_executorch(
 
     with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
         ep = copy.deepcopy(ep)  # the caller's program stays as it was
-        inline_regions(ep, lambda site: plans[site.region.name].lower(site), make_constant=_make_constant)
+        inline_regions(ep, lambda site: plans[site.region.name].lowering(site), make_constant=_make_constant)
         rshift_as_floor_divide(ep.graph_module)
         drop_unused_constants(ep)
 
@@ -473,15 +534,18 @@ def to_executorch(
         partitioners.append(XnnpackPartitioner())
         # A second pass takes the fp32 linears whose weight a fallback region dequantizes at run time;
         # partitioning is a large share of lowering time, so only when there is such a region.
-        if any(r.op == "linear" and not plans[r.name].delegable for r in found):
+        if any(r.op == "linear" and not plans[r.name].taken for r in found):
             partitioners.append(XnnpackPartitioner(force_non_static_weights_for_f32_linear=True))
-    manifest_bytes = torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
     try:
         with _WhyNoPartition() as why, stage(f"to_edge_transform_and_lower ({backend})"):
             edge = to_edge_transform_and_lower(
-                ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: manifest_bytes}
+                ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: _manifest_bytes(manifest)}
             )
         edge_gm = edge.exported_program().graph_module
+        records = _records(planned, edge_gm, why)
+        # The manifest carries what happened to each region, known only once the partitioners ran; the
+        # constant methods are emitted by to_executorch from the edge manager's dict (no public setter).
+        edge._config_methods[MANIFEST_METHOD] = _manifest_bytes(manifest.with_lowering(records))
         with stage("to_executorch (memory planning, serialization)"):
             et = edge.to_executorch()
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
@@ -490,31 +554,6 @@ def to_executorch(
     from executorch.devtools.backend_debug import get_delegation_info
 
     info = get_delegation_info(edge_gm)
-    taken, left, present = _delegation(edge_gm, {r.name: r.op for r in found})
-    records = []
-    for r in found:
-        plan = plans[r.name]
-        if r.name not in present:
-            records.append(RegionReport(r.name, r.scheme, "-", False, kernel="removed (dead code)", reason=(
-                "nothing in the program uses its output, so it was removed with its weights; it costs nothing "
-                "at run time")))
-            continue
-        # the region's GEMM/conv ran inside a delegate and none of its compute ops stayed outside
-        in_delegate = r.name in taken and not left.get(r.name)
-        if plan.delegable and in_delegate:
-            records.append(RegionReport(r.name, r.scheme, taken[r.name], True, "", plan.kernel))
-            continue
-        reason = plan.reason
-        if plan.delegable:
-            said = "; ".join(dict.fromkeys(why.by_region.get(r.name, [])))
-            reason = (f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable "
-                      f"kernels. Try another scheme for this layer (e.g. int8_static) or leave it in float with "
-                      f"quantize(filter_fn=...)")
-        if in_delegate:  # a fallback whose fp32 matmul XNNPACK took: the quantized form still is not delegated
-            backend_name, kernel = f"portable+{taken[r.name]}", f"dequantize per call + XNNPACK fp32 {r.op}"
-        else:
-            backend_name, kernel = "portable", "portable" if plan.delegable else plan.kernel
-        records.append(RegionReport(r.name, r.scheme, backend_name, False, reason, kernel))
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             et.write_to_file(f)
@@ -522,7 +561,8 @@ def to_executorch(
 
         seal(tmp)
     return LoweringReport(
-        target=f"executorch/{backend}", path=str(out), regions=records,
+        target=f"executorch/{backend}", path=str(out),
+        regions=[RegionReport.from_record(p.region.name, p.region.scheme, rec) for p, rec in zip(planned, records)],
         delegated_nodes=info.num_delegated_nodes,
         total_nodes=info.num_delegated_nodes + info.num_non_delegated_nodes,
         bytes=out.stat().st_size,

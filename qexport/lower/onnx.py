@@ -31,8 +31,9 @@ from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
 
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
-from ..regions import Region, regions as graph_regions
-from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering, plan_region
+from ..regions import Region
+from ._contract import RegionPlan, plan_regions
+from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
 from .report import LoweringReport, RegionReport
 
@@ -74,12 +75,12 @@ def to_onnx(
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
     ep = resolve_program(program_or_path, "to_onnx")
-    found = graph_regions(ep)
     # Every region's lowering is decided (and every refusal raised) before the export starts.
-    plans: dict[str, Lowering | None] = {r.name: plan_region(r, opset, target) for r in found}
-    by_name = {r.name: r for r in found}
-    reports = [_region_report(by_name[name], plans[name]) for name in by_name]
-    manifest = _manifest_json(ep, opset, keep_regions, target, reports)
+    planned = plan_regions(ep, "onnx", {"opset": opset, "target": target})
+    by_name = {p.region.name: p.region for p in planned}
+    plans: dict[str, RegionPlan] = {p.region.name: p for p in planned}
+    reports = [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in planned]
+    manifest = _manifest_json(ep, opset, keep_regions, target, [p.record() for p in planned])
 
     model, references = _export_with_placeholders(ep, opset)
     emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
@@ -100,7 +101,7 @@ def to_onnx(
         target="onnx",
         path=str(out),
         regions=reports,
-        delegated_nodes=sum(n for name, n in emitted.items() if plans[name] is not None and plans[name].native),
+        delegated_nodes=sum(n for name, n in emitted.items() if plans[name].taken),
         total_nodes=sum(1 for _ in model.graph.all_nodes()) + sum(len(f) for f in model.functions.values()),
         bytes=size,
         extra={"opset": opset, "keep_regions": keep_regions, "target": target},
@@ -219,7 +220,7 @@ def _first_lines(text: str, n: int = 6) -> str:
 def lower_regions(
     model: ir.Model,
     regions: Mapping[str, Region],
-    plans: Mapping[str, Lowering | None],
+    plans: Mapping[str, RegionPlan],
     tensors: Mapping[str, torch.Tensor],
     references: Mapping[str, ir.Function],
     *,
@@ -230,7 +231,7 @@ def lower_regions(
 
     keep_regions=False splices the region's nodes into the main graph; True makes each region a local
     function `qexport.region::<name>` (metadata_props: the scheme and the region record) and leaves a
-    call in its place. Regions without a plan use their reference subgraph. Returns, per region, how
+    call in its place. Regions whose plan has no `Lowering` use their reference subgraph. Returns, per region, how
     many nodes it became; an empty dict means the model had no placeholders (nothing changed).
     """
     graph = model.graph
@@ -243,16 +244,17 @@ def lower_regions(
             raise LoweringError(f"the exported ONNX graph has a region {name!r} the program does not list")
         region, plan = regions[name], plans[name]
         old_inputs = [v for v in node.inputs[1:] if v is not None]
-        if plan is None:
+        lowering: Lowering | None = plan.lowering
+        if lowering is None:
             body = references[name]
-            fn = _reference_function(body, region, _function_name(name, taken_names), opset)
+            fn = _reference_function(body, region, plan, _function_name(name, taken_names), opset)
             call = ir.Node(fn.domain, fn.name, list(node.inputs), num_outputs=len(node.outputs))
             model.functions[fn.identifier()] = fn
             graph.insert_before(node, call)
             new_outputs = list(call.outputs)
             emitted[name] = len(body)
         else:
-            weights = plan.weights(_region_tensors(region, tensors))
+            weights = lowering.weights(_region_tensors(region, tensors))
             # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
             for i in range(1, len(node.inputs)):
                 node.replace_input_with(i, None)
@@ -283,39 +285,40 @@ def _region_tensors(region: Region, tensors: Mapping[str, torch.Tensor]) -> dict
 
 
 def _emit(
-    model: ir.Model, node: ir.Node, plan: Lowering, weights: Mapping[str, ir.Tensor], keep_regions: bool, fname: str, opset: int
+    model: ir.Model, node: ir.Node, plan: RegionPlan, weights: Mapping[str, ir.Tensor], keep_regions: bool, fname: str, opset: int
 ) -> tuple[list[ir.Value], int]:
+    lowering: Lowering = plan.lowering
     graph = model.graph
     x = node.inputs[0]
     assert x is not None
     inits: dict[str, ir.Value] = {}
     for role, tensor in weights.items():
-        vname = _free_initializer_name(graph, f"{plan.region.module_path}.{role}")
+        vname = _free_initializer_name(graph, f"{lowering.region.module_path}.{role}")
         value = ir.Value(name=vname, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
         graph.register_initializer(value)
         inits[role] = value
     e = Emitter()
     if not keep_regions:
-        y = plan.emit(e, x, inits)
+        y = lowering.emit(e, x, inits)
         graph.insert_before(node, e.nodes)
         return [y], len(e.nodes)
     fx = ir.Value(name="input", shape=x.shape, type=x.type)
     fw = {role: ir.Value(name=role, shape=v.shape, type=v.type) for role, v in inits.items()}
-    y = plan.emit(e, fx, fw)
+    y = lowering.emit(e, fx, fw)
     y.name = "output"
     fn = ir.Function(
         REGION_DOMAIN, fname,
         graph=ir.Graph([fx, *fw.values()], [y], nodes=e.nodes, opset_imports={"": opset}, name=fname),
         attributes=[],
     )
-    _describe_function(fn, plan.region, plan)
+    _describe_function(fn, lowering.region, plan)
     model.functions[fn.identifier()] = fn
     call = ir.Node(REGION_DOMAIN, fname, [x, *inits.values()], num_outputs=1)
     graph.insert_before(node, call)
     return list(call.outputs), len(e.nodes)
 
 
-def _reference_function(body: ir.Function, region: Region, fname: str, opset: int) -> ir.Function:
+def _reference_function(body: ir.Function, region: Region, plan: RegionPlan, fname: str, opset: int) -> ir.Function:
     body.domain, body.name = REGION_DOMAIN, fname
     # The exporter stamps subgraph functions with torchlib's opset (18) and only converts what is still
     # used after its optimizer, which these no longer were; the checker wants one default opset.
@@ -323,36 +326,20 @@ def _reference_function(body: ir.Function, region: Region, fname: str, opset: in
     for n in body:
         if n.domain == "":
             n.version = None
-    _describe_function(body, region, None)
+    _describe_function(body, region, plan)
     return body
 
 
-def _describe_function(fn: ir.Function, region: Region, plan: Lowering | None) -> None:
+def _describe_function(fn: ir.Function, region: Region, plan: RegionPlan) -> None:
     scheme = region.scheme
     fn.metadata_props[SCHEME_KEY] = json.dumps(scheme.to_dict() if scheme else {"name": region.scheme_name})
-    fn.metadata_props[REGION_KEY] = json.dumps(_region_record(region, plan))
-    label = scheme.describe() if scheme else region.scheme_name
-    fn.doc_string = f"qexport region {region.name}: {region.op} quantized with {label}; {_kernel(plan)}"
-
-
-def _region_record(region: Region, plan: Lowering | None) -> dict[str, Any]:
-    return {
+    fn.metadata_props[REGION_KEY] = json.dumps({
         "name": region.name, "module_path": region.module_path, "op": region.op, "op_params": region.op_params,
         "roles": list(region.roles), "weight_shape": list(region.weight_shape) if region.weight_shape else None,
-        "native": bool(plan and plan.native), "kernel": _kernel(plan), "reason": _reason(region, plan),
-    }
-
-
-def _kernel(plan: Lowering | None) -> str:
-    return plan.kernel if plan else "reference math (torch.onnx's translation of the region subgraph)"
-
-
-def _reason(region: Region, plan: Lowering | None) -> str:
-    if plan is not None:
-        return plan.reason
-    family = region.scheme.family if region.scheme else region.scheme_name
-    return (f"no ONNX lowering for scheme family {family!r} (qexport.lower.onnx_regions.register_onnx_lowering adds one); "
-            f"its reference math runs as float ops")
+        "lowering": plan.record().to_dict(),
+    })
+    label = scheme.describe() if scheme else region.scheme_name
+    fn.doc_string = f"qexport region {region.name}: {region.op} quantized with {label}; {plan.kernel}"
 
 
 def _function_name(name: str, taken: set[str]) -> str:
@@ -382,23 +369,12 @@ def _finalize(model: ir.Model) -> None:
     common_passes.NameFixPass()(model)
 
 
-# -- report and manifest ------------------------------------------------------------------------------
-def _region_report(region: Region, plan: Lowering | None) -> RegionReport:
-    return RegionReport(
-        name=region.name, scheme=region.scheme, backend="onnx", delegated=bool(plan and plan.native),
-        reason=_reason(region, plan), kernel=_kernel(plan),
-    )
-
-
-def _manifest_json(
-    ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, reports: list[RegionReport]
-) -> str:
+# -- manifest ----------------------------------------------------------------------------------------
+def _manifest_json(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, records: list) -> str:
     from serializers.manifest import Manifest
 
-    lowering = {r.name: {"native": r.delegated, "kernel": r.kernel, "reason": r.reason} for r in reports}
-    return Manifest.from_program(
-        ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target, lowering=lowering
-    ).to_json()
+    manifest = Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target)
+    return manifest.with_lowering(records).to_json()
 
 
 __all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]

@@ -11,7 +11,8 @@ MatMuls (`per_token_int8_linear`), because no runtime fuses per-row dynamic QDQ.
 
 The ONNX form of each step is written against the scheme's fields, mirroring `_activation.py` and the
 families' `dequantize_weight`; the numerics tests hold it to `math_for(scheme).tolerance` of the eager
-reference. Adding a family means registering one `FamilyLowering` here (`register_onnx_lowering`).
+reference. Adding a family means registering one `FamilyLowering` (`register_onnx_lowering`, which
+registers it with the backend contract on backend "onnx"; its RegionPlan's `lowering` is the `Lowering`).
 
 Weights of linear regions are stored transposed ([in, out]), the layout of ONNX MatMul's B input, so
 no Transpose stands between a weight's DequantizeLinear and its MatMul (onnxruntime's QDQ and
@@ -30,6 +31,7 @@ import torch
 
 from ..errors import LoweringError
 from ..regions import Region
+from ._contract import PlanContext, RegionPlan, register_backend, register_lowering
 from ..schemes import Scheme
 from ..schemes._activation import FP8_E4M3_MAX, INT8_MAX, INT8_MIN, _EPS
 from ..schemes._packing import unpack_uint4
@@ -564,22 +566,36 @@ class Fp8Lowering(FamilyLowering):
         return e.op("DequantizeLinear", w["weight"], w["weight_scale"], axis=axis)
 
 
-ONNX_LOWERINGS: dict[str, FamilyLowering] = {
-    "int8": Int8Lowering(), "int4": Int4Lowering(), "nf4": Nf4Lowering(), "fp8": Fp8Lowering(),
-}
+def _entry(family: FamilyLowering):
+    """A family's ONNX form as a backend-contract entry: options "opset" and "target" (ONNX_TARGETS)."""
+
+    def plan(ctx: PlanContext) -> RegionPlan | None:
+        if ctx.region.weight_shape is None:
+            return None
+        target = ONNX_TARGETS[ctx.options.get("target", DEFAULT_TARGET)]
+        lw = family.plan(ctx.region, ctx.options.get("opset", BLOCKED_QDQ_OPSET), target)
+        return RegionPlan(lw.native, lw.kernel, lw.reason, details={"target": target.name}, lowering=lw)
+
+    return plan
 
 
 def register_onnx_lowering(family: str, lowering: FamilyLowering) -> None:
-    """Give a scheme family (a user's) an ONNX form; regions of unknown families fall back to their
-    reference math as torch.onnx translates it."""
-    ONNX_LOWERINGS[family] = lowering
+    """Give a scheme family (a user's) an ONNX form: `register_lowering(family, "onnx", op)` for every
+    op ONNX has a form for here; regions of other families run their reference math as torch.onnx
+    translates it."""
+    for op in _OP_NAMES:
+        register_lowering(family, "onnx", op, _entry(lowering), name="family_lowering")
 
 
-def plan_region(region: Region, opset: int, target: str = DEFAULT_TARGET) -> Lowering | None:
-    """The lowering of one region for CPUs of `target` (ONNX_TARGETS), or None when its family has no
-    ONNX form here (reference fallback)."""
-    if region.scheme is None or region.scheme.family not in ONNX_LOWERINGS or region.weight_shape is None:
-        return None
-    if region.op not in _OP_NAMES:
-        return None
-    return ONNX_LOWERINGS[region.scheme.family].plan(region, opset, ONNX_TARGETS[target])
+def _reference(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionPlan:
+    r = ctx.region
+    family = r.scheme.family if r.scheme else r.scheme_name
+    why = "; ".join(reasons) or (
+        f"no ONNX lowering for scheme family {family!r} {r.op} (qexport.register_lowering(family, 'onnx', op) adds "
+        f"one); its reference math runs as float ops")
+    return RegionPlan(False, "reference math (torch.onnx's translation of the region subgraph)", why)
+
+
+register_backend("onnx", title="ONNX (onnxruntime)", fallback=_reference)
+for _family, _lowering in {"int8": Int8Lowering(), "int4": Int4Lowering(), "nf4": Nf4Lowering(), "fp8": Fp8Lowering()}.items():
+    register_onnx_lowering(_family, _lowering)

@@ -1,12 +1,17 @@
 """The report every backend returns: one record per region saying where it went and, if it was not
-taken by the accelerated path, why (in words a user can act on). Shared by all backends."""
+taken by the accelerated path, why (in words a user can act on). Shared by all backends; each
+RegionReport is the region's lowering record (`serializers.manifest.LoweringRecord`, the one every
+artifact's manifest stores) with the region's name and scheme."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..schemes import Scheme
+
+if TYPE_CHECKING:
+    from serializers.manifest import LoweringRecord
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,18 @@ class RegionReport:
     delegated: bool
     reason: str = ""
     kernel: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, name: str, scheme: Scheme | None, record: "LoweringRecord") -> "RegionReport":
+        """The report line of a region from its lowering record."""
+        return cls(name, scheme, record.backend, record.taken, record.reason, record.kernel, dict(record.details))
+
+    def record(self) -> "LoweringRecord":
+        """This line as the manifest's lowering record."""
+        from serializers.manifest import LoweringRecord
+
+        return LoweringRecord(self.backend, self.delegated, self.kernel, self.reason, dict(self.details))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -26,6 +43,7 @@ class RegionReport:
             "delegated": self.delegated,
             "reason": self.reason,
             "kernel": self.kernel,
+            "details": dict(self.details),
         }
 
 

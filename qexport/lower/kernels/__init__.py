@@ -4,7 +4,9 @@ Upstream Inductor inlines an `invoke_quant` region and ignores its scheme, so ev
 compiles into generic dequantize-then-matmul code (70x slower than the right kernel on CPU, see
 FINDINGS.md). This table is where a scheme picks its kernel before Inductor runs.
 
-Registering a kernel (one module per device: `cpu.py`, `cuda.py`; imported by `_load_tables`)::
+The table is the backend contract's registry (`qexport.lower._contract`) on backends `aoti-cpu` and
+`aoti-cuda`; `register_kernel` registers a `choose` function there. Registering a kernel (one module
+per device: `cpu.py`, `cuda.py`; imported the first time the device's backend is asked about)::
 
     @register_kernel("int8_weight_only", "cpu", "linear")      # a scheme name or a family name
     def int8pack(ctx: KernelContext) -> KernelChoice | Decline:
@@ -18,8 +20,9 @@ Registering a kernel (one module per device: `cpu.py`, `cuda.py`; imported by `_
             operands=("weight", ("weight_scale_bf16", scale), *ctx.optional("bias")),
         )
 
-`choose(ctx)` returns a `KernelChoice` (take the region), a `Decline(reason)` or None (let the next
-registered kernel, then Inductor's own fusion of the region, take it). Candidates are tried in
+`choose(ctx)` returns a `KernelChoice` (take the region: the region's RegionPlan is taken, its kernel
+the choice's name, its reason `why`, its details the choice's), a `Decline(reason)` or None (let the
+next registered kernel, then Inductor's own fusion of the region, take it). Candidates are tried in
 registration order, scheme-name entries before family entries.
 
 A `KernelChoice` says what replaces the region: `body(input, *operands)` is traced with make_fx
@@ -48,12 +51,15 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ...errors import LoweringError
-from ...regions import Region, iter_region_nodes, read_region
+from ...regions import Region, iter_region_nodes
+from .._contract import (
+    Decline, PlanContext, RegionPlan, get_backend, plan_regions, register_backend, register_lowering, unclaimed_reason,
+    unregister_lowering,
+)
 
 __all__ = [
-    "Decline", "KernelChoice", "KernelContext", "KernelDecision", "apply_kernels", "choose_kernels",
-    "inductor_options_for",
-    "kernels_for", "register_kernel", "unregister_kernel",
+    "Decline", "KernelChoice", "KernelContext", "apply_kernels", "inductor_options_for", "register_kernel",
+    "unregister_kernel",
 ]
 
 Operand = Union[str, tuple[str, torch.Tensor]]
@@ -71,42 +77,13 @@ class KernelChoice:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Decline:
-    """A kernel that cannot take this region, and why (reaches the user's report)."""
-
-    reason: str
-
-
 @dataclass
-class KernelContext:
-    """What a `choose` function may look at: the region, its real tensors and where it will run."""
-
-    program: torch.export.ExportedProgram
-    node: torch.fx.Node
-    region: Region
-    device: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+class KernelContext(PlanContext):
+    """A PlanContext on an AOTI device, with the region's real tensors (to repack them)."""
 
     @property
-    def scheme(self):
-        return self.region.scheme
-
-    @property
-    def input_val(self) -> torch.Tensor:
-        """The fake value of the activation input (its dtype, rank and symbolic shape)."""
-        return self.node.args[1].meta["val"]
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return self.input_val.dtype
-
-    def has(self, role: str) -> bool:
-        return role in self.region.roles
-
-    def optional(self, role: str) -> tuple[str, ...]:
-        """`(role,)` if the region has it, else `()`: for splicing optional roles into operands."""
-        return (role,) if self.has(role) else ()
+    def device(self) -> str:
+        return self.backend.removeprefix("aoti-")
 
     def tensor(self, role: str) -> torch.Tensor:
         """The real tensor behind a role (a buffer, parameter or constant of the program)."""
@@ -114,115 +91,65 @@ class KernelContext:
         return _real_tensor(self.program, arg)
 
 
-@dataclass(frozen=True)
-class KernelDecision:
-    """The outcome for one region: the choice taken, or why Inductor's fusion keeps it."""
-
-    region: Region
-    choice: KernelChoice | None
-    reason: str = ""
-
-
 Choose = Callable[[KernelContext], "KernelChoice | Decline | None"]
-_TABLE: dict[tuple[str, str, str], list[tuple[str, Choose]]] = {}
-_LOADED: set[str] = set()
+
+
+def _inductor_fuses(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionPlan:
+    return RegionPlan(taken=False, kernel="inductor", reason=unclaimed_reason(ctx, reasons, registered) + "; Inductor fuses the region")
+
+
+for _device in ("cpu", "cuda"):
+    register_backend(f"aoti-{_device}", title=f"AOTInductor {_device.upper()}", fallback=_inductor_fuses,
+                     context=KernelContext, plans_anywhere=_device == "cpu")
 
 
 def register_kernel(scheme_or_family: str, device: str, op: str, choose: Choose | None = None, *, name: str | None = None):
-    """Register `choose` for regions of a scheme (or a whole family) on a device ("cpu"/"cuda") and op.
-
-    Usable as a decorator. `name` (default: the function's name) identifies the entry for
-    `unregister_kernel`.
-    """
+    """`register_lowering` on backend `aoti-<device>` ("cpu"/"cuda") for a `choose` function that
+    returns the KernelChoice that replaces the region. Usable as a decorator."""
 
     def add(fn: Choose) -> Choose:
-        key = (scheme_or_family, device, op)
-        entry = name or getattr(fn, "__name__", repr(fn))
-        _TABLE.setdefault(key, [])
-        _TABLE[key] = [e for e in _TABLE[key] if e[0] != entry] + [(entry, fn)]
+        def plan(ctx: KernelContext) -> RegionPlan | Decline | None:
+            r = fn(ctx)
+            if isinstance(r, KernelChoice):
+                return RegionPlan(taken=True, kernel=r.name, reason=r.why, details=dict(r.details), lowering=r)
+            return r
+
+        register_lowering(scheme_or_family, f"aoti-{device}", op, plan, name=name or getattr(fn, "__name__", repr(fn)))
         return fn
 
     return add(choose) if choose is not None else add
 
 
 def unregister_kernel(scheme_or_family: str, device: str, op: str, name: str) -> None:
-    key = (scheme_or_family, device, op)
-    _TABLE[key] = [e for e in _TABLE.get(key, []) if e[0] != name]
-
-
-def _load_tables(device: str) -> None:
-    if device in _LOADED:
-        return
-    _LOADED.add(device)
-    try:
-        importlib.import_module(f"{__name__}.{device}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{device}":
-            raise
+    unregister_lowering(scheme_or_family, f"aoti-{device}", op, name)
 
 
 def inductor_options_for(device: str) -> dict[str, Any]:
     """Inductor configs a device's kernels rely on (its module's `INDUCTOR_OPTIONS`, e.g. coordinate
     descent tuning for CUDA GEMVs); `compile` puts the caller's options over them."""
-    _load_tables(device)
-    module = importlib.import_module(__name__)
-    table = getattr(module, device, None)
+    get_backend(f"aoti-{device}")
+    table = importlib.import_module(f"{__name__}.{device}")
     return dict(getattr(table, "INDUCTOR_OPTIONS", {}))
-
-
-def kernels_for(region: Region, device: str) -> list[tuple[str, Choose]]:
-    """Candidates for a region, scheme-name entries first, then its family's."""
-    _load_tables(device)
-    if region.scheme is None:
-        return []
-    out = list(_TABLE.get((region.scheme.name, device, region.op), []))
-    if region.scheme.family != region.scheme.name:
-        out += _TABLE.get((region.scheme.family, device, region.op), [])
-    return out
-
-
-def choose_kernels(
-    program: torch.export.ExportedProgram, device: str, options: Mapping[str, Any] | None = None
-) -> list[tuple[torch.fx.Node, KernelDecision]]:
-    """Ask the table about every region of `program`; changes nothing."""
-    options = dict(options or {})
-    out = []
-    for i, node in enumerate(iter_region_nodes(program)):
-        region = read_region(node, i)
-        reasons = []
-        choice = None
-        candidates = kernels_for(region, device)
-        for _, choose in candidates:
-            r = choose(KernelContext(program, node, region, device, options))
-            if isinstance(r, KernelChoice):
-                choice = r
-                break
-            if isinstance(r, Decline):
-                reasons.append(r.reason)
-        if choice is None and not candidates:
-            s = region.scheme.name if region.scheme else region.scheme_name
-            reasons.append(f"no {device} kernel registered for {s} {region.op}")
-        out.append((node, KernelDecision(region, choice, "; ".join(reasons))))
-    return out
 
 
 def apply_kernels(
     program: torch.export.ExportedProgram, device: str, options: Mapping[str, Any] | None = None
-) -> tuple[torch.export.ExportedProgram, list[KernelDecision]]:
-    """Replace each region the table can take by its kernel; returns a new program and the decisions.
+) -> tuple[torch.export.ExportedProgram, list[RegionPlan]]:
+    """Replace each region a kernel takes by that kernel; returns a new program and the plans.
 
     Regions nobody takes stay `invoke_quant_packed` (Inductor fuses them). `program` is not changed.
     """
     ep = _copy_program(program)
-    decisions = choose_kernels(ep, device, options)
-    taken = [(n, d) for n, d in decisions if d.choice is not None]
-    for node, d in taken:
-        _replace_region(ep, node, d.region, d.choice)
+    nodes = list(iter_region_nodes(ep))
+    plans = plan_regions(ep, f"aoti-{device}", options)
+    taken = [(n, p) for n, p in zip(nodes, plans) if p.taken]
+    for node, p in taken:
+        _replace_region(ep, node, p.region, p.lowering)
     if taken:
         _drop_unused_state(ep)
         ep.graph_module.graph.lint()
         ep.graph_module.recompile()
-    return ep, [d for _, d in decisions]
+    return ep, plans
 
 
 # -- program surgery ------------------------------------------------------------------------

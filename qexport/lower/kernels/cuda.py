@@ -10,7 +10,8 @@ or with `qexport.cuda_plan="static"`. The report and the manifest say which plan
 - "gemv": a broadcast-multiply-sum that Inductor fuses (weight load, dequant, reduction) into one
   Triton reduction kernel, tuned by coordinate descent at compile time (`INDUCTOR_OPTIONS`);
 - ("triton_gemv", tile): `qexport::weight_only_gemv`, a few rows on the CUDA cores (no MMA), int8 /
-  fp8 / packed int4 weights dequantized and reduced in fp32 registers;
+  fp8 / packed int4 weights dequantized (integer codes by the exponent trick, see the kernel) and
+  reduced in fp32 registers;
 - "tinygemm": `aten._weight_int4pack_mm`, weights converted to its layout once, at compile time (a
   second copy beside the scheme's layout: a candidate only with `qexport.large_m="bf16_weights"`);
 - ("triton", tile): `qexport::weight_only_mm`, a Triton GEMM that reads int8 / fp8 / packed int4
@@ -68,12 +69,12 @@ TILE_Q8_M128_N128 = (128, 128, 128, 8, 4, 3, 0)
 # Candidates the tuner times (cuda_tune), by the rows they can win at: the small tiles and the
 # swapped large ones (the dequantized weight is then wgmma's register operand, see the kernel).
 WO_SMALL_TILES = (TILE_M16_K256, TILE_M16_K128, TILE_M16_N64, TILE_M32_N64, (16, 64, 256, 1, 4, 4, 1), (32, 64, 256, 1, 4, 4, 1),
-                  TILE_M64_SWAP, TILE_M128_SWAP)
+                  (16, 32, 256, 1, 4, 4, 1), TILE_M64_SWAP, TILE_M128_SWAP)
 WO_LARGE_TILES = ((128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 3, 1), (128, 128, 64, 8, 4, 4, 0),
                   (256, 128, 64, 8, 8, 3, 1))
 Q8_TILES = ((TILE_Q8_M16_SWAP, 1, 256), (TILE_Q8_M32_SWAP, 1, 256), (TILE_Q8_M64_SWAP, 16, 1024), (TILE_Q8_M128_SWAP, 64, None),
             (TILE_Q8_M128_K128_SWAP, 64, None), (TILE_Q8_M128_N128, 64, None), ((128, 256, 128, 8, 8, 3, 0), 256, None),
-            ((128, 128, 128, 8, 8, 3, 1), 256, None))
+            ((128, 128, 128, 8, 8, 3, 1), 256, None), ((64, 64, 128, 8, 4, 5, 1), 16, 1024))
 
 # (max rows, kernel) per family, in row order; the last bucket has no bound. Each bucket is the
 # fastest kernel at those rows in the per-layer sweeps (benchmarks/cuda_tiles.py and bench_cuda.py
@@ -120,10 +121,12 @@ _INT_MM_MIN_M = 17
 # (GPU_BASELINE.md: 143 µs -> 12 µs for one 4096x4096 int8 layer at M=1).
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
-# The CUDA-core GEMV's tiles, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): one activation row per program
-# up to 4 rows, four up to 16; ~32-64 fp32 products per thread in flight.
-GEMV_TILES = ((1, 2, 2048, 4), (1, 4, 1024, 4), (1, 4, 2048, 8), (1, 8, 1024, 8), (1, 16, 512, 8), (1, 32, 256, 8),
-              (4, 4, 512, 4), (4, 8, 256, 4), (4, 16, 256, 8))
+# The CUDA-core GEMV's tiles, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): the lab's fastest on the H200
+# (benchmarks/cuda_lab.py, docs/benchmarks/cuda.md): int8 best with 2 rows over all of K, int4 with 8
+# rows x 512; a second grid axis of 2-4 rows up to 16. Tiles of one group per step (BLOCK_K = 128)
+# ran 2x slower (a cross-thread reduction per group), so none is offered.
+GEMV_TILES = ((1, 2, 4096, 4), (1, 2, 2048, 4), (1, 4, 1024, 4), (1, 4, 4096, 8), (1, 8, 512, 4), (1, 16, 512, 8),
+              (2, 8, 512, 4), (4, 8, 512, 8), (4, 2, 4096, 8))
 
 # Kernels made of plain aten ops that Inductor fuses in the package: the tuner times them compiled.
 INDUCTOR_FUSED = {"gemv", "dequant_mm", "int_mm"}
@@ -346,6 +349,7 @@ if triton is not None:
         mask_m = offs_m < M
         mask_n = offs_n < N
         acc_dtype = tl.int32 if X_ZP else tl.float32
+        wb = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
         if SWAP_AB:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_dtype)
         else:
@@ -356,12 +360,15 @@ if triton is not None:
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
             if INT4:
                 offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
-                q = tl.interleave((b >> 4) & 0xF, b & 0xF)  # the even element sits in the high nibble
+                b = tl.load(wb + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+                q = tl.interleave(b >> 4, b & 0xF)  # the even element sits in the high nibble
                 g = k0 // GROUP_K
                 s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
-                w = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(a.dtype)
+                # The exponent trick of the GEMV below (2**23 + code, exactly): as fast as or up to 7 %
+                # faster than int->float conversions here (H200 lab); for int8 codes a plain cast was
+                # 6-11 % faster than the trick, so int8 weights keep it.
+                w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[:, None]) * s[:, None]).to(a.dtype)
             else:
                 # No `other`: Triton cannot cast a fill value to fp8; masked rows are never stored.
                 b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None])
@@ -444,43 +451,58 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-        INT4: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # y[M, N] = x @ dequant(w)^T for a few rows, on the CUDA cores: the memory-bound case, where
         # an MMA tile would idle and what counts is weight bytes in flight. Each program streams
-        # BLOCK_N weight rows over K once for BLOCK_M activation rows (a second grid axis covers more
-        # rows, re-reading the weight), dequantizing and reducing in fp32 registers.
+        # BLOCK_N weight rows over K once, in 2-D [BLOCK_N, BLOCK_K] tiles (16-byte loads), for
+        # BLOCK_M activation rows (a second grid axis covers more rows, re-reading the weight).
+        # Integer codes become floats by the exponent trick, (code | 0x4B000000) read as fp32 is
+        # exactly 2**23 + code, then one subtraction, as int->float conversions issue at a quarter of
+        # the ALU rate on Hopper. With the 3-D broadcast tiles and conversions it replaces, one
+        # 4096x4096 layer at M=1 took 15.1 (int8) / 15.2 (int4) µs on the H200, now 12.5 / 13.5;
+        # a copy of the same bytes takes 8.0 / 6.2 under that timer (docs/benchmarks/cuda.md).
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = tl.program_id(1) * BLOCK_M
         mask_n = offs_n < N
-        mask_m = offs_m < M
+        rows = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        wb = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             k0 = kt * BLOCK_K
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32)
             if INT4:
+                # The even element sits in the high nibble: pair it with the even activations (no
+                # interleave of the codes), and reduce each group before its scale (one multiply
+                # per group and row instead of one per weight).
+                G: tl.constexpr = BLOCK_K // GROUP_K
                 offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
-                q = tl.interleave((b >> 4) & 0xF, b & 0xF).to(tl.float32)  # the even element sits in the high nibble
-                if BLOCK_K <= GROUP_K:
-                    g = k0 // GROUP_K
-                    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
-                    z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
-                    w = (q - z[:, None]) * s[:, None]
-                else:
-                    G: tl.constexpr = BLOCK_K // GROUP_K
-                    offs_g = k0 // GROUP_K + tl.arange(0, G)
-                    sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-                    zg = tl.load(z_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-                    w = tl.reshape((tl.reshape(q, (BLOCK_N, G, GROUP_K)) - zg[:, :, None]) * sg[:, :, None], (BLOCK_N, BLOCK_K))
+                b = tl.load(wb + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+                offs_g = k0 // GROUP_K + tl.arange(0, G)
+                sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+                cg = tl.load(z_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0).to(tl.float32) + 8388608.0
+                hi = tl.reshape(((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2)) - cg[:, :, None]
+                lo = tl.reshape(((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2)) - cg[:, :, None]
+                for i in tl.static_range(BLOCK_M):
+                    x = tl.load(x_ptr + (m0 + i) * stride_xm + k0 + tl.arange(0, BLOCK_K), mask=m0 + i < M, other=0.0).to(tl.float32)
+                    xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+                    part = tl.sum(hi * tl.reshape(xe, (G, GROUP_K // 2))[None, :, :] + lo * tl.reshape(xo, (G, GROUP_K // 2))[None, :, :], axis=2)
+                    acc += tl.where(rows[:, None] == i, tl.sum(part * sg, axis=1)[None, :], 0.0)
             else:
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None]).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if INT8:
+                    b = tl.load(wb + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+                    w = ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + code
+                else:
+                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None]).to(tl.float32)
+                for i in tl.static_range(BLOCK_M):
+                    x = tl.load(x_ptr + (m0 + i) * stride_xm + offs_k, mask=m0 + i < M, other=0.0).to(tl.float32)
+                    acc += tl.where(rows[:, None] == i, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
         if not INT4:  # per-channel scale: once per output instead of once per weight
             acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        offs_m = m0 + rows
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+                 mask=(offs_m < M)[:, None] & mask_n[None, :])
 
     @torch.library.triton_op("qexport::weight_only_gemv", mutates_args=())
     def weight_only_gemv(
@@ -488,18 +510,19 @@ if triton is not None:
         tile: list[int],
     ) -> torch.Tensor:
         """`weight_only_mm`'s math for few rows without the tensor cores: `tile` = (BLOCK_M, BLOCK_N,
-        BLOCK_K, num_warps); K % BLOCK_K == 0 and, for int4, BLOCK_K divides or is a multiple of group_k."""
+        BLOCK_K, num_warps); K % BLOCK_K == 0 and, for int4, BLOCK_K is a multiple of group_k."""
         m, k = x.shape
         n = weight.shape[0]
         y = x.new_empty((m, n))
-        bm, bn, bk, nw = tile
+        bm, bn, bk, nw = tile[:4]
+        ns = tile[4] if len(tile) > 4 else 3
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
         torch.library.wrap_triton(_weight_only_gemv_kernel)[grid](
             x, weight, scale, zero_point, y, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
-            INT4=int4, GROUP_K=group_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw,
+            INT4=int4, INT8=weight.dtype == torch.int8, GROUP_K=group_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
         )
         return y
 
@@ -591,10 +614,12 @@ def triton_int4_mm(x2d: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch
 
 
 def _fit_gemv_tile(k: int, tile: Sequence[int], group_size: int | None = None) -> list[int]:
-    bm, bn, bk, nw = tile
-    while k % bk or (group_size and bk > group_size and bk % group_size):  # no K mask; whole groups per tile
+    bm, bn, bk, nw = tile[:4]
+    while k % bk or (group_size and bk % group_size):  # no K mask; whole groups per tile
         bk //= 2
-    return [bm, bn, bk, nw]
+    if group_size and bk < group_size:  # a group wider than any power-of-two tile dividing K
+        bk = group_size
+    return [bm, bn, bk, nw, *tile[4:]]
 
 
 def triton_gemv(x2d: torch.Tensor, t: dict, tile: Sequence[int], int4_group: int | None = None) -> torch.Tensor:

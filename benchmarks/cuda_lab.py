@@ -1,0 +1,188 @@
+"""Per-layer kernel lab on the lent GPU (issue 16): every candidate of the CUDA plans on one 4096x4096
+layer, timed as a CUDA-graph replay with the L2 flushed by a read (`cuda_tune.bench_us`, the tuner's
+own timer), beside cuBLAS on bf16 weights. Numbers place the tuner's candidate lists; the tuner
+itself picks per card at compile time.
+
+    python benchmarks/cuda_lab.py --out DIR [--fbgemm]    # lab.md, lab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import qexport  # noqa: E402
+from qexport.lower.kernels import cuda as C, cuda_tune  # noqa: E402
+from qexport.schemes import math_for  # noqa: E402
+
+MS = (1, 4, 16, 64, 256, 1024, 4096)
+GEMV_M1 = [(1, 2, 2048, 4), (1, 4, 1024, 4), (1, 1, 4096, 4), (1, 2, 4096, 8), (1, 4, 4096, 8), (1, 1, 4096, 2),
+           (1, 2, 4096, 4), (1, 2, 2048, 4, 1), (1, 2, 2048, 4, 4), (1, 4, 1024, 4, 1), (1, 8, 512, 4), (1, 8, 128, 4),
+           (1, 16, 128, 4), (1, 32, 128, 8), (1, 16, 128, 4, 4), (1, 32, 128, 4, 4), (1, 8, 128, 2), (1, 64, 128, 8, 4),
+           (1, 4, 256, 4), (1, 16, 256, 4, 4)]
+GEMV_M4 = [(2, 8, 512, 4), (4, 8, 512, 8), (4, 16, 128, 4), (2, 16, 128, 4), (4, 32, 128, 8), (4, 4, 1024, 4), (4, 2, 4096, 8)]
+SMALL = [(16, 64, 256, 1, 4, 4, 1), (16, 32, 256, 1, 4, 4, 1), (32, 64, 256, 1, 4, 4, 1), (64, 64, 128, 8, 4, 4, 1),
+         (16, 128, 128, 1, 4, 4, 1), (32, 128, 128, 1, 4, 4, 1), (16, 64, 128, 1, 4, 5, 1)]
+LARGE = [(64, 128, 128, 8, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 3, 1),
+         (256, 128, 64, 8, 8, 3, 1), (128, 128, 128, 8, 8, 3, 1), (64, 256, 64, 8, 8, 4, 1), (128, 64, 128, 8, 4, 4, 1),
+         (128, 256, 64, 8, 8, 4, 1), (256, 128, 64, 8, 8, 4, 1)]
+Q8 = [(16, 64, 256, 8, 4, 4, 1), (32, 64, 256, 8, 4, 4, 1), (64, 64, 256, 8, 4, 4, 1), (128, 64, 256, 8, 4, 4, 1),
+      (128, 64, 128, 8, 8, 4, 1), (128, 128, 128, 8, 4, 3, 0), (128, 256, 128, 8, 8, 3, 0), (128, 128, 128, 8, 8, 3, 1),
+      (64, 128, 256, 8, 4, 3, 1), (256, 128, 128, 8, 8, 3, 1), (64, 64, 128, 8, 4, 5, 1)]
+
+
+def rel(y, r):
+    return float((y.float() - r.float()).abs().max() / r.float().abs().max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--fbgemm", action="store_true", help="also time fbgemm-gpu-genai's bf16i4bf16_rowwise (pip-installed)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--gemv", action="store_true", help="only the few-row kernels")
+    args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    torch.manual_seed(0)
+    n = k = 4096
+    w = torch.randn(n, k, device="cuda") * 0.02
+    s8 = qexport.schemes.get("int8_weight_only")
+    s4 = qexport.schemes.get("int4_weight_only", group_size=128)
+    t8 = math_for(s8).quantize_weight(s8, w)
+    t4 = math_for(s4).quantize_weight(s4, w)
+    sc8 = t8["weight_scale"].float().reshape(-1).contiguous()
+    w8 = math_for(s8).dequantize_weight(s8, t8, (n, k)).bfloat16()
+    w4 = math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16()
+    wb = w.bfloat16()
+    ws8 = t8["weight"].to(torch.int32).sum(1).float()
+    packed, sz = C.tinygemm_operands(t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 8)
+    t8d = {"weight": t8["weight"], "weight_scale_per_channel": sc8}
+    res: dict[str, dict[int, float]] = {}
+    errs: dict[str, float] = {}
+    fails: list[str] = []
+
+    def put(name, m, fn, ref=None, tol=2e-2):
+        try:
+            with torch.no_grad():
+                y = fn()
+                if ref is not None:
+                    e = rel(y, ref)
+                    errs[name] = max(errs.get(name, 0.0), e)
+                    if not e <= tol:
+                        fails.append(f"{name} M={m}: err {e:.2e}")
+                        return
+                res.setdefault(name, {})[m] = cuda_tune.bench_us(fn)
+        except Exception as e:
+            fails.append(f"{name} M={m}: {type(e).__name__}: {str(e)[:200]}")
+            torch.cuda.synchronize()
+
+    fb = None
+    if args.fbgemm:
+        try:
+            import glob
+            import importlib.util
+
+            # The library alone: fbgemm_gpu's package __init__ also wants its non-genai wheel.
+            root = os.path.dirname(importlib.util.find_spec("fbgemm_gpu").origin)
+            torch.ops.load_library(glob.glob(os.path.join(root, "experimental", "gen_ai", "*.so"))[0])
+            fb = torch.ops.fbgemm
+            print("fbgemm loaded:", str(fb.bf16i4bf16_rowwise.default._schema), flush=True)
+        except Exception as e:
+            fails.append(f"fbgemm load: {type(e).__name__}: {str(e)[:300]}")
+    if fb is not None:
+        # Timing only: random codes (not zeros), fbgemm's own layouts.
+        wq_fb = torch.randint(-128, 127, (n, k // 2), device="cuda", dtype=torch.int8)
+        sg_fb = (torch.rand(k // 128, n, device="cuda") * 0.01).bfloat16()
+        zg_fb = (torch.rand(k // 128, n, device="cuda") * 0.01).bfloat16()
+
+    for m in ms:
+        print(f"== M={m}", flush=True)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        r8, r4 = x @ w8.t(), x @ w4.t()
+        put("bf16 cuBLAS", m, lambda: x @ wb.t())
+        if m == 1:
+            torch._dynamo.reset()
+            f = torch.compile(C.int8_gemv, dynamic=False, options=C.INDUCTOR_OPTIONS)
+            put("int8 Inductor GEMV", m, lambda: f(x, t8["weight"], sc8), r8)
+        if m <= 16:
+            put("int4 tinygemm", m, lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz), r4, 5e-2)
+        for tile in (GEMV_M1 if m == 1 else GEMV_M4 if m <= 16 else []):
+            put(f"int8 GEMV {tile}", m, lambda: C.triton_gemv(x, t8d, tile), r8)
+            put(f"int4 GEMV {tile}", m, lambda: C.triton_gemv(x, t4, tile, 128), r4, 5e-2)
+        if m == 1:  # four layers' worth in one graph: the fixed cost per kernel that a package pays
+            bufs = [(torch.empty(8 << 20, dtype=torch.uint8, device="cuda").random_(), torch.empty(8 << 20, dtype=torch.uint8, device="cuda"))
+                    for _ in range(4)]
+            put("4 x copy 8 MB -> 8 MB, one graph", m, lambda: [d.copy_(c) for c, d in bufs])
+            wbs = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+            put("4 x bf16 cuBLAS (4 weights), one graph", m, lambda: [x @ wq.t() for wq in wbs])
+            w8s = [{"weight": torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8), "weight_scale_per_channel": sc8} for _ in range(4)]
+            best8 = (1, 2, 4096, 4)
+            put(f"4 x int8 GEMV {best8} (4 weights), one graph", m, lambda: [C.triton_gemv(x, tq, best8) for tq in w8s])
+            del bufs, wbs, w8s
+        if m == 1:  # what a kernel of the same bytes moved and no arithmetic takes under this timer
+            for mb in (4, 8):
+                src = torch.empty(mb << 20, dtype=torch.uint8, device="cuda").random_()
+                dst = torch.empty_like(src)
+                put(f"copy {mb} MB -> {mb} MB", m, lambda: dst.copy_(src))
+        tiles = [] if args.gemv else (SMALL if m <= 256 else []) + (LARGE if m >= 64 else [])
+        for tile in tiles:
+            for cvt in (1, 0) if tile in (SMALL[0], LARGE[1], LARGE[3]) else (1,):
+                tag = f"{tile}{' cvt0' if not cvt else ''}"
+                put(f"int8 GEMM {tag}", m, lambda: C.triton_weight_mm(x, t8["weight"], sc8, (*tile, cvt)), r8)
+                put(f"int4 GEMM {tag}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, (*tile, cvt)), r4, 5e-2)
+        if m in (256, 4096) and not args.gemv:
+            for label, sch, tt, ref in (("int8", s8, t8, r8), ("int4", s4, t4, r4)):
+                torch._dynamo.reset()
+                f = torch.compile(lambda x, sch=sch, tt=tt: x @ math_for(sch).dequantize_weight(sch, tt, (n, k)).to(x.dtype).t(),
+                                  dynamic=False, options=C.INDUCTOR_OPTIONS)
+                put(f"{label} dequant+cuBLAS", m, lambda: f(x), ref, 5e-2)
+        if fb is not None and m >= 16:
+            put("fbgemm bf16i4bf16_rowwise (random codes)", m, lambda: fb.bf16i4bf16_rowwise(x, wq_fb, sg_fb, zg_fb))
+        if m in (1, 16, 256, 1024, 4096) and not args.gemv:
+            xq, sx, zp = torch.ops.qexport.int8_quantize_rows(x)
+            rq = ((xq.float() - zp) * sx).bfloat16() @ w8.t()
+            put("int8 row quantizer", m, lambda: torch.ops.qexport.int8_quantize_rows(x))
+            put("fp8 row quantizer", m, lambda: torch.ops.qexport.fp8_quantize_rows(x))
+            for tile in Q8:
+                put(f"int8xint8 GEMM {tile}", m, lambda: torch.ops.qexport.weight_only_mm(
+                    xq, t8["weight"], sc8, sc8, False, 0, C._fit_tile(xq, tile), sx, torch.bfloat16, zp, ws8), rq)
+        write(args.out, res, errs, fails)
+    write(args.out, res, errs, fails)
+
+
+def write(out, res, errs, fails):
+    ms = sorted({m for v in res.values() for m in v})
+    p = torch.cuda.get_device_properties(0)
+    lines = [f"One 4096x4096 layer, median µs of CUDA-graph replays (L2 flushed by a read), {p.name}, torch {torch.__version__}.", "",
+             "| kernel | rel err | " + " | ".join(f"M={m}" for m in ms) + " |", "|" + "---|" * (2 + len(ms))]
+    for name, by_m in res.items():
+        e = errs.get(name)
+        lines.append(f"| {name} | {'-' if e is None else f'{e:.1e}'} | " + " | ".join(f"{by_m[m]:.1f}" if m in by_m else "" for m in ms) + " |")
+    lines += ["", "Best per M:"]
+    for m in ms:
+        cands = sorted((v[m], kname) for kname, v in res.items() if m in v)
+        bf = res.get("bf16 cuBLAS", {}).get(m)
+        for fam in ("copy", "int8 GEMV", "int4 GEMV", "int8 GEMM", "int4 GEMM", "int8xint8", "int4 tinygemm", "int8 dequant", "int4 dequant", "int8 Inductor", "fbgemm"):
+            best = [(t, kname) for t, kname in cands if kname.startswith(fam)][:2]
+            if best:
+                lines.append(f"- M={m} {fam}: " + ", ".join(f"{kname} {t:.1f}" for t, kname in best) + (f" (bf16 {bf:.1f})" if bf else ""))
+    lines += ["", "Failures:"] + [f"- {f}" for f in fails]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "lab.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "lab.json"), "w") as f:
+        json.dump({"res": {kk: {str(m): t for m, t in v.items()} for kk, v in res.items()}, "errs": errs, "fails": fails}, f, indent=1)
+    print(text[-6000:] if len(text) > 6000 else text, flush=True)
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"lab took {time.time() - t0:.0f} s")

@@ -1,0 +1,209 @@
+"""The backend contract (qexport/lower/_contract.py): one registry, one RegionPlan per region, one
+lowering record in every artifact's manifest.
+
+The worked example is a toy backend declared here through the public API only, as a user adding a
+backend would: `register_backend`, one `register_lowering` per (family, op) it takes, and an entry
+point that plans with `plan_regions` and reports/records the plans.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qexport
+import serializers
+from qexport import Decline, LoweringError, PlanContext, RegionPlan
+from qexport.lower import lowerings_for, plan_regions, register_backend, register_lowering, unregister_backend, unregister_lowering
+from qexport.lower.report import LoweringReport, RegionReport
+from serializers.manifest import LoweringRecord, Manifest
+
+from conftest import MLP, quantized, scheme_for
+
+TOY = "toy-accelerator"
+
+
+def toy_linear(ctx: PlanContext) -> RegionPlan | Decline:
+    """The toy accelerator's int8 linear: int8 activations only, K a multiple of 16 (its tile)."""
+    if ctx.scheme.activation == "none":
+        return Decline("toy: needs int8 activations; quantize with int8_dynamic")
+    k = ctx.region.weight_shape[1]
+    if k % 16:
+        return Decline(f"toy: in_features={k} is not a multiple of 16")
+    return RegionPlan(taken=True, kernel="toy.qlinear", details={"tile": 16, "k": k}, lowering=("qlinear", ctx.region.name))
+
+
+def to_toy(ep: torch.export.ExportedProgram) -> tuple[LoweringReport, Manifest]:
+    """The toy backend's entry point: plan, (lower: nothing to do here), report and record."""
+    plans = plan_regions(ep, TOY)
+    report = LoweringReport(TOY, "", [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in plans])
+    return report, Manifest.from_program(ep, "pt2").with_lowering([p.record() for p in plans])
+
+
+@pytest.fixture
+def toy():
+    register_backend(TOY, title="Toy accelerator")
+    register_lowering("int8", TOY, "linear", toy_linear)
+    yield
+    unregister_backend(TOY)
+
+
+def _program(scheme: "str | qexport.Scheme", dims=(64, 128, 32)):
+    torch.manual_seed(0)
+    x = torch.randn(4, dims[0])
+    return qexport.export(quantized(MLP(dims), scheme_for(scheme) if isinstance(scheme, str) else scheme, x), (x,))
+
+
+def test_toy_backend_plans_reports_and_records(toy):
+    report, manifest = to_toy(_program("int8_dynamic"))
+    assert [(r.name, r.backend, r.delegated, r.kernel) for r in report.regions] == [
+        ("layers.0", TOY, True, "toy.qlinear"), ("layers.1", TOY, True, "toy.qlinear")]
+    assert report.regions[0].details == {"tile": 16, "k": 64} and "toy.qlinear" in report.table()
+    # the record survives the manifest's JSON, the same keys as every artifact kind's
+    back = Manifest.from_json(manifest.to_json())
+    assert back.region("layers.1").lowering == LoweringRecord(TOY, True, "toy.qlinear", "", {"tile": 16, "k": 128})
+    assert json.loads(manifest.to_json())["regions"][0]["lowering"] == {
+        "backend": TOY, "taken": True, "kernel": "toy.qlinear", "reason": "", "details": {"tile": 16, "k": 64}}
+    assert back.region("layers.0").lowering == report.regions[0].record()
+
+
+def test_toy_backend_declines_with_reasons(toy):
+    first, _ = to_toy(_program("int8_weight_only"))[0].regions
+    assert not first.delegated and first.kernel == "none"
+    assert first.reason == "toy: needs int8 activations; quantize with int8_dynamic"
+    odd = plan_regions(_program("int8_dynamic", dims=(24, 32, 8)), TOY)
+    assert [p.taken for p in odd] == [False, True] and odd[0].reason == "toy: in_features=24 is not a multiple of 16"
+    (nf4, _) = plan_regions(_program("nf4"), TOY)
+    assert nf4.reason == "no toy-accelerator lowering registered for nf4 linear"
+
+
+def test_scheme_entries_are_asked_before_the_family_and_replace_by_name(toy):
+    ep = _program("int8_dynamic")
+    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: Decline("scheme entry: not today"), name="picky")
+    try:
+        assert [n for n, _ in lowerings_for(qexport.regions(ep)[0], TOY)] == ["picky", "toy_linear"]
+        assert all(p.taken for p in plan_regions(ep, TOY))  # declined by the scheme's entry, taken by the family's
+        register_lowering("int8_dynamic", TOY, "linear", lambda ctx: RegionPlan(False, "slow path", "scheme entry"), name="picky")
+        assert [(p.kernel, p.reason) for p in plan_regions(ep, TOY)] == [("slow path", "scheme entry")] * 2
+    finally:
+        unregister_lowering("int8_dynamic", TOY, "linear", "picky")
+    assert [n for n, _ in lowerings_for(qexport.regions(ep)[0], TOY)] == ["toy_linear"]
+
+
+def test_contract_errors_name_the_problem(toy):
+    ep = _program("int8_dynamic")
+    with pytest.raises(LoweringError, match=r"backend 'no-such' is not declared; known: .*'onnx'.*register_backend"):
+        plan_regions(ep, "no-such")
+    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: "yes", name="sloppy")
+    with pytest.raises(LoweringError, match=r"toy-accelerator lowering 'sloppy' returned str; expected RegionPlan, Decline or None"):
+        plan_regions(ep, TOY)
+
+
+def test_details_must_be_json(toy):
+    ep = _program("int8_dynamic")
+    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: RegionPlan(True, "k", details={"t": torch.ones(1)}), name="bad")
+    with pytest.raises(qexport.ArtifactError, match=r"region layers.0: its lowering record must be JSON-serializable"):
+        to_toy(ep)
+
+
+def test_builtin_backends_are_in_the_registry():
+    names = {b.name: b for b in qexport.lower.backends()}
+    assert {"aoti-cpu", "aoti-cuda", "executorch", "onnx"} <= set(names)
+    assert not names["aoti-cuda"].plans_anywhere  # CUDA plans are tuned on the GPU
+    ep = _program("int8_dynamic")
+    for backend in ("aoti-cpu", "executorch", "onnx"):
+        plans = plan_regions(ep, backend)
+        assert [p.backend for p in plans] == [backend] * 2 and all(p.taken for p in plans), backend
+    assert plan_regions(ep, "onnx")[0].details == {"target": "portable"}
+    assert {"isa", "plan"} <= set(plan_regions(ep, "aoti-cpu")[0].details)
+
+
+# -- every artifact kind records the same thing ---------------------------------------------------------------
+
+DECLINED = "test_contract: this test declines it"
+
+
+@pytest.fixture
+def declined_nf4():
+    """An nf4 scheme of its own name, which a user's entry declines on every built-in CPU backend
+    (scheme entries are asked first); the backends' own nf4 reasons follow."""
+    scheme = qexport.schemes.register(scheme_for("nf4").replace(name="test_contract_nf4"))
+    for backend in ("aoti-cpu", "executorch", "onnx"):
+        register_lowering(scheme.name, backend, "linear", lambda ctx: Decline(DECLINED), name="test_contract_decline")
+    yield scheme
+    for backend in ("aoti-cpu", "executorch", "onnx"):
+        unregister_lowering(scheme.name, backend, "linear", "test_contract_decline")
+    qexport.schemes.unregister(scheme.name)
+
+
+def test_a_declined_region_carries_its_reason_into_every_artifact(declined_nf4, tmp_path, capsys):
+    from qexport.lower import aoti
+
+    ep = _program(declined_nf4, dims=(64, 64, 32))
+    reports = {
+        "aoti": aoti.plan(ep),
+        "pte": qexport.to_executorch(ep, tmp_path / "m.pte", progress=False),
+        "onnx": qexport.to_onnx(ep, tmp_path / "m.onnx"),
+    }
+    qexport.compile(ep, tmp_path / "m.pt2")
+    for kind, suffix in (("aoti", "pt2"), ("pte", "pte"), ("onnx", "onnx")):
+        manifest = qexport.inspect(tmp_path / f"m.{suffix}")
+        assert manifest.artifact == kind
+        for region, line in zip(manifest.regions, reports[kind].regions):
+            record = region.lowering
+            assert record is not None and not record.taken, (kind, region.name)
+            assert record.reason.startswith(DECLINED), (kind, record.reason)
+            assert (record.kernel, record.reason) == (line.kernel, line.reason), kind
+    # and each backend's own words follow the user's
+    by_kind = {k: qexport.inspect(tmp_path / f"m.{s}").regions[0].lowering.reason
+               for k, s in (("aoti", "pt2"), ("pte", "pte"), ("onnx", "onnx"))}
+    assert by_kind["aoti"] == f"{DECLINED}; Inductor fuses the region"
+    assert "XNNPACK has no codebook (NF4) weights" in by_kind["pte"]
+    assert "ONNX has no NormalFloat4 type" in by_kind["onnx"]
+    # `qexport inspect` shows the record of any lowered artifact
+    from qexport.cli import main
+
+    for suffix in ("pt2", "pte", "onnx"):
+        assert main(["inspect", str(tmp_path / f"m.{suffix}")]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1].split()[-2:] == ["taken", "kernel"], suffix
+        kernel = qexport.inspect(tmp_path / f"m.{suffix}").regions[0].lowering.kernel
+        assert out[3].rstrip().endswith(kernel) and " no " in out[3], (suffix, out[3])
+
+
+# -- manifests written before the record existed ----------------------------------------------------------------
+
+def _old(manifest: Manifest, **extra) -> Manifest:
+    data = manifest.to_dict()
+    data.pop("minor_version")
+    for r in data["regions"]:
+        r.pop("lowering", None)
+    data["extra"].update(extra)
+    return Manifest.from_json(json.dumps(data))
+
+
+def test_minor_0_manifests_are_read_into_the_record():
+    m = Manifest.from_program(_program("int8_weight_only"), "aoti")
+    aoti = _old(m, kernels=[
+        {"name": "layers.0", "scheme": "int8_weight_only", "backend": "aoti-cpu", "delegated": True,
+         "reason": "why", "kernel": "aten._weight_int8pack_mm", "isa": "AVX2", "plan": [{"max_m": None}]},
+        {"name": "layers.1", "scheme": "int8_weight_only", "backend": "aoti-cpu", "delegated": False,
+         "reason": "no kernel took it; Inductor fuses the region", "kernel": "inductor"},
+    ])
+    assert aoti.region("layers.0").lowering == LoweringRecord(
+        "aoti-cpu", True, "aten._weight_int8pack_mm", "why", {"isa": "AVX2", "plan": [{"max_m": None}]})
+    assert aoti.region("layers.1").lowering.kernel == "inductor"
+    onnx = _old(m, lowering={"layers.0": {"native": False, "kernel": "k", "reason": "r"}})
+    assert onnx.region("layers.0").lowering == LoweringRecord("onnx", False, "k", "r")
+    assert onnx.region("layers.1").lowering is None
+    assert _old(m, kernels="garbage").region("layers.0").lowering is None  # unreadable legacy facts are left out
+    assert serializers.MANIFEST_VERSION == 1  # a new optional field is a minor change
+
+
+def test_malformed_lowering_record_is_refused():
+    data = Manifest.from_program(_program("int8_weight_only"), "aoti").to_dict()
+    data["regions"][0]["lowering"] = {"backend": "aoti-cpu", "taken": "yes", "kernel": "k"}
+    with pytest.raises(qexport.CorruptArtifactError, match=r"region layers.0: lowering: 'taken' must be true or false"):
+        Manifest.from_dict(data, source="m.pt2")
