@@ -452,6 +452,12 @@ class Int4Lowering(FamilyLowering):
             return Lowering(region, self, False, "Gather packed rows -> unpack (BitShift/BitwiseAnd) -> float dequantization",
                             "ONNX Gather has no 4-bit types: the looked-up rows are gathered as packed bytes and "
                             "dequantized with Sub/Mul in float32")
+        if opset >= BLOCKED_QDQ_OPSET and s.activation == "dynamic":
+            return Lowering(region, self, True, (
+                f"per-token int8 activations (QuantizeLinear, then Sub/Mul) x blocked DequantizeLinear (uint4, block "
+                f"{s.group_size}) -> MatMul, which onnxruntime fuses into MatMulNBits"), (
+                "onnxruntime's default MatMulNBits accuracy level (4, int8 compute) re-quantizes the activations per "
+                "block: set session.qdq_matmulnbits_accuracy_level=0 for the reference's exact numbers"))
         if opset >= BLOCKED_QDQ_OPSET:
             return Lowering(region, self, True, f"blocked DequantizeLinear (uint4, block {s.group_size}) -> {_OP_NAMES[region.op]}", note)
         return Lowering(
