@@ -417,8 +417,10 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
     for c in chosen:
         key = (id(c.module.weight), c.layer.transposed)
         owner = owners.setdefault(key, c)
-        if owner is not c and _weight_key(owner.scheme) == _weight_key(c.scheme):
-            c.tied_to = owner.fqn
+        if owner is not c and _weight_key(owner.scheme)[:-1] == _weight_key(c.scheme)[:-1]:
+            # Same grid, codes chosen by another algorithm (a tied embedding under gptq takes hqq): the
+            # weight is still stored once, and the region records the algorithm of the codes it holds.
+            c.tied_to, c.scheme = owner.fqn, c.scheme.replace(algorithm=owner.scheme.algorithm)
     for fqn, (m, layer, scheme) in op_refused.items():
         owner = owners.get((id(m.weight), layer.transposed))
         if owner is None:

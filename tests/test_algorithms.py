@@ -152,3 +152,19 @@ def test_algorithm_applies_to_the_schemes_of_a_recipe_that_offer_it():
     qexport.quantize(model, recipe, algorithm="hqq")
     assert {n: (m.scheme.name, m.scheme.algorithm) for n, m in quantized_modules(model)} == {
         "emb": ("int8_weight_only", "rtn"), "fc": ("int4_weight_only", "hqq")}
+
+
+def test_a_tied_embedding_and_head_under_gptq_store_the_weight_once():
+    """GPT-2's wte (an embedding: hqq under gptq) and lm_head share one parameter: the head shares the
+    table's tensors and records the algorithm of the codes it holds; the projections get gptq."""
+    pytest.importorskip("transformers")
+    import hf_models
+
+    model = hf_models.gpt2()
+    ids = torch.randint(0, hf_models.VOCAB, (2, 8))
+    qexport.quantize(model, qexport.schemes.get("int4_weight_only", group_size=32), algorithm="gptq",
+                     calibration_data=[(ids,)])
+    mods = dict(quantized_modules(model))
+    assert mods["lm_head"].weight is mods["transformer.wte"].weight
+    assert mods["lm_head"].scheme.algorithm == mods["transformer.wte"].scheme.algorithm == "hqq"
+    assert {m.scheme.algorithm for n, m in mods.items() if n.startswith("transformer.h.")} == {"gptq"}
