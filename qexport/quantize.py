@@ -218,9 +218,10 @@ def _for_op(scheme: Scheme, op: str) -> Scheme:
 
 
 def _weight_key(scheme: Scheme) -> tuple:
-    """Schemes with equal keys quantize a weight to the same tensors (so tied layers can share them)."""
+    """Schemes with equal keys quantize a weight onto the same grid (so tied layers can share its
+    tensors, whichever algorithm chose the codes)."""
     return (scheme.family, scheme.weight_dtype, scheme.bits, scheme.granularity, scheme.group_size,
-            scheme.symmetric, scheme.qmin, scheme.qmax, scheme.algorithm)
+            scheme.symmetric, scheme.qmin, scheme.qmax)
 
 
 # -- the summary ------------------------------------------------------------------------------------
@@ -417,7 +418,7 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
     for c in chosen:
         key = (id(c.module.weight), c.layer.transposed)
         owner = owners.setdefault(key, c)
-        if owner is not c and _weight_key(owner.scheme)[:-1] == _weight_key(c.scheme)[:-1]:
+        if owner is not c and _weight_key(owner.scheme) == _weight_key(c.scheme):
             # Same grid, codes chosen by another algorithm (a tied embedding under gptq takes hqq): the
             # weight is still stored once, and the region records the algorithm of the codes it holds.
             c.tied_to, c.scheme = owner.fqn, c.scheme.replace(algorithm=owner.scheme.algorithm)
