@@ -216,7 +216,7 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
     ones = torch.ones(dim, dtype=torch.bfloat16)
 
     def dyn_q(x):
-        from qexport.schemes import _activation as act
+        from qexport.schemes import activation as act
 
         sx, z = act.dynamic_int8_qparams(x, True)
         return act.quantize_int8(x, sx, z), sx, z

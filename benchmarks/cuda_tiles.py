@@ -101,7 +101,7 @@ def quantize_rows(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, ...]:
     has neither fp8 nor `libdevice.rint`."""
     if x.is_cuda:
         return (kernels().int8_quantize_rows if int8 else kernels().fp8_quantize_rows)(x)
-    from qexport.schemes import _activation as act
+    from qexport.schemes import activation as act
     if not int8:
         return act.quantize_fp8(x.float(), True)
     sx, zp = act.dynamic_int8_qparams(x.float(), True)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import qexport  # noqa: E402
 from qexport import runners  # noqa: E402
-from qexport.cli._table import format_table  # noqa: E402
+from qexport.table import format_table  # noqa: E402
 from _minilm import SENTENCES, SentenceEncoder, cosine, load_model, load_tokenizer, tokenize  # noqa: E402
 
 SCHEMES = {"int8_dynamic": {}, "int4_weight_only": {"group_size": 32}}

@@ -26,28 +26,36 @@ _LAZY = {
     "LayerDecision": "qexport.quantize",
     "Region": "qexport.regions", "invoke_quant": "qexport.regions", "regions": "qexport.regions",
     "Scheme": "qexport.schemes", "SchemeMath": "qexport.schemes",
-    "save": "serializers", "load": "serializers", "inspect": "serializers",
-    "compile": "qexport.lower.aoti", "load_compiled": "qexport.lower.aoti",
-    "to_executorch": "qexport.lower.executorch",
-    "to_onnx": "qexport.lower.onnx",
+    "inspect": "serializers",
     "register_lowering": "qexport.lower", "register_backend": "qexport.lower", "plan_regions": "qexport.lower",
     "RegionPlan": "qexport.lower", "Decline": "qexport.lower", "PlanContext": "qexport.lower",
 }
-_SUBMODULES = ("schemes", "models", "runners", "lower", "demo")
+#: attribute -> module; the demo is a CLI command that is also a library call (qexport.demo.run_demo)
+_SUBMODULES = {"schemes": "qexport.schemes", "models": "qexport.models", "runners": "qexport.runners",
+               "lower": "qexport.lower", "demo": "qexport.cli.demo_cmd"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        try:
-            module = importlib.import_module(_LAZY[name])
-        except ImportError as e:
-            from ._extras import missing_extra
-
-            raise (missing_extra(e, f"qexport.{name}") or e) from None
-        return getattr(module, name)
+        return _import(_LAZY[name], name)
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(_SUBMODULES[name])
+    if name in __all__:  # a stage that writes or loads an artifact kind: the kind table names its module
+        from serializers.kinds import stages
+
+        if name in stages():
+            return _import(stages()[name][0], name)
     raise AttributeError(f"module 'qexport' has no attribute {name!r}")
+
+
+def _import(module_name: str, name: str):
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        from .extras import missing_extra
+
+        raise (missing_extra(e, f"qexport.{name}") or e) from None
+    return getattr(module, name)
 
 
 class _Package(types.ModuleType):
@@ -64,7 +72,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES) | set(__all__))
 
 
 __all__ = [

@@ -7,10 +7,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import _validate
+from . import validate
 from .errors import ExportError
 from .quantize import quantized_modules
-from .passes import canonicalize_region_operands
+from .passes import canonicalize_region_operands, name_regions
 from .regions import iter_region_nodes
 
 
@@ -30,7 +30,7 @@ def export(
         raise ExportError(f"export() takes an nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise ExportError(f"args must be a tuple of example inputs, got {type(args).__name__}; write (x,) for one input")
-    _validate.check_export_inputs(model, args, kwargs)
+    validate.check_export_inputs(model, args, kwargs)
     # Deployment export is inference: trace in eval mode, then give every module its own mode back
     # (model.train(flag) would also flip submodules the user had put in eval, e.g. turning dropout on).
     modes = {m: m.training for m in model.modules()}
@@ -49,6 +49,7 @@ def export(
             f"the model has {expected} quantized modules but the exported graph has {found} regions; "
             f"a quantized module that is called more than once, or not at all, is not exported as one region"
         )
-    _validate.check_region_inputs(ep)
+    validate.check_region_inputs(ep)
     canonicalize_region_operands(ep)
+    name_regions(ep)
     return ep

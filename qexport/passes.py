@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .errors import RegionFormatError
-from .regions import iter_region_nodes, region_payload
+from .regions import iter_region_nodes, region_nodes, region_payload, set_region_payload
 
 
 def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
@@ -27,23 +27,23 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
     changed = False
     for node in iter_region_nodes(ep):
         payload = region_payload(node)
-        if payload is None or not payload.get("module"):
+        if payload is None or not payload.module:
             continue
-        roles = payload["roles"]
+        roles = payload.roles
         operands = list(node.args[1:])
         by_role: dict[str, object] = {}
-        prefix = payload["module"] + "."
+        prefix = payload.module + "."
         for a in operands:
             fqn = buffers.get(a.name) if isinstance(a, torch.fx.Node) else None
             names = names_of.get(id(ep.state_dict.get(fqn)), [fqn]) if fqn else []
             own = next((n for n in names if n.startswith(prefix)), None)
             role = own[len(prefix):] if own else "input"
             if role in by_role:
-                raise RegionFormatError(f"region {payload['module']}: two operands claim role {role!r}")
+                raise RegionFormatError(f"region {payload.module}: two operands claim role {role!r}")
             by_role[role] = a
         if sorted(by_role) != sorted(roles):
             raise RegionFormatError(
-                f"region {payload['module']}: operands {sorted(by_role)} do not match its roles {sorted(roles)}"
+                f"region {payload.module}: operands {sorted(by_role)} do not match its roles {sorted(roles)}"
             )
         perm = [operands.index(by_role[r]) for r in roles]
         if perm == list(range(len(operands))):
@@ -56,6 +56,23 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
         sub.recompile()
         node.args = (node.args[0], *(operands[i] for i in perm))
         changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return changed
+
+
+def name_regions(ep: torch.export.ExportedProgram) -> bool:
+    """Record each region's unique name (`regions.region_nodes`) in its payload.
+
+    Why in the graph: the ONNX exporter's translation of a region sees only the node's arguments, and
+    a name derived again from the module path would give a shared module's regions one name.
+    """
+    changed = False
+    for node, region in region_nodes(ep):
+        payload = region_payload(node)
+        if payload is not None and payload.name != region.name:
+            set_region_payload(node, payload.replace(name=region.name))
+            changed = True
     if changed:
         ep.graph_module.recompile()
     return changed

@@ -20,12 +20,11 @@ from typing import Any, Callable, Iterable, Mapping, Union
 import torch
 from torch import nn
 
-from . import _validate
+from . import validate
 from .errors import CalibrationError, InvalidSchemeError, NothingToQuantizeError, UnsupportedModuleError
 from .regions import invoke_quant
-from .schemes import Scheme, get as get_scheme, make_region_fn, math_for
-from .schemes._activation import int8_asym_qparams
-from .schemes._scheme import ALGORITHMS
+from .schemes import ALGORITHMS, Scheme, get as get_scheme, make_region_fn, math_for
+from .schemes.activation import int8_asym_qparams
 
 FilterFn = Callable[[nn.Module, str], bool]
 #: a scheme for every layer it can take, or {nn.Module subclass | module-name glob: scheme or None}
@@ -263,7 +262,7 @@ class QuantizationSummary:
         return [(t, n, s, why) for (t, s, why), n in groups.items()]
 
     def __str__(self) -> str:
-        from .cli._table import format_table
+        from .table import format_table
 
         head = f"quantized {len(self.quantized)} of {len(self.decisions)} weight layers"
         rows = [[t, str(n), s, why] for t, n, s, why in self.rows()]
@@ -443,7 +442,7 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
 
 
 def _check_module(m: nn.Module, fqn: str, scheme: Scheme, layer: _Layer) -> None:
-    _validate.check_modules([(fqn, m, layer.op)])
+    validate.check_modules([(fqn, m, layer.op)])
     if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
         raise UnsupportedModuleError(f"{fqn}: {type(m).__name__} padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
@@ -493,14 +492,14 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
     model.eval()
     try:
         with torch.no_grad():
-            for batch in _validate.calibration_batches(data):
+            for batch in validate.calibration_batches(data):
                 if isinstance(batch, Mapping):
                     model(**batch)
                 else:
                     model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
                 n += 1
     except Exception as e:
-        raise _validate.calibration_failed(e, n) from e
+        raise validate.calibration_failed(e, n) from e
     finally:
         for h in handles:
             h.remove()

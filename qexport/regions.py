@@ -4,18 +4,18 @@ In a graph a region is one node
 
     invoke_quant_packed(subgraph, input, *tensors, scheme="<name>", quant_options={
         "codegen_low_precision": True,
-        "qexport": {"format": 1, "scheme": {...Scheme.to_dict()...}, "op": "linear",
-                    "op_params": {...}, "module": "encoder.0.fc1", "roles": ["input", "weight", ...],
-                    "weight_shape": [out, in]}})
+        "qexport": RegionPayload(...).to_dict()})
 
 followed by `getitem(node, 0)`. `scheme` stays the bare name so Inductor patterns written as
 `invoke_quant(..., scheme="nf4")` keep matching; the full scheme and what backends need to lower the
-region (op, roles of the operands) travel in `quant_options`, which torch's serde stores as JSON.
+region (op, roles of the operands, its unique name) travel in `quant_options` as a `RegionPayload`
+dict, which torch's serde stores as JSON.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -25,7 +25,10 @@ from . import _upstream
 from .errors import RegionFormatError, UnsupportedVersionError
 from .schemes import Scheme, get as get_scheme
 
-REGION_FORMAT = 1
+#: (major, minor) of `RegionPayload`'s dict, after torch.export serde's rule: a new optional field
+#: bumps the minor (older readers ignore it), anything else bumps the major (older readers refuse it).
+#: 1.1 added `name`. Files of format 1.0 (no "format_minor") read as they always did.
+REGION_FORMAT = (1, 1)
 PAYLOAD_KEY = "qexport"
 
 HOP_TARGETS = (torch.ops.higher_order.invoke_quant_packed, torch.ops.higher_order.invoke_quant)
@@ -55,18 +58,15 @@ def invoke_quant(
     resolved = get_scheme(scheme)
     if not torch.compiler.is_compiling():
         return fn(*args)
-    quant_options = {
-        "codegen_low_precision": bool(codegen_low_precision),
-        PAYLOAD_KEY: {
-            "format": REGION_FORMAT,
-            "scheme": resolved.to_dict(),
-            "op": op,
-            "op_params": dict(op_params or {}),
-            "module": module,
-            "roles": list(roles) if roles is not None else [f"arg{i}" for i in range(len(args))],
-            "weight_shape": list(weight_shape) if weight_shape is not None else None,
-        },
-    }
+    payload = RegionPayload(
+        scheme=resolved,
+        op=op,
+        op_params=dict(op_params or {}),
+        module=module,
+        roles=tuple(roles) if roles is not None else tuple(f"arg{i}" for i in range(len(args))),
+        weight_shape=tuple(weight_shape) if weight_shape is not None else None,
+    )
+    quant_options = {"codegen_low_precision": bool(codegen_low_precision), PAYLOAD_KEY: payload.to_dict()}
     kwargs = {"scheme": resolved.name, "quant_options": quant_options}
     if torch.compiler.is_dynamo_compiling():
         # Dynamo already normalises the subgraph's output to a tuple in the graph and hands the
@@ -83,6 +83,63 @@ def invoke_quant(
 
     out = invoke_quant_packed(as_tuple, *args, **kwargs)
     return out if returned_tuple and returned_tuple[0] else out[0]
+
+
+@dataclass(frozen=True)
+class RegionPayload:
+    """What a region node carries for backends (`quant_options["qexport"]`), as a versioned record.
+
+    `name` is the region's unique name in its program (`name_regions` stamps it at export): the
+    module path, with `_1`, `_2`, ... for the second and later calls of a module used more than once.
+    """
+
+    scheme: Scheme
+    op: str = "custom"
+    op_params: Mapping[str, Any] = field(default_factory=dict)
+    module: str = ""
+    roles: tuple[str, ...] = ()
+    weight_shape: tuple[int, ...] | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-safe dict stored in the graph (format 1.0 readers read it too)."""
+        return {
+            "format": REGION_FORMAT[0],
+            "format_minor": REGION_FORMAT[1],
+            "scheme": self.scheme.to_dict(),
+            "op": self.op,
+            "op_params": dict(self.op_params),
+            "module": self.module,
+            "roles": list(self.roles),
+            "weight_shape": list(self.weight_shape) if self.weight_shape is not None else None,
+            **({"name": self.name} if self.name is not None else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "a region") -> "RegionPayload":
+        """Read a payload dict of any 1.x format; a newer major is refused, naming both versions."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("format"), int) or "scheme" not in data:
+            raise RegionFormatError(f"{where}: malformed qexport payload {data!r}")
+        major, minor = data["format"], data.get("format_minor", 0)
+        if major > REGION_FORMAT[0]:
+            raise UnsupportedVersionError(
+                f"{where} uses region format {major}.{minor}; this qexport reads format {REGION_FORMAT[0]}.x: "
+                f"upgrade qexport"
+            )
+        try:
+            # fields a newer minor added are left out: they are optional by the bump rule
+            known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+            known["scheme"] = Scheme.from_dict(data["scheme"])
+            known["roles"] = tuple(known.get("roles", ()))
+            if known.get("weight_shape") is not None:
+                known["weight_shape"] = tuple(int(d) for d in known["weight_shape"])
+            known["op_params"] = dict(known.get("op_params") or {})
+            return cls(**known)
+        except (TypeError, ValueError) as e:
+            raise RegionFormatError(f"{where}: malformed qexport payload ({e})") from None
+
+    def replace(self, **changes: Any) -> "RegionPayload":
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -115,23 +172,23 @@ def is_region_node(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in HOP_TARGETS
 
 
-def region_payload(node: torch.fx.Node) -> dict[str, Any] | None:
+def region_payload(node: torch.fx.Node) -> RegionPayload | None:
     """The qexport payload of a region node (None for a region written with upstream's API)."""
     opts = node.kwargs.get("quant_options")
     payload = opts.get(PAYLOAD_KEY) if isinstance(opts, dict) else None
     if payload is None:
         return None
-    if not isinstance(payload, dict) or "format" not in payload:
-        raise RegionFormatError(f"region node {node.name}: malformed qexport payload {payload!r}")
-    if payload["format"] > REGION_FORMAT:
-        raise UnsupportedVersionError(
-            f"region node {node.name} uses region format {payload['format']}; this qexport reads up to "
-            f"{REGION_FORMAT}: upgrade qexport"
-        )
-    return payload
+    return RegionPayload.from_dict(payload, f"region node {node.name}")
 
 
-def _shape(t: Any) -> tuple[int | str, ...]:
+def set_region_payload(node: torch.fx.Node, payload: RegionPayload) -> None:
+    """Store `payload` in a region node (the node's other options are kept)."""
+    opts = node.kwargs.get("quant_options")
+    node.kwargs = {**node.kwargs, "quant_options": {**(opts if isinstance(opts, dict) else {}), PAYLOAD_KEY: payload.to_dict()}}
+
+
+def tensor_shape(t: Any) -> tuple[int | str, ...]:
+    """A tensor's shape as a manifest records it: ints, and symbol names for dynamic dims."""
     return tuple(int(d) if isinstance(d, int) or (hasattr(d, "node") and d.node.is_constant()) else str(d) for d in t.shape)
 
 
@@ -155,12 +212,14 @@ def iter_region_nodes(program: Any) -> Iterator[torch.fx.Node]:
     yield from (n for n in _graph_module(program).graph.nodes if is_region_node(n))
 
 
-def read_region(node: torch.fx.Node, index: int) -> Region:
+def read_region(node: torch.fx.Node, index: int, name: str | None = None) -> Region:
+    """The record of one region node; `name` (default: its payload's name, module path or
+    `region_<index>`) is what `region_nodes` makes unique across the program."""
     payload = region_payload(node)
     scheme_name = node.kwargs.get("scheme")
     scheme: Scheme | None
     if payload is not None:
-        scheme = Scheme.from_dict(payload["scheme"])
+        scheme = payload.scheme
     else:
         try:
             scheme = get_scheme(scheme_name) if isinstance(scheme_name, str) else None
@@ -171,26 +230,48 @@ def read_region(node: torch.fx.Node, index: int) -> Region:
     operands = node.args[1:]
     ins = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in operands]
     outs = _vals(node.meta.get("val"))
-    module = payload["module"] if payload else ""
-    roles = tuple(payload["roles"]) if payload else tuple(f"arg{i}" for i in range(len(operands)))
+    module = payload.module if payload else ""
+    roles = payload.roles if payload else tuple(f"arg{i}" for i in range(len(operands)))
     return Region(
-        name=module or f"region_{index}",
+        name=name or _base_name(payload, index),
         scheme=scheme,
         scheme_name=str(scheme_name) if scheme_name is not None else (scheme.name if scheme else "?"),
         module_path=module,
-        op=payload["op"] if payload else "custom",
-        op_params=dict(payload["op_params"]) if payload else {},
+        op=payload.op if payload else "custom",
+        op_params=dict(payload.op_params) if payload else {},
         roles=roles,
-        input_shapes=tuple(_shape(v) for v in ins if isinstance(v, torch.Tensor)),
+        input_shapes=tuple(tensor_shape(v) for v in ins if isinstance(v, torch.Tensor)),
         input_dtypes=tuple(str(v.dtype).removeprefix("torch.") for v in ins if isinstance(v, torch.Tensor)),
-        output_shapes=tuple(_shape(v) for v in outs),
+        output_shapes=tuple(tensor_shape(v) for v in outs),
         output_dtypes=tuple(str(v.dtype).removeprefix("torch.") for v in outs),
         codegen_low_precision=bool(clp),
         node_name=node.name,
-        weight_shape=tuple(payload["weight_shape"]) if payload and payload.get("weight_shape") else None,
+        weight_shape=payload.weight_shape if payload and payload.weight_shape else None,
     )
+
+
+def _base_name(payload: RegionPayload | None, index: int) -> str:
+    return (payload.name or payload.module if payload else "") or f"region_{index}"
+
+
+def region_nodes(program: Any) -> list[tuple[torch.fx.Node, Region]]:
+    """Every region node of a program with its record, in graph order, names unique.
+
+    Names key plans and reports in every backend. A module called twice is two regions of one
+    module path: the first keeps the path as its name, later ones get `_1`, `_2`, ... (the first
+    free suffix, in graph order, so the same program always gets the same names).
+    """
+    out, taken = [], set()
+    for index, node in enumerate(iter_region_nodes(program)):
+        base = _base_name(region_payload(node), index)
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        out.append((node, read_region(node, index, name)))
+    return out
 
 
 def regions(program: Any) -> list[Region]:
     """The quantized regions of an ExportedProgram (or GraphModule), in graph order."""
-    return [read_region(n, i) for i, n in enumerate(iter_region_nodes(program))]
+    return [region for _, region in region_nodes(program)]

@@ -1,5 +1,7 @@
-"""qexport artifacts on disk: `.pt2` save/load with an embedded manifest, and `inspect` for every
-artifact kind (AOTI, ExecuTorch and ONNX register their readers beside the .pt2 one)."""
+"""qexport artifacts on disk: every kind is one entry of the table in `serializers.kinds` (suffix,
+sniff, manifest reader and writer, runner), with its format code in `serializers/<kind>.py`; `.pt2`
+save/load with an embedded manifest; `inspect` for every kind; `files` for checked paths and atomic
+writes. Backends and runtimes never parse or write these files themselves."""
 
 from .inspect import inspect, register_reader
 from .manifest import MANIFEST_VERSION, Manifest, RegionRecord

@@ -1,4 +1,5 @@
-"""AOTInductor packages written by `qexport.compile`: the `inspect` reader and the checked loader.
+"""AOTInductor packages written by `qexport.compile`: the manifest writer, the `inspect` reader and
+the checked loader.
 
 An AOTI package is a torch pt2 archive holding `data/aotinductor/<model>/` (the compiled code and
 weights); qexport adds its manifest at `extra/qexport/manifest.json`, as in a `.pt2`, with the
@@ -22,10 +23,10 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator
 
-from qexport.errors import CorruptArtifactError
+from qexport.errors import ArtifactError, CorruptArtifactError
 
-from ._archive import AOTI_PREFIX, ZIP_MAGIC, Archive, check_allowed, read_archive, read_manifest as _read_manifest
-from .inspect import check_readable, register_reader
+from ._archive import AOTI_PREFIX, ZIP_MAGIC, Archive, check_allowed, read_archive, read_manifest as _read_manifest, seal
+from .files import check_readable
 from .manifest import Manifest
 
 #: the one model qexport.compile packages (torch's default model name)
@@ -42,6 +43,19 @@ def read_manifest(path: "str | PathLike[str]") -> Manifest:
     if kind != "aoti":
         raise CorruptArtifactError(f"{p}: a pt2 archive without AOTInductor code ({AOTI_PREFIX})")
     return manifest
+
+
+def write_manifest(package: Path, manifest: Manifest) -> Manifest:
+    """Add `manifest` to the package AOTInductor just wrote at `package`, as `<root>/extra/qexport/
+    manifest.json` (torch's place for extra files in a pt2 archive), with the SHA-256 of every member
+    torch wrote (the `.so` included), in qexport's zip layout; returns the manifest as written.
+
+    Why not package_pt2(extra_files=...): aoti_compile_and_package packages the compiled files itself
+    and takes no extra files; `seal` repacks them byte for byte and adds the manifest.
+    """
+    if manifest.artifact != "aoti":
+        raise ArtifactError(f"{package}: an AOTInductor package takes an aoti manifest, not {manifest.artifact}")
+    return seal(package, manifest)
 
 
 def _check_package(archive: Archive) -> None:
@@ -113,10 +127,7 @@ def load_package(path: "str | PathLike[str]", *, expected_sha256: str | None = N
     return compiled, archive.manifest
 
 
-def _sniff(p: Path, head: bytes) -> bool:
+def sniff(p: Path, head: bytes) -> bool:
     from .pt2 import has_aoti_code
 
     return head.startswith(ZIP_MAGIC) and has_aoti_code(p) is True
-
-
-register_reader("aoti", _sniff, read_manifest)

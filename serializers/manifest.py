@@ -27,13 +27,14 @@ import torch
 from qexport.errors import (
     ArtifactError, CorruptArtifactError, ManifestMismatchError, QExportError, UnsupportedVersionError,
 )
-from qexport.regions import Region, _shape, iter_region_nodes, regions as graph_regions
+from qexport.regions import Region, iter_region_nodes, regions as graph_regions, tensor_shape
 from qexport.schemes import Scheme
+
+from . import kinds
 
 MANIFEST_VERSION = 1
 MANIFEST_MINOR = 1
 FORMAT_TAG = "qexport-manifest"
-ARTIFACT_KINDS = ("pt2", "aoti", "pte", "onnx")
 
 Shape = tuple[int | str, ...]
 
@@ -190,8 +191,8 @@ class Manifest:
         """The manifest of `ep`'s regions (read from the graph) and tensors (its state and constants)."""
         if not isinstance(ep, torch.export.ExportedProgram):
             raise ArtifactError(f"a manifest describes an ExportedProgram, got {type(ep).__name__}")
-        if artifact not in ARTIFACT_KINDS:
-            raise ArtifactError(f"artifact={artifact!r} is not one of {ARTIFACT_KINDS}")
+        if artifact not in kinds.names():
+            raise ArtifactError(f"artifact={artifact!r} is not one of {kinds.names()}")
         try:
             json.dumps(extra, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -203,7 +204,7 @@ class Manifest:
         # what a runtime holding only the compiled file needs to check a request (qexport.serve)
         extra.setdefault("inputs", [i.to_json() for i in program_inputs(ep)])
         tensors = _program_tensors(ep)
-        records = []
+        records, weights, floats = [], {}, {}
         for region, node in zip(graph_regions(ep), iter_region_nodes(ep)):
             if region.scheme is None:
                 raise ArtifactError(
@@ -211,6 +212,9 @@ class Manifest:
                     f"register it (qexport.schemes.register) before saving"
                 )
             fqns = _region_tensor_fqns(ep, region, node)
+            # a module called twice is two regions reading one set of weights: the totals count them once
+            weights.update({f: tensors[f].nbytes for f in fqns if not f.endswith(".bias")})
+            floats[region.module_path or region.name] = _float_bytes(region)
             records.append(
                 RegionRecord(
                     name=region.name,
@@ -225,7 +229,7 @@ class Manifest:
                     weight_shape=region.weight_shape,
                 )
             )
-        quantized = sum(r.weight_bytes for r in records)
+        quantized = sum(weights.values())
         return cls(
             version=MANIFEST_VERSION,
             artifact=artifact,
@@ -233,7 +237,7 @@ class Manifest:
             torch_version=torch.__version__,
             regions=tuple(records),
             quantized_bytes=quantized,
-            float_bytes=sum(r.float_bytes for r in records),
+            float_bytes=sum(floats.values()),
             extra=dict(extra),
             other_bytes=sum(t.nbytes for t in tensors.values()) - quantized,
         )
@@ -293,8 +297,8 @@ class Manifest:
             if not isinstance(extra, dict):
                 raise ValueError("'extra' must be an object")
             artifact = _str(data.get("artifact"), "artifact")
-            if artifact not in ARTIFACT_KINDS:
-                raise ValueError(f"artifact {artifact!r} is not one of {ARTIFACT_KINDS}")
+            if artifact not in kinds.names():
+                raise ValueError(f"artifact {artifact!r} is not one of {kinds.names()}")
             records = _with_legacy_lowering([RegionRecord.from_dict(r) for r in regions], extra)
             return cls(
                 version=version,
@@ -423,7 +427,7 @@ def _activation_shapes(ep: torch.export.ExportedProgram, node: torch.fx.Node) ->
     vals = [
         a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node) and a.name not in lifted
     ]
-    return tuple(_shape(v) for v in vals if isinstance(v, torch.Tensor))
+    return tuple(tensor_shape(v) for v in vals if isinstance(v, torch.Tensor))
 
 
 def _float_bytes(region: Region) -> int:

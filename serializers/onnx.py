@@ -1,4 +1,5 @@
-"""`inspect` reader for ONNX models written by `qexport.to_onnx`.
+"""ONNX models written by `qexport.to_onnx`: the writer (`write`, `describe_region`), the `inspect`
+reader and the checked reads the runtime builds its sessions from (`read_model`).
 
 The manifest is the model's metadata_props entry `qexport.manifest`. A model written with
 `keep_regions=True` also keeps each region as a local function of domain `qexport.region` whose own
@@ -14,14 +15,16 @@ through it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from qexport.errors import ArtifactError, CorruptArtifactError
 from qexport.schemes import Scheme
 
 from ._archive import check_pin, seal_trailer, unseal_trailer
-from .inspect import check_readable, register_reader
+from .files import check_readable
 from .manifest import Manifest
 
 MANIFEST_KEY = "qexport.manifest"
@@ -35,6 +38,26 @@ _TRAILER_HEAD = bytes.fromhex("faffffff0f") + bytes([48]) + b"qexport-sha256:\0"
 def seal(path: Path) -> None:
     """Append the checksum field to the `.onnx` just written at `path`."""
     seal_trailer(path, _TRAILER_HEAD)
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def describe_region(function: Any, scheme: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """Record a region's scheme (its dict) and region record in the metadata_props of the local
+    function (an onnx-ir Function of domain REGION_DOMAIN) that keeps it; `region_functions` reads them."""
+    function.metadata_props[SCHEME_KEY] = json.dumps(dict(scheme))
+    function.metadata_props[REGION_KEY] = json.dumps(dict(record))
+
+
+def write(model: Any, path: Path, manifest: Manifest, *, check: Callable[[Path], None] | None = None) -> None:
+    """Write an onnx-ir Model to `path` with `manifest` in its metadata_props, then (after
+    `check(path)`, e.g. onnx.checker, which reads the file) seal it with the checksum field."""
+    import onnx_ir as ir
+
+    model.metadata_props[MANIFEST_KEY] = manifest.to_json()
+    ir.save(model, path)
+    if check is not None:
+        check(path)
+    seal(path)
 
 
 def read_checked(path: "str | Path", expected_sha256: str | None = None) -> bytes:
@@ -58,11 +81,8 @@ def _load(p: Path, data: bytes | None = None) -> Any:
         raise CorruptArtifactError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
-def read_manifest(path: "str | Path", data: bytes | None = None) -> Manifest:
-    """The manifest of the `.onnx` at `path`; `data`: its bytes from `read_checked`, when already read."""
-    p = check_readable(path)
-    model = _load(p, data)
-    props = {e.key: e.value for e in model.metadata_props}
+def _manifest(p: Path, proto: Any) -> Manifest:
+    props = {e.key: e.value for e in proto.metadata_props}
     if MANIFEST_KEY not in props:
         raise CorruptArtifactError(
             f"{p}: an ONNX model without a qexport manifest (metadata_props[{MANIFEST_KEY!r}]); it was not "
@@ -71,25 +91,76 @@ def read_manifest(path: "str | Path", data: bytes | None = None) -> Manifest:
     return Manifest.from_json(props[MANIFEST_KEY], source=str(p))
 
 
+def read_manifest(path: "str | Path", data: bytes | None = None) -> Manifest:
+    """The manifest of the `.onnx` at `path`; `data`: its bytes from `read_checked`, when already read."""
+    p = check_readable(path)
+    return _manifest(p, _load(p, data))
+
+
+def _region_props(proto: Any) -> dict[str, dict[str, str]]:
+    """function name -> metadata_props of every region local function."""
+    return {fn.name: {e.key: e.value for e in fn.metadata_props} for fn in proto.functions if fn.domain == REGION_DOMAIN}
+
+
 def region_functions(path: "str | Path") -> dict[str, tuple[Scheme, dict[str, Any]]]:
     """function name -> (scheme, region record) of every region kept as an ONNX local function
     (empty for a model written with keep_regions=False)."""
     p = check_readable(path)
     out: dict[str, tuple[Scheme, dict[str, Any]]] = {}
-    for fn in _load(p).functions:
-        if fn.domain != REGION_DOMAIN:
-            continue
-        props = {e.key: e.value for e in fn.metadata_props}
+    for name, props in _region_props(_load(p)).items():
         try:
-            out[fn.name] = (Scheme.from_dict(json.loads(props[SCHEME_KEY])), json.loads(props[REGION_KEY]))
+            out[name] = (Scheme.from_dict(json.loads(props[SCHEME_KEY])), json.loads(props[REGION_KEY]))
         except (KeyError, ValueError, TypeError) as e:
-            raise CorruptArtifactError(f"{p}: region function {fn.name} has no readable scheme metadata ({e})") from None
+            raise CorruptArtifactError(f"{p}: region function {name} has no readable scheme metadata ({e})") from None
     return out
 
 
-def _sniff(p: Path, head: bytes) -> bool:
+@dataclass(frozen=True)
+class CheckedModel:
+    """A qexport `.onnx` read once and checked: `data` is what onnxruntime gets (the model without
+    its checksum field), `proto` the parsed ModelProto."""
+
+    path: Path
+    data: bytes
+    proto: Any
+
+    @property
+    def manifest(self) -> Manifest:
+        return _manifest(self.path, self.proto)
+
+    def region_calls(self) -> list[tuple[str, str, str]]:
+        """(output value, region name, function name) of every call of a region kept as a local
+        function, in graph order; the region name comes from the region record (its module path in
+        files written before region names were unique, else the function's name)."""
+        module_of = {}
+        for name, props in _region_props(self.proto).items():
+            try:
+                record = json.loads(props.get(REGION_KEY, "{}"))
+                module_of[name] = record.get("name") or record.get("module_path") or name
+            except (ValueError, AttributeError):
+                module_of[name] = name
+        return [(n.output[0], module_of.get(n.op_type, n.op_type), n.op_type) for n in self.proto.graph.node
+                if n.domain == REGION_DOMAIN and n.output]
+
+    def with_outputs(self, names: list[str]) -> bytes:
+        """The model's bytes with `names` (intermediate values) added to the graph's outputs."""
+        import onnx
+
+        full = onnx.ModelProto()
+        full.CopyFrom(self.proto)
+        known = {o.name for o in full.graph.output}
+        full.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+        return full.SerializeToString()
+
+
+def read_model(path: "str | PathLike[str]", expected_sha256: str | None = None) -> CheckedModel:
+    """The `.onnx` at `path`, checked (its checksum field, and `expected_sha256`, hex, if given) and
+    parsed once."""
+    p = check_readable(path)
+    data = read_checked(p, expected_sha256)
+    return CheckedModel(p, data, _load(p, data))
+
+
+def sniff(p: Path, head: bytes) -> bool:
     # A serialized ModelProto starts with field 1 (ir_version, varint): tag byte 0x08.
     return p.suffix == ".onnx" and head[:1] == b"\x08"
-
-
-register_reader("onnx", _sniff, read_manifest)

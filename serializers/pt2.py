@@ -28,13 +28,12 @@ from torch.export.pt2_archive import constants as C
 
 from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 
-from qexport._containers import register_program_containers
+from .containers import register_program_containers
 from qexport.regions import iter_region_nodes
 
 from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
 from ._archive import read_manifest as _read_manifest
-from ._atomic import atomic_path, check_writable
-from .inspect import check_readable, register_reader
+from .files import atomic_path, check_readable, check_writable
 from .manifest import Manifest
 
 #: the manifest's name among torch.export's `extra_files` (stored under `<root>/extra/`)
@@ -112,7 +111,7 @@ def _debug_meta_dropped(ep: torch.export.ExportedProgram, *, stack_traces: bool)
 
 def _check_picklefree(ep: torch.export.ExportedProgram, p: Path) -> None:
     """Refuse, before writing, a program whose archive `load` would refuse as unsafe."""
-    from qexport._validate import check_state
+    from qexport.validate import check_state
 
     check_state(ep, str(p))
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -273,9 +272,6 @@ def has_aoti_code(p: Path) -> bool | None:
         return None
 
 
-def _sniff(p: Path, head: bytes) -> bool:
+def sniff(p: Path, head: bytes) -> bool:
     # Damaged zips are claimed here, so the user hears what is wrong with them.
     return head.startswith(ZIP_MAGIC) and has_aoti_code(p) is not True
-
-
-register_reader("pt2", _sniff, read_manifest)

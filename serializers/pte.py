@@ -1,5 +1,5 @@
-"""ExecuTorch `.pte` files written by `qexport.to_executorch`: the `inspect` reader and
-`open_program`, the one way qexport hands a `.pte` to the runtime.
+"""ExecuTorch `.pte` files written by `qexport.to_executorch`: the writer (`manifest_methods`,
+`write`), the `inspect` reader and `open_program`, the one way qexport hands a `.pte` to the runtime.
 
 The manifest travels inside the program as a constant method (`qexport_manifest`, the JSON as a uint8
 tensor), so it is read through ExecuTorch's own runtime: loading that one method does not initialize
@@ -30,14 +30,14 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from qexport._extras import missing_extra
+from qexport.extras import missing_extra
 from qexport.errors import ArtifactError, BackendUnavailableError, CorruptArtifactError
 
 from ._archive import check_pin, seal_trailer, unseal_trailer
-from .inspect import check_readable, register_reader
+from .files import check_readable
 from .manifest import Manifest
 
-#: the method `qexport.lower.executorch` stores the manifest in (kept in step with MANIFEST_METHOD there)
+#: the constant method that holds the manifest
 MANIFEST_METHOD = "qexport_manifest"
 #: a .pte is a flatbuffer whose file identifier (bytes 4..8) is "ET" + a two-digit schema version
 _IDENT_PREFIX = b"ET"
@@ -49,7 +49,7 @@ TRAILER_MAGIC = b"\0qexport-sha256:"
 _PROBED: set[str] = set()
 
 
-def _sniff(p: Path, head: bytes) -> bool:
+def sniff(p: Path, head: bytes) -> bool:
     ident = head[4:8]
     return len(ident) == 4 and ident.startswith(_IDENT_PREFIX) and ident[2:].isdigit()
 
@@ -57,6 +57,31 @@ def _sniff(p: Path, head: bytes) -> bool:
 def seal(path: Path) -> None:
     """Append the checksum trailer to the `.pte` just written at `path`."""
     seal_trailer(path, TRAILER_MAGIC)
+
+
+def manifest_methods(manifest: Manifest) -> dict[str, Any]:
+    """The constant methods that carry `manifest` in the program (pass them to ExecuTorch's
+    `to_edge*(constant_methods=...)`): the manifest's JSON as a uint8 tensor."""
+    import torch
+
+    return {MANIFEST_METHOD: torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)}
+
+
+def replace_manifest(edge: Any, manifest: Manifest) -> None:
+    """Swap the manifest method of an `EdgeProgramManager` made with `manifest_methods` for `manifest`
+    (one completed after partitioning), before `to_executorch` serializes it."""
+    if MANIFEST_METHOD not in edge._config_methods:
+        raise ArtifactError(f"the edge program has no {MANIFEST_METHOD!r} method to replace; build it with manifest_methods()")
+    # to_executorch emits the constant methods from the manager's own dict, which has no public setter.
+    edge._config_methods.update(manifest_methods(manifest))
+
+
+def write(program: Any, path: Path) -> None:
+    """Write an `ExecutorchProgramManager` (whose constant methods came from `manifest_methods`) to
+    `path`, sealed with the checksum trailer."""
+    with open(path, "wb") as f:
+        program.write_to_file(f)
+    seal(path)
 
 
 #: ExecuTorch ScalarType codes -> torch dtypes (the runtime's method metadata reports codes)
@@ -155,6 +180,3 @@ def read_manifest(path: "str | PathLike[str]") -> Manifest:
     except Exception as e:
         raise CorruptArtifactError(f"{p}: the {MANIFEST_METHOD!r} method cannot be run ({type(e).__name__}: {e})") from None
     return Manifest.from_json(data.numpy().tobytes(), source=str(p))
-
-
-register_reader("pte", _sniff, read_manifest)

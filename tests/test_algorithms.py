@@ -1,4 +1,4 @@
-"""schemes/_algorithms.py: int4 codes chosen by rtn, hqq (calibration-free) and gptq (calibrated) —
+"""schemes/algorithms.py: int4 codes chosen by rtn, hqq (calibration-free) and gptq (calibrated) —
 each lowers its own error measure vs rtn on a layer with outliers, fills the same uint4 grid, is
 recorded per region (scheme, manifest) and survives a .pt2 round trip; the errors come before work."""
 
@@ -12,8 +12,8 @@ from torch import nn
 
 import qexport
 from qexport.quantize import quantized_modules
-from qexport.schemes import _algorithms as alg
-from qexport.schemes._packing import grouped, unpack_uint4
+from qexport.schemes import algorithms as alg
+from qexport.schemes.packing import grouped, unpack_uint4
 
 from conftest import EmbedNet
 

@@ -390,10 +390,10 @@ def test_cuda_large_m_policies_match_eager(name, large_m, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,cols", [(1, 64), (300, 4096), (7, 5000)])
 def test_row_quantizers_are_the_reference_math(rows, cols, dtype):
-    """The Triton row quantizers give the same codes, scales and zero points as `_activation`'s
+    """The Triton row quantizers give the same codes, scales and zero points as `activation`'s
     fake-quant math (columns not a power of two exercise their masks; an all-positive row and a
     zero row their clamps)."""
-    from qexport.schemes import _activation as act
+    from qexport.schemes import activation as act
 
     x = (torch.randn(rows, cols, device="cuda") * 3).to(dtype)
     x[0, :3] = 0.0

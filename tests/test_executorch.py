@@ -14,7 +14,7 @@ from torch import nn
 import qexport
 from qexport.errors import ArtifactError, ArtifactNotFoundError, LoweringError
 from qexport.lower import executorch as et_lower
-from qexport.lower._inline import inline_regions, region_of
+from qexport.lower._graph import region_of, replace_regions
 from qexport.schemes import math_for
 
 from conftest import ConvNet, EmbedNet, MLP, quantized, scheme_for
@@ -253,19 +253,19 @@ def test_a_failed_lowering_leaves_no_file(tmp_path, lowered, monkeypatch):
 
 # -- the passes on their own --------------------------------------------------------------------
 
-def test_inline_regions_tags_every_node_and_leaves_no_hop():
+def test_replace_regions_tags_every_node_and_leaves_no_hop():
     torch.manual_seed(0)
     x = INPUTS["mlp"]()
     model = quantized(MLP(), scheme_for("int4_weight_only"), (x,))
     ep = qexport.export(model, (x,))
     n_regions = len(qexport.regions(ep))
-    assert inline_regions(ep)
+    assert replace_regions(ep)
     assert qexport.regions(ep) == []
     tagged = {region_of(n) for n in ep.graph.nodes if region_of(n)}
     assert tagged == {"layers.0", "layers.1"} and n_regions == 2
     assert not any(n.target is operator.getitem for n in ep.graph.nodes)
     torch.testing.assert_close(ep.module()(x), model(x))
-    assert not inline_regions(ep)  # nothing left to do
+    assert not replace_regions(ep)  # nothing left to do
 
 
 def test_rshift_as_floor_divide_keeps_values():

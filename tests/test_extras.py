@@ -1,5 +1,5 @@
 """Core qexport needs torch and numpy only; a backend whose extra is missing says which pip command
-installs it (qexport/_extras.py)."""
+installs it (qexport/extras.py)."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def _dead_pid() -> int:
 
 
 def test_a_killed_writers_folder_is_swept_by_the_next_write_and_load(pt2, tmp_path):
-    from serializers._atomic import _HOST
+    from serializers.files import _HOST
 
     ep = qexport.load(pt2)
     dead = tmp_path / f".model.pt2.{_dead_pid()}@{_HOST}.abc_123.tmp"

@@ -366,7 +366,7 @@ def test_register_reader_dispatch(tmp_path, cases):
             qexport.inspect(broken)
         assert "qxtest" in registry.reader_kinds()
     finally:
-        registry._READERS.pop("qxtest")
+        serializers.kinds.unregister("qxtest")
     with pytest.raises(ArtifactError):
         serializers.register_reader("", lambda p, h: True, read)
 

@@ -176,7 +176,7 @@ def test_fresh_process_loads_transformers_outputs(gpt2_pt2, tmp_path):
 def test_container_allow_list(tmp_path, monkeypatch):
     """Only ModelOutput subclasses of allow-listed modules are registered; a name outside the list is
     never imported."""
-    from qexport._containers import register_output_containers, spec_type_names
+    from serializers.containers import register_output_containers, spec_type_names
 
     (tmp_path / "planted.py").write_text("raise SystemExit('imported a module named by a file')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, UsageError
-from ..runners import STAGES, stage  # noqa: F401  (re-exported for the subcommands)
+from ..runtime import STAGES, stage  # noqa: F401  (re-exported for the subcommands)
 
 # --------------------------------------------------------------------------------------------------
 # --input SHAPE[:DTYPE[:HIGH]]
@@ -203,7 +203,7 @@ def build_model(target: str) -> nn.Module:
 
 def output_path(path: str, suffixes: Sequence[str], what: str = "output") -> Path:
     """Check, before any work, that an output file can be written at `path`."""
-    from serializers._atomic import check_writable
+    from serializers.files import check_writable
 
     p = Path(path)
     if suffixes and p.suffix not in suffixes:

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import UsageError
 from ._common import INPUT_SPEC_HELP, PIN_HELP, Progress, fmt_bytes, fmt_seconds, parse_input_spec, parse_pins
-from ._table import format_table
+from ..table import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runners import bench
+    from ..runtime import bench
 
     if args.warmup < 0 or args.min_iters < 1 or args.min_time < 0:
         raise UsageError("--warmup must be >= 0, --min-iters >= 1 and --min-time >= 0")

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("OUT.pt2 must differ from IN.pt2 (the package replaces the program with compiled code)")
     options = dict(_parse_option(o) for o in args.option)
     compile_ = stage("compile")
-    from ..lower.aoti import _check_options, plan
+    from ..lower.aoti import check_options, plan
 
-    _check_options(args.device, options)  # refuse bad options before loading anything
+    check_options(args.device, options)  # refuse bad options before loading anything
     import serializers
 
     progress = Progress(total=3, enabled=not args.quiet)

@@ -15,7 +15,7 @@ from ._common import (
     parse_input_spec, parse_scheme_args, stage,
 )
 from ._dims import DYNAMIC_HELP, dynamic_shapes, parse_dynamic, rename, resolve, symbol_names, traced_shape
-from ._table import format_table
+from ..table import format_table
 
 #: random calibration batches when --calibrate is given without a file
 CALIBRATION_BATCHES = 8

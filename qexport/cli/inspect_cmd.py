@@ -7,7 +7,7 @@ import json
 import os
 
 from ..errors import ArtifactNotFoundError
-from ._table import format_table
+from ..table import format_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

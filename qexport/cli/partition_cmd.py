@@ -15,11 +15,18 @@ from ._common import Progress, fmt_bytes, input_path, output_path, stage
 
 @dataclass(frozen=True)
 class Target:
-    """One `--target`: the file it writes and the lowering that writes it (a LoweringReport back)."""
+    """One `--target`: the artifact kind it writes (serializers.kinds) and the lowering that writes it
+    (a LoweringReport back)."""
 
-    suffix: str
+    kind: str
     lower: Callable[[Path, Path, argparse.Namespace], Any]
     runtime: str
+
+    @property
+    def suffix(self) -> str:
+        from serializers import kinds
+
+        return kinds.get(self.kind).suffix
 
 
 def _executorch(backend: str) -> Callable[[Path, Path, argparse.Namespace], Any]:
@@ -35,9 +42,9 @@ def _onnx(src: Path, out: Path, args: argparse.Namespace) -> Any:
 
 #: --target -> how to lower; a backend adds its entry here
 TARGETS: dict[str, Target] = {
-    "xnnpack": Target(".pte", _executorch("xnnpack"), "ExecuTorch (XNNPACK delegate)"),
-    "portable": Target(".pte", _executorch("portable"), "ExecuTorch (portable kernels only)"),
-    "onnx": Target(".onnx", _onnx, "ONNX Runtime"),
+    "xnnpack": Target("pte", _executorch("xnnpack"), "ExecuTorch (XNNPACK delegate)"),
+    "portable": Target("pte", _executorch("portable"), "ExecuTorch (portable kernels only)"),
+    "onnx": Target("onnx", _onnx, "ONNX Runtime"),
 }
 
 

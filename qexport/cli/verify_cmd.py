@@ -7,7 +7,7 @@ import argparse
 
 from ..errors import UsageError
 from ._common import PIN_HELP, Progress, fmt_err, parse_pins
-from ._table import format_table
+from ..table import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runners import verify
+    from ..runtime import verify
 
     if args.tolerance is not None and not args.tolerance > 0:
         raise UsageError(f"--tolerance must be positive, got {args.tolerance}")

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from .._extras import missing_extra
+from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
-from ..regions import Region, iter_region_nodes, read_region
+from ..regions import Region, region_nodes
 
 if TYPE_CHECKING:
     from serializers.manifest import LoweringRecord
@@ -237,8 +237,7 @@ def plan_regions(
     """One plan per region of `program` (graph order) on `backend`; changes nothing."""
     b = get_backend(backend)
     plans = []
-    for i, node in enumerate(iter_region_nodes(program)):
-        region = read_region(node, i)
+    for node, region in region_nodes(program):
         ctx = b.context(program, node, region, backend, dict(options or {}))
         plans.append(dataclasses.replace(_plan_one(b, ctx), region=region, backend=backend))
     return plans

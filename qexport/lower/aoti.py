@@ -19,7 +19,6 @@ import dataclasses
 import json
 import time
 from os import PathLike
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -28,11 +27,12 @@ from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExport
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
 from ._contract import RegionPlan, plan_regions
-from .kernels import _copy_program, apply_kernels, inductor_options_for
+from ._graph import copy_program
+from .kernels import apply_kernels, inductor_options_for
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
-__all__ = ["DEVICES", "check_cpu", "compile", "load_compiled", "plan"]
+__all__ = ["DEVICES", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
 
 DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
@@ -50,7 +50,7 @@ OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUD
 Progress = Callable[[str], None]
 
 
-def _check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split `options` into (qexport's, Inductor's), refusing unknown keys before any work."""
     if device not in DEVICES:
         raise LoweringError(f"device={device!r} is not one of {DEVICES}")
@@ -110,7 +110,7 @@ def plan(
     program_or_path: Any, *, device: str = "cpu", options: Mapping[str, Any] | None = None
 ) -> LoweringReport:
     """Which kernel each region would get, without compiling (what `qexport compile` prints first)."""
-    ours, _ = _check_options(device, options)
+    ours, _ = check_options(device, options)
     ep = resolve_program(program_or_path, "plan")
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
         plans = _all_to_inductor(ep, device)
@@ -141,12 +141,12 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     x86-64; see `qexport.lower.cpu_target`), recorded as the manifest's `extra.cpu_target`. The file
     appears complete or not at all. `progress(message)` is called at each stage.
     """
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.aoti import write_manifest
+    from serializers.files import atomic_path, check_writable
     from serializers.manifest import Manifest
-    from serializers.pt2 import MANIFEST_NAME
 
     say = progress or (lambda _msg: None)
-    ours, inductor_options = _check_options(device, options)
+    ours, inductor_options = check_options(device, options)
     out = check_writable(output, ".pt2")
     ep = resolve_program(program_or_path, "compile")
     # The manifest describes the regions as exported (the lowered graph no longer has them); built
@@ -156,7 +156,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         say("the program has no quantized regions; compiling it as it is")
 
     t0 = time.perf_counter()
-    work = _copy_program(ep)  # the caller's program is never changed (example inputs, device)
+    work = copy_program(ep)  # the caller's program is never changed (example inputs, device)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
@@ -194,7 +194,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         except Exception as e:
             raise LoweringError(f"AOTInductor failed to compile the program ({type(e).__name__}: {e})") from e
         t_compile = time.perf_counter() - t1
-        _embed_manifest(tmp, MANIFEST_NAME, manifest)
+        write_manifest(tmp, manifest)
     say(f"wrote {out} ({out.stat().st_size:,} bytes; prepare {t_plan:.1f} s, Inductor {t_compile:.1f} s)")
     return str(out)
 
@@ -205,21 +205,6 @@ def _json_safe(v: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-def _embed_manifest(package: Path, name: str, manifest: Any) -> None:
-    """Add the manifest as `<root>/extra/<name>`, torch's place for extra files in a pt2 archive,
-    with the SHA-256 of every member torch wrote (the `.so` included), in qexport's zip layout.
-
-    Why not package_pt2(extra_files=...): aoti_compile_and_package packages the compiled files itself
-    and takes no extra files; `seal` repacks them byte for byte and adds the manifest.
-    """
-    from serializers._archive import MANIFEST_MEMBER, seal
-    from torch.export.pt2_archive.constants import EXTRA_DIR
-
-    if EXTRA_DIR + name != MANIFEST_MEMBER:
-        raise ArtifactError(f"the manifest belongs at {MANIFEST_MEMBER}, not {EXTRA_DIR + name}")
-    seal(package, manifest)
 
 
 def check_cpu(manifest: Any, path: Any = "the package") -> None:

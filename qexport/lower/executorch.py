@@ -13,8 +13,9 @@ Each region is lowered from its scheme (never from the ops inside it):
   can (embeddings dequantize only the rows they gather). Correct, not a quantized kernel, and the
   report record says why and what to change to get it delegated.
 
-The region pass is `qexport.lower._inline.inline_regions`; a few small edge-compat passes follow.
-The program's qexport manifest travels inside the .pte as a constant method (`MANIFEST_METHOD`).
+The region pass is `qexport.lower._graph.replace_regions`; a few small edge-compat passes follow.
+The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
+builds (`manifest_methods`), writes and reads.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .._extras import missing_extra
+from serializers import pte
+from serializers.pte import MANIFEST_METHOD  # noqa: F401  (the method that returns the manifest)
+
+from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
 from ..schemes import math_for
-from ..schemes._packing import unpack_uint4
+from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
-from ._inline import RegionSite, inline_regions, region_of
+from ._graph import RegionSite, drop_unused_state, region_of, replace_regions
 from ._stages import Stages
 from .report import LoweringReport, RegionReport
 
@@ -44,8 +48,6 @@ if TYPE_CHECKING:
     from serializers.manifest import LoweringRecord
 
 BACKENDS = ("xnnpack", "portable")
-#: the .pte method that returns the qexport manifest (JSON, as a uint8 tensor)
-MANIFEST_METHOD = "qexport_manifest"
 
 qd = torch.ops.quantized_decomposed
 _EPS = torch.finfo(torch.float32).eps
@@ -62,7 +64,7 @@ def _weight_dq(site: RegionSite) -> torch.fx.Node:
     as a qc8w constant. Its zero point must be a program constant, so one is added."""
     s = site.region.scheme
     scale = site.value("weight_scale")
-    zp = site.constant(f"_qexport_{_ident(site.region.name)}_weight_zero_point", torch.zeros(scale.shape, dtype=torch.int64))
+    zp = site.constant("weight_zero_point_i64", torch.zeros(scale.shape, dtype=torch.int64))
     return site.call(
         qd.dequantize_per_channel.default, site.operands["weight"], site.operands["weight_scale"], zp, 0,
         int(s.qmin), int(s.qmax), torch.int8,
@@ -216,8 +218,7 @@ def _lower_fp8_reference(site: RegionSite) -> torch.fx.Node:
         for src in n.all_input_nodes:
             if src.op == "placeholder" and src.meta["val"].dtype == _FP8:
                 if src not in wide:
-                    name = f"_qexport_{_ident(site.region.name)}_{src.name}_bf16"
-                    wide[src] = site.constant(name, site.value_of(src).to(torch.bfloat16))
+                    wide[src] = site.constant(f"{src.name}_bf16", site.value_of(src).to(torch.bfloat16))
                 n.replace_input_with(src, wide[src])
         val = n.meta.get("val")
         if not (isinstance(val, torch.Tensor) and val.dtype == _FP8):
@@ -364,38 +365,7 @@ def rshift_as_floor_divide(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
-def drop_unused_constants(ep: torch.export.ExportedProgram) -> bool:
-    """Remove constant inputs no node reads any more.
-
-    Why: lowering replaces some region tensors (static activation scales become literals of the Q/DQ
-    ops, fp8 weights get a bfloat16 copy); left in the program they would still be serialized into the
-    .pte, and a float8 tensor there is one ExecuTorch cannot hold.
-    """
-    from executorch.backends.transforms.utils import delete_constant_placeholder
-
-    sig = ep.graph_signature
-    constants = {**sig.inputs_to_buffers, **sig.inputs_to_parameters, **sig.inputs_to_lifted_tensor_constants}
-    unused = [n for n in ep.graph.nodes if n.op == "placeholder" and not n.users and n.name in constants
-              and n.name not in sig.buffers_to_mutate.values()]
-    for n in unused:
-        delete_constant_placeholder(ep, n)
-    if unused:
-        ep.graph_module.recompile()
-    return bool(unused)
-
-
 # -- the stage ----------------------------------------------------------------------------------
-
-def _ident(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name)
-
-
-def _make_constant(ep: torch.export.ExportedProgram, graph: torch.fx.Graph, name: str, data: torch.Tensor) -> torch.fx.Node:
-    from executorch.backends.transforms.utils import create_constant_placeholder
-    from torch.export.graph_signature import InputKind
-
-    return create_constant_placeholder(ep, graph, name, InputKind.CONSTANT_TENSOR, data)
-
 
 class _WhyNoPartition(logging.Handler):
     """Collects the reasons XNNPACK's partitioner logs (`WhyNoPartition`, at DEBUG) for rejected nodes."""
@@ -456,10 +426,6 @@ def _delegation(
     return taken, left, present
 
 
-def _manifest_bytes(manifest) -> torch.Tensor:
-    return torch.frombuffer(bytearray(manifest.to_json().encode()), dtype=torch.uint8)
-
-
 def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _WhyNoPartition) -> list[LoweringRecord]:
     """Each region's lowering record: its plan, checked against where its nodes went after partitioning."""
     taken, left, present = _delegation(edge_gm, {p.region.name: p.region.op for p in planned})
@@ -501,7 +467,7 @@ def to_executorch(
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
     nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
     seconds are named on stderr unless `progress=False`."""
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     if backend not in BACKENDS:
         raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -523,9 +489,9 @@ def to_executorch(
 
     with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
         ep = copy.deepcopy(ep)  # the caller's program stays as it was
-        inline_regions(ep, lambda site: plans[site.region.name].lowering(site), make_constant=_make_constant)
+        replace_regions(ep, lambda site: plans[site.region.name].lowering(site), kernel_of=lambda r: plans[r.name].kernel)
         rshift_as_floor_divide(ep.graph_module)
-        drop_unused_constants(ep)
+        drop_unused_state(ep)
 
     partitioners = []
     if backend == "xnnpack":
@@ -539,13 +505,12 @@ def to_executorch(
     try:
         with _WhyNoPartition() as why, stage(f"to_edge_transform_and_lower ({backend})"):
             edge = to_edge_transform_and_lower(
-                ep, partitioner=partitioners or None, constant_methods={MANIFEST_METHOD: _manifest_bytes(manifest)}
+                ep, partitioner=partitioners or None, constant_methods=pte.manifest_methods(manifest)
             )
         edge_gm = edge.exported_program().graph_module
         records = _records(planned, edge_gm, why)
-        # The manifest carries what happened to each region, known only once the partitioners ran; the
-        # constant methods are emitted by to_executorch from the edge manager's dict (no public setter).
-        edge._config_methods[MANIFEST_METHOD] = _manifest_bytes(manifest.with_lowering(records))
+        # The manifest carries what happened to each region, known only once the partitioners ran.
+        pte.replace_manifest(edge, manifest.with_lowering(records))
         with stage("to_executorch (memory planning, serialization)"):
             et = edge.to_executorch()
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
@@ -555,11 +520,7 @@ def to_executorch(
 
     info = get_delegation_info(edge_gm)
     with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            et.write_to_file(f)
-        from serializers.pte import seal
-
-        seal(tmp)
+        pte.write(et, tmp)
     return LoweringReport(
         target=f"executorch/{backend}", path=str(out),
         regions=[RegionReport.from_record(p.region.name, p.region.scheme, rec) for p, rec in zip(planned, records)],

@@ -16,7 +16,6 @@ initializers, which a translation function cannot add.
 
 from __future__ import annotations
 
-import json
 import platform
 import warnings
 from os import PathLike
@@ -27,12 +26,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
 
-from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, REGION_KEY, SCHEME_KEY
+from serializers import onnx as onnx_file
+from serializers.onnx import MANIFEST_KEY, REGION_DOMAIN, SCHEME_KEY  # noqa: F401  (MANIFEST_KEY, SCHEME_KEY: re-exported)
 
 from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
-from ..regions import Region
+from ..regions import PAYLOAD_KEY, Region, RegionPayload
 from ._contract import RegionPlan, plan_regions
+from ._graph import region_state, with_region_names
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
 from .report import LoweringReport, RegionReport
@@ -69,33 +70,31 @@ def to_onnx(
     The manifest records the target and `qexport.runners` refuses to run a file on CPUs it is wrong on.
     The file is checked with `onnx.checker.check_model(full_check=True)` and written atomically.
     """
-    from serializers._atomic import atomic_path, check_writable
+    from serializers.files import atomic_path, check_writable
 
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
-    ep = resolve_program(program_or_path, "to_onnx")
+    ep = with_region_names(resolve_program(program_or_path, "to_onnx"))
     # Every region's lowering is decided (and every refusal raised) before the export starts.
     planned = plan_regions(ep, "onnx", {"opset": opset, "target": target})
     by_name = {p.region.name: p.region for p in planned}
     plans: dict[str, RegionPlan] = {p.region.name: p for p in planned}
     reports = [RegionReport.from_record(p.region.name, p.region.scheme, p.record()) for p in planned]
-    manifest = _manifest_json(ep, opset, keep_regions, target, [p.record() for p in planned])
+    manifest = _manifest(ep, opset, keep_regions, target, [p.record() for p in planned])
 
     model, references = _export_with_placeholders(ep, opset)
-    emitted = lower_regions(model, by_name, plans, _program_tensors(ep), references, keep_regions=keep_regions, opset=opset)
+    emitted = lower_regions(model, by_name, plans, region_state(ep), references, keep_regions=keep_regions, opset=opset)
     _finalize(model)
-    model.metadata_props[MANIFEST_KEY] = manifest
 
-    with atomic_path(out) as tmp:
-        ir.save(model, tmp)
+    def check(path: "PathLike[str]") -> None:
         try:
-            onnx.checker.check_model(str(tmp), full_check=True)
+            onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:  # checker and shape-inference errors have several types
             raise LoweringError(f"{out}: the ONNX model failed onnx.checker (full_check): {type(e).__name__}: {e}") from None
-        from serializers.onnx import seal
 
-        seal(tmp)
+    with atomic_path(out) as tmp:
+        onnx_file.write(model, tmp, manifest, check=check)
         size = tmp.stat().st_size
     return LoweringReport(
         target="onnx",
@@ -155,10 +154,6 @@ def check_target_runs_here(target: str | None, source: str) -> None:
     )
 
 
-def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
-    return {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
-
-
 # -- export -------------------------------------------------------------------------------------------
 def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> tuple[ir.Model, dict[str, ir.Function]]:
     """torch.onnx.export of `ep` with each region left as a `qexport.pending::Region` node.
@@ -175,8 +170,10 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
 
     # Unannotated on purpose: the exporter infers an ONNX signature from annotations and warns on these.
     def region_placeholder(subgraph, *operands, scheme=None, quant_options=None):
-        payload = (quant_options or {}).get("qexport") or {}
-        name = payload.get("module") or f"region_{count[0]}"
+        raw = (quant_options or {}).get(PAYLOAD_KEY)
+        payload = RegionPayload.from_dict(raw) if raw else None
+        # to_onnx recorded every region's unique name in its payload (`with_region_names`)
+        name = (payload.name or payload.module if payload else None) or f"region_{count[0]}"
         count[0] += 1
         references[name] = subgraph
         return call_op("Region", *operands, _domain=PENDING_DOMAIN, _num_outputs=len(subgraph.outputs), region=name)
@@ -221,7 +218,7 @@ def lower_regions(
     model: ir.Model,
     regions: Mapping[str, Region],
     plans: Mapping[str, RegionPlan],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
     references: Mapping[str, ir.Function],
     *,
     keep_regions: bool,
@@ -231,7 +228,8 @@ def lower_regions(
 
     keep_regions=False splices the region's nodes into the main graph; True makes each region a local
     function `qexport.region::<name>` (metadata_props: the scheme and the region record) and leaves a
-    call in its place. Regions whose plan has no `Lowering` use their reference subgraph. Returns, per region, how
+    call in its place. Regions whose plan has no `Lowering` use their reference subgraph. `tensors`: region
+    name -> role -> the tensor behind that operand (`_graph.region_state`). Returns, per region, how
     many nodes it became; an empty dict means the model had no placeholders (nothing changed).
     """
     graph = model.graph
@@ -275,12 +273,14 @@ def _drop_unused_initializers(graph: ir.Graph, values: list[ir.Value]) -> None:
             del graph.initializers[v.name]
 
 
-def _region_tensors(region: Region, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = f"{region.module_path}."
-    out = {r: tensors[prefix + r] for r in region.roles if r != "input" and prefix + r in tensors}
+def _region_tensors(region: Region, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {r: t for r, t in tensors.get(region.name, {}).items() if r != "input"}
     missing = [r for r in region.roles if r != "input" and r not in out]
     if missing:
-        raise LoweringError(f"region {region.name}: the program has no buffers for roles {missing} (expected {prefix}<role>)")
+        raise LoweringError(
+            f"region {region.name}: operands {missing} are not buffers of the program; export the quantized model "
+            f"with qexport.export"
+        )
     return out
 
 
@@ -332,8 +332,7 @@ def _reference_function(body: ir.Function, region: Region, plan: RegionPlan, fna
 
 def _describe_function(fn: ir.Function, region: Region, plan: RegionPlan) -> None:
     scheme = region.scheme
-    fn.metadata_props[SCHEME_KEY] = json.dumps(scheme.to_dict() if scheme else {"name": region.scheme_name})
-    fn.metadata_props[REGION_KEY] = json.dumps({
+    onnx_file.describe_region(fn, scheme.to_dict() if scheme else {"name": region.scheme_name}, {
         "name": region.name, "module_path": region.module_path, "op": region.op, "op_params": region.op_params,
         "roles": list(region.roles), "weight_shape": list(region.weight_shape) if region.weight_shape else None,
         "lowering": plan.record().to_dict(),
@@ -370,11 +369,11 @@ def _finalize(model: ir.Model) -> None:
 
 
 # -- manifest ----------------------------------------------------------------------------------------
-def _manifest_json(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, records: list) -> str:
+def _manifest(ep: torch.export.ExportedProgram, opset: int, keep_regions: bool, target: str, records: list) -> Any:
     from serializers.manifest import Manifest
 
     manifest = Manifest.from_program(ep, artifact="onnx", opset=opset, keep_regions=keep_regions, target=target)
-    return manifest.with_lowering(records).to_json()
+    return manifest.with_lowering(records)
 
 
 __all__ = ["DEFAULT_OPSET", "MANIFEST_KEY", "REGION_DOMAIN", "SCHEME_KEY", "lower_regions", "to_onnx"]

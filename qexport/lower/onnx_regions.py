@@ -9,7 +9,7 @@ MatMul/Conv/Gemm and run integer kernels; where ONNX has no operator for a forma
 record says so. Per-token dynamic int8 linears are the one exception to QDQ: they are integer
 MatMuls (`per_token_int8_linear`), because no runtime fuses per-row dynamic QDQ.
 
-The ONNX form of each step is written against the scheme's fields, mirroring `_activation.py` and the
+The ONNX form of each step is written against the scheme's fields, mirroring `activation.py` and the
 families' `dequantize_weight`; the numerics tests hold it to `math_for(scheme).tolerance` of the eager
 reference. Adding a family means registering one `FamilyLowering` (`register_onnx_lowering`, which
 registers it with the backend contract on backend "onnx"; its RegionPlan's `lowering` is the `Lowering`).
@@ -33,8 +33,8 @@ from ..errors import LoweringError
 from ..regions import Region
 from ._contract import PlanContext, RegionPlan, register_backend, register_lowering
 from ..schemes import Scheme
-from ..schemes._activation import FP8_E4M3_MAX, INT8_MAX, INT8_MIN, _EPS
-from ..schemes._packing import unpack_uint4
+from ..schemes.activation import EPS, FP8_E4M3_MAX, INT8_MAX, INT8_MIN
+from ..schemes.packing import unpack_uint4
 
 #: first opset with blocked (block_size) DequantizeLinear, 4-bit types and QuantizeLinear(output_dtype)
 BLOCKED_QDQ_OPSET = 21
@@ -163,7 +163,7 @@ class Lowering:
         return y
 
 
-# -- shared steps (the ONNX form of schemes/_region.py and _activation.py) ----------------------------
+# -- shared steps (the ONNX form of schemes/_region.py and activation.py) ----------------------------
 def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, ir.Value], float_dequant: bool = False) -> ir.Value:
     if s.activation == "none":
         return x
@@ -192,7 +192,7 @@ def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tu
     zero = e.const(0.0)
     mn = e.op("Min", e.op("ReduceMin", rows, axes, keepdims=0), zero)
     mx = e.op("Max", e.op("ReduceMax", rows, axes, keepdims=0), zero)
-    scale = e.op("Max", e.op("Div", e.op("Sub", mx, mn), e.const(float(INT8_MAX - INT8_MIN))), e.const(_EPS))
+    scale = e.op("Max", e.op("Div", e.op("Sub", mx, mn), e.const(float(INT8_MAX - INT8_MIN))), e.const(EPS))
     zp = e.op("Sub", e.const(float(INT8_MIN)), e.op("Round", e.op("Div", mn, scale)))
     zp = e.op("Clip", zp, e.const(float(INT8_MIN)), e.const(float(INT8_MAX)))
     if unsigned:
@@ -236,9 +236,9 @@ def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value])
 
 
 def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
-    """_activation.dynamic_fp8: scale amax/448 (floored at eps) per row or per tensor, saturating cast."""
+    """activation.dynamic_fp8: scale amax/448 (floored at eps) per row or per tensor, saturating cast."""
     amax = e.op("ReduceMax", e.op("Abs", x), e.const([1], np.int64) if per_token else None, keepdims=0)
-    scale = e.op("Max", e.op("Div", amax, e.const(FP8_E4M3_MAX)), e.const(_EPS))
+    scale = e.op("Max", e.op("Div", amax, e.const(FP8_E4M3_MAX)), e.const(EPS))
     axis = 0 if per_token else None
     q = e.op("QuantizeLinear", x, scale, axis=axis, output_dtype=ir.DataType.FLOAT8E4M3FN, saturate=1)
     return e.op("DequantizeLinear", q, scale, axis=axis)
@@ -426,7 +426,7 @@ def _blocked_float(
 
 
 def _unpack_rows(e: Emitter, packed: ir.Value, dim: int) -> ir.Value:
-    """[M, D/2] bytes in the schemes' packing (schemes/_packing.py: even element in the high nibble)
+    """[M, D/2] bytes in the schemes' packing (schemes/packing.py: even element in the high nibble)
     -> [M, D] uint8 codes. Embedding tables keep that byte layout because ONNX Gather has no 4-bit types."""
     hi = e.op("BitShift", packed, e.const(4, np.uint8), direction="RIGHT")
     lo = e.op("BitwiseAnd", packed, e.const(15, np.uint8))

@@ -62,7 +62,7 @@ class LoweringReport:
         return all(r.delegated for r in self.regions)
 
     def table(self) -> str:
-        from ..cli._table import format_table
+        from ..table import format_table
 
         rows = [
             [r.name, r.scheme.name if r.scheme else "?", r.backend, "yes" if r.delegated else "no", r.kernel, r.reason]

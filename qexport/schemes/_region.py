@@ -11,12 +11,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _activation as act
+from . import activation as act
 from ._scheme import Scheme
 from .registry import math_for
 
 
 def quantize_input(scheme: Scheme, x: torch.Tensor, t: Mapping[str, torch.Tensor], op: str) -> torch.Tensor:
+    """A region's input `x` after the scheme's activation quantization (fake-quant, in x's dtype); `t`
+    holds the region's tensors by role (static schemes read input_scale/input_zero_point)."""
     if scheme.activation == "none":
         return x
     if scheme.activation == "static":

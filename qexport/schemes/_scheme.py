@@ -27,7 +27,7 @@ ACT_GRANULARITIES = ("per_token", "per_tensor")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Ops a quantized module can wrap in a region; "custom" is a region written by hand with invoke_quant.
 OPS = ("linear", "conv1d", "conv2d", "embedding")
-# How a weight's codes and quantization parameters are chosen (schemes/_algorithms.py): round to
+# How a weight's codes and quantization parameters are chosen (schemes/algorithms.py): round to
 # nearest, half-quadratic optimisation (calibration-free), GPTQ (from calibration inputs).
 ALGORITHMS = ("rtn", "hqq", "gptq")
 
@@ -103,11 +103,8 @@ class Scheme:
 
     def params(self) -> dict[str, Any]:
         """The fields that differ from the registered scheme of the same name (for reports)."""
-        from . import registry
-
-        try:
-            base = registry.get(self.name)
-        except Exception:  # a scheme that is not registered here: every field is a parameter
+        base = REGISTERED.get(self.name)
+        if base is None:  # a scheme that is not registered here: every field is a parameter
             return {k: v for k, v in self.to_dict().items() if k not in ("name", "version")}
         return {k: v for k, v in self.to_dict().items() if getattr(base, k) != v}
 
@@ -126,6 +123,10 @@ class Scheme:
 
 
 Scheme.FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
+
+#: name -> the registered Scheme, filled by `registry.register`; it lives here, below the registry,
+#: so a scheme can compare itself with its registered version (`params`) without importing the registry
+REGISTERED: dict[str, Scheme] = {}
 
 
 class SchemeMath:

@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from ..errors import InvalidSchemeError
-from ._activation import FP8_E4M3_MAX
+from .activation import FP8_E4M3_MAX
 from ._scheme import Scheme, SchemeMath
 from .registry import _register_builtin
 

@@ -3,7 +3,7 @@ per-token int8 activations.
 
 Schemes: int4_weight_only (asymmetric, group_size 32 / 64 / 128 / 256), int8_dynamic_int4_weight
 ("8da4w": symmetric weights, zero point 8, as XNNPACK's qd8 x qb4w kernels and torchao's 8da4w take
-them). Codes are chosen by round to nearest, HQQ or GPTQ (`algorithm`, schemes/_algorithms.py); all
+them). Codes are chosen by round to nearest, HQQ or GPTQ (`algorithm`, schemes/algorithms.py); all
 three fill the same grid, which dequantize_weight reads.
 """
 
@@ -15,8 +15,8 @@ from typing import Mapping
 import torch
 
 from ..errors import InvalidSchemeError
-from . import _algorithms as alg
-from ._packing import grouped, pack_uint4, unpack_uint4
+from . import algorithms as alg
+from .packing import grouped, pack_uint4, unpack_uint4
 from ._scheme import Scheme, SchemeMath
 from .registry import _register_builtin
 

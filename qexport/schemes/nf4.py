@@ -11,7 +11,7 @@ from typing import Mapping
 import torch
 
 from ..errors import InvalidSchemeError
-from ._packing import grouped, pack_uint4, unpack_uint4
+from .packing import grouped, pack_uint4, unpack_uint4
 from ._scheme import Scheme, SchemeMath
 from .registry import _register_builtin
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidSchemeError, UnknownSchemeError
-from ._scheme import Scheme, SchemeMath
+from ._scheme import REGISTERED as _SCHEMES, Scheme, SchemeMath
 
-_SCHEMES: dict[str, Scheme] = {}
 _FAMILIES: dict[str, SchemeMath] = {}
 _BUILTINS: set[str] = set()
 

@@ -26,9 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ...schemes import _activation as act, math_for
-from ...schemes._packing import unpack_uint4
-from ...schemes._region import quantize_input
+from ...schemes import activation as act, math_for, quantize_input
+from ...schemes.packing import unpack_uint4
 from ..cpu_target import CPUTarget, compile_target
 from . import Decline, KernelChoice, KernelContext, register_kernel
 from .cuda import by_rows, reachable, row_range  # the row-bucket machinery both device tables share

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ...schemes import _activation as act, math_for
+from ...schemes import activation as act, math_for
 from . import Decline, KernelChoice, KernelContext, register_kernel
 from . import cuda_tune
 from .cuda_tune import Candidate

@@ -1,4 +1,4 @@
-"""Plain-text tables for CLI output (no dependency)."""
+"""Plain-text tables, for the CLI and for the reports and summaries the library returns (no dependency)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-_EPS = torch.finfo(torch.float32).eps
+EPS = torch.finfo(torch.float32).eps
 INT8_MIN, INT8_MAX = -128, 127
 FP8_E4M3_MAX = 448.0
 
@@ -17,7 +17,7 @@ def int8_asym_qparams(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor,
     """Asymmetric int8 scale/zero point covering [mn, mx] (and 0, so zero is exact)."""
     mn = mn.clamp(max=0)
     mx = mx.clamp(min=0)
-    scale = ((mx - mn) / (INT8_MAX - INT8_MIN)).clamp(min=_EPS)
+    scale = ((mx - mn) / (INT8_MAX - INT8_MIN)).clamp(min=EPS)
     zero_point = (INT8_MIN - torch.round(mn / scale)).clamp(INT8_MIN, INT8_MAX)
     return scale, zero_point
 
@@ -54,7 +54,7 @@ def quantize_fp8(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.
     """Dynamic float8_e4m3fn quantization: (codes, fp32 scale), the scale per row (token) or per tensor."""
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True) if per_token else xf.abs().amax()
-    scale = (amax / FP8_E4M3_MAX).clamp(min=_EPS)
+    scale = (amax / FP8_E4M3_MAX).clamp(min=EPS)
     return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 

@@ -116,15 +116,15 @@ def check_region_inputs(ep: torch.export.ExportedProgram) -> None:
     lifted = set(ep.graph_signature.inputs_to_parameters) | set(ep.graph_signature.inputs_to_buffers)
     lifted |= set(getattr(ep.graph_signature, "inputs_to_lifted_tensor_constants", {}))
     for node in iter_region_nodes(ep):
-        payload = region_payload(node) or {}
-        if payload.get("op") == "embedding":
+        payload = region_payload(node)
+        if payload is not None and payload.op == "embedding":
             continue
         for a in node.args[1:]:
             val = a.meta.get("val") if isinstance(a, torch.fx.Node) and a.name not in lifted else None
             if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
-                where = payload.get("module") or node.name
+                where = payload.module if payload and payload.module else node.name
                 raise ExportError(
-                    f"region {where} ({payload.get('op', '?')}) gets a {val.dtype} activation: an example input of a "
+                    f"region {where} ({payload.op if payload else '?'}) gets a {val.dtype} activation: an example input of a "
                     f"dtype the model cannot take; pass floating-point inputs (e.g. x.float())"
                 )
             if isinstance(val, torch.Tensor):

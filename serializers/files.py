@@ -1,4 +1,5 @@
-"""Atomic file writes: an artifact appears under its name complete, or not at all, and a writer
+"""Artifact paths: checked before any work (`check_readable`, `check_writable`), and written
+atomically (`atomic_path`): an artifact appears under its name complete, or not at all, and a writer
 killed half-way (kill -9, power loss) leaves nothing that the next write or load in that directory
 does not remove."""
 
@@ -42,6 +43,17 @@ def sweep_stale(directory: "str | PathLike[str]") -> None:
             if (m and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and entry.is_dir(follow_symlinks=False)
                     and not _alive(int(m.group(1)))):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def check_readable(path: "str | PathLike[str]") -> Path:
+    """The path as a Path, or ArtifactNotFoundError / ArtifactError if it is not a readable file."""
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactNotFoundError(f"{p}: no such file")
+    if not p.is_file():
+        raise ArtifactError(f"{p}: not a file")
+    sweep_stale(p.parent if str(p.parent) else ".")
+    return p
 
 
 def check_writable(path: "str | PathLike[str]", suffix: str | None = None) -> Path:

@@ -1,0 +1,386 @@
+"""The one place backends edit an ExportedProgram's graph.
+
+Every backend replaces `invoke_quant_packed` regions by ordinary nodes before its compiler sees the
+program: AOTInductor by a scheme kernel (`kernels.apply_kernels`), ExecuTorch by Q/DQ patterns or the
+region's own reference math, since EXIR cannot enter HOP subgraphs ("aten.div.Tensor is not an Edge
+operator") and has no schema for the HOP. The edits they need live here, once:
+
+* `replace_regions(ep, lower)` -- splice: each region node (and its `getitem`) is replaced by the
+  nodes `lower(site)` emits through a `RegionSite` (`site.call`, `site.trace`, `site.inline_reference`);
+* `add_constant` -- a new tensor (a repacked weight, a zero point) as a buffer of the program;
+* `drop_unused_state` -- remove the state nothing reads any more (a weight replaced by its repacked copy);
+* `state_tensor` -- the real tensor behind an operand (a parameter, buffer or lifted constant);
+  `region_state` -- every such operand of every region, by role.
+
+Every spliced node stands where the region stood: it carries the region node's `nn_module_stack`,
+`stack_trace` and `source_fn_stack` (profilers, ExecuTorch's devtools and error messages point at the
+model's module, not at qexport's kernel code) and one tag, `meta["custom"][REGION_TAG]`, with the
+region's name, module, scheme and kernel; torch.export keeps `custom` meta through retracing and
+decompositions (so through `to_edge`), which is how a backend reports later what became of a region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from typing import Any, Callable, Iterator
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.utils import _pytree as pytree
+
+from ..errors import LoweringError
+from ..passes import name_regions
+from ..regions import Region, region_nodes, region_payload
+
+#: meta["custom"] key of every node emitted for a region: {"region", "module", "scheme", "kernel"}
+REGION_TAG = "qexport_region"
+#: what a spliced node inherits from the region node it replaces
+_INHERITED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+_STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def region_tag(node: torch.fx.Node) -> dict[str, str] | None:
+    """The tag a node was emitted with (read back after later passes), or None."""
+    custom = node.meta.get("custom")
+    tag = custom.get(REGION_TAG) if isinstance(custom, dict) else None
+    return tag if isinstance(tag, dict) else None
+
+
+def region_of(node: torch.fx.Node) -> str | None:
+    """The name of the region a node was emitted for, or None."""
+    tag = region_tag(node)
+    return tag.get("region") if tag else None
+
+
+# -- the program's state ------------------------------------------------------------------------
+
+def copy_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A copy whose graph can be rewritten; tensors are shared (edits add or drop state, never mutate it)."""
+    gm = copy.deepcopy(ep.graph_module)
+    sig = copy.deepcopy(ep.graph_signature)
+    # Copying a graph re-derives node names and avoids Python builtins, so nn.Sequential's input
+    # `input` becomes `input_1`; the signature must follow or the verifier rejects the program.
+    renamed = {a.name: b.name for a, b in zip(ep.graph.nodes, gm.graph.nodes) if a.name != b.name}
+    for spec in (*sig.input_specs, *sig.output_specs):
+        if getattr(spec.arg, "name", None) in renamed:
+            spec.arg = type(spec.arg)(renamed[spec.arg.name])
+    return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
+
+
+def _state_spec(ep: torch.export.ExportedProgram, node: Any) -> InputSpec | None:
+    name = getattr(node, "name", None)
+    spec = next((s for s in ep.graph_signature.input_specs if getattr(s.arg, "name", None) == name), None)
+    return spec if spec is not None and spec.kind in _STATE_KINDS else None
+
+
+def is_state(ep: torch.export.ExportedProgram, node: Any) -> bool:
+    """Whether `node` is a parameter, buffer or lifted constant of `ep` (not a user input)."""
+    return _state_spec(ep, node) is not None
+
+
+def state_tensor(ep: torch.export.ExportedProgram, node: Any, what: str = "") -> torch.Tensor:
+    """The real tensor behind `node`: a parameter, buffer or lifted constant of `ep`."""
+    spec = _state_spec(ep, node)
+    if spec is None:
+        raise LoweringError(
+            f"{what or 'operand'} ({getattr(node, 'name', node)}) is not a parameter, buffer or constant of the "
+            f"program; this backend needs the region's quantized tensors as buffers (export the quantized model "
+            f"with qexport.export)"
+        )
+    store = ep.state_dict if spec.target in ep.state_dict else ep.constants
+    return store[spec.target].detach()
+
+
+def add_constant(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tensor) -> torch.fx.Node:
+    """A new persistent buffer `fqn` (made unique) holding `tensor`, as a placeholder of `ep`'s graph.
+
+    Placed after the existing state, before the user inputs: placeholders and input_specs must stay
+    in the same order.
+    """
+    graph = ep.graph_module.graph
+    base, i = fqn, 1
+    while fqn in ep.state_dict or fqn in ep.constants:
+        fqn, i = f"{base}_{i}", i + 1
+    specs = list(ep.graph_signature.input_specs)
+    first_user = next((i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT), len(specs))
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if first_user < len(placeholders):
+        where = graph.inserting_before(placeholders[first_user])
+    elif placeholders:
+        where = graph.inserting_after(placeholders[-1])
+    else:
+        where = graph.inserting_before(next(iter(graph.nodes)))
+    with where:
+        ph = graph.placeholder("b_" + "".join(c if c.isalnum() else "_" for c in fqn))
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+    ph.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
+    specs.insert(first_user, InputSpec(InputKind.BUFFER, TensorArgument(ph.name), target=fqn, persistent=True))
+    ep.graph_signature.input_specs[:] = specs
+    ep.state_dict[fqn] = tensor
+    return ph
+
+
+def drop_unused_state(ep: torch.export.ExportedProgram) -> bool:
+    """Remove parameters, buffers and constants no node reads any more (a weight replaced by its
+    repacked copy, a static scale that became a literal). Left in, they would still be stored in
+    the artifact (and a float8 tensor is one ExecuTorch cannot hold). Mutated buffers stay."""
+    graph = ep.graph_module.graph
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    unused = {n.name: n for n in graph.find_nodes(op="placeholder") if not n.users}
+    keep, dropped = [], []
+    for spec in ep.graph_signature.input_specs:
+        name = getattr(spec.arg, "name", None)
+        if spec.kind in _STATE_KINDS and name in unused and spec.target not in mutated:
+            graph.erase_node(unused[name])
+            dropped.append(spec.target)
+        else:
+            keep.append(spec)
+    ep.graph_signature.input_specs[:] = keep
+    still_used = {s.target for s in keep}
+    for target in dropped:
+        if target not in still_used:
+            ep.state_dict.pop(target, None)
+            ep.constants.pop(target, None)
+    if dropped:
+        ep.graph_module.recompile()
+    return bool(dropped)
+
+
+def region_state(ep: torch.export.ExportedProgram) -> dict[str, dict[str, torch.Tensor]]:
+    """region name -> role -> the tensor behind that operand, for the operands that are state of `ep`.
+
+    Followed through the graph, not guessed from `<module>.<role>` names: a tied weight is one
+    placeholder read under several names, and a hand-written region's tensors have no module."""
+    return {
+        region.name: {role: state_tensor(ep, a) for role, a in zip(region.roles, node.args[1:]) if is_state(ep, a)}
+        for node, region in region_nodes(ep)
+    }
+
+
+# -- splicing regions ---------------------------------------------------------------------------
+
+class RegionSite:
+    """One region being replaced: its record, its operands (by role) and a way to emit nodes in its place."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, node: torch.fx.Node, region: Region, kernel: str = "") -> None:
+        self.ep = ep
+        self.graph = ep.graph_module.graph
+        self.node = node
+        self.region = region
+        self.operands: dict[str, torch.fx.Node] = dict(zip(region.roles, node.args[1:]))
+        self.tag = {"region": region.name, "module": region.module_path, "scheme": region.scheme_name, "kernel": kernel}
+        self._fake_mode = detect_fake_mode([a.meta.get("val") for a in node.args[1:] if isinstance(a, torch.fx.Node)])
+        self._emitted: list[torch.fx.Node] = []
+        self._anchor = node
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def input(self) -> torch.fx.Node:
+        return self.operands[self.region.roles[0]]
+
+    def has(self, role: str) -> bool:
+        return role in self.operands
+
+    def value(self, role: str) -> torch.Tensor:
+        """The real tensor behind a constant operand (a buffer, parameter or lifted constant)."""
+        return self.value_of(self.operands[role], role)
+
+    def value_of(self, node: torch.fx.Node, role: str = "") -> torch.Tensor:
+        return state_tensor(self.ep, node, f"region {self.region.name}: operand {role or node.name!r}")
+
+    # -- emitting ---------------------------------------------------------------------------
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        """Emit `target(*args, **kwargs)` before the region node (or the node given to `before`), with
+        meta["val"] computed under the program's fake mode (what export itself records) and the region tag."""
+        with self.graph.inserting_before(self._anchor):
+            out = self.graph.call_function(target, args, kwargs)
+        fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], (args, kwargs))
+        with self._fake_mode:
+            out.meta["val"] = target(*fake_args, **fake_kwargs)
+        self._stamp(out)
+        return out
+
+    @contextlib.contextmanager
+    def before(self, node: torch.fx.Node) -> Iterator[None]:
+        """Emit at `node` instead (to rewrite nodes `inline_reference` already copied)."""
+        previous, self._anchor = self._anchor, node
+        try:
+            yield
+        finally:
+            self._anchor = previous
+
+    @property
+    def emitted(self) -> list[torch.fx.Node]:
+        """The nodes emitted for this region so far (emission order), erased ones left out."""
+        return [n for n in self._emitted if not n._erased]
+
+    def constant(self, suffix: str, tensor: torch.Tensor) -> torch.fx.Node:
+        """A new buffer `<region name>.<suffix>` of the program (a repacked weight, a zero point a
+        kernel pattern requires): computed once, here, and stored in the artifact."""
+        return add_constant(self.ep, f"{self.region.name}.{suffix}", tensor)
+
+    def inline_reference(self) -> torch.fx.Node:
+        """Copy the region's own subgraph (its scheme's reference math) in place of the region."""
+        sub = getattr(self.ep.graph_module, self.node.args[0].target)
+        outs = self._copy_in(sub.graph, self.node.args[1:])
+        if not isinstance(outs, (tuple, list)) or len(outs) != 1:
+            raise LoweringError(f"region {self.region.name}: only single-output regions can be inlined, got {outs!r}")
+        return outs[0]
+
+    def trace(self, fn: Callable[..., Any], *args: torch.fx.Node) -> Any:
+        """Emit what `fn(*args)` computes: traced by make_fx on the arguments' fake values (dynamic dims
+        stay symbolic), its nodes copied in place; returns `fn`'s output in terms of the copies. Control
+        flow in `fn` (torch.cond) brings its branch graphs into the program."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        with self._fake_mode:
+            gm = make_fx(fn, tracing_mode="real")(*(a.meta["val"] for a in args))
+        fold_static_cond_operands(gm)
+        self._adopt_submodules(gm)
+        return self._copy_in(gm.graph, args, fn)
+
+    def _adopt_submodules(self, gm: torch.fx.GraphModule) -> None:
+        # graph copies take get_attr nodes but not what they name: a body with control flow (torch.cond's
+        # branch graphs) needs its submodules moved into the program. Every one, nested too, gets a name
+        # unique in the program: make_fx names each level's branches true_graph_0/false_graph_0, and
+        # AOTInductor generates one function per subgraph name, so nested branches of the same name
+        # silently ran one another's code (seen on CUDA: the M=4096 branch ran the M<=16 kernel).
+        attrs = [(m, a) for m in list(gm.modules()) if isinstance(m, torch.fx.GraphModule) for a in m.graph.find_nodes(op="get_attr")]
+        for i, (mod, attr) in enumerate(attrs):
+            fresh = f"{attr.target}_{self.region.node_name}_{i}"
+            owned = getattr(mod, attr.target)
+            setattr(self.ep.graph_module if mod is gm else mod, fresh, owned)
+            if mod is not gm:
+                delattr(mod, attr.target)
+            attr.target = fresh
+        for mod in gm.modules():
+            if isinstance(mod, torch.fx.GraphModule):
+                mod.recompile()
+
+    def _copy_in(self, src: torch.fx.Graph, args: Any, traced: Any = None) -> Any:
+        """Copy `src`'s nodes, its placeholders bound to `args`, in front of the anchor, each stamped;
+        returns `src`'s output in terms of the copies. `traced`: the function `src` was traced from,
+        whose tensor constants are fake (refused, naming it)."""
+        env: dict[torch.fx.Node, Any] = dict(zip((n for n in src.nodes if n.op == "placeholder"), args))
+        for n in src.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                return pytree.tree_map_only(torch.fx.Node, lambda a: env[a], n.args[0])
+            if n.op == "get_attr" and traced is not None and isinstance(getattr(self.ep.graph_module, n.target), torch.Tensor):
+                raise LoweringError(
+                    f"region {self.region.name}: {traced} created a tensor constant while traced; pass it as an "
+                    f"operand (a `(suffix, tensor)` buffer) instead"
+                )
+            with self.graph.inserting_before(self._anchor):
+                copied = self.graph.node_copy(n, lambda a: env[a])
+            self._stamp(copied)
+            env[n] = copied
+        return None
+
+    def _stamp(self, node: torch.fx.Node) -> None:
+        node.meta["custom"] = {**(node.meta.get("custom") or {}), REGION_TAG: dict(self.tag)}
+        for key in _INHERITED_META:
+            if key in self.node.meta:
+                node.meta[key] = copy.copy(self.node.meta[key])
+            else:
+                node.meta.pop(key, None)
+        self._emitted.append(node)
+
+    def _splice(self, out: torch.fx.Node) -> None:
+        """Make `out` stand for the region's output and remove the region node (and its subgraph)."""
+        gm, graph = self.ep.graph_module, self.graph
+        for g in list(self.node.users):
+            for spec in self.ep.graph_signature.output_specs:
+                if getattr(spec.arg, "name", None) == g.name:
+                    spec.arg = TensorArgument(out.name)
+            g.replace_all_uses_with(out)
+            graph.erase_node(g)
+        subgraph = self.node.args[0]
+        graph.erase_node(self.node)
+        if isinstance(subgraph, torch.fx.Node) and subgraph.op == "get_attr" and not subgraph.users:
+            graph.erase_node(subgraph)
+            if hasattr(gm, subgraph.target):
+                delattr(gm, subgraph.target)
+
+
+LowerFn = Callable[[RegionSite], torch.fx.Node]
+
+
+def _reference(site: RegionSite) -> torch.fx.Node:
+    return site.inline_reference()
+
+
+def replace_regions(
+    ep: torch.export.ExportedProgram,
+    lower: LowerFn | None = None,
+    *,
+    kernel_of: Callable[[Region], str | None] | None = None,
+) -> list[Region]:
+    """Replace regions of `ep` (in place) by the nodes `lower(site)` emits; returns the regions replaced.
+
+    `kernel_of(region)` names the kernel recorded in each emitted node's tag, or None to leave that
+    region as it is (default: every region, "reference"). `lower` defaults to the region's own
+    subgraph. Unused state is not dropped here (`drop_unused_state`): a caller may still need it.
+    """
+    lower = lower or _reference
+    done = []
+    for node, region in region_nodes(ep):
+        kernel = kernel_of(region) if kernel_of is not None else "reference"
+        if kernel is None:
+            continue
+        users = list(node.users)
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
+            raise LoweringError(
+                f"region {region.name}: only single-output regions (`getitem(region, 0)` users) can be replaced, "
+                f"found {[u.format_node() for u in users]}"
+            )
+        site = RegionSite(ep, node, region, kernel)
+        site._splice(lower(site))
+        done.append(region)
+    if done:
+        ep.graph_module.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return done
+
+
+def with_region_names(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`ep` if every region payload records its unique name (programs from qexport.export do), else a
+    copy where they do (`qexport.passes.name_regions`), for a backend that reads names from nodes alone."""
+    if all(p is None or p.name == r.name for p, r in ((region_payload(n), r) for n, r in region_nodes(ep))):
+        return ep
+    ep = copy_program(ep)
+    name_regions(ep)
+    return ep
+
+
+def fold_static_cond_operands(gm: torch.fx.GraphModule) -> bool:
+    """Bake the Python-int operands make_fx gives `torch.cond` (sizes that are static) into its branches.
+
+    Why: Inductor's cond lowering (torch 2.11, `ir.Conditional.create`) asserts that every operand is
+    a graph node and fails the AOTI compile otherwise.
+    """
+    changed = False
+    for mod in list(gm.modules()):
+        if not isinstance(mod, torch.fx.GraphModule):
+            continue
+        for node in mod.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond):
+            pred, true_fn, false_fn, operands = node.args
+            static = {i: o for i, o in enumerate(operands) if not isinstance(o, torch.fx.Node)}
+            if not static:
+                continue
+            for branch in (true_fn, false_fn):
+                sub = getattr(mod, branch.target)
+                for i, ph in enumerate(list(sub.graph.find_nodes(op="placeholder"))):
+                    if i in static:
+                        ph.replace_all_uses_with(static[i])
+                        sub.graph.erase_node(ph)
+                sub.recompile()
+            node.args = (pred, true_fn, false_fn, tuple(o for i, o in enumerate(operands) if i not in static))
+            changed = True
+        if changed:
+            mod.recompile()
+    return changed

@@ -1,0 +1,223 @@
+"""Loading any qexport artifact as a `Runner`: the kind table (`serializers.kinds`) tells the kind
+from the file's bytes and names the loader below that runs it; the public stages (`qexport.save`,
+`compile`, ...) are resolved here with one clear error when this installation lacks them."""
+
+from __future__ import annotations
+
+import importlib
+from os import PathLike
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from serializers import kinds
+from serializers.files import check_readable
+
+from ..extras import missing_extra
+from .._quiet import native_stderr
+from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
+from .runner import Flat, InputInfo, Runner, flat_tensors, program_runner
+
+ARTIFACT_KINDS = kinds.BUILTIN
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+#: what each public stage needs installed (from the kind table); `stage()` turns a missing module
+#: into one clear line
+STAGES: dict[str, tuple[str, str]] = kinds.stages()
+
+
+def stage(name: str) -> Any:
+    """`qexport.<name>` (save, compile, to_executorch, ...), or BackendUnavailableError if this
+    installation does not provide it."""
+    module, what = STAGES[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (extra := missing_extra(e, f"the {what}")) is not None:
+            raise extra from None
+        if e.name and module.startswith(e.name):
+            raise BackendUnavailableError(f"the {what} is not available in this installation ({module} is missing)") from None
+        raise BackendUnavailableError(f"the {what} cannot be imported: {e}") from e
+    fn = getattr(mod, name, None)
+    if fn is None:
+        raise BackendUnavailableError(f"the {what} does not provide {name}() yet ({module})")
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def artifact_kind(path: "str | PathLike[str]") -> str:
+    """'pt2' (an ExportedProgram archive), 'aoti' (an AOTInductor package), 'pte' or 'onnx', told
+    from the file's content, not its name (AOTI packages and programs are both `.pt2` zips)."""
+    return kinds.sniff(check_readable(path)).name
+
+
+def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> Runner:
+    """Load any qexport artifact as a Runner. Raises ArtifactError subclasses for unreadable files
+    and BackendUnavailableError when the runtime it needs is not installed. `expected_sha256` (hex,
+    what `sha256sum` prints) pins the file: any other file is refused with UnsafeArtifactError."""
+    p = check_readable(path)
+    kind = kinds.sniff(p)
+    try:
+        return kind.open_runner(p, expected_sha256)
+    except QExportError:
+        raise
+    except ImportError as e:  # the installation, not the file
+        raise BackendUnavailableError(f"{p}: loading a {kind.name} artifact failed on an import: {e}") from e
+    except Exception as e:  # runtimes raise RuntimeError for anything; name the file and the kind
+        raise CorruptArtifactError(f"{p}: cannot be loaded as {kind.name}: {type(e).__name__}: {first_line(e)}") from e
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def pinned(pins: "Mapping[str | PathLike[str], str] | None", p: Path) -> str | None:
+    """The pinned digest of `p` in `pins` (keys compared as resolved paths)."""
+    if not pins:
+        return None
+    resolved = {Path(k).resolve(): v for k, v in pins.items()}
+    return resolved.get(p.resolve())
+
+
+def load_program(path: "str | PathLike[str]", expected_sha256: str | None = None) -> torch.export.ExportedProgram:
+    """The ExportedProgram in a qexport `.pt2` (through qexport.load: the archive is checked, nothing
+    is unpickled, the manifest must match the graph)."""
+    p = check_readable(path)
+    try:
+        return stage("load")(p, expected_sha256=expected_sha256)
+    except QExportError as e:
+        if _is_missing_manifest(e):
+            # A plain torch archive may hold pickled example inputs, which torch.export.load would
+            # unpickle; qexport only runs files it can check.
+            raise ArtifactError(
+                f"{p}: not written by qexport (no manifest); if you trust it, re-save it with "
+                f"qexport.save(torch.export.load(path), path)"
+            ) from None
+        raise
+
+
+def _is_missing_manifest(e: QExportError) -> bool:
+    return "no qexport manifest" in str(e) or "without a qexport manifest" in str(e)
+
+
+# --------------------------------------------------------------------------------------------------
+# one loader per kind (named by the kind table)
+
+
+def load_pt2(p: Path, expected_sha256: str | None) -> Runner:
+    return program_runner(load_program(p, expected_sha256), p)
+
+
+def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
+    try:
+        compiled = stage("load_compiled")(str(p), expected_sha256=expected_sha256)
+    except QExportError as e:
+        if _is_missing_manifest(e):
+            raise ArtifactError(f"{p}: an AOTInductor package not written by qexport (no manifest); compile the "
+                                f"program with qexport.compile, which also takes a program without regions") from None
+        raise
+    loader = getattr(compiled, "loader", None)
+
+    def call(flat: Flat) -> Flat:
+        with torch.no_grad():
+            if loader is not None:  # AOTICompiledModel: the flat calling convention is native
+                return flat_tensors(loader.boxed_run(list(flat)))
+            return flat_tensors(compiled(*flat))
+
+    return Runner("aoti", p, call)
+
+
+def load_pte(p: Path, expected_sha256: str | None) -> Runner:
+    try:
+        from serializers.pte import ET_DTYPES, open_program
+    except ImportError as e:
+        raise missing_extra(e, f"{p}: running a .pte") or BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
+    try:  # the portable quantized kernels, for regions no delegate took
+        import executorch.kernels.quantized  # noqa: F401
+    except Exception:
+        pass
+    with native_stderr():  # the runtime's cpuinfo lines come from the probe child and the load alike
+        program = open_program(p, expected_sha256=expected_sha256)
+        method = program.load_method("forward")
+    if method is None:
+        raise CorruptArtifactError(f"{p}: the program has no 'forward' method")
+    meta = method.metadata
+    inputs = []
+    for i in range(meta.num_inputs()):
+        t = meta.input_tensor_meta(i)
+        inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
+
+    def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
+        return flat_tensors(method.execute([x.contiguous() for x in flat]))
+
+    return Runner("pte", p, call, inputs=inputs)
+
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(int8)": torch.int8,
+               "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool, "tensor(double)": torch.float64}
+
+
+def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise missing_extra(e, f"{p}: running an .onnx file") or BackendUnavailableError(f"{p}: running an .onnx file needs onnxruntime ({e})") from None
+    from serializers.onnx import read_model
+
+    from ..lower.onnx import check_target_runs_here
+
+    model = read_model(p, expected_sha256)
+    check_target_runs_here(model.manifest.extra.get("target"), str(p))
+    options = ort.SessionOptions()
+    # Same thread budget as torch, so `bench --threads N` compares like with like.
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.data, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    inputs = [
+        InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))
+        for i in session.get_inputs()
+    ]
+
+    def feed(flat: Flat) -> dict[str, Any]:
+        if len(flat) != len(names):
+            raise ArtifactError(f"{p}: the model takes {len(names)} inputs ({', '.join(names)}), got {len(flat)}")
+        return {n: x.detach().contiguous().numpy() for n, x in zip(names, flat)}
+
+    def call(flat: Flat) -> Flat:
+        return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
+
+    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(model, options, feed))
+
+
+def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:
+    """For an .onnx that keeps its regions as local functions: a second session whose outputs also
+    include every region call's output, keyed by the region name its metadata records."""
+    import onnxruntime as ort
+
+    calls = model.region_calls()
+    if not calls:
+        return None
+    session = None
+
+    def region_call(flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
+        nonlocal session
+        if session is None:  # built on first use: most runs never ask for regions
+            data = model.with_outputs([out for out, _, _ in calls])
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(None, feed(flat))))
+        return {module: (fname, torch.from_numpy(values[out])) for out, module, fname in calls}
+
+    return region_call
+
+
+__all__ = ["ARTIFACT_KINDS", "STAGES", "artifact_kind", "load", "load_aoti", "load_onnx", "load_program", "load_pt2",
+           "load_pte", "stage"]

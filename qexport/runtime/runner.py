@@ -1,0 +1,135 @@
+"""The calling convention every runtime shares: a `Runner` takes and returns a *flat* list of tensors
+(the program's user inputs in graph order, its outputs flattened), plus what a runner knows about its
+inputs (`InputInfo`) so verify and bench can make examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+Flat = list[torch.Tensor]
+
+
+@dataclass
+class InputInfo:
+    """What a runner knows about one of its inputs: enough to generate a valid example."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    #: integer inputs are drawn from [0, high); None means "not an index": filled with ones (masks)
+    high: int | None = None
+
+    def make(self, generator: torch.Generator) -> torch.Tensor:
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, generator=generator).to(self.dtype)
+        if self.high is None or self.dtype == torch.bool:
+            return torch.ones(self.shape, dtype=self.dtype)
+        return torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
+
+
+@dataclass
+class Runner:
+    """A loaded artifact: `runner(flat_inputs) -> flat_outputs`."""
+
+    kind: str
+    path: Path
+    call: Callable[[Flat], Flat]
+    #: the ExportedProgram for a .pt2 (lets verify compare region by region)
+    program: torch.export.ExportedProgram | None = None
+    inputs: list[InputInfo] | None = None
+    #: flat inputs -> {region name: (node or function name, first output)}, where the runtime exposes regions
+    #: (a .pt2, an .onnx written with keep_regions=True); None elsewhere
+    region_call: Callable[[Flat], dict[str, tuple[str, torch.Tensor]]] | None = None
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
+        return self.call(list(inputs))
+
+    def region_outputs(self, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]] | None:
+        return self.region_call(list(inputs)) if self.region_call is not None else None
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def flat_tensors(out: Any) -> Flat:
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None) -> Runner:
+    """A Runner over an in-memory ExportedProgram (eager, through `ep.module()`)."""
+    module = ep.module()
+
+    def call(flat: Flat) -> Flat:
+        args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+        with torch.no_grad():
+            return flat_tensors(module(*args, **kwargs))
+
+    return Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep),
+                  region_call=lambda flat: region_outputs(ep, flat))
+
+
+def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
+    """Each region's first output when the program runs on `flat`, keyed by region name (or node name)."""
+    from ..regions import HOP_TARGETS, region_nodes
+
+    gm = ep.module()  # unlifting keeps node names
+    names = {node.name: region.name for node, region in region_nodes(ep)}
+    captured: dict[str, tuple[str, torch.Tensor]] = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target in HOP_TARGETS:
+                key = names.get(n.name, n.name)
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                captured[key] = (n.name, first.detach())
+            return out
+
+    args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+    flat_args = pytree.arg_tree_leaves(*args, **kwargs)
+    with torch.no_grad():
+        Capture(gm).run(*flat_args)
+    return captured
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
+    """The program's user inputs (graph order), with concrete shapes: a dynamic dim takes its
+    lower bound (at least 2, so it stays dynamic-looking), capped by its upper bound.
+
+    Integer inputs that index an embedding (a region with op "embedding" or aten.embedding) are
+    drawn from [0, rows); other integer and bool inputs (attention masks) are ones."""
+    from ..regions import iter_region_nodes, region_payload
+    from ..signature import program_inputs as signature
+
+    high: dict[str, int] = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            w, idx = node.args[0], node.args[1]
+            rows = w.meta["val"].shape[0] if isinstance(w, torch.fx.Node) and "val" in w.meta else None
+            if isinstance(idx, torch.fx.Node) and isinstance(rows, int):
+                high[idx.name] = min(high.get(idx.name, rows), rows)
+    for node in iter_region_nodes(ep):
+        payload = region_payload(node)
+        if payload and payload.op == "embedding" and payload.weight_shape and isinstance(node.args[1], torch.fx.Node):
+            rows = int(payload.weight_shape[0])
+            high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
+    return [InputInfo(i.name, tuple(d.example() for d in i.shape), i.torch_dtype, high.get(i.name))
+            for i in signature(ep, require_tensors=True)]
+
+
+def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
+    g = torch.Generator().manual_seed(seed)
+    return [i.make(g) for i in infos]
+
+
+__all__ = ["Flat", "InputInfo", "Runner", "flat_tensors", "make_inputs", "program_inputs", "program_runner", "region_outputs"]

@@ -1,0 +1,153 @@
+"""`verify`: run artifacts on the same inputs as their reference program and compare outputs against
+the tolerance of the reference's schemes (and, where the runtime exposes them, region by region)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from serializers.files import check_readable
+
+from ..errors import ArtifactError, QExportError
+from .loaders import artifact_kind, first_line, load, load_program, pinned
+from .runner import make_inputs, program_inputs, program_runner, region_outputs
+
+#: used when a program has no quantized region (an fp32 model against its own lowering)
+FLOAT_TOLERANCE = 1e-3
+
+
+@dataclass
+class RegionError:
+    name: str
+    module_path: str
+    max_abs: float
+    rel: float
+
+
+@dataclass
+class VerifyResult:
+    path: Path
+    kind: str
+    tolerance: float
+    max_abs: float | None = None
+    rel: float | None = None
+    error: str | None = None
+    regions: list[RegionError] | None = None
+    #: relative error against the unquantized (fp32) program's outputs, when verify had one
+    rel_vs_baseline: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.rel is not None and self.rel <= self.tolerance
+
+
+def tolerance_for(ep: torch.export.ExportedProgram) -> tuple[float, list[str]]:
+    """The loosest documented tolerance among the program's schemes (and their names)."""
+    from ..regions import regions
+    from ..schemes import math_for
+
+    schemes = {r.scheme.name: r.scheme for r in regions(ep) if r.scheme is not None}
+    if not schemes:
+        return FLOAT_TOLERANCE, []
+    return max(math_for(s).tolerance for s in schemes.values()), sorted(schemes)
+
+
+def compare(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(max-abs error, max-abs error relative to the expected outputs' max-abs) over all outputs.
+    Raises ArtifactError when the outputs do not line up (count or shape)."""
+    if len(expected) != len(got):
+        raise ArtifactError(f"returned {len(got)} outputs, the reference {len(expected)}")
+    max_abs, scale = 0.0, 0.0
+    for i, (e, g) in enumerate(zip(expected, got)):
+        if tuple(e.shape) != tuple(g.shape):
+            raise ArtifactError(f"output {i} has shape {tuple(g.shape)}, the reference {tuple(e.shape)}")
+        e, g = e.detach().float(), g.detach().float()
+        if e.numel():
+            max_abs = max(max_abs, (e - g).abs().max().item())
+            scale = max(scale, e.abs().max().item())
+    return max_abs, max_abs / max(scale, 1e-12)
+
+
+def verify(
+    reference: "str | PathLike[str] | torch.export.ExportedProgram",
+    artifacts: Sequence["str | PathLike[str]"],
+    *,
+    seed: int = 0,
+    per_region: bool = True,
+    tolerance: float | None = None,
+    on_artifact: Callable[[Path], Any] | None = None,
+    expected_sha256: "Mapping[str | PathLike[str], str] | None" = None,
+    baseline: "str | PathLike[str] | torch.export.ExportedProgram | None" = None,
+) -> list[VerifyResult]:
+    """Run each artifact on the same inputs as the reference program (generated from its input
+    specs) and compare outputs, against the loosest tolerance of the reference's schemes.
+
+    An artifact that cannot be loaded or run gives a failed result with the reason; a missing
+    path is an error before any work. Region-by-region errors are reported where the artifact
+    exposes its regions: a `.pt2`, an `.onnx` written with keep_regions=True (AOTI and ExecuTorch
+    fuse them away). `tolerance` replaces the schemes' bound: the family
+    tolerances bound one region, and errors compound over a deep model. `expected_sha256` maps
+    paths (the reference's too) to the SHA-256 each must have (see `load`). `baseline` (the unquantized
+    program, e.g. the demo's model_fp32.pt2) adds each artifact's error against the float model
+    (`rel_vs_baseline`): what quantization plus lowering cost, next to what lowering alone cost."""
+    if tolerance is not None and not tolerance > 0:
+        raise ArtifactError(f"tolerance must be positive, got {tolerance}")
+    paths = [check_readable(a) for a in artifacts]
+    if isinstance(reference, torch.export.ExportedProgram):
+        ref = reference
+    else:
+        rp = check_readable(reference)
+        kind = artifact_kind(rp)
+        if kind != "pt2":
+            raise ArtifactError(f"{rp}: the reference must be an exported program (.pt2 from qexport export), not {kind}")
+        ref = load_program(rp, pinned(expected_sha256, rp))
+    tol = tolerance if tolerance is not None else tolerance_for(ref)[0]
+    infos = program_inputs(ref)
+    flat = make_inputs(infos, seed)
+    ref_runner = program_runner(ref)
+    expected = ref_runner(flat)
+    ref_regions = region_outputs(ref, flat) if per_region else {}
+    float_out = None
+    if baseline is not None:
+        base = baseline if isinstance(baseline, torch.export.ExportedProgram) else load_program(check_readable(baseline))
+        float_out = program_runner(base)([x.clone() for x in flat])
+    results = []
+    for p in paths:
+        if on_artifact is not None:
+            on_artifact(p)
+        res = VerifyResult(p, "?", tol)
+        try:
+            runner = load(p, expected_sha256=pinned(expected_sha256, p))
+            res.kind = runner.kind
+            got = runner([x.clone() for x in flat])
+            res.max_abs, res.rel = compare(expected, got)
+            if float_out is not None:
+                res.rel_vs_baseline = compare(float_out, got)[1]
+            if per_region and ref_regions and runner.region_call is not None:
+                res.regions = _region_errors(ref_regions, runner.region_outputs(flat))
+        except QExportError as e:
+            res.error = str(e)
+        except Exception as e:  # a runtime failing on this input is a verification failure, not a crash
+            res.error = f"{type(e).__name__}: {first_line(e)}"
+        results.append(res)
+    return results
+
+
+def _region_errors(ref: dict, got: dict) -> list[RegionError]:
+    out = []
+    for key, (name, e) in ref.items():
+        if key not in got:
+            continue
+        g = got[key][1]
+        if e.shape != g.shape:
+            continue
+        max_abs, rel = compare([e], [g])
+        out.append(RegionError(name, key, max_abs, rel))
+    return out
+
+
+__all__ = ["FLOAT_TOLERANCE", "RegionError", "VerifyResult", "compare", "tolerance_for", "verify"]
