@@ -116,14 +116,13 @@ def _lower_int8_dynamic_int4_weight(site: RegionSite) -> torch.fx.Node:
     codes in [-8, 7] (torchao's 8da4w pattern) that XNNPACK takes as qb4w (it packs the codes two per
     byte and keeps the group scales in bf16, as the scheme stores them). The scheme's symmetric zero
     point 8 is subtracted here, once: qb4w has no per-block zero point."""
-    r, ident = site.region, _ident(site.region.name)
     codes = unpack_uint4(site.value("weight")).to(torch.int8) - 8
     scale = site.value("weight_scale").float()
     w = site.call(
-        qd.dequantize_per_channel_group.default, site.constant(f"_qexport_{ident}_weight_int4", codes),
-        site.constant(f"_qexport_{ident}_weight_group_scale", scale),
-        site.constant(f"_qexport_{ident}_weight_group_zero_point", torch.zeros(scale.shape, dtype=torch.int8)),
-        -8, 7, torch.int8, r.scheme.group_size, torch.float32,
+        qd.dequantize_per_channel_group.default, site.constant("weight_int4", codes),
+        site.constant("weight_group_scale", scale),
+        site.constant("weight_group_zero_point", torch.zeros(scale.shape, dtype=torch.int8)),
+        -8, 7, torch.int8, site.region.scheme.group_size, torch.float32,
     )
     return _apply_op(site, _dynamic_input(site), w)
 
