@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from . import validate
-from .errors import CalibrationError, NothingToQuantizeError, UnsupportedModuleError
+from .errors import CalibrationError, InvalidSchemeError, NothingToQuantizeError, UnsupportedModuleError
 from .regions import invoke_quant
-from .schemes import Scheme, get as get_scheme, make_region_fn, math_for
+from .schemes import ALGORITHMS, Scheme, get as get_scheme, make_region_fn, math_for
 from .schemes.activation import int8_asym_qparams
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -123,10 +123,15 @@ class _RecipeTable:
     4. nothing: the module is left as is ("no recipe entry").
     A value of None leaves the matched modules unquantized."""
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, algorithm: str | None = None) -> None:
         self.single: Scheme | None = None
         self.names: list[tuple[str, Scheme | None]] = []
         self.types: dict[type, Scheme | None] = {}
+        self._fill(recipe)
+        if algorithm is not None:
+            self._apply_algorithm(algorithm)
+
+    def _fill(self, recipe: Recipe) -> None:
         if isinstance(recipe, (str, Scheme)):
             self.single = get_scheme(recipe)
             return
@@ -144,6 +149,27 @@ class _RecipeTable:
                 raise UnsupportedModuleError(
                     f"recipe key {key!r}: a key is an nn.Module subclass (e.g. nn.Linear) or a module-name glob "
                     f"(e.g. 'lm_head' or 'encoder.*.attn.*')")
+
+    def _apply_algorithm(self, algorithm: str) -> None:
+        """`quantize(..., algorithm=)`: every scheme of the recipe whose family offers the algorithm uses
+        it (an int4 recipe with int8 embeddings: the int4 layers); none offering it is an error."""
+        def apply(s: Scheme | None) -> Scheme | None:
+            return s if s is None or algorithm not in math_for(s).algorithms else get_scheme(s, algorithm=algorithm)
+
+        if algorithm not in ALGORITHMS:
+            raise InvalidSchemeError(f"algorithm={algorithm!r} is not one of {ALGORITHMS}")
+        offered = [s for s in self.schemes() if algorithm in math_for(s).algorithms]
+        if not offered:
+            from .schemes import names as scheme_names
+
+            takers = [n for n in scheme_names() if algorithm in math_for(get_scheme(n)).algorithms]
+            raise InvalidSchemeError(
+                f"algorithm={algorithm!r}: no scheme of the recipe ({', '.join(sorted({s.name for s in self.schemes()}))}) "
+                f"offers it; schemes that do: {', '.join(takers) or 'none'}"
+            )
+        self.single = apply(self.single)
+        self.names = [(k, apply(s)) for k, s in self.names]
+        self.types = {k: apply(s) for k, s in self.types.items()}
 
     def schemes(self) -> list[Scheme]:
         found = [self.single] if self.single else [s for _, s in self.names] + list(self.types.values())
@@ -180,14 +206,19 @@ def _weight_only(scheme: Scheme) -> Scheme:
 
 def _for_op(scheme: Scheme, op: str) -> Scheme:
     """The scheme a region records: conv activations have no token axis, so a per-token dynamic scheme
-    quantizes them per tensor (schemes/_region.py), and the region says so."""
+    quantizes them per tensor (schemes/_region.py), and the region says so. An embedding's output is
+    its rows, with no reduction over inputs for GPTQ to trade errors across, so under gptq it takes
+    the calibration-free hqq, and records that."""
     if op.startswith("conv") and scheme.activation == "dynamic" and scheme.act_granularity == "per_token":
         return scheme.replace(act_granularity="per_tensor")
+    if op == "embedding" and scheme.algorithm == "gptq":
+        return scheme.replace(algorithm="hqq")
     return scheme
 
 
 def _weight_key(scheme: Scheme) -> tuple:
-    """Schemes with equal keys quantize a weight to the same tensors (so tied layers can share them)."""
+    """Schemes with equal keys quantize a weight onto the same grid (so tied layers can share its
+    tensors, whichever algorithm chose the codes)."""
     return (scheme.family, scheme.weight_dtype, scheme.bits, scheme.granularity, scheme.group_size,
             scheme.symmetric, scheme.qmin, scheme.qmax)
 
@@ -387,7 +418,9 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
         key = (id(c.module.weight), c.layer.transposed)
         owner = owners.setdefault(key, c)
         if owner is not c and _weight_key(owner.scheme) == _weight_key(c.scheme):
-            c.tied_to = owner.fqn
+            # Same grid, codes chosen by another algorithm (a tied embedding under gptq takes hqq): the
+            # weight is still stored once, and the region records the algorithm of the codes it holds.
+            c.tied_to, c.scheme = owner.fqn, c.scheme.replace(algorithm=owner.scheme.algorithm)
     for fqn, (m, layer, scheme) in op_refused.items():
         owner = owners.get((id(m.weight), layer.transposed))
         if owner is None:
@@ -419,11 +452,23 @@ def _check_module(m: nn.Module, fqn: str, scheme: Scheme, layer: _Layer) -> None
     math_for(scheme).check_weight(scheme, layer.op, tuple(layer.weight(m).shape), fqn)
 
 
-def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> dict[str, dict[str, torch.Tensor]]:
-    """Run the float model on `data`, recording input/output ranges of every chosen module."""
-    ranges: dict[str, list[torch.Tensor]] = {}
+@dataclass
+class _Calibration:
+    """What one run of the float model over the calibration data recorded, per module."""
 
-    def hook(name: str):
+    activations: dict[str, dict[str, torch.Tensor]]  # static schemes: input/output scale and zero point
+    hessians: dict[str, torch.Tensor]  # gptq: sum of x^T x over the inputs of the layer
+
+
+def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> _Calibration:
+    """Run the float model on `data`, recording input/output ranges of the chosen modules with static
+    activations and the input Hessians of those quantized with GPTQ."""
+    static = [c for c in chosen if c.scheme.activation == "static"]
+    gptq = [c for c in chosen if c.scheme.algorithm == "gptq"]
+    ranges: dict[str, list[torch.Tensor]] = {}
+    hessians: dict[str, torch.Tensor] = {}
+
+    def record_range(name: str):
         def record(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             for key, t in (("input", inputs[0]), ("output", output)):
                 t = t.detach().float()
@@ -433,7 +478,15 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
 
         return record
 
-    handles = [c.module.register_forward_hook(hook(c.fqn)) for c in chosen]
+    def record_hessian(name: str):
+        def record(_m: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
+
+        return record
+
+    handles = [c.module.register_forward_hook(record_range(c.fqn)) for c in static]
+    handles += [c.module.register_forward_hook(record_hessian(c.fqn)) for c in gptq]
     n = 0
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -454,8 +507,11 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
             m.training = training
     if n == 0:
         raise CalibrationError("calibration_data is empty; pass at least one batch of example inputs")
+    for c in gptq:
+        if c.fqn not in hessians:
+            raise CalibrationError(f"{c.fqn} never ran during calibration; GPTQ has no inputs to fit it to")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for c in chosen:
+    for c in static:
         if f"{c.fqn}/input" not in ranges:
             raise CalibrationError(f"{c.fqn} never ran during calibration; its activation range is unknown")
         t: dict[str, torch.Tensor] = {}
@@ -464,7 +520,7 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
             t[f"{key}_scale"] = scale.float()
             t[f"{key}_zero_point"] = zp.to(torch.int32)
         out[c.fqn] = t
-    return out
+    return _Calibration(out, hessians)
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -479,6 +535,7 @@ def quantize(
     *,
     filter_fn: FilterFn | None = None,
     calibration_data: Iterable[Any] | None = None,
+    algorithm: str | None = None,
 ) -> nn.Module:
     """Replace the model's Linear (and subclasses), transformers Conv1D, Conv1d, Conv2d and Embedding
     modules by quantized modules, in place; returns the model, with `model.qexport_summary` (a
@@ -488,16 +545,22 @@ def quantize(
     `nn.Module` subclasses and module-name globs to schemes (or None to leave them float), e.g.
     `{nn.Linear: "int8_dynamic", nn.Embedding: "int8_weight_only", "lm_head": None}`; see
     `_RecipeTable` for which entry wins. `filter_fn(module, fqn)`, when given, must also keep a layer.
-    `calibration_data` (an iterable of argument tuples, or kwarg dicts) is required by static schemes.
+    `calibration_data` (an iterable of argument tuples, or kwarg dicts) is required by static schemes
+    and by GPTQ. `algorithm` ("rtn", "hqq" or "gptq") picks how the weights' codes are chosen for every
+    scheme of the recipe that offers it (the int4 family); a scheme can also carry its own
+    (`qexport.schemes.get("int4_weight_only", algorithm="hqq")`). Each region records its algorithm.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}")
-    table = _RecipeTable(scheme)
-    static = [s.name for s in table.schemes() if s.activation == "static"]
-    if static and calibration_data is None:
+    table = _RecipeTable(scheme, algorithm)
+    calibrated = [s for s in table.schemes() if s.needs_calibration]
+    if calibrated and calibration_data is None:
+        s = calibrated[0]
+        why = "quantizes activations statically" if s.activation == "static" else "fits its weights with GPTQ"
         raise CalibrationError(
-            f"scheme {static[0]} quantizes activations statically and needs calibration_data: an "
-            f"iterable of example argument tuples, e.g. calibration_data=[(x,) for x in batches]"
+            f"scheme {s.name} {why} and needs calibration_data: an iterable of example argument "
+            f"tuples, e.g. calibration_data=[(x,) for x in batches]"
+            + ("" if s.activation == "static" else "; algorithm='hqq' needs none")
         )
     if _layer_of(model)[0] is not None:
         raise UnsupportedModuleError(
@@ -514,14 +577,19 @@ def quantize(
                "Embedding layer")
             + (" (none passed filter_fn)" if filter_fn else "")
         )
-    act = _calibrate(model, [c for c in chosen if c.scheme.activation == "static"], calibration_data) if static else {}
+    calib = _calibrate(model, chosen, calibration_data) if calibrated else _Calibration({}, {})
     shared: dict[str, dict[str, torch.Tensor]] = {}
     for c in chosen:
         m, math = c.module, math_for(c.scheme)
         weight = c.layer.weight(m)
-        tensors = dict(shared[c.tied_to]) if c.tied_to else math.quantize_weight(c.scheme, weight)
+        if c.tied_to:
+            tensors = dict(shared[c.tied_to])
+        elif c.fqn in calib.hessians:
+            tensors = math.quantize_weight(c.scheme, weight, hessian=calib.hessians.pop(c.fqn))
+        else:
+            tensors = math.quantize_weight(c.scheme, weight)
         shared.setdefault(c.fqn, {k: v for k, v in tensors.items()})
-        tensors.update(act.get(c.fqn, {}))
+        tensors.update(calib.activations.get(c.fqn, {}))
         if c.layer.op != "embedding" and getattr(m, "bias", None) is not None:
             tensors["bias"] = m.bias.detach().clone()
         q = QuantizedModule(c.scheme, c.layer.op, c.layer.params(m), tuple(weight.shape), tensors, c.fqn)

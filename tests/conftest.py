@@ -84,7 +84,7 @@ def quantized(model: nn.Module, scheme, example, **kw) -> nn.Module:
 
 
 # Parameters that make every built-in scheme applicable to the small models above (in_features 64).
-SCHEME_ARGS = {"int4_weight_only": {"group_size": 32}, "nf4": {"group_size": 32}}
+SCHEME_ARGS = {"int4_weight_only": {"group_size": 32}, "int8_dynamic_int4_weight": {"group_size": 32}, "nf4": {"group_size": 32}}
 
 
 def scheme_for(name: str):

@@ -32,7 +32,7 @@ SCHEMES = qexport.schemes.builtin_names()
 # per forced ISA; here the package must record the plan the table gives for this machine.
 CPU_FAMILY = {
     "int8_weight_only": "int8_weight_only", "int4_weight_only": "int4", "int8_dynamic": "int8_activations",
-    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None,
+    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None, "int8_dynamic_int4_weight": "int4",
 }
 
 
@@ -151,6 +151,20 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
     assert all(d.kernel.startswith("aten._weight_int4pack_mm_for_cpu") for d in linear)
     # the original program is untouched
     assert sum(1 for _ in iter_region_nodes(ep)) == 14 and "blocks.0.q.weight" in ep.state_dict
+
+
+def test_int8_dynamic_int4_weight_cpu_kernel_is_the_reference_at_every_row_count():
+    """8da4w on CPU: the int4pack kernel on the token's centred int8 codes (small M) and the fp32 GEMM on
+    weights decoded at compile time (large M) both give the eager reference's numbers."""
+    x = torch.randn(4, 64)
+    model = quantized(MLP(), scheme_for("int8_dynamic_int4_weight"), x)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+    lowered, decisions = apply_kernels(ep, "cpu")
+    assert len(decisions) == 2 and all(d.taken and "int4pack" in d.kernel for d in decisions)
+    assert sum(1 for _ in iter_region_nodes(lowered)) == 0
+    for rows in (1, 3, 200):
+        x2 = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        assert rel_err(lowered.module()(x2), model(x2)) <= 1e-5, rows
 
 
 def test_int8_weight_only_uses_bf16_activations(built):

@@ -169,6 +169,10 @@ def test_export_static_scheme_with_calibration_file(capsys, tmp_path):
     (["qexport.models:TinyNet", "--scheme", "int4_weight_only", "--scheme-arg", "group_size=48", "--input", "1x256"],
      ["group_size=48"]),
     (["qexport.models:TinyNet", "--scheme", "int8_static", "--input", "1x256"], ["add --calibrate"]),
+    (["qexport.models:TinyNet", "--scheme", "int4_weight_only", "--scheme-arg", "algorithm=gptq", "--input", "1x256"],
+     ["fits its weights with GPTQ", "add --calibrate"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--scheme-arg", "algorithm=hqq", "--input", "1x256"],
+     ["algorithm='hqq' is not available for the int8 family"]),
     (["qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256", "--calibrate", "/nonexistent.pt"],
      ["/nonexistent.pt", "no such file"]),
 ])

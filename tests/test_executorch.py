@@ -123,6 +123,27 @@ def test_int8_activation_schemes_are_fully_delegated_to_xnnpack(lowered, scheme,
     assert report.extra["delegated_subgraphs"] >= 1
 
 
+def test_int8_dynamic_int4_weight_linears_are_all_delegated_as_qb4w(lowered):
+    """8da4w: every linear region inside XNNPACK's qd8-f32-qb4w delegate, nothing of it left outside,
+    and the same numbers as the eager reference (same per-token int8 rounding, same int4 grid)."""
+    low = lowered("int8_dynamic_int4_weight")
+    assert [r.name for r in low.report.regions] == [r.name for r in qexport.regions(low.ep)]
+    assert all(r.delegated and r.backend == "XnnpackBackend" and "qb4w" in r.kernel for r in low.report.regions)
+    assert low.report.all_delegated and low.report.extra["delegated_subgraphs"] >= 1
+    # everything but the ReLU between the two linears runs inside the delegate
+    assert low.report.total_nodes - low.report.delegated_nodes <= 1
+    assert rel_err(low.out, low.expected) <= 1e-5
+
+
+def test_asymmetric_8da4w_falls_back_and_says_why(tmp_path):
+    x = INPUTS["mlp"]()
+    model = quantized(MLP(), qexport.schemes.get("int8_dynamic_int4_weight", group_size=32, symmetric=False), (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "m.pte")
+    assert report.regions and not any(r.delegated for r in report.regions)
+    assert all("no per-block zero point" in r.reason and "symmetric=True" in r.reason for r in report.regions)
+    assert rel_err(run_pte(tmp_path / "m.pte", x), model(x)) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "scheme,hint",
     [

@@ -80,6 +80,8 @@ EXPECTED = {
     "int8_dynamic": ({"MatMulInteger": 2, "QuantizeLinear": 2, "ReduceMin": 2, "DequantizeLinear": 0}, onnx.TensorProto.UINT8, True),
     "int8_static": ({"DequantizeLinear": 6, "QuantizeLinear": 4}, onnx.TensorProto.UINT8, True),
     "int4_weight_only": ({"DequantizeLinear": 2}, onnx.TensorProto.UINT4, True),
+    # per-token int8 activations dequantized with Sub/Mul, so onnxruntime fuses the weights' DQ into MatMulNBits
+    "int8_dynamic_int4_weight": ({"DequantizeLinear": 2, "QuantizeLinear": 2}, onnx.TensorProto.UINT4, True),
     "fp8_e4m3": ({"DequantizeLinear": 4, "QuantizeLinear": 2}, onnx.TensorProto.FLOAT8E4M3FN, True),
     "nf4": ({"Gather": 2}, onnx.TensorProto.UINT4, False),
 }
@@ -109,6 +111,24 @@ def test_regions_are_emitted_from_their_scheme(mlp_artifacts, name, keep):
         assert attrs["block_size"] == scheme_for(name).group_size and attrs["axis"] == 0
     if name == "nf4":
         assert "NormalFloat4" in report.regions[0].reason and not dq
+
+
+@pytest.mark.parametrize("level, bound", [("0", 1e-5), ("4", 2e-2)])
+def test_int8_dynamic_int4_weight_runs_as_matmul_nbits(mlp_artifacts, tmp_path, level, bound):
+    """onnxruntime fuses each 8da4w region into MatMulNBits (4-bit weights, never dequantized whole).
+    At accuracy level 0 it computes in fp32 on the per-token int8 activations: the reference's numbers.
+    At its default, level 4 (int8 compute), MLAS re-quantizes those activations per block of 32,
+    symmetrically: a second rounding, well inside the family's tolerance."""
+    m, _, path, _ = mlp_artifacts["int8_dynamic_int4_weight"][False]
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert _rel_err(y, m(x)) <= bound
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["MatMulNBits"] == 2 and ops["MatMul"] == 0 and ops["DequantizeLinear"] == 0, ops
 
 
 def test_keep_regions_makes_one_function_per_region_carrying_its_scheme(mlp_artifacts):

@@ -11,7 +11,7 @@ import qexport
 from qexport import InvalidSchemeError, Scheme, UnknownSchemeError, UnsupportedVersionError
 from qexport.schemes import SchemeMath, math_for
 
-BUILTINS = ["fp8_e4m3", "int4_weight_only", "int8_dynamic", "int8_static", "int8_weight_only", "nf4"]
+BUILTINS = ["fp8_e4m3", "int4_weight_only", "int8_dynamic", "int8_dynamic_int4_weight", "int8_static", "int8_weight_only", "nf4"]
 
 
 def test_builtin_names():
@@ -79,6 +79,7 @@ BOUNDS = {
     "int8_dynamic": 1 / 127 / 2 + 1e-6,
     "int8_static": 1 / 127 / 2 + 1e-6,
     "int4_weight_only": 1 / 15 / 2 * 2 + 1e-6,  # half a step of range/15 per group, range <= 2*amax
+    "int8_dynamic_int4_weight": 1 / 7 / 2 + 2**-8,  # half a step of amax/7 (symmetric), + the bf16 scale's rounding
     "fp8_e4m3": 2**-4 + 1e-6,  # e4m3 has 3 mantissa bits: relative step 2^-3, half of it
     "nf4": 0.5 * max(b - a for a, b in zip(qexport.schemes.nf4.NF4_CODEBOOK, qexport.schemes.nf4.NF4_CODEBOOK[1:])) + 1e-6,  # widest gap between NF4 codes, halved
 }

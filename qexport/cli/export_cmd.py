@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic", action="append", default=[], metavar="[INPUT.]DIM[:NAME]", help=DYNAMIC_HELP)
     p.add_argument("--dynamic-batch", action="store_true", help="same as --dynamic 0:batch")
     p.add_argument("--calibrate", nargs="?", const="random", default=None, metavar="INPUTS.pt",
-                   help="calibrate static schemes: on random inputs of the --input shapes, or on a file saved "
+                   help="calibrate static schemes and algorithm=gptq: on random inputs of the --input shapes, or on a file saved "
                    "with torch.save holding a list of batches (each a tensor or a tuple of tensors)")
     p.add_argument("--strict", action="store_true", help="use strict (Dynamo) export instead of non-strict")
     p.add_argument("--seed", type=int, default=0, help="seed for random example and calibration inputs")
@@ -81,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
     scheme = get(args.scheme, **scheme_params)
     out = output_path(args.output, (".pt2",), "-o")
-    if scheme.activation == "static" and args.calibrate is None:
-        raise CalibrationError(f"scheme {scheme.name} quantizes activations statically: add --calibrate "
-                               "(random inputs) or --calibrate INPUTS.pt")
+    if scheme.needs_calibration and args.calibrate is None:
+        why = "quantizes activations statically" if scheme.activation == "static" else "fits its weights with GPTQ"
+        raise CalibrationError(f"scheme {scheme.name} {why}: add --calibrate INPUTS.pt (or --calibrate "
+                               "for random inputs)")
     calib_file = load_calibration(args.calibrate, len(specs)) if args.calibrate not in (None, "random") else None
     save = stage("save")
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     with progress.step(f"quantizing with {scheme.describe()}"):
         calib: Any = None
-        if scheme.activation == "static":
+        if scheme.needs_calibration:
             calib = calib_file or [tuple(s.make(g, high) for s in specs) for _ in range(CALIBRATION_BATCHES)]
         from ..quantize import quantize
 

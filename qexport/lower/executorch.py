@@ -38,6 +38,7 @@ from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
 from ..schemes import math_for
+from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
 from ._graph import RegionSite, drop_unused_state, region_of, replace_regions
 from ._stages import Stages
@@ -91,7 +92,7 @@ def _lower_int8_static(site: RegionSite) -> torch.fx.Node:
     return qdq(y, "output")
 
 
-def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
+def _dynamic_input(site: RegionSite) -> torch.fx.Node:
     x = site.input
     if site.region.op.startswith("conv"):  # conv activations have no token axis: per tensor (as the scheme says)
         qp = site.call(qd.choose_qparams.tensor, x, -128, 127, _EPS, torch.int8)
@@ -103,7 +104,27 @@ def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
         scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
         q = site.call(qd.quantize_per_token.default, x, scale, zp, -128, 127, torch.int8)
         xdq = site.call(qd.dequantize_per_token.default, q, scale, zp, -128, 127, torch.int8, torch.float32)
-    return _apply_op(site, xdq, _weight_dq(site))
+    return xdq
+
+
+def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
+    return _apply_op(site, _dynamic_input(site), _weight_dq(site))
+
+
+def _lower_int8_dynamic_int4_weight(site: RegionSite) -> torch.fx.Node:
+    """Per-token int8 activations x blockwise int4 weights: the `dequantize_per_channel_group` of int8
+    codes in [-8, 7] (torchao's 8da4w pattern) that XNNPACK takes as qb4w (it packs the codes two per
+    byte and keeps the group scales in bf16, as the scheme stores them). The scheme's symmetric zero
+    point 8 is subtracted here, once: qb4w has no per-block zero point."""
+    codes = unpack_uint4(site.value("weight")).to(torch.int8) - 8
+    scale = site.value("weight_scale").float()
+    w = site.call(
+        qd.dequantize_per_channel_group.default, site.constant("weight_int4", codes),
+        site.constant("weight_group_scale", scale),
+        site.constant("weight_group_zero_point", torch.zeros(scale.shape, dtype=torch.int8)),
+        -8, 7, torch.int8, site.region.scheme.group_size, torch.float32,
+    )
+    return _apply_op(site, _dynamic_input(site), w)
 
 
 def _reference(site: RegionSite) -> torch.fx.Node:
@@ -235,6 +256,23 @@ def plan_int8_qdq(ctx: PlanContext) -> RegionPlan | Decline | None:
     return RegionPlan(True, "XNNPACK " + _QDQ_KERNELS[s.activation].format(op=r.op), lowering=_QDQ_LOWERINGS[s.activation])
 
 
+def plan_int4(ctx: PlanContext) -> RegionPlan | Decline:
+    """int4 linears: XNNPACK's qd8-f32-qb4w takes per-token int8 activations x symmetric int4 weights."""
+    r, s = ctx.region, ctx.region.scheme
+    if s.activation == "none":
+        return Decline("XNNPACK's 4-bit kernels need int8 dynamic activations and symmetric weights; int4_weight_only "
+                       f"has float activations and per-group zero points, so it {_PORTABLE}. Quantize with "
+                       "int8_dynamic_int4_weight to delegate it")
+    if not s.symmetric:
+        return Decline(f"XNNPACK's qb4w weights have no per-block zero point and {s.name} has symmetric=False, so it "
+                       f"{_PORTABLE}. Keep symmetric=True to delegate it")
+    if r.input_dtypes[:1] != ("float32",):
+        return Decline(f"its input is {r.input_dtypes[0] if r.input_dtypes else '?'}; {_FLOAT32_ONLY}, so it "
+                       f"{_PORTABLE}. Export the model in float32 to delegate it")
+    return RegionPlan(True, "XNNPACK qd8-f32-qb4w linear (dynamic int8 x blockwise int4)",
+                      lowering=_lower_int8_dynamic_int4_weight)
+
+
 def _declines(reason: str) -> Callable[[PlanContext], Decline]:
     def decline(ctx: PlanContext) -> Decline:
         return Decline(reason)
@@ -253,13 +291,11 @@ def plan_fp8(ctx: PlanContext) -> RegionPlan:
 _INT8_OPS = ("linear", "conv1d", "conv2d")
 for _op in _INT8_OPS:
     register_lowering("int8", "executorch", _op, plan_int8_qdq)
-    register_lowering("int4", "executorch", _op, _declines(
-        "XNNPACK's 4-bit kernels need int8 dynamic activations and symmetric weights; int4_weight_only has "
-        f"float activations and per-group zero points, so it {_PORTABLE}. {_DELEGATE_IT}"), name="int4_float_activations")
     register_lowering("nf4", "executorch", _op, _declines(
         f"XNNPACK has no codebook (NF4) weights, so it {_PORTABLE}. {_DELEGATE_IT}"), name="nf4_codebook")
 for _op in (*_INT8_OPS, "embedding"):
     register_lowering("fp8", "executorch", _op, plan_fp8)
+register_lowering("int4", "executorch", "linear", plan_int4)
 
 
 def _reference_plan(region: Region, reference: Callable[[RegionSite], torch.fx.Node], why: str) -> RegionPlan:

@@ -149,7 +149,8 @@ class Lowering:
             if self.family.integer_linear(self):
                 y = per_token_int8_linear(e, xin, w)
             else:
-                y = apply_op(e, r, quantize_input(e, s, op, xin, w), weight, w.get("bias"), self.family.gemm_layout)
+                xq = quantize_input(e, s, op, xin, w, float_dequant=self.family.weight_to_matmul_nbits)
+                y = apply_op(e, r, xq, weight, w.get("bias"), self.family.gemm_layout)
             if s.activation == "static":
                 y = e.op("DequantizeLinear", e.op("QuantizeLinear", y, w["output_scale"], w["output_zero_point"]),
                          w["output_scale"], w["output_zero_point"])
@@ -163,7 +164,7 @@ class Lowering:
 
 
 # -- shared steps (the ONNX form of schemes/_region.py and activation.py) ----------------------------
-def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
+def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, ir.Value], float_dequant: bool = False) -> ir.Value:
     if s.activation == "none":
         return x
     if s.activation == "static":
@@ -178,7 +179,7 @@ def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, 
         return e.op("DequantizeLinear", q, scale, zp)
     # Only linear regions quantize per token, and they run on a [-1, in] view (Lowering.emit): a token
     # is a row, and per-row qparams are per-axis (axis 0) QuantizeLinear/DequantizeLinear.
-    return _per_token_int8(e, x)
+    return _per_token_int8(e, x, float_dequant)
 
 
 def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tuple[ir.Value, ir.Value]:
@@ -199,9 +200,16 @@ def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tu
     return scale, e.op("Cast", zp, to=ir.DataType.INT8)
 
 
-def _per_token_int8(e: Emitter, rows: ir.Value) -> ir.Value:
+def _per_token_int8(e: Emitter, rows: ir.Value, float_dequant: bool = False) -> ir.Value:
     scale, zp = _per_token_qparams(e, rows)
-    return e.op("DequantizeLinear", e.op("QuantizeLinear", rows, scale, zp, axis=0), scale, zp, axis=0)
+    q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
+    if not float_dequant:
+        return e.op("DequantizeLinear", q, scale, zp, axis=0)
+    # (q - zp) * scale with Sub/Mul, the same values: onnxruntime fuses a weight's DequantizeLinear ->
+    # MatMul into MatMulNBits only when the activation does not come from a DequantizeLinear too.
+    one = e.const([1], np.int64)
+    centred = e.op("Sub", e.op("Cast", q, to=ir.DataType.FLOAT), e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.FLOAT), one))
+    return e.op("Mul", centred, e.op("Unsqueeze", scale, one))
 
 
 def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
@@ -247,9 +255,11 @@ def apply_op(e: Emitter, r: Region, x: ir.Value, w: ir.Value, bias: ir.Value | N
         # Weight-only regions add the bias with Sum (same broadcasting): onnxruntime fuses
         # DQ -> MatMul into MatMulNBits only if its MatMul+Add->Gemm(+Relu) fusions have not taken
         # the MatMul first, which they do for Add (MLP 1024-2048-2048-256 here: 16 ms with Add, 0.1 ms
-        # with Sum). Quantized activations keep Add, which QGemm needs.
-        weight_only = r.scheme is not None and r.scheme.activation == "none"
-        return e.op("Sum" if weight_only else "Add", y, bias)
+        # with Sum). Quantized activations keep Add, which QGemm needs, except in front of 4-bit
+        # weights, which only MatMulNBits takes (int8_dynamic_int4_weight: per-token activations, which
+        # no QGemm fusion takes either).
+        to_nbits = r.scheme is not None and (r.scheme.activation == "none" or r.scheme.weight_dtype == "uint4")
+        return e.op("Sum" if to_nbits else "Add", y, bias)
     if r.op in ("conv1d", "conv2d"):
         kernel = list(r.weight_shape[2:]) if r.weight_shape else [1] * (1 if r.op == "conv1d" else 2)
         attrs: dict[str, Any] = dict(strides=list(p["stride"]), dilations=list(p["dilation"]), group=int(p["groups"]))
@@ -270,6 +280,8 @@ class FamilyLowering:
 
     #: linear weights kept [out, in] and run as Gemm(transB=1) instead of MatMul on [in, out]
     gemm_layout: bool = False
+    #: the weight's DequantizeLinear -> MatMul is meant for onnxruntime's MatMulNBits fusion
+    weight_to_matmul_nbits: bool = False
 
     def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         raise NotImplementedError
@@ -430,6 +442,8 @@ def _embedding_4bit_weights(lw: Lowering, t: Mapping[str, torch.Tensor], roles: 
 class Int4Lowering(FamilyLowering):
     """uint4 weights with per-block scales and zero points: blocked DequantizeLinear (opset 21)."""
 
+    weight_to_matmul_nbits = True
+
     def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
         s = region.scheme
         assert s is not None
@@ -438,6 +452,12 @@ class Int4Lowering(FamilyLowering):
             return Lowering(region, self, False, "Gather packed rows -> unpack (BitShift/BitwiseAnd) -> float dequantization",
                             "ONNX Gather has no 4-bit types: the looked-up rows are gathered as packed bytes and "
                             "dequantized with Sub/Mul in float32")
+        if opset >= BLOCKED_QDQ_OPSET and s.activation == "dynamic":
+            return Lowering(region, self, True, (
+                f"per-token int8 activations (QuantizeLinear, then Sub/Mul) x blocked DequantizeLinear (uint4, block "
+                f"{s.group_size}) -> MatMul, which onnxruntime fuses into MatMulNBits"), (
+                "onnxruntime's default MatMulNBits accuracy level (4, int8 compute) re-quantizes the activations per "
+                "block: set session.qdq_matmulnbits_accuracy_level=0 for the reference's exact numbers"))
         if opset >= BLOCKED_QDQ_OPSET:
             return Lowering(region, self, True, f"blocked DequantizeLinear (uint4, block {s.group_size}) -> {_OP_NAMES[region.op]}", note)
         return Lowering(

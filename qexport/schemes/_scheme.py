@@ -27,6 +27,9 @@ ACT_GRANULARITIES = ("per_token", "per_tensor")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Ops a quantized module can wrap in a region; "custom" is a region written by hand with invoke_quant.
 OPS = ("linear", "conv1d", "conv2d", "embedding")
+# How a weight's codes and quantization parameters are chosen (schemes/algorithms.py): round to
+# nearest, half-quadratic optimisation (calibration-free), GPTQ (from calibration inputs).
+ALGORITHMS = ("rtn", "hqq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class Scheme:
     act_symmetric: bool | None = None
     compute_dtype: str = "float32"
     version: int = SCHEME_VERSION
+    #: how the weights' codes were chosen; the dequantization math does not depend on it, so every
+    #: backend lowers a region the same whatever its algorithm (added in version 1, default "rtn")
+    algorithm: str = "rtn"
 
     FIELDS: ClassVar[tuple[str, ...]] = ()  # filled below
 
@@ -89,6 +95,12 @@ class Scheme:
     def is_weight_only(self) -> bool:
         return self.activation == "none"
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this scheme needs calibration inputs (static activation ranges, or
+        the input statistics GPTQ fits the weights to)."""
+        return self.activation == "static" or self.algorithm == "gptq"
+
     def params(self) -> dict[str, Any]:
         """The fields that differ from the registered scheme of the same name (for reports)."""
         base = REGISTERED.get(self.name)
@@ -105,6 +117,8 @@ class Scheme:
         if self.activation != "none":
             parts.append(f"act={self.activation}:{self.act_granularity}")
         parts.append(self.compute_dtype.replace("float", "fp").replace("bfp16", "bf16"))
+        if self.algorithm != "rtn":
+            parts.append(self.algorithm)
         return f"{self.name}({', '.join(parts)})"
 
 
@@ -128,6 +142,8 @@ class SchemeMath:
     #: documented tolerance of this family vs its own reference (relative to output max-abs),
     #: used by verify and by backend numerics tests
     tolerance: float = 1e-3
+    #: weight algorithms (ALGORITHMS) this family implements in quantize_weight
+    algorithms: tuple[str, ...] = ("rtn",)
 
     def supports(self, scheme: Scheme, op: str) -> bool:
         # Embedding inputs are indices: there is no activation to quantize.
@@ -137,6 +153,11 @@ class SchemeMath:
     def validate(self, scheme: Scheme) -> None:
         """Raise InvalidSchemeError if the scheme's fields are inconsistent for this family."""
         _check_common(scheme)
+        if scheme.algorithm not in self.algorithms:
+            raise InvalidSchemeError(
+                f"{scheme.name}: algorithm={scheme.algorithm!r} is not available for the {self.family} family; "
+                f"it offers {list(self.algorithms)}"
+            )
 
     def check_weight(self, scheme: Scheme, op: str, weight_shape: tuple[int, ...], where: str) -> None:
         """Raise InvalidSchemeError if a weight of this shape cannot be quantized by the scheme."""
@@ -150,7 +171,11 @@ class SchemeMath:
                 )
 
     # -- weights --------------------------------------------------------------------------
-    def quantize_weight(self, scheme: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(
+        self, scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The region's tensors for `weight` (in the op's layout). `hessian` (K x K, the sum of x^T x
+        over the calibration inputs of a linear layer) is given for algorithm="gptq" only."""
         raise NotImplementedError
 
     def dequantize_weight(self, scheme: Scheme, q: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -188,3 +213,5 @@ def _check_common(s: Scheme) -> None:
         bad(f"compute_dtype={s.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
     if not s.qmin < s.qmax:
         bad(f"qmin={s.qmin} must be below qmax={s.qmax}")
+    if s.algorithm not in ALGORITHMS:
+        bad(f"algorithm={s.algorithm!r} is not one of {ALGORITHMS}")

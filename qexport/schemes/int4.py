@@ -1,20 +1,28 @@
-"""int4 family: groupwise asymmetric uint4 weights with zero points, two per byte; float activations.
+"""int4 family: groupwise uint4 weights with zero points, two per byte; float activations or dynamic
+per-token int8 activations.
 
-Scheme: int4_weight_only (group_size 32 / 64 / 128 / 256).
+Schemes: int4_weight_only (asymmetric, group_size 32 / 64 / 128 / 256), int8_dynamic_int4_weight
+("8da4w": symmetric weights, zero point 8, as XNNPACK's qd8 x qb4w kernels and torchao's 8da4w take
+them). Codes are chosen by round to nearest, HQQ or GPTQ (`algorithm`, schemes/algorithms.py); all
+three fill the same grid, which dequantize_weight reads.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping
 
 import torch
 
 from ..errors import InvalidSchemeError
+from . import algorithms as alg
 from .packing import grouped, pack_uint4, unpack_uint4
 from ._scheme import Scheme, SchemeMath
 from .registry import _register_builtin
 
 GROUP_SIZES = (32, 64, 128, 256)
+
+_QPARAMS = {"rtn": alg.rtn_qparams, "hqq": alg.hqq_qparams}
 
 
 class Int4Math(SchemeMath):
@@ -22,6 +30,7 @@ class Int4Math(SchemeMath):
     weight_roles = ("weight", "weight_scale", "weight_zero_point")
     supported_ops = frozenset({"linear", "embedding"})
     tolerance = 5e-2
+    algorithms = ("rtn", "hqq", "gptq")
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)
@@ -33,20 +42,26 @@ class Int4Math(SchemeMath):
             )
         if (s.qmin, s.qmax) != (0, 15):
             raise InvalidSchemeError(f"{s.name}: uint4 codes span qmin=0..qmax=15, got {s.qmin}..{s.qmax}")
-        if s.activation != "none":
-            raise InvalidSchemeError(f"{s.name}: int4 schemes are weight-only (activation='none')")
+        if s.activation not in ("none", "dynamic") or (
+            s.activation == "dynamic" and (s.act_dtype != "int8" or s.act_granularity != "per_token")
+        ):
+            raise InvalidSchemeError(
+                f"{s.name}: int4 schemes take float activations (activation='none') or dynamic per-token int8 "
+                f"ones (int8_dynamic_int4_weight)"
+            )
 
-    def quantize_weight(self, s: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = grouped(weight.detach().float(), s.group_size)
-        eps = torch.finfo(torch.float32).eps
-        if s.symmetric:
-            scale = (g.abs().amax(-1) / 7).clamp(min=eps)
+    def quantize_weight(
+        self, s: Scheme, weight: torch.Tensor, hessian: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        w = weight.detach().float().reshape(weight.shape[0], -1)
+        if s.algorithm == "gptq":
+            if hessian is None:
+                raise InvalidSchemeError(f"{s.name}: algorithm='gptq' needs the layer's calibration Hessian")
+            codes, scale, zero = alg.gptq(w, hessian, s.group_size, partial(alg.hqq_qparams, symmetric=s.symmetric))
         else:
-            mn, mx = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-            scale = ((mx - mn) / 15).clamp(min=eps)
-        scale = scale.to(torch.bfloat16).float()
-        zero = torch.full_like(scale, 8) if s.symmetric else torch.clamp(torch.round(-mn / scale), 0, 15)
-        codes = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, 15)
+            g = grouped(w, s.group_size)
+            scale, zero = _QPARAMS[s.algorithm](g, s.symmetric)
+            codes = alg.grid_codes(g, scale, zero)
         return {
             "weight": pack_uint4(codes.reshape(weight.shape[0], -1)),
             # bf16 scales (as torchao/tinygemm keep them): with f32 scales the metadata alone is 1/8 of
@@ -63,9 +78,15 @@ class Int4Math(SchemeMath):
 
 
 INT4 = Int4Math()
+_COMMON = dict(family="int4", weight_dtype="uint4", bits=4, granularity="per_group", qmin=0, qmax=15)
 # bf16 activations: aten._weight_int4pack_mm(_for_cpu) and tinygemm take bf16 (FINDINGS.md).
-INT4_WEIGHT_ONLY = Scheme(
-    name="int4_weight_only", family="int4", weight_dtype="uint4", bits=4, granularity="per_group",
-    group_size=128, symmetric=False, qmin=0, qmax=15, compute_dtype="bfloat16",
+INT4_WEIGHT_ONLY = Scheme(name="int4_weight_only", group_size=128, symmetric=False, compute_dtype="bfloat16", **_COMMON)
+# ExecuTorch's Llama recipe (8da4w, -G 128): per-token asymmetric int8 activations (XNNPACK's qd8) x
+# symmetric int4 weights (its qb4w blocks: bf16 scales, no per-block zero point); fp32 compute, as the
+# qd8-f32-qb4w kernels run.
+INT8_DYNAMIC_INT4_WEIGHT = Scheme(
+    name="int8_dynamic_int4_weight", group_size=128, symmetric=True, activation="dynamic", act_dtype="int8",
+    act_granularity="per_token", act_symmetric=False, compute_dtype="float32", **_COMMON,
 )
-_register_builtin(INT4_WEIGHT_ONLY, INT4)
+for _s in (INT4_WEIGHT_ONLY, INT8_DYNAMIC_INT4_WEIGHT):
+    _register_builtin(_s, INT4)

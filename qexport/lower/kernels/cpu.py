@@ -353,14 +353,31 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         words = _int4_words(unpack_uint4(ctx.tensor("weight")), ctx.tensor("weight_scale"), ctx.tensor("weight_zero_point"), gs)
         operands += [("weight_int4_words", words[0]), ("weight_int4_scale", words[1]), ("weight_int4_scale_zero", words[2])]
     kernels = _float_kernels(ctx, _INT4_ROLES, gemm)
+
     # The tensor-group-size form of aten._weight_int4pack_mm_for_cpu (what Inductor lowers that op to),
     # the group size a buffer: Inductor's lowering makes it a graph constant, which AOTInductor does not
     # declare inside torch.cond branches (torch 2.13: "true_graph_0_constant0 was not declared").
-    kernels["int4pack"] = lambda x, t: _plus_bias(torch.ops.quantized.int4mm_packed_weight_cpu(
-        x.to(cd).contiguous(), t["weight_int4pack"], t["weight_group_size"], t["weight_scales_and_zeros"]), t, cd)
-    # The reference rounds the activation to bf16 first; the sums are fp32 (closer to exact than bf16's).
-    kernels["int4_loop"] = lambda x, t: _plus_bias(_int4_loop(
-        x.to(cd).float(), t["weight_int4_words"], t["weight_int4_scale"], t["weight_int4_scale_zero"]), t, cd)
+    def int4mm(x: torch.Tensor, t: dict) -> torch.Tensor:
+        return torch.ops.quantized.int4mm_packed_weight_cpu(
+            x.contiguous(), t["weight_int4pack"], t["weight_group_size"], t["weight_scales_and_zeros"])
+
+    def int4pack(x: torch.Tensor, t: dict) -> torch.Tensor:
+        if scheme.activation == "none":
+            return _plus_bias(int4mm(x.to(cd), t), t, cd)
+        # int8_dynamic_int4_weight: the token's centred int8 codes (integers within +-255, exact in any
+        # float dtype) through the int4 GEMM, its scale applied after: the reference's numbers.
+        xf = x.float()
+        s, zp = act.dynamic_int8_qparams(xf, True)
+        return _plus_bias(int4mm((act.quantize_int8(xf, s, zp) - zp).to(cd), t) * s.to(cd), t, cd)
+
+    def int4_loop(x: torch.Tensor, t: dict) -> torch.Tensor:
+        xf = x.to(cd).float()  # the reference rounds the activation to the compute dtype first; sums are fp32
+        if scheme.activation != "none":  # 8da4w: the token's int8 grid, as the reference computes
+            xf = act.fake_quant_int8(xf, *map(_stored, act.dynamic_int8_qparams(xf, True)))
+        return _plus_bias(_int4_loop(xf, t["weight_int4_words"], t["weight_int4_scale"], t["weight_int4_scale_zero"]), t, cd)
+
+    kernels["int4pack"] = int4pack
+    kernels["int4_loop"] = int4_loop
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 

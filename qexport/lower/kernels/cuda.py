@@ -767,6 +767,8 @@ _INT4_ROLES = ("weight", "weight_scale", "weight_zero_point")
 
 @register_kernel("int4", "cuda", "linear")
 def int4_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
+    if ctx.scheme.activation != "none":
+        return None  # int8_dynamic_int4_weight: these kernels take float activations
     if triton is None:
         return Decline("Triton is not installed")
     declined = _check_linear(ctx, 32)
