@@ -13,6 +13,7 @@ from .errors import ExportError
 from .quantize import quantized_modules
 from .passes import canonicalize_region_operands, name_regions
 from .regions import iter_region_nodes
+from .signature import names_from_dynamic_shapes, record_dim_names
 
 
 def export(
@@ -54,6 +55,7 @@ def export(
     validate.check_region_inputs(ep)
     canonicalize_region_operands(ep)
     name_regions(ep)
+    record_dim_names(ep, names_from_dynamic_shapes(ep, model.forward, args, dict(kwargs or {}), dynamic_shapes))
     return ep
 
 

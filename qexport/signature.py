@@ -6,12 +6,71 @@ compiled file (an AOTI package has no graph to ask) can still check a request be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 #: what a dynamic dim's upper bound is recorded as when it has none
 UNBOUNDED = None
+#: key in `graph_module.meta["custom"]` (which torch's serializer keeps) holding {torch symbol: the
+#: user's name for that dim}; copied into every manifest as `extra["dim_names"]`
+DIM_NAMES_META = "qexport.dim_names"
+
+
+def dim_names(ep: torch.export.ExportedProgram) -> dict[str, str]:
+    """{torch symbol (`s77`): name} recorded on the program by `qexport.export` or the CLI."""
+    names = ep.graph_module.meta.get("custom", {}).get(DIM_NAMES_META)
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+
+def record_dim_names(ep: torch.export.ExportedProgram, names: dict[str, str]) -> None:
+    if names:
+        ep.graph_module.meta.setdefault("custom", {})[DIM_NAMES_META] = {**dim_names(ep), **names}
+
+
+def names_from_dynamic_shapes(
+    ep: torch.export.ExportedProgram, forward: Any, args: tuple, kwargs: Mapping[str, Any], dynamic_shapes: Any
+) -> dict[str, str]:
+    """{symbol: name} for every dim the user gave a named `torch.export.Dim` (torch names its symbols
+    `s77` and keeps no trace of the user's names in the program)."""
+    import inspect
+
+    from torch.utils import _pytree as pytree
+
+    if dynamic_shapes is None:
+        return {}
+    by_tensor: dict[int, Any] = {}
+
+    def walk(value: Any, spec: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            by_tensor[id(value)] = spec
+        elif isinstance(value, (list, tuple)) and isinstance(spec, (list, tuple)):
+            for v, s in zip(value, spec):
+                walk(v, s)
+        elif isinstance(value, Mapping) and isinstance(spec, Mapping):
+            for k, v in value.items():
+                walk(v, spec.get(k))
+
+    if isinstance(dynamic_shapes, Mapping):  # keyed by forward's parameter names, as torch.export takes it
+        try:
+            bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            bound = dict(kwargs)
+        walk(dict(bound), dynamic_shapes)
+    elif isinstance(dynamic_shapes, (list, tuple)):
+        walk((*args, *kwargs.values()), tuple(dynamic_shapes))
+    leaves = [x for x in pytree.tree_leaves((args, dict(kwargs))) if isinstance(x, torch.Tensor)]
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    names: dict[str, str] = {}
+    for leaf, val in zip(leaves, [v for v in vals if isinstance(v, torch.Tensor)]):
+        spec = by_tensor.get(id(leaf))
+        items = spec.items() if isinstance(spec, Mapping) else enumerate(spec) if isinstance(spec, (list, tuple)) else ()
+        for d, dim in items:
+            name = getattr(dim, "__name__", None)  # a named Dim; Dim.DYNAMIC / AUTO carry none
+            if isinstance(d, int) and d < val.dim() and isinstance(name, str) and not isinstance(val.shape[d], int):
+                names.setdefault(str(val.shape[d]), name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -88,6 +147,7 @@ def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = 
     from .errors import ArtifactError
 
     user = set(ep.graph_signature.user_inputs)
+    names = dim_names(ep)
     out = []
     for node in ep.graph.nodes:
         if node.op != "placeholder" or node.name not in user:
@@ -96,11 +156,11 @@ def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = 
         if require_tensors and not isinstance(val, torch.Tensor):
             raise ArtifactError(f"input {node.name} is not a tensor ({type(val).__name__}); verify and bench need tensor inputs")
         if isinstance(val, torch.Tensor):
-            out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep) for d in val.shape)))
+            out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep, names) for d in val.shape)))
     return out
 
 
-def _dim(d: Any, ep: torch.export.ExportedProgram) -> DimSpec:
+def _dim(d: Any, ep: torch.export.ExportedProgram, names: dict[str, str]) -> DimSpec:
     if isinstance(d, int):
         return DimSpec(size=d)
     expr = d.node.expr
@@ -110,4 +170,4 @@ def _dim(d: Any, ep: torch.export.ExportedProgram) -> DimSpec:
         hi = int(vr.upper) if vr is not None else UNBOUNDED
     except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's / torch's infinity
         hi = UNBOUNDED
-    return DimSpec(name=str(expr), min=lo, max=hi)
+    return DimSpec(name=names.get(str(expr), str(expr)), min=lo, max=hi)

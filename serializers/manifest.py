@@ -202,10 +202,12 @@ class Manifest:
             raise ArtifactError(f"manifest extra fields must be JSON-serializable: {e}") from None
         import qexport
 
-        from qexport.signature import program_inputs
+        from qexport.signature import dim_names, program_inputs
 
         # what a runtime holding only the compiled file needs to check a request (qexport.serve)
         extra.setdefault("inputs", [i.to_json() for i in program_inputs(ep)])
+        if names := dim_names(ep):  # the user's names for torch's symbols, for tables (qexport inspect)
+            extra.setdefault("dim_names", names)
         if (generation := ep.graph_module.meta.get("custom", {}).get(GENERATION_META)) is not None:
             extra.setdefault("generation", generation)
         tensors = _program_tensors(ep)

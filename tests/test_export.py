@@ -194,3 +194,28 @@ def test_export_restores_each_modules_mode():
     assert model.training and not model[1].training and model[0].training
     dropouts = [n for n in qexport.export(model, (torch.randn(2, 8),)).graph.nodes if n.target == torch.ops.aten.dropout.default]
     assert all(n.args[2] is False for n in dropouts)  # traced in eval mode
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_dim_names_reach_every_manifest(form, tmp_path):
+    """Named torch.export.Dims replace torch's symbols in the .pt2 manifest, survive load, and reach
+    the artifacts lowered from it (inputs named, dim_names recorded)."""
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x, mask):
+            return self.fc(x) * mask[..., :1]
+
+    model = qexport.quantize(TwoInputs(), "int8_dynamic")
+    batch, seq = Dim("batch"), Dim("seq", max=64)
+    spec = {0: batch, 1: seq}
+    shapes = (spec, spec) if form == "tuple" else {"x": spec, "mask": spec}
+    ep = qexport.export(model, (torch.randn(2, 5, 16),), {"mask": torch.ones(2, 5, 3)}, dynamic_shapes=shapes)
+    qexport.save(ep, tmp_path / "m.pt2")
+    assert sorted(qexport.inspect(tmp_path / "m.pt2").extra["dim_names"].values()) == ["batch", "seq"]
+    qexport.to_onnx(qexport.load(tmp_path / "m.pt2"), tmp_path / "m.onnx")
+    inputs = qexport.inspect(tmp_path / "m.onnx").extra["inputs"]
+    assert [[d if isinstance(d, int) else d["name"] for d in i["shape"]] for i in inputs] == [["batch", "seq", 16], ["batch", "seq", 3]]
+    assert inputs[0]["shape"][1]["max"] == 64

@@ -117,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
         ep = export(model, example, dynamic_shapes=dynamic_shapes(dims), strict=args.strict)
     names = symbol_names(ep, dims)
     with progress.step(f"saving {out}"):
-        save(ep, out, extra={"dim_names": names} if names else None)
+        from ..signature import record_dim_names
+
+        record_dim_names(ep, names)  # in the program, so every artifact lowered from this .pt2 has them
+        save(ep, out)
     print(model.qexport_summary)
     print_regions(ep, names)
     shown = ["x".join(d.get(i, str(n)) for i, n in enumerate(s.shape)) + ":" + str(s).split(":", 1)[1]
