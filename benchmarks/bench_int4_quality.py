@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import qexport  # noqa: E402
-from _minilm import CALIBRATION, SENTENCES, cosine, load_model, load_tokenizer, tokenize  # noqa: E402
-from bench_numerics import embed, nearest_neighbours, weight_bytes  # noqa: E402
+from _minilm import CALIBRATION, SENTENCES, load_model, load_tokenizer, tokenize  # noqa: E402
+from bench_numerics import embed, nearest_neighbours, quality  # noqa: E402
 from qexport.quantize import quantized_modules  # noqa: E402
 
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -58,16 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             qexport.quantize(model, qexport.schemes.get(name, group_size=group), algorithm=algorithm,
                              calibration_data=calib if algorithm == "gptq" else None)
             t_quant = time.perf_counter() - t0
-            e = embed(model, tokens)
-            cos = cosine(e, ref)
-            qb, fb = weight_bytes(model)
             algs = sorted({m.scheme.algorithm for _, m in quantized_modules(model)})
             rows.append({
                 "scheme": name, "group_size": group, "algorithm": algorithm, "region_algorithms": algs,
                 "modules": "all supported" if name == "int4_weight_only" else "Linear (embeddings take no activation scheme)",
-                "cos_mean": cos.mean().item(), "cos_min": cos.min().item(),
-                "nn_agree": (nearest_neighbours(e) == ref_nn).float().mean().item(),
-                "max_abs": (e - ref).abs().max().item(), "weight_ratio": qb / fb, "quantize_s": t_quant,
+                **quality(model, tokens, ref, ref_nn, t_quant),
             })
             print(f"{name} g{group} {algorithm}: cos mean {rows[-1]['cos_mean']:.5f} ({t_quant:.0f} s)", file=sys.stderr)
     print(f"all-MiniLM-L6-v2, {len(SENTENCES)} sentences, gptq calibrated on {len(CALIBRATION)} others; "

@@ -58,6 +58,18 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return sum(m.quantized_bytes() for m in mods), sum(m.float_bytes() for m in mods)
 
 
+def quality(model: torch.nn.Module, tokens: dict[str, torch.Tensor], ref: torch.Tensor, ref_nn: torch.Tensor,
+            quantize_s: float) -> dict[str, float]:
+    """What every MiniLM quality row reports: sentence cosine vs fp32, nearest-neighbour agreement,
+    the largest embedding change, the weight-bytes ratio."""
+    e = embed(model, tokens)
+    cos = cosine(e, ref)
+    qb, fb = weight_bytes(model)
+    return {"cos_mean": cos.mean().item(), "cos_min": cos.min().item(),
+            "nn_agree": (nearest_neighbours(e) == ref_nn).float().mean().item(),
+            "max_abs": (e - ref).abs().max().item(), "weight_ratio": qb / fb, "quantize_s": quantize_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
@@ -77,21 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         qexport.quantize(model, scheme, filter_fn=linear_only if lin_only else None,
                          calibration_data=calib if scheme.activation == "static" else None)
         t_quant = time.perf_counter() - t0
-        e = embed(model, tokens)
-        cos = cosine(e, ref)
-        qb, fb = weight_bytes(model)
-        rows.append({
-            "scheme": scheme.describe(),
-            "name": name,
-            "params": params,
-            "modules": "Linear only" if lin_only else "all supported",
-            "cos_mean": cos.mean().item(),
-            "cos_min": cos.min().item(),
-            "nn_agree": (nearest_neighbours(e) == ref_nn).float().mean().item(),
-            "max_abs": (e - ref).abs().max().item(),
-            "weight_ratio": qb / fb,
-            "quantize_s": t_quant,
-        })
+        rows.append({"scheme": scheme.describe(), "name": name, "params": params,
+                     "modules": "Linear only" if lin_only else "all supported",
+                     **quality(model, tokens, ref, ref_nn, t_quant)})
         print(f"{name} {params}: cos mean {rows[-1]['cos_mean']:.5f}", file=sys.stderr)
     print(f"all-MiniLM-L6-v2, {len(SENTENCES)} sentences (padded batch {tuple(tokens['input_ids'].shape)}), "
           f"torch {torch.__version__}, {platform.machine()} {os.cpu_count()} cores\n")
