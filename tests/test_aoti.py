@@ -154,17 +154,18 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
 
 
 def test_int8_dynamic_int4_weight_cpu_kernel_is_the_reference_at_every_row_count():
-    """8da4w on CPU: the int4pack kernel on the token's centred int8 codes (small M) and the fp32 GEMM on
-    weights decoded at compile time (large M) both give the eager reference's numbers."""
+    """8da4w on CPU: the int4pack kernel on the token's centred int8 codes (small M; tinygemm's fast path
+    takes its group scales in bfloat16, so within bfloat16's rounding) and the fp32 GEMM on weights
+    decoded at compile time (large M: the eager reference's numbers)."""
     x = torch.randn(4, 64)
     model = quantized(MLP(), scheme_for("int8_dynamic_int4_weight"), x)
     ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
     lowered, decisions = apply_kernels(ep, "cpu")
     assert len(decisions) == 2 and all(d.taken and "int4pack" in d.kernel for d in decisions)
     assert sum(1 for _ in iter_region_nodes(lowered)) == 0
-    for rows in (1, 3, 200):
+    for rows, tol in ((1, 1e-2), (3, 1e-2), (200, 1e-5)):
         x2 = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
-        assert rel_err(lowered.module()(x2), model(x2)) <= 1e-5, rows
+        assert rel_err(lowered.module()(x2), model(x2)) <= tol, rows
 
 
 def test_int8_weight_only_uses_bf16_activations(built):
