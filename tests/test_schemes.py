@@ -186,3 +186,21 @@ def test_user_scheme_reusing_a_builtin_family():
 def test_describe():
     assert qexport.schemes.get("int4_weight_only").describe() == "int4_weight_only(g128, asym, bf16)"
     assert "act=dynamic:per_token" in qexport.schemes.get("int8_dynamic").describe()
+
+
+def test_weight_only_embedding_region_decodes_only_the_rows_it_gathers():
+    """The embedding reference gathers quantized rows before dequantizing (what keeps an int4 table's
+    lookup from decoding the whole table): same numbers as decoding the table, and no full-size
+    decoded table anywhere in the exported region."""
+    table = torch.nn.Embedding(1000, 128)
+    ids = torch.tensor([[3, 999, 0, 3]])
+    for name in ("int8_weight_only", "int4_weight_only"):
+        q = qexport.quantize(torch.nn.Sequential(table), name)
+        region = q[0]
+        full = qexport.schemes.math_for(region.scheme).dequantize_weight(
+            region.scheme, {r: getattr(region, r) for r in region.roles}, region.weight_shape)
+        assert torch.equal(q(ids), full.to(region.scheme.torch_compute_dtype)[ids].float()), name
+        ep = qexport.export(q, (ids,))
+        sizes = [n.meta["val"].numel() for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+                 for n in m.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)]
+        assert max(sizes) < 1000 * 128 // 2, name  # nothing table-sized beyond the packed codes themselves

@@ -51,8 +51,19 @@ def make_region_fn(
     shape = tuple(weight_shape)
     out_dtype = getattr(torch, op_params.get("out_dtype", "float32"))
 
+    # A weight-only table gathers the quantized rows its indices select, then dequantizes only those:
+    # the same numbers, but Inductor does not fuse a full-table decode into the lookup for packed codes
+    # (an int4 32000 x 768 table: 8 ms per token decoding all of it, vs 0.014 ms for int8's fused load).
+    rows_first = op == "embedding" and scheme.activation == "none" and scheme.family != "fp8" and len(shape) == 2
+
     def region(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor]:
         t = dict(zip(roles, tensors))
+        if rows_first:
+            flat = x.reshape(-1)
+            rows = {r: v.index_select(0, flat) if r != "bias" and v.dim() > 0 and v.shape[0] == shape[0] else v
+                    for r, v in t.items()}
+            w = math.dequantize_weight(scheme, rows, (flat.shape[0], shape[1])).to(cd)
+            return (w.reshape(*x.shape, shape[1]).to(out_dtype),)
         w = math.dequantize_weight(scheme, t, shape).to(cd)
         if op == "embedding":
             return (apply_op(op, op_params, x, w, None).to(out_dtype),)
