@@ -6,7 +6,8 @@ compiled file (an AOTI package has no graph to ask) can still check a request be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -60,16 +61,28 @@ def names_from_dynamic_shapes(
     elif isinstance(dynamic_shapes, (list, tuple)):
         walk((*args, *kwargs.values()), tuple(dynamic_shapes))
     leaves = [x for x in pytree.tree_leaves((args, dict(kwargs))) if isinstance(x, torch.Tensor)]
+    per_input = []
+    for leaf in leaves:
+        spec = by_tensor.get(id(leaf))
+        items = spec.items() if isinstance(spec, Mapping) else enumerate(spec) if isinstance(spec, (list, tuple)) else ()
+        # a named Dim carries its name; Dim.DYNAMIC / AUTO carry none
+        per_input.append({d: dim.__name__ for d, dim in items if isinstance(d, int) and isinstance(getattr(dim, "__name__", None), str)})
+    return symbol_names(ep, per_input)
+
+
+_SYMBOL = re.compile(r"s\d+")
+
+
+def symbol_names(ep: torch.export.ExportedProgram, per_input: Sequence[Mapping[int, str]]) -> dict[str, str]:
+    """{torch symbol: name} from {dim: name} per tensor user input, in order (the first name given to a
+    symbol wins: dims torch found equal share one symbol)."""
     user = set(ep.graph_signature.user_inputs)
     vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     names: dict[str, str] = {}
-    for leaf, val in zip(leaves, [v for v in vals if isinstance(v, torch.Tensor)]):
-        spec = by_tensor.get(id(leaf))
-        items = spec.items() if isinstance(spec, Mapping) else enumerate(spec) if isinstance(spec, (list, tuple)) else ()
-        for d, dim in items:
-            name = getattr(dim, "__name__", None)  # a named Dim; Dim.DYNAMIC / AUTO carry none
-            if isinstance(d, int) and d < val.dim() and isinstance(name, str) and not isinstance(val.shape[d], int):
-                names.setdefault(str(val.shape[d]), name)
+    for val, dims in zip([v for v in vals if isinstance(v, torch.Tensor)], per_input):
+        for d, name in dims.items():
+            if d < val.dim() and _SYMBOL.fullmatch(sym := str(val.shape[d])):
+                names.setdefault(sym, name)
     return names
 
 

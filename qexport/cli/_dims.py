@@ -82,24 +82,6 @@ def dynamic_shapes(per_input: Sequence[Mapping[int, str]]) -> tuple[dict[int, ob
     return tuple({d: torch.export.Dim.DYNAMIC for d in dims} for dims in per_input)
 
 
-def symbol_names(ep: torch.export.ExportedProgram, per_input: Sequence[Mapping[int, str]]) -> dict[str, str]:
-    """{torch symbol: name} from the user-input placeholders' shapes (the first name given to a
-    symbol wins: dims torch found equal share one symbol)."""
-    from torch.export.graph_signature import InputKind
-
-    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    names: dict[str, str] = {}
-    for node_name, dims in zip(user, per_input):
-        val = nodes[node_name].meta.get("val")
-        for d, name in dims.items():
-            if isinstance(val, torch.Tensor) and d < val.dim():
-                sym = str(val.shape[d])
-                if _SYMBOL.fullmatch(sym):
-                    names.setdefault(sym, name)
-    return names
-
-
 def rename(text: str, names: Mapping[str, str]) -> str:
     """`s77*s53` -> `batch*seq` with the recorded names (symbols without one are left as they are)."""
     return _SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), text) if names else text

@@ -14,7 +14,7 @@ from ._common import (
     INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, input_path, output_path,
     parse_input_spec, parse_scheme_args, stage,
 )
-from ._dims import DYNAMIC_HELP, dynamic_shapes, parse_dynamic, rename, resolve, symbol_names, traced_shape
+from ._dims import DYNAMIC_HELP, dynamic_shapes, parse_dynamic, rename, resolve, traced_shape
 from ..table import format_table
 
 #: random calibration batches when --calibrate is given without a file
@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         from ..export import export
 
         ep = export(model, example, dynamic_shapes=dynamic_shapes(dims), strict=args.strict)
+    from ..signature import symbol_names
+
     names = symbol_names(ep, dims)
     with progress.step(f"saving {out}"):
         from ..signature import record_dim_names
