@@ -179,7 +179,7 @@ def plot_llm(data: dict[str, Any], out: Path) -> list[Path]:
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle(f"Llama {meta['params'] / 1e6:.0f} M, batch 1, {meta['threads']} thread, greedy: speed vs fp32 AOTI "
-                 f"(ratios of one interleaved run on a shared machine)\n{_machine(data)}", fontsize=9)
+                 f"(ratios of one interleaved run)\n{_machine(data)}", fontsize=9)
     path = out / "llm_speed.png"
     _save(fig, path)
     return [path]
