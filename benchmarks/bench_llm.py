@@ -16,7 +16,7 @@ that rotates between rounds, so machine load drifts hit every variant alike; med
 Artifacts are kept in `--work` and reused by later runs (delete them after changing the code).
 
     .venv/bin/python benchmarks/bench_llm.py [--layers 12] [--rounds 5] [--prompt 32] [--new 32] [--threads 1]
-        [--work /tmp/bench_llm] [--json benchmarks/results/llm.json]
+        [--work /tmp/bench_llm] [--json benchmarks/results/llm.json] [--extra LABEL=PATH ...]
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def main() -> None:
                     help="torch intra-op and XNNPACK threads (default 1: on a shared machine more threads add noise)")
     ap.add_argument("--work", default="/tmp/bench_llm")
     ap.add_argument("--only", default=None, help="comma-separated substrings of variant labels to keep")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
+                    help="also time an artifact built elsewhere (e.g. by the code before a change, or with "
+                         "other compile options) in the same interleaved rounds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,6 +176,10 @@ def main() -> None:
         info["bytes"] = path.stat().st_size
         built[label] = (path, kind, info)
         print(f"  {path.name}: {info}", flush=True)
+    for extra in args.extra:
+        label, _, file = extra.partition("=")
+        path = Path(file)
+        built[label] = (path, "aoti" if path.suffix == ".pt2" else "pte", {"bytes": path.stat().st_size, "built": "elsewhere"})
 
     spec = GenerationSpec(max_cache_len=CACHE, vocab_size=32000)
     loaded = {label: open_runner(path, kind) for label, (path, kind, _) in built.items()}

@@ -32,7 +32,8 @@ SCHEMES = qexport.schemes.builtin_names()
 # per forced ISA; here the package must record the plan the table gives for this machine.
 CPU_FAMILY = {
     "int8_weight_only": "int8_weight_only", "int4_weight_only": "int4", "int8_dynamic": "int8_activations",
-    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None, "int8_dynamic_int4_weight": "int4",
+    "int8_static": "int8_activations", "fp8_e4m3": "fp8", "nf4": None,
+    "int8_dynamic_int4_weight": "int8_dynamic_int4_weight",
 }
 
 
@@ -153,19 +154,44 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
     assert sum(1 for _ in iter_region_nodes(ep)) == 14 and "blocks.0.q.weight" in ep.state_dict
 
 
-def test_int8_dynamic_int4_weight_cpu_kernel_is_the_reference_at_every_row_count():
-    """8da4w on CPU: the int4pack kernel on the token's centred int8 codes (small M; tinygemm's fast path
-    takes its group scales in bfloat16, so within bfloat16's rounding) and the fp32 GEMM on weights
-    decoded at compile time (large M: the eager reference's numbers)."""
+AVX2_TARGET = CPUTarget("x86_64", "AVX2", "x86-64-v3", ("avx", "avx2", "fma3"), forced=True)
+VNNI_TARGET = CPUTarget("x86_64", "AVX512", "native", ("avx2", "avx512_bf16", "avx512_f", "avx512_vnni"))
+
+
+@pytest.mark.parametrize("target", [AVX2_TARGET, VNNI_TARGET], ids=["avx2", "avx512_vnni_bf16"])
+def test_int8_dynamic_int4_weight_cpu_kernel_is_the_reference_at_every_row_count(monkeypatch, target):
+    """8da4w on CPU: tinygemm on the token's centred int8 codes (within bfloat16's rounding: its fast path
+    takes bf16 group scales and writes bf16) at every row count where it beats the fp32 GEMM (AVX-512:
+    all, so the package holds only int4 weights), the fp32 GEMM on weights decoded at compile time above
+    that on AVX2 (the eager reference's numbers)."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
     x = torch.randn(4, 64)
     model = quantized(MLP(), scheme_for("int8_dynamic_int4_weight"), x)
     ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
     lowered, decisions = apply_kernels(ep, "cpu")
     assert len(decisions) == 2 and all(d.taken and "int4pack" in d.kernel for d in decisions)
     assert sum(1 for _ in iter_region_nodes(lowered)) == 0
-    for rows, tol in ((1, 1e-2), (3, 1e-2), (200, 1e-5)):
+    decoded = [k for k in lowered.state_dict if k.endswith("weight_float32")]
+    lean = target is VNNI_TARGET
+    assert [b["max_m"] for b in decisions[0].details["plan"]] == ([None] if lean else [1, 24, None])
+    assert not decoded if lean else len(decoded) == 2
+    for rows in (1, 3, 25, 200):
         x2 = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        tol = 1e-5 if rows > 24 and not lean else 1e-2
         assert rel_err(lowered.module()(x2), model(x2)) <= tol, rows
+
+
+def test_int8_dynamic_int4_weight_stores_each_tokens_qparams_once(monkeypatch):
+    """The tinygemm path's per-token scale and zero point pass through `_stored` (one buffer per row,
+    not recomputed inside the vector loop that rounds the activation), as every activation kernel's do."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: VNNI_TARGET)
+    x = torch.randn(4, 64)
+    model = quantized(MLP(), scheme_for("int8_dynamic_int4_weight"), x)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+    lowered, _ = apply_kernels(ep, "cpu")
+    stored = [n for m in lowered.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+              for n in m.graph.nodes if n.target == torch.ops.prims.inductor_force_stride_order.default]
+    assert len(stored) == 2 * 2  # scale and zero point, per region
 
 
 def test_int8_weight_only_uses_bf16_activations(built):

@@ -55,6 +55,7 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
     "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(24, "int8pack"), (None, "float_weights")]},
     "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
+    "int8_dynamic_int4_weight": {AVX512_VNNI_BF16: [(None, "int4pack")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
     "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(None, "float_weights")]},
     "fp8": {AVX512_VNNI_BF16: [(None, "float_weights")], AVX2: [(None, "float_weights")]},
 }
@@ -335,7 +336,7 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         return declined
     cd = scheme.torch_compute_dtype
     target = compile_target()
-    plan = cpu_plan("int4", ctx, target)
+    plan = cpu_plan("int4" if scheme.activation == "none" else "int8_dynamic_int4_weight", ctx, target)
     gemm = gemm_dtype(target, cd)
     gs = scheme.group_size
     if not _int4_loop_fits(ctx.tensor("weight_scale").shape[-1] * gs, gs):
@@ -370,7 +371,7 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         # int8_dynamic_int4_weight: the token's centred int8 codes (integers within +-255, exact in any
         # float dtype) through the int4 GEMM, its scale applied after: the reference's numbers.
         xf = x.float()
-        s, zp = act.dynamic_int8_qparams(xf, True)
+        s, zp = map(_stored, act.dynamic_int8_qparams(xf, True))
         return _plus_bias((int4mm((act.quantize_int8(xf, s, zp) - zp).to(pack_dtype), t).float() * s).to(cd), t, cd)
 
     def int4_loop(x: torch.Tensor, t: dict) -> torch.Tensor:
