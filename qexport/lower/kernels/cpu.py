@@ -173,13 +173,23 @@ def fp8_e4m3_round(v: torch.Tensor) -> torch.Tensor:
     value `v.to(torch.float8_e4m3fn).float()` gives, by arithmetic Inductor vectorises.
 
     Why: Inductor's C++ converts to fp8 one element at a time (3.8 ms for a [512, 2048] activation with
-    AVX2, 8 % of that layer's fp32 GEMM, which made fp8 0.93x fp32); this costs what int8 rounding does.
-    The step between e4m3 values near v is 2^(max(exponent(v), -6) - 3) (3 mantissa bits; below 2^-6 the
-    subnormals' fixed step 2^-9); dividing by a power of two is exact and torch.round rounds half to even.
+    AVX2, 8 % of that layer's fp32 GEMM, which made fp8 0.93x fp32), and reading the exponent through
+    `view(torch.int32)` is a scalar loop too (no vector bitcast in torch 2.13's C++ codegen). Veltkamp's
+    split does it in four vector operations: with t = v * (2^20 + 1), t - (t - v) is v rounded to
+    24 - 20 = 4 significant bits (e4m3's 1 + 3), to nearest, ties to even, as long as every operation
+    is rounded (no FMA contraction: `INDUCTOR_OPTIONS`); below 2^-6 e4m3's subnormals have the fixed
+    step 2^-9, and multiplying by a power of two is exact.
     """
-    exponent = ((v.view(torch.int32) >> 23) & 0xFF) - 127
-    step = ((torch.clamp(exponent, min=-6) - 3 + 127) << 23).view(torch.float32)
-    return torch.round(v / step) * step
+    t = v * _VELTKAMP_E4M3
+    normal = t - (t - v)
+    subnormal = torch.round(v * 512.0) * (1.0 / 512)
+    return torch.where(v.abs() < 2.0**-6, subnormal, normal)
+
+
+_VELTKAMP_E4M3 = float(2**20 + 1)
+#: Inductor configs these kernels rely on (`compile` puts the caller's options over them): every
+#: floating-point operation rounded on its own, never fused into an FMA (`fp8_e4m3_round`).
+INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off"}
 
 
 def _dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
@@ -204,6 +214,8 @@ def _float_kernels(ctx: KernelContext, roles: tuple[str, ...], gemm: torch.dtype
     int8_dynamic = scheme.activation == "dynamic" and not fp8
 
     def activation(x: torch.Tensor, t: dict) -> torch.Tensor:
+        if fp8 or int8_dynamic:
+            x = _stored(x)
         if fp8:
             xq = _dynamic_fp8(x, per_token)
         elif int8_dynamic:  # act.dynamic_int8, its parameters stored once per row
