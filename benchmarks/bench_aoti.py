@@ -47,6 +47,7 @@ SCHEMES = [
     ("int8_dynamic", {}),
     ("int8_static", {}),
     ("fp8_e4m3", {}),
+    ("int8_dynamic_int4_weight", {"group_size": 32}),
 ]
 EMULATE = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 

@@ -177,7 +177,7 @@ def main() -> None:
         built[label] = (path, kind, info)
         print(f"  {path.name}: {info}", flush=True)
     for extra in args.extra:
-        label, _, file = extra.partition("=")
+        label, _, file = extra.rpartition("=")
         path = Path(file)
         built[label] = (path, "aoti" if path.suffix == ".pt2" else "pte", {"bytes": path.stat().st_size, "built": "elsewhere"})
 
