@@ -181,17 +181,20 @@ def test_int8_dynamic_int4_weight_cpu_kernel_is_the_reference_at_every_row_count
         assert rel_err(lowered.module()(x2), model(x2)) <= tol, rows
 
 
-def test_int8_dynamic_int4_weight_stores_each_tokens_qparams_once(monkeypatch):
-    """The tinygemm path's per-token scale and zero point pass through `_stored` (one buffer per row,
-    not recomputed inside the vector loop that rounds the activation), as every activation kernel's do."""
-    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: VNNI_TARGET)
+@pytest.mark.parametrize("target, per_region", [(VNNI_TARGET, 2), (AVX2_TARGET, 3 + 2 + 3)], ids=["avx512_vnni_bf16", "avx2"])
+def test_int8_dynamic_int4_weight_stores_each_tokens_qparams_once(monkeypatch, target, per_region):
+    """Every 8da4w kernel's per-token scale and zero point pass through `_stored` (one buffer per row,
+    not recomputed inside the vector loop that rounds the activation), as every activation kernel's do;
+    the one-row int4 loop (AVX2) and the fp32 GEMM store the rounded / incoming activation too (the loop
+    reads it once per output channel: left inline, 8da4w's loop ran at 3x int4 weight-only's time)."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
     x = torch.randn(4, 64)
     model = quantized(MLP(), scheme_for("int8_dynamic_int4_weight"), x)
     ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
     lowered, _ = apply_kernels(ep, "cpu")
     stored = [n for m in lowered.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
               for n in m.graph.nodes if n.target == torch.ops.prims.inductor_force_stride_order.default]
-    assert len(stored) == 2 * 2  # scale and zero point, per region
+    assert len(stored) == 2 * per_region  # tinygemm: scale and zero point; loop and fp32 GEMM: those and the activation
 
 
 def test_int8_weight_only_uses_bf16_activations(built):

@@ -390,7 +390,9 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         xf = x.to(cd).float()  # the reference rounds the activation to the compute dtype first; sums are fp32
         if scheme.activation != "none":  # 8da4w: the token's int8 grid, as the reference computes
             xf = act.fake_quant_int8(xf, *map(_stored, act.dynamic_int8_qparams(xf, True)))
-        return _plus_bias(_int4_loop(xf, t["weight_int4_words"], t["weight_int4_scale"], t["weight_int4_scale_zero"]), t, cd)
+        # Stored once: the loop reads the activation once per output channel, and Inductor inlined the
+        # rounding into every read (8da4w on 4 x Linear(2048), AVX2: 3.8 ms, 3x int4 weight-only's loop).
+        return _plus_bias(_int4_loop(_stored(xf), t["weight_int4_words"], t["weight_int4_scale"], t["weight_int4_scale_zero"]), t, cd)
 
     kernels["int4pack"] = int4pack
     kernels["int4_loop"] = int4_loop
