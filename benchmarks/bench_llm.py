@@ -17,6 +17,11 @@ Artifacts are kept in `--work` and reused by later runs (delete them after chang
 
     .venv/bin/python benchmarks/bench_llm.py [--layers 12] [--rounds 5] [--prompt 32] [--new 32] [--threads 1]
         [--work /tmp/bench_llm] [--json benchmarks/results/llm.json]
+
+`--gpu` (on a CUDA machine) runs the GPU comparison instead: bf16 AOTI vs int4 g128 (and int8)
+weight-only AOTI CUDA packages of `GPU_CONFIG`, each decoded as CUDA-graph replays and per call:
+
+    python3 benchmarks/bench_llm.py --gpu --only bf16,int4 --rounds 3 --json benchmarks/results/llm_gpu_h200.json
 """
 
 from __future__ import annotations

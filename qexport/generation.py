@@ -412,6 +412,7 @@ class CudaGraphDecoder:
         #: hist[p] = the token generated for position p
         self.hist = torch.zeros(spec.max_cache_len + 1, dtype=torch.long, device=runner.device)
         self.graph: Any = None
+        self._keep: list[torch.Tensor] = []  # the captured step's outputs, in the graph's memory pool
 
     def _step(self) -> None:
         out = self.runner.call([self.ids, self.pos])
@@ -419,7 +420,7 @@ class CudaGraphDecoder:
         self.pos.add_(1)
         self.hist.index_copy_(0, self.pos, token)
         self.ids.copy_(token.reshape(1, 1))
-        self._keep = out  # outputs captured in the graph's pool stay referenced
+        self._keep = out
 
     def run(self, token: int, position: int, steps: int, eos: set[int]) -> list[int]:
         """The `steps` tokens after `token`, which sits at `position` (fewer if one is in `eos`)."""
