@@ -10,7 +10,7 @@ import types
 from .errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
     GenerationError, IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NotALanguageModelError,
-    NothingToQuantizeError, QExportError,
+    NothingToQuantizeError, QExportError, QuantizedWeightError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
     UnsupportedVersionError, UsageError,
 )
@@ -83,7 +83,7 @@ __all__ = [
     "ExportError", "GenerationError", "GenerationResult", "GenerationSpec",
     "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError",
     "NotALanguageModelError", "NothingToQuantizeError",
-    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "RegionPlan",
+    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "QuantizedWeightError", "Region", "RegionFormatError", "RegionPlan",
     "Scheme", "SchemeError", "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError",
     "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "export_lm", "generate", "inspect", "invoke_quant", "load",
     "load_compiled", "plan_regions", "quantize", "regions", "register_backend", "register_lowering", "save", "schemes",

@@ -45,6 +45,11 @@ def export(
     finally:
         for m, training in modes.items():
             m.training = training
+    if strict:
+        # Dynamo cannot build the value-less stand-in a quantized layer's `.weight` answers with, so
+        # there it is a `torch.empty` (QuantizedModule.weight), dead once only its metadata was read
+        ep.graph_module.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
     expected = len(quantized_modules(model))
     found = sum(1 for _ in iter_region_nodes(ep))
     if found < expected:
