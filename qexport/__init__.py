@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "export": "qexport.export",
     "quantize": "qexport.quantize", "QuantizedModule": "qexport.quantize", "QuantizationSummary": "qexport.quantize",
-    "LayerDecision": "qexport.quantize",
+    "LayerDecision": "qexport.quantize", "FloatWeightStandIn": "qexport.quantize",
     "Region": "qexport.regions", "invoke_quant": "qexport.regions", "regions": "qexport.regions",
     "Scheme": "qexport.schemes", "SchemeMath": "qexport.schemes",
     "inspect": "serializers",
@@ -80,7 +80,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "Decline",
-    "ExportError", "GenerationError", "GenerationResult", "GenerationSpec",
+    "ExportError", "FloatWeightStandIn", "GenerationError", "GenerationResult", "GenerationSpec",
     "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError",
     "NotALanguageModelError", "NothingToQuantizeError",
     "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "QuantizedWeightError", "Region", "RegionFormatError", "RegionPlan",

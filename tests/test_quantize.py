@@ -343,7 +343,7 @@ def test_quantized_weight_answers_like_the_float_weight():
     model = _reads_weights()
     for name in ("conv", "proj", "emb"):
         f, q = float_model.get_submodule(name), model.get_submodule(name)
-        assert isinstance(q, QuantizedModule) and isinstance(q.weight, torch.Tensor)
+        assert isinstance(q, QuantizedModule) and isinstance(q.weight, qexport.FloatWeightStandIn)
         assert (q.weight.dtype, q.weight.shape, q.weight.device) == (f.weight.dtype, f.weight.shape, f.weight.device)
         assert q.weight.dim() == f.weight.dim() and q.weight.numel() == f.weight.numel() and q.weight.is_floating_point()
         for attr in type(f).__constants__:
