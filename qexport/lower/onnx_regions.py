@@ -182,33 +182,36 @@ def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, 
     return _per_token_int8(e, x, float_dequant)
 
 
-def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tuple[ir.Value, ir.Value]:
+def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """int8_asym_qparams per row: the range always covers 0, scale floored at eps, zero point saturated.
 
-    unsigned=True gives the same grid as uint8 (codes and zero point + 128), the activation type of
-    onnxruntime's fast integer GEMM (u8 x s8).
+    Returns (scale, zero point, zero point as float32). unsigned=True gives the same grid as uint8
+    (codes and zero point + 128), the activation type of onnxruntime's integer GEMMs: there
+    clip(-128 - round(mn / s), -128, 127) + 128 is computed as clip(-round(mn / s), 0, 255) (Round
+    is half-to-even, so it commutes with negation), one node fewer per region.
     """
     axes = e.const([1], np.int64)
     zero = e.const(0.0)
     mn = e.op("Min", e.op("ReduceMin", rows, axes, keepdims=0), zero)
     mx = e.op("Max", e.op("ReduceMax", rows, axes, keepdims=0), zero)
     scale = e.op("Max", e.op("Div", e.op("Sub", mx, mn), e.const(float(INT8_MAX - INT8_MIN))), e.const(EPS))
+    if unsigned:
+        zp = e.op("Clip", e.op("Neg", e.op("Round", e.op("Div", mn, scale))), zero, e.const(float(INT8_MAX - INT8_MIN)))
+        return scale, e.op("Cast", zp, to=ir.DataType.UINT8), zp
     zp = e.op("Sub", e.const(float(INT8_MIN)), e.op("Round", e.op("Div", mn, scale)))
     zp = e.op("Clip", zp, e.const(float(INT8_MIN)), e.const(float(INT8_MAX)))
-    if unsigned:
-        return scale, e.op("Cast", e.op("Sub", zp, e.const(float(INT8_MIN))), to=ir.DataType.UINT8)
-    return scale, e.op("Cast", zp, to=ir.DataType.INT8)
+    return scale, e.op("Cast", zp, to=ir.DataType.INT8), zp
 
 
 def _per_token_int8(e: Emitter, rows: ir.Value, float_dequant: bool = False) -> ir.Value:
-    scale, zp = _per_token_qparams(e, rows)
+    scale, zp, zp_float = _per_token_qparams(e, rows)
     q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
     if not float_dequant:
         return e.op("DequantizeLinear", q, scale, zp, axis=0)
     # (q - zp) * scale with Sub/Mul, the same values: onnxruntime fuses a weight's DequantizeLinear ->
     # MatMul into MatMulNBits only when the activation does not come from a DequantizeLinear too.
     one = e.const([1], np.int64)
-    centred = e.op("Sub", e.op("Cast", q, to=ir.DataType.FLOAT), e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.FLOAT), one))
+    centred = e.op("Sub", e.op("Cast", q, to=ir.DataType.FLOAT), e.op("Unsqueeze", zp_float, one))
     return e.op("Mul", centred, e.op("Unsqueeze", scale, one))
 
 
@@ -223,16 +226,20 @@ def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value])
     per-tensor DynamicQuantizeLinear; a per-token QDQ MatMul dequantizes the weight on every call
     (330x slower than fp32 on MLP 1024-2048-2048-256 here).
     """
-    scale, zp = _per_token_qparams(e, rows, unsigned=True)
+    scale, zp, zp_float = _per_token_qparams(e, rows, unsigned=True)
     q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
     # uint8-stored weights carry zero point 128 (OnnxTarget): MatMulInteger subtracts it exactly
     acc = e.op("MatMulInteger", q, w["weight"], None, w.get("weight_zero_point"))
     one = e.const([1], np.int64)
     col_scale = e.op("Unsqueeze", scale, one)
-    y = e.op("Mul", e.op("Mul", e.op("Cast", acc, to=ir.DataType.FLOAT), col_scale), w["weight_scale"])
-    zp_scaled = e.op("Mul", e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.FLOAT), one), col_scale)
-    return e.op("Gemm", e.op("Concat", zp_scaled, e.op("Expand", e.const([[1.0]]), e.op("Shape", zp_scaled)), axis=1),
-                w["weight_affine"], y)
+    # Cast(acc) * Mul(s_x, s_w) is the pattern onnxruntime fuses into MatMulIntegerToFloat (the scaling
+    # done in the GEMM's output pass instead of three passes over [M, N]); its kernel takes per-row
+    # [M, 1] scales, but with a constant bias Add after the Mul it would scale the bias too, so the
+    # bias stays in the Gemm below.
+    y = e.op("Mul", e.op("Cast", acc, to=ir.DataType.FLOAT), e.op("Mul", col_scale, w["weight_scale"]))
+    zp_scaled = e.op("Mul", e.op("Unsqueeze", zp_float, one), col_scale)
+    zp_and_one = e.op("Pad", zp_scaled, e.const([0, 0, 0, 1], np.int64), e.const(1.0))  # [zp * s_x, 1]
+    return e.op("Gemm", zp_and_one, w["weight_affine"], y)
 
 
 def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
