@@ -13,7 +13,9 @@ Each region is lowered from its scheme (never from the ops inside it):
   can (embeddings dequantize only the rows they gather). Correct, not a quantized kernel, and the
   report record says why and what to change to get it delegated.
 
-The region pass is `qexport.lower._graph.replace_regions`; a few small edge-compat passes follow.
+The region pass is `qexport.lower._graph.replace_regions`; a few small edge-compat passes follow, then
+`attention.grouped_attention` (a decoder's attention without copies of its KV cache) and, in
+`to_executorch`, ExecuTorch's reinplace pass (cache writes in place).
 The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
 builds (`manifest_methods`), writes and reads.
 """
