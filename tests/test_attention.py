@@ -31,7 +31,9 @@ class Attention(nn.Module):
         if self.how == "repeat_kv":  # transformers.models.llama.modeling_llama.repeat_kv
             k = k[:, :, None].expand(1, self.kv_heads, n_rep, CACHE, DIM).reshape(1, HEADS, CACHE, DIM)
             v = v[:, :, None].expand(1, self.kv_heads, n_rep, CACHE, DIM + 2).reshape(1, HEADS, CACHE, DIM + 2)
-        mask = allowed if self.mask == "bool" else torch.where(allowed, 0.0, float("-inf"))
+        if self.mask == "per_head":  # head h also hides key h: a head taking another's mask would differ
+            allowed = allowed & (torch.arange(CACHE) != torch.arange(HEADS)[:, None, None])
+        mask = allowed if self.mask != "float" else torch.where(allowed, 0.0, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
                                               enable_gqa=self.how == "enable_gqa")
 
@@ -51,6 +53,7 @@ def _export(model: nn.Module) -> torch.export.ExportedProgram:
 
 @pytest.mark.parametrize("kv_heads,how,mask", [
     (KV_HEADS, "repeat_kv", "bool"), (KV_HEADS, "repeat_kv", "float"), (KV_HEADS, "enable_gqa", "bool"),
+    (KV_HEADS, "repeat_kv", "per_head"),
     (HEADS, "none", "float"),  # multi-head attention: nothing repeated, still no scaled copy of the keys
 ])
 def test_same_numbers_and_no_sdpa_left(kv_heads, how, mask):

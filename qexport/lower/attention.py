@@ -89,10 +89,11 @@ def _plan(node: torch.fx.Node) -> dict[str, Any] | None:
         return None
     if isinstance(mask, torch.fx.Node):
         mv = mask.meta.get("val")
-        ms = tuple(mv.shape) if isinstance(mv, torch.Tensor) else ()
-        # broadcastable to [B, Hq, T, S] with a head dim of 1 or Hq and a static key dim
-        if not 2 <= len(ms) <= 4 or ms[-1] != s or (len(ms) == 4 and ms[1] not in (1, hq)) or \
-                (len(ms) == 4 and ms[0] not in (1, b)) or not (mv.dtype == torch.bool or mv.dtype == qv.dtype):
+        if not isinstance(mv, torch.Tensor) or not 2 <= mv.dim() <= 4 or mv.dtype not in (torch.bool, qv.dtype):
+            return None
+        # broadcast to [B, Hq, T, S]: static batch, head and key dims, a head dim of 1 or Hq
+        mb, mh, _, ms = (1,) * (4 - mv.dim()) + tuple(mv.shape)
+        if not all(isinstance(x, int) for x in (mb, mh, ms)) or ms != s or mh not in (1, hq) or mb not in (1, b):
             return None
     elif mask is not None:
         return None
@@ -113,7 +114,7 @@ def _mask_terms(anchor: torch.fx.Node, mask: torch.fx.Node, p: dict[str, Any]) -
     if hm == 1:
         m5 = call(aten.unsqueeze.default, m, 2)
     else:
-        m5 = call(aten.reshape.default, m, [bm, p["hkv"], p["n_rep"], *m.meta["val"].shape[2:]])
+        m5 = call(aten.reshape.default, m, [bm, p["hkv"], p["n_rep"], -1, p["s"]])  # -1: T may be symbolic
     if m5.meta["val"].dtype == torch.bool:
         seen = call(aten.any.dim, m5, -1, True)
         zero = call(aten.scalar_tensor.default, 0.0, dtype=p["q"].meta["val"].dtype)
