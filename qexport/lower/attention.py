@@ -69,7 +69,7 @@ def _plan(node: torch.fx.Node) -> dict[str, Any] | None:
     q, k, v, mask, dropout, causal = list(node.args) + defaults[len(node.args):]
     mask = node.kwargs.get("attn_mask", mask)
     dropout, causal = node.kwargs.get("dropout_p", dropout), node.kwargs.get("is_causal", causal)
-    if dropout or causal:  # a causal flag without a mask: the decomposition's own mask is fine
+    if dropout or causal:  # random, or a mask the decomposition builds itself: left to torch
         return None
     qv = q.meta.get("val") if isinstance(q, torch.fx.Node) else None
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or not qv.dtype.is_floating_point:
