@@ -139,7 +139,7 @@ def test_backend_matches_eager_quantized(zoo, backend):
 def test_tied_weight_stored_once(gpt2_pt2, tmp_path):
     """GPT-2's wte / lm_head share one int8 table: the .pt2 and the .onnx are smaller than the same
     model untied by at least the table (so is the AOTI package; the .pte keeps a second copy packed
-    by XNNPACK: see docs/concepts.md)."""
+    by XNNPACK: see docs/backends/executorch.md, Not done)."""
     model, x, path = gpt2_pt2
     assert model.transformer.wte.tensors()["weight"] is model.lm_head.tensors()["weight"]
     untied = qexport.quantize(hf.gpt2(tie=False), RECIPE)
