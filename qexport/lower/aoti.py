@@ -248,7 +248,9 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
 
     p = check_readable(path)
     import serializers
+    from serializers import kinds
 
+    kinds.check_kind(p, "aoti", "qexport.load_compiled")
     manifest = serializers.inspect(p)  # names what a non-AOTI or non-qexport file is, first
     if manifest.artifact != "aoti":
         raise ArtifactError(f"{path}: a qexport {manifest.artifact} artifact, not an AOTInductor package; use qexport.load")
