@@ -17,6 +17,11 @@ Artifacts are kept in `--work` and reused by later runs (delete them after chang
 
     .venv/bin/python benchmarks/bench_llm.py [--layers 12] [--rounds 5] [--prompt 32] [--new 32] [--threads 1]
         [--work /tmp/bench_llm] [--json benchmarks/results/llm.json] [--extra LABEL=PATH ...]
+
+`--gpu` (on a CUDA machine) runs the GPU comparison instead: bf16 AOTI vs int4 g128 (and int8)
+weight-only AOTI CUDA packages of `GPU_CONFIG`, each decoded as CUDA-graph replays and per call:
+
+    python3 benchmarks/bench_llm.py --gpu --only bf16,int4 --rounds 3 --json benchmarks/results/llm_gpu_h200.json
 """
 
 from __future__ import annotations
@@ -57,6 +62,26 @@ def llama(layers: int) -> torch.nn.Module:
         return transformers.LlamaForCausalLM(cfg).eval()
 
 
+#: the GPU run's model: wide and shallow, so decode at batch 1 reads weights rather than launching small
+#: kernels (297 M parameters: one layer of hidden 3072, MLP 8192, 24 heads with 8 KV heads, vocabulary 32000, untied)
+GPU_CONFIG = dict(vocab_size=32000, hidden_size=3072, intermediate_size=8192, num_hidden_layers=1, num_attention_heads=24,
+                  num_key_value_heads=8, max_position_embeddings=CACHE, tie_word_embeddings=False)
+
+
+def llama_gpu(layers: int) -> torch.nn.Module:
+    import transformers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**GPU_CONFIG, "num_hidden_layers": layers})).eval().to(torch.bfloat16)
+
+
+def gpu_variants() -> list[tuple[str, str, str | None]]:
+    """bf16 AOTI vs the weight-only schemes' AOTI packages, all on the GPU (int4 at group 128, as the CUDA kernels are tuned)."""
+    return [("bf16 AOTI CUDA", "aoti_cuda", None), ("qexport AOTI CUDA int4_weight_only g128", "aoti_cuda", "int4_weight_only"),
+            ("qexport AOTI CUDA int8_weight_only", "aoti_cuda", "int8_weight_only")]
+
+
 def has_scheme(name: str) -> bool:
     return name in qexport.schemes.names()
 
@@ -75,16 +100,23 @@ def variants() -> list[tuple[str, str, str | None]]:
     return out
 
 
-def scheme(name: str):
-    return qexport.schemes.get(name, group_size=GROUP) if "int4" in name else qexport.schemes.get(name)
+def scheme(name: str, group: int = GROUP):
+    return qexport.schemes.get(name, group_size=group) if "int4" in name else qexport.schemes.get(name)
 
 
 def build(label: str, kind: str, name: str | None, layers: int, work: Path) -> tuple[Path, dict[str, Any]]:
-    path = work / (label.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "") + (".pte" if kind != "aoti" else ".pt2"))
+    path = work / (label.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "") + (".pt2" if kind.startswith("aoti") else ".pte"))
     info: dict[str, Any] = {}
     if path.exists():
         return path, {"reused": True}
     t = time.perf_counter()
+    if kind == "aoti_cuda":
+        model = llama_gpu(layers)
+        if name is not None:
+            qexport.quantize(model, scheme(name, 128))
+        qexport.compile(qexport.export_lm(model, max_cache_len=CACHE), path, device="cuda")
+        info["build_s"] = round(time.perf_counter() - t, 1)
+        return path, info
     model = llama(layers)
     if kind == "peer":
         info.update(peer_pte(model, path))
@@ -156,8 +188,12 @@ def main() -> None:
                     help="also time an artifact built elsewhere (e.g. by the code before a change, or with "
                          "other compile options) in the same interleaved rounds")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gpu", action="store_true", help="the GPU run: bf16 vs int4 / int8 weight-only AOTI CUDA packages of "
+                    "GPU_CONFIG (--layers defaults to 1), decode as CUDA-graph replays and, for comparison, plain calls")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gpu:
+        return main_gpu(args)
     # The runtime's pybindings expose no public knob for the threadpool; this is what its own tests use.
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
@@ -222,6 +258,56 @@ def main() -> None:
             result["meta"][package] = version(package)
         except PackageNotFoundError:
             pass
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def main_gpu(args: argparse.Namespace) -> None:
+    layers = 1 if args.layers == 12 else args.layers  # 12 is the CPU run's default
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    chosen = [v for v in gpu_variants() if args.only is None or any(k in v[0] for k in args.only.split(","))]
+    params = sum(p.numel() for p in llama_gpu(layers).parameters())
+    gpu = torch.cuda.get_device_name()
+    print(f"Llama {GPU_CONFIG} x {layers} layer(s), {params / 1e6:.0f} M parameters, bf16, on {gpu}; cache {CACHE}; "
+          f"prompt {args.prompt}, {args.new} new tokens", flush=True)
+    built = {}
+    for label, kind, name in chosen:
+        print(f"building {label} ...", flush=True)
+        path, info = build(label, kind, name, layers, work)
+        info["bytes"] = path.stat().st_size
+        built[label] = (path, info)
+        print(f"  {path.name}: {info}", flush=True)
+    spec = GenerationSpec(max_cache_len=CACHE, vocab_size=32000)
+    loaded = {label: runners.load(path) for label, (path, _) in built.items()}
+    prompt = torch.randint(0, 32000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    modes = {"graph replay": True, "per-call": False}
+    tokens = {}
+    for label, r in loaded.items():  # warm-up, and the captured decode step of each runner
+        for mode, graph in modes.items():
+            tokens[(label, mode)] = generate(r, prompt, args.new, stop_at_eos=False, spec=spec, cuda_graph=graph).tokens
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in tokens}
+    keys = list(samples)
+    for rnd in range(args.rounds):
+        for label, mode in keys[rnd % len(keys):] + keys[:rnd % len(keys)]:
+            res = generate(loaded[label], prompt, args.new, stop_at_eos=False, spec=spec, cuda_graph=modes[mode])
+            samples[(label, mode)].append((res.prefill_s, res.decode_tokens_per_s))
+    base = chosen[0][0]
+    med = {key: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for key, v in samples.items()}
+    rows = []
+    for (label, mode), (prefill, rate) in med.items():
+        path, info = built[label]
+        ref = med.get((base, mode))
+        row = {"variant": label, "decode": mode, "prefill_ms": prefill * 1e3, "decode_tokens_per_s": rate,
+               "decode_vs_bf16": rate / ref[1] if ref else None,
+               "same_tokens_as_graph_replay": sum(a == b for a, b in zip(tokens[(label, mode)], tokens[(label, "graph replay")])),
+               "same_tokens_as_bf16": sum(a == b for a, b in zip(tokens[(label, mode)], tokens[(base, mode)])), **info}
+        rows.append(row)
+        print(f"{label:45s} {mode:12s} prefill {prefill * 1e3:7.2f} ms  decode {rate:8.1f} tok/s  x{row['decode_vs_bf16'] or float('nan'):.2f} "
+              f"vs bf16  {info['bytes'] / 1e6:.0f} MB  same tokens {row['same_tokens_as_graph_replay']}/{args.new}", flush=True)
+    result = {"machine": gpu, "meta": {"gpu": gpu, "torch": torch.__version__, "layers": layers, "config": GPU_CONFIG,
+              "params": params, "cache": CACHE, "prompt": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
+              "note": "batch 1, greedy; decode tok/s over the new tokens after the first; medians of interleaved rounds"}, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

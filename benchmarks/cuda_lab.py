@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--fbgemm", action="store_true", help="also time fbgemm-gpu-genai's bf16i4bf16_rowwise (pip-installed)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--gemv", action="store_true", help="only the few-row kernels")
+    ap.add_argument("--few", action="store_true", help="three large tiles of the weight-only GEMMs (and on bf16 weights) and cuBLAS only")
+    ap.add_argument("--large", action="store_true", help="only the large tiles and the row quantizers (M >= 64)")
+    ap.add_argument("--ir", action="store_true", help="write the Triton IR of the int8 / int4 GEMMs' first large tile to ir.txt")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
@@ -131,13 +134,16 @@ def main() -> None:
                 src = torch.empty(mb << 20, dtype=torch.uint8, device="cuda").random_()
                 dst = torch.empty_like(src)
                 put(f"copy {mb} MB -> {mb} MB", m, lambda: dst.copy_(src))
-        tiles = [] if args.gemv else (SMALL if m <= 256 else []) + (LARGE if m >= 64 else [])
+        tiles = [] if args.gemv else (SMALL if m <= 256 and not args.large else []) + (LARGE if m >= 64 else [])
+        if args.few:
+            tiles = [(128, 64, 128, 8, 4, 4, 1), (256, 128, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 3, 1)]
+        ones = torch.ones(n, device="cuda")
         for tile in tiles:
-            for cvt in (1, 0) if tile in (SMALL[0], LARGE[1], LARGE[3]) else (1,):
-                tag = f"{tile}{' cvt0' if not cvt else ''}"
-                put(f"int8 GEMM {tag}", m, lambda: C.triton_weight_mm(x, t8["weight"], sc8, (*tile, cvt)), r8)
-                put(f"int4 GEMM {tag}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, (*tile, cvt)), r4, 5e-2)
-        if m in (256, 4096) and not args.gemv:
+            put(f"int8 GEMM {tile}", m, lambda: C.triton_weight_mm(x, t8["weight"], sc8, tile), r8)
+            put(f"int4 GEMM {tile}", m, lambda: C.triton_int4_mm(x, t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 128, tile), r4, 5e-2)
+            if m >= 256:  # the same GEMM on bf16 weights: its ceiling without any decode
+                put(f"bf16-weight GEMM {tile}", m, lambda: C.triton_weight_mm(x, wb, ones, tile), x @ wb.t())
+        if m in (256, 4096) and not args.gemv and not args.few:
             for label, sch, tt, ref in (("int8", s8, t8, r8), ("int4", s4, t4, r4)):
                 torch._dynamo.reset()
                 f = torch.compile(lambda x, sch=sch, tt=tt: x @ math_for(sch).dequantize_weight(sch, tt, (n, k)).to(x.dtype).t(),
@@ -145,7 +151,7 @@ def main() -> None:
                 put(f"{label} dequant+cuBLAS", m, lambda: f(x), ref, 5e-2)
         if fb is not None and m >= 16:
             put("fbgemm bf16i4bf16_rowwise (random codes)", m, lambda: fb.bf16i4bf16_rowwise(x, wq_fb, sg_fb, zg_fb))
-        if m in (1, 16, 256, 1024, 4096) and not args.gemv:
+        if m in (1, 16, 256, 1024, 4096) and not args.gemv and not args.few:
             xq, sx, zp = torch.ops.qexport.int8_quantize_rows(x)
             rq = ((xq.float() - zp) * sx).bfloat16() @ w8.t()
             put("int8 row quantizer", m, lambda: torch.ops.qexport.int8_quantize_rows(x))
@@ -155,6 +161,25 @@ def main() -> None:
                     xq, t8["weight"], sc8, sc8, False, 0, C._fit_tile(xq, tile), sx, torch.bfloat16, zp, ws8), rq)
         write(args.out, res, errs, fails)
     write(args.out, res, errs, fails)
+    if args.ir:
+        dump_ir(args.out, t8, sc8, t4)
+
+
+def dump_ir(out, t8, sc8, t4):
+    """Where the decoded weight tile goes on its way to wgmma (registers or shared memory): the TTGIR
+    and a census of the PTX instructions that matter, per decode mode."""
+    from triton.compiler import ASTSource  # noqa: F401  (the kernel cache holds what ran above)
+
+    lines = []
+    for fn in (C._weight_only_mm_kernel,):
+        for dev_cache in fn.device_caches.values():
+            for key, kern in list(dev_cache[0].items()):
+                ttgir, ptx = kern.asm.get("ttgir", ""), kern.asm.get("ptx", "")
+                census = {op: ptx.count(op) for op in ("cvt.rn.bf16", "cvt.rn.f32.s32", "cvt.f32.s8", "prmt.b32", "wgmma.mma_async", "ld.shared", "st.shared", "ldmatrix", "cp.async")}
+                lines.append(f"== {str(key)[:300]}\n{census}\nshared={kern.metadata.shared} regs={getattr(kern, 'n_regs', '?')} spills={getattr(kern, 'n_spills', '?')}")
+                lines += [ln for ln in ttgir.splitlines() if any(t in ln for t in ("local_alloc", "warp_group_dot ", "local_load", "convert_layout", "inline_asm"))][:40]
+    with open(os.path.join(out, "ir.txt"), "w") as f:
+        f.write("\n".join(lines))
 
 
 def write(out, res, errs, fails):
@@ -169,7 +194,7 @@ def write(out, res, errs, fails):
     for m in ms:
         cands = sorted((v[m], kname) for kname, v in res.items() if m in v)
         bf = res.get("bf16 cuBLAS", {}).get(m)
-        for fam in ("copy", "int8 GEMV", "int4 GEMV", "int8 GEMM", "int4 GEMM", "int8xint8", "int4 tinygemm", "int8 dequant", "int4 dequant", "int8 Inductor", "fbgemm"):
+        for fam in ("copy", "int8 GEMV", "int4 GEMV", "int8 GEMM", "int4 GEMM", "bf16-weight", "int8xint8", "int4 tinygemm", "int8 dequant", "int4 dequant", "int8 Inductor", "fbgemm"):
             best = [(t, kname) for t, kname in cands if kname.startswith(fam)][:2]
             if best:
                 lines.append(f"- M={m} {fam}: " + ", ".join(f"{kname} {t:.1f}" for t, kname in best) + (f" (bf16 {bf:.1f})" if bf else ""))

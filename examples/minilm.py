@@ -30,10 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qexport  # noqa: E402
 from qexport import runners  # noqa: E402
 from qexport.table import format_table  # noqa: E402
+from serializers import kinds  # noqa: E402
 from _minilm import SENTENCES, SentenceEncoder, cosine, load_model, load_tokenizer, tokenize  # noqa: E402
 
 SCHEMES = {"int8_dynamic": {}, "int4_weight_only": {"group_size": 32}}
-BACKENDS = ("pt2", "aoti", "pte", "onnx")
+#: the .pt2 program and every kind a backend lowers it into, in the kind table's order
+BACKENDS = ("pt2", *(k.name for k in kinds.lowered()))
+#: how the example writes a kind (writer options); a kind not listed gets its writer's defaults
+WRITE_OPTIONS = {"aoti": {"device": "cpu"}, "pte": {"backend": "xnnpack"}}
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")  # SentenceEncoder.forward's order
 
 
@@ -44,23 +48,17 @@ def build_artifacts(encoder: torch.nn.Module, tokens: dict[str, torch.Tensor], s
     t0 = time.perf_counter()
     ep = qexport.export(model, (), kwargs=tokens, strict=False)
     log(f"  exported {len(qexport.regions(ep))} regions in {time.perf_counter() - t0:.1f} s")
-    stem = out / f"minilm_{scheme.name}"
-    paths = {"pt2": stem.with_suffix(".pt2")}
+    stem = f"minilm_{scheme.name}"
+    paths = {"pt2": out / kinds.get("pt2").file_name(stem)}
     qexport.save(ep, paths["pt2"])
-    steps = {
-        "aoti": lambda p: qexport.compile(paths["pt2"], p, device="cpu"),
-        "pte": lambda p: qexport.to_executorch(paths["pt2"], p, backend="xnnpack"),
-        "onnx": lambda p: qexport.to_onnx(paths["pt2"], p),
-    }
-    suffix = {"aoti": "_aoti.pt2", "pte": ".pte", "onnx": ".onnx"}
-    for b in backends:
-        if b == "pt2":
+    for kind in kinds.lowered():
+        if kind.name not in backends:
             continue
-        p = Path(f"{stem}{suffix[b]}")
+        p = out / kind.file_name(stem)
         t0 = time.perf_counter()
-        steps[b](p)
-        log(f"  {b}: wrote {p.name} in {time.perf_counter() - t0:.1f} s")
-        paths[b] = p
+        runners.stage(kind.writer.split(":")[1])(paths["pt2"], p, **WRITE_OPTIONS.get(kind.name, {}))
+        log(f"  {kind.name}: wrote {p.name} in {time.perf_counter() - t0:.1f} s")
+        paths[kind.name] = p
     return paths
 
 

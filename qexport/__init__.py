@@ -10,7 +10,7 @@ import types
 from .errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CalibrationError, CorruptArtifactError, ExportError,
     GenerationError, IncompatibleCPUError, InvalidSchemeError, LoweringError, ManifestMismatchError, NotALanguageModelError,
-    NothingToQuantizeError, QExportError,
+    NothingToQuantizeError, QExportError, QuantizedWeightError,
     RegionFormatError, SchemeError, UnknownSchemeError, UnsafeArtifactError, UnsupportedModuleError,
     UnsupportedVersionError, UsageError,
 )
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "export": "qexport.export",
     "quantize": "qexport.quantize", "QuantizedModule": "qexport.quantize", "QuantizationSummary": "qexport.quantize",
-    "LayerDecision": "qexport.quantize",
+    "LayerDecision": "qexport.quantize", "FloatWeightStandIn": "qexport.quantize",
     "Region": "qexport.regions", "invoke_quant": "qexport.regions", "regions": "qexport.regions",
     "Scheme": "qexport.schemes", "SchemeMath": "qexport.schemes",
     "inspect": "serializers",
@@ -80,10 +80,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArtifactError", "ArtifactNotFoundError", "BackendUnavailableError", "CalibrationError", "CorruptArtifactError", "Decline",
-    "ExportError", "GenerationError", "GenerationResult", "GenerationSpec",
+    "ExportError", "FloatWeightStandIn", "GenerationError", "GenerationResult", "GenerationSpec",
     "IncompatibleCPUError", "InvalidSchemeError", "LayerDecision", "LoweringError", "ManifestMismatchError",
     "NotALanguageModelError", "NothingToQuantizeError",
-    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "Region", "RegionFormatError", "RegionPlan",
+    "PlanContext", "QExportError", "QuantizationSummary", "QuantizedModule", "QuantizedWeightError", "Region", "RegionFormatError", "RegionPlan",
     "Scheme", "SchemeError", "SchemeMath", "UnknownSchemeError", "UnsafeArtifactError", "UnsupportedModuleError",
     "UnsupportedVersionError", "UsageError", "__version__", "compile", "export", "export_lm", "generate", "inspect", "invoke_quant", "load",
     "load_compiled", "plan_regions", "quantize", "regions", "register_backend", "register_lowering", "save", "schemes",

@@ -30,6 +30,11 @@ class UnsupportedModuleError(QExportError, TypeError):
     """A module the scheme cannot quantize was selected."""
 
 
+class QuantizedWeightError(QExportError, RuntimeError):
+    """Code computed with the `.weight` of a quantized layer, which stands in for the float weight's
+    dtype, shape and device but holds no values."""
+
+
 class CalibrationError(QExportError, ValueError):
     """A static scheme without (usable) calibration data."""
 

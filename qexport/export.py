@@ -12,7 +12,7 @@ from . import validate
 from .errors import ExportError
 from .quantize import quantized_modules
 from .passes import canonicalize_region_operands, name_regions
-from .regions import iter_region_nodes
+from .regions import iter_region_nodes, region_payload
 from .signature import names_from_dynamic_shapes, record_dim_names
 
 
@@ -45,18 +45,33 @@ def export(
     finally:
         for m, training in modes.items():
             m.training = training
-    expected = len(quantized_modules(model))
-    found = sum(1 for _ in iter_region_nodes(ep))
-    if found < expected:
-        raise ExportError(
-            f"the model has {expected} quantized modules but the exported graph has {found} regions; "
-            f"a quantized module that is called more than once, or not at all, is not exported as one region"
-        )
+    if strict:
+        # Dynamo cannot build the value-less stand-in a quantized layer's `.weight` answers with, so
+        # there it is a `torch.empty` (QuantizedModule.weight), dead once only its metadata was read
+        ep.graph_module.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    _check_every_weight_is_read(model, ep)
     validate.check_region_inputs(ep)
     canonicalize_region_operands(ep)
     name_regions(ep)
     record_dim_names(ep, names_from_dynamic_shapes(ep, model.forward, args, dict(kwargs or {}), dynamic_shapes))
     return ep
+
+
+def _check_every_weight_is_read(model: nn.Module, ep: torch.export.ExportedProgram) -> None:
+    """Every quantized weight reaches the graph through a region: a quantized module without one is
+    an error unless a module tied to it (sharing its tensors) has one, as T5's `shared` embedding,
+    which the model reads through `encoder.embed_tokens`."""
+    with_region = {p.module for p in map(region_payload, iter_region_nodes(ep)) if p is not None}
+    modules = quantized_modules(model)
+    read = {id(m.tensors()["weight"]) for path, m in modules if path in with_region}
+    missing = [path for path, m in modules if path not in with_region and id(m.tensors()["weight"]) not in read]
+    if missing:
+        raise ExportError(
+            f"{len(missing)} quantized module(s) have no region in the exported graph ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}): a quantized module the forward never calls is not exported; "
+            f"leave it out of the recipe (quantize(model, {{..., {missing[0]!r}: None}})) or call it"
+        )
 
 
 @contextlib.contextmanager

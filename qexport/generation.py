@@ -320,6 +320,7 @@ def generate(
     stop_at_eos: bool = True,
     expected_sha256: str | None = None,
     spec: GenerationSpec | None = None,
+    cuda_graph: bool = True,
 ) -> GenerationResult:
     """Greedy generation through an artifact of `export_lm`: a `.pt2`, an AOTInductor package, a
     `.pte`, an `.onnx` (path), a `qexport.runners.Runner` already loaded, or the ExportedProgram itself.
@@ -331,7 +332,9 @@ def generate(
     artifact that is not a generating LM is refused (NotALanguageModelError). A runner keeps its cache
     between calls; each generation overwrites it from position 0, so one runner serves many prompts
     (one at a time). `spec` stands in for the manifest's record when the runner's file has none (a
-    program with the same signature lowered by another tool)."""
+    program with the same signature lowered by another tool). On a CUDA AOTI package the cache stays
+    on the GPU and, with `cuda_graph` (default), the single-token step is captured in a CUDA graph once
+    per runner and replayed per token (`CudaGraphDecoder`)."""
     from . import runners
 
     prompt = _prompt(prompt_ids)
@@ -345,7 +348,7 @@ def generate(
         runner = runners.program_runner(artifact_or_runner)
     else:
         runner = runners.load(artifact_or_runner, expected_sha256=expected_sha256)
-    return _greedy(runner, spec, prompt, max_new_tokens, stop_at_eos)
+    return _greedy(runner, spec, prompt, max_new_tokens, stop_at_eos, cuda_graph)
 
 
 def _check_inputs(runner: Any, spec: GenerationSpec) -> None:
@@ -361,14 +364,17 @@ def _check_inputs(runner: Any, spec: GenerationSpec) -> None:
         )
 
 
-def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_at_eos: bool) -> GenerationResult:
+def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_at_eos: bool,
+            cuda_graph: bool = True) -> GenerationResult:
     eos = set(spec.eos_token_ids) if stop_at_eos else set()
     _check_inputs(runner, spec)
-    cache = spec.empty_cache()
+    device = getattr(runner, "device", "cpu")
+    cache = [t.to(device) for t in spec.empty_cache()]
 
     def next_token(ids: list[int], start: int) -> int:
         nonlocal cache
-        out = runner([torch.tensor([ids], dtype=torch.long), torch.arange(start, start + len(ids), dtype=torch.long), *cache])
+        out = runner.call([torch.tensor([ids], dtype=torch.long, device=device),
+                           torch.arange(start, start + len(ids), dtype=torch.long, device=device), *cache])
         if len(out) != 1 + len(cache) or out[0].shape[-1] != spec.vocab_size:
             raise ArtifactError(f"{runner.path}: returned {[list(o.shape) for o in out][:3]} where its generation record "
                                 f"promises logits over {spec.vocab_size} tokens and {len(cache)} cache tensors")
@@ -379,6 +385,8 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
     tokens = [next_token(prompt, 0)]
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    if device == "cuda" and cuda_graph and spec.layout == "static_cache" and n > 1 and tokens[-1] not in eos:
+        tokens += _graph_decoder(runner, spec).run(tokens[-1], len(prompt), n - 1, eos)
     while len(tokens) < n and tokens[-1] not in eos:
         tokens.append(next_token(tokens[-1:], len(prompt) + len(tokens) - 1))
     decoded = len(tokens) - 1
@@ -386,4 +394,73 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
     return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)
 
 
-__all__ = ["GenerationResult", "GenerationSpec", "StaticCacheLM", "check_request", "export_lm", "generate", "generation_spec"]
+class CudaGraphDecoder:
+    """Greedy single-token steps of a CUDA program that keeps its cache in buffers, as replays of one
+    captured CUDA graph: the step (the program on one token, the argmax, the token fed back as the next
+    input and recorded at its position) is captured once per runner and replayed per token, so the
+    host neither launches the program's kernels nor waits for a token before queueing the next step;
+    it reads the tokens once at the end (every `EOS_CHECK` steps when it must stop at an end of sequence).
+    Replays run at most the steps asked for, so positions never pass the cache."""
+
+    #: steps queued between end-of-sequence checks (the steps after one are wasted, never returned)
+    EOS_CHECK = 8
+
+    def __init__(self, runner: Any, spec: GenerationSpec) -> None:
+        self.runner, self.vocab = runner, spec.vocab_size
+        self.ids = torch.zeros((1, 1), dtype=torch.long, device=runner.device)
+        self.pos = torch.zeros((1,), dtype=torch.long, device=runner.device)
+        #: hist[p] = the token generated for position p
+        self.hist = torch.zeros(spec.max_cache_len + 1, dtype=torch.long, device=runner.device)
+        self.graph: Any = None
+        self._keep: list[torch.Tensor] = []  # the captured step's outputs, in the graph's memory pool
+
+    def _step(self) -> None:
+        out = self.runner.call([self.ids, self.pos])
+        token = out[0].reshape(-1, self.vocab)[-1].argmax().reshape(1)
+        self.pos.add_(1)
+        self.hist.index_copy_(0, self.pos, token)
+        self.ids.copy_(token.reshape(1, 1))
+        self._keep = out
+
+    def run(self, token: int, position: int, steps: int, eos: set[int]) -> list[int]:
+        """The `steps` tokens after `token`, which sits at `position` (fewer if one is in `eos`)."""
+        self.ids.fill_(token)
+        self.pos.fill_(position)
+        done = 0
+        if self.graph is None:
+            # The first step runs for real on a side stream (as torch.cuda.graph asks: allocations and
+            # lazy initialisation happen outside the capture); capturing the same step records it
+            # without running it, so ids and pos are left where the real step put them.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            done = 1
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.no_grad():
+                self._step()
+            self.graph = graph
+        out: list[int] = []
+        while True:
+            if eos or done >= steps:
+                for t in self.hist[position + 1 + len(out): position + 1 + done].tolist():
+                    out.append(t)
+                    if t in eos:
+                        return out
+            if done >= steps:
+                return out
+            chunk = min(steps - done, self.EOS_CHECK) if eos else steps - done
+            for _ in range(chunk):
+                self.graph.replay()
+            done += chunk
+
+
+def _graph_decoder(runner: Any, spec: GenerationSpec) -> CudaGraphDecoder:
+    key = f"generation.decoder {spec.max_cache_len} {spec.vocab_size}"
+    if key not in runner.cache:
+        runner.cache[key] = CudaGraphDecoder(runner, spec)
+    return runner.cache[key]
+
+
+__all__ = ["CudaGraphDecoder", "GenerationResult", "GenerationSpec", "StaticCacheLM", "check_request", "export_lm", "generate", "generation_spec"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .errors import RegionFormatError
-from .regions import iter_region_nodes, region_nodes, region_payload, set_region_payload
+from .regions import iter_region_nodes, operand_state, region_nodes, region_payload, set_region_payload
 
 
 def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
@@ -19,8 +19,6 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
     in several quantized modules) is lifted as one placeholder per name but the graph reads only one
     of them, so an operand answers to every name of its tensor.
     """
-    sig = ep.graph_signature
-    buffers = {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_parameters", {})}
     names_of: dict[int, list[str]] = {}
     for fqn, t in ep.state_dict.items():
         names_of.setdefault(id(t), []).append(fqn)
@@ -34,8 +32,8 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
         by_role: dict[str, object] = {}
         prefix = payload.module + "."
         for a in operands:
-            fqn = buffers.get(a.name) if isinstance(a, torch.fx.Node) else None
-            names = names_of.get(id(ep.state_dict.get(fqn)), [fqn]) if fqn else []
+            state = operand_state(ep, a)
+            names = names_of.get(id(state[1]), [state[0]]) if state else []
             own = next((n for n in names if n.startswith(prefix)), None)
             role = own[len(prefix):] if own else "input"
             if role in by_role:

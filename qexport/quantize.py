@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from . import validate
-from .errors import CalibrationError, InvalidSchemeError, NothingToQuantizeError, UnsupportedModuleError
+from .errors import (
+    CalibrationError, InvalidSchemeError, NothingToQuantizeError, QuantizedWeightError, UnsupportedModuleError,
+)
 from .regions import invoke_quant
 from .schemes import ALGORITHMS, Scheme, get as get_scheme, make_region_fn, math_for
 from .schemes.activation import int8_asym_qparams
@@ -53,6 +55,12 @@ class _Layer:
     def weight(self, m: nn.Module) -> torch.Tensor:
         w = m.weight.detach()
         return w.t().contiguous() if self.transposed else w
+
+    def attributes(self, m: nn.Module) -> dict[str, Any]:
+        """The float layer's hyperparameters (torch's `__constants__`: `in_features`, `kernel_size`,
+        `padding_idx`, ...; Conv1D's `nf`/`nx`), which model code reads beside `.weight`."""
+        names = ("nf", "nx") if self.transposed else getattr(type(m), "__constants__", ())
+        return {n: getattr(m, n) for n in names if hasattr(m, n) and not isinstance(getattr(m, n), torch.Tensor)}
 
     def params(self, m: nn.Module) -> dict[str, Any]:
         dtype = str(m.weight.dtype).removeprefix("torch.")
@@ -271,8 +279,53 @@ class QuantizationSummary:
 
 # -- the quantized module ---------------------------------------------------------------------------
 
+class FloatWeightStandIn(torch.Tensor):
+    """What `.weight` of a quantized layer answers: the float weight's dtype, shape and device, and no
+    values. Model code reads a layer's weight for its metadata (transformers casts inputs to
+    `layer.weight.dtype` in ~150 modeling files: ViT's patch embedding, T5's `wo`), and that must see
+    the float layer's answer, not the codes'; the values live in the region's tensors
+    (`QuantizedModule.tensors()`), so anything that would read them raises instead of computing on
+    something else. A storage-less wrapper subclass (as torchao's float-dtype quantized weights):
+    metadata queries never dispatch, every op does, and it is built on access, so nothing of it
+    reaches a state_dict or an exported graph."""
+
+    _where: str
+    _scheme: str
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, where: str, scheme: str):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+        t._where, t._scheme = where, scheme
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        stand_in = next(a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, cls))
+        raise QuantizedWeightError(
+            f"{stand_in._where}.weight is quantized ({stand_in._scheme}): it answers dtype, shape and device "
+            f"as the float weight did but holds no values, and {func} needs them. If the model computes with "
+            f"this weight itself, leave the layer float: quantize(model, {{..., {stand_in._where!r}: None}}); "
+            f"the quantized tensors are model.get_submodule({stand_in._where!r}).tensors()"
+        )
+
+    def __repr__(self) -> str:
+        return (f"FloatWeightStandIn(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"layer={self._where!r}, scheme={self._scheme!r})")
+
+    def __deepcopy__(self, memo: dict) -> "FloatWeightStandIn":
+        return FloatWeightStandIn(tuple(self.shape), self.dtype, self.device, self._where, self._scheme)
+
+
 class QuantizedModule(nn.Module):
-    """A Linear / Conv1D / Conv1d / Conv2d / Embedding whose forward is one `invoke_quant` region."""
+    """A Linear / Conv1D / Conv1d / Conv2d / Embedding whose forward is one `invoke_quant` region.
+
+    Its buffers are the region's tensors by role (`tensors()`; `state_dict` keys `<path>.weight`,
+    `<path>.weight_scale`, ...). Attribute access answers as the float layer did: `.weight` is a
+    `FloatWeightStandIn` (the float dtype, shape and device), the layer's hyperparameters
+    (`in_features`, `kernel_size`, `padding_idx`, Conv1D's `nf`, ...) are kept, and `.bias` is None
+    when the layer had none."""
 
     def __init__(
         self,
@@ -282,32 +335,63 @@ class QuantizedModule(nn.Module):
         weight_shape: tuple[int, ...],
         tensors: Mapping[str, torch.Tensor],
         module_path: str,
+        *,
+        float_weight_shape: tuple[int, ...] | None = None,
+        attributes: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.scheme = scheme
         self.op = op
         self.op_params = dict(op_params)
         self.weight_shape = tuple(weight_shape)
+        self.float_weight_shape = tuple(float_weight_shape or weight_shape)
         self.module_path = module_path
         self.roles = tuple(tensors)
         for role, t in tensors.items():
             self.register_buffer(role, t)
+        if op != "embedding" and "bias" not in tensors:
+            self.register_buffer("bias", None)
+        for name, value in (attributes or {}).items():
+            if not hasattr(self, name):
+                setattr(self, name, value)
         self._region = make_region_fn(scheme, op, self.op_params, self.roles, self.weight_shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        codes = self._buffers.get("weight")
+        if codes is None:  # during __init__: register_buffer("weight") asks hasattr first
+            raise AttributeError("weight")
+        dtype = getattr(torch, self.op_params.get("out_dtype", "float32"))
+        if torch.compiler.is_dynamo_compiling():  # Dynamo cannot trace _make_wrapper_subclass; export() drops it
+            return torch.empty(self.float_weight_shape, dtype=dtype, device=codes.device)
+        return FloatWeightStandIn(self.float_weight_shape, dtype, codes.device, self.module_path, self.scheme.describe())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight" and isinstance(value, FloatWeightStandIn):
+            # transformers' tie_weights() assigns one layer's .weight to another: after quantize() that
+            # would put a value-less stand-in where the codes are (quantize() ties shared weights itself)
+            raise UnsupportedModuleError(
+                f"{self.module_path}.weight = {value._where}.weight: both layers are quantized, and a quantized "
+                f"weight cannot be reassigned; tie the weights before quantize(), which quantizes a shared "
+                f"weight once for every layer that reads it"
+            )
+        super().__setattr__(name, value)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The region's tensors by role (the codes are `tensors()["weight"]`)."""
+        return {r: self._buffers[r] for r in self.roles}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op != "embedding" and not x.dtype.is_floating_point:
-            # Computing on integers would be silently wrong: an integer example input, or a model that
-            # casts its input to this layer's weight dtype, now the codes' (transformers' ViT patch
-            # embedding reads projection.weight.dtype)
+            # computing on integers would be silently wrong (an integer example input)
             raise UnsupportedModuleError(
                 f"{self.module_path}: the quantized {self.op} gets a {x.dtype} activation: pass floating-point "
-                f"inputs (e.g. x.float()); if the model itself casts its input to this layer's weight dtype, "
-                f"leave the layer float: quantize(model, {{..., {self.module_path!r}: None}})"
+                f"inputs (e.g. x.float())"
             )
         return invoke_quant(
             self._region,
             x,
-            *(getattr(self, r) for r in self.roles),
+            *self.tensors().values(),
             scheme=self.scheme,
             op=self.op,
             op_params=self.op_params,
@@ -317,7 +401,7 @@ class QuantizedModule(nn.Module):
         )[0]
 
     def quantized_bytes(self) -> int:
-        return sum(getattr(self, r).nbytes for r in self.roles if r != "bias")
+        return sum(t.nbytes for r, t in self.tensors().items() if r != "bias")
 
     def float_bytes(self) -> int:
         n = 1
@@ -592,7 +676,8 @@ def quantize(
         tensors.update(calib.activations.get(c.fqn, {}))
         if c.layer.op != "embedding" and getattr(m, "bias", None) is not None:
             tensors["bias"] = m.bias.detach().clone()
-        q = QuantizedModule(c.scheme, c.layer.op, c.layer.params(m), tuple(weight.shape), tensors, c.fqn)
+        q = QuantizedModule(c.scheme, c.layer.op, c.layer.params(m), tuple(weight.shape), tensors, c.fqn,
+                            float_weight_shape=tuple(m.weight.shape), attributes=c.layer.attributes(m))
         q.to(m.weight.device)
         q.train(m.training)
         _set_submodule(model, c.fqn, q)

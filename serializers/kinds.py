@@ -166,5 +166,22 @@ def sniff(path: "str | PathLike[str]") -> ArtifactKind:
     )
 
 
-__all__ = ["ArtifactKind", "BUILTIN", "HEAD_BYTES", "get", "kinds", "lowered", "names", "register", "sniff", "stages",
-           "unregister"]
+def check_kind(path: "str | PathLike[str]", expected: str, stage: str) -> None:
+    """ArtifactError naming what the file is and what opens it, when `stage` (e.g. "qexport.load"),
+    which reads `expected` files, is given another kind qexport knows; a file no kind claims goes on
+    to the stage's own checks, which say what is damaged."""
+    try:
+        kind = sniff(path)
+    except (ArtifactError, CorruptArtifactError):
+        return
+    if kind.name == expected:
+        return
+    if kind.loader:
+        how = f"qexport.{kind.loader.split(':')[1]}({str(path)!r})"
+    else:
+        how = f"qexport.runners.load({str(path)!r}) to run it, qexport.inspect({str(path)!r}) to read its regions"
+    raise ArtifactError(f"{path}: {kind.what}, not {get(expected).what}, which {stage} reads; use {how}")
+
+
+__all__ = ["ArtifactKind", "BUILTIN", "HEAD_BYTES", "check_kind", "get", "kinds", "lowered", "names", "register",
+           "sniff", "stages", "unregister"]

@@ -28,6 +28,7 @@ from torch.export.pt2_archive import constants as C
 
 from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 
+from . import kinds
 from .containers import register_program_containers
 from qexport.regions import iter_region_nodes
 
@@ -246,7 +247,11 @@ def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> 
     digests, one program, payload sizes), nothing is unpickled, and the program's regions are checked
     against the manifest. `expected_sha256` (hex) pins the whole file's digest."""
     p = check_readable(path)
-    archive = read_archive(p, _check_program, expected_sha256=expected_sha256)
+    try:
+        archive = read_archive(p, _check_program, expected_sha256=expected_sha256)
+    except CorruptArtifactError:
+        kinds.check_kind(p, "pt2", "qexport.load")  # a .pte / .onnx given to load: say what it is instead
+        raise
     register_program_containers(archive.members[C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)])
     try:
         # the checked bytes, not the path: the file may change between the check and the load

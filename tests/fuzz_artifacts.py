@@ -47,10 +47,15 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+from serializers import kinds as artifact_kinds
+
 SEED = 20261129
 HANG_S = 90.0
+#: the kinds whose files the mutations below know how to damage (suffixes and writers: the kind table)
 KINDS = ("pt2", "aoti", "pte", "onnx")
-SUFFIX = {"pt2": ".pt2", "aoti": ".pt2", "pte": ".pte", "onnx": ".onnx"}
+SUFFIX = {k: artifact_kinds.get(k).suffix for k in KINDS}
+#: how the fuzzer writes a kind (writer options); a kind not listed gets its writer's defaults
+WRITE_OPTIONS = {"aoti": {"device": "cpu"}}
 
 
 # -- payloads -------------------------------------------------------------------------------------
@@ -424,6 +429,7 @@ def build_artifacts(out: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
     import torch
 
     import qexport
+    from qexport import runners
     from qexport.models import TinyNet
 
     torch.manual_seed(0)
@@ -431,14 +437,8 @@ def build_artifacts(out: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
     model = qexport.quantize(TinyNet((64, 128, 32)).eval(), qexport.schemes.get("int8_weight_only"))
     ep = qexport.export(model, (x,))
     paths = {k: out / f"base_{k}{SUFFIX[k]}" for k in kinds}
-    if "pt2" in kinds:
-        qexport.save(ep, paths["pt2"])
-    if "aoti" in kinds:
-        qexport.compile(ep, paths["aoti"], device="cpu")
-    if "pte" in kinds:
-        qexport.to_executorch(ep, paths["pte"])
-    if "onnx" in kinds:
-        qexport.to_onnx(ep, paths["onnx"])
+    for k in kinds:
+        runners.stage(artifact_kinds.get(k).writer.split(":")[1])(ep, paths[k], **WRITE_OPTIONS.get(k, {}))
     return paths
 
 

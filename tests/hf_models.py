@@ -48,6 +48,13 @@ def vit():
 
 
 @_seeded
+def t5_encoder():
+    """T5's encoder: its `shared` embedding is tied to `encoder.embed_tokens`, which the forward calls."""
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    return transformers.T5EncoderModel(cfg)
+
+
+@_seeded
 def resnet():
     cfg = transformers.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                     layer_type="basic", num_labels=5)

@@ -39,7 +39,7 @@ def _outlier_layer(seed: int = 0, n: int = 64, k: int = 256) -> tuple[nn.Sequent
 
 def _dequantized(m: nn.Module) -> torch.Tensor:
     q = quantized_modules(m)[0][1]
-    return qexport.schemes.math_for(q.scheme).dequantize_weight(q.scheme, {r: getattr(q, r) for r in q.roles}, q.weight_shape)
+    return qexport.schemes.math_for(q.scheme).dequantize_weight(q.scheme, q.tensors(), q.weight_shape)
 
 
 @pytest.mark.parametrize("name", ["int4_weight_only", "int8_dynamic_int4_weight"])
@@ -165,6 +165,6 @@ def test_a_tied_embedding_and_head_under_gptq_store_the_weight_once():
     qexport.quantize(model, qexport.schemes.get("int4_weight_only", group_size=32), algorithm="gptq",
                      calibration_data=[(ids,)])
     mods = dict(quantized_modules(model))
-    assert mods["lm_head"].weight is mods["transformer.wte"].weight
+    assert mods["lm_head"].tensors()["weight"] is mods["transformer.wte"].tensors()["weight"]
     assert mods["lm_head"].scheme.algorithm == mods["transformer.wte"].scheme.algorithm == "hqq"
     assert {m.scheme.algorithm for n, m in mods.items() if n.startswith("transformer.h.")} == {"gptq"}

@@ -146,6 +146,30 @@ def test_shared_quantized_module_is_reported():
     assert [r.module_path for r in qexport.regions(ep)] == ["fc", "fc"]
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_a_tied_module_the_forward_never_calls_is_read_through_its_twin(strict):
+    """T5's `shared` embedding is tied to `encoder.embed_tokens`, which the forward calls instead:
+    the tied pair has one region and exports; an untied module that is never called is an error."""
+    class Tied(nn.Module):
+        def __init__(self, unused_head: bool = False):
+            super().__init__()
+            self.shared = nn.Embedding(16, 8)
+            self.embed_tokens = nn.Embedding(16, 8)
+            self.embed_tokens.weight = self.shared.weight
+            self.head = nn.Linear(8, 4) if unused_head else None
+
+        def forward(self, ids):
+            return self.embed_tokens(ids)
+
+    ids = torch.randint(0, 16, (2, 5))
+    m = qexport.quantize(Tied().eval(), "int8_weight_only")
+    ep = qexport.export(m, (ids,), strict=strict)
+    assert [r.module_path for r in qexport.regions(ep)] == ["embed_tokens"]
+    torch.testing.assert_close(ep.module()(ids), m(ids))
+    with pytest.raises(ExportError, match=r"1 quantized module\(s\) have no region.*\(head\).*'head': None"):
+        qexport.export(qexport.quantize(Tied(unused_head=True).eval(), "int8_weight_only"), (ids,), strict=strict)
+
+
 # -- hand-written regions ---------------------------------------------------------------------------
 class Custom(nn.Module):
     def __init__(self, returns_tuple: bool):

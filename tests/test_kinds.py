@@ -57,6 +57,22 @@ def test_the_hostile_file_fuzzer_covers_every_kind():
     assert fuzz_artifacts.SUFFIX == {k.name: k.suffix for k in kinds.kinds()}
 
 
+@pytest.mark.parametrize("name", kinds.BUILTIN)
+def test_a_loader_given_another_kind_names_what_it_is_and_what_opens_it(demo_dir, name):
+    path = demo_dir / kinds.get(name).file_name()
+    for stage, expected in ((qexport.load, "pt2"), (qexport.load_compiled, "aoti")):
+        if name == expected:
+            continue
+        with pytest.raises(ArtifactError) as e:
+            stage(path)
+        if (stage, name) == (qexport.load, "aoti"):  # compiled code in a program's place: the security check's words
+            assert "load it with qexport.load_compiled" in str(e.value)
+            continue
+        opener = f"qexport.{kinds.get(name).loader.split(':')[1]}(" if kinds.get(name).loader else "qexport.runners.load("
+        assert f"{kinds.get(name).what}, not {kinds.get(expected).what}" in str(e.value)
+        assert opener in str(e.value)
+
+
 def test_table_errors(tmp_path):
     with pytest.raises(ArtifactError, match=r"no artifact kind 'tflite'; qexport knows pt2, aoti, pte, onnx"):
         kinds.get("tflite")

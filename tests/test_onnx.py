@@ -131,6 +131,45 @@ def test_int8_dynamic_int4_weight_runs_as_matmul_nbits(mlp_artifacts, tmp_path, 
     assert ops["MatMulNBits"] == 2 and ops["MatMul"] == 0 and ops["DequantizeLinear"] == 0, ops
 
 
+@pytest.mark.parametrize("name, fused, unfused", [
+    # per-token int8: Cast(MatMulInteger) * (s_x * s_w) is the pattern onnxruntime runs as one kernel
+    ("int8_dynamic", "MatMulIntegerToFloat", ("MatMulInteger",)),
+    ("int8_weight_only", "MatMulNBits", ("MatMul", "DequantizeLinear")),
+])
+def test_int8_linears_run_as_onnxruntime_fused_kernels(mlp_artifacts, tmp_path, name, fused, unfused):
+    """Under onnxruntime's default session options each int8 linear region becomes one fused kernel
+    (the speed of docs/benchmarks/onnx.md depends on it), and the result is still the reference's."""
+    m, _, path, _ = mlp_artifacts[name][False]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(5))
+    assert _rel_err(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], m(x)) <= math_for(scheme_for(name)).tolerance
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops[fused] == 2 and not any(ops[op] for op in unfused), ops
+
+
+def test_per_tensor_dynamic_int8_linears_run_as_dynamic_quantize_matmul(tmp_path):
+    """int8_dynamic with per-tensor activations: each linear is the DynamicQuantizeLinear -> MatMulInteger
+    form onnxruntime runs as one DynamicQuantizeMatMul (MatMulIntegerToFloat where regions share an
+    input), per-channel weight scales and bias included, on 2-D and 3-D activations (not flattened)."""
+    scheme = scheme_for("int8_dynamic").replace(act_granularity="per_tensor")
+    for label, model, x in (("mlp", MLP(), torch.randn(4, 64)), ("transformer", TinyTransformer(), torch.randint(0, 128, (2, 16)))):
+        torch.manual_seed(0)
+        m = quantized(model, scheme, x)
+        path = tmp_path / f"{label}.onnx"
+        report = qexport.to_onnx(qexport.export(m, (x,)), path)
+        linears = [r for r in report.regions if "per-tensor int8 activations (DynamicQuantizeLinear)" in r.kernel]
+        assert linears and all(r.delegated for r in linears), report.regions
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{label}.optimized.onnx")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        assert _rel_err(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], m(x)) <= math_for(scheme).tolerance
+        ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == len(linears), (label, ops)
+        assert ops["MatMulInteger"] == 0 and ops["DequantizeLinear"] == 0, (label, ops)
+
+
 def test_keep_regions_makes_one_function_per_region_carrying_its_scheme(mlp_artifacts):
     for name in SCHEMES:
         _, ep, path, _ = mlp_artifacts[name][True]

@@ -28,7 +28,12 @@ from qexport.schemes import math_for
 
 from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
 
-INT8_ACT = ("int8_static", "int8_dynamic")
+INT8_ACT = ("int8_static", "int8_dynamic", "int8_dynamic_per_tensor")
+#: int8 weights with float activations: onnxruntime's MatMulNBits (8-bit) requantizes the activations
+#: per block at its default accuracy level, so MLAS's integer kernels run these too; the same file for every target
+WEIGHT_ONLY = ("int8_weight_only",)
+
+
 class Conv1dNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -45,6 +50,19 @@ MODELS = {"mlp": (lambda: MLP((256, 512, 64)), lambda: torch.randn(16, 256) * 3)
           "transformer": (TinyTransformer, lambda: torch.randint(0, 128, (2, 16)))}
 
 
+#: model -> the schemes its files are written with; conv regions quantize activations per tensor under
+#: int8_dynamic already, so the per-tensor variant only adds linear models
+SCHEMES_FOR = {m: tuple(s for s in INT8_ACT + WEIGHT_ONLY if not (s == "int8_dynamic_per_tensor" and m.startswith("conv")))
+               for m in MODELS}
+
+
+def _scheme(name: str):
+    """int8_dynamic_per_tensor: int8_dynamic with per-tensor activations (DynamicQuantizeMatMul's form)."""
+    if name == "int8_dynamic_per_tensor":
+        return scheme_for("int8_dynamic").replace(act_granularity="per_tensor")
+    return scheme_for(name)
+
+
 def _weights(path) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in onnx.load(str(path)).graph.initializer}
 
@@ -55,13 +73,13 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("targets")
     out = {}
     for mname, (make, example) in MODELS.items():
-        for scheme in INT8_ACT:
+        for scheme in SCHEMES_FOR[mname]:
             torch.manual_seed(0)
             x = example()
-            m = quantized(make(), scheme_for(scheme), x)
+            m = quantized(make(), _scheme(scheme), x)
             ep = qexport.export(m, (x,))
             ref = m(x).detach().numpy()
-            for target in ("portable", "x86_vnni"):
+            for target in ("portable", "x86_vnni") if scheme in INT8_ACT else ("portable",):
                 path = d / f"{mname}_{scheme}_{target}.onnx"
                 qexport.to_onnx(ep, path, target=target)
                 out[mname, scheme, target] = (path, x.numpy(), ref)
@@ -77,10 +95,11 @@ def test_portable_stores_int8_weights_as_uint8_plus_128(files, scheme):
     np.testing.assert_array_equal(u8.astype(np.int16) - 128, s8)  # same codes, same grid
     zp = onnx.numpy_helper.to_array(portable["layers.0.weight_zero_point"])
     assert zp.dtype == np.uint8 and (zp == 128).all()
-    if scheme == "int8_dynamic":  # MatMulInteger takes B's zero point; signed weights need none
+    if scheme.startswith("int8_dynamic"):  # MatMulInteger takes B's zero point; signed weights need none
         assert "layers.0.weight_zero_point" not in signed
     for model, name in (("conv", "conv1.weight"), ("conv1d", "conv.weight")):  # every conv op, not only 2-D
-        assert _weights(files[model, scheme, "portable"][0])[name].data_type == onnx.TensorProto.UINT8, (model, name)
+        if scheme in SCHEMES_FOR[model]:
+            assert _weights(files[model, scheme, "portable"][0])[name].data_type == onnx.TensorProto.UINT8, (model, name)
 
 
 def test_manifest_and_report_record_the_target(files, tmp_path):
@@ -96,14 +115,14 @@ def test_manifest_and_report_record_the_target(files, tmp_path):
     assert report.extra["target"] == host_target() == qexport.inspect(tmp_path / "h.onnx").extra["target"]
 
 
-@pytest.mark.parametrize("key", [(m, s) for m in MODELS for s in INT8_ACT], ids=lambda k: f"{k[0]}-{k[1]}")
+@pytest.mark.parametrize("key", [(m, s) for m in MODELS for s in SCHEMES_FOR[m]], ids=lambda k: f"{k[0]}-{k[1]}")
 def test_portable_is_exact_here_under_default_session_options(files, key):
     import onnxruntime as ort
 
     path, x, ref = files[(*key, "portable")]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    assert np.abs(y - ref).max() / np.abs(ref).max() <= math_for(scheme_for(key[1])).tolerance
+    assert np.abs(y - ref).max() / np.abs(ref).max() <= math_for(_scheme(key[1])).tolerance
 
 
 def test_runner_refuses_a_file_written_for_other_cpus(files, monkeypatch):
@@ -143,8 +162,9 @@ _PROBE = textwrap.dedent("""
 @pytest.mark.skipif(_QEMU is None, reason="needs qemu-x86_64 (Debian's qemu-user; scripts/setup.sh installs it)")
 def test_avx2_cpu_without_vnni_portable_exact_signed_saturates(files, tmp_path):
     """Under an emulated Haswell (AVX2, no AVX-512, no VNNI) onnxruntime computes every portable file
-    within tolerance, while the same regions with signed weights saturate: the emulation reproduces
-    the bug, so the first half is a real check."""
+    within tolerance (int8_dynamic through MatMulIntegerToFloat, int8_weight_only through 8-bit
+    MatMulNBits with int8 compute), while the same regions with signed weights saturate: the emulation
+    reproduces the bug, so the first half is a real check."""
     jobs = []
     for (mname, scheme, target), (path, x, ref) in files.items():
         np.save(tmp_path / f"{mname}_{scheme}_x.npy", x)
@@ -163,6 +183,6 @@ def test_avx2_cpu_without_vnni_portable_exact_signed_saturates(files, tmp_path):
     for key, err in errors.items():
         mname, scheme, target = key.split("/")
         if target == "portable":
-            assert err <= math_for(scheme_for(scheme)).tolerance, (key, err)
+            assert err <= math_for(_scheme(scheme)).tolerance, (key, err)
     saturated = [k for k, err in errors.items() if k.endswith("x86_vnni") and err > math_for(scheme_for("int8_static")).tolerance]
     assert len(saturated) >= 3, errors

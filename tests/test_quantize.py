@@ -44,7 +44,8 @@ def test_quantize_models_every_scheme(builtin_scheme, model_cls, example, ops):
     # float weights are gone; the quantized tensors are buffers
     for _, m in qs:
         assert not list(m.parameters())
-        assert m.weight.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
+        assert m.tensors()["weight"].dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
+        assert m.weight.dtype == torch.float32  # what the float layer answered
     out = model(*args)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel_err(out, ref) < 0.25  # quantization noise, not a broken model
@@ -188,7 +189,7 @@ def test_conv1d_region_matches_reference_math():
     w = conv.weight.detach().clone()
     qexport.quantize(model, "int8_weight_only")
     q = model[0]
-    wq = (q.weight.float() * q.weight_scale.float()[:, None, None]).bfloat16()
+    wq = (q.tensors()["weight"].float() * q.weight_scale.float()[:, None, None]).bfloat16()
     expect = torch.nn.functional.conv1d(x.bfloat16(), wq, q.bias.bfloat16(), 2, 1, 1, 2).float()
     torch.testing.assert_close(model(x), expect, rtol=0, atol=0)
     assert rel_err(model(x), torch.nn.functional.conv1d(x, w, conv.bias, 2, 1, 1, 2)) < 0.02
@@ -228,7 +229,7 @@ def test_tied_weight_quantized_once_and_shared(hf):
     assert model.lm_head.weight is model.transformer.wte.weight
     qexport.quantize(model, "int8_dynamic")
     wte, head = model.transformer.wte, model.lm_head
-    assert wte.weight is head.weight and wte.weight_scale is head.weight_scale  # one tensor, two regions
+    assert wte.tensors()["weight"] is head.tensors()["weight"] and wte.weight_scale is head.weight_scale  # one tensor, two regions
     assert wte.scheme.activation == "none" and head.scheme.activation == "dynamic"
     tied = {d.module: d.tied_to for d in model.qexport_summary.decisions}
     assert tied["transformer.wte"] == "lm_head"
@@ -241,8 +242,8 @@ def test_tied_weight_quantized_once_and_shared(hf):
 
     recipe = {nn.Embedding: "int8_weight_only", nn.Linear: "int8_dynamic"}
     tied, untied = qexport.quantize(hf.gpt2(), recipe), qexport.quantize(hf.gpt2(tie=False), recipe)
-    assert tied.transformer.wte.weight is tied.lm_head.weight
-    assert untied.transformer.wte.weight is not untied.lm_head.weight
+    assert tied.transformer.wte.tensors()["weight"] is tied.lm_head.tensors()["weight"]
+    assert untied.transformer.wte.tensors()["weight"] is not untied.lm_head.tensors()["weight"]
     assert saved_bytes(untied) - saved_bytes(tied) >= hf.VOCAB * 32  # the int8 table is stored once
 
 
@@ -302,3 +303,115 @@ def test_recipe_glob_skips_what_an_exact_name_would_refuse():
     qexport.quantize(model, {"*": "int8_dynamic"})  # a glob is a broad selection: the embedding is skipped
     assert type(model.emb) is nn.Embedding and isinstance(model.fc, QuantizedModule)
     assert "indices" in model.qexport_summary.skipped[0].reason
+
+
+class ReadsWeights(nn.Module):
+    """Model code that reads its layers' weights for metadata, as transformers does (ViT casts the pixels
+    to `projection.weight.dtype`; others read `.shape`, `.device`, `in_features`, `padding_idx`)."""
+
+    def __init__(self, reads: bool = True) -> None:
+        super().__init__()
+        self.reads = reads
+        self.conv = nn.Conv2d(3, 32, 4, stride=4)
+        self.proj = nn.Linear(32, 16, bias=False)
+        self.emb = nn.Embedding(10, 16, padding_idx=0)
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # the twin that does not read them uses the same values, written out
+        dtype, device, proj_in = ((self.conv.weight.dtype, self.conv.weight.device, self.proj.weight.shape[1])
+                                  if self.reads else (torch.float32, torch.device("cpu"), 32))
+        h = self.conv(pixels.to(dtype).to(device)).flatten(2).transpose(1, 2).reshape(-1, proj_in)
+        h = h.to(self.proj.weight.dtype if self.reads else torch.float32)
+        h = h.reshape(pixels.shape[0], -1, self.proj.in_features if self.reads else 32)
+        return self.proj(h) + self.emb(ids)[:, :1]
+
+
+def _reads_weights(reads: bool = True) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ReadsWeights(reads).eval()
+    return qexport.quantize(model, {nn.Conv2d: "int8_dynamic", nn.Linear: qexport.schemes.get("int4_weight_only", group_size=32), nn.Embedding: "int8_weight_only"})
+
+
+READS_WEIGHTS_INPUTS = (torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2, 3)))
+
+
+def test_quantized_weight_answers_like_the_float_weight():
+    """`.weight` of a quantized layer has the float weight's dtype, shape and device (a Conv1D its
+    [in, out] shape); the layer keeps its hyperparameters and `bias=None`; the codes are `tensors()`."""
+    float_model = ReadsWeights().eval()
+    model = _reads_weights()
+    for name in ("conv", "proj", "emb"):
+        f, q = float_model.get_submodule(name), model.get_submodule(name)
+        assert isinstance(q, QuantizedModule) and isinstance(q.weight, qexport.FloatWeightStandIn)
+        assert (q.weight.dtype, q.weight.shape, q.weight.device) == (f.weight.dtype, f.weight.shape, f.weight.device)
+        assert q.weight.dim() == f.weight.dim() and q.weight.numel() == f.weight.numel() and q.weight.is_floating_point()
+        for attr in type(f).__constants__:
+            assert getattr(q, attr) == getattr(f, attr), (name, attr)
+        assert q.tensors()["weight"].dtype in (torch.int8, torch.uint8) and q.tensors()["weight"] is q._buffers["weight"]
+        assert name in repr(q.weight) and q.scheme.name in repr(q.weight)
+    assert model.proj.bias is None and model.conv.bias is not None
+    assert model.emb.padding_idx == 0 and model.conv.kernel_size == (4, 4) and model.proj.in_features == 32
+    assert list(model.state_dict()) == [f"{n}.{r}" for n in ("conv", "proj", "emb") for r in model.get_submodule(n).roles]
+
+    bf16 = qexport.quantize(nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16)), "int8_weight_only")
+    assert bf16[0].weight.dtype == torch.bfloat16
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = qexport.quantize(nn.Sequential(Conv1D(6, 4)), "int8_weight_only")[0]
+    assert conv1d.weight.shape == (4, 6) and conv1d.weight_shape == (6, 4) and (conv1d.nf, conv1d.nx) == (6, 4)
+
+
+@pytest.mark.parametrize("use", [
+    lambda w: w.data,
+    lambda w: w.detach(),
+    lambda w: w @ torch.ones(4, 2),
+    lambda w: w.float() + 1,
+    lambda w: torch.nn.functional.conv2d(torch.ones(1, 3, 4, 4), w),
+    lambda w: w.clone(),
+    lambda w: w.sum().item(),
+], ids=["data", "detach", "matmul", "add", "conv2d", "clone", "sum"])
+def test_computing_with_a_quantized_weight_is_an_error_naming_the_layer_and_the_fix(use):
+    model = _reads_weights()
+    with pytest.raises(qexport.QuantizedWeightError, match=r"conv\.weight is quantized \(int8_dynamic.*holds no values.*"
+                       r"quantize\(model, \{\.\.\., 'conv': None\}\).*get_submodule\('conv'\)\.tensors\(\)"):
+        use(model.conv.weight)
+
+
+def test_quantized_weight_survives_deepcopy_state_dict_and_keeps_ties():
+    import copy
+
+    model = _reads_weights()
+    expected = model(*READS_WEIGHTS_INPUTS)
+    twin = copy.deepcopy(model)
+    assert twin.conv.weight.dtype == torch.float32 and twin.conv.tensors()["weight"].dtype == torch.int8
+    torch.testing.assert_close(twin(*READS_WEIGHTS_INPUTS), expected, rtol=0, atol=0)
+    other = _reads_weights()
+    with torch.no_grad():
+        for t in other.state_dict().values():
+            t.zero_()
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(*READS_WEIGHTS_INPUTS), expected, rtol=0, atol=0)
+    # transformers' tie_weights() on a quantized model: an error, never the stand-in in place of the codes
+    with pytest.raises(UnsupportedModuleError, match=r"proj.weight = emb.weight: both layers are quantized.*before quantize"):
+        model.proj.weight = model.emb.weight
+    # an integer activation (e.g. an integer example input) is refused, not computed on
+    with pytest.raises(UnsupportedModuleError, match=r"proj: the quantized linear gets a torch.int64 activation"):
+        model.proj(torch.ones(2, 32, dtype=torch.long))
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_reading_weight_metadata_exports_to_nothing(strict):
+    """The same graph, state and constants as the twin model that never reads its weights: no node, no
+    constant, no buffer for the stand-in; the program runs like the eager quantized model."""
+    from qexport.regions import regions
+
+    programs = [qexport.export(_reads_weights(reads), READS_WEIGHTS_INPUTS, strict=strict) for reads in (True, False)]
+    # (Dynamo orders the state's placeholders by first use, and reading `.weight` touches the codes)
+    reads, plain = ((sorted(str(n.target) for n in ep.graph.nodes if n.op == "placeholder"),
+                     [str(n.target) for n in ep.graph.nodes if n.op != "placeholder"]) for ep in programs)
+    assert reads == plain
+    assert list(programs[0].state_dict) == list(programs[1].state_dict) and not programs[0].constants
+    assert [r.op for r in regions(programs[0])] == ["conv2d", "linear", "embedding"]
+    torch.testing.assert_close(programs[0].module()(*READS_WEIGHTS_INPUTS), _reads_weights()(*READS_WEIGHTS_INPUTS))

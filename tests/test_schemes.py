@@ -198,7 +198,7 @@ def test_weight_only_embedding_region_decodes_only_the_rows_it_gathers():
         q = qexport.quantize(torch.nn.Sequential(table), name)
         region = q[0]
         full = qexport.schemes.math_for(region.scheme).dequantize_weight(
-            region.scheme, {r: getattr(region, r) for r in region.roles}, region.weight_shape)
+            region.scheme, region.tensors(), region.weight_shape)
         assert torch.equal(q(ids), full.to(region.scheme.torch_compute_dtype)[ids].float()), name
         ep = qexport.export(q, (ids,))
         sizes = [n.meta["val"].numel() for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)

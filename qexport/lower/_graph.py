@@ -153,6 +153,27 @@ def region_state(ep: torch.export.ExportedProgram) -> dict[str, dict[str, torch.
     }
 
 
+# -- emitting nodes -----------------------------------------------------------------------------
+
+def call_before(anchor: torch.fx.Node, target: Any, *args: Any, fake_mode: Any = None, **kwargs: Any) -> torch.fx.Node:
+    """Emit `target(*args, **kwargs)` before `anchor`, with meta["val"] computed under the program's fake
+    mode (what export itself records; dynamic dims stay symbolic) and, unless the caller stamps its own,
+    `anchor`'s module stack and stack trace (profilers and errors point at the model's module)."""
+    graph = anchor.graph
+    with graph.inserting_before(anchor):
+        out = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], (args, kwargs))
+    if fake_mode is None:
+        fake_mode = detect_fake_mode([a.meta.get("val") for a in pytree.tree_leaves((args, kwargs))
+                                      if isinstance(a, torch.fx.Node)])
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        out.meta["val"] = target(*fake_args, **fake_kwargs)
+    for key in _INHERITED_META:
+        if key in anchor.meta:
+            out.meta[key] = copy.copy(anchor.meta[key])
+    return out
+
+
 # -- splicing regions ---------------------------------------------------------------------------
 
 class RegionSite:
@@ -188,11 +209,7 @@ class RegionSite:
     def call(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
         """Emit `target(*args, **kwargs)` before the region node (or the node given to `before`), with
         meta["val"] computed under the program's fake mode (what export itself records) and the region tag."""
-        with self.graph.inserting_before(self._anchor):
-            out = self.graph.call_function(target, args, kwargs)
-        fake_args, fake_kwargs = pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], (args, kwargs))
-        with self._fake_mode:
-            out.meta["val"] = target(*fake_args, **fake_kwargs)
+        out = call_before(self._anchor, target, *args, fake_mode=self._fake_mode, **kwargs)
         self._stamp(out)
         return out
 

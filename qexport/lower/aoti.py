@@ -160,7 +160,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
-        work = move_to_device_pass(work, device)
+        # An indexed device: with a bare "cuda" the pass rewrites ops' device arguments to "cuda" while
+        # the tensors are on cuda:0, and export's `_assert_tensor_metadata` nodes (transformers' masks) fail.
+        work = move_to_device_pass(work, f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
         lowered, plans = work, _all_to_inductor(work, device)
     else:
@@ -246,7 +248,9 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
 
     p = check_readable(path)
     import serializers
+    from serializers import kinds
 
+    kinds.check_kind(p, "aoti", "qexport.load_compiled")
     manifest = serializers.inspect(p)  # names what a non-AOTI or non-qexport file is, first
     if manifest.artifact != "aoti":
         raise ArtifactError(f"{path}: a qexport {manifest.artifact} artifact, not an AOTInductor package; use qexport.load")

@@ -13,7 +13,9 @@ Each region is lowered from its scheme (never from the ops inside it):
   can (embeddings dequantize only the rows they gather). Correct, not a quantized kernel, and the
   report record says why and what to change to get it delegated.
 
-The region pass is `qexport.lower._graph.replace_regions`; a few small edge-compat passes follow.
+The region pass is `qexport.lower._graph.replace_regions`; a few small edge-compat passes follow, then
+`attention.grouped_attention` (a decoder's attention without copies of its KV cache) and, in
+`to_executorch`, ExecuTorch's reinplace pass (cache writes in place).
 The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
 builds (`manifest_methods`), writes and reads.
 """
@@ -37,10 +39,10 @@ from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
-from ..schemes import math_for
 from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
 from ._graph import RegionSite, drop_unused_state, region_of, replace_regions
+from .attention import grouped_attention
 from ._stages import Stages
 from .report import LoweringReport, RegionReport
 
@@ -129,36 +131,6 @@ def _lower_int8_dynamic_int4_weight(site: RegionSite) -> torch.fx.Node:
 
 def _reference(site: RegionSite) -> torch.fx.Node:
     return site.inline_reference()
-
-
-#: roles holding one row per embedding table row (everything else, like nf4's codebook, is shared)
-_TABLE_ROLES = ("weight", "weight_scale", "weight_zero_point")
-
-
-def _lower_embedding_rows_first(site: RegionSite) -> torch.fx.Node:
-    """A weight-only embedding: gather the quantized rows the indices select, then dequantize only those
-    with the scheme's own `dequantize_weight`, in float32.
-
-    Why: the reference dequantizes the whole table on every call before the lookup (all-MiniLM-L6-v2:
-    30522 x 384 values per call on portable kernels); row-wise dequantization gives the same rows.
-    """
-    r, aten = site.region, torch.ops.aten
-    idx = site.input.meta["val"]
-    if not isinstance(idx.numel(), int) or r.weight_shape is None or len(r.weight_shape) != 2:
-        return site.inline_reference()  # symbolic index count: make_fx would need the program's shape env
-    n, (rows, dim) = idx.numel(), r.weight_shape
-    flat = site.call(aten.view.default, site.input, [n])
-    roles = [role for role in r.roles[1:] if role != "bias"]
-    gathered = [
-        site.call(aten.index_select.default, site.operands[role], 0, flat)
-        if role in _TABLE_ROLES and site.operands[role].meta["val"].shape[0] == rows else site.operands[role]
-        for role in roles
-    ]
-    scheme, math = r.scheme, math_for(r.scheme)
-    w = site.trace(lambda *ts: math.dequantize_weight(scheme, dict(zip(roles, ts)), (n, dim)).float(), *gathered)
-    out = site.call(aten.view.default, w, [*idx.shape, dim])
-    out_dtype = getattr(torch, r.op_params.get("out_dtype", "float32"))
-    return out if out_dtype == torch.float32 else site.call(aten._to_copy.default, out, dtype=out_dtype)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -299,11 +271,16 @@ register_lowering("int4", "executorch", "linear", plan_int4)
 
 
 def _reference_plan(region: Region, reference: Callable[[RegionSite], torch.fx.Node], why: str) -> RegionPlan:
-    """The region's reference math on portable kernels (embeddings gather their quantized rows first)."""
+    """The region's reference math on portable kernels, in float32 where its output is float32 (a
+    weight-only embedding's reference gathers its quantized rows before dequantizing them)."""
     s, kernel = region.scheme, "portable (reference decomposition)"
-    if region.op == "embedding" and s.activation == "none" and s.family != "fp8":
-        reference, kernel = _lower_embedding_rows_first, "portable (gather quantized rows, dequantize them)"
-    elif s.compute_dtype != "float32" and region.input_dtypes[:1] == ("float32",):
+    rows_first = region.op == "embedding" and s.activation == "none" and s.family != "fp8"
+    if rows_first:
+        kernel = "portable (gather quantized rows, dequantize them)"
+        float32_out = region.op_params.get("out_dtype", "float32") == "float32"
+    else:
+        float32_out = region.op != "embedding" and region.input_dtypes[:1] == ("float32",)
+    if s.compute_dtype != "float32" and float32_out:
         reference = _in_float32(reference)
     return RegionPlan(False, kernel, why, lowering=reference)
 
@@ -473,7 +450,7 @@ def to_executorch(
     out = check_writable(output, ".pte")
     ep = resolve_program(program_or_path, "to_executorch")
     try:
-        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         import executorch.kernels.quantized  # noqa: F401  (registers the quantized_decomposed out-variants)
     except ImportError as e:
         raise missing_extra(e, "to_executorch") or BackendUnavailableError(f"to_executorch cannot import executorch ({e})") from None
@@ -490,6 +467,7 @@ def to_executorch(
         ep = copy.deepcopy(ep)  # the caller's program stays as it was
         replace_regions(ep, lambda site: plans[site.region.name].lowering(site), kernel_of=lambda r: plans[r.name].kernel)
         rshift_as_floor_divide(ep.graph_module)
+        grouped_attention(ep)
         drop_unused_state(ep)
 
     partitioners = []
@@ -511,7 +489,10 @@ def to_executorch(
         # The manifest carries what happened to each region, known only once the partitioners ran.
         pte.replace_manifest(edge, manifest.with_lowering(records))
         with stage("to_executorch (memory planning, serialization)"):
-            et = edge.to_executorch()
+            # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
+            # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
+            # it index_put_ on the buffer.
+            et = edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True))
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
         raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
 

@@ -6,8 +6,9 @@ are expressed with ONNX's own quantization operators wherever ONNX has them, bec
 (onnxruntime's QDQ transformers, TensorRT, QNN...) recognise QuantizeLinear/DequantizeLinear around
 MatMul/Conv/Gemm and run integer kernels; where ONNX has no operator for a format (NormalFloat4, or
 4-bit blocks before opset 21) the weight is dequantized with ordinary float operators, and the region's
-record says so. Per-token dynamic int8 linears are the one exception to QDQ: they are integer
-MatMuls (`per_token_int8_linear`), because no runtime fuses per-row dynamic QDQ.
+record says so. Dynamic int8 linears are the exception to QDQ: per-token ones are integer
+MatMuls (`per_token_int8_linear`), because no runtime fuses per-row dynamic QDQ, and so are per-tensor
+dynamic ones (`per_tensor_int8_linear`), in the form onnxruntime fuses into DynamicQuantizeMatMul.
 
 The ONNX form of each step is written against the scheme's fields, mirroring `activation.py` and the
 families' `dequantize_weight`; the numerics tests hold it to `math_for(scheme).tolerance` of the eager
@@ -143,10 +144,15 @@ class Lowering:
             # Linear regions run on a [-1, in] view: onnxruntime turns 2-D MatMul+Add into Gemm and
             # its QDQ form into QGemm, while for 3-D inputs its MatMulAddFusion reshapes around cloned
             # QuantizeLinear nodes and then fails its own type check ("output_dtype INT8 does not
-            # match y_zero_point type UINT8") on MiniLM.
-            flat = op == "linear" and len(r.input_shapes[0] if r.input_shapes else ()) != 2
+            # match y_zero_point type UINT8") on MiniLM. Per-tensor integer linears keep their shape:
+            # DynamicQuantizeMatMul takes N-D inputs, and the view of an input other nodes also read
+            # costs a copy.
+            per_tensor_integer = self.family.integer_linear(self) and s.act_granularity != "per_token"
+            flat = op == "linear" and len(r.input_shapes[0] if r.input_shapes else ()) != 2 and not per_tensor_integer
             xin = e.op("Reshape", x, e.const([-1, r.weight_shape[1]], np.int64)) if flat else x
-            if self.family.integer_linear(self):
+            if per_tensor_integer:
+                y = per_tensor_int8_linear(e, xin, w)
+            elif self.family.integer_linear(self):
                 y = per_token_int8_linear(e, xin, w)
             else:
                 xq = quantize_input(e, s, op, xin, w, float_dequant=self.family.weight_to_matmul_nbits)
@@ -182,33 +188,36 @@ def quantize_input(e: Emitter, s: Scheme, op: str, x: ir.Value, w: Mapping[str, 
     return _per_token_int8(e, x, float_dequant)
 
 
-def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tuple[ir.Value, ir.Value]:
+def _per_token_qparams(e: Emitter, rows: ir.Value, unsigned: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """int8_asym_qparams per row: the range always covers 0, scale floored at eps, zero point saturated.
 
-    unsigned=True gives the same grid as uint8 (codes and zero point + 128), the activation type of
-    onnxruntime's fast integer GEMM (u8 x s8).
+    Returns (scale, zero point, zero point as float32). unsigned=True gives the same grid as uint8
+    (codes and zero point + 128), the activation type of onnxruntime's integer GEMMs: there
+    clip(-128 - round(mn / s), -128, 127) + 128 is computed as clip(-round(mn / s), 0, 255) (Round
+    is half-to-even, so it commutes with negation), one node fewer per region.
     """
     axes = e.const([1], np.int64)
     zero = e.const(0.0)
     mn = e.op("Min", e.op("ReduceMin", rows, axes, keepdims=0), zero)
     mx = e.op("Max", e.op("ReduceMax", rows, axes, keepdims=0), zero)
     scale = e.op("Max", e.op("Div", e.op("Sub", mx, mn), e.const(float(INT8_MAX - INT8_MIN))), e.const(EPS))
+    if unsigned:
+        zp = e.op("Clip", e.op("Neg", e.op("Round", e.op("Div", mn, scale))), zero, e.const(float(INT8_MAX - INT8_MIN)))
+        return scale, e.op("Cast", zp, to=ir.DataType.UINT8), zp
     zp = e.op("Sub", e.const(float(INT8_MIN)), e.op("Round", e.op("Div", mn, scale)))
     zp = e.op("Clip", zp, e.const(float(INT8_MIN)), e.const(float(INT8_MAX)))
-    if unsigned:
-        return scale, e.op("Cast", e.op("Sub", zp, e.const(float(INT8_MIN))), to=ir.DataType.UINT8)
-    return scale, e.op("Cast", zp, to=ir.DataType.INT8)
+    return scale, e.op("Cast", zp, to=ir.DataType.INT8), zp
 
 
 def _per_token_int8(e: Emitter, rows: ir.Value, float_dequant: bool = False) -> ir.Value:
-    scale, zp = _per_token_qparams(e, rows)
+    scale, zp, zp_float = _per_token_qparams(e, rows)
     q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
     if not float_dequant:
         return e.op("DequantizeLinear", q, scale, zp, axis=0)
     # (q - zp) * scale with Sub/Mul, the same values: onnxruntime fuses a weight's DequantizeLinear ->
     # MatMul into MatMulNBits only when the activation does not come from a DequantizeLinear too.
     one = e.const([1], np.int64)
-    centred = e.op("Sub", e.op("Cast", q, to=ir.DataType.FLOAT), e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.FLOAT), one))
+    centred = e.op("Sub", e.op("Cast", q, to=ir.DataType.FLOAT), e.op("Unsqueeze", zp_float, one))
     return e.op("Mul", centred, e.op("Unsqueeze", scale, one))
 
 
@@ -223,16 +232,32 @@ def per_token_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value])
     per-tensor DynamicQuantizeLinear; a per-token QDQ MatMul dequantizes the weight on every call
     (330x slower than fp32 on MLP 1024-2048-2048-256 here).
     """
-    scale, zp = _per_token_qparams(e, rows, unsigned=True)
+    scale, zp, zp_float = _per_token_qparams(e, rows, unsigned=True)
     q = e.op("QuantizeLinear", rows, scale, zp, axis=0)
     # uint8-stored weights carry zero point 128 (OnnxTarget): MatMulInteger subtracts it exactly
     acc = e.op("MatMulInteger", q, w["weight"], None, w.get("weight_zero_point"))
     one = e.const([1], np.int64)
     col_scale = e.op("Unsqueeze", scale, one)
-    y = e.op("Mul", e.op("Mul", e.op("Cast", acc, to=ir.DataType.FLOAT), col_scale), w["weight_scale"])
-    zp_scaled = e.op("Mul", e.op("Unsqueeze", e.op("Cast", zp, to=ir.DataType.FLOAT), one), col_scale)
-    return e.op("Gemm", e.op("Concat", zp_scaled, e.op("Expand", e.const([[1.0]]), e.op("Shape", zp_scaled)), axis=1),
-                w["weight_affine"], y)
+    # Cast(acc) * Mul(s_x, s_w) is the pattern onnxruntime fuses into MatMulIntegerToFloat (the scaling
+    # done in the GEMM's output pass instead of three passes over [M, N]); its kernel takes per-row
+    # [M, 1] scales, but with a constant bias Add after the Mul it would scale the bias too, so the
+    # bias stays in the Gemm below.
+    y = e.op("Mul", e.op("Cast", acc, to=ir.DataType.FLOAT), e.op("Mul", col_scale, w["weight_scale"]))
+    zp_scaled = e.op("Mul", e.op("Unsqueeze", zp_float, one), col_scale)
+    zp_and_one = e.op("Pad", zp_scaled, e.const([0, 0, 0, 1], np.int64), e.const(1.0))  # [zp * s_x, 1]
+    return e.op("Gemm", zp_and_one, w["weight_affine"], y)
+
+
+def per_tensor_int8_linear(e: Emitter, rows: ir.Value, w: Mapping[str, ir.Value]) -> ir.Value:
+    """DQ(x) @ DQ(w) + b for per-tensor asymmetric int8 x (DynamicQuantizeLinear: the scheme's qparams on
+    the uint8 grid) and int8 w, as DynamicQuantizeLinear -> MatMulInteger -> Cast * (s_x * s_w) + b:
+    the pattern onnxruntime fuses into DynamicQuantizeMatMul (or MatMulIntegerToFloat where regions share
+    their input), one kernel that quantizes, multiplies and applies the scales and the bias (exact with
+    per-channel weight scales). As QDQ the weight would be dequantized on every call instead."""
+    q, scale, zp = e.op_multi("DynamicQuantizeLinear", rows, num_outputs=3)
+    acc = e.op("MatMulInteger", q, w["weight"], zp, w.get("weight_zero_point"))
+    y = e.op("Mul", e.op("Cast", acc, to=ir.DataType.FLOAT), e.op("Mul", scale, w["weight_scale"]))
+    return y if "bias" not in w else e.op("Add", y, w["bias"])
 
 
 def _dynamic_fp8(e: Emitter, x: ir.Value, per_token: bool) -> ir.Value:
@@ -293,7 +318,7 @@ class FamilyLowering:
         raise NotImplementedError
 
     def integer_linear(self, lw: Lowering) -> bool:
-        """Whether the region's linear runs as integer ops (per_token_int8_linear) instead of QDQ."""
+        """Whether the region's linear runs as integer ops (per_token_int8_linear, per_tensor_int8_linear) instead of QDQ."""
         return False
 
     def embedding_rows(self, e: Emitter, lw: Lowering, w: Mapping[str, ir.Value], ids: ir.Value) -> ir.Value:
@@ -349,6 +374,8 @@ class Int8Lowering(FamilyLowering):
             kernel = f"Gather int8 rows -> DequantizeLinear ({gran}; only the looked-up rows)"
         if region.op == "linear" and s.activation == "dynamic" and s.act_granularity == "per_token":
             kernel = f"MatMulInteger: per-token int8 activations (QuantizeLinear with computed scales) x {gran} int8 weights, int32 accumulation"
+        elif region.op == "linear" and s.activation == "dynamic" and s.act_dtype == "int8":
+            kernel = f"MatMulInteger: per-tensor int8 activations (DynamicQuantizeLinear) x {gran} int8 weights, int32 accumulation"
         reason = ""
         if s.compute_dtype != "float32" and s.activation == "none":
             reason = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
@@ -380,11 +407,12 @@ class Int8Lowering(FamilyLowering):
             out["weight"] = (codes.astype(np.int16) - INT8_MIN).astype(np.uint8)
             out["weight_zero_point"] = np.full(scale.shape, -INT8_MIN, np.uint8)
         if self.integer_linear(lw):
-            # MatMulInteger takes B's zero point as one scalar (none for signed weights), and the
-            # zero-point correction and the bias become one [2, out] matrix (per_token_int8_linear).
+            # MatMulInteger takes B's zero point as one scalar (none for signed weights)
             out["weight_zero_point"] = np.array(-INT8_MIN, np.uint8)
             if not unsigned:
                 del out["weight_zero_point"]
+        if self.integer_linear(lw) and lw.scheme.act_granularity == "per_token":
+            # the zero-point correction and the bias become one [2, out] matrix (per_token_int8_linear)
             colsum = codes.astype(np.int64).sum(0)
             bias = out.pop("bias", np.zeros(colsum.shape, np.float32))
             out["weight_affine"] = np.stack([-(colsum * scale.reshape(-1)).astype(np.float32), bias])
@@ -405,8 +433,7 @@ class Int8Lowering(FamilyLowering):
 
     def integer_linear(self, lw: Lowering) -> bool:
         s = lw.scheme
-        return (lw.region.op == "linear" and s.activation == "dynamic" and s.act_dtype == "int8"
-                and s.act_granularity == "per_token")
+        return lw.region.op == "linear" and s.activation == "dynamic" and s.act_dtype == "int8"
 
 
 def _blocked_float(

@@ -131,7 +131,9 @@ def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
                 return flat_tensors(loader.boxed_run(list(flat)))
             return flat_tensors(compiled(*flat))
 
-    return Runner("aoti", p, call)
+    import serializers
+
+    return Runner("aoti", p, call, device=serializers.inspect(p).extra.get("device", "cpu"))
 
 
 def load_pte(p: Path, expected_sha256: str | None) -> Runner:

@@ -4,7 +4,7 @@ inputs (`InputInfo`) so verify and bench can make examples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,9 +50,16 @@ class Runner:
     #: flat inputs -> {region name: (node or function name, first output)}, where the runtime exposes regions
     #: (a .pt2, an .onnx written with keep_regions=True); None elsewhere
     region_call: Callable[[Flat], dict[str, tuple[str, torch.Tensor]]] | None = None
+    #: where `call` takes its inputs and leaves its outputs ("cuda" for a CUDA AOTI package)
+    device: str = "cpu"
+    #: what callers built once for this runner and reuse (e.g. generation's captured decode step)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
-        return self.call(list(inputs))
+        """CPU tensors in and out whatever the device; `call` is the device-level convention."""
+        if self.device == "cpu":
+            return self.call(list(inputs))
+        return [y.cpu() for y in self.call([x.to(self.device) for x in inputs])]
 
     def region_outputs(self, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]] | None:
         return self.region_call(list(inputs)) if self.region_call is not None else None

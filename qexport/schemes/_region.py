@@ -62,8 +62,14 @@ def make_region_fn(
             flat = x.reshape(-1)
             rows = {r: v.index_select(0, flat) if r != "bias" and v.dim() > 0 and v.shape[0] == shape[0] else v
                     for r, v in t.items()}
-            w = math.dequantize_weight(scheme, rows, (flat.shape[0], shape[1])).to(cd)
-            return (w.reshape(*x.shape, shape[1]).to(out_dtype),)
+            w = math.dequantize_weight(scheme, rows, (flat.shape[0], shape[1]))
+            # The output must not be a view (Inductor's invoke_quant lowering fails on one: "NotImplementedError:
+            # ReinterpretView", seen compiling a bf16 Llama), so a real cast follows the reshape; with two
+            # casts the reshape stays between them, or torch 2.11's Inductor folds fp32 -> bf16 -> fp32 into
+            # no cast at all and leaves the view (seen on the H200).
+            if out_dtype == cd:
+                return (w.reshape(*x.shape, shape[1]).to(cd),)
+            return (w.to(cd).reshape(*x.shape, shape[1]).to(out_dtype),)
         w = math.dequantize_weight(scheme, t, shape).to(cd)
         if op == "embedding":
             return (apply_op(op, op_params, x, w, None).to(out_dtype),)
