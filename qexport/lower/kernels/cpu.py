@@ -51,7 +51,8 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.27 ms (1.5x faster).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
-# _int_mm 3.0-5.7x at every M.
+# _int_mm 3.0-5.7x at every M. 8da4w computes in fp32, so its decoded bucket would be an fp32 GEMM, which
+# tinygemm on the token's codes beats at every M (1.7x fp32 at M=512 on 4 x Linear(2048)): int4 weights only.
 PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
     "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(24, "int8pack"), (None, "float_weights")]},
     "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
