@@ -104,6 +104,7 @@ def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_pa
     assert (target.capability, target.march, target.forced) == (capability.upper(), march, True)
     assert not any(f.startswith(("avx512", "amx")) or f == "avx_vnni" for f in target.requires)
     assert manifest.extra["inductor_options"]["cpp.march"] == march
+    assert manifest.extra["inductor_options"]["cpp.enable_floating_point_contract_flag"] == "off"  # fp8_e4m3_round
     kernels = {r.name: {"kernel": r.lowering.kernel, **r.lowering.details} for r in manifest.regions}
     assert {k["isa"] for k in kernels.values()} == {plan_isa}
     # no VNNI: int8 activations through the fp32 GEMM (the reference's arithmetic), never aten._int_mm

@@ -176,7 +176,7 @@ def fp8_e4m3_round(v: torch.Tensor) -> torch.Tensor:
     Why: Inductor's C++ converts to fp8 one element at a time (3.8 ms for a [512, 2048] activation with
     AVX2, 8 % of that layer's fp32 GEMM, which made fp8 0.93x fp32), and reading the exponent through
     `view(torch.int32)` is a scalar loop too (no vector bitcast in torch 2.13's C++ codegen). Veltkamp's
-    split does it in four vector operations: with t = v * (2^20 + 1), t - (t - v) is v rounded to
+    split does it in a few vector operations: with t = v * (2^20 + 1), t - (t - v) is v rounded to
     24 - 20 = 4 significant bits (e4m3's 1 + 3), to nearest, ties to even, as long as every operation
     is rounded (no FMA contraction: `INDUCTOR_OPTIONS`); below 2^-6 e4m3's subnormals have the fixed
     step 2^-9, and multiplying by a power of two is exact.
