@@ -51,12 +51,15 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.27 ms (1.5x faster).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
-# _int_mm 3.0-5.7x at every M. 8da4w computes in fp32, so its decoded bucket would be an fp32 GEMM, which
-# tinygemm on the token's codes beats at every M (1.7x fp32 at M=512 on 4 x Linear(2048)): int4 weights only.
+# _int_mm 3.0-5.7x at every M.
+# 8da4w computes in fp32 and tinygemm writes bf16 (~2e-3 relative per layer: greedy tokens of a small
+# LM left eager's within 32 steps), so it gets only fp32-exact kernels (~4e-7): the int4 loop at one
+# row (AVX-512, 16 lanes: 1.1-1.2x tinygemm's time per 2048^2 / 768x3072 layer, 3x faster than the
+# fp32 GEMM), the fp32 GEMM above (tinygemm's prompt speed-up is bf16 rounding's).
 PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
     "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(24, "int8pack"), (None, "float_weights")]},
     "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
-    "int8_dynamic_int4_weight": {AVX512_VNNI_BF16: [(None, "int4pack")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
+    "int8_dynamic_int4_weight": {AVX512_VNNI_BF16: [(1, "int4_loop"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (None, "float_weights")]},
     "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(None, "float_weights")]},
     "fp8": {AVX512_VNNI_BF16: [(None, "float_weights")], AVX2: [(None, "float_weights")]},
 }
@@ -93,7 +96,9 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     policy = ctx.options.get("qexport.large_m", "bf16_weights")
     if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
         quantized = [(m, k) for m, k in plan if k != "float_weights"]
-        plan = [*quantized[:-1], (DEQUANT_FROM[isa], quantized[-1][1]), (None, "dequant")] if quantized else [(None, "dequant")]
+        if quantized and quantized[-1][1] != "int4_loop":  # the loop stays at one row: it reads the weight per row
+            quantized[-1] = (DEQUANT_FROM[isa], quantized[-1][1])
+        plan = [*quantized, (None, "dequant")]
     return reachable(plan, row_range(ctx))
 
 
@@ -291,17 +296,25 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
 _INT4_ROLES = ("weight", "weight_scale", "weight_zero_point")
 #: codes per int32 word of `_int4_words`, and words per vector (AVX2: 8 fp32 lanes)
 _NIBBLES, _LANES = 8, 8
-_BLOCK = _NIBBLES * _LANES
 
 
-def _int4_loop_fits(k: int, group_size: int) -> bool:
-    """A block of `_BLOCK` codes must lie in one group or hold whole groups of whole 8-lane rows."""
-    return k % _BLOCK == 0 and group_size % _LANES == 0 and (_BLOCK % group_size == 0 or group_size % _BLOCK == 0)
+def _int4_lanes(target: CPUTarget) -> int:
+    """fp32 lanes of the vectors Inductor writes for `target`: the loop's layout must match them (with
+    8-lane rows an AVX-512 build ran 8da4w's one-row layers 6x slower than with 16)."""
+    return 16 if target.capability.startswith("AVX512") else _LANES
 
 
-def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+def _int4_loop_fits(k: int, group_size: int, lanes: int = _LANES) -> bool:
+    """A block of 8 x `lanes` codes must lie in one group or hold whole groups of whole rows of `lanes`."""
+    block = _NIBBLES * lanes
+    return k % block == 0 and group_size % lanes == 0 and (block % group_size == 0 or group_size % block == 0)
+
+
+def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
+                lanes: int = _LANES) -> tuple[torch.Tensor, ...]:
     """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i,
-    and per block b its R = max(1, 64 / group_size) groups' scales and scale x zero point, [N, K/64, R].
+    and per block b its R = max(1, 64 / group_size) groups' scales and scale x zero point, [N, K/64, R]
+    (for 8 `lanes`; with 16, blocks of 128 codes: words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
 
     Why this layout: Inductor vectorises a loop along the innermost contiguous dim at the fp32 width;
     over uint8 codes that is a partial 8-byte load per vector, which AVX2 (no byte-masked loads)
@@ -312,13 +325,14 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms).
     """
     n, k = codes.shape
-    c = codes.to(torch.int32).reshape(n, k // _BLOCK, _NIBBLES, _LANES)
+    block = _NIBBLES * lanes
+    c = codes.to(torch.int32).reshape(n, k // block, _NIBBLES, lanes)
     words = c[:, :, 0, :].clone()
     for j in range(1, _NIBBLES):
         words |= c[:, :, j, :] << (4 * j)
-    per_block = max(1, _BLOCK // group_size)
-    s = scale.float().repeat_interleave(max(1, group_size // _BLOCK), 1).reshape(n, k // _BLOCK, per_block)
-    sz = (scale.float() * zero_point.float()).repeat_interleave(max(1, group_size // _BLOCK), 1).reshape(n, k // _BLOCK, per_block)
+    per_block = max(1, block // group_size)
+    s = scale.float().repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
+    sz = (scale.float() * zero_point.float()).repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
     return words.view(torch.float32).contiguous(), s.contiguous(), sz.contiguous()
 
 
@@ -328,7 +342,7 @@ def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.
     m, k = x.shape
     n, blocks, per_block = s.shape
     words = words.view(torch.int32)
-    xb = x.reshape(m, 1, blocks, _NIBBLES, _LANES)
+    xb = x.reshape(m, 1, blocks, _NIBBLES, words.shape[-1])
     rows = _NIBBLES // per_block
     y = None
     for r in range(per_block):
@@ -352,22 +366,21 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     plan = cpu_plan("int4" if scheme.activation == "none" else "int8_dynamic_int4_weight", ctx, target)
     gemm = gemm_dtype(target, cd)
     gs = scheme.group_size
-    if not _int4_loop_fits(ctx.tensor("weight_scale").shape[-1] * gs, gs):
+    k_in = ctx.tensor("weight_scale").shape[-1] * gs
+    lanes = _int4_lanes(target) if _int4_loop_fits(k_in, gs, _int4_lanes(target)) else _LANES
+    if not _int4_loop_fits(k_in, gs, lanes):
         plan = [(m, k) for m, k in plan if k != "int4_loop"]
     operands = _operands(ctx, plan, _INT4_ROLES, gemm, False)
-    # 8da4w feeds tinygemm integer codes (|q - zp| <= 255, exact in bfloat16) in bfloat16: its float32
-    # path is ~50x slower (torch 2.13: 2.26 ms vs 0.044 ms for a 768x2048 layer at one row).
-    pack_dtype = cd if scheme.activation == "none" else torch.bfloat16
     if "int4pack" in {k for _, k in plan}:
         # Repacked once, here: the tinygemm layout and its (scale, zero) pairs become buffers of the program.
         packed = aten._convert_weight_to_int4pack_for_cpu(unpack_uint4(ctx.tensor("weight")).to(torch.int32), 1)  # innerKTiles is unused on CPU
         scale = ctx.tensor("weight_scale").float()
         zp = ctx.tensor("weight_zero_point").float()
         # tinygemm dequantizes w = (q - 8) * s + z; the scheme's w = (q - zp) * s, so z = (8 - zp) * s.
-        sz = torch.stack([scale, (8 - zp) * scale], -1).transpose(0, 1).contiguous().to(pack_dtype)
+        sz = torch.stack([scale, (8 - zp) * scale], -1).transpose(0, 1).contiguous().to(cd)
         operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz), ("weight_group_size", torch.tensor(gs))]
     if "int4_loop" in {k for _, k in plan}:
-        words = _int4_words(unpack_uint4(ctx.tensor("weight")), ctx.tensor("weight_scale"), ctx.tensor("weight_zero_point"), gs)
+        words = _int4_words(unpack_uint4(ctx.tensor("weight")), ctx.tensor("weight_scale"), ctx.tensor("weight_zero_point"), gs, lanes)
         operands += [("weight_int4_words", words[0]), ("weight_int4_scale", words[1]), ("weight_int4_scale_zero", words[2])]
     kernels = _float_kernels(ctx, _INT4_ROLES, gemm)
 
@@ -378,14 +391,8 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         return torch.ops.quantized.int4mm_packed_weight_cpu(
             x.contiguous(), t["weight_int4pack"], t["weight_group_size"], t["weight_scales_and_zeros"])
 
-    def int4pack(x: torch.Tensor, t: dict) -> torch.Tensor:
-        if scheme.activation == "none":
-            return _plus_bias(int4mm(x.to(cd), t), t, cd)
-        # int8_dynamic_int4_weight: the token's centred int8 codes (integers within +-255, exact in any
-        # float dtype) through the int4 GEMM, its scale applied after: the reference's numbers.
-        xf = x.float()
-        s, zp = map(_stored, act.dynamic_int8_qparams(xf, True))
-        return _plus_bias((int4mm((act.quantize_int8(xf, s, zp) - zp).to(pack_dtype), t).float() * s).to(cd), t, cd)
+    def int4pack(x: torch.Tensor, t: dict) -> torch.Tensor:  # weight-only plans only (8da4w: see PLANS)
+        return _plus_bias(int4mm(x.to(cd), t), t, cd)
 
     def int4_loop(x: torch.Tensor, t: dict) -> torch.Tensor:
         xf = x.to(cd).float()  # the reference rounds the activation to the compute dtype first; sums are fp32
