@@ -397,6 +397,21 @@ def test_int_loops_compiled_match_float64_on_each_isa(tmp_path, capability):
     assert all(e < 1e-5 for e in result["errs"].values()), result["errs"]
 
 
+def test_eight_lane_loops_are_left_out_for_avx512_without_vnni(monkeypatch):
+    """An AVX-512 CPU without VNNI / BF16 gets the AVX2 plan, but not its loops (16-lane vectors)."""
+    skylake = CPUTarget("x86_64", "AVX512", "native", ("avx", "avx2", "fma3", "avx512_f", "avx512_bw"))
+    assert cpu_kernels.plan_isa(skylake) == "AVX2"
+    for target, first in [(AVX2_TARGET, "Inductor C++ loop over"), (skylake, "aten._weight_int")]:
+        monkeypatch.setattr(cpu_kernels, "compile_target", lambda target=target: target)
+        for name, kw in [("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32})]:
+            qm = qexport.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16)).eval(), qexport.schemes.get(name, **kw))
+            ep = qexport.export(qm, (torch.randn(2, 128),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=512)},))
+            _, decisions = apply_kernels(ep, "cpu")
+            plan = [b["kernel"] for b in decisions[0].details["plan"]]
+            assert plan[0].startswith(first), (name, target.capability, plan)
+            assert sum("loop" in k for k in plan) == (target is AVX2_TARGET), plan
+
+
 def test_int4_loop_is_left_out_where_its_layout_does_not_fit(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "compile_target", lambda: AVX2_TARGET)
     for k, expect in [(128, ["Inductor C++ loop over int4 codes", "aten._weight_int4pack_mm_for_cpu"]), (96, ["aten._weight_int4pack_mm_for_cpu"])]:

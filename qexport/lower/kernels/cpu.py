@@ -73,6 +73,10 @@ KERNEL_NAMES = {
     "int4_loop": "Inductor C++ loop over int4 codes", "int8_loop": "Inductor C++ loop over int8 codes",
     "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
 }
+#: kernels whose word layouts assume 8 fp32 lanes per vector (AVX2's): compiled for AVX-512's 16, every
+#: load of a row of 8 words is a partial one, done element by element (10-13x slower per layer than at
+#: AVX2, measured here natively), so an AVX-512 CPU without VNNI + BF16 gets the AVX2 plan without them.
+_EIGHT_LANE_KERNELS = ("int4_loop", "int8_loop")
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
 # aten._weight_int8pack_mm is 18x slower than with bf16 (FINDINGS.md), slower than Inductor's fusion.
 _FAST_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
@@ -93,6 +97,8 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     """The family's buckets for the rows `ctx`'s program accepts, on `target`, under `qexport.large_m`."""
     isa = plan_isa(target)
     plan = PLANS[family][isa]
+    if target.capability.startswith("AVX512"):  # served the AVX2 plan for want of VNNI / BF16
+        plan = [(m, k) for m, k in plan if k not in _EIGHT_LANE_KERNELS]
     policy = ctx.options.get("qexport.large_m", "bf16_weights")
     if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
         quantized = [(m, k) for m, k in plan if k != "float_weights"]
