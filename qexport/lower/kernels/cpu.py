@@ -50,7 +50,7 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # rounding left 4 x Linear(2048) 1.6-2.5 % from the reference, over int8's 2e-2: the fp32 GEMM on
 # decoded weights (the reference's own arithmetic) at every M.
 # int8 on AVX2, one row: Inductor's loop over the `_int8_words` layout 0.17 / 0.67 ms per 2048^2 / 4096^2
-# layer against _weight_int8pack_mm's 0.19 / 1.1 ms (1.3x / 2.2x the codes' floor).
+# layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x).
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.18 ms (1.8x its floor).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
@@ -380,7 +380,7 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     """x [M, K] (fp32) times the int4 weight behind `_int4_words`, in fp32: per group
-    s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses it into one loop per output.
+    s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses its reductions into one loop per output.
 
     Why this form (AVX2 was compute-bound at 4 vector ops per code, 3.1-3.3x the weight bytes' floor
     per layer): nibble j is taken in place, `word & (15 << 4j)` = code * 16^j (exact in fp32), against
