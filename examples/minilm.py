@@ -9,7 +9,7 @@ For each scheme: quantize -> qexport.export(model, (), kwargs=tokens, strict=Fal
 AOTInductor package / ExecuTorch .pte / ONNX; each artifact embeds the same sentences, and the table
 shows its cosine similarity to the fp32 embeddings (mean and worst sentence), its agreement with the
 quantized .pt2 (cosine, and max-abs error relative to the output range next to the scheme family's
-tolerance), size and latency. The word-embedding table (47 MB of the 90 MB fp32 model) is quantized
+tolerance or its own spread, as `qexport verify` judges), size and latency. The word-embedding table (47 MB of the 90 MB fp32 model) is quantized
 by int4_weight_only but not by int8_dynamic, which quantizes Linear layers only.
 """
 
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ref = runners.load(paths["pt2"])
         expected = ref(flat)
         tol, _ = runners.tolerance_for(ref.program)
+        # the bar `qexport verify` holds artifacts to: the tolerance, or the reference's own spread
+        bar = max(tol, runners.SPREAD_FACTOR * (runners.reference_spread(ref.program, flat, expected) or 0.0))
         for b in backends:
             r = ref if b == "pt2" else runners.load(paths[b])
             got = r(flat)
@@ -112,17 +114,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 latency = sorted(times)[len(times) // 2]
             rows.append({"scheme": scheme.describe(), "backend": b, "artifact": paths[b].name, "bytes": paths[b].stat().st_size,
                          "cos_mean": cos.mean().item(), "cos_min": cos.min().item(), "rel_vs_pt2": rel, "tolerance": tol,
-                         "cos_vs_pt2_min": agree, "within_tolerance": rel <= tol, "latency_s": latency})
+                         "cos_vs_pt2_min": agree, "bar": bar, "within_tolerance": rel <= bar, "latency_s": latency})
 
     from qexport.cli._common import fmt_bytes, fmt_seconds
 
     print(format_table(
         ["scheme", "backend", "artifact", "size", "cosine vs fp32 (mean)", "(worst)", "cosine vs .pt2 (worst)",
-         "rel err vs .pt2 (tolerance)", "latency"],
+         "rel err vs .pt2 (bar)", "latency"],
         [[r["scheme"], r["backend"], r["artifact"], fmt_bytes(r["bytes"]), f"{r['cos_mean']:.5f}", f"{r['cos_min']:.5f}",
-          f"{r['cos_vs_pt2_min']:.5f}", f"{r['rel_vs_pt2']:.2e} ({r['tolerance']:g}){'' if r['within_tolerance'] else ' over'}",
+          f"{r['cos_vs_pt2_min']:.5f}", f"{r['rel_vs_pt2']:.2e} ({r['bar']:.2g}){'' if r['within_tolerance'] else ' over'}",
           fmt_seconds(r["latency_s"])] for r in rows]))
-    print("latency: the whole batch, median, torch's default threads; .pt2 runs the eager reference math")
+    print("bar: the scheme's tolerance, or twice the .pt2's own spread (its float64-GEMM run) where activations are "
+          "rounded, as `qexport verify` judges; latency: the whole batch, median, torch's default threads; .pt2 runs the "
+          "eager reference math")
     if args.json:
         import json
         import platform

@@ -159,3 +159,39 @@ def test_onnx_with_kept_regions_is_verified_region_by_region(demo_artifacts, tmp
     assert kept_res.passed and [e.module_path for e in kept_res.regions] == ["layers.0", "layers.1", "layers.2"]
     assert all(e.rel <= kept_res.tolerance for e in kept_res.regions)
     assert plain_res.passed and plain_res.regions is None
+
+
+def test_reference_spread_is_how_far_the_reference_moves_with_exact_gemms(tt_program, tmp_path):
+    path, ep, _ = tt_program
+    flat = runners.make_inputs(runners.program_inputs(ep))
+    assert runners.reference_spread(ep, flat, runners.program_runner(ep)(flat)) is None  # weight-only: nothing rounds
+    torch.manual_seed(0)
+    deep = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU()) for _ in range(12)))
+    model = qexport.quantize(deep.eval(), "int8_dynamic")
+    x = torch.randn(256, 256)
+    dyn = qexport.export(model, (x,))
+    expected = runners.program_runner(dyn)([x])
+    spread = runners.reference_spread(dyn, [x], expected)
+    # per-token rounding turns float64-vs-float32 GEMM differences into whole int8 steps
+    assert spread is not None and spread > 1e-4
+    qexport.save(dyn, tmp_path / "deep.pt2")
+    (res,) = runners.verify(tmp_path / "deep.pt2", [tmp_path / "deep.pt2"])
+    flat = runners.make_inputs(runners.program_inputs(dyn))  # what verify feeds (seed 0)
+    assert res.passed and res.within_tolerance
+    assert res.spread == pytest.approx(runners.reference_spread(dyn, flat, runners.program_runner(dyn)(flat)))
+    (res,) = runners.verify(tmp_path / "deep.pt2", [tmp_path / "deep.pt2"], tolerance=0.5)
+    assert res.spread is None  # an explicit bound is the whole bar
+
+
+def test_an_artifact_within_the_references_own_spread_passes_and_says_so(tmp_path):
+    from qexport.cli.verify_cmd import verify_table
+
+    def result(rel, spread):
+        return runners.VerifyResult(tmp_path / "m_aoti.pt2", "aoti", 0.02, max_abs=rel, rel=rel, spread=spread)
+
+    inside, outside, plain = result(0.05, 0.03), result(0.07, 0.03), result(0.05, None)
+    assert inside.passed and inside.within_spread and not inside.within_tolerance
+    assert not outside.passed and not plain.passed and result(0.01, 0.03).within_tolerance
+    table = verify_table([inside, outside, plain])
+    assert "within the reference's own spread (3.00e-02" in table
+    assert "above 2x the reference's own spread (3.00e-02)" in table and table.count("FAIL") == 2

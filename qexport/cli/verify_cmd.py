@@ -17,15 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run each ARTIFACT (.pt2, AOTI package, .pte, .onnx) on the same inputs as REFERENCE "
         "(generated from its input shapes; token-id inputs stay within their embedding) and compare "
         "outputs. Passes when max|artifact - reference| / max|reference| is within the loosest tolerance "
-        "of the reference's schemes. Exits 1 if any artifact fails.",
+        "of the reference's schemes (or, where they round activations, within twice the reference's own "
+        "spread: its outputs with float64 GEMMs). Exits 1 if any artifact fails.",
         epilog="example: qexport verify model.pt2 model_aoti.pt2 model.pte model.onnx",
     )
     p.add_argument("reference", metavar="REFERENCE.pt2", help="the exported program (from qexport export)")
     p.add_argument("artifacts", metavar="ARTIFACT", nargs="+", help="artifacts to check")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated inputs")
     p.add_argument("--tolerance", type=float, default=None, metavar="REL",
-                   help="relative bound to use instead of the schemes' (theirs bound one region; errors "
-                   "compound over deep models)")
+                   help="relative bound to use instead of the schemes' and the reference's spread (theirs "
+                   "bound one region; errors compound over deep models)")
     p.add_argument("--baseline", default=None, metavar="FP32.pt2",
                    help="the unquantized exported program: also report each artifact's error against it")
     p.add_argument("--regions", action="store_true",
@@ -63,6 +64,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _note(r) -> str:
+    from ..runtime.verify import SPREAD_FACTOR
+
+    if r.within_spread:
+        return f"within the reference's own spread ({fmt_err(r.spread)}: its float64-GEMM run)"
+    if r.passed:
+        return ""
+    if r.spread is not None:
+        return f"error above tolerance and above {SPREAD_FACTOR:g}x the reference's own spread ({fmt_err(r.spread)})"
+    return "error above tolerance"
+
+
 def verify_table(results) -> str:
     rows = []
     baseline = any(r.rel_vs_baseline is not None for r in results)
@@ -72,7 +85,7 @@ def verify_table(results) -> str:
             str(r.path), r.kind, fmt_err(r.max_abs), fmt_err(r.rel), f"{r.tolerance:g}",
             "pass" if r.passed else "FAIL", fmt_err(worst) if worst is not None else "-",
             *([fmt_err(r.rel_vs_baseline) if r.rel_vs_baseline is not None else "-"] if baseline else []),
-            r.error or ("" if r.passed else "error above tolerance"),
+            r.error or _note(r),
         ])
     head = ["artifact", "kind", "max abs", "rel", "tolerance", "result", "worst region rel", *(["rel vs fp32"] if baseline else []), "note"]
     return format_table(head, rows)

@@ -5,10 +5,13 @@ example inputs), `loaders` (one loader per artifact kind, named by `serializers.
 from .bench import BenchResult, bench, bench_inputs, time_call
 from .loaders import ARTIFACT_KINDS, STAGES, artifact_kind, load, load_program, stage
 from .runner import InputInfo, Runner, make_inputs, program_inputs, program_runner, region_outputs
-from .verify import FLOAT_TOLERANCE, RegionError, VerifyResult, compare, tolerance_for, verify
+from .verify import (
+    FLOAT_TOLERANCE, SPREAD_FACTOR, RegionError, VerifyResult, compare, reference_spread, tolerance_for, verify,
+)
 
 __all__ = [
     "ARTIFACT_KINDS", "BenchResult", "FLOAT_TOLERANCE", "InputInfo", "RegionError", "Runner", "STAGES", "VerifyResult",
     "artifact_kind", "bench", "bench_inputs", "compare", "load", "load_program", "make_inputs", "program_inputs",
-    "program_runner", "region_outputs", "stage", "time_call", "tolerance_for", "verify",
+    "program_runner", "reference_spread", "region_outputs", "SPREAD_FACTOR", "stage", "time_call", "tolerance_for",
+    "verify",
 ]
