@@ -109,7 +109,7 @@ def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_pa
     assert {k["isa"] for k in kernels.values()} == {plan_isa}
     # no VNNI: int8 activations through the fp32 GEMM (the reference's arithmetic), never aten._int_mm
     assert [b["kernel"] for b in kernels["2"]["plan"]] == ["float32 GEMM on weights decoded at compile time"]
-    assert [b["max_m"] for b in kernels["0"]["plan"]] == [24, None]
+    assert [b["max_m"] for b in kernels["0"]["plan"]] == [1, 24, None]  # int8 loop, _weight_int8pack_mm, fp32 GEMM
     # The C++ really is for that ISA: no AVX-512 registers (nor AVX ones at the baseline).
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(_shared_library(path, tmp_path))],
                          capture_output=True, text=True, check=True).stdout
@@ -330,6 +330,90 @@ def test_int4_loop_layout_computes_the_grouped_product(group_size):
     x = torch.randn(1, k, generator=g)
     y = cpu_kernels._int4_loop(x, *cpu_kernels._int4_words(codes, scale, zp, group_size))
     assert rel_err(y, x @ w.T) < 1e-5
+
+
+def test_int8_loop_layout_computes_the_scaled_product():
+    """The one-row int8 kernel (AVX2 plan) over its word layout: every byte position, both ends of int8."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 24, 256
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    q[0], q[1] = 127, -128
+    s = torch.rand(n, generator=g)
+    x = torch.randn(1, k, generator=g)
+    y = cpu_kernels._int8_loop(x, cpu_kernels._int8_words(q), s)
+    assert rel_err(y, x @ (q.float() * s[:, None]).T) < 1e-5
+
+
+# The one-row int4 and int8 loops as Inductor compiles them for a package (the target's -march, FMA
+# contraction off), on codes that set every field's top bit (the word's sign bit in the last one),
+# codes and zero points at both ends, against float64.
+INT_LOOPS_COMPILED = """
+import json, torch
+import torch._inductor.config as cfg
+from qexport.lower.cpu_target import compile_target
+from qexport.lower.kernels import cpu as ck
+cfg.cpp.march = compile_target().march
+cfg.cpp.enable_floating_point_contract_flag = "off"
+errs = {}
+for gs in (32, 128):
+    g = torch.Generator().manual_seed(gs)
+    n, k = 40, 512
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    codes[:8] = 15
+    codes[8:12] = 0
+    scale = torch.rand(n, k // gs, generator=g).bfloat16().float() + 0.01
+    zp = torch.randint(0, 16, (n, k // gs), generator=g).float()
+    zp[:4], zp[4:8] = 0, 15
+    w = ((codes.reshape(n, -1, gs) - zp[..., None]) * scale[..., None]).reshape(n, k)
+    x = torch.randn(1, k, generator=g)
+    ref = x.double() @ w.double().T
+    y = torch.compile(ck._int4_loop, dynamic=False)(x, *ck._int4_words(codes, scale, zp, gs))
+    errs[f"int4 g{gs}"] = float((y.double() - ref).abs().max() / ref.abs().max())
+g = torch.Generator().manual_seed(8)
+q = torch.randint(-128, 128, (40, 512), generator=g, dtype=torch.int8)
+q[:4], q[4:8], q[8:12] = 127, -128, 0
+s = torch.rand(40, generator=g) + 0.01
+x = torch.randn(1, 512, generator=g)
+ref = x.double() @ (q.double() * s.double()[:, None]).T
+y = torch.compile(ck._int8_loop, dynamic=False)(x, ck._int8_words(q), s)
+errs["int8"] = float((y.double() - ref).abs().max() / ref.abs().max())
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "errs": errs}))
+"""
+
+
+@X86
+@pytest.mark.parametrize("capability", ["avx2", None])
+def test_int_loops_compiled_match_float64_on_each_isa(tmp_path, capability):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    proc = subprocess.run([sys.executable, "-c", INT_LOOPS_COMPILED], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if capability:
+        assert result["capability"] == capability.upper()
+    assert all(e < 1e-5 for e in result["errs"].values()), result["errs"]
+
+
+def test_eight_lane_loops_are_left_out_for_avx512_without_vnni(monkeypatch):
+    """An AVX-512 CPU without VNNI / BF16 gets the AVX2 plan, but not the int8 loop (its words assume 8
+    lanes; 16-lane vectors load them element by element); the int4 loop lays its words out 16 wide."""
+    skylake = CPUTarget("x86_64", "AVX512", "native", ("avx", "avx2", "fma3", "avx512_f", "avx512_bw"))
+    assert cpu_kernels.plan_isa(skylake) == "AVX2"
+    for target, lanes in [(AVX2_TARGET, 8), (skylake, 16)]:
+        monkeypatch.setattr(cpu_kernels, "compile_target", lambda target=target: target)
+        for name, kw in [("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32})]:
+            qm = qexport.quantize(torch.nn.Sequential(torch.nn.Linear(128, 16)).eval(), qexport.schemes.get(name, **kw))
+            ep = qexport.export(qm, (torch.randn(2, 128),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=512)},))
+            lowered, decisions = apply_kernels(ep, "cpu")
+            plan = [b["kernel"] for b in decisions[0].details["plan"]]
+            looped = target is AVX2_TARGET or name == "int4_weight_only"
+            assert plan[0].startswith("Inductor C++ loop over" if looped else "aten._weight_int"), (name, target.capability, plan)
+            assert sum("loop" in k for k in plan) == looped, plan
+            if name == "int4_weight_only":
+                assert lowered.state_dict["0.weight_int4_words"].shape[-1] == lanes
 
 
 def test_int4_loop_is_left_out_where_its_layout_does_not_fit(monkeypatch):

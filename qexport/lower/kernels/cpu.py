@@ -6,7 +6,8 @@ compile target (`qexport.lower.cpu_target`: this CPU, capped by ATEN_CPU_CAPABIL
 
 - "int8pack": `aten._weight_int8pack_mm`, int8 weights read directly, bf16/fp16 activations;
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, weights repacked at compile time (tinygemm layout);
-- "int4_loop": Inductor's own C++ loop over int4 codes (one row: a GEMV that decodes as it reads);
+- "int4_loop" / "int8_loop": Inductor's own C++ loop over int4 / int8 codes (one row: a GEMV that
+  decodes as it reads; layouts for 8-lane fp32 vectors, i.e. AVX2);
 - "int_mm": `aten._int_mm` (int8 x int8 -> int32): fast only with VNNI (oneDNN's s8s8 GEMM);
 - "float_weights": the target's fastest float GEMM (bf16 with AVX512-BF16/AMX, else fp32) on weights
   the scheme's own math decoded once, at compile time; activations keep the scheme's rounding;
@@ -48,8 +49,10 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # (integers, exact in bf16) through _weight_int8pack_mm ran at 2.6x fp32 at M=1 but its bf16 output
 # rounding left 4 x Linear(2048) 1.6-2.5 % from the reference, over int8's 2e-2: the fp32 GEMM on
 # decoded weights (the reference's own arithmetic) at every M.
+# int8 on AVX2, one row: Inductor's loop over the `_int8_words` layout 0.17 / 0.67 ms per 2048^2 / 4096^2
+# layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x).
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
-# 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.27 ms (1.5x faster).
+# 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.18 ms (1.8x its floor).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
 # _int_mm 3.0-5.7x at every M.
 # 8da4w computes in fp32 and tinygemm writes bf16 (~2e-3 relative per layer: greedy tokens of a small
@@ -57,7 +60,7 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # row (AVX-512, 16 lanes: 1.1-1.2x tinygemm's time per 2048^2 / 768x3072 layer, 3x faster than the
 # fp32 GEMM), the fp32 GEMM above (tinygemm's prompt speed-up is bf16 rounding's).
 PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
-    "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(24, "int8pack"), (None, "float_weights")]},
+    "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(1, "int8_loop"), (24, "int8pack"), (None, "float_weights")]},
     "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
     "int8_dynamic_int4_weight": {AVX512_VNNI_BF16: [(1, "int4_loop"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (None, "float_weights")]},
     "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(None, "float_weights")]},
@@ -70,9 +73,14 @@ DEQUANT_FROM = {AVX512_VNNI_BF16: 32, AVX2: 64}
 
 KERNEL_NAMES = {
     "int8pack": "aten._weight_int8pack_mm", "int4pack": "aten._weight_int4pack_mm_for_cpu", "int_mm": "aten._int_mm",
-    "int4_loop": "Inductor C++ loop over int4 codes",
+    "int4_loop": "Inductor C++ loop over int4 codes", "int8_loop": "Inductor C++ loop over int8 codes",
     "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
 }
+#: kernels whose word layouts assume 8 fp32 lanes per vector (AVX2's): compiled for AVX-512's 16, every
+#: load of a row of 8 words is a partial one, done element by element (10-13x slower per layer than at
+#: AVX2, measured here natively), so an AVX-512 CPU without VNNI + BF16 gets the AVX2 plan without them.
+#: (The int4 loop lays its words out at the target's width instead: `_int4_lanes`.)
+_EIGHT_LANE_KERNELS = ("int8_loop",)
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
 # aten._weight_int8pack_mm is 18x slower than with bf16 (FINDINGS.md), slower than Inductor's fusion.
 _FAST_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
@@ -93,6 +101,8 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     """The family's buckets for the rows `ctx`'s program accepts, on `target`, under `qexport.large_m`."""
     isa = plan_isa(target)
     plan = PLANS[family][isa]
+    if target.capability.startswith("AVX512"):  # served the AVX2 plan for want of VNNI / BF16
+        plan = [(m, k) for m, k in plan if k not in _EIGHT_LANE_KERNELS]
     policy = ctx.options.get("qexport.large_m", "bf16_weights")
     if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
         quantized = [(m, k) for m, k in plan if k != "float_weights"]
@@ -267,6 +277,46 @@ def _check_float_input(ctx: KernelContext) -> Decline | None:
     return None
 
 
+#: int4 codes per int32 word of `_int4_words`, and words per vector (AVX2: 8 fp32 lanes)
+_NIBBLES, _LANES = 8, 8
+#: int8 codes per int32 word of `_int8_words`
+_BYTES = 4
+
+
+def _int8_words(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] as int32 words [N, K/32, 8] (stored as float32 bit patterns, as `_int4_words`
+    and for its reason) whose byte j of word (b, i) is code k = 32b + 8j + i: bytes 0-2 hold code + 128
+    (0..255), byte 3 the code itself (two's complement, so the word's sign is the code's)."""
+    n, k = codes.shape
+    c = codes.to(torch.int32).reshape(n, k // (_BYTES * _LANES), _BYTES, _LANES)
+    words = c[:, :, _BYTES - 1, :] << 8 * (_BYTES - 1)
+    for j in range(_BYTES - 1):
+        words |= (c[:, :, j, :] + 128) << (8 * j)
+    return words.view(torch.float32).contiguous()
+
+
+def _int8_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (fp32) times the int8 weight behind `_int8_words` with per-output scales `s` [N], in fp32.
+
+    Why (AVX2, one row): as `_int4_loop`, byte j is taken in place, `word & (255 << 8j)` = (code + 128)
+    * 256^j, exact in fp32, against x pre-scaled by 256^-j once per call: an AND, a conversion, a
+    multiply and an add per code, no unpacking to bytes (which AVX2 loads element by element); the
+    +128 of bytes 0-2 costs 128 * (sum of their x), once per call. Each byte position is its own
+    reduction: with one, every add waited on the last (4096^2 layer 1.8 ms, 3.6x the floor; with four
+    0.67 ms, 1.4x, against aten._weight_int8pack_mm's 1.1 ms).
+    """
+    m, k = x.shape
+    n, blocks, _ = words.shape
+    words = words.view(torch.int32)
+    xb = x.reshape(m, 1, blocks, _BYTES, _LANES)
+    xs = _stored(torch.stack([xb[:, :, :, j] * 256.0**-j for j in range(_BYTES)], 3))  # scalars: no tensor constant
+    y = -128.0 * _stored(xb[:, :, :, : _BYTES - 1].sum((2, 3, 4)))
+    for j in range(_BYTES):
+        field = (255 << 8 * j) if j < _BYTES - 1 else -(1 << 8 * j)  # the top byte's mask as an int32 (sign bit set)
+        y = y + ((words & field).float() * xs[:, :, :, j]).sum((2, 3))
+    return y * s
+
+
 @register_kernel("int8", "cpu", "linear")
 def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     scheme = ctx.scheme
@@ -280,6 +330,8 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         return declined
     target = compile_target()
     plan = cpu_plan("int8_weight_only", ctx, target)
+    if ctx.tensor("weight").shape[-1] % (_BYTES * _LANES):
+        plan = [(m, k) for m, k in plan if k != "int8_loop"]
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
     operands = _operands(ctx, plan, roles, gemm, False)
@@ -288,14 +340,19 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         # Per-tensor schemes store one scale; the kernel takes one per output channel in the activation dtype.
         scale = ctx.tensor("weight_scale").reshape(-1).expand(n).to(cd).contiguous()
         operands = [*(["weight"] if "weight" not in operands else []), *operands, ("weight_scale_" + _dtype_name(cd), scale)]
+    if "int8_loop" in {k for _, k in plan}:
+        n = ctx.tensor("weight").shape[0]
+        operands += [("weight_int8_words", _int8_words(ctx.tensor("weight"))),
+                     ("weight_scale_float32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous())]
     kernels = _float_kernels(ctx, roles, gemm)
     kernels["int8pack"] = lambda x, t: _plus_bias(aten._weight_int8pack_mm(x.to(cd), t["weight"], t["weight_scale_" + _dtype_name(cd)]), t, cd)
+    # The activation rounded to the compute dtype as the reference does, stored once (see `int4_loop`); sums in fp32.
+    kernels["int8_loop"] = lambda x, t: _plus_bias(
+        _int8_loop(_stored(x.to(cd).float()), t["weight_int8_words"], t["weight_scale_float32"]), t, cd)
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
 _INT4_ROLES = ("weight", "weight_scale", "weight_zero_point")
-#: codes per int32 word of `_int4_words`, and words per vector (AVX2: 8 fp32 lanes)
-_NIBBLES, _LANES = 8, 8
 
 
 def _int4_lanes(target: CPUTarget) -> int:
@@ -338,21 +395,36 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     """x [M, K] (fp32) times the int4 weight behind `_int4_words`, in fp32: per group
-    s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses it into one loop per output."""
+    s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses its reductions into one loop per output.
+
+    Why this form (AVX2 was compute-bound at 4 vector ops per code, 3.1-3.3x the weight bytes' floor
+    per layer): nibble j is taken in place, `word & (15 << 4j)` = code * 16^j (exact in fp32), against
+    the activation pre-scaled by 16^-j once per call, so a code costs an AND, a conversion, a multiply
+    and an add (the top nibble, whose field holds the sign bit, still shifts); the zero point's term
+    is a reduction of its own over per-group sums of x; and each group is its own reduction, because
+    Inductor stores a pointwise body of over 50 ops to a buffer before reducing it (the whole block's
+    body was: a [N, K/8] round trip). 2048^2 / 4096^2 layer, AVX2, one thread: 0.29 / 1.26 ms -> 0.18 /
+    0.68 ms, 1.8-1.9x the floor of its bytes (docs/benchmarks/aoti_cpu.md).
+    """
     m, k = x.shape
     n, blocks, per_block = s.shape
     words = words.view(torch.int32)
     xb = x.reshape(m, 1, blocks, _NIBBLES, words.shape[-1])
+    # Powers of two: x * 16^-j * (code * 16^j) rounds as x * code does (short of fp32's subnormal range).
+    # (Python scalars, not a tensor of them: a region body must not create tensor constants.)
+    xs = _stored(torch.stack([xb[:, :, :, j] * (16.0**-j if j < _NIBBLES - 1 else 1.0) for j in range(_NIBBLES)], 3))
+    xsum = _stored(xb.reshape(m, 1, blocks, per_block, -1).sum(-1))
     rows = _NIBBLES // per_block
-    y = None
+    y = -(sz * xsum).sum((2, 3))
     for r in range(per_block):
-        acc = None
+        terms = []
         for j in range(r * rows, (r + 1) * rows):
-            t = ((words >> (4 * j)) & 15).float() * xb[:, :, :, j]
-            acc = t if acc is None else acc + t
-        part = acc * s[..., r:r + 1] - sz[..., r:r + 1] * xb[:, :, :, r * rows:(r + 1) * rows].sum(3)
-        y = part if y is None else y + part
-    return y.sum((2, 3))
+            code = (words & (15 << (4 * j))) if j < _NIBBLES - 1 else ((words >> (4 * j)) & 15)
+            terms.append(code.float() * xs[:, :, :, j])
+        while len(terms) > 1:  # a tree, so the adds do not wait on each other
+            terms = [sum(terms[i:i + 2][1:], terms[i]) for i in range(0, len(terms), 2)]
+        y = y + (terms[0] * s[..., r:r + 1]).sum((2, 3))
+    return y
 
 
 @register_kernel("int4", "cpu", "linear")
