@@ -269,4 +269,5 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
             f"{path}: AOTInductor could not load the package ({type(e).__name__}: {e}); it was compiled by "
             f"torch {manifest.torch_version} for {manifest.extra.get('device', '?')}; this is torch {torch.__version__}"
         ) from e
+    compiled.qexport_manifest = manifest  # the checked one: runners read it instead of opening the file again
     return compiled

@@ -131,9 +131,7 @@ def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
                 return flat_tensors(loader.boxed_run(list(flat)))
             return flat_tensors(compiled(*flat))
 
-    import serializers
-
-    return Runner("aoti", p, call, device=serializers.inspect(p).extra.get("device", "cpu"))
+    return Runner("aoti", p, call, device=compiled.qexport_manifest.extra.get("device", "cpu"))
 
 
 def load_pte(p: Path, expected_sha256: str | None) -> Runner:
