@@ -439,7 +439,8 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     gemm = gemm_dtype(target, cd)
     gs = scheme.group_size
     k_in = ctx.tensor("weight_scale").shape[-1] * gs
-    lanes = _int4_lanes(target) if _int4_loop_fits(k_in, gs, _int4_lanes(target)) else _LANES
+    lanes = _int4_lanes(target)
+    lanes = lanes if _int4_loop_fits(k_in, gs, lanes) else _LANES
     if not _int4_loop_fits(k_in, gs, lanes):
         plan = [(m, k) for m, k in plan if k != "int4_loop"]
     operands = _operands(ctx, plan, _INT4_ROLES, gemm, False)
