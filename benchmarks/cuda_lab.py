@@ -4,6 +4,7 @@ own timer), beside cuBLAS on bf16 weights. Numbers place the tuner's candidate l
 itself picks per card at compile time.
 
     python benchmarks/cuda_lab.py --out DIR [--fbgemm]    # lab.md, lab.json
+    python benchmarks/cuda_lab.py --m1 --out DIR          # one-row GEMV tiles over the GPU Llama's shapes: m1.md, m1.json (~60 s)
 """
 
 from __future__ import annotations

@@ -510,12 +510,12 @@ if triton is not None:
         # an MMA tile would idle and what counts is weight bytes in flight. Each program streams
         # BLOCK_N weight rows over K once, in 2-D [BLOCK_N, BLOCK_K] tiles (16-byte loads), for
         # BLOCK_M activation rows (a second grid axis covers more rows, re-reading the weight).
-        # Splitting K over programs (fp32 atomics into a zeroed output, then a cast: two more
-        # kernels per layer) never won in the H200 lab.
         # The K loop is a `tl.range` with `num_stages`, the only way Triton software-pipelines loads
         # that feed no `tl.dot` (cp.async into shared memory, STAGES steps in flight; STAGES=1 is a
-        # plain loop, each step waiting for its own loads: int4 4096x4096 at M=1 14.1 -> 10.4 µs on
-        # the H200 with 3 stages. Loads issued by hand one step ahead into registers took 12.0.)
+        # plain loop, each step waiting for its own loads): int4 4096x4096 at M=1 14.1 -> 10.4 µs on
+        # the H200 with 3 stages. Measured and not kept (docs/benchmarks/cuda.md): loads issued by
+        # hand one step ahead into registers (12.0 µs), K split over programs with fp32 atomics
+        # (two more kernels per layer: a zero fill and a cast; 13.0-15.6 µs).
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m0 = tl.program_id(1) * BLOCK_M
         mask_n = offs_n < N
