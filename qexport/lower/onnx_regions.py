@@ -405,7 +405,7 @@ class Int8Lowering(FamilyLowering):
             kernel += "; weights stored as uint8 (+128, zero point 128) for u8 x u8 kernels exact on every CPU"
             reason = (f"weight codes reach +-{widest} (> +-{NON_SATURATING_CODE}); 7-bit weights (scheme reduce_range=True) "
                       f"would run onnxruntime's faster u8 x s8 kernels, exact on every CPU")
-        elif fits:
+        elif not target.signed_int8_weights:
             kernel += "; int8 weights kept signed for u8 x s8 kernels"
             reason = (f"every weight code is within +-{NON_SATURATING_CODE} (read from the codes: max |code| {widest}), so "
                       f"onnxruntime's u8 x s8 kernels cannot saturate a 16-bit pair sum: exact on every CPU")
