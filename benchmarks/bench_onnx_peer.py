@@ -23,10 +23,13 @@ column reads each file's integer GEMMs (MatMulInteger's weight type and codes) a
 onnxruntime runs there on an x86-64 CPU without VNNI: u8 x u8 (exact, ~2x slower), u8 x s8 with
 codes within +-64 (exact, the peer's kernel) or u8 x s8 beyond (the 16-bit pair sums saturate).
 `--avx2` also runs every file under `qemu-x86_64 -cpu Haswell` (an emulated AVX2 CPU without AVX-512
-or VNNI) on the first `--avx2-batches` batches: min cosine there, and for qexport's files the largest
-difference to the eager quantized model's embeddings (0 up to float rounding where nothing saturates).
+or VNNI) on the first `--avx2-batches` batches: min cosine there, the largest difference to the same
+file's embeddings on this host (float rounding only, where nothing saturates; a VNNI host computes
+every form exactly) and, for qexport's files, to the eager quantized model's. `--only A,B` builds
+only the variants whose label contains one of the strings (plus fp32 and the peer's default, the
+reference), e.g. to time a few files again in more `--rounds`.
 
-    .venv/bin/python benchmarks/bench_onnx_peer.py [--iters 60] [--threads 1] [--avx2] [--json PATH]
+    .venv/bin/python benchmarks/bench_onnx_peer.py [--iters 60] [--rounds 10] [--threads 1] [--avx2] [--only A,B] [--json PATH]
 """
 
 from __future__ import annotations
@@ -143,7 +146,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--avx2", action="store_true", help="also run every file under qemu-x86_64 -cpu Haswell")
     ap.add_argument("--avx2-batches", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--only", default="", help="comma-separated label substrings: build only those variants")
     args = ap.parse_args()
+    only = [o for o in args.only.split(",") if o]
+
+    def wanted(label: str) -> bool:
+        return not only or label in ("fp32", "ort quantize_dynamic") or any(o in label for o in only)
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = tempfile.mkdtemp(prefix="bench_onnx_peer.")
@@ -167,6 +177,8 @@ def main() -> None:
     fp32_onnx(ep32, paths["fp32"])
     for label, options in (("ort quantize_dynamic", {}), ("ort quantize_dynamic reduce_range", {"reduce_range": True}),
                            ("ort quantize_dynamic per_channel", {"per_channel": True})):
+        if not wanted(label):
+            continue
         paths[label] = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -176,19 +188,23 @@ def main() -> None:
     targets = sorted({"portable", host_target()})
     eager: dict[str, torch.Tensor] = {}  # recipe -> the eager quantized model's embeddings of every batch
     for rname, (recipe, every_target) in RECIPES.items():
+        if not any(wanted(f"qexport {rname} [{t}]") for t in targets):
+            continue
         quantized = qexport.quantize(fresh(), recipe)
         with torch.no_grad():
             eager[rname] = torch.cat([quantized(**b) for b in data])
         ep = qexport.export(quantized, (), example)
         for target in targets if every_target else ["portable"]:
             label = f"qexport {rname} [{target}]"
+            if not wanted(label):
+                continue
             paths[label] = os.path.join(tmp, f"qexport_{len(paths)}.onnx")
             t0 = time.perf_counter()
             qexport.to_onnx(ep, paths[label], target=target)
             build_s[label] = time.perf_counter() - t0
     sessions = {k: session(p, args.threads) for k, p in paths.items()}
     feeds = {k: v.numpy() for k, v in example.items()}
-    us = time_interleaved(sessions, feeds, args.iters)
+    us = time_interleaved(sessions, feeds, args.iters, args.rounds)
     machine = (f"{platform.machine()} {os.cpu_count()} cores, torch capability {torch.backends.cpu.get_cpu_capability()}, "
                f"{describe_host()}")
     print(f"MiniLM sentence embeddings, {len(SENTENCES)} sentences, batch {BATCH} x {SEQ} tokens; {machine}; "
@@ -204,16 +220,19 @@ def main() -> None:
         if k in avx2:
             y = torch.from_numpy(avx2[k]).float()
             row["avx2_min_cos_vs_fp32"] = float(torch.nn.functional.cosine_similarity(y, ref_all[:len(y)], dim=-1).min())
+            here = np.concatenate([run(sessions[k], {n: v.numpy() for n, v in b.items()}) for b in data[:args.avx2_batches]])
+            row["avx2_max_diff_vs_host"] = float(np.abs(avx2[k] - here).max())
             if recipe:
                 row["avx2_max_diff_vs_eager"] = float((y - eager[recipe][:len(y)]).abs().max())
         rows.append(row)
-        extra = (f"  AVX2: min cos {row['avx2_min_cos_vs_fp32']:.4f}" + (f", max diff vs eager {row['avx2_max_diff_vs_eager']:.1e}"
+        extra = (f"  AVX2: min cos {row['avx2_min_cos_vs_fp32']:.4f}, max diff vs here {row['avx2_max_diff_vs_host']:.1e}"
+                 + (f", max diff vs eager {row['avx2_max_diff_vs_eager']:.1e}"
                  if "avx2_max_diff_vs_eager" in row else "")) if k in avx2 else ""
         print(f"{k:56s} min cos {row['min_cos_vs_fp32']:.4f}  {row['ms']:7.2f} ms ({row['latency_vs_ort']:.2f}x ort)  "
               f"{row['mb']:6.1f} MB  {row['avx2_kernel']}{extra}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "threads": args.threads, "avx2_batches": args.avx2_batches if args.avx2 else 0,
+            json.dump({"machine": machine, "threads": args.threads, "rounds": args.rounds, "only": only, "avx2_batches": args.avx2_batches if args.avx2 else 0,
                        "rows": rows}, f, indent=1)
 
 
