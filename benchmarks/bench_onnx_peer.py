@@ -16,7 +16,9 @@ fastest exact target, all with int8 weight-only embeddings (`RECIPES`): int8_dyn
 (`int8_dynamic.replace(act_granularity="per_tensor")`, the form onnxruntime runs as
 DynamicQuantizeMatMul), and per-tensor with per-token activations only for the FFN down projections;
 then the same three with 7-bit weights (`reduce_range=True`), for the default target only: their files
-keep u8 x s8 kernels on every target (a second target would write the same file).
+keep u8 x s8 kernels on every target (a second target would write the same file); and those three
+with their weight codes chosen by `algorithm="mse"` (calibration-free) and `algorithm="gptq"`
+(calibrated on the 12 `CALIBRATION` sentences, none of them measured).
 
 Latency on one CPU says little about another, but equal kernels run at equal speed: the "AVX2 kernel"
 column reads each file's integer GEMMs (MatMulInteger's weight type and codes) and says what
@@ -57,27 +59,30 @@ from qexport.lower.cpu_target import describe_host  # noqa: E402
 from qexport.lower.onnx import host_target  # noqa: E402
 from qexport.lower.onnx_regions import NON_SATURATING_CODE  # noqa: E402
 
-from _minilm import SENTENCES, SentenceEncoder, load_model, load_tokenizer, tokenize  # noqa: E402
+from _minilm import CALIBRATION, SENTENCES, SentenceEncoder, load_model, load_tokenizer, tokenize  # noqa: E402
 from bench_onnx import fp32_onnx, run, session, time_interleaved  # noqa: E402
 
 BATCH, SEQ = 4, 64
 
-def _recipes(reduce_range: bool) -> dict[str, dict]:
+def _recipes(reduce_range: bool, algorithm: str = "rtn") -> dict[str, dict]:
     per_token = qexport.schemes.get("int8_dynamic", reduce_range=reduce_range)
     per_tensor = qexport.schemes.get(per_token, act_granularity="per_tensor")
-    bits = ", 7-bit" if reduce_range else ""
+    tag = (", 7-bit" if reduce_range else "") + ("" if algorithm == "rtn" else f", {algorithm}")
     return {
-        f"int8_dynamic (per-token){bits}": {torch.nn.Linear: per_token, torch.nn.Embedding: "int8_weight_only"},
-        f"int8_dynamic per-tensor act{bits}": {torch.nn.Linear: per_tensor, torch.nn.Embedding: "int8_weight_only"},
+        f"int8_dynamic (per-token){tag}": {torch.nn.Linear: per_token, torch.nn.Embedding: "int8_weight_only"},
+        f"int8_dynamic per-tensor act{tag}": {torch.nn.Linear: per_tensor, torch.nn.Embedding: "int8_weight_only"},
         # the FFN down projections read GELU outputs, whose outliers per-tensor scales serve worst
-        f"per-tensor, per-token FFN down{bits}": {torch.nn.Linear: per_tensor, "*.layer.*[0-9].output.dense": per_token,
-                                                  torch.nn.Embedding: "int8_weight_only"},
+        f"per-tensor, per-token FFN down{tag}": {torch.nn.Linear: per_tensor, "*.layer.*[0-9].output.dense": per_token,
+                                                 torch.nn.Embedding: "int8_weight_only"},
     }
 
 
-#: recipe -> whether it is written for every target (8-bit weights: the portable file differs) or the default only
-RECIPES: dict[str, tuple[dict, bool]] = {**{k: (r, True) for k, r in _recipes(False).items()},
-                                         **{k: (r, False) for k, r in _recipes(True).items()}}
+#: recipe -> (the recipe, whether it is written for every target (8-bit weights: the portable file
+#: differs) or the default only, the weight algorithm of every scheme in it)
+RECIPES: dict[str, tuple[dict, bool, str]] = {
+    **{k: (r, True, "rtn") for k, r in _recipes(False).items()},
+    **{k: (r, False, a) for a in ("rtn", "mse", "gptq") for k, r in _recipes(True, a).items()},
+}
 
 
 def batches(tok) -> list[dict[str, torch.Tensor]]:
@@ -187,10 +192,13 @@ def main() -> None:
         build_s[label] = time.perf_counter() - t0
     targets = sorted({"portable", host_target()})
     eager: dict[str, torch.Tensor] = {}  # recipe -> the eager quantized model's embeddings of every batch
-    for rname, (recipe, every_target) in RECIPES.items():
+    # gptq fits the weights to other sentences than those the cosines are measured on
+    calibration = [tokenize(CALIBRATION[i:i + BATCH], tok, max_length=SEQ) for i in range(0, len(CALIBRATION), BATCH)]
+    for rname, (recipe, every_target, algorithm) in RECIPES.items():
         if not any(wanted(f"qexport {rname} [{t}]") for t in targets):
             continue
-        quantized = qexport.quantize(fresh(), recipe)
+        quantized = qexport.quantize(fresh(), recipe, algorithm=algorithm,
+                                     calibration_data=calibration if algorithm == "gptq" else None)
         with torch.no_grad():
             eager[rname] = torch.cat([quantized(**b) for b in data])
         ep = qexport.export(quantized, (), example)

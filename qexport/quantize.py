@@ -214,13 +214,14 @@ def _weight_only(scheme: Scheme) -> Scheme:
 
 def _for_op(scheme: Scheme, op: str) -> Scheme:
     """The scheme a region records: conv activations have no token axis, so a per-token dynamic scheme
-    quantizes them per tensor (schemes/_region.py), and the region says so. An embedding's output is
-    its rows, with no reduction over inputs for GPTQ to trade errors across, so under gptq it takes
-    the calibration-free hqq, and records that."""
+    quantizes them per tensor (schemes/_region.py), and the region says so. GPTQ fits a linear's
+    weights to the Hessian of its inputs; an embedding's output is its rows, with no reduction over
+    inputs to trade errors across, and a conv's inputs would first have to be unfolded into patches,
+    so under gptq those take the family's calibration-free algorithm (hqq, mse), and record that."""
     if op.startswith("conv") and scheme.activation == "dynamic" and scheme.act_granularity == "per_token":
-        return scheme.replace(act_granularity="per_tensor")
-    if op == "embedding" and scheme.algorithm == "gptq":
-        return scheme.replace(algorithm="hqq")
+        scheme = scheme.replace(act_granularity="per_tensor")
+    if op != "linear" and scheme.algorithm == "gptq":
+        scheme = scheme.replace(algorithm=math_for(scheme).calibration_free_algorithm)
     return scheme
 
 
@@ -502,7 +503,7 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
         key = (id(c.module.weight), c.layer.transposed)
         owner = owners.setdefault(key, c)
         if owner is not c and _weight_key(owner.scheme) == _weight_key(c.scheme):
-            # Same grid, codes chosen by another algorithm (a tied embedding under gptq takes hqq): the
+            # Same grid, codes chosen by another algorithm (a tied embedding under gptq takes hqq or mse): the
             # weight is still stored once, and the region records the algorithm of the codes it holds.
             c.tied_to, c.scheme = owner.fqn, c.scheme.replace(algorithm=owner.scheme.algorithm)
     for fqn, (m, layer, scheme) in op_refused.items():
@@ -630,9 +631,9 @@ def quantize(
     `{nn.Linear: "int8_dynamic", nn.Embedding: "int8_weight_only", "lm_head": None}`; see
     `_RecipeTable` for which entry wins. `filter_fn(module, fqn)`, when given, must also keep a layer.
     `calibration_data` (an iterable of argument tuples, or kwarg dicts) is required by static schemes
-    and by GPTQ. `algorithm` ("rtn", "hqq" or "gptq") picks how the weights' codes are chosen for every
-    scheme of the recipe that offers it (the int4 family); a scheme can also carry its own
-    (`qexport.schemes.get("int4_weight_only", algorithm="hqq")`). Each region records its algorithm.
+    and by GPTQ. `algorithm` ("rtn", "hqq", "mse" or "gptq") picks how the weights' codes are chosen for
+    every scheme of the recipe that offers it (hqq: int4; mse: int8; gptq: both); a scheme can also
+    carry its own (`qexport.schemes.get("int4_weight_only", algorithm="hqq")`). Each region records its algorithm.
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}")
@@ -644,7 +645,7 @@ def quantize(
         raise CalibrationError(
             f"scheme {s.name} {why} and needs calibration_data: an iterable of example argument "
             f"tuples, e.g. calibration_data=[(x,) for x in batches]"
-            + ("" if s.activation == "static" else "; algorithm='hqq' needs none")
+            + ("" if s.activation == "static" else f"; algorithm='{math_for(s).calibration_free_algorithm}' needs none")
         )
     if _layer_of(model)[0] is not None:
         raise UnsupportedModuleError(

@@ -1,6 +1,7 @@
-"""schemes/algorithms.py: int4 codes chosen by rtn, hqq (calibration-free) and gptq (calibrated) —
-each lowers its own error measure vs rtn on a layer with outliers, fills the same uint4 grid, is
-recorded per region (scheme, manifest) and survives a .pt2 round trip; the errors come before work."""
+"""schemes/algorithms.py: int4 codes chosen by rtn, hqq (calibration-free) and gptq (calibrated), int8
+codes by rtn, mse (calibration-free) and gptq — each lowers its own error measure vs rtn on a layer
+with outliers, fills its family's grid, is recorded per region (scheme, manifest) and survives a .pt2
+round trip; the errors come before work."""
 
 from __future__ import annotations
 
@@ -84,6 +85,46 @@ def test_every_algorithm_fills_the_uint4_grid(algorithm, symmetric):
         assert (zero == 8).all()
 
 
+INT8_GRIDS = [("int8_dynamic", {}), ("int8_dynamic", {"reduce_range": True}),
+              ("int8_weight_only", {"reduce_range": True, "granularity": "per_tensor"})]
+
+
+def _int8_tensors(name, params, algorithm, w, hessian=None):
+    s = qexport.schemes.get(name, algorithm=algorithm, **params)
+    math = qexport.schemes.math_for(s)
+    t = math.quantize_weight(s, w, hessian=hessian)
+    return s, t, math.dequantize_weight(s, t, tuple(w.shape))
+
+
+@pytest.mark.parametrize("name, params", INT8_GRIDS)
+def test_int8_mse_fills_the_grid_and_lowers_the_weight_error_of_rtn(name, params):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((48, 256)) * 0.02
+    err = {}
+    for a in ("rtn", "mse"):
+        s, t, deq = _int8_tensors(name, params, a, w)
+        q = t["weight"]
+        assert q.dtype == torch.int8 and q.shape == w.shape and s.qmin <= q.min() and q.max() <= s.qmax
+        assert t["weight_scale"].shape == ((48,) if s.granularity == "per_channel" else (1,))
+        assert torch.equal(deq, q.float() * t["weight_scale"].reshape(-1, 1))  # the rtn grid's dequantization
+        err[a] = (deq - w).pow(2).sum(1)
+    if s.granularity == "per_channel":  # rtn's scale is one of each row's candidates
+        assert (err["mse"] <= err["rtn"]).all()
+    assert err["mse"].sum() < err["rtn"].sum()
+
+
+@pytest.mark.parametrize("name, params", INT8_GRIDS)
+def test_int8_gptq_fills_the_grid_and_lowers_the_output_error_on_unseen_inputs(name, params):
+    model, calib, held_out = _outlier_layer()
+    w = model[0].weight.detach()
+    err = {}
+    for a in ("rtn", "mse", "gptq"):
+        s, t, deq = _int8_tensors(name, params, a, w, hessian=calib.T @ calib if a == "gptq" else None)
+        assert s.qmin <= t["weight"].min() and t["weight"].max() <= s.qmax
+        err[a] = ((held_out @ (deq - w).T).norm() / (held_out @ w.T).norm()).item()
+    assert err["gptq"] < 0.8 * min(err["rtn"], err["mse"]), err
+
+
 def test_rtn_is_unchanged_by_the_algorithm_field():
     """The default (rtn) codes are exactly the ones int4 had before algorithms existed."""
     w = torch.randn(8, 64)
@@ -98,26 +139,42 @@ def test_rtn_is_unchanged_by_the_algorithm_field():
     assert torch.equal(t["weight_zero_point"].float(), zero)
 
 
-def test_algorithm_is_recorded_per_region_and_survives_pt2(tmp_path):
-    """gptq fits linears to their inputs; an embedding has none to trade errors across, so it takes
-    hqq — each region says which, in the graph, the manifest and the summary, after a .pt2 round trip."""
+@pytest.mark.parametrize("scheme, free, labels", [
+    (qexport.schemes.get("int4_weight_only", group_size=32), "hqq",
+     {"int4_weight_only(g32, asym, bf16, hqq)", "int4_weight_only(g32, asym, bf16, gptq)"}),
+    (qexport.schemes.get("int8_weight_only", reduce_range=True), "mse",
+     {"int8_weight_only(channel, sym, bf16, mse, codes -64..64)", "int8_weight_only(channel, sym, bf16, gptq, codes -64..64)"}),
+])
+def test_algorithm_is_recorded_per_region_and_survives_pt2(tmp_path, scheme, free, labels):
+    """gptq fits linears to their inputs; an embedding has none to trade errors across, so it takes its
+    family's calibration-free algorithm — each region says which, in the graph, the manifest and the
+    summary, after a .pt2 round trip."""
     torch.manual_seed(0)
     idx = torch.randint(0, 100, (4, 16))
-    model = qexport.quantize(EmbedNet().eval(), qexport.schemes.get("int4_weight_only", group_size=32),
-                             algorithm="gptq", calibration_data=[(idx,)])
-    assert {n: m.scheme.algorithm for n, m in quantized_modules(model)} == {"emb": "hqq", "fc": "gptq"}
+    model = qexport.quantize(EmbedNet().eval(), scheme, algorithm="gptq", calibration_data=[(idx,)])
+    assert {n: m.scheme.algorithm for n, m in quantized_modules(model)} == {"emb": free, "fc": "gptq"}
     assert "gptq" in str(model.qexport_summary)
     expected = model(idx)
     ep = qexport.export(model, (idx,))
     path = tmp_path / "m.pt2"
     qexport.save(ep, path)
     manifest = qexport.inspect(path)
-    assert {r.module_path: r.scheme.algorithm for r in manifest.regions} == {"emb": "hqq", "fc": "gptq"}
-    assert {r.scheme.describe() for r in manifest.regions} == {
-        "int4_weight_only(g32, asym, bf16, hqq)", "int4_weight_only(g32, asym, bf16, gptq)"}
+    assert {r.module_path: r.scheme.algorithm for r in manifest.regions} == {"emb": free, "fc": "gptq"}
+    assert {r.scheme.describe() for r in manifest.regions} == labels
     loaded = qexport.load(path)
-    assert {r.module_path: r.scheme.algorithm for r in qexport.regions(loaded)} == {"emb": "hqq", "fc": "gptq"}
+    assert {r.module_path: r.scheme.algorithm for r in qexport.regions(loaded)} == {"emb": free, "fc": "gptq"}
     torch.testing.assert_close(loaded.module()(idx), expected, rtol=0, atol=0)
+
+
+def test_int8_convs_take_mse_under_gptq():
+    """A conv's Hessian would need its inputs unfolded into patches: under gptq it takes mse; the linear
+    after it is fitted to its calibration inputs."""
+    from conftest import ConvNet
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = qexport.quantize(ConvNet().eval(), "int8_dynamic", algorithm="gptq", calibration_data=[(x,)])
+    assert {n: m.scheme.algorithm for n, m in quantized_modules(model)} == {"conv1": "mse", "conv2": "mse", "fc": "gptq"}
 
 
 def test_a_scheme_carries_its_algorithm_and_the_cli_can_set_it():
@@ -138,10 +195,14 @@ def test_algorithm_errors_come_before_any_work():
         qexport.quantize(model, "int8_dynamic", algorithm="hqq")
     with pytest.raises(qexport.InvalidSchemeError, match="algorithm='awq' is not one of"):
         qexport.quantize(model, "int4_weight_only", algorithm="awq")
+    with pytest.raises(qexport.InvalidSchemeError, match="algorithm='mse': no scheme of the recipe \\(int4_weight_only\\).*int8_dynamic"):
+        qexport.quantize(model, "int4_weight_only", algorithm="mse")
     with pytest.raises(qexport.InvalidSchemeError, match="not available for the int8 family"):
-        qexport.schemes.get("int8_weight_only", algorithm="gptq")
+        qexport.schemes.get("int8_weight_only", algorithm="hqq")
     with pytest.raises(qexport.CalibrationError, match="GPTQ and needs calibration_data.*algorithm='hqq' needs none"):
         qexport.quantize(model, qexport.schemes.get("int4_weight_only", group_size=32), algorithm="gptq")
+    with pytest.raises(qexport.CalibrationError, match="GPTQ and needs calibration_data.*algorithm='mse' needs none"):
+        qexport.quantize(model, "int8_dynamic", algorithm="gptq")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not quantized_modules(model)
 

@@ -52,6 +52,9 @@ def test_get_overrides_and_validates():
         ("int8_dynamic", {"reduce_range": 1}, r"reduce_range is True or False \(True sets \{'qmin': -64, 'qmax': 64\}\)"),
         ("int8_static", {"reduce_range": True, "qmax": 100}, r"reduce_range=True sets \['qmax'\] itself"),
         ("int4_weight_only", {"reduce_range": True}, r"unknown parameter\(s\) \['reduce_range'\]"),
+        ("int8_dynamic", {"act_symmetric": True}, r"act_symmetric=True is not supported; int8 activations are asymmetric \(drop"),
+        ("int8_weight_only", {"algorithm": "hqq"}, r"algorithm='hqq' is not available for the int8 family; it offers \['rtn', 'mse', 'gptq'\]"),
+        ("int4_weight_only", {"algorithm": "mse"}, r"algorithm='mse' is not available for the int4 family"),
     ],
 )
 def test_invalid_parameters(name, params, match):

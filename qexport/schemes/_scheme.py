@@ -28,8 +28,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Ops a quantized module can wrap in a region; "custom" is a region written by hand with invoke_quant.
 OPS = ("linear", "conv1d", "conv2d", "embedding")
 # How a weight's codes and quantization parameters are chosen (schemes/algorithms.py): round to
-# nearest, half-quadratic optimisation (calibration-free), GPTQ (from calibration inputs).
-ALGORITHMS = ("rtn", "hqq", "gptq")
+# nearest, half-quadratic optimisation (calibration-free, int4), least-squares scale (calibration-free,
+# int8), GPTQ (from calibration inputs).
+ALGORITHMS = ("rtn", "hqq", "mse", "gptq")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ class SchemeMath:
     tolerance: float = 1e-3
     #: weight algorithms (ALGORITHMS) this family implements in quantize_weight
     algorithms: tuple[str, ...] = ("rtn",)
+    #: what a layer GPTQ cannot fit (no calibrated Hessian: an embedding, a conv) takes under gptq
+    calibration_free_algorithm: str = "rtn"
     #: named shorthands `schemes.get` (and the CLI's --scheme-arg) accept besides the Scheme's fields:
     #: name -> the fields it sets when True (False sets nothing); the Scheme records the fields
     shorthands: Mapping[str, Mapping[str, Any]] = {}

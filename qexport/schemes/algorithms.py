@@ -1,7 +1,8 @@
-"""How the codes of a uint4 group grid are chosen: round to nearest (rtn), half-quadratic
-optimisation (hqq, calibration-free) and GPTQ (from calibration inputs).
+"""How the codes of a weight grid are chosen: round to nearest (rtn), half-quadratic optimisation
+(hqq, calibration-free, uint4 groups), the scale of least squared error (mse, calibration-free,
+symmetric int8 rows) and GPTQ (from calibration inputs, both grids).
 
-Every algorithm yields the same grid int4.py dequantizes: codes 0..15, per group a bf16 scale and an
+Every int4 algorithm yields the same grid int4.py dequantizes: codes 0..15, per group a bf16 scale and an
 integer zero point in [0, 15] (8 for symmetric weights), w ≈ (code - zero) * scale. A region's
 algorithm therefore changes its tensors, never its math, and every backend lowers it unchanged.
 
@@ -9,7 +10,8 @@ torchao ships both algorithms but neither fits this grid: its HQQ (`quant_primit
 _choose_qparams_and_quantize_affine_hqq`) optimises a float zero point (tinygemm's domain), which
 ONNX's uint4 DequantizeLinear and XNNPACK cannot store (rounding it afterwards loses the gain), and its
 GPTQ (`prototype.gptq`) is CUDA-only with mslk's float-zero int4 rows. Both loops are short; they are
-written here against the grid.
+written here against the grid. The int8 grid (int8.py) is one float scale per output channel (or
+per tensor) and codes qmin..qmax around zero; mse and gptq only choose that scale and those codes.
 """
 
 from __future__ import annotations
@@ -107,6 +109,46 @@ def _hqq_chunk(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Te
     return best_scale, best_zero
 
 
+# -- mse ---------------------------------------------------------------------------------------------
+
+#: fractions of a row's absmax tried as its clipping threshold (1.0 is rtn's scale, so mse never does
+#: worse than rtn on its measure); heavy-tailed rows clip best far below their absmax
+MSE_SHRINKS = tuple(1.0 - 0.02 * i for i in range(26))
+MSE_ITERS = 8
+_MSE_ROWS = 4096  # rows per chunk, as _HQQ_ROWS
+
+
+def _symmetric_codes(rows: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    return torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
+
+
+def mse_scale(rows: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """The scale of each row (R, K) on the symmetric grid code * scale, codes qmin..qmax, with the least
+    squared reconstruction error: the best of MSE_SHRINKS x absmax / qmax, then alternating the codes
+    (rounding) and the scale (least squares given the codes), each step keeping the error from rising.
+    Per-tensor scales pass the tensor as one row."""
+    parts = [_mse_chunk(rows[i : i + _MSE_ROWS], qmin, qmax) for i in range(0, rows.shape[0], _MSE_ROWS)]
+    return torch.cat(parts)
+
+
+def _mse_chunk(rows: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    amax = rows.abs().amax(-1)
+    best_scale, best_err = None, None
+    for scale in [(amax * f / qmax).clamp(min=_EPS) for f in MSE_SHRINKS] + [None] * MSE_ITERS:
+        if scale is None:  # refinement: the least-squares scale for the best codes so far
+            q = _symmetric_codes(rows, best_scale, qmin, qmax)
+            fitted = (rows * q).sum(-1) / q.pow(2).sum(-1).clamp(min=_EPS)
+            scale = torch.where(fitted > 0, fitted, best_scale).clamp(min=_EPS)
+        err = (rows - _symmetric_codes(rows, scale, qmin, qmax) * scale[:, None]).pow(2).sum(-1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
 # -- gptq --------------------------------------------------------------------------------------------
 
 #: dampening added to the Hessian's diagonal, relative to its mean. GPTQ's paper uses 0.01 with 128
@@ -118,10 +160,10 @@ GPTQ_BLOCK = 128
 
 
 def gptq(
-    w: torch.Tensor, hessian: torch.Tensor, group_size: int, qparams: QParams
+    w: torch.Tensor, hessian: torch.Tensor, group_size: int, qparams: QParams, qmin: float = 0, qmax: float = QMAX
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al. 2022) of a 2-D weight (out, K) on a group grid: (codes (out, K), scale,
-    zero (out, K/group_size)).
+    """GPTQ (Frantar et al. 2022) of a 2-D weight (out, K) on a group grid with codes qmin..qmax:
+    (codes (out, K), scale, zero (out, K/group_size)); a per-channel grid is one group of K.
 
     Minimises ||X W^T - X Q^T||^2 over the calibration inputs X (hessian = sum of X^T X): columns are
     quantized one at a time and each one's error is spread over the columns not yet quantized, through
@@ -150,7 +192,7 @@ def gptq(
         for j in range(b1 - b0):
             s, z = col_scale[:, b0 + j], col_zero[:, b0 + j]
             col = block[:, j]
-            q = torch.clamp(torch.round(col / s) + z, 0, QMAX)
+            q = torch.clamp(torch.round(col / s) + z, qmin, qmax)
             codes[:, b0 + j] = q
             e = (col - (q - z) * s) / hb[j, j]
             block[:, j:] -= e[:, None] * hb[j, j:][None, :]
@@ -172,4 +214,4 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
         damp *= 10
     raise CalibrationError(
         "GPTQ: the calibration inputs' Hessian is not positive definite even when dampened; calibrate on "
-        "more (or more varied) inputs, or use algorithm='hqq', which needs none")
+        "more (or more varied) inputs, or use a calibration-free algorithm ('hqq' for int4, 'mse' for int8)")

@@ -31,6 +31,7 @@ class Int4Math(SchemeMath):
     supported_ops = frozenset({"linear", "embedding"})
     tolerance = 5e-2
     algorithms = ("rtn", "hqq", "gptq")
+    calibration_free_algorithm = "hqq"
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)

@@ -1,6 +1,8 @@
 """int8 family: per-channel symmetric int8 weights; activations none / dynamic / static.
 
-Schemes: int8_weight_only, int8_dynamic, int8_static.
+Schemes: int8_weight_only, int8_dynamic, int8_static. Codes are chosen by round to nearest of absmax
+(rtn), the least-squares scale (mse, calibration-free) or GPTQ (`algorithm`, schemes/algorithms.py);
+all three fill the same grid, which dequantize_weight reads.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Mapping
 import torch
 
 from ..errors import InvalidSchemeError
+from . import algorithms as alg
 from ._scheme import Scheme, SchemeMath
 from .registry import _register_builtin
 
@@ -22,6 +25,8 @@ class Int8Math(SchemeMath):
     # pair sum fits 16 bits (2 * 255 * 64 <= 32767), so the integer kernels of CPUs without VNNI
     # (onnxruntime's on AVX2) cannot saturate and ONNX files keep its faster u8 x s8 kernels on every target.
     shorthands = {"reduce_range": {"qmin": -64, "qmax": 64}}
+    algorithms = ("rtn", "mse", "gptq")
+    calibration_free_algorithm = "mse"
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)
@@ -37,13 +42,30 @@ class Int8Math(SchemeMath):
             raise InvalidSchemeError(f"{s.name}: static activations are per_tensor int8")
         if s.activation == "dynamic" and s.act_dtype != "int8":
             raise InvalidSchemeError(f"{s.name}: dynamic activations of the int8 family are int8")
+        if s.act_symmetric:
+            # every lowering and the reference quantize int8 activations with a zero point; a flag no
+            # backend reads would make the manifest claim a computation that never happens
+            raise InvalidSchemeError(
+                f"{s.name}: act_symmetric=True is not supported; int8 activations are asymmetric (drop "
+                f"act_symmetric or set it to False)")
 
-    def quantize_weight(self, s: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(
+        self, s: Scheme, weight: torch.Tensor, hessian: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         w = weight.detach().float().reshape(weight.shape[0], -1)
-        amax = w.abs().amax(1) if s.granularity == "per_channel" else w.abs().amax().reshape(1)
-        scale = (amax / s.qmax).clamp(min=torch.finfo(torch.float32).eps)
-        q = torch.clamp(torch.round(w / scale[:, None]), s.qmin, s.qmax).to(torch.int8)
-        return {"weight": q.reshape(weight.shape), "weight_scale": scale}
+        rows = w if s.granularity == "per_channel" else w.reshape(1, -1)
+        if s.algorithm == "rtn":
+            scale = (rows.abs().amax(1) / s.qmax).clamp(min=torch.finfo(torch.float32).eps)
+        else:
+            scale = alg.mse_scale(rows, s.qmin, s.qmax)
+        if s.algorithm == "gptq":
+            if hessian is None:
+                raise InvalidSchemeError(f"{s.name}: algorithm='gptq' needs the layer's calibration Hessian")
+            col = scale.expand(w.shape[0])[:, None]  # one group of K per row
+            q, _, _ = alg.gptq(w, hessian, w.shape[1], lambda _g: (col, torch.zeros_like(col)), s.qmin, s.qmax)
+        else:
+            q = torch.clamp(torch.round(w / scale[:, None]), s.qmin, s.qmax)
+        return {"weight": q.to(torch.int8).reshape(weight.shape), "weight_scale": scale}
 
     def dequantize_weight(self, s: Scheme, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         scale = t["weight_scale"].reshape(-1, *([1] * (len(shape) - 1)))
