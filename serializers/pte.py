@@ -183,6 +183,7 @@ class _VerifiedData:
     long as the program that reads it."""
 
     def __init__(self, p: Path, rec: DataFile) -> None:
+        self.sha256 = rec.sha256
         where = rec.path_beside(p)
         if not where.exists():
             raise ArtifactNotFoundError(
@@ -205,8 +206,8 @@ class _VerifiedData:
             self.path = self._file.name
         digest = hashlib.sha256()
         try:
-            with open(where, "rb") as f:
-                while chunk := f.read(1 << 22):
+            with open(where, "rb") as f:  # one byte past the recorded size at most: a file growing now is refused too
+                while chunk := f.read(min(1 << 22, rec.size + 1 - self._file.tell())):
                     digest.update(chunk)
                     self._file.write(chunk)
             self._file.flush()
@@ -241,7 +242,8 @@ def _load_all(runtime: Any, data: bytes, data_path: str | None = None) -> None:
 
 def _probe(p: Path, runtime: Any, data: bytes, extra: "_VerifiedData | None" = None) -> None:
     """Load `data` (see _load_all) in a child process; raise if the child dies."""
-    digest = hashlib.sha256(data).hexdigest()
+    # the program's bytes and its data file's: a program probed with one data file is not probed with every other
+    digest = hashlib.sha256(data).hexdigest() + (extra.sha256 if extra is not None else "")
     if digest in _PROBED:
         return
     if not hasattr(os, "fork"):  # no fork here: the first load stays in-process
