@@ -255,6 +255,11 @@ def _probe(p: Path, runtime: Any, data: bytes, extra: "_VerifiedData | None" = N
         import faulthandler
 
         faulthandler.disable()  # its death is reported by the parent, not as a dump of the parent's stack
+        import torch
+
+        # The parent's OpenMP worker threads do not exist in a forked child; an ATen op large enough to
+        # go parallel there waits for them forever (any .pte past toy size, after the parent ran torch).
+        torch.set_num_threads(1)
         code = 1
         try:
             _load_all(runtime, data, extra.path if extra is not None else None)
