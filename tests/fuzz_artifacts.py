@@ -55,9 +55,10 @@ from serializers import kinds as artifact_kinds
 SEED = 20261129
 HANG_S = 90.0
 #: the kinds whose files the mutations below know how to damage (suffixes and writers: the kind table)
-KINDS = ("pt2", "aoti", "pte", "onnx", "ptd")
-#: `ptd` is no kind of its own: a .pte (the file opened) and the data file it names
-SUFFIX = {k: artifact_kinds.get(k if k != "ptd" else "pte").suffix for k in KINDS}
+KINDS = ("pt2", "aoti", "pte", "onnx")
+SUFFIX = {k: artifact_kinds.get(k).suffix for k in KINDS}
+#: what the fuzzer opens: every kind, and `ptd`, a .pte with the data file it names (_data_file_mutations)
+TARGETS = (*KINDS, "ptd")
 #: how the fuzzer writes a kind (writer options); a kind not listed gets its writer's defaults
 WRITE_OPTIONS = {"aoti": {"device": "cpu"}}
 
@@ -494,7 +495,7 @@ def build_artifacts(out: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
     x = torch.randn(4, 64)
     model = qexport.quantize(TinyNet((64, 128, 32)).eval(), qexport.schemes.get("int8_weight_only"))
     ep = qexport.export(model, (x,))
-    paths = {k: out / f"base_{k}{SUFFIX[k]}" for k in kinds}
+    paths = {k: out / f"base_{k}{SUFFIX.get(k, '.pte')}" for k in kinds}
     for k in kinds:
         if k == "ptd":  # an embedding and the delegated linear head that shares its weight
             emb, head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64, bias=False)
@@ -601,7 +602,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cases", type=int, default=1000, help="mutations per kind (default 1000)")
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(TARGETS))
     ap.add_argument("--json", type=Path, help="write the report here")
     args = ap.parse_args()
     if args.worker:
