@@ -311,6 +311,28 @@ def test_pte_data_file_is_checked_before_the_runtime_reads_it(tied_pte, tmp_path
         runners.load(p)
 
 
+def test_the_runtime_reads_a_private_copy_of_the_checked_data_file(tied_pte, tmp_path, monkeypatch):
+    """ExecuTorch reads a data file by path; it is given a private copy of the bytes qexport hashed, so
+    a file swapped on disk between the check and the runtime's read never reaches it."""
+    from executorch.runtime import Runtime
+
+    p = _tied_copy(tied_pte, tmp_path)
+    seen = []
+    load_program = Runtime.load_program
+
+    def spy(self, data, **kw):
+        seen.append(kw.get("data_path"))
+        return load_program(self, data, **kw)
+
+    monkeypatch.setattr(Runtime, "load_program", spy)
+    runner = runners.load(p)
+    (given,) = seen
+    assert Path(given).resolve() != (tmp_path / "tied.ptd").resolve()
+    assert Path(given).read_bytes() == (tmp_path / "tied.ptd").read_bytes()
+    (tmp_path / "tied.ptd").unlink()  # the loaded program keeps its copy
+    assert runner([tied_pte[1]])[0].shape == (8, 80, 64)
+
+
 @pytest.mark.parametrize("name", ["../tied.ptd", "/tmp/tied.ptd", "sub/tied.ptd", "..\\tied.ptd", "C:tied.ptd",
                                   "tied.ptd\n", "..", "tied.bin"])
 def test_pte_data_file_names_only_a_file_beside_it(tied_pte, tmp_path, name):
