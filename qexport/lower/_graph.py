@@ -165,7 +165,8 @@ def region_state(ep: torch.export.ExportedProgram) -> dict[str, dict[str, torch.
 # -- emitting nodes -----------------------------------------------------------------------------
 
 def call_before(
-    anchor: torch.fx.Node, target: Any, *args: Any, fake_mode: Any = None, like: torch.fx.Node | None = None, **kwargs: Any
+    anchor: torch.fx.Node, target: Any, *args: Any, fake_mode: Any = None, like: torch.fx.Node | None = None,
+    **kwargs: Any,
 ) -> torch.fx.Node:
     """Emit `target(*args, **kwargs)` before `anchor`, with meta["val"] computed under the program's fake
     mode (what export itself records; dynamic dims stay symbolic) and, unless the caller stamps its own,

@@ -413,8 +413,9 @@ _MOVES_BYTES = (_aten.index_select.default, _aten.embedding.default, _aten.index
 def _in_qb4w_nibble_order(ep: torch.export.ExportedProgram, table: torch.fx.Node, readers: list[torch.fx.Node]) -> None:
     """Store the uint4 codes `table` (qexport's packing: even element in the high nibble) in the byte
     layout XNNPACK serializes for a qb4w weight (`NodeVisitor.convert_to_qc4w`: the int8 code + 8, which
-    is qexport's uint4 code under the symmetric zero point 8, even element in the low nibble), and swap the nibbles back where the program reads it: after a row gather (the
-    embedding's, on the rows it reads, not the table), else before the reader."""
+    is qexport's uint4 code under the symmetric zero point 8, even element in the low nibble), and swap
+    the nibbles back where the program reads it: after a row gather (the embedding's, on the rows it
+    reads, not the table), else before the reader."""
     w = state_tensor(ep, table)
     replace_state(ep, table, ((w & 0xF) << 4) | (w >> 4))
     for reader in readers:
@@ -432,7 +433,8 @@ def _swap_nibbles(x: torch.fx.Node, anchor: torch.fx.Node, like: torch.fx.Node) 
     """`(x & 0xF) * 16 + x // 16` on uint8, in Core ATen ops with portable kernels (no shifts: not Core ATen)."""
     lo = call_before(anchor, _aten.bitwise_and.Scalar, x, 0xF, like=like)
     hi = call_before(anchor, _aten.div.Tensor_mode, x, 16, rounding_mode="floor", like=like)
-    return call_before(anchor, _aten.add.Tensor, call_before(anchor, _aten.mul.Tensor, lo, 16, like=like), hi, like=like)
+    lo16 = call_before(anchor, _aten.mul.Tensor, lo, 16, like=like)
+    return call_before(anchor, _aten.add.Tensor, lo16, hi, like=like)
 
 
 # -- the stage ----------------------------------------------------------------------------------
