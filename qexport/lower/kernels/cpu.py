@@ -281,6 +281,7 @@ def _check_float_input(ctx: KernelContext) -> Decline | None:
 _NIBBLES, _LANES = 8, 8
 #: int8 codes per int32 word of `_int8_words`
 _BYTES = 4
+_fma = torch.ops.prims.fma  # Inductor's fused multiply-add (C++: at::vec::fmadd); eagerly (a * b) + c
 
 
 def _int8_words(codes: torch.Tensor) -> torch.Tensor:
@@ -369,14 +370,15 @@ def _int4_loop_fits(k: int, group_size: int, lanes: int = _LANES) -> bool:
 
 def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
                 lanes: int = _LANES) -> tuple[torch.Tensor, ...]:
-    """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i,
-    and per block b its R = max(1, 64 / group_size) groups' scales and scale x zero point, [N, K/64, R]
-    (for 8 `lanes`; with 16, blocks of 128 codes: words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
+    """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i
+    (the top nibble, j = 7, holds code - 8 in two's complement), and per block b its R = max(1, 64 / group_size)
+    groups' scales and scale x zero point, [N, K/64, R] (for 8 `lanes`; with 16, blocks of 128 codes:
+    words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
 
     Why this layout: Inductor vectorises a loop along the innermost contiguous dim at the fp32 width;
     over uint8 codes that is a partial 8-byte load per vector, which AVX2 (no byte-masked loads)
     does element by element (3.3 ms per 2048^2 layer). Over 32-bit words every load is a full vector,
-    nibble j is a shift and a mask, and it meets the activation's elements 64b + 8j .. 64b + 8j + 7,
+    nibble j is a mask, and it meets the activation's elements 64b + 8j .. 64b + 8j + 7,
     a contiguous vector too. The words are stored as float32 bit patterns and viewed as int32 in the
     loop: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through memcpy even for a
     full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms).
@@ -386,7 +388,7 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     c = codes.to(torch.int32).reshape(n, k // block, _NIBBLES, lanes)
     words = c[:, :, 0, :].clone()
     for j in range(1, _NIBBLES):
-        words |= c[:, :, j, :] << (4 * j)
+        words |= (c[:, :, j, :] ^ (8 if j == _NIBBLES - 1 else 0)) << (4 * j)
     per_block = max(1, block // group_size)
     s = scale.float().repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
     sz = (scale.float() * zero_point.float()).repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
@@ -397,14 +399,17 @@ def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.
     """x [M, K] (fp32) times the int4 weight behind `_int4_words`, in fp32: per group
     s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses its reductions into one loop per output.
 
-    Why this form (AVX2 was compute-bound at 4 vector ops per code, 3.1-3.3x the weight bytes' floor
-    per layer): nibble j is taken in place, `word & (15 << 4j)` = code * 16^j (exact in fp32), against
-    the activation pre-scaled by 16^-j once per call, so a code costs an AND, a conversion, a multiply
-    and an add (the top nibble, whose field holds the sign bit, still shifts); the zero point's term
-    is a reduction of its own over per-group sums of x; and each group is its own reduction, because
-    Inductor stores a pointwise body of over 50 ops to a buffer before reducing it (the whole block's
-    body was: a [N, K/8] round trip). 2048^2 / 4096^2 layer, AVX2, one thread: 0.29 / 1.26 ms -> 0.18 /
-    0.68 ms, 1.8-1.9x the floor of its bytes (docs/benchmarks/aoti_cpu.md).
+    Why this form (AVX2 is compute-bound: the loop runs out of vector ALU slots, not of memory
+    bandwidth): each code costs three vector operations per 8 lanes, the least this data path can
+    do (an AND, a conversion, a fused multiply-add). Nibble j is taken in place, `word & (15 << 4j)` =
+    code * 16^j (exact in fp32), against the activation pre-scaled by 16^-j once per call; the top
+    nibble's field is the word's sign bit, so it holds code - 8 and the mask alone gives (code - 8) *
+    16^7 (the 8 comes back as one sum of those activations per block; a shift cost a variable-shift
+    instruction per word, three micro-ops on Haswell). A group's products are a chain of
+    `prims.fma` (explicit: packages compile with FMA contraction off, `INDUCTOR_OPTIONS`), its scale
+    joins the block's sum by one more, and the block is one reduction: one add per block instead of
+    a multiply and an add per code and per group. The zero point's term is a reduction of its own
+    over per-group sums of x. 4096^2 layer, AVX2, one thread: 1.26 -> 0.68 -> ~0.6 ms (docs/benchmarks/aoti_cpu.md).
     """
     m, k = x.shape
     n, blocks, per_block = s.shape
@@ -412,19 +417,32 @@ def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.
     xb = x.reshape(m, 1, blocks, _NIBBLES, words.shape[-1])
     # Powers of two: x * 16^-j * (code * 16^j) rounds as x * code does (short of fp32's subnormal range).
     # (Python scalars, not a tensor of them: a region body must not create tensor constants.)
-    xs = _stored(torch.stack([xb[:, :, :, j] * (16.0**-j if j < _NIBBLES - 1 else 1.0) for j in range(_NIBBLES)], 3))
+    xs = _stored(torch.stack([xb[:, :, :, j] * 16.0**-j for j in range(_NIBBLES)], 3))
     xsum = _stored(xb.reshape(m, 1, blocks, per_block, -1).sum(-1))
+    xtop = _stored(xb[:, :, :, _NIBBLES - 1].sum(-1))  # the top nibble's activations, per block
     rows = _NIBBLES // per_block
-    y = -(sz * xsum).sum((2, 3))
-    for r in range(per_block):
-        terms = []
-        for j in range(r * rows, (r + 1) * rows):
-            code = (words & (15 << (4 * j))) if j < _NIBBLES - 1 else ((words >> (4 * j)) & 15)
-            terms.append(code.float() * xs[:, :, :, j])
-        while len(terms) > 1:  # a tree, so the adds do not wait on each other
-            terms = [sum(terms[i:i + 2][1:], terms[i]) for i in range(0, len(terms), 2)]
-        y = y + (terms[0] * s[..., r:r + 1]).sum((2, 3))
+
+    def code(j: int) -> torch.Tensor:  # code * 16^j, (code - 8) * 16^7 for the top nibble
+        return (words & ((15 << (4 * j)) if j < _NIBBLES - 1 else -(1 << 4 * j))).float()
+
+    # the top nibble lies in each block's last group
+    y = 8.0 * (s[..., per_block - 1] * xtop).sum(2) - (sz * xsum).sum((2, 3))
+    for first in range(0, per_block, _GROUPS_PER_SUM):
+        acc = None
+        for r in range(first, min(first + _GROUPS_PER_SUM, per_block)):
+            js = range(r * rows, (r + 1) * rows)
+            g = code(js[-1]) * xs[:, :, :, js[-1]]
+            for j in reversed(js[:-1]):
+                g = _fma(code(j), xs[:, :, :, j], g)
+            acc = g * s[..., r:r + 1] if acc is None else _fma(g, s[..., r:r + 1], acc)
+        y = y + acc.sum((2, 3))
     return y
+
+
+#: groups one reduction of `_int4_loop` takes: Inductor writes a pointwise body of over ~50 ops to a
+#: buffer before reducing it (`realize_opcount_threshold`), and four groups' body was (16 lanes, g32:
+#: a [N, K/16] round trip, 2x slower); two fit
+_GROUPS_PER_SUM = 2
 
 
 @register_kernel("int4", "cpu", "linear")
