@@ -49,8 +49,9 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # (integers, exact in bf16) through _weight_int8pack_mm ran at 2.6x fp32 at M=1 but its bf16 output
 # rounding left 4 x Linear(2048) 1.6-2.5 % from the reference, over int8's 2e-2: the fp32 GEMM on
 # decoded weights (the reference's own arithmetic) at every M.
-# int8 on AVX2, one row: Inductor's loop over the `_int8_words` layout 0.17 / 0.67 ms per 2048^2 / 4096^2
-# layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x).
+# int8 on AVX2, one row: Inductor's loop over the stored int8 codes (`_int8_loop`) 0.17 / 0.67 ms per
+# 2048^2 / 4096^2 layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x);
+# with AVX-512's 16 lanes (an AVX-512 CPU without VNNI / BF16 gets this plan) 0.44 vs 0.55 ms at 4096^2.
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.18 ms (1.8x its floor).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
@@ -76,11 +77,6 @@ KERNEL_NAMES = {
     "int4_loop": "Inductor C++ loop over int4 codes", "int8_loop": "Inductor C++ loop over int8 codes",
     "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
 }
-#: kernels whose word layouts assume 8 fp32 lanes per vector (AVX2's): compiled for AVX-512's 16, every
-#: load of a row of 8 words is a partial one, done element by element (10-13x slower per layer than at
-#: AVX2, measured here natively), so an AVX-512 CPU without VNNI + BF16 gets the AVX2 plan without them.
-#: (The int4 loop lays its words out at the target's width instead: `_int4_lanes`.)
-_EIGHT_LANE_KERNELS = ("int8_loop",)
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
 # aten._weight_int8pack_mm is 18x slower than with bf16 (FINDINGS.md), slower than Inductor's fusion.
 _FAST_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
@@ -101,8 +97,6 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     """The family's buckets for the rows `ctx`'s program accepts, on `target`, under `qexport.large_m`."""
     isa = plan_isa(target)
     plan = PLANS[family][isa]
-    if target.capability.startswith("AVX512"):  # served the AVX2 plan for want of VNNI / BF16
-        plan = [(m, k) for m, k in plan if k not in _EIGHT_LANE_KERNELS]
     policy = ctx.options.get("qexport.large_m", "bf16_weights")
     if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
         quantized = [(m, k) for m, k in plan if k != "float_weights"]
@@ -279,43 +273,38 @@ def _check_float_input(ctx: KernelContext) -> Decline | None:
 
 #: int4 codes per int32 word of `_int4_words`, and words per vector (AVX2: 8 fp32 lanes)
 _NIBBLES, _LANES = 8, 8
-#: int8 codes per int32 word of `_int8_words`
+#: int8 codes per int32 word `_int8_loop` reads
 _BYTES = 4
 _fma = torch.ops.prims.fma  # Inductor's fused multiply-add (C++: at::vec::fmadd); eagerly (a * b) + c
 
 
-def _int8_words(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] as int32 words [N, K/32, 8] (stored as float32 bit patterns, as `_int4_words`
-    and for its reason) whose byte j of word (b, i) is code k = 32b + 8j + i: bytes 0-2 hold code + 128
-    (0..255), byte 3 the code itself (two's complement, so the word's sign is the code's)."""
-    n, k = codes.shape
-    c = codes.to(torch.int32).reshape(n, k // (_BYTES * _LANES), _BYTES, _LANES)
-    words = c[:, :, _BYTES - 1, :] << 8 * (_BYTES - 1)
-    for j in range(_BYTES - 1):
-        words |= (c[:, :, j, :] + 128) << (8 * j)
-    return words.view(torch.float32).contiguous()
+def _int8_loop(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (fp32) times the int8 weight `codes` [N, K] (as stored: the package's one copy, which
+    aten._weight_int8pack_mm reads above one row) with per-output scales `s` [N], in fp32.
 
-
-def _int8_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (fp32) times the int8 weight behind `_int8_words` with per-output scales `s` [N], in fp32.
-
-    Why (AVX2, one row): as `_int4_loop`, byte j is taken in place, `word & (255 << 8j)` = (code + 128)
-    * 256^j, exact in fp32, against x pre-scaled by 256^-j once per call: an AND, a conversion, a
-    multiply and an add per code, no unpacking to bytes (which AVX2 loads element by element); the
-    +128 of bytes 0-2 costs 128 * (sum of their x), once per call. Each byte position is its own
-    reduction: with one, every add waited on the last (4096^2 layer 1.8 ms, 3.6x the floor; with four
-    0.67 ms, 1.4x, against aten._weight_int8pack_mm's 1.1 ms).
+    Why (AVX2, one row): the codes are read as 32-bit words through a dtype view (no copy; the words
+    as float32, then int32: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through
+    memcpy, the float one loads directly); byte j of word i is code 4i + j. XOR 0x00808080 makes bytes
+    0-2 code + 128 (0..255) and leaves byte 3 the signed code, so `word & (255 << 8j)` = (code + 128)
+    * 256^j (byte 3: code * 2^24), exact in fp32, against x permuted and pre-scaled by 256^-j once per
+    call: no unpacking to bytes (which AVX2 loads element by element). Per code an AND, a conversion
+    and a fused multiply-add (`prims.fma`, as `_int4_loop`), a word's four in one chain, one add per
+    word into the row's sum; the +128 of bytes 0-2 costs 128 * (sum of their x), once per call.
     """
     m, k = x.shape
-    n, blocks, _ = words.shape
-    words = words.view(torch.int32)
-    xb = x.reshape(m, 1, blocks, _BYTES, _LANES)
-    xs = _stored(torch.stack([xb[:, :, :, j] * 256.0**-j for j in range(_BYTES)], 3))  # scalars: no tensor constant
-    y = -128.0 * _stored(xb[:, :, :, : _BYTES - 1].sum((2, 3, 4)))
-    for j in range(_BYTES):
-        field = (255 << 8 * j) if j < _BYTES - 1 else -(1 << 8 * j)  # the top byte's mask as an int32 (sign bit set)
-        y = y + ((words & field).float() * xs[:, :, :, j]).sum((2, 3))
-    return y * s
+    n = codes.shape[0]
+    words = codes.view(torch.float32).view(torch.int32) ^ 0x00808080
+    xb = x.reshape(m, 1, k // _BYTES, _BYTES)  # element 4i + j
+    xs = _stored(torch.stack([xb[..., j] * 256.0**-j for j in range(_BYTES)], 2))  # scalars: no tensor constant
+    top = _BYTES - 1
+
+    def code(j: int) -> torch.Tensor:  # (code + 128) * 256^j, code * 2^24 for the top byte
+        return (words & ((255 << 8 * j) if j < top else -(1 << 8 * j))).float()
+
+    t = code(top) * xs[:, :, top]
+    for j in reversed(range(top)):
+        t = _fma(code(j), xs[:, :, j], t)
+    return (t.sum(2) - 128.0 * _stored(xb[..., :top].sum((2, 3)))) * s
 
 
 @register_kernel("int8", "cpu", "linear")
@@ -343,13 +332,13 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         operands = [*(["weight"] if "weight" not in operands else []), *operands, ("weight_scale_" + _dtype_name(cd), scale)]
     if "int8_loop" in {k for _, k in plan}:
         n = ctx.tensor("weight").shape[0]
-        operands += [("weight_int8_words", _int8_words(ctx.tensor("weight"))),
-                     ("weight_scale_float32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous())]
+        operands = [*(["weight"] if "weight" not in operands else []), *operands,
+                    ("weight_scale_float32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous())]
     kernels = _float_kernels(ctx, roles, gemm)
     kernels["int8pack"] = lambda x, t: _plus_bias(aten._weight_int8pack_mm(x.to(cd), t["weight"], t["weight_scale_" + _dtype_name(cd)]), t, cd)
     # The activation rounded to the compute dtype as the reference does, stored once (see `int4_loop`); sums in fp32.
     kernels["int8_loop"] = lambda x, t: _plus_bias(
-        _int8_loop(_stored(x.to(cd).float()), t["weight_int8_words"], t["weight_scale_float32"]), t, cd)
+        _int8_loop(_stored(x.to(cd).float()), t["weight"], t["weight_scale_float32"]), t, cd)
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
