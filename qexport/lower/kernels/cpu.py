@@ -7,7 +7,7 @@ compile target (`qexport.lower.cpu_target`: this CPU, capped by ATEN_CPU_CAPABIL
 - "int8pack": `aten._weight_int8pack_mm`, int8 weights read directly, bf16/fp16 activations;
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, weights repacked at compile time (tinygemm layout);
 - "int4_loop" / "int8_loop": Inductor's own C++ loop over int4 / int8 codes (one row: a GEMV that
-  decodes as it reads; layouts for 8-lane fp32 vectors, i.e. AVX2);
+  decodes as it reads; int4 words laid out at the target's fp32 vector width, int8 codes as stored);
 - "int_mm": `aten._int_mm` (int8 x int8 -> int32): fast only with VNNI (oneDNN's s8s8 GEMM);
 - "float_weights": the target's fastest float GEMM (bf16 with AVX512-BF16/AMX, else fp32) on weights
   the scheme's own math decoded once, at compile time; activations keep the scheme's rounding;
@@ -278,33 +278,37 @@ _BYTES = 4
 _fma = torch.ops.prims.fma  # Inductor's fused multiply-add (C++: at::vec::fmadd); eagerly (a * b) + c
 
 
-def _int8_loop(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _int8_loop(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, lanes: int = _LANES) -> torch.Tensor:
     """x [M, K] (fp32) times the int8 weight `codes` [N, K] (as stored: the package's one copy, which
-    aten._weight_int8pack_mm reads above one row) with per-output scales `s` [N], in fp32.
+    aten._weight_int8pack_mm reads above one row) with per-output scales `s` [N], in fp32; `lanes`:
+    the target's fp32 vector width (`_vector_lanes`).
 
     Why (AVX2, one row): the codes are read as 32-bit words through a dtype view (no copy; the words
     as float32, then int32: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through
     memcpy, the float one loads directly); byte j of word i is code 4i + j. XOR 0x00808080 makes bytes
     0-2 code + 128 (0..255) and leaves byte 3 the signed code, so `word & (255 << 8j)` = (code + 128)
     * 256^j (byte 3: code * 2^24), exact in fp32, against x permuted and pre-scaled by 256^-j once per
-    call: no unpacking to bytes (which AVX2 loads element by element). Per code an AND, a conversion
-    and a fused multiply-add (`prims.fma`, as `_int4_loop`), a word's four in one chain, one add per
-    word into the row's sum; the +128 of bytes 0-2 costs 128 * (sum of their x), once per call.
+    call (no unpacking to bytes, which AVX2 loads element by element), each vector of words meeting
+    `lanes` x values per byte position side by side (four streams of x 4K floats apart ran 2.5x
+    slower). Per code an AND, a conversion and a fused multiply-add (`prims.fma`, as `_int4_loop`), a
+    word's four in one chain, one add per word into the row's sum; the +128 of bytes 0-2 costs 128 *
+    (sum of their x), once per call.
     """
     m, k = x.shape
     n = codes.shape[0]
-    words = codes.view(torch.float32).view(torch.int32) ^ 0x00808080
-    xb = x.reshape(m, 1, k // _BYTES, _BYTES)  # element 4i + j
-    xs = _stored(torch.stack([xb[..., j] * 256.0**-j for j in range(_BYTES)], 2))  # scalars: no tensor constant
+    blocks = k // (_BYTES * lanes)
+    words = codes.view(torch.float32).view(torch.int32).reshape(n, blocks, lanes) ^ 0x00808080
+    xb = x.reshape(m, 1, blocks, lanes, _BYTES)  # element 4 (lanes b + i) + j
+    xs = _stored(torch.stack([xb[..., j] * 256.0**-j for j in range(_BYTES)], 3))  # scalars: no tensor constant
     top = _BYTES - 1
 
     def code(j: int) -> torch.Tensor:  # (code + 128) * 256^j, code * 2^24 for the top byte
         return (words & ((255 << 8 * j) if j < top else -(1 << 8 * j))).float()
 
-    t = code(top) * xs[:, :, top]
+    t = code(top) * xs[:, :, :, top]
     for j in reversed(range(top)):
-        t = _fma(code(j), xs[:, :, j], t)
-    return (t.sum(2) - 128.0 * _stored(xb[..., :top].sum((2, 3)))) * s
+        t = _fma(code(j), xs[:, :, :, j], t)
+    return (t.sum((2, 3)) - 128.0 * _stored(xb[..., :top].sum((2, 3, 4)))) * s
 
 
 @register_kernel("int8", "cpu", "linear")
@@ -320,7 +324,9 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         return declined
     target = compile_target()
     plan = cpu_plan("int8_weight_only", ctx, target)
-    if ctx.tensor("weight").shape[-1] % (_BYTES * _LANES):
+    k_in = ctx.tensor("weight").shape[-1]
+    lanes = _vector_lanes(target) if k_in % (_BYTES * _vector_lanes(target)) == 0 else _LANES
+    if k_in % (_BYTES * lanes):
         plan = [(m, k) for m, k in plan if k != "int8_loop"]
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
@@ -338,16 +344,16 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     kernels["int8pack"] = lambda x, t: _plus_bias(aten._weight_int8pack_mm(x.to(cd), t["weight"], t["weight_scale_" + _dtype_name(cd)]), t, cd)
     # The activation rounded to the compute dtype as the reference does, stored once (see `int4_loop`); sums in fp32.
     kernels["int8_loop"] = lambda x, t: _plus_bias(
-        _int8_loop(_stored(x.to(cd).float()), t["weight"], t["weight_scale_float32"]), t, cd)
+        _int8_loop(_stored(x.to(cd).float()), t["weight"], t["weight_scale_float32"], lanes), t, cd)
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
 _INT4_ROLES = ("weight", "weight_scale", "weight_zero_point")
 
 
-def _int4_lanes(target: CPUTarget) -> int:
-    """fp32 lanes of the vectors Inductor writes for `target`: the loop's layout must match them (with
-    8-lane rows an AVX-512 build ran 8da4w's one-row layers 6x slower than with 16)."""
+def _vector_lanes(target: CPUTarget) -> int:
+    """fp32 lanes of the vectors Inductor writes for `target`: the one-row loops' layouts must match them
+    (with 8-lane rows an AVX-512 build ran 8da4w's one-row int4 layers 6x slower than with 16)."""
     return 16 if target.capability.startswith("AVX512") else _LANES
 
 
@@ -398,7 +404,9 @@ def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.
     `prims.fma` (explicit: packages compile with FMA contraction off, `INDUCTOR_OPTIONS`), its scale
     joins the block's sum by one more, and the block is one reduction: one add per block instead of
     a multiply and an add per code and per group. The zero point's term is a reduction of its own
-    over per-group sums of x. 4096^2 layer, AVX2, one thread: 1.26 -> 0.68 -> ~0.6 ms (docs/benchmarks/aoti_cpu.md).
+    over per-group sums of x. 4096^2 layer, AVX2, one thread, fastest of 100 calls: g128 0.78 -> 0.61 ms,
+    g32 0.65 -> 0.62 ms (27 instead of 36 vector operations per 64 codes; g32 was already bound by
+    something else, docs/benchmarks/aoti_cpu.md).
     """
     m, k = x.shape
     n, blocks, per_block = s.shape
@@ -446,7 +454,7 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     gemm = gemm_dtype(target, cd)
     gs = scheme.group_size
     k_in = ctx.tensor("weight_scale").shape[-1] * gs
-    lanes = _int4_lanes(target)
+    lanes = _vector_lanes(target)
     lanes = lanes if _int4_loop_fits(k_in, gs, lanes) else _LANES
     if not _int4_loop_fits(k_in, gs, lanes):
         plan = [(m, k) for m, k in plan if k != "int4_loop"]
