@@ -51,7 +51,7 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # decoded weights (the reference's own arithmetic) at every M.
 # int8 on AVX2, one row: Inductor's loop over the stored int8 codes (`_int8_loop`) 0.17 / 0.67 ms per
 # 2048^2 / 4096^2 layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x);
-# with AVX-512's 16 lanes (an AVX-512 CPU without VNNI / BF16 gets this plan) 0.44 vs 0.55 ms at 4096^2.
+# with AVX-512's 16 lanes (an AVX-512 CPU without VNNI / BF16 gets this plan) 0.85 vs 1.08 ms at 4096^2.
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.18 ms (1.8x its floor).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
