@@ -4,6 +4,7 @@ own timer), beside cuBLAS on bf16 weights. Numbers place the tuner's candidate l
 itself picks per card at compile time.
 
     python benchmarks/cuda_lab.py --out DIR [--fbgemm]    # lab.md, lab.json
+    python benchmarks/cuda_lab.py --m1 --out DIR          # one-row GEMV tiles over the GPU Llama's shapes: m1.md, m1.json (~60 s)
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ def main() -> None:
     ap.add_argument("--few", action="store_true", help="three large tiles of the weight-only GEMMs (and on bf16 weights) and cuBLAS only")
     ap.add_argument("--large", action="store_true", help="only the large tiles and the row quantizers (M >= 64)")
     ap.add_argument("--ir", action="store_true", help="write the Triton IR of the int8 / int4 GEMMs' first large tile to ir.txt")
+    ap.add_argument("--m1", action="store_true", help="only the one-row GEMV sweep over the Llama's layer shapes (m1.md, m1.json)")
+    ap.add_argument("--m1-dtypes", default="int8,int4", help="the weight kinds --m1 sweeps")
     args = ap.parse_args()
+    if args.m1:
+        return m1_lab(args.out, args.m1_dtypes.split(","))
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
     n = k = 4096
@@ -163,6 +168,131 @@ def main() -> None:
     write(args.out, res, errs, fails)
     if args.ir:
         dump_ir(args.out, t8, sc8, t4)
+
+
+#: (N, K) of the M=1 sweep: the bench's 4096x4096 layer, then bench_llm's GPU Llama (q/o, gate/up, down, lm_head)
+M1_SHAPES = ((4096, 4096), (3072, 3072), (8192, 3072), (3072, 8192), (32000, 3072))
+
+
+def m1_tiles(int4: bool) -> list[tuple]:
+    """GEMV tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages) whose weight step is 16-128 bytes a thread."""
+    out = []
+    for bn in ((4, 8, 16, 32) if int4 else (2, 4, 8, 16)):
+        for bk in ((512, 1024, 2048) if int4 else (512, 1024, 2048, 4096)):
+            for nw in (2, 4, 8):
+                per_thread = bn * bk // (2 if int4 else 1) // (32 * nw)
+                if 16 <= per_thread <= 128:
+                    out += [(1, bn, bk, nw, stages) for stages in (3, 4)]
+    return out
+
+
+def m1_lab(out: str, dtypes: list[str]) -> None:
+    """One activation row: every GEMV tile on the 4096x4096 layer, the best ones on the Llama's shapes, and
+    graphs of 4 layers (what a package replays) for the best, tinygemm and cuBLAS bf16."""
+    res: dict[str, dict[str, float]] = {}
+    errs: dict[str, float] = {}
+    fails: list[str] = []
+    s8 = qexport.schemes.get("int8_weight_only")
+    s4 = qexport.schemes.get("int4_weight_only", group_size=128)
+
+    def layer(n, k, seed):
+        torch.manual_seed(seed)
+        w = torch.randn(n, k, device="cuda") * 0.02
+        t8 = math_for(s8).quantize_weight(s8, w)
+        t8["weight_scale_per_channel"] = t8["weight_scale"].float().reshape(-1).expand(n).contiguous()
+        t4 = math_for(s4).quantize_weight(s4, w)
+        packed, sz = C.tinygemm_operands(t4["weight"], t4["weight_scale"], t4["weight_zero_point"], 8)
+        return {"bf16": w.bfloat16(), "int8": t8, "int4": t4, "tg": (packed, sz),
+                "r8": math_for(s8).dequantize_weight(s8, t8, (n, k)).bfloat16(), "r4": math_for(s4).dequantize_weight(s4, t4, (n, k)).bfloat16()}
+
+    def put(shape, name, fn, ref=None, tol=2e-2):
+        key = f"{shape[0]}x{shape[1]}"
+        try:
+            with torch.no_grad():
+                if ref is not None:
+                    e = rel(fn(), ref)
+                    errs[f"{key} {name}"] = e
+                    if not e <= tol:
+                        fails.append(f"{key} {name}: err {e:.2e}")
+                        return None
+                us = cuda_tune.bench_us(fn)
+                res.setdefault(name, {})[key] = us
+                return us
+        except Exception as ex:
+            fails.append(f"{key} {name}: {type(ex).__name__}: {str(ex)[:160]}")
+            torch.cuda.synchronize()
+            return None
+
+    def gemv(dtype, L, x, tile):
+        return C.triton_gemv(x, L["int4"], tile, 128) if dtype == "int4" else C.triton_gemv(x, L["int8"], tile)
+
+    best: dict[str, list[tuple]] = {}
+    for si, (n, k) in enumerate(M1_SHAPES):
+        print(f"== {n}x{k}", flush=True)
+        L = layer(n, k, si)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        put((n, k), "bf16 cuBLAS", lambda: x @ L["bf16"].t())
+        put((n, k), "int4 tinygemm", lambda: torch.ops.aten._weight_int4pack_mm(x, *L["tg"][:1], 128, L["tg"][1]), x @ L["r4"].t(), 5e-2)
+        for mb in (n * k // 2, n * k):  # a kernel moving the same bytes and doing no arithmetic: int4's, int8's
+            src = torch.empty(mb // 2, dtype=torch.uint8, device="cuda").random_()
+            dst = torch.empty_like(src)
+            put((n, k), f"copy {'int4' if mb == n * k // 2 else 'int8'} bytes", lambda: dst.copy_(src))
+        for dtype in dtypes:
+            ref, tol = (x @ L["r4"].t(), 5e-2) if dtype == "int4" else (x @ L["r8"].t(), 2e-2)
+            old = (1, 8, 512, 4, 1) if dtype == "int4" else (1, 2, 4096, 4, 1)
+            put((n, k), f"{dtype} GEMV {old} [session 5 tile]", lambda: gemv(dtype, L, x, old), ref, tol)
+            tiles = m1_tiles(dtype == "int4") if si == 0 else best[dtype]
+            for tile in tiles:
+                put((n, k), f"{dtype} GEMV {tile}", lambda: gemv(dtype, L, x, tile), ref, tol)
+            if si == 0:
+                key0 = f"{n}x{k}"
+                ranked = sorted((v[key0], name) for name, v in res.items() if name.startswith(f"{dtype} GEMV (") and "session" not in name and key0 in v)
+                best[dtype] = [eval(name.split("GEMV ")[1]) for _, name in ranked[:8]]
+                print(dtype, "best:", [(round(t, 1), nm) for t, nm in ranked[:8]], flush=True)
+        write_m1(out, res, errs, fails)
+        del L
+    # 16 rows on the first shape: the best one-row tiles over 4 and 8 rows per program, beside the
+    # 16-row Triton GEMM tile and cuBLAS (the bucket where int4 was 0.98x bf16).
+    n, k = M1_SHAPES[0]
+    L = layer(n, k, 0)
+    x16 = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    put((n, k), "M=16 bf16 cuBLAS", lambda: x16 @ L["bf16"].t())
+    put((n, k), "M=16 int4 tinygemm", lambda: torch.ops.aten._weight_int4pack_mm(x16, L["tg"][0], 128, L["tg"][1]), x16 @ L["r4"].t(), 5e-2)
+    for dtype in dtypes:
+        ref, tol = (x16 @ L["r4"].t(), 5e-2) if dtype == "int4" else (x16 @ L["r8"].t(), 2e-2)
+        t = L[dtype]
+        put((n, k), f"M=16 {dtype} GEMM {C.TILE_M16_K256}", lambda: C.triton_int4_mm(x16, t["weight"], t["weight_scale"], t["weight_zero_point"], 128, C.TILE_M16_K256)
+            if dtype == "int4" else C.triton_weight_mm(x16, t["weight"], t["weight_scale_per_channel"], C.TILE_M16_K256), ref, tol)
+        for bm in (4, 8):
+            for tile in best[dtype][:3]:
+                tm = (bm, *tile[1:])
+                put((n, k), f"M=16 {dtype} GEMV {tm}", lambda: gemv(dtype, L, x16, tm), ref, tol)
+    del L
+    write_m1(out, res, errs, fails)
+    # Four layers in one graph, each its own weights: what a package of 4 such layers replays.
+    Ls = [layer(n, k, 10 + i) for i in range(4)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    put((n, k), "4 layers: bf16 cuBLAS", lambda: [x @ L["bf16"].t() for L in Ls])
+    put((n, k), "4 layers: int4 tinygemm", lambda: [torch.ops.aten._weight_int4pack_mm(x, L["tg"][0], 128, L["tg"][1]) for L in Ls])
+    for dtype in dtypes:
+        for tile in [(1, 8, 512, 4, 1) if dtype == "int4" else (1, 2, 4096, 4, 1), *best[dtype][:4]]:
+            put((n, k), f"4 layers: {dtype} GEMV {tile}", lambda: [gemv(dtype, L, x, tile) for L in Ls])
+    write_m1(out, res, errs, fails)
+
+
+def write_m1(out, res, errs, fails):
+    shapes = [f"{n}x{k}" for n, k in M1_SHAPES]
+    p = torch.cuda.get_device_properties(0)
+    lines = [f"M=1, median µs of CUDA-graph replays (L2 flushed by a read), {p.name}, torch {torch.__version__}.", "",
+             "| kernel | " + " | ".join(shapes) + " |", "|" + "---|" * (1 + len(shapes))]
+    for name, by in sorted(res.items(), key=lambda kv: kv[1].get("4096x4096", 1e9)):
+        lines.append(f"| {name} | " + " | ".join(f"{by[s]:.1f}" if s in by else "" for s in shapes) + " |")
+    lines += ["", "Failures:"] + [f"- {f}" for f in fails]
+    with open(os.path.join(out, "m1.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "m1.json"), "w") as f:
+        json.dump({"res": res, "errs": errs, "fails": fails}, f, indent=1)
+    print("\n".join(lines[:60]), flush=True)
 
 
 def dump_ir(out, t8, sc8, t4):

@@ -429,7 +429,8 @@ def test_triton_weight_only_kernels_decode_the_scheme(name, group):
     for rows in (1, 3, 5, 17):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.t()
-        for tile in cuda_kernels.GEMV_TILES:
+        # besides the offered tiles: no pipelining, several rows with two stages
+        for tile in (*cuda_kernels.GEMV_TILES, (1, 16, 256, 4), (4, 32, 256, 8, 2)):
             assert rel_err(cuda_kernels.triton_gemv(x, t, tile, group), ref) <= 1e-2, (rows, tile)
         for tile in (cuda_kernels.TILE_M16_K256, (16, 32, 256, 1, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1)):
             if group is None:

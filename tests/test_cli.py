@@ -59,6 +59,7 @@ def test_parse_scheme_args_coerces_to_field_types():
     assert parse_scheme_args("int8_dynamic", ["act_symmetric=true", "compute-dtype=bfloat16"]) == {
         "act_symmetric": True, "compute_dtype": "bfloat16"}
     assert parse_scheme_args("int8_weight_only", ["qmax=100", "group_size=none"]) == {"qmax": 100, "group_size": None}
+    assert parse_scheme_args("int8_dynamic", ["reduce-range=true"]) == {"reduce_range": True}  # a family's shorthand
     with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_scheme_args("int8_weight_only", ["group_size"])
     with pytest.raises(UsageError, match="no parameter 'groupsize'"):

@@ -116,7 +116,8 @@ def test_builtin_backends_are_in_the_registry():
     for backend in ("aoti-cpu", "executorch", "onnx"):
         plans = plan_regions(ep, backend)
         assert [p.backend for p in plans] == [backend] * 2 and all(p.taken for p in plans), backend
-    assert plan_regions(ep, "onnx")[0].details == {"target": "portable"}
+    assert plan_regions(ep, "onnx")[0].details == {"target": "portable", "weight_codes_max_abs": 127,
+                                                   "int8_weights_stored_as": "uint8+128"}
     assert {"isa", "plan"} <= set(plan_regions(ep, "aoti-cpu")[0].details)
 
 

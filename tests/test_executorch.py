@@ -251,6 +251,33 @@ def test_a_failed_lowering_leaves_no_file(tmp_path, lowered, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+# -- a weight a delegate shares with the program -------------------------------------------------
+
+def test_tied_weight_is_stored_once_in_a_data_file(tied_pte):
+    """The head (delegated) and the embedding (in the program) read one copy of the int8 table and its
+    scales, kept in tied.ptd, which the .pte names and checksums."""
+    model, x, path, report = tied_pte
+    data = path.with_suffix(".ptd")
+    table = model.head.tensors()
+    files = path.read_bytes() + data.read_bytes()
+    for role in ("weight", "weight_scale"):
+        assert files.count(table[role].numpy().tobytes()) == 1, role
+    assert [r.backend for r in report.regions] == ["portable", "XnnpackBackend"]
+    assert report.extra["data_file"]["path"] == str(data)
+    assert report.bytes == path.stat().st_size + data.stat().st_size
+    torch.ones(1 << 20).add_(1)  # torch's OpenMP workers exist here, not in the child that probes the file
+    assert qexport.inspect(path).members == {"tied.ptd": report.extra["data_file"]["sha256"]}
+    runner = qexport.runners.load(path)
+    assert runner.size == report.bytes
+    assert rel_err(runner([x])[0], model(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
+
+
+def test_untied_programs_stay_one_file(lowered):
+    low = lowered("int8_dynamic", "embed")  # an embedding and a delegated linear that share nothing
+    assert not low.path.with_suffix(".ptd").exists() and "data_file" not in low.report.extra
+    assert qexport.inspect(low.path).members == {}
+
+
 # -- the passes on their own --------------------------------------------------------------------
 
 def test_replace_regions_tags_every_node_and_leaves_no_hop():

@@ -1,7 +1,9 @@
 """ONNX targets: int8 regions are exact under onnxruntime's default session on every CPU class.
 
 onnxruntime's x86 u8 x s8 kernels saturate 16-bit pair sums on CPUs without VNNI; the default target
-("portable") stores int8 weights as uint8 + 128 so its u8 x u8 kernels run instead. The AVX2 case is
+("portable") stores int8 weights as uint8 + 128 so its u8 x u8 kernels run instead, unless every code
+of the region is within +-64 (7-bit weights: reduce_range=True), where signed weights cannot saturate
+and keep the faster u8 x s8 kernels on every target. The AVX2 case is
 checked for real by running onnxruntime under `qemu-x86_64 -cpu Haswell` (an AVX2 CPU without
 AVX-512/VNNI, whose cpuid onnxruntime dispatches on), whatever CPU runs the suite.
 """
@@ -50,14 +52,19 @@ MODELS = {"mlp": (lambda: MLP((256, 512, 64)), lambda: torch.randn(16, 256) * 3)
           "transformer": (TinyTransformer, lambda: torch.randint(0, 128, (2, 16)))}
 
 
+#: 7-bit weights (reduce_range=True): signed in every target's file, so portable only
+SEVEN_BIT = {"mlp": ("int8_dynamic_7bit", "int8_dynamic_per_tensor_7bit", "int8_static_7bit"), "conv": ("int8_static_7bit",)}
 #: model -> the schemes its files are written with; conv regions quantize activations per tensor under
 #: int8_dynamic already, so the per-tensor variant only adds linear models
 SCHEMES_FOR = {m: tuple(s for s in INT8_ACT + WEIGHT_ONLY if not (s == "int8_dynamic_per_tensor" and m.startswith("conv")))
-               for m in MODELS}
+               + SEVEN_BIT.get(m, ()) for m in MODELS}
 
 
 def _scheme(name: str):
-    """int8_dynamic_per_tensor: int8_dynamic with per-tensor activations (DynamicQuantizeMatMul's form)."""
+    """int8_dynamic_per_tensor: int8_dynamic with per-tensor activations (DynamicQuantizeMatMul's form);
+    a `_7bit` suffix: the same with reduce_range=True."""
+    if name.endswith("_7bit"):
+        return qexport.schemes.get(_scheme(name.removesuffix("_7bit")), reduce_range=True)
     if name == "int8_dynamic_per_tensor":
         return scheme_for("int8_dynamic").replace(act_granularity="per_tensor")
     return scheme_for(name)
@@ -100,6 +107,69 @@ def test_portable_stores_int8_weights_as_uint8_plus_128(files, scheme):
     for model, name in (("conv", "conv1.weight"), ("conv1d", "conv.weight")):  # every conv op, not only 2-D
         if scheme in SCHEMES_FOR[model]:
             assert _weights(files[model, scheme, "portable"][0])[name].data_type == onnx.TensorProto.UINT8, (model, name)
+
+
+@pytest.mark.parametrize("model, scheme", [(m, s) for m, names in SEVEN_BIT.items() for s in names])
+def test_portable_keeps_7bit_weights_signed_and_records_why(files, model, scheme):
+    path = files[model, scheme, "portable"][0]
+    name = {"mlp": "layers.0", "conv": "conv1"}[model]
+    codes = onnx.numpy_helper.to_array(_weights(path)[f"{name}.weight"])
+    assert codes.dtype == np.int8 and np.abs(codes).max() == 64  # u8 x s8 kernels, and they cannot saturate
+    region = qexport.inspect(path).region(name)
+    assert (region.scheme.qmin, region.scheme.qmax) == (-64, 64)  # reduce_range=True, as the scheme's fields
+    assert region.lowering.details == {"target": "portable", "weight_codes_max_abs": 64, "int8_weights_stored_as": "int8"}
+    assert "kept signed" in region.lowering.kernel and "cannot saturate" in region.lowering.reason
+
+
+def test_planner_reads_the_codes_not_the_scheme(tmp_path):
+    """Signed exactly when every code of the region is within +-64: a scheme's range is only what its
+    quantizer promises, the codes are what the kernel multiplies."""
+    from qexport.lower import plan_regions
+    from serializers.onnx import region_functions
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+
+    def program(**params):
+        return qexport.export(quantized(MLP(), qexport.schemes.get("int8_dynamic", **params), x), (x,))
+
+    def stored(ep, target="portable"):
+        return {p.region.name: p.details["int8_weights_stored_as"] for p in plan_regions(ep, "onnx", {"target": target})}
+
+    assert set(stored(program(reduce_range=True)).values()) == {"int8"}
+    assert set(stored(program(qmin=-65, qmax=65)).values()) == {"uint8+128"}  # codes reach 65
+    eight_bit = program()
+    assert set(stored(eight_bit).values()) == {"uint8+128"}
+    assert set(stored(eight_bit, "x86_vnni").values()) == {"int8"}  # the target's kernels are exact anyway
+    for t in eight_bit.state_dict.values():  # 8-bit codes that happen to fit
+        if t.dtype == torch.int8:
+            t.copy_(t // 2)
+    assert set(stored(eight_bit).values()) == {"int8"}
+    edited = program(reduce_range=True)
+    edited.state_dict["layers.0.weight"][0, 0] = -65  # a 7-bit scheme whose codes do not keep to it
+    assert stored(edited) == {"layers.0": "uint8+128", "layers.1": "int8"}
+    qexport.to_onnx(edited, tmp_path / "e.onnx", keep_regions=True)  # the region functions carry the same record
+    records = {rec["name"]: (scheme, rec["lowering"]["details"]) for scheme, rec in region_functions(tmp_path / "e.onnx").values()}
+    assert {n: (s.qmin, d["int8_weights_stored_as"], d["weight_codes_max_abs"]) for n, (s, d) in records.items()} == {
+        "layers.0": (-64, "uint8+128", 65), "layers.1": (-64, "int8", 64)}
+
+
+def test_cli_reduce_range_reaches_the_onnx_file(tmp_path, capsys):
+    """`--scheme-arg reduce_range=true`, end to end: the program's scheme, the ONNX weights and numerics."""
+    import onnxruntime as ort
+    from qexport.cli import main
+
+    pt2, path = tmp_path / "t.pt2", tmp_path / "t.onnx"
+    assert main(["export", "qexport.models:TinyNet", "--scheme", "int8_dynamic", "--scheme-arg", "reduce_range=true",
+                 "--scheme-arg", "act_granularity=per_tensor", "--input", "2x256", "-o", str(pt2)]) == 0
+    assert "codes -64..64" in capsys.readouterr().out
+    assert main(["partition", str(pt2), "--target", "onnx", "-o", str(path)]) == 0
+    assert all(r.scheme.qmax == 64 and r.lowering.details["int8_weights_stored_as"] == "int8" for r in qexport.inspect(path).regions)
+    x = torch.randn(2, 256)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = qexport.load(pt2).module()(x).detach().numpy()
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
 
 
 def test_manifest_and_report_record_the_target(files, tmp_path):
@@ -163,8 +233,9 @@ _PROBE = textwrap.dedent("""
 def test_avx2_cpu_without_vnni_portable_exact_signed_saturates(files, tmp_path):
     """Under an emulated Haswell (AVX2, no AVX-512, no VNNI) onnxruntime computes every portable file
     within tolerance (int8_dynamic through MatMulIntegerToFloat, int8_weight_only through 8-bit
-    MatMulNBits with int8 compute), while the same regions with signed weights saturate: the emulation
-    reproduces the bug, so the first half is a real check."""
+    MatMulNBits with int8 compute; 7-bit weights through the signed u8 x s8 kernels, as exactly as on
+    the host), while the same regions with 8-bit signed weights saturate: the emulation reproduces the
+    bug, so the first half is a real check."""
     jobs = []
     for (mname, scheme, target), (path, x, ref) in files.items():
         np.save(tmp_path / f"{mname}_{scheme}_x.npy", x)
@@ -184,5 +255,7 @@ def test_avx2_cpu_without_vnni_portable_exact_signed_saturates(files, tmp_path):
         mname, scheme, target = key.split("/")
         if target == "portable":
             assert err <= math_for(_scheme(scheme)).tolerance, (key, err)
+        if scheme.startswith("int8_dynamic") and scheme.endswith("_7bit"):  # u8 x s8, and exact: float rounding only
+            assert err <= 1e-5, (key, err)
     saturated = [k for k, err in errors.items() if k.endswith("x86_vnni") and err > math_for(scheme_for("int8_static")).tolerance]
     assert len(saturated) >= 3, errors

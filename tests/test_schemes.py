@@ -49,6 +49,9 @@ def test_get_overrides_and_validates():
         ("int8_weight_only", {"colour": "red"}, r"unknown parameter\(s\) \['colour'\]"),
         ("nf4", {"activation": "dynamic", "act_dtype": "int8", "act_granularity": "per_token"}, "weight-only"),
         ("fp8_e4m3", {"qmax": 1000.0}, "outside float8_e4m3fn range"),
+        ("int8_dynamic", {"reduce_range": 1}, r"reduce_range is True or False \(True sets \{'qmin': -64, 'qmax': 64\}\)"),
+        ("int8_static", {"reduce_range": True, "qmax": 100}, r"reduce_range=True sets \['qmax'\] itself"),
+        ("int4_weight_only", {"reduce_range": True}, r"unknown parameter\(s\) \['reduce_range'\]"),
     ],
 )
 def test_invalid_parameters(name, params, match):
@@ -186,6 +189,18 @@ def test_user_scheme_reusing_a_builtin_family():
 def test_describe():
     assert qexport.schemes.get("int4_weight_only").describe() == "int4_weight_only(g128, asym, bf16)"
     assert "act=dynamic:per_token" in qexport.schemes.get("int8_dynamic").describe()
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int8_dynamic", "int8_static"])
+def test_reduce_range_is_7bit_weights(name):
+    """int8's `reduce_range=True` (onnxruntime's name) is qmin=-64, qmax=64 in the Scheme itself, so it
+    travels wherever a scheme does; the codes it quantizes to stay within +-64."""
+    s = qexport.schemes.get(name, reduce_range=True)
+    assert (s.qmin, s.qmax) == (-64, 64) and s.params() == {"qmin": -64, "qmax": 64}
+    assert Scheme.from_dict(s.to_dict()) == s and "codes -64..64" in s.describe()
+    assert qexport.schemes.get(name, reduce_range=False) == qexport.schemes.get(name)
+    codes = math_for(s).quantize_weight(s, torch.randn(16, 32))["weight"]
+    assert codes.abs().max() == 64
 
 
 def test_weight_only_embedding_region_decodes_only_the_rows_it_gathers():

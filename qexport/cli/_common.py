@@ -125,10 +125,11 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
 def parse_scheme_args(scheme_name: str, pairs: Sequence[str]) -> dict[str, Any]:
     """`["group_size=64", "symmetric=false"]` -> {"group_size": 64, "symmetric": False}, each value
     coerced to the type of the field it overrides in the registered scheme `scheme_name`."""
-    from ..schemes import Scheme, get
+    from ..schemes import Scheme, get, math_for
 
     base = get(scheme_name)  # UnknownSchemeError (with a "did you mean") comes first
-    settable = [f for f in Scheme.FIELDS if f not in ("name", "family", "version")]
+    shorthands = math_for(base).shorthands  # e.g. int8's reduce_range=true, a flag
+    settable = [f for f in Scheme.FIELDS if f not in ("name", "family", "version")] + list(shorthands)
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -137,7 +138,7 @@ def parse_scheme_args(scheme_name: str, pairs: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--scheme-arg {pair!r}: expected KEY=VALUE, e.g. group_size=64")
         if key not in settable:
             raise UsageError(f"--scheme-arg {pair!r}: {scheme_name} has no parameter {key!r}; parameters: {', '.join(settable)}")
-        out[key] = _coerce(key, raw, getattr(base, key))
+        out[key] = _coerce(key, raw, False if key in shorthands else getattr(base, key))
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from ..regions import Region, region_nodes
+from ._graph import state_tensor
 
 if TYPE_CHECKING:
     from serializers.manifest import LoweringRecord
@@ -111,6 +112,12 @@ class PlanContext:
 
     def has(self, role: str) -> bool:
         return role in self.region.roles
+
+    def tensor(self, role: str) -> torch.Tensor:
+        """The real tensor behind a role (a buffer, parameter or constant of the program): what a plan
+        that depends on the values (repacking, the range of a weight's codes) reads."""
+        arg = self.node.args[1 + self.region.roles.index(role)]
+        return state_tensor(self.program, arg, f"region {self.region.name}: operand {role!r}")
 
     def optional(self, role: str) -> tuple[str, ...]:
         """`(role,)` if the region has it, else `()`: for splicing optional roles into operands."""

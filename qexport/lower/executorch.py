@@ -17,7 +17,8 @@ The region pass is `qexport.lower._graph.replace_regions`; a few small edge-comp
 `attention.grouped_attention` (a decoder's attention without copies of its KV cache) and, in
 `to_executorch`, ExecuTorch's reinplace pass (cache writes in place).
 The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
-builds (`manifest_methods`), writes and reads.
+builds (`manifest_methods`), writes and reads. A weight that a delegated region and code left in the
+program both read (a tied embedding + LM head) goes to a data file beside the .pte (`share_with_delegates`).
 """
 
 from __future__ import annotations
@@ -341,6 +342,38 @@ def rshift_as_floor_divide(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
+# -- weights a delegate shares with the program ---------------------------------------------------
+
+#: ExecuTorch's tag for the data file the shared weights go to (its name on disk is the .pte's stem + .ptd)
+SHARED_DATA_TAG = "qexport_shared"
+
+
+def share_with_delegates(ep: torch.export.ExportedProgram, plans: dict[str, RegionPlan]) -> set[str]:
+    """Tag the program's state tensors that a region planned for XNNPACK and code left in the program
+    both read (GPT-2's tied `wte` / `lm_head`) for one data file, on both sides; returns their
+    placeholder names, which `ExecutorchBackendConfig(external_constants=...)` is given.
+
+    Why: XNNPACK serializes its own copy of every weight it takes into named data, and ExecuTorch 1.5.1
+    resolves a program tensor kept outside the program's constants only through an external data map
+    (a program tensor naming a blob of the .pte's own named data fails to load: `external_data_map is
+    null`). Written to one external file, the program constant and XNNPACK's blob (the same bytes:
+    int8 codes and float32 scales) are one buffer of ExecuTorch's NamedDataStore, which deduplicates by content.
+    """
+    sig = ep.graph_signature
+    state = {*sig.inputs_to_parameters, *sig.inputs_to_buffers, *sig.inputs_to_lifted_tensor_constants}
+    shared = set()
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if node.name not in state:
+            continue
+        delegated = [u for u in node.users if (r := region_of(u)) is not None and r in plans and plans[r].taken]
+        if not delegated or len(delegated) == len(node.users):
+            continue
+        shared.add(node.name)
+        for n in (node, *delegated):  # XNNPACK reads the tag from the weight's node and its dequantize
+            n.meta["custom"] = {**(n.meta.get("custom") or {}), "delegate_constant_tag": SHARED_DATA_TAG}
+    return shared
+
+
 # -- the stage ----------------------------------------------------------------------------------
 
 class _WhyNoPartition(logging.Handler):
@@ -442,12 +475,17 @@ def to_executorch(
     """Lower a qexport program (or `.pt2`) to an ExecuTorch `.pte` at `output`; returns the report of
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
     nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
-    seconds are named on stderr unless `progress=False`."""
-    from serializers.files import atomic_path, check_writable
+    seconds are named on stderr unless `progress=False`.
+
+    A weight that a delegated region shares with the program (a tied embedding + LM head) is written
+    once, to a data file beside `output` (same stem, `.ptd`), which the `.pte` names and checksums and
+    every qexport opener reads with it; any other program is the one `.pte`."""
+    from serializers.files import atomic_path, check_writable, replace_into
 
     if backend not in BACKENDS:
         raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
     out = check_writable(output, ".pte")
+    data_out = check_writable(out.with_suffix(pte.DATA_SUFFIX))
     ep = resolve_program(program_or_path, "to_executorch")
     try:
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -469,6 +507,7 @@ def to_executorch(
         rshift_as_floor_divide(ep.graph_module)
         grouped_attention(ep)
         drop_unused_state(ep)
+        shared = share_with_delegates(ep, plans) if backend == "xnnpack" else set()
 
     partitioners = []
     if backend == "xnnpack":
@@ -492,7 +531,10 @@ def to_executorch(
             # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
             # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
             # it index_put_ on the buffer.
-            et = edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True))
+            et = edge.to_executorch(ExecutorchBackendConfig(
+                run_reinplace_pass=True,
+                external_constants=(lambda n: SHARED_DATA_TAG if n.name in shared else None) if shared else False,
+            ))
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
         raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
 
@@ -500,12 +542,17 @@ def to_executorch(
 
     info = get_delegation_info(edge_gm)
     with atomic_path(out) as tmp:
-        pte.write(et, tmp)
+        data = pte.write(et, tmp)
+        if data is not None:  # in place before the .pte that names it
+            replace_into(tmp.with_suffix(pte.DATA_SUFFIX), data_out)
+    extra = {"delegated_subgraphs": info.num_delegated_subgraphs}
+    if data is not None:
+        extra["data_file"] = {"path": str(data_out), "bytes": data.size, "sha256": data.sha256}
     return LoweringReport(
         target=f"executorch/{backend}", path=str(out),
         regions=[RegionReport.from_record(p.region.name, p.region.scheme, rec) for p, rec in zip(planned, records)],
         delegated_nodes=info.num_delegated_nodes,
         total_nodes=info.num_delegated_nodes + info.num_non_delegated_nodes,
-        bytes=out.stat().st_size,
-        extra={"delegated_subgraphs": info.num_delegated_subgraphs},
+        bytes=out.stat().st_size + (data.size if data is not None else 0),
+        extra=extra,
     )

@@ -22,7 +22,7 @@ MatMulNBits fusions match DQ -> MatMul directly); fp8 keeps [out, in] for Gemm (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import ml_dtypes
@@ -48,9 +48,11 @@ class OnnxTarget:
     onnxruntime's fused x86 u8 x s8 kernels (QGemm, QLinearConv, MatMulInteger) multiply with
     `vpmaddubsw`, which saturates the 16-bit sum of two products on CPUs without VNNI: (255, 255) .
     (127, 127) gives 32767, not 64770 (FINDINGS.md; MLP int8_static 0.13 relative error on an AVX2
-    CPU). Its u8 x u8 kernels widen to 16 bits first and are exact everywhere. So the portable form
-    stores int8 weights as uint8 codes + 128 with zero point 128: the same grid, the same numbers,
-    and a kernel that cannot saturate; signed weights are kept only for targets whose kernels are exact.
+    CPU). Its u8 x u8 kernels widen to 16 bits first and are exact everywhere, but run ~2x slower. So
+    the portable form stores int8 weights as uint8 codes + 128 with zero point 128 (the same grid, the
+    same numbers, a kernel that cannot saturate), except where the region's codes all lie within
+    +-NON_SATURATING_CODE: then no pair sum can saturate and signed weights are exact on every CPU too.
+    Targets with `signed_int8_weights` keep them signed whatever the codes (their kernels are exact).
     """
 
     name: str
@@ -65,6 +67,11 @@ ONNX_TARGETS: dict[str, OnnxTarget] = {t.name: t for t in (
     OnnxTarget("arm64", True, "ARM64 CPUs only (their int8 kernels accumulate u8 x s8 exactly)"),
 )}
 DEFAULT_TARGET = "portable"
+
+#: the largest |int8 weight code| for which a u8 x s8 pair sum fits a signed 16-bit lane: 2 * 255 * 64 =
+#: 32640 <= 32767 (65 gives 33150). 7-bit weights, what onnxruntime's `reduce_range` and qexport's int8
+#: schemes' `reduce_range=True` (qmin=-64, qmax=64) quantize to.
+NON_SATURATING_CODE = 64
 
 
 class Emitter:
@@ -117,6 +124,10 @@ class Lowering:
     kernel: str
     reason: str = ""
     target: OnnxTarget = ONNX_TARGETS[DEFAULT_TARGET]
+    #: int8 weights stored as uint8 + 128 for onnxruntime's u8 x u8 kernels (OnnxTarget)
+    unsigned_int8_weights: bool = False
+    #: JSON-safe facts for the region's manifest record (the weight codes' range and how they are stored)
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def scheme(self) -> Scheme:
@@ -308,7 +319,8 @@ class FamilyLowering:
     #: the weight's DequantizeLinear -> MatMul is meant for onnxruntime's MatMulNBits fusion
     weight_to_matmul_nbits: bool = False
 
-    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
+    def plan(self, ctx: PlanContext, opset: int, target: OnnxTarget) -> Lowering:
+        """The region's form (`ctx.region`; `ctx.tensor(role)` reads its tensors where the form depends on them)."""
         raise NotImplementedError
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
@@ -365,7 +377,8 @@ _OP_NAMES = {"linear": "MatMul", "conv1d": "Conv", "conv2d": "Conv", "embedding"
 class Int8Lowering(FamilyLowering):
     """int8 weights: per-axis (or per-tensor) DequantizeLinear, opset 13+."""
 
-    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
+    def plan(self, ctx: PlanContext, opset: int, target: OnnxTarget) -> Lowering:
+        region = ctx.region
         s = region.scheme
         assert s is not None
         gran = "per-channel" if s.granularity == "per_channel" else "per-tensor"
@@ -379,17 +392,33 @@ class Int8Lowering(FamilyLowering):
         reason = ""
         if s.compute_dtype != "float32" and s.activation == "none":
             reason = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
-        if self.unsigned_weights(region, target):
+        if not self.meets_int8_activations(region):
+            return Lowering(region, self, native=True, kernel=kernel, reason=reason, target=target)
+        # The codes decide, not the scheme's qmin/qmax: they are what the kernel multiplies (a hand-made
+        # region or another tool's codes need not keep to the scheme's range).
+        codes = ctx.tensor("weight")
+        widest = int(codes.to(torch.int16).abs().max()) if codes.numel() else 0
+        fits = widest <= NON_SATURATING_CODE
+        unsigned = not (target.signed_int8_weights or fits)
+        details = {"weight_codes_max_abs": widest, "int8_weights_stored_as": "uint8+128" if unsigned else "int8"}
+        if unsigned:
             kernel += "; weights stored as uint8 (+128, zero point 128) for u8 x u8 kernels exact on every CPU"
-        return Lowering(region, self, native=True, kernel=kernel, reason=reason, target=target)
+            reason = (f"weight codes reach +-{widest} (> +-{NON_SATURATING_CODE}); 7-bit weights (scheme reduce_range=True) "
+                      f"would run onnxruntime's faster u8 x s8 kernels, exact on every CPU")
+        elif not target.signed_int8_weights:
+            kernel += "; int8 weights kept signed for u8 x s8 kernels"
+            reason = (f"every weight code is within +-{NON_SATURATING_CODE} (read from the codes: max |code| {widest}), so "
+                      f"onnxruntime's u8 x s8 kernels cannot saturate a 16-bit pair sum: exact on every CPU")
+        return Lowering(region, self, native=True, kernel=kernel, reason=reason, target=target,
+                        unsigned_int8_weights=unsigned, details=details)
 
     @staticmethod
-    def unsigned_weights(region: Region, target: OnnxTarget) -> bool:
-        """Whether the integer GEMM of this region would multiply u8 activations by the weights (the
-        case OnnxTarget is about); float activations never reach an integer kernel."""
+    def meets_int8_activations(region: Region) -> bool:
+        """Whether the region's weights meet u8 activations in an integer GEMM (the case OnnxTarget is
+        about); float activations never reach an integer kernel."""
         s = region.scheme
-        return (not target.signed_int8_weights and s is not None and s.activation in ("dynamic", "static")
-                and s.act_dtype == "int8" and (region.op == "linear" or region.op.startswith("conv")))
+        return (s is not None and s.activation in ("dynamic", "static") and s.act_dtype == "int8"
+                and (region.op == "linear" or region.op.startswith("conv")))
 
     def weights(self, lw: Lowering, t: Mapping[str, torch.Tensor]) -> dict[str, ir.Tensor]:
         op = lw.region.op
@@ -402,7 +431,7 @@ class Int8Lowering(FamilyLowering):
         codes = _as_kn(op, _np(t["weight"]))
         out = {"weight": codes, "weight_scale": scale, "weight_zero_point": np.zeros(scale.shape, np.int8)}
         out.update(_activation_weights(lw, t))
-        unsigned = self.unsigned_weights(lw.region, lw.target)
+        unsigned = lw.unsigned_int8_weights
         if unsigned:
             out["weight"] = (codes.astype(np.int16) - INT8_MIN).astype(np.uint8)
             out["weight_zero_point"] = np.full(scale.shape, -INT8_MIN, np.uint8)
@@ -471,7 +500,8 @@ class Int4Lowering(FamilyLowering):
 
     weight_to_matmul_nbits = True
 
-    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
+    def plan(self, ctx: PlanContext, opset: int, target: OnnxTarget) -> Lowering:
+        region = ctx.region
         s = region.scheme
         assert s is not None
         note = f"computes in float32 where the scheme says {s.compute_dtype} (onnxruntime's CPU MatMul has no bfloat16 kernel)"
@@ -527,7 +557,8 @@ class Nf4Lowering(FamilyLowering):
     """NormalFloat4: ONNX has no such type, so codes index the 16-entry codebook (Gather) and are
     scaled by their block's absmax (float decomposition)."""
 
-    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
+    def plan(self, ctx: PlanContext, opset: int, target: OnnxTarget) -> Lowering:
+        region = ctx.region
         codes = "uint4" if opset >= BLOCKED_QDQ_OPSET else "uint8"
         if region.op == "embedding":
             return Lowering(region, self, False, "Gather packed rows -> unpack -> Gather codebook, Mul absmax",
@@ -573,7 +604,8 @@ class Fp8Lowering(FamilyLowering):
     # that ~20x faster along axis 0 of [out, in] than along axis 1 of [in, out].
     gemm_layout = True
 
-    def plan(self, region: Region, opset: int, target: OnnxTarget) -> Lowering:
+    def plan(self, ctx: PlanContext, opset: int, target: OnnxTarget) -> Lowering:
+        region = ctx.region
         s = region.scheme
         assert s is not None
         if opset < BLOCKED_QDQ_OPSET:
@@ -606,8 +638,8 @@ def _entry(family: FamilyLowering):
         if ctx.region.weight_shape is None:
             return None
         target = ONNX_TARGETS[ctx.options.get("target", DEFAULT_TARGET)]
-        lw = family.plan(ctx.region, ctx.options.get("opset", BLOCKED_QDQ_OPSET), target)
-        return RegionPlan(lw.native, lw.kernel, lw.reason, details={"target": target.name}, lowering=lw)
+        lw = family.plan(ctx, ctx.options.get("opset", BLOCKED_QDQ_OPSET), target)
+        return RegionPlan(lw.native, lw.kernel, lw.reason, details={"target": target.name, **lw.details}, lowering=lw)
 
     return plan
 

@@ -119,6 +119,9 @@ class Scheme:
         parts.append(self.compute_dtype.replace("float", "fp").replace("bfp16", "bf16"))
         if self.algorithm != "rtn":
             parts.append(self.algorithm)
+        base = REGISTERED.get(self.name)
+        if base is not None and (self.qmin, self.qmax) != (base.qmin, base.qmax):
+            parts.append(f"codes {self.qmin:g}..{self.qmax:g}")
         return f"{self.name}({', '.join(parts)})"
 
 
@@ -144,6 +147,9 @@ class SchemeMath:
     tolerance: float = 1e-3
     #: weight algorithms (ALGORITHMS) this family implements in quantize_weight
     algorithms: tuple[str, ...] = ("rtn",)
+    #: named shorthands `schemes.get` (and the CLI's --scheme-arg) accept besides the Scheme's fields:
+    #: name -> the fields it sets when True (False sets nothing); the Scheme records the fields
+    shorthands: Mapping[str, Mapping[str, Any]] = {}
 
     def supports(self, scheme: Scheme, op: str) -> bool:
         # Embedding inputs are indices: there is no activation to quantize.

@@ -96,9 +96,26 @@ def get(scheme: "str | Scheme", **params: Any) -> Scheme:
         raise UnknownSchemeError(f"a scheme is a name or a qexport.Scheme, got {type(scheme).__name__}")
     if "name" in params or "family" in params:
         raise InvalidSchemeError("name and family cannot be overridden; register a new scheme instead")
+    params = _expand_shorthands(base, params)
     resolved = base.replace(**params) if params else base
     math_for(resolved).validate(resolved)
     return resolved
+
+
+def _expand_shorthands(base: Scheme, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the family's shorthands (`SchemeMath.shorthands`, e.g. int8's reduce_range=True)
+    replaced by the fields they set."""
+    shorthands = math_for(base).shorthands
+    out = {k: v for k, v in params.items() if k not in shorthands}
+    for name in [k for k in params if k in shorthands]:
+        value, sets = params[name], shorthands[name]
+        if not isinstance(value, bool):
+            raise InvalidSchemeError(f"{base.name}: {name} is True or False (True sets {dict(sets)}), got {value!r}")
+        if value and (clash := sorted(sets.keys() & out.keys())):
+            raise InvalidSchemeError(f"{base.name}: {name}=True sets {clash} itself; pass {name}=True or {', '.join(clash)}, not both")
+        if value:
+            out.update(sets)
+    return out
 
 
 def math_for(scheme: Scheme) -> SchemeMath:

@@ -52,7 +52,7 @@ from .._contract import (
     Decline, PlanContext, RegionPlan, get_backend, plan_regions, register_backend, register_lowering, unclaimed_reason,
     unregister_lowering,
 )
-from .._graph import RegionSite, copy_program, drop_unused_state, replace_regions, state_tensor
+from .._graph import RegionSite, copy_program, drop_unused_state, replace_regions
 
 __all__ = [
     "Decline", "KernelChoice", "KernelContext", "apply_kernels", "inductor_options_for", "register_kernel",
@@ -76,16 +76,11 @@ class KernelChoice:
 
 @dataclass
 class KernelContext(PlanContext):
-    """A PlanContext on an AOTI device, with the region's real tensors (to repack them)."""
+    """A PlanContext on an AOTI device (its `tensor(role)` gives the region's real tensors to repack)."""
 
     @property
     def device(self) -> str:
         return self.backend.removeprefix("aoti-")
-
-    def tensor(self, role: str) -> torch.Tensor:
-        """The real tensor behind a role (a buffer, parameter or constant of the program)."""
-        arg = self.node.args[1 + self.region.roles.index(role)]
-        return state_tensor(self.program, arg, f"region {self.region.name}: operand {role!r}")
 
 
 Choose = Callable[[KernelContext], "KernelChoice | Decline | None"]

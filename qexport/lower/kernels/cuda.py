@@ -121,12 +121,13 @@ _INT_MM_MIN_M = 17
 # (GPU_BASELINE.md: 143 µs -> 12 µs for one 4096x4096 int8 layer at M=1).
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
-# The CUDA-core GEMV's tiles, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps): the lab's fastest on the H200
-# (benchmarks/cuda_lab.py, docs/benchmarks/cuda.md): int8 best with 2 rows over all of K, int4 with 8
-# rows x 512; a second grid axis of 2-4 rows up to 16. Tiles of one group per step (BLOCK_K = 128)
-# ran 2x slower (a cross-thread reduction per group), so none is offered.
-GEMV_TILES = ((1, 2, 4096, 4), (1, 2, 2048, 4), (1, 4, 1024, 4), (1, 4, 4096, 8), (1, 8, 512, 4), (1, 16, 512, 8),
-              (2, 8, 512, 4), (4, 8, 512, 8), (4, 2, 4096, 8))
+# The CUDA-core GEMV's tiles, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, pipeline stages (1: none)): the fastest of the H200
+# lab's one-row sweep (benchmarks/cuda_lab.py --m1, docs/benchmarks/cuda.md) over the 4096x4096 layer and
+# the GPU Llama's shapes. int4 gained from pipelined 1024-2048-wide steps (4096x4096: 14.1 -> 10.4 µs); int8
+# ran 12.0-12.4 µs whatever the tile, pipelined or not, and keeps its unpipelined whole-row tile among
+# them. Multi-row tiles serve 2-16 rows (a second grid axis over rows).
+GEMV_TILES = ((1, 2, 4096, 4, 1), (1, 4, 1024, 2, 4), (1, 8, 512, 2, 3), (1, 4, 2048, 2, 3), (1, 16, 1024, 4, 3), (1, 16, 2048, 4, 3),
+              (1, 8, 1024, 2, 3), (1, 8, 2048, 4, 3), (1, 16, 2048, 8, 3), (2, 8, 512, 4, 3), (4, 8, 512, 8, 3), (4, 2, 4096, 8, 1))
 
 # Kernels made of plain aten ops that Inductor fuses in the package: the tuner times them compiled.
 INDUCTOR_FUSED = {"gemv", "dequant_mm", "int_mm"}
@@ -447,59 +448,90 @@ if triton is not None:
         )
         return y
 
+    @triton.jit
+    def _gemv_weight_loads(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, stride_wn, stride_sn,
+                           INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One K step's weight codes [BLOCK_N, BLOCK_K (/ 2 packed)] and, for int4, its groups' scales
+        and zero points [BLOCK_N, BLOCK_K / GROUP_K] (other schemes: the codes again, unused)."""
+        # One return statement: Triton type-checks the code after a `return` in a constexpr branch.
+        wb = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
+        if INT4:
+            G: tl.constexpr = BLOCK_K // GROUP_K
+            offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(wb + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
+            offs_g = k0 // GROUP_K + tl.arange(0, G)
+            sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0)
+            zg = tl.load(z_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            if INT8:
+                b = tl.load(wb + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0)
+            else:  # no `other`: Triton cannot cast a fill value to fp8; masked codes are never used
+                b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None])
+            sg = b
+            zg = b
+        return b, sg, zg
+
+    @triton.jit
+    def _gemv_row(b, sg, zg, x, INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """sum_k dequant(w)[n, k] * x[k] over one K step, [BLOCK_N] (int8 / fp8: before the per-channel scale)."""
+        if INT4:
+            # A code q in the top four mantissa bits of 1.0 reads as 1 + q/16, exactly (one shift and
+            # one and-or per code, no int->float conversion, which issues at a quarter of the ALU rate
+            # on Hopper); the even element sits in the high nibble, so the codes pair with the even
+            # activations (no interleave). Per group and row:
+            # sum (q - z) x = 16 sum (1 + q/16) x - (16 + z) sum x, then one multiply by the scale.
+            G: tl.constexpr = BLOCK_K // GROUP_K
+            c = b.to(tl.int32)
+            hi = tl.reshape((((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2))
+            lo = tl.reshape((((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2))
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+            xe = tl.reshape(xe, (G, GROUP_K // 2))
+            xo = tl.reshape(xo, (G, GROUP_K // 2))
+            part = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2)
+            xsum = tl.sum(xe + xo, axis=1)
+            out = tl.sum(sg.to(tl.float32) * (16.0 * part - (16.0 + zg.to(tl.float32)) * xsum[None, :]), axis=1)
+        else:
+            if INT8:  # (code ^ 0x80) | 0x4B000000 read as fp32 is exactly 2**23 + 128 + code
+                w = ((b.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                w = b.to(tl.float32)
+            out = tl.sum(w * x[None, :], axis=1)
+        return out
+
     # M is the dynamic dim, as above.
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_gemv_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
         INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     ):
         # y[M, N] = x @ dequant(w)^T for a few rows, on the CUDA cores: the memory-bound case, where
         # an MMA tile would idle and what counts is weight bytes in flight. Each program streams
         # BLOCK_N weight rows over K once, in 2-D [BLOCK_N, BLOCK_K] tiles (16-byte loads), for
         # BLOCK_M activation rows (a second grid axis covers more rows, re-reading the weight).
-        # Integer codes become floats by the exponent trick, (code | 0x4B000000) read as fp32 is
-        # exactly 2**23 + code, then one subtraction, as int->float conversions issue at a quarter of
-        # the ALU rate on Hopper. With the 3-D broadcast tiles and conversions it replaces, one
-        # 4096x4096 layer at M=1 took 15.1 (int8) / 15.2 (int4) µs on the H200, now 12.5 / 13.5;
-        # a copy of the same bytes takes 8.0 / 6.2 under that timer (docs/benchmarks/cuda.md).
+        # The K loop is a `tl.range` with `num_stages`, the only way Triton software-pipelines loads
+        # that feed no `tl.dot` (cp.async into shared memory, STAGES steps in flight; STAGES=1 is a
+        # plain loop, each step waiting for its own loads): int4 4096x4096 at M=1 14.1 -> 10.4 µs on
+        # the H200 with 3 stages. Measured and not kept (docs/benchmarks/cuda.md): loads issued by
+        # hand one step ahead into registers (12.0 µs), K split over programs with fp32 atomics
+        # (two more kernels per layer: a zero fill and a cast; 13.0-15.6 µs).
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m0 = tl.program_id(1) * BLOCK_M
         mask_n = offs_n < N
         rows = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        wb = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kt * BLOCK_K
-            if INT4:
-                # The even element sits in the high nibble: pair it with the even activations (no
-                # interleave of the codes), and reduce each group before its scale (one multiply
-                # per group and row instead of one per weight).
-                G: tl.constexpr = BLOCK_K // GROUP_K
-                offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                b = tl.load(wb + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
-                offs_g = k0 // GROUP_K + tl.arange(0, G)
-                sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-                cg = tl.load(z_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0).to(tl.float32) + 8388608.0
-                hi = tl.reshape(((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2)) - cg[:, :, None]
-                lo = tl.reshape(((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2)) - cg[:, :, None]
-                for i in tl.static_range(BLOCK_M):
-                    x = tl.load(x_ptr + (m0 + i) * stride_xm + k0 + tl.arange(0, BLOCK_K), mask=m0 + i < M, other=0.0).to(tl.float32)
-                    xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-                    part = tl.sum(hi * tl.reshape(xe, (G, GROUP_K // 2))[None, :, :] + lo * tl.reshape(xo, (G, GROUP_K // 2))[None, :, :], axis=2)
-                    acc += tl.where(rows[:, None] == i, tl.sum(part * sg, axis=1)[None, :], 0.0)
-            else:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                if INT8:
-                    b = tl.load(wb + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
-                    w = ((b ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + code
-                else:
-                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None]).to(tl.float32)
-                for i in tl.static_range(BLOCK_M):
-                    x = tl.load(x_ptr + (m0 + i) * stride_xm + offs_k, mask=m0 + i < M, other=0.0).to(tl.float32)
-                    acc += tl.where(rows[:, None] == i, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
-        if not INT4:  # per-channel scale: once per output instead of once per weight
-            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if not INT4:  # per-channel scale, loaded first so that its latency hides under the weights'
+            scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        for step in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+            k0 = step * BLOCK_K
+            b, sg, zg = _gemv_weight_loads(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, stride_wn, stride_sn, INT4, INT8, GROUP_K, BLOCK_K)
+            for i in tl.static_range(BLOCK_M):
+                x = tl.load(x_ptr + (m0 + i) * stride_xm + k0 + tl.arange(0, BLOCK_K), mask=m0 + i < M, other=0.0).to(tl.float32)
+                row = _gemv_row(b, sg, zg, x, INT4, INT8, GROUP_K, BLOCK_N, BLOCK_K)
+                acc += tl.where(rows[:, None] == i, row[None, :], 0.0)
+        if not INT4:
+            acc = acc * scale[None, :]
         offs_m = m0 + rows
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(offs_m < M)[:, None] & mask_n[None, :])
@@ -510,19 +542,21 @@ if triton is not None:
         tile: list[int],
     ) -> torch.Tensor:
         """`weight_only_mm`'s math for few rows without the tensor cores: `tile` = (BLOCK_M, BLOCK_N,
-        BLOCK_K, num_warps); K % BLOCK_K == 0 and, for int4, BLOCK_K is a multiple of group_k."""
+        BLOCK_K, num_warps[, pipeline stages (1: none)]); K % BLOCK_K == 0 and, for int4, BLOCK_K is a
+        multiple of group_k."""
         m, k = x.shape
         n = weight.shape[0]
-        y = x.new_empty((m, n))
         bm, bn, bk, nw = tile[:4]
-        ns = tile[4] if len(tile) > 4 else 3
+        stages = tile[4] if len(tile) > 4 else 1
+        y = x.new_empty((m, n))
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
         torch.library.wrap_triton(_weight_only_gemv_kernel)[grid](
             x, weight, scale, zero_point, y, m, n, k, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
-            INT4=int4, INT8=weight.dtype == torch.int8, GROUP_K=group_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+            INT4=int4, INT8=weight.dtype == torch.int8, GROUP_K=group_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            STAGES=stages, num_warps=nw,
         )
         return y
 
@@ -619,7 +653,7 @@ def _fit_gemv_tile(k: int, tile: Sequence[int], group_size: int | None = None) -
         bk //= 2
     if group_size and bk < group_size:  # a group wider than any power-of-two tile dividing K
         bk = group_size
-    return [bm, bn, bk, nw, *tile[4:]]
+    return [bm, bn, bk, nw, *tile[4:5]]
 
 
 def triton_gemv(x2d: torch.Tensor, t: dict, tile: Sequence[int], int4_group: int | None = None) -> torch.Tensor:
