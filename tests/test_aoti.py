@@ -214,9 +214,9 @@ def test_int8_dynamic_int4_weight_stores_each_tokens_qparams_once(monkeypatch, t
     lowered, _ = apply_kernels(ep, "cpu")
     stored = [n for m in lowered.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
               for n in m.graph.nodes if n.target == torch.ops.prims.inductor_force_stride_order.default]
-    # per region, the loop: scale, zero point, the activation pre-scaled per nibble position and its
-    # per-group sums; the fp32 GEMM: scale, zero point, activation
-    assert len(stored) == 2 * (5 + 3)
+    # per region, the loop: scale, zero point, the activation pre-scaled per nibble position, its
+    # per-group sums and its top nibble's per-block sums; the fp32 GEMM: scale, zero point, activation
+    assert len(stored) == 2 * (6 + 3)
 
 
 def test_int8_weight_only_uses_bf16_activations(built):
