@@ -240,7 +240,6 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
     torch._inductor.config.cpp.march = compile_target().march  # the C++ of the target's ISA class, as packages get
     words = cpu_kernels._int4_words(codes, sc, zp, gs)
     int4_loop = torch.compile(cpu_kernels._int4_loop, dynamic=False)
-    words8 = cpu_kernels._int8_words(w8)
     int8_loop = torch.compile(cpu_kernels._int8_loop, dynamic=False)
     ones = torch.ones(dim, dtype=torch.bfloat16)
 
@@ -256,7 +255,7 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
         "int8pack (bf16 act)": lambda x: aten._weight_int8pack_mm(x.bfloat16(), w8, s16).float() + b,
         "int4pack g32": lambda x: aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, gs, sz).float() + b,
         "int4 loop g32 (Inductor, M=1 only)": lambda x: int4_loop(x.bfloat16().float(), *words) + b,
-        "int8 loop (Inductor, M=1 only)": lambda x: int8_loop(x.bfloat16().float(), words8, s) + b,
+        "int8 loop (Inductor, M=1 only)": lambda x: int8_loop(x.bfloat16().float(), w8, s) + b,
         "dequant int8 + fp32 GEMM": lambda x: F.linear(x, w8.float() * s[:, None], b),
         "dequant int8 + bf16 GEMM": lambda x: F.linear(x.bfloat16(), w8.bfloat16() * s16[:, None]).float() + b,
         "int_mm (dyn int8 act)": lambda x: (lambda q, sx, z: (aten._int_mm(q.to(torch.int8), w8.t()) - z.to(torch.int32) * cs).float() * (sx * s) + b)(*dyn_q(x)),

@@ -88,11 +88,16 @@ def atomic_path(path: "str | PathLike[str]") -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise ArtifactError(f"{p}: the writer produced no file")
-        try:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except OSError as e:
-            raise ArtifactError(f"{p}: cannot be written: {e.strerror or e}") from None
+        replace_into(tmp, p)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def replace_into(tmp: Path, p: Path) -> None:
+    """Move a file written in `atomic_path`'s folder (the artifact or one it names) to `p`, on disk first."""
+    try:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be written: {e.strerror or e}") from None

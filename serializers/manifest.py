@@ -185,7 +185,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: every other tensor of the program (float biases, unquantized parameters, buffers, constants)
     other_bytes: int = 0
-    #: zip artifacts (.pt2, AOTI): SHA-256 (hex) of every other member, by name under the archive root
+    #: zip artifacts (.pt2, AOTI): SHA-256 (hex) of every other member, by name under the archive root; a
+    #: .pte read back: its data file's (from the .pte's checksummed trailer, not the embedded JSON)
     members: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     # -- building ---------------------------------------------------------------------------

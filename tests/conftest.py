@@ -75,6 +75,19 @@ class TinyTransformer(nn.Module):
         return self.head(x)
 
 
+class TiedLM(nn.Module):
+    """An embedding and an LM head sharing one weight (GPT-2's `wte` / `lm_head`, at toy size)."""
+
+    def __init__(self, vocab=64, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.emb(idx))
+
+
 def quantized(model: nn.Module, scheme, example, **kw) -> nn.Module:
     """Quantize `model` (a fresh instance) with calibration on `example` when the scheme needs it."""
     s = qexport.schemes.get(scheme) if isinstance(scheme, str) else scheme
@@ -116,6 +129,19 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(buf):
         code = main(["demo", "--out", str(out), "--bench-time", "0.1"])
     return code, buf.getvalue(), out
+
+
+@pytest.fixture(scope="session")
+def tied_pte(tmp_path_factory):
+    """(TiedLM quantized as transformers models are: int8_dynamic head, XNNPACK takes it; int8 weight-only
+    embedding, left in the program; its input; its .pte with the shared table in tied.ptd beside it)."""
+    torch.manual_seed(0)
+    model = qexport.quantize(TiedLM().eval(), {nn.Linear: "int8_dynamic", nn.Embedding: "int8_weight_only"})
+    # 640 tokens x 64 logits: an output ATen copies in parallel (over its 32768-element grain)
+    x = torch.randint(0, 64, (8, 80), generator=torch.Generator().manual_seed(4))
+    path = tmp_path_factory.mktemp("tied") / "tied.pte"
+    report = qexport.to_executorch(qexport.export(model, (x,)), path, progress=False)
+    return model, x, path, report
 
 
 # -- generation: a quantized decoder LM and its artifacts, built once per session --------------------

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python tests/fuzz_artifacts.py [--cases 1000] [--seed 20261129] [--json out.json]
 
-For each kind (.pt2 program, AOTI package, .pte, .onnx) it builds one artifact with qexport, then
-writes mutated copies, and a worker process opens each one through the public entry points
+For each kind (.pt2 program, AOTI package, .pte, .onnx, and `ptd`: a .pte whose tied weight lives in
+the .ptd beside it) it builds one artifact with qexport, then writes mutated copies, and a worker process opens each one through the public entry points
 (`qexport.inspect`, `qexport.runners.load`, which is what `qexport.load`/`load_compiled`/`verify`/
 `bench` use, then one call of the loaded runner). The worker loads many files and is restarted when
 it dies, so a crash or a hang is counted against the file that caused it, at the cost of one
@@ -13,15 +13,18 @@ Mutation classes:
 - damage: what a disk, a cut download or a careless tool does: bit flips, truncations, overwritten
   or inserted blocks, for zips also members duplicated / removed / renamed / with JSON fields of
   another type, rewritten by Python's zipfile (digests left as they were); for .pte also flatbuffer
-  offsets moved. None of these may load (.pte and .onnx carry a checksum trailer).
+  offsets moved; for `ptd` the data file damaged under an intact .pte. None of these may load (.pte
+  and .onnx carry a checksum trailer, which names the data file's size and SHA-256).
 - rewrite: the same member edits, resealed with fresh digests (what anyone editing a file on purpose
-  can do), and for .pte and .onnx damaged files given a fresh checksum: these may load; they must not
-  crash, run code or escape.
+  can do), and for .pte and .onnx damaged files given a fresh checksum, for `ptd` a damaged data file
+  named by a resealed .pte: these may load; they must not crash, run code or escape.
 - hostile: files built to run a pickle payload or write outside the extraction folder (duplicated
   members whose first copy is a pickle, a second program, pickled weights, `..`/absolute/symlink
   member names, tensor metadata promising 16 GB over an empty member) plus, for AOTI, a damaged
   shared library resealed with fresh digests: native code by design, so the worker opens it only
-  with the original's digest pinned, which must refuse it.
+  with the original's digest pinned, which must refuse it; for `ptd`, data file records naming a path
+  outside the .pte's folder (a valid data file sits there), a data file missing, grown, or a link to a
+  device, and malformed records.
 
 Counted for every file: payloads executed (marker folders a payload would create), files written
 outside the sandbox's extraction folders, crashes, hangs, exceptions other than QExportError, and
@@ -54,6 +57,8 @@ HANG_S = 90.0
 #: the kinds whose files the mutations below know how to damage (suffixes and writers: the kind table)
 KINDS = ("pt2", "aoti", "pte", "onnx")
 SUFFIX = {k: artifact_kinds.get(k).suffix for k in KINDS}
+#: what the fuzzer opens: every kind, and `ptd`, a .pte with the data file it names (_data_file_mutations)
+TARGETS = (*KINDS, "ptd")
 #: how the fuzzer writes a kind (writer options); a kind not listed gets its writer's defaults
 WRITE_OPTIONS = {"aoti": {"device": "cpu"}}
 
@@ -257,9 +262,63 @@ def _hostile(kind: str, members: list[tuple[str, bytes]], rng: random.Random, ma
     return "huge_tensor_meta", _resealed([(n, b"" if n == target else d) for n, d in out])
 
 
-def mutations(kind: str, data: bytes, n: int, seed: int, sandbox: Path):
-    """Yield (case id, class, op, bytes, marker) for `n` mutations of one artifact."""
+def _with_data_record(data: bytes, raw: bytes | None = None, **fields) -> bytes:
+    """A sealed .pte with its data file record's `fields` changed, or `raw` in its place (resealed:
+    what anyone can do)."""
+    import dataclasses
+
+    from serializers import pte
+
+    program, rec = pte.DataFile.split(Path("x.pte"), data[:-(len(pte.TRAILER_MAGIC) + 32)])
+    with tempfile.TemporaryDirectory() as d:
+        q = Path(d) / "x"
+        q.write_bytes(program + (raw if raw is not None else dataclasses.replace(rec, **fields).record()))
+        pte.seal(q)
+        return q.read_bytes()
+
+
+#: a data file record whose fields have other types
+_MALFORMED = b'{"name": ["x.ptd"], "bytes": "4096", "sha256": null}'
+
+
+def _data_file_mutations(data: bytes, ptd: bytes, n: int, rng: random.Random, sandbox: Path):
+    """Cases for a .pte (`data`) and the data file it names (`ptd`): the files to write in the
+    sandbox's files/ folder, the .pte first (the one opened); None for a data file left missing, a
+    str for a link to that path."""
+    from serializers import pte
+
+    name = pte.DataFile.split(Path("x.pte"), data[:-(len(pte.TRAILER_MAGIC) + 32)])[1].name
+    for i in range(n):
+        case, marker, r = f"ptd{i}", str(sandbox / "markers" / f"ptd{i}"), i % 10
+        op = PTE_OPS[i % len(PTE_OPS)]
+        if r < 5:  # the data file damaged, the .pte as written
+            yield case, "damage", op, {f"{case}.pte": data, name: _raw(ptd, rng, op)}, marker
+        elif r < 9:  # the data file damaged and the .pte resealed to name it: the runtime parses it
+            damaged = _raw(ptd, rng, op)
+            blob = _with_data_record(data, size=len(damaged), sha256=hashlib.sha256(damaged).hexdigest())
+            yield case, "rewrite", op, {f"{case}.pte": blob, name: damaged}, marker
+        else:
+            valid = str(sandbox / "files" / name)
+            op, files = rng.choice([
+                ("escaping_name", {f"{case}.pte": _with_data_record(data, name=f"../files/{name}"), name: ptd}),
+                ("absolute_name", {f"{case}.pte": _with_data_record(data, name=valid), name: ptd}),
+                ("control_name", {f"{case}.pte": _with_data_record(data, name=name + "\n"), name: ptd}),
+                ("malformed_record", {f"{case}.pte": _with_data_record(data, raw=pte.DATA_MAGIC + _MALFORMED + len(_MALFORMED).to_bytes(4, "little")), name: ptd}),
+                ("missing_data_file", {f"{case}.pte": data, name: None}),
+                ("grown_data_file", {f"{case}.pte": data, name: ptd + bytes(1 << 20)}),
+                ("huge_size_claim", {f"{case}.pte": _with_data_record(data, size=1 << 62), name: ptd}),
+                ("device_link", {f"{case}.pte": data, name: "/dev/zero"}),
+            ])
+            yield case, "hostile", op, files, marker
+
+
+def mutations(kind: str, data: bytes, n: int, seed: int, sandbox: Path, ptd: bytes | None = None):
+    """Yield (case id, class, op, bytes, marker) for `n` mutations of one artifact (for `ptd`, bytes
+    is the files of the case: see _data_file_mutations)."""
     rng = random.Random(f"{seed}:{kind}")
+    if kind == "ptd":
+        yield from _data_file_mutations(data, ptd, n, rng, sandbox)
+        return
     zipped = kind in ("pt2", "aoti")
     members = _members(data) if zipped else []
     for i in range(n):
@@ -323,7 +382,7 @@ def worker() -> None:
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     torch.manual_seed(0)
-    x = [torch.randn(4, 64)]  # build_artifacts' model; replaced by the first base artifact's own inputs
+    x = {"": [torch.randn(4, 64)]}  # build_artifacts' MLP; each kind's base artifact sets its own inputs
     baseline: dict[str, list] = {}
     print(json.dumps({"ready": True}), file=reply, flush=True)
     for line in sys.stdin:
@@ -345,10 +404,10 @@ def worker() -> None:
                 out = fn(p)
                 res[name] = "ok"
                 if name == "load":
-                    if req.get("base") and out.inputs is not None and not baseline:
-                        x = runners.make_inputs(out.inputs)
+                    if req.get("base") and out.inputs is not None:
+                        x[req["kind"]] = runners.make_inputs(out.inputs)
                     try:
-                        got = out([t.clone() for t in x])
+                        got = out([t.clone() for t in x.get(req["kind"], x[""])])
                         got = [t.float().flatten()[:64].tolist() for t in got]
                         if req.get("base"):
                             baseline[req["kind"]] = got
@@ -436,8 +495,14 @@ def build_artifacts(out: Path, kinds: tuple[str, ...]) -> dict[str, Path]:
     x = torch.randn(4, 64)
     model = qexport.quantize(TinyNet((64, 128, 32)).eval(), qexport.schemes.get("int8_weight_only"))
     ep = qexport.export(model, (x,))
-    paths = {k: out / f"base_{k}{SUFFIX[k]}" for k in kinds}
+    paths = {k: out / f"base_{k}{SUFFIX.get(k, '.pte')}" for k in kinds}
     for k in kinds:
+        if k == "ptd":  # an embedding and the delegated linear head that shares its weight
+            emb, head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64, bias=False)
+            head.weight = emb.weight
+            tied = qexport.quantize(torch.nn.Sequential(emb, head), {torch.nn.Linear: "int8_dynamic", torch.nn.Embedding: "int8_weight_only"})
+            qexport.to_executorch(qexport.export(tied, (torch.randint(0, 64, (2, 5)),)), paths[k], progress=False)
+            continue
         runners.stage(artifact_kinds.get(k).writer.split(":")[1])(ep, paths[k], **WRITE_OPTIONS.get(k, {}))
     return paths
 
@@ -462,6 +527,7 @@ def run(artifacts: dict[str, Path], cases: int, seed: int, sandbox: Path, log=pr
     try:
         for kind, base in artifacts.items():
             data = base.read_bytes()
+            ptd = base.with_suffix(".ptd").read_bytes() if kind == "ptd" else None
             sha = hashlib.sha256(data).hexdigest()
             first = worker_.open(base, kind, sha, base=True)
             if first.get("load") != "ok" or first.get("pinned") != "ok":
@@ -469,13 +535,19 @@ def run(artifacts: dict[str, Path], cases: int, seed: int, sandbox: Path, log=pr
             counts: Counter = Counter()
             examples: dict[str, list] = {}
             t0 = time.perf_counter()
-            for case, cls, op, blob, marker in mutations(kind, data, cases, seed, sandbox):
-                path = sandbox / "files" / f"{case}{SUFFIX[kind]}"
-                path.write_bytes(blob)
+            for case, cls, op, blob, marker in mutations(kind, data, cases, seed, sandbox, ptd):
+                files = blob if isinstance(blob, dict) else {f"{case}{SUFFIX[kind]}": blob}
+                for name, b in files.items():
+                    if isinstance(b, str):
+                        os.symlink(b, sandbox / "files" / name)
+                    elif b is not None:
+                        (sandbox / "files" / name).write_bytes(b)
+                path = sandbox / "files" / next(iter(files))
                 before = _snapshot(sandbox)
                 res = worker_.open(path, kind, sha, pinned_only=op == "swapped_so_resealed")
                 after = _snapshot(sandbox)
-                path.unlink()
+                for name in files:
+                    (sandbox / "files" / name).unlink(missing_ok=True)
                 counts[f"{cls}"] += 1
                 outcome = res.get("fatal") or res.get("load") or f"pinned {res.get('pinned')}"
                 bad = []
@@ -497,8 +569,10 @@ def run(artifacts: dict[str, Path], cases: int, seed: int, sandbox: Path, log=pr
                     counts[f"{cls}_loaded"] += 1
                     if res.get("outputs") == "different":
                         counts[f"{cls}_loaded_different_outputs"] += 1
-                    if cls == "damage" and kind in ("pt2", "aoti"):
+                    if cls == "damage" and kind in ("pt2", "aoti", "ptd"):
                         bad.append("damaged_loaded")
+                    if cls == "hostile" and kind == "ptd":  # every one names a file it must not read
+                        bad.append("hostile_loaded")
                 if "run" in res:
                     counts[f"{cls}_run_{res['run']}"] += 1
                 counts[f"{cls}:{outcome.split(':')[0]}"] += 1
@@ -528,7 +602,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cases", type=int, default=1000, help="mutations per kind (default 1000)")
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(TARGETS))
     ap.add_argument("--json", type=Path, help="write the report here")
     args = ap.parse_args()
     if args.worker:

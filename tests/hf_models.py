@@ -26,10 +26,11 @@ def gpt2(tie: bool = True):
 
 
 @_seeded
-def llama():
+def llama(tie: bool = True):
+    """Its head tied to the token embedding, as Llama 3.2 1B/3B have it."""
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   bos_token_id=0, eos_token_id=0, use_cache=False)
+                                   bos_token_id=0, eos_token_id=0, use_cache=False, tie_word_embeddings=tie)
     return transformers.LlamaForCausalLM(cfg)
 
 

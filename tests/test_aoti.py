@@ -24,7 +24,7 @@ from qexport.lower.kernels import Decline, KernelChoice, apply_kernels, register
 from qexport.regions import iter_region_nodes
 from qexport.schemes import math_for
 
-from conftest import MLP, ConvNet, EmbedNet, TinyTransformer, quantized, scheme_for
+from conftest import MLP, ConvNet, EmbedNet, TinyTransformer, SCHEME_ARGS, quantized, scheme_for
 
 SCHEMES = qexport.schemes.builtin_names()
 # The CPU table's family of each scheme's linear regions (None: no CPU kernel, Inductor fuses them).
@@ -118,15 +118,20 @@ def test_inspect_lists_regions_schemes_and_kernels(built, name):
         assert [b["kernel"] for b in record["plan"]] == names, region.name
 
 
-@pytest.mark.parametrize("name", ["int4_weight_only", "int8_weight_only"])
-def test_a_bf16_models_quantized_table_compiles(name, tmp_path):
-    """In a bf16 model both casts at the end of a weight-only table's region are no-ops; its output must
-    still be a buffer of its own (as a view of the dequantized rows, Inductor's invoke_quant lowering
-    failed: NotImplementedError: ReinterpretView; seen compiling a bf16 Llama)."""
+@pytest.mark.parametrize("name,dtype,params", [
+    ("int4_weight_only", torch.bfloat16, {}), ("int8_weight_only", torch.bfloat16, {}),
+    ("int4_weight_only", torch.float32, {"compute_dtype": "float32"}),
+])
+def test_a_quantized_table_whose_casts_are_no_ops_compiles(name, dtype, params, tmp_path):
+    """When the model's dtype is the scheme's compute dtype, the casts at the end of a weight-only table's
+    region are no-ops; its output must still be a buffer of its own (as a view of the dequantized rows,
+    Inductor's invoke_quant lowering failed: NotImplementedError: ReinterpretView; seen compiling a bf16
+    Llama, and an fp32 one with int4 weights computing in fp32)."""
     torch.manual_seed(0)
     idx = torch.randint(0, 100, (2, 5))
-    model = quantized(EmbedNet().to(torch.bfloat16), scheme_for(name), (idx,))
-    y = qexport.load_compiled(qexport.compile(qexport.export(model, (idx,)), tmp_path / "emb.pt2"))(idx)
+    model = quantized(EmbedNet().to(dtype), qexport.schemes.get(name, **SCHEME_ARGS.get(name, {}), **params), (idx,))
+    ep = qexport.export(model, (idx,), dynamic_shapes=({0: torch.export.Dim("b", max=64), 1: torch.export.Dim("s", max=64)},))
+    y = qexport.load_compiled(qexport.compile(ep, tmp_path / "emb.pt2"))(idx)
     with torch.no_grad():
         assert rel_err(y, model(idx)) <= math_for(scheme_for(name)).tolerance
 
@@ -214,9 +219,9 @@ def test_int8_dynamic_int4_weight_stores_each_tokens_qparams_once(monkeypatch, t
     lowered, _ = apply_kernels(ep, "cpu")
     stored = [n for m in lowered.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
               for n in m.graph.nodes if n.target == torch.ops.prims.inductor_force_stride_order.default]
-    # per region, the loop: scale, zero point, the activation pre-scaled per nibble position and its
-    # per-group sums; the fp32 GEMM: scale, zero point, activation
-    assert len(stored) == 2 * (5 + 3)
+    # per region, the loop: scale, zero point, the activation pre-scaled per nibble position, its
+    # per-group sums and its top nibble's per-block sums; the fp32 GEMM: scale, zero point, activation
+    assert len(stored) == 2 * (6 + 3)
 
 
 def test_int8_weight_only_uses_bf16_activations(built):

@@ -332,15 +332,15 @@ def test_int4_loop_layout_computes_the_grouped_product(group_size):
     assert rel_err(y, x @ w.T) < 1e-5
 
 
-def test_int8_loop_layout_computes_the_scaled_product():
-    """The one-row int8 kernel (AVX2 plan) over its word layout: every byte position, both ends of int8."""
+def test_int8_loop_computes_the_scaled_product():
+    """The one-row int8 kernel (AVX2 plan) over the stored codes read as words: every byte position, both ends of int8."""
     g = torch.Generator().manual_seed(0)
     n, k = 24, 256
     q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     q[0], q[1] = 127, -128
     s = torch.rand(n, generator=g)
     x = torch.randn(1, k, generator=g)
-    y = cpu_kernels._int8_loop(x, cpu_kernels._int8_words(q), s)
+    y = cpu_kernels._int8_loop(x, q, s)
     assert rel_err(y, x @ (q.float() * s[:, None]).T) < 1e-5
 
 
@@ -375,7 +375,7 @@ q[:4], q[4:8], q[8:12] = 127, -128, 0
 s = torch.rand(40, generator=g) + 0.01
 x = torch.randn(1, 512, generator=g)
 ref = x.double() @ (q.double() * s.double()[:, None]).T
-y = torch.compile(ck._int8_loop, dynamic=False)(x, ck._int8_words(q), s)
+y = torch.compile(ck._int8_loop, dynamic=False)(x, q, s)
 errs["int8"] = float((y.double() - ref).abs().max() / ref.abs().max())
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "errs": errs}))
 """
@@ -397,9 +397,9 @@ def test_int_loops_compiled_match_float64_on_each_isa(tmp_path, capability):
     assert all(e < 1e-5 for e in result["errs"].values()), result["errs"]
 
 
-def test_eight_lane_loops_are_left_out_for_avx512_without_vnni(monkeypatch):
-    """An AVX-512 CPU without VNNI / BF16 gets the AVX2 plan, but not the int8 loop (its words assume 8
-    lanes; 16-lane vectors load them element by element); the int4 loop lays its words out 16 wide."""
+def test_one_row_loops_serve_avx512_without_vnni(monkeypatch):
+    """An AVX-512 CPU without VNNI / BF16 gets the AVX2 plan with both one-row loops: the int8 loop
+    reads the stored codes at any vector width, the int4 loop lays its words out 16 wide."""
     skylake = CPUTarget("x86_64", "AVX512", "native", ("avx", "avx2", "fma3", "avx512_f", "avx512_bw"))
     assert cpu_kernels.plan_isa(skylake) == "AVX2"
     for target, lanes in [(AVX2_TARGET, 8), (skylake, 16)]:
@@ -409,11 +409,12 @@ def test_eight_lane_loops_are_left_out_for_avx512_without_vnni(monkeypatch):
             ep = qexport.export(qm, (torch.randn(2, 128),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=512)},))
             lowered, decisions = apply_kernels(ep, "cpu")
             plan = [b["kernel"] for b in decisions[0].details["plan"]]
-            looped = target is AVX2_TARGET or name == "int4_weight_only"
-            assert plan[0].startswith("Inductor C++ loop over" if looped else "aten._weight_int"), (name, target.capability, plan)
-            assert sum("loop" in k for k in plan) == looped, plan
+            assert plan[0].startswith("Inductor C++ loop over"), (name, target.capability, plan)
+            assert sum("loop" in k for k in plan) == 1, plan
             if name == "int4_weight_only":
                 assert lowered.state_dict["0.weight_int4_words"].shape[-1] == lanes
+            else:  # the loop and _weight_int8pack_mm read the same stored codes: the package holds them once
+                assert [k for k, v in lowered.state_dict.items() if v.nbytes == 16 * 128] == ["0.weight"], list(lowered.state_dict)
 
 
 def test_int4_loop_is_left_out_where_its_layout_does_not_fit(monkeypatch):

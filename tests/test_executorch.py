@@ -17,7 +17,7 @@ from qexport.lower import executorch as et_lower
 from qexport.lower._graph import region_of, replace_regions
 from qexport.schemes import math_for
 
-from conftest import ConvNet, EmbedNet, MLP, quantized, scheme_for
+from conftest import ConvNet, EmbedNet, MLP, TiedLM, quantized, scheme_for
 
 pytest.importorskip("executorch")
 from executorch.runtime import Runtime  # noqa: E402
@@ -249,6 +249,97 @@ def test_a_failed_lowering_leaves_no_file(tmp_path, lowered, monkeypatch):
     with pytest.raises(LoweringError, match="ExecuTorch lowering failed.*boom"):
         qexport.to_executorch(lowered("int8_static").ep, tmp_path / "x.pte")
     assert not list(tmp_path.iterdir())
+
+
+# -- a weight a delegate shares with the program -------------------------------------------------
+
+def test_tied_weight_is_stored_once_in_a_data_file(tied_pte):
+    """The head (delegated) and the embedding (in the program) read one copy of the int8 table and its
+    scales, kept in tied.ptd, which the .pte names and checksums."""
+    model, x, path, report = tied_pte
+    data = path.with_suffix(".ptd")
+    table = model.head.tensors()
+    files = path.read_bytes() + data.read_bytes()
+    for role in ("weight", "weight_scale"):
+        assert files.count(table[role].numpy().tobytes()) == 1, role
+    assert [r.backend for r in report.regions] == ["portable", "XnnpackBackend"]
+    assert report.extra["data_file"]["path"] == str(data)
+    assert report.bytes == path.stat().st_size + data.stat().st_size
+    torch.ones(1 << 20).add_(1)  # torch's OpenMP workers exist here, not in the child that probes the file
+    assert qexport.inspect(path).members == {"tied.ptd": report.extra["data_file"]["sha256"]}
+    runner = qexport.runners.load(path)
+    assert runner.size == report.bytes
+    assert rel_err(runner([x])[0], model(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
+
+
+def _qb4w_bytes(packed: torch.Tensor) -> bytes:
+    """qexport's uint4 codes as XNNPACK serializes a qb4w weight: even element in the low nibble."""
+    return (((packed & 0xF) << 4) | (packed >> 4)).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def tied_8da4w():
+    """TiedLM (width 64) under int8_dynamic_int4_weight: an XNNPACK qb4w head and the int4 weight-only
+    embedding tied to it, left in the program; its input."""
+    torch.manual_seed(0)
+    model = qexport.quantize(TiedLM(dim=64).eval(), scheme_for("int8_dynamic_int4_weight"))
+    return model, torch.randint(0, 64, (8, 80), generator=torch.Generator().manual_seed(4))
+
+
+def test_tied_8da4w_table_is_stored_once(tied_8da4w, tmp_path):
+    """XNNPACK repacks a qb4w head's codes into its own nibble order; the program's embedding reads the
+    table in that order, so the codes and the bf16 scales occur once in the .pte + .ptd pair."""
+    model, x = tied_8da4w
+    table = model.head.tensors()
+    ours = table["weight"].clone()
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "t.pte", progress=False)
+    assert [r.backend for r in report.regions] == ["portable", "XnnpackBackend"]
+    files = (tmp_path / "t.pte").read_bytes() + (tmp_path / "t.ptd").read_bytes()
+    assert files.count(_qb4w_bytes(ours)) == 1 and files.count(ours.numpy().tobytes()) == 0
+    assert files.count(table["weight_scale"].view(torch.int16).numpy().tobytes()) == 1
+    assert torch.equal(table["weight"], ours)  # the caller's model keeps qexport's packing
+    assert rel_err(qexport.runners.load(tmp_path / "t.pte")([x])[0], model(x)) <= math_for(scheme_for(
+        "int8_dynamic_int4_weight")).tolerance
+
+
+def test_qb4w_nibble_order_keeps_the_program_values(tied_8da4w):
+    """The table in XNNPACK's nibble order, swapped back after the embedding's gather: the program
+    computes the same values, bit for bit."""
+    model, x = tied_8da4w
+    ep = qexport.export(model, (x,))
+    plans = {p.region.name: p for p in et_lower.plan(ep)}
+    replace_regions(ep, lambda site: plans[site.region.name].lowering(site))
+    before = ep.module()(x)
+    assert et_lower.share_with_delegates(ep, plans) == {"b_head_weight", "b_head_weight_scale"}
+    assert torch.equal(ep.state_dict["head.weight"].flatten(), torch.frombuffer(bytearray(_qb4w_bytes(
+        model.head.tensors()["weight"])), dtype=torch.uint8))
+    assert torch.equal(ep.module()(x), before)
+
+
+def test_qb4w_nibble_order_swaps_before_a_reader_that_computes():
+    """A reader that computes on the table itself (not a gather) gets the whole table swapped back."""
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("t", torch.randint(0, 256, (6, 4), dtype=torch.uint8))
+
+        def forward(self, i):
+            return self.t.index_select(0, i) + 0, self.t // 16
+
+    i = torch.tensor([3, 0, 5])
+    ep = torch.export.export(Reads(), (i,))
+    before, t = ep.module()(i), ep.state_dict["t"].clone()
+    table = next(n for n in ep.graph.nodes if n.name == "b_t")
+    et_lower._in_qb4w_nibble_order(ep, table, list(table.users))
+    assert ep.state_dict["t"].numpy().tobytes() == _qb4w_bytes(t)
+    for got, want in zip(ep.module()(i), before):
+        assert torch.equal(got, want)
+
+
+def test_untied_programs_stay_one_file(lowered):
+    low = lowered("int8_dynamic", "embed")  # an embedding and a delegated linear that share nothing
+    assert not low.path.with_suffix(".ptd").exists() and "data_file" not in low.report.extra
+    assert qexport.inspect(low.path).members == {}
 
 
 # -- the passes on their own --------------------------------------------------------------------

@@ -122,14 +122,15 @@ def test_member_damage(artifact, tmp_path):
     assert described and all(r[2] != "ok" for r in described)
 
 
-def test_fuzz_slice_every_kind(demo_run, tmp_path):
+def test_fuzz_slice_every_kind(demo_run, tied_pte, tmp_path):
     """50 seeded mutations per kind (damage, rewrites with fresh digests, hostile constructions):
     no payload runs, nothing is written outside the sandbox's extraction folders, nothing crashes or
-    hangs, only QExportErrors escape, and no damaged .pt2 or AOTI package loads."""
+    hangs, only QExportErrors escape, and no damaged .pt2, AOTI package or .pte data file loads."""
     import fuzz_artifacts
 
     d = demo_run[2]
-    artifacts = {"pt2": d / "model.pt2", "aoti": d / "model_aoti.pt2", "pte": d / "model.pte", "onnx": d / "model.onnx"}
+    artifacts = {"pt2": d / "model.pt2", "aoti": d / "model_aoti.pt2", "pte": d / "model.pte", "onnx": d / "model.onnx",
+                 "ptd": tied_pte[2]}
     report = fuzz_artifacts.run(artifacts, SLICE_CASES, fuzz_artifacts.SEED, tmp_path / "sandbox", log=lambda *_: None)
     bad = {k: v["bad_examples"] for k, v in report["kinds"].items() if v["bad_examples"]}
     assert not bad, bad
@@ -137,5 +138,6 @@ def test_fuzz_slice_every_kind(demo_run, tmp_path):
     for kind in ("pt2", "aoti"):
         counts = report["kinds"][kind]["counts"]
         assert counts["damage"] == 35 and counts["hostile"] == 5 and counts.get("damage_loaded", 0) == 0
-    for kind in ("pte", "onnx"):  # the checksum trailer
+    for kind in ("pte", "onnx", "ptd"):  # the checksum trailer (for ptd, the data file's size and SHA-256 in it)
         assert report["kinds"][kind]["counts"].get("damage_loaded", 0) == 0
+    assert report["kinds"]["ptd"]["counts"]["damage"] == 25 and report["kinds"]["ptd"]["counts"]["hostile"] == 5

@@ -18,7 +18,7 @@ from torch import nn
 
 import qexport
 from qexport import (
-    ArtifactError, CalibrationError, CorruptArtifactError, ExportError, UnsafeArtifactError, UnsupportedModuleError,
+    ArtifactError, ArtifactNotFoundError, CalibrationError, CorruptArtifactError, ExportError, UnsafeArtifactError, UnsupportedModuleError,
     UsageError, runners,
 )
 from qexport.models import TinyNet
@@ -261,11 +261,87 @@ def test_a_runtime_abort_is_caught_in_the_child(demo, tmp_path, monkeypatch):
     p = tmp_path / "m.pte"
     p.write_bytes((demo / "model.pte").read_bytes())
     monkeypatch.setattr(pte, "_PROBED", set())
-    monkeypatch.setattr(pte, "_load_all", lambda runtime, data: os.abort())
+    monkeypatch.setattr(pte, "_load_all", lambda *args: os.abort())
     with pytest.raises(CorruptArtifactError, match=r"the runtime died \(SIGABRT\) loading it"):
         runners.load(p)
     monkeypatch.undo()
     assert runners.load(p).kind == "pte"
+
+
+def _tied_copy(tied_pte, where: Path, file: str = "m.pte", **record) -> Path:
+    """The tied .pte copied to `where` as `file` (its data file as tied.ptd beside it), its data file
+    record changed by `record` and the file resealed (what anyone editing it on purpose can do)."""
+    import dataclasses
+    import shutil
+
+    import serializers.pte as pte
+
+    src = tied_pte[2]
+    where.mkdir(exist_ok=True)
+    shutil.copy(src.with_suffix(".ptd"), where / "tied.ptd")
+    body = src.read_bytes()[:-(len(pte.TRAILER_MAGIC) + 32)]
+    program, rec = pte.DataFile.split(src, body)
+    p = where / file
+    p.write_bytes(program + dataclasses.replace(rec, **record).record())
+    pte.seal(p)
+    return p
+
+
+def test_pte_data_file_is_checked_before_the_runtime_reads_it(tied_pte, tmp_path):
+    p = _tied_copy(tied_pte, tmp_path)
+    d = tmp_path / "tied.ptd"
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert runners.load(p, expected_sha256=sha).kind == "pte"  # a renamed .pte still finds its data file
+    good = d.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x04
+    d.write_bytes(bytes(damaged))
+    for open_ in (runners.load, qexport.inspect, lambda q: runners.load(q, expected_sha256=sha)):
+        with pytest.raises(CorruptArtifactError, match="tied.ptd does not match the SHA-256"):
+            open_(p)
+    with open(d, "r+b") as f:  # grown to 16 GiB (sparse): refused by its size, unread
+        f.truncate(1 << 34)
+    with pytest.raises(CorruptArtifactError, match=f"is {1 << 34} bytes, but the program was written with a {len(good)}-byte"):
+        runners.load(p)
+    d.rename(tmp_path / "renamed.ptd")
+    with pytest.raises(ArtifactNotFoundError, match=r"its shared weights are in tied.ptd, which is not beside it"):
+        qexport.inspect(p)
+    d.mkdir()
+    with pytest.raises(ArtifactError, match="is not a file"):
+        runners.load(p)
+
+
+def test_the_runtime_reads_a_private_copy_of_the_checked_data_file(tied_pte, tmp_path, monkeypatch):
+    """ExecuTorch reads a data file by path; it is given a private copy of the bytes qexport hashed, so
+    a file swapped on disk between the check and the runtime's read never reaches it."""
+    from executorch.runtime import Runtime
+
+    p = _tied_copy(tied_pte, tmp_path)
+    seen = []
+    load_program = Runtime.load_program
+
+    def spy(self, data, **kw):
+        seen.append(kw.get("data_path"))
+        return load_program(self, data, **kw)
+
+    monkeypatch.setattr(Runtime, "load_program", spy)
+    runner = runners.load(p)
+    (given,) = seen
+    assert Path(given).resolve() != (tmp_path / "tied.ptd").resolve()
+    assert Path(given).read_bytes() == (tmp_path / "tied.ptd").read_bytes()
+    (tmp_path / "tied.ptd").unlink()  # the loaded program keeps its copy
+    assert runner([tied_pte[1]])[0].shape == (8, 80, 64)
+
+
+@pytest.mark.parametrize("name", ["../tied.ptd", "/tmp/tied.ptd", "sub/tied.ptd", "..\\tied.ptd", "C:tied.ptd",
+                                  "tied.ptd\n", "..", "tied.bin"])
+def test_pte_data_file_names_only_a_file_beside_it(tied_pte, tmp_path, name):
+    """A data file record naming anything but a plain `*.ptd` beside the .pte is refused, even where a
+    valid data file sits at the path it names."""
+    _tied_copy(tied_pte, tmp_path)  # a valid tied.ptd one level up
+    p = _tied_copy(tied_pte, tmp_path / "sub", name=name)
+    with pytest.raises(UnsafeArtifactError, match="not a plain"):
+        runners.load(p)
 
 
 # -- atomic writes -------------------------------------------------------------------------------

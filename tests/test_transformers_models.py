@@ -136,11 +136,17 @@ def test_backend_matches_eager_quantized(zoo, backend):
         assert rel_err(g, expected) < TOLERANCE, (name, backend, rel_err(g, expected))
 
 
-def test_tied_weight_stored_once(gpt2_pt2, tmp_path):
+def test_tied_weight_stored_once(gpt2_pt2, zoo, tmp_path):
     """GPT-2's wte / lm_head share one int8 table: the .pt2 and the .onnx are smaller than the same
-    model untied by at least the table (so is the AOTI package; the .pte keeps a second copy packed
-    by XNNPACK: see docs/backends/executorch.md, Not done)."""
+    model untied by at least the table (so is the AOTI package); the zoo's .pte pair holds GPT-2's and
+    Llama's tables once each (the delegated head and the embedding's gather read them from the .ptd)."""
     model, x, path = gpt2_pt2
+    pte = zoo.artifact("pte")
+    pair = pte.read_bytes() + pte.with_suffix(".ptd").read_bytes()
+    for name in ("gpt2", "llama"):
+        head = zoo.model.models[name].lm_head
+        assert head.tensors()["weight"] is zoo.model.models[name].get_input_embeddings().tensors()["weight"], name
+        assert pair.count(head.tensors()["weight"].numpy().tobytes()) == 1, name
     assert model.transformer.wte.tensors()["weight"] is model.lm_head.tensors()["weight"]
     untied = qexport.quantize(hf.gpt2(tie=False), RECIPE)
     untied_ep = qexport.export(untied, (x,))

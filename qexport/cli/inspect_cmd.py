@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         f"{fmt_bytes(manifest.float_bytes)} float ({_ratio(manifest.quantized_bytes, manifest.float_bytes)}); "
         f"other tensors {fmt_bytes(manifest.other_bytes)}; file {fmt_bytes(os.path.getsize(args.file))}"
     )
+    if manifest.artifact == "pte":
+        for name, digest in manifest.members.items():  # the data file the .pte names and checksums
+            where = os.path.join(os.path.dirname(args.file), name)
+            print(_clean(f"data file: {where}, {fmt_bytes(os.path.getsize(where))}, sha256 {digest}", limit=400))
     target = manifest.extra.get("cpu_target")
     if isinstance(target, dict):
         from qexport.lower.cpu_target import CPUTarget

@@ -88,5 +88,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.table())
         delegated = sum(r.delegated for r in report.regions)
-        print(f"{delegated}/{len(report.regions)} regions delegated; wrote {out} ({fmt_bytes(report.bytes)})")
+        also = f" and {report.extra['data_file']['path']}" if "data_file" in report.extra else ""
+        print(f"{delegated}/{len(report.regions)} regions delegated; wrote {out}{also} ({fmt_bytes(report.bytes)})")
     return 0

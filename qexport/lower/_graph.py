@@ -116,6 +116,15 @@ def add_constant(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tenso
     return ph
 
 
+def replace_state(ep: torch.export.ExportedProgram, node: torch.fx.Node, tensor: torch.Tensor) -> None:
+    """Give the parameter, buffer or constant behind `node` the value `tensor` (same dtype and shape, so
+    the graph's recorded values stay true); the old tensor, which the caller's model may hold, is untouched."""
+    fqn, old = operand_state(ep, node) or (None, None)
+    if old is None or (old.dtype, old.shape) != (tensor.dtype, tensor.shape):
+        raise LoweringError(f"{node.name}: cannot replace {old!r} by a {tensor.dtype} {tuple(tensor.shape)} tensor")
+    (ep.state_dict if fqn in ep.state_dict else ep.constants)[fqn] = tensor
+
+
 def drop_unused_state(ep: torch.export.ExportedProgram) -> bool:
     """Remove parameters, buffers and constants no node reads any more (a weight replaced by its
     repacked copy, a static scale that became a literal). Left in, they would still be stored in
@@ -155,10 +164,14 @@ def region_state(ep: torch.export.ExportedProgram) -> dict[str, dict[str, torch.
 
 # -- emitting nodes -----------------------------------------------------------------------------
 
-def call_before(anchor: torch.fx.Node, target: Any, *args: Any, fake_mode: Any = None, **kwargs: Any) -> torch.fx.Node:
+def call_before(
+    anchor: torch.fx.Node, target: Any, *args: Any, fake_mode: Any = None, like: torch.fx.Node | None = None,
+    **kwargs: Any,
+) -> torch.fx.Node:
     """Emit `target(*args, **kwargs)` before `anchor`, with meta["val"] computed under the program's fake
     mode (what export itself records; dynamic dims stay symbolic) and, unless the caller stamps its own,
-    `anchor`'s module stack and stack trace (profilers and errors point at the model's module)."""
+    the module stack and stack trace of `like` (default `anchor`; profilers and errors point at the
+    model's module) and, given `like`, its region tag."""
     graph = anchor.graph
     with graph.inserting_before(anchor):
         out = graph.call_function(target, args, kwargs)
@@ -168,9 +181,9 @@ def call_before(anchor: torch.fx.Node, target: Any, *args: Any, fake_mode: Any =
                                       if isinstance(a, torch.fx.Node)])
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         out.meta["val"] = target(*fake_args, **fake_kwargs)
-    for key in _INHERITED_META:
-        if key in anchor.meta:
-            out.meta[key] = copy.copy(anchor.meta[key])
+    for key in (*_INHERITED_META, "custom") if like is not None else _INHERITED_META:
+        if key in (like or anchor).meta:
+            out.meta[key] = copy.copy((like or anchor).meta[key])
     return out
 
 

@@ -17,7 +17,8 @@ The region pass is `qexport.lower._graph.replace_regions`; a few small edge-comp
 `attention.grouped_attention` (a decoder's attention without copies of its KV cache) and, in
 `to_executorch`, ExecuTorch's reinplace pass (cache writes in place).
 The program's qexport manifest travels inside the .pte as a constant method, which `serializers.pte`
-builds (`manifest_methods`), writes and reads.
+builds (`manifest_methods`), writes and reads. A weight that a delegated region and code left in the
+program both read (a tied embedding + LM head) goes to a data file beside the .pte (`share_with_delegates`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from . import resolve_program
 from ..regions import Region
 from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
-from ._graph import RegionSite, drop_unused_state, region_of, replace_regions
+from ._graph import RegionSite, call_before, drop_unused_state, region_of, replace_regions, replace_state, state_tensor
 from .attention import grouped_attention
 from ._stages import Stages
 from .report import LoweringReport, RegionReport
@@ -121,8 +122,9 @@ def _lower_int8_dynamic_int4_weight(site: RegionSite) -> torch.fx.Node:
     codes = unpack_uint4(site.value("weight")).to(torch.int8) - 8
     scale = site.value("weight_scale").float()
     w = site.call(
-        qd.dequantize_per_channel_group.default, site.constant("weight_int4", codes),
-        site.constant("weight_group_scale", scale),
+        qd.dequantize_per_channel_group.default,
+        _copy_of(site.constant("weight_int4", codes), site.operands["weight"], _in_qb4w_nibble_order),
+        _copy_of(site.constant("weight_group_scale", scale), site.operands["weight_scale"]),  # bf16 to XNNPACK again
         site.constant("weight_group_zero_point", torch.zeros(scale.shape, dtype=torch.int8)),
         -8, 7, torch.int8, site.region.scheme.group_size, torch.float32,
     )
@@ -341,6 +343,100 @@ def rshift_as_floor_divide(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
+# -- weights a delegate shares with the program ---------------------------------------------------
+
+#: ExecuTorch's tag for the data file the shared weights go to (its name on disk is the .pte's stem + .ptd)
+SHARED_DATA_TAG = "qexport_shared"
+
+
+#: meta key of a constant a lowering derived for XNNPACK from a program tensor: (that tensor's node, the
+#: pass that makes the program hold XNNPACK's bytes of the copy, or None where it already does)
+_COPY_OF = "qexport_xnnpack_copy_of"
+
+_Relayout = Callable[[torch.export.ExportedProgram, torch.fx.Node, "list[torch.fx.Node]"], None]
+
+
+def _copy_of(copy_node: torch.fx.Node, source: torch.fx.Node, relayout: _Relayout | None = None) -> torch.fx.Node:
+    copy_node.meta[_COPY_OF] = (source, relayout)
+    return copy_node
+
+
+def share_with_delegates(ep: torch.export.ExportedProgram, plans: dict[str, RegionPlan]) -> set[str]:
+    """Tag the program's state tensors that a region planned for XNNPACK and code left in the program
+    both read (GPT-2's tied `wte` / `lm_head`), directly or through a copy the region's lowering made
+    (an int8_dynamic_int4_weight head's int8 codes), for one data file, on both sides; returns their
+    placeholder names, which `ExecutorchBackendConfig(external_constants=...)` is given.
+
+    Why: XNNPACK serializes its own copy of every weight it takes into named data, and ExecuTorch 1.5.1
+    resolves a program tensor kept outside the program's constants only through an external data map
+    (a program tensor naming a blob of the .pte's own named data fails to load: `external_data_map is
+    null`). Written to one external file, the program constant and XNNPACK's blob (the same bytes:
+    int8 codes and float32 scales; qb4w nibbles and bf16 scales once the program holds the codes in
+    XNNPACK's nibble order) are one buffer of ExecuTorch's NamedDataStore, which deduplicates by content.
+    """
+    sig = ep.graph_signature
+    state = {*sig.inputs_to_parameters, *sig.inputs_to_buffers, *sig.inputs_to_lifted_tensor_constants}
+
+    def delegated(n: torch.fx.Node) -> bool:
+        return (r := region_of(n)) is not None and r in plans and plans[r].taken
+
+    copies: dict[torch.fx.Node, list[tuple[torch.fx.Node, _Relayout | None]]] = {}
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if _COPY_OF in node.meta and node.users and all(delegated(u) for u in node.users):
+            source, relayout = node.meta[_COPY_OF]
+            copies.setdefault(source, []).append((node, relayout))
+    shared = set()
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if node.name not in state:
+            continue
+        direct = [u for u in node.users if delegated(u)]
+        program = [u for u in node.users if not delegated(u)]
+        relayouts = {r for _, r in copies.get(node, ()) if r is not None}
+        # one program tensor holds one layout: XNNPACK reading it as it is and as a relayout cannot share
+        if not program or not (direct or node in copies) or (relayouts and direct) or len(relayouts) > 1:
+            continue
+        for relayout in relayouts:
+            relayout(ep, node, program)
+        shared.add(node.name)
+        # XNNPACK reads the tag from the weight's node and its dequantize
+        for n in (node, *direct, *(m for c, _ in copies.get(node, ()) for m in (c, *c.users))):
+            n.meta["custom"] = {**(n.meta.get("custom") or {}), "delegate_constant_tag": SHARED_DATA_TAG}
+    return shared
+
+
+_aten = torch.ops.aten
+#: ops whose output holds bytes of their first operand unchanged (a nibble swap commutes with them)
+_MOVES_BYTES = (_aten.index_select.default, _aten.embedding.default, _aten.index.Tensor, _aten.reshape.default,
+                _aten.view.default, _aten.slice.Tensor, _aten.select.int)
+
+
+def _in_qb4w_nibble_order(ep: torch.export.ExportedProgram, table: torch.fx.Node, readers: list[torch.fx.Node]) -> None:
+    """Store the uint4 codes `table` (qexport's packing: even element in the high nibble) in the byte
+    layout XNNPACK serializes for a qb4w weight (`NodeVisitor.convert_to_qc4w`: the int8 code + 8, which
+    is qexport's uint4 code under the symmetric zero point 8, even element in the low nibble), and swap
+    the nibbles back where the program reads it: after a row gather (the embedding's, on the rows it
+    reads, not the table), else before the reader."""
+    w = state_tensor(ep, table)
+    replace_state(ep, table, ((w & 0xF) << 4) | (w >> 4))
+    for reader in readers:
+        if reader.target in _MOVES_BYTES and reader.args[0] is table:
+            users = list(reader.users)
+            swapped = _swap_nibbles(reader, reader.next, reader)
+            for u in users:
+                u.replace_input_with(reader, swapped)
+        else:
+            reader.replace_input_with(table, _swap_nibbles(table, reader, reader))
+    ep.graph_module.recompile()
+
+
+def _swap_nibbles(x: torch.fx.Node, anchor: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    """`(x & 0xF) * 16 + x // 16` on uint8, in Core ATen ops with portable kernels (no shifts: not Core ATen)."""
+    lo = call_before(anchor, _aten.bitwise_and.Scalar, x, 0xF, like=like)
+    hi = call_before(anchor, _aten.div.Tensor_mode, x, 16, rounding_mode="floor", like=like)
+    lo16 = call_before(anchor, _aten.mul.Tensor, lo, 16, like=like)
+    return call_before(anchor, _aten.add.Tensor, lo16, hi, like=like)
+
+
 # -- the stage ----------------------------------------------------------------------------------
 
 class _WhyNoPartition(logging.Handler):
@@ -442,12 +538,17 @@ def to_executorch(
     """Lower a qexport program (or `.pt2`) to an ExecuTorch `.pte` at `output`; returns the report of
     where each region went. `backend="xnnpack"` delegates what XNNPACK takes; `"portable"` delegates
     nothing (every op runs on ExecuTorch's portable and quantized kernels). Stages that run over two
-    seconds are named on stderr unless `progress=False`."""
-    from serializers.files import atomic_path, check_writable
+    seconds are named on stderr unless `progress=False`.
+
+    A weight that a delegated region shares with the program (a tied embedding + LM head) is written
+    once, to a data file beside `output` (same stem, `.ptd`), which the `.pte` names and checksums and
+    every qexport opener reads with it; any other program is the one `.pte`."""
+    from serializers.files import atomic_path, check_writable, replace_into
 
     if backend not in BACKENDS:
         raise LoweringError(f"backend={backend!r} is not one of {BACKENDS}")
     out = check_writable(output, ".pte")
+    data_out = check_writable(out.with_suffix(pte.DATA_SUFFIX))
     ep = resolve_program(program_or_path, "to_executorch")
     try:
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -469,6 +570,7 @@ def to_executorch(
         rshift_as_floor_divide(ep.graph_module)
         grouped_attention(ep)
         drop_unused_state(ep)
+        shared = share_with_delegates(ep, plans) if backend == "xnnpack" else set()
 
     partitioners = []
     if backend == "xnnpack":
@@ -492,7 +594,10 @@ def to_executorch(
             # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
             # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
             # it index_put_ on the buffer.
-            et = edge.to_executorch(ExecutorchBackendConfig(run_reinplace_pass=True))
+            et = edge.to_executorch(ExecutorchBackendConfig(
+                run_reinplace_pass=True,
+                external_constants=(lambda n: SHARED_DATA_TAG if n.name in shared else None) if shared else False,
+            ))
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
         raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
 
@@ -500,12 +605,17 @@ def to_executorch(
 
     info = get_delegation_info(edge_gm)
     with atomic_path(out) as tmp:
-        pte.write(et, tmp)
+        data = pte.write(et, tmp)
+        if data is not None:  # in place before the .pte that names it
+            replace_into(tmp.with_suffix(pte.DATA_SUFFIX), data_out)
+    extra = {"delegated_subgraphs": info.num_delegated_subgraphs}
+    if data is not None:
+        extra["data_file"] = {"path": str(data_out), "bytes": data.size, "sha256": data.sha256}
     return LoweringReport(
         target=f"executorch/{backend}", path=str(out),
         regions=[RegionReport.from_record(p.region.name, p.region.scheme, rec) for p, rec in zip(planned, records)],
         delegated_nodes=info.num_delegated_nodes,
         total_nodes=info.num_delegated_nodes + info.num_non_delegated_nodes,
-        bytes=out.stat().st_size,
-        extra={"delegated_subgraphs": info.num_delegated_subgraphs},
+        bytes=out.stat().st_size + (data.size if data is not None else 0),
+        extra=extra,
     )

@@ -70,7 +70,9 @@ class LoweringReport:
         ]
         head = format_table(["region", "scheme", "backend", "delegated", "kernel", "reason"], rows)
         nodes = f"{self.delegated_nodes}/{self.total_nodes} nodes delegated, " if self.total_nodes else ""
-        return f"{head}\n{self.target}: {self.path} ({nodes}{self.bytes:,} bytes)"
+        data = self.extra.get("data_file")  # a .pte's shared weights, beside it (counted in bytes)
+        also = f" + {data['path']}" if isinstance(data, dict) else ""
+        return f"{head}\n{self.target}: {self.path}{also} ({nodes}{self.bytes:,} bytes)"
 
     def __str__(self) -> str:
         return self.table()

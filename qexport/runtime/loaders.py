@@ -157,7 +157,8 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
         return flat_tensors(method.execute([x.contiguous() for x in flat]))
 
-    return Runner("pte", p, call, inputs=inputs)
+    rec = program.qexport_data_file
+    return Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
 
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,

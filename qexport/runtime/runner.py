@@ -54,6 +54,8 @@ class Runner:
     device: str = "cpu"
     #: what callers built once for this runner and reuse (e.g. generation's captured decode step)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: the other files the artifact reads (a .pte's data file), counted in `size`
+    data_files: tuple[Path, ...] = ()
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
         """CPU tensors in and out whatever the device; `call` is the device-level convention."""
@@ -66,7 +68,7 @@ class Runner:
 
     @property
     def size(self) -> int:
-        return self.path.stat().st_size
+        return sum(f.stat().st_size for f in (self.path, *self.data_files))
 
 
 def flat_tensors(out: Any) -> Flat:

@@ -67,8 +67,8 @@ def make_region_fn(
             # ReinterpretView", seen compiling a bf16 Llama), so a real cast follows the reshape; with two
             # casts the reshape stays between them, or torch 2.11's Inductor folds fp32 -> bf16 -> fp32 into
             # no cast at all and leaves the view (seen on the H200).
-            if out_dtype == cd:
-                return (w.reshape(*x.shape, shape[1]).to(cd),)
+            if out_dtype == cd:  # no cast to end in: the rows gathered once more, by position, end it
+                return (F.embedding(torch.arange(flat.shape[0], device=x.device).reshape(x.shape), w.to(cd)),)
             return (w.to(cd).reshape(*x.shape, shape[1]).to(out_dtype),)
         w = math.dequantize_weight(scheme, t, shape).to(cd)
         if op == "embedding":

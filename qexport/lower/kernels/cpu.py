@@ -7,7 +7,7 @@ compile target (`qexport.lower.cpu_target`: this CPU, capped by ATEN_CPU_CAPABIL
 - "int8pack": `aten._weight_int8pack_mm`, int8 weights read directly, bf16/fp16 activations;
 - "int4pack": `aten._weight_int4pack_mm_for_cpu`, weights repacked at compile time (tinygemm layout);
 - "int4_loop" / "int8_loop": Inductor's own C++ loop over int4 / int8 codes (one row: a GEMV that
-  decodes as it reads; layouts for 8-lane fp32 vectors, i.e. AVX2);
+  decodes as it reads; int4 words laid out at the target's fp32 vector width, int8 codes as stored);
 - "int_mm": `aten._int_mm` (int8 x int8 -> int32): fast only with VNNI (oneDNN's s8s8 GEMM);
 - "float_weights": the target's fastest float GEMM (bf16 with AVX512-BF16/AMX, else fp32) on weights
   the scheme's own math decoded once, at compile time; activations keep the scheme's rounding;
@@ -49,8 +49,9 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # (integers, exact in bf16) through _weight_int8pack_mm ran at 2.6x fp32 at M=1 but its bf16 output
 # rounding left 4 x Linear(2048) 1.6-2.5 % from the reference, over int8's 2e-2: the fp32 GEMM on
 # decoded weights (the reference's own arithmetic) at every M.
-# int8 on AVX2, one row: Inductor's loop over the `_int8_words` layout 0.17 / 0.67 ms per 2048^2 / 4096^2
-# layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x).
+# int8 on AVX2, one row: Inductor's loop over the stored int8 codes (`_int8_loop`) 0.17 / 0.67 ms per
+# 2048^2 / 4096^2 layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x);
+# with AVX-512's 16 lanes (an AVX-512 CPU without VNNI / BF16 gets this plan) 0.85 vs 1.08 ms at 4096^2.
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.18 ms (1.8x its floor).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
@@ -76,11 +77,6 @@ KERNEL_NAMES = {
     "int4_loop": "Inductor C++ loop over int4 codes", "int8_loop": "Inductor C++ loop over int8 codes",
     "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
 }
-#: kernels whose word layouts assume 8 fp32 lanes per vector (AVX2's): compiled for AVX-512's 16, every
-#: load of a row of 8 words is a partial one, done element by element (10-13x slower per layer than at
-#: AVX2, measured here natively), so an AVX-512 CPU without VNNI + BF16 gets the AVX2 plan without them.
-#: (The int4 loop lays its words out at the target's width instead: `_int4_lanes`.)
-_EIGHT_LANE_KERNELS = ("int8_loop",)
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
 # aten._weight_int8pack_mm is 18x slower than with bf16 (FINDINGS.md), slower than Inductor's fusion.
 _FAST_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
@@ -101,8 +97,6 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     """The family's buckets for the rows `ctx`'s program accepts, on `target`, under `qexport.large_m`."""
     isa = plan_isa(target)
     plan = PLANS[family][isa]
-    if target.capability.startswith("AVX512"):  # served the AVX2 plan for want of VNNI / BF16
-        plan = [(m, k) for m, k in plan if k not in _EIGHT_LANE_KERNELS]
     policy = ctx.options.get("qexport.large_m", "bf16_weights")
     if policy == "dequant" and family != "fp8" and any(k == "float_weights" for _, k in plan):
         quantized = [(m, k) for m, k in plan if k != "float_weights"]
@@ -279,42 +273,42 @@ def _check_float_input(ctx: KernelContext) -> Decline | None:
 
 #: int4 codes per int32 word of `_int4_words`, and words per vector (AVX2: 8 fp32 lanes)
 _NIBBLES, _LANES = 8, 8
-#: int8 codes per int32 word of `_int8_words`
+#: int8 codes per int32 word `_int8_loop` reads
 _BYTES = 4
+_fma = torch.ops.prims.fma  # Inductor's fused multiply-add (C++: at::vec::fmadd); eagerly (a * b) + c
 
 
-def _int8_words(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] as int32 words [N, K/32, 8] (stored as float32 bit patterns, as `_int4_words`
-    and for its reason) whose byte j of word (b, i) is code k = 32b + 8j + i: bytes 0-2 hold code + 128
-    (0..255), byte 3 the code itself (two's complement, so the word's sign is the code's)."""
-    n, k = codes.shape
-    c = codes.to(torch.int32).reshape(n, k // (_BYTES * _LANES), _BYTES, _LANES)
-    words = c[:, :, _BYTES - 1, :] << 8 * (_BYTES - 1)
-    for j in range(_BYTES - 1):
-        words |= (c[:, :, j, :] + 128) << (8 * j)
-    return words.view(torch.float32).contiguous()
+def _int8_loop(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, lanes: int = _LANES) -> torch.Tensor:
+    """x [M, K] (fp32) times the int8 weight `codes` [N, K] (as stored: the package's one copy, which
+    aten._weight_int8pack_mm reads above one row) with per-output scales `s` [N], in fp32; `lanes`:
+    the target's fp32 vector width (`_vector_lanes`).
 
-
-def _int8_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (fp32) times the int8 weight behind `_int8_words` with per-output scales `s` [N], in fp32.
-
-    Why (AVX2, one row): as `_int4_loop`, byte j is taken in place, `word & (255 << 8j)` = (code + 128)
-    * 256^j, exact in fp32, against x pre-scaled by 256^-j once per call: an AND, a conversion, a
-    multiply and an add per code, no unpacking to bytes (which AVX2 loads element by element); the
-    +128 of bytes 0-2 costs 128 * (sum of their x), once per call. Each byte position is its own
-    reduction: with one, every add waited on the last (4096^2 layer 1.8 ms, 3.6x the floor; with four
-    0.67 ms, 1.4x, against aten._weight_int8pack_mm's 1.1 ms).
+    Why (AVX2, one row): the codes are read as 32-bit words through a dtype view (no copy; the words
+    as float32, then int32: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through
+    memcpy, the float one loads directly); byte j of word i is code 4i + j. XOR 0x00808080 makes bytes
+    0-2 code + 128 (0..255) and leaves byte 3 the signed code, so `word & (255 << 8j)` = (code + 128)
+    * 256^j (byte 3: code * 2^24), exact in fp32, against x permuted and pre-scaled by 256^-j once per
+    call (no unpacking to bytes, which AVX2 loads element by element), each vector of words meeting
+    `lanes` x values per byte position side by side (four streams of x 4K floats apart ran 2.5x
+    slower). Per code an AND, a conversion and a fused multiply-add (`prims.fma`, as `_int4_loop`), a
+    word's four in one chain, one add per word into the row's sum; the +128 of bytes 0-2 costs 128 *
+    (sum of their x), once per call.
     """
     m, k = x.shape
-    n, blocks, _ = words.shape
-    words = words.view(torch.int32)
-    xb = x.reshape(m, 1, blocks, _BYTES, _LANES)
-    xs = _stored(torch.stack([xb[:, :, :, j] * 256.0**-j for j in range(_BYTES)], 3))  # scalars: no tensor constant
-    y = -128.0 * _stored(xb[:, :, :, : _BYTES - 1].sum((2, 3, 4)))
-    for j in range(_BYTES):
-        field = (255 << 8 * j) if j < _BYTES - 1 else -(1 << 8 * j)  # the top byte's mask as an int32 (sign bit set)
-        y = y + ((words & field).float() * xs[:, :, :, j]).sum((2, 3))
-    return y * s
+    n = codes.shape[0]
+    blocks = k // (_BYTES * lanes)
+    words = codes.view(torch.float32).view(torch.int32).reshape(n, blocks, lanes) ^ 0x00808080
+    xb = x.reshape(m, 1, blocks, lanes, _BYTES)  # element 4 (lanes b + i) + j
+    xs = _stored(torch.stack([xb[..., j] * 256.0**-j for j in range(_BYTES)], 3))  # scalars: no tensor constant
+    top = _BYTES - 1
+
+    def code(j: int) -> torch.Tensor:  # (code + 128) * 256^j, code * 2^24 for the top byte
+        return (words & ((255 << 8 * j) if j < top else -(1 << 8 * j))).float()
+
+    t = code(top) * xs[:, :, :, top]
+    for j in reversed(range(top)):
+        t = _fma(code(j), xs[:, :, :, j], t)
+    return (t.sum((2, 3)) - 128.0 * _stored(xb[..., :top].sum((2, 3, 4)))) * s
 
 
 @register_kernel("int8", "cpu", "linear")
@@ -330,7 +324,9 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         return declined
     target = compile_target()
     plan = cpu_plan("int8_weight_only", ctx, target)
-    if ctx.tensor("weight").shape[-1] % (_BYTES * _LANES):
+    k_in = ctx.tensor("weight").shape[-1]
+    lanes = _vector_lanes(target) if k_in % (_BYTES * _vector_lanes(target)) == 0 else _LANES
+    if k_in % (_BYTES * lanes):
         plan = [(m, k) for m, k in plan if k != "int8_loop"]
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
@@ -342,22 +338,22 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         operands = [*(["weight"] if "weight" not in operands else []), *operands, ("weight_scale_" + _dtype_name(cd), scale)]
     if "int8_loop" in {k for _, k in plan}:
         n = ctx.tensor("weight").shape[0]
-        operands += [("weight_int8_words", _int8_words(ctx.tensor("weight"))),
-                     ("weight_scale_float32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous())]
+        operands = [*(["weight"] if "weight" not in operands else []), *operands,
+                    ("weight_scale_float32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous())]
     kernels = _float_kernels(ctx, roles, gemm)
     kernels["int8pack"] = lambda x, t: _plus_bias(aten._weight_int8pack_mm(x.to(cd), t["weight"], t["weight_scale_" + _dtype_name(cd)]), t, cd)
     # The activation rounded to the compute dtype as the reference does, stored once (see `int4_loop`); sums in fp32.
     kernels["int8_loop"] = lambda x, t: _plus_bias(
-        _int8_loop(_stored(x.to(cd).float()), t["weight_int8_words"], t["weight_scale_float32"]), t, cd)
+        _int8_loop(_stored(x.to(cd).float()), t["weight"], t["weight_scale_float32"], lanes), t, cd)
     return _choice(ctx, target, plan, kernels.__getitem__, operands, gemm)
 
 
 _INT4_ROLES = ("weight", "weight_scale", "weight_zero_point")
 
 
-def _int4_lanes(target: CPUTarget) -> int:
-    """fp32 lanes of the vectors Inductor writes for `target`: the loop's layout must match them (with
-    8-lane rows an AVX-512 build ran 8da4w's one-row layers 6x slower than with 16)."""
+def _vector_lanes(target: CPUTarget) -> int:
+    """fp32 lanes of the vectors Inductor writes for `target`: the one-row loops' layouts must match them
+    (with 8-lane rows an AVX-512 build ran 8da4w's one-row int4 layers 6x slower than with 16)."""
     return 16 if target.capability.startswith("AVX512") else _LANES
 
 
@@ -369,14 +365,15 @@ def _int4_loop_fits(k: int, group_size: int, lanes: int = _LANES) -> bool:
 
 def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
                 lanes: int = _LANES) -> tuple[torch.Tensor, ...]:
-    """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i,
-    and per block b its R = max(1, 64 / group_size) groups' scales and scale x zero point, [N, K/64, R]
-    (for 8 `lanes`; with 16, blocks of 128 codes: words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
+    """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i
+    (the top nibble, j = 7, holds code - 8 in two's complement), and per block b its R = max(1, 64 / group_size)
+    groups' scales and scale x zero point, [N, K/64, R] (for 8 `lanes`; with 16, blocks of 128 codes:
+    words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
 
     Why this layout: Inductor vectorises a loop along the innermost contiguous dim at the fp32 width;
     over uint8 codes that is a partial 8-byte load per vector, which AVX2 (no byte-masked loads)
     does element by element (3.3 ms per 2048^2 layer). Over 32-bit words every load is a full vector,
-    nibble j is a shift and a mask, and it meets the activation's elements 64b + 8j .. 64b + 8j + 7,
+    nibble j is a mask, and it meets the activation's elements 64b + 8j .. 64b + 8j + 7,
     a contiguous vector too. The words are stored as float32 bit patterns and viewed as int32 in the
     loop: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through memcpy even for a
     full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms).
@@ -386,7 +383,7 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     c = codes.to(torch.int32).reshape(n, k // block, _NIBBLES, lanes)
     words = c[:, :, 0, :].clone()
     for j in range(1, _NIBBLES):
-        words |= c[:, :, j, :] << (4 * j)
+        words |= (c[:, :, j, :] ^ (8 if j == _NIBBLES - 1 else 0)) << (4 * j)
     per_block = max(1, block // group_size)
     s = scale.float().repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
     sz = (scale.float() * zero_point.float()).repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
@@ -397,14 +394,19 @@ def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.
     """x [M, K] (fp32) times the int4 weight behind `_int4_words`, in fp32: per group
     s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses its reductions into one loop per output.
 
-    Why this form (AVX2 was compute-bound at 4 vector ops per code, 3.1-3.3x the weight bytes' floor
-    per layer): nibble j is taken in place, `word & (15 << 4j)` = code * 16^j (exact in fp32), against
-    the activation pre-scaled by 16^-j once per call, so a code costs an AND, a conversion, a multiply
-    and an add (the top nibble, whose field holds the sign bit, still shifts); the zero point's term
-    is a reduction of its own over per-group sums of x; and each group is its own reduction, because
-    Inductor stores a pointwise body of over 50 ops to a buffer before reducing it (the whole block's
-    body was: a [N, K/8] round trip). 2048^2 / 4096^2 layer, AVX2, one thread: 0.29 / 1.26 ms -> 0.18 /
-    0.68 ms, 1.8-1.9x the floor of its bytes (docs/benchmarks/aoti_cpu.md).
+    Why this form (AVX2 is compute-bound: the loop runs out of vector ALU slots, not of memory
+    bandwidth): each code costs three vector operations per 8 lanes, the least this data path can
+    do (an AND, a conversion, a fused multiply-add). Nibble j is taken in place, `word & (15 << 4j)` =
+    code * 16^j (exact in fp32), against the activation pre-scaled by 16^-j once per call; the top
+    nibble's field is the word's sign bit, so it holds code - 8 and the mask alone gives (code - 8) *
+    16^7 (the 8 comes back as one sum of those activations per block; a shift cost a variable-shift
+    instruction per word, three micro-ops on Haswell). A group's products are a chain of
+    `prims.fma` (explicit: packages compile with FMA contraction off, `INDUCTOR_OPTIONS`), its scale
+    joins the block's sum by one more, and the block is one reduction: one add per block instead of
+    a multiply and an add per code and per group. The zero point's term is a reduction of its own
+    over per-group sums of x. 4096^2 layer, AVX2, one thread, fastest of 100 calls: g128 0.78 -> 0.61 ms,
+    g32 0.65 -> 0.62 ms (27 instead of 36 vector operations per 64 codes; g32 was already bound by
+    something else, docs/benchmarks/aoti_cpu.md).
     """
     m, k = x.shape
     n, blocks, per_block = s.shape
@@ -412,19 +414,32 @@ def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.
     xb = x.reshape(m, 1, blocks, _NIBBLES, words.shape[-1])
     # Powers of two: x * 16^-j * (code * 16^j) rounds as x * code does (short of fp32's subnormal range).
     # (Python scalars, not a tensor of them: a region body must not create tensor constants.)
-    xs = _stored(torch.stack([xb[:, :, :, j] * (16.0**-j if j < _NIBBLES - 1 else 1.0) for j in range(_NIBBLES)], 3))
+    xs = _stored(torch.stack([xb[:, :, :, j] * 16.0**-j for j in range(_NIBBLES)], 3))
     xsum = _stored(xb.reshape(m, 1, blocks, per_block, -1).sum(-1))
+    xtop = _stored(xb[:, :, :, _NIBBLES - 1].sum(-1))  # the top nibble's activations, per block
     rows = _NIBBLES // per_block
-    y = -(sz * xsum).sum((2, 3))
-    for r in range(per_block):
-        terms = []
-        for j in range(r * rows, (r + 1) * rows):
-            code = (words & (15 << (4 * j))) if j < _NIBBLES - 1 else ((words >> (4 * j)) & 15)
-            terms.append(code.float() * xs[:, :, :, j])
-        while len(terms) > 1:  # a tree, so the adds do not wait on each other
-            terms = [sum(terms[i:i + 2][1:], terms[i]) for i in range(0, len(terms), 2)]
-        y = y + (terms[0] * s[..., r:r + 1]).sum((2, 3))
+
+    def code(j: int) -> torch.Tensor:  # code * 16^j, (code - 8) * 16^7 for the top nibble
+        return (words & ((15 << (4 * j)) if j < _NIBBLES - 1 else -(1 << 4 * j))).float()
+
+    # the top nibble lies in each block's last group
+    y = 8.0 * (s[..., per_block - 1] * xtop).sum(2) - (sz * xsum).sum((2, 3))
+    for first in range(0, per_block, _GROUPS_PER_SUM):
+        acc = None
+        for r in range(first, min(first + _GROUPS_PER_SUM, per_block)):
+            js = range(r * rows, (r + 1) * rows)
+            g = code(js[-1]) * xs[:, :, :, js[-1]]
+            for j in reversed(js[:-1]):
+                g = _fma(code(j), xs[:, :, :, j], g)
+            acc = g * s[..., r:r + 1] if acc is None else _fma(g, s[..., r:r + 1], acc)
+        y = y + acc.sum((2, 3))
     return y
+
+
+#: groups one reduction of `_int4_loop` takes: Inductor writes a pointwise body of over ~50 ops to a
+#: buffer before reducing it (`realize_opcount_threshold`), and four groups' body was (16 lanes, g32:
+#: a [N, K/16] round trip, 2x slower); two fit
+_GROUPS_PER_SUM = 2
 
 
 @register_kernel("int4", "cpu", "linear")
@@ -439,7 +454,7 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     gemm = gemm_dtype(target, cd)
     gs = scheme.group_size
     k_in = ctx.tensor("weight_scale").shape[-1] * gs
-    lanes = _int4_lanes(target)
+    lanes = _vector_lanes(target)
     lanes = lanes if _int4_loop_fits(k_in, gs, lanes) else _LANES
     if not _int4_loop_fits(k_in, gs, lanes):
         plan = [(m, k) for m, k in plan if k != "int4_loop"]
