@@ -126,18 +126,37 @@ def test_aoti_tokens_equal_eager(lm_aoti, lm_reference):
 
 
 @pytest.mark.slow
-def test_aoti_8da4w_tokens_equal_eager(tmp_path):
+def test_8da4w_tokens_equal_eager_through_aoti_and_pte(tmp_path):
     """int8_dynamic_int4_weight computes in fp32, and so does its CPU package on every ISA (the int4 loop
     at one row, the fp32 GEMM for prompts): its greedy tokens are eager's. (tinygemm's bf16 output
-    matched 18 of these 32.) int4_weight_only computes in bf16, where no two kernels' sums agree: not here."""
+    matched 18 of these 32.) So are XNNPACK's qd8 x qb4w kernels in the .pte, every linear delegated (the
+    test Llama's head is tied to its table: the .pte's data file holds the shared codes)."""
     model = qexport.quantize(hf.causal_lm("llama"), qexport.schemes.get("int8_dynamic_int4_weight", group_size=32))
     expected = hf.greedy_tokens(model, PROMPT, N)
     assert len(set(expected)) >= 10, expected
-    path = qexport.compile(qexport.export_lm(model, max_cache_len=LM_CACHE), tmp_path / "lm_8da4w_aoti.pt2")
+    ep = qexport.export_lm(model, max_cache_len=LM_CACHE)
+    path = qexport.compile(ep, tmp_path / "lm_8da4w_aoti.pt2")
     kernels = {r.lowering.kernel for r in qexport.inspect(path).regions if r.op == "linear"}
     # (the LM head sees one row per call: the loop alone)
     assert kernels == {"Inductor C++ loop over int4 codes / float32 GEMM on weights decoded at compile time",
                        "Inductor C++ loop over int4 codes"}, kernels
+    assert qexport.generate(path, PROMPT, N, stop_at_eos=False).tokens == expected
+    pte = tmp_path / "lm_8da4w.pte"
+    report = qexport.to_executorch(ep, pte, progress=False)
+    linears = {r.name for r in qexport.regions(ep) if r.op == "linear"}
+    taken = {r.name for r in report.regions if r.delegated and r.backend == "XnnpackBackend"}
+    assert linears and linears <= taken, (linears - taken, report)
+    assert qexport.generate(pte, PROMPT, N, stop_at_eos=False).tokens == expected
+
+
+@pytest.mark.slow
+def test_int4_weight_only_computing_in_fp32_keeps_eager_tokens_through_aoti(tmp_path):
+    """int4_weight_only computes in bf16 by default, where no two kernels' sums agree (8 of these 32
+    tokens); with compute_dtype="float32" eager and the CPU package both compute in fp32."""
+    model = qexport.quantize(hf.causal_lm("llama"), qexport.schemes.get("int4_weight_only", group_size=32, compute_dtype="float32"))
+    expected = hf.greedy_tokens(model, PROMPT, N)
+    assert len(set(expected)) >= 10, expected
+    path = qexport.compile(qexport.export_lm(model, max_cache_len=LM_CACHE), tmp_path / "lm_int4_f32_aoti.pt2")
     assert qexport.generate(path, PROMPT, N, stop_at_eos=False).tokens == expected
 
 
