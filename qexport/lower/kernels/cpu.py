@@ -324,22 +324,23 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         return declined
     target = compile_target()
     plan = cpu_plan("int8_weight_only", ctx, target)
-    k_in = ctx.tensor("weight").shape[-1]
-    lanes = _vector_lanes(target) if k_in % (_BYTES * _vector_lanes(target)) == 0 else _LANES
+    n, k_in = ctx.tensor("weight").shape
+    lanes = _vector_lanes(target)
+    lanes = lanes if k_in % (_BYTES * lanes) == 0 else _LANES
     if k_in % (_BYTES * lanes):
         plan = [(m, k) for m, k in plan if k != "int8_loop"]
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
     operands = _operands(ctx, plan, roles, gemm, False)
-    if "int8pack" in {k for _, k in plan}:
-        n = ctx.tensor("weight").shape[0]
-        # Per-tensor schemes store one scale; the kernel takes one per output channel in the activation dtype.
-        scale = ctx.tensor("weight_scale").reshape(-1).expand(n).to(cd).contiguous()
-        operands = [*(["weight"] if "weight" not in operands else []), *operands, ("weight_scale_" + _dtype_name(cd), scale)]
-    if "int8_loop" in {k for _, k in plan}:
-        n = ctx.tensor("weight").shape[0]
-        operands = [*(["weight"] if "weight" not in operands else []), *operands,
-                    ("weight_scale_float32", ctx.tensor("weight_scale").float().reshape(-1).expand(n).contiguous())]
+    chosen = {k for _, k in plan}
+    if chosen & {"int8pack", "int8_loop"} and "weight" not in operands:  # both read the stored codes
+        operands = ["weight", *operands]
+    # Per-tensor schemes store one scale; the kernels take one per output channel (int8pack's in the activation dtype).
+    per_channel = ctx.tensor("weight_scale").reshape(-1).expand(n)
+    if "int8pack" in chosen:
+        operands = [*operands, ("weight_scale_" + _dtype_name(cd), per_channel.to(cd).contiguous())]
+    if "int8_loop" in chosen:
+        operands = [*operands, ("weight_scale_float32", per_channel.float().contiguous())]
     kernels = _float_kernels(ctx, roles, gemm)
     kernels["int8pack"] = lambda x, t: _plus_bias(aten._weight_int8pack_mm(x.to(cd), t["weight"], t["weight_scale_" + _dtype_name(cd)]), t, cd)
     # The activation rounded to the compute dtype as the reference does, stored once (see `int4_loop`); sums in fp32.
