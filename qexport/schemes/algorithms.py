@@ -118,7 +118,7 @@ MSE_ITERS = 8
 _MSE_ROWS = 4096  # rows per chunk, as _HQQ_ROWS
 
 
-def _symmetric_codes(rows: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+def symmetric_codes(rows: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
     return torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
 
 
@@ -136,10 +136,10 @@ def _mse_chunk(rows: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
     best_scale, best_err = None, None
     for scale in [(amax * f / qmax).clamp(min=_EPS) for f in MSE_SHRINKS] + [None] * MSE_ITERS:
         if scale is None:  # refinement: the least-squares scale for the best codes so far
-            q = _symmetric_codes(rows, best_scale, qmin, qmax)
+            q = symmetric_codes(rows, best_scale, qmin, qmax)
             fitted = (rows * q).sum(-1) / q.pow(2).sum(-1).clamp(min=_EPS)
             scale = torch.where(fitted > 0, fitted, best_scale).clamp(min=_EPS)
-        err = (rows - _symmetric_codes(rows, scale, qmin, qmax) * scale[:, None]).pow(2).sum(-1)
+        err = (rows - symmetric_codes(rows, scale, qmin, qmax) * scale[:, None]).pow(2).sum(-1)
         if best_scale is None:
             best_scale, best_err = scale, err
             continue

@@ -64,7 +64,7 @@ class Int8Math(SchemeMath):
             col = scale.expand(w.shape[0])[:, None]  # one group of K per row
             q, _, _ = alg.gptq(w, hessian, w.shape[1], lambda _g: (col, torch.zeros_like(col)), s.qmin, s.qmax)
         else:
-            q = torch.clamp(torch.round(w / scale[:, None]), s.qmin, s.qmax)
+            q = alg.symmetric_codes(w, scale, s.qmin, s.qmax)
         return {"weight": q.to(torch.int8).reshape(weight.shape), "weight_scale": scale}
 
     def dequantize_weight(self, s: Scheme, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
