@@ -29,7 +29,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import qexport  # noqa: E402
 from qexport.lower.cpu_target import compile_target  # noqa: E402
+from _scratch import scratch_dir  # noqa: E402
 
 SCHEMES = [
     ("int8_weight_only", {}),
@@ -314,7 +314,7 @@ def main() -> None:
     info = machine()
     info["read_gbs_1_thread"] = round(read_bandwidth_gbs(), 1)
     print(json.dumps(info), flush=True)
-    tmp = tempfile.mkdtemp(prefix="bench_aoti.")
+    tmp = scratch_dir("bench_aoti.")
     results = {}
     for name in args.models.split(","):
         results[name] = bench_model(name, args, tmp)

@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -41,6 +40,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import qexport  # noqa: E402
+from _scratch import scratch_dir  # noqa: E402
 
 BF16_COPY = {"qexport.large_m": "bf16_weights"}
 VARIANTS = [  # (label, scheme, params, compile options); labels without [...] use qexport's defaults
@@ -157,7 +157,7 @@ def stack(dim: int, layers: int = 4) -> nn.Module:
 
 
 def run_table(out: str, dim: int, only: list[str], hint: int = 16, torchao: bool = True, rounds: int = 3) -> None:
-    tmp = tempfile.mkdtemp(prefix="bench_cuda.")
+    tmp = scratch_dir("bench_cuda.")
     base = stack(dim)
     # The example's row count is the size hint Inductor tunes generated kernels for (dynamic M).
     example = torch.randn(hint, dim, dtype=torch.bfloat16)
@@ -443,7 +443,7 @@ def run_profile(out: str, dim: int, label: str, ms: list[int]) -> None:
         qm = qexport.quantize(copy.deepcopy(base), qexport.schemes.get(name, **params)).cuda()
         dyn = None if static else ({0: torch.export.Dim("m", min=1, max=4096)},)
         ep = qexport.export(qm, (example,), dynamic_shapes=dyn)
-        path = os.path.join(tempfile.mkdtemp(), "p.pt2")
+        path = os.path.join(scratch_dir("bench_cuda_profile."), "p.pt2")
         qexport.compile(ep, path, device="cuda", options=options)
         runner = qexport.load_compiled(path)
         for m in ([ms[-1]] if static else ms):

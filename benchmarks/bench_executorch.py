@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import qexport  # noqa: E402
+from _scratch import scratch_dir  # noqa: E402
 
 
 def MLP() -> nn.Module:
@@ -126,7 +126,7 @@ def main() -> None:
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     _unsafe_reset_threadpool(args.threads)
-    tmp = tempfile.mkdtemp(prefix="bench_et.")
+    tmp = scratch_dir("bench_et.")
     gen = torch.Generator().manual_seed(0)
     cases = {
         "mlp": (MLP, lambda b: torch.randn(b, 1024, generator=gen)),

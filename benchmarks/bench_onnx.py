@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 import qexport
+from _scratch import scratch_dir  # noqa: E402
 
 SEQ = 128
 
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
-    tmp = tempfile.mkdtemp(prefix="bench_onnx.")
+    tmp = scratch_dir("bench_onnx.")
     torch.manual_seed(0)
     mlp_state = MLP().state_dict()
 

@@ -43,7 +43,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 
@@ -111,6 +110,7 @@ def avx2_kernel(path: str) -> str:
 #: run under qemu: each file on the saved batches, outputs saved next to them
 _AVX2_PROBE = """
 import sys, numpy as np, onnxruntime as ort
+from _scratch import scratch_dir  # noqa: E402
 d, n, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 feeds = [dict(np.load(f"{d}/batch{i}.npz")) for i in range(n)]
 for j, p in enumerate(paths):
@@ -161,7 +161,7 @@ def main() -> None:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = tempfile.mkdtemp(prefix="bench_onnx_peer.")
+    tmp = scratch_dir("bench_onnx_peer.")
     tok = load_tokenizer()
     data = batches(tok)
     example = data[0]

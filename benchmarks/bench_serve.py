@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import tempfile
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 import qexport
 from qexport.models import TinyNet
 from qexport.serve import JSON, NPZ, ServeConfig, build_app
+from _scratch import scratch_dir  # noqa: E402
 
 DIMS = (2048, 8192, 8192, 8192, 2048)
 
@@ -151,7 +151,7 @@ def main() -> None:
 
     from qexport import runners
 
-    tmp = tempfile.mkdtemp(prefix="bench_serve.")
+    tmp = scratch_dir("bench_serve.")
     path = make_artifact(tmp)
     local = runners.load(path)
     rng = np.random.default_rng(0)

@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import qexport  # noqa: E402
 from _minilm import SENTENCES, load_model, load_tokenizer, tokenize  # noqa: E402
+from _scratch import scratch_dir  # noqa: E402
 
 # (scheme, params, quantize embeddings too, keep stack traces). The acceptance targets are
 # int8_weight_only and int4_weight_only g32 with every supported layer quantized; the linear-only
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     tokens = tokenize(SENTENCES[:4], load_tokenizer())
     fp32 = load_model()
-    tmp = tempfile.mkdtemp(prefix="bench_sizes_")
+    tmp = scratch_dir("bench_sizes_")
     rows = []
 
     ep = torch.export.export(fp32, (), kwargs=tokens, strict=False)
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"{label}: {size / 1e6:.2f} MB ({size / base[True]:.4f}x), exact={exact}", file=sys.stderr)
         os.remove(path)
-    os.rmdir(tmp)
 
     machine = f"{platform.machine()} {os.cpu_count()}-core, torch {torch.__version__}"
     print(f"all-MiniLM-L6-v2 (22.7 M params), .pt2 sizes; {machine}; save/load medians of {args.repeat}\n")

@@ -5,10 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+PIP=".venv/bin/python -m pip --disable-pip-version-check --no-cache-dir -q"
 stamp=.venv/.qexport-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-40)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # The environment takes ~2.5 GB (torch, executorch, onnxruntime, transformers, ray) plus pip's unpacking
+  # space: say so up front rather than fail halfway with ENOSPC and a half-built venv.
+  free_kb=$(df -Pk . "${TMPDIR:-/tmp}" | awk 'NR > 1 { print $4 }' | sort -n | head -1)
+  if [ "${free_kb:-0}" -lt 3500000 ]; then
+    echo "error: only $((free_kb / 1024)) MB free on this folder's or TMPDIR's disk; set-up needs ~3.5 GB." >&2
+    echo "       Free some space (old benchmark folders, ~/.cache, /tmp/torchinductor_*) and run this again." >&2
+    exit 1
+  fi
   .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || $PIP install "torch==2.13.0" numpy 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch" # fail loudly if torch did not install (numpy with it: torch warns without)
