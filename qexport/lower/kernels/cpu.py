@@ -365,11 +365,11 @@ def _int4_loop_fits(k: int, group_size: int, lanes: int = _LANES) -> bool:
 
 
 def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
-                lanes: int = _LANES) -> tuple[torch.Tensor, ...]:
+                lanes: int = _LANES) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i
-    (the top nibble, j = 7, holds code - 8 in two's complement), and per block b its R = max(1, 64 / group_size)
-    groups' scales and scale x zero point, [N, K/64, R] (for 8 `lanes`; with 16, blocks of 128 codes:
-    words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
+    (the top nibble, j = 7, holds code - 8 in two's complement), and per group its scale and minus its zero
+    point, [N, K/group_size, 2] (for 8 `lanes`; with 16, blocks of 128 codes: words [N, K/128, 16],
+    nibble j of word (b, i) = code 128b + 16j + i).
 
     Why this layout: Inductor vectorises a loop along the innermost contiguous dim at the fp32 width;
     over uint8 codes that is a partial 8-byte load per vector, which AVX2 (no byte-masked loads)
@@ -377,7 +377,9 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     nibble j is a mask, and it meets the activation's elements 64b + 8j .. 64b + 8j + 7,
     a contiguous vector too. The words are stored as float32 bit patterns and viewed as int32 in the
     loop: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through memcpy even for a
-    full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms).
+    full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms). A group's
+    two parameters sit side by side, once per group (not per block), so the loop reads them in the same
+    pass and cache line as each other.
     """
     n, k = codes.shape
     block = _NIBBLES * lanes
@@ -385,62 +387,60 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     words = c[:, :, 0, :].clone()
     for j in range(1, _NIBBLES):
         words |= (c[:, :, j, :] ^ (8 if j == _NIBBLES - 1 else 0)) << (4 * j)
-    per_block = max(1, block // group_size)
-    s = scale.float().repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
-    sz = (scale.float() * zero_point.float()).repeat_interleave(max(1, group_size // block), 1).reshape(n, k // block, per_block)
-    return words.view(torch.float32).contiguous(), s.contiguous(), sz.contiguous()
+    per_block, rep = max(1, block // group_size), max(1, group_size // block)
+    params = torch.stack([scale.float(), -zero_point.float()], -1).repeat_interleave(rep, 1)
+    return words.view(torch.float32).contiguous(), params.reshape(n, k // block, per_block, 2).contiguous()
 
 
-def _int4_loop(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+def _int4_loop(x: torch.Tensor, words: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """x [M, K] (fp32) times the int4 weight behind `_int4_words`, in fp32: per group
-    s * (sum code * x) - s * zp * (sum x). Written for M = 1; Inductor fuses its reductions into one loop per output.
+    s * (sum code * x - zp * sum x). Written for M = 1; Inductor fuses it into one loop per output.
 
     Why this form (AVX2 is compute-bound: the loop runs out of vector ALU slots, not of memory
     bandwidth): each code costs three vector operations per 8 lanes, the least this data path can
     do (an AND, a conversion, a fused multiply-add). Nibble j is taken in place, `word & (15 << 4j)` =
     code * 16^j (exact in fp32), against the activation pre-scaled by 16^-j once per call; the top
     nibble's field is the word's sign bit, so it holds code - 8 and the mask alone gives (code - 8) *
-    16^7 (the 8 comes back as one sum of those activations per block; a shift cost a variable-shift
-    instruction per word, three micro-ops on Haswell). A group's products are a chain of
-    `prims.fma` (explicit: packages compile with FMA contraction off, `INDUCTOR_OPTIONS`), its scale
-    joins the block's sum by one more, and the block is one reduction: one add per block instead of
-    a multiply and an add per code and per group. The zero point's term is a reduction of its own
-    over per-group sums of x. 4096^2 layer, AVX2, one thread, fastest of 100 calls: g128 0.78 -> 0.61 ms,
-    g32 0.65 -> 0.62 ms (27 instead of 36 vector operations per 64 codes; g32 was already bound by
-    something else, docs/benchmarks/aoti_cpu.md).
+    16^7 (a shift cost a variable-shift instruction per word, three micro-ops on Haswell). A group's
+    products are a chain of `prims.fma` (explicit: packages compile with FMA contraction off,
+    `INDUCTOR_OPTIONS`) that starts from -zp * (the group's activations summed per lane) and, in the
+    group holding the top nibble, + 8 * its activation, so the zero point and the top nibble's 8 cost
+    one operation per group and no pass of their own: a pass over the scales per zero-point term and
+    one per top-nibble term read 6 MB more per 4096^2 layer (g32), the most of a call once two
+    threads share the loop. The group's scale joins the sum by one more fma; one add per block.
     """
     m, k = x.shape
-    n, blocks, per_block = s.shape
+    n, blocks, per_block = params.shape[:3]
+    lanes = words.shape[-1]
     words = words.view(torch.int32)
-    xb = x.reshape(m, 1, blocks, _NIBBLES, words.shape[-1])
+    p = params.reshape(n, blocks, per_block, 1, 2)
+    xb = x.reshape(m, 1, blocks, _NIBBLES, lanes)
     # Powers of two: x * 16^-j * (code * 16^j) rounds as x * code does (short of fp32's subnormal range).
     # (Python scalars, not a tensor of them: a region body must not create tensor constants.)
-    xs = _stored(torch.stack([xb[:, :, :, j] * 16.0**-j for j in range(_NIBBLES)], 3))
-    xsum = _stored(xb.reshape(m, 1, blocks, per_block, -1).sum(-1))
-    xtop = _stored(xb[:, :, :, _NIBBLES - 1].sum(-1))  # the top nibble's activations, per block
-    rows = _NIBBLES // per_block
+    xs = _stored(torch.stack([xb[..., j, :] * 16.0**-j for j in range(_NIBBLES)], -2))
+    xsl = _stored(xb.reshape(m, 1, blocks, per_block, _NIBBLES // per_block, lanes).sum(-2))  # per group, per lane
+    x8 = _stored(xb[..., _NIBBLES - 1, :] * 8.0)  # the top nibble's +8, per lane
 
     def code(j: int) -> torch.Tensor:  # code * 16^j, (code - 8) * 16^7 for the top nibble
         return (words & ((15 << (4 * j)) if j < _NIBBLES - 1 else -(1 << 4 * j))).float()
 
-    # the top nibble lies in each block's last group
-    y = 8.0 * (s[..., per_block - 1] * xtop).sum(2) - (sz * xsum).sum((2, 3))
-    for first in range(0, per_block, _GROUPS_PER_SUM):
-        acc = None
-        for r in range(first, min(first + _GROUPS_PER_SUM, per_block)):
-            js = range(r * rows, (r + 1) * rows)
-            g = code(js[-1]) * xs[:, :, :, js[-1]]
-            for j in reversed(js[:-1]):
-                g = _fma(code(j), xs[:, :, :, j], g)
-            acc = g * s[..., r:r + 1] if acc is None else _fma(g, s[..., r:r + 1], acc)
-        y = y + acc.sum((2, 3))
+    # One reduction per group, and at least two per block: Inductor inlines a body into its reduction only
+    # while it reads at most 12 buffer locations (`realize_cpu_acc_reads_threshold`); past that it writes
+    # the body to an [N, K/8] buffer first (2x slower). The reductions share one loop over the words.
+    parts = max(2, per_block)
+    rows = _NIBBLES // parts
+    y = None
+    for q in range(parts):
+        r = q * per_block // parts  # the group this part of the block lies in
+        s, neg_zp = p[:, :, r, :, 0], p[:, :, r, :, 1]
+        g = neg_zp * xsl[..., r, :] if q * per_block % parts == 0 else None  # the group's first part
+        if q == parts - 1:
+            g = x8 if g is None else _fma(neg_zp, xsl[..., r, :], x8)
+        for j in range(q * rows, (q + 1) * rows):
+            g = code(j) * xs[..., j, :] if g is None else _fma(code(j), xs[..., j, :], g)
+        part = (g * s).sum((2, 3))
+        y = part if y is None else y + part
     return y
-
-
-#: groups one reduction of `_int4_loop` takes: Inductor writes a pointwise body of over ~50 ops to a
-#: buffer before reducing it (`realize_opcount_threshold`), and four groups' body was (16 lanes, g32:
-#: a [N, K/16] round trip, 2x slower); two fit
-_GROUPS_PER_SUM = 2
 
 
 @register_kernel("int4", "cpu", "linear")
@@ -470,7 +470,7 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz), ("weight_group_size", torch.tensor(gs))]
     if "int4_loop" in {k for _, k in plan}:
         words = _int4_words(unpack_uint4(ctx.tensor("weight")), ctx.tensor("weight_scale"), ctx.tensor("weight_zero_point"), gs, lanes)
-        operands += [("weight_int4_words", words[0]), ("weight_int4_scale", words[1]), ("weight_int4_scale_zero", words[2])]
+        operands += [("weight_int4_words", words[0]), ("weight_int4_params", words[1])]
     kernels = _float_kernels(ctx, _INT4_ROLES, gemm)
 
     # The tensor-group-size form of aten._weight_int4pack_mm_for_cpu (what Inductor lowers that op to),
@@ -489,7 +489,7 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
             xf = act.fake_quant_int8(xf, *map(_stored, act.dynamic_int8_qparams(xf, True)))
         # Stored once: the loop reads the activation once per output channel, and Inductor inlined the
         # rounding into every read (8da4w on 4 x Linear(2048), AVX2: 3.8 ms, 3x int4 weight-only's loop).
-        return _plus_bias(_int4_loop(_stored(xf), t["weight_int4_words"], t["weight_int4_scale"], t["weight_int4_scale_zero"]), t, cd)
+        return _plus_bias(_int4_loop(_stored(xf), t["weight_int4_words"], t["weight_int4_params"]), t, cd)
 
     kernels["int4pack"] = int4pack
     kernels["int4_loop"] = int4_loop
