@@ -136,6 +136,34 @@ def test_a_quantized_table_whose_casts_are_no_ops_compiles(name, dtype, params, 
         assert rel_err(y, model(idx)) <= math_for(scheme_for(name)).tolerance
 
 
+def test_a_package_compiled_on_one_thread_runs_its_loops_on_the_runtimes_threads(tmp_path):
+    """Inductor freezes the compiling process's thread count into the C++ (one thread: no parallel loop at
+    all); packages must take the count where they run, so one built in a one-CPU container still spreads
+    over a server's cores."""
+    import zipfile
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1024)  # one row: the int8 loop over 1024 outputs, wide enough for Inductor to split
+    model = quantized(torch.nn.Sequential(torch.nn.Linear(1024, 1024)), scheme_for("int8_weight_only"), x)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        path = qexport.compile(qexport.export(model, (x,)), tmp_path / "one_thread.pt2")
+    finally:
+        torch.set_num_threads(saved)
+    assert qexport.inspect(path).extra["inductor_options"]["cpp.dynamic_threads"] is True
+    with zipfile.ZipFile(path) as z:
+        cpp = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("kernel.cpp"))
+    assert "#pragma omp parallel" in cpp  # without the option: none (a one-thread compile writes serial loops)
+    torch.set_num_threads(2)
+    try:
+        y = qexport.load_compiled(path)(x)
+    finally:
+        torch.set_num_threads(saved)
+    with torch.no_grad():
+        assert rel_err(y, model(x)) <= math_for(scheme_for("int8_weight_only")).tolerance
+
+
 def test_package_loads_with_torch_alone(built):
     _, _, path = built["int4_weight_only"]
     runner = torch._inductor.aoti_load_package(path)

@@ -198,8 +198,11 @@ def fp8_e4m3_round(v: torch.Tensor) -> torch.Tensor:
 
 _VELTKAMP_E4M3 = float(2**20 + 1)
 #: Inductor configs these kernels rely on (`compile` puts the caller's options over them): every
-#: floating-point operation rounded on its own, never fused into an FMA (`fp8_e4m3_round`).
-INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off"}
+#: floating-point operation rounded on its own, never fused into an FMA (`fp8_e4m3_round`); and the
+#: thread count read where the package runs, not frozen where it was compiled (Inductor's default
+#: takes the compiling process's: a package built with one thread, as in a one-CPU build container,
+#: never ran its loops in parallel on any server; same speed at 1 and 2 threads, docs/benchmarks/aoti_cpu.md).
+INDUCTOR_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.dynamic_threads": True}
 
 
 def _dynamic_fp8(x: torch.Tensor, per_token: bool) -> torch.Tensor:
