@@ -11,6 +11,7 @@ fp32 AOTI / variant, both from this run.
     .venv/bin/python benchmarks/bench_aoti.py [--models linear,minilm] [--rows 1,16,128,512] [--json PATH]
     .venv/bin/python benchmarks/bench_aoti.py --emulate avx2 ...   # compile AND run with the ISA capped
     .venv/bin/python benchmarks/bench_aoti.py --kernels            # per-layer kernel sweep (the crossovers)
+    .venv/bin/python benchmarks/bench_aoti.py --floor [--emulate avx2] # one row against the weight-bytes floor
 
 `--emulate avx2` re-runs this script with ATEN_CPU_CAPABILITY=avx2 (torch's kernels, Inductor's vector
 ISA and, through qexport's CPU target, -march=x86-64-v3), ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN) and
@@ -289,6 +290,78 @@ def kernel_sweep(dim: int, rows: list[int], rounds: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+# -- one row against the weight-bytes floor --------------------------------------------------------
+
+FLOOR_SCHEMES = [("fp32", None, {}), ("int8_weight_only", "int8_weight_only", {}),
+                 ("int4 g32", "int4_weight_only", {"group_size": 32}), ("int4 g128", "int4_weight_only", {"group_size": 128})]
+
+
+def floor_run(dim: int, layers: int, rounds: int, tmp: str) -> dict:
+    """Packages of `layers` x Linear(dim) at M = 1 against weight bytes / read bandwidth.
+
+    Why a deep stack: one 4096^2 int4 layer (8.4 MB) sits in a server CPU's L3, and timing it alone
+    measures the cache, not memory; `layers` distinct weights stream from DRAM on every call. Each
+    package is timed with one thread (thread CPU time) and with every core (wall time, as a user runs
+    it), interleaved with the read-bandwidth probe at the same thread count; floor = the scheme's code
+    bytes per layer (4, 1 or 0.5 B per weight; scales not counted, as the goal states) / that bandwidth.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(dim, dim, bias=False) for _ in range(layers))).eval()
+    example = torch.randn(1, dim)
+    ep = torch.export.export(model, (example,), strict=False)
+    runners, info = {}, {}
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)  # Inductor's C++ takes its thread count at compile time: compiled on one, a package never splits
+    for label, scheme, params in FLOOR_SCHEMES:
+        t = time.perf_counter()
+        if scheme is None:
+            path = qexport.compile(ep, os.path.join(tmp, "floor_fp32.pt2"))
+        else:
+            qm = qexport.quantize(copy.deepcopy(model), qexport.schemes.get(scheme, **params))
+            path = qexport.compile(qexport.export(qm, (example,)), os.path.join(tmp, f"floor_{label.replace(' ', '_')}.pt2"))
+        runners[label] = qexport.load_compiled(path)
+        info[label] = {"bytes": os.path.getsize(path), "compile_s": round(time.perf_counter() - t, 1),
+                       "code_bytes_per_weight": {"fp32": 4, "int8_weight_only": 1}.get(label, 0.5)}
+        print(f"   {label}: {info[label]['compile_s']:.0f} s, {info[label]['bytes'] / 1e6:.1f} MB", flush=True)
+    buf = torch.ones(512 * 2**20 // 4)
+    samples: dict = {}
+    order = random.Random(0)
+    with torch.no_grad():
+        for _ in range(rounds):
+            for threads in sorted({1, cores}):
+                torch.set_num_threads(threads)
+                clock = time.thread_time if threads == 1 else time.perf_counter
+                for label in order.sample(list(runners) + ["read"], len(runners) + 1):
+                    f = (lambda: buf.sum()) if label == "read" else (lambda r=runners[label]: r(example))
+                    f()
+                    for _ in range(1 if label == "read" else 3):
+                        c = clock()
+                        f()
+                        samples.setdefault((label, threads), []).append(clock() - c)
+    torch.set_num_threads(1)
+    out = {"dim": dim, "layers": layers, "rounds": rounds, "packages": info, "threads": {}}
+    for threads in sorted({1, cores}):
+        gbs = buf.nbytes / statistics.median(samples[("read", threads)]) / 1e9
+        row = {"read_GBs": round(gbs, 1)}
+        for label in runners:
+            ms = statistics.median(samples[(label, threads)]) * 1e3 / layers
+            floor = dim * dim * info[label]["code_bytes_per_weight"] / (gbs * 1e9) * 1e3
+            row[label] = {"ms_per_layer": round(ms, 3), "floor_ms": round(floor, 3), "x_floor": round(ms / floor, 2)}
+        for label in runners:
+            row[label]["x_fp32"] = round(row["fp32"]["ms_per_layer"] / row[label]["ms_per_layer"], 2)
+        out["threads"][threads] = row
+    return out
+
+
+def floor_table(res: dict) -> str:
+    out = [f"{res['layers']} × Linear({res['dim']}), M = 1, per layer: median ms (× codes floor, × fp32)",
+           "| threads | read GB/s | " + " | ".join(l for l, *_ in FLOOR_SCHEMES) + " |", "|---|---|" + "---|" * len(FLOOR_SCHEMES)]
+    for threads, row in res["threads"].items():
+        cells = [f"{row[l]['ms_per_layer']:.3f} ({row[l]['x_floor']:.2f}×, {row[l]['x_fp32']:.2f}×)" for l, *_ in FLOOR_SCHEMES]
+        out.append(f"| {threads} | {row['read_GBs']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="linear,minilm")
@@ -301,6 +374,8 @@ def main() -> None:
     ap.add_argument("--emulate", choices=sorted(EMULATE), default=None,
                     help="re-run with the host's ISA capped (compile and run)")
     ap.add_argument("--kernels", action="store_true", help="per-layer kernel sweep instead of the packages")
+    ap.add_argument("--floor", action="store_true", help="M = 1 against the weight-bytes floor (deep Linear(4096) stack)")
+    ap.add_argument("--layers", type=int, default=8, help="--floor: layers in the stack (their codes must exceed the L3)")
     args = ap.parse_args()
     if args.emulate and not all(os.environ.get(k) == v for k, v in EMULATE[args.emulate].items()):
         env = {**os.environ, **EMULATE[args.emulate]}
@@ -312,9 +387,17 @@ def main() -> None:
         kernel_sweep(args.dim, args.rows, args.rounds)
         return
     info = machine()
+    tmp = scratch_dir("bench_aoti.")
+    if args.floor:
+        print(json.dumps(info), flush=True)
+        res = floor_run(4096 if args.dim == 2048 else args.dim, args.layers, args.rounds, tmp)
+        print(floor_table(res), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": info, **res}, f, indent=1)
+        return
     info["read_gbs_1_thread"] = round(read_bandwidth_gbs(), 1)
     print(json.dumps(info), flush=True)
-    tmp = scratch_dir("bench_aoti.")
     results = {}
     for name in args.models.split(","):
         results[name] = bench_model(name, args, tmp)
