@@ -51,7 +51,8 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # decoded weights (the reference's own arithmetic) at every M.
 # int8 on AVX2, one row: Inductor's loop over the stored int8 codes (`_int8_loop`) 0.17 / 0.67 ms per
 # 2048^2 / 4096^2 layer (1.3-1.4x its bytes' floor), _weight_int8pack_mm 0.19 / 1.1 ms (1.5x / 2.2x);
-# with AVX-512's 16 lanes (an AVX-512 CPU without VNNI / BF16 gets this plan) 0.85 vs 1.08 ms at 4096^2.
+# with AVX-512's 16 lanes 0.64-0.67 vs 1.02-1.04 ms at 4096^2 (one thread; two: 0.45 vs 0.51), streaming
+# six layers from DRAM, so AVX-512 CPUs with VNNI / BF16 take the loop at one row too.
 # int4 on AVX2, one row: tinygemm's kernel without AVX-512 is compute-bound (0.42 ms per 2048^2 layer,
 # 5x its weight bytes' floor); Inductor's loop over the `_int4_words` layout 0.18 ms (1.8x its floor).
 # AVX512 VNNI BF16: int8pack 6.1x at M=4, 3.9x at 8 where the bf16 GEMM is 4.4x, so bf16 weights above 4;
@@ -61,7 +62,7 @@ AVX2 = "AVX2"  # the same host capped with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_C
 # row (AVX-512, 16 lanes: 1.1-1.2x tinygemm's time per 2048^2 / 768x3072 layer, 3x faster than the
 # fp32 GEMM), the fp32 GEMM above (tinygemm's prompt speed-up is bf16 rounding's).
 PLANS: dict[str, dict[str, list[tuple[int | None, str]]]] = {
-    "int8_weight_only": {AVX512_VNNI_BF16: [(4, "int8pack"), (None, "float_weights")], AVX2: [(1, "int8_loop"), (24, "int8pack"), (None, "float_weights")]},
+    "int8_weight_only": {AVX512_VNNI_BF16: [(1, "int8_loop"), (4, "int8pack"), (None, "float_weights")], AVX2: [(1, "int8_loop"), (24, "int8pack"), (None, "float_weights")]},
     "int4": {AVX512_VNNI_BF16: [(4, "int4pack"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (24, "int4pack"), (None, "float_weights")]},
     "int8_dynamic_int4_weight": {AVX512_VNNI_BF16: [(1, "int4_loop"), (None, "float_weights")], AVX2: [(1, "int4_loop"), (None, "float_weights")]},
     "int8_activations": {AVX512_VNNI_BF16: [(None, "int_mm")], AVX2: [(None, "float_weights")]},
