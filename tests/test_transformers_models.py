@@ -202,3 +202,25 @@ def test_container_allow_list(tmp_path, monkeypatch):
     spec = '[1, {"type": "a.B", "context": "[]", "children_spec": [{"type": "c.D", "children_spec": []}]}]'
     assert sorted(spec_type_names(spec)) == ["a.B", "c.D"]
     assert list(spec_type_names("not json")) == []
+
+
+class FloatMatmulHead(nn.Module):
+    """A layer left float that computes `x @ W.T` itself (Falcon's FalconLinear): torch.onnx folds the
+    transposed weight into an initializer that is a transposed numpy view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.fc = nn.Linear(32, 32)
+            self.head = nn.Parameter(torch.randn(48, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) @ self.head.T
+
+
+def test_float_transposed_weight_to_onnx(tmp_path):
+    model = qexport.quantize(FloatMatmulHead().eval(), "int8_dynamic")
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    qexport.to_onnx(qexport.export(model, (x,)), tmp_path / "m.onnx")
+    assert rel_err(runners.load(tmp_path / "m.onnx")([x])[0], model(x)) < TOLERANCE
