@@ -224,3 +224,14 @@ def test_float_transposed_weight_to_onnx(tmp_path):
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
     qexport.to_onnx(qexport.export(model, (x,)), tmp_path / "m.onnx")
     assert rel_err(runners.load(tmp_path / "m.onnx")([x])[0], model(x)) < TOLERANCE
+
+
+def test_one_odd_layer_does_not_refuse_the_model():
+    """T5's relative_attention_bias is an Embedding(32, num_heads): int4 groups cannot divide it, so the
+    default selection skips it with the reason and quantizes the rest."""
+    model = qexport.quantize(hf.t5_encoder(), qexport.schemes.get("int4_weight_only", group_size=32))
+    why = {d.module: d.reason for d in model.qexport_summary.skipped}
+    assert list(why) == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
+    assert "group_size=32 does not divide the embedding reduction dimension 2" in next(iter(why.values()))
+    x = hf.token_ids()
+    assert rel_err(model(x)[0], hf.t5_encoder()(x)[0]) < 0.25  # int4 on a tiny random model
