@@ -107,6 +107,15 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     return reachable(plan, row_range(ctx))
 
 
+def _replaced(plan: list[tuple[int | None, str]], kernel: str, by: str) -> list[tuple[int | None, str]]:
+    """`plan` with `kernel`'s buckets run by `by`, adjacent buckets of one kernel merged."""
+    out: list[tuple[int | None, str]] = []
+    for max_m, k in plan:
+        k = by if k == kernel else k
+        out[-1:] = [(max_m, k)] if out and out[-1][1] == k else [*out[-1:], (max_m, k)]
+    return out
+
+
 def _stored(t: torch.Tensor) -> torch.Tensor:
     """`t` (per-row quantization parameters), which Inductor must write to a buffer once.
 
@@ -463,6 +472,10 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     lanes = lanes if _int4_loop_fits(k_in, gs, lanes) else _LANES
     if not _int4_loop_fits(k_in, gs, lanes):
         plan = [(m, k) for m, k in plan if k != "int4_loop"]
+    if ctx.tensor("weight").shape[0] % 16:
+        # tinygemm's CPU packing takes output features in multiples of 16 only (torch 2.13: "expect N
+        # to be dividable by 16"): a 10- or 1000-class head decodes its weights instead
+        plan = _replaced(plan, "int4pack", "dequant" if ctx.options.get("qexport.large_m") == "dequant" else "float_weights")
     operands = _operands(ctx, plan, _INT4_ROLES, gemm, False)
     if "int4pack" in {k for _, k in plan}:
         # Repacked once, here: the tinygemm layout and its (scale, zero) pairs become buffers of the program.
