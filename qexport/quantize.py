@@ -105,7 +105,8 @@ def _layer_of(m: nn.Module) -> tuple[_Layer | None, str]:
 def _overrides_forward(m: nn.Module, base: type) -> str:
     kind = type(m).__name__
     return (f"{kind} overrides nn.{base.__name__}.forward; replacing it would drop its own computation. If its forward computes "
-            f"exactly what {base.__name__}'s does, name its class in a recipe: {{{kind}: scheme}}")
+            f"exactly what {base.__name__}'s does, name its class in a recipe: {{{kind}: scheme}} "
+            f"(qexport export: --recipe {kind}=SCHEME)")
 
 
 def _as_base_layer(m: nn.Module) -> _Layer | None:
