@@ -383,8 +383,9 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     loop: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through memcpy even for a
     full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms). A group's
     two parameters sit side by side, so the loop reads them in one pass and cache line; a group wider
-    than a block repeats them per block (g128: 8 bytes per 64 codes), which ran faster than indexing
-    one copy per group (an extra loop level over the group's blocks: 0.93 vs 0.71 ms per 4096^2 layer).
+    than a block repeats them per block (g128: 8 bytes per 64 codes), which keeps the loop one level
+    deep (one copy per group needs a loop over the group's blocks; not measured apart from the
+    reduction split below, so kept simple).
     """
     n, k = codes.shape
     block = _NIBBLES * lanes
