@@ -225,15 +225,16 @@ def test_int4_head_with_output_features_not_a_multiple_of_16(monkeypatch, target
             assert rel_err(lowered.module()(x2), model(x2)) <= 2e-2, rows
 
 
-@pytest.mark.parametrize("scheme", ["int8_dynamic_int4_weight", "int4_weight_only"])
-def test_one_row_program_whose_layer_the_int4_loop_cannot_take(monkeypatch, scheme):
+@pytest.mark.parametrize("scheme, k", [("int8_dynamic_int4_weight", 32), ("int4_weight_only", 32), ("int8_weight_only", 48)])
+def test_one_row_program_whose_layer_the_loop_cannot_take(monkeypatch, scheme, k):
     """A static one-row program (a pooled classifier head) reaches only the one-row bucket; where the
-    int4 loop cannot take K (32: under one 64-code block) the bucket falls to the next kernel, not to
-    nothing (compile raised StopIteration)."""
+    loop cannot take K (int4: 32, under one 64-code block; int8: 48, not whole 32-byte blocks) the
+    bucket falls to the next kernel, not to nothing (compile raised StopIteration)."""
     monkeypatch.setattr(cpu_kernels, "compile_target", lambda: AVX2_TARGET)
     torch.manual_seed(0)
-    x = torch.randn(1, 32)
-    model = quantized(torch.nn.Sequential(torch.nn.Linear(32, 48)).eval(), qexport.schemes.get(scheme, group_size=32), x)
+    x = torch.randn(1, k)
+    s = qexport.schemes.get(scheme, **({"group_size": 32} if "int4" in scheme else {}))
+    model = quantized(torch.nn.Sequential(torch.nn.Linear(k, 48)).eval(), s, x)
     lowered, (decision,) = apply_kernels(qexport.export(model, (x,)), "cpu")
     assert "Inductor C++ loop" not in decision.kernel
     with torch.no_grad():

@@ -344,7 +344,7 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     lanes = _vector_lanes(target)
     lanes = lanes if k_in % (_BYTES * lanes) == 0 else _LANES
     if k_in % (_BYTES * lanes):
-        plan = [(m, k) for m, k in plan if k != "int8_loop"]
+        plan = _without(plan, "int8_loop", ctx)
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
     operands = _operands(ctx, plan, roles, gemm, False)
