@@ -164,6 +164,40 @@ def test_huge_tensor_metadata_over_an_empty_member(pt2, tmp_path, monkeypatch):
         qexport.load(p)
 
 
+@pytest.mark.parametrize("expr", [
+    "__import__('os').mkdir({marker!r})",  # sympify evaluates a string as Python
+    "exec(bytes((105, 109)))",  # no attribute, no quote: names are what matters
+    "Symbol('s0').__class__",
+    "Pow(Integer(9), Integer(99999999999999))",  # evaluated exactly by sympy: a hang
+])
+def test_symbolic_shapes_are_never_evaluated_as_python(pt2, tmp_path, torch_never_reads, expr):
+    """torch.export.load builds symbolic sizes with sympy.sympify(expr_str), which runs Python; a
+    resealed program with code there is refused before torch reads it, whatever the entry point."""
+    marker = tmp_path / "ran"
+
+    def edit(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        values = graph["graph_module"]["graph"]["tensor_values"]
+        values[next(iter(values))]["sizes"][0] = {"as_expr": {"expr_str": expr.format(marker=str(marker)), "hint": {"as_int": 4}}}
+        return json.dumps(graph).encode()
+
+    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "sym.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="symbolic shape .* not a shape expression torch writes"):
+            fn(p)
+    assert not marker.exists()
+
+
+def test_symbolic_shapes_torch_writes_pass_the_check():
+    from serializers.pt2 import _safe_shape_expr
+
+    for expr in ("Add(Symbol('s17', positive=True, integer=True), Integer(-1))", "FloorDiv(s0, 2) + 1", "-int_oo",
+                 "StrictLessThan(Symbol('s0'), Integer(3))", "Pow(Symbol('s0'), Integer(2))", "Float('1.5', precision=53)"):
+        assert _safe_shape_expr(expr), expr
+
+
 def test_a_manifest_without_digests_is_refused(pt2, tmp_path):
     ms = with_manifest(members(pt2), lambda m: m.pop("members"))
     text = next(d for n, d in ms if n.endswith(MANIFEST_MEMBER))
