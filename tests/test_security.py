@@ -132,6 +132,45 @@ def test_a_replaced_member_fails_its_digest(pt2, tmp_path, torch_never_reads):
         qexport.load(stale(ms, pt2, tmp_path / "swapped.pt2"))
 
 
+def _overlapping_zip(n: int) -> bytes:
+    """A stored zip of `n` members whose data each run to the end of the local headers (CRCs right):
+    zipfile reads every one, n times the file's size in all."""
+    import struct
+    import zlib
+
+    names = [b"m/archive_format"] + [b"m/data/f%06d" % i for i in range(n)]
+    local, offsets = bytearray(), []
+    for name in names:
+        offsets.append(len(local))
+        local += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0) + name
+    central = bytearray()
+    for name, at in zip(names, offsets):
+        span = bytes(local[at + 30 + len(name):])
+        central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, zlib.crc32(span), len(span), len(span),
+                               len(name), 0, 0, 0, 0, 0o100644 << 16, at) + name
+    return bytes(local + central + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(names), len(names), len(central), len(local), 0))
+
+
+def test_overlapping_members_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    p = tmp_path / "overlap.pt2"
+    p.write_bytes(_overlapping_zip(200))
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("a member was read"))
+    for fn in (qexport.load, qexport.inspect):
+        with pytest.raises(CorruptArtifactError, match="overlaps the member before it"):
+            fn(p)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_many_members_one_named_twice(pt2, tmp_path, torch_never_reads):
+    """Finding the duplicate among 20,000 names is linear (it was quadratic: minutes)."""
+    ms = members(pt2)
+    root = ms[0][0].split("/")[0]
+    many = [(f"{root}/data/x{i}", b"") for i in range(20_000)]
+    p = _archive.reseal(ms + many + [many[0]], tmp_path / "many.pt2")
+    with pytest.raises(UnsafeArtifactError, match="members named twice"):
+        qexport.load(p)
+
+
 def test_damaged_zip_headers_are_refused(pt2, tmp_path, torch_never_reads):
     """A flipped bit in a timestamp touches no member; the file still is not what qexport wrote."""
     data = bytearray(pt2.read_bytes())
@@ -486,6 +525,19 @@ def test_inspect_prints_hostile_manifest_text_escaped(pt2, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b]0;owned" in out and "401-digit" in out
+
+
+def test_cli_errors_and_tables_print_no_escapes(tmp_path, capsys):
+    """A file's name and contents reach error messages and tables (bench, verify) as well as inspect."""
+    from qexport.cli import main
+
+    p = tmp_path / "a\x1b]0;owned\x07\x1b[2J.pt2"
+    p.write_bytes(b"PK\x03\x04 not a zip")
+    assert main(["inspect", str(p)]) == 1
+    assert main(["bench", str(p), "--input", "4,64"]) == 1
+    out = capsys.readouterr()
+    assert "\x1b" not in out.out + out.err and "\x07" not in out.out + out.err
+    assert "\\x1b]0;owned" in out.err
 
 
 def test_cli_pins(demo, capsys):

@@ -40,7 +40,9 @@ def _shape(shapes, dim_names) -> str:
 def _clean(value, limit: int = 160) -> str:
     """Manifest text as it may reach a terminal: control characters (escape sequences) shown escaped,
     long text cut. A manifest is the file's author's text, not ours."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    from ..table import printable
+
+    text = printable(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
