@@ -327,6 +327,35 @@ def test_pte_checksum(demo, tmp_path):
         qexport.inspect(tmp_path / "cut.pte")
 
 
+@pytest.mark.parametrize("where", ["initializer", "node attribute"])
+def test_onnx_tensors_never_read_other_files(demo, tmp_path, monkeypatch, where):
+    """onnxruntime resolves external data of a model given as bytes against the working directory and
+    refuses only absolute paths: `../` reached any file. qexport writes none, so none is read."""
+    import onnx
+    import onnxruntime
+
+    from serializers import onnx as onnx_file
+
+    (tmp_path / "secret.bin").write_bytes(bytes(1 << 16))
+    model = onnx.load_model_from_string(onnx_file.read_checked(demo / "model.onnx"))
+    tensor = model.graph.initializer[0] if where == "initializer" else onnx.helper.make_tensor("c", onnx.TensorProto.FLOAT, [4], [0.0] * 4)
+    if where == "node attribute":
+        model.graph.node.append(onnx.helper.make_node("Constant", [], ["c_out"], value=tensor))
+        tensor = model.graph.node[-1].attribute[0].t
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=f"../{tmp_path.name}/secret.bin")
+    p = tmp_path / "ext.onnx"
+    p.write_bytes(model.SerializeToString())
+    onnx_file.seal(p)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: pytest.fail("onnxruntime got the model"))
+    for fn in (runners.load, qexport.inspect):
+        with pytest.raises(UnsafeArtifactError, match="reads its data from another file .*secret.bin"):
+            fn(p)
+
+
 def test_a_runtime_abort_is_caught_in_the_child(demo, tmp_path, monkeypatch):
     """The first load of a file's bytes runs in a forked child: an abort there is an error here."""
     import serializers.pte as pte
