@@ -356,6 +356,27 @@ def test_onnx_tensors_never_read_other_files(demo, tmp_path, monkeypatch, where)
             fn(p)
 
 
+def test_generated_inputs_are_bounded(demo, tmp_path, capsys):
+    """Input shapes come from the file (an .onnx's inputs here): a declared (2**36, 64) input was a
+    16 TiB allocation in bench and verify, raised as a RuntimeError."""
+    import onnx
+
+    from qexport.cli import main
+    from serializers import onnx as onnx_file
+
+    model = onnx.load_model_from_string(onnx_file.read_checked(demo / "model.onnx"))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1 << 36
+    p = tmp_path / "wide.onnx"
+    p.write_bytes(model.SerializeToString())
+    onnx_file.seal(p)
+    with pytest.raises(ArtifactError, match=r"has shape \(68719476736, .*which qexport does not generate"):
+        runners.make_inputs(runners.load(p).inputs)
+    assert main(["bench", str(p)]) == 1
+    assert "give inputs of your own (qexport bench --input SHAPE)" in capsys.readouterr().err
+
+
 def test_a_runtime_abort_is_caught_in_the_child(demo, tmp_path, monkeypatch):
     """The first load of a file's bytes runs in a forked child: an abort there is an error here."""
     import serializers.pte as pte
