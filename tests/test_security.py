@@ -569,6 +569,7 @@ def test_inspect_prints_hostile_manifest_text_escaped(pt2, tmp_path, capsys):
         m["regions"][0]["weight_bytes"] = 10 ** 400
         m["quantized_bytes"] = 10 ** 400
         m["extra"]["note"] = "\x1b[31mred"
+        m["extra"]["cpu_target"] = {"arch": "\x1b[2J", "capability": "AVX2", "march": "\x1b[2J", "requires": ["\x1b[31mavx2"]}
 
     p = _archive.reseal(with_manifest(members(pt2), edit), tmp_path / "loud.pt2")
     assert main(["inspect", str(p)]) == 0

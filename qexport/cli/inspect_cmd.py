@@ -99,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         from qexport.lower.cpu_target import CPUTarget
 
         try:
-            print(f"compiled for: {CPUTarget.from_dict(target).describe()} (loading needs: {' '.join(target.get('requires', [])) or '-'})")
-        except ValueError as e:
-            print(f"compiled for: unreadable cpu_target ({e})")
+            print(_clean(f"compiled for: {CPUTarget.from_dict(target).describe()} (loading needs: "
+                         f"{' '.join(map(str, target.get('requires', []))) or '-'})", limit=400))
+        except (ValueError, TypeError) as e:
+            print(_clean(f"compiled for: unreadable cpu_target ({e})", limit=400))
     rest = {k: v for k, v in manifest.extra.items() if k != "inputs" or not inputs}
     if rest:
         print(_clean(f"extra: {json.dumps(rest, sort_keys=True)}", limit=2000))
