@@ -137,6 +137,12 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
     if len(set(names)) != len(names):
         dup = sorted(n for n, k in Counter(names).items() if k > 1)
         raise UnsafeArtifactError(f"{p}: members named twice ({', '.join(map(repr, dup[:3]))}); readers disagree on which copy counts")
+    if len({n.casefold() for n in names}) != len(names):
+        # extracted on a case-insensitive file system (macOS, Windows), the last such member replaces the other
+        folded = Counter(n.casefold() for n in names)
+        dup = sorted(n for n in names if folded[n.casefold()] > 1)
+        raise UnsafeArtifactError(f"{p}: members whose names differ only in case ({', '.join(map(repr, dup[:3]))}); one file on "
+                                  f"a case-insensitive file system")
     root = formats[0].split("/", 1)[0]
     rel = []
     for i in infos:

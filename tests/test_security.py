@@ -105,6 +105,8 @@ def test_a_second_program_is_refused(pt2, tmp_path, torch_never_reads):
     ("{root}/data/weights/weight_0/../../x", "climbs out"),
     ("other/x", "outside the archive's root folder"),
     ("{root}/data/we\x1bights", "characters qexport never writes"),
+    ("{root}/data/ｗeights/x", "characters qexport never writes"),  # fullwidth: NFKC makes it 'weights'
+    ("{root}/Archive_format", "differ only in case"),
 ])
 def test_member_names_that_could_land_elsewhere(pt2, tmp_path, torch_never_reads, name, words):
     ms = members(pt2)
