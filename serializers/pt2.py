@@ -190,7 +190,9 @@ def _check_program(archive: Archive) -> None:
     if archive.members[C.ARCHIVE_FORMAT_PATH] != C.ARCHIVE_FORMAT_VALUE.encode():
         raise CorruptArtifactError(f"{p}: archive_format is not {C.ARCHIVE_FORMAT_VALUE!r}")
     _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
-    _check_symbolic_exprs(p, archive.json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME)))
+    graph = archive.json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME))
+    _check_symbolic_exprs(p, graph)
+    _check_operators(p, graph)
 
 
 # torch's deserializer builds every symbolic shape from its `expr_str` with `sympy.sympify`, which
@@ -260,6 +262,47 @@ def _check_symbolic_exprs(p: Path, graph: Any) -> None:
                 raise UnsafeArtifactError(
                     f"{p}: the program holds a symbolic shape {str(node['expr_str'])[:80]!r} that is not a shape expression "
                     f"torch writes; torch.export.load would evaluate it as Python. Re-export and save the program with qexport"
+                )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+# Operators a program may not call: running the program (verify, bench, a Runner) must not reach
+# files, other processes or the network. torch's deserializer accepts any registered operator, and
+# `aten.from_file(filename, shared=True, size)` in a resealed .pt2 created (and could fill) any file
+# when the program ran; `aten.save` writes one. Refused: every operator whose schema takes a file
+# name, and the namespaces of collective communication and debug loaders.
+_IO_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor",
+                            "symm_mem", "cplib", "debugprims", "profiler"})
+_FILE_ARGS = frozenset({"filename", "file", "path", "filepath"})
+
+
+def _reaches_outside(target: str) -> bool:
+    parts = target.split(".")
+    if parts[:2] != ["torch", "ops"] or len(parts) < 4:
+        return False  # builtins (operator, math, torch.sym_*): torch's verifier refuses any other callable
+    if parts[2] in _IO_NAMESPACES:
+        return True
+    try:
+        op = getattr(getattr(getattr(torch.ops, parts[2]), parts[3]), parts[4] if len(parts) > 4 else "default")
+        schema = op._schema
+    except Exception:  # not registered here (torch then fails to deserialize it) or a higher-order op
+        return False
+    return any(a.name in _FILE_ARGS and "str" in str(a.type) for a in schema.arguments)
+
+
+def _check_operators(p: Path, graph: Any) -> None:
+    """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES)."""
+    stack = [graph]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            target = node.get("target")
+            if isinstance(target, str) and "inputs" in node and _reaches_outside(target):
+                raise UnsafeArtifactError(
+                    f"{p}: the program calls {target[:120]!r}, which reads or writes files or talks to other processes; "
+                    f"qexport does not load programs that do (export the model without it)"
                 )
             stack.extend(node.values())
         elif isinstance(node, list):

@@ -239,6 +239,33 @@ def test_symbolic_shapes_torch_writes_pass_the_check():
         assert _safe_shape_expr(expr), expr
 
 
+def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads):
+    """aten.from_file(filename, shared=True, size) in a resealed .pt2 loaded, and created the file when
+    verify or bench ran the program."""
+    from serializers.pt2 import _reaches_outside
+
+    created = tmp_path / "created"
+
+    def edit(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        node = next(x for x in graph["graph_module"]["graph"]["nodes"] if x["target"] == "torch.ops.aten.relu.default")
+        node.update(target="torch.ops.aten.from_file.default", inputs=[
+            {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
+            {"name": "shared", "arg": {"as_bool": True}, "kind": 1}, {"name": "size", "arg": {"as_int": 512}, "kind": 1}])
+        return json.dumps(graph).encode()
+
+    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "file.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="calls 'torch.ops.aten.from_file.default', which reads or writes files"):
+            fn(p)
+    assert not created.exists()
+    assert [_reaches_outside(f"torch.ops.{t}") for t in ("aten.save.default", "debugprims.load_tensor.default",
+            "_c10d_functional.all_reduce.default", "aten.relu.default", "aten.div.Tensor_mode", "higher_order.invoke_quant_packed")] \
+        == [True, True, True, False, False, False]
+
+
 def test_a_manifest_without_digests_is_refused(pt2, tmp_path):
     ms = with_manifest(members(pt2), lambda m: m.pop("members"))
     text = next(d for n, d in ms if n.endswith(MANIFEST_MEMBER))
