@@ -371,9 +371,9 @@ def _int4_loop_fits(k: int, group_size: int, lanes: int = _LANES) -> bool:
 def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int,
                 lanes: int = _LANES) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 codes [N, K] as int32 words [N, K/64, 8] whose nibble j of word (b, i) is code k = 64b + 8j + i
-    (the top nibble, j = 7, holds code - 8 in two's complement), and per group its scale and minus its zero
-    point, [N, K/group_size, 2] (for 8 `lanes`; with 16, blocks of 128 codes: words [N, K/128, 16],
-    nibble j of word (b, i) = code 128b + 16j + i).
+    (the top nibble, j = 7, holds code - 8 in two's complement), and per block its R = max(1, 64 /
+    group_size) groups' scale and minus zero point, [N, K/64, R, 2] (for 8 `lanes`; with 16, blocks of 128
+    codes: words [N, K/128, 16], nibble j of word (b, i) = code 128b + 16j + i).
 
     Why this layout: Inductor vectorises a loop along the innermost contiguous dim at the fp32 width;
     over uint8 codes that is a partial 8-byte load per vector, which AVX2 (no byte-masked loads)
@@ -382,8 +382,10 @@ def _int4_words(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     a contiguous vector too. The words are stored as float32 bit patterns and viewed as int32 in the
     loop: torch 2.13's AVX2 `Vectorized<int32_t>::loadu(ptr, count)` copies through memcpy even for a
     full vector (a call per load: 0.80 ms per layer), the float one loads directly (0.28 ms). A group's
-    two parameters sit side by side, once per group (not per block), so the loop reads them in the same
-    pass and cache line as each other.
+    two parameters sit side by side, so the loop reads them in one pass and cache line; a group wider
+    than a block repeats them per block (g128: 8 bytes per 64 codes), which keeps the loop one level
+    deep (one copy per group needs a loop over the group's blocks; not measured apart from the
+    reduction split below, so kept simple).
     """
     n, k = codes.shape
     block = _NIBBLES * lanes
