@@ -83,5 +83,7 @@ def native_stderr() -> Iterator[None]:
             captured.seek(0)
             text = NATIVE_LINES.sub("", captured.read().decode(errors="replace"))
             text = "\n".join(line for line in text.splitlines() if line.strip())
-            if text:
-                print(text, file=sys.stderr)
+            if text:  # runtimes' logs quote a model's names, which its author chose: no raw escapes
+                from .table import printable
+
+                print(printable(text, keep="\n"), file=sys.stderr)

@@ -17,6 +17,7 @@ vocabulary, the end-of-sequence ids) is a `GenerationSpec`, which travels in the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from os import PathLike
@@ -30,6 +31,8 @@ from serializers.manifest import GENERATION_META
 
 #: the layouts `generate` can run; see the module docstring
 LAYOUTS = ("static_cache", "static_cache_io")
+#: the largest cache (all its tensors) a generation record may ask for: an 8B model's fp32 cache at 8k positions is 4 GiB
+MAX_CACHE_BYTES = 8 << 30
 #: export_lm's `cache=` choices and the layout each makes
 CACHE_LAYOUTS = {"buffers": "static_cache", "io": "static_cache_io"}
 SPEC_FORMAT = 1
@@ -88,6 +91,10 @@ class GenerationSpec:
             raise CorruptArtifactError(f"{source}: generation record: cache_shapes {shapes!r} do not fit layout {layout!r}")
         if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise CorruptArtifactError(f"{source}: generation record: cache_dtype {dtype!r} is not a torch dtype")
+        nbytes = sum(math.prod(sh) for sh in shapes) * getattr(torch, dtype).itemsize
+        if nbytes > MAX_CACHE_BYTES:  # the record is the file's: `empty_cache` allocates what it says
+            raise CorruptArtifactError(f"{source}: generation record: cache_shapes need {nbytes:,} bytes, more than the "
+                                       f"{MAX_CACHE_BYTES:,} qexport allocates for a cache; not a record qexport writes")
         return cls(max_cache_len=count("max_cache_len", 1), vocab_size=count("vocab_size", 1),
                    eos_token_ids=tuple(eos), layout=layout, cache_shapes=tuple(tuple(sh) for sh in shapes),
                    cache_dtype=dtype, format=count("format", 1))

@@ -20,6 +20,7 @@ import io
 import re
 import stat
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
@@ -134,8 +135,14 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
     if len(formats) != 1:
         raise CorruptArtifactError(f"{p}: a zip, but not a torch.export archive (no single archive_format record)")
     if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
         raise UnsafeArtifactError(f"{p}: members named twice ({', '.join(map(repr, dup[:3]))}); readers disagree on which copy counts")
+    if len({n.casefold() for n in names}) != len(names):
+        # extracted on a case-insensitive file system (macOS, Windows), the last such member replaces the other
+        folded = Counter(n.casefold() for n in names)
+        dup = sorted(n for n in names if folded[n.casefold()] > 1)
+        raise UnsafeArtifactError(f"{p}: members whose names differ only in case ({', '.join(map(repr, dup[:3]))}); one file on "
+                                  f"a case-insensitive file system")
     root = formats[0].split("/", 1)[0]
     rel = []
     for i in infos:
@@ -154,7 +161,22 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
         if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 0x1:
             raise CorruptArtifactError(f"{p}: member {n!r} is compressed or encrypted, not stored as torch.export.save stores it")
         rel.append(n[len(root) + 1:])
+    _check_no_overlap(p, z, infos)
     return root + "/", rel
+
+
+def _check_no_overlap(p: Path, z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse members whose bytes overlap another's (or the central directory), before any is read:
+    N members that each claim the rest of the file make a reader read (and CRC) N times its size, a
+    quadratic "zip bomb" without compression (a 0.5 MB file read as 0.55 GB)."""
+    end = 0
+    for i in sorted(infos, key=lambda i: i.header_offset):
+        name = len(i.filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437"))
+        if i.header_offset < end:
+            raise CorruptArtifactError(f"{p}: member {i.filename!r} overlaps the member before it; not a zip qexport writes")
+        end = i.header_offset + zipfile.sizeFileHeader + name + i.compress_size
+    if end > z.start_dir:
+        raise CorruptArtifactError(f"{p}: the zip's members run past its central directory; damaged or not a zip qexport writes")
 
 
 def _safe_root(name: str) -> bool:

@@ -20,7 +20,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from qexport.errors import ArtifactError, CorruptArtifactError
+from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
 from qexport.schemes import Scheme
 
 from ._archive import check_pin, seal_trailer, unseal_trailer
@@ -76,9 +76,36 @@ def _load(p: Path, data: bytes | None = None) -> Any:
 
     data = read_checked(p) if data is None else data
     try:
-        return onnx.load_model_from_string(data)
+        proto = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf's DecodeError and friends
         raise CorruptArtifactError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if (tensor := _external_tensor(proto)) is not None:
+        raise UnsafeArtifactError(
+            f"{p}: tensor {tensor.name[:80]!r} reads its data from another file "
+            f"({[(e.key, e.value[:80]) for e in tensor.external_data][:3]}); qexport writes every weight inside the "
+            f".onnx and does not let a model read other files: re-export it with qexport.to_onnx"
+        )
+    return proto
+
+
+def _external_tensor(proto: Any) -> Any:
+    """The first tensor anywhere in `proto` (initializers, sparse ones, node attributes, subgraphs,
+    functions) whose data lives in an external file, or None.
+
+    Why every one is refused: onnxruntime reads external data relative to the working directory when
+    it gets a model's bytes (what qexport hands it), refusing only absolute paths: a `location` of
+    `../../home/me/.ssh/id_rsa` became a model's weights, a FIFO hangs the load."""
+    from google.protobuf.message import Message
+
+    stack = [proto]
+    while stack:
+        msg = stack.pop()
+        if msg.DESCRIPTOR.full_name == "onnx.TensorProto" and (msg.data_location == msg.EXTERNAL or len(msg.external_data)):
+            return msg
+        for field, value in msg.ListFields():
+            if field.type == field.TYPE_MESSAGE:
+                stack.extend(v for v in ([value] if isinstance(value, Message) else value) if isinstance(v, Message))
+    return None
 
 
 def _manifest(p: Path, proto: Any) -> Manifest:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import re
 import zipfile
 from os import PathLike
 from pathlib import Path
@@ -189,6 +190,123 @@ def _check_program(archive: Archive) -> None:
     if archive.members[C.ARCHIVE_FORMAT_PATH] != C.ARCHIVE_FORMAT_VALUE.encode():
         raise CorruptArtifactError(f"{p}: archive_format is not {C.ARCHIVE_FORMAT_VALUE!r}")
     _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
+    graph = archive.json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME))
+    _check_symbolic_exprs(p, graph)
+    _check_operators(p, graph)
+
+
+# torch's deserializer builds every symbolic shape from its `expr_str` with `sympy.sympify`, which
+# evaluates the string as Python: a program whose tensor sizes say `__import__('os').system(...)` runs
+# it inside torch.export.load. So every expr_str must be what torch writes (sympy's srepr of a shape
+# expression, or the older infix form) before torch sees it: calls of sympy's and torch's shape
+# functions, integers, symbol names, the `name=True` assumptions of a Symbol. No attribute, subscript,
+# other name or string gets through, and a power's base must be a symbol (`Pow(Integer(9),
+# Integer(10**19))` is evaluated exactly by sympy, a hang).
+_SHAPE_CALLS = frozenset({
+    "Add", "Mul", "Pow", "Symbol", "Integer", "Rational", "Float", "Max", "Min", "Mod", "Abs", "floor", "ceiling",
+    "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "ExprCondPair", "IntInfinity",
+    "NegativeIntInfinity", "Infinity", "NegativeInfinity", "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or",
+    "BitwiseFn_bitwise_xor", "CeilDiv", "CeilToInt", "CleanDiv", "FloatPow", "FloatTrueDiv", "FloorDiv",
+    "FloorToInt", "Identity", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "LShift", "ModularIndexing",
+    "PowByNatural", "PythonMod", "RShift", "RoundDecimal", "RoundToInt", "ToFloat", "TruncToFloat", "TruncToInt",
+    "Where", *(f"OpaqueUnaryFn_{f}" for f in ("acos", "asin", "asinh", "atan", "cos", "cosh", "exp", "log", "log2",
+                                              "sin", "sinh", "sqrt", "tan", "tanh")),
+})
+_SHAPE_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift"})
+_SHAPE_CONSTANTS = frozenset({"True", "False", "true", "false", "oo", "zoo", "nan", "int_oo"})
+_SHAPE_SYMBOL = re.compile(r"[a-z]{1,4}\d{1,10}")
+_SHAPE_NUMBER = re.compile(r"\d{1,20}(?:\.\d{1,20})?(?:[eE][-+]?\d{1,4})?")
+_SHAPE_TOKEN = re.compile(
+    r"\s*(?:(?P<num>\d{1,20}(?:\.\d{1,20})?(?:[eE][-+]?\d{1,4})?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|'(?P<str>[^'\\]*)'|(?P<op>\*\*|//|<=|>=|==|!=|[-+*/%()<>,&|~=]))"
+)
+_MAX_EXPR = 10_000
+
+
+def _safe_shape_expr(expr: Any) -> bool:
+    if not isinstance(expr, str) or len(expr) > _MAX_EXPR:
+        return False
+    tokens, at = [], 0
+    while at < len(expr.rstrip()):
+        m = _SHAPE_TOKEN.match(expr, at)
+        if m is None or m.end() == at:
+            return False
+        tokens.append((m.lastgroup, m.group(m.lastgroup)))
+        at = m.end()
+    for i, (kind, text) in enumerate(tokens):
+        after = tokens[i + 1][1] if i + 1 < len(tokens) else None
+        if kind == "name":
+            if after == "(":
+                if text not in _SHAPE_CALLS or (text in _SHAPE_POWERS and tokens[i + 2:i + 3] != [("name", "Symbol")]):
+                    return False
+            elif after == "=":
+                if not re.fullmatch(r"[a-z][a-z_]{0,29}", text):
+                    return False
+            elif text not in _SHAPE_CONSTANTS and not _SHAPE_SYMBOL.fullmatch(text):
+                return False
+        elif kind == "str":
+            call = tokens[i - 2][1] if i >= 2 and tokens[i - 1][1] == "(" else None
+            if not ((call == "Symbol" and _SHAPE_SYMBOL.fullmatch(text)) or (call == "Float" and _SHAPE_NUMBER.fullmatch(text))):
+                return False
+    return True
+
+
+def _check_symbolic_exprs(p: Path, graph: Any) -> None:
+    """Refuse a program whose symbolic shapes are not expressions torch writes (see _SHAPE_CALLS)."""
+    stack = [graph]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "expr_str" in node and not _safe_shape_expr(node["expr_str"]):
+                raise UnsafeArtifactError(
+                    f"{p}: the program holds a symbolic shape {str(node['expr_str'])[:80]!r} that is not a shape expression "
+                    f"torch writes; torch.export.load would evaluate it as Python. Re-export and save the program with qexport"
+                )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+# Operators a program may not call: running the program (verify, bench, a Runner) must not reach
+# files, other processes or the network. torch's deserializer accepts any registered operator, and
+# `aten.from_file(filename, shared=True, size)` in a resealed .pt2 created (and could fill) any file
+# when the program ran; `aten.save` writes one. Refused: every operator whose schema takes a file
+# name, and the namespaces of collective communication and debug loaders.
+_IO_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor",
+                            "symm_mem", "cplib", "debugprims", "profiler"})
+_FILE_ARGS = frozenset({"filename", "file", "path", "filepath"})
+
+
+def _reaches_outside(target: str) -> bool:
+    parts = target.split(".")
+    if parts[:2] != ["torch", "ops"] or len(parts) < 4:
+        return False  # builtins (operator, math, torch.sym_*): torch's verifier refuses any other callable
+    if parts[2] in _IO_NAMESPACES:
+        return True
+    try:
+        op = getattr(getattr(getattr(torch.ops, parts[2]), parts[3]), parts[4] if len(parts) > 4 else "default")
+        schema = op._schema
+    except Exception:  # not registered here (torch then fails to deserialize it) or a higher-order op
+        return False
+    return any(a.name in _FILE_ARGS and "str" in str(a.type) for a in schema.arguments)
+
+
+def _check_operators(p: Path, graph: Any) -> None:
+    """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES)."""
+    stack = [graph]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            target = node.get("target")
+            if isinstance(target, str) and "inputs" in node and _reaches_outside(target):
+                raise UnsafeArtifactError(
+                    f"{p}: the program calls {target[:120]!r}, which reads or writes files or talks to other processes; "
+                    f"qexport does not load programs that do (export the model without it)"
+                )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:

@@ -20,7 +20,8 @@ Mutation classes:
   named by a resealed .pte: these may load; they must not crash, run code or escape.
 - hostile: files built to run a pickle payload or write outside the extraction folder (duplicated
   members whose first copy is a pickle, a second program, pickled weights, `..`/absolute/symlink
-  member names, tensor metadata promising 16 GB over an empty member) plus, for AOTI, a damaged
+  member names, tensor metadata promising 16 GB over an empty member, a symbolic size that sympy
+  would evaluate as Python) plus, for AOTI, a damaged
   shared library resealed with fresh digests: native code by design, so the worker opens it only
   with the original's digest pinned, which must refuse it; for `ptd`, data file records naming a path
   outside the .pte's folder (a valid data file sits there), a data file missing, grown, or a link to a
@@ -208,7 +209,7 @@ def _hostile(kind: str, members: list[tuple[str, bytes]], rng: random.Random, ma
     root = members[0][0].split("/")[0]
     payload = pickle_payload(marker)
     sample = f"{root}/data/sample_inputs/model.pt"
-    choice = rng.randrange(8 if kind == "pt2" else 6)
+    choice = rng.randrange(9 if kind == "pt2" else 6)
     if kind == "aoti" and choice == 5:
         so = [n for n, _ in members if n.endswith(".so")][0]
         swapped = [(n, _raw(d, rng, "flip") if n == so else d) for n, d in members]
@@ -248,6 +249,14 @@ def _hostile(kind: str, members: list[tuple[str, bytes]], rng: random.Random, ma
         return "pickled_weight", _resealed(out)
     if choice == 6:  # legacy pickled weights
         return "legacy_pickled_weights", _resealed(members + [(f"{root}/data/weights/model.pt", payload)])
+    if choice == 8:  # a symbolic size torch.export.load hands to sympy.sympify, which evaluates it as Python
+        def sized(d: bytes) -> bytes:
+            graph = json.loads(d)
+            values = graph["graph_module"]["graph"]["tensor_values"]
+            values[next(iter(values))]["sizes"][0] = {"as_expr": {"expr_str": f"__import__('os').mkdir({marker!r})", "hint": {"as_int": 4}}}
+            return json.dumps(graph).encode()
+
+        return "sympy_expr", _resealed([(n, sized(d) if n.endswith("models/model.json") else d) for n, d in members])
     # choice 7: a payload promising a huge tensor over an empty member
     out = []
     for n, d in members:

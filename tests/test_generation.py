@@ -259,7 +259,10 @@ def test_a_damaged_generation_record(lm_program):
         qexport.generate(ep, PROMPT, 4)
     record = ep.graph_module.meta["custom"]["qexport.generation"]
     record.update(max_cache_len=LM_CACHE, layout="static_cache_io", cache_shapes=[[1, 2, 10**6, 10**6]])
-    with pytest.raises(qexport.CorruptArtifactError, match="does not describe its inputs"):  # nothing allocated
+    with pytest.raises(qexport.CorruptArtifactError, match="cache_shapes need 8,000,000,000,000 bytes"):  # nothing allocated
+        qexport.generate(ep, PROMPT, 4)
+    record.update(cache_shapes=[[1, 2, 3, 4]])
+    with pytest.raises(qexport.CorruptArtifactError, match="does not describe its inputs"):
         qexport.generate(ep, PROMPT, 4)
     record.update(format=99)
     with pytest.raises(qexport.UnsupportedVersionError, match="format 99"):

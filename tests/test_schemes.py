@@ -222,3 +222,15 @@ def test_weight_only_embedding_region_decodes_only_the_rows_it_gathers():
         sizes = [n.meta["val"].numel() for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
                  for n in m.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)]
         assert max(sizes) < 1000 * 128 // 2, name  # nothing table-sized beyond the packed codes themselves
+
+
+@pytest.mark.parametrize("field, value", [
+    ("name", ["x"]), ("granularity", None), ("compute_dtype", 1), ("qmin", "0"), ("qmax", None), ("bits", True),
+    ("algorithm", {}), ("symmetric", 1), ("group_size", 1.5), ("version", "\x1b[2J"),
+])
+def test_from_dict_refuses_fields_of_another_type(field, value):
+    """A scheme comes from a file (a manifest, a graph's region options): a field of another JSON type
+    is refused here, not met later as a TypeError in a report or a backend."""
+    with pytest.raises((InvalidSchemeError, UnsupportedVersionError), match=f"{field}|schema version") as e:
+        Scheme.from_dict({**qexport.schemes.get("int4_weight_only").to_dict(), field: value})
+    assert "\x1b" not in str(e.value)

@@ -105,6 +105,8 @@ def test_a_second_program_is_refused(pt2, tmp_path, torch_never_reads):
     ("{root}/data/weights/weight_0/../../x", "climbs out"),
     ("other/x", "outside the archive's root folder"),
     ("{root}/data/we\x1bights", "characters qexport never writes"),
+    ("{root}/data/ｗeights/x", "characters qexport never writes"),  # fullwidth: NFKC makes it 'weights'
+    ("{root}/Archive_format", "differ only in case"),
 ])
 def test_member_names_that_could_land_elsewhere(pt2, tmp_path, torch_never_reads, name, words):
     ms = members(pt2)
@@ -130,6 +132,45 @@ def test_a_replaced_member_fails_its_digest(pt2, tmp_path, torch_never_reads):
     ms = [(n, bytes(len(d)) if n.endswith("weights/weight_0") else d) for n, d in members(pt2)]
     with pytest.raises(UnsafeArtifactError, match=r"member 'data/weights/weight_0' does not match the SHA-256"):
         qexport.load(stale(ms, pt2, tmp_path / "swapped.pt2"))
+
+
+def _overlapping_zip(n: int) -> bytes:
+    """A stored zip of `n` members whose data each run to the end of the local headers (CRCs right):
+    zipfile reads every one, n times the file's size in all."""
+    import struct
+    import zlib
+
+    names = [b"m/archive_format"] + [b"m/data/f%06d" % i for i in range(n)]
+    local, offsets = bytearray(), []
+    for name in names:
+        offsets.append(len(local))
+        local += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0) + name
+    central = bytearray()
+    for name, at in zip(names, offsets):
+        span = bytes(local[at + 30 + len(name):])
+        central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, zlib.crc32(span), len(span), len(span),
+                               len(name), 0, 0, 0, 0, 0o100644 << 16, at) + name
+    return bytes(local + central + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(names), len(names), len(central), len(local), 0))
+
+
+def test_overlapping_members_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    p = tmp_path / "overlap.pt2"
+    p.write_bytes(_overlapping_zip(200))
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a: pytest.fail("a member was read"))
+    for fn in (qexport.load, qexport.inspect):
+        with pytest.raises(CorruptArtifactError, match="overlaps the member before it"):
+            fn(p)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_many_members_one_named_twice(pt2, tmp_path, torch_never_reads):
+    """Finding the duplicate among 20,000 names is linear (it was quadratic: minutes)."""
+    ms = members(pt2)
+    root = ms[0][0].split("/")[0]
+    many = [(f"{root}/data/x{i}", b"") for i in range(20_000)]
+    p = _archive.reseal(ms + many + [many[0]], tmp_path / "many.pt2")
+    with pytest.raises(UnsafeArtifactError, match="members named twice"):
+        qexport.load(p)
 
 
 def test_damaged_zip_headers_are_refused(pt2, tmp_path, torch_never_reads):
@@ -162,6 +203,67 @@ def test_huge_tensor_metadata_over_an_empty_member(pt2, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("torch would allocate 16 GB"))
     with pytest.raises(CorruptArtifactError, match=r"weight 'layers.0.weight': its metadata .* needs 17,179,869,184 bytes but its payload holds 0"):
         qexport.load(p)
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').mkdir({marker!r})",  # sympify evaluates a string as Python
+    "exec(bytes((105, 109)))",  # no attribute, no quote: names are what matters
+    "Symbol('s0').__class__",
+    "Pow(Integer(9), Integer(99999999999999))",  # evaluated exactly by sympy: a hang
+])
+def test_symbolic_shapes_are_never_evaluated_as_python(pt2, tmp_path, torch_never_reads, expr):
+    """torch.export.load builds symbolic sizes with sympy.sympify(expr_str), which runs Python; a
+    resealed program with code there is refused before torch reads it, whatever the entry point."""
+    marker = tmp_path / "ran"
+
+    def edit(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        values = graph["graph_module"]["graph"]["tensor_values"]
+        values[next(iter(values))]["sizes"][0] = {"as_expr": {"expr_str": expr.format(marker=str(marker)), "hint": {"as_int": 4}}}
+        return json.dumps(graph).encode()
+
+    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "sym.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="symbolic shape .* not a shape expression torch writes"):
+            fn(p)
+    assert not marker.exists()
+
+
+def test_symbolic_shapes_torch_writes_pass_the_check():
+    from serializers.pt2 import _safe_shape_expr
+
+    for expr in ("Add(Symbol('s17', positive=True, integer=True), Integer(-1))", "FloorDiv(s0, 2) + 1", "-int_oo",
+                 "StrictLessThan(Symbol('s0'), Integer(3))", "Pow(Symbol('s0'), Integer(2))", "Float('1.5', precision=53)"):
+        assert _safe_shape_expr(expr), expr
+
+
+def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads):
+    """aten.from_file(filename, shared=True, size) in a resealed .pt2 loaded, and created the file when
+    verify or bench ran the program."""
+    from serializers.pt2 import _reaches_outside
+
+    created = tmp_path / "created"
+
+    def edit(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        node = next(x for x in graph["graph_module"]["graph"]["nodes"] if x["target"] == "torch.ops.aten.relu.default")
+        node.update(target="torch.ops.aten.from_file.default", inputs=[
+            {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
+            {"name": "shared", "arg": {"as_bool": True}, "kind": 1}, {"name": "size", "arg": {"as_int": 512}, "kind": 1}])
+        return json.dumps(graph).encode()
+
+    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "file.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="calls 'torch.ops.aten.from_file.default', which reads or writes files"):
+            fn(p)
+    assert not created.exists()
+    assert [_reaches_outside(f"torch.ops.{t}") for t in ("aten.save.default", "debugprims.load_tensor.default",
+            "_c10d_functional.all_reduce.default", "aten.relu.default", "aten.div.Tensor_mode", "higher_order.invoke_quant_packed")] \
+        == [True, True, True, False, False, False]
 
 
 def test_a_manifest_without_digests_is_refused(pt2, tmp_path):
@@ -252,6 +354,56 @@ def test_pte_checksum(demo, tmp_path):
         runners.load(tmp_path / "flip.pte")
     with pytest.raises(CorruptArtifactError, match="no qexport checksum"):
         qexport.inspect(tmp_path / "cut.pte")
+
+
+@pytest.mark.parametrize("where", ["initializer", "node attribute"])
+def test_onnx_tensors_never_read_other_files(demo, tmp_path, monkeypatch, where):
+    """onnxruntime resolves external data of a model given as bytes against the working directory and
+    refuses only absolute paths: `../` reached any file. qexport writes none, so none is read."""
+    import onnx
+    import onnxruntime
+
+    from serializers import onnx as onnx_file
+
+    (tmp_path / "secret.bin").write_bytes(bytes(1 << 16))
+    model = onnx.load_model_from_string(onnx_file.read_checked(demo / "model.onnx"))
+    tensor = model.graph.initializer[0] if where == "initializer" else onnx.helper.make_tensor("c", onnx.TensorProto.FLOAT, [4], [0.0] * 4)
+    if where == "node attribute":
+        model.graph.node.append(onnx.helper.make_node("Constant", [], ["c_out"], value=tensor))
+        tensor = model.graph.node[-1].attribute[0].t
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=f"../{tmp_path.name}/secret.bin")
+    p = tmp_path / "ext.onnx"
+    p.write_bytes(model.SerializeToString())
+    onnx_file.seal(p)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: pytest.fail("onnxruntime got the model"))
+    for fn in (runners.load, qexport.inspect):
+        with pytest.raises(UnsafeArtifactError, match="reads its data from another file .*secret.bin"):
+            fn(p)
+
+
+def test_generated_inputs_are_bounded(demo, tmp_path, capsys):
+    """Input shapes come from the file (an .onnx's inputs here): a declared (2**36, 64) input was a
+    16 TiB allocation in bench and verify, raised as a RuntimeError."""
+    import onnx
+
+    from qexport.cli import main
+    from serializers import onnx as onnx_file
+
+    model = onnx.load_model_from_string(onnx_file.read_checked(demo / "model.onnx"))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1 << 36
+    p = tmp_path / "wide.onnx"
+    p.write_bytes(model.SerializeToString())
+    onnx_file.seal(p)
+    with pytest.raises(ArtifactError, match=r"has shape \(68719476736, .*which qexport does not generate"):
+        runners.make_inputs(runners.load(p).inputs)
+    assert main(["bench", str(p)]) == 1
+    assert "give inputs of your own (qexport bench --input SHAPE)" in capsys.readouterr().err
 
 
 def test_a_runtime_abort_is_caught_in_the_child(demo, tmp_path, monkeypatch):
@@ -446,12 +598,26 @@ def test_inspect_prints_hostile_manifest_text_escaped(pt2, tmp_path, capsys):
         m["regions"][0]["weight_bytes"] = 10 ** 400
         m["quantized_bytes"] = 10 ** 400
         m["extra"]["note"] = "\x1b[31mred"
+        m["extra"]["cpu_target"] = {"arch": "\x1b[2J", "capability": "AVX2", "march": "\x1b[2J", "requires": ["\x1b[31mavx2"]}
 
     p = _archive.reseal(with_manifest(members(pt2), edit), tmp_path / "loud.pt2")
     assert main(["inspect", str(p)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b]0;owned" in out and "401-digit" in out
+
+
+def test_cli_errors_and_tables_print_no_escapes(tmp_path, capsys):
+    """A file's name and contents reach error messages and tables (bench, verify) as well as inspect."""
+    from qexport.cli import main
+
+    p = tmp_path / "a\x1b]0;owned\x07\x1b[2J.pt2"
+    p.write_bytes(b"PK\x03\x04 not a zip")
+    assert main(["inspect", str(p)]) == 1
+    assert main(["bench", str(p), "--input", "4,64"]) == 1
+    out = capsys.readouterr()
+    assert "\x1b" not in out.out + out.err and "\x07" not in out.out + out.err
+    assert "\\x1b]0;owned" in out.err
 
 
 def test_cli_pins(demo, capsys):

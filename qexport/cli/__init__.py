@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except QExportError as e:
-        print(f"qexport {args.command}: error: {e}", file=sys.stderr)
+        from ..table import printable
+
+        # messages quote files' contents (manifest fields, member names): escapes reach no terminal
+        print(f"qexport {args.command}: error: {printable(e, keep=chr(10))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"qexport {args.command}: interrupted", file=sys.stderr)

@@ -40,7 +40,9 @@ def _shape(shapes, dim_names) -> str:
 def _clean(value, limit: int = 160) -> str:
     """Manifest text as it may reach a terminal: control characters (escape sequences) shown escaped,
     long text cut. A manifest is the file's author's text, not ours."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+    from ..table import printable
+
+    text = printable(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -97,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         from qexport.lower.cpu_target import CPUTarget
 
         try:
-            print(f"compiled for: {CPUTarget.from_dict(target).describe()} (loading needs: {' '.join(target.get('requires', [])) or '-'})")
-        except ValueError as e:
-            print(f"compiled for: unreadable cpu_target ({e})")
+            print(_clean(f"compiled for: {CPUTarget.from_dict(target).describe()} (loading needs: "
+                         f"{' '.join(map(str, target.get('requires', []))) or '-'})", limit=400))
+        except (ValueError, TypeError) as e:
+            print(_clean(f"compiled for: unreadable cpu_target ({e})", limit=400))
     rest = {k: v for k, v in manifest.extra.items() if k != "inputs" or not inputs}
     if rest:
         print(_clean(f"extra: {json.dumps(rest, sort_keys=True)}", limit=2000))

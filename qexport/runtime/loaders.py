@@ -180,7 +180,8 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(model.data, options, providers=["CPUExecutionProvider"])
+    with native_stderr():  # onnxruntime logs a model's node names as they are
+        session = ort.InferenceSession(model.data, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     inputs = [
         InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))

@@ -4,12 +4,15 @@ inputs (`InputInfo`) so verify and bench can make examples."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
+
+from ..table import printable
 
 Flat = list[torch.Tensor]
 
@@ -146,7 +149,23 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
     return infos
 
 
+#: the largest input `make_inputs` generates; an artifact's author chooses its input shapes
+MAX_GENERATED_BYTES = 1 << 30
+
+
 def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
+    """Example inputs for `infos`; ArtifactError (before allocating anything) for a shape that is
+    negative or larger than MAX_GENERATED_BYTES: the shapes come from the file (a `.pte`'s or an
+    `.onnx`'s inputs, a program's signature), and a declared (2**36, 64) input was a 16 TiB allocation."""
+    from ..errors import ArtifactError
+
+    for i in infos:
+        n = math.prod(i.shape) * i.dtype.itemsize
+        if any(not isinstance(d, int) or d < 0 for d in i.shape) or n > MAX_GENERATED_BYTES:
+            raise ArtifactError(
+                f"input {printable(i.name)[:80]!r} has shape {tuple(i.shape)} ({n:,} bytes), which qexport does not "
+                f"generate (at most {MAX_GENERATED_BYTES:,} bytes); give inputs of your own (qexport bench --input SHAPE)"
+            )
     g = torch.Generator().manual_seed(seed)
     return [i.make(g) for i in infos]
 

@@ -12,6 +12,7 @@ newer than this code.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -68,7 +69,7 @@ class Scheme:
         version = data.get("version", SCHEME_VERSION)
         if not isinstance(version, int) or version > SCHEME_VERSION:
             raise UnsupportedVersionError(
-                f"scheme {data.get('name')!r} has schema version {version}; this qexport reads "
+                f"scheme {str(data.get('name'))[:60]!r} has schema version {repr(version)[:40]}; this qexport reads "
                 f"versions up to {SCHEME_VERSION}: upgrade qexport"
             )
         unknown = set(data) - set(cls.FIELDS)
@@ -77,7 +78,16 @@ class Scheme:
         missing = {"name", "family", "weight_dtype", "bits", "granularity"} - set(data)
         if missing:
             raise InvalidSchemeError(f"scheme dict lacks required field(s) {sorted(missing)}")
-        return cls(**dict(data))
+        # A scheme read from a file is the file's author's: a field of another JSON type would surface
+        # later as a TypeError deep in a report or a backend, so each is checked against its annotation.
+        for name, value in data.items():
+            if not _json_type_ok(_FIELD_TYPES[name], value):
+                raise InvalidSchemeError(
+                    f"scheme {str(data.get('name'))[:60]!r}: field {name!r} must be {_FIELD_TYPES[name]}, got {str(value)[:60]!r}"
+                )
+        scheme = cls(**dict(data))
+        _check_common(scheme)
+        return scheme
 
     def replace(self, **changes: Any) -> "Scheme":
         unknown = set(changes) - set(Scheme.FIELDS)
@@ -127,6 +137,19 @@ class Scheme:
 
 
 Scheme.FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
+#: each field's annotation ("int | None"), which `from_dict` holds a file's values to
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Scheme)}
+
+
+def _json_type_ok(annotation: str, value: Any) -> bool:
+    allowed = {t.strip() for t in annotation.split("|")}
+    if value is None or isinstance(value, bool):
+        return ("None" if value is None else "bool") in allowed
+    if isinstance(value, int):
+        return bool(allowed & {"int", "float"})
+    if isinstance(value, float):
+        return "float" in allowed and math.isfinite(value)
+    return isinstance(value, str) and "str" in allowed
 
 #: name -> the registered Scheme, filled by `registry.register`; it lives here, below the registry,
 #: so a scheme can compare itself with its registered version (`params`) without importing the registry
