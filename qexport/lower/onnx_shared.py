@@ -52,7 +52,7 @@ def _is_transpose(a: ir.Value, b: ir.Value) -> bool:
 def _contiguous_initializers(model: ir.Model) -> None:
     """torch.onnx folds `weight.T` of a float weight (Falcon's `x @ W.T` layers) into an initializer
     holding a transposed numpy view, and onnx-ir's hashing deduplication refuses it ("ndarray is not
-    C-contiguous", onnx-ir 0.2): give those a contiguous copy."""
+    C-contiguous", onnx-ir 1.1): give those a contiguous copy."""
     for v in model.graph.initializers.values():
         t = v.const_value
         if t is not None and isinstance(t.raw, np.ndarray) and not t.raw.flags.c_contiguous:
