@@ -199,6 +199,14 @@ def test_container_allow_list(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert register_output_containers(["planted.Evil", "transformers.modeling_outputs.torch",
                                        "transformers.modeling_outputs._private", "os.system"]) == []
+    # transformers' per-model modules define outputs too (Swin's): only ModelOutput subclasses, only there
+    assert register_output_containers(["transformers.models.swin.modeling_swin.SwinLayer",
+                                       "transformers.models.swin.configuration_swin.SwinConfig",
+                                       "transformers.models.planted.modeling_planted.Evil",
+                                       "transformers.models.swin.modeling_swin.os.system"]) == []
+    swin = "transformers.models.swin.modeling_swin.SwinImageClassifierOutput"
+    register_output_containers([swin])
+    assert swin in torch.utils._pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
     spec = '[1, {"type": "a.B", "context": "[]", "children_spec": [{"type": "c.D", "children_spec": []}]}]'
     assert sorted(spec_type_names(spec)) == ["a.B", "c.D"]
     assert list(spec_type_names("not json")) == []
