@@ -23,6 +23,10 @@ LOG_LINES: tuple[tuple[str, str, str], ...] = (
      "torchao 0.18 registers its Enums (KernelPreference, ...) as pytree constants, which torch 2.13 deprecates"),
     ("torch.onnx._internal.exporter._registration", r"torchvision is not installed",
      "torch.onnx's exporter registers torchvision's detection ops when it can and logs each one it cannot"),
+    ("onnxscript.optimizer._constant_folding", r"^Evaluation failed: ",
+     "onnxscript 0.7's constant folding runs onnx's reference evaluator on any node whose inputs look constant and "
+     "logs each it cannot evaluate (RoBERTa's position ids: a Reshape to a shape known only at run time); the node "
+     "is kept unfolded and onnxruntime runs it"),
 )
 #: (warning category, message pattern, why it is noise)
 WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (

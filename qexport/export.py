@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import validate
-from .errors import ExportError
+from .errors import ExportError, QExportError
 from .quantize import quantized_modules
 from .passes import canonicalize_region_operands, name_regions
 from .regions import iter_region_nodes, region_payload
@@ -40,6 +40,8 @@ def export(
     try:
         with _paths_from(model):
             ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
+    except QExportError:  # the model's own forward refused (a quantized weight read for its values)
+        raise
     except Exception as e:  # torch's messages are long; keep them, but say which stage failed
         raise ExportError(f"torch.export failed ({'strict' if strict else 'non-strict'}): {type(e).__name__}: {e}") from e
     finally:

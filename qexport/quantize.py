@@ -22,7 +22,8 @@ from torch import nn
 
 from . import validate
 from .errors import (
-    CalibrationError, InvalidSchemeError, NothingToQuantizeError, QuantizedWeightError, UnsupportedModuleError,
+    CalibrationError, InvalidSchemeError, NothingToQuantizeError, QExportError, QuantizedWeightError,
+    UnsupportedModuleError,
 )
 from .regions import invoke_quant
 from .schemes import ALGORITHMS, Scheme, get as get_scheme, make_region_fn, math_for
@@ -84,21 +85,36 @@ _LAYERS: dict[type, _Layer] = {
 
 
 def _layer_of(m: nn.Module) -> tuple[_Layer | None, str]:
-    """The layer kind of `m`, or None and why it is not one (empty for modules that carry no weight)."""
+    """The layer kind of `m`, or None and why it is not one (empty for modules that carry no weight).
+    A subclass counts as its base layer when it keeps the base's forward: library wrappers, and
+    torch's parametrized layers (`weight_norm` in wav2vec2 / HuBERT's positional conv), whose weight
+    the region takes as computed."""
     hf = _hf_conv1d()
     if hf is not None and isinstance(m, hf):
         return _CONV1D_HF, ""
     if isinstance(m, nn.Linear):
-        if type(m).forward is not nn.Linear.forward:
-            return None, (f"{type(m).__name__} overrides nn.Linear.forward; replacing it would drop its own "
-                          f"computation (select another module or quantize the layers it calls)")
-        return _LINEAR, ""
-    layer = _LAYERS.get(type(m))
-    if layer is not None:
-        return layer, ""
+        return (_LINEAR, "") if type(m).forward is nn.Linear.forward else (None, _overrides_forward(m, nn.Linear))
+    for base, layer in _LAYERS.items():
+        if isinstance(m, base):
+            return (layer, "") if type(m).forward is base.forward else (None, _overrides_forward(m, base))
     if isinstance(m, _UNSUPPORTED_LAYERS):
         return None, f"{type(m).__name__} has no region op (qexport quantizes Linear, Conv1D, Conv1d, Conv2d, Embedding)"
     return None, ""
+
+
+def _overrides_forward(m: nn.Module, base: type) -> str:
+    kind = type(m).__name__
+    return (f"{kind} overrides nn.{base.__name__}.forward; replacing it would drop its own computation. If its forward computes "
+            f"exactly what {base.__name__}'s does, name its class in a recipe: {{{kind}: scheme}} "
+            f"(qexport export: --recipe {kind}=SCHEME)")
+
+
+def _as_base_layer(m: nn.Module) -> _Layer | None:
+    """The layer a subclass overriding forward becomes when a recipe names its class (the user says it
+    computes what its base does: Falcon's `FalconLinear` is `x @ W.T + b`)."""
+    if isinstance(m, nn.Linear):
+        return _LINEAR
+    return next((layer for base, layer in _LAYERS.items() if isinstance(m, base)), None)
 
 
 def _read_directly(model: nn.Module) -> dict[str, str]:
@@ -195,7 +211,7 @@ class _RecipeTable:
                 return _Match(s, repr(key), exact=False)
         for cls in _type_key_mro(m):
             if cls in self.types:
-                return _Match(self.types[cls], cls.__name__, exact=False)
+                return _Match(self.types[cls], cls.__name__, exact=False, names_class=cls is type(m))
         return None
 
 
@@ -204,6 +220,7 @@ class _Match:
     scheme: Scheme | None
     entry: str  # the recipe key, as the summary names it
     exact: bool  # a key naming the module exactly selects it: refusing it is an error, not a skip
+    names_class: bool = False  # a type key equal to the module's own class
 
 
 def _weight_only(scheme: Scheme) -> Scheme:
@@ -299,16 +316,32 @@ class FloatWeightStandIn(torch.Tensor):
         t._where, t._scheme = where, scheme
         return t
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # Under torch.export's fake and proxy modes an op on a stand-in never reaches __torch_dispatch__:
+        # the modes answer NotImplemented for a subclass they do not know, and the user sees "Unable to
+        # cast NotImplemented to Tensor" (DeBERTa reads rel_embeddings.weight). Any op that fails on a
+        # stand-in failed for want of values: say so here, where the stand-in is still in hand.
+        try:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        except QuantizedWeightError:
+            raise
+        except Exception as e:
+            raise cls._needs_values(args, kwargs, func) from e
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise cls._needs_values(args, kwargs, func)
+
+    @classmethod
+    def _needs_values(cls, args, kwargs, func) -> QuantizedWeightError:
         stand_in = next(a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, cls))
-        raise QuantizedWeightError(
+        return QuantizedWeightError(
             f"{stand_in._where}.weight is quantized ({stand_in._scheme}): it answers dtype, shape and device "
-            f"as the float weight did but holds no values, and {func} needs them. If the model computes with "
-            f"this weight itself, leave the layer float: quantize(model, {{..., {stand_in._where!r}: None}}); "
-            f"the quantized tensors are model.get_submodule({stand_in._where!r}).tensors()"
+            f"as the float weight did but holds no values, and {getattr(func, '__name__', func)} needs them. If the "
+            f"model computes with this weight itself, leave the layer float: quantize(model, {{..., "
+            f"{stand_in._where!r}: None}}); the quantized tensors are model.get_submodule({stand_in._where!r}).tensors()"
         )
 
     def __repr__(self) -> str:
@@ -454,6 +487,8 @@ def _plan(
             continue
         match = table.lookup(fqn, m)
         explicit = explicit or (match is not None and match.exact)
+        if layer is None and match is not None and match.names_class:
+            layer = _as_base_layer(m)
         if layer is None:
             if explicit:
                 raise UnsupportedModuleError(f"{fqn}: {why_not}; make filter_fn (or the recipe) leave it out")
@@ -476,7 +511,13 @@ def _plan(
             skip(_why_op_refused(scheme, layer.op), layer.op)
             op_refused[fqn] = (m, layer, scheme)
             continue
-        _check_module(m, fqn, scheme, layer)
+        validate.check_modules([(fqn, m, layer.op)])
+        refused = _layer_refused(m, fqn, scheme, layer)
+        if refused is not None:
+            if explicit:
+                raise refused
+            skip(str(refused).removeprefix(f"{fqn}: "), layer.op)
+            continue
         chosen.append(_Choice(fqn, m, layer, _for_op(scheme, layer.op)))
     _tie(chosen, skipped, op_refused, model)
     order = {fqn: i for i, (fqn, _) in enumerate(model.named_modules())}
@@ -511,9 +552,8 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
         if owner is None:
             continue
         ws = _weight_only(owner.scheme)
-        if not math_for(ws).supports(ws, layer.op):
+        if not math_for(ws).supports(ws, layer.op) or _layer_refused(m, fqn, ws, layer) is not None:
             continue
-        _check_module(m, fqn, ws, layer)
         del skipped[fqn]
         chosen.append(_Choice(fqn, m, layer, ws, tied_to=owner.fqn))
     # a tied parameter left float beside its quantized twin is stored twice: say so
@@ -526,15 +566,22 @@ def _tie(chosen: list[_Choice], skipped: dict[str, LayerDecision], op_refused: d
                                          f"(float here, quantized there)")
 
 
-def _check_module(m: nn.Module, fqn: str, scheme: Scheme, layer: _Layer) -> None:
-    validate.check_modules([(fqn, m, layer.op)])
+def _layer_refused(m: nn.Module, fqn: str, scheme: Scheme, layer: _Layer) -> QExportError | None:
+    """Why `scheme` cannot take this particular layer (its settings or its weight's shape), or None.
+    Selected explicitly, that is the error raised; selected by type, glob or default, a skip with its
+    message: one odd layer (T5's relative_attention_bias, an Embedding(32, num_heads), under int4
+    g128) must not refuse the whole model."""
     if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
-        raise UnsupportedModuleError(f"{fqn}: {type(m).__name__} padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
+        return UnsupportedModuleError(f"{fqn}: {type(m).__name__} padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
-        raise UnsupportedModuleError(f"{fqn}: Embedding with max_norm or sparse=True is not supported")
+        return UnsupportedModuleError(f"{fqn}: Embedding with max_norm or sparse=True is not supported")
     if not m.weight.dtype.is_floating_point:
-        raise UnsupportedModuleError(f"{fqn}: weight dtype {m.weight.dtype} is not floating point")
-    math_for(scheme).check_weight(scheme, layer.op, tuple(layer.weight(m).shape), fqn)
+        return UnsupportedModuleError(f"{fqn}: weight dtype {m.weight.dtype} is not floating point")
+    try:
+        math_for(scheme).check_weight(scheme, layer.op, tuple(layer.weight(m).shape), fqn)
+    except InvalidSchemeError as e:
+        return e
+    return None
 
 
 @dataclass

@@ -5,13 +5,16 @@ torch.export stores a program's input/output structure as a pytree spec naming e
 CausalLMOutputWithPast in pytree is not registered") unless the class registered itself first, which
 for transformers' `ModelOutput`s happens when their module is imported. A loader cannot import what
 the file names (that would run any module an attacker writes into it), so the containers come from an
-allow-list: the modules below, from which only `ModelOutput` subclasses are taken.
+allow-list: the modules below and transformers' own per-model modules (`transformers.models.<model>.
+modeling_<model>`, where Swin, CLIP and others define their outputs), from which only `ModelOutput`
+subclasses are taken.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
 from typing import Any, Iterable, Iterator
 
 import torch.utils._pytree as pytree
@@ -21,6 +24,15 @@ import torch.utils._pytree as pytree
 ALLOWED_MODULES: dict[str, tuple[str, str]] = {
     "transformers.modeling_outputs": ("transformers.utils.generic", "ModelOutput"),
 }
+#: transformers' model modules (its own code, inside its package): `SwinImageClassifierOutput` lives in
+#: transformers.models.swin.modeling_swin, not in modeling_outputs
+MODEL_MODULE = re.compile(r"transformers\.models\.[a-z0-9_]+\.modeling_[a-z0-9_]+")
+
+
+def _base_of(module_name: str) -> tuple[str, str] | None:
+    if module_name in ALLOWED_MODULES:
+        return ALLOWED_MODULES[module_name]
+    return ALLOWED_MODULES["transformers.modeling_outputs"] if MODEL_MODULE.fullmatch(module_name) else None
 
 
 def spec_type_names(spec: str) -> Iterator[str]:
@@ -46,13 +58,14 @@ def register_output_containers(type_names: Iterable[str]) -> list[str]:
         if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             continue
         module_name, _, cls_name = name.rpartition(".")
-        if module_name not in ALLOWED_MODULES or not cls_name.isidentifier() or cls_name.startswith("_"):
+        base_name = _base_of(module_name)
+        if base_name is None or not cls_name.isidentifier() or cls_name.startswith("_"):
             continue
         try:
             module = importlib.import_module(module_name)
-            base = getattr(importlib.import_module(ALLOWED_MODULES[module_name][0]), ALLOWED_MODULES[module_name][1])
-        except ImportError:  # transformers is not installed: torch's loader names the container
-            continue
+            base = getattr(importlib.import_module(base_name[0]), base_name[1])
+        except ImportError:  # transformers (or that model, or its optional dependency) is not installed:
+            continue  # torch's loader names the container
         cls = getattr(module, cls_name, None)
         if not (isinstance(cls, type) and issubclass(cls, base)):
             continue

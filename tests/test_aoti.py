@@ -205,6 +205,43 @@ VNNI_TARGET = CPUTarget("x86_64", "AVX512", "native", ("avx2", "avx512_bf16", "a
 
 
 @pytest.mark.parametrize("target", [AVX2_TARGET, VNNI_TARGET], ids=["avx2", "avx512_vnni_bf16"])
+def test_int4_head_with_output_features_not_a_multiple_of_16(monkeypatch, target):
+    """tinygemm's CPU packing refuses N % 16 != 0 ("expect N to be dividable by 16"; the README's
+    Linear(128, 10) raised a RuntimeError in qexport.compile): such a layer decodes its weights instead,
+    the others keep tinygemm."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = quantized(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval(),
+                      scheme_for("int4_weight_only"), x)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+    lowered, decisions = apply_kernels(ep, "cpu")
+    kernels = [{b["kernel"].split(" ")[0] for b in d.details["plan"]} for d in decisions]
+    assert "aten._weight_int4pack_mm_for_cpu" in kernels[0] and "aten._weight_int4pack_mm_for_cpu" not in kernels[1]
+    assert "2.weight_int4pack" not in lowered.state_dict and "0.weight_int4pack" in lowered.state_dict
+    for rows in (3, 40):  # tinygemm up to 24 rows on AVX2, 4 on AVX-512; decoded weights above
+        x2 = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            assert rel_err(lowered.module()(x2), model(x2)) <= 2e-2, rows
+
+
+@pytest.mark.parametrize("scheme, k", [("int8_dynamic_int4_weight", 32), ("int4_weight_only", 32), ("int8_weight_only", 48)])
+def test_one_row_program_whose_layer_the_loop_cannot_take(monkeypatch, scheme, k):
+    """A static one-row program (a pooled classifier head) reaches only the one-row bucket; where the
+    loop cannot take K (int4: 32, under one 64-code block; int8: 48, not whole 32-byte blocks) the
+    bucket falls to the next kernel, not to nothing (compile raised StopIteration)."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: AVX2_TARGET)
+    torch.manual_seed(0)
+    x = torch.randn(1, k)
+    s = qexport.schemes.get(scheme, **({"group_size": 32} if "int4" in scheme else {}))
+    model = quantized(torch.nn.Sequential(torch.nn.Linear(k, 48)).eval(), s, x)
+    lowered, (decision,) = apply_kernels(qexport.export(model, (x,)), "cpu")
+    assert "Inductor C++ loop" not in decision.kernel
+    with torch.no_grad():
+        assert rel_err(lowered.module()(x), model(x)) <= 2e-2
+
+
+@pytest.mark.parametrize("target", [AVX2_TARGET, VNNI_TARGET], ids=["avx2", "avx512_vnni_bf16"])
 @pytest.mark.parametrize("large_m", ["bf16_weights", "dequant"])
 def test_int8_dynamic_int4_weight_cpu_kernel_is_the_reference_at_every_row_count(monkeypatch, target, large_m):
     """8da4w on CPU computes in fp32 as its reference does, on every ISA: the int4 loop at one row, the

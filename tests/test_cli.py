@@ -159,6 +159,20 @@ def test_export_static_scheme_with_calibration_file(capsys, tmp_path):
     assert code == 0 and out2.is_file(), err
 
 
+def test_export_with_a_recipe(capsys, tmp_path):
+    """--recipe KEY=SCHEME: a class name is a type key (the nearest class wins), anything else a glob;
+    --scheme takes the rest."""
+    out = tmp_path / "tt.pt2"
+    code, stdout, err = run_cli(capsys, "export", "qexport.models:TinyTransformer", "--scheme", "int8_dynamic",
+                                "--recipe", "Embedding=int8_weight_only", "--recipe", "blocks.0.*=none",
+                                "--input", "1x16:int64", "-o", str(out))
+    assert code == 0, err
+    schemes = {r.module_path: r.scheme.name for r in qexport.regions(qexport.load(out))}
+    assert schemes.pop("emb") == "int8_weight_only" and not [m for m in schemes if m.startswith("blocks.0.")]
+    assert set(schemes.values()) == {"int8_dynamic"} and len(schemes) == 5
+    assert "recipe entry 'blocks.0.*' maps it to None" in stdout
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["nosuch_pkg.models:Net", "--scheme", "int8_weight_only", "--input", "1x256"], ["no module named 'nosuch_pkg'"]),
     (["qexport.models:Nope", "--scheme", "int8_weight_only", "--input", "1x256"], ["no attribute 'Nope'", "TinyNet"]),
@@ -176,6 +190,10 @@ def test_export_static_scheme_with_calibration_file(capsys, tmp_path):
      ["algorithm='hqq' is not available for the int8 family"]),
     (["qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256", "--calibrate", "/nonexistent.pt"],
      ["/nonexistent.pt", "no such file"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--recipe", "Linear", "--input", "1x256"], ["--recipe 'Linear'", "KEY=SCHEME"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--recipe", "Linear=int9", "--input", "1x256"], ["unknown scheme 'int9'"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--recipe", "layers.0=int8_static", "--input", "1x256"],
+     ["int8_static", "add --calibrate"]),
 ])
 def test_export_user_mistakes_are_one_line_and_leave_no_file(capsys, tmp_path, argv, needles):
     out = tmp_path / "out.pt2"

@@ -101,14 +101,19 @@ def test_calibration_with_kwargs_batches():
 
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: qexport.quantize(MLP(), "int9"), UnknownSchemeError, "unknown scheme 'int9'"),
-    (lambda: qexport.quantize(MLP((48, 16)), "int4_weight_only"), InvalidSchemeError,
+    (lambda: qexport.quantize(MLP((48, 16)), "int4_weight_only", filter_fn=lambda m, n: True), InvalidSchemeError,
      r"layers.0: int4_weight_only group_size=128 does not divide the linear reduction dimension 48"),
+    # selected by default, a layer the scheme cannot take is skipped; none left is an error naming why
+    (lambda: qexport.quantize(MLP((48, 16)), "int4_weight_only"), NothingToQuantizeError,
+     r"Linear: int4_weight_only group_size=128 does not divide the linear reduction dimension 48"),
     (lambda: qexport.quantize(EmbedNet(), "int8_dynamic", filter_fn=lambda m, n: True), UnsupportedModuleError,
      r"emb: scheme int8_dynamic cannot quantize Embedding"),
     (lambda: qexport.quantize(nn.Sequential(nn.Conv3d(3, 3, 1)), "int8_weight_only", filter_fn=lambda m, n: True),
      UnsupportedModuleError, "0: Conv3d has no region op"),
+    (lambda: qexport.quantize(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")), "int8_weight_only",
+                              filter_fn=lambda m, n: True), UnsupportedModuleError, "0: Conv2d padding_mode='reflect'"),
     (lambda: qexport.quantize(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")), "int8_weight_only"),
-     UnsupportedModuleError, "padding_mode='reflect'"),
+     NothingToQuantizeError, "padding_mode='reflect'"),
     (lambda: qexport.quantize(nn.Sequential(nn.ReLU()), "int8_weight_only"), NothingToQuantizeError, "no module to quantize"),
     (lambda: qexport.quantize(nn.Linear(4, 4), "int8_weight_only"), UnsupportedModuleError, "wrap a bare"),
     (lambda: qexport.quantize("model", "int8_weight_only"), UnsupportedModuleError, "takes an nn.Module"),
@@ -123,7 +128,7 @@ def test_errors_raised_before_any_work():
     model = MLP((64, 64, 48, 16)).eval()  # layers.2 has in_features 48: int4 g32 cannot take it
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(InvalidSchemeError, match="layers.2"):
-        qexport.quantize(model, scheme_for("int4_weight_only"))
+        qexport.quantize(model, scheme_for("int4_weight_only"), filter_fn=lambda m, fqn: True)
     assert not quantized_modules(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -180,6 +185,49 @@ def test_linear_subclasses_conv1d_and_what_is_skipped_with_reasons():
     text = str(summary)
     assert "quantized 2 of 5 weight layers" in text and "LoraLikeLinear" in text and "Conv1d" in text
     assert rel_err(model(x), ref) < 0.05
+
+
+class MatmulLinear(nn.Linear):
+    """Falcon's FalconLinear: a Linear subclass whose own forward computes x @ W.T + b."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class PaddedConv2d(nn.Conv2d):
+    """timm's Conv2dSame: a Conv2d subclass with its own forward (padding computed per input)."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_subclasses_by_their_forward():
+    """A subclass keeping its base's forward is its base (weight_norm's parametrized conv: the region
+    takes the computed weight); one overriding it is skipped, naming the fix, unless a recipe names its
+    class; an odd layer under the default selection (reflect padding, max_norm, a group size that does
+    not divide it) is a skip with the reason, not an error for the whole model."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(
+        wn=nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1, groups=2)),
+        mm=MatmulLinear(16, 16), pad=PaddedConv2d(1, 2, 3), reflect=nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"),
+        renorm=nn.Embedding(10, 16, max_norm=1.0), odd=nn.Linear(24, 8), fc=nn.Linear(16, 8))).eval()
+    x = torch.randn(2, 4, 4)
+
+    def run(m):
+        with torch.no_grad():
+            return torch.cat([m.wn(x).flatten(1), m.mm(x.flatten(1)), m.pad(x[:, None]).flatten(1), m.fc(x.flatten(1))], 1)
+
+    ref = run(model)
+    qexport.quantize(model, {"od*": qexport.schemes.get("int4_weight_only", group_size=32), nn.Module: "int8_weight_only"})
+    why = {d.module: d.reason for d in model.qexport_summary.skipped}
+    assert isinstance(model.wn, QuantizedModule) and model.wn.op == "conv1d"
+    assert "name its class in a recipe: {MatmulLinear: scheme}" in why["mm"]
+    assert "overrides nn.Conv2d.forward" in why["pad"]
+    assert "padding_mode='reflect'" in why["reflect"] and "max_norm" in why["renorm"]
+    assert "group_size=32 does not divide the linear reduction dimension 24" in why["odd"]
+    model2 = qexport.quantize(type(model)({k: v for k, v in model.items()}), {MatmulLinear: "int8_dynamic"})
+    assert isinstance(model2.mm, QuantizedModule) and model2.mm.op == "linear"
+    assert rel_err(run(model2), ref) < 0.05
 
 
 def test_conv1d_region_matches_reference_math():
@@ -377,6 +425,29 @@ def test_computing_with_a_quantized_weight_is_an_error_naming_the_layer_and_the_
     with pytest.raises(qexport.QuantizedWeightError, match=r"conv\.weight is quantized \(int8_dynamic.*holds no values.*"
                        r"quantize\(model, \{\.\.\., 'conv': None\}\).*get_submodule\('conv'\)\.tensors\(\)"):
         use(model.conv.weight)
+
+
+class ComputesWithWeight(nn.Module):
+    """DeBERTa-v2 reads `encoder.rel_embeddings.weight` as a tensor instead of calling the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rel = nn.Embedding(8, 16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.rel.weight[:1]
+
+
+def test_exporting_a_model_that_computes_with_a_quantized_weight_names_the_layer():
+    """Under torch.export's fake and proxy modes an op on the stand-in never reaches its
+    __torch_dispatch__ (torch said "Unable to cast NotImplemented to Tensor"): the error is the same
+    QuantizedWeightError as in eager mode, and leaving the layer float, as it says, exports."""
+    model = qexport.quantize(ComputesWithWeight().eval(), "int8_weight_only")
+    with pytest.raises(qexport.QuantizedWeightError, match=r"rel\.weight is quantized .*\{\.\.\., 'rel': None\}"):
+        qexport.export(model, (torch.randn(2, 16),))
+    model = qexport.quantize(ComputesWithWeight().eval(), {nn.Module: "int8_weight_only", "rel": None})
+    assert [r.module_path for r in qexport.regions(qexport.export(model, (torch.randn(2, 16),)))] == ["fc"]
 
 
 def test_quantized_weight_survives_deepcopy_state_dict_and_keeps_ties():

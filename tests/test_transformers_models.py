@@ -199,6 +199,47 @@ def test_container_allow_list(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert register_output_containers(["planted.Evil", "transformers.modeling_outputs.torch",
                                        "transformers.modeling_outputs._private", "os.system"]) == []
+    # transformers' per-model modules define outputs too (Swin's): only ModelOutput subclasses, only there
+    assert register_output_containers(["transformers.models.swin.modeling_swin.SwinLayer",
+                                       "transformers.models.swin.configuration_swin.SwinConfig",
+                                       "transformers.models.planted.modeling_planted.Evil",
+                                       "transformers.models.swin.modeling_swin.os.system"]) == []
+    swin = "transformers.models.swin.modeling_swin.SwinImageClassifierOutput"
+    register_output_containers([swin])
+    assert swin in torch.utils._pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
     spec = '[1, {"type": "a.B", "context": "[]", "children_spec": [{"type": "c.D", "children_spec": []}]}]'
     assert sorted(spec_type_names(spec)) == ["a.B", "c.D"]
     assert list(spec_type_names("not json")) == []
+
+
+class FloatMatmulHead(nn.Module):
+    """A layer left float that computes `x @ W.T` itself (Falcon's FalconLinear): torch.onnx folds the
+    transposed weight into an initializer that is a transposed numpy view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.fc = nn.Linear(32, 32)
+            self.head = nn.Parameter(torch.randn(48, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) @ self.head.T
+
+
+def test_float_transposed_weight_to_onnx(tmp_path):
+    model = qexport.quantize(FloatMatmulHead().eval(), "int8_dynamic")
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    qexport.to_onnx(qexport.export(model, (x,)), tmp_path / "m.onnx")
+    assert rel_err(runners.load(tmp_path / "m.onnx")([x])[0], model(x)) < TOLERANCE
+
+
+def test_one_odd_layer_does_not_refuse_the_model():
+    """T5's relative_attention_bias is an Embedding(32, num_heads): int4 groups cannot divide it, so the
+    default selection skips it with the reason and quantizes the rest."""
+    model = qexport.quantize(hf.t5_encoder(), qexport.schemes.get("int4_weight_only", group_size=32))
+    why = {d.module: d.reason for d in model.qexport_summary.skipped}
+    assert list(why) == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
+    assert "group_size=32 does not divide the embedding reduction dimension 2" in next(iter(why.values()))
+    x = hf.token_ids()
+    assert rel_err(model(x)[0], hf.t5_encoder()(x)[0]) < 0.25  # int4 on a tiny random model

@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", required=True, help="scheme name (see docs/schemes.md), e.g. int8_weight_only")
     p.add_argument("--scheme-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scheme parameter, e.g. group_size=64 (repeatable)")
+    p.add_argument("--recipe", action="append", default=[], metavar="KEY=SCHEME",
+                   help="give the layers KEY selects another scheme (or none: leave them float); KEY is a layer class "
+                        "name (Embedding, Linear, FalconLinear) or a module-name glob ('lm_head', 'encoder.*'); "
+                        "--scheme takes every other layer (repeatable)")
     p.add_argument("--input", action="append", required=True, metavar="SHAPE[:DTYPE[:HIGH]]", help=INPUT_SPEC_HELP)
     p.add_argument("--dynamic", action="append", default=[], metavar="[INPUT.]DIM[:NAME]", help=DYNAMIC_HELP)
     p.add_argument("--dynamic-batch", action="store_true", help="same as --dynamic 0:batch")
@@ -80,10 +84,12 @@ def run(args: argparse.Namespace) -> int:
     from ..schemes import get
 
     scheme = get(args.scheme, **scheme_params)
+    entries = parse_recipe(args.recipe)
     out = output_path(args.output, (".pt2",), "-o")
-    if scheme.needs_calibration and args.calibrate is None:
-        why = "quantizes activations statically" if scheme.activation == "static" else "fits its weights with GPTQ"
-        raise CalibrationError(f"scheme {scheme.name} {why}: add --calibrate INPUTS.pt (or --calibrate "
+    calibrated = next((s for s in (scheme, *entries.values()) if s is not None and s.needs_calibration), None)
+    if calibrated is not None and args.calibrate is None:
+        why = "quantizes activations statically" if calibrated.activation == "static" else "fits its weights with GPTQ"
+        raise CalibrationError(f"scheme {calibrated.name} {why}: add --calibrate INPUTS.pt (or --calibrate "
                                "for random inputs)")
     calib_file = load_calibration(args.calibrate, len(specs)) if args.calibrate not in (None, "random") else None
     save = stage("save")
@@ -104,13 +110,13 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(map(str, specs))
             raise UsageError(f"{args.target} fails on the example inputs {shown} (check --input): "
                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    with progress.step(f"quantizing with {scheme.describe()}"):
+    with progress.step(f"quantizing with {scheme.describe()}" + (f" and {len(entries)} recipe entries" if entries else "")):
         calib: Any = None
-        if scheme.needs_calibration:
+        if calibrated is not None:
             calib = calib_file or [tuple(s.make(g, high) for s in specs) for _ in range(CALIBRATION_BATCHES)]
         from ..quantize import quantize
 
-        quantize(model, scheme, calibration_data=calib)
+        quantize(model, recipe_for(model, entries, scheme) if entries else scheme, calibration_data=calib)
     with progress.step("exporting"):
         from ..export import export
 
@@ -130,6 +136,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({fmt_bytes(Path(out).stat().st_size)}), inputs: {', '.join(shown)}"
           + (f" (traced at {', '.join(map(str, specs))})" if any(dims) else ""))
     return 0
+
+
+def parse_recipe(pairs: list[str]) -> dict[str, Any]:
+    """`["Embedding=int8_weight_only", "lm_head=none"]` -> {"Embedding": Scheme, "lm_head": None}, in order."""
+    from ..schemes import get
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, name = pair.rpartition("=")
+        if not sep or not key.strip() or not name.strip():
+            raise UsageError(f"--recipe {pair!r}: expected KEY=SCHEME, e.g. Embedding=int8_weight_only or lm_head=none")
+        out[key.strip()] = None if name.strip().lower() == "none" else get(name.strip())
+    return out
+
+
+def recipe_for(model: torch.nn.Module, entries: dict[str, Any], scheme: Any) -> dict[Any, Any]:
+    """The quantize() recipe: a KEY naming a class among the model's layers (or their bases) is a type
+    key, any other a module-name glob; --scheme takes every other layer."""
+    classes = {c.__name__: c for m in model.modules() for c in type(m).__mro__
+               if isinstance(c, type) and issubclass(c, torch.nn.Module)}
+    return {**{classes.get(k, k): v for k, v in entries.items()}, torch.nn.Module: scheme}
 
 
 def print_regions(ep: torch.export.ExportedProgram, dim_names: dict[str, str] | None = None) -> None:

@@ -49,7 +49,18 @@ def _is_transpose(a: ir.Value, b: ir.Value) -> bool:
     return np.array_equal(a.const_value.numpy().T, b.const_value.numpy())
 
 
+def _contiguous_initializers(model: ir.Model) -> None:
+    """torch.onnx folds `weight.T` of a float weight (Falcon's `x @ W.T` layers) into an initializer
+    holding a transposed numpy view, and onnx-ir's hashing deduplication refuses it ("ndarray is not
+    C-contiguous", onnx-ir 1.1): give those a contiguous copy."""
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is not None and isinstance(t.raw, np.ndarray) and not t.raw.flags.c_contiguous:
+            v.const_value = ir.Tensor(np.ascontiguousarray(t.raw), dtype=t.dtype, name=t.name)
+
+
 def share_tied_initializers(model: ir.Model) -> bool:
     """Run both passes; True if the model changed."""
     first = ShareTransposedInitializersPass()(model).modified
+    _contiguous_initializers(model)
     return common_passes.DeduplicateHashedInitializersPass()(model).modified or first

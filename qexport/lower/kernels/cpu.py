@@ -107,6 +107,18 @@ def cpu_plan(family: str, ctx: KernelContext, target: CPUTarget) -> list[tuple[i
     return reachable(plan, row_range(ctx))
 
 
+def _without(plan: list[tuple[int | None, str]], kernel: str, ctx: KernelContext) -> list[tuple[int | None, str]]:
+    """`plan` with `kernel`'s buckets run by the next bucket's kernel, or, in the last bucket (a program
+    whose rows reach only that one: a static one-row head), by the weights decoded as large_m says."""
+    last = "dequant" if ctx.options.get("qexport.large_m") == "dequant" else "float_weights"
+    out: list[tuple[int | None, str]] = []
+    for i, (max_m, k) in enumerate(plan):
+        if k == kernel:
+            k = next((k2 for _, k2 in plan[i + 1:] if k2 != kernel), last)
+        out[-1:] = [(max_m, k)] if out and out[-1][1] == k else [*out[-1:], (max_m, k)]
+    return out
+
+
 def _stored(t: torch.Tensor) -> torch.Tensor:
     """`t` (per-row quantization parameters), which Inductor must write to a buffer once.
 
@@ -332,7 +344,7 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     lanes = _vector_lanes(target)
     lanes = lanes if k_in % (_BYTES * lanes) == 0 else _LANES
     if k_in % (_BYTES * lanes):
-        plan = [(m, k) for m, k in plan if k != "int8_loop"]
+        plan = _without(plan, "int8_loop", ctx)
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
     operands = _operands(ctx, plan, roles, gemm, False)
@@ -464,7 +476,11 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     lanes = _vector_lanes(target)
     lanes = lanes if _int4_loop_fits(k_in, gs, lanes) else _LANES
     if not _int4_loop_fits(k_in, gs, lanes):
-        plan = [(m, k) for m, k in plan if k != "int4_loop"]
+        plan = _without(plan, "int4_loop", ctx)
+    if ctx.tensor("weight").shape[0] % 16:
+        # tinygemm's CPU packing takes output features in multiples of 16 only (torch 2.13: "expect N
+        # to be dividable by 16"): a 10- or 1000-class head decodes its weights instead
+        plan = _without(plan, "int4pack", ctx)
     operands = _operands(ctx, plan, _INT4_ROLES, gemm, False)
     if "int4pack" in {k for _, k in plan}:
         # Repacked once, here: the tinygemm layout and its (scale, zero) pairs become buffers of the program.
