@@ -64,8 +64,8 @@ def register_output_containers(type_names: Iterable[str]) -> list[str]:
         try:
             module = importlib.import_module(module_name)
             base = getattr(importlib.import_module(base_name[0]), base_name[1])
-        except ImportError:  # transformers (or that model, or its optional dependency) is not installed:
-            continue  # torch's loader names the container
+        except Exception:  # transformers, that model or its optional dependency is missing or broken here
+            continue  # (any error, not only ImportError: a load must not die in a library's import); torch's loader names the container
         cls = getattr(module, cls_name, None)
         if not (isinstance(cls, type) and issubclass(cls, base)):
             continue
