@@ -4,6 +4,7 @@ AOTInductor, ExecuTorch and ONNX."""
 from __future__ import annotations
 
 import importlib
+import os as _os
 import sys
 import types
 
@@ -16,6 +17,11 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+if _os.environ.get("QEXPORT_VERBOSE") != "1":
+    from . import _quiet
+
+    _quiet.install()  # only the exact dependency messages _quiet names, each with its upstream reason
 
 # Everything but the errors is imported on first use: `import qexport` (and the CLI's argument checks,
 # e.g. `qexport inspect missing.pt2`) stays free of torch, and each backend's heavy imports (Inductor,

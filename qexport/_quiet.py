@@ -1,5 +1,5 @@
-"""The dependency warnings a clean qexport command does not print, in one place, each with the upstream
-reason it is noise. `qexport -v ...` shows them all. Only the exact messages below are dropped; any
+"""The dependency warnings a clean qexport run (CLI or Python API) does not print, in one place, each with
+the upstream reason it is noise. `qexport -v ...` or QEXPORT_VERBOSE=1 shows them all. Only the exact messages below are dropped; any
 other warning or log line of these libraries still gets through.
 """
 
@@ -52,16 +52,34 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+_installed: list[tuple[logging.Logger, logging.Filter]] = []
+
+
 def install() -> None:
-    """Drop the known noise for the rest of the process (the CLI calls this unless -v)."""
+    """Drop the known noise for the rest of the process: `import qexport` calls this unless
+    QEXPORT_VERBOSE=1 (the Python API is as quiet as the CLI), `qexport -v` undoes it."""
     global _quiet
     if _quiet:
         return
     for logger, pattern, _why in LOG_LINES:
-        logging.getLogger(logger).addFilter(_DropMessages(pattern))
+        f = _DropMessages(pattern)
+        logging.getLogger(logger).addFilter(f)
+        _installed.append((logging.getLogger(logger), f))
     for category, pattern, _why in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     _quiet = True
+
+
+def uninstall() -> None:
+    """Show every dependency line again (`qexport -v`)."""
+    global _quiet
+    for logger, f in _installed:
+        logger.removeFilter(f)
+    _installed.clear()
+    for category, pattern, _why in WARNINGS:
+        warnings.filters[:] = [w for w in warnings.filters
+                               if not (w[0] == "ignore" and w[2] is category and getattr(w[1], "pattern", None) == pattern)]
+    _quiet = False
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""A clean CLI run prints no dependency noise (qexport/_quiet.py), -v brings it back; argument checks
+"""A clean CLI or Python API run prints no dependency noise (qexport/_quiet.py), -v or QEXPORT_VERBOSE=1 brings it back; argument checks
 come before heavy imports."""
 
 from __future__ import annotations
@@ -57,3 +57,29 @@ def test_cli_run_is_quiet_and_verbose_is_not(demo_run):
     assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr
     loud = subprocess.run(argv + ["-v"], capture_output=True, text=True, env=_env(), timeout=300)
     assert loud.returncode == 0 and any(n in loud.stderr for n in NOISE)
+
+
+def test_python_api_is_quiet_unless_qexport_verbose():
+    """`import qexport` installs the same filters as the CLI (README's Python snippet printed ~25 dependency
+    lines); QEXPORT_VERBOSE=1 keeps every line, and other messages of those loggers always get through."""
+    code = ("import logging, warnings, qexport\n"
+            "logging.getLogger('torchao').warning('Failed to load /x/_C_mxfp8.so')\n"
+            "logging.getLogger('torchao').warning('a message of its own')\n"
+            "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated, use ...', FutureWarning)\n")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert quiet.returncode == 0 and "a message of its own" in quiet.stderr
+    assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**_env(), "QEXPORT_VERBOSE": "1"}, timeout=120)
+    assert "Failed to load" in loud.stderr and "LeafSpec" in loud.stderr, loud.stderr
+
+
+def test_uninstall_brings_the_lines_back():
+    """What `qexport -v` calls (in a child: pytest's own filter hides every FutureWarning)."""
+    code = ("import logging, warnings, qexport\n"
+            "from qexport import _quiet\n"
+            "_quiet.uninstall()\n"
+            "logging.getLogger('torchao').warning('Failed to load /x/_C_mxfp8.so')\n"
+            "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated, use ...', FutureWarning)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert "Failed to load" in run.stderr and "LeafSpec" in run.stderr, run.stderr

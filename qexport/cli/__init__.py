@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if not args.verbose:
-        from .._quiet import install
+    from .. import _quiet
 
-        install()
+    _quiet.install() if not args.verbose else _quiet.uninstall()
     try:
         return int(args.func(args) or 0)
     except QExportError as e:
