@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import validate
-from .errors import ExportError, QExportError
+from .errors import ExportError, QuantizedWeightError
 from .quantize import quantized_modules
 from .passes import canonicalize_region_operands, name_regions
 from .regions import iter_region_nodes, region_payload
@@ -40,7 +40,7 @@ def export(
     try:
         with _paths_from(model):
             ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
-    except QExportError:  # the model's own forward refused (a quantized weight read for its values)
+    except QuantizedWeightError:  # the model's own forward read a quantized weight's values: that error names the layer and the fix
         raise
     except Exception as e:  # torch's messages are long; keep them, but say which stage failed
         raise ExportError(f"torch.export failed ({'strict' if strict else 'non-strict'}): {type(e).__name__}: {e}") from e
