@@ -252,20 +252,26 @@ def _safe_shape_expr(expr: Any) -> bool:
     return True
 
 
-def _check_symbolic_exprs(p: Path, graph: Any) -> None:
-    """Refuse a program whose symbolic shapes are not expressions torch writes (see _SHAPE_CALLS)."""
+def _json_objects(graph: Any) -> Iterator[dict]:
+    """Every JSON object in the program, at any depth (iteratively: a deep file must not overflow the stack)."""
     stack = [graph]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if "expr_str" in node and not _safe_shape_expr(node["expr_str"]):
-                raise UnsafeArtifactError(
-                    f"{p}: the program holds a symbolic shape {str(node['expr_str'])[:80]!r} that is not a shape expression "
-                    f"torch writes; torch.export.load would evaluate it as Python. Re-export and save the program with qexport"
-                )
+            yield node
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _check_symbolic_exprs(p: Path, graph: Any) -> None:
+    """Refuse a program whose symbolic shapes are not expressions torch writes (see _SHAPE_CALLS)."""
+    for node in _json_objects(graph):
+        if "expr_str" in node and not _safe_shape_expr(node["expr_str"]):
+            raise UnsafeArtifactError(
+                f"{p}: the program holds a symbolic shape {str(node['expr_str'])[:80]!r} that is not a shape expression "
+                f"torch writes; torch.export.load would evaluate it as Python. Re-export and save the program with qexport"
+            )
 
 
 # Operators a program may not call: running the program (verify, bench, a Runner) must not reach
@@ -294,19 +300,13 @@ def _reaches_outside(target: str) -> bool:
 
 def _check_operators(p: Path, graph: Any) -> None:
     """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES)."""
-    stack = [graph]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            target = node.get("target")
-            if isinstance(target, str) and "inputs" in node and _reaches_outside(target):
-                raise UnsafeArtifactError(
-                    f"{p}: the program calls {target[:120]!r}, which reads or writes files or talks to other processes; "
-                    f"qexport does not load programs that do (export the model without it)"
-                )
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    for node in _json_objects(graph):
+        target = node.get("target")
+        if isinstance(target, str) and "inputs" in node and _reaches_outside(target):
+            raise UnsafeArtifactError(
+                f"{p}: the program calls {target[:120]!r}, which reads or writes files or talks to other processes; "
+                f"qexport does not load programs that do (export the model without it)"
+            )
 
 
 def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:
