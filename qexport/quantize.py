@@ -80,7 +80,7 @@ class _Layer:
 
 _LINEAR, _CONV1D_HF = _Layer("linear"), _Layer("linear", transposed=True)
 _LAYERS: dict[type, _Layer] = {
-    nn.Conv1d: _Layer("conv1d"), nn.Conv2d: _Layer("conv2d"), nn.Embedding: _Layer("embedding"),
+    nn.Linear: _LINEAR, nn.Conv1d: _Layer("conv1d"), nn.Conv2d: _Layer("conv2d"), nn.Embedding: _Layer("embedding"),
 }
 
 
@@ -92,11 +92,9 @@ def _layer_of(m: nn.Module) -> tuple[_Layer | None, str]:
     hf = _hf_conv1d()
     if hf is not None and isinstance(m, hf):
         return _CONV1D_HF, ""
-    if isinstance(m, nn.Linear):
-        return (_LINEAR, "") if type(m).forward is nn.Linear.forward else (None, _overrides_forward(m, nn.Linear))
-    for base, layer in _LAYERS.items():
-        if isinstance(m, base):
-            return (layer, "") if type(m).forward is base.forward else (None, _overrides_forward(m, base))
+    base = _base_of(m)
+    if base is not None:
+        return (_LAYERS[base], "") if type(m).forward is base.forward else (None, _overrides_forward(m, base))
     if isinstance(m, _UNSUPPORTED_LAYERS):
         return None, f"{type(m).__name__} has no region op (qexport quantizes Linear, Conv1D, Conv1d, Conv2d, Embedding)"
     return None, ""
@@ -109,12 +107,9 @@ def _overrides_forward(m: nn.Module, base: type) -> str:
             f"(qexport export: --recipe {kind}=SCHEME)")
 
 
-def _as_base_layer(m: nn.Module) -> _Layer | None:
-    """The layer a subclass overriding forward becomes when a recipe names its class (the user says it
-    computes what its base does: Falcon's `FalconLinear` is `x @ W.T + b`)."""
-    if isinstance(m, nn.Linear):
-        return _LINEAR
-    return next((layer for base, layer in _LAYERS.items() if isinstance(m, base)), None)
+def _base_of(m: nn.Module) -> type | None:
+    """The torch layer class (a key of _LAYERS) that `m` is or subclasses, or None."""
+    return next((base for base in _LAYERS if isinstance(m, base)), None)
 
 
 def _read_directly(model: nn.Module) -> dict[str, str]:
@@ -487,8 +482,10 @@ def _plan(
             continue
         match = table.lookup(fqn, m)
         explicit = explicit or (match is not None and match.exact)
-        if layer is None and match is not None and match.names_class:
-            layer = _as_base_layer(m)
+        if layer is None and match is not None and match.names_class and (base := _base_of(m)) is not None:
+            # a recipe naming a subclass that overrides forward: the user says it computes what its base
+            # does (Falcon's `FalconLinear` is `x @ W.T + b`), so it is that layer
+            layer = _LAYERS[base]
         if layer is None:
             if explicit:
                 raise UnsupportedModuleError(f"{fqn}: {why_not}; make filter_fn (or the recipe) leave it out")
