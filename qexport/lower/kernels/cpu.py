@@ -482,16 +482,18 @@ def int4_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
         # to be dividable by 16"): a 10- or 1000-class head decodes its weights instead
         plan = _without(plan, "int4pack", ctx)
     operands = _operands(ctx, plan, _INT4_ROLES, gemm, False)
-    if "int4pack" in {k for _, k in plan}:
+    chosen = {k for _, k in plan}
+    codes = unpack_uint4(ctx.tensor("weight")) if chosen & {"int4pack", "int4_loop"} else None  # both layouts start from them
+    if "int4pack" in chosen:
         # Repacked once, here: the tinygemm layout and its (scale, zero) pairs become buffers of the program.
-        packed = aten._convert_weight_to_int4pack_for_cpu(unpack_uint4(ctx.tensor("weight")).to(torch.int32), 1)  # innerKTiles is unused on CPU
+        packed = aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # innerKTiles is unused on CPU
         scale = ctx.tensor("weight_scale").float()
         zp = ctx.tensor("weight_zero_point").float()
         # tinygemm dequantizes w = (q - 8) * s + z; the scheme's w = (q - zp) * s, so z = (8 - zp) * s.
         sz = torch.stack([scale, (8 - zp) * scale], -1).transpose(0, 1).contiguous().to(cd)
         operands += [("weight_int4pack", packed), ("weight_scales_and_zeros", sz), ("weight_group_size", torch.tensor(gs))]
-    if "int4_loop" in {k for _, k in plan}:
-        words = _int4_words(unpack_uint4(ctx.tensor("weight")), ctx.tensor("weight_scale"), ctx.tensor("weight_zero_point"), gs, lanes)
+    if "int4_loop" in chosen:
+        words = _int4_words(codes, ctx.tensor("weight_scale"), ctx.tensor("weight_zero_point"), gs, lanes)
         operands += [("weight_int4_words", words[0]), ("weight_int4_params", words[1])]
     kernels = _float_kernels(ctx, _INT4_ROLES, gemm)
 
