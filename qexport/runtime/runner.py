@@ -160,11 +160,13 @@ def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
     from ..errors import ArtifactError
 
     for i in infos:
-        n = math.prod(i.shape) * i.dtype.itemsize
-        if any(not isinstance(d, int) or d < 0 for d in i.shape) or n > MAX_GENERATED_BYTES:
+        sizes_ok = all(isinstance(d, int) and d >= 0 for d in i.shape)  # before any arithmetic on them
+        n = math.prod(i.shape) * i.dtype.itemsize if sizes_ok else None
+        if n is None or n > MAX_GENERATED_BYTES:
             raise ArtifactError(
-                f"input {printable(i.name)[:80]!r} has shape {tuple(i.shape)} ({n:,} bytes), which qexport does not "
-                f"generate (at most {MAX_GENERATED_BYTES:,} bytes); give inputs of your own (qexport bench --input SHAPE)"
+                f"input {printable(i.name)[:80]!r} has shape {printable(tuple(i.shape))[:120]}"
+                f"{'' if n is None else f' ({n:,} bytes)'}, which qexport does not generate (sizes must be whole "
+                f"numbers, at most {MAX_GENERATED_BYTES:,} bytes in all); give inputs of your own (qexport bench --input SHAPE)"
             )
     g = torch.Generator().manual_seed(seed)
     return [i.make(g) for i in infos]
