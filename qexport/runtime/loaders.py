@@ -15,7 +15,7 @@ from serializers import kinds
 from serializers.files import check_readable
 
 from ..extras import missing_extra
-from .._quiet import native_stderr
+from ..quiet import native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from .runner import Flat, InputInfo, Runner, flat_tensors, program_runner
 
