@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qexport.errors import ArtifactError, CorruptArtifactError, QExportError
+from qexport.extras import missing_extra
 
 #: bytes of the file's beginning handed to every sniff
 HEAD_BYTES = 4096
@@ -66,7 +67,8 @@ class ArtifactKind:
         except QExportError:
             raise
         except Exception as e:  # a reader must not let its parser's errors escape as anything else
-            raise CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}") from None
+            raise (missing_extra(e, f"{path}: reading {self.what}")
+                   or CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}")) from None
 
     def file_name(self, stem: str = "model") -> str:
         return f"{stem}{self.tag}{self.suffix}"
