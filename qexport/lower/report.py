@@ -69,6 +69,8 @@ class LoweringReport:
             for r in self.regions
         ]
         head = format_table(["region", "scheme", "backend", "delegated", "kernel", "reason"], rows)
+        if not self.path:  # a plan (qexport.lower.aoti.plan): no artifact to describe
+            return f"{head}\n{self.target}: plan only, nothing written"
         nodes = f"{self.delegated_nodes}/{self.total_nodes} nodes delegated, " if self.total_nodes else ""
         data = self.extra.get("data_file")  # a .pte's shared weights, beside it (counted in bytes)
         also = f" + {data['path']}" if isinstance(data, dict) else ""
