@@ -29,7 +29,7 @@ import logging
 import operator
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -40,6 +40,7 @@ from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
+from ..signature import InputSpec, program_inputs
 from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
 from ._graph import RegionSite, call_before, drop_unused_state, region_of, replace_regions, replace_state, state_tensor
@@ -528,6 +529,26 @@ def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _Why
     return records
 
 
+def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], dict[str, int]]:
+    """The program's inputs as a `.pte` of it takes them, and {dim name: size} of the dynamic dims
+    that had no upper bound. ExecuTorch plans every tensor's memory for its dims' upper bounds and
+    gives a dim without one the example's size (executorch.exir.sym_util.eval_upper_bound), so the
+    `.pte` refuses anything larger: its manifest says so, rather than the program's open range."""
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta["val"] for n in ep.graph.nodes
+            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
+    out, unbounded = [], {}
+    for spec, val in zip(program_inputs(ep), vals):
+        dims = []
+        for d, size in zip(spec.shape, val.shape):
+            if d.dynamic and d.max is None and isinstance(size, torch.SymInt) and size.node.hint is not None:
+                d = dataclasses.replace(d, max=int(size.node.hint))
+                unbounded[d.name] = d.max
+            dims.append(d)
+        out.append(dataclasses.replace(spec, shape=tuple(dims)))
+    return out, unbounded
+
+
 def to_executorch(
     program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
     output: "str | PathLike[str]",
@@ -561,7 +582,9 @@ def to_executorch(
     plans = {p.region.name: p for p in planned}
     import serializers
 
-    manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend)
+    inputs, unbounded = planned_inputs(ep)
+    manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend,
+                                                 inputs=[i.to_json() for i in inputs])
     stage = Stages("to_executorch", enabled=progress)
 
     with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
@@ -608,7 +631,9 @@ def to_executorch(
         data = pte.write(et, tmp)
         if data is not None:  # in place before the .pte that names it
             replace_into(tmp.with_suffix(pte.DATA_SUFFIX), data_out)
-    extra = {"delegated_subgraphs": info.num_delegated_subgraphs}
+    extra: dict[str, Any] = {"delegated_subgraphs": info.num_delegated_subgraphs}
+    if unbounded:
+        extra["unbounded_dims"] = unbounded
     if data is not None:
         extra["data_file"] = {"path": str(data_out), "bytes": data.size, "sha256": data.sha256}
     return LoweringReport(

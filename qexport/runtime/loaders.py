@@ -155,6 +155,12 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
         inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
 
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
+        for info, x in zip(inputs, flat):  # the runtime's own refusal is "error 0x10" and a native log line
+            if x.dim() != len(info.shape) or any(n > cap for n, cap in zip(x.shape, info.shape)):
+                raise ArtifactError(
+                    f"{p}: {info.name} has shape {tuple(x.shape)}; this .pte takes at most {info.shape} (ExecuTorch "
+                    f"plans memory for each dim's upper bound, and a dim exported without one at the example's "
+                    f"size: export with torch.export.Dim(name, max=N) for larger inputs)")
         return flat_tensors(method.execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
