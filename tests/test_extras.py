@@ -27,6 +27,8 @@ WITHOUT_EXTRAS = textwrap.dedent("""
         (lambda: qexport.to_onnx, "qexport[onnx]"),
         (lambda: qexport.to_executorch(ep, sys.argv[1] + "/m.pte"), "qexport[executorch]"),
         (lambda: runners.stage("to_onnx"), "qexport[onnx]"),
+        # its module imports executorch only when called (planning works without it): checked all the same
+        (lambda: runners.stage("to_executorch"), "qexport[executorch]"),
         (lambda: qexport.inspect(sys.argv[1] + "/x.onnx"), "qexport[onnx]"),
         (lambda: qexport.inspect(sys.argv[1] + "/x.pte"), "qexport[executorch]"),
         (lambda: runners.load(sys.argv[1] + "/x.onnx"), "qexport[onnx]"),

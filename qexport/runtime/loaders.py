@@ -14,7 +14,7 @@ import torch
 from serializers import kinds
 from serializers.files import check_readable
 
-from ..extras import missing_extra
+from ..extras import missing_extra, require
 from ..quiet import native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from .runner import Flat, InputInfo, Runner, flat_tensors, program_runner
@@ -44,6 +44,9 @@ def stage(name: str) -> Any:
     fn = getattr(mod, name, None)
     if fn is None:
         raise BackendUnavailableError(f"the {what} does not provide {name}() yet ({module})")
+    for kind in kinds.kinds():
+        if name in kind.stages() and kind.extra:
+            require(kind.extra, f"the {what}")
     return fn
 
 
