@@ -23,13 +23,14 @@ program both read (a tied embedding + LM head) goes to a data file beside the .p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import operator
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -549,6 +550,33 @@ def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], d
     return out, unbounded
 
 
+@contextlib.contextmanager
+def _bounded_at_example(program: torch.export.ExportedProgram) -> Iterator[None]:
+    """Give each input dim without an upper bound its example's size as one while ExecuTorch plans memory.
+    Its planner falls back to the example value for any size expression with no finite bound, so a
+    tensor of `batch * seq` was planned at the example's seq too and the `.pte` refused a longer
+    (bounded) seq; bounded here, it is planned at `batch_example * seq_max`, what `planned_inputs` says."""
+    from torch.utils._sympy.numbers import int_oo
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    changed = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        for size in val.shape if isinstance(val, torch.Tensor) else ():
+            if not isinstance(size, torch.SymInt) or size.node.hint is None:
+                continue
+            env, sym = size.node.shape_env, size.node.expr
+            vr = env.var_to_range.get(sym)
+            if vr is not None and vr.upper is int_oo and all(c[1] != sym for c in changed):
+                changed.append((env, sym, vr))
+                env.var_to_range[sym] = ValueRanges(vr.lower, int(size.node.hint))
+    try:
+        yield
+    finally:
+        for env, sym, vr in changed:
+            env.var_to_range[sym] = vr
+
+
 def to_executorch(
     program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
     output: "str | PathLike[str]",
@@ -613,7 +641,7 @@ def to_executorch(
         records = _records(planned, edge_gm, why)
         # The manifest carries what happened to each region, known only once the partitioners ran.
         pte.replace_manifest(edge, manifest.with_lowering(records))
-        with stage("to_executorch (memory planning, serialization)"):
+        with stage("to_executorch (memory planning, serialization)"), _bounded_at_example(edge.exported_program()):
             # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
             # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
             # it index_put_ on the buffer.
