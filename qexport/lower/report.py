@@ -76,7 +76,7 @@ class LoweringReport:
         also = f" + {data['path']}" if isinstance(data, dict) else ""
         notes = "".join(
             f"\nnote: {name} has no upper bound, so ExecuTorch planned it at the example's size: this .pte takes "
-            f"{name} <= {size}; export with torch.export.Dim({name!r}, max=N) for more"
+            f"{name} <= {size}; export with torch.export.Dim({name!r}, max=N) (CLI: --dynamic DIM:{name}:N) for more"
             for name, size in self.extra.get("unbounded_dims", {}).items())
         return f"{head}\n{self.target}: {self.path}{also} ({nodes}{self.bytes:,} bytes){notes}"
 

@@ -163,7 +163,7 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
                 raise ArtifactError(
                     f"{p}: {info.name} has shape {tuple(x.shape)}; this .pte takes at most {info.shape} (ExecuTorch "
                     f"plans memory for each dim's upper bound, and a dim exported without one at the example's "
-                    f"size: export with torch.export.Dim(name, max=N) for larger inputs)")
+                    f"size: export with torch.export.Dim(name, max=N), CLI --dynamic DIM:NAME:N, for larger inputs)")
         return flat_tensors(method.execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
