@@ -179,6 +179,18 @@ def test_onnx_tokens_equal_eager(lm_onnx, lm_reference):
     assert qexport.generate(lm_onnx, PROMPT, N, stop_at_eos=False).tokens == lm_reference
 
 
+def test_onnx_int4_tokens_equal_eager(tmp_path):
+    """int4 regions run as onnxruntime's MatMulNBits, which by default re-quantizes activations to int8
+    per block (eager's tokens left at the 2nd to 8th; 8da4w's too, later); qexport's runner computes an
+    LM file's regions in fp32 (accuracy level 0), as eager does."""
+    model = qexport.quantize(hf.causal_lm("llama"), qexport.schemes.get("int4_weight_only", group_size=32, compute_dtype="float32"))
+    path = tmp_path / "lm.onnx"
+    qexport.to_onnx(qexport.export_lm(model, max_cache_len=LM_CACHE, cache="io"), path)
+    runner = runners.load(path)
+    for prompt in (PROMPT, [9]):
+        assert qexport.generate(runner, prompt, N, stop_at_eos=False).tokens == hf.greedy_tokens(model, prompt, N)
+
+
 def test_onnx_refuses_a_program_that_keeps_its_cache_in_buffers(lm_program, tmp_path):
     with pytest.raises(qexport.LoweringError, match=r"writes state between calls \(key_cache_0.*export_lm\(model, cache='io'\)"):
         qexport.to_onnx(lm_program[1], tmp_path / "lm.onnx")
