@@ -315,3 +315,11 @@ def test_cli_generate_not_a_language_model(tmp_path, capsys):
     code = main(["generate", str(tmp_path / "mlp.pt2"), "--prompt-ids", "1,2"])
     err = capsys.readouterr().err
     assert code == 1 and "not a generating language model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_generate_help_names_every_artifact_kind_it_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(kind in text for kind in (".pt2", "AOTI package", ".pte", ".onnx")), text
+    assert "--prompt-ids IDS" in text and "-n N, --max-new-tokens N" in text
