@@ -927,10 +927,14 @@ def int8_dynamic_int_mm_cuda(ctx: KernelContext) -> KernelChoice | Decline | Non
     if triton is None or w.shape[1] % 32:
         plan = reachable(PLANS["int8_dynamic_per_tensor"], row_range(ctx))
 
+    # Without a bias the epilogue rounds straight to the input's dtype (the one rounding the reference
+    # does after its compute dtype): a separate cast kernel was a third kernel per layer.
+    out_dtype = cd if ctx.has("bias") else ctx.input_dtype
+
     def triton_int8(x2d: torch.Tensor, t: dict, tile: Sequence[int]) -> torch.Tensor:
         q, sx, zp = torch.ops.qexport.int8_quantize_rows(x2d.contiguous())
         s = t["weight_scale_per_channel"]
-        return torch.ops.qexport.weight_only_mm(q, t["weight"], s, s, False, 0, _fit_tile(q, tile), sx, cd, zp, t["weight_row_sum"])
+        return torch.ops.qexport.weight_only_mm(q, t["weight"], s, s, False, 0, _fit_tile(q, tile), sx, out_dtype, zp, t["weight_row_sum"])
 
     def gemv(x2d: torch.Tensor, t: dict) -> torch.Tensor:
         xq = act.dynamic_int8(x2d.float(), per_token)
