@@ -17,6 +17,7 @@ vocabulary, the end-of-sequence ids) is a `GenerationSpec`, which travels in the
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class StaticCacheLM(nn.Module):
         from transformers.configuration_utils import get_head_shapes
 
         self.model, self.cache_io = model, cache_io
+        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         config = model.config.get_text_config()
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         for i, layer in enumerate(self.cache.layers):
@@ -151,7 +153,12 @@ class StaticCacheLM(nn.Module):
                 layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
             # where this call's tokens go, from the call itself: no state to reset between generations
             layer.cumulative_length = cache_position[0].clone()
-        out = self.model(input_ids=input_ids, attention_mask=None, cache=self.cache, use_cache=True, logits_to_keep=1)
+        # Positions from the call too: a model that derives them from the cache's length and a mask of
+        # ones (OPT's learned positions: cumsum, then a slice from that length) slices by a data-dependent
+        # size, which export turns into a runtime assert that a one-token call fails.
+        positions = {"position_ids": cache_position.unsqueeze(0)} if self._takes_positions else {}
+        out = self.model(input_ids=input_ids, attention_mask=None, cache=self.cache, use_cache=True, logits_to_keep=1,
+                         **positions)
         logits = out.logits[:, -1, :]
         if not self.cache_io:
             return logits

@@ -91,6 +91,10 @@ def causal_lm(arch: str = "llama"):
     if arch == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=LM_POSITIONS, **_LM))
+    if arch == "opt":  # learned positions derived from a mask of ones unless given; biases; tied head
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+            max_position_embeddings=LM_POSITIONS, pad_token_id=2, init_std=0.3, **_LM))
     raise ValueError(arch)
 
 

@@ -1,5 +1,5 @@
 """`qexport generate ARTIFACT --prompt-ids 1,2,3 -n 32`: greedy generation through a language model's
-artifact (.pt2, AOTI package, .pte from `qexport.export_lm`), with prefill time and decode tokens/s."""
+artifact (.pt2, AOTI package, .pte, .onnx from `qexport.export_lm`), with prefill time and decode tokens/s."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="greedy token generation through a language model's artifact",
-        description="Run greedy generation through ARTIFACT (a .pt2, AOTI package or .pte made from "
+        description="Run greedy generation through ARTIFACT (a .pt2, AOTI package, .pte or .onnx made from "
         "qexport.export_lm): the prompt in one call, then one call per new token. Prints the new tokens, "
         "then the prefill time and decode tokens/s. The request is checked against the artifact's vocabulary "
         "and KV-cache length before anything runs.",

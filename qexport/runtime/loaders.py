@@ -189,6 +189,12 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     options = ort.SessionOptions()
     # Same thread budget as torch, so `bench --threads N` compares like with like.
     options.intra_op_num_threads = torch.get_num_threads()
+    if "generation" in model.manifest.extra:
+        # onnxruntime's default MatMulNBits (int4 regions) re-quantizes each activation block to int8
+        # (accuracy level 4): within the scheme's tolerance per call, but greedy decoding feeds every
+        # argmax back, and a 2-layer int4 Llama's tokens left eager's at the 2nd of 32. Level 0 computes
+        # the region's own fp32 math, so an LM file generates eager's tokens.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     with native_stderr():  # onnxruntime logs a model's node names as they are
         session = ort.InferenceSession(model.data, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
