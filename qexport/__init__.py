@@ -19,9 +19,9 @@ from .errors import (
 __version__ = "0.1.0"
 
 if _os.environ.get("QEXPORT_VERBOSE") != "1":
-    from . import _quiet
+    from . import quiet
 
-    _quiet.install()  # only the exact dependency messages _quiet names, each with its upstream reason
+    quiet.install()  # only the exact dependency messages qexport/quiet.py names, each with its upstream reason
 
 # Everything but the errors is imported on first use: `import qexport` (and the CLI's argument checks,
 # e.g. `qexport inspect missing.pt2`) stays free of torch, and each backend's heavy imports (Inductor,

@@ -18,6 +18,21 @@ def missing_extra(e: ImportError, what: str) -> BackendUnavailableError | None:
     top = (getattr(e, "name", None) or "").split(".")[0]
     if not isinstance(e, ModuleNotFoundError) or top not in EXTRAS:
         return None
+    return _not_installed(top, what)
+
+
+def require(extra: str, what: str) -> None:
+    """BackendUnavailableError naming the pip command if a module of `extra` is not installed. Looked
+    up, not imported: a stage's module imports its backend only when the stage runs (so that planning
+    works without it), and a caller checking every stage first must not pay for the imports."""
+    import importlib.util
+
+    for top, name in EXTRAS.items():
+        if name == extra and importlib.util.find_spec(top) is None:
+            raise _not_installed(top, what)
+
+
+def _not_installed(top: str, what: str) -> BackendUnavailableError:
     return BackendUnavailableError(
         f"{what} needs {top}, which is not installed: pip install 'qexport[{EXTRAS[top]}]' "
         f"(or 'qexport[all]' for every backend)")

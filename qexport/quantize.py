@@ -347,6 +347,14 @@ class FloatWeightStandIn(torch.Tensor):
         return FloatWeightStandIn(tuple(self.shape), self.dtype, self.device, self._where, self._scheme)
 
 
+def _no_layers(model: nn.Module) -> str:
+    done = sum(isinstance(m, QuantizedModule) for m in model.modules())
+    if done:  # quantize() replaced them in place: a second call sees no float layer
+        return (f"its {done} weight layers are already quantized (QuantizedModule); quantize a fresh copy of the "
+                f"float model to try another scheme")
+    return "the model has no Linear, Conv1D, Conv1d, Conv2d or Embedding layer"
+
+
 class QuantizedModule(nn.Module):
     """A Linear / Conv1D / Conv1d / Conv2d / Embedding whose forward is one `invoke_quant` region.
 
@@ -702,8 +710,7 @@ def quantize(
         reasons = sorted({f"{d.layer_type}: {d.reason}" for d in decisions})
         raise NothingToQuantizeError(
             f"no module to quantize with {names}: "
-            + (f"{'; '.join(reasons[:4])}" if reasons else "the model has no Linear, Conv1D, Conv1d, Conv2d or "
-               "Embedding layer")
+            + (f"{'; '.join(reasons[:4])}" if reasons else _no_layers(model))
             + (" (none passed filter_fn)" if filter_fn else "")
         )
     calib = _calibrate(model, chosen, calibration_data) if calibrated else _Calibration({}, {})

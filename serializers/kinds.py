@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qexport.errors import ArtifactError, CorruptArtifactError, QExportError
+from qexport.extras import missing_extra
 
 #: bytes of the file's beginning handed to every sniff
 HEAD_BYTES = 4096
@@ -48,6 +49,8 @@ class ArtifactKind:
     backend: str = ""
     #: the default file name's tag before the suffix: "model_aoti.pt2" beside "model.pt2"
     tag: str = ""
+    #: the pip extra its writer and runner need (qexport/extras.py), "" for core qexport
+    extra: str = ""
     #: for kinds registered with `register_reader`: an object with sniff/read_manifest
     impl: Any = field(default=None, compare=False, repr=False)
 
@@ -66,7 +69,8 @@ class ArtifactKind:
         except QExportError:
             raise
         except Exception as e:  # a reader must not let its parser's errors escape as anything else
-            raise CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}") from None
+            raise (missing_extra(e, f"{path}: reading {self.what}")
+                   or CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}")) from None
 
     def file_name(self, stem: str = "model") -> str:
         return f"{stem}{self.tag}{self.suffix}"
@@ -97,9 +101,10 @@ _KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
                  loader="qexport.lower.aoti:load_compiled", runner=f"{_RUNTIME}:load_aoti", backend="AOTInductor backend",
                  tag="_aoti"),
     ArtifactKind("pte", ".pte", "an ExecuTorch program (.pte)", "serializers.pte",
-                 writer="qexport.lower.executorch:to_executorch", runner=f"{_RUNTIME}:load_pte", backend="ExecuTorch backend"),
+                 writer="qexport.lower.executorch:to_executorch", runner=f"{_RUNTIME}:load_pte", backend="ExecuTorch backend",
+                 extra="executorch"),
     ArtifactKind("onnx", ".onnx", "an ONNX model (.onnx)", "serializers.onnx", writer="qexport.lower.onnx:to_onnx",
-                 runner=f"{_RUNTIME}:load_onnx", backend="ONNX backend"),
+                 runner=f"{_RUNTIME}:load_onnx", backend="ONNX backend", extra="onnx"),
 )}
 #: the kinds qexport itself writes (register_reader adds read-only ones after them)
 BUILTIN = tuple(_KINDS)

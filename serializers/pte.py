@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from qexport.extras import missing_extra
+from qexport.quiet import native_stderr
 from qexport.errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CorruptArtifactError, UnsafeArtifactError,
 )
@@ -300,7 +301,8 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
     data, rec = DataFile.split(p, unseal_trailer(p, data, TRAILER_MAGIC, "program", "qexport.to_executorch"))
     extra = _VerifiedData(p, rec) if rec is not None else None
     runtime = Runtime.get()
-    _probe(p, runtime, data, extra)
+    with native_stderr():  # XNNPACK's cpuinfo lines, printed by the probe child as it loads `forward`
+        _probe(p, runtime, data, extra)
     try:
         program = runtime.load_program(data, data_path=extra.path if extra is not None else None)
     except Exception as e:  # the runtime's loader reports damage as RuntimeError/ValueError with a code

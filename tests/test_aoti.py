@@ -317,6 +317,7 @@ def test_inductor_only_option_keeps_every_region():
     ep = qexport.export(quantized(MLP(), scheme_for("int8_weight_only"), x), (x,))
     report = aoti.plan(ep, options={"qexport.kernels": "inductor"})
     assert [r.kernel for r in report.regions] == ["inductor", "inductor"]
+    assert str(report).endswith("\naoti-cpu: plan only, nothing written")  # no file, no "0 bytes"
 
 
 # -- the kernel table mechanism -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 import qexport
 from qexport.cli import main
-from qexport.cli._dims import DynamicDim, parse_dynamic, rename, resolve, traced_shape
+from qexport.cli._dims import DynamicDim, dynamic_shapes, maxima, parse_dynamic, rename, resolve, traced_shape
 from qexport.errors import UsageError
 
 
@@ -18,10 +18,13 @@ def test_parse_every_form():
     assert parse_dynamic(["0,1", "2:seq", "1.3:len"]) == [
         DynamicDim(None, 0, "batch"), DynamicDim(None, 1, "dim1"), DynamicDim(None, 2, "seq"), DynamicDim(1, 3, "len")]
     assert parse_dynamic(["0.1"]) == [DynamicDim(0, 1, "in0_dim1")]
+    assert parse_dynamic(["0:batch:32,1::64", "0.2:len:8"]) == [
+        DynamicDim(None, 0, "batch", 32), DynamicDim(None, 1, "dim1", 64), DynamicDim(0, 2, "len", 8)]
 
 
 @pytest.mark.parametrize("value, match", [
     ("x", "'x' is not DIM"), ("1:", "is not DIM"), ("1:2seq", "names are identifiers"), ("-1", "is not DIM"),
+    ("0:batch:", "is not DIM"), ("0:::8", "is not DIM"), ("0:batch:x", "is not DIM"),
 ])
 def test_parse_errors(value, match):
     with pytest.raises(UsageError, match=match):
@@ -39,6 +42,12 @@ def test_resolve():
     with pytest.raises(UsageError, match="there are 3 inputs"):
         resolve(parse_dynamic(["3.0"]), shapes)
     assert traced_shape((1, 1, 4), {0: "batch", 1: "seq"}) == (2, 2, 4)
+    parsed = parse_dynamic(["0:batch:16", "1:seq"])
+    assert maxima(parsed, shapes) == [{0: 16}, {0: 16}, {0: 16}]
+    assert dynamic_shapes(resolve(parsed, shapes), maxima(parsed, shapes))[0] == {
+        0: torch.export.Dim.DYNAMIC(max=16), 1: torch.export.Dim.DYNAMIC}
+    with pytest.raises(UsageError, match="input 0's dim 1 is traced at 8 .*above that bound"):
+        maxima(parse_dynamic(["1:seq:4"]), shapes)
     assert rename("[s77, s5, 128] s77*s5", {"s77": "batch", "s5": "seq"}) == "[batch, seq, 128] batch*seq"
 
 
@@ -77,3 +86,17 @@ def test_export_per_input_dim_and_errors(tmp_path):
     code, _, err = run("export", "qexport.models:TinyTransformer", "--scheme", "int8_weight_only", "--input", "1x16:int64",
                        "--dynamic", "0.2", "-o", str(tmp_path / "x.pt2"))
     assert code == 1 and "--dynamic 0.2: input 0 has 2 dims" in err and not (tmp_path / "x.pt2").exists()
+
+
+def test_export_with_an_upper_bound(tmp_path):
+    """`DIM:NAME:MAX` bounds the dim in the program (what an ExecuTorch .pte is planned for), and the
+    export still infers the other dims' ranges."""
+    path = tmp_path / "b.pt2"
+    code, out, err = run("export", "qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256",
+                         "--dynamic", "0:batch:8", "-o", str(path))
+    assert code == 0, err
+    (spec,) = qexport.inspect(path).extra["inputs"]
+    assert spec["shape"][0] == {"name": "batch", "min": 2, "max": 8}
+    code, _, err = run("export", "qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "4x256",
+                       "--dynamic", "0:batch:3", "-o", str(tmp_path / "c.pt2"))
+    assert code == 1 and "input 0's dim 0 is traced at 4" in err and not (tmp_path / "c.pt2").exists()

@@ -385,6 +385,26 @@ def test_dynamic_batch(tmp_path, scheme):
         assert rel_err(method.execute([xb])[0], model(xb)) <= math_for(scheme_for(scheme)).tolerance
 
 
+def test_a_dim_without_upper_bound_is_planned_at_the_example_size_and_says_so(tmp_path):
+    """README's flow (Dim("batch"), no max): ExecuTorch sizes the .pte for the example's batch; the
+    report, the manifest and the runner say so (the runtime alone answered a larger batch with error 0x10),
+    and a bounded dim beside it still reaches its max (ExecuTorch planned batch * seq at the example's seq)."""
+    x = torch.randn(2, 4, 64)
+    model = quantized(MLP(), scheme_for("int8_dynamic"), (x,))
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=16)},))
+    report = qexport.to_executorch(ep, tmp_path / "m.pte", backend="portable", progress=False)
+    assert report.extra["unbounded_dims"] == {"batch": 2}
+    assert "this .pte takes batch <= 2; export with torch.export.Dim('batch', max=N)" in str(report)
+    (spec,) = qexport.inspect(tmp_path / "m.pte").extra["inputs"]
+    assert [d["max"] for d in spec["shape"][:2]] == [2, 16]
+    runner = qexport.runners.load(tmp_path / "m.pte")
+    for shape in ((1, 3, 64), (2, 16, 64)):
+        xb = torch.randn(shape)
+        assert rel_err(runner([xb])[0], model(xb)) <= math_for(scheme_for("int8_dynamic")).tolerance
+    with pytest.raises(qexport.ArtifactError, match=r"input_0 has shape \(3, 4, 64\); this .pte takes at most \(2, 16, 64\)"):
+        runner([torch.randn(3, 4, 64)])
+
+
 class SideBranch(nn.Module):
     """A quantized layer whose output nothing uses (like BERT's pooler under mean pooling)."""
 

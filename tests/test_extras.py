@@ -20,10 +20,18 @@ WITHOUT_EXTRAS = textwrap.dedent("""
     ep = qexport.export(model, (torch.randn(2, 256),))
     qexport.save(ep, sys.argv[1] + "/m.pt2")
     torch.testing.assert_close(qexport.load(sys.argv[1] + "/m.pt2").module()(torch.ones(2, 256)), model(torch.ones(2, 256)))
+    # files of the other kinds (their headers are all the kind table needs to hand them to their readers)
+    open(sys.argv[1] + "/x.onnx", "wb").write(b"\x08\x07" + bytes(64))
+    open(sys.argv[1] + "/x.pte", "wb").write(bytes(4) + b"ET12" + bytes(64))
     checks = [
         (lambda: qexport.to_onnx, "qexport[onnx]"),
         (lambda: qexport.to_executorch(ep, sys.argv[1] + "/m.pte"), "qexport[executorch]"),
         (lambda: runners.stage("to_onnx"), "qexport[onnx]"),
+        # its module imports executorch only when called (planning works without it): checked all the same
+        (lambda: runners.stage("to_executorch"), "qexport[executorch]"),
+        (lambda: qexport.inspect(sys.argv[1] + "/x.onnx"), "qexport[onnx]"),
+        (lambda: qexport.inspect(sys.argv[1] + "/x.pte"), "qexport[executorch]"),
+        (lambda: runners.load(sys.argv[1] + "/x.onnx"), "qexport[onnx]"),
     ]
     for call, extra in checks:
         try:
@@ -32,6 +40,9 @@ WITHOUT_EXTRAS = textwrap.dedent("""
             assert f"pip install '{extra}'" in str(e), str(e)
         else:
             raise AssertionError(f"no error for {extra}")
+    # artifacts that cannot be loaded here: each result names the extra (no input set is needed to say so)
+    for r in runners.bench([sys.argv[1] + "/x.onnx", sys.argv[1] + "/x.pte"]):
+        assert "pip install 'qexport[" in r.error, r.error
     print("ok")
 """)
 

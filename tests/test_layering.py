@@ -17,7 +17,7 @@ PACKAGES = ("qexport", "serializers")
 
 #: lowest first; a module may import only from its own layer or the ones below it
 LAYERS = (
-    ("qexport.errors", "qexport.extras", "qexport._quiet", "qexport.table"),
+    ("qexport.errors", "qexport.extras", "qexport.quiet", "qexport.table"),
     ("qexport.schemes",),
     ("qexport._upstream", "qexport.regions", "qexport.signature", "qexport.validate", "qexport.models",
      "qexport.passes", "qexport.quantize", "qexport.export"),

@@ -115,6 +115,8 @@ def test_calibration_with_kwargs_batches():
     (lambda: qexport.quantize(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")), "int8_weight_only"),
      NothingToQuantizeError, "padding_mode='reflect'"),
     (lambda: qexport.quantize(nn.Sequential(nn.ReLU()), "int8_weight_only"), NothingToQuantizeError, "no module to quantize"),
+    (lambda: qexport.quantize(qexport.quantize(MLP(), "int8_dynamic"), "int8_weight_only"), NothingToQuantizeError,
+     "its 2 weight layers are already quantized .* quantize a fresh copy of the float model"),
     (lambda: qexport.quantize(nn.Linear(4, 4), "int8_weight_only"), UnsupportedModuleError, "wrap a bare"),
     (lambda: qexport.quantize("model", "int8_weight_only"), UnsupportedModuleError, "takes an nn.Module"),
 ])

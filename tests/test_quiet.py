@@ -1,4 +1,4 @@
-"""A clean CLI or Python API run prints no dependency noise (qexport/_quiet.py), -v or QEXPORT_VERBOSE=1 brings it back; argument checks
+"""A clean CLI or Python API run prints no dependency noise (qexport/quiet.py), -v or QEXPORT_VERBOSE=1 brings it back; argument checks
 come before heavy imports."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import warnings
 
 
-from qexport import _quiet
+from qexport import quiet
 
 NOISE = ("Failed to load", "is an Enum subclass", "LeafSpec", "torchvision is not installed", "cpuinfo_utils")
 
@@ -20,7 +20,7 @@ def _env():
 
 
 def test_filters_drop_only_the_known_messages(caplog, capfd, monkeypatch):
-    _quiet.install()
+    quiet.install()
     with caplog.at_level(logging.WARNING):
         logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: nope")
         logging.getLogger("torchao").warning("something else")
@@ -29,12 +29,12 @@ def test_filters_drop_only_the_known_messages(caplog, capfd, monkeypatch):
     assert [r.getMessage() for r in caplog.records] == ["something else"]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
-        monkeypatch.setattr(_quiet, "_quiet", False)  # install again inside this catch_warnings scope
-        _quiet.install()
+        monkeypatch.setattr(quiet, "_quiet", False)  # install again inside this catch_warnings scope
+        quiet.install()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
         warnings.warn("a real FutureWarning", FutureWarning)
     assert [str(w.message) for w in seen] == ["a real FutureWarning"]
-    with _quiet.native_stderr():
+    with quiet.native_stderr():
         os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\nreal native error\n")
     assert capfd.readouterr().err.strip() == "real native error"
 
@@ -52,11 +52,28 @@ def test_cli_run_is_quiet_and_verbose_is_not(demo_run):
     code, _, out = demo_run
     assert code == 0
     argv = [sys.executable, "-m", "qexport", "verify", str(out / "model.pt2"), str(out / "model.pte"), str(out / "model.onnx")]
-    quiet = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
-    assert quiet.returncode == 0, quiet.stderr
-    assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr
+    clean = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    assert not [n for n in NOISE if n in clean.stderr], clean.stderr
     loud = subprocess.run(argv + ["-v"], capture_output=True, text=True, env=_env(), timeout=300)
     assert loud.returncode == 0 and any(n in loud.stderr for n in NOISE)
+
+
+def test_python_api_opening_a_pte_is_quiet(demo_run):
+    """ExecuTorch's runtime prints its cpuinfo lines to fd 2 from C++ whenever a program's XNNPACK delegate
+    loads, in the child that probes a .pte and in the caller: `qexport.inspect` and `runners.load` drop them."""
+    _, _, out = demo_run
+    code = ("import sys, torch, qexport\n"
+            "print(len(qexport.inspect(sys.argv[1]).regions))\n"
+            "r = qexport.runners.load(sys.argv[1])\n"
+            "r(qexport.runners.make_inputs(r.inputs))\n")
+    clean = subprocess.run([sys.executable, "-c", code, str(out / "model.pte")], capture_output=True, text=True,
+                           env=_env(), timeout=300)
+    assert clean.returncode == 0 and clean.stdout.strip() == "3", clean.stderr
+    assert not [n for n in NOISE if n in clean.stderr], clean.stderr
+    loud = subprocess.run([sys.executable, "-c", code, str(out / "model.pte")], capture_output=True, text=True,
+                          env={**_env(), "QEXPORT_VERBOSE": "1"}, timeout=300)
+    assert loud.returncode == 0 and "cpuinfo_utils" in loud.stderr, loud.stderr
 
 
 def test_python_api_is_quiet_unless_qexport_verbose():
@@ -66,9 +83,9 @@ def test_python_api_is_quiet_unless_qexport_verbose():
             "logging.getLogger('torchao').warning('Failed to load /x/_C_mxfp8.so')\n"
             "logging.getLogger('torchao').warning('a message of its own')\n"
             "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated, use ...', FutureWarning)\n")
-    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
-    assert quiet.returncode == 0 and "a message of its own" in quiet.stderr
-    assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr
+    clean = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert clean.returncode == 0 and "a message of its own" in clean.stderr
+    assert not [n for n in NOISE if n in clean.stderr], clean.stderr
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**_env(), "QEXPORT_VERBOSE": "1"}, timeout=120)
     assert "Failed to load" in loud.stderr and "LeafSpec" in loud.stderr, loud.stderr
@@ -77,8 +94,8 @@ def test_python_api_is_quiet_unless_qexport_verbose():
 def test_uninstall_brings_the_lines_back():
     """What `qexport -v` calls (in a child: pytest's own filter hides every FutureWarning)."""
     code = ("import logging, warnings, qexport\n"
-            "from qexport import _quiet\n"
-            "_quiet.uninstall()\n"
+            "from qexport import quiet\n"
+            "quiet.uninstall()\n"
             "logging.getLogger('torchao').warning('Failed to load /x/_C_mxfp8.so')\n"
             "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated, use ...', FutureWarning)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)

@@ -138,22 +138,27 @@ def test_backend_matches_eager_quantized(zoo, backend):
 
 def test_tied_weight_stored_once(gpt2_pt2, zoo, tmp_path):
     """GPT-2's wte / lm_head share one int8 table: the .pt2 and the .onnx are smaller than the same
-    model untied by at least the table (so is the AOTI package); the zoo's .pte pair holds GPT-2's and
-    Llama's tables once each (the delegated head and the embedding's gather read them from the .ptd)."""
+    model untied by at least the table; every artifact of the zoo (the .pte with its .ptd) holds GPT-2's
+    and Llama's tables once each, in whichever layout and code type (the ONNX integer GEMM's uint8 + 128
+    codes, transposed) a backend stores them."""
     model, x, path = gpt2_pt2
     pte = zoo.artifact("pte")
-    pair = pte.read_bytes() + pte.with_suffix(".ptd").read_bytes()
+    files = {"pt2": zoo.pt2.read_bytes(), "aoti": zoo.artifact("aoti").read_bytes(), "onnx": zoo.artifact("onnx").read_bytes(),
+             "pte": pte.read_bytes() + pte.with_suffix(".ptd").read_bytes()}
     for name in ("gpt2", "llama"):
         head = zoo.model.models[name].lm_head
-        assert head.tensors()["weight"] is zoo.model.models[name].get_input_embeddings().tensors()["weight"], name
-        assert pair.count(head.tensors()["weight"].numpy().tobytes()) == 1, name
+        table = head.tensors()["weight"]
+        assert table is zoo.model.models[name].get_input_embeddings().tensors()["weight"], name
+        forms = [t.contiguous().numpy().tobytes() for t in (table, table.T, (table.to(torch.int16) + 128).to(torch.uint8),
+                                                            (table.T.to(torch.int16) + 128).to(torch.uint8))]
+        assert {kind: sum(data.count(f) for f in forms) for kind, data in files.items()} == dict.fromkeys(files, 1), name
     assert model.transformer.wte.tensors()["weight"] is model.lm_head.tensors()["weight"]
     untied = qexport.quantize(hf.gpt2(tie=False), RECIPE)
     untied_ep = qexport.export(untied, (x,))
     qexport.save(untied_ep, tmp_path / "untied.pt2")
     assert os.path.getsize(tmp_path / "untied.pt2") - os.path.getsize(path) >= hf.VOCAB * 32
     qexport.to_onnx(path, tmp_path / "tied.onnx")
-    qexport.to_onnx(untied_ep, tmp_path / "untied.onnx")
+    qexport.to_onnx(tmp_path / "untied.pt2", tmp_path / "untied.onnx")  # the same route: manifests of equal size
     assert os.path.getsize(tmp_path / "untied.onnx") - os.path.getsize(tmp_path / "tied.onnx") >= hf.VOCAB * 32
     got = runners.load(tmp_path / "tied.onnx")([x])[0]  # lm_head reads the table through a Transpose
     assert rel_err(got, model(x).logits) < TOLERANCE

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .. import _quiet
+    from .. import quiet
 
-    _quiet.install() if not args.verbose else _quiet.uninstall()
+    quiet.install() if not args.verbose else quiet.uninstall()
     try:
         return int(args.func(args) or 0)
     except QExportError as e:

@@ -14,7 +14,7 @@ from ._common import (
     INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, input_path, output_path,
     parse_input_spec, parse_scheme_args, stage,
 )
-from ._dims import DYNAMIC_HELP, dynamic_shapes, parse_dynamic, rename, resolve, traced_shape
+from ._dims import DYNAMIC_HELP, dynamic_shapes, maxima, parse_dynamic, rename, resolve, traced_shape
 from ..table import format_table
 
 #: random calibration batches when --calibrate is given without a file
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "name (Embedding, Linear, FalconLinear) or a module-name glob ('lm_head', 'encoder.*'); "
                         "--scheme takes every other layer (repeatable)")
     p.add_argument("--input", action="append", required=True, metavar="SHAPE[:DTYPE[:HIGH]]", help=INPUT_SPEC_HELP)
-    p.add_argument("--dynamic", action="append", default=[], metavar="[INPUT.]DIM[:NAME]", help=DYNAMIC_HELP)
+    p.add_argument("--dynamic", action="append", default=[], metavar="[INPUT.]DIM[:NAME][:MAX]", help=DYNAMIC_HELP)
     p.add_argument("--dynamic-batch", action="store_true", help="same as --dynamic 0:batch")
     p.add_argument("--calibrate", nargs="?", const="random", default=None, metavar="INPUTS.pt",
                    help="calibrate static schemes and algorithm=gptq: on random inputs of the --input shapes, or on a file saved "
@@ -78,7 +78,8 @@ def load_calibration(path: str, n_inputs: int) -> list[tuple[torch.Tensor, ...]]
 def run(args: argparse.Namespace) -> int:
     # Every argument is checked before the model is built, so a typo costs nothing and writes nothing.
     specs = [parse_input_spec(s) for s in args.input]
-    dims = resolve(parse_dynamic(args.dynamic + (["0:batch"] if args.dynamic_batch else [])), [s.shape for s in specs])
+    parsed = parse_dynamic(args.dynamic + (["0:batch"] if args.dynamic_batch else []))
+    dims, bounds = resolve(parsed, [s.shape for s in specs]), maxima(parsed, [s.shape for s in specs])
     specs = [InputSpec(traced_shape(s.shape, d), s.dtype, s.high) for s, d in zip(specs, dims)]
     scheme_params = parse_scheme_args(args.scheme, args.scheme_arg)
     from ..schemes import get
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     with progress.step("exporting"):
         from ..export import export
 
-        ep = export(model, example, dynamic_shapes=dynamic_shapes(dims), strict=args.strict)
+        ep = export(model, example, dynamic_shapes=dynamic_shapes(dims, bounds), strict=args.strict)
     from ..signature import symbol_names
 
     names = symbol_names(ep, dims)

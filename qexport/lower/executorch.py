@@ -23,13 +23,14 @@ program both read (a tied embedding + LM head) goes to a data file beside the .p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import operator
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -40,6 +41,7 @@ from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
+from ..signature import InputSpec, program_inputs
 from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
 from ._graph import RegionSite, call_before, drop_unused_state, region_of, replace_regions, replace_state, state_tensor
@@ -528,6 +530,53 @@ def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _Why
     return records
 
 
+def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], dict[str, int]]:
+    """The program's inputs as a `.pte` of it takes them, and {dim name: size} of the dynamic dims
+    that had no upper bound. ExecuTorch plans every tensor's memory for its dims' upper bounds and
+    gives a dim without one the example's size (executorch.exir.sym_util.eval_upper_bound), so the
+    `.pte` refuses anything larger: its manifest says so, rather than the program's open range."""
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta["val"] for n in ep.graph.nodes
+            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
+    out, unbounded = [], {}
+    for spec, val in zip(program_inputs(ep), vals):
+        dims = []
+        for d, size in zip(spec.shape, val.shape):
+            if d.dynamic and d.max is None and isinstance(size, torch.SymInt) and size.node.hint is not None:
+                d = dataclasses.replace(d, max=int(size.node.hint))
+                unbounded[d.name] = d.max
+            dims.append(d)
+        out.append(dataclasses.replace(spec, shape=tuple(dims)))
+    return out, unbounded
+
+
+@contextlib.contextmanager
+def _bounded_at_example(program: torch.export.ExportedProgram) -> Iterator[None]:
+    """Give each input dim without an upper bound its example's size as one while ExecuTorch plans memory.
+    Its planner falls back to the example value for any size expression with no finite bound, so a
+    tensor of `batch * seq` was planned at the example's seq too and the `.pte` refused a longer
+    (bounded) seq; bounded here, it is planned at `batch_example * seq_max`, what `planned_inputs` says."""
+    from torch.utils._sympy.numbers import int_oo
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    changed = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        for size in val.shape if isinstance(val, torch.Tensor) else ():
+            if not isinstance(size, torch.SymInt) or size.node.hint is None:
+                continue
+            env, sym = size.node.shape_env, size.node.expr
+            vr = env.var_to_range.get(sym)
+            if vr is not None and vr.upper is int_oo and all(c[1] != sym for c in changed):
+                changed.append((env, sym, vr))
+                env.var_to_range[sym] = ValueRanges(vr.lower, int(size.node.hint))
+    try:
+        yield
+    finally:
+        for env, sym, vr in changed:
+            env.var_to_range[sym] = vr
+
+
 def to_executorch(
     program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
     output: "str | PathLike[str]",
@@ -561,7 +610,9 @@ def to_executorch(
     plans = {p.region.name: p for p in planned}
     import serializers
 
-    manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend)
+    inputs, unbounded = planned_inputs(ep)
+    manifest = serializers.Manifest.from_program(ep, artifact="pte", backend=backend,
+                                                 inputs=[i.to_json() for i in inputs])
     stage = Stages("to_executorch", enabled=progress)
 
     with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
@@ -590,7 +641,7 @@ def to_executorch(
         records = _records(planned, edge_gm, why)
         # The manifest carries what happened to each region, known only once the partitioners ran.
         pte.replace_manifest(edge, manifest.with_lowering(records))
-        with stage("to_executorch (memory planning, serialization)"):
+        with stage("to_executorch (memory planning, serialization)"), _bounded_at_example(edge.exported_program()):
             # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
             # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
             # it index_put_ on the buffer.
@@ -608,7 +659,9 @@ def to_executorch(
         data = pte.write(et, tmp)
         if data is not None:  # in place before the .pte that names it
             replace_into(tmp.with_suffix(pte.DATA_SUFFIX), data_out)
-    extra = {"delegated_subgraphs": info.num_delegated_subgraphs}
+    extra: dict[str, Any] = {"delegated_subgraphs": info.num_delegated_subgraphs}
+    if unbounded:
+        extra["unbounded_dims"] = unbounded
     if data is not None:
         extra["data_file"] = {"path": str(data_out), "bytes": data.size, "sha256": data.sha256}
     return LoweringReport(

@@ -69,10 +69,16 @@ class LoweringReport:
             for r in self.regions
         ]
         head = format_table(["region", "scheme", "backend", "delegated", "kernel", "reason"], rows)
+        if not self.path:  # a plan (qexport.lower.aoti.plan): no artifact to describe
+            return f"{head}\n{self.target}: plan only, nothing written"
         nodes = f"{self.delegated_nodes}/{self.total_nodes} nodes delegated, " if self.total_nodes else ""
         data = self.extra.get("data_file")  # a .pte's shared weights, beside it (counted in bytes)
         also = f" + {data['path']}" if isinstance(data, dict) else ""
-        return f"{head}\n{self.target}: {self.path}{also} ({nodes}{self.bytes:,} bytes)"
+        notes = "".join(
+            f"\nnote: {name} has no upper bound, so ExecuTorch planned it at the example's size: this .pte takes "
+            f"{name} <= {size}; export with torch.export.Dim({name!r}, max=N) (CLI: --dynamic DIM:{name}:N) for more"
+            for name, size in self.extra.get("unbounded_dims", {}).items())
+        return f"{head}\n{self.target}: {self.path}{also} ({nodes}{self.bytes:,} bytes){notes}"
 
     def __str__(self) -> str:
         return self.table()

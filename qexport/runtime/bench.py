@@ -75,8 +75,9 @@ def bench(
             runners.append(load(p, expected_sha256=pinned(expected_sha256, p)))
         except QExportError as e:
             runners.append(BenchResult(p, "?", p.stat().st_size, error=str(e)))
-    if inputs is None:
-        inputs = bench_inputs([r for r in runners if isinstance(r, Runner)], seed)
+    loaded = [r for r in runners if isinstance(r, Runner)]
+    if inputs is None and loaded:  # none loaded: each result already says why
+        inputs = bench_inputs(loaded, seed)
     results = []
     for r in runners:
         if isinstance(r, BenchResult):

@@ -14,8 +14,8 @@ import torch
 from serializers import kinds
 from serializers.files import check_readable
 
-from ..extras import missing_extra
-from .._quiet import native_stderr
+from ..extras import missing_extra, require
+from ..quiet import native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from .runner import Flat, InputInfo, Runner, flat_tensors, program_runner
 
@@ -44,6 +44,9 @@ def stage(name: str) -> Any:
     fn = getattr(mod, name, None)
     if fn is None:
         raise BackendUnavailableError(f"the {what} does not provide {name}() yet ({module})")
+    for kind in kinds.kinds():
+        if name in kind.stages() and kind.extra:
+            require(kind.extra, f"the {what}")
     return fn
 
 
@@ -155,6 +158,12 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
         inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
 
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
+        for info, x in zip(inputs, flat):  # the runtime's own refusal is "error 0x10" and a native log line
+            if x.dim() != len(info.shape) or any(n > cap for n, cap in zip(x.shape, info.shape)):
+                raise ArtifactError(
+                    f"{p}: {info.name} has shape {tuple(x.shape)}; this .pte takes at most {info.shape} (ExecuTorch "
+                    f"plans memory for each dim's upper bound, and a dim exported without one at the example's "
+                    f"size: export with torch.export.Dim(name, max=N), CLI --dynamic DIM:NAME:N, for larger inputs)")
         return flat_tensors(method.execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
