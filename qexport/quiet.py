@@ -33,6 +33,9 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
      "torch 2.13 deprecates LeafSpec, and deep copies of programs (torch.export, executorch) still make "
      "TreeSpec's copyreg reduction check it: one warning per copied spec"),
+    (UserWarning, r"^Mutation on a buffer in the model is detected\. ExecuTorch assumes",
+     "ExecuTorch 1.5's emitter warns that mutated buffers start uninitialized whether or not their initial "
+     "value is kept; to_executorch keeps every one's (InitializedMutableBufferPass)"),
 )
 #: native stderr lines of ExecuTorch's runtime, printed by C++ while a method loads
 NATIVE_LINES = re.compile(

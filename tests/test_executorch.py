@@ -405,6 +405,26 @@ def test_a_dim_without_upper_bound_is_planned_at_the_example_size_and_says_so(tm
         runner([torch.randn(3, 4, 64)])
 
 
+class Counter(nn.Module):
+    """A buffer read before it is written (as a KV cache is): its initial value is part of the program."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.full((4,), 5.0))
+
+    def forward(self, x):
+        self.count.add_(1.0)
+        return x + self.count
+
+
+def test_a_mutated_buffer_starts_from_its_value_not_from_whatever_memory_held(tmp_path):
+    ep = torch.export.export(Counter(), (torch.zeros(4),))
+    qexport.to_executorch(ep, tmp_path / "c.pte", progress=False)
+    runner, eager = qexport.runners.load(tmp_path / "c.pte"), Counter()
+    for _ in range(2):  # the .pte started at 0 (the runtime's zeroed memory) without the initial value
+        assert torch.equal(runner([torch.zeros(4)])[0], eager(torch.zeros(4)))
+
+
 class SideBranch(nn.Module):
     """A quantized layer whose output nothing uses (like BERT's pooler under mean pooling)."""
 

@@ -577,6 +577,18 @@ def _bounded_at_example(program: torch.export.ExportedProgram) -> Iterator[None]
             env.var_to_range[sym] = vr
 
 
+def _initialized_buffers(ep: Any) -> list:
+    """ExecuTorch stores a mutated buffer's shape and dtype only, and the runtime starts it from whatever
+    its memory held; eager starts from the buffer's value (a KV cache's zeros, which masked attention
+    still multiplies by 0: garbage there can be NaN). Every mutated buffer keeps its initial value."""
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    names = [p for p, fqn in sig.inputs_to_buffers.items() if fqn in mutated]
+    return [InitializedMutableBufferPass(names)] if names else []
+
+
 def to_executorch(
     program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
     output: "str | PathLike[str]",
@@ -647,6 +659,7 @@ def to_executorch(
             # it index_put_ on the buffer.
             et = edge.to_executorch(ExecutorchBackendConfig(
                 run_reinplace_pass=True,
+                passes=_initialized_buffers(edge.exported_program()),
                 external_constants=(lambda n: SHARED_DATA_TAG if n.name in shared else None) if shared else False,
             ))
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
