@@ -139,9 +139,19 @@ def test_bench_same_inputs_side_by_side(demo_artifacts):
         assert r.error is None and r.median_s > 0 and r.iters >= 3 and r.size == p.stat().st_size
 
 
+def test_an_aoti_package_alone_is_benchmarked_on_its_manifests_inputs(demo_artifacts):
+    aoti = runners.load(demo_artifacts["aoti"])
+    assert [(i.name, i.dtype) for i in aoti.inputs] == [(i.name, i.dtype) for i in runners.load(demo_artifacts["pt2"]).inputs]
+    (r,) = runners.bench([demo_artifacts["aoti"]], min_time_s=0.0, min_iters=2, warmup=0)
+    assert r.kind == "aoti" and r.error is None and r.median_s > 0
+
+
 def test_bench_needs_inputs_from_somewhere(demo_artifacts):
+    from qexport.runtime.bench import bench_inputs
+
+    silent = runners.Runner("aoti", demo_artifacts["aoti"], lambda flat: flat)  # a package with no input specs
     with pytest.raises(ArtifactError, match="describes its inputs"):
-        runners.bench([demo_artifacts["aoti"]], min_time_s=0.0, min_iters=1, warmup=0)
+        bench_inputs([silent])
     (r,) = runners.bench([demo_artifacts["aoti"]], inputs=[torch.randn(1, 256)], min_time_s=0.0, min_iters=2, warmup=0)
     assert r.kind == "aoti" and r.median_s > 0
 

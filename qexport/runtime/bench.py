@@ -50,8 +50,8 @@ def bench_inputs(runners: Sequence[Runner], seed: int = 0) -> Flat:
     for r in runners:
         if r.inputs is not None:
             return make_inputs(r.inputs, seed)
-    raise ArtifactError("none of the artifacts describes its inputs (AOTI packages do not); add the .pt2 "
-                        "to the list or pass --input")
+    raise ArtifactError("none of the artifacts describes its inputs (an AOTI package compiled by another tool "
+                        "does not); add the .pt2 to the list or pass --input")
 
 
 def bench(

@@ -134,7 +134,24 @@ def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
                 return flat_tensors(loader.boxed_run(list(flat)))
             return flat_tensors(compiled(*flat))
 
-    return Runner("aoti", p, call, device=compiled.qexport_manifest.extra.get("device", "cpu"))
+    extra = compiled.qexport_manifest.extra
+    return Runner("aoti", p, call, device=extra.get("device", "cpu"), inputs=_manifest_inputs(extra))
+
+
+def _manifest_inputs(extra: Mapping[str, Any]) -> list[InputInfo] | None:
+    """The inputs the manifest says the program takes (shapes at each dim's example size), so that a
+    package alone can be benchmarked; None when it says nothing usable (the file is untrusted: a
+    malformed entry is not an error here, bench then asks for --input)."""
+    from ..signature import InputSpec
+
+    try:
+        specs = [InputSpec.from_json(d) for d in extra.get("inputs") or ()]
+    except ValueError:
+        return None
+    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype) for s in specs]
+    if "generation" in extra and len(infos) > 1:
+        infos[1].positions = True  # (input_ids, cache_position, ...), as `program_inputs` marks them
+    return infos or None
 
 
 def load_pte(p: Path, expected_sha256: str | None) -> Runner:
