@@ -146,6 +146,14 @@ def test_an_aoti_package_alone_is_benchmarked_on_its_manifests_inputs(demo_artif
     assert r.kind == "aoti" and r.error is None and r.median_s > 0
 
 
+@pytest.mark.parametrize("extra", [{}, {"inputs": 5}, {"inputs": "xy"}, {"inputs": [{"name": "x", "dtype": "os.system", "shape": []}]},
+                                   {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1.5]}]}])
+def test_a_package_manifest_without_usable_inputs_describes_none(extra):
+    from qexport.runtime.loaders import _manifest_inputs
+
+    assert _manifest_inputs(extra) is None  # the file is untrusted: bench then asks for --input
+
+
 def test_bench_needs_inputs_from_somewhere(demo_artifacts):
     from qexport.runtime.bench import bench_inputs
 

@@ -144,8 +144,9 @@ def _manifest_inputs(extra: Mapping[str, Any]) -> list[InputInfo] | None:
     malformed entry is not an error here, bench then asks for --input)."""
     from ..signature import InputSpec
 
+    raw = extra.get("inputs")
     try:
-        specs = [InputSpec.from_json(d) for d in extra.get("inputs") or ()]
+        specs = [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []
     except ValueError:
         return None
     infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype) for s in specs]
