@@ -427,3 +427,21 @@ def test_int4_loop_is_left_out_where_its_layout_does_not_fit(monkeypatch):
         x = torch.randn(1, k)
         with torch.no_grad():
             assert rel_err(lowered.module()(x), qm(x)) <= math_for(qexport.schemes.get("int4_weight_only")).tolerance
+
+
+@pytest.mark.parametrize("target", ["avx2", "avx512_vnni_bf16"])
+def test_int8pack_is_left_out_unless_k_is_a_multiple_of_16(monkeypatch, target):
+    """torch's _weight_int8pack_mm reads past K's last partial vector (SIGSEGV or wrong numbers, on the
+    loading CPU's ISA): a K of 20 or 40 gets other kernels in every bucket, 48 keeps it."""
+    target = {"avx2": AVX2_TARGET, "avx512_vnni_bf16": VNNI_TARGET}[target]
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
+    for k in (20, 40, 48):
+        qm = qexport.quantize(torch.nn.Sequential(torch.nn.Linear(k, 19, bias=False)).eval(), qexport.schemes.get("int8_weight_only"))
+        ep = qexport.export(qm, (torch.randn(2, k),), dynamic_shapes=({0: torch.export.Dim("m", min=1, max=512)},))
+        lowered, decisions = apply_kernels(ep, "cpu")
+        int8pack = torch.ops.aten._weight_int8pack_mm.default in _ops(lowered)
+        assert int8pack == (k % 16 == 0), (k, decisions[0].details["plan"])
+        for m in (1, 2, 30):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            with torch.no_grad():
+                assert rel_err(lowered.module()(x), qm(x)) <= math_for(qexport.schemes.get("int8_weight_only")).tolerance, (k, m)

@@ -46,10 +46,28 @@ class Conv1dNet(torch.nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(2))
 
 
+class OddNet(torch.nn.Module):
+    """Shapes the other models keep regular: dilated, grouped (bias-free) and depthwise convs, then
+    bias-free and biased linears on 3-D activations with K and N that are not multiples of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 12, 3, padding=2, dilation=2)
+        self.conv2 = torch.nn.Conv2d(12, 18, 3, padding=1, groups=3, bias=False)
+        self.conv3 = torch.nn.Conv2d(18, 18, 3, padding=1, groups=18)
+        self.fc1 = torch.nn.Linear(18, 37, bias=False)
+        self.fc2 = torch.nn.Linear(37, 19)
+
+    def forward(self, x):
+        y = torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+        return self.fc2(torch.relu(self.fc1(y.flatten(2).transpose(1, 2))))
+
+
 MODELS = {"mlp": (lambda: MLP((256, 512, 64)), lambda: torch.randn(16, 256) * 3),
           "conv": (ConvNet, lambda: torch.randn(2, 3, 16, 16) * 3),
           "conv1d": (Conv1dNet, lambda: torch.randn(2, 8, 32) * 3),
-          "transformer": (TinyTransformer, lambda: torch.randint(0, 128, (2, 16)))}
+          "transformer": (TinyTransformer, lambda: torch.randint(0, 128, (2, 16))),
+          "odd": (OddNet, lambda: torch.randn(1, 3, 10, 10) * 3)}
 
 
 #: 7-bit weights (reduce_range=True): signed in every target's file, so portable only

@@ -291,6 +291,11 @@ def _check_float_input(ctx: KernelContext) -> Decline | None:
 _NIBBLES, _LANES = 8, 8
 #: int8 codes per int32 word `_int8_loop` reads
 _BYTES = 4
+#: K must be a multiple of this for aten._weight_int8pack_mm: torch 2.13's CPU kernel has no tail for
+#: the last partial vector of K, and past it reads out of bounds (a wrong result, e.g. K=100 0.1 relative
+#: error on AVX2, or SIGSEGV: K=20, 36): K % 8 is needed on AVX2, K % 16 on AVX-512, and the kernel is
+#: the loading CPU's ATen dispatch, not the compile target's, so a package takes it only for K % 16 == 0
+_INT8PACK_K = 16
 _fma = torch.ops.prims.fma  # Inductor's fused multiply-add (C++: at::vec::fmadd); eagerly (a * b) + c
 
 
@@ -345,6 +350,8 @@ def int8_weight_only_cpu(ctx: KernelContext) -> KernelChoice | Decline | None:
     lanes = lanes if k_in % (_BYTES * lanes) == 0 else _LANES
     if k_in % (_BYTES * lanes):
         plan = _without(plan, "int8_loop", ctx)
+    if k_in % _INT8PACK_K:
+        plan = _without(plan, "int8pack", ctx)
     gemm = gemm_dtype(target, cd)
     roles = ("weight", "weight_scale")
     operands = _operands(ctx, plan, roles, gemm, False)
