@@ -17,7 +17,7 @@ from serializers.files import check_readable
 from ..extras import missing_extra, require
 from ..quiet import native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
-from .runner import Flat, InputInfo, Runner, flat_tensors, program_runner
+from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner
 
 ARTIFACT_KINDS = kinds.BUILTIN
 
@@ -149,10 +149,7 @@ def _manifest_inputs(extra: Mapping[str, Any]) -> list[InputInfo] | None:
         specs = [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []
     except ValueError:
         return None
-    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype) for s in specs]
-    if "generation" in extra and len(infos) > 1:
-        infos[1].positions = True  # (input_ids, cache_position, ...), as `program_inputs` marks them
-    return infos or None
+    return input_infos(specs, generating="generation" in extra) or None
 
 
 def load_pte(p: Path, expected_sha256: str | None) -> Runner:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -140,11 +140,17 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
         if payload and payload.op == "embedding" and payload.weight_shape and isinstance(node.args[1], torch.fx.Node):
             rows = int(payload.weight_shape[0])
             high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
-    infos = [InputInfo(i.name, tuple(d.example() for d in i.shape), i.torch_dtype, high.get(i.name))
-             for i in signature(ep, require_tensors=True)]
     from serializers.manifest import GENERATION_META
 
-    if GENERATION_META in ep.graph_module.meta.get("custom", {}) and len(infos) > 1:
+    return input_infos(signature(ep, require_tensors=True), generating=GENERATION_META in ep.graph_module.meta.get("custom", {}),
+                       high=high)
+
+
+def input_infos(specs: Sequence[Any], *, generating: bool, high: Mapping[str, int] | None = None) -> list[InputInfo]:
+    """InputInfos for `signature.InputSpec`s (a program's, or those its manifest records): each dynamic dim
+    at its example size; integer inputs named in `high` drawn from [0, high)."""
+    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, (high or {}).get(s.name)) for s in specs]
+    if generating and len(infos) > 1:
         infos[1].positions = True  # a generating LM's inputs are (input_ids, cache_position, ...): qexport.generation
     return infos
 
@@ -172,4 +178,4 @@ def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
     return [i.make(g) for i in infos]
 
 
-__all__ = ["Flat", "InputInfo", "Runner", "flat_tensors", "make_inputs", "program_inputs", "program_runner", "region_outputs"]
+__all__ = ["Flat", "InputInfo", "Runner", "flat_tensors", "input_infos", "make_inputs", "program_inputs", "program_runner", "region_outputs"]
