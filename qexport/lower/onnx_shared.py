@@ -77,6 +77,8 @@ def _rebuild(kept: ir.Value, steps: tuple[bool, bool]) -> list[ir.Node]:
         nodes += [offset, wide, ir.node("Sub", [wide.outputs[0], offset.outputs[0]])]
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT8}))
     return nodes
+
+
 def _contiguous_initializers(model: ir.Model) -> None:
     """torch.onnx folds `weight.T` of a float weight (Falcon's `x @ W.T` layers) into an initializer
     holding a transposed numpy view, and onnx-ir's hashing deduplication refuses it ("ndarray is not
