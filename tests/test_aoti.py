@@ -180,7 +180,7 @@ def _targets(ep) -> list:
 
 def test_int4_weights_are_repacked_once_into_buffers(built):
     _, ep, _ = built["int4_weight_only"]
-    lowered, decisions = apply_kernels(ep, "cpu")
+    lowered, decisions = apply_kernels(ep, "cpu", {"qexport.fuse_siblings": "off"})  # one kernel per region
     linear = [d for d in decisions if d.region.op == "linear"]
     targets = _targets(lowered)
     assert targets.count(torch.ops.quantized.int4mm_packed_weight_cpu.default) == len(linear) == 13
@@ -198,6 +198,51 @@ def test_int4_weights_are_repacked_once_into_buffers(built):
     assert all("aten._weight_int4pack_mm_for_cpu" in d.kernel for d in linear)  # after the one-row loop on AVX2
     # the original program is untouched
     assert sum(1 for _ in iter_region_nodes(ep)) == 14 and "blocks.0.q.weight" in ep.state_dict
+
+
+def _state_bytes(ep) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in ep.state_dict.values()}.values())
+
+
+@pytest.mark.parametrize("name", ["int4_weight_only", "int8_weight_only", "int8_dynamic"])
+def test_sibling_regions_run_as_one_kernel_on_stacked_weights(built, name):
+    """q, k and v read one input with one scheme: one kernel over their stacked weights, a slice of its
+    output each (fewer kernels per decode step); same numbers, same bytes, every plan saying so."""
+    model, ep, _ = built[name]
+    fused, plans = apply_kernels(ep, "cpu")
+    apart, plans_apart = apply_kernels(ep, "cpu", {"qexport.fuse_siblings": "off"})
+    by_name = {p.region.name: p for p in plans}
+    for b in ("blocks.0", "blocks.1"):
+        qkv = [f"{b}.{p}" for p in "qkv"]
+        for region in qkv:
+            plan = by_name[region]
+            assert plan.details["siblings"] == qkv and plan.details["stacked_out_features"] == 3 * 64
+            assert "one kernel with" in plan.reason and plan.kernel == by_name[qkv[0]].kernel
+        for region in (f"{b}.o", f"{b}.up", f"{b}.down"):  # o, up and down read other inputs
+            assert "siblings" not in by_name[region].details
+        assert [k for k in fused.state_dict if k.startswith(f"{b}.q.")]  # the stack is stored under the first one
+        assert not [k for k in fused.state_dict if k.startswith((f"{b}.k.", f"{b}.v."))]  # stored once, in the stack
+    assert [p.region.name for p in plans] == [p.region.name for p in plans_apart]
+    slices = [n for n in fused.graph.nodes if n.target == torch.ops.aten.slice.Tensor and n.args[1] == n.args[0].meta["val"].dim() - 1
+              and (n.meta.get("custom") or {}).get("qexport_region")]
+    assert len(slices) == 6
+    # the stack replaces the three weights, no copy kept (a few bytes less: per-region scalars stored once)
+    assert 0.999 * _state_bytes(apart) <= _state_bytes(fused) <= _state_bytes(apart)
+    for shape in [(1, 5), (3, 17)]:
+        idx = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            y, y_apart, ref = fused.module()(idx), apart.module()(idx), model(idx)
+        assert rel_err(y, y_apart) <= 1e-5, shape
+        assert rel_err(y, ref) <= math_for(scheme_for(name)).tolerance, shape
+
+
+def test_sibling_fusion_reaches_plan_and_refuses_unknown_modes(built):
+    _, ep, _ = built["int8_weight_only"]
+    report = aoti.plan(ep)
+    assert sum("one kernel with" in r.reason for r in report.regions) == 6
+    assert not any("one kernel with" in r.reason for r in aoti.plan(ep, options={"qexport.fuse_siblings": "off"}).regions)
+    with pytest.raises(LoweringError, match="qexport.fuse_siblings='yes' is not one of"):
+        aoti.plan(ep, options={"qexport.fuse_siblings": "yes"})
 
 
 AVX2_TARGET = CPUTarget("x86_64", "AVX2", "x86-64-v3", ("avx", "avx2", "fma3"), forced=True)
@@ -294,7 +339,7 @@ def test_int8_weight_only_uses_bf16_activations(built):
     lowered, _ = apply_kernels(ep, "cpu")
     mms = [n for m in lowered.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
            for n in m.graph.nodes if n.target == torch.ops.aten._weight_int8pack_mm.default]
-    assert len(mms) == 13
+    assert len(mms) == 13 - 2 * 2  # 13 linear regions; each block's q/k/v as one kernel (siblings)
     assert all(n.args[0].meta["val"].dtype == torch.bfloat16 for n in mms)
     assert all(n.args[2].meta["val"].dtype == torch.bfloat16 for n in mms)
 

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="an Inductor config (torch._inductor.config name), qexport.kernels=inductor to skip the "
         "kernel table, qexport.large_m=bf16_weights for CUDA weight-only packages that also keep bf16 "
-        "weights for large batches, or qexport.cuda_plan=static to skip tuning on the GPU; repeatable",
+        "weights for large batches, qexport.cuda_plan=static to skip tuning on the GPU, or "
+        "qexport.fuse_siblings=off to keep one kernel per region (q/k/v apart); repeatable",
     )
     p.add_argument("--quiet", action="store_true", help="print only the output path")
     p.set_defaults(func=run)

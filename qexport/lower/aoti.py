@@ -26,9 +26,9 @@ import torch
 from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
-from ._contract import RegionPlan, plan_regions
+from ._contract import RegionPlan
 from ._graph import copy_program
-from .kernels import apply_kernels, inductor_options_for
+from .kernels import FUSE_MODES, FUSE_OPTION, apply_kernels, inductor_options_for, plan_kernels
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 
@@ -45,7 +45,8 @@ KERNEL_MODES = ("auto", "inductor")
 #: on the GPU; CPU: the target's fastest GEMM dtype, bf16 or fp32). See kernels/cuda.py and kernels/cpu.py.
 LARGE_M_OPTION = "qexport.large_m"
 LARGE_M_MODES = ("bf16_weights", "dequant")
-OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUDA_PLAN_OPTION: CUDA_PLAN_MODES}
+OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUDA_PLAN_OPTION: CUDA_PLAN_MODES,
+                FUSE_OPTION: FUSE_MODES}
 
 Progress = Callable[[str], None]
 
@@ -115,7 +116,7 @@ def plan(
     if ours.get(KERNELS_OPTION, "auto") == "inductor":
         plans = _all_to_inductor(ep, device)
     else:
-        plans = plan_regions(ep, f"aoti-{device}", ours)
+        plans, _ = plan_kernels(ep, device, ours)
     return _report(plans, device, "")
 
 
@@ -134,7 +135,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     "inductor"` to skip the table (every region fused by Inductor, for comparison) and, on CUDA,
     `"qexport.large_m": "bf16_weights"` to also keep bf16 copies of weight-only weights for the
     compute-bound row counts (the default "dequant" holds only quantized weights) and
-    `"qexport.cuda_plan": "static"` to skip tuning the row buckets on the GPU (default "tuned"). The package
+    `"qexport.cuda_plan": "static"` to skip tuning the row buckets on the GPU (default "tuned");
+    `"qexport.fuse_siblings": "off"` keeps one kernel per region where sibling regions (one input, one
+    scheme: q/k/v, gate/up) would otherwise run as one kernel on their stacked weights. The package
     embeds qexport's manifest (`qexport.inspect(output)` lists regions, schemes and kernels) and
     loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. On CPU the kernels and
     the C++ are for the target CPU: this one, capped by `ATEN_CPU_CAPABILITY` (`avx2`: any AVX2

@@ -41,23 +41,32 @@ A kernel's numerics must stay within `math_for(scheme).tolerance` of the scheme'
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
 from ...errors import LoweringError
+from ...regions import Region, region_nodes
 from .._contract import (
-    Decline, PlanContext, RegionPlan, get_backend, plan_regions, register_backend, register_lowering, unclaimed_reason,
-    unregister_lowering,
+    Decline, PlanContext, RegionPlan, _plan_one, get_backend, plan_regions, register_backend, register_lowering,
+    unclaimed_reason, unregister_lowering,
 )
-from .._graph import RegionSite, copy_program, drop_unused_state, replace_regions
+from .._graph import RegionSite, copy_program, drop_unused_state, is_state, replace_regions, state_tensor
 
 __all__ = [
-    "Decline", "KernelChoice", "KernelContext", "apply_kernels", "inductor_options_for", "register_kernel",
-    "unregister_kernel",
+    "FUSE_MODES", "FUSE_OPTION", "Decline", "KernelChoice", "KernelContext", "apply_kernels", "inductor_options_for",
+    "plan_kernels", "register_kernel", "unregister_kernel",
 ]
+
+#: "auto" (default): sibling linear regions -- one input, one scheme, weights that differ only in
+#: out_features (attention's q/k/v, an MLP's gate/up) -- run as one kernel on their weights stacked;
+#: "off": one kernel per region.
+FUSE_OPTION = "qexport.fuse_siblings"
+FUSE_MODES = ("auto", "off")
 
 Operand = Union[str, tuple[str, torch.Tensor]]
 
@@ -124,29 +133,136 @@ def inductor_options_for(device: str) -> dict[str, Any]:
     return dict(getattr(table, "INDUCTOR_OPTIONS", {}))
 
 
+@dataclass
+class _SiblingContext(KernelContext):
+    """The context of sibling regions planned as one: `tensor(role)` is their tensors stacked on dim 0."""
+
+    stacked: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensor(self, role: str) -> torch.Tensor:
+        return self.stacked[role]
+
+
+@dataclass(frozen=True)
+class _Siblings:
+    members: tuple[str, ...]  # region names, graph order; the first one's place runs the kernel
+    widths: tuple[int, ...]  # each member's out_features
+    plan: RegionPlan
+    stacked: Mapping[str, torch.Tensor]
+
+
+def _sibling_key(ep: torch.export.ExportedProgram, node: torch.fx.Node, region: Region) -> tuple | None:
+    """What sibling regions share (input node, scheme, op parameters, every operand's trailing shape and
+    dtype), or None when a region cannot be stacked: an operand that is not a constant or not per output
+    feature (a per-tensor scale; a static activation scale differs between siblings)."""
+    inp = node.args[1]
+    if region.op != "linear" or region.scheme is None or not isinstance(inp, torch.fx.Node):
+        return None
+    shapes, width = [], None
+    for role, arg in zip(region.roles[1:], node.args[2:]):
+        if not is_state(ep, arg):
+            return None
+        t = state_tensor(ep, arg)
+        width = t.shape[0] if t.dim() and width is None else width
+        if t.dim() == 0 or t.shape[0] != width:
+            return None
+        shapes.append((role, tuple(t.shape[1:]), str(t.dtype)))
+    return (inp, json.dumps(region.scheme.to_dict(), sort_keys=True, default=str),
+            json.dumps(region.op_params, sort_keys=True, default=str), tuple(shapes))
+
+
+def _fuse_siblings(ep: torch.export.ExportedProgram, device: str, plans: list[RegionPlan],
+                   options: Mapping[str, Any]) -> list[_Siblings]:
+    # At few rows a linear layer is one weight-streaming kernel, and each kernel pays a fixed cost
+    # (launch, first DRAM round trips, last wave: several µs on a GPU) that a decode step pays once
+    # per projection; q/k/v as one kernel over stacked weights pay it once (vLLM's QKVParallelLinear).
+    taken = {p.region.name for p in plans if p.taken}
+    groups: dict[tuple, list[tuple[torch.fx.Node, Region]]] = {}
+    for node, region in region_nodes(ep):
+        key = _sibling_key(ep, node, region) if region.name in taken else None
+        if key is not None:
+            groups.setdefault(key, []).append((node, region))
+    backend = get_backend(f"aoti-{device}")
+    out = []
+    for group in groups.values():
+        args = [a for node, _ in group for a in node.args[2:]]
+        if len(group) < 2 or len(set(args)) != len(args):  # a weight shared by two siblings would be stored twice
+            continue
+        (node, first), roles = group[0], group[0][1].roles[1:]
+        stacked = {role: torch.cat([state_tensor(ep, n.args[1 + r.roles.index(role)]) for n, r in group]) for role in roles}
+        widths = tuple(int(state_tensor(ep, n.args[2]).shape[0]) for n, _ in group)
+        shape = (sum(r.weight_shape[0] for _, r in group), *first.weight_shape[1:]) if all(r.weight_shape for _, r in group) else None
+        ctx = _SiblingContext(ep, node, dataclasses.replace(first, weight_shape=shape), backend.name, dict(options), stacked=stacked)
+        plan = _plan_one(backend, ctx)
+        if plan.taken and isinstance(plan.lowering, KernelChoice):
+            out.append(_Siblings(tuple(r.name for _, r in group), widths, plan, stacked))
+    return out
+
+
+def plan_kernels(
+    program: torch.export.ExportedProgram, device: str, options: Mapping[str, Any] | None = None
+) -> tuple[list[RegionPlan], list[_Siblings]]:
+    """Each region's plan on `aoti-<device>` and the sibling groups that run as one kernel (their
+    members' plans name the kernel, the siblings and the stacked width)."""
+    options = dict(options or {})
+    plans = plan_regions(program, f"aoti-{device}", options)
+    if options.get(FUSE_OPTION, "auto") == "off":
+        return plans, []
+    fused = _fuse_siblings(program, device, plans, options)
+    member = {m: f for f in fused for m in f.members}
+    for i, p in enumerate(plans):
+        f = member.get(p.region.name)
+        if f is not None:
+            others = [m for m in f.members if m != p.region.name]
+            plans[i] = dataclasses.replace(
+                p, kernel=f.plan.kernel, lowering=f.plan.lowering,
+                reason="; ".join(x for x in (f.plan.reason, f"one kernel with {', '.join(others)} "
+                                             f"(weights stacked: {sum(f.widths)} outputs)") if x),
+                details={**f.plan.details, "siblings": list(f.members), "stacked_out_features": sum(f.widths)},
+            )
+    return plans, fused
+
+
 def apply_kernels(
     program: torch.export.ExportedProgram, device: str, options: Mapping[str, Any] | None = None
 ) -> tuple[torch.export.ExportedProgram, list[RegionPlan]]:
     """Replace each region a kernel takes by that kernel; returns a new program and the plans.
 
-    Regions nobody takes stay `invoke_quant_packed` (Inductor fuses them). `program` is not changed.
+    Regions nobody takes stay `invoke_quant_packed` (Inductor fuses them). Sibling regions
+    (`plan_kernels`) become one kernel, at the first one's place, and a slice of its output each.
+    `program` is not changed.
     """
     ep = copy_program(program)
-    plans = plan_regions(ep, f"aoti-{device}", options)
+    plans, fused = plan_kernels(ep, device, options)
     chosen = {p.region.name: p.lowering for p in plans if p.taken}
+    lead = {f.members[0]: f for f in fused}
+    slices: dict[str, torch.fx.Node] = {}
+
+    def lower(site: RegionSite) -> torch.fx.Node:
+        name = site.region.name
+        if name in slices:
+            return slices.pop(name)
+        f = lead.get(name)
+        if f is None:
+            return _splice_kernel(site, chosen[name])
+        out = _splice_kernel(site, f.plan.lowering, f.stacked)
+        start, last = 0, out.meta["val"].dim() - 1
+        for member, width in zip(f.members, f.widths):
+            slices[member] = site.call(torch.ops.aten.slice.Tensor, out, last, start, start + width)
+            start += width
+        return slices.pop(name)
+
     if chosen:
-        replace_regions(
-            ep, lambda site: _splice_kernel(site, chosen[site.region.name]),
-            kernel_of=lambda r: chosen[r.name].name if r.name in chosen else None,
-        )
+        replace_regions(ep, lower, kernel_of=lambda r: chosen[r.name].name if r.name in chosen else None)
         drop_unused_state(ep)
         ep.graph_module.graph.lint()
         ep.graph_module.recompile()
     return ep, plans
 
 
-def _splice_kernel(site: RegionSite, choice: KernelChoice) -> torch.fx.Node:
-    """The kernel's body, traced over the region's input and the operands it names, in the region's place."""
+def _splice_kernel(site: RegionSite, choice: KernelChoice, stacked: Mapping[str, torch.Tensor] | None = None) -> torch.fx.Node:
+    """The kernel's body, traced over the region's input and the operands it names, in the region's place
+    (`stacked`: sibling regions' tensors per role, which become new constants)."""
     args = [site.input]
     for op in choice.operands:
         if isinstance(op, str):
@@ -154,7 +270,7 @@ def _splice_kernel(site: RegionSite, choice: KernelChoice) -> torch.fx.Node:
                 raise LoweringError(
                     f"kernel {choice.name} for {site.region.name} asks for role {op!r}; the region has {list(site.region.roles)}"
                 )
-            args.append(site.operands[op])
+            args.append(site.operands[op] if stacked is None else site.constant(f"siblings_{op}", stacked[op]))
         else:
             suffix, tensor = op
             args.append(site.constant(suffix, tensor))
