@@ -79,7 +79,12 @@ def llama_gpu(layers: int) -> torch.nn.Module:
 def gpu_variants() -> list[tuple[str, str, str | None]]:
     """bf16 AOTI vs the weight-only schemes' AOTI packages, all on the GPU (int4 at group 128, as the CUDA kernels are tuned)."""
     return [("bf16 AOTI CUDA", "aoti_cuda", None), ("qexport AOTI CUDA int4_weight_only g128", "aoti_cuda", "int4_weight_only"),
+            (f"qexport AOTI CUDA int4_weight_only g128 {UNFUSED}", "aoti_cuda", "int4_weight_only"),
             ("qexport AOTI CUDA int8_weight_only", "aoti_cuda", "int8_weight_only")]
+
+
+#: a variant compiled with one kernel per region (q/k/v and gate/up apart), for the siblings' share
+UNFUSED = "(fuse_siblings off)"
 
 
 def has_scheme(name: str) -> bool:
@@ -114,7 +119,8 @@ def build(label: str, kind: str, name: str | None, layers: int, work: Path) -> t
         model = llama_gpu(layers)
         if name is not None:
             qexport.quantize(model, scheme(name, 128))
-        qexport.compile(qexport.export_lm(model, max_cache_len=CACHE), path, device="cuda")
+        options = {"qexport.fuse_siblings": "off"} if UNFUSED in label else None
+        qexport.compile(qexport.export_lm(model, max_cache_len=CACHE), path, device="cuda", options=options)
         info["build_s"] = round(time.perf_counter() - t, 1)
         return path, info
     model = llama(layers)
@@ -188,6 +194,7 @@ def main() -> None:
                     help="also time an artifact built elsewhere (e.g. by the code before a change, or with "
                          "other compile options) in the same interleaved rounds")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="with --gpu: also list each package's GPU kernels per decode step")
     ap.add_argument("--gpu", action="store_true", help="the GPU run: bf16 vs int4 / int8 weight-only AOTI CUDA packages of "
                     "GPU_CONFIG (--layers defaults to 1), decode as CUDA-graph replays and, for comparison, plain calls")
     args = ap.parse_args()
@@ -262,6 +269,26 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 
+def kernel_profile(runner: Any, spec: Any, new: int) -> dict[str, Any]:
+    """GPU kernels of single-token steps (a one-token prompt, then `new` tokens, called per step so
+    that the profiler sees each kernel): per kernel name, launches and µs per token, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(runner, [1], new, stop_at_eos=False, spec=spec, cuda_graph=False)
+        torch.cuda.synchronize()
+    steps = new  # the one-token prefill and the new - 1 decode steps
+    rows = [{"kernel": e.key[:120], "per_token": round(e.count / steps, 2),
+             "us_per_token": round(e.device_time_total / steps, 2)}
+            for e in prof.key_averages() if e.device_time_total > 0 and e.count]
+    rows.sort(key=lambda r: -r["us_per_token"])
+    total = sum(r["us_per_token"] for r in rows)
+    print(f"  kernels per token: {sum(r['per_token'] for r in rows):.0f}, {total:.1f} µs of kernel time", flush=True)
+    for r in rows[:12]:
+        print(f"    {r['us_per_token']:7.1f} µs  x{r['per_token']:<5} {r['kernel'][:90]}", flush=True)
+    return {"kernel_us_per_token": round(total, 1), "kernels": rows[:40]}
+
+
 def main_gpu(args: argparse.Namespace) -> None:
     layers = 1 if args.layers == 12 else args.layers  # 12 is the CPU run's default
     work = Path(args.work)
@@ -286,6 +313,14 @@ def main_gpu(args: argparse.Namespace) -> None:
     for label, r in loaded.items():  # warm-up, and the captured decode step of each runner
         for mode, graph in modes.items():
             tokens[(label, mode)] = generate(r, prompt, args.new, stop_at_eos=False, spec=spec, cuda_graph=graph).tokens
+    profiles = {}
+    for label, r in loaded.items() if args.profile else ():
+        print(f"profiling {label} ...", flush=True)
+        try:
+            profiles[label] = kernel_profile(r, spec, args.new)
+        except Exception as e:  # noqa: BLE001 - the timing below is the run's point
+            profiles[label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"  {profiles[label]['error']}", flush=True)
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in tokens}
     keys = list(samples)
     for rnd in range(args.rounds):
@@ -307,7 +342,8 @@ def main_gpu(args: argparse.Namespace) -> None:
               f"vs bf16  {info['bytes'] / 1e6:.0f} MB  same tokens {row['same_tokens_as_graph_replay']}/{args.new}", flush=True)
     result = {"machine": gpu, "meta": {"gpu": gpu, "torch": torch.__version__, "layers": layers, "config": GPU_CONFIG,
               "params": params, "cache": CACHE, "prompt": args.prompt, "new_tokens": args.new, "rounds": args.rounds,
-              "note": "batch 1, greedy; decode tok/s over the new tokens after the first; medians of interleaved rounds"}, "rows": rows}
+              "note": "batch 1, greedy; decode tok/s over the new tokens after the first; medians of interleaved rounds"}, "rows": rows,
+              **({"profiles": profiles} if profiles else {})}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
