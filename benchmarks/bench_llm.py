@@ -190,6 +190,7 @@ def main() -> None:
                     help="torch intra-op and XNNPACK threads (default 1: on a shared machine more threads add noise)")
     ap.add_argument("--work", default="/tmp/bench_llm")
     ap.add_argument("--only", default=None, help="comma-separated substrings of variant labels to keep")
+    ap.add_argument("--skip", default=None, help="comma-separated substrings of variant labels to leave out")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
                     help="also time an artifact built elsewhere (e.g. by the code before a change, or with "
                          "other compile options) in the same interleaved rounds")
@@ -293,7 +294,8 @@ def main_gpu(args: argparse.Namespace) -> None:
     layers = 1 if args.layers == 12 else args.layers  # 12 is the CPU run's default
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    chosen = [v for v in gpu_variants() if args.only is None or any(k in v[0] for k in args.only.split(","))]
+    chosen = [v for v in gpu_variants() if (args.only is None or any(k in v[0] for k in args.only.split(",")))
+              and not (args.skip and any(k in v[0] for k in args.skip.split(",")))]
     params = sum(p.numel() for p in llama_gpu(layers).parameters())
     gpu = torch.cuda.get_device_name()
     print(f"Llama {GPU_CONFIG} x {layers} layer(s), {params / 1e6:.0f} M parameters, bf16, on {gpu}; cache {CACHE}; "

@@ -408,6 +408,36 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
     return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)
 
 
+_PICKS: dict[tuple, Any] = {}
+
+
+def _fastest_pick(logits: torch.Tensor) -> Any:
+    """The faster greedy pick for one row like `logits` on this GPU, timed once per (GPU, vocabulary,
+    dtype) as graph replays: ATen's argmax reduces one long row in one block for some lengths (H200:
+    15.4 µs for 32000 logits, 40.6 for 128256) and several for others (12.4 for 151936), where one
+    Triton program took 7.0 / 13.0 / 14.7 (benchmarks/cuda_lab_argmax.py)."""
+    key = (torch.cuda.get_device_name(logits.device), logits.shape[-1], logits.dtype)
+    if key not in _PICKS:
+        from .lower.kernels import cuda as kernels
+        from .lower.kernels.cuda_tune import bench_us
+
+        def aten(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1, x.shape[-1])[-1].argmax().reshape(1)
+
+        def one_kernel(x: torch.Tensor) -> torch.Tensor:
+            return kernels.greedy_token(x, num_warps=32, block=4096)
+
+        pick = aten
+        if kernels.triton is not None:
+            try:
+                if int(one_kernel(logits)) == int(aten(logits)) and bench_us(lambda: one_kernel(logits)) < bench_us(lambda: aten(logits)):
+                    pick = one_kernel
+            except Exception:  # noqa: BLE001 - a Triton that cannot build it here: ATen's argmax is always right
+                pick = aten
+        _PICKS[key] = pick
+    return _PICKS[key]
+
+
 class CudaGraphDecoder:
     """Greedy single-token steps of a CUDA program that keeps its cache in buffers, as replays of one
     captured CUDA graph: the step (the program on one token, the argmax, the token fed back as the next
@@ -427,10 +457,12 @@ class CudaGraphDecoder:
         self.hist = torch.zeros(spec.max_cache_len + 1, dtype=torch.long, device=runner.device)
         self.graph: Any = None
         self._keep: list[torch.Tensor] = []  # the captured step's outputs, in the graph's memory pool
+        #: the greedy pick captured in the step: torch.argmax, or one kernel where that is faster here
+        self.pick: Any = None
 
     def _step(self) -> None:
         out = self.runner.call([self.ids, self.pos])
-        token = out[0].reshape(-1, self.vocab)[-1].argmax().reshape(1)
+        token = self.pick(out[0]) if self.pick is not None else out[0].reshape(-1, self.vocab)[-1].argmax().reshape(1)
         self.pos.add_(1)
         self.hist.index_copy_(0, self.pos, token)
         self.ids.copy_(token.reshape(1, 1))
@@ -451,6 +483,7 @@ class CudaGraphDecoder:
                 self._step()
             torch.cuda.current_stream().wait_stream(side)
             done = 1
+            self.pick = _fastest_pick(self._keep[0].reshape(-1, self.vocab)[-1:])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad():
                 self._step()

@@ -118,6 +118,31 @@ def test_cuda_aoti_decodes_under_graph_replay(scheme, tmp_path):
     assert logits.device.type == "cpu" and int(logits[-1].argmax()) == expected[0]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("vocab", [1000, 32000, 151936])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_greedy_pick_is_torch_argmax(vocab, dtype):
+    """The captured step's one-kernel pick: the first maximum, as torch.argmax (ties, NaN, a maximum in
+    the last partial block), and the timed choice between it and ATen's argmax picks the same token."""
+    from qexport.generation import _fastest_pick
+    from qexport.lower.kernels.cuda import greedy_token
+
+    g = torch.Generator(device="cuda").manual_seed(vocab)
+    for case in ("tie", "nan", "last"):
+        x = torch.randn(2, vocab, device="cuda", dtype=dtype, generator=g)
+        if case == "tie":
+            x[-1, vocab // 3] = x[-1, 2 * vocab // 3] = x.max() + 1
+        elif case == "nan":
+            x[-1, 7] = x[-1, vocab - 5] = float("nan")
+        else:
+            x[-1, -1] = x.max() + 1
+        want = int(x[-1].argmax())
+        assert int(greedy_token(x, num_warps=32, block=4096)) == want, case
+        assert int(greedy_token(x, num_warps=4, block=1024)) == want, case
+        assert int(_fastest_pick(x[-1:])(x)) == want, case
+
+
 def test_pt2_tokens_equal_eager(lm_program, lm_reference):
     result = qexport.generate(lm_program[2], PROMPT, N, stop_at_eos=False)
     assert result.tokens == lm_reference

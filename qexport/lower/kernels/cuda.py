@@ -629,6 +629,35 @@ if triton is not None:
         return q, scale, zp
 
 
+if triton is not None:
+
+    @triton.jit
+    def _greedy_token_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        # One program: each lane keeps the first maximum it saw, then the smallest index among the lanes
+        # holding the row's maximum wins (torch.argmax's first maximum; NaN counts as the largest).
+        offs = tl.arange(0, BLOCK)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        at = tl.full([BLOCK], 0, tl.int32)
+        for start in range(0, N, BLOCK):
+            v = tl.load(x_ptr + start + offs, mask=start + offs < N, other=float("-inf")).to(tl.float32)
+            v = tl.where(v != v, float("inf"), v)
+            take = v > best
+            best = tl.where(take, v, best)
+            at = tl.where(take, start + offs, at)
+        top = tl.max(best, axis=0)
+        tl.store(out_ptr, tl.min(tl.where(best == top, at, N), axis=0).to(tl.int64))
+
+
+def greedy_token(logits: torch.Tensor, num_warps: int = 8, block: int = 4096) -> torch.Tensor:
+    """The index of the first maximum of `logits`' last row, as a [1] int64 tensor on its device, in one
+    kernel: torch's CUDA argmax reduces one long row in one block (10.4 µs for 32000 logits on the
+    H200, a tenth of an int4 decode step; benchmarks/cuda_lab_argmax.py)."""
+    row = logits.reshape(-1, logits.shape[-1])[-1].contiguous()
+    out = torch.empty(1, dtype=torch.int64, device=row.device)
+    _greedy_token_kernel[(1,)](row, out, row.numel(), BLOCK=block, num_warps=num_warps)
+    return out
+
+
 def _fit_tile(x2d: torch.Tensor, tile: Sequence[int], max_k: int | None = None) -> list[int]:
     bm, bn, bk, gm, nw, ns, swap = tile
     bk = min(bk, max_k or bk)
