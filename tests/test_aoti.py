@@ -236,6 +236,39 @@ def test_sibling_regions_run_as_one_kernel_on_stacked_weights(built, name):
         assert rel_err(y, ref) <= math_for(scheme_for(name)).tolerance, shape
 
 
+class _HeadsOnOneInput(torch.nn.Module):
+    """Two heads read one hidden state; the first shares its weight with the embedding (tied)."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 32)
+        self.head, self.aux = torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(32, 64, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        return self.head(h) + self.aux(h)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_siblings_with_a_tied_weight_stay_apart(tied):
+    """Stacking a weight that another region also reads (the embedding) would store it twice: such
+    siblings keep one kernel each; untied ones are stacked."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 64, (2, 8))
+    model = qexport.quantize(_HeadsOnOneInput(tied).eval(), {torch.nn.Linear: "int8_weight_only", torch.nn.Embedding: "int8_weight_only"})
+    ep = qexport.export(model, (idx,))
+    lowered, plans = apply_kernels(ep, "cpu")
+    heads = [p for p in plans if p.region.op == "linear"]
+    assert len(heads) == 2 and all(p.taken for p in heads)
+    assert [("siblings" in p.details) for p in heads] == [not tied, not tied]
+    apart, _ = apply_kernels(ep, "cpu", {"qexport.fuse_siblings": "off"})
+    assert _state_bytes(lowered) <= _state_bytes(apart)
+    with torch.no_grad():
+        assert rel_err(lowered.module()(idx), model(idx)) <= math_for(scheme_for("int8_weight_only")).tolerance
+
+
 def test_sibling_fusion_reaches_plan_and_refuses_unknown_modes(built):
     _, ep, _ = built["int8_weight_only"]
     report = aoti.plan(ep)

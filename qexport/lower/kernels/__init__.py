@@ -186,7 +186,8 @@ def _fuse_siblings(ep: torch.export.ExportedProgram, device: str, plans: list[Re
     out = []
     for group in groups.values():
         args = [a for node, _ in group for a in node.args[2:]]
-        if len(group) < 2 or len(set(args)) != len(args):  # a weight shared by two siblings would be stored twice
+        # A tensor another node also reads (a tied weight) would be stored twice: in the stack and as itself.
+        if len(group) < 2 or len(set(args)) != len(args) or any(len(a.users) != 1 for a in args):
             continue
         (node, first), roles = group[0], group[0][1].roles[1:]
         stacked = {role: torch.cat([state_tensor(ep, n.args[1 + r.roles.index(role)]) for n, r in group]) for role in roles}
