@@ -187,6 +187,52 @@ def call_before(
     return out
 
 
+def _returns_view(node: torch.fx.Node) -> bool:
+    """Whether `node`'s value is a view of its input's (its schema says so; `getitem` of a split)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
+    """`node`, or a contiguous copy of it that takes its users, where its value's strides (other than
+    those the graph was traced with) reach a `view` that cannot view it, or the program's output,
+    through ops that return views.
+
+    Why: a node that now stands for a region's output with other strides (a slice of a wider kernel's
+    output) keeps the region's users, and export traced their `view`s on a contiguous value: a view
+    across the narrowed dim fails AOTInductor's retrace ("Cannot view a tensor with shape ... and
+    strides ..."), and an output would reach the caller as a strided view where the model returns a
+    contiguous tensor. The views are recomputed on `node`'s fake value, so dims stay symbolic.
+    """
+    val = node.meta["val"]
+    vals: dict[torch.fx.Node, Any] = {node: val}
+    todo = [node]
+    with val.fake_mode:
+        while todo:
+            for user in todo.pop().users:
+                if user.op == "output":
+                    return _contiguous_copy(node)
+                if user in vals or not _returns_view(user):
+                    continue
+                args, kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: vals.get(a, a.meta.get("val")))
+                try:
+                    vals[user] = user.target(*args, **kwargs)
+                except (RuntimeError, ValueError):
+                    return _contiguous_copy(node)
+                todo.append(user)
+    return node
+
+
+def _contiguous_copy(node: torch.fx.Node) -> torch.fx.Node:
+    copy_ = call_before(node.next, torch.ops.aten.clone.default, node, like=node, memory_format=torch.contiguous_format)
+    node.replace_all_uses_with(copy_, delete_user_cb=lambda u: u is not copy_)
+    return copy_
+
+
 # -- splicing regions ---------------------------------------------------------------------------
 
 class RegionSite:

@@ -55,7 +55,9 @@ from .._contract import (
     Decline, PlanContext, RegionPlan, _plan_one, get_backend, plan_regions, register_backend, register_lowering,
     unclaimed_reason, unregister_lowering,
 )
-from .._graph import RegionSite, copy_program, drop_unused_state, is_state, replace_regions, state_tensor
+from .._graph import (
+    RegionSite, contiguous_for_views, copy_program, drop_unused_state, is_state, replace_regions, state_tensor,
+)
 
 __all__ = [
     "FUSE_MODES", "FUSE_OPTION", "Decline", "KernelChoice", "KernelContext", "apply_kernels", "inductor_options_for",
@@ -238,6 +240,7 @@ def apply_kernels(
     chosen = {p.region.name: p.lowering for p in plans if p.taken}
     lead = {f.members[0]: f for f in fused}
     slices: dict[str, torch.fx.Node] = {}
+    cut: list[torch.fx.Node] = []
 
     def lower(site: RegionSite) -> torch.fx.Node:
         name = site.region.name
@@ -250,11 +253,14 @@ def apply_kernels(
         start, last = 0, out.meta["val"].dim() - 1
         for member, width in zip(f.members, f.widths):
             slices[member] = site.call(torch.ops.aten.slice.Tensor, out, last, start, start + width)
+            cut.append(slices[member])
             start += width
         return slices.pop(name)
 
     if chosen:
         replace_regions(ep, lower, kernel_of=lambda r: chosen[r.name].name if r.name in chosen else None)
+        for s in cut:  # a sibling's slice is not contiguous: a view of it across its last dim needs a copy
+            contiguous_for_views(s)
         drop_unused_state(ep)
         ep.graph_module.graph.lint()
         ep.graph_module.recompile()
