@@ -270,30 +270,32 @@ def test_siblings_with_a_tied_weight_stay_apart(tied):
 
 
 class _ViewedSiblings(torch.nn.Module):
-    """Three siblings whose outputs are viewed as the model likes: merged across the last dim (no view of a
-    slice can), split (one can), and returned as they are."""
+    """Four siblings whose outputs are viewed as the model likes: merged across the last dim (no view of a
+    slice can), split (one can), returned as they are, and windowed by as_strided (Longformer's chunks)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = torch.nn.Linear(32, 16), torch.nn.Linear(32, 16), torch.nn.Linear(32, 32)
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(32, n) for n in (16, 16, 32, 16))
 
     def forward(self, x):
         heads = self.b(x).view(x.shape[0], x.shape[1], 4, 4).transpose(1, 2) * 2
-        return self.a(x).view(x.shape[0], -1), heads, self.c(x)
+        windows = self.d(x).as_strided((x.shape[0], 2, 16), (x.shape[1] * 16, 16, 1)) * 1
+        return self.a(x).view(x.shape[0], -1), heads, self.c(x), windows
 
 
 def test_sibling_slices_are_copied_only_where_a_view_or_the_output_needs_it():
     """A sibling's output is a slice of the stack's, strided: a `view` export traced across its last dim
     failed AOTInductor's retrace ("Cannot view a tensor with shape [2, 5, 16] and strides (240, 48, 1)"),
-    and an output reached the caller strided. Those get a contiguous copy; a view that holds does not."""
+    an `as_strided` read the stack's other columns, and an output reached the caller strided. Those get
+    a contiguous copy; a view that holds does not."""
     torch.manual_seed(0)
     model = qexport.quantize(_ViewedSiblings().eval(), "int8_weight_only")
-    ep = qexport.export(model, (torch.randn(2, 5, 32),), dynamic_shapes=({0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=64)},))
+    ep = qexport.export(model, (torch.randn(2, 5, 32),), dynamic_shapes=({0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", min=3, max=64)},))
     lowered, plans = apply_kernels(ep, "cpu")
-    assert all(p.details["siblings"] == ["b", "a", "c"] for p in plans)  # graph order
+    assert all(p.details["siblings"] == ["b", "d", "a", "c"] for p in plans)  # graph order
     copies = [n for n in lowered.graph.nodes if n.target == torch.ops.aten.clone.default]
-    # a's slice (outputs 16:32) and c's (32:64) copied; b's (0:16) view splits its last dim and holds
-    assert sorted(n.args[0].args[2] for n in copies) == [16, 32]
+    # d's slice (outputs 16:32), a's (32:48) and c's (48:80) copied; b's (0:16) view splits its last dim and holds
+    assert sorted(n.args[0].args[2] for n in copies) == [16, 32, 48]
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
         ys, refs = lowered.module()(x), model(x)

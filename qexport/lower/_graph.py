@@ -199,8 +199,8 @@ def _returns_view(node: torch.fx.Node) -> bool:
 
 def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
     """`node`, or a contiguous copy of it that takes its users, where its value's strides (other than
-    those the graph was traced with) reach a `view` that cannot view it, or the program's output,
-    through ops that return views.
+    those the graph was traced with) reach, through ops that return views, a `view` that cannot view
+    it, an `as_strided` (its strides were traced for the contiguous value) or the program's output.
 
     Why: a node that now stands for a region's output with other strides (a slice of a wider kernel's
     output) keeps the region's users, and export traced their `view`s on a contiguous value: a view
@@ -214,7 +214,7 @@ def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
     with val.fake_mode:
         while todo:
             for user in todo.pop().users:
-                if user.op == "output":
+                if user.op == "output" or user.target is torch.ops.aten.as_strided.default:
                     return _contiguous_copy(node)
                 if user in vals or not _returns_view(user):
                     continue
