@@ -280,7 +280,7 @@ class _ViewedSiblings(torch.nn.Module):
     def forward(self, x):
         heads = self.b(x).view(x.shape[0], x.shape[1], 4, 4).transpose(1, 2) * 2
         windows = self.d(x).as_strided((x.shape[0], 2, 16), (x.shape[1] * 16, 16, 1)) * 1
-        return self.a(x).view(x.shape[0], -1), heads, self.c(x), windows
+        return self.a(x).mul_(2).view(x.shape[0], -1), heads, self.c(x), windows  # mul_: an alias too
 
 
 def test_sibling_slices_are_copied_only_where_a_view_or_the_output_needs_it():

@@ -187,26 +187,27 @@ def call_before(
     return out
 
 
-def _returns_view(node: torch.fx.Node) -> bool:
-    """Whether `node`'s value is a view of its input's (its schema says so; `getitem` of a split)."""
+def _returns_alias(node: torch.fx.Node) -> bool:
+    """Whether `node`'s value aliases its input's (its schema says so: a view, an in-place op's self;
+    `getitem` of a split)."""
     if node.op != "call_function":
         return False
     if node.target is operator.getitem:
         return True
     schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
-    """`node`, or a contiguous copy of it that takes its users, where its value's strides (other than
-    those the graph was traced with) reach, through ops that return views, a `view` that cannot view
-    it, an `as_strided` (its strides were traced for the contiguous value) or the program's output.
+    """`node`, or a contiguous copy of it that takes its users, where its value, strided otherwise than
+    the graph was traced with, reaches through aliasing ops (views, in-place ops) a `view` that cannot
+    view it, an `as_strided` or the program's output.
 
     Why: a node that now stands for a region's output with other strides (a slice of a wider kernel's
-    output) keeps the region's users, and export traced their `view`s on a contiguous value: a view
-    across the narrowed dim fails AOTInductor's retrace ("Cannot view a tensor with shape ... and
-    strides ..."), and an output would reach the caller as a strided view where the model returns a
-    contiguous tensor. The views are recomputed on `node`'s fake value, so dims stay symbolic.
+    output) keeps the region's users, traced on a contiguous value: a view across the narrowed dim
+    fails AOTInductor's retrace ("Cannot view a tensor with shape ... and strides ..."), an as_strided
+    reads other columns of the wider output, and an output reaches the caller strided. The views are
+    recomputed on `node`'s fake value, so dims stay symbolic.
     """
     val = node.meta["val"]
     vals: dict[torch.fx.Node, Any] = {node: val}
@@ -216,7 +217,7 @@ def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
             for user in todo.pop().users:
                 if user.op == "output" or user.target is torch.ops.aten.as_strided.default:
                     return _contiguous_copy(node)
-                if user in vals or not _returns_view(user):
+                if user in vals or not _returns_alias(user):
                     continue
                 args, kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: vals.get(a, a.meta.get("val")))
                 try:
