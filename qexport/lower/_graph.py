@@ -210,9 +210,10 @@ def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
     recomputed on `node`'s fake value, so dims stay symbolic.
     """
     val = node.meta["val"]
-    vals: dict[torch.fx.Node, Any] = {node: val}
-    todo = [node]
     with val.fake_mode:
+        # a value of its own: an in-place op on the way (unsqueeze_) must not change the node's record
+        vals: dict[torch.fx.Node, Any] = {node: torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)}
+        todo = [node]
         while todo:
             for user in todo.pop().users:
                 if user.op == "output" or user.target is torch.ops.aten.as_strided.default:
