@@ -304,6 +304,14 @@ def test_sibling_slices_are_copied_only_where_a_view_or_the_output_needs_it():
         assert y.stride() == ref.stride()
 
 
+def test_inspect_cli_names_the_siblings(built, capsys):
+    from qexport.cli import main
+
+    assert main(["inspect", str(built["int8_weight_only"][2])]) == 0
+    out = capsys.readouterr().out
+    assert "one kernel each, weights stacked: blocks.0.q + blocks.0.k + blocks.0.v; blocks.1.q + blocks.1.k + blocks.1.v\n" in out
+
+
 def test_sibling_fusion_reaches_plan_and_refuses_unknown_modes(built):
     _, ep, _ = built["int8_weight_only"]
     report = aoti.plan(ep)
