@@ -215,11 +215,15 @@ def contiguous_for_views(node: torch.fx.Node) -> torch.fx.Node:
         vals: dict[torch.fx.Node, Any] = {node: torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)}
         todo = [node]
         while todo:
-            for user in todo.pop().users:
-                if user.op == "output" or user.target is torch.ops.aten.as_strided.default:
+            n = todo.pop()
+            for user in n.users:
+                if user.op == "output":
                     return _contiguous_copy(node)
-                if user in vals or not _returns_alias(user):
+                # only an alias of `n` itself (its first argument: `buf.copy_(n)` aliases `buf`)
+                if user in vals or not _returns_alias(user) or user.args[:1] != (n,):
                     continue
+                if user.target is torch.ops.aten.as_strided.default:
+                    return _contiguous_copy(node)
                 args, kwargs = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: vals.get(a, a.meta.get("val")))
                 try:
                     vals[user] = user.target(*args, **kwargs)
