@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     ))
     head = ("module", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio")
     print(format_table(head + (("taken", "kernel") if lowered else ()), rows))
-    groups = dict.fromkeys(tuple(r.lowering.details["siblings"]) for r in manifest.regions
+    groups = dict.fromkeys(" + ".join(map(str, r.lowering.details["siblings"])) for r in manifest.regions
                            if r.lowering is not None and isinstance(r.lowering.details.get("siblings"), list))
     if groups:  # AOTI: sibling regions (q/k/v, gate/up) that run as one kernel on their stacked weights
-        print(_clean(f"one kernel each, weights stacked: {'; '.join(' + '.join(map(str, g)) for g in groups)}", limit=2000))
+        print(_clean(f"one kernel each, weights stacked: {'; '.join(groups)}", limit=2000))
     inputs = _inputs(manifest.extra.get("inputs"), dim_names)
     if inputs:
         print(_clean(f"inputs: {inputs}", limit=2000))
