@@ -312,6 +312,32 @@ def test_inspect_cli_names_the_siblings(built, capsys):
     assert "one kernel each, weights stacked: blocks.0.q + blocks.0.k + blocks.0.v; blocks.1.q + blocks.1.k + blocks.1.v\n" in out
 
 
+class _TwoSixteenWide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 16, bias=False)
+
+    def forward(self, x):
+        return self.a(x) * self.b(x)
+
+
+@pytest.mark.parametrize("scheme, stackable", [("int8_weight_only", True), ("nf4", False)])
+def test_sibling_key_takes_only_per_channel_roles(scheme, stackable):
+    """Stacking is decided by the scheme's roles, not by a first dim that happens to match: nf4's
+    16-entry codebook is shared by every channel, and out_features=16 must not make it look per channel."""
+    from qexport.lower.kernels import _sibling_key
+    from qexport.regions import region_nodes
+
+    x = torch.randn(4, 32)
+    ep = qexport.export(quantized(_TwoSixteenWide(), scheme_for(scheme) if scheme != "nf4" else qexport.schemes.get("nf4", group_size=32), x), (x,))
+    keys = [_sibling_key(ep, node, region) for node, region in region_nodes(ep)]
+    assert len(keys) == 2
+    if stackable:
+        assert keys[0] is not None and keys[0] == keys[1]
+    else:
+        assert keys == [None, None]
+
+
 def test_sibling_fusion_reaches_plan_and_refuses_unknown_modes(built):
     _, ep, _ = built["int8_weight_only"]
     report = aoti.plan(ep)

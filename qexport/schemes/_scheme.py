@@ -165,6 +165,9 @@ class SchemeMath:
 
     family: str = ""
     weight_roles: tuple[str, ...] = ("weight", "weight_scale")
+    #: weight roles that are not per output feature (a codebook every channel shares): layers' tensors of
+    #: these roles cannot be stacked along out_features (AOTI runs sibling layers as one kernel that way)
+    shared_roles: tuple[str, ...] = ()
     supported_ops: frozenset[str] = frozenset(OPS)
     #: documented tolerance of this family vs its own reference (relative to output max-abs),
     #: used by verify and by backend numerics tests

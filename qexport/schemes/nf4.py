@@ -27,6 +27,7 @@ NF4_CODEBOOK = (
 class Nf4Math(SchemeMath):
     family = "nf4"
     weight_roles = ("weight", "weight_scale", "weight_codebook")
+    shared_roles = ("weight_codebook",)
     supported_ops = frozenset({"linear", "embedding"})
     tolerance = 8e-2
 

@@ -49,7 +49,8 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
-from ...errors import LoweringError
+from ...errors import LoweringError, QExportError
+from ...schemes import math_for
 from ...regions import Region, region_nodes
 from .._contract import (
     Decline, PlanContext, RegionPlan, _plan_one, get_backend, plan_regions, register_backend, register_lowering,
@@ -156,13 +157,19 @@ class _Siblings:
 def _sibling_key(ep: torch.export.ExportedProgram, node: torch.fx.Node, region: Region) -> tuple | None:
     """What sibling regions share (input node, scheme, op parameters, every operand's trailing shape and
     dtype), or None when a region cannot be stacked: an operand that is not a constant or not per output
-    feature (a per-tensor scale; a static activation scale differs between siblings)."""
+    feature (a role the scheme does not declare per channel -- a static activation scale, a codebook -- or
+    a per-tensor scale). The first dim alone would not tell: a codebook of 16 meets out_features=16."""
     inp = node.args[1]
     if region.op != "linear" or region.scheme is None or not isinstance(inp, torch.fx.Node):
         return None
+    try:
+        math = math_for(region.scheme)
+    except QExportError:
+        return None
+    per_channel = {*math.weight_roles, "bias"} - set(math.shared_roles)
     shapes, width = [], None
     for role, arg in zip(region.roles[1:], node.args[2:]):
-        if not is_state(ep, arg):
+        if role not in per_channel or not is_state(ep, arg):
             return None
         t = state_tensor(ep, arg)
         width = t.shape[0] if t.dim() and width is None else width
