@@ -393,7 +393,7 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
             raise ArtifactError(f"{runner.path}: returned {[list(o.shape) for o in out][:3]} where its generation record "
                                 f"promises logits over {spec.vocab_size} tokens and {len(cache)} cache tensors")
         cache = out[1:]
-        return int(out[0].reshape(-1, spec.vocab_size)[-1].argmax())
+        return int(_argmax_pick(out[0]))
 
     t0 = time.perf_counter()
     tokens = [next_token(prompt, 0)]
@@ -406,6 +406,12 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
     decoded = len(tokens) - 1
     rate = decoded / (time.perf_counter() - t1) if decoded else None
     return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)
+
+
+def _argmax_pick(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of `logits`' last row, as a [1] int64 tensor on its device (torch.argmax: the
+    first maximum)."""
+    return logits.reshape(-1, logits.shape[-1])[-1].argmax().reshape(1)
 
 
 _PICKS: dict[tuple, Any] = {}
@@ -421,19 +427,17 @@ def _fastest_pick(logits: torch.Tensor) -> Any:
         from .lower.kernels import cuda as kernels
         from .lower.kernels.cuda_tune import bench_us
 
-        def aten(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(-1, x.shape[-1])[-1].argmax().reshape(1)
-
         def one_kernel(x: torch.Tensor) -> torch.Tensor:
             return kernels.greedy_token(x, num_warps=32, block=4096)
 
-        pick = aten
+        pick = _argmax_pick
         if kernels.triton is not None:
             try:
-                if int(one_kernel(logits)) == int(aten(logits)) and bench_us(lambda: one_kernel(logits)) < bench_us(lambda: aten(logits)):
+                if (int(one_kernel(logits)) == int(_argmax_pick(logits))
+                        and bench_us(lambda: one_kernel(logits)) < bench_us(lambda: _argmax_pick(logits))):
                     pick = one_kernel
             except Exception:  # noqa: BLE001 - a Triton that cannot build it here: ATen's argmax is always right
-                pick = aten
+                pass
         _PICKS[key] = pick
     return _PICKS[key]
 
@@ -458,11 +462,11 @@ class CudaGraphDecoder:
         self.graph: Any = None
         self._keep: list[torch.Tensor] = []  # the captured step's outputs, in the graph's memory pool
         #: the greedy pick captured in the step: torch.argmax, or one kernel where that is faster here
-        self.pick: Any = None
+        self.pick: Any = _argmax_pick
 
     def _step(self) -> None:
         out = self.runner.call([self.ids, self.pos])
-        token = self.pick(out[0]) if self.pick is not None else out[0].reshape(-1, self.vocab)[-1].argmax().reshape(1)
+        token = self.pick(out[0])
         self.pos.add_(1)
         self.hist.index_copy_(0, self.pos, token)
         self.ids.copy_(token.reshape(1, 1))
