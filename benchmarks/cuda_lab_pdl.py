@@ -69,14 +69,8 @@ def _gemv_pdl_kernel(
     gdc_wait()
     if not EARLY:
         gdc_launch_dependents()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
-        k0 = step * BLOCK_K
-        b, sg, zg = qk._gemv_weight_loads(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, stride_wn, stride_sn, INT4, INT8, GROUP_K, BLOCK_K)
-        for i in tl.static_range(BLOCK_M):
-            x = tl.load(x_ptr + (m0 + i) * stride_xm + k0 + tl.arange(0, BLOCK_K), mask=m0 + i < M, other=0.0).to(tl.float32)
-            row = qk._gemv_row(b, sg, zg, x, INT4, INT8, GROUP_K, BLOCK_N, BLOCK_K)
-            acc += tl.where(rows[:, None] == i, row[None, :], 0.0)
+    acc = qk._gemv_k_loop(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, m0, M, K, stride_xm, stride_wn, stride_sn,
+                          INT4, INT8, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
     if not INT4:
         acc = acc * scale[None, :]
     offs_m = m0 + rows

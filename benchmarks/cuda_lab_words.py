@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from qexport.lower.kernels import cuda as qk  # noqa: E402
 
 MAGIC = 0x3F800000  # 1.0f
 
@@ -162,18 +163,7 @@ def _mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
     # y^T[N, M] = dequant(w)[N, K] @ x^T: the decoded weight is wgmma's register operand. int8: exact
     # codes c in bf16 (2**23 + 128 + c read as fp32, minus 2**23 + 128), the per-channel scale in the
     # epilogue. int4 (BLOCK_K == GROUP): 1 + q/16 in bf16; per group, acc += s * (16 d - (16 + z) X).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = qk._grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     wp = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

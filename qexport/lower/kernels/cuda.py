@@ -321,6 +321,22 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 if triton is not None:
 
+    @triton.jit
+    def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's output tile (rows, columns and their masks), programs ordered GROUP_M row tiles
+        at a time so that neighbours share weight columns in L2."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * num_pid_n
+        first_m = (pid // width) * GROUP_M
+        rows = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows
+        pid_n = (pid % width) // rows
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m, offs_n, offs_m < M, offs_n < N
+
     # M is the dynamic dim: one compiled kernel serves every row count (as in the AOTI package).
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_mm_kernel(
@@ -337,18 +353,7 @@ if triton is not None:
         # codes with one scale per row (xs), the dot runs fp8 x fp8 on the tensor cores. X_ZP: x
         # holds int8 codes with a scale and zero point per row (xs, xz), the dot runs int8 x int8
         # into int32 and the epilogue subtracts xz * sum_k w (ws, per output column).
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_pid_n
-        first_m = (pid // width) * GROUP_M
-        rows = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % rows
-        pid_n = (pid % width) // rows
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
+        offs_m, offs_n, mask_m, mask_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc_dtype = tl.int32 if X_ZP else tl.float32
         wb = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
         if SWAP_AB:
@@ -499,6 +504,23 @@ if triton is not None:
             out = tl.sum(w * x[None, :], axis=1)
         return out
 
+    @triton.jit
+    def _gemv_k_loop(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, m0, M, K, stride_xm, stride_wn, stride_sn,
+                     INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """[BLOCK_M, BLOCK_N]: rows m0.. of x times BLOCK_N weight rows, streamed over K (int8 / fp8:
+        before the per-channel scale)."""
+        rows = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+            k0 = step * BLOCK_K
+            b, sg, zg = _gemv_weight_loads(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, stride_wn, stride_sn, INT4, INT8, GROUP_K, BLOCK_K)
+            for i in tl.static_range(BLOCK_M):
+                x = tl.load(x_ptr + (m0 + i) * stride_xm + k0 + tl.arange(0, BLOCK_K), mask=m0 + i < M, other=0.0).to(tl.float32)
+                row = _gemv_row(b, sg, zg, x, INT4, INT8, GROUP_K, BLOCK_N, BLOCK_K)
+                acc += tl.where(rows[:, None] == i, row[None, :], 0.0)
+        return acc
+
     # M is the dynamic dim, as above.
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_gemv_kernel(
@@ -520,16 +542,10 @@ if triton is not None:
         m0 = tl.program_id(1) * BLOCK_M
         mask_n = offs_n < N
         rows = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if not INT4:  # per-channel scale, loaded first so that its latency hides under the weights'
             scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        for step in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
-            k0 = step * BLOCK_K
-            b, sg, zg = _gemv_weight_loads(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, stride_wn, stride_sn, INT4, INT8, GROUP_K, BLOCK_K)
-            for i in tl.static_range(BLOCK_M):
-                x = tl.load(x_ptr + (m0 + i) * stride_xm + k0 + tl.arange(0, BLOCK_K), mask=m0 + i < M, other=0.0).to(tl.float32)
-                row = _gemv_row(b, sg, zg, x, INT4, INT8, GROUP_K, BLOCK_N, BLOCK_K)
-                acc += tl.where(rows[:, None] == i, row[None, :], 0.0)
+        acc = _gemv_k_loop(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, m0, M, K, stride_xm, stride_wn, stride_sn,
+                           INT4, INT8, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
         if not INT4:
             acc = acc * scale[None, :]
         offs_m = m0 + rows
