@@ -259,12 +259,17 @@ def lower_regions(
             new_outputs = list(call.outputs)
             emitted[name] = len(body)
         else:
-            weights = lowering.weights(_region_tensors(region, tensors))
-            # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
-            for i in range(1, len(node.inputs)):
-                node.replace_input_with(i, None)
-            _drop_unused_initializers(graph, old_inputs)
-            new_outputs, emitted[name] = _emit(model, node, plan, weights, keep_regions, _function_name(name, taken_names), opset)
+            try:
+                weights = lowering.weights(_region_tensors(region, tensors))
+                # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
+                for i in range(1, len(node.inputs)):
+                    node.replace_input_with(i, None)
+                _drop_unused_initializers(graph, old_inputs)
+                new_outputs, emitted[name] = _emit(model, node, plan, weights, keep_regions, _function_name(name, taken_names), opset)
+            except QExportError:
+                raise
+            except Exception as e:  # a family's ONNX form (a user's): name the region and the form
+                raise LoweringError(f"region {name}: emitting its ONNX form ({plan.kernel}) failed: {type(e).__name__}: {e}") from e
         for old, new in zip(node.outputs, new_outputs):
             new.name, new.type, new.shape = old.name, old.type, old.shape
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)

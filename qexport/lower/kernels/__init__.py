@@ -104,7 +104,7 @@ def _inductor_fuses(ctx: PlanContext, reasons: list[str], registered: bool) -> R
 
 for _device in ("cpu", "cuda"):
     register_backend(f"aoti-{_device}", title=f"AOTInductor {_device.upper()}", fallback=_inductor_fuses,
-                     context=KernelContext, plans_anywhere=_device == "cpu")
+                     context=KernelContext, plans_anywhere=_device == "cpu", lowering_type=KernelChoice)
 
 
 def register_kernel(scheme_or_family: str, device: str, op: str, choose: Choose | None = None, *, name: str | None = None):
