@@ -254,6 +254,7 @@ def lower_regions(
             body = references[name]
             fn = _reference_function(body, region, plan, _function_name(name, taken_names), opset)
             call = ir.Node(fn.domain, fn.name, list(node.inputs), num_outputs=len(node.outputs))
+            onnx_file.inherit_scope(node, [call])
             model.functions[fn.identifier()] = fn
             graph.insert_before(node, call)
             new_outputs = list(call.outputs)
@@ -312,11 +313,13 @@ def _emit(
     e = Emitter()
     if not keep_regions:
         y = lowering.emit(e, x, inits)
+        onnx_file.inherit_scope(node, e.nodes)
         graph.insert_before(node, e.nodes)
         return [y], len(e.nodes)
     fx = ir.Value(name="input", shape=x.shape, type=x.type)
     fw = {role: ir.Value(name=role, shape=v.shape, type=v.type) for role, v in inits.items()}
     y = lowering.emit(e, fx, fw)
+    onnx_file.inherit_scope(node, e.nodes)
     y.name = "output"
     fn = ir.Function(
         REGION_DOMAIN, fname,
@@ -326,6 +329,7 @@ def _emit(
     _describe_function(fn, lowering.region, plan)
     model.functions[fn.identifier()] = fn
     call = ir.Node(REGION_DOMAIN, fname, [x, *inits.values()], num_outputs=1)
+    onnx_file.inherit_scope(node, [call])
     graph.insert_before(node, call)
     return list(call.outputs), len(e.nodes)
 
