@@ -274,9 +274,10 @@ def test_nodes_emitted_for_regions_keep_the_regions_module(zoo):
 
     model = onnx.load(str(zoo.artifact("onnx")), load_external_data=False)
     weights = {f"{r.module_path}.{role}": r.module_path for r in qexport.regions(zoo.ep) for role in r.roles[1:]}
-    readers = [(n, weights[i]) for n in model.graph.node for i in n.input if i in weights]
+    # (not the Transpose that rebuilds a tied table for its twin, lower/onnx_shared.py: it serves two regions)
+    readers = [(n, weights[i]) for n in model.graph.node for i in n.input if i in weights and n.op_type != "Transpose"]
     assert len({m for _, m in readers}) > 30
     for node, module in readers:
-        # (a tied weight, deduplicated or rebuilt from its twin, is read under the other region's name)
+        # (a tied weight deduplicated is read under its twin's name)
         scope = {p.key: p.value for p in node.metadata_props}.get("namespace", "")
         assert any(f"/{m}: " in scope for m in weights.values()), (node.op_type, module, scope)

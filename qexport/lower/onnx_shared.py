@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from serializers import onnx as onnx_file
 
 #: initializers smaller than this are not worth a node (scales, biases)
 MIN_ELEMENTS = 1024
@@ -40,7 +39,6 @@ class ShareTransposedInitializersPass(ir.passes.InPlacePass):
                     if steps is None:
                         continue
                     nodes = _rebuild(kept, steps)
-                    onnx_file.inherit_scope(next(iter(v.uses())).node, nodes)  # they stand for `v`'s region
                     graph.insert_before(next(iter(graph)), nodes)
                     nodes[-1].outputs[0].name = f"{v.name}__from_{kept.name}"
                     v.replace_all_uses_with(nodes[-1].outputs[0])
