@@ -285,3 +285,50 @@ def test_malformed_lowering_record_is_refused():
     data["regions"][0]["lowering"] = {"backend": "aoti-cpu", "taken": "yes", "kernel": "k"}
     with pytest.raises(qexport.CorruptArtifactError, match=r"region layers.0: lowering: 'taken' must be true or false"):
         Manifest.from_dict(data, source="m.pt2")
+
+
+# -- a scheme family from outside the library (docs/architecture.md, "A new scheme family") ---------------------
+
+class Int6Math(qexport.SchemeMath):
+    """6-bit per-channel codes in int8 storage: a family the library does not have."""
+
+    family = "test_contract_int6"
+    weight_roles = ("weight", "weight_scale")
+    supported_ops = frozenset({"linear"})
+    tolerance = 5e-2
+
+    def quantize_weight(self, s, weight, hessian=None):
+        scale = (weight.detach().abs().amax(1) / s.qmax).clamp(min=1e-8)
+        return {"weight": (weight.detach() / scale[:, None]).round().clamp(s.qmin, s.qmax).to(torch.int8), "weight_scale": scale}
+
+    def dequantize_weight(self, s, t, shape):
+        return t["weight"].float() * t["weight_scale"][:, None]
+
+
+def test_a_family_from_user_code_runs_everywhere_and_takes_its_own_kernel():
+    from qexport.lower.kernels import KernelChoice, apply_kernels
+
+    scheme = qexport.schemes.register(qexport.Scheme(name="test_contract_int6", family=Int6Math.family, weight_dtype="int8",
+                                                     bits=6, granularity="per_channel", qmin=-31, qmax=31), Int6Math())
+
+    @qexport.register_lowering(Int6Math.family, "aoti-cpu", "linear")
+    def int6_cpu(ctx: PlanContext) -> RegionPlan:
+        return RegionPlan(True, "test.int6_mm", details={"k": ctx.region.weight_shape[1]}, lowering=KernelChoice(
+            "test.int6_mm", "", lambda x, w, s, *b: F.linear(x, w.float() * s[:, None], *b),
+            operands=("weight", "weight_scale", *ctx.optional("bias"))))
+
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 64)
+        model = quantized(MLP(), scheme, x)
+        ep = qexport.export(model, (x,))
+        lowered, plans = apply_kernels(ep, "cpu")
+        assert [(p.kernel, p.details) for p in plans] == [("test.int6_mm", {"k": 64}), ("test.int6_mm", {"k": 128})]
+        torch.testing.assert_close(lowered.module()(x), model(x))
+        # the backends without a form of it run its reference math and say so
+        (et, _), (onnx, _) = plan_regions(ep, "executorch"), plan_regions(ep, "onnx")
+        assert not et.taken and "XNNPACK has no test_contract_int6 linear pattern" in et.reason
+        assert not onnx.taken and "no ONNX lowering for scheme family 'test_contract_int6' linear" in onnx.reason
+    finally:
+        unregister_lowering(Int6Math.family, "aoti-cpu", "linear", "int6_cpu")
+        qexport.schemes.unregister(scheme.name)
