@@ -114,6 +114,11 @@ def test_register_lowering_refuses_a_key_it_would_never_ask():
     with pytest.raises(LoweringError, match=r"the plan must be a function \(ctx: PlanContext\) -> RegionPlan \| Decline \| None, got str"):
         register_lowering("int8", "onnx", "linear", "toy_linear")
     assert lowerings_for(region, "onnx") == before
+    with pytest.raises(LoweringError, match=r"backend 'onnx' is qexport's own and already declared; declare yours under another name"):
+        register_backend("onnx", title="mine")
+    with pytest.raises(LoweringError, match=r"backend 'onnx' is qexport's own and cannot be unregistered"):
+        unregister_backend("onnx")
+    assert plan_regions(_program("int8_dynamic"), "onnx")[0].taken
 
 
 def test_a_users_entry_replaces_a_builtin_one_by_name():

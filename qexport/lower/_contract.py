@@ -167,13 +167,18 @@ _LOADED: set[str] = set()
 def register_backend(name: str, *, title: str, fallback: Fallback | None = None, context: type = PlanContext,
                      plans_anywhere: bool = True, lowering_type: type | tuple[type, ...] | None = None) -> Backend:
     """Declare a backend: its name in `register_lowering`, its title and its plan for unclaimed regions."""
+    if name in _BUILTIN and name in _BACKENDS:
+        raise LoweringError(f"backend {name!r} is qexport's own and already declared; declare yours under another name")
     backend = Backend(name, title, fallback or _default_fallback, context, plans_anywhere, lowering_type)
     _BACKENDS[name] = backend
     return backend
 
 
 def unregister_backend(name: str) -> None:
-    """Forget a backend and every lowering registered for it."""
+    """Forget a backend and every lowering registered for it (one of qexport's own stays)."""
+    if name in _BUILTIN:
+        raise LoweringError(f"backend {name!r} is qexport's own and cannot be unregistered; unregister_lowering "
+                            f"removes one of its entries")
     _BACKENDS.pop(name, None)
     for key in [k for k in _REGISTRY if k[1] == name]:
         del _REGISTRY[key]
