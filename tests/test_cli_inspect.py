@@ -30,7 +30,7 @@ def test_table(artifact, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{path}: pt2 artifact, manifest v1, written by qexport {qexport.__version__} with torch {torch.__version__}")
-    assert out[1].split() == ["module", "op", "scheme", "params", "weight", "input", "bytes", "float", "bytes", "ratio"]
+    assert out[1].split() == ["region", "op", "scheme", "params", "weight", "input", "bytes", "float", "bytes", "ratio"]
     rows = {line.split()[0]: line for line in out[3:3 + len(manifest.regions)]}
     assert set(rows) == {"emb", "fc"}
     assert "embedding  int4_weight_only(g32, asym, bf16)  group_size=32  [100, 64]  [2, 8]" in rows["emb"]

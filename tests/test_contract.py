@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qexport
 import serializers
@@ -99,6 +100,87 @@ def test_contract_errors_name_the_problem(toy):
     register_lowering("int8_dynamic", TOY, "linear", lambda ctx: "yes", name="sloppy")
     with pytest.raises(LoweringError, match=r"toy-accelerator lowering 'sloppy' returned str; expected RegionPlan, Decline or None"):
         plan_regions(ep, TOY)
+
+
+def test_register_lowering_refuses_a_key_it_would_never_ask():
+    region = qexport.regions(_program("int8_dynamic"))[0]
+    before = lowerings_for(region, "onnx")
+    with pytest.raises(LoweringError, match=r"register_lowering\('int8', 'onnx-gpu', 'linear'\): backend 'onnx-gpu' is not declared; known: "):
+        register_lowering("int8", "onnx-gpu", "linear", toy_linear)
+    with pytest.raises(LoweringError, match=r"op 'matmul' is not a region op; regions are one of \['linear', "):
+        register_lowering("int8", "onnx", "matmul", toy_linear)
+    with pytest.raises(qexport.UnknownSchemeError, match=r"'int8_dynamc' is neither a registered scheme nor a scheme family \(families: .*int8"):
+        register_lowering("int8_dynamc", "onnx", "linear", toy_linear)
+    with pytest.raises(LoweringError, match=r"the plan must be a function \(ctx: PlanContext\) -> RegionPlan \| Decline \| None, got str"):
+        register_lowering("int8", "onnx", "linear", "toy_linear")
+    assert lowerings_for(region, "onnx") == before
+    with pytest.raises(LoweringError, match=r"backend 'onnx' is qexport's own and already declared; declare yours under another name"):
+        register_backend("onnx", title="mine")
+    with pytest.raises(LoweringError, match=r"backend 'onnx' is qexport's own and cannot be unregistered"):
+        unregister_backend("onnx")
+    assert plan_regions(_program("int8_dynamic"), "onnx")[0].taken
+
+
+def test_a_users_entry_replaces_a_builtin_one_by_name():
+    """Named like a built-in entry, a user's entry takes its place (the built-in module is imported first,
+    so it cannot overwrite the user's later); a plan it does not take runs through the backend's fallback."""
+    ep = _program("int8_dynamic")
+    region = qexport.regions(ep)[0]
+    (name, builtin), = lowerings_for(region, "executorch")
+    register_lowering("int8", "executorch", "linear", lambda ctx: RegionPlan(False, "mine", "the user's"), name=name)
+    try:
+        assert [n for n, _ in lowerings_for(region, "executorch")] == [name]
+        plan = plan_regions(ep, "executorch")[0]
+        assert (plan.taken, plan.kernel, plan.reason) == (False, "mine", "the user's") and callable(plan.lowering)
+    finally:
+        register_lowering("int8", "executorch", "linear", builtin, name=name)
+    assert plan_regions(ep, "executorch")[0].taken
+
+
+def _kernel(body):
+    from qexport.lower.kernels import KernelChoice
+
+    return lambda ctx: RegionPlan(True, "test.k", lowering=KernelChoice("test.k", "", body, operands=("weight", "weight_scale")))
+
+
+def _broken_onnx_form(ctx):
+    from qexport.lower.onnx_regions import Int8Lowering, _entry
+
+    class Broken(Int8Lowering):
+        def weights(self, lw, t):
+            raise KeyError("weight_zero_point")
+
+    return _entry(Broken())(ctx)
+
+
+@pytest.mark.parametrize("backend, plan, message", [
+    ("aoti-cpu", lambda ctx: 1 / 0, r"aoti-cpu lowering 'bad' failed on region layers.0 \(int8_dynamic linear\): ZeroDivisionError"),
+    ("aoti-cpu", lambda ctx: RegionPlan(True, "k"), r"aoti-cpu lowering 'bad' planned region layers.0 with RegionPlan.lowering=NoneType; aoti-cpu applies a KernelChoice"),
+    ("executorch", lambda ctx: RegionPlan(True, "k", lowering="q/dq"), r"executorch lowering 'bad' planned region layers.0 with RegionPlan.lowering=str; executorch applies a Callable"),
+    ("onnx", lambda ctx: RegionPlan(True, "k"), r"onnx lowering 'bad' .* onnx applies a Lowering"),
+    ("aoti-cpu", _kernel(lambda x, w, s: 1 / 0), r"region layers.0: lowering it to test.k failed: ZeroDivisionError"),
+    ("aoti-cpu", _kernel(lambda x, w, s: x @ w.float()), r"region layers.0: lowering it to test.k failed: RuntimeError: a and b must have same reduction dim"),
+    ("aoti-cpu", _kernel(lambda x, w, s: F.linear(x, w.float())[..., :3]),
+     r"region layers.0: lowering it to test.k gives a torch.float32 tensor of shape \(4, 3\); the region's output is a torch.float32 tensor of shape \(4, 128\)"),
+    ("aoti-cpu", _kernel(lambda x, w, s: F.linear(x, w.float()).bfloat16()), r"test.k gives a torch.bfloat16 tensor of shape \(4, 128\)"),
+    ("executorch", lambda ctx: RegionPlan(True, "k", lowering=lambda site: 1 / 0), r"region layers.0: lowering it to k failed: ZeroDivisionError"),
+    ("executorch", lambda ctx: RegionPlan(True, "k", lowering=lambda site: site.input), r"lowering it to k gives a torch.float32 tensor of shape \(4, 64\)"),
+    ("onnx", _broken_onnx_form, r"region layers.0: emitting its ONNX form \(MatMulInteger: .*\) failed: KeyError: 'weight_zero_point'"),
+])
+def test_a_failing_lowering_is_one_error_and_writes_nothing(backend, plan, message, tmp_path):
+    """A user's lowering that raises, names nothing to apply, or computes another shape or dtype than its
+    region: one LoweringError naming the entry or the region, before anything is written."""
+    ep = _program("int8_dynamic")
+    lower = {"aoti-cpu": lambda: qexport.compile(ep, tmp_path / "m.pt2"),
+             "executorch": lambda: qexport.to_executorch(ep, tmp_path / "m.pte", progress=False),
+             "onnx": lambda: qexport.to_onnx(ep, tmp_path / "m.onnx")}[backend]
+    register_lowering("int8_dynamic", backend, "linear", plan, name="bad")
+    try:
+        with pytest.raises(LoweringError, match=message):
+            lower()
+    finally:
+        unregister_lowering("int8_dynamic", backend, "linear", "bad")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_details_must_be_json(toy):
@@ -208,3 +290,50 @@ def test_malformed_lowering_record_is_refused():
     data["regions"][0]["lowering"] = {"backend": "aoti-cpu", "taken": "yes", "kernel": "k"}
     with pytest.raises(qexport.CorruptArtifactError, match=r"region layers.0: lowering: 'taken' must be true or false"):
         Manifest.from_dict(data, source="m.pt2")
+
+
+# -- a scheme family from outside the library (docs/architecture.md, "A new scheme family") ---------------------
+
+class Int6Math(qexport.SchemeMath):
+    """6-bit per-channel codes in int8 storage: a family the library does not have."""
+
+    family = "test_contract_int6"
+    weight_roles = ("weight", "weight_scale")
+    supported_ops = frozenset({"linear"})
+    tolerance = 5e-2
+
+    def quantize_weight(self, s, weight, hessian=None):
+        scale = (weight.detach().abs().amax(1) / s.qmax).clamp(min=1e-8)
+        return {"weight": (weight.detach() / scale[:, None]).round().clamp(s.qmin, s.qmax).to(torch.int8), "weight_scale": scale}
+
+    def dequantize_weight(self, s, t, shape):
+        return t["weight"].float() * t["weight_scale"][:, None]
+
+
+def test_a_family_from_user_code_runs_everywhere_and_takes_its_own_kernel():
+    from qexport.lower.kernels import KernelChoice, apply_kernels
+
+    scheme = qexport.schemes.register(qexport.Scheme(name="test_contract_int6", family=Int6Math.family, weight_dtype="int8",
+                                                     bits=6, granularity="per_channel", qmin=-31, qmax=31), Int6Math())
+
+    @qexport.register_lowering(Int6Math.family, "aoti-cpu", "linear")
+    def int6_cpu(ctx: PlanContext) -> RegionPlan:
+        return RegionPlan(True, "test.int6_mm", details={"k": ctx.region.weight_shape[1]}, lowering=KernelChoice(
+            "test.int6_mm", "", lambda x, w, s, *b: F.linear(x, w.float() * s[:, None], *b),
+            operands=("weight", "weight_scale", *ctx.optional("bias"))))
+
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 64)
+        model = quantized(MLP(), scheme, x)
+        ep = qexport.export(model, (x,))
+        lowered, plans = apply_kernels(ep, "cpu")
+        assert [(p.kernel, p.details) for p in plans] == [("test.int6_mm", {"k": 64}), ("test.int6_mm", {"k": 128})]
+        torch.testing.assert_close(lowered.module()(x), model(x))
+        # the backends without a form of it run its reference math and say so
+        (et, _), (onnx, _) = plan_regions(ep, "executorch"), plan_regions(ep, "onnx")
+        assert not et.taken and "XNNPACK has no test_contract_int6 linear pattern" in et.reason
+        assert not onnx.taken and "no ONNX lowering for scheme family 'test_contract_int6' linear" in onnx.reason
+    finally:
+        unregister_lowering(Int6Math.family, "aoti-cpu", "linear", "int6_cpu")
+        qexport.schemes.unregister(scheme.name)

@@ -64,6 +64,34 @@ def imports(name: str) -> tuple[tuple[str, int], ...]:
     return tuple((m, line) for m, line in found if m.split(".")[0] in PACKAGES)
 
 
+@lru_cache(maxsize=None)
+def attribute_uses(name: str) -> tuple[tuple[str, int], ...]:
+    """(module.attribute, line) of every attribute read through a qexport/serializers module that `name`
+    imports (`from ..lower import kernels; kernels._sibling_key`): what `imports` alone does not see."""
+    f, is_pkg = modules()[name]
+    base = name if is_pkg else name.rpartition(".")[0]
+    tree = ast.parse(f.read_text())
+    alias: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            alias.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0] for a in node.names})
+        elif isinstance(node, ast.ImportFrom):
+            pkg = base
+            for _ in range(max(node.level - 1, 0)):
+                pkg = pkg.rpartition(".")[0]
+            mod = (f"{pkg}.{node.module}" if node.module else pkg) if node.level else node.module
+            alias.update({a.asname or a.name: f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules()})
+    found = []
+    for node in ast.walk(tree):
+        chain, value = [], node
+        while isinstance(value, ast.Attribute):
+            chain.append(value.attr)
+            value = value.value
+        if chain and isinstance(value, ast.Name) and value.id in alias:
+            found.append((".".join([alias[value.id], *reversed(chain)]), node.lineno))
+    return tuple((m, line) for m, line in found if m.split(".")[0] in PACKAGES)
+
+
 def _private(part: str) -> bool:
     return part.startswith("_") and not part.startswith("__")
 
@@ -109,7 +137,7 @@ def test_lower_never_imports_the_cli():
 def test_no_private_module_or_name_used_outside_its_package():
     leaks = []
     for name in modules():
-        for target, line in imports(name):
+        for target, line in (*imports(name), *attribute_uses(name)):
             parts = target.split(".")
             for i, part in enumerate(parts):
                 if not _private(part):
@@ -181,5 +209,6 @@ def test_the_checker_sees_what_it_forbids():
     """The walk resolves relative and function-level imports (or the tests above would pass vacuously)."""
     assert any(t == "qexport.table" for t, _ in imports("qexport.lower.report"))  # a lazy import inside a method
     assert any(t == "serializers.kinds" for t, _ in imports("qexport.runtime.loaders"))
+    assert any(t == "serializers.onnx.inherit_scope" for t, _ in attribute_uses("qexport.lower.onnx"))
     assert _layer("qexport.cli.demo_cmd") > _layer("qexport.runtime.loaders") > _layer("qexport.lower.aoti") \
         > _layer("serializers.kinds") > _layer("qexport.regions") > _layer("qexport.schemes.registry")

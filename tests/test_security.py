@@ -594,7 +594,7 @@ def test_inspect_prints_hostile_manifest_text_escaped(pt2, tmp_path, capsys):
     from qexport.cli import main
 
     def edit(m):
-        m["regions"][0]["module_path"] = "\x1b]0;owned\x07\x1b[2J" + "A" * 500
+        m["regions"][0]["name"] = m["regions"][0]["module_path"] = "\x1b]0;owned\x07\x1b[2J" + "A" * 500
         m["regions"][0]["weight_bytes"] = 10 ** 400
         m["quantized_bytes"] = 10 ** 400
         m["extra"]["note"] = "\x1b[31mred"

@@ -248,3 +248,36 @@ def test_one_odd_layer_does_not_refuse_the_model():
     assert "group_size=32 does not divide the embedding reduction dimension 2" in next(iter(why.values()))
     x = hf.token_ids()
     assert rel_err(model(x)[0], hf.t5_encoder()(x)[0]) < 0.25  # int4 on a tiny random model
+
+
+def test_nodes_emitted_for_regions_keep_the_regions_module(zoo):
+    """Every backend's rewrite of a region stands where the region stood: the FX nodes AOTI and ExecuTorch
+    splice in carry the region node's nn_module_stack and stack_trace (a sibling's slice its own region's,
+    not the stack's first member's), and the ONNX nodes that read a region's weights its module scope."""
+    import onnx
+
+    from qexport.lower import _graph, executorch
+    from qexport.lower.kernels import apply_kernels
+    from qexport.regions import region_nodes
+
+    before = {r.name: (n.meta["nn_module_stack"], n.meta["stack_trace"]) for n, r in region_nodes(zoo.ep)}
+    aoti, plans = apply_kernels(zoo.ep, "cpu")
+    assert any("siblings" in p.details for p in plans)  # Llama's q/k/v and gate/up
+    planned = {p.region.name: p for p in executorch.plan(zoo.ep)}
+    pte = _graph.copy_program(zoo.ep)
+    _graph.replace_regions(pte, lambda site: planned[site.region.name].lowering(site), kernel_of=lambda r: planned[r.name].kernel)
+    for ep in (aoti, pte):
+        tagged = [n for n in ep.graph.nodes if _graph.region_of(n)]
+        assert tagged and all((n.meta["nn_module_stack"], n.meta["stack_trace"]) == before[_graph.region_of(n)] for n in tagged)
+    slices = [n for n in aoti.graph.nodes if n.target is torch.ops.aten.slice.Tensor and _graph.region_of(n)]
+    assert {_graph.region_of(n) for n in slices} == {p.region.name for p in plans if "siblings" in p.details}
+
+    model = onnx.load(str(zoo.artifact("onnx")), load_external_data=False)
+    weights = {f"{r.module_path}.{role}": r.module_path for r in qexport.regions(zoo.ep) for role in r.roles[1:]}
+    # (not the Transpose that rebuilds a tied table for its twin, lower/onnx_shared.py: it serves two regions)
+    readers = [(n, weights[i]) for n in model.graph.node for i in n.input if i in weights and n.op_type != "Transpose"]
+    assert len({m for _, m in readers}) > 30
+    for node, module in readers:
+        # (a tied weight deduplicated is read under its twin's name)
+        scope = {p.key: p.value for p in node.metadata_props}.get("namespace", "")
+        assert any(f"/{m}: " in scope for m in weights.values()), (node.op_type, module, scope)

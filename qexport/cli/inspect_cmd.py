@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
         help="list the quantized regions of an artifact (.pt2, AOTI package, .pte, .onnx)",
-        description="Print the regions recorded in a qexport artifact's manifest: scheme, parameters, "
-        "module path and bytes, with totals, and for a lowered artifact whether its backend's accelerated "
+        description="Print the regions recorded in a qexport artifact's manifest: name (the module path; "
+        "_1, _2 for later calls of a module used more than once), scheme, parameters and bytes, with totals, and for a lowered artifact whether its backend's accelerated "
         "path took each region and the kernel that runs it. Reads only the manifest; the model is not loaded.",
     )
     p.add_argument("file", metavar="FILE", help="a file written by qexport (save, compile, to_executorch, to_onnx)")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     lowered = any(r.lowering is not None for r in manifest.regions)
     rows = [
         tuple(_clean(cell) for cell in (
-            r.module_path or r.name, r.op, r.scheme.describe(), _params(r.scheme),
+            r.name, r.op, r.scheme.describe(), _params(r.scheme),
             list(r.weight_shape) if r.weight_shape else "-", _shape(r.input_shapes, dim_names),
             fmt_bytes(r.weight_bytes), fmt_bytes(r.float_bytes) if r.float_bytes else "-", _ratio(r.weight_bytes, r.float_bytes),
             *((("yes" if r.lowering.taken else "no", r.lowering.kernel) if r.lowering else ("-", "-")) if lowered else ()),
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         f"{args.file}: {manifest.artifact} artifact, manifest v{manifest.version}, written by qexport "
         f"{manifest.qexport_version} with torch {manifest.torch_version}", limit=400,
     ))
-    head = ("module", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio")
+    # the region's name: its module path, suffixed _1, _2 for later calls of a module used more than once
+    head = ("region", "op", "scheme", "params", "weight", "input", "bytes", "float bytes", "ratio")
     print(format_table(head + (("taken", "kernel") if lowered else ()), rows))
     groups = dict.fromkeys(" + ".join(map(str, r.lowering.details["siblings"])) for r in manifest.regions
                            if r.lowering is not None and isinstance(r.lowering.details.get("siblings"), list))

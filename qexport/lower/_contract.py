@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 from ..extras import missing_extra
-from ..errors import BackendUnavailableError, LoweringError
+from ..errors import BackendUnavailableError, LoweringError, QExportError, UnknownSchemeError
 from ..regions import Region, region_nodes
+from ..schemes import OPS, families, names as scheme_names
 from ._graph import state_tensor
 
 if TYPE_CHECKING:
@@ -153,6 +154,9 @@ class Backend:
     context: type = PlanContext
     #: False when plans depend on the target hardware (CUDA tunes on the GPU); docs then list candidates
     plans_anywhere: bool = True
+    #: what the backend applies from `RegionPlan.lowering` (AOTI: KernelChoice; ExecuTorch: a callable
+    #: site -> node; ONNX: Lowering): a taken plan must carry one, checked when the plan is made
+    lowering_type: type | tuple[type, ...] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -161,15 +165,20 @@ _LOADED: set[str] = set()
 
 
 def register_backend(name: str, *, title: str, fallback: Fallback | None = None, context: type = PlanContext,
-                     plans_anywhere: bool = True) -> Backend:
+                     plans_anywhere: bool = True, lowering_type: type | tuple[type, ...] | None = None) -> Backend:
     """Declare a backend: its name in `register_lowering`, its title and its plan for unclaimed regions."""
-    backend = Backend(name, title, fallback or _default_fallback, context, plans_anywhere)
+    if name in _BUILTIN and name in _BACKENDS:
+        raise LoweringError(f"backend {name!r} is qexport's own and already declared; declare yours under another name")
+    backend = Backend(name, title, fallback or _default_fallback, context, plans_anywhere, lowering_type)
     _BACKENDS[name] = backend
     return backend
 
 
 def unregister_backend(name: str) -> None:
-    """Forget a backend and every lowering registered for it."""
+    """Forget a backend and every lowering registered for it (one of qexport's own stays)."""
+    if name in _BUILTIN:
+        raise LoweringError(f"backend {name!r} is qexport's own and cannot be unregistered; unregister_lowering "
+                            f"removes one of its entries")
     _BACKENDS.pop(name, None)
     for key in [k for k in _REGISTRY if k[1] == name]:
         del _REGISTRY[key]
@@ -211,16 +220,42 @@ def register_lowering(scheme_or_family: str, backend: str, op: str, plan: Plan |
     """Register `plan` for regions of a scheme (or a whole family) and op on `backend`.
 
     Usable as a decorator. `name` (default: the function's name) identifies the entry; registering a
-    name again replaces that entry in place of appending one.
+    name again replaces that entry in place of appending one (a built-in entry too: qexport's own
+    backend module is imported first, so its entries are there to be replaced). A backend that is not
+    declared, an op regions do not have, or a name that is neither a registered scheme nor a family
+    is refused here: such an entry would never be asked.
     """
+    _check_key(scheme_or_family, backend, op)
 
     def add(fn: Plan) -> Plan:
+        if not callable(fn):
+            raise LoweringError(f"register_lowering{(scheme_or_family, backend, op)}: the plan must be a function "
+                                f"(ctx: PlanContext) -> RegionPlan | Decline | None, got {type(fn).__name__}")
         key = (scheme_or_family, backend, op)
         entry = name or getattr(fn, "__name__", repr(fn))
         _REGISTRY[key] = [e for e in _REGISTRY.get(key, []) if e[0] != entry] + [(entry, fn)]
         return fn
 
     return add(plan) if plan is not None else add
+
+
+def _check_key(scheme_or_family: str, backend: str, op: str) -> None:
+    where = f"register_lowering{(scheme_or_family, backend, op)}"
+    if backend in _BUILTIN:
+        try:
+            _load(backend)
+        except (ImportError, BackendUnavailableError):
+            pass  # its extra is not installed: the entry is kept for a process that has it, never asked here
+    elif backend not in _BACKENDS:
+        raise LoweringError(f"{where}: backend {backend!r} is not declared; known: {sorted({*_BACKENDS, *_BUILTIN})} "
+                            f"(qexport.register_backend declares one)")
+    if op not in (*OPS, "custom"):
+        raise LoweringError(f"{where}: op {op!r} is not a region op; regions are one of {[*OPS, 'custom']}")
+    if scheme_or_family not in scheme_names() and scheme_or_family not in families():
+        raise UnknownSchemeError(
+            f"{where}: {scheme_or_family!r} is neither a registered scheme nor a scheme family (families: "
+            f"{', '.join(families())}); register the scheme first (qexport.schemes.register)"
+        )
 
 
 def unregister_lowering(scheme_or_family: str, backend: str, op: str, name: str) -> None:
@@ -256,10 +291,26 @@ def _plan_one(b: Backend, ctx: PlanContext) -> RegionPlan:
     reasons: list[str] = []
     candidates = lowerings_for(ctx.region, b.name)
     for entry, plan in candidates:
-        r = plan(ctx)
+        try:
+            r = plan(ctx)
+        except QExportError:
+            raise
+        except Exception as e:  # a user's lowering: say which entry, region and backend before any work is done
+            raise LoweringError(
+                f"{b.name} lowering {entry!r} failed on region {ctx.region.name} ({ctx.region.scheme_name} "
+                f"{ctx.region.op}): {type(e).__name__}: {e}"
+            ) from e
         if isinstance(r, RegionPlan):
             if reasons and not r.taken:  # what the better entries said is part of why it is not taken
                 r = dataclasses.replace(r, reason="; ".join([*reasons, r.reason] if r.reason else reasons))
+            if not r.taken and r.lowering is None:  # not taken, nothing to apply: the backend's fallback runs it
+                r = dataclasses.replace(r, lowering=b.fallback(ctx, reasons, True).lowering)
+            if b.lowering_type is not None and (r.taken or r.lowering is not None) and not isinstance(r.lowering, b.lowering_type):
+                want = " or ".join(t.__name__ for t in (b.lowering_type if isinstance(b.lowering_type, tuple) else (b.lowering_type,)))
+                raise LoweringError(
+                    f"{b.name} lowering {entry!r} planned region {ctx.region.name} with RegionPlan.lowering="
+                    f"{type(r.lowering).__name__}; {b.name} applies a {want} (a plan that is not taken may leave it None)"
+                )
             return r
         if isinstance(r, Decline):
             reasons.append(r.reason)

@@ -29,10 +29,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.utils import _pytree as pytree
 
-from ..errors import LoweringError
+from ..errors import LoweringError, QExportError
 from ..passes import name_regions
 from ..regions import STATE_KINDS, Region, operand_state, region_nodes, region_payload
 
@@ -414,12 +415,37 @@ def replace_regions(
                 f"found {[u.format_node() for u in users]}"
             )
         site = RegionSite(ep, node, region, kernel)
-        site._splice(lower(site))
+        try:
+            out = lower(site)
+        except QExportError:
+            raise
+        except Exception as e:  # a lowering's own code (a kernel body, a user's rewrite): name the region
+            raise LoweringError(f"region {region.name}: lowering it to {kernel} failed: {type(e).__name__}: {e}") from e
+        _check_output(region, kernel, users, out)
+        site._splice(out)
         done.append(region)
     if done:
         ep.graph_module.graph.eliminate_dead_code()
         ep.graph_module.recompile()
     return done
+
+
+def _check_output(region: Region, kernel: str, users: list[torch.fx.Node], out: Any) -> None:
+    """Refuse a lowering whose output is not what the region's users were traced with (its dtype and
+    shape): spliced in, it would fail deep in a backend's compiler, or silently compute something else."""
+    if not isinstance(out, torch.fx.Node):
+        raise LoweringError(f"region {region.name}: lowering it to {kernel} returned {type(out).__name__}; "
+                            f"a lowering returns the graph node that stands for the region's output")
+    want, got = (users[0].meta.get("val") if users else None), out.meta.get("val")
+    if not isinstance(want, torch.Tensor):
+        return
+    if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.dim() != want.dim() or not all(
+            statically_known_true(a == b) for a, b in zip(got.shape, want.shape)):
+        what = f"a {got.dtype} tensor of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else repr(got)
+        raise LoweringError(
+            f"region {region.name}: lowering it to {kernel} gives {what}; the region's output is a {want.dtype} "
+            f"tensor of shape {tuple(want.shape)} (a lowering must compute what the region computes)"
+        )
 
 
 def with_region_names(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -23,6 +23,7 @@ program both read (a tied embedding + LM head) goes to a data file beside the .p
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -308,7 +309,7 @@ def _fallback(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionP
     return _reference_plan(r, _reference, why)
 
 
-register_backend("executorch", title="ExecuTorch (XNNPACK)", fallback=_fallback)
+register_backend("executorch", title="ExecuTorch (XNNPACK)", fallback=_fallback, lowering_type=collections.abc.Callable)
 
 
 def _portable(plan: RegionPlan) -> RegionPlan:

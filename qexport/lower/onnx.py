@@ -254,17 +254,23 @@ def lower_regions(
             body = references[name]
             fn = _reference_function(body, region, plan, _function_name(name, taken_names), opset)
             call = ir.Node(fn.domain, fn.name, list(node.inputs), num_outputs=len(node.outputs))
+            onnx_file.inherit_scope(node, [call])
             model.functions[fn.identifier()] = fn
             graph.insert_before(node, call)
             new_outputs = list(call.outputs)
             emitted[name] = len(body)
         else:
-            weights = lowering.weights(_region_tensors(region, tensors))
-            # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
-            for i in range(1, len(node.inputs)):
-                node.replace_input_with(i, None)
-            _drop_unused_initializers(graph, old_inputs)
-            new_outputs, emitted[name] = _emit(model, node, plan, weights, keep_regions, _function_name(name, taken_names), opset)
+            try:
+                weights = lowering.weights(_region_tensors(region, tensors))
+                # The stored layout gives way to the ONNX one, under the same `<module>.<role>` names.
+                for i in range(1, len(node.inputs)):
+                    node.replace_input_with(i, None)
+                _drop_unused_initializers(graph, old_inputs)
+                new_outputs, emitted[name] = _emit(model, node, plan, weights, keep_regions, _function_name(name, taken_names), opset)
+            except QExportError:
+                raise
+            except Exception as e:  # a family's ONNX form (a user's): name the region and the form
+                raise LoweringError(f"region {name}: emitting its ONNX form ({plan.kernel}) failed: {type(e).__name__}: {e}") from e
         for old, new in zip(node.outputs, new_outputs):
             new.name, new.type, new.shape = old.name, old.type, old.shape
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
@@ -307,11 +313,13 @@ def _emit(
     e = Emitter()
     if not keep_regions:
         y = lowering.emit(e, x, inits)
+        onnx_file.inherit_scope(node, e.nodes)
         graph.insert_before(node, e.nodes)
         return [y], len(e.nodes)
     fx = ir.Value(name="input", shape=x.shape, type=x.type)
     fw = {role: ir.Value(name=role, shape=v.shape, type=v.type) for role, v in inits.items()}
     y = lowering.emit(e, fx, fw)
+    onnx_file.inherit_scope(node, e.nodes)
     y.name = "output"
     fn = ir.Function(
         REGION_DOMAIN, fname,
@@ -321,6 +329,7 @@ def _emit(
     _describe_function(fn, lowering.region, plan)
     model.functions[fn.identifier()] = fn
     call = ir.Node(REGION_DOMAIN, fname, [x, *inits.values()], num_outputs=1)
+    onnx_file.inherit_scope(node, [call])
     graph.insert_before(node, call)
     return list(call.outputs), len(e.nodes)
 

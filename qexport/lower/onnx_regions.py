@@ -656,11 +656,11 @@ def _reference(ctx: PlanContext, reasons: list[str], registered: bool) -> Region
     r = ctx.region
     family = r.scheme.family if r.scheme else r.scheme_name
     why = "; ".join(reasons) or (
-        f"no ONNX lowering for scheme family {family!r} {r.op} (qexport.register_lowering(family, 'onnx', op) adds "
-        f"one); its reference math runs as float ops")
+        f"no ONNX lowering for scheme family {family!r} {r.op} (qexport.lower.onnx_regions.register_onnx_lowering("
+        f"family, FamilyLowering) adds one); its reference math runs as float ops")
     return RegionPlan(False, "reference math (torch.onnx's translation of the region subgraph)", why)
 
 
-register_backend("onnx", title="ONNX (onnxruntime)", fallback=_reference)
+register_backend("onnx", title="ONNX (onnxruntime)", fallback=_reference, lowering_type=Lowering)
 for _family, _lowering in {"int8": Int8Lowering(), "int4": Int4Lowering(), "nf4": Nf4Lowering(), "fp8": Fp8Lowering()}.items():
     register_onnx_lowering(_family, _lowering)

@@ -74,6 +74,11 @@ def builtin_names() -> list[str]:
     return sorted(_BUILTINS)
 
 
+def families() -> list[str]:
+    """The scheme families whose math is registered (what a lowering may be registered for, besides a name)."""
+    return sorted(_FAMILIES)
+
+
 def get(scheme: "str | Scheme", **params: Any) -> Scheme:
     """The registered scheme `scheme` with `params` overridden and validated.
 

@@ -104,7 +104,7 @@ def _inductor_fuses(ctx: PlanContext, reasons: list[str], registered: bool) -> R
 
 for _device in ("cpu", "cuda"):
     register_backend(f"aoti-{_device}", title=f"AOTInductor {_device.upper()}", fallback=_inductor_fuses,
-                     context=KernelContext, plans_anywhere=_device == "cpu")
+                     context=KernelContext, plans_anywhere=_device == "cpu", lowering_type=KernelChoice)
 
 
 def register_kernel(scheme_or_family: str, device: str, op: str, choose: Choose | None = None, *, name: str | None = None):
@@ -246,23 +246,25 @@ def apply_kernels(
     plans, fused = plan_kernels(ep, device, options)
     chosen = {p.region.name: p.lowering for p in plans if p.taken}
     lead = {f.members[0]: f for f in fused}
-    slices: dict[str, torch.fx.Node] = {}
+    slices: dict[str, tuple[torch.fx.Node, int, int, int]] = {}  # member -> (stacked output, dim, start, end)
     cut: list[torch.fx.Node] = []
 
     def lower(site: RegionSite) -> torch.fx.Node:
         name = site.region.name
         if name in slices:
-            return slices.pop(name)
+            # emitted at the member's own site (members follow the first in graph order), so its slice
+            # carries the member's tag, module stack and stack trace, not the first member's
+            cut.append(site.call(torch.ops.aten.slice.Tensor, *slices.pop(name)))
+            return cut[-1]
         f = lead.get(name)
         if f is None:
             return _splice_kernel(site, chosen[name])
         out = _splice_kernel(site, f.plan.lowering, f.stacked)
         start, last = 0, out.meta["val"].dim() - 1
         for member, width in zip(f.members, f.widths):
-            slices[member] = site.call(torch.ops.aten.slice.Tensor, out, last, start, start + width)
-            cut.append(slices[member])
+            slices[member] = (out, last, start, start + width)
             start += width
-        return slices.pop(name)
+        return lower(site)
 
     if chosen:
         replace_regions(ep, lower, kernel_of=lambda r: chosen[r.name].name if r.name in chosen else None)
