@@ -289,6 +289,15 @@ def encode(outputs: Sequence[np.ndarray], accept: str, request_kind: str) -> tup
     return json.dumps(doc).encode(), JSON
 
 
+def model_inputs(arrays: Sequence[np.ndarray], sig: Signature) -> list[Any]:
+    """Checked arrays as the tensors the model takes: numpy has no bfloat16, so such inputs travel as
+    float32 and take the model's dtype here (an AOTI package refuses float32 there)."""
+    import torch
+
+    tensors = [torch.from_numpy(a) for a in arrays]
+    return [t if t.dtype == s.torch_dtype else t.to(s.torch_dtype) for t, s in zip(tensors, sig.inputs)]
+
+
 # -- batching -------------------------------------------------------------------------------------------
 def run_batched(call, requests: Sequence[list[np.ndarray]], max_rows: int | None) -> list[list[np.ndarray]]:
     """Run requests that share shapes beyond dim 0 as one call (chunks of at most `max_rows` rows),
@@ -378,7 +387,7 @@ def build_app(config: ServeConfig):
             self.run.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
 
         def _call(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-            outs = self.runner([self.torch.from_numpy(a) for a in arrays])
+            outs = self.runner(model_inputs(arrays, sig))
             return [o.detach().float().numpy() if o.dtype == self.torch.bfloat16 else o.detach().numpy() for o in outs]
 
         @serve.batch(max_batch_size=1)
@@ -559,4 +568,5 @@ def _stop(ray, serve, started: bool) -> None:
             ray.shutdown()
 
 
-__all__ = ["BadRequest", "ServeConfig", "Signature", "build_app", "check", "decode", "encode", "run", "run_batched", "signature"]
+__all__ = ["BadRequest", "ServeConfig", "Signature", "build_app", "check", "decode", "encode", "model_inputs", "run", "run_batched",
+           "signature"]
