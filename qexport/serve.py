@@ -491,7 +491,10 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, addre
     url = f"http://{host}:{port}"
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name="qexport", route_prefix="/")
+        try:
+            serve.run(app, name="qexport", route_prefix="/")
+        except RuntimeError as e:
+            raise _deploy_failure(serve, e) from None
         if ready is not None:
             ready(url)
         if blocking:
@@ -503,6 +506,20 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, addre
         if blocking:
             _stop(ray, serve, started)
     return url
+
+
+def _deploy_failure(serve, e: RuntimeError) -> QExportError:
+    """Serve reports replicas that fail to start as "Failed to update the deployments ['Model']"; their
+    own error (an artifact this node cannot load: compiled for another CPU, damaged since it was
+    inspected) ends the deployment's status message."""
+    from .errors import ArtifactError
+
+    try:
+        messages = [d.message for d in serve.status().applications["qexport"].deployments.values() if d.message.strip()]
+    except Exception:  # no status to read: Serve's own message is all there is
+        messages = []
+    cause = messages[0].strip().splitlines()[-1] if messages else str(e)
+    return ArtifactError(f"the model replicas could not start: {cause[:1000]}")
 
 
 def _check_can_listen(host: str, port: int) -> None:
