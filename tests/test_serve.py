@@ -433,3 +433,18 @@ def test_several_inputs_batched_with_mixed_sizes_answer_as_one_call_each(artifac
         np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(got[1], want[1].numpy())
     assert calls == [6, 7, 8, 5, 4]  # 30 rows of 1, 2, 3, 4, 1, ... in chunks of at most 8
+
+
+def test_a_replica_that_cannot_load_the_artifact_is_reported_by_its_own_error():
+    """Serve says only "Failed to update the deployments ['Model']"; the replica's error (an artifact
+    compiled for another CPU, say) ends the deployment's status message."""
+    from types import SimpleNamespace
+
+    from qexport.errors import ArtifactError
+    from qexport.serve import _deploy_failure
+
+    model = SimpleNamespace(message="Traceback ...\n  File x\nqexport.errors.IncompatibleCPUError: m.onnx: written for ONNX target 'arm64'\n")
+    status = SimpleNamespace(applications={"qexport": SimpleNamespace(deployments={"Ingress": SimpleNamespace(message=""), "Model": model})})
+    err = _deploy_failure(SimpleNamespace(status=lambda: status), RuntimeError("Failed to update the deployments ['Model']."))
+    assert isinstance(err, ArtifactError) and str(err) == (
+        "the model replicas could not start: qexport.errors.IncompatibleCPUError: m.onnx: written for ONNX target 'arm64'")
