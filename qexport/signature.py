@@ -184,8 +184,12 @@ def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = 
             raise ArtifactError(f"input {node.name} is not a tensor ({type(val).__name__}); verify and bench need tensor inputs")
         if isinstance(val, torch.Tensor):
             out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep, names) for d in val.shape),
-                                 ranges.get(node.name) if not val.dtype.is_floating_point else None))
+                                 ranges.get(node.name) if _is_integer(val.dtype) else None))
     return out
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def _aten(*names: str) -> frozenset:
