@@ -475,8 +475,8 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, addre
     ray, serve = _ray()
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise UsageError(f"port={port!r}: must be an int in [1, 65535]")
-    started = not ray.is_initialized()
-    if started:
+    connected = not ray.is_initialized()  # this call connects to (and without an address, starts) a cluster
+    if connected:
         if address is None:
             _check_can_listen(host, port)
         elif ":" in address and "://" not in address:
@@ -486,8 +486,10 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, addre
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **({} if address else local))
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UsageError(f"could not start or join a Ray cluster (address={address!r}): {str(e)[:300]}; for "
-                             f"--address start one first (ray start --head) or leave it out to start a local one") from None
+            how = ("leave --address out to start a local one, or start one first (ray start --head); a cluster "
+                   "`ray start` started checks a token: join it with RAY_AUTH_MODE=token and its token in "
+                   "~/.ray/auth_token or RAY_AUTH_TOKEN") if address else "see Ray's log lines above"
+            raise UsageError(f"could not start or join a Ray cluster (address={address!r}): {str(e)[:300]}; {how}") from None
     url = f"http://{host}:{port}"
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -504,7 +506,7 @@ def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, addre
         raise
     finally:
         if blocking:
-            _stop(ray, serve, started)
+            _stop(ray, serve, connected, own_cluster=connected and address is None)
     return url
 
 
@@ -570,18 +572,18 @@ def _wait_for_a_stop() -> None:
         pass
 
 
-def _stop(ray, serve, started: bool) -> None:
-    """Stop what this run started: the whole Ray cluster if it started one, else only its application
-    (Serve on a joined cluster may hold other applications)."""
+def _stop(ray, serve, connected: bool, own_cluster: bool) -> None:
+    """Stop what this run started: Serve and the whole Ray cluster if it started one, else only its
+    application (Serve on a joined cluster may hold other applications), and disconnect."""
     try:
-        if started:
+        if own_cluster:
             serve.shutdown()
         else:
             serve.delete("qexport")
     except Exception:  # cleanup after a failed start: the error that stopped it is the one to report
         pass
     finally:
-        if started:
+        if connected:
             ray.shutdown()
 
 
