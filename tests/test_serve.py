@@ -448,3 +448,16 @@ def test_a_replica_that_cannot_load_the_artifact_is_reported_by_its_own_error():
     err = _deploy_failure(SimpleNamespace(status=lambda: status), RuntimeError("Failed to update the deployments ['Model']."))
     assert isinstance(err, ArtifactError) and str(err) == (
         "the model replicas could not start: qexport.errors.IncompatibleCPUError: m.onnx: written for ONNX target 'arm64'")
+
+
+@pytest.mark.parametrize("own_cluster, expected", [(True, ["serve.shutdown", "ray.shutdown"]),
+                                                   (False, ["serve.delete qexport", "ray.shutdown"])])
+def test_stopping_leaves_a_joined_cluster_and_its_other_applications_running(own_cluster, expected):
+    from types import SimpleNamespace
+
+    from qexport.serve import _stop
+
+    calls = []
+    serve = SimpleNamespace(shutdown=lambda: calls.append("serve.shutdown"), delete=lambda name: calls.append(f"serve.delete {name}"))
+    _stop(SimpleNamespace(shutdown=lambda: calls.append("ray.shutdown")), serve, connected=True, own_cluster=own_cluster)
+    assert calls == expected
