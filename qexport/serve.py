@@ -20,8 +20,8 @@ says whether batching is on and why not.
 Wire formats: JSON `{"inputs": [nested lists, one per input]}` (or `{"inputs": {name: list}}`) answered
 with `{"outputs": [...], "shapes": [...], "dtypes": [...]}`; `.npz` bodies (Content-Type
 `application/x-npz`, arrays named like the inputs or arr_0...) answered in `.npz`; one `.npy` body
-(`application/x-npy`) for single-input models. Numbers, not pickles: `.npy`/`.npz` are read with
-`allow_pickle=False`.
+(`application/x-npy`) for single-input models. Numbers, not pickles: each `.npy` (alone or in an `.npz`)
+is read from its header first, object arrays refused, sizes checked before anything is allocated.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
