@@ -97,6 +97,12 @@ def signature(manifest: Any) -> Signature:
         specs = tuple(InputSpec.from_json(d) for d in raw)
     except ValueError as e:
         raise UsageError(f"the artifact's input signature is unreadable: {e}") from None
+    for spec in specs:
+        try:
+            _wire_dtype(spec)
+        except TypeError:
+            raise UsageError(f"input {spec.name} is {spec.dtype}, which no request can carry (numpy has no such dtype); "
+                             f"export the model taking float32 and convert inside it") from None
     generation = manifest.extra.get("generation")
     if isinstance(generation, dict) and generation.get("layout") != "static_cache_io":
         raise UsageError(
@@ -231,7 +237,7 @@ def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
     out = []
     seen: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, the input that set it)
     for spec, a in zip(sig.inputs, arrays):
-        want = np.dtype(str(spec.torch_dtype).removeprefix("torch.")) if spec.dtype != "bfloat16" else np.dtype(np.float32)
+        want = _wire_dtype(spec)
         if a.ndim != len(spec.shape) or not all(d.accepts(n) for d, n in zip(spec.shape, a.shape)):
             raise BadRequest(400, f"input {spec.name}: shape {list(a.shape)} does not fit {spec.describe()}")
         # the program was compiled for equal sizes there: a runtime may read past the shorter input
@@ -252,6 +258,11 @@ def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
                                   f"NaN and infinities are refused (a quantized region would turn the whole row into NaN)")
         out.append(a)
     return out
+
+
+def _wire_dtype(spec: InputSpec) -> np.dtype:
+    """The numpy dtype an input travels as: its own, or float32 for bfloat16 (numpy has none)."""
+    return np.dtype(np.float32) if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
 
 
 def _check_integers(spec: InputSpec, a: np.ndarray, want: np.dtype) -> None:

@@ -197,6 +197,14 @@ def test_a_language_model_holding_its_kv_cache_is_not_served():
     assert signature(stateless).inputs[0].name == "input_ids"
 
 
+def test_an_input_no_request_can_carry_is_refused_before_serving():
+    from types import SimpleNamespace
+
+    fp8 = SimpleNamespace(extra={"inputs": [{"name": "x", "dtype": "float8_e4m3fn", "shape": [2]}]}, regions=[])
+    with pytest.raises(UsageError, match="input x is float8_e4m3fn, which no request can carry"):
+        signature(fp8)
+
+
 def test_a_busy_port_or_an_unreachable_head_node_fails_before_ray_starts(artifacts, tmp_path):
     """In a fresh process (Ray not started): a clear UsageError in seconds, and no Ray process left."""
     import subprocess
