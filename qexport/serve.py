@@ -571,16 +571,18 @@ def _wait_for_a_stop() -> None:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    # SIGTERM (a service manager, `kill`) would end the process with Ray's own processes left behind;
-    # SIGINT is ignored in a shell's background job. Both stop the server the way Ctrl-C does.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
-        signal.signal(signal.SIGINT, interrupt)
+    # SIGTERM (a service manager, `kill`) ended the process at once and left Ray's agents running
+    # (reparented to init): it stops the server the way Ctrl-C does.
+    stops = (signal.SIGTERM,) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, interrupt) for s in stops}
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _stop(ray, serve, connected: bool, own_cluster: bool) -> None:
