@@ -414,11 +414,13 @@ def test_row_quantizers_are_the_reference_math(rows, cols, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name,group", [("int8_weight_only", None), ("int4_weight_only", 32), ("int4_weight_only", 128)])
+@pytest.mark.parametrize("name,group", [("int8_weight_only", None), ("int4_weight_only", 32), ("int4_weight_only", 128),
+                                        ("int4_weight_only", 256)])
 def test_triton_weight_only_kernels_decode_the_scheme(name, group):
     """The GEMV (every tile the tuner may pick) and the tensor-core GEMM (a small and a large tile)
     on the scheme's own tensors, at row counts and an output width no tile divides: the exponent-trick
-    decode of int8 / packed int4 codes is the scheme's dequantization."""
+    decode of int8 codes and the PTX word decode of packed int4 codes (`_int4_dot8`) are the scheme's
+    dequantization; an int4 weight that starts off a 4-byte boundary is read too."""
     s = qexport.schemes.get(name, **({"group_size": group} if group else {}))
     n, k = 196, 1024
     torch.manual_seed(0)
@@ -432,6 +434,11 @@ def test_triton_weight_only_kernels_decode_the_scheme(name, group):
         # besides the offered tiles: no pipelining, several rows with two stages
         for tile in (*cuda_kernels.GEMV_TILES, (1, 16, 256, 4), (4, 32, 256, 8, 2)):
             assert rel_err(cuda_kernels.triton_gemv(x, t, tile, group), ref) <= 1e-2, (rows, tile)
+        if group:
+            shifted = torch.empty(t["weight"].numel() + 2, dtype=torch.uint8, device="cuda")[2:].view_as(t["weight"])
+            shifted.copy_(t["weight"])
+            y = cuda_kernels.triton_gemv(x, {**t, "weight": shifted}, cuda_kernels.GEMV_TILES[0], group)
+            assert rel_err(y, ref) <= 1e-2, rows
         for tile in (cuda_kernels.TILE_M16_K256, (16, 32, 256, 1, 4, 4, 1), (128, 128, 64, 8, 4, 4, 1)):
             if group is None:
                 y = cuda_kernels.triton_weight_mm(x, t["weight"], t["weight_scale_per_channel"], tile)

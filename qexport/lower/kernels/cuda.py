@@ -10,8 +10,8 @@ or with `qexport.cuda_plan="static"`. The report and the manifest say which plan
 - "gemv": a broadcast-multiply-sum that Inductor fuses (weight load, dequant, reduction) into one
   Triton reduction kernel, tuned by coordinate descent at compile time (`INDUCTOR_OPTIONS`);
 - ("triton_gemv", tile): `qexport::weight_only_gemv`, a few rows on the CUDA cores (no MMA), int8 /
-  fp8 / packed int4 weights dequantized (integer codes by the exponent trick, see the kernel) and
-  reduced in fp32 registers;
+  fp8 / packed int4 weights dequantized (int8 codes by the exponent trick; int4 codes eight per
+  32-bit word, decoded and multiplied in inline PTX) and reduced in fp32 registers;
 - "tinygemm": `aten._weight_int4pack_mm`, weights converted to its layout once, at compile time (a
   second copy beside the scheme's layout: a candidate only with `qexport.large_m="bf16_weights"`);
 - ("triton", tile): `qexport::weight_only_mm`, a Triton GEMM that reads int8 / fp8 / packed int4
@@ -371,7 +371,7 @@ if triton is not None:
                 g = k0 // GROUP_K
                 s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + offs_n * stride_sn + g, mask=mask_n, other=0).to(tl.float32)
-                # The exponent trick of the GEMV below (2**23 + code, exactly): as fast as or up to 7 %
+                # The exponent trick (2**23 + code, exactly; the GEMV below uses it for int8): as fast as or up to 7 %
                 # faster than int->float conversions here (H200 lab); for int8 codes a plain cast was
                 # 6-11 % faster than the trick, so int8 weights keep it.
                 w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - (z + 8388608.0)[:, None]) * s[:, None]).to(a.dtype)
@@ -454,16 +454,59 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _int4_dot8(w, x0, x1, x2, x3, x4, x5, x6, x7):
+        """sum_i (128 + q_i) * x_i over the 8 int4 codes of each int32 word (byte j: code 2j in the high
+        nibble, 2j+1 in the low one) and their fp32 activations, one fp32 per word. Two prmt spread
+        the bytes over the halves, a lop3 per pair (and a shift for the high nibbles) or-s the codes
+        into the low mantissa of bf16 128.0, a shift or an and widens each half to fp32 (exact), eight
+        fma chain: 3 instructions per code."""
+        # Inline PTX because Triton decodes and reduces element by element: ~7 instructions per code,
+        # which held the one-row GEMV to ~1.6 TB/s on the H200's LM head (71 % of the SMs' issue
+        # rate; a read-only kernel of the same shape reads the bytes in half the time:
+        # benchmarks/cuda_lab_read.py, cuda_lab_gemv_asm.py, docs/benchmarks/cuda.md session 10).
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
+            prmt.b32 t0, $1, 0, 0x4140;
+            prmt.b32 t1, $1, 0, 0x4342;
+            lop3.b32 p0, t0, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 h0, t0, 4;
+            shr.u32 h1, t1, 4;
+            lop3.b32 p2, h0, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 p3, h1, 0x000F000F, 0x43004300, 0xEA;
+            shl.b32 e0, p2, 16;
+            and.b32 e2, p2, 0xFFFF0000;
+            shl.b32 e4, p3, 16;
+            and.b32 e6, p3, 0xFFFF0000;
+            shl.b32 e1, p0, 16;
+            and.b32 e3, p0, 0xFFFF0000;
+            shl.b32 e5, p1, 16;
+            and.b32 e7, p1, 0xFFFF0000;
+            mul.rn.f32 $0, e0, $2;
+            fma.rn.f32 $0, e1, $3, $0;
+            fma.rn.f32 $0, e2, $4, $0;
+            fma.rn.f32 $0, e3, $5, $0;
+            fma.rn.f32 $0, e4, $6, $0;
+            fma.rn.f32 $0, e5, $7, $0;
+            fma.rn.f32 $0, e6, $8, $0;
+            fma.rn.f32 $0, e7, $9, $0;
+            }""",
+            constraints="=f,r,f,f,f,f,f,f,f,f", args=[w, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
     def _gemv_weight_loads(w_ptr, s_ptr, z_ptr, offs_n, mask_n, k0, stride_wn, stride_sn,
                            INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One K step's weight codes [BLOCK_N, BLOCK_K (/ 2 packed)] and, for int4, its groups' scales
-        and zero points [BLOCK_N, BLOCK_K / GROUP_K] (other schemes: the codes again, unused)."""
+        """One K step's weight codes [BLOCK_N, BLOCK_K] (int4: [BLOCK_N, BLOCK_K / 8] int32 words of
+        packed codes) and, for int4, its groups' scales and zero points [BLOCK_N, BLOCK_K / GROUP_K]
+        (other schemes: the codes again, unused)."""
         # One return statement: Triton type-checks the code after a `return` in a constexpr branch.
         wb = w_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
         if INT4:
             G: tl.constexpr = BLOCK_K // GROUP_K
-            offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(wb + offs_n[:, None] * stride_wn + offs_kb[None, :], mask=mask_n[:, None], other=0)
+            wp = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            b = tl.load(wp + offs_n[:, None] * (stride_wn // 4) + offs_kw[None, :], mask=mask_n[:, None], other=0)
             offs_g = k0 // GROUP_K + tl.arange(0, G)
             sg = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0.0)
             zg = tl.load(z_ptr + offs_n[:, None] * stride_sn + offs_g[None, :], mask=mask_n[:, None], other=0)
@@ -481,21 +524,21 @@ if triton is not None:
     def _gemv_row(b, sg, zg, x, INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """sum_k dequant(w)[n, k] * x[k] over one K step, [BLOCK_N] (int8 / fp8: before the per-channel scale)."""
         if INT4:
-            # A code q in the top four mantissa bits of 1.0 reads as 1 + q/16, exactly (one shift and
-            # one and-or per code, no int->float conversion, which issues at a quarter of the ALU rate
-            # on Hopper); the even element sits in the high nibble, so the codes pair with the even
-            # activations (no interleave). Per group and row:
-            # sum (q - z) x = 16 sum (1 + q/16) x - (16 + z) sum x, then one multiply by the scale.
+            # Each word's 8 codes against their activations in PTX (`_int4_dot8`: 128 + q, exactly), then
+            # per group and row: sum (q - z) x = sum (128 + q) x - (128 + z) sum x, times the scale.
             G: tl.constexpr = BLOCK_K // GROUP_K
-            c = b.to(tl.int32)
-            hi = tl.reshape((((c << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2))
-            lo = tl.reshape((((c << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True), (BLOCK_N, G, GROUP_K // 2))
-            xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-            xe = tl.reshape(xe, (G, GROUP_K // 2))
-            xo = tl.reshape(xo, (G, GROUP_K // 2))
-            part = tl.sum(hi * xe[None, :, :] + lo * xo[None, :, :], axis=2)
-            xsum = tl.sum(xe + xo, axis=1)
-            out = tl.sum(sg.to(tl.float32) * (16.0 * part - (16.0 + zg.to(tl.float32)) * xsum[None, :]), axis=1)
+            BW: tl.constexpr = BLOCK_K // 8
+            xc0, xc1 = tl.split(tl.reshape(x, (BW, 2, 2, 2)))  # x[8w + 4a + 2b + c] -> eight [BW]
+            xb00, xb01 = tl.split(xc0)
+            xb10, xb11 = tl.split(xc1)
+            x0, x4 = tl.split(xb00)
+            x2, x6 = tl.split(xb01)
+            x1, x5 = tl.split(xb10)
+            x3, x7 = tl.split(xb11)
+            part = _int4_dot8(b, x0[None, :], x1[None, :], x2[None, :], x3[None, :], x4[None, :], x5[None, :], x6[None, :], x7[None, :])
+            part = tl.sum(tl.reshape(part, (BLOCK_N, G, GROUP_K // 8)), axis=2)
+            xsum = tl.sum(tl.reshape(x, (G, GROUP_K)), axis=1)
+            out = tl.sum(sg.to(tl.float32) * (part - (128.0 + zg.to(tl.float32)) * xsum[None, :]), axis=1)
         else:
             if INT8:  # (code ^ 0x80) | 0x4B000000 read as fp32 is exactly 2**23 + 128 + code
                 w = ((b.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
@@ -559,11 +602,13 @@ if triton is not None:
     ) -> torch.Tensor:
         """`weight_only_mm`'s math for few rows without the tensor cores: `tile` = (BLOCK_M, BLOCK_N,
         BLOCK_K, num_warps[, pipeline stages (1: none)]); K % BLOCK_K == 0 and, for int4, BLOCK_K is a
-        multiple of group_k."""
+        multiple of group_k and the packed rows start at multiples of 4 bytes (read as int32 words)."""
         m, k = x.shape
         n = weight.shape[0]
         bm, bn, bk, nw = tile[:4]
         stages = tile[4] if len(tile) > 4 else 1
+        if int4 and weight.storage_offset() % 4:  # the kernel reads the packed codes as int32 words
+            weight = weight.clone()
         y = x.new_empty((m, n))
 
         def grid(meta):
