@@ -260,9 +260,18 @@ def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
     return out
 
 
+#: dtypes numpy itself has (ml_dtypes, once imported, adds float8 and bfloat16 names torch cannot read back)
+_NUMPY_DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+                           "float16", "float32", "float64", "complex64", "complex128"})
+
+
 def _wire_dtype(spec: InputSpec) -> np.dtype:
     """The numpy dtype an input travels as: its own, or float32 for bfloat16 (numpy has none)."""
-    return np.dtype(np.float32) if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
+    if spec.dtype == "bfloat16":
+        return np.dtype(np.float32)
+    if spec.dtype not in _NUMPY_DTYPES:
+        raise TypeError(spec.dtype)
+    return np.dtype(spec.dtype)
 
 
 def _check_integers(spec: InputSpec, a: np.ndarray, want: np.dtype) -> None:
