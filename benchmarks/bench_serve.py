@@ -108,17 +108,34 @@ async def load(url: str, bodies: list[bytes], refs: list[np.ndarray], clients: i
             "rps": ok / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "wall_s": wall}
 
 
+def _zipped_zeros(shape: tuple[int, ...]) -> bytes:
+    """An .npz whose one member inflates to a float32 array of `shape` (zeros compress ~1000x)."""
+    import zipfile
+
+    buf, member = io.BytesIO(), io.BytesIO()
+    np.save(member, np.zeros(shape, np.float32))
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("arr_0.npy", member.getvalue())
+    return buf.getvalue()
+
+
 async def malformed(url: str, good: bytes, wire: str, n: int = 200) -> dict:
-    """`n` bad requests of ten kinds, 16 at a time, then one valid request: all 4xx, server still up."""
+    """`n` bad requests of fourteen kinds, 16 at a time, then one valid request: all 4xx, server still up."""
     import aiohttp
 
     x = np.zeros((1, DIMS[0]), np.float32)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([object()], dtype=object), allow_pickle=True)
     kinds = [
         (b"{bad json", JSON), (b"[1, 2, 3]", JSON), (json.dumps({"inputs": []}).encode(), JSON),
         (json.dumps({"inputs": [[[0.0] * (DIMS[0] - 1)]]}).encode(), JSON),  # wrong width
         (json.dumps({"inputs": [[["a"] * DIMS[0]]]}).encode(), JSON), (encode_request(x[:, :7], "npz"), NPZ),
         (encode_request(np.zeros((300, DIMS[0]), np.float32), "npz"), NPZ),  # over the batch dim's bound
         (b"PK\x03\x04 damaged", NPZ), (b"\x93NUMPY", "application/x-npy"), (b"x", "text/plain"),
+        (b'{"inputs": [[[NaN' + b", 0" * (DIMS[0] - 1) + b"]]]}", JSON),  # not finite
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON),  # nested past the parser's depth
+        (_zipped_zeros((4096, DIMS[0])), NPZ),  # ~33 KB inflating to 32 MiB
+        (pickled.getvalue(), "application/x-npy"),  # a pickle
     ]
     status: dict[int, int] = {}
     sem = asyncio.Semaphore(16)

@@ -20,8 +20,8 @@ says whether batching is on and why not.
 Wire formats: JSON `{"inputs": [nested lists, one per input]}` (or `{"inputs": {name: list}}`) answered
 with `{"outputs": [...], "shapes": [...], "dtypes": [...]}`; `.npz` bodies (Content-Type
 `application/x-npz`, arrays named like the inputs or arr_0...) answered in `.npz`; one `.npy` body
-(`application/x-npy`) for single-input models. Numbers, not pickles: `.npy`/`.npz` are read with
-`allow_pickle=False`.
+(`application/x-npy`) for single-input models. Numbers, not pickles: each `.npy` (alone or in an `.npz`)
+is read from its header first, object arrays refused, sizes checked before anything is allocated.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations
@@ -29,9 +29,10 @@ with `{"outputs": [...], "shapes": [...], "dtypes": [...]}`; `.npz` bodies (Cont
 import asyncio
 import io
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -96,6 +97,20 @@ def signature(manifest: Any) -> Signature:
         specs = tuple(InputSpec.from_json(d) for d in raw)
     except ValueError as e:
         raise UsageError(f"the artifact's input signature is unreadable: {e}") from None
+    for spec in specs:
+        try:
+            _wire_dtype(spec)
+        except TypeError:
+            raise UsageError(f"input {spec.name} is {spec.dtype}, which no request can carry (numpy has no such dtype); "
+                             f"export the model taking float32 and convert inside it") from None
+    generation = manifest.extra.get("generation")
+    if isinstance(generation, dict) and generation.get("layout") != "static_cache_io":
+        raise UsageError(
+            "this artifact is a language model exported for generation (qexport.export_lm) with its KV cache inside "
+            "the program: every request would read and write the cache the others left, so it cannot be served "
+            "request by request; run it with qexport generate, or serve a stateless export (export_lm(..., "
+            "cache='io') to .onnx, or qexport.export of the model's forward)"
+        )
     firsts = [s.shape[0] if s.shape else None for s in specs]
     why = ""
     if any(d is None or not d.dynamic for d in firsts):
@@ -114,13 +129,14 @@ def signature(manifest: Any) -> Signature:
 
 
 # -- requests ------------------------------------------------------------------------------------------
-def decode(body: bytes, content_type: str, sig: Signature) -> list[np.ndarray]:
-    """The request's input arrays, checked against the signature (BadRequest otherwise)."""
+def decode(body: bytes, content_type: str, sig: Signature, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> list[np.ndarray]:
+    """The request's input arrays, checked against the signature (BadRequest otherwise). `.npy`/`.npz`
+    arrays may hold at most `max_bytes` (413), checked from their headers before any data is read."""
     kind = (content_type or JSON).split(";")[0].strip().lower()
     if kind == NPY:
-        arrays = [_load_npy(body)]
+        arrays = [_read_npy(io.BytesIO(body), max_bytes, "the body")]
     elif kind == NPZ:
-        arrays = _load_npz(body, sig)
+        arrays = _load_npz(body, sig, max_bytes)
     elif kind in (JSON, "text/json", ""):
         arrays = _load_json(body, sig)
     else:
@@ -128,18 +144,51 @@ def decode(body: bytes, content_type: str, sig: Signature) -> list[np.ndarray]:
     return check(arrays, sig)
 
 
-def _load_npy(body: bytes) -> np.ndarray:
+def _read_npy(f: Any, max_bytes: int, what: str) -> np.ndarray:
+    """One `.npy` array, its header checked before its data is read: np.load would allocate whatever
+    shape the header declares (a 60-byte body declared terabytes) and, inside an .npz, inflate a member
+    of any size first. Object arrays (pickles) are refused."""
+    fmt = np.lib.format
     try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError for damaged files
-        raise BadRequest(400, f"the body is not a readable .npy array ({type(e).__name__}: {e})") from None
+        version = fmt.read_magic(f)
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version} (send 1.0 or 2.0)")
+        shape, fortran, dtype = read_header(f)
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError/SyntaxError for damaged headers
+        raise BadRequest(400, f"{what} is not a readable .npy array ({type(e).__name__}: {e})") from None
+    if dtype.hasobject:
+        raise BadRequest(400, f"{what} holds Python objects ({dtype}): pickled data is never loaded; send numbers")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise BadRequest(413, f"{what} declares {nbytes} bytes of array data ({dtype}{list(shape)}), over the limit of "
+                              f"{max_bytes}; split the batch or raise --max-body-bytes")
+    data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise BadRequest(400, f"{what} is a truncated .npy array: its header declares {nbytes} bytes, it holds {len(data)}")
+    try:
+        return np.frombuffer(bytearray(data), dtype).reshape(shape, order="F" if fortran else "C")
+    except (ValueError, TypeError) as e:  # zero-size items and the like
+        raise BadRequest(400, f"{what} is not a readable .npy array ({type(e).__name__}: {e})") from None
 
 
-def _load_npz(body: bytes, sig: Signature) -> list[np.ndarray]:
+def _load_npz(body: bytes, sig: Signature, max_bytes: int) -> list[np.ndarray]:
+    import zipfile
+
+    files: dict[str, np.ndarray] = {}
+    total = 0
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as z:
-            files = {k: z[k] for k in z.files}
-    except Exception as e:
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            for info in z.infolist():
+                name = info.filename.removesuffix(".npy")
+                if name in files or name == info.filename:
+                    raise BadRequest(400, f"the .npz member {info.filename[:80]!r} is repeated or not a .npy array")
+                with z.open(info) as f:
+                    files[name] = a = _read_npy(f, max_bytes - total, f"the .npz member {info.filename[:80]!r}")
+                total += a.nbytes
+    except BadRequest:
+        raise
+    except Exception as e:  # zipfile raises BadZipFile, NotImplementedError (compression), RuntimeError (encrypted)...
         raise BadRequest(400, f"the body is not a readable .npz archive ({type(e).__name__}: {e})") from None
     names = [s.name for s in sig.inputs]
     if set(files) == set(names):
@@ -153,8 +202,8 @@ def _load_npz(body: bytes, sig: Signature) -> list[np.ndarray]:
 def _load_json(body: bytes, sig: Signature) -> list[np.ndarray]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise BadRequest(400, f"the body is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
     values = doc.get("inputs") if isinstance(doc, dict) else None
     names = [s.name for s in sig.inputs]
     if isinstance(values, dict):
@@ -167,10 +216,11 @@ def _load_json(body: bytes, sig: Signature) -> list[np.ndarray]:
     for spec, v in zip(sig.inputs, values):
         try:
             a = np.asarray(v)
-        except ValueError as e:  # ragged nesting
-            raise BadRequest(400, f"input {spec.name}: not a rectangular array ({e})") from None
+        except (ValueError, RecursionError) as e:  # ragged nesting, more dims than numpy takes
+            raise BadRequest(400, f"input {spec.name}: not a rectangular array ({str(e)[:200]})") from None
         if a.dtype == object or a.dtype.kind in "USV":
-            raise BadRequest(400, f"input {spec.name}: expected numbers, got {a.dtype.name} data (ragged lists or strings)")
+            raise BadRequest(400, f"input {spec.name}: expected numbers, got {a.dtype.name} data "
+                                  f"(ragged lists, strings, or integers beyond 64 bits)")
         out.append(a)
     if len(values) != len(sig.inputs):
         raise BadRequest(400, f"got {len(values)} inputs, the model takes {len(sig.inputs)} ({', '.join(names)})")
@@ -178,19 +228,63 @@ def _load_json(body: bytes, sig: Signature) -> list[np.ndarray]:
 
 
 def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
-    """Count, rank, sizes (static sizes exact, dynamic within bounds, dim 0 shared) and dtype kind."""
+    """Count, rank, sizes (static sizes exact, dynamic within bounds, a dim shared by several inputs the
+    same in each), dtype kind, values (integers that fit the model's dtype and, where the signature
+    bounds them, its table; floats finite)."""
     if len(arrays) != len(sig.inputs):
         raise BadRequest(400, f"got {len(arrays)} inputs, the model takes {len(sig.inputs)} "
                               f"({', '.join(s.describe() for s in sig.inputs)})")
     out = []
+    seen: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, the input that set it)
     for spec, a in zip(sig.inputs, arrays):
-        want = np.dtype(str(spec.torch_dtype).removeprefix("torch.")) if spec.dtype != "bfloat16" else np.dtype(np.float32)
+        want = _wire_dtype(spec)
         if a.ndim != len(spec.shape) or not all(d.accepts(n) for d, n in zip(spec.shape, a.shape)):
             raise BadRequest(400, f"input {spec.name}: shape {list(a.shape)} does not fit {spec.describe()}")
+        # the program was compiled for equal sizes there: a runtime may read past the shorter input
+        for i, (d, n) in enumerate(zip(spec.shape, a.shape)):
+            if d.dynamic:
+                size, other = seen.setdefault(d.name, (n, spec.name))
+                if size != n:
+                    raise BadRequest(400, f"input {spec.name}: dim {i} ({d.name}) is {n} where input {other}'s is {size}; "
+                                          f"the inputs share that dim, so send them with the same size")
         if not _same_kind(a.dtype, want):
             raise BadRequest(400, f"input {spec.name}: {a.dtype.name} values where the model takes {spec.dtype}")
-        out.append(np.ascontiguousarray(a, dtype=want))
+        if a.size and want.kind in "iu":
+            _check_integers(spec, a, want)
+        a = np.ascontiguousarray(a, dtype=want)
+        if a.size and want.kind == "f" and not np.isfinite(a).all():
+            where = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
+            raise BadRequest(400, f"input {spec.name}: a value that is not finite ({a[tuple(where)]}) at {where}; "
+                                  f"NaN and infinities are refused (a quantized region would turn the whole row into NaN)")
+        out.append(a)
     return out
+
+
+#: dtypes numpy itself has (ml_dtypes, once imported, adds float8 and bfloat16 names torch cannot read back)
+_NUMPY_DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+                           "float16", "float32", "float64", "complex64", "complex128"})
+
+
+def _wire_dtype(spec: InputSpec) -> np.dtype:
+    """The numpy dtype an input travels as: its own, or float32 for bfloat16 (numpy has none)."""
+    if spec.dtype == "bfloat16":
+        return np.dtype(np.float32)
+    if spec.dtype not in _NUMPY_DTYPES:
+        raise TypeError(spec.dtype)
+    return np.dtype(spec.dtype)
+
+
+def _check_integers(spec: InputSpec, a: np.ndarray, want: np.dtype) -> None:
+    """Integers the model's dtype holds (a cast would wrap them) and, when the input indexes a table, in
+    its range: out of it an AOTI package's process aborts, onnxruntime counts from the end."""
+    lo, hi = int(a.min()), int(a.max())
+    info = np.iinfo(want)
+    limits = (max(info.min, spec.values[0]), min(info.max, spec.values[1])) if spec.values else (info.min, info.max)
+    if lo < limits[0] or hi > limits[1]:
+        bad = lo if lo < limits[0] else hi
+        where = [int(i) for i in np.argwhere(a == bad)[0]]
+        why = "the rows of the table it indexes" if spec.values else f"what {spec.dtype} holds"
+        raise BadRequest(400, f"input {spec.name}: value {bad} at {where} is outside [{limits[0]}, {limits[1]}] ({why})")
 
 
 def _same_kind(have: np.dtype, want: np.dtype) -> bool:
@@ -213,6 +307,15 @@ def encode(outputs: Sequence[np.ndarray], accept: str, request_kind: str) -> tup
     doc = {"outputs": [o.tolist() for o in outputs], "shapes": [list(o.shape) for o in outputs],
            "dtypes": [o.dtype.name for o in outputs]}
     return json.dumps(doc).encode(), JSON
+
+
+def model_inputs(arrays: Sequence[np.ndarray], sig: Signature) -> list[Any]:
+    """Checked arrays as the tensors the model takes: numpy has no bfloat16, so such inputs travel as
+    float32 and take the model's dtype here (an AOTI package refuses float32 there)."""
+    import torch
+
+    tensors = [torch.from_numpy(a) for a in arrays]
+    return [t if t.dtype == s.torch_dtype else t.to(s.torch_dtype) for t, s in zip(tensors, sig.inputs)]
 
 
 # -- batching -------------------------------------------------------------------------------------------
@@ -304,7 +407,7 @@ def build_app(config: ServeConfig):
             self.run.set_batch_wait_timeout_s(config.batch_wait_ms / 1e3)
 
         def _call(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-            outs = self.runner([self.torch.from_numpy(a) for a in arrays])
+            outs = self.runner(model_inputs(arrays, sig))
             return [o.detach().float().numpy() if o.dtype == self.torch.bfloat16 else o.detach().numpy() for o in outs]
 
         @serve.batch(max_batch_size=1)
@@ -348,12 +451,15 @@ def build_app(config: ServeConfig):
             if length > config.max_body_bytes:
                 return JSONResponse({"error": f"the body ({length} bytes) is over the limit of {config.max_body_bytes}; "
                                               f"split the batch or raise --max-body-bytes"}, status_code=413)
-            body = await request.body()
-            if len(body) > config.max_body_bytes:
-                return JSONResponse({"error": f"the body is over the limit of {config.max_body_bytes} bytes"}, status_code=413)
+            body = bytearray()
+            async for chunk in request.stream():  # a chunked body declares no length: stop at the limit
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    return JSONResponse({"error": f"the body is over the limit of {config.max_body_bytes} bytes"},
+                                        status_code=413)
             kind = request.headers.get("content-type", JSON)
             try:
-                arrays = decode(body, kind, sig)
+                arrays = decode(bytes(body), kind, sig, config.max_body_bytes)
             except BadRequest as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
             outputs = await self._with_retries(arrays)
@@ -381,29 +487,127 @@ def build_app(config: ServeConfig):
 
 
 def run(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-        blocking: bool = True) -> str:
-    """Start (or join, with `address`) a Ray cluster and serve the artifact; returns the base URL.
-    With blocking=True it serves until interrupted, then shuts the application down."""
+        blocking: bool = True, ready: Callable[[str], None] | None = None) -> str:
+    """Start (or join, with `address`) a Ray cluster and serve the artifact; returns the base URL, and
+    calls `ready(url)` once it answers. With blocking=True it serves until interrupted (Ctrl-C or
+    SIGTERM), then deletes the application and stops the Ray cluster it started."""
     app = build_app(config)
     ray, serve = _ray()
-    if not ray.is_initialized():
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise UsageError(f"port={port!r}: must be an int in [1, 65535]")
+    connected = not ray.is_initialized()  # this call connects to (and without an address, starts) a cluster
+    if connected:
+        if address is None:
+            _check_can_listen(host, port)
+        elif ":" in address and "://" not in address:
+            _check_reachable(address)
         # a cluster of one started here stays on loopback; joining one uses the cluster's own addresses
         local = {"num_cpus": max(2, os.cpu_count() or 2), "_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **({} if address else local))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="qexport", route_prefix="/")
-    url = f"http://{host}:{port}"
-    if blocking:
         try:
-            while True:
-                import time
-
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            serve.shutdown()
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **({} if address else local))
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            how = ("leave --address out to start a local one, or start one first (ray start --head); a cluster "
+                   "`ray start` started checks a token: join it with RAY_AUTH_MODE=token and its token in "
+                   "~/.ray/auth_token or RAY_AUTH_TOKEN") if address else "see Ray's log lines above"
+            raise UsageError(f"could not start or join a Ray cluster (address={address!r}): {str(e)[:300]}; {how}") from None
+    url = f"http://{host}:{port}"
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(app, name="qexport", route_prefix="/")
+        except RuntimeError as e:
+            raise _deploy_failure(serve, e) from None
+        if ready is not None:
+            ready(url)
+        if blocking:
+            _wait_for_a_stop()
+    except BaseException:
+        blocking = True  # whatever stopped it, leave nothing running
+        raise
+    finally:
+        if blocking:
+            _stop(ray, serve, connected, own_cluster=connected and address is None)
     return url
 
 
-__all__ = ["BadRequest", "ServeConfig", "Signature", "build_app", "check", "decode", "encode", "run", "run_batched", "signature"]
+def _deploy_failure(serve, e: RuntimeError) -> QExportError:
+    """Serve reports replicas that fail to start as "Failed to update the deployments ['Model']"; their
+    own error (an artifact this node cannot load: compiled for another CPU, damaged since it was
+    inspected) ends the deployment's status message."""
+    from .errors import ArtifactError
+
+    try:
+        messages = [d.message for d in serve.status().applications["qexport"].deployments.values() if d.message.strip()]
+    except Exception:  # no status to read: Serve's own message is all there is
+        messages = []
+    cause = messages[0].strip().splitlines()[-1] if messages else str(e)
+    return ArtifactError(f"the model replicas could not start: {cause[:1000]}")
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail before Ray starts: Serve's proxy finds a busy port only after the cluster is up (~15 s), and
+    then as a traceback from inside an actor."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port, or a --host of this "
+                         f"machine") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Ray retries an unreachable head node for minutes before it gives up: ask once, briefly."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise UsageError(f"no Ray head node answers at {address} ({getattr(e, 'strerror', None) or e}): start it there "
+                         f"with `ray start --head`, or fix --address") from None
+
+
+def _wait_for_a_stop() -> None:
+    import signal
+    import threading
+    import time
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (a service manager, `kill`) ended the process at once and left Ray's agents running
+    # (reparented to init): it stops the server the way Ctrl-C does.
+    stops = (signal.SIGTERM,) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, interrupt) for s in stops}
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stop(ray, serve, connected: bool, own_cluster: bool) -> None:
+    """Stop what this run started: Serve and the whole Ray cluster if it started one, else only its
+    application (Serve on a joined cluster may hold other applications), and disconnect."""
+    try:
+        if own_cluster:
+            serve.shutdown()
+        else:
+            serve.delete("qexport")
+    except Exception:  # cleanup after a failed start: the error that stopped it is the one to report
+        pass
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+__all__ = ["BadRequest", "ServeConfig", "Signature", "build_app", "check", "decode", "encode", "model_inputs", "run", "run_batched",
+           "signature"]

@@ -135,23 +135,36 @@ class InputSpec:
     name: str
     dtype: str
     shape: tuple[DimSpec, ...]
+    #: the values an integer input may hold, [lo, hi], when the program indexes a table with it (token
+    #: ids into an embedding); None: not known
+    values: tuple[int, int] | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.dtype}[{', '.join(d.describe() for d in self.shape)}]"
+        within = "" if self.values is None else f" in [{self.values[0]}, {self.values[1]}]"
+        return f"{self.name}: {self.dtype}[{', '.join(d.describe() for d in self.shape)}]{within}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": [d.to_json() for d in self.shape]}
+        out = {"name": self.name, "dtype": self.dtype, "shape": [d.to_json() for d in self.shape]}
+        if self.values is not None:
+            out["values"] = list(self.values)
+        return out
 
     @classmethod
     def from_json(cls, d: Any) -> "InputSpec":
         if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("dtype"), str) \
                 or not isinstance(d.get("shape"), list) or not isinstance(getattr(torch, d["dtype"], None), torch.dtype):
             raise ValueError(f"an input is {{name, dtype, shape}} with a torch dtype name, got {d!r}")
-        return cls(d["name"], d["dtype"], tuple(DimSpec.from_json(x) for x in d["shape"]))
+        values = d.get("values")
+        if values is not None and not (isinstance(values, list) and len(values) == 2
+                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+                                       and values[0] <= values[1]):
+            raise ValueError(f"an input's values are [lo, hi] with lo <= hi, got {values!r}")
+        return cls(d["name"], d["dtype"], tuple(DimSpec.from_json(x) for x in d["shape"]),
+                   None if values is None else (values[0], values[1]))
 
 
 def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = False) -> list[InputSpec]:
@@ -161,6 +174,7 @@ def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = 
 
     user = set(ep.graph_signature.user_inputs)
     names = dim_names(ep)
+    ranges = index_ranges(ep)
     out = []
     for node in ep.graph.nodes:
         if node.op != "placeholder" or node.name not in user:
@@ -169,8 +183,74 @@ def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = 
         if require_tensors and not isinstance(val, torch.Tensor):
             raise ArtifactError(f"input {node.name} is not a tensor ({type(val).__name__}); verify and bench need tensor inputs")
         if isinstance(val, torch.Tensor):
-            out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep, names) for d in val.shape)))
+            out.append(InputSpec(node.name, str(val.dtype).removeprefix("torch."), tuple(_dim(d, ep, names) for d in val.shape),
+                                 ranges.get(node.name) if _is_integer(val.dtype) else None))
     return out
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _aten(*names: str) -> frozenset:
+    ops = []
+    for n in names:
+        packet, _, overload = n.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            ops.append(op)
+    return frozenset(ops)
+
+
+#: ops that pass every value of an index through (another shape, same values; not slicing: the part
+#: left out may be something else)
+_SAME_VALUES = _aten("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "squeeze.dim", "squeeze.dims",
+                     "flatten.using_ints", "clone", "alias", "permute", "transpose.int", "t", "expand", "lift_fresh_copy")
+
+
+def index_ranges(ep: torch.export.ExportedProgram) -> dict[str, tuple[int, int]]:
+    """{user input: [lo, hi]} for integer inputs the program uses as indices into a table of static size
+    (an embedding, plain or a quantized region; index_select; indexing), followed through ops that keep
+    values. An index outside its table raises in eager torch, is read as counted from the end by
+    onnxruntime's Gather, and aborts an AOTI package's process (its bounds check throws inside an
+    OpenMP region): recorded so that a server can refuse it first (qexport.serve)."""
+    from .regions import iter_region_nodes, region_payload
+
+    bounds: dict[str, tuple[int, int]] = {}  # fx node name -> range its values must lie in
+
+    def bound(node: Any, lo: int, hi: int) -> None:
+        if isinstance(node, torch.fx.Node):
+            old = bounds.get(node.name, (lo, hi))
+            bounds[node.name] = (max(lo, old[0]), min(hi, old[1]))
+
+    def rows(node: Any, dim: int = 0) -> int | None:
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        n = val.shape[dim] if isinstance(val, torch.Tensor) and -val.dim() <= dim < val.dim() else None
+        return n if isinstance(n, int) and n > 0 else None
+
+    embedding, index_select, index = _aten("embedding"), _aten("index_select"), _aten("index.Tensor")
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in embedding and (n := rows(node.args[0])):
+            bound(node.args[1], 0, n - 1)
+        elif node.target in index_select and isinstance(node.args[1], int) and (n := rows(node.args[0], node.args[1])):
+            bound(node.args[2], 0, n - 1)
+        elif node.target in index:
+            for d, idx in enumerate(node.args[1]):
+                if idx is not None and (n := rows(node.args[0], d)):
+                    bound(idx, -n, n - 1)  # indexing counts negative indices from the end
+    for node in iter_region_nodes(ep):
+        payload = region_payload(node)
+        if payload and payload.op == "embedding" and payload.weight_shape and len(node.args) > 1:
+            bound(node.args[1], 0, int(payload.weight_shape[0]) - 1)
+    # carry each bound back to the input it comes from (users are visited before their inputs)
+    for node in reversed(list(ep.graph.nodes)):
+        if node.op == "call_function" and node.target in _SAME_VALUES and node.name in bounds \
+                and isinstance(node.args[0], torch.fx.Node):
+            bound(node.args[0], *bounds[node.name])
+    user = set(ep.graph_signature.user_inputs)
+    return {name: r for name, r in bounds.items() if name in user}
 
 
 def _dim(d: Any, ep: torch.export.ExportedProgram, names: dict[str, str]) -> DimSpec:

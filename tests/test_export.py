@@ -243,3 +243,26 @@ def test_dim_names_reach_every_manifest(form, tmp_path):
     inputs = qexport.inspect(tmp_path / "m.onnx").extra["inputs"]
     assert [[d if isinstance(d, int) else d["name"] for d in i["shape"]] for i in inputs] == [["batch", "seq", 16], ["batch", "seq", 3]]
     assert inputs[0]["shape"][1]["max"] == 64
+
+
+def test_integer_inputs_that_index_a_table_record_its_range():
+    """signature.index_ranges: embedding, index_select and indexing bound the input they are fed from,
+    through ops that keep every value (view); a slice does not (the part left out may be anything)."""
+    from qexport.signature import InputSpec, program_inputs
+
+    class Indexing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.register_buffer("table", torch.randn(7, 4))
+
+        def forward(self, a, b, c, d, x):
+            return (self.emb(a.view(-1)).sum() + self.table.index_select(0, b).sum() + self.table[c].sum()
+                    + self.emb(d[:, :2]).sum() + x.sum())
+
+    args = (torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+            torch.zeros(2, 4, dtype=torch.long), torch.zeros(2))
+    specs = program_inputs(torch.export.export(Indexing(), args))
+    assert [s.values for s in specs] == [(0, 9), (0, 6), (-7, 6), None, None]
+    assert specs[0].describe() == "a: int64[2, 3] in [0, 9]"
+    assert InputSpec.from_json(specs[2].to_json()) == specs[2] and "values" not in specs[3].to_json()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import qexport
-from qexport.serve import NPY, NPZ, BadRequest, ServeConfig, decode, encode, run_batched, signature
+from qexport.serve import NPY, NPZ, BadRequest, ServeConfig, check, decode, encode, run_batched, signature
 from qexport.errors import UsageError
 
 from conftest import ConvNet, MLP, quantized, scheme_for
@@ -38,7 +38,23 @@ def artifacts(tmp_path_factory):
     qexport.save(conv, d / "conv.pt2")
     static = qexport.export(m, (x,))
     qexport.save(static, d / "static.pt2")
-    return {"dir": d, "model": m, "mlp": d / "mlp.onnx", "conv": d / "conv.pt2", "static": d / "static.pt2"}
+    xt, ids = torch.randn(2, 64), torch.randint(0, 100, (2, 5))
+    two = qexport.export(quantized(TwoInputs(), scheme_for("int8_dynamic"), (xt, ids)), (xt, ids),
+                         dynamic_shapes=({0: BATCH}, {0: BATCH}))
+    qexport.save(two, d / "two.pt2")
+    return {"dir": d, "model": m, "mlp": d / "mlp.onnx", "conv": d / "conv.pt2", "static": d / "static.pt2",
+            "two": d / "two.pt2"}
+
+
+class TwoInputs(torch.nn.Module):
+    """Float features and token ids sharing the batch dim: the ids index a 100-row embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(100, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x, ids):
+        return self.fc(x + self.emb(ids).mean(1)), ids.sum(1)
 
 
 def _sig(path):
@@ -87,7 +103,7 @@ def _npy(a) -> bytes:
     (json.dumps({"inputs": [[["a"] * 64]]}).encode(), "application/json", 400, "expected numbers"),
     (json.dumps({"inputs": {"y": [[1.0] * 64]}}).encode(), "application/json", 400, "expected \\['x'\\]"),
     (b"\x93NUMPY garbage", NPY, 400, "not a readable .npy"),
-    (_npy(np.array([object()], dtype=object)), NPY, 400, "not a readable .npy"),  # pickles are never loaded
+    (_npy(np.array([object()], dtype=object)), NPY, 400, "pickled data is never loaded"),
     (b"PK\x03\x04junk", NPZ, 400, "not a readable .npz"),
     (b"x", "text/plain", 415, "not served"),
 ])
@@ -95,6 +111,124 @@ def test_bad_requests_are_refused_with_4xx(artifacts, body, kind, status, messag
     with pytest.raises(BadRequest, match=message) as e:
         decode(body, kind, _sig(artifacts["mlp"]))
     assert e.value.status == status
+
+
+def _zip(**members) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    header = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (118 - len(header)) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+def test_the_manifest_bounds_token_ids_and_requests_outside_them_are_refused(artifacts):
+    """Out-of-range ids abort an AOTI package's process (its bounds check throws inside OpenMP) and are
+    counted from the end by onnxruntime; ids and features disagreeing on the batch make runtimes read past
+    the shorter one; a uint64 cast to int64 wraps. All refused from the signature, before the model."""
+    sig = _sig(artifacts["two"])
+    assert [s.describe() for s in sig.inputs] == ["x: float32[batch[0..64], 64]", "ids: int64[batch[0..64], 5] in [0, 99]"]
+    assert sig.batching
+    x, ids = np.ones((2, 64), np.float32), np.arange(10).reshape(2, 5)
+    for bad_ids, message in ((ids + 95, r"value 104 at \[1, 4\] is outside \[0, 99\] \(the rows of the table"),
+                             (-ids, r"value -9 at \[1, 4\] is outside \[0, 99\]"),
+                             (np.full((2, 5), 2 ** 63 + 5, np.uint64), "value 9223372036854775813"),
+                             (ids[:1], r"dim 0 \(batch\) is 1 where input x's is 2")):
+        with pytest.raises(BadRequest, match=message) as e:
+            check([x, bad_ids], sig)
+        assert e.value.status == 400
+    np.testing.assert_array_equal(check([x, ids + 90], sig)[1], ids + 90)
+    x[1, 3] = np.nan
+    with pytest.raises(BadRequest, match=r"not finite \(nan\) at \[1, 3\]"):
+        check([x, ids], sig)
+
+
+@pytest.mark.parametrize("body, kind, status, message", [
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400, "not JSON .RecursionError"),
+    (_zip(**{"x.npy": _npy_header((10 ** 11, 64)) + bytes(64), "ids.npy": _npy_header((1, 5), "<i8") + bytes(40)}), NPZ,
+     413, r"declares 25600000000000 bytes .*float32\[100000000000, 64\]"),
+    (_zip(**{"x.npy": _npy_header((2 ** 20, 64)) + bytes(2 ** 28), "ids.npy": b""}), NPZ, 413, "declares 268435456 bytes"),
+    (_zip(**{"x.npy": _npy(np.array([object()] * 64, dtype=object)), "ids.npy": b""}), NPZ, 400, "Python objects"),
+    (_zip(**{"x.npy": _npy_header((2, 64)) + bytes(8), "ids.npy": b""}), NPZ, 400, "truncated"),
+    (_zip(**{"x": b"", "ids.npy": b""}), NPZ, 400, "not a .npy array"),
+])
+def test_bodies_that_would_blow_up_or_unpickle_are_refused(artifacts, body, kind, status, message):
+    """np.load allocates what a header declares and inflates an .npz member whole; both are read here
+    from the header first, so a 1 MB zip of 256 MB of zeros never inflates."""
+    with pytest.raises(BadRequest, match=message) as e:
+        decode(body, kind, _sig(artifacts["two"]), max_bytes=1 << 20)
+    assert e.value.status == status
+
+
+def test_npz_in_any_byte_order_and_layout_decodes_to_the_same_numbers(artifacts):
+    x, ids = np.random.randn(3, 64).astype(np.float32), np.arange(15).reshape(3, 5)
+    buf = io.BytesIO()
+    np.savez(buf, x=np.asfortranarray(x.astype(">f4")), ids=ids.astype(">i8"))
+    got = decode(buf.getvalue(), NPZ, _sig(artifacts["two"]))
+    np.testing.assert_array_equal(got[0], x)
+    np.testing.assert_array_equal(got[1], ids)
+    assert got[0].dtype == np.float32 and got[0].flags.c_contiguous and got[1].dtype == np.int64
+
+
+def test_bfloat16_inputs_reach_the_model_as_bfloat16():
+    from qexport.serve import Signature, model_inputs
+    from qexport.signature import DimSpec, InputSpec
+
+    sig = Signature((InputSpec("x", "bfloat16", (DimSpec(size=2),)), InputSpec("n", "int64", (DimSpec(size=2),))), batching=False)
+    arrays = check([np.array([0.5, 1.5]), np.array([1, 2])], sig)
+    assert arrays[0].dtype == np.float32 and [t.dtype for t in model_inputs(arrays, sig)] == [torch.bfloat16, torch.int64]
+
+
+def test_a_language_model_holding_its_kv_cache_is_not_served():
+    from types import SimpleNamespace
+
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": [1, {"name": "t", "min": 1, "max": 8}]}]
+    lm = SimpleNamespace(extra={"inputs": inputs, "generation": {"layout": "static_cache"}}, regions=[])
+    with pytest.raises(UsageError, match="KV cache inside the program.*qexport generate"):
+        signature(lm)
+    stateless = SimpleNamespace(extra={"inputs": inputs, "generation": {"layout": "static_cache_io"}}, regions=[])
+    assert signature(stateless).inputs[0].name == "input_ids"
+
+
+def test_an_input_no_request_can_carry_is_refused_before_serving():
+    from types import SimpleNamespace
+
+    fp8 = SimpleNamespace(extra={"inputs": [{"name": "x", "dtype": "float8_e4m3fn", "shape": [2]}]}, regions=[])
+    with pytest.raises(UsageError, match="input x is float8_e4m3fn, which no request can carry"):
+        signature(fp8)
+
+
+def test_a_busy_port_or_an_unreachable_head_node_fails_before_ray_starts(artifacts, tmp_path):
+    """In a fresh process (Ray not started): a clear UsageError in seconds, and no Ray process left."""
+    import subprocess
+    import sys
+
+    script = f"""
+import socket
+from qexport.serve import ServeConfig, run
+from qexport.errors import UsageError
+busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen(); port = busy.getsockname()[1]
+closed = socket.socket(); closed.bind(("127.0.0.1", 0)); free = closed.getsockname()[1]; closed.close()
+for kw in ({{"port": port}}, {{"port": free, "address": f"127.0.0.1:{{free}}"}}):
+    try:
+        run(ServeConfig({str(artifacts["mlp"])!r}), **kw)
+    except UsageError as e:
+        print("refused:", e)
+import ray; print("ray started:", ray.is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    lines = out.stdout.splitlines()
+    assert any("cannot listen on 127.0.0.1" in l and "Address already in use" in l for l in lines), out
+    assert any("no Ray head node answers at 127.0.0.1:" in l and "ray start --head" in l for l in lines), out
+    assert "ray started: False" in lines, out
 
 
 def test_integer_inputs_take_integers_only():
@@ -277,3 +411,61 @@ def test_an_aoti_package_is_served_like_any_artifact(server, demo_run):
         np.testing.assert_allclose(np.array(json.loads(body)["outputs"][0], np.float32), want, rtol=1e-5, atol=1e-5)
     finally:
         serve.delete("aoti")
+
+
+
+def test_several_inputs_batched_with_mixed_sizes_answer_as_one_call_each(artifacts):
+    """What a model replica does with a batch (model_inputs, then run_batched) for float features and
+    int64 token ids sharing the batch dim, requests of 1-4 rows decoded from JSON and big-endian
+    Fortran-order .npz: each answer equals the local runner's on that request alone."""
+    from qexport import runners
+    from qexport.serve import model_inputs
+
+    sig, local = _sig(artifacts["two"]), runners.load(artifacts["two"])
+    rng = np.random.default_rng(0)
+    reqs = []
+    for i in range(12):
+        x, ids = rng.standard_normal((1 + i % 4, 64)).astype(np.float32), rng.integers(0, 100, (1 + i % 4, 5))
+        buf = io.BytesIO()
+        np.savez(buf, x=np.asfortranarray(x.astype(">f4")), ids=ids.astype(">i8"))
+        body, kind = (buf.getvalue(), NPZ) if i % 2 else (json.dumps({"inputs": {"ids": ids.tolist(), "x": x.tolist()}}).encode(), "application/json")
+        reqs.append(decode(body, kind, sig))
+    calls = []
+
+    def call(arrays):
+        calls.append(len(arrays[0]))
+        return [o.numpy() for o in local(model_inputs(arrays, sig))]
+
+    for arrays, got in zip(reqs, run_batched(call, reqs, max_rows=8)):
+        want = local([torch.from_numpy(a) for a in arrays])
+        np.testing.assert_allclose(got[0], want[0].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[1], want[1].numpy())
+    assert calls == [6, 7, 8, 5, 4]  # 30 rows of 1, 2, 3, 4, 1, ... in chunks of at most 8
+
+
+def test_a_replica_that_cannot_load_the_artifact_is_reported_by_its_own_error():
+    """Serve says only "Failed to update the deployments ['Model']"; the replica's error (an artifact
+    compiled for another CPU, say) ends the deployment's status message."""
+    from types import SimpleNamespace
+
+    from qexport.errors import ArtifactError
+    from qexport.serve import _deploy_failure
+
+    model = SimpleNamespace(message="Traceback ...\n  File x\nqexport.errors.IncompatibleCPUError: m.onnx: written for ONNX target 'arm64'\n")
+    status = SimpleNamespace(applications={"qexport": SimpleNamespace(deployments={"Ingress": SimpleNamespace(message=""), "Model": model})})
+    err = _deploy_failure(SimpleNamespace(status=lambda: status), RuntimeError("Failed to update the deployments ['Model']."))
+    assert isinstance(err, ArtifactError) and str(err) == (
+        "the model replicas could not start: qexport.errors.IncompatibleCPUError: m.onnx: written for ONNX target 'arm64'")
+
+
+@pytest.mark.parametrize("own_cluster, expected", [(True, ["serve.shutdown", "ray.shutdown"]),
+                                                   (False, ["serve.delete qexport", "ray.shutdown"])])
+def test_stopping_leaves_a_joined_cluster_and_its_other_applications_running(own_cluster, expected):
+    from types import SimpleNamespace
+
+    from qexport.serve import _stop
+
+    calls = []
+    serve = SimpleNamespace(shutdown=lambda: calls.append("serve.shutdown"), delete=lambda name: calls.append(f"serve.delete {name}"))
+    _stop(SimpleNamespace(shutdown=lambda: calls.append("ray.shutdown")), serve, connected=True, own_cluster=own_cluster)
+    assert calls == expected

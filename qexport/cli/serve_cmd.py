@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     path = input_path(args.artifact, "ARTIFACT")
     config = ServeConfig(str(path), replicas=args.replicas, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_body_bytes=args.max_body_bytes).check()
-    print(f"serving {path} at http://{args.host}:{args.port} (POST /predict, GET /health /info /stats); Ctrl-C stops",
-          flush=True)
-    serve_run(config, host=args.host, port=args.port, address=args.address, blocking=True)
+    serve_run(config, host=args.host, port=args.port, address=args.address, blocking=True,
+              ready=lambda url: print(f"serving {path} at {url} (POST /predict, GET /health /info /stats); Ctrl-C stops",
+                                      flush=True))
     return 0

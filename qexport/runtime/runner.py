@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -123,36 +123,26 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
     """The program's user inputs (graph order), with concrete shapes: a dynamic dim takes its
     lower bound (at least 2, so it stays dynamic-looking), capped by its upper bound.
 
-    Integer inputs that index an embedding (a region with op "embedding" or aten.embedding) are
+    Integer inputs that index a table (`signature.index_ranges`: an embedding, plain or a region) are
     drawn from [0, rows); other integer and bool inputs (attention masks) are ones."""
-    from ..regions import iter_region_nodes, region_payload
     from ..signature import program_inputs as signature
-
-    high: dict[str, int] = {}
-    for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
-            w, idx = node.args[0], node.args[1]
-            rows = w.meta["val"].shape[0] if isinstance(w, torch.fx.Node) and "val" in w.meta else None
-            if isinstance(idx, torch.fx.Node) and isinstance(rows, int):
-                high[idx.name] = min(high.get(idx.name, rows), rows)
-    for node in iter_region_nodes(ep):
-        payload = region_payload(node)
-        if payload and payload.op == "embedding" and payload.weight_shape and isinstance(node.args[1], torch.fx.Node):
-            rows = int(payload.weight_shape[0])
-            high[node.args[1].name] = min(high.get(node.args[1].name, rows), rows)
     from serializers.manifest import GENERATION_META
 
-    return input_infos(signature(ep, require_tensors=True), generating=GENERATION_META in ep.graph_module.meta.get("custom", {}),
-                       high=high)
+    return input_infos(signature(ep, require_tensors=True), generating=GENERATION_META in ep.graph_module.meta.get("custom", {}))
 
 
-def input_infos(specs: Sequence[Any], *, generating: bool, high: Mapping[str, int] | None = None) -> list[InputInfo]:
+def input_infos(specs: Sequence[Any], *, generating: bool) -> list[InputInfo]:
     """InputInfos for `signature.InputSpec`s (a program's, or those its manifest records): each dynamic dim
-    at its example size; integer inputs named in `high` drawn from [0, high)."""
-    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, (high or {}).get(s.name)) for s in specs]
+    at its example size; integer inputs whose spec bounds them as table indices drawn from [0, hi]."""
+    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, _high(s)) for s in specs]
     if generating and len(infos) > 1:
         infos[1].positions = True  # a generating LM's inputs are (input_ids, cache_position, ...): qexport.generation
     return infos
+
+
+def _high(spec: Any) -> int | None:
+    values = getattr(spec, "values", None)
+    return values[1] + 1 if values is not None and values[1] >= 0 else None
 
 
 #: the largest input `make_inputs` generates; an artifact's author chooses its input shapes
