@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -98,6 +100,21 @@ def quantized(model: nn.Module, scheme, example, **kw) -> nn.Module:
 
 # Parameters that make every built-in scheme applicable to the small models above (in_features 64).
 SCHEME_ARGS = {"int4_weight_only": {"group_size": 32}, "int8_dynamic_int4_weight": {"group_size": 32}, "nf4": {"group_size": 32}}
+
+
+@contextlib.contextmanager
+def exact_cpu_int_mm():
+    """Kernels planned for another machine, run here: the CPU `aten._int_mm` is oneDNN's s8 x s8 GEMM,
+    which without VNNI (an AVX2 CPU, or ONEDNN_MAX_CPU_ISA=AVX2) saturates its int16 pair sums (off
+    by up to 3e4). Where it does, ATen's own exact loop runs instead, as the target's would."""
+    a = torch.full((17, 64), 127, dtype=torch.int8)
+    saturates = not torch.equal(torch._int_mm(a, a[:8].t()), a.int() @ a[:8].int().t())
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled and not saturates
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 def scheme_for(name: str):

@@ -18,7 +18,7 @@ import qexport
 from qexport.lower.kernels import apply_kernels, cuda as cuda_kernels, cuda_tune
 from qexport.schemes import math_for
 
-from conftest import MLP, TinyTransformer, quantized, scheme_for
+from conftest import MLP, TinyTransformer, exact_cpu_int_mm, quantized, scheme_for
 
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -34,14 +34,10 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True)
-def exact_cpu_int_mm():
-    """The CUDA kernel bodies run here on the CPU in cuBLAS's place. Without VNNI (an AVX2 CPU, or
-    ONEDNN_MAX_CPU_ISA=AVX2) oneDNN's s8 x s8 GEMM behind the CPU `_int_mm` saturates its int16 pair
-    sums (off by up to 3e4 on random codes), so ATen's own exact loop stands in for it."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = enabled
+def cpu_stands_in_for_cublas():
+    """The CUDA kernel bodies run here on the CPU in cuBLAS's place: `_int_mm` must be exact there."""
+    with exact_cpu_int_mm():
+        yield
 
 
 def _conds(ep: torch.export.ExportedProgram) -> int:
