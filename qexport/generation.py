@@ -37,6 +37,7 @@ MAX_CACHE_BYTES = 8 << 30
 #: export_lm's `cache=` choices and the layout each makes
 CACHE_LAYOUTS = {"buffers": "static_cache", "io": "static_cache_io"}
 SPEC_FORMAT = 1
+_INT64_MAX = (1 << 63) - 1
 #: the dynamic prompt-length dim's name, as the manifest's input table shows it
 PROMPT_DIM = "prompt_len"
 
@@ -96,6 +97,9 @@ class GenerationSpec:
         if nbytes > MAX_CACHE_BYTES:  # the record is the file's: `empty_cache` allocates what it says
             raise CorruptArtifactError(f"{source}: generation record: cache_shapes need {nbytes:,} bytes, more than the "
                                        f"{MAX_CACHE_BYTES:,} qexport allocates for a cache; not a record qexport writes")
+        if count("vocab_size", 1) > _INT64_MAX:  # token ids travel as int64
+            raise CorruptArtifactError(f"{source}: generation record: vocab_size {data['vocab_size']} is beyond int64; "
+                                       f"not a record qexport writes")
         return cls(max_cache_len=count("max_cache_len", 1), vocab_size=count("vocab_size", 1),
                    eos_token_ids=tuple(eos), layout=layout, cache_shapes=tuple(tuple(sh) for sh in shapes),
                    cache_dtype=dtype, format=count("format", 1))
@@ -274,20 +278,52 @@ def generation_spec(artifact: Any) -> GenerationSpec:
     NotALanguageModelError when it has none."""
     from . import runners
 
+    from .signature import InputSpec, program_inputs
+
     if isinstance(artifact, torch.export.ExportedProgram):
         record, source = artifact.graph_module.meta.get("custom", {}).get(GENERATION_META), "the program"
+        inputs: Any = lambda: program_inputs(artifact)  # noqa: E731
     else:
         import serializers
 
         path = artifact.path if isinstance(artifact, runners.Runner) else artifact
         source = str(path)
-        record = serializers.inspect(path).extra.get("generation")
+        extra = serializers.inspect(path).extra
+        record, raw = extra.get("generation"), extra.get("inputs")
+        inputs = lambda: [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []  # noqa: E731
     if record is None:
         raise NotALanguageModelError(
             f"{source}: not a generating language model (its manifest has no generation record); export the "
             f"model with qexport.export_lm(model, max_cache_len=...) and save/compile/lower that program"
         )
-    return GenerationSpec.from_dict(record, source)
+    spec = GenerationSpec.from_dict(record, source)
+    try:
+        specs = inputs()
+    except ValueError as e:
+        raise CorruptArtifactError(f"{source}: its input signature is unreadable ({e}); re-export it") from None
+    _check_record(spec, specs, source)
+    return spec
+
+
+def _check_record(spec: GenerationSpec, inputs: Sequence[Any], source: str) -> None:
+    """CorruptArtifactError unless the record fits the input signature recorded beside it: generation
+    trusts the record's cache length and vocabulary, and a position past the program's cache or a
+    token past its embedding's rows aborts an AOTI package's process (a bounds check throwing inside
+    an OpenMP region) and raises IndexError elsewhere. The signature is what export_lm wrote: token ids
+    [1, T] with T dynamic in [1, max_cache_len], and the rows they index (`InputSpec.values`)."""
+    ids = inputs[0] if inputs and inputs[0].shape else None
+    length = ids.shape[-1] if ids is not None else None
+    if length is None or not length.dynamic or length.max is None:
+        raise CorruptArtifactError(f"{source}: its generation record has no input signature beside it that bounds the "
+                                   f"prompt length (token ids [1, T], T dynamic up to max_cache_len); re-export it with "
+                                   f"qexport.export_lm")
+    if spec.max_cache_len > length.max:
+        raise CorruptArtifactError(f"{source}: its generation record's max_cache_len {spec.max_cache_len} is beyond the "
+                                   f"{length.max} positions its program takes; not a record qexport writes, re-export it")
+    if ids.values is not None and not ids.values[0] <= 0 <= spec.vocab_size - 1 <= ids.values[1]:
+        raise CorruptArtifactError(f"{source}: its generation record's vocab_size {spec.vocab_size} is beyond the "
+                                   f"{ids.values[1] + 1} rows its token ids index (input {ids.name}); generated tokens "
+                                   f"are fed back as ids; not a record qexport writes, re-export it")
 
 
 def _prompt(prompt_ids: Any) -> list[int]:

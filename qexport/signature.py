@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .table import printable
+
 #: what a dynamic dim's upper bound is recorded as when it has none
 UNBOUNDED = None
 #: key in `graph_module.meta["custom"]` (which torch's serializer keeps) holding {torch symbol: the
@@ -159,12 +161,23 @@ class InputSpec:
                 or not isinstance(d.get("shape"), list) or not isinstance(getattr(torch, d["dtype"], None), torch.dtype):
             raise ValueError(f"an input is {{name, dtype, shape}} with a torch dtype name, got {d!r}")
         values = d.get("values")
-        if values is not None and not (isinstance(values, list) and len(values) == 2
-                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-                                       and values[0] <= values[1]):
-            raise ValueError(f"an input's values are [lo, hi] with lo <= hi, got {values!r}")
+        if values is not None:
+            _check_values(values, getattr(torch, d["dtype"]))
         return cls(d["name"], d["dtype"], tuple(DimSpec.from_json(x) for x in d["shape"]),
                    None if values is None else (values[0], values[1]))
+
+
+def _check_values(values: Any, dtype: torch.dtype) -> None:
+    """ValueError unless `values` is [lo, hi] that `dtype` holds: the file's numbers reach torch.randint
+    (bench, verify) and a server's limits, where 2**70 or 300 for a uint8 raised outside qexport's errors."""
+    if not _is_integer(dtype):
+        raise ValueError(f"an input's values bound an integer input, not a {str(dtype).removeprefix('torch.')} one; "
+                         f"got {printable(values)[:80]}")
+    info = torch.iinfo(dtype)
+    if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            and info.min <= values[0] <= values[1] <= info.max):
+        raise ValueError(f"an input's values are [lo, hi] with {info.min} <= lo <= hi <= {info.max} "
+                         f"(what {str(dtype).removeprefix('torch.')} holds), got {printable(values)[:80]}")
 
 
 def program_inputs(ep: torch.export.ExportedProgram, *, require_tensors: bool = False) -> list[InputSpec]:

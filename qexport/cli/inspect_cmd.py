@@ -122,6 +122,6 @@ def _inputs(raw: object, dim_names: dict) -> str:
 
     try:
         specs = [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []
-    except ValueError:
-        return ""
+    except ValueError as e:  # the file's record: said, not raised (the rest of the manifest still reads)
+        return f"unreadable ({e})"
     return rename(", ".join(s.describe() for s in specs), dim_names)

@@ -51,7 +51,8 @@ def bench_inputs(runners: Sequence[Runner], seed: int = 0) -> Flat:
         if r.inputs is not None:
             return make_inputs(r.inputs, seed)
     raise ArtifactError("none of the artifacts describes its inputs (an AOTI package compiled by another tool "
-                        "does not); add the .pt2 to the list or pass --input")
+                        "does not, nor one whose manifest's input record is unreadable: qexport inspect says why); "
+                        "add the .pt2 to the list or pass --input")
 
 
 def bench(
