@@ -311,6 +311,37 @@ def test_a_damaged_generation_record(lm_program):
         qexport.generate(ep, PROMPT, 4)
 
 
+@pytest.mark.parametrize("edit, needle", [
+    ({"max_cache_len": 10 ** 6}, f"max_cache_len 1000000 is beyond the {LM_CACHE} positions its program takes"),
+    ({"vocab_size": 10 ** 9}, f"vocab_size 1000000000 is beyond the {hf.LM_VOCAB} rows its token ids index"),
+    ({"vocab_size": 2 ** 70}, "vocab_size 1180591620717411303424 is beyond int64"),
+])
+def test_a_generation_record_beyond_its_program_is_refused_before_loading(lm_program, tmp_path, monkeypatch, edit, needle):
+    """A record whose cache or vocabulary exceeds the signature beside it: on the AOTI package a position
+    past the cache or a token past the embedding aborted the process (SIGABRT), here an IndexError."""
+    import json
+    import zipfile
+
+    from serializers import _archive
+
+    def one(n, d):
+        if not n.endswith(_archive.MANIFEST_MEMBER):
+            return d
+        m = json.loads(d)
+        m["extra"]["generation"].update(edit)
+        return json.dumps(m).encode()
+
+    with zipfile.ZipFile(lm_program[2]) as z:
+        p = _archive.reseal([(i.filename, one(i.filename, z.read(i.filename))) for i in z.infolist()], tmp_path / "lm.pt2")
+    monkeypatch.setattr(runners, "load", lambda *a, **k: pytest.fail("loaded before the record was checked"))
+    with pytest.raises(qexport.CorruptArtifactError, match=needle):
+        qexport.generate(p, [1, 2], 60)
+    ep = copy.deepcopy(lm_program[1])
+    ep.graph_module.meta["custom"]["qexport.generation"].update(edit)
+    with pytest.raises(qexport.CorruptArtifactError, match=needle):
+        qexport.generate(ep, [1, 2], 60)
+
+
 # -- the command line ---------------------------------------------------------------------------------
 
 def test_cli_generate(lm_program, lm_reference, capsys):

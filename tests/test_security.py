@@ -630,3 +630,27 @@ def test_cli_pins(demo, capsys):
     assert f"SHA-256 is {sha}, not the expected" in capsys.readouterr().out
     assert main(["bench", str(pkg), "--expected-sha256", f"other.pt2={sha}"]) == 1
     assert "other.pt2 is not one of the files given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype, values", [
+    ("int64", [0, 2 ** 70]), ("int64", [5, 1]), ("int64", [0, 9.5]), ("int64", ["0", "9"]), ("int64", [[0], [9]]),
+    ("int64", [0, 1, 2]), ("int64", {"lo": 0, "hi": 1}), ("uint8", [-5, 300]), ("int8", [0, 1000]), ("float32", [0, 10]),
+    ("bool", [0, 1]),
+])
+def test_hostile_input_values(demo, tmp_path, capsys, dtype, values):
+    """An input's value range (`extra.inputs[].values`) reaches torch.randint in bench and a server's
+    limits: [0, 2**70] or [-5, 300] for a uint8 crashed bench with ValueError / RuntimeError."""
+    from qexport.cli import main
+    from qexport.serve import signature
+
+    def edit(m):
+        m["extra"]["inputs"] = [{"name": "x", "dtype": dtype, "shape": [1, 256], "values": values}]
+
+    pkg = _archive.reseal(with_manifest(members(demo / "model_aoti.pt2"), edit), tmp_path / "v_aoti.pt2")
+    assert main(["inspect", str(pkg)]) == 0
+    assert "inputs: unreadable (an input's values " in capsys.readouterr().out
+    with pytest.raises(UsageError, match="input signature is unreadable: an input's values"):
+        signature(qexport.inspect(pkg))
+    if values == [0, 2 ** 70]:  # the one that loads the package (a second): bench asks for inputs, nothing raised
+        assert main(["bench", str(pkg), "--warmup", "0", "--min-iters", "1", "--min-time", "0"]) == 1
+        assert "input record is unreadable: qexport inspect says why" in capsys.readouterr().err
