@@ -124,12 +124,16 @@ class DimSpec:
 
     @classmethod
     def from_json(cls, d: Any) -> "DimSpec":
-        if isinstance(d, int) and not isinstance(d, bool):
+        def whole(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if whole(d):
             return cls(size=d)
-        if isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("min"), int) \
-                and (d.get("max") is None or isinstance(d.get("max"), int)):
+        # the file's bounds reach example sizes (bench) and a server's limits: 0 <= min <= max, as torch records them
+        if isinstance(d, dict) and isinstance(d.get("name"), str) and whole(d.get("min")) \
+                and (d.get("max") is None or (whole(d.get("max")) and d["max"] >= d["min"])):
             return cls(name=d["name"], min=d["min"], max=d["max"])
-        raise ValueError(f"a dim is an int or {{name, min, max}}, got {d!r}")
+        raise ValueError(f"a dim is a size >= 0 or {{name, min, max}} with 0 <= min <= max, got {printable(d)[:80]}")
 
 
 @dataclass(frozen=True)

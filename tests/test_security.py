@@ -632,25 +632,48 @@ def test_cli_pins(demo, capsys):
     assert "other.pt2 is not one of the files given" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype, values", [
-    ("int64", [0, 2 ** 70]), ("int64", [5, 1]), ("int64", [0, 9.5]), ("int64", ["0", "9"]), ("int64", [[0], [9]]),
-    ("int64", [0, 1, 2]), ("int64", {"lo": 0, "hi": 1}), ("uint8", [-5, 300]), ("int8", [0, 1000]), ("float32", [0, 10]),
-    ("bool", [0, 1]),
+def _input(dtype="int64", values=None, shape=(1, 256)):
+    return {"name": "x", "dtype": dtype, "shape": list(shape), **({} if values is None else {"values": values})}
+
+
+@pytest.mark.parametrize("record, words", [
+    *((_input(dtype, values), "an input's values") for dtype, values in [
+        ("int64", [0, 2 ** 70]), ("int64", [5, 1]), ("int64", [0, 9.5]), ("int64", ["0", "9"]), ("int64", [[0], [9]]),
+        ("int64", [0, 1, 2]), ("int64", {"lo": 0, "hi": 1}), ("uint8", [-5, 300]), ("int8", [0, 1000]),
+        ("float32", [0, 10]), ("bool", [0, 1])]),
+    *((_input("float32", shape=shape), "a dim is a size >= 0") for shape in [
+        (1, -9), ({"name": "b", "min": 3, "max": 1}, 256), ({"name": "b", "min": -5, "max": None}, 256), (True, 256)]),
 ])
-def test_hostile_input_values(demo, tmp_path, capsys, dtype, values):
-    """An input's value range (`extra.inputs[].values`) reaches torch.randint in bench and a server's
-    limits: [0, 2**70] or [-5, 300] for a uint8 crashed bench with ValueError / RuntimeError."""
+def test_hostile_input_records(demo, tmp_path, capsys, record, words):
+    """An input record (`extra.inputs[]`: dims and the values of an index) reaches torch.randint and example
+    sizes in bench and a server's limits: values [0, 2**70] or [-5, 300] for a uint8 crashed bench with
+    ValueError / RuntimeError."""
     from qexport.cli import main
     from qexport.serve import signature
 
     def edit(m):
-        m["extra"]["inputs"] = [{"name": "x", "dtype": dtype, "shape": [1, 256], "values": values}]
+        m["extra"]["inputs"] = [record]
 
     pkg = _archive.reseal(with_manifest(members(demo / "model_aoti.pt2"), edit), tmp_path / "v_aoti.pt2")
     assert main(["inspect", str(pkg)]) == 0
-    assert "inputs: unreadable (an input's values " in capsys.readouterr().out
-    with pytest.raises(UsageError, match="input signature is unreadable: an input's values"):
+    assert f"inputs: unreadable ({words}" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=f"input signature is unreadable: {words}"):
         signature(qexport.inspect(pkg))
-    if values == [0, 2 ** 70]:  # the one that loads the package (a second): bench asks for inputs, nothing raised
+    if record.get("values") == [0, 2 ** 70]:  # the one that loads the package (a second): bench asks for inputs
         assert main(["bench", str(pkg), "--warmup", "0", "--min-iters", "1", "--min-time", "0"]) == 1
         assert "input record is unreadable: qexport inspect says why" in capsys.readouterr().err
+
+
+def test_hostile_sibling_groups_print_escaped_and_cut(demo, tmp_path, capsys):
+    """`details.siblings` of an AOTI region (inspect's sibling groups) is the file's text: escapes, other
+    types, 10**5 entries."""
+    from qexport.cli import main
+
+    def edit(m):
+        for r, siblings in zip(m["regions"], (["\x1b]0;owned\x07", "b"], list(range(10 ** 5)), "\x1b[2J")):
+            r["lowering"]["details"].update(siblings=siblings, stacked_out_features="\x1b[2J")
+
+    pkg = _archive.reseal(with_manifest(members(demo / "model_aoti.pt2"), edit), tmp_path / "s_aoti.pt2")
+    assert main(["inspect", str(pkg)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("one kernel each"))
+    assert "\x1b" not in line and "\\x1b]0;owned\\x07 + b; 0 + 1 + 2" in line and len(line) <= 2000
