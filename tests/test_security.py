@@ -677,3 +677,15 @@ def test_hostile_sibling_groups_print_escaped_and_cut(demo, tmp_path, capsys):
     assert main(["inspect", str(pkg)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("one kernel each"))
     assert "\x1b" not in line and "\\x1b]0;owned\\x07 + b; 0 + 1 + 2" in line and len(line) <= 2000
+
+
+def test_generated_index_inputs_stay_in_their_recorded_values():
+    """bench draws an index input from its recorded values: [0, 2**63 - 1] overflowed randint's high
+    (ValueError), and a range starting above 0 was drawn from 0."""
+    from qexport.runtime.runner import input_infos
+    from qexport.signature import InputSpec
+
+    for dtype, values in (("int64", [0, 2 ** 63 - 1]), ("int64", [-2 ** 63, 2 ** 63 - 1]), ("uint8", [0, 255]), ("int16", [5, 6])):
+        spec = InputSpec.from_json({"name": "ids", "dtype": dtype, "shape": [4, 64], "values": values})
+        x = runners.make_inputs(input_infos([spec], generating=False))[0]
+        assert x.dtype == getattr(torch, dtype) and max(values[0], 0) <= int(x.min()) <= int(x.max()) <= values[1]

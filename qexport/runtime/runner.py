@@ -24,11 +24,12 @@ class InputInfo:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    #: integer inputs are drawn from [0, high); None means "not an index": filled with ones (masks)
+    #: integer inputs are drawn from [low, high); None means "not an index": filled with ones (masks)
     high: int | None = None
     #: token positions (where a KV cache writes): 0, 1, ... as a generation's first call has them; ones
     #: would write two tokens to one cache slot, which runtimes resolve differently
     positions: bool = False
+    low: int = 0
 
     def make(self, generator: torch.Generator) -> torch.Tensor:
         if self.positions:
@@ -37,7 +38,7 @@ class InputInfo:
             return torch.randn(self.shape, generator=generator).to(self.dtype)
         if self.high is None or self.dtype == torch.bool:
             return torch.ones(self.shape, dtype=self.dtype)
-        return torch.randint(0, self.high, self.shape, generator=generator, dtype=self.dtype)
+        return torch.randint(self.low, self.high, self.shape, generator=generator, dtype=self.dtype)
 
 
 @dataclass
@@ -134,15 +135,19 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
 def input_infos(specs: Sequence[Any], *, generating: bool) -> list[InputInfo]:
     """InputInfos for `signature.InputSpec`s (a program's, or those its manifest records): each dynamic dim
     at its example size; integer inputs whose spec bounds them as table indices drawn from [0, hi]."""
-    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, _high(s)) for s in specs]
+    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, *_draw(s)) for s in specs]
     if generating and len(infos) > 1:
         infos[1].positions = True  # a generating LM's inputs are (input_ids, cache_position, ...): qexport.generation
     return infos
 
 
-def _high(spec: Any) -> int | None:
+def _draw(spec: Any) -> tuple[int | None, bool, int]:
+    """(high, positions, low) for an input whose spec bounds its values: drawn from its non-negative part
+    (the rows of a table), the exclusive high within int64 (randint takes it as one)."""
     values = getattr(spec, "values", None)
-    return values[1] + 1 if values is not None and values[1] >= 0 else None
+    if values is None or values[1] < 0:
+        return None, False, 0
+    return min(values[1], (1 << 63) - 2) + 1, False, max(values[0], 0)
 
 
 #: the largest input `make_inputs` generates; an artifact's author chooses its input shapes
