@@ -689,3 +689,16 @@ def test_generated_index_inputs_stay_in_their_recorded_values():
         spec = InputSpec.from_json({"name": "ids", "dtype": dtype, "shape": [4, 64], "values": values})
         x = runners.make_inputs(input_infos([spec], generating=False))[0]
         assert x.dtype == getattr(torch, dtype) and max(values[0], 0) <= int(x.min()) <= int(x.max()) <= values[1]
+
+
+def test_dim_names_that_are_not_text(pt2, tmp_path, capsys):
+    """`extra.dim_names` renames torch's symbols in inspect's tables: `{"s1": 5}` raised TypeError."""
+    from qexport.cli import main
+
+    def edit(m):
+        m["extra"]["dim_names"] = {"s1": 5, "s2": ["x"], "s3": "\x1b[2Jseq"}
+        m["extra"]["inputs"] = [_input("float32", shape=({"name": n, "min": 1, "max": 4}, 64)) for n in ("s1", "s2", "s3")]
+
+    assert main(["inspect", str(_archive.reseal(with_manifest(members(pt2), edit), tmp_path / "n.pt2"))]) == 0
+    out = capsys.readouterr().out
+    assert "inputs: x: float32[s1[1..4], 64], x: float32[s2[1..4], 64], x: float32[\\x1b[2Jseq[1..4], 64]" in out

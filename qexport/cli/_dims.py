@@ -109,5 +109,10 @@ def dynamic_shapes(per_input: Sequence[Mapping[int, str]],
 
 
 def rename(text: str, names: Mapping[str, str]) -> str:
-    """`s77*s53` -> `batch*seq` with the recorded names (symbols without one are left as they are)."""
-    return _SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), text) if names else text
+    """`s77*s53` -> `batch*seq` with the recorded names (symbols without one are left as they are; a
+    manifest's `dim_names` is the file's: a name that is not text is ignored, `{"s1": 5}` raised TypeError)."""
+    def name(m: re.Match) -> str:
+        n = names.get(m.group(0))
+        return n if isinstance(n, str) else m.group(0)
+
+    return _SYMBOL.sub(name, text) if names else text
