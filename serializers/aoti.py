@@ -65,6 +65,30 @@ def _check_package(archive: Archive) -> None:
     check_allowed(archive, lambda n: n.startswith(MODEL_FOLDER), f"an AOTInductor package (only {MODEL_FOLDER}*)")
     if archive.manifest.artifact != "aoti":
         raise CorruptArtifactError(f"{archive.path}: its manifest describes a {archive.manifest.artifact} artifact, not an AOTI package")
+    _check_device(archive)
+
+
+#: the devices a package's compiled code runs on, as its manifest and torch's metadata name them
+DEVICES = ("cpu", "cuda")
+
+
+def _check_device(archive: Archive) -> None:
+    """The manifest's `device` (where runners move the inputs) must be the one torch's metadata says the
+    code was compiled for: `"meta"` over a CPU package segfaulted bench and generate, and CPU
+    pointers handed to CUDA code (or the reverse) are no better."""
+    from qexport.table import printable
+
+    device = archive.manifest.extra.get("device", "cpu")
+    compiled = set()
+    for name in archive.members:
+        if name.startswith(MODEL_FOLDER) and name.endswith("_metadata.json"):
+            meta = archive.json(name)
+            compiled.add(meta.get("AOTI_DEVICE_KEY") if isinstance(meta, dict) else None)
+    if device not in DEVICES or compiled - {device}:
+        raise CorruptArtifactError(
+            f"{archive.path}: its manifest says device {printable(device)[:40]!r} where its compiled code is for "
+            f"{printable(sorted(map(str, compiled)))[:80]} (one of {DEVICES}); not a package qexport writes, compile it again"
+        )
 
 
 def _pid_alive(pid: int) -> bool:

@@ -702,3 +702,13 @@ def test_dim_names_that_are_not_text(pt2, tmp_path, capsys):
     assert main(["inspect", str(_archive.reseal(with_manifest(members(pt2), edit), tmp_path / "n.pt2"))]) == 0
     out = capsys.readouterr().out
     assert "inputs: x: float32[s1[1..4], 64], x: float32[s2[1..4], 64], x: float32[\\x1b[2Jseq[1..4], 64]" in out
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda", 5, "\x1b[2J", ["cpu"]])
+def test_aoti_manifest_device_must_be_the_compiled_codes(demo, tmp_path, device):
+    """Runners move inputs to the manifest's `device`: "meta" over a CPU package segfaulted bench and
+    generate; "cuda" over CPU code hands it pointers it cannot read."""
+    pkg = _archive.reseal(with_manifest(members(demo / "model_aoti.pt2"), lambda m: m["extra"].update(device=device)),
+                          tmp_path / "d_aoti.pt2")
+    with pytest.raises(CorruptArtifactError, match=r"its manifest says device .* where its compiled code is for \['cpu'\]"):
+        runners.load(pkg)

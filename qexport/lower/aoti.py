@@ -31,10 +31,10 @@ from ._graph import copy_program
 from .kernels import FUSE_MODES, FUSE_OPTION, apply_kernels, inductor_options_for, plan_kernels
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
+from serializers.aoti import DEVICES
 
 __all__ = ["DEVICES", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
 
-DEVICES = ("cpu", "cuda")
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
 KERNEL_MODES = ("auto", "inductor")
