@@ -463,7 +463,7 @@ if triton is not None:
         # Inline PTX because Triton decodes and reduces element by element: ~7 instructions per code,
         # which held the one-row GEMV to ~1.6 TB/s on the H200's LM head (71 % of the SMs' issue
         # rate; a read-only kernel of the same shape reads the bytes in half the time:
-        # benchmarks/cuda_lab_read.py, cuda_lab_gemv_asm.py, docs/benchmarks/cuda.md session 10).
+        # benchmarks/cuda_lab_read.py, docs/benchmarks/cuda.md session 10).
         return tl.inline_asm_elementwise(
             asm="""{
             .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
