@@ -26,10 +26,10 @@ class InputInfo:
     dtype: torch.dtype
     #: integer inputs are drawn from [low, high); None means "not an index": filled with ones (masks)
     high: int | None = None
+    low: int = 0
     #: token positions (where a KV cache writes): 0, 1, ... as a generation's first call has them; ones
     #: would write two tokens to one cache slot, which runtimes resolve differently
     positions: bool = False
-    low: int = 0
 
     def make(self, generator: torch.Generator) -> torch.Tensor:
         if self.positions:
@@ -141,13 +141,13 @@ def input_infos(specs: Sequence[Any], *, generating: bool) -> list[InputInfo]:
     return infos
 
 
-def _draw(spec: Any) -> tuple[int | None, bool, int]:
-    """(high, positions, low) for an input whose spec bounds its values: drawn from its non-negative part
-    (the rows of a table), the exclusive high within int64 (randint takes it as one)."""
+def _draw(spec: Any) -> tuple[int | None, int]:
+    """(high, low) for an input whose spec bounds its values: drawn from its non-negative part (the rows
+    of a table), the exclusive high within int64 (randint takes it as one)."""
     values = getattr(spec, "values", None)
     if values is None or values[1] < 0:
-        return None, False, 0
-    return min(values[1], (1 << 63) - 2) + 1, False, max(values[0], 0)
+        return None, 0
+    return min(values[1], (1 << 63) - 2) + 1, max(values[0], 0)
 
 
 #: the largest input `make_inputs` generates; an artifact's author chooses its input shapes
