@@ -98,7 +98,7 @@ def test_conv_and_embedding_regions_match_eager(lowered, scheme, model):
     assert rel_err(low.out, low.expected) <= math_for(low.scheme).tolerance
 
 
-@pytest.mark.parametrize("scheme", ["int8_static", "int4_weight_only", "fp8_e4m3"])
+@pytest.mark.parametrize("scheme", ["int8_static", "int4_weight_only", "fp8_e4m3", "int8_dynamic_int4_weight"])
 def test_portable_backend_runs_and_delegates_nothing(lowered, scheme):
     low = lowered(scheme, backend="portable")
     assert rel_err(low.out, low.expected) <= math_for(low.scheme).tolerance
@@ -117,10 +117,22 @@ def test_int8_activation_schemes_are_fully_delegated_to_xnnpack(lowered, scheme,
     assert [r.name for r in report.regions] == names
     for r in report.regions:
         assert r.delegated, r
-        assert r.backend == "XnnpackBackend" and r.kernel.startswith("XNNPACK") and r.reason == ""
+        assert r.backend == "XnnpackBackend" and r.kernel.startswith("XNNPACK")
+        per_image = scheme == "int8_dynamic" and r.name.startswith("conv")  # batch 2: the caveat below
+        assert ("each image" in r.reason) if per_image else r.reason == ""
     assert report.all_delegated
     assert 0 < report.delegated_nodes <= report.total_nodes
     assert report.extra["delegated_subgraphs"] >= 1
+
+
+def test_dynamic_conv_on_xnnpack_quantizes_each_image_as_its_report_says(lowered):
+    """XNNPACK's qd8 conv takes one scale per image where the scheme takes one per batch: the .pte is
+    the eager model run one image at a time (to float rounding), not the batched eager model."""
+    low = lowered("int8_dynamic", "conv")
+    x = INPUTS["conv"]()
+    with torch.no_grad():
+        one_by_one = torch.cat([low.model(x[i:i + 1]) for i in range(len(x))])
+    assert rel_err(low.out, one_by_one) <= 1e-5 < rel_err(low.expected, one_by_one)
 
 
 def test_int8_dynamic_int4_weight_linears_are_all_delegated_as_qb4w(lowered):

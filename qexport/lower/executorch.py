@@ -230,7 +230,24 @@ def plan_int8_qdq(ctx: PlanContext) -> RegionPlan | Decline | None:
     if r.input_dtypes[:1] != ("float32",):
         return Decline(f"its input is {r.input_dtypes[0] if r.input_dtypes else '?'}; {_FLOAT32_ONLY}, so it "
                        f"{_PORTABLE}. Export the model in float32 to delegate it")
-    return RegionPlan(True, "XNNPACK " + _QDQ_KERNELS[s.activation].format(op=r.op), lowering=_QDQ_LOWERINGS[s.activation])
+    return RegionPlan(True, "XNNPACK " + _QDQ_KERNELS[s.activation].format(op=r.op), _per_image_caveat(ctx),
+                      lowering=_QDQ_LOWERINGS[s.activation])
+
+
+def _per_image_caveat(ctx: PlanContext) -> str:
+    """XNNPACK's dynamically quantized conv takes the per-tensor Q/DQ pattern but quantizes each image
+    with its own qparams (executorch's QuantParams: `num_nonbatch_dims=3` for a conv input), which is
+    the scheme's per-tensor quantization only where the batch is 1: say so where it can be more."""
+    r, s = ctx.region, ctx.region.scheme
+    if s.activation != "dynamic" or not r.op.startswith("conv"):
+        return ""
+    batch = ctx.input_val.shape[0] if ctx.input_val.dim() >= 3 else 1
+    if isinstance(batch, int) and batch == 1:
+        return ""
+    return ("XNNPACK quantizes each image's activations with its own scale, the scheme one scale per batch: the same "
+            "numbers at batch 1; at batch > 1 they differ from the eager model by int8 rounding (ConvNeXt, batch 3: "
+            "2.4e-2 of the output range, beyond int8_dynamic's tolerance). Run it one image per call for eager's "
+            "numbers, or quantize this layer with int8_static")
 
 
 def plan_int4(ctx: PlanContext) -> RegionPlan | Decline:
@@ -312,11 +329,23 @@ def _fallback(ctx: PlanContext, reasons: list[str], registered: bool) -> RegionP
 register_backend("executorch", title="ExecuTorch (XNNPACK)", fallback=_fallback, lowering_type=collections.abc.Callable)
 
 
+#: Q/DQ lowerings whose every op has a kernel in ExecuTorch's quantized library (no delegate needed)
+_PORTABLE_QDQ = tuple(_QDQ_LOWERINGS.values())
+
+
 def _portable(plan: RegionPlan) -> RegionPlan:
-    """The plan under backend="portable": the same graph, nothing delegated."""
-    if plan.taken:
+    """The plan under backend="portable": the same graph, nothing delegated; a pattern only XNNPACK runs
+    becomes the region's reference."""
+    if plan.taken and plan.lowering in _PORTABLE_QDQ:
         return dataclasses.replace(plan, taken=False, kernel="portable + quantized Q/DQ kernels", reason=(
             "backend='portable' delegates nothing; use backend='xnnpack' to accelerate it"))
+    if plan.taken:
+        # qb4w's dequantize_per_channel_group has no out-variant outside XNNPACK: to_executorch failed
+        # with "Missing out variants" on every 8da4w program
+        ref = _reference_plan(plan.region, _reference, "")
+        return dataclasses.replace(plan, taken=False, kernel=ref.kernel, lowering=ref.lowering, reason=(
+            f"backend='portable' delegates nothing and ExecuTorch has no portable kernel for its {plan.kernel} "
+            f"pattern, so the region {_PORTABLE}; use backend='xnnpack' to run it as {plan.kernel}"))
     return dataclasses.replace(plan, reason="backend='portable' delegates nothing; the region " + _PORTABLE)
 
 
