@@ -68,6 +68,12 @@ def check_writable(path: "str | PathLike[str]", suffix: str | None = None) -> Pa
         raise ArtifactNotFoundError(f"{p}: directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ArtifactError(f"{p}: directory {parent} is not writable")
+    # os.access passes for root in /proc and on some read-only mounts: there the lowering ran to the end
+    # (28 s for a small .pte) before the write failed
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{p.name}.probe.", dir=parent))
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot write in {parent}: {e.strerror or e}") from None
     return p
 
 

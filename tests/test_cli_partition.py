@@ -77,3 +77,24 @@ def test_missing_input_and_unknown_target(tmp_path, capsys):
 def test_every_target_names_its_suffix():
     assert {t: TARGETS[t].suffix for t in ("xnnpack", "portable", "onnx")} == {
         "xnnpack": ".pte", "portable": ".pte", "onnx": ".onnx"}
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--keep-regions"], "--keep-regions does not apply to --target xnnpack"),
+    (["--opset", "21", "--onnx-target", "host"], "--opset, --onnx-target do not apply to --target xnnpack"),
+])
+def test_an_onnx_option_with_a_pte_target_is_refused(pt2, tmp_path, capsys, flags, named):
+    src, _, _ = pt2
+    assert main(["partition", str(src), "--target", "xnnpack", *flags, "-o", str(tmp_path / "x.pte")]) == 1
+    err = capsys.readouterr().err
+    assert named in err and "only to --target onnx" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_output_where_nothing_can_be_written_fails_before_lowering(pt2, capsys):
+    """/proc passes os.access for root (and so do some read-only mounts): the lowering used to run to
+    the end before the write failed."""
+    src, _, _ = pt2
+    assert main(["partition", str(src), "--target", "xnnpack", "-o", "/proc/x.pte"]) == 1
+    err = capsys.readouterr().err
+    assert "/proc/x.pte" in err and "lower" not in err

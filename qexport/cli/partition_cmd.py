@@ -21,6 +21,8 @@ class Target:
     kind: str
     lower: Callable[[Path, Path, argparse.Namespace], Any]
     runtime: str
+    #: the target-specific options (argparse dests) its lowering reads; the others must stay unset
+    options: tuple[str, ...] = ()
 
     @property
     def suffix(self) -> str:
@@ -44,8 +46,10 @@ def _onnx(src: Path, out: Path, args: argparse.Namespace) -> Any:
 TARGETS: dict[str, Target] = {
     "xnnpack": Target("pte", _executorch("xnnpack"), "ExecuTorch (XNNPACK delegate)"),
     "portable": Target("pte", _executorch("portable"), "ExecuTorch (portable kernels only)"),
-    "onnx": Target("onnx", _onnx, "ONNX Runtime"),
+    "onnx": Target("onnx", _onnx, "ONNX Runtime", options=("keep_regions", "opset", "onnx_target")),
 }
+#: target-specific option -> its flag, for the refusal of one the chosen target would ignore
+_OPTION_FLAGS = {"keep_regions": "--keep-regions", "opset": "--opset", "onnx_target": "--onnx-target"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,11 +73,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or host (the fastest exact form for this machine)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="print only the output path")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser_defaults={d: p.get_default(d) for d in _OPTION_FLAGS})
 
 
 def run(args: argparse.Namespace) -> int:
     target = TARGETS[args.target]
+    ignored = [d for d, default in args.parser_defaults.items() if d not in target.options and getattr(args, d) != default]
+    if ignored:  # silently ignored, --keep-regions with a .pte target looked like it had been applied
+        takers = " / ".join(sorted(t for t, spec in TARGETS.items() if set(ignored) & set(spec.options)))
+        one = len(ignored) == 1
+        raise UsageError(f"{', '.join(_OPTION_FLAGS[d] for d in ignored)} {'does' if one else 'do'} not apply to "
+                         f"--target {args.target} (only to --target {takers}); drop {'it' if one else 'them'}")
     src = input_path(args.input, "IN.pt2")
     out = output_path(args.output, (target.suffix,), f"--target {args.target} output")
     if src.resolve() == out.resolve():
