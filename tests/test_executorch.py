@@ -135,6 +135,34 @@ def test_dynamic_conv_on_xnnpack_quantizes_each_image_as_its_report_says(lowered
     assert rel_err(low.out, one_by_one) <= 1e-5 < rel_err(low.expected, one_by_one)
 
 
+class Conv1dNet(nn.Module):
+    """A Whisper-style conv front end, and a depthwise conv1d (XNNPACK has no dynamic depthwise conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(8, 16, 3, padding=1)
+        self.conv2 = nn.Conv1d(16, 16, 3, stride=2, padding="valid")
+        self.dw = nn.Conv1d(16, 16, 3, groups=16)
+
+    def forward(self, x):
+        return self.dw(torch.nn.functional.gelu(self.conv2(torch.nn.functional.gelu(self.conv1(x)))))
+
+
+def test_dynamic_conv1d_is_delegated_as_the_2d_conv_it_is(tmp_path):
+    """XNNPACK refused every dynamically quantized conv1d ("only supports standard 2D convolutions");
+    lowered over a height of 1 it takes them, with eager's numbers; the depthwise one stays refused, in
+    XNNPACK's words about the conv (not the unsqueeze around it)."""
+    x = torch.randn(1, 8, 20, generator=torch.Generator().manual_seed(4))
+    model = quantized(Conv1dNet(), "int8_dynamic", (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "c.pte", progress=False)
+    assert [(r.name, r.delegated) for r in report.regions] == [("conv1", True), ("conv2", True), ("dw", False)]
+    assert "2D convolutions" in report.regions[2].reason and "unsqueeze" not in report.regions[2].reason
+    import executorch.kernels.quantized  # noqa: F401  (the depthwise conv's Q/DQ on portable kernels)
+
+    with torch.no_grad():
+        assert rel_err(run_pte(tmp_path / "c.pte", x), model(x)) <= 1e-5
+
+
 def test_int8_dynamic_int4_weight_linears_are_all_delegated_as_qb4w(lowered):
     """8da4w: every linear region inside XNNPACK's qd8-f32-qb4w delegate, nothing of it left outside,
     and the same numbers as the eager reference (same per-token int8 rounding, same int4 grid)."""

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 BACKENDS = ("xnnpack", "portable")
 
 qd = torch.ops.quantized_decomposed
+_aten = torch.ops.aten
 _EPS = torch.finfo(torch.float32).eps
 
 
@@ -65,14 +66,14 @@ _EPS = torch.finfo(torch.float32).eps
 # (if its partitioner does not, its own words become the reason). backend="portable" lowers the same
 # graph and delegates nothing (`_portable`).
 
-def _weight_dq(site: RegionSite) -> torch.fx.Node:
+def _weight_dq(site: RegionSite, weight: torch.fx.Node | None = None) -> torch.fx.Node:
     """Per-channel int8 weight: the `dequantize_per_channel(weight, scale, zero_point)` XNNPACK reads
     as a qc8w constant. Its zero point must be a program constant, so one is added."""
     s = site.region.scheme
     scale = site.value("weight_scale")
     zp = site.constant("weight_zero_point_i64", torch.zeros(scale.shape, dtype=torch.int64))
     return site.call(
-        qd.dequantize_per_channel.default, site.operands["weight"], site.operands["weight_scale"], zp, 0,
+        qd.dequantize_per_channel.default, weight or site.operands["weight"], site.operands["weight_scale"], zp, 0,
         int(s.qmin), int(s.qmax), torch.int8,
     )
 
@@ -98,8 +99,8 @@ def _lower_int8_static(site: RegionSite) -> torch.fx.Node:
     return qdq(y, "output")
 
 
-def _dynamic_input(site: RegionSite) -> torch.fx.Node:
-    x = site.input
+def _dynamic_input(site: RegionSite, x: torch.fx.Node | None = None) -> torch.fx.Node:
+    x = x or site.input
     if site.region.op.startswith("conv"):  # conv activations have no token axis: per tensor (as the scheme says)
         qp = site.call(qd.choose_qparams.tensor, x, -128, 127, _EPS, torch.int8)
         scale, zp = site.call(operator.getitem, qp, 0), site.call(operator.getitem, qp, 1)
@@ -114,7 +115,26 @@ def _dynamic_input(site: RegionSite) -> torch.fx.Node:
 
 
 def _lower_int8_dynamic(site: RegionSite) -> torch.fx.Node:
+    if site.region.op == "conv1d":
+        return _dynamic_conv1d_as_conv2d(site)
     return _apply_op(site, _dynamic_input(site), _weight_dq(site))
+
+
+def _dynamic_conv1d_as_conv2d(site: RegionSite) -> torch.fx.Node:
+    """A conv1d as the conv2d over a height of 1 that it is (input [N, C, 1, L], weight [O, C/g, 1, K]):
+    XNNPACK takes dynamically quantized convs only in 2-D ("XNNPACK only supports standard 2D
+    convolutions for dynamic quantization": a Whisper encoder's conv front end stayed on portable kernels)."""
+    p = site.region.op_params
+    unbatched = site.input.meta["val"].dim() == 2  # XNNPACK takes batched convs only
+    x = site.call(_aten.unsqueeze.default, site.input, 0) if unbatched else site.input
+    x = site.call(_aten.unsqueeze.default, x, 2)
+    w = _weight_dq(site, site.constant("weight_2d", site.value("weight").unsqueeze(2)))
+    pad = p["padding"] if isinstance(p["padding"], str) else [0, *p["padding"]]
+    conv = _aten.conv2d.padding if isinstance(pad, str) else _aten.conv2d.default
+    y = site.call(conv, _dynamic_input(site, x), w, site.operands.get("bias"), [1, *p["stride"]], pad,
+                  [1, *p["dilation"]], int(p["groups"]))
+    y = site.call(_aten.squeeze.dim, y, 2)
+    return site.call(_aten.squeeze.dim, y, 0) if unbatched else y
 
 
 def _lower_int8_dynamic_int4_weight(site: RegionSite) -> torch.fx.Node:
@@ -436,7 +456,6 @@ def share_with_delegates(ep: torch.export.ExportedProgram, plans: dict[str, Regi
     return shared
 
 
-_aten = torch.ops.aten
 #: ops whose output holds bytes of their first operand unchanged (a nibble swap commutes with them)
 _MOVES_BYTES = (_aten.index_select.default, _aten.embedding.default, _aten.index.Tensor, _aten.reshape.default,
                 _aten.view.default, _aten.slice.Tensor, _aten.select.int)
@@ -548,7 +567,10 @@ def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _Why
             continue
         reason = plan.reason
         if plan.taken:
-            said = "; ".join(dict.fromkeys(why.by_region.get(r.name, [])))
+            said_all = why.by_region.get(r.name, [])
+            # the refusal of the region's own op, not of the layout ops around it (unsqueeze_copy, ...)
+            anchored = [w for w in said_all if any(a in w.split(":")[0] for a in _ANCHORS.get(r.op, ()))]
+            said = "; ".join(dict.fromkeys(anchored or said_all))
             reason = (f"XNNPACK's partitioner did not take it ({said or 'no reason logged'}); it runs on portable "
                       f"kernels. Try another scheme for this layer (e.g. int8_static) or leave it in float with "
                       f"quantize(filter_fn=...)")
