@@ -149,6 +149,33 @@ def test_int8_linears_run_as_onnxruntime_fused_kernels(mlp_artifacts, tmp_path, 
     assert ops[fused] == 2 and not any(ops[op] for op in unfused), ops
 
 
+class SharedLayer(torch.nn.Module):
+    """One layer called twice (ALBERT's shared encoder layer, at toy size), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.head(self.layer(torch.relu(self.layer(x))))
+
+
+def test_a_weight_read_by_several_regions_says_onnxruntime_does_not_fuse_it(tmp_path):
+    """onnxruntime fuses DQ -> MatMul into MatMulNBits only for a weight initializer read once: the
+    layer called twice stays DQ + MatMul (dequantized per call), and its records say so; the head's do not."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    m, ep = _export(SharedLayer(), "int4_weight_only", x)
+    report = qexport.to_onnx(ep, tmp_path / "s.onnx")
+    said = {r.name: "read by 2 regions" in r.reason for r in report.regions}
+    assert said == {"layer": True, "layer_1": True, "head": False}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["MatMulNBits"] == 1 and ops["MatMul"] == 2, ops
+    assert _rel_err(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], m(x)) <= math_for(scheme_for("int4_weight_only")).tolerance
+
+
 def test_per_tensor_dynamic_int8_linears_run_as_dynamic_quantize_matmul(tmp_path):
     """int8_dynamic with per-tensor activations: each linear is the DynamicQuantizeLinear -> MatMulInteger
     form onnxruntime runs as one DynamicQuantizeMatMul (MatMulIntegerToFloat where regions share an

@@ -639,9 +639,31 @@ def _entry(family: FamilyLowering):
             return None
         target = ONNX_TARGETS[ctx.options.get("target", DEFAULT_TARGET)]
         lw = family.plan(ctx, ctx.options.get("opset", BLOCKED_QDQ_OPSET), target)
-        return RegionPlan(lw.native, lw.kernel, lw.reason, details={"target": target.name, **lw.details}, lowering=lw)
+        reason = "; ".join(filter(None, (lw.reason, _shared_weight_caveat(ctx, lw))))
+        return RegionPlan(lw.native, lw.kernel, reason, details={"target": target.name, **lw.details}, lowering=lw)
 
     return plan
+
+
+def _shared_weight_caveat(ctx: PlanContext, lw: Lowering) -> str:
+    """onnxruntime fuses a weight's DequantizeLinear -> MatMul into MatMulNBits only where that weight
+    initializer is read once (tried: two DQ nodes of one initializer, or one DQ feeding two MatMuls,
+    both stay DQ + MatMul): a module called several times (ALBERT's shared layer) dequantizes its
+    weight on every call. The form is still right for other runtimes; the report says what onnxruntime does."""
+    s, r = lw.scheme, lw.region
+    if not (lw.native and r.op == "linear" and (s.activation == "none" or s.weight_dtype == "uint4")):
+        return ""
+    from ..regions import is_region_node
+
+    weight = ctx.node.args[1 + r.roles.index("weight")]
+    calls = sum(1 for u in weight.users if is_region_node(u))
+    if calls < 2:
+        return ""
+    return (f"its weight is read by {calls} regions (one module called {calls} times), and onnxruntime fuses "
+            f"DequantizeLinear -> MatMul into MatMulNBits only for a weight read once: here it dequantizes the "
+            f"weight on every call (correct, at that cost). int8_dynamic or int8_static read a shared "
+            f"weight as it is (MatMulIntegerToFloat, QGemm)")
+
 
 
 def register_onnx_lowering(family: str, lowering: FamilyLowering) -> None:
