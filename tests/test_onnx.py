@@ -239,6 +239,9 @@ def test_conv2d_regions(tmp_path, name):
     assert ops["Conv"] == 2
     if name == "int8_dynamic":  # conv activations have no token axis: per-tensor
         assert ops["DynamicQuantizeLinear"] == 2
+    # onnxruntime fuses no dynamically quantized conv, and the conv records say so (the linear's do not)
+    said = [r.name for r in report.regions if "no fused kernel for a dynamically quantized conv" in r.reason]
+    assert said == (["conv1", "conv2"] if name == "int8_dynamic" else [])
 
 
 @pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only", "nf4"])

@@ -409,6 +409,13 @@ class Int8Lowering(FamilyLowering):
             kernel += "; int8 weights kept signed for u8 x s8 kernels"
             reason = (f"every weight code is within +-{NON_SATURATING_CODE} (read from the codes: max |code| {widest}), so "
                       f"onnxruntime's u8 x s8 kernels cannot saturate a 16-bit pair sum: exact on every CPU")
+        if region.op.startswith("conv") and s.activation == "dynamic":
+            # its optimized graph keeps DynamicQuantizeLinear -> DQ -> Conv <- DQ(weight): no QDQ fusion
+            # takes a dynamically quantized conv (QLinearConv needs a static output scale)
+            reason = "; ".join(filter(None, (reason, (
+                "onnxruntime has no fused kernel for a dynamically quantized conv: it runs the activation's "
+                "quantize/dequantize and a float Conv, the weight dequantized on every call (int8_static "
+                "runs as QLinearConv)"))))
         return Lowering(region, self, native=True, kernel=kernel, reason=reason, target=target,
                         unsigned_int8_weights=unsigned, details=details)
 
