@@ -261,7 +261,8 @@ def _per_image_caveat(ctx: PlanContext) -> str:
     r, s = ctx.region, ctx.region.scheme
     if s.activation != "dynamic" or not r.op.startswith("conv"):
         return ""
-    batch = ctx.input_val.shape[0] if ctx.input_val.dim() >= 3 else 1
+    batched = ctx.input_val.dim() == (3 if r.op == "conv1d" else 4)
+    batch = ctx.input_val.shape[0] if batched else 1
     if isinstance(batch, int) and batch == 1:
         return ""
     return ("XNNPACK quantizes each image's activations with its own scale, the scheme one scale per batch: the same "
