@@ -644,13 +644,10 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
             m.training = training
     if n == 0:
         raise CalibrationError("calibration_data is empty; pass at least one batch of example inputs")
-    for c in gptq:
-        if c.fqn not in hessians:
-            raise CalibrationError(f"{c.fqn} never ran during calibration; GPTQ has no inputs to fit it to")
+    _check_every_layer_ran([c.fqn for c in gptq if c.fqn not in hessians], "GPTQ has no inputs to fit them to")
+    _check_every_layer_ran([c.fqn for c in static if f"{c.fqn}/input" not in ranges], "their activation ranges are unknown")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for c in static:
-        if f"{c.fqn}/input" not in ranges:
-            raise CalibrationError(f"{c.fqn} never ran during calibration; its activation range is unknown")
         t: dict[str, torch.Tensor] = {}
         for key in ("input", "output"):
             scale, zp = int8_asym_qparams(*ranges[f"{c.fqn}/{key}"])
@@ -658,6 +655,16 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
             t[f"{key}_zero_point"] = zp.to(torch.int32)
         out[c.fqn] = t
     return _Calibration(out, hessians)
+
+
+def _check_every_layer_ran(missing: list[str], why: str) -> None:
+    if missing:
+        raise CalibrationError(
+            f"{len(missing)} layer(s) never ran during calibration ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
+            f"{why}. A layer the forward does not call for these inputs (or whose weight the model reads itself "
+            f"instead of calling it, as Mamba's conv1d) cannot be calibrated: calibrate with inputs that reach it, "
+            f"or leave it float: quantize(model, {{..., {missing[0]!r}: None}})"
+        )
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:

@@ -76,6 +76,30 @@ def test_static_needs_calibration():
         qexport.quantize(MLP().eval(), "int8_static", calibration_data=[])
 
 
+class _ReadsAWeightItself(nn.Module):
+    """Mamba's slow path at toy size: the model computes with `aux.weight` itself, never calling `aux`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.aux = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x) * self.aux.weight.detach().sum()
+
+
+@pytest.mark.parametrize("recipe, kw, why", [
+    ("int8_static", {}, "their activation ranges are unknown"),
+    ("int8_dynamic", {"algorithm": "gptq"}, "GPTQ has no inputs to fit them to"),
+])
+def test_a_layer_calibration_never_reaches_is_named_with_the_fix(recipe, kw, why):
+    model = _ReadsAWeightItself().eval()
+    with pytest.raises(CalibrationError, match=rf"1 layer\(s\) never ran during calibration \(aux\); {why}.*Mamba's conv1d.*'aux': None"):
+        qexport.quantize(model, recipe, calibration_data=[(torch.randn(2, 64),)], **kw)
+    assert not quantized_modules(model)  # refused before any layer was swapped
+    qexport.quantize(model, {nn.Linear: recipe, "aux": None}, calibration_data=[(torch.randn(2, 64),)], **kw)
+    assert [n for n, _ in quantized_modules(model)] == ["fc"]
+
+
 def test_static_calibration_ranges():
     model = MLP().eval()
     x = torch.randn(16, 64) * 3
