@@ -482,6 +482,11 @@ def _plan(
             skipped[fqn] = LayerDecision(fqn, kind, op, None, reason)
 
         if fqn in read_directly:
+            # only a recipe key naming it is an explicit choice: a filter_fn keeping every nn.Linear keeps
+            # MultiheadAttention's out_proj too, and that one is skipped, not an error for the model
+            match = table.lookup(fqn, m)
+            if match is not None and match.exact and match.scheme is not None:
+                raise UnsupportedModuleError(f"{fqn}: {read_directly[fqn]}; leave it out of the recipe")
             skip(read_directly[fqn], layer.op if layer else None)
             continue
         explicit = filter_fn is not None and filter_fn(m, fqn)

@@ -161,7 +161,7 @@ def test_errors_raised_before_any_work():
 
 def test_transformer_one_region_per_linear():
     model = TinyTransformer().eval()
-    qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "own")
     n_linear = sum(type(m) is nn.Linear for m in TinyTransformer().modules())
     assert len(quantized_modules(model)) == n_linear == 13
 
@@ -225,6 +225,14 @@ class PaddedConv2d(nn.Conv2d):
 
     def forward(self, x):
         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_multihead_attention_named_in_a_recipe_is_an_error_and_kept_by_filter_fn_a_skip():
+    with pytest.raises(UnsupportedModuleError, match=r"attn.out_proj: nn.MultiheadAttention reads out_proj.weight directly"):
+        qexport.quantize(Mixed().eval(), {"attn.out_proj": "int8_dynamic", "sub": "int8_dynamic"})
+    model = qexport.quantize(Mixed().eval(), "int8_dynamic", filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "own")
+    assert {d.module for d in model.qexport_summary.quantized} == {"sub"}
+    assert type(model.attn.out_proj) is not QuantizedModule
 
 
 def test_subclasses_by_their_forward():
