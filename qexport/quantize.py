@@ -145,6 +145,7 @@ class _RecipeTable:
     def __init__(self, recipe: Recipe, algorithm: str | None = None) -> None:
         self.single: Scheme | None = None
         self.names: list[tuple[str, Scheme | None]] = []
+        self.used: set[str] = set()  # name keys that matched a weight layer
         self.types: dict[type, Scheme | None] = {}
         self._fill(recipe)
         if algorithm is not None:
@@ -190,6 +191,15 @@ class _RecipeTable:
         self.names = [(k, apply(s)) for k, s in self.names]
         self.types = {k: apply(s) for k, s in self.types.items()}
 
+    def unmatched(self, model: nn.Module) -> tuple[str, ...]:
+        """The name keys that decided no weight layer, each with why: a typo, or a container's name (a
+        name key selects that module only; the layers under it need a glob)."""
+        containers = {fqn for fqn, _ in model.named_modules()}
+        return tuple(
+            f"{key!r} matched no weight layer" + (f" (it is a container: select the layers under it with '{key}.*')"
+                                                if key in containers else "")
+            for key, _ in self.names if key not in self.used)
+
     def schemes(self) -> list[Scheme]:
         found = [self.single] if self.single else [s for _, s in self.names] + list(self.types.values())
         return [s for s in found if s is not None]
@@ -200,9 +210,11 @@ class _RecipeTable:
             return _Match(self.single, "", exact=False)
         for key, s in self.names:
             if key == fqn:
+                self.used.add(key)
                 return _Match(s, repr(key), exact=True)
         for key, s in self.names:
             if fnmatch.fnmatchcase(fqn, key):
+                self.used.add(key)
                 return _Match(s, repr(key), exact=False)
         for cls in _type_key_mro(m):
             if cls in self.types:
@@ -264,6 +276,8 @@ class QuantizationSummary:
     skipped and why. `str()` gives the per-type table the CLI prints."""
 
     decisions: tuple[LayerDecision, ...] = field(default_factory=tuple)
+    #: recipe name keys that decided no layer (a typo; a container's name, whose layers need a glob)
+    unmatched_keys: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -287,7 +301,8 @@ class QuantizationSummary:
 
         head = f"quantized {len(self.quantized)} of {len(self.decisions)} weight layers"
         rows = [[t, str(n), s, why] for t, n, s, why in self.rows()]
-        return head + "\n" + format_table(["layer type", "count", "scheme", "note"], rows)
+        unmatched = "".join(f"\nrecipe key {why}" for why in self.unmatched_keys)
+        return head + "\n" + format_table(["layer type", "count", "scheme", "note"], rows) + unmatched
 
 
 # -- the quantized module ---------------------------------------------------------------------------
@@ -745,7 +760,7 @@ def quantize(
         q.to(m.weight.device)
         q.train(m.training)
         _set_submodule(model, c.fqn, q)
-    model.qexport_summary = QuantizationSummary(tuple(decisions))
+    model.qexport_summary = QuantizationSummary(tuple(decisions), table.unmatched(model))
     return model
 
 

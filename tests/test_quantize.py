@@ -235,6 +235,18 @@ def test_multihead_attention_named_in_a_recipe_is_an_error_and_kept_by_filter_fn
     assert type(model.attn.out_proj) is not QuantizedModule
 
 
+def test_recipe_keys_that_match_no_layer_are_reported():
+    """A typo, or a container's name (a name key selects that module only), would otherwise leave the
+    layers the user meant to keep float quantized without a word."""
+    model = nn.ModuleDict(dict(enc=nn.Sequential(nn.Linear(16, 16)), head=nn.Linear(16, 8)))
+    qexport.quantize(model, {"enc": None, "haed": None, "head": "int8_dynamic", nn.Linear: "int8_dynamic"})
+    assert model.qexport_summary.unmatched_keys == (
+        "'enc' matched no weight layer (it is a container: select the layers under it with 'enc.*')",
+        "'haed' matched no weight layer")
+    assert str(model.qexport_summary).endswith("\nrecipe key 'haed' matched no weight layer")
+    assert qexport.quantize(MLP().eval(), "int8_dynamic").qexport_summary.unmatched_keys == ()
+
+
 def test_subclasses_by_their_forward():
     """A subclass keeping its base's forward is its base (weight_norm's parametrized conv: the region
     takes the computed weight); one overriding it is skipped, naming the fix, unless a recipe names its
