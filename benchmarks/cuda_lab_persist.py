@@ -80,16 +80,41 @@ def _persist_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_wn, stride_sn,
             acc = tl.where(last, 0.0, acc)
 
 
-# `_int4_dot8`'s PTX continuing the fma chain from an accumulator ($10)
-_INT4_DOT8_ACC_PTX = tl.constexpr(qk.INT4_DOT8_PTX.value.replace("mul.rn.f32 $0, e0, $2;", "fma.rn.f32 $0, e0, $2, $10;"))
-
-
 @triton.jit
 def _int4_dot8_acc(w, x0, x1, x2, x3, x4, x5, x6, x7, acc):
-    """`_int4_dot8` continuing the fma chain from `acc`."""
+    """`_int4_dot8` (kernels/cuda.py) continuing the fma chain from `acc` ($10): its PTX with the first mul an fma."""
+    # A copy, not a shared constant: AOTInductor writes a user kernel's global string constants into
+    # its generated source unescaped, so the package's PTX stays inline in `_int4_dot8`.
     return tl.inline_asm_elementwise(
-        asm=_INT4_DOT8_ACC_PTX, constraints="=f,r,f,f,f,f,f,f,f,f,f", args=[w, x0, x1, x2, x3, x4, x5, x6, x7, acc],
-        dtype=tl.float32, is_pure=True, pack=1)
+        asm="""{
+        .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
+        prmt.b32 t0, $1, 0, 0x4140;
+        prmt.b32 t1, $1, 0, 0x4342;
+        lop3.b32 p0, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 h0, t0, 4;
+        shr.u32 h1, t1, 4;
+        lop3.b32 p2, h0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 p3, h1, 0x000F000F, 0x43004300, 0xEA;
+        shl.b32 e0, p2, 16;
+        and.b32 e2, p2, 0xFFFF0000;
+        shl.b32 e4, p3, 16;
+        and.b32 e6, p3, 0xFFFF0000;
+        shl.b32 e1, p0, 16;
+        and.b32 e3, p0, 0xFFFF0000;
+        shl.b32 e5, p1, 16;
+        and.b32 e7, p1, 0xFFFF0000;
+        fma.rn.f32 $0, e0, $2, $10;
+        fma.rn.f32 $0, e1, $3, $0;
+        fma.rn.f32 $0, e2, $4, $0;
+        fma.rn.f32 $0, e3, $5, $0;
+        fma.rn.f32 $0, e4, $6, $0;
+        fma.rn.f32 $0, e5, $7, $0;
+        fma.rn.f32 $0, e6, $8, $0;
+        fma.rn.f32 $0, e7, $9, $0;
+        }""",
+        constraints="=f,r,f,f,f,f,f,f,f,f,f", args=[w, x0, x1, x2, x3, x4, x5, x6, x7, acc], dtype=tl.float32, is_pure=True,
+        pack=1)
 
 
 @triton.jit

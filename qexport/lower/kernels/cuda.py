@@ -453,36 +453,6 @@ if triton is not None:
         )
         return y
 
-    # One word's PTX for `_int4_dot8`; a lab chain continuing from an accumulator swaps its first mul
-    # for an fma (benchmarks/cuda_lab_persist.py).
-    INT4_DOT8_PTX = tl.constexpr("""{
-        .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
-        prmt.b32 t0, $1, 0, 0x4140;
-        prmt.b32 t1, $1, 0, 0x4342;
-        lop3.b32 p0, t0, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
-        shr.u32 h0, t0, 4;
-        shr.u32 h1, t1, 4;
-        lop3.b32 p2, h0, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 p3, h1, 0x000F000F, 0x43004300, 0xEA;
-        shl.b32 e0, p2, 16;
-        and.b32 e2, p2, 0xFFFF0000;
-        shl.b32 e4, p3, 16;
-        and.b32 e6, p3, 0xFFFF0000;
-        shl.b32 e1, p0, 16;
-        and.b32 e3, p0, 0xFFFF0000;
-        shl.b32 e5, p1, 16;
-        and.b32 e7, p1, 0xFFFF0000;
-        mul.rn.f32 $0, e0, $2;
-        fma.rn.f32 $0, e1, $3, $0;
-        fma.rn.f32 $0, e2, $4, $0;
-        fma.rn.f32 $0, e3, $5, $0;
-        fma.rn.f32 $0, e4, $6, $0;
-        fma.rn.f32 $0, e5, $7, $0;
-        fma.rn.f32 $0, e6, $8, $0;
-        fma.rn.f32 $0, e7, $9, $0;
-        }""")
-
     @triton.jit
     def _int4_dot8(w, x0, x1, x2, x3, x4, x5, x6, x7):
         """sum_i (128 + q_i) * x_i over the 8 int4 codes of each int32 word (byte j: code 2j in the high
@@ -495,7 +465,33 @@ if triton is not None:
         # rate; a read-only kernel of the same shape reads the bytes in half the time:
         # benchmarks/cuda_lab_read.py, docs/benchmarks/cuda.md session 10).
         return tl.inline_asm_elementwise(
-            asm=INT4_DOT8_PTX,
+            asm="""{
+            .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
+            prmt.b32 t0, $1, 0, 0x4140;
+            prmt.b32 t1, $1, 0, 0x4342;
+            lop3.b32 p0, t0, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 h0, t0, 4;
+            shr.u32 h1, t1, 4;
+            lop3.b32 p2, h0, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 p3, h1, 0x000F000F, 0x43004300, 0xEA;
+            shl.b32 e0, p2, 16;
+            and.b32 e2, p2, 0xFFFF0000;
+            shl.b32 e4, p3, 16;
+            and.b32 e6, p3, 0xFFFF0000;
+            shl.b32 e1, p0, 16;
+            and.b32 e3, p0, 0xFFFF0000;
+            shl.b32 e5, p1, 16;
+            and.b32 e7, p1, 0xFFFF0000;
+            mul.rn.f32 $0, e0, $2;
+            fma.rn.f32 $0, e1, $3, $0;
+            fma.rn.f32 $0, e2, $4, $0;
+            fma.rn.f32 $0, e3, $5, $0;
+            fma.rn.f32 $0, e4, $6, $0;
+            fma.rn.f32 $0, e5, $7, $0;
+            fma.rn.f32 $0, e6, $8, $0;
+            fma.rn.f32 $0, e7, $9, $0;
+            }""",
             constraints="=f,r,f,f,f,f,f,f,f,f", args=[w, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
