@@ -1,4 +1,4 @@
-"""Two small additions to torch that make `invoke_quant` regions exportable (installed on import).
+"""Three small additions to torch that make `invoke_quant` regions exportable (installed on import).
 
 1. `InvokeQuant.__fx_create_arg__`: upstream's public `InvokeQuant()(fn, ...)` passes itself as
    `quant_options`; fx turns that frozen dataclass into a `call_function` node targeting the class,
@@ -11,13 +11,22 @@
    pass expects (unknown keys, like qexport's own payload, are dropped there), so torch.compile with
    Inductor and AOTInductor keep upstream's behaviour, `codegen_low_precision` honoured.
 
+3. Inductor's `invoke_quant` lowering marks the op behind each region output for low-precision
+   codegen by asking the output for `get_operation_name()`, which a view does not implement: a region
+   whose last op is a view (a linear on a 3-D activation ends in `mm` then `view`, as every
+   user-defined scheme's fallback and `qexport.kernels="inductor"` int8_dynamic do) failed AOTInductor
+   and torch.compile with `LoweringException: NotImplementedError: ReinterpretView`. While that
+   lowering runs, a view answers with the name of the op that wrote the buffer it views.
+
 And one name older torch lacks: `torch.export.pt2_archive.constants.OPAQUE_OBJ_FILENAME_PREFIX`
 (torch 2.11, the CUDA image's, has no opaque objects), which the `.pt2` reader checks members against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Any, Iterator
 
 import torch
 from torch._higher_order_ops import InvokeQuant
@@ -39,6 +48,36 @@ def _quant_options_to_node(gm: torch.fx.GraphModule) -> None:
             with gm.graph.inserting_before(node):
                 opts_node = gm.graph.call_function(InvokeQuant, (), {k: v for k, v in opts.items() if k in fields})
             node.update_kwarg("quant_options", opts_node)
+
+
+@contextlib.contextmanager
+def _views_name_their_buffers() -> Iterator[None]:
+    from torch._inductor import ir
+
+    own = "get_operation_name" in vars(ir.BaseView)
+    if not own:
+        ir.BaseView.get_operation_name = lambda self: self.unwrap_view().get_operation_name()  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if not own:
+            del ir.BaseView.get_operation_name
+
+
+def _install_invoke_quant_lowering() -> None:
+    from torch._inductor import lowering
+
+    op = torch._higher_order_ops.invoke_quant
+    upstream = lowering.lowerings.get(op)
+    if upstream is None:
+        return
+
+    def invoke_quant_lowering(*args: Any, **kwargs: Any) -> Any:
+        with _views_name_their_buffers():
+            return upstream(*args, **kwargs)
+
+    invoke_quant_lowering.__wrapped__ = upstream  # type: ignore[attr-defined]
+    lowering.lowerings[op] = invoke_quant_lowering
 
 
 def pt2_archive_constants_compat() -> None:
@@ -68,4 +107,5 @@ def install() -> None:
 
     canonicalize_quant_mapping.__wrapped__ = upstream  # type: ignore[attr-defined]
     joint_graph.canonicalize_quant_mapping = canonicalize_quant_mapping
+    _install_invoke_quant_lowering()
     _INSTALLED = True

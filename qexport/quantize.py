@@ -145,6 +145,7 @@ class _RecipeTable:
     def __init__(self, recipe: Recipe, algorithm: str | None = None) -> None:
         self.single: Scheme | None = None
         self.names: list[tuple[str, Scheme | None]] = []
+        self.used: set[str] = set()  # name keys that matched a weight layer
         self.types: dict[type, Scheme | None] = {}
         self._fill(recipe)
         if algorithm is not None:
@@ -190,6 +191,15 @@ class _RecipeTable:
         self.names = [(k, apply(s)) for k, s in self.names]
         self.types = {k: apply(s) for k, s in self.types.items()}
 
+    def unmatched(self, model: nn.Module) -> tuple[str, ...]:
+        """The name keys that decided no weight layer, each with why: a typo, or a container's name (a
+        name key selects that module only; the layers under it need a glob)."""
+        containers = {fqn for fqn, _ in model.named_modules()}
+        return tuple(
+            f"{key!r} matched no weight layer" + (f" (it is a container: select the layers under it with '{key}.*')"
+                                                if key in containers else "")
+            for key, _ in self.names if key not in self.used)
+
     def schemes(self) -> list[Scheme]:
         found = [self.single] if self.single else [s for _, s in self.names] + list(self.types.values())
         return [s for s in found if s is not None]
@@ -200,9 +210,11 @@ class _RecipeTable:
             return _Match(self.single, "", exact=False)
         for key, s in self.names:
             if key == fqn:
+                self.used.add(key)
                 return _Match(s, repr(key), exact=True)
         for key, s in self.names:
             if fnmatch.fnmatchcase(fqn, key):
+                self.used.add(key)
                 return _Match(s, repr(key), exact=False)
         for cls in _type_key_mro(m):
             if cls in self.types:
@@ -264,6 +276,8 @@ class QuantizationSummary:
     skipped and why. `str()` gives the per-type table the CLI prints."""
 
     decisions: tuple[LayerDecision, ...] = field(default_factory=tuple)
+    #: recipe name keys that decided no layer (a typo; a container's name, whose layers need a glob)
+    unmatched_keys: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -287,7 +301,8 @@ class QuantizationSummary:
 
         head = f"quantized {len(self.quantized)} of {len(self.decisions)} weight layers"
         rows = [[t, str(n), s, why] for t, n, s, why in self.rows()]
-        return head + "\n" + format_table(["layer type", "count", "scheme", "note"], rows)
+        unmatched = "".join(f"\nrecipe key {why}" for why in self.unmatched_keys)
+        return head + "\n" + format_table(["layer type", "count", "scheme", "note"], rows) + unmatched
 
 
 # -- the quantized module ---------------------------------------------------------------------------
@@ -482,6 +497,11 @@ def _plan(
             skipped[fqn] = LayerDecision(fqn, kind, op, None, reason)
 
         if fqn in read_directly:
+            # only a recipe key naming it is an explicit choice: a filter_fn keeping every nn.Linear keeps
+            # MultiheadAttention's out_proj too, and that one is skipped, not an error for the model
+            match = table.lookup(fqn, m)
+            if match is not None and match.exact and match.scheme is not None:
+                raise UnsupportedModuleError(f"{fqn}: {read_directly[fqn]}; leave it out of the recipe")
             skip(read_directly[fqn], layer.op if layer else None)
             continue
         explicit = filter_fn is not None and filter_fn(m, fqn)
@@ -644,13 +664,10 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
             m.training = training
     if n == 0:
         raise CalibrationError("calibration_data is empty; pass at least one batch of example inputs")
-    for c in gptq:
-        if c.fqn not in hessians:
-            raise CalibrationError(f"{c.fqn} never ran during calibration; GPTQ has no inputs to fit it to")
+    _check_every_layer_ran([c.fqn for c in gptq if c.fqn not in hessians], "GPTQ has no inputs to fit them to")
+    _check_every_layer_ran([c.fqn for c in static if f"{c.fqn}/input" not in ranges], "their activation ranges are unknown")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for c in static:
-        if f"{c.fqn}/input" not in ranges:
-            raise CalibrationError(f"{c.fqn} never ran during calibration; its activation range is unknown")
         t: dict[str, torch.Tensor] = {}
         for key in ("input", "output"):
             scale, zp = int8_asym_qparams(*ranges[f"{c.fqn}/{key}"])
@@ -658,6 +675,16 @@ def _calibrate(model: nn.Module, chosen: list[_Choice], data: Iterable[Any]) -> 
             t[f"{key}_zero_point"] = zp.to(torch.int32)
         out[c.fqn] = t
     return _Calibration(out, hessians)
+
+
+def _check_every_layer_ran(missing: list[str], why: str) -> None:
+    if missing:
+        raise CalibrationError(
+            f"{len(missing)} layer(s) never ran during calibration ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
+            f"{why}. A layer the forward does not call for these inputs (or whose weight the model reads itself "
+            f"instead of calling it, as Mamba's conv1d) cannot be calibrated: calibrate with inputs that reach it, "
+            f"or leave it float: quantize(model, {{..., {missing[0]!r}: None}})"
+        )
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -733,7 +760,7 @@ def quantize(
         q.to(m.weight.device)
         q.train(m.training)
         _set_submodule(model, c.fqn, q)
-    model.qexport_summary = QuantizationSummary(tuple(decisions))
+    model.qexport_summary = QuantizationSummary(tuple(decisions), table.unmatched(model))
     return model
 
 

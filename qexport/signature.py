@@ -42,6 +42,12 @@ def names_from_dynamic_shapes(
 
     if dynamic_shapes is None:
         return {}
+    if isinstance(dynamic_shapes, torch.export.ShapesCollection) and hasattr(forward, "__self__"):
+        # torch's per-tensor form: ask it for the per-argument one the walk below reads
+        try:
+            dynamic_shapes = dynamic_shapes.dynamic_shapes(forward.__self__, args, dict(kwargs))
+        except Exception:  # torch.export has accepted it already; without names the symbols keep torch's
+            return {}
     by_tensor: dict[int, Any] = {}
 
     def walk(value: Any, spec: Any) -> None:

@@ -178,9 +178,10 @@ class Manifest:
     qexport_version: str
     torch_version: str
     regions: tuple[RegionRecord, ...]
-    #: sum of the regions' weight_bytes
+    #: bytes of the quantized tensors the regions read, each tensor once (a module called twice, or
+    #: tied layers sharing their tensors, is stored once)
     quantized_bytes: int
-    #: sum of the float weight bytes those regions replaced
+    #: the float weight bytes those regions replaced, each replaced weight once
     float_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
     #: every other tensor of the program (float biases, unquantized parameters, buffers, constants)
@@ -212,24 +213,26 @@ class Manifest:
         if (generation := ep.graph_module.meta.get("custom", {}).get(GENERATION_META)) is not None:
             extra.setdefault("generation", generation)
         tensors = _program_tensors(ep)
-        records, weights, floats = [], {}, {}
+        records, weights, floats = [], {}, {}  # keyed by the bytes they stand for (_storage_key)
         for node, region in region_nodes(ep):
             if region.scheme is None:
                 raise ArtifactError(
                     f"region {region.name} uses scheme {region.scheme_name!r}, which is not registered here; "
                     f"register it (qexport.schemes.register) before saving"
                 )
-            fqns = _region_tensor_fqns(ep, region, node)
-            # a module called twice is two regions reading one set of weights: the totals count them once
-            weights.update({f: tensors[f].nbytes for f in fqns if not f.endswith(".bias")})
-            floats[region.module_path or region.name] = _float_bytes(region)
+            fqns = [f for f in _region_tensor_fqns(ep, region, node) if not f.endswith(".bias")]
+            # a module called twice is two regions reading one set of weights, and tied layers (GPT-2's
+            # wte / lm_head, two Linears sharing a parameter) are two modules lifting one tensor under two
+            # names, stored once in the file: the totals count those bytes once
+            weights.update({_storage_key(tensors[f]): tensors[f].nbytes for f in fqns})
+            floats[tuple(sorted(_storage_key(tensors[f]) for f in fqns)) or region.name] = _float_bytes(region)
             records.append(
                 RegionRecord(
                     name=region.name,
                     scheme=region.scheme,
                     module_path=region.module_path,
                     op=region.op,
-                    weight_bytes=sum(tensors[f].nbytes for f in fqns if not f.endswith(".bias")),
+                    weight_bytes=sum(tensors[f].nbytes for f in fqns),
                     float_bytes=_float_bytes(region),
                     input_shapes=_activation_shapes(ep, node),
                     output_shapes=region.output_shapes,
@@ -247,7 +250,7 @@ class Manifest:
             quantized_bytes=quantized,
             float_bytes=sum(floats.values()),
             extra=dict(extra),
-            other_bytes=sum(t.nbytes for t in tensors.values()) - quantized,
+            other_bytes=sum({_storage_key(t): t.nbytes for t in tensors.values()}.values()) - quantized,
         )
 
     def with_lowering(self, records: "Sequence[LoweringRecord]") -> "Manifest":
@@ -407,6 +410,15 @@ def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor
     out = {k: v for k, v in ep.state_dict.items() if isinstance(v, torch.Tensor)}
     out.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
     return out
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    """What identifies a tensor's bytes: the tensors of one tied weight, lifted under several names, share it."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # no storage (a fake or wrapper tensor): its own bytes
+        return id(t)
+    return (t.device.type, ptr, t.storage_offset(), t.nbytes) if ptr else id(t)
 
 
 def _region_tensor_fqns(ep: torch.export.ExportedProgram, region: Region, node: torch.fx.Node) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -171,6 +172,34 @@ def test_export_with_a_recipe(capsys, tmp_path):
     assert schemes.pop("emb") == "int8_weight_only" and not [m for m in schemes if m.startswith("blocks.0.")]
     assert set(schemes.values()) == {"int8_dynamic"} and len(schemes) == 5
     assert "recipe entry 'blocks.0.*' maps it to None" in stdout
+
+
+def test_export_with_a_scheme_the_target_module_registers(capsys, tmp_path):
+    """A user scheme registered beside the model (the documented way) is known once TARGET's module is
+    imported, which happens before the scheme is looked up; the region table names each region once."""
+    (tmp_path / "user_models.py").write_text(textwrap.dedent("""
+        import torch, qexport
+        qexport.schemes.register(qexport.schemes.get("int8_weight_only").replace(name="test_cli_int8_pt", granularity="per_tensor"))
+
+        class Twice(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.out = torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)
+
+            def forward(self, x):
+                return self.out(self.fc(self.fc(x)))
+    """))
+    out = tmp_path / "user.pt2"
+    try:
+        code, stdout, err = run_cli(capsys, "export", f"{tmp_path}/user_models.py:Twice", "--scheme", "test_cli_int8_pt",
+                                    "--recipe", "out=int8_weight_only", "--input", "2x64", "-o", str(out))
+        assert code == 0, err
+        assert {r.name: r.scheme.name for r in qexport.regions(qexport.load(out))} == {
+            "fc": "test_cli_int8_pt", "fc_1": "test_cli_int8_pt", "out": "int8_weight_only"}
+        table = stdout[stdout.index("region "):]
+        assert [line.split()[0] for line in table.splitlines()[2:5]] == ["fc", "fc_1", "out"]
+    finally:
+        qexport.schemes.unregister("test_cli_int8_pt")
 
 
 @pytest.mark.parametrize("argv, needles", [

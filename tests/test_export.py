@@ -245,6 +245,17 @@ def test_dim_names_reach_every_manifest(form, tmp_path):
     assert inputs[0]["shape"][1]["max"] == 64
 
 
+def test_dim_names_from_a_shapes_collection(tmp_path):
+    """torch's per-tensor form of dynamic_shapes names its dims too (they were left as torch's symbols)."""
+    x = torch.randn(3, 5, 64)
+    shapes = torch.export.ShapesCollection()
+    shapes[x] = {0: Dim("batch"), 1: Dim("seq")}
+    ep = qexport.export(quantized(MLP(), "int8_dynamic", (x,)), (x,), dynamic_shapes=shapes)
+    manifest = qexport.save(ep, tmp_path / "m.pt2")
+    assert sorted(manifest.extra["dim_names"].values()) == ["batch", "seq"]
+    assert [d["name"] for d in manifest.extra["inputs"][0]["shape"][:2]] == ["batch", "seq"]
+
+
 def test_integer_inputs_that_index_a_table_record_its_range():
     """signature.index_ranges: embedding, index_select and indexing bound the input they are fed from,
     through ops that keep every value (view); a slice does not (the part left out may be anything)."""

@@ -76,6 +76,30 @@ def test_static_needs_calibration():
         qexport.quantize(MLP().eval(), "int8_static", calibration_data=[])
 
 
+class _ReadsAWeightItself(nn.Module):
+    """Mamba's slow path at toy size: the model computes with `aux.weight` itself, never calling `aux`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.aux = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x) * self.aux.weight.detach().sum()
+
+
+@pytest.mark.parametrize("recipe, kw, why", [
+    ("int8_static", {}, "their activation ranges are unknown"),
+    ("int8_dynamic", {"algorithm": "gptq"}, "GPTQ has no inputs to fit them to"),
+])
+def test_a_layer_calibration_never_reaches_is_named_with_the_fix(recipe, kw, why):
+    model = _ReadsAWeightItself().eval()
+    with pytest.raises(CalibrationError, match=rf"1 layer\(s\) never ran during calibration \(aux\); {why}.*Mamba's conv1d.*'aux': None"):
+        qexport.quantize(model, recipe, calibration_data=[(torch.randn(2, 64),)], **kw)
+    assert not quantized_modules(model)  # refused before any layer was swapped
+    qexport.quantize(model, {nn.Linear: recipe, "aux": None}, calibration_data=[(torch.randn(2, 64),)], **kw)
+    assert [n for n, _ in quantized_modules(model)] == ["fc"]
+
+
 def test_static_calibration_ranges():
     model = MLP().eval()
     x = torch.randn(16, 64) * 3
@@ -137,7 +161,7 @@ def test_errors_raised_before_any_work():
 
 def test_transformer_one_region_per_linear():
     model = TinyTransformer().eval()
-    qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    qexport.quantize(model, "int8_weight_only", filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "own")
     n_linear = sum(type(m) is nn.Linear for m in TinyTransformer().modules())
     assert len(quantized_modules(model)) == n_linear == 13
 
@@ -201,6 +225,26 @@ class PaddedConv2d(nn.Conv2d):
 
     def forward(self, x):
         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+def test_multihead_attention_named_in_a_recipe_is_an_error_and_kept_by_filter_fn_a_skip():
+    with pytest.raises(UnsupportedModuleError, match=r"attn.out_proj: nn.MultiheadAttention reads out_proj.weight directly"):
+        qexport.quantize(Mixed().eval(), {"attn.out_proj": "int8_dynamic", "sub": "int8_dynamic"})
+    model = qexport.quantize(Mixed().eval(), "int8_dynamic", filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "own")
+    assert {d.module for d in model.qexport_summary.quantized} == {"sub"}
+    assert type(model.attn.out_proj) is not QuantizedModule
+
+
+def test_recipe_keys_that_match_no_layer_are_reported():
+    """A typo, or a container's name (a name key selects that module only), would otherwise leave the
+    layers the user meant to keep float quantized without a word."""
+    model = nn.ModuleDict(dict(enc=nn.Sequential(nn.Linear(16, 16)), head=nn.Linear(16, 8)))
+    qexport.quantize(model, {"enc": None, "haed": None, "head": "int8_dynamic", nn.Linear: "int8_dynamic"})
+    assert model.qexport_summary.unmatched_keys == (
+        "'enc' matched no weight layer (it is a container: select the layers under it with 'enc.*')",
+        "'haed' matched no weight layer")
+    assert str(model.qexport_summary).endswith("\nrecipe key 'haed' matched no weight layer")
+    assert qexport.quantize(MLP().eval(), "int8_dynamic").qexport_summary.unmatched_keys == ()
 
 
 def test_subclasses_by_their_forward():

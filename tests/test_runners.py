@@ -103,6 +103,20 @@ def test_verify_fails_a_different_model_and_reports_unloadable_files(demo_artifa
     assert not broken.passed and broken.error and "damaged.pte" in broken.error
 
 
+def test_verify_of_a_family_this_process_lacks_names_the_tolerance_fix(tt_program, monkeypatch):
+    """A user family's tolerance lives with its math, in the user's module, which `qexport verify` never
+    imports: the error says to import it or to give the tolerance, and the tolerance is enough."""
+    from qexport.errors import UnknownSchemeError
+    from qexport.schemes import registry
+
+    path, _, _ = tt_program
+    monkeypatch.delitem(registry._FAMILIES, "int4")  # as in a process that never registered the family
+    with pytest.raises(UnknownSchemeError, match=r"family 'int4'.*--tolerance REL"):
+        runners.verify(path, [path])
+    (res,) = runners.verify(path, [path], tolerance=0.05)
+    assert res.passed and res.rel == 0.0
+
+
 def test_verify_errors_before_work(demo_artifacts, tmp_path):
     with pytest.raises(ArtifactNotFoundError, match="nope.onnx"):
         runners.verify(demo_artifacts["pt2"], [tmp_path / "nope.onnx"])

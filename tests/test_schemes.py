@@ -234,3 +234,45 @@ def test_from_dict_refuses_fields_of_another_type(field, value):
     with pytest.raises((InvalidSchemeError, UnsupportedVersionError), match=f"{field}|schema version") as e:
         Scheme.from_dict({**qexport.schemes.get("int4_weight_only").to_dict(), field: value})
     assert "\x1b" not in str(e.value)
+
+
+def test_a_builtin_familys_math_is_never_replaced():
+    """A user math claiming a built-in family would silently change the numerics of every built-in
+    scheme of that family (and of every file naming one) while their scheme dicts stayed the same."""
+    int8 = math_for(qexport.schemes.get("int8_weight_only"))
+
+    class Impostor(SchemeMath):
+        family = "int8"
+
+    s = Scheme(name="test_int8_impostor", family="int8", weight_dtype="int8", bits=8, granularity="per_tensor")
+    with pytest.raises(InvalidSchemeError, match="'int8' is built in .* family of their own"):
+        qexport.schemes.register(s, Impostor())
+    with pytest.raises(InvalidSchemeError, match="'int8' is built in"):
+        qexport.schemes.register_family(Impostor())
+    assert math_for(qexport.schemes.get("int8_weight_only")) is int8 and "test_int8_impostor" not in qexport.schemes.names()
+    assert qexport.schemes.register_family(type(int8)()) is int8  # the same math again: a no-op
+
+
+def test_a_refused_registration_leaves_nothing_behind():
+    class NewMath(Int6Math):
+        family = "test_half_registered"
+
+    bad = Scheme(name="test_half", family="test_half_registered", weight_dtype="int8", bits=6,
+                 granularity="per_group", group_size=None, qmin=-31, qmax=31)
+    with pytest.raises(InvalidSchemeError, match="group_size=None"):
+        qexport.schemes.register(bad, NewMath())
+    assert "test_half_registered" not in qexport.schemes.families() and "test_half" not in qexport.schemes.names()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: qexport.schemes.get("int8_weight_only", qmin="-8"), "field 'qmin' must be float"),
+    (lambda: qexport.schemes.get("int4_weight_only", group_size=32.0), "field 'group_size' must be int"),
+    (lambda: qexport.schemes.get("int8_dynamic", symmetric=1), "field 'symmetric' must be bool"),
+    (lambda: qexport.schemes.register(Scheme(name="test_bits", family="int8", weight_dtype="int8", bits="8",
+                                             granularity="per_channel")), "field 'bits' must be int"),
+    (lambda: qexport.schemes.register(Scheme(name="", family="int8", weight_dtype="int8", bits=8,
+                                             granularity="per_channel")), "name must be a non-empty string"),
+])
+def test_scheme_fields_of_the_wrong_type_are_refused_by_name(make, message):
+    with pytest.raises(InvalidSchemeError, match=message):
+        make()

@@ -33,7 +33,7 @@ from serializers import MANIFEST_VERSION, Manifest, RegionRecord
 from serializers import _archive
 from serializers.pt2 import MANIFEST_NAME
 
-from conftest import MLP, ConvNet, TinyTransformer, quantized, scheme_for
+from conftest import MLP, ConvNet, TiedLM, TinyTransformer, quantized, scheme_for
 
 torch.manual_seed(0)
 
@@ -244,6 +244,25 @@ def test_manifest_bytes_match_the_quantized_modules(cases, key):
     assert m.quantized_bytes + m.other_bytes == sum(t.nbytes for t in state.values())
     assert m.artifact == "pt2" and m.version == MANIFEST_VERSION
     assert m.torch_version == torch.__version__ and m.qexport_version == qexport.__version__
+
+
+class _TiedTwiceCalled(TiedLM):
+    """GPT-2's tied wte / lm_head, and a head called twice: one set of quantized tensors read by three regions."""
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        return self.head(h) + self.head(h * 2)
+
+
+def test_manifest_totals_count_tied_and_shared_tensors_once_as_the_file_stores_them(tmp_path):
+    model = qexport.quantize(_TiedTwiceCalled().eval(), {nn.Embedding: "int8_weight_only", nn.Linear: "int8_weight_only"})
+    ep = qexport.export(model, (torch.randint(0, 64, (2, 5)),))
+    m = qexport.save(ep, tmp_path / "tied.pt2")
+    assert [r.name for r in m.regions] == ["emb", "head", "head_1"] and len({r.weight_bytes for r in m.regions}) == 1
+    with zipfile.ZipFile(tmp_path / "tied.pt2") as z:
+        payloads = sum(i.file_size for i in z.infolist() if "/data/weights/weight_" in i.filename or "/data/constants/tensor_" in i.filename)
+    assert m.quantized_bytes == m.regions[0].weight_bytes and m.float_bytes == 64 * 16 * 4
+    assert m.quantized_bytes + m.other_bytes == payloads
 
 
 def test_manifest_json_round_trip_and_forward_compatible_fields(cases):

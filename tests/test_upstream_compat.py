@@ -192,3 +192,17 @@ def test_pt2_loads_where_torch_lacks_the_opaque_object_constant(monkeypatch, tmp
     ep = qexport.export(quantized(MLP(), scheme_for("int8_weight_only"), (x,)), (x,))
     qexport.save(ep, tmp_path / "m.pt2")
     assert torch.equal(qexport.load(tmp_path / "m.pt2").module()(x), ep.module()(x))
+
+
+def test_a_region_ending_in_a_view_compiles_with_inductor():
+    """A linear on a 3-D activation ends its region in `mm` then `view`; upstream's invoke_quant lowering
+    asked that view for its operation name (`NotImplementedError: ReinterpretView`): torch.compile failed
+    on int8_dynamic transformers, and AOTInductor (the same lowering) on every region it fuses on 3-D
+    activations, e.g. every user-defined scheme's."""
+    from conftest import MLP, quantized, scheme_for
+
+    x = torch.randn(2, 3, 64)
+    model = quantized(MLP(), scheme_for("int8_dynamic"), (x,))
+    want = model(x)
+    got = torch.compile(model, backend="inductor")(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= qexport.schemes.math_for(model.layers[0].scheme).tolerance

@@ -11,8 +11,8 @@ import torch
 
 from ..errors import CalibrationError, UsageError
 from ._common import (
-    INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, input_path, output_path,
-    parse_input_spec, parse_scheme_args, stage,
+    INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, import_target, input_path,
+    output_path, parse_input_spec, parse_scheme_args, stage,
 )
 from ._dims import DYNAMIC_HELP, dynamic_shapes, maxima, parse_dynamic, rename, resolve, traced_shape
 from ..table import format_table
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     parsed = parse_dynamic(args.dynamic + (["0:batch"] if args.dynamic_batch else []))
     dims, bounds = resolve(parsed, [s.shape for s in specs]), maxima(parsed, [s.shape for s in specs])
     specs = [InputSpec(traced_shape(s.shape, d), s.dtype, s.high) for s, d in zip(specs, dims)]
+    _import_schemes_of(args.target, [args.scheme, *(pair.rpartition("=")[2].strip() for pair in args.recipe)])
     scheme_params = parse_scheme_args(args.scheme, args.scheme_arg)
     from ..schemes import get
 
@@ -139,6 +140,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_schemes_of(target: str, names: list[str]) -> None:
+    """A scheme registered by TARGET's own module (a user scheme defined beside the model, the documented
+    way to add one) is known only once that module is imported: import it, without building the model,
+    when a scheme the command names is not registered yet."""
+    from ..schemes import names as registered
+
+    if any(n and n.lower() != "none" and n not in registered() for n in names):
+        import_target(target)
+
+
 def parse_recipe(pairs: list[str]) -> dict[str, Any]:
     """`["Embedding=int8_weight_only", "lm_head=none"]` -> {"Embedding": Scheme, "lm_head": None}, in order."""
     from ..schemes import get
@@ -166,6 +177,6 @@ def print_regions(ep: torch.export.ExportedProgram, dim_names: dict[str, str] | 
     def shape(shapes) -> str:
         return "x".join(rename(str(d), dim_names or {}) for d in shapes[0]) if shapes else ""
 
-    rows = [[r.module_path or r.name, r.scheme.describe() if r.scheme else r.scheme_name, r.op,
+    rows = [[r.name, r.scheme.describe() if r.scheme else r.scheme_name, r.op,
              shape(r.input_shapes), shape(r.output_shapes)] for r in regions(ep)]
     print(format_table(["region", "scheme", "op", "input", "output"], rows))

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from serializers.files import check_readable
 
-from ..errors import ArtifactError, QExportError
+from ..errors import ArtifactError, QExportError, UnknownSchemeError
 from .loaders import artifact_kind, first_line, load, load_program, pinned
 from .runner import make_inputs, program_inputs, program_runner, region_outputs
 
@@ -70,7 +70,11 @@ def tolerance_for(ep: torch.export.ExportedProgram) -> tuple[float, list[str]]:
     schemes = {r.scheme.name: r.scheme for r in regions(ep) if r.scheme is not None}
     if not schemes:
         return FLOAT_TOLERANCE, []
-    return max(math_for(s).tolerance for s in schemes.values()), sorted(schemes)
+    try:
+        return max(math_for(s).tolerance for s in schemes.values()), sorted(schemes)
+    except UnknownSchemeError as e:  # a user family: its tolerance lives with its math, in the user's module
+        raise UnknownSchemeError(f"{e}; or give the tolerance yourself (qexport verify --tolerance REL, "
+                                 f"runners.verify(..., tolerance=REL))") from None
 
 
 class _Float64Gemms(TorchDispatchMode):

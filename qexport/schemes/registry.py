@@ -9,13 +9,28 @@ from ._scheme import REGISTERED as _SCHEMES, Scheme, SchemeMath
 
 _FAMILIES: dict[str, SchemeMath] = {}
 _BUILTINS: set[str] = set()
+_BUILTIN_FAMILIES: set[str] = set()
 
 
 def register_family(math: SchemeMath) -> SchemeMath:
-    if not math.family:
+    _check_family(math)
+    if math.family not in _BUILTIN_FAMILIES:
+        _FAMILIES[math.family] = math
+    return _FAMILIES[math.family]
+
+
+def _check_family(math: SchemeMath) -> None:
+    """A built-in family's math is not replaced: every built-in scheme of that family (and every file
+    naming one) would silently compute with the newcomer's numerics while its scheme dict stayed the same."""
+    if not isinstance(math.family, str) or not math.family:
         raise InvalidSchemeError(f"{type(math).__name__}.family must be a non-empty string")
-    _FAMILIES[math.family] = math
-    return math
+    current = _FAMILIES.get(math.family)
+    if math.family in _BUILTIN_FAMILIES and current is not None and type(math) is not type(current):
+        raise InvalidSchemeError(
+            f"family {math.family!r} is built in and its math ({type(current).__name__}) cannot be replaced by "
+            f"{type(math).__name__}; register the scheme without math to reuse the built-in one, or give the "
+            f"scheme and {type(math).__name__} a family of their own (e.g. family='my_{math.family}')"
+        )
 
 
 def register(scheme: Scheme, math: "SchemeMath | type[SchemeMath] | None" = None, *, overwrite: bool = False) -> Scheme:
@@ -35,21 +50,22 @@ def register(scheme: Scheme, math: "SchemeMath | type[SchemeMath] | None" = None
             raise InvalidSchemeError(
                 f"scheme {scheme.name!r} has family {scheme.family!r} but its math is for family {math.family!r}"
             )
-        register_family(math)
-    if scheme.family not in _FAMILIES:
+        _check_family(math)
+    family_math = math if math is not None else _FAMILIES.get(scheme.family)
+    if family_math is None:
         raise InvalidSchemeError(
             f"scheme {scheme.name!r} names family {scheme.family!r}, which has no math registered; "
             f"pass math=YourSchemeMath() or use one of {sorted(_FAMILIES)}"
         )
-    if scheme.name in _SCHEMES and not overwrite:
-        if _SCHEMES[scheme.name] == scheme:
-            return scheme
+    if scheme.name in _SCHEMES and not overwrite and _SCHEMES[scheme.name] != scheme:
         raise InvalidSchemeError(
             f"a different scheme named {scheme.name!r} is already registered; pick another name or pass overwrite=True"
         )
     if scheme.name in _BUILTINS and overwrite:
         raise InvalidSchemeError(f"{scheme.name!r} is a built-in scheme and cannot be replaced")
-    _FAMILIES[scheme.family].validate(scheme)
+    family_math.validate(scheme)  # before anything is registered: a refused scheme leaves no family behind
+    if math is not None:
+        register_family(math)
     _SCHEMES[scheme.name] = scheme
     return scheme
 
@@ -57,6 +73,7 @@ def register(scheme: Scheme, math: "SchemeMath | type[SchemeMath] | None" = None
 def _register_builtin(scheme: Scheme, math: SchemeMath) -> None:
     register(scheme, math)
     _BUILTINS.add(scheme.name)
+    _BUILTIN_FAMILIES.add(scheme.family)
 
 
 def unregister(name: str) -> None:
