@@ -78,13 +78,7 @@ class Scheme:
         missing = {"name", "family", "weight_dtype", "bits", "granularity"} - set(data)
         if missing:
             raise InvalidSchemeError(f"scheme dict lacks required field(s) {sorted(missing)}")
-        # A scheme read from a file is the file's author's: a field of another JSON type would surface
-        # later as a TypeError deep in a report or a backend, so each is checked against its annotation.
-        for name, value in data.items():
-            if not _json_type_ok(_FIELD_TYPES[name], value):
-                raise InvalidSchemeError(
-                    f"scheme {str(data.get('name'))[:60]!r}: field {name!r} must be {_FIELD_TYPES[name]}, got {str(value)[:60]!r}"
-                )
+        _check_types(data)
         scheme = cls(**dict(data))
         _check_common(scheme)
         return scheme
@@ -226,9 +220,22 @@ def reduction_dim_size(op: str, weight_shape: tuple[int, ...]) -> int:
     return k
 
 
+def _check_types(data: Mapping[str, Any]) -> None:
+    """Each field against its annotation. A scheme read from a file is the file's author's, and one built
+    with `get(name, **params)` the caller's (`qexport export --scheme-arg qmin=none`): a field of another
+    type would surface later as a TypeError deep in a check, a report or a backend."""
+    for name, value in data.items():
+        if name in _FIELD_TYPES and not _json_type_ok(_FIELD_TYPES[name], value):
+            raise InvalidSchemeError(
+                f"scheme {str(data.get('name'))[:60]!r}: field {name!r} must be {_FIELD_TYPES[name]}, got {str(value)[:60]!r}"
+            )
+
+
 def _check_common(s: Scheme) -> None:
     def bad(msg: str) -> None:
         raise InvalidSchemeError(f"{s.name}: {msg}")
+
+    _check_types(s.to_dict())
 
     if s.granularity not in GRANULARITIES:
         bad(f"granularity={s.granularity!r} is not one of {GRANULARITIES}")
