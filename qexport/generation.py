@@ -451,31 +451,44 @@ def _argmax_pick(logits: torch.Tensor) -> torch.Tensor:
 
 
 _PICKS: dict[tuple, Any] = {}
+#: the greedy picks timed on the GPU: ATen's argmax, one Triton program, one program per block of logits
+_PICK_KINDS = ("aten", ("one", 32, 4096), ("blocks", 4, 1024), ("blocks", 8, 2048))
+
+
+def _pick(kind: Any, vocab: int, device: torch.device) -> Any:
+    if kind == "aten":
+        return _argmax_pick
+    from .lower.kernels import cuda as kernels
+
+    if kind[0] == "one":
+        return lambda x: kernels.greedy_token(x, num_warps=kind[1], block=kind[2])
+    return kernels.GreedyBlocks(vocab, device, block=kind[2], num_warps=kind[1])
 
 
 def _fastest_pick(logits: torch.Tensor) -> Any:
-    """The faster greedy pick for one row like `logits` on this GPU, timed once per (GPU, vocabulary,
-    dtype) as graph replays: ATen's argmax reduces one long row in one block for some lengths (H200:
-    15.4 µs for 32000 logits, 40.6 for 128256) and several for others (12.4 for 151936), where one
-    Triton program took 7.0 / 13.0 / 14.7 (benchmarks/cuda_lab_argmax.py)."""
-    key = (torch.cuda.get_device_name(logits.device), logits.shape[-1], logits.dtype)
+    """A new instance of the fastest greedy pick for one row like `logits` on this GPU, the kind timed
+    once per (GPU, vocabulary, dtype) as graph replays: ATen's argmax reduces one long row in one block
+    for some lengths (H200: 15.4 µs for 32000 logits, 40.6 for 128256) and several for others (12.4 for
+    151936), where one Triton program took 7.0 / 13.0 / 14.7 (benchmarks/cuda_lab_argmax.py); one
+    program per block of logits spreads the row over the GPU. Each instance holds its own workspace."""
+    vocab = logits.shape[-1]
+    key = (torch.cuda.get_device_name(logits.device), vocab, logits.dtype)
     if key not in _PICKS:
         from .lower.kernels import cuda as kernels
         from .lower.kernels.cuda_tune import bench_us
 
-        def one_kernel(x: torch.Tensor) -> torch.Tensor:
-            return kernels.greedy_token(x, num_warps=32, block=4096)
-
-        pick = _argmax_pick
+        want = int(_argmax_pick(logits))
+        times = {"aten": bench_us(lambda: _argmax_pick(logits))}
         if kernels.triton is not None:
-            try:
-                if (int(one_kernel(logits)) == int(_argmax_pick(logits))
-                        and bench_us(lambda: one_kernel(logits)) < bench_us(lambda: _argmax_pick(logits))):
-                    pick = one_kernel
-            except Exception:  # noqa: BLE001 - a Triton that cannot build it here: ATen's argmax is always right
-                pass
-        _PICKS[key] = pick
-    return _PICKS[key]
+            for kind in _PICK_KINDS[1:]:
+                try:
+                    fn = _pick(kind, vocab, logits.device)
+                    if int(fn(logits)) == want:
+                        times[kind] = bench_us(lambda fn=fn: fn(logits))
+                except Exception:  # noqa: BLE001 - a Triton that cannot build it here: ATen's argmax is always right
+                    pass
+        _PICKS[key] = min(times, key=times.get)
+    return _pick(_PICKS[key], vocab, logits.device)
 
 
 class CudaGraphDecoder:

@@ -15,6 +15,7 @@ import torch
 import pytest
 
 import qexport
+from qexport.lower.aoti import plan as aoti_plan
 from qexport.lower.kernels import apply_kernels, cuda as cuda_kernels, cuda_tune
 from qexport.schemes import math_for
 
@@ -349,6 +350,34 @@ def test_cuda_transformer_with_3d_activations(name, tmp_path):
     with torch.no_grad():
         y = qexport.load_compiled(path)(idx)
         assert rel_err(y[0] if isinstance(y, (list, tuple)) else y, m(idx)) <= math_for(scheme_for(name)).tolerance
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("group", [32, 256])
+def test_int4_embedding_kernel_is_the_reference_rows(group, tmp_path):
+    """The int4 table's rows decoded by one kernel before their consumer, in a package whose plan
+    names it, for any number of indices (the LayerNorm after it is Inductor's: equal to rounding); the
+    kernel alone gives the region's own rows exactly, and NaN for an index outside the table instead
+    of reading outside it."""
+    s = qexport.schemes.get("int4_weight_only", group_size=group)
+    torch.manual_seed(0)
+    emb = torch.nn.Sequential(torch.nn.Embedding(1000, 512), torch.nn.LayerNorm(512))
+    m = qexport.quantize(emb.eval(), {torch.nn.Embedding: s}).cuda()
+    idx = torch.randint(0, 1000, (2, 7), device="cuda")
+    ep = qexport.export(m, (idx,), dynamic_shapes=({1: torch.export.Dim("s", min=1, max=64)},))
+    assert [r.kernel for r in aoti_plan(ep, device="cuda").regions] == ["Triton int4 rows"]
+    runner = qexport.load_compiled(qexport.compile(ep, tmp_path / "e.pt2", device="cuda"))
+    with torch.no_grad():
+        for n in (1, 7, 64):
+            ids = torch.randint(0, 1000, (2, n), device="cuda")
+            y = runner(ids)
+            torch.testing.assert_close(y[0] if isinstance(y, (list, tuple)) else y, m(ids), rtol=1e-5, atol=1e-5)
+    t = {r: v.cuda() for r, v in math_for(s).quantize_weight(s, torch.randn(1000, 512)).items()}
+    ids = torch.tensor([0, 999, 5, -1, 1000], device="cuda")
+    rows = torch.ops.qexport.int4_embedding(ids, t["weight"], t["weight_scale"], t["weight_zero_point"], group, torch.bfloat16)
+    want = math_for(s).dequantize_weight(s, t, (1000, 512)).to(torch.bfloat16)
+    assert torch.equal(rows[:3], want[[0, 999, 5]]) and rows[3:].isnan().all()
 
 
 @pytest.mark.cuda

@@ -123,24 +123,39 @@ def test_cuda_aoti_decodes_under_graph_replay(scheme, tmp_path):
 @pytest.mark.parametrize("vocab", [1000, 32000, 151936])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_greedy_pick_is_torch_argmax(vocab, dtype):
-    """The captured step's one-kernel pick: the first maximum, as torch.argmax (ties, NaN, a maximum in
-    the last partial block), and the timed choice between it and ATen's argmax picks the same token."""
+    """The captured step's one-kernel picks: the first maximum, as torch.argmax (ties and NaN in two
+    blocks, a maximum in the last partial block, a row of -inf), the block-spread pick again on the
+    same workspace (its ticket back at 0) and as a graph replay, and the timed choice among them and
+    ATen's argmax picks the same token."""
     from qexport.generation import _fastest_pick
-    from qexport.lower.kernels.cuda import greedy_token
+    from qexport.lower.kernels.cuda import GreedyBlocks, greedy_token
 
     g = torch.Generator(device="cuda").manual_seed(vocab)
-    for case in ("tie", "nan", "last"):
+    blocks = [GreedyBlocks(vocab, "cuda"), GreedyBlocks(vocab, "cuda", block=2048, num_warps=8)]
+    for case in ("tie", "nan", "last", "-inf"):
         x = torch.randn(2, vocab, device="cuda", dtype=dtype, generator=g)
         if case == "tie":
             x[-1, vocab // 3] = x[-1, 2 * vocab // 3] = x.max() + 1
         elif case == "nan":
             x[-1, 7] = x[-1, vocab - 5] = float("nan")
-        else:
+        elif case == "last":
             x[-1, -1] = x.max() + 1
+        else:
+            x[-1] = float("-inf")
         want = int(x[-1].argmax())
         assert int(greedy_token(x, num_warps=32, block=4096)) == want, case
         assert int(greedy_token(x, num_warps=4, block=1024)) == want, case
+        for pick in blocks:
+            assert int(pick(x)) == want and int(pick(x)) == want, case
         assert int(_fastest_pick(x[-1:])(x)) == want, case
+    graph, pick = torch.cuda.CUDAGraph(), blocks[0]
+    with torch.cuda.graph(graph):
+        out = pick(x)
+    for at in (vocab // 2, 0, vocab - 1):  # x[-1] is all -inf here
+        x[-1, at] = 1.0
+        graph.replay()
+        assert int(out) == at
+        x[-1, at] = float("-inf")
 
 
 def test_pt2_tokens_equal_eager(lm_program, lm_reference):

@@ -453,6 +453,36 @@ if triton is not None:
         )
         return y
 
+    # One word's PTX for `_int4_dot8`; a lab chain continuing from an accumulator swaps its first mul
+    # for an fma (benchmarks/cuda_lab_persist.py).
+    INT4_DOT8_PTX = tl.constexpr("""{
+        .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
+        prmt.b32 t0, $1, 0, 0x4140;
+        prmt.b32 t1, $1, 0, 0x4342;
+        lop3.b32 p0, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 h0, t0, 4;
+        shr.u32 h1, t1, 4;
+        lop3.b32 p2, h0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 p3, h1, 0x000F000F, 0x43004300, 0xEA;
+        shl.b32 e0, p2, 16;
+        and.b32 e2, p2, 0xFFFF0000;
+        shl.b32 e4, p3, 16;
+        and.b32 e6, p3, 0xFFFF0000;
+        shl.b32 e1, p0, 16;
+        and.b32 e3, p0, 0xFFFF0000;
+        shl.b32 e5, p1, 16;
+        and.b32 e7, p1, 0xFFFF0000;
+        mul.rn.f32 $0, e0, $2;
+        fma.rn.f32 $0, e1, $3, $0;
+        fma.rn.f32 $0, e2, $4, $0;
+        fma.rn.f32 $0, e3, $5, $0;
+        fma.rn.f32 $0, e4, $6, $0;
+        fma.rn.f32 $0, e5, $7, $0;
+        fma.rn.f32 $0, e6, $8, $0;
+        fma.rn.f32 $0, e7, $9, $0;
+        }""")
+
     @triton.jit
     def _int4_dot8(w, x0, x1, x2, x3, x4, x5, x6, x7):
         """sum_i (128 + q_i) * x_i over the 8 int4 codes of each int32 word (byte j: code 2j in the high
@@ -465,33 +495,7 @@ if triton is not None:
         # rate; a read-only kernel of the same shape reads the bytes in half the time:
         # benchmarks/cuda_lab_read.py, docs/benchmarks/cuda.md session 10).
         return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1, h0, h1, p0, p1, p2, p3, e0, e1, e2, e3, e4, e5, e6, e7;
-            prmt.b32 t0, $1, 0, 0x4140;
-            prmt.b32 t1, $1, 0, 0x4342;
-            lop3.b32 p0, t0, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 p1, t1, 0x000F000F, 0x43004300, 0xEA;
-            shr.u32 h0, t0, 4;
-            shr.u32 h1, t1, 4;
-            lop3.b32 p2, h0, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 p3, h1, 0x000F000F, 0x43004300, 0xEA;
-            shl.b32 e0, p2, 16;
-            and.b32 e2, p2, 0xFFFF0000;
-            shl.b32 e4, p3, 16;
-            and.b32 e6, p3, 0xFFFF0000;
-            shl.b32 e1, p0, 16;
-            and.b32 e3, p0, 0xFFFF0000;
-            shl.b32 e5, p1, 16;
-            and.b32 e7, p1, 0xFFFF0000;
-            mul.rn.f32 $0, e0, $2;
-            fma.rn.f32 $0, e1, $3, $0;
-            fma.rn.f32 $0, e2, $4, $0;
-            fma.rn.f32 $0, e3, $5, $0;
-            fma.rn.f32 $0, e4, $6, $0;
-            fma.rn.f32 $0, e5, $7, $0;
-            fma.rn.f32 $0, e6, $8, $0;
-            fma.rn.f32 $0, e7, $9, $0;
-            }""",
+            asm=INT4_DOT8_PTX,
             constraints="=f,r,f,f,f,f,f,f,f,f", args=[w, x0, x1, x2, x3, x4, x5, x6, x7], dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
@@ -521,6 +525,18 @@ if triton is not None:
         return b, sg, zg
 
     @triton.jit
+    def _split8(t):
+        """[..., 2, 2, 2] -> the eight [...] slices, in the order of the flattened last three dims."""
+        c0, c1 = tl.split(t)
+        b00, b01 = tl.split(c0)
+        b10, b11 = tl.split(c1)
+        e0, e4 = tl.split(b00)
+        e2, e6 = tl.split(b01)
+        e1, e5 = tl.split(b10)
+        e3, e7 = tl.split(b11)
+        return e0, e1, e2, e3, e4, e5, e6, e7
+
+    @triton.jit
     def _gemv_row(b, sg, zg, x, INT4: tl.constexpr, INT8: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """sum_k dequant(w)[n, k] * x[k] over one K step, [BLOCK_N] (int8 / fp8: before the per-channel scale)."""
         if INT4:
@@ -528,13 +544,7 @@ if triton is not None:
             # per group and row: sum (q - z) x = sum (128 + q) x - (128 + z) sum x, times the scale.
             G: tl.constexpr = BLOCK_K // GROUP_K
             BW: tl.constexpr = BLOCK_K // 8
-            xc0, xc1 = tl.split(tl.reshape(x, (BW, 2, 2, 2)))  # x[8w + 4a + 2b + c] -> eight [BW]
-            xb00, xb01 = tl.split(xc0)
-            xb10, xb11 = tl.split(xc1)
-            x0, x4 = tl.split(xb00)
-            x2, x6 = tl.split(xb01)
-            x1, x5 = tl.split(xb10)
-            x3, x7 = tl.split(xb11)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(x, (BW, 2, 2, 2)))  # x[8w + i] -> eight [BW]
             part = _int4_dot8(b, x0[None, :], x1[None, :], x2[None, :], x3[None, :], x4[None, :], x5[None, :], x6[None, :], x7[None, :])
             part = tl.sum(tl.reshape(part, (BLOCK_N, G, GROUP_K // 8)), axis=2)
             xsum = tl.sum(tl.reshape(x, (G, GROUP_K)), axis=1)
@@ -689,6 +699,35 @@ if triton is not None:
         )
         return q, scale, zp
 
+    @triton.jit
+    def _int4_rows_kernel(ids_ptr, w_ptr, s_ptr, z_ptr, y_ptr, V, D, stride_wn, stride_sn, GROUP_K: tl.constexpr, BLOCK_B: tl.constexpr):
+        # One program per index: its table row's codes (two per byte, the even element in the high
+        # nibble) decoded as (q - z) * s in fp32 and rounded once to the output's dtype. An index outside
+        # the table reads nothing and gives a row of NaN: memory-safe, and visible downstream.
+        pid = tl.program_id(0)
+        row = tl.load(ids_ptr + pid).to(tl.int64)
+        inside = (row >= 0) & (row < V)
+        row = tl.where(inside, row, 0)
+        offs = tl.arange(0, BLOCK_B)
+        mask = (offs < D // 2) & inside
+        b = tl.load(w_ptr + row * stride_wn + offs, mask=mask, other=0).to(tl.int32)
+        g = offs * 2 // GROUP_K
+        s = tl.load(s_ptr + row * stride_sn + g, mask=mask, other=float("nan")).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_sn + g, mask=mask, other=0).to(tl.float32)
+        y = tl.interleave(((b >> 4) & 15).to(tl.float32) - z, (b & 15).to(tl.float32) - z) * tl.interleave(s, s)
+        offs_y = tl.arange(0, 2 * BLOCK_B)
+        tl.store(y_ptr + pid.to(tl.int64) * D + offs_y, y.to(y_ptr.dtype.element_ty), mask=offs_y < D)
+
+    @torch.library.triton_op("qexport::int4_embedding", mutates_args=())
+    def int4_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_k: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """The int4 table's rows `ids` (1-D) decoded, [len(ids), 2 * weight.shape[1]] in `dtype`."""
+        v, d = weight.shape[0], weight.shape[1] * 2
+        y = torch.empty((ids.shape[0], d), dtype=dtype, device=weight.device)
+        torch.library.wrap_triton(_int4_rows_kernel)[(ids.shape[0],)](
+            ids, weight, scale, zero_point, y, v, d, weight.stride(0), scale.stride(0),
+            GROUP_K=group_k, BLOCK_B=triton.next_power_of_2(d // 2), num_warps=4)
+        return y
 
 if triton is not None:
 
@@ -708,6 +747,26 @@ if triton is not None:
         top = tl.max(best, axis=0)
         tl.store(out_ptr, tl.min(tl.where(best == top, at, N), axis=0).to(tl.int64))
 
+    @triton.jit
+    def _greedy_token_blocks_kernel(x_ptr, val_ptr, idx_ptr, ticket_ptr, out_ptr, N, BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+        # Each program takes its block's first maximum; the last program to finish (an atomic ticket)
+        # picks among the blocks' and puts the ticket back to 0 for the next launch.
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+        v = tl.where(v != v, float("inf"), v)
+        top = tl.max(v, axis=0)
+        tl.store(val_ptr + pid, top)
+        tl.store(idx_ptr + pid, tl.min(tl.where(v == top, offs, N), axis=0))
+        tl.debug_barrier()  # every thread's partials before the ticket (released by the atomic)
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            p = tl.arange(0, P_BLOCK)
+            mask = p < tl.num_programs(0)
+            vals = tl.load(val_ptr + p, mask=mask, other=float("-inf"), volatile=True)
+            at = tl.load(idx_ptr + p, mask=mask, other=N, volatile=True)
+            tl.store(out_ptr, tl.min(tl.where(vals == tl.max(vals, axis=0), at, N), axis=0).to(tl.int64))
+            tl.store(ticket_ptr, 0)
+
 
 def greedy_token(logits: torch.Tensor, num_warps: int = 8, block: int = 4096) -> torch.Tensor:
     """The index of the first maximum of `logits`' last row, as a [1] int64 tensor on its device, in one
@@ -717,6 +776,29 @@ def greedy_token(logits: torch.Tensor, num_warps: int = 8, block: int = 4096) ->
     out = torch.empty(1, dtype=torch.int64, device=row.device)
     _greedy_token_kernel[(1,)](row, out, row.numel(), BLOCK=block, num_warps=num_warps)
     return out
+
+
+class GreedyBlocks:
+    """The same pick as `greedy_token` spread over one program per `block` logits, still one kernel
+    (the last program to finish reduces the blocks' maxima): one program reading 32000-152000 logits
+    in a loop takes 7-15 µs on the H200. Holds its workspace (per-block maxima and the ticket, which
+    the kernel leaves at 0), so one instance serves one stream at a time; CUDA-graph capturable."""
+
+    def __init__(self, vocab: int, device: torch.device | str, block: int = 1024, num_warps: int = 4) -> None:
+        self.vocab, self.block, self.num_warps = vocab, block, num_warps
+        self.programs = triton.cdiv(vocab, block)
+        self.values = torch.empty(self.programs, dtype=torch.float32, device=device)
+        self.index = torch.empty(self.programs, dtype=torch.int32, device=device)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        row = logits.reshape(-1, logits.shape[-1])[-1].contiguous()
+        if row.numel() != self.vocab:
+            raise ValueError(f"GreedyBlocks for {self.vocab} logits got a row of {row.numel()}")
+        out = torch.empty(1, dtype=torch.int64, device=row.device)
+        _greedy_token_blocks_kernel[(self.programs,)](row, self.values, self.index, self.ticket, out, self.vocab, BLOCK=self.block,
+                                                       P_BLOCK=triton.next_power_of_2(self.programs), num_warps=self.num_warps)
+        return out
 
 
 def _fit_tile(x2d: torch.Tensor, tile: Sequence[int], max_k: int | None = None) -> list[int]:
@@ -939,6 +1021,28 @@ def int4_weight_only_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
     plan, source = tuned_or_static("int4", ctx, weight_only_plan("int4", ctx), candidates, build, operands_for, torch.bfloat16)
     operands = operands_for({_kind(kn) for _, kn in plan})
     return _choice(plan, build, operands, _bias(ctx, torch.bfloat16), torch.bfloat16, source)
+
+
+@register_kernel("int4", "cuda", "embedding")
+def int4_embedding_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
+    # Inductor fuses the rows' decode into the consumer, on the GPU Llama the first RMSNorm's reduction,
+    # where the int4 row took 7.1 µs per token (bf16's 2.2; docs/llm.md): one small kernel decodes it.
+    if ctx.scheme.activation != "none":
+        return None
+    if triton is None:
+        return Decline("Triton is not installed")
+    shape = ctx.region.weight_shape or tuple(ctx.tensor("weight").shape)
+    if len(shape) != 2 or ctx.input_dtype not in (torch.int64, torch.int32):
+        return Decline(f"a 2-D table looked up by integer indices (got {list(shape)}, {ctx.input_dtype})")
+    gs, cd = ctx.scheme.group_size, ctx.scheme.torch_compute_dtype
+    out_dtype = getattr(torch, ctx.region.op_params.get("out_dtype", "float32"))
+
+    def body(ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.qexport.int4_embedding(ids.reshape(-1), w, s, z, gs, cd)
+        return rows.reshape(*ids.shape, shape[1]).to(out_dtype)
+
+    return KernelChoice(name="Triton int4 rows", why="the indexed rows decoded in one kernel, before their consumer",
+                        body=body, operands=_INT4_ROLES)
 
 
 @register_kernel("fp8", "cuda", "linear")
