@@ -60,18 +60,20 @@ def run(out_dir: Path, epochs: int = 15) -> Result:
     return Result(fp32, int8, pte_acc, disagree, report, pte)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Result:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory for the .pte (default: a temporary one)")
     ap.add_argument("--epochs", type=int, default=15)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="digits."))
+    out.mkdir(parents=True, exist_ok=True)
     r = run(out, args.epochs)
     print(r.report.table())
     print(f"test accuracy: fp32 {r.fp32_accuracy:.2f}%  int8_static eager {r.int8_eager_accuracy:.2f}%  "
           f".pte (ExecuTorch, XNNPACK) {r.pte_accuracy:.2f}%  (.pte vs eager int8: {r.pte_vs_eager_disagreements} "
           f"different predictions)")
     print(f"inspect it: qexport inspect {r.pte}")
+    return r
 
 
 if __name__ == "__main__":

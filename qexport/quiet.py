@@ -36,6 +36,9 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"^Mutation on a buffer in the model is detected\. ExecuTorch assumes",
      "ExecuTorch 1.5's emitter warns that mutated buffers start uninitialized whether or not their initial "
      "value is kept; to_executorch keeps every one's (InitializedMutableBufferPass)"),
+    (UserWarning, r"^Detected pickle protocol \d+ in the checkpoint",
+     "torch 2.13's weights_only unpickler warns on a file pickled with a protocol torch.save does not write (a "
+     "plain pickle.dump, e.g. a --calibrate file); it then reads the file or refuses it, and qexport says which"),
 )
 #: native stderr lines of ExecuTorch's runtime, printed by C++ while a method loads
 NATIVE_LINES = re.compile(

@@ -112,6 +112,8 @@ def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_pa
     # no VNNI: int8 activations through the fp32 GEMM (the reference's arithmetic), never aten._int_mm
     assert [b["kernel"] for b in kernels["2"]["plan"]] == ["float32 GEMM on weights decoded at compile time"]
     assert [b["max_m"] for b in kernels["0"]["plan"]] == [1, 24, None]  # int8 loop, _weight_int8pack_mm, fp32 GEMM
+    # tinygemm's packed int4 weights are laid out for the capability they were packed under (check_cpu reads it)
+    assert {name: k.get("aten_layout") for name, k in kernels.items()} == {"0": None, "1": capability.upper(), "2": None, "3": None}
     # The C++ really is for that ISA: no AVX-512 registers (nor AVX ones at the baseline).
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(_shared_library(path, tmp_path))],
                          capture_output=True, text=True, check=True).stdout
@@ -123,7 +125,12 @@ def test_forced_isa_package_matches_eager_and_holds_no_wider_code(forced, tmp_pa
 @X86
 def test_package_for_a_wider_cpu_is_refused_before_loading(forced, monkeypatch):
     _, path = forced["avx2"]
-    assert qexport.load_compiled(path)(torch.randn(2, 64)).shape == (2, 64)  # this CPU has AVX2
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert qexport.load_compiled(path)(torch.randn(2, 64)).shape == (2, 64)  # this CPU has AVX2
+    else:  # an AVX-512 host's kernels misread the AVX2 layout of the int4 region's packed weights (rel. error ~1)
+        with pytest.raises(IncompatibleCPUError, match=r"1 region\(s\) \(1\) are packed in torch's AVX2 layout.*"
+                                                       r"load it with ATEN_CPU_CAPABILITY=avx2"):
+            qexport.load_compiled(path)
     monkeypatch.setattr(cpu_target, "host_features", lambda: frozenset({"sse", "sse2", "avx"}))
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(IncompatibleCPUError, match=r"lacks avx2, bmi, bmi2, f16c, fma3.*ATEN_CPU_CAPABILITY=avx2"):

@@ -42,7 +42,8 @@ def test_parse_input_spec():
     assert parse_input_spec("4,3,32,32:bf16") == InputSpec((4, 3, 32, 32), torch.bfloat16)
     assert parse_input_spec("1x16:int64:256") == InputSpec((1, 16), torch.int64, 256)
     for bad, msg in (("", "SHAPE"), ("1xa", "not dimensions"), ("0x4", "positive"), ("2x4:float99", "unknown dtype"),
-                     ("2x4:float32:9", "integer inputs"), ("2x4:int64:-1", "positive integer"), ("1:2:3:4", "SHAPE")):
+                     ("2x4:float32:9", "integer inputs"), ("2x4:int64:-1", "positive integer"), ("1:2:3:4", "SHAPE"),
+                     ("2x4:uint8:257", "past uint8's largest value, 255"), ("2x4:int64:" + "9" * 20, "past int64's")):
         with pytest.raises(UsageError, match=msg):
             parse_input_spec(bad)
 
@@ -53,6 +54,9 @@ def test_make_input_respects_dtype_and_high():
     assert x.dtype == torch.int64 and x.max() < 7
     assert parse_input_spec("2x5:int32").make(g, default_high=3).max() < 3
     assert parse_input_spec("2x5").make(g, batch=4).shape == (4, 5)
+    # torch's own refusal of a shape ("Storage size calculation overflowed") is the user's --input, not a crash
+    with pytest.raises(UsageError, match=r"--input 99999999999x99999999999:float32: cannot make this example input"):
+        parse_input_spec("99999999999x99999999999").make(g)
 
 
 def test_parse_scheme_args_coerces_to_field_types():
@@ -61,6 +65,9 @@ def test_parse_scheme_args_coerces_to_field_types():
         "act_symmetric": True, "compute_dtype": "bfloat16"}
     assert parse_scheme_args("int8_weight_only", ["qmax=100", "group_size=none"]) == {"qmax": 100, "group_size": None}
     assert parse_scheme_args("int8_dynamic", ["reduce-range=true"]) == {"reduce_range": True}  # a family's shorthand
+    # "none" is None only where a field can be None: activation=none is the text, weight-only int8
+    assert parse_scheme_args("int8_dynamic", ["activation=none", "act_dtype=none"]) == {"activation": "none", "act_dtype": None}
+    assert qexport.schemes.get("int8_dynamic", **parse_scheme_args("int8_dynamic", ["activation=none"])).is_weight_only
     with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_scheme_args("int8_weight_only", ["group_size"])
     with pytest.raises(UsageError, match="no parameter 'groupsize'"):
@@ -223,6 +230,12 @@ def test_export_with_a_scheme_the_target_module_registers(capsys, tmp_path):
     (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--recipe", "Linear=int9", "--input", "1x256"], ["unknown scheme 'int9'"]),
     (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--recipe", "layers.0=int8_static", "--input", "1x256"],
      ["int8_static", "add --calibrate"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--scheme-arg", "qmin=none", "--input", "1x256"],
+     ["--scheme-arg qmin=none: qmin is an integer"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_weight_only", "--scheme-arg", "granularity=per_group", "--scheme-arg",
+      "group_size=1e3", "--input", "1x256"], ["field 'group_size' must be int | None, got '1e3'"]),
+    (["qexport.models:TinyNet", "--scheme", "int8_dynamic", "--input", "99999999999x99999999999"],
+     ["--input 99999999999x99999999999:float32: cannot make this example input"]),
 ])
 def test_export_user_mistakes_are_one_line_and_leave_no_file(capsys, tmp_path, argv, needles):
     out = tmp_path / "out.pt2"
@@ -244,6 +257,40 @@ def test_export_refuses_bad_output_and_calibration_files(capsys, tmp_path):
                            "--calibrate", str(junk), "-o", str(tmp_path / "x.pt2"))
     assert_one_line_error(code, err, "export", "torch.load can read safely")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt"]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # pytest's own filters replace quiet.install's
+def test_export_refuses_a_pickled_calibration_file_quietly(capsys, tmp_path):
+    """A plain pickle (not torch.save's zip) that would run code: refused in one line, nothing run (torch's
+    "Detected pickle protocol" warning on such a file is in quiet.WARNINGS: tests/test_quiet.py)."""
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    calib = tmp_path / "calib.pt"
+    calib.write_bytes(pickle.dumps([Payload()], protocol=4))
+    code, _, err = run_cli(capsys, "export", "qexport.models:TinyNet", "--scheme", "int8_static", "--input", "1x256",
+                           "--calibrate", str(calib), "-o", str(tmp_path / "x.pt2"))
+    assert_one_line_error(code, err, "export", "torch.load can read safely")
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt"]
+
+
+def test_ctrl_c_anywhere_is_one_line_and_exit_130(capsys, monkeypatch):
+    """Ctrl-C in the seconds the command's imports take (torch, the backends), not only in its work."""
+    import qexport.cli as cli
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    code, out, err = run_cli(capsys, "compile", "model.pt2", "-o", "model_aoti.pt2")
+    assert (code, out, err) == (130, "", "qexport compile: interrupted\n")
 
 
 def test_missing_required_arguments_exit_2(capsys):
@@ -302,6 +349,27 @@ def test_verify_and_bench_user_mistakes(capsys, demo_run, tmp_path):
     assert_one_line_error(code, err, "bench", "unknown dtype")
 
 
+def test_verify_and_bench_name_an_artifact_of_another_model(capsys, demo_run, tmp_path):
+    """An artifact whose inputs cannot be the reference's (another count or rank) fails as a row that says
+    so, instead of its runtime's words ("Guard failed: x.size()[1] == 3", "Invalid rank for input: x")."""
+    _, _, d = demo_run
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2)).eval()
+    other = tmp_path / "conv.pt2"
+    qexport.save(qexport.export(conv, (torch.randn(1, 3, 4, 4),)), other)
+    code, out, _ = run_cli(capsys, "verify", str(d / "model.pt2"), str(other), str(d / "model.onnx"))
+    assert code == 1 and "1/2 passed" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith(str(other)))
+    assert "FAIL" in row and "its input 'input' has 4 dims (1x3x4x4), not 2; the reference takes 1x256 float32" in row
+    assert "made from another model?" in row
+    code, out, _ = run_cli(capsys, "bench", str(d / "model.pt2"), str(other), "--min-time", "0", "--min-iters", "1",
+                           "--warmup", "0")
+    row = next(ln for ln in out.splitlines() if ln.startswith(str(other)))
+    assert code == 1 and f"the inputs made for {d / 'model.pt2'} are 1x256 float32" in row
+    code, out, _ = run_cli(capsys, "bench", str(other), "--input", "1x3x4x4", "--input", "1x3x4x4", "--min-time", "0",
+                           "--min-iters", "1", "--warmup", "0")
+    assert code == 1 and "it takes 1 input, not 2; the inputs given are 1x3x4x4 float32, 1x3x4x4 float32" in out
+
+
 def test_bench_side_by_side_table(capsys, demo_run):
     _, _, d = demo_run
     arts = [str(d / n) for n in ("model.pt2", "model_aoti.pt2", "model.pte", "model.onnx")]
@@ -349,3 +417,34 @@ def test_demo_fails_loudly_before_work_when_a_backend_is_missing(capsys, monkeyp
     assert_one_line_error(code, err, "demo", "tflite")
     code, _, err = run_cli(capsys, "demo", "--out", str(out), "--scheme", "int5")
     assert_one_line_error(code, err, "demo", "unknown scheme 'int5'")
+
+
+def test_demo_out_and_numbers_are_checked_before_work(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, needle in ((["--out", str(afile / "sub")], "cannot create the directory: Not a directory"),
+                         (["--out", str(tmp_path / "d"), "--threads", "-1"], "--threads must be a positive number"),
+                         (["--out", str(tmp_path / "d"), "--bench-time", "-1"], "--bench-time must be >= 0")):
+        code, _, err = run_cli(capsys, "demo", *argv)
+        assert_one_line_error(code, err, "demo", needle)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_demo_interrupted_midway_leaves_no_half_demo(capsys, monkeypatch, tmp_path, existing):
+    """Ctrl-C (or an error) after the .pt2 files are written: they go, and the directory if the demo made it;
+    what else is in it stays."""
+    from qexport.cli import demo_cmd
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_cmd, "_write", interrupted)
+    out = tmp_path / "demo"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--backends", "onnx")
+    assert code == 130 and err.strip().splitlines()[-2:] == ["[4/6] lowering to ONNX ... FAILED in 0.0 s",
+                                                             "qexport demo: interrupted"], err
+    assert ([p.name for p in out.iterdir()] == ["notes.txt"]) if existing else not out.exists()

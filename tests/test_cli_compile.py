@@ -75,6 +75,9 @@ def test_quiet_prints_only_the_path(program_file, tmp_path, capsys, monkeypatch)
         (["--option", "novalue"], "expected KEY=VALUE"),
         (["--option", "qexport.kernels=fast"], "is not one of"),
         (["--option", "qexport.large_m=fast"], "qexport.large_m='fast' is not one of ('bf16_weights', 'dequant')"),
+        # Inductor's config takes any value and reads it later ("maybe" is truthy): its annotation decides
+        (["--option", "max_autotune=maybe"], "max_autotune='maybe': max_autotune takes true/false"),
+        (["--option", "compile_threads=two"], "compile_threads='two': compile_threads takes int or none"),
     ],
 )
 def test_bad_options_fail_before_loading(program_file, tmp_path, capsys, argv, message):

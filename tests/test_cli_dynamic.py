@@ -100,3 +100,14 @@ def test_export_with_an_upper_bound(tmp_path):
     code, _, err = run("export", "qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "4x256",
                        "--dynamic", "0:batch:3", "-o", str(tmp_path / "c.pt2"))
     assert code == 1 and "input 0's dim 0 is traced at 4" in err and not (tmp_path / "c.pt2").exists()
+
+
+def test_a_dim_the_model_fixes_is_named_as_the_flag_to_change(tmp_path):
+    """--dynamic 1 on TinyNet, whose dim 1 feeds Linear(256, ...): one line naming the dim, not torch's page of
+    advice on mark_dynamic and Dim.DYNAMIC."""
+    code, _, err = run("export", "qexport.models:TinyNet", "--scheme", "int8_weight_only", "--input", "1x256",
+                       "--dynamic", "0,1", "-o", str(tmp_path / "x.pt2"))
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "qexport export: error: --dynamic: the model fixes input x's dim 1 at 256 (a layer of that fixed size, e.g. a "
+        "Linear's in_features, reads it), so it cannot be dynamic: leave that dim out of --dynamic"), err
+    assert "mark_dynamic" not in err and list(tmp_path.iterdir()) == []

@@ -56,6 +56,8 @@ def test_portable_json_report(pt2, tmp_path, capsys):
     [
         (["--target", "xnnpack", "-o", "{tmp}/x.onnx"], "must end with .pte"),
         (["--target", "portable", "-o", "{tmp}/nodir/x.pte"], "does not exist"),
+        (["--target", "xnnpack", "-o", "{tmp}/x.pte", "--keep-regions", "--onnx-target", "host"],
+         "--keep-regions, --onnx-target do not apply to --target xnnpack"),
     ],
 )
 def test_bad_output_fails_before_work(pt2, tmp_path, capsys, args, message):

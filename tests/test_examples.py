@@ -117,3 +117,26 @@ def test_schemes_doc_is_in_sync_with_the_registry_and_backends():
     readme = gen.README.read_text()
     assert gen.README_BEGIN in readme
     assert gen.render_readme(readme, rows) == readme, "README.md's matrix is out of date: run .venv/bin/python docs/gen_schemes.py"
+
+
+def test_links_in_readme_and_docs_resolve():
+    """Every relative link and image in README.md and docs/ names a file that exists (and a heading that
+    exists, for a link into a page); docs/benchmarks/cli_examples.md's plots pointed at docs/benchmarks/img/."""
+    import re
+
+    root = EXAMPLES.parent
+
+    def anchors(page: Path) -> set[str]:  # GitHub's slugs: lower case, punctuation dropped, spaces to dashes
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+    broken = []
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path) if path else page
+            if not target.exists() or (anchor and target.suffix == ".md" and anchor not in anchors(target)):
+                broken.append(f"{page.relative_to(root)}: {link}")
+    assert not broken, broken

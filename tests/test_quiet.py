@@ -33,6 +33,7 @@ def test_filters_drop_only_the_known_messages(caplog, capfd, monkeypatch):
         quiet.install()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
         warnings.warn("a real FutureWarning", FutureWarning)
+        warnings.warn("Detected pickle protocol 4 in the checkpoint, which was not the default ...", UserWarning)
     assert [str(w.message) for w in seen] == ["a real FutureWarning"]
     with quiet.native_stderr():
         os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\nreal native error\n")

@@ -55,6 +55,9 @@ def test_get_overrides_and_validates():
         ("int8_dynamic", {"act_symmetric": True}, r"act_symmetric=True is not supported; int8 activations are asymmetric \(drop"),
         ("int8_weight_only", {"algorithm": "hqq"}, r"algorithm='hqq' is not available for the int8 family; it offers \['rtn', 'mse', 'gptq'\]"),
         ("int4_weight_only", {"algorithm": "mse"}, r"algorithm='mse' is not available for the int4 family"),
+        # a field of another type, from get() as from a file (was a TypeError in qmin < qmax)
+        ("int8_dynamic", {"qmin": None}, r"field 'qmin' must be float, got 'None'"),
+        ("int8_weight_only", {"granularity": "per_group", "group_size": "64"}, r"field 'group_size' must be int \| None"),
     ],
 )
 def test_invalid_parameters(name, params, match):

@@ -44,6 +44,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        return _run(argv, command)
+    except KeyboardInterrupt:
+        # Ctrl-C lands anywhere: in the seconds `import torch` takes, in a compile; one line either way
+        print(f"qexport{' ' + command if command in SUBCOMMANDS else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str], command: str | None) -> int:
     parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -60,10 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         # messages quote files' contents (manifest fields, member names): escapes reach no terminal
         print(f"qexport {args.command}: error: {printable(e, keep=chr(10))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"qexport {args.command}: interrupted", file=sys.stderr)
-        return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

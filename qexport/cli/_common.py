@@ -49,11 +49,15 @@ class InputSpec:
 
     def make(self, generator: torch.Generator, default_high: int = 2, batch: int | None = None) -> torch.Tensor:
         shape = (batch, *self.shape[1:]) if batch is not None and self.shape else self.shape
-        if self.dtype.is_floating_point:
-            return torch.randn(shape, generator=generator).to(self.dtype)
-        if self.dtype == torch.bool:
-            return torch.ones(shape, dtype=torch.bool)
-        return torch.randint(0, self.high or default_high, shape, generator=generator, dtype=self.dtype)
+        try:
+            if self.dtype.is_floating_point:
+                return torch.randn(shape, generator=generator).to(self.dtype)
+            if self.dtype == torch.bool:
+                return torch.ones(shape, dtype=torch.bool)
+            return torch.randint(0, self.high or default_high, shape, generator=generator, dtype=self.dtype)
+        except (RuntimeError, MemoryError) as e:  # torch's "Storage size calculation overflowed", "can't allocate"
+            raise UsageError(f"--input {self}: cannot make this example input "
+                             f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
 
 
 def parse_input_spec(text: str) -> InputSpec:
@@ -82,6 +86,8 @@ def parse_input_spec(text: str) -> InputSpec:
             high = 0
         if high <= 0:
             raise UsageError(f"--input {text!r}: HIGH {parts[2]!r} must be a positive integer (values are drawn from [0, HIGH))")
+        if high - 1 > torch.iinfo(dtype).max:
+            raise UsageError(f"--input {text!r}: HIGH {parts[2]!r} is past {parts[1]}'s largest value, {torch.iinfo(dtype).max}")
     return InputSpec(shape, dtype, high)
 
 
@@ -98,9 +104,9 @@ def default_int_high(model: nn.Module) -> int:
 # --scheme-arg k=v
 
 
-def _coerce(key: str, raw: str, current: Any) -> Any:
+def _coerce(key: str, raw: str, current: Any, optional: bool) -> Any:
     low = raw.strip().lower()
-    if low in ("none", "null"):
+    if low in ("none", "null") and optional:  # activation=none is the text "none", not None
         return None
     if isinstance(current, bool):
         if low in ("true", "yes", "1", "on"):
@@ -125,11 +131,14 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
 def parse_scheme_args(scheme_name: str, pairs: Sequence[str]) -> dict[str, Any]:
     """`["group_size=64", "symmetric=false"]` -> {"group_size": 64, "symmetric": False}, each value
     coerced to the type of the field it overrides in the registered scheme `scheme_name`."""
+    import dataclasses
+
     from ..schemes import Scheme, get, math_for
 
     base = get(scheme_name)  # UnknownSchemeError (with a "did you mean") comes first
     shorthands = math_for(base).shorthands  # e.g. int8's reduce_range=true, a flag
     settable = [f for f in Scheme.FIELDS if f not in ("name", "family", "version")] + list(shorthands)
+    optional = {f.name for f in dataclasses.fields(Scheme) if "None" in str(f.type)}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -138,7 +147,7 @@ def parse_scheme_args(scheme_name: str, pairs: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--scheme-arg {pair!r}: expected KEY=VALUE, e.g. group_size=64")
         if key not in settable:
             raise UsageError(f"--scheme-arg {pair!r}: {scheme_name} has no parameter {key!r}; parameters: {', '.join(settable)}")
-        out[key] = _coerce(key, raw, False if key in shorthands else getattr(base, key))
+        out[key] = _coerce(key, raw, False if key in shorthands else getattr(base, key), key in optional)
     return out
 
 

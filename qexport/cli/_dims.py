@@ -91,6 +91,22 @@ def _resolve(dims: Sequence[DynamicDim], shapes: Sequence[Sequence[int]]) -> lis
     return per_input
 
 
+_SPECIALIZED = re.compile(r"You marked L\['(?P<arg>[^']+)'\]\.size\(\)\[(?P<dim>\d+)\] as dynamic but your code "
+                          r"specialized it to be a constant \((?P<size>\d+)\)")
+
+
+def specialized_dims(error: Exception) -> UsageError | None:
+    """torch.export's "Constraints violated" for dims that --dynamic named but the model fixes, as the flag to
+    change; None for any other failure. torch's own text advises on mark_dynamic and Dim.DYNAMIC, which a
+    command line does not have."""
+    hits = [f"input {m['arg']}'s dim {m['dim']} at {m['size']}" for m in _SPECIALIZED.finditer(str(error))]
+    if not hits:
+        return None
+    return UsageError(f"--dynamic: the model fixes {', '.join(hits)} (a layer of that fixed size, e.g. a Linear's "
+                      f"in_features, reads it), so {'they' if len(hits) > 1 else 'it'} cannot be dynamic: leave "
+                      f"{'those dims' if len(hits) > 1 else 'that dim'} out of --dynamic")
+
+
 def traced_shape(shape: Sequence[int], dynamic: Mapping[int, str]) -> tuple[int, ...]:
     """The shape to trace with: torch.export specializes a size-1 dim, so a dynamic one is traced at 2."""
     return tuple(max(2, s) if i in dynamic else s for i, s in enumerate(shape))

@@ -9,7 +9,10 @@ package -> one table. `run_demo` is the library call (`qexport.demo.run_demo`); 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
+import time
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -22,7 +25,7 @@ from serializers import kinds
 from ..errors import UsageError
 from ..runtime import stage
 from ..table import format_table
-from ._common import Progress, fmt_bytes, fmt_err, fmt_seconds, import_target
+from ._common import Progress, build_model, fmt_bytes, fmt_err, fmt_seconds
 
 #: every kind a backend lowers a .pt2 into, in the kind table's order
 BACKENDS = tuple(k.name for k in kinds.lowered())
@@ -109,85 +112,112 @@ def run_demo(
 
     resolved = schemes.get(scheme)
     backends = _parse_backends(backends)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be a positive number of threads (or 0 for torch's default), got {threads}")
+    if not bench_time_s >= 0:
+        raise UsageError(f"--bench-time must be >= 0 seconds, got {bench_time_s}")
     save = stage("save")
     for b in backends:  # every stage a kind needs is checked before any work, so a missing backend fails first
         for name in kinds.get(b).stages():
             stage(name)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_out_dir(out)
     paths = {k: out / kinds.get(k).file_name() for k in ("pt2", *backends)}
     fp32_path = out / kinds.get("pt2").file_name("model_fp32")
     speed_path = out / kinds.get(SPEED_BASELINE).file_name("model_fp32") if SPEED_BASELINE in backends else None
     progress = progress or Progress(total=_steps(backends))
+    started = time.time_ns()
+    try:
+        with progress.step(f"quantizing {model} with {resolved.describe()}"):
+            fp32 = build_model(model)
+            shape = tuple(input_shape) if input_shape else _spec_shape(fp32)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g)
+            from ..quantize import quantize
 
-    with progress.step(f"quantizing {model} with {resolved.describe()}"):
-        factory = import_target(model)
-        fp32 = factory() if not isinstance(factory, torch.nn.Module) else factory
-        fp32.eval()
-        shape = tuple(input_shape) if input_shape else _spec_shape(fp32)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g)
-        from ..quantize import quantize
+            calib = [(torch.randn(shape, generator=g),) for _ in range(8)] if resolved.activation == "static" else None
+            qmodel = quantize(copy.deepcopy(fp32), resolved, calibration_data=calib)
+        with progress.step("exporting the fp32 baseline and the quantized model"):
+            from ..export import export
 
-        calib = [(torch.randn(shape, generator=g),) for _ in range(8)] if resolved.activation == "static" else None
-        qmodel = quantize(copy.deepcopy(fp32), resolved, calibration_data=calib)
-    with progress.step("exporting the fp32 baseline and the quantized model"):
-        from ..export import export
+            fp32_ep = export(fp32, (x,))
+            ep = export(qmodel, (x,))
+        with progress.step(f"saving {paths['pt2']} (and the fp32 baseline)"):
+            save(fp32_ep, fp32_path)
+            save(ep, paths["pt2"])
+        result = DemoResult(out, resolved, 0.0)
+        for b in backends:
+            kind = kinds.get(b)
+            with progress.step(_WRITE.get(b, (f"writing {kind.what}",))[0]):
+                written = _write(kind, paths["pt2"], paths[b])
+            if hasattr(written, "regions"):  # a LoweringReport: the table's note says where the regions went
+                result.reports[b] = written
+            if b == SPEED_BASELINE:
+                # The row every speed is measured against: is the quantized artifact faster than fp32 here?
+                with progress.step(f"writing the fp32 baseline as {kind.what} too (the speed baseline)"):
+                    _write(kind, fp32_path, speed_path)
 
-        fp32_ep = export(fp32, (x,))
-        ep = export(qmodel, (x,))
-    with progress.step(f"saving {paths['pt2']} (and the fp32 baseline)"):
-        save(fp32_ep, fp32_path)
-        save(ep, paths["pt2"])
-    result = DemoResult(out, resolved, 0.0)
-    for b in backends:
-        kind = kinds.get(b)
-        with progress.step(_WRITE.get(b, (f"writing {kind.what}",))[0]):
-            written = _write(kind, paths["pt2"], paths[b])
-        if hasattr(written, "regions"):  # a LoweringReport: the table's note says where the regions went
-            result.reports[b] = written
-        if b == SPEED_BASELINE:
-            # The row every speed is measured against: is the quantized artifact faster than fp32 here?
-            with progress.step(f"writing the fp32 baseline as {kind.what} too (the speed baseline)"):
-                _write(kind, fp32_path, speed_path)
+        artifacts = [paths["pt2"]] + [paths[b] for b in backends]
+        baselines = [fp32_path] + ([speed_path] if speed_path else [])
+        with progress.step("verifying every artifact against the .pt2 (and the fp32 model)"):
+            checks = {r.path: r for r in verify(paths["pt2"], artifacts + baselines, per_region=False, baseline=fp32_path)}
+        with progress.step("benchmarking"):
+            saved_threads = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                timings = {r.path: r for r in bench(artifacts + baselines, min_time_s=bench_time_s, min_iters=5)}
+            finally:
+                torch.set_num_threads(saved_threads)
+        result.tolerance = next(iter(checks.values())).tolerance
+        fp32_speed = timings[speed_path].median_s if speed_path else None
+        for p in baselines + artifacts:
+            c, t = checks[p], timings[p]
+            fp32_row = p in baselines
+            note = c.error or t.error or ""
+            if p == fp32_path and not note:
+                note = "baseline; its error vs the .pt2 is what quantization costs"
+            elif p == speed_path and not note:
+                note = "baseline for speed: the unquantized model, compiled the same way"
+            elif not note and (rep := result.reports.get(c.kind)) is not None and rep.regions:
+                note = f"{sum(r.delegated for r in rep.regions)}/{len(rep.regions)} regions on {rep.target} kernels"
+            label = {fp32_path: "fp32 (eager)", speed_path: f"fp32 ({SPEED_BASELINE})"}.get(p, c.kind)
+            speedup = fp32_speed / t.median_s if fp32_speed and t.median_s else None
+            result.rows.append(DemoRow(p, label, p.stat().st_size, t.median_s, c.max_abs, c.rel,
+                                       None if fp32_row else c.passed, note, speedup, c.rel_vs_baseline))
+        return result
+    except BaseException:
+        # An error or Ctrl-C mid-way: no half demo (a .pt2 without its lowerings, or new files beside an older
+        # run's). A failed verification is a result, not this: it returns, and its artifacts stay to inspect.
+        for p in (*paths.values(), fp32_path, speed_path):
+            if p is not None and p.is_file() and p.stat().st_mtime_ns >= started:
+                p.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if nothing else is in it
+        raise
 
-    artifacts = [paths["pt2"]] + [paths[b] for b in backends]
-    baselines = [fp32_path] + ([speed_path] if speed_path else [])
-    with progress.step("verifying every artifact against the .pt2 (and the fp32 model)"):
-        checks = {r.path: r for r in verify(paths["pt2"], artifacts + baselines, per_region=False, baseline=fp32_path)}
-    with progress.step("benchmarking"):
-        saved_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            timings = {r.path: r for r in bench(artifacts + baselines, min_time_s=bench_time_s, min_iters=5)}
-        finally:
-            torch.set_num_threads(saved_threads)
-    result.tolerance = next(iter(checks.values())).tolerance
-    fp32_speed = timings[speed_path].median_s if speed_path else None
-    for p in baselines + artifacts:
-        c, t = checks[p], timings[p]
-        fp32_row = p in baselines
-        note = c.error or t.error or ""
-        if p == fp32_path and not note:
-            note = "baseline; its error vs the .pt2 is what quantization costs"
-        elif p == speed_path and not note:
-            note = "baseline for speed: the unquantized model, compiled the same way"
-        elif not note and (rep := result.reports.get(c.kind)) is not None and rep.regions:
-            note = f"{sum(r.delegated for r in rep.regions)}/{len(rep.regions)} regions on {rep.target} kernels"
-        label = {fp32_path: "fp32 (eager)", speed_path: f"fp32 ({SPEED_BASELINE})"}.get(p, c.kind)
-        speedup = fp32_speed / t.median_s if fp32_speed and t.median_s else None
-        result.rows.append(DemoRow(p, label, p.stat().st_size, t.median_s, c.max_abs, c.rel,
-                                   None if fp32_row else c.passed, note, speedup, c.rel_vs_baseline))
-    return result
+
+def _make_out_dir(out: Path) -> bool:
+    """Create --out (with its parents) if needed and check it can be written; whether it was created."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the directory: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the directory is not writable")
+    return created
 
 
 def _spec_shape(model: torch.nn.Module) -> tuple[int, ...]:
     spec = getattr(model, "example_input_spec", None)
     if not isinstance(spec, str):
-        raise UsageError(f"{type(model).__name__} has no example_input_spec; pass input_shape=(...) ")
+        raise UsageError(f"{type(model).__name__} has no example_input_spec, the input shape the demo feeds it: give the "
+                         "model one (example_input_spec = '1x256', as qexport.models.TinyNet has), or from Python "
+                         "pass run_demo(..., input_shape=(1, 256))")
     from ._common import parse_input_spec
 
     parsed = parse_input_spec(spec)

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError, UsageError
+from ..errors import CalibrationError, ExportError, UsageError
 from ._common import (
     INPUT_SPEC_HELP, InputSpec, Progress, build_model, default_int_high, fmt_bytes, import_target, input_path,
     output_path, parse_input_spec, parse_scheme_args, stage,
 )
-from ._dims import DYNAMIC_HELP, dynamic_shapes, maxima, parse_dynamic, rename, resolve, traced_shape
+from ._dims import DYNAMIC_HELP, dynamic_shapes, maxima, parse_dynamic, rename, resolve, specialized_dims, traced_shape
 from ..table import format_table
 
 #: random calibration batches when --calibrate is given without a file
@@ -122,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     with progress.step("exporting"):
         from ..export import export
 
-        ep = export(model, example, dynamic_shapes=dynamic_shapes(dims, bounds), strict=args.strict)
+        try:
+            ep = export(model, example, dynamic_shapes=dynamic_shapes(dims, bounds), strict=args.strict)
+        except ExportError as e:
+            raise specialized_dims(e) or e from None
     from ..signature import symbol_names
 
     names = symbol_names(ep, dims)

@@ -39,7 +39,7 @@ def _executorch(backend: str) -> Callable[[Path, Path, argparse.Namespace], Any]
 
 
 def _onnx(src: Path, out: Path, args: argparse.Namespace) -> Any:
-    return stage("to_onnx")(src, out, keep_regions=args.keep_regions, opset=args.opset, target=args.onnx_target)
+    return stage("to_onnx")(src, out, keep_regions=args.keep_regions, opset=args.opset, target=args.onnx_target or "portable")
 
 
 #: --target -> how to lower; a backend adds its entry here
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-regions", action="store_true",
                    help="onnx: keep each region as an ONNX local function whose metadata carries its scheme")
     p.add_argument("--opset", type=int, default=None, help="onnx: the ONNX opset (default 21; int4/fp8 QDQ need 21+)")
-    p.add_argument("--onnx-target", default="portable", metavar="CPUS",
+    p.add_argument("--onnx-target", default=None, metavar="CPUS",
                    help="onnx: the CPUs the file must be exact on: portable (default; every CPU), x86_vnni, arm64, "
                         "or host (the fastest exact form for this machine)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
+import typing
 from os import PathLike
 from typing import Any, Callable, Mapping
 
@@ -69,13 +71,32 @@ def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[
             raise LoweringError(f"{key}={value!r} is not one of {OPTION_MODES[key]}")
     from torch._inductor import config
 
-    known = set(config.get_config_copy())
+    known = config.get_config_copy()
     bad = sorted(k for k in inductor if k not in known)
     if bad:
         raise LoweringError(f"unknown Inductor option(s) {bad}; see torch._inductor.config for valid names")
+    for key, value in inductor.items():
+        # Inductor's config takes any value and reads it later: max_autotune="maybe" is truthy, a compile went on
+        wanted = _simple_types(getattr(getattr(config, "_config", {}).get(key), "value_type", None))
+        if wanted and not any(_is(value, t) for t in wanted):
+            names = " or ".join("true/false" if t is bool else "none" if t is type(None) else t.__name__ for t in wanted)
+            raise LoweringError(f"Inductor option {key}={value!r}: {key} takes {names}")
     if "aot_inductor.output_path" in inductor or "aot_inductor.package" in inductor:
         raise LoweringError("aot_inductor.output_path / aot_inductor.package are set by qexport.compile; pass `output` instead")
     return ours, inductor
+
+
+def _simple_types(annotation: Any) -> tuple[type, ...]:
+    """The plain types (bool, int, float, str, None) an Inductor config annotation allows; () for any other."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    simple = (bool, int, float, str, type(None))
+    return tuple(args) if args and all(a in simple for a in args) else ()
+
+
+def _is(value: Any, t: type) -> bool:
+    if t is bool or isinstance(value, bool):
+        return t is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if t is float else t)
 
 
 def _example_inputs(ep: torch.export.ExportedProgram, device: str) -> tuple[tuple, dict]:
@@ -231,6 +252,17 @@ def check_cpu(manifest: Any, path: Any = "the package") -> None:
             f"{path}: compiled for {target.describe()}; this CPU ({torch.backends.cpu.get_cpu_capability()}) lacks "
             f"{', '.join(lacking)}. Compile it on this machine, or for a whole class of CPUs with the ISA forced, "
             f"e.g. ATEN_CPU_CAPABILITY=avx2 qexport compile ... (runs on any AVX2 x86-64)"
+        )
+    running = torch.backends.cpu.get_cpu_capability()
+    packed = [r.name for r in manifest.regions
+              if r.lowering is not None and str(r.lowering.details.get("aten_layout", running)) != running]
+    if packed:  # kernels/cpu.py ATEN_LAYOUT_KERNELS: the run-time kernel would misread them, silently
+        layout = str(next(r.lowering.details["aten_layout"] for r in manifest.regions if r.name == packed[0]))
+        raise IncompatibleCPUError(
+            f"{path}: the weights of {len(packed)} region(s) ({', '.join(packed[:3])[:200]}) are packed in torch's "
+            f"{layout[:20]} layout (aten._convert_weight_to_int4pack_for_cpu lays them out per ATen CPU "
+            f"capability) and torch runs its {running} kernels here, which would misread them: load it with "
+            f"ATEN_CPU_CAPABILITY={layout[:20].lower()}, or compile it under this process's capability"
         )
 
 

@@ -13,7 +13,7 @@ from serializers.files import check_readable
 
 from ..errors import ArtifactError, QExportError
 from .loaders import first_line, load, pinned
-from .runner import Flat, Runner, make_inputs
+from .runner import Flat, Runner, describe_inputs, input_mismatch, make_inputs
 
 
 @dataclass
@@ -77,8 +77,10 @@ def bench(
         except QExportError as e:
             runners.append(BenchResult(p, "?", p.stat().st_size, error=str(e)))
     loaded = [r for r in runners if isinstance(r, Runner)]
+    source = "the inputs given"
     if inputs is None and loaded:  # none loaded: each result already says why
         inputs = bench_inputs(loaded, seed)
+        source = f"the inputs made for {next(r.path for r in loaded if r.inputs is not None)}"
     results = []
     for r in runners:
         if isinstance(r, BenchResult):
@@ -88,6 +90,9 @@ def bench(
             on_artifact(r.path)
         res = BenchResult(r.path, r.kind, r.size)
         try:
+            if (why := input_mismatch(r, inputs)) is not None:
+                raise ArtifactError(f"{why}; {source} are {describe_inputs(inputs)}: is it made from another model? "
+                                    "(bench one model's artifacts together)")
             times = time_call(lambda: r(inputs), warmup=warmup, min_iters=min_iters, min_time_s=min_time_s)
             q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
             res.median_s, res.p10_s, res.p90_s, res.iters = statistics.median(times), q[0], q[-1], len(times)

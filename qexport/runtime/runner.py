@@ -173,4 +173,26 @@ def make_inputs(infos: Sequence[InputInfo], seed: int = 0) -> Flat:
     return [i.make(g) for i in infos]
 
 
-__all__ = ["Flat", "InputInfo", "Runner", "flat_tensors", "input_infos", "make_inputs", "program_inputs", "program_runner", "region_outputs"]
+def describe_inputs(flat: Sequence[torch.Tensor]) -> str:
+    """`1x64 float32, 1x16 int64`: what a set of inputs is, for messages."""
+    return ", ".join("x".join(map(str, x.shape)) + " " + str(x.dtype).removeprefix("torch.") for x in flat) or "no inputs"
+
+
+def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
+    """Why `flat` cannot be `runner`'s inputs at all (their count or a rank differs), or None. Sizes are
+    left to the runtime: a dynamic dim's example size says nothing about its range. Without it, an
+    artifact of another model fails with its runtime's own words ("Invalid rank for input: x",
+    "Guard failed: x.size()[1] == 3"), which do not say that the files do not belong together."""
+    if runner.inputs is None:
+        return None
+    takes = len(runner.inputs)
+    if takes != len(flat):
+        return f"it takes {takes} input{'s' * (takes != 1)}, not {len(flat)}"
+    for info, x in zip(runner.inputs, flat):
+        if len(info.shape) != x.dim():
+            return (f"its input {printable(info.name)[:80]!r} has {len(info.shape)} dims "
+                    f"({'x'.join(map(str, info.shape)) or 'a scalar'}), not {x.dim()}")
+    return None
+
+
+__all__ = ["Flat", "InputInfo", "Runner", "describe_inputs", "flat_tensors", "input_mismatch", "input_infos", "make_inputs", "program_inputs", "program_runner", "region_outputs"]

@@ -15,7 +15,7 @@ from serializers.files import check_readable
 
 from ..errors import ArtifactError, QExportError, UnknownSchemeError
 from .loaders import artifact_kind, first_line, load, load_program, pinned
-from .runner import make_inputs, program_inputs, program_runner, region_outputs
+from .runner import describe_inputs, input_mismatch, make_inputs, program_inputs, program_runner, region_outputs
 
 aten = torch.ops.aten
 
@@ -185,6 +185,8 @@ def verify(
         try:
             runner = load(p, expected_sha256=pinned(expected_sha256, p))
             res.kind = runner.kind
+            if (why := input_mismatch(runner, flat)) is not None:
+                raise ArtifactError(f"{why}; the reference takes {describe_inputs(flat)}: is it made from another model?")
             got = runner([x.clone() for x in flat])
             res.max_abs, res.rel = compare(expected, got)
             if float_out is not None:

@@ -78,6 +78,7 @@ class Scheme:
         missing = {"name", "family", "weight_dtype", "bits", "granularity"} - set(data)
         if missing:
             raise InvalidSchemeError(f"scheme dict lacks required field(s) {sorted(missing)}")
+        _check_types(data)
         scheme = cls(**dict(data))
         _check_common(scheme)
         return scheme
@@ -219,20 +220,28 @@ def reduction_dim_size(op: str, weight_shape: tuple[int, ...]) -> int:
     return k
 
 
+def _check_types(data: Mapping[str, Any]) -> None:
+    """Each field against its annotation. A scheme read from a file is the file's author's, and one built
+    with `get(name, **params)` the caller's (`qexport export --scheme-arg qmin=none`): a field of another
+    type would surface later as a TypeError deep in a check, a report or a backend."""
+    for name, value in data.items():
+        if name in _FIELD_TYPES and not _json_type_ok(_FIELD_TYPES[name], value):
+            raise InvalidSchemeError(
+                f"scheme {str(data.get('name'))[:60]!r}: field {name!r} must be {_FIELD_TYPES[name]}, got {str(value)[:60]!r}"
+            )
+
+
 def _check_common(s: Scheme) -> None:
     def bad(msg: str) -> None:
         raise InvalidSchemeError(f"{s.name}: {msg}")
 
-    # A scheme from a file is its author's and one from get(..., qmin="-8") or Scheme(...) the caller's:
-    # a field of another type would surface later as a TypeError deep in a report or a backend, so each
-    # is held to its annotation (and to JSON: a scheme travels in graphs and manifests as JSON).
-    for f in Scheme.FIELDS:
-        value = getattr(s, f)
-        if not _json_type_ok(_FIELD_TYPES[f], value):
-            raise InvalidSchemeError(f"scheme {str(s.name)[:60]!r}: field {f!r} must be {_FIELD_TYPES[f]}, got {str(value)[:60]!r}")
+    # A scheme from a file is its author's and one from get(..., qmin="-8") or Scheme(...) the caller's
+    # (held to JSON types too: a scheme travels in graphs and manifests as JSON).
+    _check_types(s.to_dict())
     for f in ("name", "family"):
         if not getattr(s, f).strip():
             raise InvalidSchemeError(f"a scheme's {f} must be a non-empty string, got {getattr(s, f)!r}")
+
     if s.granularity not in GRANULARITIES:
         bad(f"granularity={s.granularity!r} is not one of {GRANULARITIES}")
     if s.granularity == "per_group":

@@ -78,6 +78,11 @@ KERNEL_NAMES = {
     "int4_loop": "Inductor C++ loop over int4 codes", "int8_loop": "Inductor C++ loop over int8 codes",
     "float_weights": "{dtype} GEMM on weights decoded at compile time", "dequant": "{dtype} GEMM on weights decoded per call",
 }
+# Kernels whose weights torch packs in a layout of the ATen CPU capability in force when packing: torch 2.13's
+# _convert_weight_to_int4pack_for_cpu under AVX2 and under AVX512 give different bytes, and the run-time
+# kernel reads them by its own capability (a forced-AVX2 package on an AVX-512 host: rel. error 1.06, no
+# error raised). The region records the capability (`aten_layout`); `aoti.check_cpu` refuses any other.
+ATEN_LAYOUT_KERNELS = frozenset({"int4pack"})
 # Activation dtypes the weight-only aten kernels are fast with. With fp32 activations
 # aten._weight_int8pack_mm is 18x slower than with bf16 (FINDINGS.md), slower than Inductor's fusion.
 _FAST_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
@@ -178,7 +183,8 @@ def _choice(
         why=f"{how}; plan for {isa} (target: {target.describe()})",
         body=body,
         operands=[*operands, *extra],
-        details={"isa": isa, "plan": [{"max_m": m, "kernel": label(k)} for m, k in plan]},
+        details={"isa": isa, "plan": [{"max_m": m, "kernel": label(k)} for m, k in plan],
+                 **({"aten_layout": target.capability} if any(k in ATEN_LAYOUT_KERNELS for _, k in plan) else {})},
     )
 
 
