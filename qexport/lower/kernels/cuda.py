@@ -1027,15 +1027,15 @@ def int4_embedding_cuda(ctx: KernelContext) -> KernelChoice | Decline | None:
         return None
     if triton is None:
         return Decline("Triton is not installed")
-    shape = ctx.region.weight_shape or tuple(ctx.tensor("weight").shape)
-    if len(shape) != 2 or ctx.input_dtype not in (torch.int64, torch.int32):
-        return Decline(f"a 2-D table looked up by integer indices (got {list(shape)}, {ctx.input_dtype})")
-    gs, cd = ctx.scheme.group_size, ctx.scheme.torch_compute_dtype
+    packed = ctx.tensor("weight")  # [rows, dim / 2]: two codes per byte, whatever the region recorded
+    if packed.dim() != 2 or ctx.input_dtype not in (torch.int64, torch.int32):
+        return Decline(f"a 2-D table looked up by integer indices (got {list(packed.shape)} packed, {ctx.input_dtype})")
+    dim, gs, cd = packed.shape[1] * 2, ctx.scheme.group_size, ctx.scheme.torch_compute_dtype
     out_dtype = getattr(torch, ctx.region.op_params.get("out_dtype", "float32"))
 
     def body(ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         rows = torch.ops.qexport.int4_embedding(ids.reshape(-1), w, s, z, gs, cd)
-        return rows.reshape(*ids.shape, shape[1]).to(out_dtype)
+        return rows.reshape(*ids.shape, dim).to(out_dtype)
 
     return KernelChoice(name="Triton int4 rows", why="the indexed rows decoded in one kernel, before their consumer",
                         body=body, operands=_INT4_ROLES)
