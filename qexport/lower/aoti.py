@@ -254,12 +254,12 @@ def check_cpu(manifest: Any, path: Any = "the package") -> None:
             f"e.g. ATEN_CPU_CAPABILITY=avx2 qexport compile ... (runs on any AVX2 x86-64)"
         )
     running = torch.backends.cpu.get_cpu_capability()
-    packed = [r.name for r in manifest.regions
-              if r.lowering is not None and str(r.lowering.details.get("aten_layout", running)) != running]
+    packed = {r.name: layout for r in manifest.regions if r.lowering is not None
+              and (layout := str(r.lowering.details.get("aten_layout", running))) != running}
     if packed:  # kernels/cpu.py ATEN_LAYOUT_KERNELS: the run-time kernel would misread them, silently
-        layout = str(next(r.lowering.details["aten_layout"] for r in manifest.regions if r.name == packed[0]))
+        layout = next(iter(packed.values()))
         raise IncompatibleCPUError(
-            f"{path}: the weights of {len(packed)} region(s) ({', '.join(packed[:3])[:200]}) are packed in torch's "
+            f"{path}: the weights of {len(packed)} region(s) ({', '.join(list(packed)[:3])[:200]}) are packed in torch's "
             f"{layout[:20]} layout (aten._convert_weight_to_int4pack_for_cpu lays them out per ATen CPU "
             f"capability) and torch runs its {running} kernels here, which would misread them: load it with "
             f"ATEN_CPU_CAPABILITY={layout[:20].lower()}, or compile it under this process's capability"
