@@ -672,7 +672,6 @@ def _shared_weight_caveat(ctx: PlanContext, lw: Lowering) -> str:
             f"weight as it is (MatMulIntegerToFloat, QGemm)")
 
 
-
 def register_onnx_lowering(family: str, lowering: FamilyLowering) -> None:
     """Give a scheme family (a user's) an ONNX form: `register_lowering(family, "onnx", op)` for every
     op ONNX has a form for here; regions of other families run their reference math as torch.onnx
