@@ -219,6 +219,20 @@ def test_tuning_keeps_the_fastest_kernel_per_probe_and_caches_it(plan_cache):
         cuda_tune.tune("other", (16,), [cuda_tune.Candidate("c")], lambda k, m: math.nan)
 
 
+def test_plan_cache_key_changes_with_the_kernels_source(tmp_path, monkeypatch):
+    """Plans timed against older kernels are not reused after an upgrade: the cache key carries a
+    digest of the kernels' and the tuner's source."""
+    for name in ("cuda.py", "cuda_tune.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(cuda_tune, "__file__", str(tmp_path / "cuda_tune.py"))
+    before = cuda_tune.kernels_fingerprint()
+    (tmp_path / "cuda.py").write_text("# a faster decode\n")
+    after = cuda_tune.kernels_fingerprint()
+    assert before != after and len(after) == 12
+    (tmp_path / "cuda.py").write_text("# cuda.py\n")
+    assert cuda_tune.kernels_fingerprint() == before
+
+
 def test_tuned_tiles_round_trip_through_the_cache(plan_cache):
     tile = cuda_kernels.TILE_M16_K256
     plan, _ = cuda_tune.tune("k", (1, 4096), [cuda_tune.Candidate(("triton", tile)), cuda_tune.Candidate("gemv", max_rows=1)],
@@ -378,6 +392,27 @@ def test_int4_embedding_kernel_is_the_reference_rows(group, tmp_path):
     rows = torch.ops.qexport.int4_embedding(ids, t["weight"], t["weight_scale"], t["weight_zero_point"], group, torch.bfloat16)
     want = math_for(s).dequantize_weight(s, t, (1000, 512)).to(torch.bfloat16)
     assert torch.equal(rows[:3], want[[0, 999, 5]]) and rows[3:].isnan().all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_dequant_kernel_is_the_scheme_math(group):
+    """The large-M buckets' decode (dequant + cuBLAS) gives the scheme's dequantized weight bit for bit,
+    in bf16 and fp32, for a row count and a K that its tiles do not divide, and for a packed weight
+    that starts off a 4-byte boundary (it reads 32-bit words)."""
+    s = qexport.schemes.get("int4_weight_only", group_size=group)
+    n, k = 200, 768
+    torch.manual_seed(0)
+    t = {r: v.cuda() for r, v in math_for(s).quantize_weight(s, torch.randn(n, k)).items()}
+    want = math_for(s).dequantize_weight(s, t, (n, k))
+    for dtype in (torch.bfloat16, torch.float32):
+        got = torch.ops.qexport.int4_dequant(t["weight"], t["weight_scale"], t["weight_zero_point"], group, dtype)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    shifted = torch.cat([torch.zeros(2, dtype=torch.uint8, device="cuda"), t["weight"].reshape(-1)])[2:].view(n, k // 2)
+    assert shifted.storage_offset() == 2
+    got = torch.ops.qexport.int4_dequant(shifted, t["weight_scale"], t["weight_zero_point"], group, torch.bfloat16)
+    assert torch.equal(got, want.to(torch.bfloat16))
 
 
 @pytest.mark.cuda

@@ -6,8 +6,8 @@ serves which activation row counts. Constants measured on one card did not carry
 times each candidate kernel on the region's own weights, on the card, at a few probe row counts,
 and keeps the fastest per probe; buckets end half-way (in log scale) between probes.
 
-Results are cached per device name, torch and Triton version, family, weight shape, policy and
-probes, in memory and in `$QEXPORT_CACHE_DIR/cuda_plans.json` (default `~/.cache/qexport`), so a
+Results are cached per device name, torch and Triton version, a digest of the kernels' source, family,
+weight shape, policy and probes, in memory and in `$QEXPORT_CACHE_DIR/cuda_plans.json` (default `~/.cache/qexport`), so a
 model of many same-shaped layers, or a recompile, tunes once. Without a CUDA device (or with
 `qexport.cuda_plan="static"`) the static plans of kernels/cuda.py are used; the region's report
 and the package manifest say which.
@@ -15,6 +15,7 @@ and the package manifest say which.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,11 +55,21 @@ def cache_path() -> Path:
     return Path(root) / "cuda_plans.json"
 
 
+def kernels_fingerprint() -> str:
+    """A digest of the CUDA kernels' and this tuner's source: a plan timed against older kernels is
+    stale (a faster decode moves the crossovers), so an upgraded qexport must not reuse it."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("cuda.py", "cuda_tune.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def device_key() -> str:
     import triton
 
     name = torch.cuda.get_device_name()
-    return f"{name} | torch {torch.__version__} | triton {triton.__version__}"
+    return f"{name} | torch {torch.__version__} | triton {triton.__version__} | kernels {kernels_fingerprint()}"
 
 
 def _to_json(kernel: Any) -> Any:
