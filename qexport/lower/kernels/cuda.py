@@ -805,11 +805,16 @@ if triton is not None:
             tl.store(ticket_ptr, 0)
 
 
+def _last_row(logits: torch.Tensor) -> torch.Tensor:
+    """The logits of the last position (what greedy decoding picks from), contiguous."""
+    return logits.reshape(-1, logits.shape[-1])[-1].contiguous()
+
+
 def greedy_token(logits: torch.Tensor, num_warps: int = 8, block: int = 4096) -> torch.Tensor:
     """The index of the first maximum of `logits`' last row, as a [1] int64 tensor on its device, in one
     kernel: torch's CUDA argmax reduces one long row in one block (10.4 µs for 32000 logits on the
     H200, a tenth of an int4 decode step; benchmarks/cuda_lab_argmax.py)."""
-    row = logits.reshape(-1, logits.shape[-1])[-1].contiguous()
+    row = _last_row(logits)
     out = torch.empty(1, dtype=torch.int64, device=row.device)
     _greedy_token_kernel[(1,)](row, out, row.numel(), BLOCK=block, num_warps=num_warps)
     return out
@@ -824,17 +829,18 @@ class GreedyBlocks:
     def __init__(self, vocab: int, device: torch.device | str, block: int = 1024, num_warps: int = 4) -> None:
         self.vocab, self.block, self.num_warps = vocab, block, num_warps
         self.programs = triton.cdiv(vocab, block)
+        self.p_block = triton.next_power_of_2(self.programs)
         self.values = torch.empty(self.programs, dtype=torch.float32, device=device)
         self.index = torch.empty(self.programs, dtype=torch.int32, device=device)
         self.ticket = torch.zeros(1, dtype=torch.int32, device=device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        row = logits.reshape(-1, logits.shape[-1])[-1].contiguous()
+        row = _last_row(logits)
         if row.numel() != self.vocab:
             raise ValueError(f"GreedyBlocks for {self.vocab} logits got a row of {row.numel()}")
         out = torch.empty(1, dtype=torch.int64, device=row.device)
         _greedy_token_blocks_kernel[(self.programs,)](row, self.values, self.index, self.ticket, out, self.vocab, BLOCK=self.block,
-                                                       P_BLOCK=triton.next_power_of_2(self.programs), num_warps=self.num_warps)
+                                                       P_BLOCK=self.p_block, num_warps=self.num_warps)
         return out
 
 
