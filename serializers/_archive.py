@@ -187,13 +187,25 @@ def _kind(rel: list[str]) -> str:
     return "aoti" if any(n.startswith(AOTI_PREFIX) for n in rel) else "pt2"
 
 
-def _manifest(p: Path, z: zipfile.ZipFile, root: str, text: bytes) -> Manifest:
+def _manifest(p: Path, z: zipfile.ZipFile, kind: str, text: bytes) -> Manifest:
     if z.comment != manifest_comment(text):
         raise CorruptArtifactError(
             f"{p}: the manifest's digest (the archive comment) does not match the manifest; the file was "
             f"damaged or edited after qexport wrote it (or it was written by a qexport without digests: re-save it)"
         )
-    return Manifest.from_json(text, source=str(p))
+    manifest = Manifest.from_json(text, source=str(p))
+    return check_artifact(p, manifest, kind)
+
+
+def check_artifact(p: Path, manifest: Manifest, kind: str) -> Manifest:
+    """Refuse a manifest that describes another kind than the file is: readers act on `artifact` (a
+    `.pt2` whose manifest said "pte" sent `qexport inspect` looking for a data file beside it)."""
+    if manifest.artifact != kind:
+        raise CorruptArtifactError(
+            f"{p}: its manifest describes a {manifest.artifact} artifact, but the file is {kind}; not a file qexport "
+            f"wrote: export it again"
+        )
+    return manifest
 
 
 def _no_manifest(p: Path, kind: str) -> CorruptArtifactError:
@@ -216,7 +228,7 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
             root, rel = _check_names(path, z)
             if MANIFEST_MEMBER not in rel:
                 raise _no_manifest(path, _kind(rel))
-            return _kind(rel), _manifest(path, z, root, z.read(root + MANIFEST_MEMBER))
+            return _kind(rel), _manifest(path, z, _kind(rel), z.read(root + MANIFEST_MEMBER))
         except QExportError:
             raise
         except Exception as e:
@@ -241,7 +253,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
             raise CorruptArtifactError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
         if MANIFEST_MEMBER not in members:
             raise _no_manifest(path, _kind(rel))
-        manifest = _manifest(path, z, root, members[MANIFEST_MEMBER])
+        manifest = _manifest(path, z, _kind(rel), members[MANIFEST_MEMBER])
         comment = z.comment
     canonical = io.BytesIO()
     write_archive([(root + r, d) for r, d in members.items()], canonical, comment)

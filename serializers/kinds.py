@@ -65,12 +65,17 @@ class ArtifactKind:
 
     def read_manifest(self, path: Path) -> Any:
         try:
-            return self.module().read_manifest(path)
+            manifest = self.module().read_manifest(path)
         except QExportError:
             raise
         except Exception as e:  # a reader must not let its parser's errors escape as anything else
             raise (missing_extra(e, f"{path}: reading {self.what}")
                    or CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}")) from None
+        if self.name in BUILTIN:  # a registered reader names its own kinds
+            from ._archive import check_artifact
+
+            check_artifact(path, manifest, self.name)
+        return manifest
 
     def file_name(self, stem: str = "model") -> str:
         return f"{stem}{self.tag}{self.suffix}"

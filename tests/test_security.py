@@ -704,6 +704,21 @@ def test_dim_names_that_are_not_text(pt2, tmp_path, capsys):
     assert "inputs: x: float32[s1[1..4], 64], x: float32[s2[1..4], 64], x: float32[\\x1b[2Jseq[1..4], 64]" in out
 
 
+@pytest.mark.parametrize("source, artifact", [("pt2", "pte"), ("pt2", "aoti"), ("aoti", "pt2"), ("aoti", "onnx")])
+def test_a_manifest_must_describe_the_kind_of_file_it_is_in(pt2, demo, tmp_path, capsys, source, artifact):
+    """Readers act on the manifest's `artifact`: a .pt2 whose manifest said "pte" loaded, and sent
+    `qexport inspect` looking for a .pte's data file beside it (FileNotFoundError)."""
+    from qexport.cli import main
+
+    original = pt2 if source == "pt2" else demo / "model_aoti.pt2"
+    edited = _archive.reseal(with_manifest(members(original), lambda m: m.update(artifact=artifact)), tmp_path / "k.pt2")
+    words = f"its manifest describes a {artifact} artifact, but the file is {source}"
+    for open_ in (qexport.inspect, runners.load):
+        with pytest.raises(CorruptArtifactError, match=words):
+            open_(edited)
+    assert main(["inspect", str(edited)]) == 1 and words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("device", ["meta", "cuda", 5, "\x1b[2J", ["cpu"]])
 def test_aoti_manifest_device_must_be_the_compiled_codes(demo, tmp_path, device):
     """Runners move inputs to the manifest's `device`: "meta" over a CPU package segfaulted bench and
