@@ -40,6 +40,8 @@ _COMMENT_PREFIX = b"qexport-manifest-sha256:"
 # Pinned so a file's layout depends on its members only (not on the clock or the Python version).
 _DATE = (1980, 1, 1, 0, 0, 0)
 _MODE = (stat.S_IFREG | 0o644) << 16
+#: the local header's extra field of a member over 4 GiB (its ZIP64 sizes), which the central directory does not give
+_ZIP64_LOCAL_EXTRA = 20
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}|\.data")
 
 Check = Callable[["Archive"], None]
@@ -168,15 +170,23 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
 def _check_no_overlap(p: Path, z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
     """Refuse members whose bytes overlap another's (or the central directory), before any is read:
     N members that each claim the rest of the file make a reader read (and CRC) N times its size, a
-    quadratic "zip bomb" without compression (a 0.5 MB file read as 0.55 GB)."""
+    quadratic "zip bomb" without compression (a 0.5 MB file read as 0.55 GB). Refuse bytes no member
+    holds too: qexport writes its members back to back from the first byte, and the whole file is
+    read into memory to be checked (a 30 GiB sparse file ending in a small zip's directory)."""
     end = 0
     for i in sorted(infos, key=lambda i: i.header_offset):
         name = len(i.filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437"))
         if i.header_offset < end:
             raise CorruptArtifactError(f"{p}: member {i.filename!r} overlaps the member before it; not a zip qexport writes")
+        if i.header_offset > end + _ZIP64_LOCAL_EXTRA:
+            raise CorruptArtifactError(f"{p}: {i.header_offset - end:,} bytes before member {i.filename!r} that no member "
+                                       f"holds; damaged or not a zip qexport writes")
         end = i.header_offset + zipfile.sizeFileHeader + name + i.compress_size
     if end > z.start_dir:
         raise CorruptArtifactError(f"{p}: the zip's members run past its central directory; damaged or not a zip qexport writes")
+    if z.start_dir > end + _ZIP64_LOCAL_EXTRA:
+        raise CorruptArtifactError(f"{p}: {z.start_dir - end:,} bytes between its last member and its central directory that "
+                                   f"no member holds; damaged or not a zip qexport writes")
 
 
 def _safe_root(name: str) -> bool:
@@ -238,10 +248,9 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
 def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None) -> Archive:
     """Read and check the qexport zip at `path`; `check(archive)` is its kind's allow-list and
     payload check (raising QExportError). Raises before torch sees a byte."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot be read: {e.strerror or e}") from None
+    with _open_zip(path, path) as z:
+        _check_names(path, z)  # from the central directory alone: a file that is no such zip is refused unread
+    data = read_whole(path)
     check_pin(path, data, expected_sha256)
     with _open_zip(path, io.BytesIO(data)) as z:
         try:
@@ -266,6 +275,17 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     archive = Archive(path, _kind(rel), root, members, manifest, data)
     check(archive)
     return archive
+
+
+def read_whole(p: Path) -> bytes:
+    """The whole file at `p`: artifacts are checked in memory, and the runtime gets the checked bytes."""
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
+    except MemoryError:  # a 30 GiB file on a smaller machine; only files that passed the cheap checks get here
+        raise ArtifactError(f"{p}: {p.stat().st_size:,} bytes, more than this process can hold in memory to check "
+                            f"before a runtime reads it") from None
 
 
 def _read_member(p: Path, z: zipfile.ZipFile, name: str) -> bytes:
@@ -340,16 +360,35 @@ def seal_trailer(path: Path, head: bytes) -> None:
         f.write(head + hashlib.sha256(data).digest())
 
 
+def read_sealed(p: Path, head: bytes, what: str, writer: str, expected_sha256: str | None = None) -> bytes:
+    """The checked body of the file at `p`, sealed by seal_trailer (see unseal_trailer); a file that does
+    not end in such a trailer is refused before the rest of it is read."""
+    try:
+        with open(p, "rb") as f:
+            tail = f.read(0) if f.seek(0, 2) < len(head) + 32 else (f.seek(-len(head) - 32, 2), f.read())[1]
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
+    if expected_sha256 is None and not tail.startswith(head):  # a pinned file is judged by its digest first
+        raise _no_trailer(p, writer)
+    data = read_whole(p)
+    check_pin(p, data, expected_sha256)
+    return unseal_trailer(p, data, head, what, writer)
+
+
+def _no_trailer(p: Path, writer: str) -> CorruptArtifactError:
+    return CorruptArtifactError(
+        f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), edited by another "
+        f"tool, or not written by {writer} (or by one older than its checksum); re-export it"
+    )
+
+
 def unseal_trailer(p: Path, data: bytes, head: bytes, what: str, writer: str) -> bytes:
     """`data` without its trailer (see seal_trailer), refusing a missing or wrong checksum; `what` names
     the payload ("model", "program") and `writer` the qexport call that writes the format."""
     size = len(head) + 32
     body, found, digest = data[:-size], data[-size:-32], data[-32:]
     if len(data) < size or found != head:
-        raise CorruptArtifactError(
-            f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), edited by another "
-            f"tool, or not written by {writer} (or by one older than its checksum); re-export it"
-        )
+        raise _no_trailer(p, writer)
     if hashlib.sha256(body).digest() != digest:
         raise CorruptArtifactError(f"{p}: the {what} does not match its checksum; the file was damaged after it was written: re-export it")
     return body

@@ -48,7 +48,7 @@ from qexport.errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CorruptArtifactError, UnsafeArtifactError,
 )
 
-from ._archive import check_pin, seal_trailer, unseal_trailer
+from ._archive import read_sealed, seal_trailer
 from .files import check_readable
 from .manifest import Manifest
 
@@ -293,12 +293,7 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
         from executorch.runtime import Runtime
     except ImportError as e:
         raise missing_extra(e, f"{p}: reading a .pte") or BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
-    check_pin(p, data, expected_sha256)
-    data, rec = DataFile.split(p, unseal_trailer(p, data, TRAILER_MAGIC, "program", "qexport.to_executorch"))
+    data, rec = DataFile.split(p, read_sealed(p, TRAILER_MAGIC, "program", "qexport.to_executorch", expected_sha256))
     extra = _VerifiedData(p, rec) if rec is not None else None
     runtime = Runtime.get()
     with native_stderr():  # XNNPACK's cpuinfo lines, printed by the probe child as it loads `forward`

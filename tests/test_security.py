@@ -205,6 +205,32 @@ def test_huge_tensor_metadata_over_an_empty_member(pt2, tmp_path, monkeypatch):
         qexport.load(p)
 
 
+@pytest.mark.parametrize("kind", ["pt2", "pte", "onnx"])
+def test_a_huge_sparse_file_is_refused_before_it_is_read(demo, tmp_path, monkeypatch, kind):
+    """Artifacts are checked in memory: a 30 GiB sparse file raised MemoryError out of qexport.load (and
+    would read 30 GiB where memory allows) though its zip directory, or its missing checksum, shows it
+    is no qexport artifact. A sealed one too large for memory is an ArtifactError."""
+    src = (demo / f"model.{kind}").read_bytes()
+    big = tmp_path / f"big.{kind}"
+    with open(big, "wb") as f:  # a zip's directory at the end, or a .pte/.onnx head and no checksum
+        f.write(b"" if kind == "pt2" else src[:4096])
+        f.truncate(30 << 30)
+        f.seek(0, 2)
+        f.write(src if kind == "pt2" else b"")
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda q: pytest.fail(f"read {q}") if q.name == big.name else read_bytes(q))
+    for open_ in ([qexport.load] if kind == "pt2" else []) + [runners.load]:
+        with pytest.raises(CorruptArtifactError, match="that no member holds|no qexport checksum|not a qexport artifact"):
+            open_(big)
+
+    def no_memory(q):
+        raise MemoryError()
+
+    monkeypatch.setattr(Path, "read_bytes", no_memory)
+    with pytest.raises(ArtifactError, match="more than this process can hold in memory"):
+        runners.load(demo / f"model.{kind}")
+
+
 @pytest.mark.parametrize("expr", [
     "__import__('os').mkdir({marker!r})",  # sympify evaluates a string as Python
     "exec(bytes((105, 109)))",  # no attribute, no quote: names are what matters
