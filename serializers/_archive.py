@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError
 
+from . import kinds
 from .manifest import Manifest
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -40,8 +41,10 @@ _COMMENT_PREFIX = b"qexport-manifest-sha256:"
 # Pinned so a file's layout depends on its members only (not on the clock or the Python version).
 _DATE = (1980, 1, 1, 0, 0, 0)
 _MODE = (stat.S_IFREG | 0o644) << 16
-#: the local header's extra field of a member over 4 GiB (its ZIP64 sizes), which the central directory does not give
-_ZIP64_LOCAL_EXTRA = 20
+#: the most bytes a member's local header may add that the central directory does not show: the extra field
+#: (torch's writer pads payloads to 64-byte alignment there, ZIP64 sizes of a member over 4 GiB take 20);
+#: qexport's own layout has none, which read_archive checks once the bytes are read
+_LOCAL_EXTRA = 4096
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}|\.data")
 
 Check = Callable[["Archive"], None]
@@ -178,13 +181,13 @@ def _check_no_overlap(p: Path, z: zipfile.ZipFile, infos: list[zipfile.ZipInfo])
         name = len(i.filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437"))
         if i.header_offset < end:
             raise CorruptArtifactError(f"{p}: member {i.filename!r} overlaps the member before it; not a zip qexport writes")
-        if i.header_offset > end + _ZIP64_LOCAL_EXTRA:
+        if i.header_offset > end + _LOCAL_EXTRA:
             raise CorruptArtifactError(f"{p}: {i.header_offset - end:,} bytes before member {i.filename!r} that no member "
                                        f"holds; damaged or not a zip qexport writes")
         end = i.header_offset + zipfile.sizeFileHeader + name + i.compress_size
     if end > z.start_dir:
         raise CorruptArtifactError(f"{p}: the zip's members run past its central directory; damaged or not a zip qexport writes")
-    if z.start_dir > end + _ZIP64_LOCAL_EXTRA:
+    if z.start_dir > end + _LOCAL_EXTRA:
         raise CorruptArtifactError(f"{p}: {z.start_dir - end:,} bytes between its last member and its central directory that "
                                    f"no member holds; damaged or not a zip qexport writes")
 
@@ -197,14 +200,13 @@ def _kind(rel: list[str]) -> str:
     return "aoti" if any(n.startswith(AOTI_PREFIX) for n in rel) else "pt2"
 
 
-def _manifest(p: Path, z: zipfile.ZipFile, kind: str, text: bytes) -> Manifest:
+def _manifest(p: Path, z: zipfile.ZipFile, text: bytes) -> Manifest:
     if z.comment != manifest_comment(text):
         raise CorruptArtifactError(
             f"{p}: the manifest's digest (the archive comment) does not match the manifest; the file was "
             f"damaged or edited after qexport wrote it (or it was written by a qexport without digests: re-save it)"
         )
-    manifest = Manifest.from_json(text, source=str(p))
-    return check_artifact(p, manifest, kind)
+    return Manifest.from_json(text, source=str(p))
 
 
 def check_artifact(p: Path, manifest: Manifest, kind: str) -> Manifest:
@@ -238,7 +240,7 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
             root, rel = _check_names(path, z)
             if MANIFEST_MEMBER not in rel:
                 raise _no_manifest(path, _kind(rel))
-            return _kind(rel), _manifest(path, z, _kind(rel), z.read(root + MANIFEST_MEMBER))
+            return _kind(rel), check_artifact(path, _manifest(path, z, z.read(root + MANIFEST_MEMBER)), _kind(rel))
         except QExportError:
             raise
         except Exception as e:
@@ -249,7 +251,8 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     """Read and check the qexport zip at `path`; `check(archive)` is its kind's allow-list and
     payload check (raising QExportError). Raises before torch sees a byte."""
     with _open_zip(path, path) as z:
-        _check_names(path, z)  # from the central directory alone: a file that is no such zip is refused unread
+        # from the central directory alone: a file that is no such zip, or named as another kind, is refused unread
+        kinds.check_name(path, kinds.get(_kind(_check_names(path, z)[1])))
     data = read_whole(path)
     check_pin(path, data, expected_sha256)
     with _open_zip(path, io.BytesIO(data)) as z:
@@ -262,7 +265,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
             raise CorruptArtifactError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
         if MANIFEST_MEMBER not in members:
             raise _no_manifest(path, _kind(rel))
-        manifest = _manifest(path, z, _kind(rel), members[MANIFEST_MEMBER])
+        manifest = _manifest(path, z, members[MANIFEST_MEMBER])
         comment = z.comment
     canonical = io.BytesIO()
     write_archive([(root + r, d) for r, d in members.items()], canonical, comment)
@@ -274,6 +277,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     _check_digests(path, manifest, members)
     archive = Archive(path, _kind(rel), root, members, manifest, data)
     check(archive)
+    check_artifact(path, manifest, archive.kind)
     return archive
 
 

@@ -319,6 +319,32 @@ def _tmp_children() -> set[str]:
     return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("qexport-aoti.")}
 
 
+@pytest.mark.parametrize("src, name", [("model_aoti.pt2", "m.pte"), ("model_aoti.pt2", "m.onnx"), ("model.pt2", "m.pte"),
+                                       ("model.pte", "m.pt2"), ("model.pte", "m.onnx")])
+def test_a_file_named_as_another_kind_is_opened_as_neither(demo, tmp_path, capsys, monkeypatch, src, name):
+    """An AOTI package (native code) renamed model.pte had its library loaded by `qexport verify`, where the
+    docs say a .pte cannot run code; a .pte renamed .pt2 ran as ExecuTorch. People choose what to open
+    by its name, so a name that says another kind is refused by every opener, naming the rename."""
+    from qexport.cli import main
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: pytest.fail("a renamed package was loaded"))
+    p = tmp_path / name
+    p.write_bytes((demo / src).read_bytes())
+    for open_ in (qexport.inspect, runners.load, qexport.load, qexport.load_compiled):
+        with pytest.raises(ArtifactError, match=r"though its name says .*: rename it to end in \.pt"):
+            open_(p)
+    assert main(["verify", str(demo / "model.pt2"), str(p)]) == 1 and "though its name says" in capsys.readouterr().out
+
+
+def test_load_compiled_calls_a_damaged_package_damaged(demo, tmp_path):
+    """A cut AOTI package is claimed by the .pt2 kind (as every damaged zip): load_compiled said "a qexport
+    program (.pt2) ...; use qexport.load", which then said it was damaged."""
+    p = tmp_path / "cut_aoti.pt2"
+    p.write_bytes((demo / "model_aoti.pt2").read_bytes()[:100_000])
+    with pytest.raises(CorruptArtifactError, match="not a zip archive, or a truncated one"):
+        qexport.load_compiled(p)
+
+
 def test_aoti_swapped_library_is_never_loaded(demo, tmp_path, torch_never_reads):
     src = demo / "model_aoti.pt2"
     def flip(d: bytes) -> bytes:
