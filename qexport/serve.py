@@ -31,7 +31,9 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -61,6 +63,8 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: attempts on other replicas when the one serving a request dies
     retries: int = 3
+    #: the artifact's SHA-256 (hex, what `sha256sum` prints): any other file is refused (docs/security.md)
+    expected_sha256: str | None = None
 
     def check(self) -> "ServeConfig":
         for name, lo in (("replicas", 1), ("max_batch", 1), ("max_body_bytes", 1), ("retries", 0)):
@@ -69,6 +73,9 @@ class ServeConfig:
                 raise UsageError(f"{name}={v!r}: must be an int >= {lo}")
         if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
             raise UsageError(f"batch_wait_ms={self.batch_wait_ms!r}: must be a number of milliseconds in [0, 10000]")
+        pin = self.expected_sha256
+        if pin is not None and not (isinstance(pin, str) and re.fullmatch(r"[0-9a-fA-F]{64}", pin.strip())):
+            raise UsageError(f"expected_sha256={pin!r}: must be a SHA-256 in hex (64 digits, what sha256sum prints)")
         return self
 
 
@@ -368,6 +375,21 @@ def _ray():
     return ray, serve
 
 
+def _load_once(config: ServeConfig) -> str:
+    """Load the artifact here, before Ray starts anything, and return its SHA-256, which every replica
+    pins. A file any loader check refuses (a damaged member, a pickle, a package for another CPU) had
+    started a cluster whose replicas then failed; and each replica read whatever the path held when it
+    started, so a file replaced meanwhile was served by some replicas and not others."""
+    from serializers.files import file_sha256
+
+    from . import runners
+
+    path = Path(config.path)
+    digest = config.expected_sha256.strip().lower() if config.expected_sha256 else file_sha256(path)
+    runners.load(path, expected_sha256=digest)
+    return digest
+
+
 def build_app(config: ServeConfig):
     """The Ray Serve application for `config` (bind it with `serve.run`). Reads and checks the
     artifact's manifest here, so a bad path or an unservable artifact fails before Ray starts anything."""
@@ -376,6 +398,7 @@ def build_app(config: ServeConfig):
     config = config.check()
     manifest = serializers.inspect(config.path)
     sig = signature(manifest)
+    digest = _load_once(config)
     ray, serve = _ray()
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -400,7 +423,7 @@ def build_app(config: ServeConfig):
             from . import runners
             import torch
 
-            self.runner = runners.load(path)
+            self.runner = runners.load(path, expected_sha256=digest)  # the bytes _load_once checked
             self.torch = torch
             self.batches: list[int] = []
             self.run.set_max_batch_size(max(1, config.max_batch if sig.batching else 1))

@@ -45,6 +45,18 @@ def sweep_stale(directory: "str | PathLike[str]") -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of the file at `path`, read in chunks (a model may be larger than memory allows twice)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read: {e.strerror or e}") from None
+    return digest.hexdigest()
+
+
 def check_readable(path: "str | PathLike[str]") -> Path:
     """The path as a Path, or ArtifactNotFoundError / ArtifactError if it is not a readable file."""
     p = Path(path)

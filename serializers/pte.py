@@ -49,7 +49,7 @@ from qexport.errors import (
 )
 
 from ._archive import read_sealed, seal_trailer
-from .files import check_readable
+from .files import check_readable, file_sha256
 from .manifest import Manifest
 
 #: the constant method that holds the manifest
@@ -157,19 +157,11 @@ def write(program: Any, path: Path) -> DataFile | None:
         if files:
             where = path.with_suffix(DATA_SUFFIX)
             os.replace(files[0], where)
-            rec = DataFile(where.name, where.stat().st_size, _file_sha256(where))
+            rec = DataFile(where.name, where.stat().st_size, file_sha256(where))
             with open(path, "ab") as f:
                 f.write(rec.record())
     seal(path)
     return rec
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 #: ExecuTorch ScalarType codes -> torch dtypes (the runtime's method metadata reports codes)

@@ -282,6 +282,31 @@ def test_bad_config_refused(artifacts, kwargs, message):
         ServeConfig(str(artifacts["mlp"]), **kwargs).check()
 
 
+def test_an_artifact_a_loader_refuses_fails_before_ray_starts(artifacts, tmp_path, monkeypatch, capsys):
+    """build_app read only the manifest: a .pt2 carrying a member that does not belong (with fresh digests)
+    started a Ray cluster whose replicas then failed; now the artifact is loaded once first, and every
+    replica pins the digest of what was checked."""
+    import zipfile
+
+    import qexport.serve as qs
+    from qexport.cli import main
+    from qexport.errors import UnsafeArtifactError
+    from serializers._archive import reseal
+
+    monkeypatch.setattr(qs, "_ray", lambda: pytest.fail("Ray was started"))
+    src = artifacts["conv"]
+    with zipfile.ZipFile(src) as z:
+        members = [(n, z.read(n)) for n in z.namelist()]
+    bad = reseal(members + [(members[0][0].split("/")[0] + "/data.pkl", b"\x80\x02N.")], tmp_path / "bad.pt2")
+    with pytest.raises(UnsafeArtifactError, match="member 'data.pkl' does not belong"):
+        qs.build_app(ServeConfig(str(bad)))
+    assert main(["serve", str(bad)]) == 1 and "does not belong" in capsys.readouterr().err
+    with pytest.raises(UnsafeArtifactError, match="not the file you pinned"):
+        qs.build_app(ServeConfig(str(src), expected_sha256="0" * 64))
+    with pytest.raises(UsageError, match="expected_sha256='xyz': must be a SHA-256"):
+        ServeConfig(str(src), expected_sha256="xyz").check()
+
+
 # -- one real server ------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
