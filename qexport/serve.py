@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -73,9 +72,9 @@ class ServeConfig:
                 raise UsageError(f"{name}={v!r}: must be an int >= {lo}")
         if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
             raise UsageError(f"batch_wait_ms={self.batch_wait_ms!r}: must be a number of milliseconds in [0, 10000]")
-        pin = self.expected_sha256
-        if pin is not None and not (isinstance(pin, str) and re.fullmatch(r"[0-9a-fA-F]{64}", pin.strip())):
-            raise UsageError(f"expected_sha256={pin!r}: must be a SHA-256 in hex (64 digits, what sha256sum prints)")
+        from serializers._archive import pinned_digest
+
+        pinned_digest(self.expected_sha256)
         return self
 
 
@@ -380,12 +379,13 @@ def _load_once(config: ServeConfig) -> str:
     pins. A file any loader check refuses (a damaged member, a pickle, a package for another CPU) had
     started a cluster whose replicas then failed; and each replica read whatever the path held when it
     started, so a file replaced meanwhile was served by some replicas and not others."""
+    from serializers._archive import pinned_digest
     from serializers.files import file_sha256
 
     from . import runners
 
     path = Path(config.path)
-    digest = config.expected_sha256.strip().lower() if config.expected_sha256 else file_sha256(path)
+    digest = pinned_digest(config.expected_sha256) or file_sha256(path)
     runners.load(path, expected_sha256=digest)
     return digest
 

@@ -26,7 +26,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError
+from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError, UsageError
 
 from . import kinds
 from .manifest import Manifest
@@ -54,9 +54,22 @@ def sha256(data: "bytes | memoryview") -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def pinned_digest(expected_sha256: object) -> str | None:
+    """A pin as the loaders compare it (lowercase hex), or None; UsageError for anything that is not a
+    SHA-256, before any work: an int raised AttributeError (or "cannot be loaded as pt2", blaming the
+    file), and "xyz" was reported as a file that is not the one pinned."""
+    if expected_sha256 is None:
+        return None
+    if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256.strip()):
+        raise UsageError(f"expected_sha256={str(expected_sha256)[:80]!r} is not a SHA-256: give the 64 hex digits "
+                         f"that sha256sum prints")
+    return expected_sha256.strip().lower()
+
+
 def check_pin(path: Path, data: bytes, expected_sha256: str | None) -> None:
     """Refuse `data` (the whole file at `path`) unless its SHA-256 is the pinned one (every kind)."""
-    if expected_sha256 is not None and sha256(data) != expected_sha256.strip().lower():
+    expected_sha256 = pinned_digest(expected_sha256)
+    if expected_sha256 is not None and sha256(data) != expected_sha256:
         raise UnsafeArtifactError(
             f"{path}: SHA-256 is {sha256(data)}, not the expected {expected_sha256}; this is not the file you pinned"
         )

@@ -311,6 +311,16 @@ def test_pinned_digest(pt2, tmp_path):
         qexport.load(rebuilt, expected_sha256=sha)
 
 
+@pytest.mark.parametrize("pin", [123, b"ab" * 32, "xyz", "", ["a" * 64]])
+def test_a_pin_that_is_no_sha256_is_a_usage_error(demo, pin, monkeypatch):
+    """An int raised AttributeError out of qexport.load (and "cannot be loaded as pt2", blaming the file,
+    out of runners.load); "xyz" was reported as a file that is not the one pinned."""
+    monkeypatch.setattr(Path, "read_bytes", lambda q: pytest.fail(f"read {q} before checking the pin"))
+    for open_, name in ((qexport.load, "model.pt2"), (qexport.load_compiled, "model_aoti.pt2"), (runners.load, "model.onnx")):
+        with pytest.raises(UsageError, match="is not a SHA-256: give the 64 hex digits"):
+            open_(demo / name, expected_sha256=pin)
+
+
 # -- AOTI packages -------------------------------------------------------------------------------
 
 def _tmp_children() -> set[str]:
