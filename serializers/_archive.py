@@ -41,10 +41,10 @@ _COMMENT_PREFIX = b"qexport-manifest-sha256:"
 # Pinned so a file's layout depends on its members only (not on the clock or the Python version).
 _DATE = (1980, 1, 1, 0, 0, 0)
 _MODE = (stat.S_IFREG | 0o644) << 16
-#: the most bytes a member's local header may add that the central directory does not show: the extra field
-#: (torch's writer pads payloads to 64-byte alignment there, ZIP64 sizes of a member over 4 GiB take 20);
-#: qexport's own layout has none, which read_archive checks once the bytes are read
-_LOCAL_EXTRA = 4096
+#: the most bytes a member's local header may add that the central directory does not show: its extra
+#: field, whose length is 16 bits (torch's writer pads payloads to an alignment there, ZIP64 sizes of a
+#: member over 4 GiB take 20); qexport's own layout has none, which read_archive checks once the bytes are read
+_LOCAL_EXTRA = 0xFFFF
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}|\.data")
 
 Check = Callable[["Archive"], None]
