@@ -257,13 +257,28 @@ def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
             raise BadRequest(400, f"input {spec.name}: {a.dtype.name} values where the model takes {spec.dtype}")
         if a.size and want.kind in "iu":
             _check_integers(spec, a, want)
-        a = np.ascontiguousarray(a, dtype=want)
-        if a.size and want.kind == "f" and not np.isfinite(a).all():
-            where = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
-            raise BadRequest(400, f"input {spec.name}: a value that is not finite ({a[tuple(where)]}) at {where}; "
-                                  f"NaN and infinities are refused (a quantized region would turn the whole row into NaN)")
-        out.append(a)
+        if a.size and want.kind == "f":
+            _check_floats(spec, a, want)
+        with np.errstate(over="ignore"):  # _check_floats refused every value the cast would overflow
+            out.append(np.ascontiguousarray(a, dtype=want))
     return out
+
+
+def _check_floats(spec: InputSpec, a: np.ndarray, want: np.dtype) -> None:
+    """Finite values the model's dtype holds: NaN and infinities would turn a quantized region's whole row
+    into NaN, and a float64 1e39 sent to a float32 input became inf (reported as a value "not finite")."""
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        with np.errstate(over="ignore"):
+            bad = ~np.isfinite(a.astype(want))
+        if not bad.any():
+            return
+        where = [int(i) for i in np.argwhere(bad)[0]]
+        raise BadRequest(400, f"input {spec.name}: {a[tuple(where)]} at {where} is outside the range of {want.name}, "
+                              f"which the model takes")
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    raise BadRequest(400, f"input {spec.name}: a value that is not finite ({a[tuple(where)]}) at {where}; "
+                          f"NaN and infinities are refused (a quantized region would turn the whole row into NaN)")
 
 
 #: dtypes numpy itself has (ml_dtypes, once imported, adds float8 and bfloat16 names torch cannot read back)

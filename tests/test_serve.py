@@ -106,6 +106,8 @@ def _npy(a) -> bytes:
     (_npy(np.array([object()], dtype=object)), NPY, 400, "pickled data is never loaded"),
     (b"PK\x03\x04junk", NPZ, 400, "not a readable .npz"),
     (b"x", "text/plain", 415, "not served"),
+    (b'{"inputs": [[[1e39' + b", 0" * 63 + b"]]]}", "application/json", 400, r"1e\+39 at \[0, 0\] is outside the range of float32"),
+    (b'{"inputs": [[[NaN' + b", 0" * 63 + b"]]]}", "application/json", 400, r"not finite \(nan\) at \[0, 0\]"),
 ])
 def test_bad_requests_are_refused_with_4xx(artifacts, body, kind, status, message):
     with pytest.raises(BadRequest, match=message) as e:
