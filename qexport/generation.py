@@ -385,7 +385,7 @@ def generate(
     program with the same signature lowered by another tool). On a CUDA AOTI package the cache stays
     on the GPU and, with `cuda_graph` (default), the single-token step is captured in a CUDA graph once
     per runner and replayed per token (`CudaGraphDecoder`)."""
-    from serializers._archive import pinned_digest
+    from serializers.files import pinned_digest
 
     from . import runners
 

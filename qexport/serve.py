@@ -72,7 +72,7 @@ class ServeConfig:
                 raise UsageError(f"{name}={v!r}: must be an int >= {lo}")
         if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
             raise UsageError(f"batch_wait_ms={self.batch_wait_ms!r}: must be a number of milliseconds in [0, 10000]")
-        from serializers._archive import pinned_digest
+        from serializers.files import pinned_digest
 
         pinned_digest(self.expected_sha256)
         return self
@@ -394,7 +394,7 @@ def _load_once(config: ServeConfig) -> str:
     pins. A file any loader check refuses (a damaged member, a pickle, a package for another CPU) had
     started a cluster whose replicas then failed; and each replica read whatever the path held when it
     started, so a file replaced meanwhile was served by some replicas and not others."""
-    from serializers._archive import pinned_digest
+    from serializers.files import pinned_digest
     from serializers.files import file_sha256
 
     from . import runners

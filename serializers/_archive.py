@@ -26,9 +26,10 @@ from os import PathLike
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError, UsageError
+from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError
 
 from . import kinds
+from .files import pinned_digest
 from .manifest import Manifest
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -52,18 +53,6 @@ Check = Callable[["Archive"], None]
 
 def sha256(data: "bytes | memoryview") -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def pinned_digest(expected_sha256: object) -> str | None:
-    """A pin as the loaders compare it (lowercase hex), or None; UsageError for anything that is not a
-    SHA-256, before any work: an int raised AttributeError (or "cannot be loaded as pt2", blaming the
-    file), and "xyz" was reported as a file that is not the one pinned."""
-    if expected_sha256 is None:
-        return None
-    if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256.strip()):
-        raise UsageError(f"expected_sha256={str(expected_sha256)[:80]!r} is not a SHA-256: give the 64 hex digits "
-                         f"that sha256sum prints")
-    return expected_sha256.strip().lower()
 
 
 def check_pin(path: Path, data: bytes, expected_sha256: str | None) -> None:
@@ -222,17 +211,6 @@ def _manifest(p: Path, z: zipfile.ZipFile, text: bytes) -> Manifest:
     return Manifest.from_json(text, source=str(p))
 
 
-def check_artifact(p: Path, manifest: Manifest, kind: str) -> Manifest:
-    """Refuse a manifest that describes another kind than the file is: readers act on `artifact` (a
-    `.pt2` whose manifest said "pte" sent `qexport inspect` looking for a data file beside it)."""
-    if manifest.artifact != kind:
-        raise CorruptArtifactError(
-            f"{p}: its manifest describes a {manifest.artifact} artifact, but the file is {kind}; not a file qexport "
-            f"wrote: export it again"
-        )
-    return manifest
-
-
 def _no_manifest(p: Path, kind: str) -> CorruptArtifactError:
     if kind == "aoti":
         return CorruptArtifactError(
@@ -253,7 +231,7 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
             root, rel = _check_names(path, z)
             if MANIFEST_MEMBER not in rel:
                 raise _no_manifest(path, _kind(rel))
-            return _kind(rel), check_artifact(path, _manifest(path, z, z.read(root + MANIFEST_MEMBER)), _kind(rel))
+            return _kind(rel), kinds.check_artifact(path, _manifest(path, z, z.read(root + MANIFEST_MEMBER)), _kind(rel))
         except QExportError:
             raise
         except Exception as e:
@@ -290,7 +268,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     _check_digests(path, manifest, members)
     archive = Archive(path, _kind(rel), root, members, manifest, data)
     check(archive)
-    check_artifact(path, manifest, archive.kind)
+    kinds.check_artifact(path, manifest, archive.kind)
     return archive
 
 

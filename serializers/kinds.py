@@ -72,8 +72,6 @@ class ArtifactKind:
             raise (missing_extra(e, f"{path}: reading {self.what}")
                    or CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}")) from None
         if self.name in BUILTIN:  # a registered reader names its own kinds
-            from ._archive import check_artifact
-
             check_artifact(path, manifest, self.name)
         return manifest
 
@@ -193,6 +191,17 @@ def check_name(path: Path, kind: ArtifactKind) -> None:
         )
 
 
+def check_artifact(p: Path, manifest: Any, kind: str) -> Any:
+    """Refuse a manifest that describes another kind than the file is: readers act on `artifact` (a
+    `.pt2` whose manifest said "pte" sent `qexport inspect` looking for a data file beside it)."""
+    if manifest.artifact != kind:
+        raise CorruptArtifactError(
+            f"{p}: its manifest describes a {manifest.artifact} artifact, but the file is {kind}; not a file qexport "
+            f"wrote: export it again"
+        )
+    return manifest
+
+
 def check_kind(path: "str | PathLike[str]", expected: str, stage: str) -> None:
     """ArtifactError naming what the file is and what opens it, when `stage` (e.g. "qexport.load"),
     which reads `expected` files, is given another kind qexport knows; a file no kind claims goes on
@@ -215,5 +224,5 @@ def check_kind(path: "str | PathLike[str]", expected: str, stage: str) -> None:
     raise ArtifactError(f"{path}: {kind.what}, not {get(expected).what}, which {stage} reads; use {how}")
 
 
-__all__ = ["ArtifactKind", "BUILTIN", "HEAD_BYTES", "check_kind", "check_name", "get", "kinds", "lowered", "names", "register",
-           "sniff", "stages", "unregister"]
+__all__ = ["ArtifactKind", "BUILTIN", "HEAD_BYTES", "check_artifact", "check_kind", "check_name", "get", "kinds", "lowered",
+           "names", "register", "sniff", "stages", "unregister"]

@@ -33,9 +33,9 @@ from . import kinds
 from .containers import register_program_containers
 from qexport.regions import iter_region_nodes
 
-from ._archive import ZIP_MAGIC, Archive, check_allowed, pinned_digest, read_archive, seal
+from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
 from ._archive import read_manifest as _read_manifest
-from .files import atomic_path, check_readable, check_writable
+from .files import atomic_path, check_readable, check_writable, pinned_digest
 from .manifest import Manifest
 
 #: the manifest's name among torch.export's `extra_files` (stored under `<root>/extra/`)

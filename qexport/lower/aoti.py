@@ -278,7 +278,7 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
     CUDA graph (call it from one thread at a time; pass `run_single_threaded=False` for torch's
     thread-safe one).
     """
-    from serializers._archive import pinned_digest
+    from serializers.files import pinned_digest
     from serializers.aoti import load_package
     from serializers.inspect import check_readable
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from serializers import kinds
-from serializers._archive import pinned_digest
+from serializers.files import pinned_digest
 from serializers.files import check_readable
 
 from ..extras import missing_extra, require
