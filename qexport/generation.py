@@ -385,8 +385,11 @@ def generate(
     program with the same signature lowered by another tool). On a CUDA AOTI package the cache stays
     on the GPU and, with `cuda_graph` (default), the single-token step is captured in a CUDA graph once
     per runner and replayed per token (`CudaGraphDecoder`)."""
+    from serializers.files import pinned_digest
+
     from . import runners
 
+    expected_sha256 = pinned_digest(expected_sha256)
     prompt = _prompt(prompt_ids)
     spec = spec if spec is not None else generation_spec(artifact_or_runner)
     source = "the program" if isinstance(artifact_or_runner, torch.export.ExportedProgram) else str(

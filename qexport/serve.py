@@ -32,6 +32,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -61,6 +62,8 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: attempts on other replicas when the one serving a request dies
     retries: int = 3
+    #: the artifact's SHA-256 (hex, what `sha256sum` prints): any other file is refused (docs/security.md)
+    expected_sha256: str | None = None
 
     def check(self) -> "ServeConfig":
         for name, lo in (("replicas", 1), ("max_batch", 1), ("max_body_bytes", 1), ("retries", 0)):
@@ -69,6 +72,9 @@ class ServeConfig:
                 raise UsageError(f"{name}={v!r}: must be an int >= {lo}")
         if not isinstance(self.batch_wait_ms, (int, float)) or not 0 <= self.batch_wait_ms <= 10_000:
             raise UsageError(f"batch_wait_ms={self.batch_wait_ms!r}: must be a number of milliseconds in [0, 10000]")
+        from serializers.files import pinned_digest
+
+        pinned_digest(self.expected_sha256)
         return self
 
 
@@ -251,13 +257,28 @@ def check(arrays: Sequence[np.ndarray], sig: Signature) -> list[np.ndarray]:
             raise BadRequest(400, f"input {spec.name}: {a.dtype.name} values where the model takes {spec.dtype}")
         if a.size and want.kind in "iu":
             _check_integers(spec, a, want)
-        a = np.ascontiguousarray(a, dtype=want)
-        if a.size and want.kind == "f" and not np.isfinite(a).all():
-            where = [int(i) for i in np.argwhere(~np.isfinite(a))[0]]
-            raise BadRequest(400, f"input {spec.name}: a value that is not finite ({a[tuple(where)]}) at {where}; "
-                                  f"NaN and infinities are refused (a quantized region would turn the whole row into NaN)")
-        out.append(a)
+        if a.size and want.kind == "f":
+            _check_floats(spec, a, want)
+        with np.errstate(over="ignore"):  # _check_floats refused every value the cast would overflow
+            out.append(np.ascontiguousarray(a, dtype=want))
     return out
+
+
+def _check_floats(spec: InputSpec, a: np.ndarray, want: np.dtype) -> None:
+    """Finite values the model's dtype holds: NaN and infinities would turn a quantized region's whole row
+    into NaN, and a float64 1e39 sent to a float32 input became inf (reported as a value "not finite")."""
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        with np.errstate(over="ignore"):
+            bad = ~np.isfinite(a.astype(want))
+        if not bad.any():
+            return
+        where = [int(i) for i in np.argwhere(bad)[0]]
+        raise BadRequest(400, f"input {spec.name}: {a[tuple(where)]} at {where} is outside the range of {want.name}, "
+                              f"which the model takes")
+    where = [int(i) for i in np.argwhere(bad)[0]]
+    raise BadRequest(400, f"input {spec.name}: a value that is not finite ({a[tuple(where)]}) at {where}; "
+                          f"NaN and infinities are refused (a quantized region would turn the whole row into NaN)")
 
 
 #: dtypes numpy itself has (ml_dtypes, once imported, adds float8 and bfloat16 names torch cannot read back)
@@ -368,6 +389,22 @@ def _ray():
     return ray, serve
 
 
+def _load_once(config: ServeConfig) -> str:
+    """Load the artifact here, before Ray starts anything, and return its SHA-256, which every replica
+    pins. A file any loader check refuses (a damaged member, a pickle, a package for another CPU) had
+    started a cluster whose replicas then failed; and each replica read whatever the path held when it
+    started, so a file replaced meanwhile was served by some replicas and not others."""
+    from serializers.files import pinned_digest
+    from serializers.files import file_sha256
+
+    from . import runners
+
+    path = Path(config.path)
+    digest = pinned_digest(config.expected_sha256) or file_sha256(path)
+    runners.load(path, expected_sha256=digest)
+    return digest
+
+
 def build_app(config: ServeConfig):
     """The Ray Serve application for `config` (bind it with `serve.run`). Reads and checks the
     artifact's manifest here, so a bad path or an unservable artifact fails before Ray starts anything."""
@@ -376,6 +413,7 @@ def build_app(config: ServeConfig):
     config = config.check()
     manifest = serializers.inspect(config.path)
     sig = signature(manifest)
+    digest = _load_once(config)
     ray, serve = _ray()
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
@@ -400,7 +438,7 @@ def build_app(config: ServeConfig):
             from . import runners
             import torch
 
-            self.runner = runners.load(path)
+            self.runner = runners.load(path, expected_sha256=digest)  # the bytes _load_once checked
             self.torch = torch
             self.batches: list[int] = []
             self.run.set_max_batch_size(max(1, config.max_batch if sig.batching else 1))

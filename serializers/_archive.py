@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 from qexport.errors import ArtifactError, CorruptArtifactError, QExportError, UnsafeArtifactError
 
+from . import kinds
+from .files import pinned_digest
 from .manifest import Manifest
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -40,6 +42,10 @@ _COMMENT_PREFIX = b"qexport-manifest-sha256:"
 # Pinned so a file's layout depends on its members only (not on the clock or the Python version).
 _DATE = (1980, 1, 1, 0, 0, 0)
 _MODE = (stat.S_IFREG | 0o644) << 16
+#: the most bytes a member's local header may add that the central directory does not show: its extra
+#: field, whose length is 16 bits (torch's writer pads payloads to an alignment there, ZIP64 sizes of a
+#: member over 4 GiB take 20); qexport's own layout has none, which read_archive checks once the bytes are read
+_LOCAL_EXTRA = 0xFFFF
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}|\.data")
 
 Check = Callable[["Archive"], None]
@@ -51,7 +57,8 @@ def sha256(data: "bytes | memoryview") -> str:
 
 def check_pin(path: Path, data: bytes, expected_sha256: str | None) -> None:
     """Refuse `data` (the whole file at `path`) unless its SHA-256 is the pinned one (every kind)."""
-    if expected_sha256 is not None and sha256(data) != expected_sha256.strip().lower():
+    expected_sha256 = pinned_digest(expected_sha256)
+    if expected_sha256 is not None and sha256(data) != expected_sha256:
         raise UnsafeArtifactError(
             f"{path}: SHA-256 is {sha256(data)}, not the expected {expected_sha256}; this is not the file you pinned"
         )
@@ -168,15 +175,23 @@ def _check_names(p: Path, z: zipfile.ZipFile) -> tuple[str, list[str]]:
 def _check_no_overlap(p: Path, z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
     """Refuse members whose bytes overlap another's (or the central directory), before any is read:
     N members that each claim the rest of the file make a reader read (and CRC) N times its size, a
-    quadratic "zip bomb" without compression (a 0.5 MB file read as 0.55 GB)."""
+    quadratic "zip bomb" without compression (a 0.5 MB file read as 0.55 GB). Refuse bytes no member
+    holds too: qexport writes its members back to back from the first byte, and the whole file is
+    read into memory to be checked (a 30 GiB sparse file ending in a small zip's directory)."""
     end = 0
     for i in sorted(infos, key=lambda i: i.header_offset):
         name = len(i.filename.encode("utf-8" if i.flag_bits & 0x800 else "cp437"))
         if i.header_offset < end:
             raise CorruptArtifactError(f"{p}: member {i.filename!r} overlaps the member before it; not a zip qexport writes")
+        if i.header_offset > end + _LOCAL_EXTRA:
+            raise CorruptArtifactError(f"{p}: {i.header_offset - end:,} bytes before member {i.filename!r} that no member "
+                                       f"holds; damaged or not a zip qexport writes")
         end = i.header_offset + zipfile.sizeFileHeader + name + i.compress_size
     if end > z.start_dir:
         raise CorruptArtifactError(f"{p}: the zip's members run past its central directory; damaged or not a zip qexport writes")
+    if z.start_dir > end + _LOCAL_EXTRA:
+        raise CorruptArtifactError(f"{p}: {z.start_dir - end:,} bytes between its last member and its central directory that "
+                                   f"no member holds; damaged or not a zip qexport writes")
 
 
 def _safe_root(name: str) -> bool:
@@ -187,7 +202,7 @@ def _kind(rel: list[str]) -> str:
     return "aoti" if any(n.startswith(AOTI_PREFIX) for n in rel) else "pt2"
 
 
-def _manifest(p: Path, z: zipfile.ZipFile, root: str, text: bytes) -> Manifest:
+def _manifest(p: Path, z: zipfile.ZipFile, text: bytes) -> Manifest:
     if z.comment != manifest_comment(text):
         raise CorruptArtifactError(
             f"{p}: the manifest's digest (the archive comment) does not match the manifest; the file was "
@@ -216,7 +231,7 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
             root, rel = _check_names(path, z)
             if MANIFEST_MEMBER not in rel:
                 raise _no_manifest(path, _kind(rel))
-            return _kind(rel), _manifest(path, z, root, z.read(root + MANIFEST_MEMBER))
+            return _kind(rel), kinds.check_artifact(path, _manifest(path, z, z.read(root + MANIFEST_MEMBER)), _kind(rel))
         except QExportError:
             raise
         except Exception as e:
@@ -226,10 +241,10 @@ def read_manifest(path: Path) -> tuple[str, Manifest]:
 def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None) -> Archive:
     """Read and check the qexport zip at `path`; `check(archive)` is its kind's allow-list and
     payload check (raising QExportError). Raises before torch sees a byte."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot be read: {e.strerror or e}") from None
+    with _open_zip(path, path) as z:
+        # from the central directory alone: a file that is no such zip, or named as another kind, is refused unread
+        kinds.check_name(path, kinds.get(_kind(_check_names(path, z)[1])))
+    data = read_whole(path)
     check_pin(path, data, expected_sha256)
     with _open_zip(path, io.BytesIO(data)) as z:
         try:
@@ -241,7 +256,7 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
             raise CorruptArtifactError(f"{path}: damaged archive ({type(e).__name__}: {e})") from None
         if MANIFEST_MEMBER not in members:
             raise _no_manifest(path, _kind(rel))
-        manifest = _manifest(path, z, root, members[MANIFEST_MEMBER])
+        manifest = _manifest(path, z, members[MANIFEST_MEMBER])
         comment = z.comment
     canonical = io.BytesIO()
     write_archive([(root + r, d) for r, d in members.items()], canonical, comment)
@@ -253,7 +268,19 @@ def read_archive(path: Path, check: Check, *, expected_sha256: str | None = None
     _check_digests(path, manifest, members)
     archive = Archive(path, _kind(rel), root, members, manifest, data)
     check(archive)
+    kinds.check_artifact(path, manifest, archive.kind)
     return archive
+
+
+def read_whole(p: Path) -> bytes:
+    """The whole file at `p`: artifacts are checked in memory, and the runtime gets the checked bytes."""
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
+    except MemoryError:  # a 30 GiB file on a smaller machine; only files that passed the cheap checks get here
+        raise ArtifactError(f"{p}: {p.stat().st_size:,} bytes, more than this process can hold in memory to check "
+                            f"before a runtime reads it") from None
 
 
 def _read_member(p: Path, z: zipfile.ZipFile, name: str) -> bytes:
@@ -328,16 +355,35 @@ def seal_trailer(path: Path, head: bytes) -> None:
         f.write(head + hashlib.sha256(data).digest())
 
 
+def read_sealed(p: Path, head: bytes, what: str, writer: str, expected_sha256: str | None = None) -> bytes:
+    """The checked body of the file at `p`, sealed by seal_trailer (see unseal_trailer); a file that does
+    not end in such a trailer is refused before the rest of it is read."""
+    try:
+        with open(p, "rb") as f:
+            tail = f.read(0) if f.seek(0, 2) < len(head) + 32 else (f.seek(-len(head) - 32, 2), f.read())[1]
+    except OSError as e:
+        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
+    if expected_sha256 is None and not tail.startswith(head):  # a pinned file is judged by its digest first
+        raise _no_trailer(p, writer)
+    data = read_whole(p)
+    check_pin(p, data, expected_sha256)
+    return unseal_trailer(p, data, head, what, writer)
+
+
+def _no_trailer(p: Path, writer: str) -> CorruptArtifactError:
+    return CorruptArtifactError(
+        f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), edited by another "
+        f"tool, or not written by {writer} (or by one older than its checksum); re-export it"
+    )
+
+
 def unseal_trailer(p: Path, data: bytes, head: bytes, what: str, writer: str) -> bytes:
     """`data` without its trailer (see seal_trailer), refusing a missing or wrong checksum; `what` names
     the payload ("model", "program") and `writer` the qexport call that writes the format."""
     size = len(head) + 32
     body, found, digest = data[:-size], data[-size:-32], data[-32:]
     if len(data) < size or found != head:
-        raise CorruptArtifactError(
-            f"{p}: no qexport checksum at the end of the file: it was damaged (cut or extended), edited by another "
-            f"tool, or not written by {writer} (or by one older than its checksum); re-export it"
-        )
+        raise _no_trailer(p, writer)
     if hashlib.sha256(body).digest() != digest:
         raise CorruptArtifactError(f"{p}: the {what} does not match its checksum; the file was damaged after it was written: re-export it")
     return body

@@ -63,8 +63,6 @@ def _check_package(archive: Archive) -> None:
     if archive.kind != "aoti":
         raise CorruptArtifactError(f"{archive.path}: a qexport program, not an AOTInductor package; load it with qexport.load")
     check_allowed(archive, lambda n: n.startswith(MODEL_FOLDER), f"an AOTInductor package (only {MODEL_FOLDER}*)")
-    if archive.manifest.artifact != "aoti":
-        raise CorruptArtifactError(f"{archive.path}: its manifest describes a {archive.manifest.artifact} artifact, not an AOTI package")
     _check_device(archive)
 
 

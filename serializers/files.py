@@ -16,7 +16,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Iterator
 
-from qexport.errors import ArtifactError, ArtifactNotFoundError
+from qexport.errors import ArtifactError, ArtifactNotFoundError, UsageError
 
 #: `.<name>.<writer pid>@<host>.<random>.tmp`, the folder atomic_path writes in; the host tag keeps
 #: a process from judging the pids of another machine (or container) sharing the directory
@@ -43,6 +43,30 @@ def sweep_stale(directory: "str | PathLike[str]") -> None:
             if (m and m.group(2) == _HOST and int(m.group(1)) != os.getpid() and entry.is_dir(follow_symlinks=False)
                     and not _alive(int(m.group(1)))):
                 shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def pinned_digest(expected_sha256: object) -> str | None:
+    """A pin as the loaders compare it (lowercase hex), or None; UsageError for anything that is not a
+    SHA-256, before any work: an int raised AttributeError (or "cannot be loaded as pt2", blaming the
+    file), and "xyz" was reported as a file that is not the one pinned."""
+    if expected_sha256 is None:
+        return None
+    if not isinstance(expected_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256.strip()):
+        raise UsageError(f"expected_sha256={str(expected_sha256)[:80]!r} is not a SHA-256: give the 64 hex digits "
+                         f"that sha256sum prints")
+    return expected_sha256.strip().lower()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of the file at `path`, read in chunks (a model may be larger than memory allows twice)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read: {e.strerror or e}") from None
+    return digest.hexdigest()
 
 
 def check_readable(path: "str | PathLike[str]") -> Path:

@@ -65,12 +65,15 @@ class ArtifactKind:
 
     def read_manifest(self, path: Path) -> Any:
         try:
-            return self.module().read_manifest(path)
+            manifest = self.module().read_manifest(path)
         except QExportError:
             raise
         except Exception as e:  # a reader must not let its parser's errors escape as anything else
             raise (missing_extra(e, f"{path}: reading {self.what}")
                    or CorruptArtifactError(f"{path}: not a readable {self.name} artifact: {type(e).__name__}: {e}")) from None
+        if self.name in BUILTIN:  # a registered reader names its own kinds
+            check_artifact(path, manifest, self.name)
+        return manifest
 
     def file_name(self, stem: str = "model") -> str:
         return f"{stem}{self.tag}{self.suffix}"
@@ -158,17 +161,45 @@ def sniff(path: "str | PathLike[str]") -> ArtifactKind:
     """The kind of the file at `path`, told from its content (AOTI packages and programs are both
     `.pt2` zips); CorruptArtifactError naming the kinds qexport reads if none claims it."""
     p = Path(path)
+    kind = _by_content(p)
+    if kind is None:
+        raise CorruptArtifactError(
+            f"{p}: not a qexport artifact this installation can read (it reads: {', '.join(_KINDS)})"
+        )
+    check_name(p, kind)
+    return kind
+
+
+def _by_content(p: Path) -> ArtifactKind | None:
     try:
         with open(p, "rb") as f:
             head = f.read(HEAD_BYTES)
     except OSError as e:
         raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
-    for kind in list(_KINDS.values()):
-        if kind.sniff(p, head):
-            return kind
-    raise CorruptArtifactError(
-        f"{p}: not a qexport artifact this installation can read (it reads: {', '.join(_KINDS)})"
-    )
+    return next((kind for kind in list(_KINDS.values()) if kind.sniff(p, head)), None)
+
+
+def check_name(path: Path, kind: ArtifactKind) -> None:
+    """Refuse a file whose name gives another kind's suffix than its content's: people decide what to open
+    from a name, and an AOTInductor package (native code) renamed model.pte had its library loaded by
+    `qexport verify`, where the docs say a .pte cannot run code. A name without a kind's suffix is not a claim."""
+    claimed = next((k for k in _KINDS.values() if k.suffix and k.suffix == path.suffix), None)
+    if claimed is not None and claimed.suffix != kind.suffix:
+        raise ArtifactError(
+            f"{path}: {kind.what}, though its name says {claimed.what}; qexport opens a file only as what its name "
+            f"says: rename it to end in {kind.suffix} if you trust it as {kind.what}"
+        )
+
+
+def check_artifact(p: Path, manifest: Any, kind: str) -> Any:
+    """Refuse a manifest that describes another kind than the file is: readers act on `artifact` (a
+    `.pt2` whose manifest said "pte" sent `qexport inspect` looking for a data file beside it)."""
+    if manifest.artifact != kind:
+        raise CorruptArtifactError(
+            f"{p}: its manifest describes a {manifest.artifact} artifact, but the file is {kind}; not a file qexport "
+            f"wrote: export it again"
+        )
+    return manifest
 
 
 def check_kind(path: "str | PathLike[str]", expected: str, stage: str) -> None:
@@ -176,10 +207,15 @@ def check_kind(path: "str | PathLike[str]", expected: str, stage: str) -> None:
     which reads `expected` files, is given another kind qexport knows; a file no kind claims goes on
     to the stage's own checks, which say what is damaged."""
     try:
-        kind = sniff(path)
-    except (ArtifactError, CorruptArtifactError):
+        kind = _by_content(Path(path))
+    except ArtifactError:
         return
-    if kind.name == expected:
+    if kind is None or kind.name == expected:
+        return
+    check_name(Path(path), kind)  # a renamed file: say that first, the way any other opener would
+    try:
+        kind.read_manifest(Path(path))
+    except QExportError:  # a damaged file (the .pt2 kind claims every damaged zip, a damaged AOTI package too)
         return
     if kind.loader:
         how = f"qexport.{kind.loader.split(':')[1]}({str(path)!r})"
@@ -188,5 +224,5 @@ def check_kind(path: "str | PathLike[str]", expected: str, stage: str) -> None:
     raise ArtifactError(f"{path}: {kind.what}, not {get(expected).what}, which {stage} reads; use {how}")
 
 
-__all__ = ["ArtifactKind", "BUILTIN", "HEAD_BYTES", "check_kind", "get", "kinds", "lowered", "names", "register",
-           "sniff", "stages", "unregister"]
+__all__ = ["ArtifactKind", "BUILTIN", "HEAD_BYTES", "check_artifact", "check_kind", "check_name", "get", "kinds", "lowered",
+           "names", "register", "sniff", "stages", "unregister"]

@@ -20,10 +20,10 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from qexport.errors import ArtifactError, CorruptArtifactError, UnsafeArtifactError
+from qexport.errors import CorruptArtifactError, UnsafeArtifactError
 from qexport.schemes import Scheme
 
-from ._archive import check_pin, seal_trailer, unseal_trailer
+from ._archive import read_sealed, seal_trailer
 from .files import check_readable
 from .manifest import Manifest
 
@@ -78,13 +78,7 @@ def write(model: Any, path: Path, manifest: Manifest, *, check: Callable[[Path],
 
 def read_checked(path: "str | Path", expected_sha256: str | None = None) -> bytes:
     """The model bytes of a sealed `.onnx` (without the checksum field), after checking it."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
-    check_pin(p, data, expected_sha256)
-    return unseal_trailer(p, data, _TRAILER_HEAD, "model", "qexport.to_onnx")
+    return read_sealed(Path(path), _TRAILER_HEAD, "model", "qexport.to_onnx", expected_sha256)
 
 
 def _load(p: Path, data: bytes | None = None) -> Any:

@@ -35,7 +35,7 @@ from qexport.regions import iter_region_nodes
 
 from ._archive import ZIP_MAGIC, Archive, check_allowed, read_archive, seal
 from ._archive import read_manifest as _read_manifest
-from .files import atomic_path, check_readable, check_writable
+from .files import atomic_path, check_readable, check_writable, pinned_digest
 from .manifest import Manifest
 
 #: the manifest's name among torch.export's `extra_files` (stored under `<root>/extra/`)
@@ -364,6 +364,7 @@ def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> 
     """Read a `.pt2` written by `save`: the archive is verified (layout, CRCs, the manifest's member
     digests, one program, payload sizes), nothing is unpickled, and the program's regions are checked
     against the manifest. `expected_sha256` (hex) pins the whole file's digest."""
+    expected_sha256 = pinned_digest(expected_sha256)
     p = check_readable(path)
     try:
         archive = read_archive(p, _check_program, expected_sha256=expected_sha256)

@@ -48,8 +48,8 @@ from qexport.errors import (
     ArtifactError, ArtifactNotFoundError, BackendUnavailableError, CorruptArtifactError, UnsafeArtifactError,
 )
 
-from ._archive import check_pin, seal_trailer, unseal_trailer
-from .files import check_readable
+from ._archive import read_sealed, seal_trailer
+from .files import check_readable, file_sha256
 from .manifest import Manifest
 
 #: the constant method that holds the manifest
@@ -157,19 +157,11 @@ def write(program: Any, path: Path) -> DataFile | None:
         if files:
             where = path.with_suffix(DATA_SUFFIX)
             os.replace(files[0], where)
-            rec = DataFile(where.name, where.stat().st_size, _file_sha256(where))
+            rec = DataFile(where.name, where.stat().st_size, file_sha256(where))
             with open(path, "ab") as f:
                 f.write(rec.record())
     seal(path)
     return rec
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 #: ExecuTorch ScalarType codes -> torch dtypes (the runtime's method metadata reports codes)
@@ -293,12 +285,7 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
         from executorch.runtime import Runtime
     except ImportError as e:
         raise missing_extra(e, f"{p}: reading a .pte") or BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{p}: cannot be read: {e.strerror or e}") from None
-    check_pin(p, data, expected_sha256)
-    data, rec = DataFile.split(p, unseal_trailer(p, data, TRAILER_MAGIC, "program", "qexport.to_executorch"))
+    data, rec = DataFile.split(p, read_sealed(p, TRAILER_MAGIC, "program", "qexport.to_executorch", expected_sha256))
     extra = _VerifiedData(p, rec) if rec is not None else None
     runtime = Runtime.get()
     with native_stderr():  # XNNPACK's cpuinfo lines, printed by the probe child as it loads `forward`

@@ -205,6 +205,32 @@ def test_huge_tensor_metadata_over_an_empty_member(pt2, tmp_path, monkeypatch):
         qexport.load(p)
 
 
+@pytest.mark.parametrize("kind", ["pt2", "pte", "onnx"])
+def test_a_huge_sparse_file_is_refused_before_it_is_read(demo, tmp_path, monkeypatch, kind):
+    """Artifacts are checked in memory: a 30 GiB sparse file raised MemoryError out of qexport.load (and
+    would read 30 GiB where memory allows) though its zip directory, or its missing checksum, shows it
+    is no qexport artifact. A sealed one too large for memory is an ArtifactError."""
+    src = (demo / f"model.{kind}").read_bytes()
+    big = tmp_path / f"big.{kind}"
+    with open(big, "wb") as f:  # a zip's directory at the end, or a .pte/.onnx head and no checksum
+        f.write(b"" if kind == "pt2" else src[:4096])
+        f.truncate(30 << 30)
+        f.seek(0, 2)
+        f.write(src if kind == "pt2" else b"")
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda q: pytest.fail(f"read {q}") if q.name == big.name else read_bytes(q))
+    for open_ in ([qexport.load] if kind == "pt2" else []) + [runners.load]:
+        with pytest.raises(CorruptArtifactError, match="that no member holds|no qexport checksum|not a qexport artifact"):
+            open_(big)
+
+    def no_memory(q):
+        raise MemoryError()
+
+    monkeypatch.setattr(Path, "read_bytes", no_memory)
+    with pytest.raises(ArtifactError, match="more than this process can hold in memory"):
+        runners.load(demo / f"model.{kind}")
+
+
 @pytest.mark.parametrize("expr", [
     "__import__('os').mkdir({marker!r})",  # sympify evaluates a string as Python
     "exec(bytes((105, 109)))",  # no attribute, no quote: names are what matters
@@ -285,12 +311,48 @@ def test_pinned_digest(pt2, tmp_path):
         qexport.load(rebuilt, expected_sha256=sha)
 
 
+@pytest.mark.parametrize("pin", [123, b"ab" * 32, "xyz", "", ["a" * 64]])
+def test_a_pin_that_is_no_sha256_is_a_usage_error(demo, pin, monkeypatch):
+    """An int raised AttributeError out of qexport.load (and "cannot be loaded as pt2", blaming the file,
+    out of runners.load); "xyz" was reported as a file that is not the one pinned."""
+    monkeypatch.setattr(Path, "read_bytes", lambda q: pytest.fail(f"read {q} before checking the pin"))
+    for open_, name in ((qexport.load, "model.pt2"), (qexport.load_compiled, "model_aoti.pt2"), (runners.load, "model.onnx")):
+        with pytest.raises(UsageError, match="is not a SHA-256: give the 64 hex digits"):
+            open_(demo / name, expected_sha256=pin)
+
+
 # -- AOTI packages -------------------------------------------------------------------------------
 
 def _tmp_children() -> set[str]:
     import tempfile
 
     return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("qexport-aoti.")}
+
+
+@pytest.mark.parametrize("src, name", [("model_aoti.pt2", "m.pte"), ("model_aoti.pt2", "m.onnx"), ("model.pt2", "m.pte"),
+                                       ("model.pte", "m.pt2"), ("model.pte", "m.onnx")])
+def test_a_file_named_as_another_kind_is_opened_as_neither(demo, tmp_path, capsys, monkeypatch, src, name):
+    """An AOTI package (native code) renamed model.pte had its library loaded by `qexport verify`, where the
+    docs say a .pte cannot run code; a .pte renamed .pt2 ran as ExecuTorch. People choose what to open
+    by its name, so a name that says another kind is refused by every opener, naming the rename."""
+    from qexport.cli import main
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: pytest.fail("a renamed package was loaded"))
+    p = tmp_path / name
+    p.write_bytes((demo / src).read_bytes())
+    for open_ in (qexport.inspect, runners.load, qexport.load, qexport.load_compiled):
+        with pytest.raises(ArtifactError, match=r"though its name says .*: rename it to end in \.pt"):
+            open_(p)
+    assert main(["verify", str(demo / "model.pt2"), str(p)]) == 1 and "though its name says" in capsys.readouterr().out
+
+
+def test_load_compiled_calls_a_damaged_package_damaged(demo, tmp_path):
+    """A cut AOTI package is claimed by the .pt2 kind (as every damaged zip): load_compiled said "a qexport
+    program (.pt2) ...; use qexport.load", which then said it was damaged."""
+    p = tmp_path / "cut_aoti.pt2"
+    p.write_bytes((demo / "model_aoti.pt2").read_bytes()[:100_000])
+    with pytest.raises(CorruptArtifactError, match="not a zip archive, or a truncated one"):
+        qexport.load_compiled(p)
 
 
 def test_aoti_swapped_library_is_never_loaded(demo, tmp_path, torch_never_reads):
@@ -702,6 +764,21 @@ def test_dim_names_that_are_not_text(pt2, tmp_path, capsys):
     assert main(["inspect", str(_archive.reseal(with_manifest(members(pt2), edit), tmp_path / "n.pt2"))]) == 0
     out = capsys.readouterr().out
     assert "inputs: x: float32[s1[1..4], 64], x: float32[s2[1..4], 64], x: float32[\\x1b[2Jseq[1..4], 64]" in out
+
+
+@pytest.mark.parametrize("source, artifact", [("pt2", "pte"), ("pt2", "aoti"), ("aoti", "pt2"), ("aoti", "onnx")])
+def test_a_manifest_must_describe_the_kind_of_file_it_is_in(pt2, demo, tmp_path, capsys, source, artifact):
+    """Readers act on the manifest's `artifact`: a .pt2 whose manifest said "pte" loaded, and sent
+    `qexport inspect` looking for a .pte's data file beside it (FileNotFoundError)."""
+    from qexport.cli import main
+
+    original = pt2 if source == "pt2" else demo / "model_aoti.pt2"
+    edited = _archive.reseal(with_manifest(members(original), lambda m: m.update(artifact=artifact)), tmp_path / "k.pt2")
+    words = f"its manifest describes a {artifact} artifact, but the file is {source}"
+    for open_ in (qexport.inspect, runners.load):
+        with pytest.raises(CorruptArtifactError, match=words):
+            open_(edited)
+    assert main(["inspect", str(edited)]) == 1 and words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["meta", "cuda", 5, "\x1b[2J", ["cpu"]])

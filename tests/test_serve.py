@@ -106,6 +106,8 @@ def _npy(a) -> bytes:
     (_npy(np.array([object()], dtype=object)), NPY, 400, "pickled data is never loaded"),
     (b"PK\x03\x04junk", NPZ, 400, "not a readable .npz"),
     (b"x", "text/plain", 415, "not served"),
+    (b'{"inputs": [[[1e39' + b", 0" * 63 + b"]]]}", "application/json", 400, r"1e\+39 at \[0, 0\] is outside the range of float32"),
+    (b'{"inputs": [[[NaN' + b", 0" * 63 + b"]]]}", "application/json", 400, r"not finite \(nan\) at \[0, 0\]"),
 ])
 def test_bad_requests_are_refused_with_4xx(artifacts, body, kind, status, message):
     with pytest.raises(BadRequest, match=message) as e:
@@ -280,6 +282,31 @@ def test_encode_json_and_npz():
 def test_bad_config_refused(artifacts, kwargs, message):
     with pytest.raises(UsageError, match=message):
         ServeConfig(str(artifacts["mlp"]), **kwargs).check()
+
+
+def test_an_artifact_a_loader_refuses_fails_before_ray_starts(artifacts, tmp_path, monkeypatch, capsys):
+    """build_app read only the manifest: a .pt2 carrying a member that does not belong (with fresh digests)
+    started a Ray cluster whose replicas then failed; now the artifact is loaded once first, and every
+    replica pins the digest of what was checked."""
+    import zipfile
+
+    import qexport.serve as qs
+    from qexport.cli import main
+    from qexport.errors import UnsafeArtifactError
+    from serializers._archive import reseal
+
+    monkeypatch.setattr(qs, "_ray", lambda: pytest.fail("Ray was started"))
+    src = artifacts["conv"]
+    with zipfile.ZipFile(src) as z:
+        members = [(n, z.read(n)) for n in z.namelist()]
+    bad = reseal(members + [(members[0][0].split("/")[0] + "/data.pkl", b"\x80\x02N.")], tmp_path / "bad.pt2")
+    with pytest.raises(UnsafeArtifactError, match="member 'data.pkl' does not belong"):
+        qs.build_app(ServeConfig(str(bad)))
+    assert main(["serve", str(bad)]) == 1 and "does not belong" in capsys.readouterr().err
+    with pytest.raises(UnsafeArtifactError, match="not the file you pinned"):
+        qs.build_app(ServeConfig(str(src), expected_sha256="0" * 64))
+    with pytest.raises(UsageError, match="expected_sha256=.xyz. is not a SHA-256"):
+        ServeConfig(str(src), expected_sha256="xyz").check()
 
 
 # -- one real server ------------------------------------------------------------------------------------

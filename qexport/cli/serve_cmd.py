@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import input_path
+from ._common import PIN_HELP, input_path, parse_pins
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--expected-sha256", action="append", default=None, metavar="FILE=SHA256", help=PIN_HELP)
     p.set_defaults(func=run)
 
 
@@ -33,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import ServeConfig, run as serve_run
 
     path = input_path(args.artifact, "ARTIFACT")
+    pin = next(iter(parse_pins(args.expected_sha256, [args.artifact]).values()), None)  # one file: its pin, if any
     config = ServeConfig(str(path), replicas=args.replicas, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         max_body_bytes=args.max_body_bytes).check()
+                         max_body_bytes=args.max_body_bytes, expected_sha256=pin).check()
     serve_run(config, host=args.host, port=args.port, address=args.address, blocking=True,
               ready=lambda url: print(f"serving {path} at {url} (POST /predict, GET /health /info /stats); Ctrl-C stops",
                                       flush=True))

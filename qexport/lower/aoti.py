@@ -278,9 +278,11 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
     CUDA graph (call it from one thread at a time; pass `run_single_threaded=False` for torch's
     thread-safe one).
     """
+    from serializers.files import pinned_digest
     from serializers.aoti import load_package
     from serializers.inspect import check_readable
 
+    expected_sha256 = pinned_digest(expected_sha256)
     p = check_readable(path)
     import serializers
     from serializers import kinds

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from serializers import kinds
+from serializers.files import pinned_digest
 from serializers.files import check_readable
 
 from ..extras import missing_extra, require
@@ -64,6 +65,7 @@ def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> 
     """Load any qexport artifact as a Runner. Raises ArtifactError subclasses for unreadable files
     and BackendUnavailableError when the runtime it needs is not installed. `expected_sha256` (hex,
     what `sha256sum` prints) pins the file: any other file is refused with UnsafeArtifactError."""
+    expected_sha256 = pinned_digest(expected_sha256)
     p = check_readable(path)
     kind = kinds.sniff(p)
     try:
