@@ -95,6 +95,14 @@ def causal_lm(arch: str = "llama"):
         return transformers.OPTForCausalLM(transformers.OPTConfig(
             hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
             max_position_embeddings=LM_POSITIONS, pad_token_id=2, init_std=0.3, **_LM))
+    if arch in ("falcon", "falcon_alibi"):  # Falcon-7B's layout: one KV head (multi_query), which its config does not say
+        return transformers.FalconForCausalLM(transformers.FalconConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=arch == "falcon_alibi",
+            max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "gpt_neo":  # masks by slicing a causal table at the cache's length: no static cache
+        return transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+            hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
+            max_position_embeddings=LM_POSITIONS, **_LM))
     raise ValueError(arch)
 
 
