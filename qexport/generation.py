@@ -129,8 +129,8 @@ class StaticCacheLM(nn.Module):
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         for i, layer in enumerate(self.cache.layers):
             # as transformers' export module does: a sliding-window layer's update branches on data,
-            # which export cannot capture (generation past the window then differs from the model's);
-            # a KV-sharing layer never reads its own cache
+            # which export cannot capture; a full layer keeps every position and the attention mask still
+            # applies the window (the same logits past it). A KV-sharing layer never reads its own cache
             if isinstance(layer, StaticSlidingWindowLayer):
                 self.cache.layers[i] = StaticLayer(max_cache_len)
             elif isinstance(layer, DummyLayer):

@@ -88,6 +88,10 @@ def causal_lm(arch: str = "llama"):
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "mistral":  # a sliding window shorter than the tests' generations
+        return transformers.MistralForCausalLM(transformers.MistralConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            sliding_window=8, max_position_embeddings=LM_POSITIONS, **_LM))
     if arch == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=LM_POSITIONS, **_LM))
