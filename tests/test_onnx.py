@@ -334,3 +334,32 @@ def test_refusals_leave_no_file(tmp_path, mlp_artifacts):
     with pytest.raises(LoweringError, match="takes an ExportedProgram"):
         qexport.to_onnx(torch.nn.Linear(2, 2), tmp_path / "f.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@torch.library.custom_op("qexport_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_an_op_onnx_cannot_express_is_named(tmp_path):
+    """torch.onnx's ConversionError opens with next-steps boilerplate and names the op last (a Mixtral's
+    `transformers.grouped_mm_fallback`): the error must carry that cause, not the boilerplate."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return _twice(self.fc(x))
+
+    model = qexport.quantize(Twice().eval(), "int8_dynamic")
+    ep = qexport.export(model, (torch.randn(2, 64),))
+    with pytest.raises(LoweringError, match=r"No ONNX function found for .*qexport_test\.twice") as e:
+        qexport.to_onnx(ep, tmp_path / "x.onnx")
+    assert "\x1b[" not in str(e.value) and "Next steps" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ initializers, which a translation function cannot add.
 from __future__ import annotations
 
 import platform
+import re
 import warnings
 from os import PathLike
 from typing import Any, Mapping
@@ -195,7 +196,7 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
     except QExportError:
         raise
     except Exception as e:  # the exporter wraps its failures in its own error types
-        raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {_first_lines(str(e))}") from e
+        raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {_exporter_reason(str(e))}") from e
     return program.model, references
 
 
@@ -216,8 +217,19 @@ def _reduction_fixes() -> dict[Any, Any]:
     return {torch.ops.aten.amin.default: reduce(op.ReduceMin), torch.ops.aten.amax.default: reduce(op.ReduceMax)}
 
 
-def _first_lines(text: str, n: int = 6) -> str:
-    return "\n".join(text.strip().splitlines()[:n])
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _exporter_reason(text: str, n: int = 6) -> str:
+    """The cause in a torch.onnx exporter error. Its ConversionError opens with the same next-steps
+    boilerplate (in terminal colours) and puts the cause last, under '## Exception summary' (e.g.
+    `DispatchError: No ONNX function found for transformers.grouped_mm_fallback`, a Mixtral's experts):
+    the first lines alone named no cause. That section when there is one, else the first lines."""
+    text = _TERMINAL_COLOURS.sub("", text)
+    head, found, summary = text.partition("## Exception summary")
+    lines = [line for line in (summary if found else head).strip().splitlines()
+             if line.strip() and line.strip() != "⬆️" and not line.startswith("(Refer to the full stack trace")]
+    return "\n".join(lines[:n])
 
 
 # -- the region pass ----------------------------------------------------------------------------------
