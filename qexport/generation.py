@@ -54,12 +54,16 @@ class GenerationSpec:
     cache_shapes: tuple[tuple[int, ...], ...] = ()
     cache_dtype: str = "float32"
     format: int = SPEC_FORMAT
+    #: a position at which generation recomputes the whole sequence instead of one token (see `_longrope_switch`)
+    recompute_at: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": self.format, "layout": self.layout, "max_cache_len": self.max_cache_len,
                "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids)}
         if self.layout == "static_cache_io":
             out.update(cache_shapes=[list(s) for s in self.cache_shapes], cache_dtype=self.cache_dtype)
+        if self.recompute_at is not None:
+            out["recompute_at"] = self.recompute_at
         return out
 
     @classmethod
@@ -102,7 +106,8 @@ class GenerationSpec:
                                        f"not a record qexport writes")
         return cls(max_cache_len=count("max_cache_len", 1), vocab_size=count("vocab_size", 1),
                    eos_token_ids=tuple(eos), layout=layout, cache_shapes=tuple(tuple(sh) for sh in shapes),
-                   cache_dtype=dtype, format=count("format", 1))
+                   cache_dtype=dtype, format=count("format", 1),
+                   recompute_at=count("recompute_at", 1) if "recompute_at" in data else None)
 
     def empty_cache(self) -> list[torch.Tensor]:
         """The cache a "static_cache_io" program starts from (what it holds beyond a position is masked)."""
@@ -274,6 +279,22 @@ def _check_lm(model: Any, max_cache_len: Any) -> Any:
     return text
 
 
+def _longrope_switch(text: Any, max_cache_len: int) -> int | None:
+    """The position at which generation must recompute the whole sequence, for a LongRoPE model (Phi-3
+    128k, Phi-3.5, Phi-4-mini): each call rotates its keys with the short or the long factors by its
+    largest position, so the keys cached below `original_max_position_embeddings` keep the short ones once
+    positions pass it. transformers' generate (Phi-3's prepare_inputs_for_generation) drops the cache at
+    that point and runs the whole sequence again; without that the tokens parted from its own there."""
+    rope = getattr(text, "rope_parameters", None) or {}
+    per_type = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for params in per_type:
+        if isinstance(params, dict) and params.get("rope_type") == "longrope":
+            switch = params.get("original_max_position_embeddings") or getattr(text, "original_max_position_embeddings", None)
+            if isinstance(switch, int) and 1 <= switch < max_cache_len:
+                return switch
+    return None
+
+
 def _eos_ids(model: nn.Module, text: Any) -> tuple[int, ...]:
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -329,7 +350,8 @@ def export_lm(
     logits = next(n for n in ep.graph.nodes if n.op == "output").args[0][0].meta["val"]
     spec = GenerationSpec(max_cache_len=max_cache_len, vocab_size=int(logits.shape[-1]), eos_token_ids=_eos_ids(model, text),
                           layout=CACHE_LAYOUTS[cache], cache_shapes=tuple(tuple(t.shape) for t in states),
-                          cache_dtype=str(states[0].dtype).removeprefix("torch.") if states else "float32")
+                          cache_dtype=str(states[0].dtype).removeprefix("torch.") if states else "float32",
+                          recompute_at=_longrope_switch(text, max_cache_len))
     ep.graph_module.meta.setdefault("custom", {})[GENERATION_META] = spec.to_dict()
     return ep
 
@@ -511,11 +533,15 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
     t0 = time.perf_counter()
     tokens = [next_token(prompt, 0)]
     prefill_s = time.perf_counter() - t0
+    # the position whose call runs the whole sequence again (None: none in this generation); see _longrope_switch
+    recompute = spec.recompute_at if spec.recompute_at is not None and len(prompt) <= spec.recompute_at < len(prompt) + n - 1 \
+        else None
     t1 = time.perf_counter()
-    if device == "cuda" and cuda_graph and spec.layout == "static_cache" and n > 1 and tokens[-1] not in eos:
+    if device == "cuda" and cuda_graph and spec.layout == "static_cache" and n > 1 and tokens[-1] not in eos and recompute is None:
         tokens += _graph_decoder(runner, spec).run(tokens[-1], len(prompt), n - 1, eos)
     while len(tokens) < n and tokens[-1] not in eos:
-        tokens.append(next_token(tokens[-1:], len(prompt) + len(tokens) - 1))
+        position = len(prompt) + len(tokens) - 1
+        tokens.append(next_token(prompt + tokens, 0) if position == recompute else next_token(tokens[-1:], position))
     decoded = len(tokens) - 1
     rate = decoded / (time.perf_counter() - t1) if decoded else None
     return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)

@@ -92,6 +92,11 @@ def causal_lm(arch: str = "llama"):
         return transformers.MistralForCausalLM(transformers.MistralConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             sliding_window=8, max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "phi3_longrope":  # switches to its long RoPE factors past position 16, within the tests' generations
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+            original_max_position_embeddings=16, max_position_embeddings=LM_POSITIONS, pad_token_id=2, **_LM))
     if arch == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=LM_POSITIONS, **_LM))
