@@ -34,7 +34,7 @@ from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from ..regions import PAYLOAD_KEY, Region, RegionPayload
 from ._contract import RegionPlan, plan_regions
-from ._graph import region_state, with_region_names
+from ._graph import region_state, scratch_writes_as_values, with_region_names
 from ..validate import written_state
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
@@ -77,7 +77,7 @@ def to_onnx(
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
-    ep = with_region_names(resolve_program(program_or_path, "to_onnx"))
+    ep = scratch_writes_as_values(with_region_names(resolve_program(program_or_path, "to_onnx")))
     if written := written_state(ep):
         raise LoweringError(
             f"the program writes state between calls ({', '.join(written[:4])}{', ...' if len(written) > 4 else ''}); an "
