@@ -54,12 +54,16 @@ class GenerationSpec:
     cache_shapes: tuple[tuple[int, ...], ...] = ()
     cache_dtype: str = "float32"
     format: int = SPEC_FORMAT
+    #: a position at which generation recomputes the whole sequence instead of one token (see `_longrope_switch`)
+    recompute_at: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": self.format, "layout": self.layout, "max_cache_len": self.max_cache_len,
                "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids)}
         if self.layout == "static_cache_io":
             out.update(cache_shapes=[list(s) for s in self.cache_shapes], cache_dtype=self.cache_dtype)
+        if self.recompute_at is not None:
+            out["recompute_at"] = self.recompute_at
         return out
 
     @classmethod
@@ -102,7 +106,8 @@ class GenerationSpec:
                                        f"not a record qexport writes")
         return cls(max_cache_len=count("max_cache_len", 1), vocab_size=count("vocab_size", 1),
                    eos_token_ids=tuple(eos), layout=layout, cache_shapes=tuple(tuple(sh) for sh in shapes),
-                   cache_dtype=dtype, format=count("format", 1))
+                   cache_dtype=dtype, format=count("format", 1),
+                   recompute_at=count("recompute_at", 1) if "recompute_at" in data else None)
 
     def empty_cache(self) -> list[torch.Tensor]:
         """The cache a "static_cache_io" program starts from (what it holds beyond a position is masked)."""
@@ -123,18 +128,23 @@ class StaticCacheLM(nn.Module):
         from transformers.cache_utils import DummyLayer, StaticCache, StaticLayer, StaticSlidingWindowLayer
         from transformers.configuration_utils import get_head_shapes
 
-        self.model, self.cache_io = model, cache_io
+        self.model, self.cache_io, self.max_cache_len = model, cache_io, max_cache_len
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         config = model.config.get_text_config()
         self.cache = StaticCache(max_cache_len=max_cache_len, config=config)
         for i, layer in enumerate(self.cache.layers):
             # as transformers' export module does: a sliding-window layer's update branches on data,
-            # which export cannot capture (generation past the window then differs from the model's);
-            # a KV-sharing layer never reads its own cache
+            # which export cannot capture; a full layer keeps every position and the attention mask still
+            # applies the window (the same logits past it). A KV-sharing layer never reads its own cache
             if isinstance(layer, StaticSlidingWindowLayer):
                 self.cache.layers[i] = StaticLayer(max_cache_len)
             elif isinstance(layer, DummyLayer):
                 self.cache.layers[i] = StaticLayer(0)
+        written = _written_kv(model, config)
+        for layer, kv in zip(self.cache.layers, written):
+            if kv is not None and layer.supports_early_init:
+                layer.lazy_initialization(*kv)
+        # layers that wrote nothing in the probe (KV sharing) from the config's shapes
         heads, head_dim = get_head_shapes(config)
         self.cache.early_initialization(1, heads, head_dim, _float_dtype(model), torch.device("cpu"))
         if not cache_io:
@@ -169,6 +179,77 @@ class StaticCacheLM(nn.Module):
         return (logits, *(t for layer in self.cache.layers for t in (layer.keys, layer.values)))
 
 
+def _written_kv(model: nn.Module, config: Any) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per cache layer, empty keys and values ([1, kv_heads, 0, head_dim]) shaped and typed as the model's
+    attention writes them, from one eager token over a DynamicCache; None where a layer wrote nothing.
+    transformers' `get_head_shapes` reads the shapes from the config, which misses architectures that
+    derive them otherwise: Falcon-7B/40B (`multi_query`) write one KV head where the config says
+    num_attention_heads, and their export failed inside the cache's `index_copy_`."""
+    from transformers.cache_utils import DynamicCache
+
+    probe = DynamicCache(config=config)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=None, cache=probe, use_cache=True,
+                  logits_to_keep=1)
+    except Exception as e:  # noqa: BLE001 - the model's own forward: say which step failed, keep its message
+        raise ExportError(f"export_lm: {type(model).__name__}'s own forward on one token (run to read its cache's "
+                          f"shapes) failed: {type(e).__name__}: {e}") from e
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for layer in probe.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        ok = all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-2] > 0 for t in (k, v))
+        out.append((k[:1, :, :0].clone(), v[:1, :, :0].clone()) if ok else None)
+    return out
+
+
+#: how far (relative to the largest logit) the static-cache module's logits may sit from the model's own:
+#: both run the same eager layers, so only the attention's summation order differs (~1e-7), which can move
+#: one per-token int8 rounding (~1e-3 on real models, 1-3 % on the tests' random ones)
+STATIC_CACHE_RTOL = 5e-2
+
+
+def _check_static_cache(wrapper: StaticCacheLM, text: Any) -> None:
+    """ExportError unless the wrapper's logits for a short prompt and then one token, over its static
+    cache, equal the model's own over a DynamicCache. An architecture whose attention does not follow
+    transformers' static cache either computes other logits without a word (GPT-Neo slices its causal
+    mask by the cache's length, so each call attended to the empty positions: every token parted from
+    the model's; transformers marks it `_can_compile_fullgraph = False`) or fails only when generating
+    (Falcon with ALiBi: a runtime assert). The cache is left empty again."""
+    from transformers.cache_utils import DynamicCache
+
+    model = wrapper.model
+    vocab = int(getattr(text, "vocab_size", 0) or 2)
+    n = min(3, wrapper.max_cache_len - 1)
+    calls = [(torch.tensor([[min(t, vocab - 1) for t in range(1, n + 1)]]), 0), (torch.tensor([[min(5, vocab - 1)]]), n)]
+    reference = DynamicCache(config=text)
+    state = wrapper.example_cache() if wrapper.cache_io else []
+    name = type(model).__name__
+    try:
+        with torch.no_grad():
+            for ids, start in calls:
+                want = model(input_ids=ids, cache=reference, use_cache=True, logits_to_keep=1).logits[:, -1]
+                out = wrapper(ids, torch.arange(start, start + ids.shape[1]), *state)
+                got, state = (out[0], list(out[1:])) if wrapper.cache_io else (out, state)
+                err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+                if not err <= STATIC_CACHE_RTOL:
+                    raise ExportError(
+                        f"export_lm: {name} over a static KV cache computes other logits than over its own cache "
+                        f"({'prompt' if start == 0 else 'next token'}: max difference {err:.3g} of the largest logit): its "
+                        f"attention does not follow transformers' StaticCache"
+                        + (" (transformers marks it _can_compile_fullgraph = False)" if not getattr(model, "_can_compile_fullgraph", True) else "")
+                        + "; export_lm cannot export this architecture for token-by-token generation")
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own code over the static cache: name the step, keep its message
+        raise ExportError(f"export_lm: {name} does not run over transformers' StaticCache ({type(e).__name__}: {e}); "
+                          f"export_lm cannot export this architecture for token-by-token generation") from e
+    finally:
+        for layer in wrapper.cache.layers:
+            layer.keys.zero_()
+            layer.values.zero_()
+
+
 def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
 
@@ -196,6 +277,22 @@ def _check_lm(model: Any, max_cache_len: Any) -> Any:
             f"for (max_position_embeddings); choose max_cache_len <= {positions}"
         )
     return text
+
+
+def _longrope_switch(text: Any, max_cache_len: int) -> int | None:
+    """The position at which generation must recompute the whole sequence, for a LongRoPE model (Phi-3
+    128k, Phi-3.5, Phi-4-mini): each call rotates its keys with the short or the long factors by its
+    largest position, so the keys cached below `original_max_position_embeddings` keep the short ones once
+    positions pass it. transformers' generate (Phi-3's prepare_inputs_for_generation) drops the cache at
+    that point and runs the whole sequence again; without that the tokens parted from its own there."""
+    rope = getattr(text, "rope_parameters", None) or {}
+    per_type = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for params in per_type:
+        if isinstance(params, dict) and params.get("rope_type") == "longrope":
+            switch = params.get("original_max_position_embeddings") or getattr(text, "original_max_position_embeddings", None)
+            if isinstance(switch, int) and 1 <= switch < max_cache_len:
+                return switch
+    return None
 
 
 def _eos_ids(model: nn.Module, text: Any) -> tuple[int, ...]:
@@ -236,12 +333,13 @@ def export_lm(
     from .export import export
 
     modes = {m: m.training for m in model.modules()}
-    wrapper = StaticCacheLM(model.eval(), max_cache_len, cache_io=cache == "io")
-    prompt = torch.export.Dim(PROMPT_DIM, min=1, max=max_cache_len)
-    states = wrapper.example_cache() if cache == "io" else []
-    args = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), *states)
-    dims = ({1: prompt}, {0: prompt}, *([(None,) * len(states)] if states else []))  # *cache is one vararg tuple
     try:
+        wrapper = StaticCacheLM(model.eval(), max_cache_len, cache_io=cache == "io")
+        _check_static_cache(wrapper, text)
+        prompt = torch.export.Dim(PROMPT_DIM, min=1, max=max_cache_len)
+        states = wrapper.example_cache() if cache == "io" else []
+        args = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), *states)
+        dims = ({1: prompt}, {0: prompt}, *([(None,) * len(states)] if states else []))  # *cache is one vararg tuple
         # Without grad: the cache writes would otherwise record a leaf that requires grad being written
         # in place (norm weights are Parameters), which ExecuTorch's passes refuse.
         with torch.no_grad():
@@ -252,7 +350,8 @@ def export_lm(
     logits = next(n for n in ep.graph.nodes if n.op == "output").args[0][0].meta["val"]
     spec = GenerationSpec(max_cache_len=max_cache_len, vocab_size=int(logits.shape[-1]), eos_token_ids=_eos_ids(model, text),
                           layout=CACHE_LAYOUTS[cache], cache_shapes=tuple(tuple(t.shape) for t in states),
-                          cache_dtype=str(states[0].dtype).removeprefix("torch.") if states else "float32")
+                          cache_dtype=str(states[0].dtype).removeprefix("torch.") if states else "float32",
+                          recompute_at=_longrope_switch(text, max_cache_len))
     ep.graph_module.meta.setdefault("custom", {})[GENERATION_META] = spec.to_dict()
     return ep
 
@@ -437,11 +536,15 @@ def _greedy(runner: Any, spec: GenerationSpec, prompt: list[int], n: int, stop_a
     t0 = time.perf_counter()
     tokens = [next_token(prompt, 0)]
     prefill_s = time.perf_counter() - t0
+    # the position whose call runs the whole sequence again (None: none in this generation); see _longrope_switch
+    recompute = spec.recompute_at if spec.recompute_at is not None and len(prompt) <= spec.recompute_at < len(prompt) + n - 1 \
+        else None
     t1 = time.perf_counter()
-    if device == "cuda" and cuda_graph and spec.layout == "static_cache" and n > 1 and tokens[-1] not in eos:
+    if device == "cuda" and cuda_graph and spec.layout == "static_cache" and n > 1 and tokens[-1] not in eos and recompute is None:
         tokens += _graph_decoder(runner, spec).run(tokens[-1], len(prompt), n - 1, eos)
     while len(tokens) < n and tokens[-1] not in eos:
-        tokens.append(next_token(tokens[-1:], len(prompt) + len(tokens) - 1))
+        position = len(prompt) + len(tokens) - 1
+        tokens.append(next_token(prompt + tokens, 0) if position == recompute else next_token(tokens[-1:], position))
     decoded = len(tokens) - 1
     rate = decoded / (time.perf_counter() - t1) if decoded else None
     return GenerationResult(tokens, prefill_s, rate, len(prompt), bool(eos) and tokens[-1] in eos)

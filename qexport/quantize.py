@@ -97,7 +97,20 @@ def _layer_of(m: nn.Module) -> tuple[_Layer | None, str]:
         return (_LAYERS[base], "") if type(m).forward is base.forward else (None, _overrides_forward(m, base))
     if isinstance(m, _UNSUPPORTED_LAYERS):
         return None, f"{type(m).__name__} has no region op (qexport quantizes Linear, Conv1D, Conv1d, Conv2d, Embedding)"
-    return None, ""
+    return None, _stacked_weights(m)
+
+
+def _stacked_weights(m: nn.Module) -> str:
+    """Why a module that holds stacks of weight matrices as its own parameters stays float, or "".
+    transformers 5 stores a mixture-of-experts block's experts so (Mixtral, Qwen3-MoE, DeepSeek:
+    `gate_up_proj [experts, 2 * inter, hidden]`) and its forward indexes them itself: no layer a region
+    could replace, and most of such a model's weights, which the summary must not leave unmentioned."""
+    stacks = [f"{n} {list(p.shape)}" for n, p in m.named_parameters(recurse=False)
+              if p.dtype.is_floating_point and p.dim() >= 3 and p.shape[0] > 1]
+    if not stacks:
+        return ""
+    return (f"its own forward reads stacked weight matrices ({', '.join(stacks)}; e.g. fused mixture-of-experts), "
+            f"which no region op takes: they stay float")
 
 
 def _overrides_forward(m: nn.Module, base: type) -> str:

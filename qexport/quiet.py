@@ -36,6 +36,12 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (UserWarning, r"^Mutation on a buffer in the model is detected\. ExecuTorch assumes",
      "ExecuTorch 1.5's emitter warns that mutated buffers start uninitialized whether or not their initial "
      "value is kept; to_executorch keeps every one's (InitializedMutableBufferPass)"),
+    (UserWarning, r"^While compiling, we found certain side effects happened in the model\.forward\. Here are the list of "
+                  r"potential sources you can double check: \[((, )?\"(L\['self'\]\._modules\['_export_root'\]\.cache\.layers"
+                  r"\[\d+\]|G\['__import_transformers_dot_utils_dot_output_capturing'\]\._active_collector)\")+\]$",
+     "torch 2.13's strict export lists attribute writes it traced as side effects; export_lm(strict=True) writes "
+     "its static cache's layers (and transformers 5 its output collector) on purpose. Only a list of those sources "
+     "is dropped: a model's own side effects are still shown"),
     (UserWarning, r"^Detected pickle protocol \d+ in the checkpoint",
      "torch 2.13's weights_only unpickler warns on a file pickled with a protocol torch.save does not write (a "
      "plain pickle.dump, e.g. a --calibrate file); it then reads the file or refuses it, and qexport says which"),

@@ -88,6 +88,15 @@ def causal_lm(arch: str = "llama"):
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "mistral":  # a sliding window shorter than the tests' generations
+        return transformers.MistralForCausalLM(transformers.MistralConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            sliding_window=8, max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "phi3_longrope":  # switches to its long RoPE factors past position 16, within the tests' generations
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+            original_max_position_embeddings=16, max_position_embeddings=LM_POSITIONS, pad_token_id=2, **_LM))
     if arch == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=LM_POSITIONS, **_LM))
@@ -95,6 +104,14 @@ def causal_lm(arch: str = "llama"):
         return transformers.OPTForCausalLM(transformers.OPTConfig(
             hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
             max_position_embeddings=LM_POSITIONS, pad_token_id=2, init_std=0.3, **_LM))
+    if arch in ("falcon", "falcon_alibi"):  # Falcon-7B's layout: one KV head (multi_query), which its config does not say
+        return transformers.FalconForCausalLM(transformers.FalconConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=arch == "falcon_alibi",
+            max_position_embeddings=LM_POSITIONS, **_LM))
+    if arch == "gpt_neo":  # masks by slicing a causal table at the cache's length: no static cache
+        return transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+            hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], window_size=8,
+            max_position_embeddings=LM_POSITIONS, **_LM))
     raise ValueError(arch)
 
 

@@ -291,6 +291,23 @@ def test_a_failed_lowering_leaves_no_file(tmp_path, lowered, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_dim_the_lowering_makes_static_is_refused(tmp_path, monkeypatch):
+    """ExecuTorch's decompositions fixed a Mixtral's prompt length (transformers' batched_mm experts) at
+    the example's size: the .pte took only 2 tokens while its manifest promised 1..48. Simulated here by
+    lowering the program's static twin in its place."""
+    import executorch.exir
+
+    model = quantized(MLP(), "int8_dynamic", None)
+    x = torch.randn(2, 64)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=8)},))
+    real = executorch.exir.to_edge_transform_and_lower
+    monkeypatch.setattr(executorch.exir, "to_edge_transform_and_lower",
+                        lambda lowered, **kw: real(torch.export.export(lowered.module(), (x,)), **kw))
+    with pytest.raises(LoweringError, match=r"made dynamic dims static: x dim 0 \(batch\) fixed at 2.*nothing was written"):
+        qexport.to_executorch(ep, tmp_path / "x.pte", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 # -- a weight a delegate shares with the program -------------------------------------------------
 
 def test_tied_weight_is_stored_once_in_a_data_file(tied_pte):

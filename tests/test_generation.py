@@ -62,10 +62,15 @@ def test_manifest_records_what_generation_needs(lm_program):
 
 
 @pytest.mark.parametrize("arch,scheme", [("llama", "int4_weight_only"), ("qwen2", "int8_weight_only"), ("gpt2", "int8_dynamic"),
-                                         ("opt", "int8_dynamic")])
+                                         ("opt", "int8_dynamic"), ("falcon", "int8_weight_only"), ("mistral", "int8_weight_only"),
+                                         ("phi3_longrope", "int8_dynamic")])
 def test_program_tokens_equal_eager(arch, scheme, tmp_path):
     """(OPT derives its learned positions from the cache's length unless given them: its program failed
-    every call on a runtime assert before export_lm passed the call's positions.)"""
+    every call on a runtime assert before export_lm passed the call's positions. Falcon-7B's layout writes
+    one KV head where its config names four: its export failed on the cache's shapes. Mistral's window of
+    8 is shorter than the generation: its static cache keeps every position and the mask applies the window.
+    Phi-3's LongRoPE switches factors past position 16: generation runs the whole sequence again there, as
+    transformers' generate does; the tokens parted from its own before.)"""
     model = qexport.quantize(hf.causal_lm(arch), qexport.schemes.get(scheme, **({"group_size": 32} if "int4" in scheme else {})))
     ep = qexport.export_lm(model, max_cache_len=LM_CACHE)
     qexport.save(ep, tmp_path / "lm.pt2")
@@ -74,6 +79,7 @@ def test_program_tokens_equal_eager(arch, scheme, tmp_path):
         expected = hf.greedy_tokens(model, prompt, N)
         assert len(set(expected)) >= 8, expected
         assert qexport.generate(runner, prompt, N, stop_at_eos=False).tokens == expected
+    assert qexport.inspect(tmp_path / "lm.pt2").extra["generation"].get("recompute_at") == (16 if "longrope" in arch else None)
 
 
 # -- each artifact kind -------------------------------------------------------------------------------
@@ -307,6 +313,12 @@ def test_export_lm_refuses_what_it_cannot_export():
         qexport.export_lm(hf.causal_lm("llama"), max_cache_len=1)
     with pytest.raises(ExportError, match="cache='disk' is not one of"):
         qexport.export_lm(hf.causal_lm("llama"), max_cache_len=8, cache="disk")
+    # architectures whose attention does not follow a static cache: refused before export, not
+    # exported to generate other tokens than the model (GPT-Neo) or to fail when generating (ALiBi Falcon)
+    with pytest.raises(ExportError, match="GPTNeoForCausalLM over a static KV cache computes other logits"):
+        qexport.export_lm(hf.causal_lm("gpt_neo"), max_cache_len=16)
+    with pytest.raises(ExportError, match="FalconForCausalLM does not run over transformers' StaticCache"):
+        qexport.export_lm(hf.causal_lm("falcon_alibi"), max_cache_len=8)
 
 
 def test_a_damaged_generation_record(lm_program):

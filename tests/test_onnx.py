@@ -334,3 +334,58 @@ def test_refusals_leave_no_file(tmp_path, mlp_artifacts):
     with pytest.raises(LoweringError, match="takes an ExportedProgram"):
         qexport.to_onnx(torch.nn.Linear(2, 2), tmp_path / "f.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+@torch.library.custom_op("qexport_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_an_op_onnx_cannot_express_is_named(tmp_path):
+    """torch.onnx's ConversionError opens with next-steps boilerplate and names the op last (a Mixtral's
+    `transformers.grouped_mm_fallback`): the error must carry that cause, not the boilerplate."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return _twice(self.fc(x))
+
+    model = qexport.quantize(Twice().eval(), "int8_dynamic")
+    ep = qexport.export(model, (torch.randn(2, 64),))
+    with pytest.raises(LoweringError, match=r"No ONNX function found for .*qexport_test\.twice") as e:
+        qexport.to_onnx(ep, tmp_path / "x.onnx")
+    assert "\x1b[" not in str(e.value) and "Next steps" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+class ScratchBuffer(torch.nn.Module):
+    """transformers' LongRoPE rotary (Phi-3 128k / 3.5): it writes the factors it picks into a buffer on
+    every call, before reading them; the buffer's old value is never read, so it is no state."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 8)
+        self.register_buffer("short", torch.ones(8))
+        self.register_buffer("long", torch.full((8,), 2.0))
+        self.register_buffer("factors", torch.ones(8), persistent=False)
+
+    def forward(self, x):
+        self.factors.copy_(torch.where(x.sum() > 0, self.long, self.short))
+        return self.fc(x) * self.factors
+
+
+def test_a_buffer_written_before_it_is_read_is_no_state(tmp_path):
+    model = qexport.quantize(ScratchBuffer().eval(), "int8_dynamic")
+    x = torch.randn(2, 64)
+    ep = qexport.export(model, (x,))
+    qexport.to_onnx(ep, tmp_path / "s.onnx")  # was refused: "the program writes state between calls (factors)"
+    for sample in (x.abs(), -x.abs()):  # either factor, picked per call
+        np.testing.assert_allclose(_run(tmp_path / "s.onnx", sample), model(sample).detach().numpy(), rtol=0.02, atol=0.02)
+    assert "factors" in ep.graph_signature.inputs_to_buffers.values()  # the caller's program is left as it was

@@ -177,6 +177,18 @@ class LoraLikeLinear(nn.Linear):
         return super().forward(x) * 2
 
 
+class Experts(nn.Module):
+    """transformers 5's mixture-of-experts block (MixtralExperts): the experts' weights stacked in one
+    parameter that its forward indexes, no Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 16) * 0.1)
+
+    def forward(self, x):
+        return x @ self.gate_up_proj[1].T
+
+
 class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -184,10 +196,11 @@ class Mixed(nn.Module):
         self.own = LoraLikeLinear(16, 16)
         self.conv = nn.Conv1d(4, 8, 3, padding=1)
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.experts = Experts()
 
     def forward(self, x):
         y = self.conv(x.view(x.shape[0], 4, 4)).flatten(1)[:, :16]
-        y = self.sub(x) + self.own(y)
+        y = self.sub(x) + self.own(y) + self.experts(x)
         return self.attn(y[:, None], y[:, None], y[:, None])[0][:, 0]
 
 
@@ -207,9 +220,11 @@ def test_linear_subclasses_conv1d_and_what_is_skipped_with_reasons():
     assert "overrides nn.Linear.forward" in why["own"]
     assert "reads out_proj.weight directly" in why["attn.out_proj"]
     assert "in_proj" in why["attn"]
+    # most of an MoE model's weights: named, not passed over in silence
+    assert "stacked weight matrices (gate_up_proj [4, 16, 16]" in why["experts"]
     assert {d.module for d in summary.quantized} == {"sub", "conv"}
     text = str(summary)
-    assert "quantized 2 of 5 weight layers" in text and "LoraLikeLinear" in text and "Conv1d" in text
+    assert "quantized 2 of 6 weight layers" in text and "LoraLikeLinear" in text and "Conv1d" in text
     assert rel_err(model(x), ref) < 0.05
 
 
@@ -230,6 +245,8 @@ class PaddedConv2d(nn.Conv2d):
 def test_multihead_attention_named_in_a_recipe_is_an_error_and_kept_by_filter_fn_a_skip():
     with pytest.raises(UnsupportedModuleError, match=r"attn.out_proj: nn.MultiheadAttention reads out_proj.weight directly"):
         qexport.quantize(Mixed().eval(), {"attn.out_proj": "int8_dynamic", "sub": "int8_dynamic"})
+    with pytest.raises(UnsupportedModuleError, match=r"experts: its own forward reads stacked weight matrices"):
+        qexport.quantize(Mixed().eval(), {"experts": "int8_dynamic"})
     model = qexport.quantize(Mixed().eval(), "int8_dynamic", filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn != "own")
     assert {d.module for d in model.qexport_summary.quantized} == {"sub"}
     assert type(model.attn.out_proj) is not QuantizedModule

@@ -152,6 +152,38 @@ def drop_unused_state(ep: torch.export.ExportedProgram) -> bool:
     return bool(dropped)
 
 
+def _scratch_write(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The `copy_(buffer, value)` node if it is the only use of buffer placeholder `node` and writes a
+    value of the buffer's shape and dtype (so no call reads the buffer's old value), else None."""
+    if node.name not in ep.graph_signature.inputs_to_buffers or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.target is not torch.ops.aten.copy_.default or len(user.args) != 2 or user.args[0] is not node or user.kwargs:
+        return None
+    old, new = node.meta.get("val"), getattr(user.args[1], "meta", {}).get("val")
+    same = isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.dtype == new.dtype \
+        and tuple(old.shape) == tuple(new.shape)
+    return user if same else None
+
+
+def scratch_writes_as_values(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`ep`, or a copy where each write to a buffer whose old value no call reads is the value itself
+    (later reads take it; the buffer, now unread, is dropped). Such a buffer is scratch space, not state
+    between calls: transformers' LongRoPE rotary (Phi-3 128k / 3.5, Phi-4-mini) writes the factors it picks
+    into `inv_freq` on every call before reading them, and to_onnx refused those models as writing state."""
+    if not any(_scratch_write(ep, n) for n in ep.graph.find_nodes(op="placeholder")):
+        return ep
+    ep = copy_program(ep)
+    for node in list(ep.graph.find_nodes(op="placeholder")):
+        write = _scratch_write(ep, node)
+        if write is not None:
+            write.replace_all_uses_with(write.args[1])
+            ep.graph.erase_node(write)
+    ep.graph_module.recompile()
+    drop_unused_state(ep)
+    return ep
+
+
 def region_state(ep: torch.export.ExportedProgram) -> dict[str, dict[str, torch.Tensor]]:
     """region name -> role -> the tensor behind that operand, for the operands that are state of `ep`.
 

@@ -603,6 +603,26 @@ def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], d
     return out, unbounded
 
 
+def _check_dims_kept(edge: torch.export.ExportedProgram, inputs: list[InputSpec]) -> None:
+    """LoweringError when ExecuTorch's lowering made a dynamic input dim static: the `.pte` would take
+    only the example's size while its manifest promised the range. Seen with transformers'
+    `batched_mm` mixture-of-experts (the only MoE form that reaches the edge dialect): the edge program
+    fixed an LM's prompt length at 2, so the `.pte` could take neither a prompt nor one decode token."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    user = set(edge.graph_signature.user_inputs)
+    vals = [n.meta["val"] for n in edge.graph.nodes
+            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
+    lost = [f"{spec.name} dim {i} ({d.name}) fixed at {size}"
+            for spec, val in zip(inputs, vals) for i, (d, size) in enumerate(zip(spec.shape, val.shape))
+            if d.dynamic and is_concrete_int(size)]  # an int, or a SymInt whose expression became a number
+    if lost:
+        raise LoweringError(
+            f"ExecuTorch's lowering (to_edge_transform_and_lower) made dynamic dims static: {'; '.join(lost)} (one of "
+            f"its decompositions specializes an op of the model on the example's size), so the .pte would take only "
+            f"that size; nothing was written. Export with that dim static, or lower with qexport.compile / to_onnx")
+
+
 @contextlib.contextmanager
 def _bounded_at_example(program: torch.export.ExportedProgram) -> Iterator[None]:
     """Give each input dim without an upper bound its example's size as one while ExecuTorch plans memory.
@@ -702,6 +722,7 @@ def to_executorch(
             edge = to_edge_transform_and_lower(
                 ep, partitioner=partitioners or None, constant_methods=pte.manifest_methods(manifest)
             )
+        _check_dims_kept(edge.exported_program(), inputs)
         edge_gm = edge.exported_program().graph_module
         records = _records(planned, edge_gm, why)
         # The manifest carries what happened to each region, known only once the partitioners ran.
@@ -715,6 +736,8 @@ def to_executorch(
                 passes=_initialized_buffers(edge.exported_program()),
                 external_constants=(lambda n: SHARED_DATA_TAG if n.name in shared else None) if shared else False,
             ))
+    except LoweringError:
+        raise
     except Exception as e:  # executorch raises many kinds; say which stage failed and keep the cause
         raise LoweringError(f"ExecuTorch lowering failed ({type(e).__name__}): {e}") from e
 

@@ -17,6 +17,7 @@ initializers, which a translation function cannot add.
 from __future__ import annotations
 
 import platform
+import re
 import warnings
 from os import PathLike
 from typing import Any, Mapping
@@ -33,7 +34,7 @@ from ..errors import IncompatibleCPUError, LoweringError, QExportError
 from . import resolve_program
 from ..regions import PAYLOAD_KEY, Region, RegionPayload
 from ._contract import RegionPlan, plan_regions
-from ._graph import region_state, with_region_names
+from ._graph import region_state, scratch_writes_as_values, with_region_names
 from ..validate import written_state
 from .onnx_regions import BLOCKED_QDQ_OPSET, DEFAULT_TARGET, ONNX_TARGETS, Emitter, Lowering
 from .onnx_shared import share_tied_initializers
@@ -76,7 +77,7 @@ def to_onnx(
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
-    ep = with_region_names(resolve_program(program_or_path, "to_onnx"))
+    ep = scratch_writes_as_values(with_region_names(resolve_program(program_or_path, "to_onnx")))
     if written := written_state(ep):
         raise LoweringError(
             f"the program writes state between calls ({', '.join(written[:4])}{', ...' if len(written) > 4 else ''}); an "
@@ -195,7 +196,7 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
     except QExportError:
         raise
     except Exception as e:  # the exporter wraps its failures in its own error types
-        raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {_first_lines(str(e))}") from e
+        raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {_exporter_reason(str(e))}") from e
     return program.model, references
 
 
@@ -216,8 +217,19 @@ def _reduction_fixes() -> dict[Any, Any]:
     return {torch.ops.aten.amin.default: reduce(op.ReduceMin), torch.ops.aten.amax.default: reduce(op.ReduceMax)}
 
 
-def _first_lines(text: str, n: int = 6) -> str:
-    return "\n".join(text.strip().splitlines()[:n])
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _exporter_reason(text: str, n: int = 6) -> str:
+    """The cause in a torch.onnx exporter error. Its ConversionError opens with the same next-steps
+    boilerplate (in terminal colours) and puts the cause last, under '## Exception summary' (e.g.
+    `DispatchError: No ONNX function found for transformers.grouped_mm_fallback`, a Mixtral's experts):
+    the first lines alone named no cause. That section when there is one, else the first lines."""
+    text = _TERMINAL_COLOURS.sub("", text)
+    head, found, summary = text.partition("## Exception summary")
+    lines = [line for line in (summary if found else head).strip().splitlines()
+             if line.strip() and line.strip() != "⬆️" and not line.startswith("(Refer to the full stack trace")]
+    return "\n".join(lines[:n])
 
 
 # -- the region pass ----------------------------------------------------------------------------------
