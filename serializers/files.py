@@ -58,6 +58,8 @@ def check_readable(path: "str | PathLike[str]") -> Path:
 
 def check_writable(path: "str | PathLike[str]", suffix: str | None = None) -> Path:
     """Check, before any work, that `path` can be written; returns it as a Path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArtifactError(f"the output path must be a str or os.PathLike, got {type(path).__name__} ({str(path)[:60]})")
     p = Path(path)
     if suffix is not None and p.suffix != suffix:
         raise ArtifactError(f"{p}: the file name must end with {suffix}")

@@ -61,6 +61,8 @@ class _Built(dict):
     def __missing__(self, name: str):
         torch.manual_seed(0)
         idx = torch.randint(0, 128, (2, 8))
+        if name == "int8_dynamic":  # exported from a transposed view: the package still takes contiguous inputs
+            idx = idx.t().contiguous().t()
         model = quantized(TinyTransformer(), scheme_for(name), idx)
         ep = qexport.export(model, (idx,), dynamic_shapes=dynamic_tokens())
         source = ep
@@ -82,13 +84,33 @@ def test_numerics_match_eager_on_new_shapes(built, name):
     model, _, path = built[name]
     runner = qexport.load_compiled(path)
     tol = math_for(scheme_for(name)).tolerance
-    for shape in [(1, 5), (3, 17)]:  # neither is the traced (2, 8): dynamic batch and sequence
+    for shape in [(1, 5), (3, 17), (17, 3)]:  # none is the traced (2, 8): dynamic batch and sequence
         idx = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(1))
+        if shape == (17, 3):  # a transposed view: load_compiled's runner copies it into the package's layout
+            idx = idx.t()
         with torch.no_grad():
             ref = model(idx)
         y = runner(idx)
         assert y.shape == ref.shape
         assert rel_err(y, ref) <= tol, f"{name} {shape}: {rel_err(y, ref):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("inputs, match", [
+    ((torch.zeros(2, 8),), "input idx is float32; the program takes int64"),
+    ((torch.zeros(2, 8, dtype=torch.int32),), "input idx is int32; the program takes int64"),
+    ((torch.zeros(17, 8, dtype=torch.int64),), r"shape \[17, 8\], which does not fit idx: int64\[batch\[0..16\], seq\[2..64\]\]"),
+    ((torch.zeros(2, 1, dtype=torch.int64),), r"shape \[2, 1\]"),
+    ((torch.zeros(8, dtype=torch.int64),), r"shape \[8\]"),
+    ((torch.full((2, 8), 128),), r"holds 128, outside \[0, 127\]"),
+    ((torch.zeros(2, 8, dtype=torch.int64),) * 2, r"takes 1 tensor input\(s\) \(idx: .*\); got 2"),
+    ((), "got 0"),
+])
+def test_load_compiled_refuses_inputs_the_package_would_misread(built, inputs, match):
+    """AOTI packages read whatever they are handed (torch 2.13): a float input gave NaN, a wrong rank
+    garbage of a wrong shape, a token id past the table aborts the process. The runner refuses first."""
+    _, _, path = built["int8_weight_only"]
+    with pytest.raises(qexport.UsageError, match=match):
+        qexport.load_compiled(path)(*inputs)
 
 
 @pytest.mark.parametrize("name", SCHEMES)

@@ -71,6 +71,26 @@ def copy_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
 
 
+def contiguous_inputs(ep: torch.export.ExportedProgram) -> list[str]:
+    """Make the program take its tensor inputs contiguous, whatever the layout of the example it was
+    exported with; returns the inputs changed.
+
+    Why: a compiled package reads each input with the strides of the example it was traced from and
+    never checks them (a package exported from `torch.randn(64, b).t()` gave 2.0 absolute error on a
+    contiguous input, as any package does on a transposed view of its own layout). One fixed layout
+    lets the runner (`qexport.load_compiled`) hand every package the same thing: a contiguous copy of
+    whatever it is given. Only the placeholders' values change; the ops downstream are retraced by the
+    compiler from them."""
+    user = set(ep.graph_signature.user_inputs)
+    changed = []
+    for node in ep.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if node.name in user and isinstance(val, torch.Tensor) and not val.is_contiguous():
+            node.meta["val"] = val.contiguous()
+            changed.append(node.name)
+    return changed
+
+
 def is_state(ep: torch.export.ExportedProgram, node: Any) -> bool:
     """Whether `node` is a parameter, buffer or lifted constant of `ep` (not a user input)."""
     return operand_state(ep, node) is not None

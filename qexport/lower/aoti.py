@@ -25,17 +25,17 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
+from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError, UsageError
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
 from ._contract import RegionPlan
-from ._graph import copy_program
+from ._graph import contiguous_inputs, copy_program
 from .kernels import FUSE_MODES, FUSE_OPTION, apply_kernels, inductor_options_for, plan_kernels
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 from serializers.aoti import DEVICES
 
-__all__ = ["DEVICES", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
+__all__ = ["DEVICES", "CompiledModel", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
 
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
@@ -61,6 +61,9 @@ def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[
         raise LoweringError("device='cuda' but this torch sees no CUDA device; compile on a GPU machine or use device='cpu'")
     if options is not None and not isinstance(options, Mapping):
         raise LoweringError(f"options must be a dict of Inductor configs, got {type(options).__name__}")
+    if not all(isinstance(k, str) for k in (options or {})):
+        bad = next(k for k in options if not isinstance(k, str))  # type: ignore[union-attr]
+        raise LoweringError(f"option names are strings (torch._inductor.config names or qexport.*), got {bad!r}")
     ours = {k: v for k, v in (options or {}).items() if k.startswith("qexport.")}
     inductor = {k: v for k, v in (options or {}).items() if not k.startswith("qexport.")}
     unknown = set(ours) - set(OPTION_MODES)
@@ -112,7 +115,7 @@ def _example_inputs(ep: torch.export.ExportedProgram, device: str) -> tuple[tupl
         kwargs = {}
         if len(ep.call_spec.in_spec.children_specs) == 2 and ep.call_spec.in_spec.children_specs[1].num_children:
             raise LoweringError("the program takes keyword inputs and carries no example inputs; re-export it with qexport.export")
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    move = lambda t: t.to(device).contiguous() if isinstance(t, torch.Tensor) else t  # noqa: E731
     return tuple(torch.utils._pytree.tree_map(move, list(args))), torch.utils._pytree.tree_map(move, dict(kwargs))
 
 
@@ -181,6 +184,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
 
     t0 = time.perf_counter()
     work = copy_program(ep)  # the caller's program is never changed (example inputs, device)
+    contiguous_inputs(work)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
@@ -304,5 +308,51 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
             f"{path}: AOTInductor could not load the package ({type(e).__name__}: {e}); it was compiled by "
             f"torch {manifest.torch_version} for {manifest.extra.get('device', '?')}; this is torch {torch.__version__}"
         ) from e
-    compiled.qexport_manifest = manifest  # the checked one: runners read it instead of opening the file again
-    return compiled
+    return CompiledModel(compiled, manifest, str(path))
+
+
+class CompiledModel:
+    """What `load_compiled` returns: torch's AOTInductor runner (call it like the model) behind the
+    input checks the package itself does not make (`signature.check_tensors`: count, dtype, device,
+    shape within the exported bounds, index values; non-contiguous inputs are copied contiguous, the
+    layout the package was traced with). `run_flat` takes the flat tensor list; other attributes
+    (`loader`, `get_metadata`, `load_constants`, ...) are torch's runner's."""
+
+    def __init__(self, compiled: Any, manifest: Any, path: str) -> None:
+        from ..signature import InputSpec
+
+        self.compiled = compiled
+        self.qexport_manifest = manifest  # the checked one: runners read it instead of opening the file again
+        self.path = path
+        self.device = str(manifest.extra.get("device", "cpu"))
+        try:  # a package without a usable record (older qexport) runs unchecked, as before
+            self.inputs = [InputSpec.from_json(d) for d in manifest.extra["inputs"]]
+        except (KeyError, TypeError, ValueError):
+            self.inputs = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "compiled":  # not set yet (unpickling, copy): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.compiled, name)
+
+    def run_flat(self, tensors: "list[torch.Tensor]") -> "list[torch.Tensor]":
+        from ..signature import check_tensors
+
+        if self.inputs is None:
+            tensors = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in tensors]
+        else:
+            tensors = check_tensors(self.inputs, tensors, device=self.device, what=self.path)
+        return self.compiled.loader.boxed_run(tensors)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.export._tree_utils import reorder_kwargs
+        from torch.utils import _pytree as pytree
+
+        in_spec, out_spec = (pytree.treespec_loads(s) for s in self.compiled.loader.get_call_spec()[:2])
+        try:
+            kwargs = reorder_kwargs(kwargs, in_spec)
+        except (ValueError, AssertionError, KeyError) as e:
+            raise UsageError(f"{self.path}: keyword inputs do not match the program's ({e})") from None
+        # as torch's runner: the program's tensor inputs, flattened; other values were fixed at export
+        flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        return pytree.tree_unflatten(self.run_flat(flat), out_spec)
