@@ -551,6 +551,7 @@ def small_program():
         ({"options": {"qexport.kernel": "auto"}}, LoweringError, "unknown qexport option"),
         ({"options": {"qexport.kernels": "fast"}}, LoweringError, "is not one of"),
         ({"options": {"aot_inductor.output_path": "x"}}, LoweringError, "set by qexport.compile"),
+        ({"options": {1: True}}, LoweringError, "option names are strings"),
     ],
 )
 def test_bad_arguments_refused_before_work(small_program, tmp_path, monkeypatch, kwargs, error, match):
@@ -569,6 +570,8 @@ def test_cuda_without_gpu_is_refused(small_program, tmp_path):
 def test_bad_paths_refused(small_program, tmp_path):
     with pytest.raises(ArtifactError, match="must end with .pt2"):
         qexport.compile(small_program, tmp_path / "out.so")
+    with pytest.raises(ArtifactError, match="output path must be a str or os.PathLike, got NoneType"):
+        qexport.compile(small_program, None)
     with pytest.raises(ArtifactNotFoundError, match="does not exist"):
         qexport.compile(small_program, tmp_path / "missing" / "out.pt2")
     with pytest.raises(ArtifactNotFoundError):
