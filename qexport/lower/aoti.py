@@ -271,7 +271,8 @@ def check_cpu(manifest: Any, path: Any = "the package") -> None:
 
 
 def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = None, **loader_options: Any) -> Any:
-    """Load a package written by `compile`: returns torch's runner (call it like the model).
+    """Load a package written by `compile`: returns a `CompiledModel` (call it like the model), torch's
+    runner behind a check of every input against the package's signature (see `CompiledModel`).
 
     The package is native code. Before anything is loaded, every member is checked against the
     SHA-256 its manifest records (UnsafeArtifactError on a mismatch) and torch gets the checked copy,
