@@ -579,6 +579,10 @@ def test_bad_paths_refused(small_program, tmp_path):
     with pytest.raises(LoweringError, match="ExportedProgram or the path"):
         qexport.compile(torch.nn.Linear(2, 2), tmp_path / "out.pt2")
     assert os.listdir(tmp_path) == []
+    qexport.save(small_program, tmp_path / "m.pt2")
+    with pytest.raises(qexport.UsageError, match="must differ from the program's .pt2"):
+        qexport.compile(str(tmp_path / "m.pt2"), tmp_path / "." / "m.pt2")
+    assert os.listdir(tmp_path) == ["m.pt2"] and qexport.inspect(tmp_path / "m.pt2").artifact == "pt2"
 
 
 def test_failed_compile_leaves_nothing(small_program, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ import time
 import types
 import typing
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -175,6 +176,9 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     say = progress or (lambda _msg: None)
     ours, inductor_options = check_options(device, options)
     out = check_writable(output, ".pt2")
+    if isinstance(program_or_path, (str, PathLike)) and out.exists() and out.resolve() == Path(program_or_path).resolve():
+        # the program is read before the package is written, so this would silently replace it
+        raise UsageError(f"{out}: the output must differ from the program's .pt2 (the package would replace it)")
     ep = resolve_program(program_or_path, "compile")
     # The manifest describes the regions as exported (the lowered graph no longer has them); built
     # first because it refuses a region whose scheme is not registered here.
