@@ -88,6 +88,9 @@ def contiguous_inputs(ep: torch.export.ExportedProgram) -> list[str]:
         if node.name in user and isinstance(val, torch.Tensor) and not val.is_contiguous():
             node.meta["val"] = val.contiguous()
             changed.append(node.name)
+    if changed and ep.example_inputs is not None:  # what a backend traces with must agree
+        ep.example_inputs = torch.utils._pytree.tree_map(
+            lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, ep.example_inputs)
     return changed
 
 

@@ -116,7 +116,7 @@ def _example_inputs(ep: torch.export.ExportedProgram, device: str) -> tuple[tupl
         kwargs = {}
         if len(ep.call_spec.in_spec.children_specs) == 2 and ep.call_spec.in_spec.children_specs[1].num_children:
             raise LoweringError("the program takes keyword inputs and carries no example inputs; re-export it with qexport.export")
-    move = lambda t: t.to(device).contiguous() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
     return tuple(torch.utils._pytree.tree_map(move, list(args))), torch.utils._pytree.tree_map(move, dict(kwargs))
 
 
