@@ -115,14 +115,8 @@ def add_constant(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tenso
     """A new persistent buffer `fqn` (made unique) holding `tensor`, as a placeholder of `ep`'s graph.
 
     Placed after the existing state, before the user inputs: placeholders and input_specs must stay
-    in the same order. A `tensor` that shares memory with state the program already holds is copied:
-    a kernel's "converted" operand is often its input itself (`scale.float()` of a float32 scale), and
-    two buffers on one storage made AOTInductor refuse the program ("cond_true might be aliasing the
-    input or the output!": int8_weight_only with qexport.large_m="dequant", whose row buckets read the
-    scale both as stored and as float32).
+    in the same order.
     """
-    if _shares_storage(tensor, (*ep.state_dict.values(), *ep.constants.values())):
-        tensor = tensor.clone()
     graph = ep.graph_module.graph
     base, i = fqn, 1
     while fqn in ep.state_dict or fqn in ep.constants:
@@ -146,12 +140,14 @@ def add_constant(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tenso
     return ph
 
 
-def _shares_storage(tensor: torch.Tensor, others: "Any") -> bool:
+def shares_state_storage(ep: torch.export.ExportedProgram, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lies in the memory of a parameter, buffer or constant `ep` already holds (a
+    view of it, or the tensor itself: `scale.float()` of a float32 scale)."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
         return False
     ptr = tensor.untyped_storage().data_ptr()
     return any(isinstance(o, torch.Tensor) and o.device == tensor.device and o.untyped_storage().data_ptr() == ptr
-               for o in others)
+               for o in (*ep.state_dict.values(), *ep.constants.values()))
 
 
 def replace_state(ep: torch.export.ExportedProgram, node: torch.fx.Node, tensor: torch.Tensor) -> None:
