@@ -552,6 +552,7 @@ def small_program():
         ({"options": {"qexport.kernels": "fast"}}, LoweringError, "is not one of"),
         ({"options": {"aot_inductor.output_path": "x"}}, LoweringError, "set by qexport.compile"),
         ({"options": {1: True}}, LoweringError, "option names are strings"),
+        ({"progress": "yes"}, LoweringError, "progress must be a function .* or a bool, got str"),
     ],
 )
 def test_bad_arguments_refused_before_work(small_program, tmp_path, monkeypatch, kwargs, error, match):
@@ -585,15 +586,16 @@ def test_bad_paths_refused(small_program, tmp_path):
     assert os.listdir(tmp_path) == ["m.pt2"] and qexport.inspect(tmp_path / "m.pt2").artifact == "pt2"
 
 
-def test_failed_compile_leaves_nothing(small_program, tmp_path, monkeypatch):
+def test_failed_compile_leaves_nothing(small_program, tmp_path, monkeypatch, capsys):
     def fail(ep, package_path, **_):
         Path(package_path).write_bytes(b"partial")
         raise RuntimeError("C++ compiler crashed")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
     with pytest.raises(LoweringError, match="C\\+\\+ compiler crashed"):
-        qexport.compile(small_program, tmp_path / "out.pt2")
+        qexport.compile(small_program, tmp_path / "out.pt2", progress=True)  # as to_executorch(progress=True)
     assert os.listdir(tmp_path) == []
+    assert "qexport.compile: kernels: 2/2 regions to scheme kernels" in capsys.readouterr().err
 
 
 def test_load_compiled_refuses_a_plain_pt2(small_program, tmp_path):

@@ -151,7 +151,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     *,
     device: str = "cpu",
     options: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
+    progress: "Progress | bool | None" = None,
 ) -> str:
     """Compile a quantized program into an AOTInductor package at `output` (a `.pt2`); returns its path.
 
@@ -167,13 +167,13 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. On CPU the kernels and
     the C++ are for the target CPU: this one, capped by `ATEN_CPU_CAPABILITY` (`avx2`: any AVX2
     x86-64; see `qexport.lower.cpu_target`), recorded as the manifest's `extra.cpu_target`. The file
-    appears complete or not at all. `progress(message)` is called at each stage.
+    appears complete or not at all. `progress(message)` is called at each stage (True: printed to stderr).
     """
     from serializers.aoti import write_manifest
     from serializers.files import atomic_path, check_writable
     from serializers.manifest import Manifest
 
-    say = progress or (lambda _msg: None)
+    say = _progress(progress)
     ours, inductor_options = check_options(device, options)
     out = check_writable(output, ".pt2")
     if isinstance(program_or_path, (str, PathLike)) and out.exists() and out.resolve() == Path(program_or_path).resolve():
@@ -231,6 +231,21 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
         write_manifest(tmp, manifest)
     say(f"wrote {out} ({out.stat().st_size:,} bytes; prepare {t_plan:.1f} s, Inductor {t_compile:.1f} s)")
     return str(out)
+
+
+def _progress(progress: "Progress | bool | None") -> Progress:
+    """`progress` as a function: True prints each stage to stderr (as `to_executorch(progress=True)`
+    names its stages), False or None says nothing; anything else is refused before any work (a bool
+    used to fail with "'bool' object is not callable" after the kernels were applied)."""
+    import sys
+
+    if progress is None or progress is False:
+        return lambda _msg: None
+    if progress is True:
+        return lambda msg: print(f"qexport.compile: {msg}", file=sys.stderr, flush=True)
+    if not callable(progress):
+        raise LoweringError(f"progress must be a function (message: str) -> None or a bool, got {type(progress).__name__}")
+    return progress
 
 
 def _json_safe(v: Any) -> bool:
