@@ -605,6 +605,8 @@ def test_load_compiled_refuses_a_plain_pt2(small_program, tmp_path):
         qexport.load_compiled(path)
     with pytest.raises(ArtifactNotFoundError):
         qexport.load_compiled(tmp_path / "missing.pt2")
+    with pytest.raises(ArtifactError, match="the artifact path must be a str or os.PathLike, got NoneType"):
+        qexport.load_compiled(None)
 
 
 def test_inspect_of_a_torch_only_aoti_package_says_who_wrote_it(small_program, tmp_path):
