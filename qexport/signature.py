@@ -110,7 +110,10 @@ class DimSpec:
     def accepts(self, n: int) -> bool:
         if not self.dynamic:
             return n == self.size
-        return n >= self.min and (self.max is None or n <= self.max)
+        # as torch.export's own input check: a lower bound of 2 is the tracer's 0/1 specialization
+        # (Dim.DYNAMIC, the CLI's --dynamic, records min 2), not the model's, so sizes 0 and 1 pass
+        low = self.min if self.min > 2 else 0
+        return n >= low and (self.max is None or n <= self.max)
 
     def example(self) -> int:
         """A size to make an example input with: the lower bound, at least 2 (so the dim still looks
