@@ -110,7 +110,10 @@ class DimSpec:
     def accepts(self, n: int) -> bool:
         if not self.dynamic:
             return n == self.size
-        return n >= self.min and (self.max is None or n <= self.max)
+        # as torch.export's own input check: a lower bound of 2 is the tracer's 0/1 specialization
+        # (Dim.DYNAMIC, the CLI's --dynamic, records min 2), not the model's, so sizes 0 and 1 pass
+        low = self.min if self.min > 2 else 0
+        return n >= low and (self.max is None or n <= self.max)
 
     def example(self) -> int:
         """A size to make an example input with: the lower bound, at least 2 (so the dim still looks
@@ -287,3 +290,43 @@ def _dim(d: Any, ep: torch.export.ExportedProgram, names: dict[str, str]) -> Dim
     except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's / torch's infinity
         hi = UNBOUNDED
     return DimSpec(name=names.get(str(expr), str(expr)), min=lo, max=hi)
+
+
+def check_tensors(specs: Sequence[InputSpec], tensors: Sequence[Any], *, device: str, what: str) -> list[torch.Tensor]:
+    """`tensors` checked against the program's inputs, made contiguous where they are not.
+
+    Why: a compiled runtime trusts its caller. An AOTI package reads whatever memory it is handed as
+    the dtype, rank and strides it was traced with: a float64 or bfloat16 input gave NaN, a 3-D one for
+    a 4-D program garbage of a wrong shape, a transposed view 50 % error, a size outside the exported
+    range or a token id past its table undefined behaviour, all without an error (torch 2.13). So every
+    refusal here names the input, what it got and what the program takes (UsageError); integer values
+    are checked against their table only on the CPU (a device tensor's min/max would sync, and break
+    CUDA-graph capture)."""
+    from .errors import UsageError
+
+    if len(tensors) != len(specs) or not all(isinstance(x, torch.Tensor) for x in tensors):
+        got = ", ".join(type(x).__name__ if not isinstance(x, torch.Tensor) else "Tensor" for x in tensors)
+        raise UsageError(f"{what} takes {len(specs)} tensor input(s) ({', '.join(s.describe() for s in specs)}); "
+                         f"got {len(tensors)} ({got or 'none'})")
+    out = []
+    seen: dict[str, tuple[int, str]] = {}  # dynamic dim name -> (size, the input that set it)
+    for spec, x in zip(specs, tensors):
+        if x.dtype != spec.torch_dtype:
+            raise UsageError(f"{what}: input {spec.name} is {str(x.dtype).removeprefix('torch.')}; the program takes "
+                             f"{spec.dtype} (convert it first: x.to(torch.{spec.dtype}))")
+        if x.device.type != device:
+            raise UsageError(f"{what}: input {spec.name} is on {x.device}; the package runs on {device} (x.to({device!r}))")
+        if x.dim() != len(spec.shape) or not all(d.accepts(n) for d, n in zip(spec.shape, x.shape)):
+            raise UsageError(f"{what}: input {spec.name} has shape {list(x.shape)}, which does not fit {spec.describe()} "
+                             f"(static sizes exact, dynamic ones within the bounds the program was exported with)")
+        for i, (d, n) in enumerate(zip(spec.shape, x.shape)):
+            if d.dynamic and (first := seen.setdefault(d.name, (n, spec.name)))[0] != n:
+                raise UsageError(f"{what}: input {spec.name}'s dim {i} ({d.name}) is {n} where input {first[1]}'s is "
+                                 f"{first[0]}; the program was compiled for equal sizes there")
+        if spec.values is not None and x.device.type == "cpu" and x.numel():
+            lo, hi = int(x.min()), int(x.max())
+            if lo < spec.values[0] or hi > spec.values[1]:
+                raise UsageError(f"{what}: input {spec.name} holds {lo if lo < spec.values[0] else hi}, outside "
+                                 f"[{spec.values[0]}, {spec.values[1]}] (the rows of the table it indexes)")
+        out.append(x if x.is_contiguous() else x.contiguous())
+    return out

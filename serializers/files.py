@@ -14,7 +14,7 @@ import socket
 import tempfile
 from os import PathLike
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from qexport.errors import ArtifactError, ArtifactNotFoundError, UsageError
 
@@ -69,8 +69,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_path_type(path: Any, what: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) raised a bare TypeError
+        raise ArtifactError(f"the {what} path must be a str or os.PathLike, got {type(path).__name__} ({str(path)[:60]})")
+
+
 def check_readable(path: "str | PathLike[str]") -> Path:
     """The path as a Path, or ArtifactNotFoundError / ArtifactError if it is not a readable file."""
+    _check_path_type(path, "artifact")
     p = Path(path)
     if not p.exists():
         raise ArtifactNotFoundError(f"{p}: no such file")
@@ -82,6 +88,7 @@ def check_readable(path: "str | PathLike[str]") -> Path:
 
 def check_writable(path: "str | PathLike[str]", suffix: str | None = None) -> Path:
     """Check, before any work, that `path` can be written; returns it as a Path."""
+    _check_path_type(path, "output")
     p = Path(path)
     if suffix is not None and p.suffix != suffix:
         raise ArtifactError(f"{p}: the file name must end with {suffix}")

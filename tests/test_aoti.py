@@ -61,6 +61,8 @@ class _Built(dict):
     def __missing__(self, name: str):
         torch.manual_seed(0)
         idx = torch.randint(0, 128, (2, 8))
+        if name == "int8_dynamic":  # exported from a transposed view: the package still takes contiguous inputs
+            idx = idx.t().contiguous().t()
         model = quantized(TinyTransformer(), scheme_for(name), idx)
         ep = qexport.export(model, (idx,), dynamic_shapes=dynamic_tokens())
         source = ep
@@ -82,13 +84,35 @@ def test_numerics_match_eager_on_new_shapes(built, name):
     model, _, path = built[name]
     runner = qexport.load_compiled(path)
     tol = math_for(scheme_for(name)).tolerance
-    for shape in [(1, 5), (3, 17)]:  # neither is the traced (2, 8): dynamic batch and sequence
+    # none is the traced (2, 8): dynamic batch and sequence; (1, 1): one row, below seq's exported min 2,
+    # which torch (and load_compiled's check) take as the tracer's 0/1 specialization, not the model's
+    for shape in [(1, 5), (3, 17), (17, 3), (1, 1)]:
         idx = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(1))
+        if shape == (17, 3):  # a transposed view: load_compiled's runner copies it into the package's layout
+            idx = idx.t()
         with torch.no_grad():
             ref = model(idx)
         y = runner(idx)
         assert y.shape == ref.shape
         assert rel_err(y, ref) <= tol, f"{name} {shape}: {rel_err(y, ref):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("inputs, match", [
+    ((torch.zeros(2, 8),), "input idx is float32; the program takes int64"),
+    ((torch.zeros(2, 8, dtype=torch.int32),), "input idx is int32; the program takes int64"),
+    ((torch.zeros(17, 8, dtype=torch.int64),), r"shape \[17, 8\], which does not fit idx: int64\[batch\[0..16\], seq\[2..64\]\]"),
+    ((torch.zeros(2, 65, dtype=torch.int64),), r"shape \[2, 65\]"),
+    ((torch.zeros(8, dtype=torch.int64),), r"shape \[8\]"),
+    ((torch.full((2, 8), 128),), r"holds 128, outside \[0, 127\]"),
+    ((torch.zeros(2, 8, dtype=torch.int64),) * 2, r"takes 1 tensor input\(s\) \(idx: .*\); got 2"),
+    ((), "got 0"),
+])
+def test_load_compiled_refuses_inputs_the_package_would_misread(built, inputs, match):
+    """AOTI packages read whatever they are handed (torch 2.13): a float input gave NaN, a wrong rank
+    garbage of a wrong shape, a token id past the table aborts the process. The runner refuses first."""
+    _, _, path = built["int8_weight_only"]
+    with pytest.raises(qexport.UsageError, match=match):
+        qexport.load_compiled(path)(*inputs)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -529,6 +553,8 @@ def small_program():
         ({"options": {"qexport.kernel": "auto"}}, LoweringError, "unknown qexport option"),
         ({"options": {"qexport.kernels": "fast"}}, LoweringError, "is not one of"),
         ({"options": {"aot_inductor.output_path": "x"}}, LoweringError, "set by qexport.compile"),
+        ({"options": {1: True}}, LoweringError, "option names are strings"),
+        ({"progress": "yes"}, LoweringError, "progress must be a function .* or a bool, got str"),
     ],
 )
 def test_bad_arguments_refused_before_work(small_program, tmp_path, monkeypatch, kwargs, error, match):
@@ -547,6 +573,8 @@ def test_cuda_without_gpu_is_refused(small_program, tmp_path):
 def test_bad_paths_refused(small_program, tmp_path):
     with pytest.raises(ArtifactError, match="must end with .pt2"):
         qexport.compile(small_program, tmp_path / "out.so")
+    with pytest.raises(ArtifactError, match="output path must be a str or os.PathLike, got NoneType"):
+        qexport.compile(small_program, None)
     with pytest.raises(ArtifactNotFoundError, match="does not exist"):
         qexport.compile(small_program, tmp_path / "missing" / "out.pt2")
     with pytest.raises(ArtifactNotFoundError):
@@ -554,17 +582,22 @@ def test_bad_paths_refused(small_program, tmp_path):
     with pytest.raises(LoweringError, match="ExportedProgram or the path"):
         qexport.compile(torch.nn.Linear(2, 2), tmp_path / "out.pt2")
     assert os.listdir(tmp_path) == []
+    qexport.save(small_program, tmp_path / "m.pt2")
+    with pytest.raises(qexport.UsageError, match="must differ from the program's .pt2"):
+        qexport.compile(str(tmp_path / "m.pt2"), tmp_path / "." / "m.pt2")
+    assert os.listdir(tmp_path) == ["m.pt2"] and qexport.inspect(tmp_path / "m.pt2").artifact == "pt2"
 
 
-def test_failed_compile_leaves_nothing(small_program, tmp_path, monkeypatch):
+def test_failed_compile_leaves_nothing(small_program, tmp_path, monkeypatch, capsys):
     def fail(ep, package_path, **_):
         Path(package_path).write_bytes(b"partial")
         raise RuntimeError("C++ compiler crashed")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
     with pytest.raises(LoweringError, match="C\\+\\+ compiler crashed"):
-        qexport.compile(small_program, tmp_path / "out.pt2")
+        qexport.compile(small_program, tmp_path / "out.pt2", progress=True)  # as to_executorch(progress=True)
     assert os.listdir(tmp_path) == []
+    assert "qexport.compile: kernels: 2/2 regions to scheme kernels" in capsys.readouterr().err
 
 
 def test_load_compiled_refuses_a_plain_pt2(small_program, tmp_path):
@@ -574,6 +607,8 @@ def test_load_compiled_refuses_a_plain_pt2(small_program, tmp_path):
         qexport.load_compiled(path)
     with pytest.raises(ArtifactNotFoundError):
         qexport.load_compiled(tmp_path / "missing.pt2")
+    with pytest.raises(ArtifactError, match="the artifact path must be a str or os.PathLike, got NoneType"):
+        qexport.load_compiled(None)
 
 
 def test_inspect_of_a_torch_only_aoti_package_says_who_wrote_it(small_program, tmp_path):

@@ -100,6 +100,11 @@ def test_contract_errors_name_the_problem(toy):
     register_lowering("int8_dynamic", TOY, "linear", lambda ctx: "yes", name="sloppy")
     with pytest.raises(LoweringError, match=r"toy-accelerator lowering 'sloppy' returned str; expected RegionPlan, Decline or None"):
         plan_regions(ep, TOY)
+    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: RegionPlan(False, None, 5), name="sloppy")
+    with pytest.raises(LoweringError, match=r"'sloppy' planned region layers.0 with RegionPlan\(taken=False, kernel=None, reason=5.*kernel and reason are strings"):
+        plan_regions(ep, TOY)
+    with pytest.raises(LoweringError, match=r"plan_regions: options must be a dict, got list"):
+        plan_regions(ep, TOY, options=[("k", 1)])
 
 
 def test_register_lowering_refuses_a_key_it_would_never_ask():

@@ -276,6 +276,10 @@ def test_errors_are_raised_before_any_work(tmp_path, lowered):
         qexport.to_executorch(ep, tmp_path / "missing" / "x.pte")
     with pytest.raises(LoweringError, match="ExportedProgram or the path"):
         qexport.to_executorch(object(), tmp_path / "x.pte")
+    # exported from a transposed view: a .pte of it failed at run time for any input (XNNPACK and portable)
+    xt = torch.randn(64, 4).t()
+    with pytest.raises(LoweringError, match=r"non-contiguous example \(strides \(1, 4\).*x.contiguous\(\)"):
+        qexport.to_executorch(qexport.export(quantized(MLP(), scheme_for("int8_dynamic"), (xt,)), (xt,)), tmp_path / "x.pte")
     assert not list(tmp_path.iterdir())
 
 

@@ -279,12 +279,25 @@ def plan_regions(
     program: torch.export.ExportedProgram, backend: str, options: Mapping[str, Any] | None = None
 ) -> list[RegionPlan]:
     """One plan per region of `program` (graph order) on `backend`; changes nothing."""
+    if options is not None and not isinstance(options, Mapping):
+        raise LoweringError(f"plan_regions: options must be a dict, got {type(options).__name__}")
     b = get_backend(backend)
     plans = []
     for node, region in region_nodes(program):
         ctx = b.context(program, node, region, backend, dict(options or {}))
         plans.append(dataclasses.replace(_plan_one(b, ctx), region=region, backend=backend))
     return plans
+
+
+def _check_fields(b: Backend, entry: str, ctx: PlanContext, r: RegionPlan) -> None:
+    """A user's plan with a field of the wrong type went on to the compile and into the manifest
+    (kernel=None, reason=5): refused here, naming the entry."""
+    if not (isinstance(r.taken, bool) and isinstance(r.kernel, str) and isinstance(r.reason, str) and isinstance(r.details, Mapping)):
+        raise LoweringError(
+            f"{b.name} lowering {entry!r} planned region {ctx.region.name} with RegionPlan(taken={r.taken!r}, "
+            f"kernel={r.kernel!r}, reason={r.reason!r}, details of type {type(r.details).__name__})"[:400]
+            + "; taken is a bool, kernel and reason are strings, details a dict of JSON values"
+        )
 
 
 def _plan_one(b: Backend, ctx: PlanContext) -> RegionPlan:
@@ -301,6 +314,7 @@ def _plan_one(b: Backend, ctx: PlanContext) -> RegionPlan:
                 f"{ctx.region.op}): {type(e).__name__}: {e}"
             ) from e
         if isinstance(r, RegionPlan):
+            _check_fields(b, entry, ctx, r)
             if reasons and not r.taken:  # what the better entries said is part of why it is not taken
                 r = dataclasses.replace(r, reason="; ".join([*reasons, r.reason] if r.reason else reasons))
             if not r.taken and r.lowering is None:  # not taken, nothing to apply: the backend's fallback runs it

@@ -71,6 +71,29 @@ def copy_program(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgr
     return ep._update(gm, sig, state_dict=dict(ep.state_dict), constants=dict(ep.constants))
 
 
+def contiguous_inputs(ep: torch.export.ExportedProgram) -> list[str]:
+    """Make the program take its tensor inputs contiguous, whatever the layout of the example it was
+    exported with; returns the inputs changed.
+
+    Why: a compiled package reads each input with the strides of the example it was traced from and
+    never checks them (a package exported from `torch.randn(64, b).t()` gave 2.0 absolute error on a
+    contiguous input, as any package does on a transposed view of its own layout). One fixed layout
+    lets the runner (`qexport.load_compiled`) hand every package the same thing: a contiguous copy of
+    whatever it is given. Only the placeholders' values change; the ops downstream are retraced by the
+    compiler from them."""
+    user = set(ep.graph_signature.user_inputs)
+    changed = []
+    for node in ep.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if node.name in user and isinstance(val, torch.Tensor) and not val.is_contiguous():
+            node.meta["val"] = val.contiguous()
+            changed.append(node.name)
+    if changed and ep.example_inputs is not None:  # what a backend traces with must agree
+        ep.example_inputs = torch.utils._pytree.tree_map(
+            lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, ep.example_inputs)
+    return changed
+
+
 def is_state(ep: torch.export.ExportedProgram, node: Any) -> bool:
     """Whether `node` is a parameter, buffer or lifted constant of `ep` (not a user input)."""
     return operand_state(ep, node) is not None
@@ -115,6 +138,16 @@ def add_constant(ep: torch.export.ExportedProgram, fqn: str, tensor: torch.Tenso
     ep.graph_signature.input_specs[:] = specs
     ep.state_dict[fqn] = tensor
     return ph
+
+
+def shares_state_storage(ep: torch.export.ExportedProgram, tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lies in the memory of a parameter, buffer or constant `ep` already holds (a
+    view of it, or the tensor itself: `scale.float()` of a float32 scale)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        return False
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(isinstance(o, torch.Tensor) and o.device == tensor.device and o.untyped_storage().data_ptr() == ptr
+               for o in (*ep.state_dict.values(), *ep.constants.values()))
 
 
 def replace_state(ep: torch.export.ExportedProgram, node: torch.fx.Node, tensor: torch.Tensor) -> None:

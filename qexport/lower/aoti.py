@@ -21,21 +21,22 @@ import time
 import types
 import typing
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError
+from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError, UsageError
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
 from ._contract import RegionPlan
-from ._graph import copy_program
+from ._graph import contiguous_inputs, copy_program
 from .kernels import FUSE_MODES, FUSE_OPTION, apply_kernels, inductor_options_for, plan_kernels
 from .kernels.cuda_tune import PLAN_MODES as CUDA_PLAN_MODES, PLAN_OPTION as CUDA_PLAN_OPTION
 from .report import LoweringReport, RegionReport
 from serializers.aoti import DEVICES
 
-__all__ = ["DEVICES", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
+__all__ = ["DEVICES", "CompiledModel", "check_cpu", "check_options", "compile", "load_compiled", "plan"]
 
 #: options qexport reads itself; every other key is an Inductor config (torch._inductor.config)
 KERNELS_OPTION = "qexport.kernels"
@@ -61,6 +62,9 @@ def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[
         raise LoweringError("device='cuda' but this torch sees no CUDA device; compile on a GPU machine or use device='cpu'")
     if options is not None and not isinstance(options, Mapping):
         raise LoweringError(f"options must be a dict of Inductor configs, got {type(options).__name__}")
+    if not all(isinstance(k, str) for k in (options or {})):
+        bad = next(k for k in options if not isinstance(k, str))  # type: ignore[union-attr]
+        raise LoweringError(f"option names are strings (torch._inductor.config names or qexport.*), got {bad!r}")
     ours = {k: v for k, v in (options or {}).items() if k.startswith("qexport.")}
     inductor = {k: v for k, v in (options or {}).items() if not k.startswith("qexport.")}
     unknown = set(ours) - set(OPTION_MODES)
@@ -147,7 +151,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     *,
     device: str = "cpu",
     options: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
+    progress: "Progress | bool | None" = None,
 ) -> str:
     """Compile a quantized program into an AOTInductor package at `output` (a `.pt2`); returns its path.
 
@@ -163,15 +167,18 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     loads with `qexport.load_compiled` or `torch._inductor.aoti_load_package`. On CPU the kernels and
     the C++ are for the target CPU: this one, capped by `ATEN_CPU_CAPABILITY` (`avx2`: any AVX2
     x86-64; see `qexport.lower.cpu_target`), recorded as the manifest's `extra.cpu_target`. The file
-    appears complete or not at all. `progress(message)` is called at each stage.
+    appears complete or not at all. `progress(message)` is called at each stage (True: printed to stderr).
     """
     from serializers.aoti import write_manifest
     from serializers.files import atomic_path, check_writable
     from serializers.manifest import Manifest
 
-    say = progress or (lambda _msg: None)
+    say = _progress(progress)
     ours, inductor_options = check_options(device, options)
     out = check_writable(output, ".pt2")
+    if isinstance(program_or_path, (str, PathLike)) and out.exists() and out.resolve() == Path(program_or_path).resolve():
+        # the program is read before the package is written, so this would silently replace it
+        raise UsageError(f"{out}: the output must differ from the program's .pt2 (the package would replace it)")
     ep = resolve_program(program_or_path, "compile")
     # The manifest describes the regions as exported (the lowered graph no longer has them); built
     # first because it refuses a region whose scheme is not registered here.
@@ -181,6 +188,7 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
 
     t0 = time.perf_counter()
     work = copy_program(ep)  # the caller's program is never changed (example inputs, device)
+    contiguous_inputs(work)
     if device != "cpu":
         from torch.export.passes import move_to_device_pass
 
@@ -225,6 +233,21 @@ def compile(  # noqa: A001  (the stage's public name, as in qexport.compile)
     return str(out)
 
 
+def _progress(progress: "Progress | bool | None") -> Progress:
+    """`progress` as a function: True prints each stage to stderr (as `to_executorch(progress=True)`
+    names its stages), False or None says nothing; anything else is refused before any work (a bool
+    used to fail with "'bool' object is not callable" after the kernels were applied)."""
+    import sys
+
+    if progress is None or progress is False:
+        return lambda _msg: None
+    if progress is True:
+        return lambda msg: print(f"qexport.compile: {msg}", file=sys.stderr, flush=True)
+    if not callable(progress):
+        raise LoweringError(f"progress must be a function (message: str) -> None or a bool, got {type(progress).__name__}")
+    return progress
+
+
 def _json_safe(v: Any) -> bool:
     try:
         json.dumps(v)
@@ -267,7 +290,8 @@ def check_cpu(manifest: Any, path: Any = "the package") -> None:
 
 
 def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = None, **loader_options: Any) -> Any:
-    """Load a package written by `compile`: returns torch's runner (call it like the model).
+    """Load a package written by `compile`: returns a `CompiledModel` (call it like the model), torch's
+    runner behind a check of every input against the package's signature (see `CompiledModel`).
 
     The package is native code. Before anything is loaded, every member is checked against the
     SHA-256 its manifest records (UnsafeArtifactError on a mismatch) and torch gets the checked copy,
@@ -306,5 +330,53 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
             f"{path}: AOTInductor could not load the package ({type(e).__name__}: {e}); it was compiled by "
             f"torch {manifest.torch_version} for {manifest.extra.get('device', '?')}; this is torch {torch.__version__}"
         ) from e
-    compiled.qexport_manifest = manifest  # the checked one: runners read it instead of opening the file again
-    return compiled
+    return CompiledModel(compiled, manifest, str(path))
+
+
+class CompiledModel:
+    """What `load_compiled` returns: torch's AOTInductor runner (call it like the model) behind the
+    input checks the package itself does not make (`signature.check_tensors`: count, dtype, device,
+    shape within the exported bounds, index values; non-contiguous inputs are copied contiguous, the
+    layout the package was traced with). `run_flat` takes the flat tensor list; other attributes
+    (`loader`, `get_metadata`, `load_constants`, ...) are torch's runner's."""
+
+    def __init__(self, compiled: Any, manifest: Any, path: str) -> None:
+        from ..signature import InputSpec
+
+        self.compiled = compiled
+        self.qexport_manifest = manifest  # the checked one: runners read it instead of opening the file again
+        self.path = path
+        self.device = str(manifest.extra.get("device", "cpu"))
+        try:  # a package without a usable record (older qexport) runs unchecked, as before
+            self.inputs = [InputSpec.from_json(d) for d in manifest.extra["inputs"]]
+        except (KeyError, TypeError, ValueError):
+            self.inputs = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "compiled":  # not set yet (unpickling, copy): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.compiled, name)
+
+    def run_flat(self, tensors: "list[torch.Tensor]") -> "list[torch.Tensor]":
+        from ..signature import check_tensors
+
+        if self.inputs is None:
+            tensors = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in tensors]
+        else:
+            tensors = check_tensors(self.inputs, tensors, device=self.device, what=self.path)
+        return self.compiled.loader.boxed_run(tensors)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.export._tree_utils import reorder_kwargs
+        from torch.utils import _pytree as pytree
+
+        if "_specs" not in self.__dict__:  # parsed once: torch's runner parses them on every call
+            self._specs = tuple(pytree.treespec_loads(s) for s in self.compiled.loader.get_call_spec()[:2])
+        in_spec, out_spec = self._specs
+        try:
+            kwargs = reorder_kwargs(kwargs, in_spec)
+        except (ValueError, AssertionError, KeyError) as e:
+            raise UsageError(f"{self.path}: keyword inputs do not match the program's ({e})") from None
+        # as torch's runner: the program's tensor inputs, flattened; other values were fixed at export
+        flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        return pytree.tree_unflatten(self.run_flat(flat), out_spec)

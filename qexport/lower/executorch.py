@@ -583,6 +583,23 @@ def _records(planned: list[RegionPlan], edge_gm: torch.fx.GraphModule, why: _Why
     return records
 
 
+def _check_input_layouts(ep: torch.export.ExportedProgram) -> None:
+    """Refuse a program whose inputs were exported from examples neither contiguous nor channels-last
+    (a transposed view): its `.pte` records that layout, which ExecuTorch's runtime cannot be given
+    ("Input 0 for method forward should be contiguous or channels-last"), and a contiguous input failed
+    inside the method (XNNPACK and portable alike; ExecuTorch 1.5.1, a plain float Linear too)."""
+    user = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if node.name in user and isinstance(val, torch.Tensor) and not val.is_contiguous() \
+                and not (val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last)):
+            raise LoweringError(
+                f"input {node.name} was exported from a non-contiguous example (strides {tuple(val.stride())}, a "
+                f"transposed view?); an ExecuTorch .pte takes contiguous or channels-last inputs only: export the "
+                f"model again with x.contiguous() as the example"
+            )
+
+
 def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], dict[str, int]]:
     """The program's inputs as a `.pte` of it takes them, and {dim name: size} of the dynamic dims
     that had no upper bound. ExecuTorch plans every tensor's memory for its dims' upper bounds and
@@ -684,6 +701,7 @@ def to_executorch(
     out = check_writable(output, ".pte")
     data_out = check_writable(out.with_suffix(pte.DATA_SUFFIX))
     ep = resolve_program(program_or_path, "to_executorch")
+    _check_input_layouts(ep)
     try:
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         import executorch.kernels.quantized  # noqa: F401  (registers the quantized_decomposed out-variants)

@@ -128,13 +128,10 @@ def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
             raise ArtifactError(f"{p}: an AOTInductor package not written by qexport (no manifest); compile the "
                                 f"program with qexport.compile, which also takes a program without regions") from None
         raise
-    loader = getattr(compiled, "loader", None)
 
     def call(flat: Flat) -> Flat:
-        with torch.no_grad():
-            if loader is not None:  # AOTICompiledModel: the flat calling convention is native
-                return flat_tensors(loader.boxed_run(list(flat)))
-            return flat_tensors(compiled(*flat))
+        with torch.no_grad():  # the flat calling convention is the package's own, behind load_compiled's checks
+            return flat_tensors(compiled.run_flat(list(flat)))
 
     extra = compiled.qexport_manifest.extra
     return Runner("aoti", p, call, device=extra.get("device", "cpu"), inputs=_manifest_inputs(extra))

@@ -57,7 +57,8 @@ from .._contract import (
     unclaimed_reason, unregister_lowering,
 )
 from .._graph import (
-    RegionSite, contiguous_for_views, copy_program, drop_unused_state, is_state, replace_regions, state_tensor,
+    RegionSite, contiguous_for_views, copy_program, drop_unused_state, is_state, replace_regions, shares_state_storage,
+    state_tensor,
 )
 
 __all__ = [
@@ -289,6 +290,11 @@ def _splice_kernel(site: RegionSite, choice: KernelChoice, stacked: Mapping[str,
             args.append(site.operands[op] if stacked is None else site.constant(f"siblings_{op}", stacked[op]))
         else:
             suffix, tensor = op
+            if shares_state_storage(site.ep, tensor):
+                # two package constants on one storage made AOTInductor refuse the program ("cond_true
+                # might be aliasing the input or the output!": int8_weight_only with large_m="dequant",
+                # whose row buckets read the scale as stored and, for the one-row loop, as float32)
+                tensor = tensor.clone()
             args.append(site.constant(suffix, tensor))
     out = site.trace(choice.body, *args)
     return out[0] if isinstance(out, (tuple, list)) else out
