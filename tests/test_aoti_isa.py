@@ -163,6 +163,29 @@ def test_forced_capability_caps_the_target(monkeypatch, capability, march, kept)
 
 
 @X86
+def test_a_callers_march_adds_what_it_enables_to_the_requirement(monkeypatch):
+    """`cpp.march` builds the C++ whatever ATen is capped to: under ATEN_CPU_CAPABILITY=avx2 a
+    `native` march on an AVX-512 host makes a package that needs AVX-512 (refused on an AVX2 CPU,
+    not killed by SIGILL there); an AVX2-level march keeps the AVX2 requirement. The compiler says
+    what each march enables."""
+    monkeypatch.setattr(cpu_target, "host_features", lambda: AVX512_HOST)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_MARCH", raising=False)
+    v3 = cpu_target.march_features("x86-64-v3")
+    assert {"avx2", "fma3", "f16c", "bmi2"} <= v3 and not any(f.startswith("avx512") for f in v3)
+    assert {"avx512_f", "avx512_bw"} <= cpu_target.march_features("skylake-avx512")
+    assert cpu_target.march_features("no-such-cpu") is None
+    avx2_host = frozenset(v3)
+    for march in ("haswell", "x86-64-v3"):
+        assert not cpu_target.missing_features(cpu_target.compile_target(march), avx2_host), march
+    monkeypatch.setattr(cpu_target, "march_features", lambda march: AVX512_HOST if march == "native" else None)
+    for march in ("native", "no-such-cpu"):  # unknown to the compiler: all of this CPU, to be safe
+        t = cpu_target.compile_target(march)
+        assert t.march == march and "avx512_vnni" in cpu_target.missing_features(t, avx2_host)
+
+
+@X86
 def test_native_target_requires_what_march_native_may_use(monkeypatch):
     monkeypatch.setattr(cpu_target, "host_features", lambda: AVX512_HOST)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")

@@ -10,13 +10,15 @@ Two things depend on the target CPU and neither is visible in the package withou
 The target is this process's CPU, capped by `ATEN_CPU_CAPABILITY` (torch's own switch, which also
 picks Inductor's vector ISA): forcing `avx2` or `default` makes the plan assume that ISA and compiles
 the C++ for `x86-64-v3` (AVX2, FMA, F16C, BMI) or `x86-64` instead of `native`, so the package runs
-on any CPU of that class. `TORCHINDUCTOR_CPP_MARCH` / the `cpp.march` option, when set, win.
+on any CPU of that class. `TORCHINDUCTOR_CPP_MARCH` / the `cpp.march` option, when set, win, and the
+package also requires the extensions that march enables (`march_features`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import platform
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -51,6 +53,34 @@ def host_features() -> frozenset[str]:
                         found.update(line.split(":", 1)[1].split())
         except OSError:
             pass
+    return frozenset(found)
+
+
+@functools.cache
+def march_features(march: str) -> frozenset[str] | None:
+    """The x86 extensions Inductor's C++ compiler enables for `-march=<march>`, named as
+    `torch.cpu.get_capabilities()` names them (read from the compiler's predefined macros), or None
+    when no compiler answers. A caller's `cpp.march` builds the package's C++ whatever ATen is capped
+    to, so the package needs what that march enables: `native` under ATEN_CPU_CAPABILITY=avx2 was
+    recorded as needing AVX2 only while its code used AVX-512."""
+    import subprocess
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        out = subprocess.run([get_cpp_compiler(), f"-march={march}", "-dM", "-E", "-x", "c++", "-"], input="",
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError, RuntimeError, ImportError):
+        return None
+    if out.returncode:
+        return None
+    found = set()
+    for macro in re.findall(r"#define __([A-Z0-9_]+)__ 1", out.stdout):
+        name = macro.lower()
+        if not re.fullmatch(r"(s?sse\w*|avx\w*|fma|f16c|bmi2?|lzcnt|popcnt|amx\w*)", name) or name.endswith("_math"):
+            continue
+        name = {"fma": "fma3", "avxvnni": "avx_vnni"}.get(name, name)
+        found.add(re.sub(r"^(avx512|amx)_?(\w+)$", r"\1_\2", name))
     return frozenset(found)
 
 
@@ -109,6 +139,8 @@ def compile_target(march_option: str | None = None) -> CPUTarget:
     user_march = march_option or os.environ.get("TORCHINDUCTOR_CPP_MARCH")
     if user_march:
         march = user_march
+        enabled = march_features(march) if arch in ("x86_64", "AMD64") else None
+        requires = requires | (host if enabled is None else enabled)  # unknown: assume it may use all of this CPU
     elif kept is not None:
         march = _X86_MARCH[capability]
     else:
