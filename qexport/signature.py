@@ -81,13 +81,18 @@ def names_from_dynamic_shapes(
 _SYMBOL = re.compile(r"s\d+")
 
 
+def tensor_inputs(ep: torch.export.ExportedProgram) -> list[tuple[torch.fx.Node, torch.Tensor]]:
+    """The program's tensor user inputs in graph order: (placeholder, its traced value)."""
+    user = set(ep.graph_signature.user_inputs)
+    return [(n, v) for n in ep.graph.find_nodes(op="placeholder")
+            if n.name in user and isinstance(v := n.meta.get("val"), torch.Tensor)]
+
+
 def symbol_names(ep: torch.export.ExportedProgram, per_input: Sequence[Mapping[int, str]]) -> dict[str, str]:
     """{torch symbol: name} from {dim: name} per tensor user input, in order (the first name given to a
     symbol wins: dims torch found equal share one symbol)."""
-    user = set(ep.graph_signature.user_inputs)
-    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     names: dict[str, str] = {}
-    for val, dims in zip([v for v in vals if isinstance(v, torch.Tensor)], per_input):
+    for (_, val), dims in zip(tensor_inputs(ep), per_input):
         for d, name in dims.items():
             if d < val.dim() and _SYMBOL.fullmatch(sym := str(val.shape[d])):
                 names.setdefault(sym, name)

@@ -36,6 +36,7 @@ from torch.utils import _pytree as pytree
 from ..errors import LoweringError, QExportError
 from ..passes import name_regions
 from ..regions import STATE_KINDS, Region, operand_state, region_nodes, region_payload
+from ..signature import tensor_inputs
 
 #: meta["custom"] key of every node emitted for a region: {"region", "module", "scheme", "kernel"}
 REGION_TAG = "qexport_region"
@@ -81,11 +82,9 @@ def contiguous_inputs(ep: torch.export.ExportedProgram) -> list[str]:
     lets the runner (`qexport.load_compiled`) hand every package the same thing: a contiguous copy of
     whatever it is given. Only the placeholders' values change; the ops downstream are retraced by the
     compiler from them."""
-    user = set(ep.graph_signature.user_inputs)
     changed = []
-    for node in ep.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if node.name in user and isinstance(val, torch.Tensor) and not val.is_contiguous():
+    for node, val in tensor_inputs(ep):
+        if not val.is_contiguous():
             node.meta["val"] = val.contiguous()
             changed.append(node.name)
     if changed and ep.example_inputs is not None:  # what a backend traces with must agree

@@ -42,7 +42,7 @@ from ..extras import missing_extra
 from ..errors import BackendUnavailableError, LoweringError
 from . import resolve_program
 from ..regions import Region
-from ..signature import InputSpec, program_inputs
+from ..signature import InputSpec, program_inputs, tensor_inputs
 from ..schemes.packing import unpack_uint4
 from ._contract import Decline, PlanContext, RegionPlan, plan_regions, register_backend, register_lowering
 from ._graph import RegionSite, call_before, drop_unused_state, region_of, replace_regions, replace_state, state_tensor
@@ -588,11 +588,8 @@ def _check_input_layouts(ep: torch.export.ExportedProgram) -> None:
     (a transposed view): its `.pte` records that layout, which ExecuTorch's runtime cannot be given
     ("Input 0 for method forward should be contiguous or channels-last"), and a contiguous input failed
     inside the method (XNNPACK and portable alike; ExecuTorch 1.5.1, a plain float Linear too)."""
-    user = set(ep.graph_signature.user_inputs)
-    for node in ep.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if node.name in user and isinstance(val, torch.Tensor) and not val.is_contiguous() \
-                and not (val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last)):
+    for node, val in tensor_inputs(ep):
+        if not val.is_contiguous() and not (val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last)):
             raise LoweringError(
                 f"input {node.name} was exported from a non-contiguous example (strides {tuple(val.stride())}, a "
                 f"transposed view?); an ExecuTorch .pte takes contiguous or channels-last inputs only: export the "
@@ -605,11 +602,8 @@ def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], d
     that had no upper bound. ExecuTorch plans every tensor's memory for its dims' upper bounds and
     gives a dim without one the example's size (executorch.exir.sym_util.eval_upper_bound), so the
     `.pte` refuses anything larger: its manifest says so, rather than the program's open range."""
-    user = set(ep.graph_signature.user_inputs)
-    vals = [n.meta["val"] for n in ep.graph.nodes
-            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
     out, unbounded = [], {}
-    for spec, val in zip(program_inputs(ep), vals):
+    for spec, (_, val) in zip(program_inputs(ep), tensor_inputs(ep)):
         dims = []
         for d, size in zip(spec.shape, val.shape):
             if d.dynamic and d.max is None and isinstance(size, torch.SymInt) and size.node.hint is not None:
@@ -627,11 +621,8 @@ def _check_dims_kept(edge: torch.export.ExportedProgram, inputs: list[InputSpec]
     fixed an LM's prompt length at 2, so the `.pte` could take neither a prompt nor one decode token."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-    user = set(edge.graph_signature.user_inputs)
-    vals = [n.meta["val"] for n in edge.graph.nodes
-            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
     lost = [f"{spec.name} dim {i} ({d.name}) fixed at {size}"
-            for spec, val in zip(inputs, vals) for i, (d, size) in enumerate(zip(spec.shape, val.shape))
+            for spec, (_, val) in zip(inputs, tensor_inputs(edge)) for i, (d, size) in enumerate(zip(spec.shape, val.shape))
             if d.dynamic and is_concrete_int(size)]  # an int, or a SymInt whose expression became a number
     if lost:
         raise LoweringError(
