@@ -28,7 +28,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import qexport  # noqa: E402
-from qexport.lower.kernels.cuda_tune import time_us  # noqa: E402
+from qexport.lower.kernels.cuda_tune import capture, time_us  # noqa: E402
 from qexport.schemes import math_for  # noqa: E402
 
 
@@ -120,15 +120,7 @@ def main() -> None:
     graphs = {}
     for label, fn in timed.items():
         fn()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs[label] = g
+        graphs[label] = capture(fn)
     big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(200):
         big @ big

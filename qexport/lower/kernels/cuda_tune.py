@@ -197,6 +197,11 @@ def bench_us(fn: Callable[[], Any]) -> float:
     flush before it, and the first tuning run on the H200 timed that (80-180 µs for every kernel)
     instead of the kernels. `fn` must have run once already (compiled, warmed up).
     """
+    return time_us(capture(fn).replay)
+
+
+def capture(fn: Callable[[], Any]) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of one `fn()` call, run once on a side stream first (as torch.cuda.graph asks)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -205,4 +210,4 @@ def bench_us(fn: Callable[[], Any]) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_us(graph.replay)
+    return graph
