@@ -394,8 +394,7 @@ def _load_once(config: ServeConfig) -> str:
     pins. A file any loader check refuses (a damaged member, a pickle, a package for another CPU) had
     started a cluster whose replicas then failed; and each replica read whatever the path held when it
     started, so a file replaced meanwhile was served by some replicas and not others."""
-    from serializers.files import pinned_digest
-    from serializers.files import file_sha256
+    from serializers.files import file_sha256, pinned_digest
 
     from . import runners
 

@@ -12,8 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from serializers import kinds
-from serializers.files import pinned_digest
-from serializers.files import check_readable
+from serializers.files import check_readable, pinned_digest
 
 from ..extras import missing_extra, require
 from ..quiet import native_stderr
