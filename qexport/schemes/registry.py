@@ -119,6 +119,9 @@ def get(scheme: "str | Scheme", **params: Any) -> Scheme:
     if "name" in params or "family" in params:
         raise InvalidSchemeError("name and family cannot be overridden; register a new scheme instead")
     params = _expand_shorthands(base, params)
+    if params.get("activation") == "none":
+        # the scheme's weight-only form (`--scheme-arg activation=none`): its activation fields go with it
+        params = {"act_dtype": None, "act_granularity": None, "act_symmetric": None, **params}
     resolved = base.replace(**params) if params else base
     math_for(resolved).validate(resolved)
     return resolved
