@@ -63,6 +63,29 @@ def _nonneg_int(value: Any, what: str) -> int:
     return value
 
 
+def _this_version() -> str:
+    import qexport
+
+    return qexport.__version__
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string ("0.2.0rc1" -> (0, 2, 0)); () if it has none."""
+    out = []
+    for part in version.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:
+            break
+    return tuple(out)
+
+
+def _newer_than_this_qexport(version: Any) -> bool:
+    return isinstance(version, str) and _release(version) > _release(_this_version())
+
+
 def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {value!r}")
@@ -326,6 +349,14 @@ class Manifest:
         except UnsupportedVersionError as e:  # a scheme of a newer schema version
             raise UnsupportedVersionError(f"{where}{e}") from None
         except (ValueError, TypeError, QExportError) as e:
+            writer = data.get("qexport_version")
+            if _newer_than_this_qexport(writer):
+                # a newer qexport may add a scheme field (or a value of one) within the same versions:
+                # this reader cannot know what it computes, but the fix is an upgrade, not a new file
+                raise UnsupportedVersionError(
+                    f"{where}the manifest holds what this qexport ({_this_version()}) cannot read ({e}); it was "
+                    f"written by qexport {writer}: upgrade qexport"
+                ) from None
             raise CorruptArtifactError(f"{where}malformed manifest: {e}") from None
 
     @classmethod

@@ -288,6 +288,11 @@ def test_manifest_json_round_trip_and_forward_compatible_fields(cases):
         (lambda d: d["regions"][0].update(weight_bytes=-1), CorruptArtifactError, "weight_bytes"),
         (lambda d: d["regions"][0].update(input_shapes=[[1.5]]), CorruptArtifactError, "input_shapes"),
         (lambda d: d["regions"][0]["scheme"].update(colour="red"), CorruptArtifactError, "unknown scheme field"),
+        # a scheme field a newer qexport added within scheme version 1 (as `algorithm` was): an upgrade, not damage
+        (lambda d: (d.update(qexport_version="9.1.0"), d["regions"][0]["scheme"].update(rounding="nearest")),
+         UnsupportedVersionError, "unknown scheme field(s) ['rounding']; known: ['name'"),
+        (lambda d: (d.update(qexport_version="9.1.0"), d["regions"][0]["scheme"].update(algorithm="awq")),
+         UnsupportedVersionError, "it was written by qexport 9.1.0: upgrade qexport"),
         (lambda d: d.update(artifact="zip"), CorruptArtifactError, "artifact 'zip'"),
     ],
 )
