@@ -700,6 +700,16 @@ def _check_every_layer_ran(missing: list[str], why: str) -> None:
         )
 
 
+def _alias_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every path naming it. Why: `named_modules()` yields a module registered under two
+    names (`self.head = self.blocks[-1].proj`) once, so replacing it at that path alone left the float
+    layer running, and its float weight stored, wherever the model called it by its other name."""
+    paths: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(fqn)
+    return paths
+
+
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -755,6 +765,7 @@ def quantize(
         )
     calib = _calibrate(model, chosen, calibration_data) if calibrated else _Calibration({}, {})
     shared: dict[str, dict[str, torch.Tensor]] = {}
+    aliases = _alias_paths(model)
     for c in chosen:
         m, math = c.module, math_for(c.scheme)
         weight = c.layer.weight(m)
@@ -772,7 +783,8 @@ def quantize(
                             float_weight_shape=tuple(m.weight.shape), attributes=c.layer.attributes(m))
         q.to(m.weight.device)
         q.train(m.training)
-        _set_submodule(model, c.fqn, q)
+        for path in aliases[id(m)]:
+            _set_submodule(model, path, q)
     model.qexport_summary = QuantizationSummary(tuple(decisions), table.unmatched(model))
     return model
 

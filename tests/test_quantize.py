@@ -365,6 +365,26 @@ def test_tied_weight_left_float_is_reported(hf):
     assert "no recipe entry" in wte.reason and "tied to lm_head, so it is stored twice" in wte.reason
 
 
+class _Aliased(nn.Module):
+    """One Linear under two names (`self.head = self.blocks[-1]`): named_modules() yields it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(32, 32), nn.Linear(32, 32)])
+        self.head = self.blocks[-1]
+
+    def forward(self, x):
+        return self.head(self.blocks[0](x)) + self.blocks[1](x)
+
+
+def test_a_layer_under_two_names_is_quantized_under_both():
+    model = qexport.quantize(_Aliased().eval(), "int8_weight_only")
+    assert isinstance(model.head, QuantizedModule) and model.head is model.blocks[1]  # the float one ran by its alias
+    ep = qexport.export(model, (torch.randn(2, 32),))
+    assert [r.name for r in qexport.regions(ep)] == ["blocks.0", "blocks.1", "blocks.1_1"]
+    assert not any(p.dtype.is_floating_point and p.dim() == 2 for p in ep.state_dict.values())  # no float weight left
+
+
 # -- recipes ---------------------------------------------------------------------------------------
 
 def test_recipe_precedence():
