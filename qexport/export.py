@@ -12,7 +12,7 @@ from . import validate
 from .errors import ExportError, QuantizedWeightError
 from .quantize import quantized_modules
 from .passes import canonicalize_region_operands, name_regions
-from .regions import iter_region_nodes, region_payload
+from .regions import is_region_node, iter_region_nodes, region_payload, set_region_payload
 from .signature import names_from_dynamic_shapes, record_dim_names
 
 
@@ -36,9 +36,15 @@ def export(
     # Deployment export is inference: trace in eval mode, then give every module its own mode back
     # (model.train(flag) would also flip submodules the user had put in eval, e.g. turning dropout on).
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with _paths_from(model):
+        model.eval()
+    except NotImplementedError:
+        # a program's module (ep.module(), e.g. a loaded .pt2 being re-exported or wrapped) refuses
+        # eval(): its graph keeps the mode it was traced in; the flags of the modules around it still go
+        for m in modes:
+            m.training = False
+    try:
+        with _paths_from(model), _program_paths_from(model):
             ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
     except QuantizedWeightError:  # the model's own forward read a quantized weight's values: that error names the layer and the fix
         raise
@@ -92,3 +98,30 @@ def _paths_from(model: nn.Module) -> Iterator[None]:
     finally:
         for m, path in saved.items():
             m.module_path = path
+
+
+@contextlib.contextmanager
+def _program_paths_from(model: nn.Module) -> Iterator[None]:
+    """The same for the regions of an exported program's module placed inside `model` (`ep.module()`
+    of a loaded .pt2 wrapped in pre/post-processing): their payloads name paths from that program's
+    root, so a wrapped one's tensors (`inner.0.weight`) were looked for under `0.weight` and export
+    failed ("two operands claim role 'input'"). Each is prefixed with where the program sits."""
+    changed: list[tuple[torch.fx.GraphModule, torch.fx.Node, dict]] = []
+    for path, gm in model.named_modules():
+        if not path or not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in [n for n in gm.graph.nodes if is_region_node(n)]:
+            payload = region_payload(node)
+            if payload is not None and payload.module:
+                changed.append((gm, node, dict(node.kwargs)))
+                set_region_payload(node, payload.replace(module=f"{path}.{payload.module}", name=None))  # named after export
+    programs = {gm for gm, _, _ in changed}
+    for gm in programs:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for _, node, kwargs in changed:
+            node.kwargs = kwargs
+        for gm in programs:
+            gm.recompile()
