@@ -380,6 +380,11 @@ def _no_layers(model: nn.Module) -> str:
     if done:  # quantize() replaced them in place: a second call sees no float layer
         return (f"its {done} weight layers are already quantized (QuantizedModule); quantize a fresh copy of the "
                 f"float model to try another scheme")
+    if isinstance(model, torch.fx.GraphModule):
+        # PT2E quantizes the exported graph (prepare_pt2e(ep.module(), ...)); qexport the eager model
+        return ("it is a traced or exported graph (ep.module()?), whose layers are graph ops, not modules to "
+                "replace: quantize the eager model, then export it (qexport.quantize(model, scheme); "
+                "qexport.export(model, args))")
     return "the model has no Linear, Conv1D, Conv1d, Conv2d or Embedding layer"
 
 
@@ -738,7 +743,9 @@ def quantize(
     carry its own (`qexport.schemes.get("int4_weight_only", algorithm="hqq")`). Each region records its algorithm.
     """
     if not isinstance(model, nn.Module):
-        raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}")
+        hint = ("; quantize the eager model, then export it (qexport.quantize(model, scheme); qexport.export(model, args))"
+                if isinstance(model, torch.export.ExportedProgram) else "")
+        raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}{hint}")
     table = _RecipeTable(scheme, algorithm)
     calibrated = [s for s in table.schemes() if s.needs_calibration]
     if calibrated and calibration_data is None:

@@ -143,6 +143,11 @@ def test_calibration_with_kwargs_batches():
      "its 2 weight layers are already quantized .* quantize a fresh copy of the float model"),
     (lambda: qexport.quantize(nn.Linear(4, 4), "int8_weight_only"), UnsupportedModuleError, "wrap a bare"),
     (lambda: qexport.quantize("model", "int8_weight_only"), UnsupportedModuleError, "takes an nn.Module"),
+    # PT2E's order (export, then quantize the graph) is told qexport's
+    (lambda: qexport.quantize(torch.export.export(MLP(), (torch.randn(2, 64),)), "int8_weight_only"), UnsupportedModuleError,
+     r"got ExportedProgram; quantize the eager model, then export it"),
+    (lambda: qexport.quantize(torch.export.export(MLP(), (torch.randn(2, 64),)).module(), "int8_weight_only"),
+     NothingToQuantizeError, r"traced or exported graph \(ep.module\(\)\?\).*quantize the eager model, then export it"),
 ])
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match) as info:
