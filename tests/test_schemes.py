@@ -284,6 +284,25 @@ def test_a_builtin_familys_math_is_never_replaced():
     assert qexport.schemes.register_family(type(int8)()) is int8  # the same math again: a no-op
 
 
+def test_a_user_familys_math_is_replaced_only_on_request(int6):
+    """Another library's math for a family in use changed what its schemes computed, silently."""
+
+    class OtherInt6(Int6Math):
+        pass
+
+    other = int6.replace(name="test_int6_other")
+    with pytest.raises(InvalidSchemeError, match=r"family 'test_int6' already has its math, .*Int6Math \(schemes \['test_int6'\]\); .*OtherInt6 would change"):
+        qexport.schemes.register(other, OtherInt6())
+    assert type(math_for(int6)) is Int6Math and "test_int6_other" not in qexport.schemes.names()
+    Redefined = type("Int6Math", (Int6Math,), {"__module__": Int6Math.__module__, "__qualname__": Int6Math.__qualname__})
+    assert qexport.schemes.register(int6, Redefined()) == int6  # a re-run cell or reloaded module: the same math
+    qexport.schemes.register(other, OtherInt6(), overwrite=True)
+    assert type(math_for(int6)) is OtherInt6
+    qexport.schemes.unregister("test_int6_other")
+    qexport.schemes.unregister("test_int6")
+    assert "test_int6" not in qexport.schemes.families()  # the last scheme of a user family takes its math along
+
+
 def test_a_refused_registration_leaves_nothing_behind():
     class NewMath(Int6Math):
         family = "test_half_registered"
