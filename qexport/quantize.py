@@ -23,7 +23,7 @@ from torch import nn
 from . import validate
 from .errors import (
     CalibrationError, InvalidSchemeError, NothingToQuantizeError, QExportError, QuantizedWeightError,
-    UnsupportedModuleError,
+    UnsupportedModuleError, UsageError,
 )
 from .regions import invoke_quant
 from .schemes import ALGORITHMS, Scheme, get as get_scheme, make_region_fn, math_for
@@ -522,7 +522,7 @@ def _plan(
                 raise UnsupportedModuleError(f"{fqn}: {read_directly[fqn]}; leave it out of the recipe")
             skip(read_directly[fqn], layer.op if layer else None)
             continue
-        explicit = filter_fn is not None and filter_fn(m, fqn)
+        explicit = filter_fn is not None and _keeps(filter_fn, m, fqn)
         if filter_fn is not None and not explicit:
             skip("filter_fn returned False", layer.op if layer else None)
             continue
@@ -568,6 +568,20 @@ def _plan(
     decisions += list(skipped.values())
     decisions.sort(key=lambda d: order[d.module])
     return chosen, decisions
+
+
+def _keeps(filter_fn: FilterFn, m: nn.Module, fqn: str) -> bool:
+    """filter_fn's answer for one layer; a filter_fn that cannot answer (a one-argument lambda, a bug in it)
+    is named with the layer it failed on, before anything is replaced."""
+    try:
+        return bool(filter_fn(m, fqn))
+    except QExportError:
+        raise
+    except Exception as e:
+        raise UsageError(
+            f"filter_fn raised on {fqn or 'the model'} ({type(m).__name__}): {type(e).__name__}: {e}; it is called as "
+            f"filter_fn(module, fqn) and returns True for the layers to quantize"
+        ) from e
 
 
 def _why_op_refused(scheme: Scheme, op: str) -> str:
@@ -746,6 +760,8 @@ def quantize(
         hint = ("; quantize the eager model, then export it (qexport.quantize(model, scheme); qexport.export(model, args))"
                 if isinstance(model, torch.export.ExportedProgram) else "")
         raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}{hint}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise UsageError(f"filter_fn must be a callable filter_fn(module, fqn) -> bool, got {type(filter_fn).__name__}")
     table = _RecipeTable(scheme, algorithm)
     calibrated = [s for s in table.schemes() if s.needs_calibration]
     if calibrated and calibration_data is None:

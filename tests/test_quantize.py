@@ -143,6 +143,10 @@ def test_calibration_with_kwargs_batches():
      "its 2 weight layers are already quantized .* quantize a fresh copy of the float model"),
     (lambda: qexport.quantize(nn.Linear(4, 4), "int8_weight_only"), UnsupportedModuleError, "wrap a bare"),
     (lambda: qexport.quantize("model", "int8_weight_only"), UnsupportedModuleError, "takes an nn.Module"),
+    # a filter_fn that cannot answer is named, with the layer (was a bare TypeError / its own exception)
+    (lambda: qexport.quantize(MLP(), "int8_weight_only", filter_fn=lambda m: True), qexport.UsageError,
+     r"filter_fn raised on layers.0 \(Linear\): TypeError: .* called as filter_fn\(module, fqn\)"),
+    (lambda: qexport.quantize(MLP(), "int8_weight_only", filter_fn="layers.0"), qexport.UsageError, "filter_fn must be a callable"),
     # PT2E's order (export, then quantize the graph) is told qexport's
     (lambda: qexport.quantize(torch.export.export(MLP(), (torch.randn(2, 64),)), "int8_weight_only"), UnsupportedModuleError,
      r"got ExportedProgram; quantize the eager model, then export it"),
