@@ -32,6 +32,10 @@ def export(
         raise ExportError(f"export() takes an nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise ExportError(f"args must be a tuple of example inputs, got {type(args).__name__}; write (x,) for one input")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ExportError(f"kwargs must be a dict of keyword example inputs, got {type(kwargs).__name__}")
+    if not isinstance(strict, bool):  # strict="no" is truthy: it would silently trace with Dynamo
+        raise ExportError(f"strict must be True or False, got {strict!r}")
     validate.check_export_inputs(model, args, kwargs)
     # Deployment export is inference: trace in eval mode, then give every module its own mode back
     # (model.train(flag) would also flip submodules the user had put in eval, e.g. turning dropout on).

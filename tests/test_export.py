@@ -130,6 +130,10 @@ def test_export_errors():
         qexport.export(lambda x: x, (torch.randn(2),))
     with pytest.raises(ExportError, match="torch.export failed"):
         qexport.export(MLP(), (torch.randn(2, 10),))  # wrong feature size
+    with pytest.raises(ExportError, match="kwargs must be a dict"):  # was a bare TypeError from dict([...])
+        qexport.export(MLP(), (torch.randn(2, 64),), [torch.randn(2)])
+    with pytest.raises(ExportError, match="strict must be True or False, got 'no'"):  # was a strict export
+        qexport.export(MLP(), (torch.randn(2, 64),), strict="no")
 
 
 def test_shared_quantized_module_is_reported():

@@ -446,6 +446,11 @@ def test_rezipped_artifact_still_loads(cases, tmp_path):
     torch.testing.assert_close(qexport.load(p).module()(*cases["int8_weight_only"].args), cases["int8_weight_only"].expected)
 
 
+def test_inspecting_a_program_in_memory_points_to_regions(cases):
+    with pytest.raises(ArtifactError, match=r"got ExportedProgram \(ExportedProgram:\); for a program in memory use qexport.regions\(ep\)"):
+        qexport.inspect(cases["nf4"].ep)
+
+
 def test_missing_and_not_a_file(tmp_path):
     with pytest.raises(ArtifactNotFoundError, match=r"gone.pt2: no such file"):
         qexport.load(tmp_path / "gone.pt2")
