@@ -37,6 +37,10 @@ Recipe = Union[str, Scheme, Mapping[Union[type, str], Union[str, Scheme, None]]]
 _UNSUPPORTED_LAYERS = (nn.modules.conv._ConvNd, nn.EmbeddingBag, nn.RNNBase, nn.Bilinear)
 
 
+#: the dtypes a float tensor (a scale, a bias) may be loaded from with a cast; codes must match exactly
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 # -- the layers a region can replace ------------------------------------------------------------------
 
 def _hf_conv1d() -> type | None:
@@ -450,6 +454,52 @@ class QuantizedModule(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The region's tensors by role (the codes are `tensors()["weight"]`)."""
         return {r: self._buffers[r] for r in self.roles}
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantizedModule":
+        # model.to(torch.bfloat16) / .half() cast every floating tensor, and here those are the scheme's: fp8
+        # codes became bf16 (twice the bytes, no longer float8 weights), nf4's codebook and the scales were
+        # rounded (other numerics than the scheme's). They keep their dtype and values and follow the device;
+        # the layer answers in the new float dtype, as the float layer would (its output, `.weight.dtype`)
+        kept = {r: t for r, t in self.tensors().items() if r != "bias" and t.is_floating_point()}
+        out_dtype = getattr(torch, self.op_params.get("out_dtype", "float32"))
+        super()._apply(fn, recurse)
+        for role, t in kept.items():
+            now = self._buffers[role]
+            if now.dtype != t.dtype:
+                self._buffers[role] = t.to(now.device)
+        new_dtype = fn(torch.empty((), dtype=out_dtype, device=self._buffers["weight"].device)).dtype
+        if new_dtype != out_dtype and new_dtype.is_floating_point:
+            self.op_params["out_dtype"] = str(new_dtype).removeprefix("torch.")
+            self._region = make_region_fn(self.scheme, self.op, self.op_params, self.roles, self.weight_shape)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the region function is a closure, which pickle cannot store (torch.save(model) failed with a
+        # PicklingError); it is made again from the scheme on load
+        state = dict(super().__getstate__())
+        state.pop("_region", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._region = make_region_fn(self.scheme, self.op, self.op_params, self.roles, self.weight_shape)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # torch copies a float checkpoint's weight into the int8 codes, casting it (every code 0), and
+        # strict=False reports only the missing scales: a float state_dict loaded after quantize()
+        for role, t in self.tensors().items():
+            given = state_dict.get(prefix + role)
+            if not isinstance(given, torch.Tensor):
+                continue
+            codes = t.dtype not in _FLOAT_DTYPES or given.dtype not in _FLOAT_DTYPES
+            if given.shape != t.shape or (codes and given.dtype != t.dtype):
+                raise QuantizedWeightError(
+                    f"{prefix}{role}: the state_dict holds {given.dtype} {list(given.shape)}, but this layer is quantized "
+                    f"({self.scheme.describe()}) and its {role} is {t.dtype} {list(t.shape)}. Load a float checkpoint "
+                    f"before quantize() (model.load_state_dict(...), then qexport.quantize(model, ...)), or a "
+                    f"state_dict saved from a model quantized the same way"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op != "embedding" and not x.dtype.is_floating_point:
