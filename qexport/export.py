@@ -107,25 +107,30 @@ def _paths_from(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _program_paths_from(model: nn.Module) -> Iterator[None]:
     """The same for the regions of an exported program's module placed inside `model` (`ep.module()`
-    of a loaded .pt2 wrapped in pre/post-processing): their payloads name paths from that program's
-    root, so a wrapped one's tensors (`inner.0.weight`) were looked for under `0.weight` and export
-    failed ("two operands claim role 'input'"). Each is prefixed with where the program sits."""
-    changed: list[tuple[torch.fx.GraphModule, torch.fx.Node, dict]] = []
-    for path, gm in model.named_modules():
-        if not path or not isinstance(gm, torch.fx.GraphModule):
-            continue
-        for node in [n for n in gm.graph.nodes if is_region_node(n)]:
-            payload = region_payload(node)
-            if payload is not None and payload.module:
-                changed.append((gm, node, dict(node.kwargs)))
-                set_region_payload(node, payload.replace(module=f"{path}.{payload.module}", name=None))  # named after export
-    programs = {gm for gm, _, _ in changed}
-    for gm in programs:
+    of a loaded .pt2, or torch.export.unflatten(ep), wrapped in pre/post-processing): their payloads
+    name paths from that program's root, so a wrapped one's tensors (`inner.0.weight`) were looked for
+    under `0.weight` and export failed ("two operands claim role 'input'"). Each is prefixed with
+    where the program sits while `model` is traced."""
+    changed: list[tuple[torch.fx.Node, dict]] = []
+    codegen: set[torch.fx.GraphModule] = set()  # what runs a changed graph as generated code
+    roots = [(p, m) for p, m in model.named_modules() if p and isinstance(m, (torch.fx.GraphModule, torch.export.UnflattenedModule))]
+    for path, root in [(p, m) for p, m in roots if not any(p.startswith(f"{q}.") for q, _ in roots)]:
+        for m in root.modules():
+            graph = getattr(m, "graph", None)
+            for node in [n for n in graph.nodes if is_region_node(n)] if isinstance(graph, torch.fx.Graph) else ():
+                payload = region_payload(node)
+                if payload is not None and payload.module:
+                    changed.append((node, dict(node.kwargs)))
+                    set_region_payload(node, payload.replace(module=f"{path}.{payload.module}", name=None))  # named after export
+                    # an unflattened program's InterpreterModule runs its graph_module's code under Dynamo
+                    codegen.add(m if isinstance(m, torch.fx.GraphModule) else m.__dict__.get("graph_module"))
+    codegen.discard(None)
+    for gm in codegen:
         gm.recompile()
     try:
         yield
     finally:
-        for _, node, kwargs in changed:
+        for node, kwargs in changed:
             node.kwargs = kwargs
-        for gm in programs:
+        for gm in codegen:
             gm.recompile()

@@ -250,6 +250,9 @@ def test_a_loaded_program_re_exports_alone_and_wrapped(strict, tmp_path):
     assert [r.module_path for r in qexport.regions(wrapped)] == ["program.emb", "program.head"]
     torch.testing.assert_close(wrapped.module()(idx), model(idx).softmax(-1), rtol=0, atol=0)
     assert [r.module_path for r in qexport.regions(program)] == ["emb", "head"]  # the user's module is left as it was
+    if not strict:  # torch's strict export refuses an UnflattenedModule itself (torch.compiler.disable'd input processing)
+        unflat = qexport.export(_Wrapped(torch.export.unflatten(qexport.load(tmp_path / "tied.pt2"))), (idx,))
+        assert [r.module_path for r in qexport.regions(unflat)] == ["program.emb", "program.head"]
 
 
 @pytest.mark.parametrize("form", ["tuple", "dict"])
