@@ -85,7 +85,8 @@ class UnsafeArtifactError(ArtifactError):
 
 
 class UsageError(QExportError, ValueError):
-    """A command-line argument that cannot be understood (input spec, --scheme-arg, TARGET)."""
+    """An argument that cannot be understood: on the command line (input spec, --scheme-arg, TARGET) or
+    given to a function (a filter_fn that is not a filter_fn(module, fqn))."""
 
 
 class NotALanguageModelError(ArtifactError):

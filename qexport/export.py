@@ -12,7 +12,7 @@ from . import validate
 from .errors import ExportError, QuantizedWeightError
 from .quantize import quantized_modules
 from .passes import canonicalize_region_operands, name_regions
-from .regions import iter_region_nodes, region_payload
+from .regions import is_region_node, iter_region_nodes, region_payload, set_region_payload
 from .signature import names_from_dynamic_shapes, record_dim_names
 
 
@@ -32,13 +32,23 @@ def export(
         raise ExportError(f"export() takes an nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise ExportError(f"args must be a tuple of example inputs, got {type(args).__name__}; write (x,) for one input")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ExportError(f"kwargs must be a dict of keyword example inputs, got {type(kwargs).__name__}")
+    if not isinstance(strict, bool):  # strict="no" is truthy: it would silently trace with Dynamo
+        raise ExportError(f"strict must be True or False, got {strict!r}")
     validate.check_export_inputs(model, args, kwargs)
     # Deployment export is inference: trace in eval mode, then give every module its own mode back
     # (model.train(flag) would also flip submodules the user had put in eval, e.g. turning dropout on).
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with _paths_from(model):
+        model.eval()
+    except NotImplementedError:
+        # a program's module (ep.module(), e.g. a loaded .pt2 being re-exported or wrapped) refuses
+        # eval(): its graph keeps the mode it was traced in; the flags of the modules around it still go
+        for m in modes:
+            m.training = False
+    try:
+        with _paths_from(model), _program_paths_from(model):
             ep = torch.export.export(model, args, dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
     except QuantizedWeightError:  # the model's own forward read a quantized weight's values: that error names the layer and the fix
         raise
@@ -92,3 +102,35 @@ def _paths_from(model: nn.Module) -> Iterator[None]:
     finally:
         for m, path in saved.items():
             m.module_path = path
+
+
+@contextlib.contextmanager
+def _program_paths_from(model: nn.Module) -> Iterator[None]:
+    """The same for the regions of an exported program's module placed inside `model` (`ep.module()`
+    of a loaded .pt2, or torch.export.unflatten(ep), wrapped in pre/post-processing): their payloads
+    name paths from that program's root, so a wrapped one's tensors (`inner.0.weight`) were looked for
+    under `0.weight` and export failed ("two operands claim role 'input'"). Each is prefixed with
+    where the program sits while `model` is traced."""
+    changed: list[tuple[torch.fx.Node, dict]] = []
+    codegen: set[torch.fx.GraphModule] = set()  # what runs a changed graph as generated code
+    roots = [(p, m) for p, m in model.named_modules() if p and isinstance(m, (torch.fx.GraphModule, torch.export.UnflattenedModule))]
+    for path, root in [(p, m) for p, m in roots if not any(p.startswith(f"{q}.") for q, _ in roots)]:
+        for m in root.modules():
+            graph = getattr(m, "graph", None)
+            for node in [n for n in graph.nodes if is_region_node(n)] if isinstance(graph, torch.fx.Graph) else ():
+                payload = region_payload(node)
+                if payload is not None and payload.module:
+                    changed.append((node, dict(node.kwargs)))
+                    set_region_payload(node, payload.replace(module=f"{path}.{payload.module}", name=None))  # named after export
+                    # an unflattened program's InterpreterModule runs its graph_module's code under Dynamo
+                    codegen.add(m if isinstance(m, torch.fx.GraphModule) else m.__dict__.get("graph_module"))
+    codegen.discard(None)
+    for gm in codegen:
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for node, kwargs in changed:
+            node.kwargs = kwargs
+        for gm in codegen:
+            gm.recompile()

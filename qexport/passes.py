@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .errors import RegionFormatError
-from .regions import iter_region_nodes, operand_state, region_nodes, region_payload, set_region_payload
+from .regions import iter_region_nodes, operand_state, region_nodes, region_payload, set_region_payload, storage_key
 
 
 def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
@@ -17,11 +17,12 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
     Each quantized tensor is a buffer named `<module>.<role>`, which identifies it; the one
     operand that is not such a buffer is the activation input. A tied weight (one tensor registered
     in several quantized modules) is lifted as one placeholder per name but the graph reads only one
-    of them, so an operand answers to every name of its tensor.
+    of them, so an operand answers to every name of its bytes (`storage_key`: a program read back by
+    torch.export.load, re-exported, holds one tensor object per name over the same storage).
     """
-    names_of: dict[int, list[str]] = {}
+    names_of: dict[object, list[str]] = {}
     for fqn, t in ep.state_dict.items():
-        names_of.setdefault(id(t), []).append(fqn)
+        names_of.setdefault(storage_key(t), []).append(fqn)
     changed = False
     for node in iter_region_nodes(ep):
         payload = region_payload(node)
@@ -33,7 +34,7 @@ def canonicalize_region_operands(ep: torch.export.ExportedProgram) -> bool:
         prefix = payload.module + "."
         for a in operands:
             state = operand_state(ep, a)
-            names = names_of.get(id(state[1]), [state[0]]) if state else []
+            names = names_of.get(storage_key(state[1]), [state[0]]) if state else []
             own = next((n for n in names if n.startswith(prefix)), None)
             role = own[len(prefix):] if own else "input"
             if role in by_role:

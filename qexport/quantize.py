@@ -23,7 +23,7 @@ from torch import nn
 from . import validate
 from .errors import (
     CalibrationError, InvalidSchemeError, NothingToQuantizeError, QExportError, QuantizedWeightError,
-    UnsupportedModuleError,
+    UnsupportedModuleError, UsageError,
 )
 from .regions import invoke_quant
 from .schemes import ALGORITHMS, Scheme, get as get_scheme, make_region_fn, math_for
@@ -35,6 +35,10 @@ Recipe = Union[str, Scheme, Mapping[Union[type, str], Union[str, Scheme, None]]]
 
 # Weight-bearing layers with no region op (yet): reported as skipped; selecting one with filter_fn is an error.
 _UNSUPPORTED_LAYERS = (nn.modules.conv._ConvNd, nn.EmbeddingBag, nn.RNNBase, nn.Bilinear)
+
+
+#: the dtypes a float tensor (a scale, a bias) may be loaded from with a cast; codes must match exactly
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # -- the layers a region can replace ------------------------------------------------------------------
@@ -380,6 +384,11 @@ def _no_layers(model: nn.Module) -> str:
     if done:  # quantize() replaced them in place: a second call sees no float layer
         return (f"its {done} weight layers are already quantized (QuantizedModule); quantize a fresh copy of the "
                 f"float model to try another scheme")
+    if isinstance(model, torch.fx.GraphModule):
+        # PT2E quantizes the exported graph (prepare_pt2e(ep.module(), ...)); qexport the eager model
+        return ("it is a traced or exported graph (ep.module()?), whose layers are graph ops, not modules to "
+                "replace: quantize the eager model, then export it (qexport.quantize(model, scheme); "
+                "qexport.export(model, args))")
     return "the model has no Linear, Conv1D, Conv1d, Conv2d or Embedding layer"
 
 
@@ -445,6 +454,52 @@ class QuantizedModule(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The region's tensors by role (the codes are `tensors()["weight"]`)."""
         return {r: self._buffers[r] for r in self.roles}
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "QuantizedModule":
+        # model.to(torch.bfloat16) / .half() cast every floating tensor, and here those are the scheme's: fp8
+        # codes became bf16 (twice the bytes, no longer float8 weights), nf4's codebook and the scales were
+        # rounded (other numerics than the scheme's). They keep their dtype and values and follow the device;
+        # the layer answers in the new float dtype, as the float layer would (its output, `.weight.dtype`)
+        kept = {r: t for r, t in self.tensors().items() if r != "bias" and t.is_floating_point()}
+        out_dtype = getattr(torch, self.op_params.get("out_dtype", "float32"))
+        super()._apply(fn, recurse)
+        for role, t in kept.items():
+            now = self._buffers[role]
+            if now.dtype != t.dtype:
+                self._buffers[role] = t.to(now.device)
+        new_dtype = fn(torch.empty((), dtype=out_dtype, device=self._buffers["weight"].device)).dtype
+        if new_dtype != out_dtype and new_dtype.is_floating_point:
+            self.op_params["out_dtype"] = str(new_dtype).removeprefix("torch.")
+            self._region = make_region_fn(self.scheme, self.op, self.op_params, self.roles, self.weight_shape)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the region function is a closure, which pickle cannot store (torch.save(model) failed with a
+        # PicklingError); it is made again from the scheme on load
+        state = dict(super().__getstate__())
+        state.pop("_region", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._region = make_region_fn(self.scheme, self.op, self.op_params, self.roles, self.weight_shape)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # torch copies a float checkpoint's weight into the int8 codes, casting it (every code 0), and
+        # strict=False reports only the missing scales: a float state_dict loaded after quantize()
+        for role, t in self.tensors().items():
+            given = state_dict.get(prefix + role)
+            if not isinstance(given, torch.Tensor):
+                continue
+            codes = t.dtype not in _FLOAT_DTYPES or given.dtype not in _FLOAT_DTYPES
+            if given.shape != t.shape or (codes and given.dtype != t.dtype):
+                raise QuantizedWeightError(
+                    f"{prefix}{role}: the state_dict holds {given.dtype} {list(given.shape)}, but this layer is quantized "
+                    f"({self.scheme.describe()}) and its {role} is {t.dtype} {list(t.shape)}. Load a float checkpoint "
+                    f"before quantize() (model.load_state_dict(...), then qexport.quantize(model, ...)), or a "
+                    f"state_dict saved from a model quantized the same way"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op != "embedding" and not x.dtype.is_floating_point:
@@ -517,7 +572,7 @@ def _plan(
                 raise UnsupportedModuleError(f"{fqn}: {read_directly[fqn]}; leave it out of the recipe")
             skip(read_directly[fqn], layer.op if layer else None)
             continue
-        explicit = filter_fn is not None and filter_fn(m, fqn)
+        explicit = filter_fn is not None and _keeps(filter_fn, m, fqn)
         if filter_fn is not None and not explicit:
             skip("filter_fn returned False", layer.op if layer else None)
             continue
@@ -563,6 +618,20 @@ def _plan(
     decisions += list(skipped.values())
     decisions.sort(key=lambda d: order[d.module])
     return chosen, decisions
+
+
+def _keeps(filter_fn: FilterFn, m: nn.Module, fqn: str) -> bool:
+    """filter_fn's answer for one layer; a filter_fn that cannot answer (a one-argument lambda, a bug in it)
+    is named with the layer it failed on, before anything is replaced."""
+    try:
+        return bool(filter_fn(m, fqn))
+    except QExportError:
+        raise
+    except Exception as e:
+        raise UsageError(
+            f"filter_fn raised on {fqn or 'the model'} ({type(m).__name__}): {type(e).__name__}: {e}; it is called as "
+            f"filter_fn(module, fqn) and returns True for the layers to quantize"
+        ) from e
 
 
 def _why_op_refused(scheme: Scheme, op: str) -> str:
@@ -700,6 +769,16 @@ def _check_every_layer_ran(missing: list[str], why: str) -> None:
         )
 
 
+def _alias_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every path naming it. Why: `named_modules()` yields a module registered under two
+    names (`self.head = self.blocks[-1].proj`) once, so replacing it at that path alone left the float
+    layer running, and its float weight stored, wherever the model called it by its other name."""
+    paths: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(fqn)
+    return paths
+
+
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -728,7 +807,11 @@ def quantize(
     carry its own (`qexport.schemes.get("int4_weight_only", algorithm="hqq")`). Each region records its algorithm.
     """
     if not isinstance(model, nn.Module):
-        raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}")
+        hint = ("; quantize the eager model, then export it (qexport.quantize(model, scheme); qexport.export(model, args))"
+                if isinstance(model, torch.export.ExportedProgram) else "")
+        raise UnsupportedModuleError(f"quantize() takes an nn.Module, got {type(model).__name__}{hint}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise UsageError(f"filter_fn must be a callable filter_fn(module, fqn) -> bool, got {type(filter_fn).__name__}")
     table = _RecipeTable(scheme, algorithm)
     calibrated = [s for s in table.schemes() if s.needs_calibration]
     if calibrated and calibration_data is None:
@@ -755,6 +838,7 @@ def quantize(
         )
     calib = _calibrate(model, chosen, calibration_data) if calibrated else _Calibration({}, {})
     shared: dict[str, dict[str, torch.Tensor]] = {}
+    aliases = _alias_paths(model)
     for c in chosen:
         m, math = c.module, math_for(c.scheme)
         weight = c.layer.weight(m)
@@ -772,7 +856,8 @@ def quantize(
                             float_weight_shape=tuple(m.weight.shape), attributes=c.layer.attributes(m))
         q.to(m.weight.device)
         q.train(m.training)
-        _set_submodule(model, c.fqn, q)
+        for path in aliases[id(m)]:
+            _set_submodule(model, path, q)
     model.qexport_summary = QuantizationSummary(tuple(decisions), table.unmatched(model))
     return model
 

@@ -289,6 +289,16 @@ def operand_state(ep: torch.export.ExportedProgram, operand: Any) -> tuple[str, 
     return spec.target, store[spec.target]
 
 
+def storage_key(t: torch.Tensor) -> Any:
+    """What identifies a tensor's bytes: the tensors of one tied weight, lifted under several names, share
+    it (one object in the program export made, two sharing storage in one torch.export.load read back)."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # no storage (a fake or wrapper tensor): its own bytes
+        return id(t)
+    return (t.device.type, ptr, t.storage_offset(), t.nbytes) if ptr else id(t)
+
+
 def regions(program: Any) -> list[Region]:
     """The quantized regions of an ExportedProgram (or GraphModule), in graph order."""
     return [region for _, region in region_nodes(program)]

@@ -71,7 +71,11 @@ def file_sha256(path: Path) -> str:
 
 def _check_path_type(path: Any, what: str) -> None:
     if not isinstance(path, (str, os.PathLike)):  # Path(None) raised a bare TypeError
-        raise ArtifactError(f"the {what} path must be a str or os.PathLike, got {type(path).__name__} ({str(path)[:60]})")
+        # a program in memory (inspect(ep), the in-memory habit of torch.export users) has its regions read directly
+        hint = ("; for a program in memory use qexport.regions(ep)"
+                if type(path).__name__ == "ExportedProgram" and what == "artifact" else "")
+        raise ArtifactError(f"the {what} path must be a str or os.PathLike, got {type(path).__name__} "
+                            f"({str(path)[:60].splitlines()[0] if str(path).strip() else ''}){hint}")
 
 
 def check_readable(path: "str | PathLike[str]") -> Path:

@@ -27,7 +27,7 @@ import torch
 from qexport.errors import (
     ArtifactError, CorruptArtifactError, ManifestMismatchError, QExportError, UnsupportedVersionError,
 )
-from qexport.regions import Region, operand_state, region_nodes, tensor_shape
+from qexport.regions import Region, operand_state, region_nodes, storage_key, tensor_shape
 from qexport.schemes import Scheme
 
 from . import kinds
@@ -61,6 +61,29 @@ def _nonneg_int(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{what} must be a non-negative int, got {value!r}")
     return value
+
+
+def _this_version() -> str:
+    import qexport
+
+    return qexport.__version__
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string ("0.2.0rc1" -> (0, 2, 0)); () if it has none."""
+    out = []
+    for part in version.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        out.append(int(digits))
+        if digits != part:
+            break
+    return tuple(out)
+
+
+def _newer_than_this_qexport(version: Any) -> bool:
+    return isinstance(version, str) and _release(version) > _release(_this_version())
 
 
 def _str(value: Any, what: str) -> str:
@@ -213,7 +236,7 @@ class Manifest:
         if (generation := ep.graph_module.meta.get("custom", {}).get(GENERATION_META)) is not None:
             extra.setdefault("generation", generation)
         tensors = _program_tensors(ep)
-        records, weights, floats = [], {}, {}  # keyed by the bytes they stand for (_storage_key)
+        records, weights, floats = [], {}, {}  # keyed by the bytes they stand for (storage_key)
         for node, region in region_nodes(ep):
             if region.scheme is None:
                 raise ArtifactError(
@@ -224,8 +247,8 @@ class Manifest:
             # a module called twice is two regions reading one set of weights, and tied layers (GPT-2's
             # wte / lm_head, two Linears sharing a parameter) are two modules lifting one tensor under two
             # names, stored once in the file: the totals count those bytes once
-            weights.update({_storage_key(tensors[f]): tensors[f].nbytes for f in fqns})
-            floats[tuple(sorted(_storage_key(tensors[f]) for f in fqns)) or region.name] = _float_bytes(region)
+            weights.update({storage_key(tensors[f]): tensors[f].nbytes for f in fqns})
+            floats[tuple(sorted(storage_key(tensors[f]) for f in fqns)) or region.name] = _float_bytes(region)
             records.append(
                 RegionRecord(
                     name=region.name,
@@ -250,7 +273,7 @@ class Manifest:
             quantized_bytes=quantized,
             float_bytes=sum(floats.values()),
             extra=dict(extra),
-            other_bytes=sum({_storage_key(t): t.nbytes for t in tensors.values()}.values()) - quantized,
+            other_bytes=sum({storage_key(t): t.nbytes for t in tensors.values()}.values()) - quantized,
         )
 
     def with_lowering(self, records: "Sequence[LoweringRecord]") -> "Manifest":
@@ -326,6 +349,14 @@ class Manifest:
         except UnsupportedVersionError as e:  # a scheme of a newer schema version
             raise UnsupportedVersionError(f"{where}{e}") from None
         except (ValueError, TypeError, QExportError) as e:
+            writer = data.get("qexport_version")
+            if _newer_than_this_qexport(writer):
+                # a newer qexport may add a scheme field (or a value of one) within the same versions:
+                # this reader cannot know what it computes, but the fix is an upgrade, not a new file
+                raise UnsupportedVersionError(
+                    f"{where}the manifest holds what this qexport ({_this_version()}) cannot read ({e}); it was "
+                    f"written by qexport {writer}: upgrade qexport"
+                ) from None
             raise CorruptArtifactError(f"{where}malformed manifest: {e}") from None
 
     @classmethod
@@ -410,15 +441,6 @@ def _program_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor
     out = {k: v for k, v in ep.state_dict.items() if isinstance(v, torch.Tensor)}
     out.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
     return out
-
-
-def _storage_key(t: torch.Tensor) -> Any:
-    """What identifies a tensor's bytes: the tensors of one tied weight, lifted under several names, share it."""
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except Exception:  # no storage (a fake or wrapper tensor): its own bytes
-        return id(t)
-    return (t.device.type, ptr, t.storage_offset(), t.nbytes) if ptr else id(t)
 
 
 def _region_tensor_fqns(ep: torch.export.ExportedProgram, region: Region, node: torch.fx.Node) -> list[str]:

@@ -11,7 +11,7 @@ import qexport
 from qexport import ExportError, invoke_quant
 from qexport.regions import HOP_TARGETS
 
-from conftest import MLP, ConvNet, EmbedNet, TinyTransformer, quantized, scheme_for
+from conftest import MLP, ConvNet, EmbedNet, TiedLM, TinyTransformer, quantized, scheme_for
 
 WEIGHT_SCHEMES = ["int8_weight_only", "int4_weight_only", "fp8_e4m3", "nf4"]
 
@@ -130,6 +130,10 @@ def test_export_errors():
         qexport.export(lambda x: x, (torch.randn(2),))
     with pytest.raises(ExportError, match="torch.export failed"):
         qexport.export(MLP(), (torch.randn(2, 10),))  # wrong feature size
+    with pytest.raises(ExportError, match="kwargs must be a dict"):  # was a bare TypeError from dict([...])
+        qexport.export(MLP(), (torch.randn(2, 64),), [torch.randn(2)])
+    with pytest.raises(ExportError, match="strict must be True or False, got 'no'"):  # was a strict export
+        qexport.export(MLP(), (torch.randn(2, 64),), strict="no")
 
 
 def test_shared_quantized_module_is_reported():
@@ -218,6 +222,37 @@ def test_export_restores_each_modules_mode():
     assert model.training and not model[1].training and model[0].training
     dropouts = [n for n in qexport.export(model, (torch.randn(2, 8),)).graph.nodes if n.target == torch.ops.aten.dropout.default]
     assert all(n.args[2] is False for n in dropouts)  # traced in eval mode
+
+
+class _Wrapped(nn.Module):
+    """A loaded program inside post-processing."""
+
+    def __init__(self, program):
+        super().__init__()
+        self.program = program
+
+    def forward(self, idx):
+        return self.program(idx).softmax(-1)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_loaded_program_re_exports_alone_and_wrapped(strict, tmp_path):
+    """ep.module() of a .pt2 refuses eval() (was a bare NotImplementedError out of export), torch.export.load
+    reads a tied weight back as two tensors over one storage (was "two operands claim role 'input'"),
+    and a wrapped program's regions live under the wrapper's path (their tensors were not found)."""
+    model = quantized(TiedLM(), "int8_weight_only", None)
+    idx = torch.randint(0, 64, (2, 5))
+    qexport.save(qexport.export(model, (idx,)), tmp_path / "tied.pt2")
+    program = qexport.load(tmp_path / "tied.pt2").module()
+    alone = qexport.export(program, (idx,), strict=strict)
+    assert [r.module_path for r in qexport.regions(alone)] == ["emb", "head"]
+    wrapped = qexport.export(_Wrapped(program), (idx,), strict=strict)
+    assert [r.module_path for r in qexport.regions(wrapped)] == ["program.emb", "program.head"]
+    torch.testing.assert_close(wrapped.module()(idx), model(idx).softmax(-1), rtol=0, atol=0)
+    assert [r.module_path for r in qexport.regions(program)] == ["emb", "head"]  # the user's module is left as it was
+    if not strict:  # torch's strict export refuses an UnflattenedModule itself (torch.compiler.disable'd input processing)
+        unflat = qexport.export(_Wrapped(torch.export.unflatten(qexport.load(tmp_path / "tied.pt2"))), (idx,))
+        assert [r.module_path for r in qexport.regions(unflat)] == ["program.emb", "program.head"]
 
 
 @pytest.mark.parametrize("form", ["tuple", "dict"])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
 
 import qexport
 from qexport import (
-    CalibrationError, InvalidSchemeError, NothingToQuantizeError, QuantizedModule, UnknownSchemeError,
-    UnsupportedModuleError,
+    CalibrationError, InvalidSchemeError, NothingToQuantizeError, QuantizedModule, QuantizedWeightError,
+    UnknownSchemeError, UnsupportedModuleError,
 )
 from qexport.quantize import quantized_modules
 
@@ -143,6 +145,15 @@ def test_calibration_with_kwargs_batches():
      "its 2 weight layers are already quantized .* quantize a fresh copy of the float model"),
     (lambda: qexport.quantize(nn.Linear(4, 4), "int8_weight_only"), UnsupportedModuleError, "wrap a bare"),
     (lambda: qexport.quantize("model", "int8_weight_only"), UnsupportedModuleError, "takes an nn.Module"),
+    # a filter_fn that cannot answer is named, with the layer (was a bare TypeError / its own exception)
+    (lambda: qexport.quantize(MLP(), "int8_weight_only", filter_fn=lambda m: True), qexport.UsageError,
+     r"filter_fn raised on layers.0 \(Linear\): TypeError: .* called as filter_fn\(module, fqn\)"),
+    (lambda: qexport.quantize(MLP(), "int8_weight_only", filter_fn="layers.0"), qexport.UsageError, "filter_fn must be a callable"),
+    # PT2E's order (export, then quantize the graph) is told qexport's
+    (lambda: qexport.quantize(torch.export.export(MLP(), (torch.randn(2, 64),)), "int8_weight_only"), UnsupportedModuleError,
+     r"got ExportedProgram; quantize the eager model, then export it"),
+    (lambda: qexport.quantize(torch.export.export(MLP(), (torch.randn(2, 64),)).module(), "int8_weight_only"),
+     NothingToQuantizeError, r"traced or exported graph \(ep.module\(\)\?\).*quantize the eager model, then export it"),
 ])
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match) as info:
@@ -365,6 +376,26 @@ def test_tied_weight_left_float_is_reported(hf):
     assert "no recipe entry" in wte.reason and "tied to lm_head, so it is stored twice" in wte.reason
 
 
+class _Aliased(nn.Module):
+    """One Linear under two names (`self.head = self.blocks[-1]`): named_modules() yields it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(32, 32), nn.Linear(32, 32)])
+        self.head = self.blocks[-1]
+
+    def forward(self, x):
+        return self.head(self.blocks[0](x)) + self.blocks[1](x)
+
+
+def test_a_layer_under_two_names_is_quantized_under_both():
+    model = qexport.quantize(_Aliased().eval(), "int8_weight_only")
+    assert isinstance(model.head, QuantizedModule) and model.head is model.blocks[1]  # the float one ran by its alias
+    ep = qexport.export(model, (torch.randn(2, 32),))
+    assert [r.name for r in qexport.regions(ep)] == ["blocks.0", "blocks.1", "blocks.1_1"]
+    assert not any(p.dtype.is_floating_point and p.dim() == 2 for p in ep.state_dict.values())  # no float weight left
+
+
 # -- recipes ---------------------------------------------------------------------------------------
 
 def test_recipe_precedence():
@@ -467,6 +498,21 @@ def test_quantized_weight_answers_like_the_float_weight():
 
     bf16 = qexport.quantize(nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16)), "int8_weight_only")
     assert bf16[0].weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scheme", ["fp8_e4m3", "nf4"])
+def test_casting_a_quantized_model_keeps_the_schemes_tensors(scheme):
+    """model.to(bf16) after quantize() cast fp8 codes to bf16 and rounded nf4's codebook; an embedding kept
+    answering in float32 while the rest of the model was bf16."""
+    model = qexport.quantize(EmbedNet().eval(), scheme_for(scheme) if scheme == "nf4" else {nn.Linear: scheme})
+    before = {f"{path}.{r}": v.clone() for path, q in quantized_modules(model) for r, v in q.tensors().items() if r != "bias"}
+    model.to(torch.bfloat16)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert all(v.dtype == torch.bfloat16 for k, v in after.items() if k not in before)  # biases, float layers
+    for layer in quantized_modules(model):
+        assert layer[1].weight.dtype == torch.bfloat16
+    assert model(torch.randint(0, 100, (2, 7))).dtype == torch.bfloat16
     pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
@@ -527,6 +573,16 @@ def test_quantized_weight_survives_deepcopy_state_dict_and_keeps_ties():
             t.zero_()
     other.load_state_dict(model.state_dict())
     torch.testing.assert_close(other(*READS_WEIGHTS_INPUTS), expected, rtol=0, atol=0)
+    # torch.save(model) pickles the whole model (the region function is a closure: a PicklingError)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(*READS_WEIGHTS_INPUTS), expected, rtol=0, atol=0)
+    # a float checkpoint loaded after quantize(): torch cast its weights into the codes (every code 0), silently
+    # with strict=False
+    float_state = {k: v for k, v in ReadsWeights().state_dict().items()}
+    with pytest.raises(QuantizedWeightError, match=r"\w+\.weight: the state_dict holds torch.float32 .* is quantized .*before quantize\(\)"):
+        other.load_state_dict(float_state, strict=False)
     # transformers' tie_weights() on a quantized model: an error, never the stand-in in place of the codes
     with pytest.raises(UnsupportedModuleError, match=r"proj.weight = emb.weight: both layers are quantized.*before quantize"):
         model.proj.weight = model.emb.weight

@@ -40,8 +40,19 @@ def test_get_overrides_and_validates():
     "name, params, match",
     [
         ("int4_weight_only", {"group_size": 48}, "group_size=48 is not supported; choose one of"),
-        ("int4_weight_only", {"bits": 3}, "bits=3 .* is not supported"),
-        ("int8_weight_only", {"bits": 4}, "bits=4 .* is not supported"),
+        ("int4_weight_only", {"bits": 3}, "bits=3 is not supported; int4 schemes store weight_dtype='uint4', bits=4"),
+        ("int8_weight_only", {"bits": 4}, "bits=4 is not supported"),
+        # the dtype is what is wrong: the message names it (was "bits=8 (uint8) ...; int8 schemes use bits=8")
+        ("int8_weight_only", {"weight_dtype": "uint8"}, r"weight_dtype='uint8', bits=8 is not supported; int8 schemes store weight_dtype='int8'"),
+        # the version is the schema's, not a choice (version=2 made files this qexport's own load refused)
+        ("int8_weight_only", {"version": 2}, "version is the scheme schema's"),
+        # fields the shared activation math does not compute: the region's scheme would claim another computation
+        ("int8_dynamic_int4_weight", {"act_symmetric": True}, r"act_symmetric=True is not supported; int8 activations are asymmetric"),
+        ("fp8_e4m3", {"act_symmetric": False}, r"float8_e4m3fn activations are symmetric"),
+        ("int4_weight_only", {"act_dtype": "int8"}, r"act_dtype='int8' describes quantized activations, but activation='none'"),
+        ("fp8_e4m3", {"symmetric": False}, "fp8 weights are symmetric"),
+        ("nf4", {"symmetric": False}, "nf4 codes are its codebook's"),
+        ("int8_weight_only", {"qmin": -127.5}, "must be whole codes"),
         ("int8_weight_only", {"granularity": "per_block"}, "granularity='per_block' is not one of"),
         ("int8_weight_only", {"symmetric": False}, "int8 weights are symmetric"),
         ("int8_weight_only", {"qmin": 10, "qmax": 5}, "qmin=10 must be below qmax=5"),
@@ -63,6 +74,23 @@ def test_get_overrides_and_validates():
 def test_invalid_parameters(name, params, match):
     with pytest.raises(InvalidSchemeError, match=match):
         qexport.schemes.get(name, **params)
+
+
+def test_weight_only_form_drops_the_activation_fields():
+    s = qexport.schemes.get("int8_dynamic", activation="none")
+    assert s.is_weight_only and (s.act_dtype, s.act_granularity, s.act_symmetric) == (None, None, None)
+
+
+def test_a_user_familys_activation_fields_are_those_the_region_computes():
+    # the region function picks its activation math by (activation, act_dtype): other values ran int8
+    base = dict(family="test_int6", weight_dtype="int8", bits=6, granularity="per_channel", qmin=-31, qmax=31)
+    for acts, match in [(dict(act_dtype="uint8", act_granularity="per_token"), "act_dtype='uint8' are not computed by any region"),
+                        (dict(act_dtype="int8", act_granularity="per_token", activation="static"), "static int8 activations are per_tensor")]:
+        with pytest.raises(InvalidSchemeError, match=match):
+            qexport.schemes.register(Scheme(name="test_int6_act", **{"activation": "dynamic", **acts, **base}), Int6Math())
+        assert "test_int6_act" not in qexport.schemes.names()
+    with pytest.raises(InvalidSchemeError, match="version=0 is not a scheme schema version"):
+        qexport.schemes.register(Scheme(name="test_int6_v0", version=0, **base), Int6Math())
 
 
 def test_unknown_scheme_suggests():
@@ -254,6 +282,25 @@ def test_a_builtin_familys_math_is_never_replaced():
         qexport.schemes.register_family(Impostor())
     assert math_for(qexport.schemes.get("int8_weight_only")) is int8 and "test_int8_impostor" not in qexport.schemes.names()
     assert qexport.schemes.register_family(type(int8)()) is int8  # the same math again: a no-op
+
+
+def test_a_user_familys_math_is_replaced_only_on_request(int6):
+    """Another library's math for a family in use changed what its schemes computed, silently."""
+
+    class OtherInt6(Int6Math):
+        pass
+
+    other = int6.replace(name="test_int6_other")
+    with pytest.raises(InvalidSchemeError, match=r"family 'test_int6' already has its math, .*Int6Math \(schemes \['test_int6'\]\); .*OtherInt6 would change"):
+        qexport.schemes.register(other, OtherInt6())
+    assert type(math_for(int6)) is Int6Math and "test_int6_other" not in qexport.schemes.names()
+    Redefined = type("Int6Math", (Int6Math,), {"__module__": Int6Math.__module__, "__qualname__": Int6Math.__qualname__})
+    assert qexport.schemes.register(int6, Redefined()) == int6  # a re-run cell or reloaded module: the same math
+    qexport.schemes.register(other, OtherInt6(), overwrite=True)
+    assert type(math_for(int6)) is OtherInt6
+    qexport.schemes.unregister("test_int6_other")
+    qexport.schemes.unregister("test_int6")
+    assert "test_int6" not in qexport.schemes.families()  # the last scheme of a user family takes its math along
 
 
 def test_a_refused_registration_leaves_nothing_behind():

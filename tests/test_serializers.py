@@ -288,6 +288,11 @@ def test_manifest_json_round_trip_and_forward_compatible_fields(cases):
         (lambda d: d["regions"][0].update(weight_bytes=-1), CorruptArtifactError, "weight_bytes"),
         (lambda d: d["regions"][0].update(input_shapes=[[1.5]]), CorruptArtifactError, "input_shapes"),
         (lambda d: d["regions"][0]["scheme"].update(colour="red"), CorruptArtifactError, "unknown scheme field"),
+        # a scheme field a newer qexport added within scheme version 1 (as `algorithm` was): an upgrade, not damage
+        (lambda d: (d.update(qexport_version="9.1.0"), d["regions"][0]["scheme"].update(rounding="nearest")),
+         UnsupportedVersionError, "unknown scheme field(s) ['rounding']; known: ['name'"),
+        (lambda d: (d.update(qexport_version="9.1.0"), d["regions"][0]["scheme"].update(algorithm="awq")),
+         UnsupportedVersionError, "it was written by qexport 9.1.0: upgrade qexport"),
         (lambda d: d.update(artifact="zip"), CorruptArtifactError, "artifact 'zip'"),
     ],
 )
@@ -439,6 +444,11 @@ def test_rezipped_artifact_still_loads(cases, tmp_path):
     """The refusal tests below edit archives this way; unchanged, it loads."""
     p = rezip(cases["int8_weight_only"].path, tmp_path / "same.pt2")
     torch.testing.assert_close(qexport.load(p).module()(*cases["int8_weight_only"].args), cases["int8_weight_only"].expected)
+
+
+def test_inspecting_a_program_in_memory_points_to_regions(cases):
+    with pytest.raises(ArtifactError, match=r"got ExportedProgram \(ExportedProgram:\); for a program in memory use qexport.regions\(ep\)"):
+        qexport.inspect(cases["nf4"].ep)
 
 
 def test_missing_and_not_a_file(tmp_path):

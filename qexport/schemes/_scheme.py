@@ -90,6 +90,12 @@ class Scheme:
                 f"{self.name}: unknown parameter(s) {sorted(unknown)}; valid parameters: "
                 f"{[f for f in Scheme.FIELDS if f not in ('name', 'family', 'version')]}"
             )
+        if "version" in changes and changes["version"] != self.version:
+            # the version says which schema wrote the fields, not a choice: a scheme claiming a newer
+            # one is refused by this qexport's own loader ("upgrade qexport"), an older one is a lie
+            raise InvalidSchemeError(
+                f"{self.name}: version is the scheme schema's ({SCHEME_VERSION}), not a parameter; leave it out"
+            )
         return dataclasses.replace(self, **changes)
 
     @property
@@ -173,6 +179,8 @@ class SchemeMath:
     #: named shorthands `schemes.get` (and the CLI's --scheme-arg) accept besides the Scheme's fields:
     #: name -> the fields it sets when True (False sets nothing); the Scheme records the fields
     shorthands: Mapping[str, Mapping[str, Any]] = {}
+    #: (weight_dtype, bits) of the codes this family stores; None: the family checks them itself
+    weight_format: tuple[str, int] | None = None
 
     def supports(self, scheme: Scheme, op: str) -> bool:
         # Embedding inputs are indices: there is no activation to quantize.
@@ -187,6 +195,13 @@ class SchemeMath:
                 f"{scheme.name}: algorithm={scheme.algorithm!r} is not available for the {self.family} family; "
                 f"it offers {list(self.algorithms)}"
             )
+        if self.weight_format is not None and (scheme.weight_dtype, scheme.bits) != self.weight_format:
+            dtype, bits = self.weight_format
+            raise InvalidSchemeError(
+                f"{scheme.name}: weight_dtype={scheme.weight_dtype!r}, bits={scheme.bits} is not supported; "
+                f"{self.family} schemes store weight_dtype={dtype!r}, bits={bits}"
+            )
+        _check_activation(scheme)
 
     def check_weight(self, scheme: Scheme, op: str, weight_shape: tuple[int, ...], where: str) -> None:
         """Raise InvalidSchemeError if a weight of this shape cannot be quantized by the scheme."""
@@ -231,6 +246,50 @@ def _check_types(data: Mapping[str, Any]) -> None:
             )
 
 
+#: the activations the region function quantizes (schemes/_region.py `quantize_input`, shared by every
+#: family) by (activation, act_dtype): the granularities it offers and whether the codes are symmetric
+_ACTIVATION_FORMS: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
+    ("dynamic", "int8"): (ACT_GRANULARITIES, False),
+    ("dynamic", "float8_e4m3fn"): (ACT_GRANULARITIES, True),
+    ("static", "int8"): (("per_tensor",), False),
+}
+
+
+def _check_activation(s: Scheme) -> None:
+    """The activation fields describe what the shared region function computes. Why: it picks its math
+    from `activation` and `act_dtype` alone, so any other value (act_dtype='uint8', a symmetric int8 or
+    per-token static activation, act_* fields on a weight-only scheme) would run another computation
+    than the one the region's scheme, and every manifest and report, claims. Checked where schemes are
+    made (`get`, `register`), not in `from_dict`: files already written keep loading."""
+    acts = {f: getattr(s, f) for f in ("act_dtype", "act_granularity", "act_symmetric")}
+    if s.activation == "none":
+        stray = {f: v for f, v in acts.items() if v is not None}
+        if stray:
+            raise InvalidSchemeError(
+                f"{s.name}: {', '.join(f'{f}={v!r}' for f, v in stray.items())} {'describes' if len(stray) == 1 else 'describe'} quantized activations, but "
+                f"activation='none'; set {', '.join(stray)} to None"
+            )
+        return
+    form = _ACTIVATION_FORMS.get((s.activation, s.act_dtype))
+    if form is None:
+        offered = sorted({f"{a} {d}" for a, d in _ACTIVATION_FORMS})
+        raise InvalidSchemeError(
+            f"{s.name}: {s.activation} activations of act_dtype={s.act_dtype!r} are not computed by any region; "
+            f"the region function quantizes activations as one of: {', '.join(offered)}"
+        )
+    granularities, symmetric = form
+    if s.act_granularity not in granularities:
+        raise InvalidSchemeError(
+            f"{s.name}: {s.activation} {s.act_dtype} activations are {' or '.join(granularities)}, got "
+            f"act_granularity={s.act_granularity!r}"
+        )
+    if s.act_symmetric is not None and s.act_symmetric != symmetric:
+        raise InvalidSchemeError(
+            f"{s.name}: act_symmetric={s.act_symmetric} is not supported; {s.act_dtype} activations are "
+            f"{'symmetric' if symmetric else 'asymmetric'} (drop act_symmetric or set it to {symmetric})"
+        )
+
+
 def _check_common(s: Scheme) -> None:
     def bad(msg: str) -> None:
         raise InvalidSchemeError(f"{s.name}: {msg}")
@@ -262,3 +321,5 @@ def _check_common(s: Scheme) -> None:
         bad(f"qmin={s.qmin} must be below qmax={s.qmax}")
     if s.algorithm not in ALGORITHMS:
         bad(f"algorithm={s.algorithm!r} is not one of {ALGORITHMS}")
+    if not 1 <= s.version <= SCHEME_VERSION:
+        bad(f"version={s.version} is not a scheme schema version (1..{SCHEME_VERSION}); leave version out")

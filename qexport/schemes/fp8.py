@@ -17,18 +17,22 @@ from .registry import _register_builtin
 
 class Fp8Math(SchemeMath):
     family = "fp8"
+    weight_format = ("float8_e4m3fn", 8)
     weight_roles = ("weight", "weight_scale")
     supported_ops = frozenset({"linear"})
     tolerance = 8e-2
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)
-        if s.bits != 8 or s.weight_dtype != "float8_e4m3fn":
-            raise InvalidSchemeError(f"{s.name}: bits={s.bits} ({s.weight_dtype}) is not supported; fp8 schemes use float8_e4m3fn")
         if s.granularity not in ("per_channel", "per_tensor"):
             raise InvalidSchemeError(f"{s.name}: granularity={s.granularity!r}; fp8 weights are per_channel (rowwise) or per_tensor")
         if not (-FP8_E4M3_MAX <= s.qmin and s.qmax <= FP8_E4M3_MAX):
             raise InvalidSchemeError(f"{s.name}: qmin/qmax outside float8_e4m3fn range ±{FP8_E4M3_MAX}")
+        if not s.symmetric or s.qmin != -s.qmax:
+            # the scale is amax / qmax with no zero point: an asymmetric range would only clip one sign
+            raise InvalidSchemeError(
+                f"{s.name}: fp8 weights are symmetric (symmetric=True, qmin=-qmax), got symmetric={s.symmetric}, "
+                f"qmin={s.qmin}, qmax={s.qmax}")
         if s.activation not in ("none", "dynamic") or (s.activation == "dynamic" and s.act_dtype != "float8_e4m3fn"):
             raise InvalidSchemeError(f"{s.name}: fp8 activations are dynamic float8_e4m3fn or none")
 

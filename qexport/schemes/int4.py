@@ -27,6 +27,7 @@ _QPARAMS = {"rtn": alg.rtn_qparams, "hqq": alg.hqq_qparams}
 
 class Int4Math(SchemeMath):
     family = "int4"
+    weight_format = ("uint4", 4)
     weight_roles = ("weight", "weight_scale", "weight_zero_point")
     supported_ops = frozenset({"linear", "embedding"})
     tolerance = 5e-2
@@ -35,8 +36,6 @@ class Int4Math(SchemeMath):
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)
-        if s.bits != 4 or s.weight_dtype != "uint4":
-            raise InvalidSchemeError(f"{s.name}: bits={s.bits} ({s.weight_dtype}) is not supported; int4 schemes use bits=4")
         if s.granularity != "per_group" or s.group_size not in GROUP_SIZES:
             raise InvalidSchemeError(
                 f"{s.name}: group_size={s.group_size} is not supported; choose one of {GROUP_SIZES}"

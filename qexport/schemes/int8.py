@@ -19,6 +19,7 @@ from .registry import _register_builtin
 
 class Int8Math(SchemeMath):
     family = "int8"
+    weight_format = ("int8", 8)
     weight_roles = ("weight", "weight_scale")
     tolerance = 2e-2
     # 7-bit weights, named as onnxruntime's quantizer names them: with every code within +-64 a u8 x s8
@@ -30,24 +31,14 @@ class Int8Math(SchemeMath):
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)
-        if s.bits != 8 or s.weight_dtype != "int8":
-            raise InvalidSchemeError(f"{s.name}: bits={s.bits} ({s.weight_dtype}) is not supported; int8 schemes use bits=8")
         if s.granularity not in ("per_channel", "per_tensor"):
             raise InvalidSchemeError(f"{s.name}: granularity={s.granularity!r}; int8 weights are per_channel or per_tensor")
         if not s.symmetric:
             raise InvalidSchemeError(f"{s.name}: int8 weights are symmetric (symmetric=True); use int4_weight_only for zero points")
-        if not (-128 <= s.qmin and s.qmax <= 127):
-            raise InvalidSchemeError(f"{s.name}: qmin/qmax {s.qmin}/{s.qmax} outside int8 [-128, 127]")
-        if s.activation == "static" and (s.act_dtype != "int8" or s.act_granularity != "per_tensor"):
-            raise InvalidSchemeError(f"{s.name}: static activations are per_tensor int8")
+        if not (-128 <= s.qmin and s.qmax <= 127) or not (float(s.qmin).is_integer() and float(s.qmax).is_integer()):
+            raise InvalidSchemeError(f"{s.name}: qmin/qmax {s.qmin}/{s.qmax} must be whole codes within int8 [-128, 127]")
         if s.activation == "dynamic" and s.act_dtype != "int8":
             raise InvalidSchemeError(f"{s.name}: dynamic activations of the int8 family are int8")
-        if s.act_symmetric:
-            # every lowering and the reference quantize int8 activations with a zero point; a flag no
-            # backend reads would make the manifest claim a computation that never happens
-            raise InvalidSchemeError(
-                f"{s.name}: act_symmetric=True is not supported; int8 activations are asymmetric (drop "
-                f"act_symmetric or set it to False)")
 
     def quantize_weight(
         self, s: Scheme, weight: torch.Tensor, hessian: torch.Tensor | None = None

@@ -26,6 +26,7 @@ NF4_CODEBOOK = (
 
 class Nf4Math(SchemeMath):
     family = "nf4"
+    weight_format = ("nf4", 4)
     weight_roles = ("weight", "weight_scale", "weight_codebook")
     shared_roles = ("weight_codebook",)
     supported_ops = frozenset({"linear", "embedding"})
@@ -33,12 +34,15 @@ class Nf4Math(SchemeMath):
 
     def validate(self, s: Scheme) -> None:
         super().validate(s)
-        if s.bits != 4 or s.weight_dtype != "nf4":
-            raise InvalidSchemeError(f"{s.name}: bits={s.bits} ({s.weight_dtype}) is not supported; nf4 uses bits=4")
         if s.granularity != "per_group" or s.group_size not in (32, 64, 128, 256):
             raise InvalidSchemeError(f"{s.name}: block size group_size={s.group_size}; choose 32, 64 (QLoRA), 128 or 256")
         if s.activation != "none":
             raise InvalidSchemeError(f"{s.name}: nf4 is weight-only (activation='none')")
+        if not s.symmetric or (s.qmin, s.qmax) != (-1, 1):
+            # the codes are the fixed codebook's, normalised to [-1, 1] by each block's absmax
+            raise InvalidSchemeError(
+                f"{s.name}: nf4 codes are its codebook's, symmetric in [-1, 1] (symmetric=True, qmin=-1, qmax=1), "
+                f"got symmetric={s.symmetric}, qmin={s.qmin}, qmax={s.qmax}")
 
     def quantize_weight(self, s: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         g = grouped(weight.detach().float(), s.group_size)

@@ -12,24 +12,39 @@ _BUILTINS: set[str] = set()
 _BUILTIN_FAMILIES: set[str] = set()
 
 
-def register_family(math: SchemeMath) -> SchemeMath:
-    _check_family(math)
+def register_family(math: SchemeMath, *, overwrite: bool = False) -> SchemeMath:
+    _check_family(math, overwrite)
     if math.family not in _BUILTIN_FAMILIES:
         _FAMILIES[math.family] = math
     return _FAMILIES[math.family]
 
 
-def _check_family(math: SchemeMath) -> None:
-    """A built-in family's math is not replaced: every built-in scheme of that family (and every file
-    naming one) would silently compute with the newcomer's numerics while its scheme dict stayed the same."""
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_family(math: SchemeMath, overwrite: bool = False) -> None:
+    """A family's math is not replaced behind its schemes' backs: every scheme of that family (and every
+    file naming one) would silently compute with the newcomer's numerics while its scheme dict stayed
+    the same. Never for a built-in family; for a user family, only with overwrite=True (the same class
+    defined again, as a re-run notebook cell or a reloaded module does, is the same math)."""
     if not isinstance(math.family, str) or not math.family:
         raise InvalidSchemeError(f"{type(math).__name__}.family must be a non-empty string")
     current = _FAMILIES.get(math.family)
-    if math.family in _BUILTIN_FAMILIES and current is not None and type(math) is not type(current):
+    if current is None or type(math) is type(current):
+        return
+    if math.family in _BUILTIN_FAMILIES:
         raise InvalidSchemeError(
             f"family {math.family!r} is built in and its math ({type(current).__name__}) cannot be replaced by "
             f"{type(math).__name__}; register the scheme without math to reuse the built-in one, or give the "
             f"scheme and {type(math).__name__} a family of their own (e.g. family='my_{math.family}')"
+        )
+    if not overwrite and _class_name(type(math)) != _class_name(type(current)):
+        users = sorted(n for n, s in _SCHEMES.items() if s.family == math.family)
+        raise InvalidSchemeError(
+            f"family {math.family!r} already has its math, {_class_name(type(current))} (schemes {users}); "
+            f"{_class_name(type(math))} would change what they compute. Give the scheme and its math a family "
+            f"of their own, or pass overwrite=True to replace it"
         )
 
 
@@ -50,7 +65,7 @@ def register(scheme: Scheme, math: "SchemeMath | type[SchemeMath] | None" = None
             raise InvalidSchemeError(
                 f"scheme {scheme.name!r} has family {scheme.family!r} but its math is for family {math.family!r}"
             )
-        _check_family(math)
+        _check_family(math, overwrite)
     family_math = math if math is not None else _FAMILIES.get(scheme.family)
     if family_math is None:
         raise InvalidSchemeError(
@@ -65,7 +80,7 @@ def register(scheme: Scheme, math: "SchemeMath | type[SchemeMath] | None" = None
         raise InvalidSchemeError(f"{scheme.name!r} is a built-in scheme and cannot be replaced")
     family_math.validate(scheme)  # before anything is registered: a refused scheme leaves no family behind
     if math is not None:
-        register_family(math)
+        register_family(math, overwrite=overwrite)
     _SCHEMES[scheme.name] = scheme
     return scheme
 
@@ -77,10 +92,12 @@ def _register_builtin(scheme: Scheme, math: SchemeMath) -> None:
 
 
 def unregister(name: str) -> None:
-    """Remove a user scheme (built-ins stay)."""
+    """Remove a user scheme (built-ins stay), and its family's math when no scheme left names the family."""
     if name in _BUILTINS:
         raise InvalidSchemeError(f"{name!r} is a built-in scheme and cannot be unregistered")
-    _SCHEMES.pop(name, None)
+    scheme = _SCHEMES.pop(name, None)
+    if scheme is not None and scheme.family not in _BUILTIN_FAMILIES and all(s.family != scheme.family for s in _SCHEMES.values()):
+        _FAMILIES.pop(scheme.family, None)
 
 
 def names() -> list[str]:
@@ -119,6 +136,9 @@ def get(scheme: "str | Scheme", **params: Any) -> Scheme:
     if "name" in params or "family" in params:
         raise InvalidSchemeError("name and family cannot be overridden; register a new scheme instead")
     params = _expand_shorthands(base, params)
+    if params.get("activation") == "none":
+        # the scheme's weight-only form (`--scheme-arg activation=none`): its activation fields go with it
+        params = {"act_dtype": None, "act_granularity": None, "act_symmetric": None, **params}
     resolved = base.replace(**params) if params else base
     math_for(resolved).validate(resolved)
     return resolved
