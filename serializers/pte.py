@@ -285,6 +285,11 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
         from executorch.runtime import Runtime
     except ImportError as e:
         raise missing_extra(e, f"{p}: reading a .pte") or BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
+    try:  # the portable quantized kernels, for regions no delegate took: without them the probe child's
+        # `forward` of a portable-target .pte fails to load and the runtime logs each missing operator
+        import executorch.kernels.quantized  # noqa: F401
+    except Exception:
+        pass
     data, rec = DataFile.split(p, read_sealed(p, TRAILER_MAGIC, "program", "qexport.to_executorch", expected_sha256))
     extra = _VerifiedData(p, rec) if rec is not None else None
     runtime = Runtime.get()

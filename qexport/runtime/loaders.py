@@ -15,7 +15,7 @@ from serializers import kinds
 from serializers.files import check_readable, pinned_digest
 
 from ..extras import missing_extra, require
-from ..quiet import native_stderr
+from ..quiet import first_call_quiet, native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner
 
@@ -155,10 +155,6 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
         from serializers.pte import ET_DTYPES, open_program
     except ImportError as e:
         raise missing_extra(e, f"{p}: running a .pte") or BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
-    try:  # the portable quantized kernels, for regions no delegate took
-        import executorch.kernels.quantized  # noqa: F401
-    except Exception:
-        pass
     with native_stderr():  # the runtime's cpuinfo lines come from the probe child and the load alike
         program = open_program(p, expected_sha256=expected_sha256)
         method = program.load_method("forward")
@@ -170,6 +166,8 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
         t = meta.input_tensor_meta(i)
         inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
 
+    execute = first_call_quiet(method.execute)
+
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
         for info, x in zip(inputs, flat):  # the runtime's own refusal is "error 0x10" and a native log line
             if x.dim() != len(info.shape) or any(n > cap for n, cap in zip(x.shape, info.shape)):
@@ -177,7 +175,7 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
                     f"{p}: {info.name} has shape {tuple(x.shape)}; this .pte takes at most {info.shape} (ExecuTorch "
                     f"plans memory for each dim's upper bound, and a dim exported without one at the example's "
                     f"size: export with torch.export.Dim(name, max=N), CLI --dynamic DIM:NAME:N, for larger inputs)")
-        return flat_tensors(method.execute([x.contiguous() for x in flat]))
+        return flat_tensors(execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
     return Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
