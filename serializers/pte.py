@@ -307,7 +307,11 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
 def read_manifest(path: "str | PathLike[str]") -> Manifest:
     """The qexport manifest embedded in a `.pte`."""
     p = check_readable(path)
-    program = open_program(p)
+    return program_manifest(open_program(p), p)
+
+
+def program_manifest(program: Any, p: Path) -> Manifest:
+    """The qexport manifest of `program` (from `open_program(p)`), read from its constant method."""
     if MANIFEST_METHOD not in program.method_names:
         raise CorruptArtifactError(
             f"{p}: an ExecuTorch program without a qexport manifest (no {MANIFEST_METHOD!r} method; methods: "
