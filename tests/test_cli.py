@@ -367,7 +367,7 @@ def test_verify_and_bench_name_an_artifact_of_another_model(capsys, demo_run, tm
     assert code == 1 and f"the inputs made for {d / 'model.pt2'} are 1x256 float32" in row
     code, out, _ = run_cli(capsys, "bench", str(other), "--input", "1x3x4x4", "--input", "1x3x4x4", "--min-time", "0",
                            "--min-iters", "1", "--warmup", "0")
-    assert code == 1 and "it takes 1 input, not 2; the inputs given are 1x3x4x4 float32, 1x3x4x4 float32" in out
+    assert code == 1 and "it takes 1 input, not 2; the inputs given are 1x3x4x4 float32, 1x3x4x4 float32: give inputs it takes" in out
     # same count and rank, another size: each kind's recorded specs say so (a .pte failed with "error 0x10" and
     # native log lines, a .pt2 on a torch guard), and a --baseline of another model is one line, not a traceback
     narrow = tmp_path / "narrow.pt2"
