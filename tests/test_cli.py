@@ -439,6 +439,18 @@ def test_demo_out_and_numbers_are_checked_before_work(capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
+@pytest.mark.parametrize("spec, needle", [
+    ("'1xfoo'", "BadSpec.example_input_spec '1xfoo': shape '1xfoo' is not dimensions"),  # was "--input '1xfoo'"
+    ("64", "BadSpec has example_input_spec = 64, not a string"),  # was "has no example_input_spec"
+])
+def test_demo_names_a_models_bad_example_input_spec(capsys, tmp_path, spec, needle):
+    src = tmp_path / "bad_models.py"
+    src.write_text(f"import qexport.models\nclass BadSpec(qexport.models.TinyNet):\n    example_input_spec = {spec}\n")
+    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "d"), "--model", f"{src}:BadSpec")
+    assert_one_line_error(code, err, "demo", needle)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_demo_interrupted_midway_leaves_no_half_demo(capsys, monkeypatch, tmp_path, existing):
     """Ctrl-C (or an error) after the .pt2 files are written: they go, and the directory if the demo made it;
