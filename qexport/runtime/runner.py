@@ -183,7 +183,7 @@ def describe_inputs(flat: Sequence[torch.Tensor]) -> str:
 
 def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
     """Why `flat` cannot be `runner`'s inputs at all (their count or a rank differs, or, where the
-    artifact records its inputs' specs, a dtype, a static size or a dynamic one outside its range), or
+    artifact records its inputs' specs, a dtype or a static size), or
     None. Without it, an artifact of another model fails with its runtime's own words ("Invalid rank for
     input: x", "Guard failed: x.size()[1] == 3", a .pte's "error 0x10" and native log lines), which do
     not say that the files do not belong together. A runtime-reported shape alone would not do: a
@@ -197,8 +197,8 @@ def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
         if len(info.shape) != x.dim():
             return (f"its input {printable(info.name)[:80]!r} has {len(info.shape)} dims "
                     f"({'x'.join(map(str, info.shape)) or 'a scalar'}), not {x.dim()}")
-        spec = info.spec
-        if spec is not None and (x.dtype != spec.torch_dtype or not all(d.accepts(n) for d, n in zip(spec.shape, x.shape))):
+        spec = info.spec  # a dynamic dim out of range is the runtime's to refuse: the loaders say how to widen it
+        if spec is not None and (x.dtype != spec.torch_dtype or not all(d.dynamic or d.accepts(n) for d, n in zip(spec.shape, x.shape))):
             return f"it takes {printable(spec.describe())[:200]}, not {describe_inputs([x])}"
     return None
 
