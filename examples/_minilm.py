@@ -78,7 +78,9 @@ def model_dir() -> str:
 def load_model() -> nn.Module:
     """all-MiniLM-L6-v2 as a transformers BertModel, fp32, eval mode, loaded offline."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # transformers 5 draws a bar over the 103 tensors of an instant local load
     return AutoModel.from_pretrained(model_dir(), local_files_only=True).eval()
 
 

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", default="minilm-artifacts", help="directory for the artifacts")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, from {', '.join(SCHEMES)}")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
-    ap.add_argument("--sentences", type=int, default=len(SENTENCES), help="how many of the built-in sentences")
+    ap.add_argument("--sentences", type=int, default=len(SENTENCES),
+                    help=f"how many of the {len(SENTENCES)} built-in sentences (default: all)")
     ap.add_argument("--no-bench", action="store_true", help="skip latency measurement")
     ap.add_argument("--json", default=None, help="also write the rows as JSON (benchmarks/make_plots.py reads it)")
     args = ap.parse_args(argv)
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = [s for s in schemes if s not in SCHEMES] + [b for b in args.backends.split(",") if b not in BACKENDS]
     if unknown:
         ap.error(f"unknown scheme/backend {unknown}")
+    if not 1 <= args.sentences <= len(SENTENCES):  # 0 reached the tokenizer as an empty batch: an IndexError there
+        ap.error(f"--sentences must be from 1 to {len(SENTENCES)}, got {args.sentences}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -12,7 +12,9 @@ import re
 import sys
 import tempfile
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+_R = TypeVar("_R")
 
 #: (logger, message pattern, why it is noise)
 LOG_LINES: tuple[tuple[str, str, str], ...] = (
@@ -117,3 +119,22 @@ def native_stderr() -> Iterator[None]:
                 from .table import printable
 
                 print(printable(text, keep="\n"), file=sys.stderr)
+
+
+def first_call_quiet(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """`fn`, with its first call inside `native_stderr`: a runtime that sets itself up lazily prints its
+    noise then (ExecuTorch's threadpool reads the `cpuinfo` files on the first execution of a `.pte` whose
+    load initialised no delegate: a portable-target one). Only the first: swapping fd 2 on every call
+    would add its cost to each timed call of `bench`."""
+    first = True
+
+    def call(*args, **kwargs):
+        nonlocal first
+        if not first:
+            return fn(*args, **kwargs)
+        with native_stderr():
+            out = fn(*args, **kwargs)
+        first = False
+        return out
+
+    return call

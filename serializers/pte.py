@@ -285,6 +285,11 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
         from executorch.runtime import Runtime
     except ImportError as e:
         raise missing_extra(e, f"{p}: reading a .pte") or BackendUnavailableError(f"{p}: reading a .pte needs the executorch package ({e})") from None
+    try:  # the portable quantized kernels, for regions no delegate took: without them the probe child's
+        # `forward` of a portable-target .pte fails to load and the runtime logs each missing operator
+        import executorch.kernels.quantized  # noqa: F401
+    except Exception:
+        pass
     data, rec = DataFile.split(p, read_sealed(p, TRAILER_MAGIC, "program", "qexport.to_executorch", expected_sha256))
     extra = _VerifiedData(p, rec) if rec is not None else None
     runtime = Runtime.get()
@@ -302,7 +307,11 @@ def open_program(path: "str | PathLike[str]", *, expected_sha256: str | None = N
 def read_manifest(path: "str | PathLike[str]") -> Manifest:
     """The qexport manifest embedded in a `.pte`."""
     p = check_readable(path)
-    program = open_program(p)
+    return program_manifest(open_program(p), p)
+
+
+def program_manifest(program: Any, p: Path) -> Manifest:
+    """The qexport manifest of `program` (from `open_program(p)`), read from its constant method."""
     if MANIFEST_METHOD not in program.method_names:
         raise CorruptArtifactError(
             f"{p}: an ExecuTorch program without a qexport manifest (no {MANIFEST_METHOD!r} method; methods: "

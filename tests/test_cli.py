@@ -367,7 +367,16 @@ def test_verify_and_bench_name_an_artifact_of_another_model(capsys, demo_run, tm
     assert code == 1 and f"the inputs made for {d / 'model.pt2'} are 1x256 float32" in row
     code, out, _ = run_cli(capsys, "bench", str(other), "--input", "1x3x4x4", "--input", "1x3x4x4", "--min-time", "0",
                            "--min-iters", "1", "--warmup", "0")
-    assert code == 1 and "it takes 1 input, not 2; the inputs given are 1x3x4x4 float32, 1x3x4x4 float32" in out
+    assert code == 1 and "it takes 1 input, not 2; the inputs given are 1x3x4x4 float32, 1x3x4x4 float32: give inputs it takes" in out
+    # same count and rank, another size: each kind's recorded specs say so (a .pte failed with "error 0x10" and
+    # native log lines, a .pt2 on a torch guard), and a --baseline of another model is one line, not a traceback
+    narrow = tmp_path / "narrow.pt2"
+    qexport.save(qexport.export(torch.nn.Linear(64, 2).eval(), (torch.randn(1, 64),)), narrow)
+    arts = [str(d / n) for n in ("model.pt2", "model_aoti.pt2", "model.pte", "model.onnx")]
+    code, out, _ = run_cli(capsys, "verify", str(narrow), *arts)
+    assert code == 1 and out.count("it takes x: float32[1, 256], not 1x64 float32; the reference takes 1x64 float32") == 4
+    code, _, err = run_cli(capsys, "verify", str(narrow), str(narrow), "--baseline", str(d / "model_fp32.pt2"))
+    assert_one_line_error(code, err, "verify", "baseline", "it takes x: float32[1, 256], not 1x64 float32")
 
 
 def test_bench_side_by_side_table(capsys, demo_run):
@@ -428,6 +437,18 @@ def test_demo_out_and_numbers_are_checked_before_work(capsys, tmp_path):
         code, _, err = run_cli(capsys, "demo", *argv)
         assert_one_line_error(code, err, "demo", needle)
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("'1xfoo'", "BadSpec.example_input_spec '1xfoo': shape '1xfoo' is not dimensions"),  # was "--input '1xfoo'"
+    ("64", "BadSpec has example_input_spec = 64, not a string"),  # was "has no example_input_spec"
+])
+def test_demo_names_a_models_bad_example_input_spec(capsys, tmp_path, spec, needle):
+    src = tmp_path / "bad_models.py"
+    src.write_text(f"import qexport.models\nclass BadSpec(qexport.models.TinyNet):\n    example_input_spec = {spec}\n")
+    code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "d"), "--model", f"{src}:BadSpec")
+    assert_one_line_error(code, err, "demo", needle)
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("existing", [False, True])

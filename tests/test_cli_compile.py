@@ -78,6 +78,8 @@ def test_quiet_prints_only_the_path(program_file, tmp_path, capsys, monkeypatch)
         # Inductor's config takes any value and reads it later ("maybe" is truthy): its annotation decides
         (["--option", "max_autotune=maybe"], "max_autotune='maybe': max_autotune takes true/false"),
         (["--option", "compile_threads=two"], "compile_threads='two': compile_threads takes int or none"),
+        # the C++ compiler refused it at Inductor's build, after the kernels were chosen, with a page of output
+        (["--option", "cpp.march=skylake-avx5l2"], "cpp.march='skylake-avx5l2': the C++ compiler refuses -march=skylake-avx5l2"),
     ],
 )
 def test_bad_options_fail_before_loading(program_file, tmp_path, capsys, argv, message):

@@ -3,6 +3,7 @@ reduced: two schemes, the .pt2 and ONNX backends, a few sentences)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -102,6 +103,18 @@ def test_minilm_reduced(tmp_path, capsys):
     assert by["int4_weight_only", "onnx"]["bytes"] < 0.3 * by["int8_dynamic", "onnx"]["bytes"]  # embeddings too
     out = capsys.readouterr().out
     assert "cosine vs fp32" in out and "minilm_int4_weight_only.onnx" in out
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("minilm", ["--sentences", "0"], "--sentences must be from 1 to"),  # was an IndexError in the tokenizer
+    ("digits_cnn", ["--epochs", "0"], "--epochs must be >= 1"),  # was an untrained model's 9 % reported as a result
+])
+def test_examples_refuse_bad_arguments_before_work(name, argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as a script sees it (digits_cnn's dataclass needs a real module)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main(["--out", str(tmp_path / "out"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_schemes_doc_is_in_sync_with_the_registry_and_backends():

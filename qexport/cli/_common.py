@@ -60,34 +60,35 @@ class InputSpec:
                              f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
 
 
-def parse_input_spec(text: str) -> InputSpec:
+def parse_input_spec(text: str, what: str = "--input") -> InputSpec:
+    """SHAPE[:DTYPE[:HIGH]] as --input takes it; `what` names where `text` came from in errors."""
     parts = text.strip().split(":")
     example = "e.g. 1x256, 4x3x32x32:float32 or 1x16:int64:256"
     if not parts[0] or len(parts) > 3:
-        raise UsageError(f"--input {text!r}: expected SHAPE[:DTYPE[:HIGH]], {example}")
+        raise UsageError(f"{what} {text!r}: expected SHAPE[:DTYPE[:HIGH]], {example}")
     try:
         shape = tuple(int(d) for d in parts[0].replace(",", "x").split("x"))
     except ValueError:
-        raise UsageError(f"--input {text!r}: shape {parts[0]!r} is not dimensions joined by 'x', {example}") from None
+        raise UsageError(f"{what} {text!r}: shape {parts[0]!r} is not dimensions joined by 'x', {example}") from None
     if any(d <= 0 for d in shape):
-        raise UsageError(f"--input {text!r}: every dimension must be positive")
+        raise UsageError(f"{what} {text!r}: every dimension must be positive")
     dtype = torch.float32
     if len(parts) > 1 and parts[1]:
         if parts[1] not in _DTYPES:
-            raise UsageError(f"--input {text!r}: unknown dtype {parts[1]!r}; use one of {', '.join(sorted(set(_DTYPES)))}")
+            raise UsageError(f"{what} {text!r}: unknown dtype {parts[1]!r}; use one of {', '.join(sorted(set(_DTYPES)))}")
         dtype = _DTYPES[parts[1]]
     high = None
     if len(parts) > 2:
         if dtype.is_floating_point or dtype == torch.bool:
-            raise UsageError(f"--input {text!r}: HIGH only applies to integer inputs")
+            raise UsageError(f"{what} {text!r}: HIGH only applies to integer inputs")
         try:
             high = int(parts[2])
         except ValueError:
             high = 0
         if high <= 0:
-            raise UsageError(f"--input {text!r}: HIGH {parts[2]!r} must be a positive integer (values are drawn from [0, HIGH))")
+            raise UsageError(f"{what} {text!r}: HIGH {parts[2]!r} must be a positive integer (values are drawn from [0, HIGH))")
         if high - 1 > torch.iinfo(dtype).max:
-            raise UsageError(f"--input {text!r}: HIGH {parts[2]!r} is past {parts[1]}'s largest value, {torch.iinfo(dtype).max}")
+            raise UsageError(f"{what} {text!r}: HIGH {parts[2]!r} is past {parts[1]}'s largest value, {torch.iinfo(dtype).max}")
     return InputSpec(shape, dtype, high)
 
 

@@ -214,13 +214,14 @@ def _make_out_dir(out: Path) -> bool:
 
 def _spec_shape(model: torch.nn.Module) -> tuple[int, ...]:
     spec = getattr(model, "example_input_spec", None)
+    name = type(model).__name__
     if not isinstance(spec, str):
-        raise UsageError(f"{type(model).__name__} has no example_input_spec, the input shape the demo feeds it: give the "
-                         "model one (example_input_spec = '1x256', as qexport.models.TinyNet has), or from Python "
-                         "pass run_demo(..., input_shape=(1, 256))")
+        has = "has no example_input_spec" if spec is None else f"has example_input_spec = {spec!r}, not a string"
+        raise UsageError(f"{name} {has}, the input shape the demo feeds it: give the model one (example_input_spec = "
+                         "'1x256', as qexport.models.TinyNet has), or from Python pass run_demo(..., input_shape=(1, 256))")
     from ._common import parse_input_spec
 
-    parsed = parse_input_spec(spec)
+    parsed = parse_input_spec(spec, what=f"{name}.example_input_spec")
     if not parsed.dtype.is_floating_point:
         raise UsageError(f"the demo feeds float inputs; {type(model).__name__} takes {parsed.dtype}")
     return parsed.shape

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tolerance is not None and not args.tolerance > 0:
         raise UsageError(f"--tolerance must be positive, got {args.tolerance}")
-    pins = parse_pins(args.expected_sha256, [args.reference, *args.artifacts])
+    pins = parse_pins(args.expected_sha256, [args.reference, *args.artifacts, *([args.baseline] if args.baseline else [])])
     progress = Progress(total=len(args.artifacts))
     try:
         out = verify(args.reference, args.artifacts, seed=args.seed, tolerance=args.tolerance, baseline=args.baseline,

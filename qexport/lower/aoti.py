@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import types
 import typing
@@ -87,7 +88,18 @@ def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[
             raise LoweringError(f"Inductor option {key}={value!r}: {key} takes {names}")
     if "aot_inductor.output_path" in inductor or "aot_inductor.package" in inductor:
         raise LoweringError("aot_inductor.output_path / aot_inductor.package are set by qexport.compile; pass `output` instead")
+    _check_march(inductor.get("cpp.march"))
     return ours, inductor
+
+
+def _check_march(option: Any) -> None:
+    """A `-march` the C++ compiler refuses, refused now (see cpu_target.march_refusal)."""
+    from .cpu_target import march_refusal
+
+    source, march = ("option cpp.march", option) if option else ("TORCHINDUCTOR_CPP_MARCH", os.environ.get("TORCHINDUCTOR_CPP_MARCH"))
+    if march and (why := march_refusal(str(march))) is not None:
+        raise LoweringError(f"{source}={march!r}: the C++ compiler refuses -march={march} ({why}); use a value it "
+                            f"takes (native, x86-64-v3, skylake-avx512, ...) or leave it unset")
 
 
 def _simple_types(annotation: Any) -> tuple[type, ...]:

@@ -20,6 +20,7 @@ import functools
 import os
 import platform
 import re
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -63,16 +64,8 @@ def march_features(march: str) -> frozenset[str] | None:
     when no compiler answers. A caller's `cpp.march` builds the package's C++ whatever ATen is capped
     to, so the package needs what that march enables: `native` under ATEN_CPU_CAPABILITY=avx2 was
     recorded as needing AVX2 only while its code used AVX-512."""
-    import subprocess
-
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        out = subprocess.run([get_cpp_compiler(), f"-march={march}", "-dM", "-E", "-x", "c++", "-"], input="",
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError, RuntimeError, ImportError):
-        return None
-    if out.returncode:
+    out = _predefined_macros(march)
+    if out is None or out.returncode:
         return None
     found = set()
     for macro in re.findall(r"#define __([A-Z0-9_]+)__ 1", out.stdout):
@@ -82,6 +75,30 @@ def march_features(march: str) -> frozenset[str] | None:
         name = {"fma": "fma3", "avxvnni": "avx_vnni"}.get(name, name)
         found.add(re.sub(r"^(avx512|amx)_?(\w+)$", r"\1_\2", name))
     return frozenset(found)
+
+
+@functools.cache
+def _predefined_macros(march: str) -> "subprocess.CompletedProcess[str] | None":
+    """Inductor's C++ compiler run on nothing with `-march=<march>`: its predefined macros, or its refusal;
+    None when no compiler answers."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return subprocess.run([get_cpp_compiler(), f"-march={march}", "-dM", "-E", "-x", "c++", "-"], input="",
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError, RuntimeError, ImportError):
+        return None
+
+
+def march_refusal(march: str) -> str | None:
+    """The C++ compiler's first error line when it refuses `-march=<march>` (a typo in `cpp.march` or
+    TORCHINDUCTOR_CPP_MARCH), None when it takes it or no compiler answers. Checked before any work:
+    Inductor meets it only at its C++ build, after the kernels are chosen, with a page of compiler output."""
+    out = _predefined_macros(march)
+    if out is None or not out.returncode:
+        return None
+    lines = [ln.strip() for ln in out.stderr.splitlines() if ln.strip()]
+    return lines[0] if lines else f"exit status {out.returncode}"
 
 
 @dataclass(frozen=True)

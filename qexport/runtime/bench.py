@@ -77,10 +77,11 @@ def bench(
         except QExportError as e:
             runners.append(BenchResult(p, "?", p.stat().st_size, error=str(e)))
     loaded = [r for r in runners if isinstance(r, Runner)]
-    source = "the inputs given"
+    source, hint = "the inputs given", "give inputs it takes (qexport bench --input SHAPE[:DTYPE])"
     if inputs is None and loaded:  # none loaded: each result already says why
         inputs = bench_inputs(loaded, seed)
         source = f"the inputs made for {next(r.path for r in loaded if r.inputs is not None)}"
+        hint = "is it made from another model? (bench one model's artifacts together)"
     results = []
     for r in runners:
         if isinstance(r, BenchResult):
@@ -91,8 +92,7 @@ def bench(
         res = BenchResult(r.path, r.kind, r.size)
         try:
             if (why := input_mismatch(r, inputs)) is not None:
-                raise ArtifactError(f"{why}; {source} are {describe_inputs(inputs)}: is it made from another model? "
-                                    "(bench one model's artifacts together)")
+                raise ArtifactError(f"{why}; {source} are {describe_inputs(inputs)}: {hint}")
             times = time_call(lambda: r(inputs), warmup=warmup, min_iters=min_iters, min_time_s=min_time_s)
             q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
             res.median_s, res.p10_s, res.p90_s, res.iters = statistics.median(times), q[0], q[-1], len(times)

@@ -15,7 +15,7 @@ from serializers import kinds
 from serializers.files import check_readable, pinned_digest
 
 from ..extras import missing_extra, require
-from ..quiet import native_stderr
+from ..quiet import first_call_quiet, native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
 from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner
 
@@ -136,29 +136,39 @@ def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
     return Runner("aoti", p, call, device=extra.get("device", "cpu"), inputs=_manifest_inputs(extra))
 
 
-def _manifest_inputs(extra: Mapping[str, Any]) -> list[InputInfo] | None:
-    """The inputs the manifest says the program takes (shapes at each dim's example size), so that a
-    package alone can be benchmarked; None when it says nothing usable (the file is untrusted: a
-    malformed entry is not an error here, bench then asks for --input)."""
+def _manifest_specs(extra: Mapping[str, Any]) -> list[Any]:
+    """The `signature.InputSpec`s the manifest records; [] when it says nothing usable (the file is
+    untrusted: a malformed entry is not an error here, bench then asks for --input)."""
     from ..signature import InputSpec
 
     raw = extra.get("inputs")
     try:
-        specs = [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []
+        return [InputSpec.from_json(d) for d in raw] if isinstance(raw, list) else []
     except ValueError:
-        return None
-    return input_infos(specs, generating="generation" in extra) or None
+        return []
+
+
+def _manifest_inputs(extra: Mapping[str, Any]) -> list[InputInfo] | None:
+    """The inputs the manifest says the program takes (shapes at each dim's example size), so that a
+    package alone can be benchmarked; None when it says nothing usable."""
+    return input_infos(_manifest_specs(extra), generating="generation" in extra) or None
+
+
+def _with_specs(inputs: list[InputInfo], extra: Mapping[str, Any]) -> list[InputInfo]:
+    """`inputs` (what a runtime reports: a .pte's planned sizes, an .onnx's shapes) with the specs the
+    manifest records, where they line up, so that `input_mismatch` knows static sizes and ranges."""
+    specs = _manifest_specs(extra)
+    if len(specs) == len(inputs) and all(len(s.shape) == len(i.shape) for s, i in zip(specs, inputs)):
+        for info, spec in zip(inputs, specs):
+            info.spec = spec
+    return inputs
 
 
 def load_pte(p: Path, expected_sha256: str | None) -> Runner:
     try:
-        from serializers.pte import ET_DTYPES, open_program
+        from serializers.pte import ET_DTYPES, open_program, program_manifest
     except ImportError as e:
         raise missing_extra(e, f"{p}: running a .pte") or BackendUnavailableError(f"{p}: running a .pte needs executorch ({e})") from None
-    try:  # the portable quantized kernels, for regions no delegate took
-        import executorch.kernels.quantized  # noqa: F401
-    except Exception:
-        pass
     with native_stderr():  # the runtime's cpuinfo lines come from the probe child and the load alike
         program = open_program(p, expected_sha256=expected_sha256)
         method = program.load_method("forward")
@@ -169,6 +179,9 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
     for i in range(meta.num_inputs()):
         t = meta.input_tensor_meta(i)
         inputs.append(InputInfo(f"input_{i}", tuple(t.sizes()), getattr(torch, ET_DTYPES.get(int(t.dtype()), "float32"))))
+    _with_specs(inputs, program_manifest(program, p).extra)
+
+    execute = first_call_quiet(method.execute)
 
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
         for info, x in zip(inputs, flat):  # the runtime's own refusal is "error 0x10" and a native log line
@@ -177,7 +190,7 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
                     f"{p}: {info.name} has shape {tuple(x.shape)}; this .pte takes at most {info.shape} (ExecuTorch "
                     f"plans memory for each dim's upper bound, and a dim exported without one at the example's "
                     f"size: export with torch.export.Dim(name, max=N), CLI --dynamic DIM:NAME:N, for larger inputs)")
-        return flat_tensors(method.execute([x.contiguous() for x in flat]))
+        return flat_tensors(execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
     return Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
@@ -224,7 +237,7 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     def call(flat: Flat) -> Flat:
         return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
 
-    return Runner("onnx", p, call, inputs=inputs, region_call=_onnx_region_call(model, options, feed))
+    return Runner("onnx", p, call, inputs=_with_specs(inputs, model.manifest.extra), region_call=_onnx_region_call(model, options, feed))
 
 
 def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:

@@ -30,6 +30,9 @@ class InputInfo:
     #: token positions (where a KV cache writes): 0, 1, ... as a generation's first call has them; ones
     #: would write two tokens to one cache slot, which runtimes resolve differently
     positions: bool = False
+    #: what the artifact's program (or manifest) records for this input, `signature.InputSpec`: its static
+    #: sizes, dynamic ranges and dtype; None where the file does not say
+    spec: Any = None
 
     def make(self, generator: torch.Generator) -> torch.Tensor:
         if self.positions:
@@ -135,7 +138,7 @@ def program_inputs(ep: torch.export.ExportedProgram) -> list[InputInfo]:
 def input_infos(specs: Sequence[Any], *, generating: bool) -> list[InputInfo]:
     """InputInfos for `signature.InputSpec`s (a program's, or those its manifest records): each dynamic dim
     at its example size; integer inputs whose spec bounds them as table indices drawn from [0, hi]."""
-    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, *_draw(s)) for s in specs]
+    infos = [InputInfo(s.name, tuple(d.example() for d in s.shape), s.torch_dtype, *_draw(s), spec=s) for s in specs]
     if generating and len(infos) > 1:
         infos[1].positions = True  # a generating LM's inputs are (input_ids, cache_position, ...): qexport.generation
     return infos
@@ -179,10 +182,12 @@ def describe_inputs(flat: Sequence[torch.Tensor]) -> str:
 
 
 def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
-    """Why `flat` cannot be `runner`'s inputs at all (their count or a rank differs), or None. Sizes are
-    left to the runtime: a dynamic dim's example size says nothing about its range. Without it, an
-    artifact of another model fails with its runtime's own words ("Invalid rank for input: x",
-    "Guard failed: x.size()[1] == 3"), which do not say that the files do not belong together."""
+    """Why `flat` cannot be `runner`'s inputs at all (their count or a rank differs, or, where the
+    artifact records its inputs' specs, a dtype or a static size), or
+    None. Without it, an artifact of another model fails with its runtime's own words ("Invalid rank for
+    input: x", "Guard failed: x.size()[1] == 3", a .pte's "error 0x10" and native log lines), which do
+    not say that the files do not belong together. A runtime-reported shape alone would not do: a
+    dynamic dim's example size says nothing about its range."""
     if runner.inputs is None:
         return None
     takes = len(runner.inputs)
@@ -192,6 +197,9 @@ def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
         if len(info.shape) != x.dim():
             return (f"its input {printable(info.name)[:80]!r} has {len(info.shape)} dims "
                     f"({'x'.join(map(str, info.shape)) or 'a scalar'}), not {x.dim()}")
+        spec = info.spec  # a dynamic dim out of range is the runtime's to refuse: the loaders say how to widen it
+        if spec is not None and (x.dtype != spec.torch_dtype or not all(d.dynamic or d.accepts(n) for d, n in zip(spec.shape, x.shape))):
+            return f"it takes {printable(spec.describe())[:200]}, not {describe_inputs([x])}"
     return None
 
 

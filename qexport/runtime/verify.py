@@ -15,7 +15,7 @@ from serializers.files import check_readable
 
 from ..errors import ArtifactError, QExportError, UnknownSchemeError
 from .loaders import artifact_kind, first_line, load, load_program, pinned
-from .runner import describe_inputs, input_mismatch, make_inputs, program_inputs, program_runner, region_outputs
+from .runner import Flat, describe_inputs, input_mismatch, make_inputs, program_inputs, program_runner, region_outputs
 
 aten = torch.ops.aten
 
@@ -175,8 +175,7 @@ def verify(
     spread = reference_spread(ref, flat, expected) if tolerance is None else None
     float_out = None
     if baseline is not None:
-        base = baseline if isinstance(baseline, torch.export.ExportedProgram) else load_program(check_readable(baseline))
-        float_out = program_runner(base)([x.clone() for x in flat])
+        float_out = _baseline_outputs(baseline, flat, expected, expected_sha256)
     results = []
     for p in paths:
         if on_artifact is not None:
@@ -199,6 +198,28 @@ def verify(
             res.error = f"{type(e).__name__}: {first_line(e)}"
         results.append(res)
     return results
+
+
+def _baseline_outputs(baseline: "str | PathLike[str] | torch.export.ExportedProgram", flat: Flat, expected: Flat,
+                      expected_sha256: "Mapping[str | PathLike[str], str] | None") -> Flat:
+    """The baseline program's outputs on the reference's inputs; ArtifactError, before any artifact runs,
+    for a baseline of another model (its run failed on a torch guard with a traceback, or every
+    artifact's row failed on the baseline's output shapes)."""
+    if isinstance(baseline, torch.export.ExportedProgram):
+        runner = program_runner(baseline)
+    else:
+        bp = check_readable(baseline)
+        runner = program_runner(load_program(bp, pinned(expected_sha256, bp)), bp)
+    why = input_mismatch(runner, flat)
+    if why is None:
+        out = runner([x.clone() for x in flat])
+        try:
+            compare(expected, out)
+            return out
+        except ArtifactError as e:
+            why = str(e)
+    raise ArtifactError(f"baseline {runner.path}: {why}; the reference takes {describe_inputs(flat)}: give the "
+                        f"unquantized program of the reference's model")
 
 
 def _region_errors(ref: dict, got: dict) -> list[RegionError]:
