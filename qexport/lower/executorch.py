@@ -162,31 +162,43 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
 
 
-def compute_in_float32(site: RegionSite) -> bool:
-    """Drop the bf16/fp16 casts of a region the reference computes in a low-precision compute dtype.
+def compute_in_float32(site: RegionSite, output: torch.fx.Node | None = None) -> bool:
+    """Compute a region whose scheme says bf16/fp16 in float32: its casts to a low-precision dtype are
+    dropped (from float32) or made casts to float32 (from a low-precision input or bias); `output`, the
+    region's result, keeps the dtype the program reads.
 
     Why: ExecuTorch has no fast bf16 GEMM — XNNPACK's partitioner takes fp32 linears only and the
-    portable bf16 linear is a plain loop (all-MiniLM-L6-v2 int4_weight_only: 35 s per call). In float32
-    the region is at least as accurate as the scheme's bf16 compute, and XNNPACK can run its matmul with
-    the weight dequantized at run time (`force_non_static_weights_for_f32_linear`).
+    portable bf16 linear is a plain loop (all-MiniLM-L6-v2 int4_weight_only: 35 s per call) that also
+    accumulates in bf16 (a bf16 part of a model, int8_weight_only: 2.4 % from eager at 128 inputs, 4.5 % at
+    1024, above the scheme's 2 %). In float32 the region is at least as accurate as the scheme's bf16
+    compute, and XNNPACK can run its matmul with the weight dequantized at run time
+    (`force_non_static_weights_for_f32_linear`).
     """
     changed = False
     for n in site.emitted:
-        if n.op != "call_function" or n.target not in _CASTS:
+        if n is output or n.op != "call_function" or n.target not in _CASTS:
             continue
         dtype = n.kwargs.get("dtype", n.args[1] if len(n.args) > 1 else None)
         src = n.args[0]
-        if dtype in _LOW_PRECISION and src.meta["val"].dtype == torch.float32:
+        if dtype not in _LOW_PRECISION or not src.meta["val"].dtype.is_floating_point:
+            continue
+        if src.meta["val"].dtype == torch.float32:
             n.replace_all_uses_with(src)
-            site.graph.erase_node(n)
-            changed = True
+        else:
+            with site.before(n):
+                n.replace_all_uses_with(site.call(torch.ops.aten._to_copy.default, src, dtype=torch.float32))
+        site.graph.erase_node(n)
+        changed = True
     return changed
 
 
 def _in_float32(lower: Callable[[RegionSite], torch.fx.Node]) -> Callable[[RegionSite], torch.fx.Node]:
     def lower_in_float32(site: RegionSite) -> torch.fx.Node:
         out = lower(site)
-        compute_in_float32(site)
+        dtype = out.meta["val"].dtype
+        compute_in_float32(site, out)
+        if out.target not in _CASTS and dtype != torch.float32:  # computed in float32 now: back to what follows reads
+            out = site.call(torch.ops.aten._to_copy.default, out, dtype=dtype)
         return out
 
     return lower_in_float32
@@ -314,15 +326,16 @@ register_lowering("int4", "executorch", "linear", plan_int4)
 
 
 def _reference_plan(region: Region, reference: Callable[[RegionSite], torch.fx.Node], why: str) -> RegionPlan:
-    """The region's reference math on portable kernels, in float32 where its output is float32 (a
-    weight-only embedding's reference gathers its quantized rows before dequantizing them)."""
+    """The region's reference math on portable kernels, a linear or conv computed in float32 whatever
+    its input's dtype (a weight-only embedding's reference gathers its quantized rows before
+    dequantizing them: a gather, nothing to accumulate)."""
     s, kernel = region.scheme, "portable (reference decomposition)"
     rows_first = region.op == "embedding" and s.activation == "none" and s.family != "fp8"
     if rows_first:
         kernel = "portable (gather quantized rows, dequantize them)"
         float32_out = region.op_params.get("out_dtype", "float32") == "float32"
     else:
-        float32_out = region.op != "embedding" and region.input_dtypes[:1] == ("float32",)
+        float32_out = region.op != "embedding"  # a low-precision input is widened: see compute_in_float32
     if s.compute_dtype != "float32" and float32_out:
         reference = _in_float32(reference)
     return RegionPlan(False, kernel, why, lowering=reference)
