@@ -315,6 +315,7 @@ def test_from_pt2_path_and_cli(tmp_path, mlp_artifacts, capsys):
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"opset": 17}, LoweringError, "opset=17 is not supported"),
     ({"opset": "21"}, LoweringError, "choose an int"),
+    ({"keep_regions": "no"}, LoweringError, "keep_regions must be True or False, got 'no'"),
 ])
 def test_bad_opset_refused_before_work(tmp_path, mlp_artifacts, kwargs, error, message):
     _, ep, _, _ = mlp_artifacts["int8_static"][False]

@@ -75,6 +75,8 @@ def to_onnx(
     """
     from serializers.files import atomic_path, check_writable
 
+    if not isinstance(keep_regions, bool):  # keep_regions="no" is truthy: it kept the regions
+        raise LoweringError(f"keep_regions must be True or False, got {keep_regions!r}")
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
