@@ -163,6 +163,22 @@ def test_dynamic_conv1d_is_delegated_as_the_2d_conv_it_is(tmp_path):
         assert rel_err(run_pte(tmp_path / "c.pte", x), model(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic"])
+def test_per_tensor_int8_weights_are_delegated_as_per_channel(tmp_path, scheme):
+    """granularity="per_tensor": one weight scale, which `dequantize_per_channel` refused ("Invalid size
+    of per channel quantization scales") after the whole lowering; repeated per channel it is the same
+    weight, and XNNPACK takes it (conv1d: the conv2d path with its own weight too)."""
+    x = torch.randn(1, 8, 20, generator=torch.Generator().manual_seed(4))
+    s = qexport.schemes.get(scheme, granularity="per_tensor")
+    model = quantized(Conv1dNet(), s, (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "t.pte", progress=False)
+    assert report.regions[0].delegated and report.regions[1].delegated
+    import executorch.kernels.quantized  # noqa: F401  (the dynamic depthwise conv's Q/DQ on portable kernels)
+
+    with torch.no_grad():
+        assert rel_err(run_pte(tmp_path / "t.pte", x), model(x)) <= math_for(s).tolerance
+
+
 def test_int8_dynamic_int4_weight_linears_are_all_delegated_as_qb4w(lowered):
     """8da4w: every linear region inside XNNPACK's qd8-f32-qb4w delegate, nothing of it left outside,
     and the same numbers as the eager reference (same per-token int8 rounding, same int4 grid)."""

@@ -68,12 +68,18 @@ _EPS = torch.finfo(torch.float32).eps
 
 def _weight_dq(site: RegionSite, weight: torch.fx.Node | None = None) -> torch.fx.Node:
     """Per-channel int8 weight: the `dequantize_per_channel(weight, scale, zero_point)` XNNPACK reads
-    as a qc8w constant. Its zero point must be a program constant, so one is added."""
+    as a qc8w constant. Its zero point must be a program constant, so one is added. A per-tensor
+    weight (granularity="per_tensor") is the per-channel one with its scale repeated: the op wants one
+    scale per channel ("Invalid size of per channel quantization scales" failed every such program)."""
     s = site.region.scheme
-    scale = site.value("weight_scale")
+    scale, scale_node = site.value("weight_scale"), site.operands["weight_scale"]
+    channels = site.value_of(weight).shape[0] if weight is not None else site.value("weight").shape[0]
+    if scale.numel() == 1 and channels > 1:
+        scale = scale.reshape(1).expand(channels).contiguous()
+        scale_node = site.constant("weight_scale_per_channel", scale)
     zp = site.constant("weight_zero_point_i64", torch.zeros(scale.shape, dtype=torch.int64))
     return site.call(
-        qd.dequantize_per_channel.default, weight or site.operands["weight"], site.operands["weight_scale"], zp, 0,
+        qd.dequantize_per_channel.default, weight or site.operands["weight"], scale_node, zp, 0,
         int(s.qmin), int(s.qmax), torch.int8,
     )
 
