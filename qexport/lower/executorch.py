@@ -34,6 +34,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
+from torch._guards import detect_fake_mode
 
 from serializers import pte
 from serializers.pte import MANIFEST_METHOD  # noqa: F401  (the method that returns the manifest)
@@ -628,6 +629,28 @@ def _check_input_layouts(ep: torch.export.ExportedProgram) -> None:
             )
 
 
+def channels_last_inputs_as_contiguous(ep: torch.export.ExportedProgram) -> bool:
+    """A program exported from a channels-last example takes a contiguous input, made channels-last by
+    its first node. Why: the `.pte` records each input's dim order and ExecuTorch's runtime copies the
+    tensor it is given into that layout without reordering it: an ordinary (contiguous) image into a
+    channels-last input computed garbage, silently (a float Conv2d: 1.85 relative error; the plain
+    ExecuTorch flow the same). XNNPACK converts to its own layout inside the delegate either way."""
+    changed = False
+    first = next(n for n in ep.graph.nodes if n.op != "placeholder")
+    for node, val in tensor_inputs(ep):
+        if val.dim() == 4 and not val.is_contiguous() and val.is_contiguous(memory_format=torch.channels_last):
+            fake_mode = detect_fake_mode([val])
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                node.meta["val"] = val.contiguous()
+            as_before = call_before(first, torch.ops.aten.clone.default, node, fake_mode=fake_mode,
+                                    memory_format=torch.channels_last)
+            node.replace_all_uses_with(as_before, delete_user_cb=lambda user: user is not as_before)
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return changed
+
+
 def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], dict[str, int]]:
     """The program's inputs as a `.pte` of it takes them, and {dim name: size} of the dynamic dims
     that had no upper bound. ExecuTorch plans every tensor's memory for its dims' upper bounds and
@@ -742,6 +765,7 @@ def to_executorch(
 
     with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
         ep = copy.deepcopy(ep)  # the caller's program stays as it was
+        channels_last_inputs_as_contiguous(ep)
         replace_regions(ep, lambda site: plans[site.region.name].lowering(site), kernel_of=lambda r: plans[r.name].kernel)
         rshift_as_floor_divide(ep.graph_module)
         grouped_attention(ep)
