@@ -29,6 +29,10 @@ LOG_LINES: tuple[tuple[str, str, str], ...] = (
      "onnxscript 0.7's constant folding runs onnx's reference evaluator on any node whose inputs look constant and "
      "logs each it cannot evaluate (RoBERTa's position ids: a Reshape to a shape known only at run time); the node "
      "is kept unfolded and onnxruntime runs it"),
+    ("onnxscript.version_converter", r"^The model version conversion is not supported by the onnxscript version "
+                                     r"converter and fallback is enabled",
+     "to_onnx takes a model past onnxscript's newest opset with onnx's C converter on purpose "
+     "(qexport.lower.onnx._converter_max); a conversion that fails is still logged, and to_onnx raises"),
 )
 #: (warning category, message pattern, why it is noise)
 WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (

@@ -135,6 +135,18 @@ def test_dynamic_conv_on_xnnpack_quantizes_each_image_as_its_report_says(lowered
     assert rel_err(low.out, one_by_one) <= 1e-5 < rel_err(low.expected, one_by_one)
 
 
+def test_per_tensor_dynamic_linear_says_xnnpack_quantizes_each_row(tmp_path):
+    """act_granularity="per_tensor": XNNPACK's qd8 linear takes one scale per row whatever the pattern
+    says; the record said nothing while the .pte parted from eager by up to 44 % of a small row."""
+    x = INPUTS["mlp"]()
+    model = quantized(MLP(), qexport.schemes.get("int8_dynamic", act_granularity="per_tensor"), (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "r.pte", progress=False)
+    assert all(r.delegated and "each row" in r.reason for r in report.regions)
+    with torch.no_grad():
+        one_row_per_call = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    assert rel_err(run_pte(tmp_path / "r.pte", x), one_row_per_call) <= 1e-5
+
+
 class Conv1dNet(nn.Module):
     """A Whisper-style conv front end, and a depthwise conv1d (XNNPACK has no dynamic depthwise conv)."""
 
@@ -161,6 +173,22 @@ def test_dynamic_conv1d_is_delegated_as_the_2d_conv_it_is(tmp_path):
 
     with torch.no_grad():
         assert rel_err(run_pte(tmp_path / "c.pte", x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8_static", "int8_dynamic"])
+def test_per_tensor_int8_weights_are_delegated_as_per_channel(tmp_path, scheme):
+    """granularity="per_tensor": one weight scale, which `dequantize_per_channel` refused ("Invalid size
+    of per channel quantization scales") after the whole lowering; repeated per channel it is the same
+    weight, and XNNPACK takes it (conv1d: the conv2d path with its own weight too)."""
+    x = torch.randn(1, 8, 20, generator=torch.Generator().manual_seed(4))
+    s = qexport.schemes.get(scheme, granularity="per_tensor")
+    model = quantized(Conv1dNet(), s, (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "t.pte", progress=False)
+    assert report.regions[0].delegated and report.regions[1].delegated
+    import executorch.kernels.quantized  # noqa: F401  (the dynamic depthwise conv's Q/DQ on portable kernels)
+
+    with torch.no_grad():
+        assert rel_err(run_pte(tmp_path / "t.pte", x), model(x)) <= math_for(s).tolerance
 
 
 def test_int8_dynamic_int4_weight_linears_are_all_delegated_as_qb4w(lowered):
@@ -444,6 +472,45 @@ def test_dynamic_batch(tmp_path, scheme):
     for batch in (1, 7, 32):
         xb = torch.randn(batch, 64)
         assert rel_err(method.execute([xb])[0], model(xb)) <= math_for(scheme_for(scheme)).tolerance
+
+
+def test_a_channels_last_example_gives_a_pte_that_takes_ordinary_tensors(tmp_path):
+    """ExecuTorch copies an input into the dim order the .pte recorded without reordering it: a .pte
+    exported from a channels-last image computed garbage from a contiguous one (1.85 relative error),
+    which is what qexport's runner and `verify` pass. Its input is now contiguous."""
+    x = INPUTS["conv"]().to(memory_format=torch.channels_last)
+    model = quantized(ConvNet(), "int8_dynamic", (x,))
+    qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "cl.pte", progress=False)
+    with torch.no_grad():
+        one_by_one = torch.cat([model(x[i:i + 1]) for i in range(len(x))])  # XNNPACK's per-image qparams
+    assert rel_err(run_pte(tmp_path / "cl.pte", x.contiguous()), one_by_one) <= 1e-5
+    assert rel_err(qexport.runners.load(tmp_path / "cl.pte")([x])[0], one_by_one) <= 1e-5
+
+
+class Bf16Part(nn.Module):
+    """An fp32 model with one layer kept in bfloat16 (inputs cast in, output cast back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(1024, 16).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.proj(x.to(torch.bfloat16)).float()
+
+
+def test_a_bf16_part_is_computed_in_float32(tmp_path):
+    """A weight-only region with a bf16 input ran its reference in bf16 on portable kernels, whose bf16
+    linear accumulates in bf16: 4.5 % from eager at 1024 inputs (tolerance 2 %). Widened to float32 it
+    is eager to bf16 rounding, and XNNPACK takes its matmul."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1024)
+    model = quantized(Bf16Part(), "int8_weight_only", (x,))
+    report = qexport.to_executorch(qexport.export(model, (x,)), tmp_path / "bf16.pte", progress=False)
+    with torch.no_grad():
+        expected = model(x)
+    out = run_pte(tmp_path / "bf16.pte", x)
+    assert out.dtype == expected.dtype and rel_err(out, expected) <= math_for(scheme_for("int8_weight_only")).tolerance
+    assert report.regions[0].kernel == "dequantize per call + XNNPACK fp32 linear"
 
 
 def test_a_dim_without_upper_bound_is_planned_at_the_example_size_and_says_so(tmp_path):

@@ -315,12 +315,50 @@ def test_from_pt2_path_and_cli(tmp_path, mlp_artifacts, capsys):
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"opset": 17}, LoweringError, "opset=17 is not supported"),
     ({"opset": "21"}, LoweringError, "choose an int"),
+    ({"keep_regions": "no"}, LoweringError, "keep_regions must be True or False, got 'no'"),
 ])
 def test_bad_opset_refused_before_work(tmp_path, mlp_artifacts, kwargs, error, message):
     _, ep, _, _ = mlp_artifacts["int8_static"][False]
     with pytest.raises(error, match=message):
         qexport.to_onnx(ep, tmp_path / "x.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_onnxruntime_cannot_run_is_refused_before_work(tmp_path, mlp_artifacts, monkeypatch):
+    """onnx 1.23 defines opset 28; onnxruntime 1.32 has no QuantizeLinear(28): such a file never loaded."""
+    from qexport.lower import onnx as onnx_lower
+
+    runnable = onnx_lower.newest_runnable_opset()
+    assert runnable >= onnx_lower.DEFAULT_OPSET  # the probe itself: a Q/DQ model loads at the default opset
+    monkeypatch.setattr(onnx_lower, "newest_runnable_opset", lambda: 24)
+    _, ep, _, _ = mlp_artifacts["int8_static"][False]
+    with pytest.raises(LoweringError, match=r"from 18 to 24 \(the newest whose QuantizeLinear/DequantizeLinear onnxruntime"):
+        qexport.to_onnx(ep, tmp_path / "x.onnx", opset=25)
+    assert list(tmp_path.iterdir()) == []
+
+
+class GeluMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x))
+
+
+def test_an_opset_past_onnxscripts_converter_keeps_a_gelu(tmp_path):
+    """torch.onnx converts past onnxscript's newest opset (25) with onnx's C converter from its opset-18
+    graph, which has no adapter for the Gelu torchlib already put in it: the model stayed at opset 18
+    and failed the checker for every model with a GELU (BERT, ViT, GPT-2)."""
+    from qexport.lower.onnx import _converter_max, newest_runnable_opset
+
+    opset = _converter_max() + 1
+    assert opset <= newest_runnable_opset()
+    x = torch.randn(4, 64)
+    m, ep = _export(GeluMLP(), "int8_dynamic", x)
+    qexport.to_onnx(ep, tmp_path / "g.onnx", opset=opset)
+    assert {o.domain: o.version for o in onnx.load(str(tmp_path / "g.onnx")).opset_import}[""] == opset
+    assert _rel_err(_run(tmp_path / "g.onnx", x), m(x)) <= math_for(scheme_for("int8_dynamic")).tolerance
 
 
 def test_refusals_leave_no_file(tmp_path, mlp_artifacts):

@@ -34,6 +34,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
+from torch._guards import detect_fake_mode
 
 from serializers import pte
 from serializers.pte import MANIFEST_METHOD  # noqa: F401  (the method that returns the manifest)
@@ -68,12 +69,18 @@ _EPS = torch.finfo(torch.float32).eps
 
 def _weight_dq(site: RegionSite, weight: torch.fx.Node | None = None) -> torch.fx.Node:
     """Per-channel int8 weight: the `dequantize_per_channel(weight, scale, zero_point)` XNNPACK reads
-    as a qc8w constant. Its zero point must be a program constant, so one is added."""
+    as a qc8w constant. Its zero point must be a program constant, so one is added. A per-tensor
+    weight (granularity="per_tensor") is the per-channel one with its scale repeated: the op wants one
+    scale per channel ("Invalid size of per channel quantization scales" failed every such program)."""
     s = site.region.scheme
-    scale = site.value("weight_scale")
+    scale, scale_node = site.value("weight_scale"), site.operands["weight_scale"]
+    channels = site.value_of(weight).shape[0] if weight is not None else site.value("weight").shape[0]
+    if scale.numel() == 1 and channels > 1:
+        scale = scale.reshape(1).expand(channels).contiguous()
+        scale_node = site.constant("weight_scale_per_channel", scale)
     zp = site.constant("weight_zero_point_i64", torch.zeros(scale.shape, dtype=torch.int64))
     return site.call(
-        qd.dequantize_per_channel.default, weight or site.operands["weight"], site.operands["weight_scale"], zp, 0,
+        qd.dequantize_per_channel.default, weight or site.operands["weight"], scale_node, zp, 0,
         int(s.qmin), int(s.qmax), torch.int8,
     )
 
@@ -162,31 +169,43 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
 
 
-def compute_in_float32(site: RegionSite) -> bool:
-    """Drop the bf16/fp16 casts of a region the reference computes in a low-precision compute dtype.
+def compute_in_float32(site: RegionSite, output: torch.fx.Node | None = None) -> bool:
+    """Compute a region whose scheme says bf16/fp16 in float32: its casts to a low-precision dtype are
+    dropped (from float32) or made casts to float32 (from a low-precision input or bias); `output`, the
+    region's result, keeps the dtype the program reads.
 
     Why: ExecuTorch has no fast bf16 GEMM — XNNPACK's partitioner takes fp32 linears only and the
-    portable bf16 linear is a plain loop (all-MiniLM-L6-v2 int4_weight_only: 35 s per call). In float32
-    the region is at least as accurate as the scheme's bf16 compute, and XNNPACK can run its matmul with
-    the weight dequantized at run time (`force_non_static_weights_for_f32_linear`).
+    portable bf16 linear is a plain loop (all-MiniLM-L6-v2 int4_weight_only: 35 s per call) that also
+    accumulates in bf16 (a bf16 part of a model, int8_weight_only: 2.4 % from eager at 128 inputs, 4.5 % at
+    1024, above the scheme's 2 %). In float32 the region is at least as accurate as the scheme's bf16
+    compute, and XNNPACK can run its matmul with the weight dequantized at run time
+    (`force_non_static_weights_for_f32_linear`).
     """
     changed = False
     for n in site.emitted:
-        if n.op != "call_function" or n.target not in _CASTS:
+        if n is output or n.op != "call_function" or n.target not in _CASTS:
             continue
         dtype = n.kwargs.get("dtype", n.args[1] if len(n.args) > 1 else None)
         src = n.args[0]
-        if dtype in _LOW_PRECISION and src.meta["val"].dtype == torch.float32:
+        if dtype not in _LOW_PRECISION or not src.meta["val"].dtype.is_floating_point:
+            continue
+        if src.meta["val"].dtype == torch.float32:
             n.replace_all_uses_with(src)
-            site.graph.erase_node(n)
-            changed = True
+        else:
+            with site.before(n):
+                n.replace_all_uses_with(site.call(torch.ops.aten._to_copy.default, src, dtype=torch.float32))
+        site.graph.erase_node(n)
+        changed = True
     return changed
 
 
 def _in_float32(lower: Callable[[RegionSite], torch.fx.Node]) -> Callable[[RegionSite], torch.fx.Node]:
     def lower_in_float32(site: RegionSite) -> torch.fx.Node:
         out = lower(site)
-        compute_in_float32(site)
+        dtype = out.meta["val"].dtype
+        compute_in_float32(site, out)
+        if out.target not in _CASTS and dtype != torch.float32:  # computed in float32 now: back to what follows reads
+            out = site.call(torch.ops.aten._to_copy.default, out, dtype=dtype)
         return out
 
     return lower_in_float32
@@ -250,16 +269,28 @@ def plan_int8_qdq(ctx: PlanContext) -> RegionPlan | Decline | None:
     if r.input_dtypes[:1] != ("float32",):
         return Decline(f"its input is {r.input_dtypes[0] if r.input_dtypes else '?'}; {_FLOAT32_ONLY}, so it "
                        f"{_PORTABLE}. Export the model in float32 to delegate it")
-    return RegionPlan(True, "XNNPACK " + _QDQ_KERNELS[s.activation].format(op=r.op), _per_image_caveat(ctx),
+    return RegionPlan(True, "XNNPACK " + _QDQ_KERNELS[s.activation].format(op=r.op), _own_qparams_caveat(ctx),
                       lowering=_QDQ_LOWERINGS[s.activation])
 
 
-def _per_image_caveat(ctx: PlanContext) -> str:
-    """XNNPACK's dynamically quantized conv takes the per-tensor Q/DQ pattern but quantizes each image
-    with its own qparams (executorch's QuantParams: `num_nonbatch_dims=3` for a conv input), which is
-    the scheme's per-tensor quantization only where the batch is 1: say so where it can be more."""
+def _own_qparams_caveat(ctx: PlanContext) -> str:
+    """XNNPACK's dynamically quantized ops take the per-tensor Q/DQ pattern but quantize each image (a
+    conv: executorch's QuantParams `num_nonbatch_dims=3`) or each row (a linear) with its own qparams,
+    which is the scheme's per-tensor quantization only where there is one: say so where there can be more."""
     r, s = ctx.region, ctx.region.scheme
-    if s.activation != "dynamic" or not r.op.startswith("conv"):
+    if s.activation != "dynamic":
+        return ""
+    if r.op == "linear" and s.act_granularity == "per_tensor":
+        rows = 1
+        for d in ctx.input_val.shape[:-1]:
+            rows = rows * d
+        if isinstance(rows, int) and rows == 1:
+            return ""
+        return ("XNNPACK quantizes each row (token) of its input with its own scale, the scheme one scale per tensor: "
+                "the same numbers for one row; for more they differ from the eager model by int8 rounding (rows whose "
+                "ranges differ 1000x: 0.7 % of the output range, 44 % of a small row's). Quantize with "
+                "act_granularity='per_token' (int8_dynamic's default) for eager's numbers")
+    if not r.op.startswith("conv"):
         return ""
     batched = ctx.input_val.dim() == (3 if r.op == "conv1d" else 4)
     batch = ctx.input_val.shape[0] if batched else 1
@@ -314,15 +345,16 @@ register_lowering("int4", "executorch", "linear", plan_int4)
 
 
 def _reference_plan(region: Region, reference: Callable[[RegionSite], torch.fx.Node], why: str) -> RegionPlan:
-    """The region's reference math on portable kernels, in float32 where its output is float32 (a
-    weight-only embedding's reference gathers its quantized rows before dequantizing them)."""
+    """The region's reference math on portable kernels, a linear or conv computed in float32 whatever
+    its input's dtype (a weight-only embedding's reference gathers its quantized rows before
+    dequantizing them: a gather, nothing to accumulate)."""
     s, kernel = region.scheme, "portable (reference decomposition)"
     rows_first = region.op == "embedding" and s.activation == "none" and s.family != "fp8"
     if rows_first:
         kernel = "portable (gather quantized rows, dequantize them)"
         float32_out = region.op_params.get("out_dtype", "float32") == "float32"
     else:
-        float32_out = region.op != "embedding" and region.input_dtypes[:1] == ("float32",)
+        float32_out = region.op != "embedding"  # a low-precision input is widened: see compute_in_float32
     if s.compute_dtype != "float32" and float32_out:
         reference = _in_float32(reference)
     return RegionPlan(False, kernel, why, lowering=reference)
@@ -597,6 +629,28 @@ def _check_input_layouts(ep: torch.export.ExportedProgram) -> None:
             )
 
 
+def channels_last_inputs_as_contiguous(ep: torch.export.ExportedProgram) -> bool:
+    """A program exported from a channels-last example takes a contiguous input, made channels-last by
+    its first node. Why: the `.pte` records each input's dim order and ExecuTorch's runtime copies the
+    tensor it is given into that layout without reordering it: an ordinary (contiguous) image into a
+    channels-last input computed garbage, silently (a float Conv2d: 1.85 relative error; the plain
+    ExecuTorch flow the same). XNNPACK converts to its own layout inside the delegate either way."""
+    changed = False
+    first = next(n for n in ep.graph.nodes if n.op != "placeholder")
+    for node, val in tensor_inputs(ep):
+        if val.dim() == 4 and not val.is_contiguous() and val.is_contiguous(memory_format=torch.channels_last):
+            fake_mode = detect_fake_mode([val])
+            with fake_mode if fake_mode is not None else contextlib.nullcontext():
+                node.meta["val"] = val.contiguous()
+            as_before = call_before(first, torch.ops.aten.clone.default, node, fake_mode=fake_mode,
+                                    memory_format=torch.channels_last)
+            node.replace_all_uses_with(as_before, delete_user_cb=lambda user: user is not as_before)
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return changed
+
+
 def planned_inputs(ep: torch.export.ExportedProgram) -> tuple[list[InputSpec], dict[str, int]]:
     """The program's inputs as a `.pte` of it takes them, and {dim name: size} of the dynamic dims
     that had no upper bound. ExecuTorch plans every tensor's memory for its dims' upper bounds and
@@ -711,6 +765,7 @@ def to_executorch(
 
     with stage(f"lowering {len(found)} regions to Q/DQ and reference ops"):
         ep = copy.deepcopy(ep)  # the caller's program stays as it was
+        channels_last_inputs_as_contiguous(ep)
         replace_regions(ep, lambda site: plans[site.region.name].lowering(site), kernel_of=lambda r: plans[r.name].kernel)
         rshift_as_floor_divide(ep.graph_module)
         grouped_attention(ep)

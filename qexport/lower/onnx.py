@@ -16,6 +16,7 @@ initializers, which a translation function cannot add.
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import warnings
@@ -74,6 +75,8 @@ def to_onnx(
     """
     from serializers.files import atomic_path, check_writable
 
+    if not isinstance(keep_regions, bool):  # keep_regions="no" is truthy: it kept the regions
+        raise LoweringError(f"keep_regions must be True or False, got {keep_regions!r}")
     opset = _check_opset(opset)
     target = resolve_target(target)
     out = check_writable(output, ".onnx")
@@ -119,13 +122,46 @@ def to_onnx(
 def _check_opset(opset: int | None) -> int:
     if opset is None:
         return DEFAULT_OPSET
-    newest = onnx.defs.onnx_opset_version()
+    newest, runtime = onnx.defs.onnx_opset_version(), ""
+    if (runnable := newest_runnable_opset()) is not None and runnable < newest:
+        import onnxruntime
+
+        newest, runtime = runnable, f" (the newest whose QuantizeLinear/DequantizeLinear onnxruntime {onnxruntime.__version__} runs)"
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
         raise LoweringError(
-            f"opset={opset!r} is not supported: choose an int from {MIN_OPSET} to {newest} "
+            f"opset={opset!r} is not supported: choose an int from {MIN_OPSET} to {newest}{runtime} "
             f"(int4 and fp8 regions need {BLOCKED_QDQ_OPSET}+; default {DEFAULT_OPSET})"
         )
     return opset
+
+
+@functools.cache
+def newest_runnable_opset() -> int | None:
+    """The newest opset at which the installed onnxruntime runs QuantizeLinear/DequantizeLinear (None
+    without onnxruntime: then onnx's newest is the bound). onnx defines opsets before onnxruntime
+    implements them: onnx 1.23 knows opset 28, whose QuantizeLinear onnxruntime 1.32 has no kernel for
+    ("NOT_IMPLEMENTED: Could not find an implementation for QuantizeLinear(28)"), so every int8 file
+    written at 28 failed to load."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from onnx import TensorProto, helper
+
+    for version in range(onnx.defs.onnx_opset_version(), MIN_OPSET - 1, -1):
+        graph = helper.make_graph(
+            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+            "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            [helper.make_tensor("s", TensorProto.FLOAT, [], [1.0]), helper.make_tensor("z", TensorProto.UINT8, [], [0])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)], ir_version=10)
+        try:
+            onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return version
+        except Exception:  # onnxruntime raises its own Fail / NotImplemented types
+            continue
+    return None
 
 
 def resolve_target(target: str) -> str:
@@ -187,17 +223,45 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
         return call_op("Region", *operands, _domain=PENDING_DOMAIN, _num_outputs=len(subgraph.outputs), region=name)
 
     table = {torch.ops.higher_order.invoke_quant_packed: region_placeholder, **_reduction_fixes()}
+    first = min(opset, _converter_max())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                ep, dynamo=True, custom_translation_table=table, opset_version=opset, verbose=False, optimize=True,
+                ep, dynamo=True, custom_translation_table=table, opset_version=first, verbose=False, optimize=True,
             )
     except QExportError:
         raise
     except Exception as e:  # the exporter wraps its failures in its own error types
         raise LoweringError(f"torch.onnx.export failed: {type(e).__name__}: {_exporter_reason(str(e))}") from e
+    if first < opset:
+        _convert_opset(program.model, opset)
     return program.model, references
+
+
+def _converter_max() -> int:
+    """The newest opset onnxscript's version converter (which torch.onnx runs on its opset-18 graph)
+    reaches. Beyond it torch.onnx hands the opset-18 graph to onnx's C converter, which has no adapter
+    for the newer ops torchlib already put in it ("No Adapter From Version $19 for Gelu"): the model
+    was left at opset 18 with a Gelu and failed the checker, at opsets 26-28 for every model with a GELU
+    (BERT, ViT, GPT-2). So the export goes that far and `_convert_opset` takes it the rest."""
+    try:
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
+    except ImportError:  # another onnxscript: let torch.onnx convert, and `_convert_opset`'s check speak
+        return onnx.defs.onnx_opset_version()
+    return SUPPORTED_MAX_ONNX_OPSET
+
+
+def _convert_opset(model: ir.Model, opset: int) -> None:
+    """onnx's C converter from an opset onnxscript reached to `opset` (no op there is older than it)."""
+    from onnxscript.version_converter import convert_version
+
+    convert_version(model, target_version=opset, fallback=True)
+    if model.graph.opset_imports.get("") != opset:  # the converter logs its failure and leaves the model as it was
+        raise LoweringError(
+            f"onnx's version converter could not take this model from opset {model.graph.opset_imports.get('')} to "
+            f"opset={opset}; export with opset={_converter_max()} or lower"
+        )
 
 
 def _reduction_fixes() -> dict[Any, Any]:
