@@ -7,7 +7,7 @@ import torch
 
 import qexport
 from qexport import runners
-from qexport.errors import ArtifactError, ArtifactNotFoundError, CorruptArtifactError
+from qexport.errors import ArtifactError, ArtifactNotFoundError, CorruptArtifactError, UsageError
 from qexport.models import TinyNet, TinyTransformer
 
 
@@ -62,6 +62,22 @@ def test_every_kind_loads_and_matches_the_program(demo_artifacts, kind):
     tol, names = runners.tolerance_for(ref.program)
     assert names == ["int8_dynamic"] and tol == qexport.schemes.math_for(qexport.schemes.get("int8_dynamic")).tolerance
     assert rel <= tol, (kind, max_abs, rel)
+
+
+@pytest.mark.parametrize("kind", ["pte", "onnx"])
+def test_pte_and_onnx_runners_refuse_inputs_they_cannot_take(demo_artifacts, kind):
+    """ExecuTorch answered these with "error 0x12" and a native log line, onnxruntime with its feed
+    errors, and a bare tensor was split into its rows."""
+    r = runners.load(demo_artifacts[kind])
+    x = torch.randn(1, 256)
+    for bad, says in (([x.double()], r"it takes .*float32\[1, 256\], not 1x256 float64"),
+                      ([x, x], r"it takes 1 input, not 2"),
+                      ([torch.randn(1, 128)], r"it takes .*\[1, 256\], not 1x128 float32"),
+                      (x, r"a list of tensors, one per input \(runner\(\[x\]\)\)")):
+        with pytest.raises(UsageError, match=says):
+            r(bad)
+    (y,) = r([x])  # and the runner still runs
+    assert y.shape == (1, 10)
 
 
 def test_pte_and_onnx_runners_describe_their_inputs(demo_artifacts):

@@ -17,7 +17,7 @@ from serializers.files import check_readable, pinned_digest
 from ..extras import missing_extra, require
 from ..quiet import first_call_quiet, native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
-from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner
+from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner, refuse_mismatch
 
 ARTIFACT_KINDS = kinds.BUILTIN
 
@@ -184,6 +184,7 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
     execute = first_call_quiet(method.execute)
 
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
+        refuse_mismatch(runner, flat)
         for info, x in zip(inputs, flat):  # the runtime's own refusal is "error 0x10" and a native log line
             if x.dim() != len(info.shape) or any(n > cap for n, cap in zip(x.shape, info.shape)):
                 raise ArtifactError(
@@ -193,7 +194,8 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
         return flat_tensors(execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
-    return Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
+    runner = Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
+    return runner
 
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
@@ -235,9 +237,11 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
         return {n: x.detach().contiguous().numpy() for n, x in zip(names, flat)}
 
     def call(flat: Flat) -> Flat:
+        refuse_mismatch(runner, flat)
         return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
 
-    return Runner("onnx", p, call, inputs=_with_specs(inputs, model.manifest.extra), region_call=_onnx_region_call(model, options, feed))
+    runner = Runner("onnx", p, call, inputs=_with_specs(inputs, model.manifest.extra), region_call=_onnx_region_call(model, options, feed))
+    return runner
 
 
 def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:

@@ -66,6 +66,10 @@ class Runner:
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
         """CPU tensors in and out whatever the device; `call` is the device-level convention."""
+        if isinstance(inputs, torch.Tensor):  # list(x) would hand its rows over as inputs
+            from ..errors import UsageError
+
+            raise UsageError(f"{self.path}: a runner takes a list of tensors, one per input (runner([x])), not a tensor")
         if self.device == "cpu":
             return self.call(list(inputs))
         return [y.cpu() for y in self.call([x.to(self.device) for x in inputs])]
@@ -203,4 +207,14 @@ def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
-__all__ = ["Flat", "InputInfo", "Runner", "describe_inputs", "flat_tensors", "input_mismatch", "input_infos", "make_inputs", "program_inputs", "program_runner", "region_outputs"]
+def refuse_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> None:
+    """UsageError where `input_mismatch` finds that `flat` cannot be `runner`'s inputs. For the runtimes
+    that do not say it themselves: ExecuTorch answers a wrong dtype or count with "error 0x12" and a
+    native log line, onnxruntime with its own feed errors."""
+    if (why := input_mismatch(runner, flat)) is not None:
+        from ..errors import UsageError
+
+        raise UsageError(f"{runner.path}: {why} (pass the inputs the artifact was exported with)")
+
+
+__all__ = ["Flat", "InputInfo", "Runner", "describe_inputs", "flat_tensors", "input_mismatch", "input_infos", "make_inputs", "program_inputs", "program_runner", "refuse_mismatch", "region_outputs"]
