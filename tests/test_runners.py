@@ -64,15 +64,16 @@ def test_every_kind_loads_and_matches_the_program(demo_artifacts, kind):
     assert rel <= tol, (kind, max_abs, rel)
 
 
-@pytest.mark.parametrize("kind", ["pte", "onnx"])
-def test_pte_and_onnx_runners_refuse_inputs_they_cannot_take(demo_artifacts, kind):
+@pytest.mark.parametrize("kind", ["pt2", "aoti", "pte", "onnx"])
+def test_runners_refuse_inputs_they_cannot_take(demo_artifacts, kind):
     """ExecuTorch answered these with "error 0x12" and a native log line, onnxruntime with its feed
-    errors, and a bare tensor was split into its rows."""
+    errors, a .pt2 with a failed guard or ran float64, and a bare tensor was split into its rows."""
     r = runners.load(demo_artifacts[kind])
     x = torch.randn(1, 256)
-    for bad, says in (([x.double()], r"it takes .*float32\[1, 256\], not 1x256 float64"),
-                      ([x, x], r"it takes 1 input, not 2"),
-                      ([torch.randn(1, 128)], r"it takes .*\[1, 256\], not 1x128 float32"),
+    # the AOTI package's own check (load_compiled) words them its way
+    for bad, says in (([x.double()], r"it takes .*float32\[1, 256\], not 1x256 float64|x is float64; the program takes float32"),
+                      ([x, x], r"it takes 1 input, not 2|takes 1 tensor input\(s\) .*got 2"),
+                      ([torch.randn(1, 128)], r"it takes .*\[1, 256\], not 1x128 float32|shape \[1, 128\], which does not fit"),
                       (x, r"a list of tensors, one per input \(runner\(\[x\]\)\)")):
         with pytest.raises(UsageError, match=says):
             r(bad)

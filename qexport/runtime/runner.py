@@ -91,12 +91,14 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
     module = ep.module()
 
     def call(flat: Flat) -> Flat:
+        refuse_mismatch(runner, flat)  # torch's own words: "Guard failed: x.size()[1] == 256", a pytree length
         args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
         with torch.no_grad():
             return flat_tensors(module(*args, **kwargs))
 
-    return Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep),
-                  region_call=lambda flat: region_outputs(ep, flat))
+    runner = Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep),
+                    region_call=lambda flat: region_outputs(ep, flat))
+    return runner
 
 
 def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
@@ -210,7 +212,8 @@ def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
 def refuse_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> None:
     """UsageError where `input_mismatch` finds that `flat` cannot be `runner`'s inputs. For the runtimes
     that do not say it themselves: ExecuTorch answers a wrong dtype or count with "error 0x12" and a
-    native log line, onnxruntime with its own feed errors."""
+    native log line, onnxruntime with its own feed errors, a program's module with a failed guard (and
+    runs another dtype than it was traced with). AOTI packages check in `load_compiled`."""
     if (why := input_mismatch(runner, flat)) is not None:
         from ..errors import UsageError
 
