@@ -206,3 +206,17 @@ def test_a_region_ending_in_a_view_compiles_with_inductor():
     want = model(x)
     got = torch.compile(model, backend="inductor")(x)
     assert ((got - want).abs().max() / want.abs().max()).item() <= qexport.schemes.math_for(model.layers[0].scheme).tolerance
+
+
+@pytest.mark.parametrize("version, ok", [("2.10.1+cu128", False), ("1.13.1", False), ("2.11.0+cu130", True),
+                                         ("2.12.1", True), ("2.16.0a0+git1234", True), ("3.0.0", True)])
+def test_a_torch_older_than_the_minimum_is_refused_by_name(version, ok):
+    """pyproject pins torch>=2.11, but a torch installed beside qexport (--no-deps, PYTHONPATH) bypasses the pin."""
+    from qexport import _upstream
+    from qexport.errors import BackendUnavailableError
+
+    if ok:
+        _upstream.check_torch_version(version)
+    else:
+        with pytest.raises(BackendUnavailableError, match=r"needs torch 2\.11 or newer; this is torch .*pip install 'torch>=2\.11'"):
+            _upstream.check_torch_version(version)
