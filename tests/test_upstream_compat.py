@@ -8,6 +8,8 @@ positional argument").
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import unittest.mock
 
 import pytest
@@ -220,3 +222,15 @@ def test_a_torch_older_than_the_minimum_is_refused_by_name(version, ok):
     else:
         with pytest.raises(BackendUnavailableError, match=r"needs torch 2\.11 or newer; this is torch .*pip install 'torch>=2\.11'"):
             _upstream.check_torch_version(version)
+
+
+def test_the_cli_refuses_an_old_torch_in_one_line(tmp_path):
+    """The refusal happens while the CLI imports a command's module, before the command's own error handler."""
+    code = ("import sys, torch; torch.__version__ = '2.10.0+cpu'\n"
+            "from qexport.cli import main\n"
+            f"sys.exit(main(['export', 'm:Net', '--input', '1x4', '-o', {str(tmp_path / 'm.pt2')!r}]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip() == ("qexport export: error: qexport needs torch 2.11 or newer; this is torch 2.10.0+cpu: "
+                                  "pip install 'torch>=2.11'")
+    assert not (tmp_path / "m.pt2").exists()
