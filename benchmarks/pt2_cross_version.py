@@ -1,8 +1,8 @@
 """`.pt2` files saved under one torch, loaded under another (issues 15 and 16: torch 2.11 through the newest).
 
     python benchmarks/pt2_cross_version.py --save DIR     # here: three quantized MLPs + their inputs/outputs
-    python benchmarks/pt2_cross_version.py --check DIR    # there: qexport.load + run on CPU, compile + run on CUDA
-                                                           # where a GPU is; writes DIR/check-<torch>.json
+    python benchmarks/pt2_cross_version.py --check DIR    # there: qexport.load + run, compile + run on the CPU
+                                                           # (and on CUDA where a GPU is); writes DIR/check-<torch>.json
 
 Run on 2026-11-29: saved by torch 2.13.0+cpu, checked on the lent H200's torch 2.11.0+cu130
 (benchmarks/results/pt2_torch211_h200.json).
@@ -45,16 +45,19 @@ def check(folder: str) -> dict:
     res: dict = {"torch": torch.__version__}
     for path in sorted(glob.glob(os.path.join(folder, "*.pt2"))):
         name = os.path.basename(path)[:-4]
+        if not os.path.exists(os.path.join(folder, f"{name}.io")):  # a package an earlier --check compiled
+            continue
         io = torch.load(os.path.join(folder, f"{name}.io"))
         ref = io["y"]
         try:
             y = qexport.load(path).module()(io["x"])
             row = {"saved by": io["torch"], "load + run, CPU: rel err": float((y - ref).abs().max() / ref.abs().max())}
-            if torch.cuda.is_available():
-                pkg = qexport.compile(path, os.path.join(folder, f"{name}_cuda.pt2"), device="cuda")
-                yc = qexport.load_compiled(pkg)(io["x"].cuda())
+            # an AOTI package for the CPU everywhere, and for the GPU where there is one
+            for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+                pkg = qexport.compile(path, os.path.join(folder, f"{name}_{device}_{torch.__version__}.pt2"), device=device)
+                yc = qexport.load_compiled(pkg)(io["x"].to(device))
                 yc = yc[0] if isinstance(yc, (list, tuple)) else yc
-                row["CUDA package: rel err"] = float((yc.float().cpu() - ref).abs().max() / ref.abs().max())
+                row[f"{device.upper()} package: rel err"] = float((yc.float().cpu() - ref).abs().max() / ref.abs().max())
         except Exception as e:  # a version gap is the finding here, reported per file
             row = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         res[name] = row

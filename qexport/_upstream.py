@@ -20,6 +20,8 @@
 
 And one name older torch lacks: `torch.export.pt2_archive.constants.OPAQUE_OBJ_FILENAME_PREFIX`
 (torch 2.11, the CUDA image's, has no opaque objects), which the `.pt2` reader checks members against.
+
+Importing this module (every stage does, through qexport.regions) refuses a torch older than 2.11 by name.
 """
 
 from __future__ import annotations
@@ -29,7 +31,29 @@ import dataclasses
 from typing import Any, Iterator
 
 import torch
-from torch._higher_order_ops import InvokeQuant
+
+from .errors import BackendUnavailableError
+
+#: the oldest torch release qexport is run against (docs/formats.md "Torch versions"); pyproject pins it too,
+#: but a torch installed beside qexport (`--no-deps`, PYTHONPATH, a conda env) bypasses that pin
+MIN_TORCH = (2, 11)
+
+
+def check_torch_version(version: str) -> None:
+    """Refuse a torch older than MIN_TORCH by name, before any stage fails somewhere inside torch."""
+    try:
+        release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:  # a local build with an unusual version string: let it try
+        return
+    if release < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise BackendUnavailableError(
+            f"qexport needs torch {need} or newer; this is torch {version}: pip install 'torch>={need}'")
+
+
+check_torch_version(str(torch.__version__))
+
+from torch._higher_order_ops import InvokeQuant  # noqa: E402  (after the version check: older torch may lack it)
 
 _INSTALLED = False
 #: torch >= 2.12's value (torch/csrc/export/pt2_archive_constants.h)

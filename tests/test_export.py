@@ -274,6 +274,7 @@ def test_dim_names_reach_every_manifest(form, tmp_path):
     ep = qexport.export(model, (torch.randn(2, 5, 16),), {"mask": torch.ones(2, 5, 3)}, dynamic_shapes=shapes)
     qexport.save(ep, tmp_path / "m.pt2")
     assert sorted(qexport.inspect(tmp_path / "m.pt2").extra["dim_names"].values()) == ["batch", "seq"]
+    pytest.importorskip("onnx", reason="the .onnx half needs qexport[onnx]; the core install (torch, numpy) stops here")
     qexport.to_onnx(qexport.load(tmp_path / "m.pt2"), tmp_path / "m.onnx")
     inputs = qexport.inspect(tmp_path / "m.onnx").extra["inputs"]
     assert [[d if isinstance(d, int) else d["name"] for d in i["shape"]] for i in inputs] == [["batch", "seq", 16], ["batch", "seq", 3]]

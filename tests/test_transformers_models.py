@@ -83,7 +83,8 @@ class Exported:
             return self.pt2
         if backend not in self._artifacts:
             path = self.tmp / {"aoti": "zoo_aoti.pt2", "pte": "zoo.pte", "onnx": "zoo.onnx"}[backend]
-            {"aoti": qexport.compile, "pte": qexport.to_executorch, "onnx": qexport.to_onnx}[backend](self.ep, path)
+            # the stage is looked up by name: reading all three would need every extra for the AOTI case too
+            getattr(qexport, {"aoti": "compile", "pte": "to_executorch", "onnx": "to_onnx"}[backend])(self.ep, path)
             self._artifacts[backend] = path
         return self._artifacts[backend]
 

@@ -8,6 +8,8 @@ positional argument").
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import unittest.mock
 
 import pytest
@@ -206,3 +208,29 @@ def test_a_region_ending_in_a_view_compiles_with_inductor():
     want = model(x)
     got = torch.compile(model, backend="inductor")(x)
     assert ((got - want).abs().max() / want.abs().max()).item() <= qexport.schemes.math_for(model.layers[0].scheme).tolerance
+
+
+@pytest.mark.parametrize("version, ok", [("2.10.1+cu128", False), ("1.13.1", False), ("2.11.0+cu130", True),
+                                         ("2.12.1", True), ("2.16.0a0+git1234", True), ("3.0.0", True)])
+def test_a_torch_older_than_the_minimum_is_refused_by_name(version, ok):
+    """pyproject pins torch>=2.11, but a torch installed beside qexport (--no-deps, PYTHONPATH) bypasses the pin."""
+    from qexport import _upstream
+    from qexport.errors import BackendUnavailableError
+
+    if ok:
+        _upstream.check_torch_version(version)
+    else:
+        with pytest.raises(BackendUnavailableError, match=r"needs torch 2\.11 or newer; this is torch .*pip install 'torch>=2\.11'"):
+            _upstream.check_torch_version(version)
+
+
+def test_the_cli_refuses_an_old_torch_in_one_line(tmp_path):
+    """The refusal happens while the CLI imports a command's module, before the command's own error handler."""
+    code = ("import sys, torch; torch.__version__ = '2.10.0+cpu'\n"
+            "from qexport.cli import main\n"
+            f"sys.exit(main(['export', 'm:Net', '--input', '1x4', '-o', {str(tmp_path / 'm.pt2')!r}]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip() == ("qexport export: error: qexport needs torch 2.11 or newer; this is torch 2.10.0+cpu: "
+                                  "pip install 'torch>=2.11'")
+    assert not (tmp_path / "m.pt2").exists()

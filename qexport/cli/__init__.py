@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         return _run(argv, command)
+    except QExportError as e:
+        # raised while importing a command's module, before its own handler exists: a torch older than
+        # qexport supports (qexport/_upstream.py) is one line here too, not a traceback
+        print(f"qexport{' ' + command if command in SUBCOMMANDS else ''}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Ctrl-C lands anywhere: in the seconds `import torch` takes, in a compile; one line either way
         print(f"qexport{' ' + command if command in SUBCOMMANDS else ''}: interrupted", file=sys.stderr)
