@@ -4,7 +4,8 @@ reader and the checked reads the runtime builds its sessions from (`read_model`)
 The manifest is the model's metadata_props entry `qexport.manifest`. A model written with
 `keep_regions=True` also keeps each region as a local function of domain `qexport.region` whose own
 metadata_props carry the scheme (`qexport.scheme`) and the region record (`qexport.region`);
-`region_functions` reads those back. Nothing here builds or runs the model.
+`region_functions` reads those back. Nothing here builds or runs a model (`qdq_probe` only writes the bytes of
+a two-node one).
 
 ONNX files carry no checksum (in the fuzz run of docs/security.md, 43 % of damaged files loaded). `seal`
 appends one as a protobuf field that no ONNX reader knows (so onnx and onnxruntime skip it): the
@@ -196,6 +197,20 @@ def read_model(path: "str | PathLike[str]", expected_sha256: str | None = None) 
     p = check_readable(path)
     data = read_checked(p, expected_sha256)
     return CheckedModel(p, data, _load(p, data))
+
+
+def qdq_probe(opset: int) -> bytes:
+    """The bytes of a two-node model (QuantizeLinear -> DequantizeLinear) at `opset`: what the lowering
+    hands onnxruntime to learn which opsets it implements (`lower.onnx.newest_runnable_opset`)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [1.0]), helper.make_tensor("z", TensorProto.UINT8, [], [0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10).SerializeToString()
 
 
 def sniff(p: Path, head: bytes) -> bool:

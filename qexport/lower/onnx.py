@@ -146,18 +146,9 @@ def newest_runnable_opset() -> int | None:
         import onnxruntime
     except ImportError:
         return None
-    from onnx import TensorProto, helper
-
     for version in range(onnx.defs.onnx_opset_version(), MIN_OPSET - 1, -1):
-        graph = helper.make_graph(
-            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-            "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-            [helper.make_tensor("s", TensorProto.FLOAT, [], [1.0]), helper.make_tensor("z", TensorProto.UINT8, [], [0])],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)], ir_version=10)
         try:
-            onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            onnxruntime.InferenceSession(onnx_file.qdq_probe(version), providers=["CPUExecutionProvider"])
             return version
         except Exception:  # onnxruntime raises its own Fail / NotImplemented types
             continue
