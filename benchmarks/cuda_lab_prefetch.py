@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qexport.lower.kernels import cuda as qk  # noqa: E402
 from qexport.lower.kernels import cuda_tune  # noqa: E402
 
+from cuda_lab_pdl import layer_tensors  # noqa: E402  (the same random layers as the PDL lab)
+
 PIECE = 4096  # bytes per prefetch instruction
 
 
@@ -56,6 +58,15 @@ def _prefetch_share(ptr, nbytes, PIECES: tl.constexpr):
         )
 
 
+@triton.jit
+def _prefetch_next(pw_ptr, pw_bytes, ps_ptr, ps_bytes, pz_ptr, pz_bytes, PW: tl.constexpr, PS: tl.constexpr, PZ: tl.constexpr):
+    # the next layer's codes, scales and zero points, once per row of programs
+    if tl.program_id(1) == 0:
+        _prefetch_share(pw_ptr, pw_bytes, PW)
+        _prefetch_share(ps_ptr, ps_bytes, PS)
+        _prefetch_share(pz_ptr, pz_bytes, PZ)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_pf_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
@@ -69,19 +80,13 @@ def _gemv_pf_kernel(
     mask_n = offs_n < N
     rows = tl.arange(0, BLOCK_M)
     if PF_AT == 1:
-        if tl.program_id(1) == 0:
-            _prefetch_share(pw_ptr, pw_bytes, PW)
-            _prefetch_share(ps_ptr, ps_bytes, PS)
-            _prefetch_share(pz_ptr, pz_bytes, PZ)
+        _prefetch_next(pw_ptr, pw_bytes, ps_ptr, ps_bytes, pz_ptr, pz_bytes, PW, PS, PZ)
     if not INT4:
         scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = qk._gemv_k_loop(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, mask_n, m0, M, K, stride_xm, stride_wn, stride_sn,
                           INT4, INT8, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
     if PF_AT == 2:
-        if tl.program_id(1) == 0:
-            _prefetch_share(pw_ptr, pw_bytes, PW)
-            _prefetch_share(ps_ptr, ps_bytes, PS)
-            _prefetch_share(pz_ptr, pz_bytes, PZ)
+        _prefetch_next(pw_ptr, pw_bytes, ps_ptr, ps_bytes, pz_ptr, pz_bytes, PW, PS, PZ)
     if not INT4:
         acc = acc * scale[None, :]
     offs_m = m0 + rows
@@ -116,19 +121,6 @@ def gemv_pf(x, t, tile, group, nxt, pf_at):
         PF_AT=pf_at if nxt else 0, PW=pwn, PS=psn, PZ=pzn, num_warps=nw,
     )
     return y
-
-
-def layer_tensors(n, k, kind, group, gen):
-    if kind == "int4":
-        return {
-            "weight": torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8).cuda(),
-            "scale": (torch.rand(n, k // group, generator=gen) * 0.01 + 0.001).bfloat16().cuda(),
-            "zero": torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8).cuda(),
-        }
-    return {
-        "weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8).cuda(),
-        "scale": (torch.rand(n, generator=gen) * 0.01 + 0.001).float().cuda(),
-    }
 
 
 _FLUSH: list = []
