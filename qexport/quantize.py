@@ -15,7 +15,7 @@ import fnmatch
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ def _type_key_mro(m: nn.Module) -> tuple[type, ...]:
 
 class _RecipeTable:
     """Which scheme each module gets. Precedence (first that applies wins):
-    1. a name key equal to the module's fully qualified name;
+    1. a name key equal to the module's fully qualified name (any of them, for a module registered twice);
     2. the first name key (in the mapping's order) that matches it as a glob (`fnmatch`: `*` spans dots);
     3. the type key nearest the module's class in its MRO (`nn.Linear` also matches subclasses and
        transformers' Conv1D);
@@ -221,16 +221,17 @@ class _RecipeTable:
         found = [self.single] if self.single else [s for _, s in self.names] + list(self.types.values())
         return [s for s in found if s is not None]
 
-    def lookup(self, fqn: str, m: nn.Module) -> "_Match | None":
-        """The entry that decides `m`'s scheme, None if no entry does."""
+    def lookup(self, names: Sequence[str], m: nn.Module) -> "_Match | None":
+        """The entry that decides `m`'s scheme, None if no entry does. `names` are all its paths (a module
+        registered twice, `self.head = self.blocks[-1]`, answers to a key naming either)."""
         if self.single is not None:
             return _Match(self.single, "", exact=False)
         for key, s in self.names:
-            if key == fqn:
+            if key in names:
                 self.used.add(key)
                 return _Match(s, repr(key), exact=True)
         for key, s in self.names:
-            if fnmatch.fnmatchcase(fqn, key):
+            if any(fnmatch.fnmatchcase(fqn, key) for fqn in names):
                 self.used.add(key)
                 return _Match(s, repr(key), exact=False)
         for cls in _type_key_mro(m):
@@ -552,6 +553,7 @@ def _plan(
     An explicit selection (filter_fn, a recipe key equal to the module's name) of something that cannot be
     quantized is an error; a layer merely not taken by the default selection is reported as skipped."""
     read_directly = _read_directly(model)
+    aliases = _alias_paths(model)
     chosen: list[_Choice] = []
     skipped: dict[str, LayerDecision] = {}
     op_refused: dict[str, tuple[nn.Module, _Layer, Scheme]] = {}  # scheme cannot take the op (tie candidates)
@@ -567,7 +569,7 @@ def _plan(
         if fqn in read_directly:
             # only a recipe key naming it is an explicit choice: a filter_fn keeping every nn.Linear keeps
             # MultiheadAttention's out_proj too, and that one is skipped, not an error for the model
-            match = table.lookup(fqn, m)
+            match = table.lookup(aliases[id(m)], m)
             if match is not None and match.exact and match.scheme is not None:
                 raise UnsupportedModuleError(f"{fqn}: {read_directly[fqn]}; leave it out of the recipe")
             skip(read_directly[fqn], layer.op if layer else None)
@@ -576,7 +578,7 @@ def _plan(
         if filter_fn is not None and not explicit:
             skip("filter_fn returned False", layer.op if layer else None)
             continue
-        match = table.lookup(fqn, m)
+        match = table.lookup(aliases[id(m)], m)
         explicit = explicit or (match is not None and match.exact)
         if layer is None and match is not None and match.names_class and (base := _base_of(m)) is not None:
             # a recipe naming a subclass that overrides forward: the user says it computes what its base

@@ -396,6 +396,15 @@ def test_a_layer_under_two_names_is_quantized_under_both():
     assert not any(p.dtype.is_floating_point and p.dim() == 2 for p in ep.state_dict.values())  # no float weight left
 
 
+@pytest.mark.parametrize("key", ["head", "hea*"])
+def test_a_recipe_key_naming_a_layers_second_name_decides_it(key):
+    """It was reported as "matched no weight layer" and the layer took the type key's scheme."""
+    model = qexport.quantize(_Aliased().eval(), {nn.Linear: "int8_weight_only", key: None})
+    assert not isinstance(model.head, QuantizedModule) and model.head is model.blocks[1]
+    assert isinstance(model.blocks[0], QuantizedModule)
+    assert model.qexport_summary.unmatched_keys == ()
+
+
 # -- recipes ---------------------------------------------------------------------------------------
 
 def test_recipe_precedence():
