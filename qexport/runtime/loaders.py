@@ -17,7 +17,7 @@ from serializers.files import check_readable, pinned_digest
 from ..extras import missing_extra, require
 from ..quiet import first_call_quiet, native_stderr
 from ..errors import ArtifactError, BackendUnavailableError, CorruptArtifactError, QExportError
-from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner, refuse_mismatch
+from .runner import Flat, InputInfo, Runner, flat_tensors, input_infos, program_runner
 
 ARTIFACT_KINDS = kinds.BUILTIN
 
@@ -133,7 +133,7 @@ def load_aoti(p: Path, expected_sha256: str | None) -> Runner:
             return flat_tensors(compiled.run_flat(list(flat)))
 
     extra = compiled.qexport_manifest.extra
-    return Runner("aoti", p, call, device=extra.get("device", "cpu"), inputs=_manifest_inputs(extra))
+    return Runner("aoti", p, call, device=extra.get("device", "cpu"), inputs=_manifest_inputs(extra), call_checks_inputs=True)
 
 
 def _manifest_specs(extra: Mapping[str, Any]) -> list[Any]:
@@ -184,7 +184,6 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
     execute = first_call_quiet(method.execute)
 
     def call(flat: Flat, _program: Any = program) -> Flat:  # the Program owns the bytes `method` runs from
-        refuse_mismatch(runner, flat)
         for info, x in zip(inputs, flat):  # the runtime's own refusal is "error 0x10" and a native log line
             if x.dim() != len(info.shape) or any(n > cap for n, cap in zip(x.shape, info.shape)):
                 raise ArtifactError(
@@ -194,8 +193,7 @@ def load_pte(p: Path, expected_sha256: str | None) -> Runner:
         return flat_tensors(execute([x.contiguous() for x in flat]))
 
     rec = program.qexport_data_file
-    runner = Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
-    return runner
+    return Runner("pte", p, call, inputs=inputs, data_files=(rec.path_beside(p),) if rec is not None else ())
 
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
@@ -237,11 +235,9 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
         return {n: x.detach().contiguous().numpy() for n, x in zip(names, flat)}
 
     def call(flat: Flat) -> Flat:
-        refuse_mismatch(runner, flat)
         return [torch.from_numpy(o) for o in session.run(None, feed(flat))]
 
-    runner = Runner("onnx", p, call, inputs=_with_specs(inputs, model.manifest.extra), region_call=_onnx_region_call(model, options, feed))
-    return runner
+    return Runner("onnx", p, call, inputs=_with_specs(inputs, model.manifest.extra), region_call=_onnx_region_call(model, options, feed))
 
 
 def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:

@@ -63,6 +63,8 @@ class Runner:
     cache: dict[str, Any] = field(default_factory=dict)
     #: the other files the artifact reads (a .pte's data file), counted in `size`
     data_files: tuple[Path, ...] = ()
+    #: `call` checks its inputs itself (an AOTI package: `load_compiled`'s runner), so `__call__` does not
+    call_checks_inputs: bool = False
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> Flat:
         """CPU tensors in and out whatever the device; `call` is the device-level convention."""
@@ -70,6 +72,8 @@ class Runner:
             from ..errors import UsageError
 
             raise UsageError(f"{self.path}: a runner takes a list of tensors, one per input (runner([x])), not a tensor")
+        if not self.call_checks_inputs:  # `call` stays unchecked: generation feeds it what it built itself, per token
+            refuse_mismatch(self, inputs)
         if self.device == "cpu":
             return self.call(list(inputs))
         return [y.cpu() for y in self.call([x.to(self.device) for x in inputs])]
@@ -91,14 +95,12 @@ def program_runner(ep: torch.export.ExportedProgram, path: "Path | None" = None)
     module = ep.module()
 
     def call(flat: Flat) -> Flat:
-        refuse_mismatch(runner, flat)  # torch's own words: "Guard failed: x.size()[1] == 256", a pytree length
         args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
         with torch.no_grad():
             return flat_tensors(module(*args, **kwargs))
 
-    runner = Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep),
-                    region_call=lambda flat: region_outputs(ep, flat))
-    return runner
+    return Runner("pt2", path or Path("<program>"), call, program=ep, inputs=program_inputs(ep),
+                  region_call=lambda flat: region_outputs(ep, flat))
 
 
 def region_outputs(ep: torch.export.ExportedProgram, flat: Flat) -> dict[str, tuple[str, torch.Tensor]]:
@@ -212,8 +214,8 @@ def input_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> str | None:
 def refuse_mismatch(runner: Runner, flat: Sequence[torch.Tensor]) -> None:
     """UsageError where `input_mismatch` finds that `flat` cannot be `runner`'s inputs. For the runtimes
     that do not say it themselves: ExecuTorch answers a wrong dtype or count with "error 0x12" and a
-    native log line, onnxruntime with its own feed errors, a program's module with a failed guard (and
-    runs another dtype than it was traced with). AOTI packages check in `load_compiled`."""
+    native log line, onnxruntime with its own feed errors, a program's module with a failed guard ("Guard
+    failed: x.size()[1] == 256", a pytree length) or runs another dtype than it was traced with."""
     if (why := input_mismatch(runner, flat)) is not None:
         from ..errors import UsageError
 
