@@ -546,14 +546,14 @@ class _Choice:
 
 
 def _plan(
-    model: nn.Module, table: _RecipeTable, filter_fn: FilterFn | None
+    model: nn.Module, table: _RecipeTable, filter_fn: FilterFn | None, aliases: Mapping[int, list[str]]
 ) -> tuple[list[_Choice], list[LayerDecision]]:
-    """The layers to quantize (with their scheme) and the decision for every weight-bearing layer.
+    """The layers to quantize (with their scheme) and the decision for every weight-bearing layer;
+    `aliases` is `_alias_paths(model)`, every name of each module.
 
     An explicit selection (filter_fn, a recipe key equal to the module's name) of something that cannot be
     quantized is an error; a layer merely not taken by the default selection is reported as skipped."""
     read_directly = _read_directly(model)
-    aliases = _alias_paths(model)
     chosen: list[_Choice] = []
     skipped: dict[str, LayerDecision] = {}
     op_refused: dict[str, tuple[nn.Module, _Layer, Scheme]] = {}  # scheme cannot take the op (tie candidates)
@@ -829,7 +829,8 @@ def quantize(
             "quantize() replaces submodules in place; wrap a bare Linear/Conv/Embedding in a container "
             "(e.g. nn.Sequential(layer))"
         )
-    chosen, decisions = _plan(model, table, filter_fn)
+    aliases = _alias_paths(model)  # the replacement below puts each quantized layer under all its names
+    chosen, decisions = _plan(model, table, filter_fn, aliases)
     if not chosen:
         names = ", ".join(s.name for s in table.schemes()) or "the recipe"
         reasons = sorted({f"{d.layer_type}: {d.reason}" for d in decisions})
@@ -840,7 +841,6 @@ def quantize(
         )
     calib = _calibrate(model, chosen, calibration_data) if calibrated else _Calibration({}, {})
     shared: dict[str, dict[str, torch.Tensor]] = {}
-    aliases = _alias_paths(model)
     for c in chosen:
         m, math = c.module, math_for(c.scheme)
         weight = c.layer.weight(m)
