@@ -96,6 +96,24 @@ def gemv_pdl(x, t, tile, group, pdl, prefetch, early, y=None):
     return y
 
 
+#: each chain's GEMV tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the package's picks at M=1 and neighbours
+TILES = {"int4": [(1, 16, 1024, 4, 3), (1, 8, 1024, 2, 3), (1, 32, 1024, 4, 3)],
+         "int8": [(1, 4, 1024, 2, 4), (1, 8, 512, 2, 3), (1, 16, 512, 4, 3)]}
+
+
+def bf16_chain(x0, dims):
+    """cuBLAS bf16 over random layers of these (N, K) shapes, from x0: the baseline chain."""
+    bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in dims]
+
+    def chain():
+        h = x0
+        for w in bf:
+            h = h @ w.t()
+        return h
+
+    return chain
+
+
 def layer_tensors(n, k, kind, group, gen):
     if kind == "int4":
         return {
@@ -135,18 +153,9 @@ def main() -> None:
 
     shapes = {"4096x4096": [(4096, 4096)] * args.layers,
               "llama3072 (qkv-ish, up, down)": [(3072, 3072), (8192, 3072), (3072, 8192), (3072, 3072)]}
-    tiles = {"int4": [(1, 16, 1024, 4, 3), (1, 8, 1024, 2, 3), (1, 32, 1024, 4, 3)],
-             "int8": [(1, 4, 1024, 2, 4), (1, 8, 512, 2, 3), (1, 16, 512, 4, 3)]}
     for sname, dims in shapes.items():
         x0 = torch.randn(1, dims[0][1], device="cuda", dtype=torch.bfloat16)
-        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in dims]
-
-        def chain_bf16():
-            h = x0
-            for w in bf:
-                h = h @ w.t()
-            return h
-
+        chain_bf16 = bf16_chain(x0, dims)
         chain_bf16()
         record("cuBLAS bf16", median_us(chain_bf16), shape=sname)
         for kind in ("int4", "int8"):
@@ -171,7 +180,7 @@ def main() -> None:
 
             want = chain_ref().float()
             record("package GEMV (no PDL)", median_us(chain_ref), shape=sname, kind=kind)
-            for tile in tiles[kind]:
+            for tile in TILES[kind]:
                 if any(k % tile[2] for _, k in dims):
                     continue
                 for pdl, prefetch, early, between in ((False, False, False, False), (True, False, False, False),

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qexport.lower.kernels import cuda as qk  # noqa: E402
 from qexport.lower.kernels import cuda_tune  # noqa: E402
 
-from cuda_lab_pdl import layer_tensors  # noqa: E402  (the same random layers as the PDL lab)
+from cuda_lab_pdl import TILES, bf16_chain, layer_tensors  # noqa: E402  (the PDL lab's tiles and random layers)
 
 PIECE = 4096  # bytes per prefetch instruction
 
@@ -163,25 +163,16 @@ def main() -> None:
     shapes = {"4x4096^2": [(4096, 4096)] * 4,
               "llama3072 (q, up, down, o)": [(3072, 3072), (8192, 3072), (3072, 8192), (3072, 3072)],
               "8x4096^2": [(4096, 4096)] * 8}
-    tiles = {"int4": [(1, 16, 1024, 4, 3), (1, 8, 1024, 2, 3), (1, 32, 1024, 4, 3)],
-             "int8": [(1, 4, 1024, 2, 4), (1, 8, 512, 2, 3), (1, 16, 512, 4, 3)]}
     for sname, dims in shapes.items():
         x0 = torch.randn(1, dims[0][1], device="cuda", dtype=torch.bfloat16)
-        bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in dims]
-
-        def chain_bf16():
-            h = x0
-            for w in bf:
-                h = h @ w.t()
-            return h
-
+        chain_bf16 = bf16_chain(x0, dims)
         record("cuBLAS bf16", med(chain_bf16), shape=sname)
-        del bf
+        del chain_bf16  # its bf16 weights
         for kind in ("int4", "int8"):
             group = 128 if kind == "int4" else None
             ts = [layer_tensors(n, k, kind, group, gen) for n, k in dims]
             nbytes = sum(sum(v.numel() * v.element_size() for v in t.values()) for t in ts)
-            for tile in tiles[kind]:
+            for tile in TILES[kind]:
                 if any(k % tile[2] for _, k in dims):
                     continue
 
