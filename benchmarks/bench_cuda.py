@@ -113,7 +113,8 @@ def copy_graph_us(total_bytes: int, layers: int = 4) -> float:
     bufs = [(torch.empty(half, dtype=torch.uint8, device="cuda").random_(), torch.empty(half, dtype=torch.uint8, device="cuda"))
             for _ in range(layers)]
     copies = lambda: [dst.copy_(src) for src, dst in bufs]  # noqa: E731
-    graph, _ = capture(lambda x: copies(), None)
+    from qexport.lower.kernels.cuda_tune import capture as capture_fn
+    graph = capture_fn(copies)
     us = bench(graph.replay)
     del bufs, graph
     torch.cuda.empty_cache()
@@ -137,16 +138,11 @@ def first(y):
 
 
 def capture(runner, x: torch.Tensor):
-    """A CUDA graph of one `runner(x)` call (warmed up on a side stream, as torch.cuda.graph asks)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        runner(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = first(runner(x))
-    return graph, y
+    """A CUDA graph of one `runner(x)` call, and the output tensor its replays write."""
+    from qexport.lower.kernels.cuda_tune import capture as capture_fn
+    out: dict = {}
+    graph = capture_fn(lambda: out.__setitem__("y", first(runner(x))))
+    return graph, out["y"]
 
 
 # -- the package table ----------------------------------------------------------------------------
