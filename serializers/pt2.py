@@ -299,14 +299,30 @@ def _reaches_outside(target: str) -> bool:
 
 
 def _check_operators(p: Path, graph: Any) -> None:
-    """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES)."""
+    """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES),
+    as a node's target or handed to another operator as an argument (`as_operator`): higher-order ops
+    call those (`strict_mode(op, operands)` runs `op(*operands)`), and torch's deserializer resolves an
+    argument's name as any attribute path under `torch` (`torch.os.system`, `torch.save`), not only ops."""
     for node in _json_objects(graph):
         target = node.get("target")
         if isinstance(target, str) and "inputs" in node and _reaches_outside(target):
-            raise UnsafeArtifactError(
-                f"{p}: the program calls {target[:120]!r}, which reads or writes files or talks to other processes; "
-                f"qexport does not load programs that do (export the model without it)"
-            )
+            raise _calls_outside(p, target)
+        if "as_operator" in node:
+            op = node["as_operator"]
+            if not isinstance(op, str) or not op.startswith("torch.ops.") or _reaches_outside(op):
+                raise _calls_outside(p, str(op))
+
+
+def _calls_outside(p: Path, op: str) -> UnsafeArtifactError:
+    if not op.startswith("torch.ops."):
+        return UnsafeArtifactError(
+            f"{p}: the program hands {op[:120]!r} to an operator as an argument; torch writes only operators "
+            f"(torch.ops....) there, and would resolve this as any Python callable. Re-export and save it with qexport"
+        )
+    return UnsafeArtifactError(
+        f"{p}: the program calls {op[:120]!r}, which reads or writes files or talks to other processes; "
+        f"qexport does not load programs that do (export the model without it)"
+    )
 
 
 def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:

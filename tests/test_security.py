@@ -265,9 +265,27 @@ def test_symbolic_shapes_torch_writes_pass_the_check():
         assert _safe_shape_expr(expr), expr
 
 
-def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads):
+def _from_file_call(created: Path) -> dict:
+    return dict(target="torch.ops.aten.from_file.default", inputs=[
+        {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
+        {"name": "shared", "arg": {"as_bool": True}, "kind": 1}, {"name": "size", "arg": {"as_int": 512}, "kind": 1}])
+
+
+def _passed_to_strict_mode(op: str):
+    """strict_mode(op, operands) runs op(*operands): the operator reaches the program as an argument."""
+    return lambda created: dict(target="torch.ops.higher_order.strict_mode", inputs=[
+        {"name": "", "arg": {"as_operator": op}, "kind": 1}, {"name": "", "arg": {"as_strings": [str(created)]}, "kind": 1}])
+
+
+@pytest.mark.parametrize("call, words", [
+    (_from_file_call, "calls 'torch.ops.aten.from_file.default', which reads or writes files"),
+    (_passed_to_strict_mode("torch.ops.aten.from_file.default"), "calls 'torch.ops.aten.from_file.default', which reads"),
+    (_passed_to_strict_mode("torch.os.system"), "hands 'torch.os.system' to an operator as an argument"),
+])
+def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads, call, words):
     """aten.from_file(filename, shared=True, size) in a resealed .pt2 loaded, and created the file when
-    verify or bench ran the program."""
+    verify or bench ran the program; handed to strict_mode as an argument it loaded, and ran, after the
+    check of node targets."""
     from serializers.pt2 import _reaches_outside
 
     created = tmp_path / "created"
@@ -277,14 +295,12 @@ def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_
             return d
         graph = json.loads(d)
         node = next(x for x in graph["graph_module"]["graph"]["nodes"] if x["target"] == "torch.ops.aten.relu.default")
-        node.update(target="torch.ops.aten.from_file.default", inputs=[
-            {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
-            {"name": "shared", "arg": {"as_bool": True}, "kind": 1}, {"name": "size", "arg": {"as_int": 512}, "kind": 1}])
+        node.update(call(created))
         return json.dumps(graph).encode()
 
     p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "file.pt2")
     for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="calls 'torch.ops.aten.from_file.default', which reads or writes files"):
+        with pytest.raises(UnsafeArtifactError, match=words):
             fn(p)
     assert not created.exists()
     assert [_reaches_outside(f"torch.ops.{t}") for t in ("aten.save.default", "debugprims.load_tensor.default",
