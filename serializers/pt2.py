@@ -282,13 +282,17 @@ def _check_symbolic_exprs(p: Path, graph: Any) -> None:
 _IO_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor",
                             "symm_mem", "cplib", "debugprims", "profiler"})
 _FILE_ARGS = frozenset({"filename", "file", "path", "filepath"})
+# Operators that write to the terminal: a resealed program calling aten._print (or the print HOP, a
+# format string over its arguments) printed raw escape sequences, or a forged "pass" row, into the
+# output of `qexport verify` and `bench`, whose own text is escaped (qexport.table.printable).
+_PRINTING_OPS = frozenset({"aten._print", "higher_order.print"})
 
 
 def _reaches_outside(target: str) -> bool:
     parts = target.split(".")
     if parts[:2] != ["torch", "ops"] or len(parts) < 4:
         return False  # builtins (operator, math, torch.sym_*): torch's verifier refuses any other callable
-    if parts[2] in _IO_NAMESPACES:
+    if parts[2] in _IO_NAMESPACES or ".".join(parts[2:4]) in _PRINTING_OPS:
         return True
     try:
         op = getattr(getattr(getattr(torch.ops, parts[2]), parts[3]), parts[4] if len(parts) > 4 else "default")
@@ -299,7 +303,7 @@ def _reaches_outside(target: str) -> bool:
 
 
 def _check_operators(p: Path, graph: Any) -> None:
-    """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES),
+    """Refuse a program that calls an operator which reaches files, the terminal or other processes (see _IO_NAMESPACES),
     as a node's target or handed to another operator as an argument (`as_operator`): higher-order ops
     call those (`strict_mode(op, operands)` runs `op(*operands)`), and torch's deserializer resolves an
     argument's name as any attribute path under `torch` (`torch.os.system`, `torch.save`), not only ops."""
@@ -320,7 +324,7 @@ def _calls_outside(p: Path, op: str) -> UnsafeArtifactError:
             f"(torch.ops....) there, and would resolve this as any Python callable. Re-export and save it with qexport"
         )
     return UnsafeArtifactError(
-        f"{p}: the program calls {op[:120]!r}, which reads or writes files or talks to other processes; "
+        f"{p}: the program calls {op[:120]!r}, which reads or writes files, prints, or talks to other processes; "
         f"qexport does not load programs that do (export the model without it)"
     )
 

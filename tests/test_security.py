@@ -281,11 +281,13 @@ def _passed_to_strict_mode(op: str):
     (_from_file_call, "calls 'torch.ops.aten.from_file.default', which reads or writes files"),
     (_passed_to_strict_mode("torch.ops.aten.from_file.default"), "calls 'torch.ops.aten.from_file.default', which reads"),
     (_passed_to_strict_mode("torch.os.system"), "hands 'torch.os.system' to an operator as an argument"),
+    (lambda created: dict(target="torch.ops.aten._print.default", inputs=[
+        {"name": "s", "arg": {"as_string": "\x1b[2J verify: pass"}, "kind": 1}]), "calls 'torch.ops.aten._print.default', which"),
 ])
 def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads, call, words):
     """aten.from_file(filename, shared=True, size) in a resealed .pt2 loaded, and created the file when
     verify or bench ran the program; handed to strict_mode as an argument it loaded, and ran, after the
-    check of node targets."""
+    check of node targets; aten._print printed raw escapes into verify's output."""
     from serializers.pt2 import _reaches_outside
 
     created = tmp_path / "created"
@@ -304,8 +306,8 @@ def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_
             fn(p)
     assert not created.exists()
     assert [_reaches_outside(f"torch.ops.{t}") for t in ("aten.save.default", "debugprims.load_tensor.default",
-            "_c10d_functional.all_reduce.default", "aten.relu.default", "aten.div.Tensor_mode", "higher_order.invoke_quant_packed")] \
-        == [True, True, True, False, False, False]
+            "_c10d_functional.all_reduce.default", "higher_order.print", "aten.relu.default", "aten.div.Tensor_mode",
+            "higher_order.invoke_quant_packed")] == [True, True, True, True, False, False, False]
 
 
 def test_a_manifest_without_digests_is_refused(pt2, tmp_path):
