@@ -192,6 +192,7 @@ def _check_program(archive: Archive) -> None:
     _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
     graph = archive.json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME))
     _check_symbolic_exprs(p, graph)
+    _check_guards(p, graph)
     _check_operators(p, graph)
 
 
@@ -271,6 +272,73 @@ def _check_symbolic_exprs(p: Path, graph: Any) -> None:
             raise UnsafeArtifactError(
                 f"{p}: the program holds a symbolic shape {str(node['expr_str'])[:80]!r} that is not a shape expression "
                 f"torch writes; torch.export.load would evaluate it as Python. Re-export and save the program with qexport"
+            )
+
+
+# A program's `guards_code` (input checks torch.export found while tracing: "L['x'].size()[1] >= 3")
+# becomes Python source that `ep.module()` execs: each guard is pasted into `torch._assert(<guard>,
+# "Guard failed: <guard>")`. Every runner, verify, bench and serve call ep.module(), so a resealed
+# program whose guard was `__import__('os').system(...)` ran it on each call, and one that closed the
+# call with a newline ran a top-level statement as it loaded. A guard must be one line of what torch
+# writes: comparisons and arithmetic over input sizes (`L['name'].size()[i]`, stride, storage_offset),
+# integers, and the shape functions of torch's printer; no other name, attribute, call or string.
+_GUARD_NAMES = frozenset({"L", "math", "torch", "IsNonOverlappingAndDenseIndicator", "cast_symbool_to_symint_guardless",
+                          "max", "min", "abs", "int", "float", "round"})
+_GUARD_TENSOR_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
+_GUARD_MODULE_ATTR = {"math": re.compile(r"[a-z][a-z0-9]*"), "torch": re.compile(r"_?sym_[a-z_]+")}
+_GUARD_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_GUARD_MAX_POWER = 64
+
+
+def _safe_guard(code: Any) -> bool:
+    import ast
+
+    if not isinstance(code, str) or len(code) > _MAX_EXPR or not code.isprintable() or any(c in code for c in '#\\"'):
+        return False
+    try:
+        tree = ast.parse(code, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    allowed = (ast.Expression, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Call, ast.Load, ast.Eq, ast.NotEq,
+               ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.And, ast.Or, ast.Not, ast.USub, ast.UAdd, ast.Add, ast.Sub, ast.Mult,
+               ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.Name, ast.Constant, ast.Attribute, ast.Subscript)
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed):
+            return False
+        if isinstance(node, ast.Name) and node.id not in _GUARD_NAMES:
+            return False
+        if isinstance(node, ast.Constant) and not (type(node.value) in (int, float, bool) and abs(node.value) <= 2 ** 64):
+            if not (isinstance(node.value, str) and _GUARD_KEY.fullmatch(node.value)):
+                return False  # a string is only an input's key (L['x'], L['kwargs']['mask']), checked below
+        if isinstance(node, ast.Attribute):
+            module = node.value.id if isinstance(node.value, ast.Name) else None
+            if module in _GUARD_MODULE_ATTR:
+                if not _GUARD_MODULE_ATTR[module].fullmatch(node.attr):
+                    return False
+            elif node.attr not in _GUARD_TENSOR_ATTRS:
+                return False
+        if isinstance(node, ast.Call) and (node.keywords or not isinstance(node.func, (ast.Name, ast.Attribute))):
+            return False
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
+            return False
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # 9 ** 10 ** 19 is an exact, endless computation
+            if not (isinstance(node.right, ast.Constant) and type(node.right.value) is int and 0 <= node.right.value <= _GUARD_MAX_POWER):
+                return False
+    return True
+
+
+def _check_guards(p: Path, graph: Any) -> None:
+    """Refuse a program whose guards are not input checks torch writes (see _GUARD_NAMES)."""
+    guards = graph.get("guards_code") if isinstance(graph, dict) else None
+    if guards is None:
+        return
+    if not isinstance(guards, list):
+        raise CorruptArtifactError(f"{p}: the program's guards_code is a {type(guards).__name__}, not a list")
+    for code in guards:
+        if not _safe_guard(code):
+            raise UnsafeArtifactError(
+                f"{p}: the program holds an input guard {str(code)[:80]!r} that is not a check torch writes; running the "
+                f"program would execute it as Python. Re-export and save the program with qexport"
             )
 
 

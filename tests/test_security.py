@@ -258,11 +258,41 @@ def test_symbolic_shapes_are_never_evaluated_as_python(pt2, tmp_path, torch_neve
 
 
 def test_symbolic_shapes_torch_writes_pass_the_check():
-    from serializers.pt2 import _safe_shape_expr
+    from serializers.pt2 import _safe_guard, _safe_shape_expr
 
     for expr in ("Add(Symbol('s17', positive=True, integer=True), Integer(-1))", "FloorDiv(s0, 2) + 1", "-int_oo",
                  "StrictLessThan(Symbol('s0'), Integer(3))", "Pow(Symbol('s0'), Integer(2))", "Float('1.5', precision=53)"):
         assert _safe_shape_expr(expr), expr
+    # guards torch.export writes (a dynamic reshape's, a branch on a size's), and the forms its printer uses
+    for guard in ("L['x'].size()[1] >= 3", "(L['x'].size()[1]*L['x'].size()[0]) == (2*((L['x'].size()[1]*L['x'].size()[0]) // 2))",
+                  "L['args'][0].stride()[0] == 1", "L['kwargs']['mask'].size()[0] <= 64", "torch.sym_max(L['x'].size()[0], 2) == 4",
+                  "math.floor(L['x'].size()[0] / 2) == 3", "not (L['x'].size()[0]**2 == 3)"):
+        assert _safe_guard(guard), guard
+
+
+@pytest.mark.parametrize("guard", [
+    "__import__('os').mkdir({marker!r}) == 0",  # pasted into torch._assert(...): ran on every call of the program
+    "1 #\n)\n__import__('os').mkdir({marker!r})\ndef _(*args):\n  torch._assert(1",  # a statement: ran as it loaded
+    "L['x'].__class__.__init__ == 1",
+    "L['x'].size()[0] ** 10 ** 19 == 1",  # an exact, endless computation on each call
+])
+def test_guards_are_never_run_as_python(pt2, tmp_path, torch_never_reads, guard):
+    """ep.module() execs a program's guards_code as Python (every runner, verify, bench, serve call it);
+    a resealed program with code there is refused before torch reads it."""
+    marker = tmp_path / "ran"
+
+    def edit(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        graph["guards_code"] = [guard.format(marker=str(marker))]
+        return json.dumps(graph).encode()
+
+    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "guard.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="input guard .* not a check torch writes"):
+            fn(p)
+    assert not marker.exists()
 
 
 def _from_file_call(created: Path) -> dict:
