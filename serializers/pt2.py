@@ -189,8 +189,9 @@ def _check_program(archive: Archive) -> None:
             raise CorruptArtifactError(f"{p}: the archive has no {n!r} record")
     if archive.members[C.ARCHIVE_FORMAT_PATH] != C.ARCHIVE_FORMAT_VALUE.encode():
         raise CorruptArtifactError(f"{p}: archive_format is not {C.ARCHIVE_FORMAT_VALUE!r}")
-    _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
+    samples = _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
     graph = archive.json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME))
+    _check_source_names(p, graph, samples)
     _check_symbolic_exprs(p, graph)
     _check_guards(p, graph)
     _check_operators(p, graph)
@@ -273,6 +274,102 @@ def _check_symbolic_exprs(p: Path, graph: Any) -> None:
                 f"{p}: the program holds a symbolic shape {str(node['expr_str'])[:80]!r} that is not a shape expression "
                 f"torch writes; torch.export.load would evaluate it as Python. Re-export and save the program with qexport"
             )
+
+
+# Names torch pastes into Python source and execs. FX writes each program's `forward` from its
+# placeholders' names, which torch's deserializer sets as the file says (bypassing FX's own cleaning),
+# and its keyword-argument names; a subgraph's name becomes `getattr(self, "<name>")`; ep.module()
+# writes `def forward(self, <names>)` from the signature's forward_arg_names (or the input spec's
+# keyword names), pastes every input's key path into its guards' messages (the example inputs' dict
+# keys included) and a constant string input's value as a quoted literal. A resealed .pt2 whose input
+# was named `x=__import__('os').system(...)` ran it inside torch.export.load; one whose example inputs
+# held a dict key with a double quote ran code on each call of ep.module(). So names must be
+# identifiers (parameter and buffer paths: dotted ones), and every other key or string a program or
+# its example inputs hold there must be free of quotes, backslashes and control characters (inside a
+# quoted literal, such a string cannot end it).
+_SOURCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_SOURCE_FQN = re.compile(r"[A-Za-z0-9_]{1,200}(?:\.[A-Za-z0-9_]{1,200}){0,63}")
+_SOURCE_KEY = re.compile(r"[^'\"\\\x00-\x1f\x7f]{0,200}")
+_NAME_FIELDS = frozenset({"name", "as_name"})
+_FQN_FIELDS = frozenset({"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"})
+_VALUE_TABLES = frozenset({"tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values"})
+
+
+def _check_source_names(p: Path, graph: Any, samples: Any) -> None:
+    """Refuse a program or example inputs holding a name or key torch would paste into code unquoted
+    or break a quoted literal with (see _SOURCE_NAME)."""
+    def refuse(what: str, name: Any) -> UnsafeArtifactError:
+        return UnsafeArtifactError(
+            f"{p}: the program holds {what} {str(name)[:80]!r}, which torch would paste into the Python source it runs; "
+            f"torch.export writes identifiers there. Re-export and save the program with qexport"
+        )
+
+    for node in _json_objects(graph):
+        for field, value in node.items():
+            if not isinstance(value, str) or value == "":  # a dict argument's "name" key holds an argument, not a name
+                pass
+            elif field in _NAME_FIELDS and not _SOURCE_NAME.fullmatch(value) or field in _FQN_FIELDS and not _SOURCE_FQN.fullmatch(value):
+                raise refuse(f"a {field}", value)
+            if field in _VALUE_TABLES and isinstance(value, dict):
+                for name in value:
+                    if not _SOURCE_NAME.fullmatch(name):
+                        raise refuse("a value named", name)
+            if field == "inputs" and "nodes" in node and isinstance(value, list):  # a graph's constant inputs: `L['s'] == '<value>'`
+                for item in value:
+                    text = item.get("as_string") if isinstance(item, dict) else None
+                    if isinstance(text, str) and not _SOURCE_KEY.fullmatch(text):
+                        raise refuse("a constant input", text)
+            if field == "forward_arg_names" and isinstance(value, list):
+                for name in value:
+                    if not (isinstance(name, str) and _SOURCE_NAME.fullmatch(name)):
+                        raise refuse("an argument named", name)
+            if field in ("in_spec", "out_spec") and isinstance(value, str):
+                for key, kwarg in _spec_keys(value):
+                    if not (_SOURCE_NAME if kwarg else _SOURCE_KEY).fullmatch(key):
+                        raise refuse("an input key" if field == "in_spec" else "an output key", key)
+    stack = [(samples, False)]
+    while stack:  # the example inputs: (args, kwargs), kwargs' keys become argument names
+        value, kwargs = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, (str, int)) or isinstance(key, str) and not (_SOURCE_NAME if kwargs else _SOURCE_KEY).fullmatch(key):
+                    raise refuse("an example input keyed", key)
+                stack.append((item, False))
+        elif isinstance(value, (list, tuple)):
+            top = value is samples and len(value) == 2
+            stack.extend((item, top and i == 1) for i, item in enumerate(value))
+
+
+def _spec_keys(spec: str) -> Iterator[tuple[str, bool]]:
+    """(key, whether it is a keyword argument's name) for every string in a serialized treespec's
+    contexts (dict keys, container field names); the input spec's kwargs keys are argument names."""
+    import json
+
+    try:
+        _, root = json.loads(spec)
+    except (ValueError, TypeError, RecursionError):
+        return  # torch's loader reports an unreadable spec
+    stack = [(root, False)]
+    while stack:
+        node, kwargs = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        context = node.get("context")
+        try:
+            values = [json.loads(context)] if isinstance(context, str) else []
+        except (ValueError, RecursionError):
+            values = [context]
+        while values:
+            v = values.pop()
+            if isinstance(v, str):
+                yield v, kwargs
+            elif isinstance(v, list):
+                values.extend(v)
+            elif isinstance(v, dict):
+                values.extend([*v.keys(), *v.values()])
+        children = node.get("children_spec") or []
+        top = node is root and node.get("type") == "builtins.tuple" and len(children) == 2
+        stack.extend((c, top and i == 1) for i, c in enumerate(children))
 
 
 # A program's `guards_code` (input checks torch.export found while tracing: "L['x'].size()[1] >= 3")
@@ -429,11 +526,12 @@ def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:
         )
 
 
-def _check_sample_inputs(p: Path, data: bytes) -> None:
+def _check_sample_inputs(p: Path, data: bytes) -> Any:
+    """The stored example inputs (None when there are none), read as torch will read them."""
     if not data:
-        return
+        return None
     try:
-        torch.load(io.BytesIO(data), weights_only=True)
+        return torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({e})") from None

@@ -295,6 +295,46 @@ def test_guards_are_never_run_as_python(pt2, tmp_path, torch_never_reads, guard)
     assert not marker.exists()
 
 
+def _renamed(value, old: str, new: str):
+    """`value` (a program's JSON) with the tensor `old` named `new` everywhere."""
+    if isinstance(value, dict):
+        return {(new if k == old else k): (new if k == "name" and v == old else _renamed(v, old, new)) for k, v in value.items()}
+    return [_renamed(v, old, new) for v in value] if isinstance(value, list) else value
+
+
+def _keyed_samples(key: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save((({key: torch.randn(4, 64)},), {}), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("edit", ["input_name", "example_input_key"])
+def test_names_torch_pastes_into_python_are_identifiers(pt2, tmp_path, torch_never_reads, edit):
+    """torch.export.load writes a program's forward from its placeholders' names as the file has them
+    (an input named `x=__import__('os')...` ran inside qexport.load) and ep.module() pastes the example
+    inputs' dict keys into its guards' messages (a key with a double quote ran on every call)."""
+    marker = tmp_path / "ran"
+    code = f"__import__('os').mkdir({str(marker)!r})"
+
+    def change(n, d):
+        if n.endswith("models/model.json"):
+            graph = json.loads(d)
+            if edit == "input_name":
+                graph["graph_module"] = _renamed(graph["graph_module"], "x", f"x={code}")
+            return json.dumps(graph).encode()
+        if n.endswith("sample_inputs/model.pt") and edit == "example_input_key":
+            return _keyed_samples(f'" + str({code.replace(chr(39), chr(34))}) + "')
+        return d
+
+    p = _archive.reseal([(n, change(n, d)) for n, d in members(pt2)], tmp_path / "named.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="which torch would paste into the Python source it runs"):
+            fn(p)
+    assert not marker.exists()
+
+
 def _from_file_call(created: Path) -> dict:
     return dict(target="torch.ops.aten.from_file.default", inputs=[
         {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
