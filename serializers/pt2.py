@@ -324,9 +324,14 @@ def _check_source_names(p: Path, graph: Any, samples: Any) -> None:
                     if not (isinstance(name, str) and _SOURCE_NAME.fullmatch(name)):
                         raise refuse("an argument named", name)
             if field in ("in_spec", "out_spec") and isinstance(value, str):
-                for key, kwarg in _spec_keys(value):
-                    if not (_SOURCE_NAME if kwarg else _SOURCE_KEY).fullmatch(key):
-                        raise refuse("an input key" if field == "in_spec" else "an output key", key)
+                for _, kwargs, context in _spec_nodes(value):
+                    if (module := _spec_import(context)) is not None:
+                        raise UnsafeArtifactError(
+                            f"{p}: the program's {field} names {module[:80]!r}, which torch's reader would import "
+                            f"(running that module's code); qexport programs hold plain containers. Re-export and save it with qexport")
+                    for key in _context_strings(context):
+                        if not (_SOURCE_NAME if kwargs else _SOURCE_KEY).fullmatch(key):
+                            raise refuse("an input key" if field == "in_spec" else "an output key", key)
     stack = [(samples, False)]
     while stack:  # the example inputs: (args, kwargs), kwargs' keys become argument names
         value, kwargs = stack.pop()
@@ -340,9 +345,9 @@ def _check_source_names(p: Path, graph: Any, samples: Any) -> None:
             stack.extend((item, top and i == 1) for i, item in enumerate(value))
 
 
-def _spec_keys(spec: str) -> Iterator[tuple[str, bool]]:
-    """(key, whether it is a keyword argument's name) for every string in a serialized treespec's
-    contexts (dict keys, container field names); the input spec's kwargs keys are argument names."""
+def _spec_nodes(spec: str) -> Iterator[tuple[Any, bool, Any]]:
+    """(node, whether its context holds keyword-argument names, its context as torch decodes it) for
+    every node of a serialized treespec; the input spec's kwargs keys are argument names."""
     import json
 
     try:
@@ -355,21 +360,40 @@ def _spec_keys(spec: str) -> Iterator[tuple[str, bool]]:
         if not isinstance(node, dict):
             continue
         context = node.get("context")
-        try:
-            values = [json.loads(context)] if isinstance(context, str) else []
+        try:  # torch decodes a context string as JSON (with its enum hook), and hands others over as they are
+            context = json.loads(context) if isinstance(context, str) else context
         except (ValueError, RecursionError):
-            values = [context]
-        while values:
-            v = values.pop()
-            if isinstance(v, str):
-                yield v, kwargs
-            elif isinstance(v, list):
-                values.extend(v)
-            elif isinstance(v, dict):
-                values.extend([*v.keys(), *v.values()])
+            pass
+        yield node, kwargs, context
         children = node.get("children_spec") or []
         top = node is root and node.get("type") == "builtins.tuple" and len(children) == 2
         stack.extend((c, top and i == 1) for i, c in enumerate(children))
+
+
+def _spec_import(context: Any) -> str | None:
+    """The module torch's treespec reader would import for a context, or None. Its JSON hook turns
+    any `{"__enum__": ..., "fqn": "module:name"}` into `importlib.import_module(module)` (a resealed
+    program naming `this` printed the Zen of Python inside torch.export.load: any installed module's
+    top-level code runs), and a defaultdict's context names the module of its default factory."""
+    for v in _json_objects(context):
+        if "__enum__" in v:
+            return str(v.get("fqn"))
+        module = v.get("default_factory_module")
+        if module is not None and module != "builtins":
+            return str(module)
+    return None
+
+
+def _context_strings(context: Any) -> Iterator[str]:
+    values = [context]
+    while values:
+        v = values.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, list):
+            values.extend(v)
+        elif isinstance(v, dict):
+            values.extend([*v.keys(), *v.values()])
 
 
 # A program's `guards_code` (input checks torch.export found while tracing: "L['x'].size()[1] >= 3")

@@ -335,6 +335,28 @@ def test_names_torch_pastes_into_python_are_identifiers(pt2, tmp_path, torch_nev
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("node", [
+    {"type": "builtins.dict", "context": json.dumps([{"__enum__": True, "fqn": "this:s", "name": "x"}]),
+     "children_spec": [{"type": None, "context": None, "children_spec": []}]},
+    {"type": "collections.defaultdict", "children_spec": [],
+     "context": {"default_factory_module": "this", "default_factory_name": "s", "dict_context": []}},
+], ids=["enum_key", "defaultdict_factory"])
+def test_specs_never_import_what_the_file_names(pt2, tmp_path, torch_never_reads, node):
+    """torch's treespec reader imports the module an enum context or a defaultdict's factory names
+    (`this` printed the Zen of Python inside qexport.load: any installed module's top-level code)."""
+    def change(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        graph["graph_module"]["module_call_graph"][0]["signature"]["out_spec"] = json.dumps([1, node])
+        return json.dumps(graph).encode()
+
+    p = _archive.reseal([(n, change(n, d)) for n, d in members(pt2)], tmp_path / "spec.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match="out_spec names 'this.*, which torch's reader would import"):
+            fn(p)
+
+
 def _from_file_call(created: Path) -> dict:
     return dict(target="torch.ops.aten.from_file.default", inputs=[
         {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
