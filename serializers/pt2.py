@@ -254,16 +254,23 @@ def _safe_shape_expr(expr: Any) -> bool:
     return True
 
 
-def _json_objects(graph: Any) -> Iterator[dict]:
-    """Every JSON object in the program, at any depth (iteratively: a deep file must not overflow the stack)."""
-    stack = [graph]
+def _json_values(document: Any) -> Iterator[Any]:
+    """Every value in a JSON document, objects' keys included, at any depth (iteratively: a deep file
+    must not overflow the stack)."""
+    stack = [document]
     while stack:
         node = stack.pop()
+        yield node
         if isinstance(node, dict):
-            yield node
+            stack.extend(node.keys())
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _json_objects(document: Any) -> Iterator[dict]:
+    """Every JSON object in the document, at any depth."""
+    return (v for v in _json_values(document) if isinstance(v, dict))
 
 
 def _check_symbolic_exprs(p: Path, graph: Any) -> None:
@@ -329,7 +336,7 @@ def _check_source_names(p: Path, graph: Any, samples: Any) -> None:
                         raise UnsafeArtifactError(
                             f"{p}: the program's {field} names {module[:80]!r}, which torch's reader would import "
                             f"(running that module's code); qexport programs hold plain containers. Re-export and save it with qexport")
-                    for key in _context_strings(context):
+                    for key in (v for v in _json_values(context) if isinstance(v, str)):
                         if not (_SOURCE_NAME if kwargs else _SOURCE_KEY).fullmatch(key):
                             raise refuse("an input key" if field == "in_spec" else "an output key", key)
     stack = [(samples, False)]
@@ -382,18 +389,6 @@ def _spec_import(context: Any) -> str | None:
         if module is not None and module != "builtins":
             return str(module)
     return None
-
-
-def _context_strings(context: Any) -> Iterator[str]:
-    values = [context]
-    while values:
-        v = values.pop()
-        if isinstance(v, str):
-            yield v
-        elif isinstance(v, list):
-            values.extend(v)
-        elif isinstance(v, dict):
-            values.extend([*v.keys(), *v.values()])
 
 
 # A program's `guards_code` (input checks torch.export found while tracing: "L['x'].size()[1] >= 3")

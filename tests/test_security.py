@@ -65,6 +65,15 @@ def with_manifest(ms: list[tuple[str, bytes]], edit) -> list[tuple[str, bytes]]:
     return [(n, one(n, d)) for n, d in ms]
 
 
+def refused_everywhere(pt2: Path, dst: Path, change, words: str) -> None:
+    """`change(name, bytes) -> bytes` applied to the program's members and resealed (fresh digests: a hostile
+    author) is refused by qexport.load and runners.load with UnsafeArtifactError matching `words`."""
+    p = _archive.reseal([(n, change(n, d)) for n, d in members(pt2)], dst)
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match=words):
+            fn(p)
+
+
 @pytest.fixture
 def torch_never_reads(monkeypatch):
     monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("torch read a refused archive"))
@@ -250,10 +259,7 @@ def test_symbolic_shapes_are_never_evaluated_as_python(pt2, tmp_path, torch_neve
         values[next(iter(values))]["sizes"][0] = {"as_expr": {"expr_str": expr.format(marker=str(marker)), "hint": {"as_int": 4}}}
         return json.dumps(graph).encode()
 
-    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "sym.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="symbolic shape .* not a shape expression torch writes"):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "sym.pt2", edit, "symbolic shape .* not a shape expression torch writes")
     assert not marker.exists()
 
 
@@ -288,10 +294,7 @@ def test_guards_are_never_run_as_python(pt2, tmp_path, torch_never_reads, guard)
         graph["guards_code"] = [guard.format(marker=str(marker))]
         return json.dumps(graph).encode()
 
-    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "guard.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="input guard .* not a check torch writes"):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "guard.pt2", edit, "input guard .* not a check torch writes")
     assert not marker.exists()
 
 
@@ -328,10 +331,7 @@ def test_names_torch_pastes_into_python_are_identifiers(pt2, tmp_path, torch_nev
             return _keyed_samples(f'" + str({code.replace(chr(39), chr(34))}) + "')
         return d
 
-    p = _archive.reseal([(n, change(n, d)) for n, d in members(pt2)], tmp_path / "named.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="which torch would paste into the Python source it runs"):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "named.pt2", change, "which torch would paste into the Python source it runs")
     assert not marker.exists()
 
 
@@ -351,10 +351,7 @@ def test_specs_never_import_what_the_file_names(pt2, tmp_path, torch_never_reads
         graph["graph_module"]["module_call_graph"][0]["signature"]["out_spec"] = json.dumps([1, node])
         return json.dumps(graph).encode()
 
-    p = _archive.reseal([(n, change(n, d)) for n, d in members(pt2)], tmp_path / "spec.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="out_spec names 'this.*, which torch's reader would import"):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "spec.pt2", change, "out_spec names 'this.*, which torch's reader would import")
 
 
 def _from_file_call(created: Path) -> dict:
@@ -392,10 +389,7 @@ def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_
         node.update(call(created))
         return json.dumps(graph).encode()
 
-    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "file.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match=words):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "file.pt2", edit, words)
     assert not created.exists()
     assert [_reaches_outside(f"torch.ops.{t}") for t in ("aten.save.default", "debugprims.load_tensor.default",
             "_c10d_functional.all_reduce.default", "higher_order.print", "aten.relu.default", "aten.div.Tensor_mode",
