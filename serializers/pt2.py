@@ -583,6 +583,13 @@ def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> 
     except Exception as e:  # torch's deserializer raises anything its parsers raise
         raise CorruptArtifactError(f"{p}: torch.export.load could not deserialize the program ({type(e).__name__}: {e})") from None
     archive.manifest.check_against(ep, source=str(p))
+    try:  # what every runner (verify, bench, serve, generate) and most users call first
+        ep.module()
+    except Exception as e:  # torch writes the module's Python from the signature, the example inputs and the graph
+        raise CorruptArtifactError(
+            f"{p}: torch cannot make a module of this program ({type(e).__name__}: {str(e)[:200]}): its signature, "
+            f"example inputs and graph do not fit together; re-export it"
+        ) from None
     return ep
 
 

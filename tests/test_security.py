@@ -354,6 +354,20 @@ def test_specs_never_import_what_the_file_names(pt2, tmp_path, torch_never_reads
     refused_everywhere(pt2, tmp_path / "spec.pt2", change, "out_spec names 'this.*, which torch's reader would import")
 
 
+def test_example_inputs_that_do_not_fit_the_program(pt2, tmp_path):
+    """Three stored example inputs for a one-input program: qexport.load returned it, and ep.module()
+    (every runner) raised TypeError; `qexport verify` printed a traceback."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(((torch.randn(4, 64),) * 3, {}), buf)
+    p = _archive.reseal([(n, buf.getvalue() if n.endswith("sample_inputs/model.pt") else d) for n, d in members(pt2)],
+                        tmp_path / "samples.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(CorruptArtifactError, match="torch cannot make a module of this program .TypeError"):
+            fn(p)
+
+
 def _from_file_call(created: Path) -> dict:
     return dict(target="torch.ops.aten.from_file.default", inputs=[
         {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
