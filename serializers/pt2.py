@@ -418,14 +418,21 @@ def _safe_guard(code: Any) -> bool:
     allowed = (ast.Expression, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Call, ast.Load, ast.Eq, ast.NotEq,
                ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.And, ast.Or, ast.Not, ast.USub, ast.UAdd, ast.Add, ast.Sub, ast.Mult,
                ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.Name, ast.Constant, ast.Attribute, ast.Subscript)
+    # strings, and the sequences size()/stride() return, only ever indexed: 'ab' * 2**33 or
+    # L['x'].size() * 10**9 would be gigabytes on each call
+    indexed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Subscript)}
+    indexed |= {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript)}
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
             return False
         if isinstance(node, ast.Name) and node.id not in _GUARD_NAMES:
             return False
         if isinstance(node, ast.Constant) and not (type(node.value) in (int, float, bool) and abs(node.value) <= 2 ** 64):
-            if not (isinstance(node.value, str) and _GUARD_KEY.fullmatch(node.value)):
-                return False  # a string is only an input's key (L['x'], L['kwargs']['mask']), checked below
+            if not (isinstance(node.value, str) and _GUARD_KEY.fullmatch(node.value) and id(node) in indexed):
+                return False  # a string is only an input's key (L['x'], L['kwargs']['mask'])
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("size", "stride") \
+                and id(node) not in indexed:
+            return False
         if isinstance(node, ast.Attribute):
             module = node.value.id if isinstance(node.value, ast.Name) else None
             if module in _GUARD_MODULE_ATTR:
@@ -440,6 +447,8 @@ def _safe_guard(code: Any) -> bool:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # 9 ** 10 ** 19 is an exact, endless computation
             if not (isinstance(node.right, ast.Constant) and type(node.right.value) is int and 0 <= node.right.value <= _GUARD_MAX_POWER):
                 return False
+            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left)):
+                return False  # ((s ** 64) ** 64) ** 64: the bits multiply at each level
     return True
 
 
