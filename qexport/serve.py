@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -150,6 +151,14 @@ def decode(body: bytes, content_type: str, sig: Signature, max_bytes: int = DEFA
     return check(arrays, sig)
 
 
+#: the longest .npy header read. numpy refuses one over 10,000 bytes (`max_header_size`), but only after
+#: reading it whole, and a 2.0 header may declare 4 GiB: inflated from a 4 MB .npz member, that was 8 GB of
+#: the ingress's memory for one request under the body limit
+_MAX_NPY_HEADER = 10_000
+#: .npy version -> (numpy's header reader, the header length field's struct format)
+_NPY_HEADERS = {(1, 0): (np.lib.format.read_array_header_1_0, "<H"), (2, 0): (np.lib.format.read_array_header_2_0, "<I")}
+
+
 def _read_npy(f: Any, max_bytes: int, what: str) -> np.ndarray:
     """One `.npy` array, its header checked before its data is read: np.load would allocate whatever
     shape the header declares (a 60-byte body declared terabytes) and, inside an .npz, inflate a member
@@ -157,10 +166,18 @@ def _read_npy(f: Any, max_bytes: int, what: str) -> np.ndarray:
     fmt = np.lib.format
     try:
         version = fmt.read_magic(f)
-        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        if read_header is None:
+        header = _NPY_HEADERS.get(version)
+        if header is None:
             raise ValueError(f".npy format version {version} (send 1.0 or 2.0)")
-        shape, fortran, dtype = read_header(f)
+        read_header, length_format = header
+        length_field = f.read(struct.calcsize(length_format))
+        (length,) = struct.unpack(length_format, length_field)
+        if length > _MAX_NPY_HEADER:
+            raise BadRequest(400, f"{what} declares a .npy header of {length} bytes; numpy's are under {_MAX_NPY_HEADER} "
+                                  f"(send arrays written by numpy.save / numpy.savez)")
+        shape, fortran, dtype = read_header(io.BytesIO(length_field + f.read(length)))
+    except BadRequest:
+        raise
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/SyntaxError for damaged headers
         raise BadRequest(400, f"{what} is not a readable .npy array ({type(e).__name__}: {e})") from None
     if dtype.hasobject:

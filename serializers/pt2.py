@@ -189,9 +189,11 @@ def _check_program(archive: Archive) -> None:
             raise CorruptArtifactError(f"{p}: the archive has no {n!r} record")
     if archive.members[C.ARCHIVE_FORMAT_PATH] != C.ARCHIVE_FORMAT_VALUE.encode():
         raise CorruptArtifactError(f"{p}: archive_format is not {C.ARCHIVE_FORMAT_VALUE!r}")
-    _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
+    samples = _check_sample_inputs(p, archive.members[C.SAMPLE_INPUTS_FILENAME_FORMAT.format(MODEL_NAME)])
     graph = archive.json(C.MODELS_FILENAME_FORMAT.format(MODEL_NAME))
+    _check_source_names(p, graph, samples)
     _check_symbolic_exprs(p, graph)
+    _check_guards(p, graph)
     _check_operators(p, graph)
 
 
@@ -252,16 +254,23 @@ def _safe_shape_expr(expr: Any) -> bool:
     return True
 
 
-def _json_objects(graph: Any) -> Iterator[dict]:
-    """Every JSON object in the program, at any depth (iteratively: a deep file must not overflow the stack)."""
-    stack = [graph]
+def _json_values(document: Any) -> Iterator[Any]:
+    """Every value in a JSON document, objects' keys included, at any depth (iteratively: a deep file
+    must not overflow the stack)."""
+    stack = [document]
     while stack:
         node = stack.pop()
+        yield node
         if isinstance(node, dict):
-            yield node
+            stack.extend(node.keys())
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _json_objects(document: Any) -> Iterator[dict]:
+    """Every JSON object in the document, at any depth."""
+    return (v for v in _json_values(document) if isinstance(v, dict))
 
 
 def _check_symbolic_exprs(p: Path, graph: Any) -> None:
@@ -274,6 +283,190 @@ def _check_symbolic_exprs(p: Path, graph: Any) -> None:
             )
 
 
+# Names torch pastes into Python source and execs. FX writes each program's `forward` from its
+# placeholders' names, which torch's deserializer sets as the file says (bypassing FX's own cleaning),
+# and its keyword-argument names; a subgraph's name becomes `getattr(self, "<name>")`; ep.module()
+# writes `def forward(self, <names>)` from the signature's forward_arg_names (or the input spec's
+# keyword names), pastes every input's key path into its guards' messages (the example inputs' dict
+# keys included) and a constant string input's value as a quoted literal. A resealed .pt2 whose input
+# was named `x=__import__('os').system(...)` ran it inside torch.export.load; one whose example inputs
+# held a dict key with a double quote ran code on each call of ep.module(). So names must be
+# identifiers (parameter and buffer paths: dotted ones), and every other key or string a program or
+# its example inputs hold there must be free of quotes, backslashes and control characters (inside a
+# quoted literal, such a string cannot end it).
+_SOURCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_SOURCE_FQN = re.compile(r"[A-Za-z0-9_]{1,200}(?:\.[A-Za-z0-9_]{1,200}){0,63}")
+_SOURCE_KEY = re.compile(r"[^'\"\\\x00-\x1f\x7f]{0,200}")
+_NAME_FIELDS = frozenset({"name", "as_name"})
+_FQN_FIELDS = frozenset({"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"})
+_VALUE_TABLES = frozenset({"tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values"})
+
+
+def _check_source_names(p: Path, graph: Any, samples: Any) -> None:
+    """Refuse a program or example inputs holding a name or key torch would paste into code unquoted
+    or break a quoted literal with (see _SOURCE_NAME)."""
+    def refuse(what: str, name: Any) -> UnsafeArtifactError:
+        return UnsafeArtifactError(
+            f"{p}: the program holds {what} {str(name)[:80]!r}, which torch would paste into the Python source it runs; "
+            f"torch.export writes identifiers there. Re-export and save the program with qexport"
+        )
+
+    for node in _json_objects(graph):
+        for field, value in node.items():
+            if not isinstance(value, str) or value == "":  # a dict argument's "name" key holds an argument, not a name
+                pass
+            elif field in _NAME_FIELDS and not _SOURCE_NAME.fullmatch(value) or field in _FQN_FIELDS and not _SOURCE_FQN.fullmatch(value):
+                raise refuse(f"a {field}", value)
+            if field in _VALUE_TABLES and isinstance(value, dict):
+                for name in value:
+                    if not _SOURCE_NAME.fullmatch(name):
+                        raise refuse("a value named", name)
+            if field == "inputs" and "nodes" in node and isinstance(value, list):  # a graph's constant inputs: `L['s'] == '<value>'`
+                for item in value:
+                    text = item.get("as_string") if isinstance(item, dict) else None
+                    if isinstance(text, str) and not _SOURCE_KEY.fullmatch(text):
+                        raise refuse("a constant input", text)
+            if field == "forward_arg_names" and isinstance(value, list):
+                for name in value:
+                    if not (isinstance(name, str) and _SOURCE_NAME.fullmatch(name)):
+                        raise refuse("an argument named", name)
+            if field in ("in_spec", "out_spec") and isinstance(value, str):
+                for _, kwargs, context in _spec_nodes(value):
+                    if (module := _spec_import(context)) is not None:
+                        raise UnsafeArtifactError(
+                            f"{p}: the program's {field} names {module[:80]!r}, which torch's reader would import "
+                            f"(running that module's code); qexport programs hold plain containers. Re-export and save it with qexport")
+                    for key in (v for v in _json_values(context) if isinstance(v, str)):
+                        if not (_SOURCE_NAME if kwargs else _SOURCE_KEY).fullmatch(key):
+                            raise refuse("an input key" if field == "in_spec" else "an output key", key)
+    stack = [(samples, False)]
+    while stack:  # the example inputs: (args, kwargs), kwargs' keys become argument names
+        value, kwargs = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, (str, int)) or isinstance(key, str) and not (_SOURCE_NAME if kwargs else _SOURCE_KEY).fullmatch(key):
+                    raise refuse("an example input keyed", key)
+                stack.append((item, False))
+        elif isinstance(value, (list, tuple)):
+            top = value is samples and len(value) == 2
+            stack.extend((item, top and i == 1) for i, item in enumerate(value))
+
+
+def _spec_nodes(spec: str) -> Iterator[tuple[Any, bool, Any]]:
+    """(node, whether its context holds keyword-argument names, its context as torch decodes it) for
+    every node of a serialized treespec; the input spec's kwargs keys are argument names."""
+    import json
+
+    try:
+        _, root = json.loads(spec)
+    except (ValueError, TypeError, RecursionError):
+        return  # torch's loader reports an unreadable spec
+    stack = [(root, False)]
+    while stack:
+        node, kwargs = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        context = node.get("context")
+        try:  # torch decodes a context string as JSON (with its enum hook), and hands others over as they are
+            context = json.loads(context) if isinstance(context, str) else context
+        except (ValueError, RecursionError):
+            pass
+        yield node, kwargs, context
+        children = node.get("children_spec") or []
+        top = node is root and node.get("type") == "builtins.tuple" and len(children) == 2
+        stack.extend((c, top and i == 1) for i, c in enumerate(children))
+
+
+def _spec_import(context: Any) -> str | None:
+    """The module torch's treespec reader would import for a context, or None. Its JSON hook turns
+    any `{"__enum__": ..., "fqn": "module:name"}` into `importlib.import_module(module)` (a resealed
+    program naming `this` printed the Zen of Python inside torch.export.load: any installed module's
+    top-level code runs), and a defaultdict's context names the module of its default factory."""
+    for v in _json_objects(context):
+        if "__enum__" in v:
+            return str(v.get("fqn"))
+        module = v.get("default_factory_module")
+        if module is not None and module != "builtins":
+            return str(module)
+    return None
+
+
+# A program's `guards_code` (input checks torch.export found while tracing: "L['x'].size()[1] >= 3")
+# becomes Python source that `ep.module()` execs: each guard is pasted into `torch._assert(<guard>,
+# "Guard failed: <guard>")`. Every runner, verify, bench and serve call ep.module(), so a resealed
+# program whose guard was `__import__('os').system(...)` ran it on each call, and one that closed the
+# call with a newline ran a top-level statement as it loaded. A guard must be one line of what torch
+# writes: comparisons and arithmetic over input sizes (`L['name'].size()[i]`, stride, storage_offset),
+# integers, and the shape functions of torch's printer; no other name, attribute, call or string.
+_GUARD_NAMES = frozenset({"L", "math", "torch", "IsNonOverlappingAndDenseIndicator", "cast_symbool_to_symint_guardless",
+                          "max", "min", "abs", "int", "float", "round"})
+_GUARD_TENSOR_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
+_GUARD_MODULE_ATTR = {"math": re.compile(r"[a-z][a-z0-9]*"), "torch": re.compile(r"_?sym_[a-z_]+")}
+_GUARD_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_GUARD_MAX_POWER = 64
+
+
+def _safe_guard(code: Any) -> bool:
+    import ast
+
+    if not isinstance(code, str) or len(code) > _MAX_EXPR or not code.isprintable() or any(c in code for c in '#\\"'):
+        return False
+    try:
+        tree = ast.parse(code, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    allowed = (ast.Expression, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Call, ast.Load, ast.Eq, ast.NotEq,
+               ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.And, ast.Or, ast.Not, ast.USub, ast.UAdd, ast.Add, ast.Sub, ast.Mult,
+               ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.Name, ast.Constant, ast.Attribute, ast.Subscript)
+    # strings, and the sequences size()/stride() return, only ever indexed: 'ab' * 2**33 or
+    # L['x'].size() * 10**9 would be gigabytes on each call
+    indexed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Subscript)}
+    indexed |= {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript)}
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed):
+            return False
+        if isinstance(node, ast.Name) and node.id not in _GUARD_NAMES:
+            return False
+        if isinstance(node, ast.Constant) and not (type(node.value) in (int, float, bool) and abs(node.value) <= 2 ** 64):
+            if not (isinstance(node.value, str) and _GUARD_KEY.fullmatch(node.value) and id(node) in indexed):
+                return False  # a string is only an input's key (L['x'], L['kwargs']['mask'])
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("size", "stride") \
+                and id(node) not in indexed:
+            return False
+        if isinstance(node, ast.Attribute):
+            module = node.value.id if isinstance(node.value, ast.Name) else None
+            if module in _GUARD_MODULE_ATTR:
+                if not _GUARD_MODULE_ATTR[module].fullmatch(node.attr):
+                    return False
+            elif node.attr not in _GUARD_TENSOR_ATTRS:
+                return False
+        if isinstance(node, ast.Call) and (node.keywords or not isinstance(node.func, (ast.Name, ast.Attribute))):
+            return False
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
+            return False
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # 9 ** 10 ** 19 is an exact, endless computation
+            if not (isinstance(node.right, ast.Constant) and type(node.right.value) is int and 0 <= node.right.value <= _GUARD_MAX_POWER):
+                return False
+            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left)):
+                return False  # ((s ** 64) ** 64) ** 64: the bits multiply at each level
+    return True
+
+
+def _check_guards(p: Path, graph: Any) -> None:
+    """Refuse a program whose guards are not input checks torch writes (see _GUARD_NAMES)."""
+    guards = graph.get("guards_code") if isinstance(graph, dict) else None
+    if guards is None:
+        return
+    if not isinstance(guards, list):
+        raise CorruptArtifactError(f"{p}: the program's guards_code is a {type(guards).__name__}, not a list")
+    for code in guards:
+        if not _safe_guard(code):
+            raise UnsafeArtifactError(
+                f"{p}: the program holds an input guard {str(code)[:80]!r} that is not a check torch writes; running the "
+                f"program would execute it as Python. Re-export and save the program with qexport"
+            )
+
+
 # Operators a program may not call: running the program (verify, bench, a Runner) must not reach
 # files, other processes or the network. torch's deserializer accepts any registered operator, and
 # `aten.from_file(filename, shared=True, size)` in a resealed .pt2 created (and could fill) any file
@@ -282,13 +475,17 @@ def _check_symbolic_exprs(p: Path, graph: Any) -> None:
 _IO_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd", "_dtensor",
                             "symm_mem", "cplib", "debugprims", "profiler"})
 _FILE_ARGS = frozenset({"filename", "file", "path", "filepath"})
+# Operators that write to the terminal: a resealed program calling aten._print (or the print HOP, a
+# format string over its arguments) printed raw escape sequences, or a forged "pass" row, into the
+# output of `qexport verify` and `bench`, whose own text is escaped (qexport.table.printable).
+_PRINTING_OPS = frozenset({"aten._print", "higher_order.print"})
 
 
 def _reaches_outside(target: str) -> bool:
     parts = target.split(".")
     if parts[:2] != ["torch", "ops"] or len(parts) < 4:
         return False  # builtins (operator, math, torch.sym_*): torch's verifier refuses any other callable
-    if parts[2] in _IO_NAMESPACES:
+    if parts[2] in _IO_NAMESPACES or ".".join(parts[2:4]) in _PRINTING_OPS:
         return True
     try:
         op = getattr(getattr(getattr(torch.ops, parts[2]), parts[3]), parts[4] if len(parts) > 4 else "default")
@@ -299,14 +496,30 @@ def _reaches_outside(target: str) -> bool:
 
 
 def _check_operators(p: Path, graph: Any) -> None:
-    """Refuse a program that calls an operator which reaches files or other processes (see _IO_NAMESPACES)."""
+    """Refuse a program that calls an operator which reaches files, the terminal or other processes (see _IO_NAMESPACES),
+    as a node's target or handed to another operator as an argument (`as_operator`): higher-order ops
+    call those (`strict_mode(op, operands)` runs `op(*operands)`), and torch's deserializer resolves an
+    argument's name as any attribute path under `torch` (`torch.os.system`, `torch.save`), not only ops."""
     for node in _json_objects(graph):
         target = node.get("target")
         if isinstance(target, str) and "inputs" in node and _reaches_outside(target):
-            raise UnsafeArtifactError(
-                f"{p}: the program calls {target[:120]!r}, which reads or writes files or talks to other processes; "
-                f"qexport does not load programs that do (export the model without it)"
-            )
+            raise _calls_outside(p, target)
+        if "as_operator" in node:
+            op = node["as_operator"]
+            if not isinstance(op, str) or not op.startswith("torch.ops.") or _reaches_outside(op):
+                raise _calls_outside(p, str(op))
+
+
+def _calls_outside(p: Path, op: str) -> UnsafeArtifactError:
+    if not op.startswith("torch.ops."):
+        return UnsafeArtifactError(
+            f"{p}: the program hands {op[:120]!r} to an operator as an argument; torch writes only operators "
+            f"(torch.ops....) there, and would resolve this as any Python callable. Re-export and save it with qexport"
+        )
+    return UnsafeArtifactError(
+        f"{p}: the program calls {op[:120]!r}, which reads or writes files, prints, or talks to other processes; "
+        f"qexport does not load programs that do (export the model without it)"
+    )
 
 
 def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:
@@ -341,11 +554,12 @@ def _check_payload_size(p: Path, what: str, meta: Any, nbytes: int) -> None:
         )
 
 
-def _check_sample_inputs(p: Path, data: bytes) -> None:
+def _check_sample_inputs(p: Path, data: bytes) -> Any:
+    """The stored example inputs (None when there are none), read as torch will read them."""
     if not data:
-        return
+        return None
     try:
-        torch.load(io.BytesIO(data), weights_only=True)
+        return torch.load(io.BytesIO(data), weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CorruptArtifactError(f"{p}: the stored example inputs are damaged ({e})") from None
@@ -378,6 +592,13 @@ def load(path: "str | PathLike[str]", *, expected_sha256: str | None = None) -> 
     except Exception as e:  # torch's deserializer raises anything its parsers raise
         raise CorruptArtifactError(f"{p}: torch.export.load could not deserialize the program ({type(e).__name__}: {e})") from None
     archive.manifest.check_against(ep, source=str(p))
+    try:  # what every runner (verify, bench, serve, generate) and most users call first
+        ep.module()
+    except Exception as e:  # torch writes the module's Python from the signature, the example inputs and the graph
+        raise CorruptArtifactError(
+            f"{p}: torch cannot make a module of this program ({type(e).__name__}: {str(e)[:200]}): its signature, "
+            f"example inputs and graph do not fit together; re-export it"
+        ) from None
     return ep
 
 

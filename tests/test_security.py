@@ -65,6 +65,15 @@ def with_manifest(ms: list[tuple[str, bytes]], edit) -> list[tuple[str, bytes]]:
     return [(n, one(n, d)) for n, d in ms]
 
 
+def refused_everywhere(pt2: Path, dst: Path, change, words: str) -> None:
+    """`change(name, bytes) -> bytes` applied to the program's members and resealed (fresh digests: a hostile
+    author) is refused by qexport.load and runners.load with UnsafeArtifactError matching `words`."""
+    p = _archive.reseal([(n, change(n, d)) for n, d in members(pt2)], dst)
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(UnsafeArtifactError, match=words):
+            fn(p)
+
+
 @pytest.fixture
 def torch_never_reads(monkeypatch):
     monkeypatch.setattr(torch.export, "load", lambda *a, **k: pytest.fail("torch read a refused archive"))
@@ -250,24 +259,139 @@ def test_symbolic_shapes_are_never_evaluated_as_python(pt2, tmp_path, torch_neve
         values[next(iter(values))]["sizes"][0] = {"as_expr": {"expr_str": expr.format(marker=str(marker)), "hint": {"as_int": 4}}}
         return json.dumps(graph).encode()
 
-    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "sym.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="symbolic shape .* not a shape expression torch writes"):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "sym.pt2", edit, "symbolic shape .* not a shape expression torch writes")
     assert not marker.exists()
 
 
 def test_symbolic_shapes_torch_writes_pass_the_check():
-    from serializers.pt2 import _safe_shape_expr
+    from serializers.pt2 import _safe_guard, _safe_shape_expr
 
     for expr in ("Add(Symbol('s17', positive=True, integer=True), Integer(-1))", "FloorDiv(s0, 2) + 1", "-int_oo",
                  "StrictLessThan(Symbol('s0'), Integer(3))", "Pow(Symbol('s0'), Integer(2))", "Float('1.5', precision=53)"):
         assert _safe_shape_expr(expr), expr
+    # guards torch.export writes (a dynamic reshape's, a branch on a size's), and the forms its printer uses
+    for guard in ("L['x'].size()[1] >= 3", "(L['x'].size()[1]*L['x'].size()[0]) == (2*((L['x'].size()[1]*L['x'].size()[0]) // 2))",
+                  "L['args'][0].stride()[0] == 1", "L['kwargs']['mask'].size()[0] <= 64", "torch.sym_max(L['x'].size()[0], 2) == 4",
+                  "math.floor(L['x'].size()[0] / 2) == 3", "not (L['x'].size()[0]**2 == 3)"):
+        assert _safe_guard(guard), guard
 
 
-def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads):
+@pytest.mark.parametrize("guard", [
+    "__import__('os').mkdir({marker!r}) == 0",  # pasted into torch._assert(...): ran on every call of the program
+    "1 #\n)\n__import__('os').mkdir({marker!r})\ndef _(*args):\n  torch._assert(1",  # a statement: ran as it loaded
+    "L['x'].__class__.__init__ == 1",
+    "L['x'].size()[0] ** 10 ** 19 == 1",  # an exact, endless computation on each call
+    "L['x'].size() * 2 ** 40 == 1",  # a tuple of 2**40 sizes on each call
+])
+def test_guards_are_never_run_as_python(pt2, tmp_path, torch_never_reads, guard):
+    """ep.module() execs a program's guards_code as Python (every runner, verify, bench, serve call it);
+    a resealed program with code there is refused before torch reads it."""
+    marker = tmp_path / "ran"
+
+    def edit(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        graph["guards_code"] = [guard.format(marker=str(marker))]
+        return json.dumps(graph).encode()
+
+    refused_everywhere(pt2, tmp_path / "guard.pt2", edit, "input guard .* not a check torch writes")
+    assert not marker.exists()
+
+
+def _renamed(value, old: str, new: str):
+    """`value` (a program's JSON) with the tensor `old` named `new` everywhere."""
+    if isinstance(value, dict):
+        return {(new if k == old else k): (new if k == "name" and v == old else _renamed(v, old, new)) for k, v in value.items()}
+    return [_renamed(v, old, new) for v in value] if isinstance(value, list) else value
+
+
+def _keyed_samples(key: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save((({key: torch.randn(4, 64)},), {}), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("edit", ["input_name", "example_input_key"])
+def test_names_torch_pastes_into_python_are_identifiers(pt2, tmp_path, torch_never_reads, edit):
+    """torch.export.load writes a program's forward from its placeholders' names as the file has them
+    (an input named `x=__import__('os')...` ran inside qexport.load) and ep.module() pastes the example
+    inputs' dict keys into its guards' messages (a key with a double quote ran on every call)."""
+    marker = tmp_path / "ran"
+    code = f"__import__('os').mkdir({str(marker)!r})"
+
+    def change(n, d):
+        if n.endswith("models/model.json"):
+            graph = json.loads(d)
+            if edit == "input_name":
+                graph["graph_module"] = _renamed(graph["graph_module"], "x", f"x={code}")
+            return json.dumps(graph).encode()
+        if n.endswith("sample_inputs/model.pt") and edit == "example_input_key":
+            return _keyed_samples(f'" + str({code.replace(chr(39), chr(34))}) + "')
+        return d
+
+    refused_everywhere(pt2, tmp_path / "named.pt2", change, "which torch would paste into the Python source it runs")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("node", [
+    {"type": "builtins.dict", "context": json.dumps([{"__enum__": True, "fqn": "this:s", "name": "x"}]),
+     "children_spec": [{"type": None, "context": None, "children_spec": []}]},
+    {"type": "collections.defaultdict", "children_spec": [],
+     "context": {"default_factory_module": "this", "default_factory_name": "s", "dict_context": []}},
+], ids=["enum_key", "defaultdict_factory"])
+def test_specs_never_import_what_the_file_names(pt2, tmp_path, torch_never_reads, node):
+    """torch's treespec reader imports the module an enum context or a defaultdict's factory names
+    (`this` printed the Zen of Python inside qexport.load: any installed module's top-level code)."""
+    def change(n, d):
+        if not n.endswith("models/model.json"):
+            return d
+        graph = json.loads(d)
+        graph["graph_module"]["module_call_graph"][0]["signature"]["out_spec"] = json.dumps([1, node])
+        return json.dumps(graph).encode()
+
+    refused_everywhere(pt2, tmp_path / "spec.pt2", change, "out_spec names 'this.*, which torch's reader would import")
+
+
+def test_example_inputs_that_do_not_fit_the_program(pt2, tmp_path):
+    """Three stored example inputs for a one-input program: qexport.load returned it, and ep.module()
+    (every runner) raised TypeError; `qexport verify` printed a traceback."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(((torch.randn(4, 64),) * 3, {}), buf)
+    p = _archive.reseal([(n, buf.getvalue() if n.endswith("sample_inputs/model.pt") else d) for n, d in members(pt2)],
+                        tmp_path / "samples.pt2")
+    for fn in (qexport.load, runners.load):
+        with pytest.raises(CorruptArtifactError, match="torch cannot make a module of this program .TypeError"):
+            fn(p)
+
+
+def _from_file_call(created: Path) -> dict:
+    return dict(target="torch.ops.aten.from_file.default", inputs=[
+        {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
+        {"name": "shared", "arg": {"as_bool": True}, "kind": 1}, {"name": "size", "arg": {"as_int": 512}, "kind": 1}])
+
+
+def _passed_to_strict_mode(op: str):
+    """strict_mode(op, operands) runs op(*operands): the operator reaches the program as an argument."""
+    return lambda created: dict(target="torch.ops.higher_order.strict_mode", inputs=[
+        {"name": "", "arg": {"as_operator": op}, "kind": 1}, {"name": "", "arg": {"as_strings": [str(created)]}, "kind": 1}])
+
+
+@pytest.mark.parametrize("call, words", [
+    (_from_file_call, "calls 'torch.ops.aten.from_file.default', which reads or writes files"),
+    (_passed_to_strict_mode("torch.ops.aten.from_file.default"), "calls 'torch.ops.aten.from_file.default', which reads"),
+    (_passed_to_strict_mode("torch.os.system"), "hands 'torch.os.system' to an operator as an argument"),
+    (lambda created: dict(target="torch.ops.aten._print.default", inputs=[
+        {"name": "s", "arg": {"as_string": "\x1b[2J verify: pass"}, "kind": 1}]), "calls 'torch.ops.aten._print.default', which"),
+])
+def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_reads, call, words):
     """aten.from_file(filename, shared=True, size) in a resealed .pt2 loaded, and created the file when
-    verify or bench ran the program."""
+    verify or bench ran the program; handed to strict_mode as an argument it loaded, and ran, after the
+    check of node targets; aten._print printed raw escapes into verify's output."""
     from serializers.pt2 import _reaches_outside
 
     created = tmp_path / "created"
@@ -277,19 +401,14 @@ def test_a_program_that_would_touch_files_is_refused(pt2, tmp_path, torch_never_
             return d
         graph = json.loads(d)
         node = next(x for x in graph["graph_module"]["graph"]["nodes"] if x["target"] == "torch.ops.aten.relu.default")
-        node.update(target="torch.ops.aten.from_file.default", inputs=[
-            {"name": "filename", "arg": {"as_string": str(created)}, "kind": 1},
-            {"name": "shared", "arg": {"as_bool": True}, "kind": 1}, {"name": "size", "arg": {"as_int": 512}, "kind": 1}])
+        node.update(call(created))
         return json.dumps(graph).encode()
 
-    p = _archive.reseal([(n, edit(n, d)) for n, d in members(pt2)], tmp_path / "file.pt2")
-    for fn in (qexport.load, runners.load):
-        with pytest.raises(UnsafeArtifactError, match="calls 'torch.ops.aten.from_file.default', which reads or writes files"):
-            fn(p)
+    refused_everywhere(pt2, tmp_path / "file.pt2", edit, words)
     assert not created.exists()
     assert [_reaches_outside(f"torch.ops.{t}") for t in ("aten.save.default", "debugprims.load_tensor.default",
-            "_c10d_functional.all_reduce.default", "aten.relu.default", "aten.div.Tensor_mode", "higher_order.invoke_quant_packed")] \
-        == [True, True, True, False, False, False]
+            "_c10d_functional.all_reduce.default", "higher_order.print", "aten.relu.default", "aten.div.Tensor_mode",
+            "higher_order.invoke_quant_packed")] == [True, True, True, True, False, False, False]
 
 
 def test_a_manifest_without_digests_is_refused(pt2, tmp_path):

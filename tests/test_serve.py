@@ -160,6 +160,9 @@ def test_the_manifest_bounds_token_ids_and_requests_outside_them_are_refused(art
     (_zip(**{"x.npy": _npy(np.array([object()] * 64, dtype=object)), "ids.npy": b""}), NPZ, 400, "Python objects"),
     (_zip(**{"x.npy": _npy_header((2, 64)) + bytes(8), "ids.npy": b""}), NPZ, 400, "truncated"),
     (_zip(**{"x": b"", "ids.npy": b""}), NPZ, 400, "not a .npy array"),
+    # numpy reads a header whole before refusing its length: 2**32 - 1 declared, inflated from 4 MB
+    (_zip(**{"x.npy": b"\x93NUMPY\x02\x00" + (2 ** 32 - 1).to_bytes(4, "little") + b" " * 2 ** 22, "ids.npy": b""}), NPZ,
+     400, "declares a .npy header of 4294967295 bytes"),
 ])
 def test_bodies_that_would_blow_up_or_unpickle_are_refused(artifacts, body, kind, status, message):
     """np.load allocates what a header declares and inflates an .npz member whole; both are read here
