@@ -553,6 +553,12 @@ def small_program():
         ({"options": {"qexport.kernel": "auto"}}, LoweringError, "unknown qexport option"),
         ({"options": {"qexport.kernels": "fast"}}, LoweringError, "is not one of"),
         ({"options": {"aot_inductor.output_path": "x"}}, LoweringError, "set by qexport.compile"),
+        # each compiled, then wrote a package that crashed (SIGSEGV), was refused or failed at the end
+        ({"options": {"aot_inductor.package_constants_in_so": False}}, LoweringError, "would hold no weights"),
+        ({"options": {"aot_inductor.package_constants_on_disk_format": "pickle_weights"}}, LoweringError,
+         "files beside the model code"),
+        ({"options": {"aot_inductor.link_libtorch": False}}, LoweringError, "link_libtorch=True"),
+        ({"options": {"aot_inductor_mode.compile_standalone": True}}, LoweringError, "standalone C\\+\\+"),
         ({"options": {1: True}}, LoweringError, "option names are strings"),
         ({"progress": "yes"}, LoweringError, "progress must be a function .* or a bool, got str"),
     ],

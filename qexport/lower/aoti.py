@@ -52,6 +52,24 @@ LARGE_M_MODES = ("bf16_weights", "dequant")
 OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUDA_PLAN_OPTION: CUDA_PLAN_MODES,
                 FUSE_OPTION: FUSE_MODES}
 
+#: Inductor options that change the package's form, with the value `load_compiled` needs and why
+#: another is refused before any work: each one compiled for tens of seconds, then (torch 2.13) wrote a
+#: package that crashed or could not be loaded, or failed at the very end
+PACKAGE_FORM_OPTIONS: dict[str, tuple[Any, str]] = {
+    "aot_inductor.package_constants_in_so": (
+        True, "the package would hold no weights, and running it crashed the process (SIGSEGV)"),
+    "aot_inductor.package_constants_on_disk_format": (
+        None, "the weights would be files beside the model code, which load_compiled refuses as members of a package"),
+    "aot_inductor.link_libtorch": (
+        True, "a package whose code does not link libtorch fails to load (dlopen refused it)"),
+    "aot_inductor.dynamic_linkage": (
+        True, "it builds a static library for standalone C++ use, not a package load_compiled can open"),
+    "aot_inductor_mode.compile_standalone": (
+        False, "it builds standalone C++ (no libtorch, static linkage), not a package load_compiled can open"),
+    "aot_inductor.cross_target_platform": (
+        None, "a package for another operating system cannot be loaded or checked here"),
+}
+
 Progress = Callable[[str], None]
 
 
@@ -88,6 +106,11 @@ def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[
             raise LoweringError(f"Inductor option {key}={value!r}: {key} takes {names}")
     if "aot_inductor.output_path" in inductor or "aot_inductor.package" in inductor:
         raise LoweringError("aot_inductor.output_path / aot_inductor.package are set by qexport.compile; pass `output` instead")
+    for key, value in inductor.items():
+        if key in PACKAGE_FORM_OPTIONS and value != PACKAGE_FORM_OPTIONS[key][0]:
+            needed, why = PACKAGE_FORM_OPTIONS[key]
+            raise LoweringError(f"Inductor option {key}={value!r}: {why}; qexport packages need {key}={needed!r} "
+                                f"(leave it unset)")
     _check_march(inductor.get("cpp.march"))
     return ours, inductor
 
