@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError, UsageError
+from ..quiet import log_lines_dropped
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
 from ._contract import RegionPlan
@@ -357,7 +358,12 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
         loader_options = {"run_single_threaded": True, **loader_options}
     check_cpu(manifest, path)
     try:
-        compiled, manifest = load_package(p, expected_sha256=expected_sha256, **loader_options)
+        # torch 2.13 logs "Device information mismatch for AOTI_CPU_ISA: AVX512 ... vs AVX2. This could cause
+        # some issues" whenever the package's vector ISA is not this CPU's: on every load of a package built
+        # for a fleet's class (ATEN_CPU_CAPABILITY=avx2, what this module recommends) on a newer server.
+        # check_cpu has just compared what the package requires with this CPU and refuses what it cannot run.
+        with log_lines_dropped("torch.export.pt2_archive._package", r"^Device information mismatch for AOTI_CPU_ISA: "):
+            compiled, manifest = load_package(p, expected_sha256=expected_sha256, **loader_options)
     except QExportError:
         raise
     except Exception as e:
