@@ -106,6 +106,9 @@ def test_numerics_match_eager_on_new_shapes(built, name):
     ((torch.full((2, 8), 128),), r"holds 128, outside \[0, 127\]"),
     ((torch.zeros(2, 8, dtype=torch.int64),) * 2, r"takes 1 tensor input\(s\) \(idx: .*\); got 2"),
     ((), "got 0"),
+    # not tensors: a numpy array and a nested list used to be dropped silently, leaving "got 0 (none)"
+    ((torch.zeros(2, 8, dtype=torch.int64).numpy(),), r"got 0 tensor\(s\) and 1 other value\(s\) \(ndarray\): pass torch tensors"),
+    (([[0, 1], [2, 3]],), r"got 0 tensor\(s\) and 4 other value\(s\) \(int\)"),
 ])
 def test_load_compiled_refuses_inputs_the_package_would_misread(built, inputs, match):
     """AOTI packages read whatever they are handed (torch 2.13): a float input gave NaN, a wrong rank

@@ -419,5 +419,13 @@ class CompiledModel:
         except (ValueError, AssertionError, KeyError) as e:
             raise UsageError(f"{self.path}: keyword inputs do not match the program's ({e})") from None
         # as torch's runner: the program's tensor inputs, flattened; other values were fixed at export
-        flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        leaves = pytree.tree_leaves((args, kwargs))
+        flat = [x for x in leaves if isinstance(x, torch.Tensor)]
+        others = [x for x in leaves if not isinstance(x, torch.Tensor) and x is not None]
+        if self.inputs is not None and len(flat) != len(self.inputs) and others:
+            # a numpy array or a nested list is not a tensor: dropped here, it left "got 0 (none)" for the one input passed
+            kinds = "/".join(sorted({type(x).__name__ for x in others}))
+            raise UsageError(f"{self.path} takes {len(self.inputs)} tensor input(s) ({', '.join(s.describe() for s in self.inputs)}); "
+                             f"got {len(flat)} tensor(s) and {len(others)} other value(s) ({kinds}): pass torch tensors, "
+                             f"e.g. torch.as_tensor(value, dtype=torch.{self.inputs[0].dtype})")
         return pytree.tree_unflatten(self.run_flat(flat), out_spec)
