@@ -399,6 +399,36 @@ def test_int4_head_with_output_features_not_a_multiple_of_16(monkeypatch, target
             assert rel_err(lowered.module()(x2), model(x2)) <= 2e-2, rows
 
 
+class _TwoHeads(torch.nn.Module):
+    """Two linear heads on one input (siblings): 32 outputs tinygemm packs, 10 it cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.wide, self.narrow = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32), torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.wide(h), self.narrow(h)
+
+
+@pytest.mark.parametrize("target", [AVX2_TARGET, VNNI_TARGET], ids=["avx2", "avx512_vnni_bf16"])
+def test_siblings_stay_apart_where_the_stack_would_lose_a_members_kernel(monkeypatch, target):
+    """Stacked, the heads have 42 outputs, which tinygemm cannot pack: the 32-output head ran on decoded
+    weights where its own plan had tinygemm. Siblings are stacked only where the stack keeps every kernel."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = quantized(_TwoHeads().eval(), scheme_for("int4_weight_only"), x)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+    lowered, decisions = apply_kernels(ep, "cpu")
+    plans = {d.region.name: {b["kernel"].split(" ")[0] for b in d.details["plan"]} for d in decisions}
+    assert "aten._weight_int4pack_mm_for_cpu" in plans["wide"] and "aten._weight_int4pack_mm_for_cpu" not in plans["narrow"]
+    assert not any("siblings" in d.details for d in decisions)
+    x2 = torch.randn(3, 64)
+    with torch.no_grad():
+        assert all(rel_err(y, r) <= 2e-2 for y, r in zip(lowered.module()(x2), model(x2)))
+
+
 @pytest.mark.parametrize("scheme, k", [("int8_dynamic_int4_weight", 32), ("int4_weight_only", 32), ("int8_weight_only", 48)])
 def test_one_row_program_whose_layer_the_loop_cannot_take(monkeypatch, scheme, k):
     """A static one-row program (a pooled classifier head) reaches only the one-row bucket; where the
