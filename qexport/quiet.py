@@ -101,6 +101,22 @@ def uninstall() -> None:
 
 
 @contextlib.contextmanager
+def log_lines_dropped(logger: str, pattern: str) -> Iterator[None]:
+    """Around one call whose caller has already checked what a dependency's log line warns about: that
+    logger's lines matching `pattern` are dropped for the call only (not process-wide, as LOG_LINES are:
+    the same line from a caller that checked nothing still gets through). Does nothing unless `install()` ran."""
+    if not _quiet:
+        yield
+        return
+    target, f = logging.getLogger(logger), _DropMessages(pattern)
+    target.addFilter(f)
+    try:
+        yield
+    finally:
+        target.removeFilter(f)
+
+
+@contextlib.contextmanager
 def native_stderr() -> Iterator[None]:
     """Around a native call that prints known noise to the C stderr (fd 2): capture what it prints and
     pass on every line but the known ones. Does nothing unless `install()` ran."""

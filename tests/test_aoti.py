@@ -106,6 +106,9 @@ def test_numerics_match_eager_on_new_shapes(built, name):
     ((torch.full((2, 8), 128),), r"holds 128, outside \[0, 127\]"),
     ((torch.zeros(2, 8, dtype=torch.int64),) * 2, r"takes 1 tensor input\(s\) \(idx: .*\); got 2"),
     ((), "got 0"),
+    # not tensors: a numpy array and a nested list used to be dropped silently, leaving "got 0 (none)"
+    ((torch.zeros(2, 8, dtype=torch.int64).numpy(),), r"got 0 tensor\(s\) and 1 other value\(s\) \(ndarray\): pass torch tensors"),
+    (([[0, 1], [2, 3]],), r"got 0 tensor\(s\) and 4 other value\(s\) \(int\)"),
 ])
 def test_load_compiled_refuses_inputs_the_package_would_misread(built, inputs, match):
     """AOTI packages read whatever they are handed (torch 2.13): a float input gave NaN, a wrong rank
@@ -396,6 +399,36 @@ def test_int4_head_with_output_features_not_a_multiple_of_16(monkeypatch, target
             assert rel_err(lowered.module()(x2), model(x2)) <= 2e-2, rows
 
 
+class _TwoHeads(torch.nn.Module):
+    """Two linear heads on one input (siblings): 32 outputs tinygemm packs, 10 it cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.wide, self.narrow = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32), torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.wide(h), self.narrow(h)
+
+
+@pytest.mark.parametrize("target", [AVX2_TARGET, VNNI_TARGET], ids=["avx2", "avx512_vnni_bf16"])
+def test_siblings_stay_apart_where_the_stack_would_lose_a_members_kernel(monkeypatch, target):
+    """Stacked, the heads have 42 outputs, which tinygemm cannot pack: the 32-output head ran on decoded
+    weights where its own plan had tinygemm. Siblings are stacked only where the stack keeps every kernel."""
+    monkeypatch.setattr(cpu_kernels, "compile_target", lambda: target)
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = quantized(_TwoHeads().eval(), scheme_for("int4_weight_only"), x)
+    ep = qexport.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+    lowered, decisions = apply_kernels(ep, "cpu")
+    plans = {d.region.name: {b["kernel"].split(" ")[0] for b in d.details["plan"]} for d in decisions}
+    assert "aten._weight_int4pack_mm_for_cpu" in plans["wide"] and "aten._weight_int4pack_mm_for_cpu" not in plans["narrow"]
+    assert not any("siblings" in d.details for d in decisions)
+    x2 = torch.randn(3, 64)
+    with torch.no_grad():
+        assert all(rel_err(y, r) <= 2e-2 for y, r in zip(lowered.module()(x2), model(x2)))
+
+
 @pytest.mark.parametrize("scheme, k", [("int8_dynamic_int4_weight", 32), ("int4_weight_only", 32), ("int8_weight_only", 48)])
 def test_one_row_program_whose_layer_the_loop_cannot_take(monkeypatch, scheme, k):
     """A static one-row program (a pooled classifier head) reaches only the one-row bucket; where the
@@ -553,6 +586,12 @@ def small_program():
         ({"options": {"qexport.kernel": "auto"}}, LoweringError, "unknown qexport option"),
         ({"options": {"qexport.kernels": "fast"}}, LoweringError, "is not one of"),
         ({"options": {"aot_inductor.output_path": "x"}}, LoweringError, "set by qexport.compile"),
+        # each compiled, then wrote a package that crashed (SIGSEGV), was refused or failed at the end
+        ({"options": {"aot_inductor.package_constants_in_so": False}}, LoweringError, "would hold no weights"),
+        ({"options": {"aot_inductor.package_constants_on_disk_format": "pickle_weights"}}, LoweringError,
+         "files beside the model code"),
+        ({"options": {"aot_inductor.link_libtorch": False}}, LoweringError, "link_libtorch=True"),
+        ({"options": {"aot_inductor_mode.compile_standalone": True}}, LoweringError, "standalone C\\+\\+"),
         ({"options": {1: True}}, LoweringError, "option names are strings"),
         ({"progress": "yes"}, LoweringError, "progress must be a function .* or a bool, got str"),
     ],

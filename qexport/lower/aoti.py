@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import ArtifactError, IncompatibleCPUError, LoweringError, QExportError, UsageError
+from ..quiet import log_lines_dropped
 from . import resolve_program
 from .cpu_target import CPUTarget, compile_target, missing_features
 from ._contract import RegionPlan
@@ -51,6 +52,24 @@ LARGE_M_OPTION = "qexport.large_m"
 LARGE_M_MODES = ("bf16_weights", "dequant")
 OPTION_MODES = {KERNELS_OPTION: KERNEL_MODES, LARGE_M_OPTION: LARGE_M_MODES, CUDA_PLAN_OPTION: CUDA_PLAN_MODES,
                 FUSE_OPTION: FUSE_MODES}
+
+#: Inductor options that change the package's form, with the value `load_compiled` needs and why
+#: another is refused before any work: each one compiled for tens of seconds, then (torch 2.13) wrote a
+#: package that crashed or could not be loaded, or failed at the very end
+PACKAGE_FORM_OPTIONS: dict[str, tuple[Any, str]] = {
+    "aot_inductor.package_constants_in_so": (
+        True, "the package would hold no weights, and running it crashed the process (SIGSEGV)"),
+    "aot_inductor.package_constants_on_disk_format": (
+        None, "the weights would be files beside the model code, which load_compiled refuses as members of a package"),
+    "aot_inductor.link_libtorch": (
+        True, "a package whose code does not link libtorch fails to load (dlopen refused it)"),
+    "aot_inductor.dynamic_linkage": (
+        True, "it builds a static library for standalone C++ use, not a package load_compiled can open"),
+    "aot_inductor_mode.compile_standalone": (
+        False, "it builds standalone C++ (no libtorch, static linkage), not a package load_compiled can open"),
+    "aot_inductor.cross_target_platform": (
+        None, "a package for another operating system cannot be loaded or checked here"),
+}
 
 Progress = Callable[[str], None]
 
@@ -88,6 +107,11 @@ def check_options(device: str, options: Mapping[str, Any] | None) -> tuple[dict[
             raise LoweringError(f"Inductor option {key}={value!r}: {key} takes {names}")
     if "aot_inductor.output_path" in inductor or "aot_inductor.package" in inductor:
         raise LoweringError("aot_inductor.output_path / aot_inductor.package are set by qexport.compile; pass `output` instead")
+    for key, value in inductor.items():
+        if key in PACKAGE_FORM_OPTIONS and value != PACKAGE_FORM_OPTIONS[key][0]:
+            needed, why = PACKAGE_FORM_OPTIONS[key]
+            raise LoweringError(f"Inductor option {key}={value!r}: {why}; qexport packages need {key}={needed!r} "
+                                f"(leave it unset)")
     _check_march(inductor.get("cpp.march"))
     return ours, inductor
 
@@ -334,7 +358,12 @@ def load_compiled(path: "str | PathLike[str]", *, expected_sha256: str | None = 
         loader_options = {"run_single_threaded": True, **loader_options}
     check_cpu(manifest, path)
     try:
-        compiled, manifest = load_package(p, expected_sha256=expected_sha256, **loader_options)
+        # torch 2.13 logs "Device information mismatch for AOTI_CPU_ISA: AVX512 ... vs AVX2. This could cause
+        # some issues" whenever the package's vector ISA is not this CPU's: on every load of a package built
+        # for a fleet's class (ATEN_CPU_CAPABILITY=avx2, what this module recommends) on a newer server.
+        # check_cpu has just compared what the package requires with this CPU and refuses what it cannot run.
+        with log_lines_dropped("torch.export.pt2_archive._package", r"^Device information mismatch for AOTI_CPU_ISA: "):
+            compiled, manifest = load_package(p, expected_sha256=expected_sha256, **loader_options)
     except QExportError:
         raise
     except Exception as e:
@@ -390,5 +419,13 @@ class CompiledModel:
         except (ValueError, AssertionError, KeyError) as e:
             raise UsageError(f"{self.path}: keyword inputs do not match the program's ({e})") from None
         # as torch's runner: the program's tensor inputs, flattened; other values were fixed at export
-        flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        leaves = pytree.tree_leaves((args, kwargs))
+        flat = [x for x in leaves if isinstance(x, torch.Tensor)]
+        others = [x for x in leaves if not isinstance(x, torch.Tensor) and x is not None]
+        if self.inputs is not None and len(flat) != len(self.inputs) and others:
+            # a numpy array or a nested list is not a tensor: dropped here, it left "got 0 (none)" for the one input passed
+            kinds = "/".join(sorted({type(x).__name__ for x in others}))
+            raise UsageError(f"{self.path} takes {len(self.inputs)} tensor input(s) ({', '.join(s.describe() for s in self.inputs)}); "
+                             f"got {len(flat)} tensor(s) and {len(others)} other value(s) ({kinds}): pass torch tensors, "
+                             f"e.g. torch.as_tensor(value, dtype=torch.{self.inputs[0].dtype})")
         return pytree.tree_unflatten(self.run_flat(flat), out_spec)

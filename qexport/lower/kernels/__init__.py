@@ -193,6 +193,7 @@ def _fuse_siblings(ep: torch.export.ExportedProgram, device: str, plans: list[Re
         if key is not None:
             groups.setdefault(key, []).append((node, region))
     backend = get_backend(f"aoti-{device}")
+    own = {p.region.name: _plan_kernels(p) for p in plans}
     out = []
     for group in groups.values():
         args = [a for node, _ in group for a in node.args[2:]]
@@ -205,9 +206,20 @@ def _fuse_siblings(ep: torch.export.ExportedProgram, device: str, plans: list[Re
         shape = (sum(r.weight_shape[0] for _, r in group), *first.weight_shape[1:]) if all(r.weight_shape for _, r in group) else None
         ctx = _SiblingContext(ep, node, dataclasses.replace(first, weight_shape=shape), backend.name, dict(options), stacked=stacked)
         plan = _plan_one(backend, ctx)
+        # CPU plans follow shape rules, which the stack can fail where a member passes: tinygemm packs only
+        # N % 16 == 0, so stacking 2000 outputs with 40 ran the 2000 on decoded weights (bf16 GEMM at 1-4
+        # rows, where its own plan had _weight_int4pack_mm_for_cpu). CUDA plans are tuned on the stack itself.
+        if device == "cpu" and any(not own[r.name] <= _plan_kernels(plan) for _, r in group):
+            continue
         if plan.taken and isinstance(plan.lowering, KernelChoice):
             out.append(_Siblings(tuple(r.name for _, r in group), widths, plan, stacked))
     return out
+
+
+def _plan_kernels(plan: RegionPlan) -> frozenset[str]:
+    """The kernels a region's row-bucket plan runs (its kernel alone where it has no buckets)."""
+    buckets = plan.details.get("plan") if isinstance(plan.details, Mapping) else None
+    return frozenset(str(b.get("kernel")) for b in buckets) if isinstance(buckets, list) else frozenset({plan.kernel})
 
 
 def plan_kernels(
