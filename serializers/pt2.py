@@ -402,7 +402,9 @@ _GUARD_NAMES = frozenset({"L", "math", "torch", "IsNonOverlappingAndDenseIndicat
                           "max", "min", "abs", "int", "float", "round"})
 _GUARD_TENSOR_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 _GUARD_MODULE_ATTR = {"math": re.compile(r"[a-z][a-z0-9]*"), "torch": re.compile(r"_?sym_[a-z_]+")}
-_GUARD_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+# a dict input's key is only looked up (quotes and backslashes are refused for the whole guard): any
+# printable key, as a user's {"input-ids": ...} or {"pixel values": ...} gets
+_GUARD_KEY = re.compile(r"[^\x00-\x1f]{1,200}")
 _GUARD_MAX_POWER = 64
 
 

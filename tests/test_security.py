@@ -272,7 +272,8 @@ def test_symbolic_shapes_torch_writes_pass_the_check():
     # guards torch.export writes (a dynamic reshape's, a branch on a size's), and the forms its printer uses
     for guard in ("L['x'].size()[1] >= 3", "(L['x'].size()[1]*L['x'].size()[0]) == (2*((L['x'].size()[1]*L['x'].size()[0]) // 2))",
                   "L['args'][0].stride()[0] == 1", "L['kwargs']['mask'].size()[0] <= 64", "torch.sym_max(L['x'].size()[0], 2) == 4",
-                  "math.floor(L['x'].size()[0] / 2) == 3", "not (L['x'].size()[0]**2 == 3)"):
+                  "math.floor(L['x'].size()[0] / 2) == 3", "not (L['x'].size()[0]**2 == 3)",
+                  "L['d']['input-ids'].size()[0] <= L['d']['mask x'].size()[0]"):
         assert _safe_guard(guard), guard
 
 
