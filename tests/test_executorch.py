@@ -578,6 +578,26 @@ def test_a_view_of_a_buffer_written_in_place_reads_the_buffer(tmp_path):
         torch.testing.assert_close(runner([x, torch.tensor([i])])[0], eager(x, torch.tensor([i])))
 
 
+class CacheIO(nn.Module):
+    """A KV cache passed in and returned (export_lm's cache="io"): a copy of the input written in place."""
+
+    def forward(self, cache, pos, x):
+        c = cache.clone()
+        c[:, :, pos] = x
+        return torch.bmm(c.reshape(2, 8, 4), c.reshape(2, 8, 4).transpose(1, 2)), c
+
+
+@pytest.mark.parametrize("backend", ["xnnpack", "portable"])
+def test_a_write_into_a_copy_of_an_input_stays_a_copy(tmp_path, backend):
+    """ExecuTorch's reinplace pass, there for the KV cache's buffer writes, also made an index_put on a
+    delegate's output in place (lowering failed: 'a leaf Variable that requires grad ...') and one on a
+    clone (the .pte failed at run time on the in-place kernel's special case)."""
+    args = (torch.zeros(1, 2, 8, 4), torch.tensor([1]), torch.ones(1, 2, 1, 4))
+    qexport.to_executorch(torch.export.export(CacheIO(), args), tmp_path / "c.pte", backend=backend, progress=False)
+    for got, want in zip(qexport.runners.load(tmp_path / "c.pte")(list(args)), CacheIO()(*args)):
+        torch.testing.assert_close(got, want)
+
+
 class SideBranch(nn.Module):
     """A quantized layer whose output nothing uses (like BERT's pooler under mean pooling)."""
 

@@ -724,6 +724,22 @@ def _initialized_buffers(ep: Any) -> list:
     return [InitializedMutableBufferPass(names)] if names else []
 
 
+def _writes_only_buffers_in_place(ep: torch.export.ExportedProgram) -> bool:
+    """Whether ExecuTorch's reinplace pass may run: every op it would make in-place writes a mutated
+    buffer (a KV cache). It rewrites any such op whose input nothing reads later, and on other inputs
+    the result fails: an `index_put` on a delegate's output (an LM exported with cache="io": its clone of
+    each cache input is delegated) failed lowering ("a leaf Variable that requires grad is being used in
+    an in-place operation"), and one on a clone of an input failed at run time (the in-place kernel's
+    special case: "values to match index length", executorch 1.5.1). Without it those write a copy."""
+    from executorch.exir.passes.reinplace import DEFAULT_INPLACEABLE_OPS
+
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    buffers = {p for p, fqn in sig.inputs_to_buffers.items() if fqn in mutated}
+    return all(isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder" and n.args[0].name in buffers
+               for n in ep.graph.nodes if n.op == "call_function" and n.target in DEFAULT_INPLACEABLE_OPS)
+
+
 def _memory_planning() -> Any:
     """ExecuTorch's memory planning pass, with each view of an in-place op's result planned where that
     result lives. The reinplace pass makes the KV cache's `index_put` write its buffer in place, and the
@@ -828,9 +844,9 @@ def to_executorch(
         with stage("to_executorch (memory planning, serialization)"), _bounded_at_example(edge.exported_program()):
             # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
             # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
-            # it index_put_ on the buffer.
+            # it index_put_ on the buffer (where that is all it would rewrite).
             et = edge.to_executorch(ExecutorchBackendConfig(
-                run_reinplace_pass=True,
+                run_reinplace_pass=_writes_only_buffers_in_place(edge.exported_program()),
                 memory_planning_pass=_memory_planning(),
                 passes=_initialized_buffers(edge.exported_program()),
                 external_constants=(lambda n: SHARED_DATA_TAG if n.name in shared else None) if shared else False,
