@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from os import PathLike
@@ -425,7 +426,18 @@ def _check_record(spec: GenerationSpec, inputs: Sequence[Any], source: str) -> N
                                    f"are fed back as ids; not a record qexport writes, re-export it")
 
 
+def _is_int(v: Any) -> bool:
+    """An integer, Python's or numpy's (a tokenizer's `return_tensors="np"` ids), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _prompt(prompt_ids: Any) -> list[int]:
+    if not isinstance(prompt_ids, torch.Tensor) and hasattr(prompt_ids, "__array__") and hasattr(prompt_ids, "dtype"):
+        # a numpy array (a tokenizer's return_tensors="np"): checked as the tensor it converts to
+        try:
+            prompt_ids = torch.as_tensor(prompt_ids)
+        except (TypeError, RuntimeError, ValueError):
+            raise GenerationError(f"prompt_ids must be integer token ids, got an array of {prompt_ids.dtype}") from None
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:
             prompt_ids = prompt_ids[0]
@@ -436,14 +448,14 @@ def _prompt(prompt_ids: Any) -> list[int]:
     if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
         raise GenerationError(f"prompt_ids must be a list of token ids (ints), got {type(prompt_ids).__name__}; "
                               f"tokenize text first")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+    if not all(_is_int(t) for t in prompt_ids):
         raise GenerationError(f"prompt_ids must be ints, got {[type(t).__name__ for t in prompt_ids][:3]}...")
-    return list(prompt_ids)
+    return [int(t) for t in prompt_ids]
 
 
 def check_request(spec: GenerationSpec, prompt: list[int], max_new_tokens: Any, source: str = "the artifact") -> None:
     """GenerationError unless `prompt` and `max_new_tokens` fit the artifact's vocabulary and cache."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not prompt:
         raise GenerationError("the prompt is empty; give at least one token id")
@@ -500,7 +512,7 @@ def generate(
         runner = runners.program_runner(artifact_or_runner)
     else:
         runner = runners.load(artifact_or_runner, expected_sha256=expected_sha256)
-    return _greedy(runner, spec, prompt, max_new_tokens, stop_at_eos, cuda_graph)
+    return _greedy(runner, spec, prompt, int(max_new_tokens), stop_at_eos, cuda_graph)
 
 
 def _check_inputs(runner: Any, spec: GenerationSpec) -> None:

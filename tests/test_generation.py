@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,6 +169,8 @@ def test_pt2_tokens_equal_eager(lm_program, lm_reference):
     result = qexport.generate(lm_program[2], PROMPT, N, stop_at_eos=False)
     assert result.tokens == lm_reference
     assert result.prompt_len == len(PROMPT) and result.prefill_s > 0 and result.decode_tokens_per_s > 0
+    # numpy ids, as a tokenizer's return_tensors="np" gives them (were refused: "tokenize text first")
+    assert qexport.generate(lm_program[2], np.array([PROMPT]), np.int64(4), stop_at_eos=False).tokens == lm_reference[:4]
 
 
 @pytest.mark.slow
@@ -289,6 +292,8 @@ def test_requests_the_artifact_cannot_serve_are_refused_before_loading(lm_progra
         ([3], 0, "max_new_tokens must be an int >= 1"),
         ("hello", 4, "tokenize text first"),
         (torch.tensor([[1.0, 2.0]]), 4, "integer token ids"),
+        (np.array([1.0, 2.0]), 4, "integer token ids"),
+        (np.array(["1", "2"]), 4, "integer token ids"),
     ]
     for prompt, n, needle in cases:
         with pytest.raises(GenerationError, match=needle.replace("[", r"\[").replace("]", r"\]")):

@@ -427,3 +427,13 @@ def test_a_buffer_written_before_it_is_read_is_no_state(tmp_path):
     for sample in (x.abs(), -x.abs()):  # either factor, picked per call
         np.testing.assert_allclose(_run(tmp_path / "s.onnx", sample), model(sample).detach().numpy(), rtol=0.02, atol=0.02)
     assert "factors" in ep.graph_signature.inputs_to_buffers.values()  # the caller's program is left as it was
+
+
+def test_a_file_onnxruntimes_cpu_provider_has_no_kernels_for_names_the_dtype(tmp_path):
+    """A model exported in bfloat16 writes a valid .onnx that onnxruntime's CPU provider cannot run (no
+    bf16 Relu, Mul, Add, ...): opening it said the file was corrupt, with no way out."""
+    model = qexport.quantize(MLP().to(torch.bfloat16).eval(), "int8_weight_only")
+    qexport.to_onnx(qexport.export(model, (torch.randn(2, 64, dtype=torch.bfloat16),)), tmp_path / "bf16.onnx")
+    with pytest.raises(qexport.BackendUnavailableError, match=r"bf16.onnx: onnxruntime's CPU provider cannot run this file "
+                       r"\(.*Could not find an implementation.*\).*export it in float32"):
+        qexport.runners.load(tmp_path / "bf16.onnx")

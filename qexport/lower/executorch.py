@@ -724,6 +724,56 @@ def _initialized_buffers(ep: Any) -> list:
     return [InitializedMutableBufferPass(names)] if names else []
 
 
+def _writes_only_buffers_in_place(ep: torch.export.ExportedProgram) -> bool:
+    """Whether ExecuTorch's reinplace pass may run: every op it would make in-place writes a mutated
+    buffer (a KV cache). It rewrites any such op whose input nothing reads later, and on other inputs
+    the result fails: an `index_put` on a delegate's output (an LM exported with cache="io": its clone of
+    each cache input is delegated) failed lowering ("a leaf Variable that requires grad is being used in
+    an in-place operation"), and one on a clone of an input failed at run time (the in-place kernel's
+    special case: "values to match index length", executorch 1.5.1). Without it those write a copy."""
+    from executorch.exir.passes.reinplace import DEFAULT_INPLACEABLE_OPS
+
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    buffers = {p for p, fqn in sig.inputs_to_buffers.items() if fqn in mutated}
+    return all(isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder" and n.args[0].name in buffers
+               for n in ep.graph.nodes if n.op == "call_function" and n.target in DEFAULT_INPLACEABLE_OPS)
+
+
+def _memory_planning() -> Any:
+    """ExecuTorch's memory planning pass, with each view of an in-place op's result planned where that
+    result lives. The reinplace pass makes the KV cache's `index_put` write its buffer in place, and the
+    planner then gives the op's result the buffer's spec (`_alias_inplace_result_specs`), but a
+    `memory.view` of that result made before (`ReplaceViewCopyWithViewPass`) keeps the result's old spec,
+    which is planned as a slot of its own that nothing writes: a static view is elided to that slot, so
+    attention left on portable kernels (a bf16 or fp16 model, backend="portable") read garbage instead of
+    the cache (logits off by more than their size, or NaN; executorch 1.5.1). The views are re-based on
+    their base's spec once the results are aliased, as the planner would alias them itself."""
+    from executorch.exir.passes import MemoryPlanningPass
+
+    try:
+        from executorch.exir import memory
+        from executorch.exir.memory_planning import _alias_inplace_result_specs, _is_inplace_node
+        from executorch.exir.passes.replace_view_copy_with_view_pass import _ViewSpec
+    except ImportError:  # an executorch that does not alias in-place results has no stale views either
+        return MemoryPlanningPass()
+
+    class ViewsFollowInplaceResults(MemoryPlanningPass):
+        def run(self, graph_module: torch.fx.GraphModule, graph_signature: Any = None) -> Any:
+            nodes = list(graph_module.graph.nodes)
+            for node in nodes:
+                if _is_inplace_node(node):
+                    _alias_inplace_result_specs(node)
+            for node in nodes:
+                spec = node.meta.get("spec")
+                base = node.args[0].meta.get("spec") if node.target is memory.view and node.args else None
+                if isinstance(spec, _ViewSpec) and base is not None and spec._base is not base:
+                    spec._base = base
+            return super().run(graph_module, graph_signature)
+
+    return ViewsFollowInplaceResults()
+
+
 def to_executorch(
     program_or_path: "torch.export.ExportedProgram | str | PathLike[str]",
     output: "str | PathLike[str]",
@@ -794,9 +844,10 @@ def to_executorch(
         with stage("to_executorch (memory planning, serialization)"), _bounded_at_example(edge.exported_program()):
             # The KV cache's index_put writes the whole cache into a new tensor that is then copied back
             # into the buffer (two cache copies per layer and token); ExecuTorch's own reinplace pass makes
-            # it index_put_ on the buffer.
+            # it index_put_ on the buffer (where that is all it would rewrite).
             et = edge.to_executorch(ExecutorchBackendConfig(
-                run_reinplace_pass=True,
+                run_reinplace_pass=_writes_only_buffers_in_place(edge.exported_program()),
+                memory_planning_pass=_memory_planning(),
                 passes=_initialized_buffers(edge.exported_program()),
                 external_constants=(lambda n: SHARED_DATA_TAG if n.name in shared else None) if shared else False,
             ))

@@ -221,8 +221,7 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
         # argmax back, and a 2-layer int4 Llama's tokens left eager's at the 2nd of 32. Level 0 computes
         # the region's own fp32 math, so an LM file generates eager's tokens.
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    with native_stderr():  # onnxruntime logs a model's node names as they are
-        session = ort.InferenceSession(model.data, options, providers=["CPUExecutionProvider"])
+    session = _onnx_session(ort, p, model.data, options)
     names = [i.name for i in session.get_inputs()]
     inputs = [
         InputInfo(i.name, tuple(d if isinstance(d, int) else 2 for d in i.shape), _ORT_DTYPES.get(i.type, torch.float32))
@@ -240,6 +239,22 @@ def load_onnx(p: Path, expected_sha256: str | None) -> Runner:
     return Runner("onnx", p, call, inputs=_with_specs(inputs, model.manifest.extra), region_call=_onnx_region_call(model, options, feed))
 
 
+def _onnx_session(ort: Any, p: Path, data: bytes, options: Any) -> Any:
+    """An onnxruntime CPU session; BackendUnavailableError where the CPU provider has no kernel for one of
+    the file's ops at its dtype (a model exported in bfloat16: onnxruntime's CPU kernels for Mul, Add, Relu
+    ... take float32 and float16 only), which is a limit of this runtime, not a damaged file."""
+    try:
+        with native_stderr():  # onnxruntime logs a model's node names as they are
+            return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        if type(e).__name__ != "NotImplemented":
+            raise
+        raise BackendUnavailableError(
+            f"{p}: onnxruntime's CPU provider cannot run this file ({first_line(e)}): it has no kernel for that op "
+            f"at the file's dtype. A model exported in bfloat16 does not run there: export it in float32 "
+            f"(model.float()) or float16 for onnxruntime's CPU provider") from None
+
+
 def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:
     """For an .onnx that keeps its regions as local functions: a second session whose outputs also
     include every region call's output, keyed by the region name its metadata records."""
@@ -254,7 +269,7 @@ def _onnx_region_call(model: Any, options: Any, feed: Any) -> Any:
         nonlocal session
         if session is None:  # built on first use: most runs never ask for regions
             data = model.with_outputs([out for out, _, _ in calls])
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            session = _onnx_session(ort, model.path, data, options)
         names = [o.name for o in session.get_outputs()]
         values = dict(zip(names, session.run(None, feed(flat))))
         return {module: (fname, torch.from_numpy(values[out])) for out, module, fname in calls}
