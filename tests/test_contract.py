@@ -171,6 +171,10 @@ def _broken_onnx_form(ctx):
     ("executorch", lambda ctx: RegionPlan(True, "k", lowering=lambda site: 1 / 0), r"region layers.0: lowering it to k failed: ZeroDivisionError"),
     ("executorch", lambda ctx: RegionPlan(True, "k", lowering=lambda site: site.input), r"lowering it to k gives a torch.float32 tensor of shape \(4, 64\)"),
     ("onnx", _broken_onnx_form, r"region layers.0: emitting its ONNX form \(MatMulInteger: .*\) failed: KeyError: 'weight_zero_point'"),
+    # details a manifest cannot store: ExecuTorch lowered the whole program first, then said ArtifactError
+    *((b, lambda ctx: RegionPlan(True, "k", details={"t": torch.ones(1)}),
+       r"lowering 'bad' planned region layers.0 with details the manifest cannot store \(Object of type Tensor")
+      for b in ("aoti-cpu", "executorch", "onnx")),
 ])
 def test_a_failing_lowering_is_one_error_and_writes_nothing(backend, plan, message, tmp_path):
     """A user's lowering that raises, names nothing to apply, or computes another shape or dtype than its
@@ -190,9 +194,12 @@ def test_a_failing_lowering_is_one_error_and_writes_nothing(backend, plan, messa
 
 def test_details_must_be_json(toy):
     ep = _program("int8_dynamic")
-    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: RegionPlan(True, "k", details={"t": torch.ones(1)}), name="bad")
-    with pytest.raises(qexport.ArtifactError, match=r"region layers.0: its lowering record must be JSON-serializable"):
+    register_lowering("int8_dynamic", TOY, "linear", lambda ctx: RegionPlan(True, "k", details={"nan": float("nan")}), name="bad")
+    with pytest.raises(LoweringError, match=r"toy-accelerator lowering 'bad' planned region layers.0 with details the manifest cannot store"):
         to_toy(ep)
+    record = LoweringRecord(TOY, True, "k", "", {"t": torch.ones(1)})  # a record built without a plan: the manifest refuses it
+    with pytest.raises(qexport.ArtifactError, match=r"region layers.0: its lowering record must be JSON-serializable"):
+        Manifest.from_program(ep, "pt2").with_lowering([record] * 2)
 
 
 def test_builtin_backends_are_in_the_registry():

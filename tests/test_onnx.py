@@ -72,6 +72,18 @@ def test_mlp_numerics_within_scheme_tolerance(mlp_artifacts, name, keep):
     assert _rel_err(y, m(x)) <= math_for(scheme_for(name)).tolerance
 
 
+def test_exports_after_the_first_reuse_torchlibs_op_list(mlp_artifacts, tmp_path, monkeypatch):
+    """torch.onnx.export rebuilds its registry per call, and onnxscript re-derived every traced torchlib
+    function's signature from source for it (~1 s of each to_onnx); qexport keeps the list per process.
+    The file is the same."""
+    from onnxscript._internal import values
+
+    _, ep, path, _ = mlp_artifacts["int8_dynamic"][False]
+    monkeypatch.setattr(values.TracedOnnxFunction, "function_ir", property(lambda self: pytest.fail("op list rebuilt")))
+    qexport.to_onnx(ep, tmp_path / "again.onnx")
+    assert onnx.load(str(tmp_path / "again.onnx")) == onnx.load(str(path))
+
+
 #: (op, what must be in the model) per scheme: the region is emitted from its scheme
 EXPECTED = {
     "int8_weight_only": ({"DequantizeLinear": 2}, onnx.TensorProto.INT8, True),

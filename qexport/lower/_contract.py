@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -291,13 +292,22 @@ def plan_regions(
 
 def _check_fields(b: Backend, entry: str, ctx: PlanContext, r: RegionPlan) -> None:
     """A user's plan with a field of the wrong type went on to the compile and into the manifest
-    (kernel=None, reason=5): refused here, naming the entry."""
+    (kernel=None, reason=5): refused here, naming the entry. So are details the manifest cannot hold:
+    they were refused only when the manifest was written, by then ExecuTorch had lowered the whole
+    program (seconds) and said ArtifactError where the other backends said it before any work."""
     if not (isinstance(r.taken, bool) and isinstance(r.kernel, str) and isinstance(r.reason, str) and isinstance(r.details, Mapping)):
         raise LoweringError(
             f"{b.name} lowering {entry!r} planned region {ctx.region.name} with RegionPlan(taken={r.taken!r}, "
             f"kernel={r.kernel!r}, reason={r.reason!r}, details of type {type(r.details).__name__})"[:400]
             + "; taken is a bool, kernel and reason are strings, details a dict of JSON values"
         )
+    try:
+        json.dumps(dict(r.details), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise LoweringError(
+            f"{b.name} lowering {entry!r} planned region {ctx.region.name} with details the manifest cannot "
+            f"store ({e}); details hold plain JSON values (str, int, float, bool, None, lists and dicts of them)"
+        ) from None
 
 
 def _plan_one(b: Backend, ctx: PlanContext) -> RegionPlan:

@@ -17,6 +17,7 @@ initializers, which a translation function cannot add.
 from __future__ import annotations
 
 import functools
+import importlib
 import platform
 import re
 import warnings
@@ -215,6 +216,7 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
 
     table = {torch.ops.higher_order.invoke_quant_packed: region_placeholder, **_reduction_fixes()}
     first = min(opset, _converter_max())
+    _reuse_torchlib_ops()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -228,6 +230,42 @@ def _export_with_placeholders(ep: torch.export.ExportedProgram, opset: int) -> t
     if first < opset:
         _convert_opset(program.model, opset)
     return program.model, references
+
+
+def _reuse_torchlib_ops() -> None:
+    """Make torch.onnx's registry reuse onnxscript's list of torchlib ops across exports.
+
+    Why: torch.onnx.export rebuilds its op registry on every call, and onnxscript's `get_torchlib_ops`
+    re-derives each traced torchlib function's signature from its source (inspect + ast) only to read
+    its domain: ~560 functions, about 1 s of every to_onnx after the first (a third of a small MLP's
+    export), the same list each time. The list is cached here, per process, keyed by what torchlib's
+    registry holds (an op registered later makes a new list); the registry torch builds from it is
+    still new per export. Installed once, only where torch asks onnxscript for the list (the module
+    named by torch's lazy import); any other torch / onnxscript layout is left as it is.
+    """
+    try:
+        from onnxscript.function_libs.torch_lib import registration
+        from torch.onnx._internal import _lazy_import
+
+        apis = importlib.import_module(getattr(_lazy_import.onnxscript_apis, "_name"))
+    except (ImportError, AttributeError):
+        return
+    original = getattr(apis, "get_torchlib_ops", None)
+    if original is None or getattr(original, "qexport_reused", False):
+        return
+    cache: dict[Any, list] = {}
+
+    def get_torchlib_ops():
+        ops = original() if not cache else None  # the first call imports torchlib's ops (their registration)
+        key = tuple((name, len(f.overloads), len(f.complex)) for name, f in registration.default_registry.items())
+        if key not in cache:
+            cache.clear()
+            cache[key] = ops if ops is not None else original()
+        return list(cache[key])
+
+    get_torchlib_ops.qexport_reused = True
+    functools.update_wrapper(get_torchlib_ops, original)
+    apis.get_torchlib_ops = get_torchlib_ops
 
 
 def _converter_max() -> int:

@@ -178,7 +178,32 @@ def _cond_chain(x2d: torch.Tensor, branches: Sequence[tuple[int | None, Callable
     def above(x: torch.Tensor, *ops: torch.Tensor) -> torch.Tensor:
         return _cond_chain(x, rest, ops)
 
-    return torch.cond(x2d.shape[0] <= max_m, fn, above, (x2d, *operands))
+    pred = x2d.shape[0] <= max_m
+    if _traced_by_make_fx_on_cpu(x2d):
+        # the cond op's branches return a tuple (torch.cond's Dynamo pass makes them so): a bare tensor
+        # traced and ran eagerly, then failed Inductor's lowering of the cond (significant_strides_equal)
+        return torch.ops.higher_order.cond(pred, _returning_a_tuple(fn), _returning_a_tuple(above), (x2d, *operands))[0]
+    return torch.cond(pred, fn, above, (x2d, *operands))
+
+
+def _returning_a_tuple(fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor]]:
+    return lambda *args: (fn(*args),)
+
+
+def _traced_by_make_fx_on_cpu(x2d: torch.Tensor) -> bool:
+    """Whether the cond op itself may trace the branches (make_fx is tracing, the kernel is a CPU one).
+
+    Why: outside Dynamo, `torch.cond` first compiles its branches with Dynamo (torch.compile, eager
+    backend) and make_fx then traces them again; for the CPU kernels that Dynamo pass was 4/5 of
+    `apply_kernels` (TinyTransformer's 13 int8 linears: 24-28 s against 5.5 s, the same graph and
+    outputs), the bulk of an AOTI compile's Python time. Under make_fx (`RegionSite.trace`, where the
+    kernels are spliced) the cond op traces its branches with make_fx itself. CUDA keeps torch.cond's
+    path: its packages' speed was measured through it, and a Dynamo setting alone once changed fp8's by
+    2.8x on the H100 (`by_rows`); this path was not measured on a GPU.
+    """
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return x2d.device.type == "cpu" and get_proxy_mode() is not None
 
 
 def row_range(ctx: KernelContext) -> tuple[int, float]:
