@@ -73,6 +73,8 @@ def test_quiet_prints_only_the_path(program_file, tmp_path, capsys, monkeypatch)
     [
         (["--option", "max_autotun=true"], "unknown Inductor option"),
         (["--option", "novalue"], "expected KEY=VALUE"),
+        # the last value silently won
+        (["--option", "max_autotune=true", "--option", "max_autotune=false"], "--option max_autotune is given twice"),
         (["--option", "qexport.kernels=fast"], "is not one of"),
         (["--option", "qexport.large_m=fast"], "qexport.large_m='fast' is not one of ('bf16_weights', 'dequant')"),
         # Inductor's config takes any value and reads it later ("maybe" is truthy): its annotation decides

@@ -23,6 +23,17 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _parse_options(texts: list[str]) -> dict[str, Any]:
+    """Every --option as a dict; a key given twice is refused (which value was meant is unknown)."""
+    options: dict[str, Any] = {}
+    for text in texts:
+        key, value = _parse_option(text)
+        if key in options:
+            raise UsageError(f"--option {key} is given twice ({options[key]!r} and {value!r}): keep one")
+        options[key] = value
+    return options
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compile",
@@ -52,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out = output_path(args.output, (".pt2",), "OUT.pt2")
     if src.resolve() == out.resolve():
         raise UsageError("OUT.pt2 must differ from IN.pt2 (the package replaces the program with compiled code)")
-    options = dict(_parse_option(o) for o in args.option)
+    options = _parse_options(args.option)
     compile_ = stage("compile")
     from ..lower.aoti import check_options, plan
 
