@@ -402,9 +402,6 @@ _GUARD_NAMES = frozenset({"L", "math", "torch", "IsNonOverlappingAndDenseIndicat
                           "max", "min", "abs", "int", "float", "round"})
 _GUARD_TENSOR_ATTRS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 _GUARD_MODULE_ATTR = {"math": re.compile(r"[a-z][a-z0-9]*"), "torch": re.compile(r"_?sym_[a-z_]+")}
-# a dict input's key is only looked up (quotes and backslashes are refused for the whole guard): any
-# printable key, as a user's {"input-ids": ...} or {"pixel values": ...} gets
-_GUARD_KEY = re.compile(r"[^\x00-\x1f]{1,200}")
 _GUARD_MAX_POWER = 64
 
 
@@ -430,8 +427,8 @@ def _safe_guard(code: Any) -> bool:
         if isinstance(node, ast.Name) and node.id not in _GUARD_NAMES:
             return False
         if isinstance(node, ast.Constant) and not (type(node.value) in (int, float, bool) and abs(node.value) <= 2 ** 64):
-            if not (isinstance(node.value, str) and _GUARD_KEY.fullmatch(node.value) and id(node) in indexed):
-                return False  # a string is only an input's key (L['x'], L['kwargs']['mask'])
+            if not (isinstance(node.value, str) and node.value and _SOURCE_KEY.fullmatch(node.value) and id(node) in indexed):
+                return False  # a string is only an input's key (L['x'], L['kwargs']['mask'], L['d']['input-ids'])
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("size", "stride") \
                 and id(node) not in indexed:
             return False
