@@ -421,8 +421,9 @@ class CompiledModel:
         # as torch's runner: the program's tensor inputs, flattened; other values were fixed at export
         leaves = pytree.tree_leaves((args, kwargs))
         flat = [x for x in leaves if isinstance(x, torch.Tensor)]
-        others = [x for x in leaves if not isinstance(x, torch.Tensor) and x is not None]
-        if self.inputs is not None and len(flat) != len(self.inputs) and others:
+        others = [x for x in leaves if not isinstance(x, torch.Tensor) and x is not None] \
+            if self.inputs is not None and len(flat) != len(self.inputs) else []
+        if others:
             # a numpy array or a nested list is not a tensor: dropped here, it left "got 0 (none)" for the one input passed
             kinds = "/".join(sorted({type(x).__name__ for x in others}))
             raise UsageError(f"{self.path} takes {len(self.inputs)} tensor input(s) ({', '.join(s.describe() for s in self.inputs)}); "
